@@ -1,0 +1,199 @@
+//! Fixed-size blocks with reference counts, and the table that maps a sequence onto them.
+
+use crate::{KvError, Result};
+
+/// Index of a block in a backend's pools.
+pub type BlockId = u32;
+
+/// Where one token's K/V row lives: a block and the position inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Slot {
+    /// The block.
+    pub block: BlockId,
+    /// Position inside the block, below the block size.
+    pub offset: u32,
+}
+
+impl Slot {
+    /// The slot's index in a flat array of `block_size`-sized blocks.
+    pub fn flat(&self, block_size: usize) -> usize {
+        self.block as usize * block_size + self.offset as usize
+    }
+}
+
+/// Hands out blocks and counts who holds them; a block returns to the free list when its
+/// last holder lets go.
+///
+/// ```
+/// use kv_core::BlockAllocator;
+/// let mut blocks = BlockAllocator::new(4);
+/// let got = blocks.allocate(3)?;
+/// assert_eq!(blocks.free_count(), 1);
+/// assert!(blocks.allocate(2).is_err()); // all or nothing
+/// assert_eq!(blocks.free_count(), 1);
+/// blocks.release(&got)?;
+/// assert_eq!(blocks.free_count(), 4);
+/// # Ok::<(), kv_core::KvError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct BlockAllocator {
+    ref_counts: Vec<u32>,
+    /// Free blocks; the lowest ids are handed out first (popped from the end).
+    free: Vec<BlockId>,
+}
+
+impl BlockAllocator {
+    /// An allocator over blocks `0..total`.
+    pub fn new(total: usize) -> Self {
+        let total = total.min(BlockId::MAX as usize);
+        Self {
+            ref_counts: vec![0; total],
+            free: (0..total as BlockId).rev().collect(),
+        }
+    }
+
+    /// Blocks managed.
+    pub fn total(&self) -> usize {
+        self.ref_counts.len()
+    }
+
+    /// Blocks nobody holds.
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Blocks somebody holds.
+    pub fn used_count(&self) -> usize {
+        self.total() - self.free_count()
+    }
+
+    /// Holders of `block` (0 when free).
+    pub fn ref_count(&self, block: BlockId) -> u32 {
+        self.ref_counts.get(block as usize).copied().unwrap_or(0)
+    }
+
+    /// Takes `n` free blocks, each with one holder.
+    ///
+    /// # Errors
+    /// [`KvError::CacheFull`] when fewer than `n` are free; nothing is taken then.
+    pub fn allocate(&mut self, n: usize) -> Result<Vec<BlockId>> {
+        if n > self.free.len() {
+            return Err(KvError::CacheFull {
+                needed: n,
+                free: self.free.len(),
+            });
+        }
+        let taken = self.free.split_off(self.free.len() - n);
+        for &b in &taken {
+            self.ref_counts[b as usize] = 1;
+        }
+        Ok(taken.into_iter().rev().collect())
+    }
+
+    /// Adds a holder to each block (a fork sharing them).
+    ///
+    /// # Errors
+    /// [`KvError::InvalidArgument`] when a block is free or out of range; nothing changes.
+    pub fn retain(&mut self, blocks: &[BlockId]) -> Result<()> {
+        self.check_held(blocks)?;
+        for &b in blocks {
+            self.ref_counts[b as usize] += 1;
+        }
+        Ok(())
+    }
+
+    /// Drops one holder of each block; blocks left without holders become free.
+    ///
+    /// # Errors
+    /// [`KvError::InvalidArgument`] when a block is already free or out of range (a double
+    /// free); nothing changes.
+    pub fn release(&mut self, blocks: &[BlockId]) -> Result<()> {
+        self.check_held(blocks)?;
+        // A block listed twice must have two holders.
+        let mut drops = std::collections::HashMap::<BlockId, u32>::new();
+        for &b in blocks {
+            *drops.entry(b).or_default() += 1;
+        }
+        if let Some((&b, &n)) = drops
+            .iter()
+            .find(|(&b, &n)| self.ref_counts[b as usize] < n)
+        {
+            return Err(KvError::InvalidArgument {
+                what: "block release",
+                detail: format!(
+                    "block {b} released {n} times but held {} times",
+                    self.ref_counts[b as usize]
+                ),
+            });
+        }
+        for &b in blocks {
+            let rc = &mut self.ref_counts[b as usize];
+            *rc -= 1;
+            if *rc == 0 {
+                self.free.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_held(&self, blocks: &[BlockId]) -> Result<()> {
+        for &b in blocks {
+            match self.ref_counts.get(b as usize) {
+                None => {
+                    return Err(KvError::OutOfRange {
+                        what: "block",
+                        index: b as usize,
+                        len: self.total(),
+                    })
+                }
+                Some(0) => {
+                    return Err(KvError::InvalidArgument {
+                        what: "block",
+                        detail: format!("block {b} is free"),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The blocks one sequence occupies, in order, and how many tokens it holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockTable {
+    blocks: Vec<BlockId>,
+    len: usize,
+}
+
+impl BlockTable {
+    /// Blocks in order; token `i` lives in `blocks()[i / block_size]`.
+    pub fn blocks(&self) -> &[BlockId] {
+        &self.blocks
+    }
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when the sequence holds no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The slot of token `index`.
+    pub fn slot(&self, index: usize, block_size: usize) -> Option<Slot> {
+        if index >= self.len {
+            return None;
+        }
+        let block = *self.blocks.get(index / block_size)?;
+        Some(Slot {
+            block,
+            offset: (index % block_size) as u32,
+        })
+    }
+    pub(crate) fn blocks_mut(&mut self) -> &mut Vec<BlockId> {
+        &mut self.blocks
+    }
+    pub(crate) fn set_len(&mut self, len: usize) {
+        self.len = len;
+    }
+}

@@ -1,0 +1,36 @@
+//! The vocabulary of a KV cache: model shapes, storage layouts, exact memory accounting,
+//! paged-block bookkeeping, and the [`CacheBackend`] trait that devices implement.
+//!
+//! This crate holds no device code. A backend crate (`kv-backend-cpu`, `kv-backend-cuda`, or
+//! yours) stores K/V and computes attention; [`CacheManager`] decides where tokens go.
+//!
+//! ```
+//! use kv_core::{memory, CacheManager, KvDType, ModelShape};
+//! let shape = ModelShape::preset("llama-3-8b")?;
+//! assert_eq!(memory::cache_bytes(&shape, KvDType::F16, 4096)?, 512 << 20);
+//!
+//! let mut cache = CacheManager::new(16, 256)?;
+//! let seq = cache.create();
+//! let appended = cache.append(seq, 40)?; // where to write the prompt's K/V
+//! assert_eq!(appended.slots[17].block, appended.slots[16].block);
+//! # Ok::<(), kv_core::KvError>(())
+//! ```
+#![forbid(unsafe_code)]
+
+mod backend;
+mod blocks;
+mod dtype;
+mod error;
+mod manager;
+pub mod memory;
+mod shape;
+
+pub use backend::{AttentionBatch, CacheBackend, SeqAttention, StorageSpec};
+pub use blocks::{BlockAllocator, BlockId, BlockTable, Slot};
+/// The tensor library backends exchange data with, re-exported so implementors use the
+/// same version.
+pub use candle_core as candle;
+pub use dtype::KvDType;
+pub use error::{KvError, Result};
+pub use manager::{Appended, CacheManager, SeqId};
+pub use shape::ModelShape;
