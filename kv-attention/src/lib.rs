@@ -1,1 +1,12 @@
-//! placeholder
+//! Attention over a KV cache, written once for every [`CacheBackend`].
+//!
+//! [`PagedCache`] ties a backend's storage to the [`CacheManager`] bookkeeping: a model asks
+//! it for slots, writes each layer's K/V, and attends. [`reference`] is the plain f64
+//! attention every backend is checked against, and `conformance` (feature `conformance`) is
+//! the suite any backend runs to prove itself.
+#![forbid(unsafe_code)]
+
+mod paged;
+pub mod reference;
+
+pub use paged::{CacheUsage, PagedCache};
