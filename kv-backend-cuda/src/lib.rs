@@ -13,6 +13,12 @@
 //! ```
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "cuda")]
+compile_error!(
+    "the CUDA kernels of kv-backend-cuda are not written yet; build without the `cuda` feature \
+     (the crate then compiles a backend that reports itself unavailable)"
+);
+
 use kv_core::candle::{Device, Tensor};
 use kv_core::{AttentionBatch, BlockId, CacheBackend, KvDType, KvError, Result, Slot, StorageSpec};
 
