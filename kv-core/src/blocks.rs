@@ -35,7 +35,7 @@ impl Slot {
 /// assert_eq!(blocks.free_count(), 4);
 /// # Ok::<(), kv_core::KvError>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockAllocator {
     ref_counts: Vec<u32>,
     /// Free blocks; the lowest ids are handed out first (popped from the end).
@@ -131,6 +131,34 @@ impl BlockAllocator {
             *rc -= 1;
             if *rc == 0 {
                 self.free.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the allocator's own invariants: the free list holds every block without
+    /// holders exactly once and nothing else. Returns the first problem found, in words.
+    ///
+    /// Cheap enough for tests to call after every step; [`crate::CacheManager::audit`]
+    /// builds on it.
+    ///
+    /// # Errors
+    /// A description of the first inconsistency.
+    pub fn audit(&self) -> std::result::Result<(), String> {
+        let mut listed = vec![false; self.total()];
+        for &b in &self.free {
+            match listed.get_mut(b as usize) {
+                None => return Err(format!("free list holds block {b} out of range")),
+                Some(true) => return Err(format!("block {b} is on the free list twice")),
+                Some(seen) => *seen = true,
+            }
+        }
+        for (b, (&rc, &on_free_list)) in self.ref_counts.iter().zip(&listed).enumerate() {
+            if (rc == 0) != on_free_list {
+                return Err(format!(
+                    "block {b} has {rc} holders but is {}on the free list",
+                    if on_free_list { "" } else { "not " }
+                ));
             }
         }
         Ok(())

@@ -2,7 +2,9 @@
 //! paged-block bookkeeping, and the [`CacheBackend`] trait that devices implement.
 //!
 //! This crate holds no device code. A backend crate (`kv-backend-cpu`, `kv-backend-cuda`, or
-//! yours) stores K/V and computes attention; [`CacheManager`] decides where tokens go.
+//! yours) stores K/V and computes attention; [`CacheManager`] decides where tokens go,
+//! shares blocks between forks and prompts with a common prefix, and recycles them
+//! ([`SharedCacheManager`] shares one manager between threads).
 //!
 //! ```
 //! use kv_core::{memory, CacheManager, KvDType, ModelShape};
@@ -23,7 +25,9 @@ mod dtype;
 mod error;
 mod manager;
 pub mod memory;
+mod prefix;
 mod shape;
+mod shared;
 
 pub use backend::{AttentionBatch, CacheBackend, SeqAttention, StorageSpec};
 pub use blocks::{BlockAllocator, BlockId, BlockTable, Slot};
@@ -32,5 +36,6 @@ pub use blocks::{BlockAllocator, BlockId, BlockTable, Slot};
 pub use candle_core as candle;
 pub use dtype::KvDType;
 pub use error::{KvError, Result};
-pub use manager::{Appended, CacheManager, SeqId};
+pub use manager::{Appended, CacheManager, CacheStats, Preempted, PrefixMatch, SeqId};
 pub use shape::ModelShape;
+pub use shared::SharedCacheManager;

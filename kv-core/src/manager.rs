@@ -1,10 +1,12 @@
-//! Which tokens of which sequence live in which block.
+//! Which tokens of which sequence live in which block, and which full blocks are kept for
+//! reuse by later prompts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::prefix::{ChainHash, PrefixIndex};
 use crate::{BlockAllocator, BlockId, BlockTable, KvError, Result, SeqAttention, Slot};
 
-/// Identifies a sequence inside one [`CacheManager`].
+/// Identifies a sequence inside one [`CacheManager`]. Ids are never reused.
 pub type SeqId = u64;
 
 /// What an append asks the caller to do on the backend, in this order: copy blocks
@@ -18,8 +20,85 @@ pub struct Appended {
     pub copies: Vec<(BlockId, BlockId)>,
 }
 
-/// The bookkeeping of a paged cache: sequences, their block tables, and the shared
-/// allocator. It decides where tokens go; a [`crate::CacheBackend`] stores them.
+/// What [`CacheManager::preempt`] hands back so a paused sequence can be recomputed later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preempted {
+    /// The committed token ids, in order ([`CacheManager::commit_tokens`]).
+    pub tokens: Vec<u32>,
+    /// Tokens that were reserved but never committed: their ids were never given to the
+    /// manager, so the caller recomputes them from its own record (usually the tokens of a
+    /// step that was in flight).
+    pub uncommitted: usize,
+    /// The namespace the sequence's blocks were indexed in; resume with the same one.
+    pub cache_salt: u64,
+}
+
+/// What a prompt would reuse from the prefix cache right now ([`CacheManager::prefix_match`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixMatch {
+    /// Prompt tokens whose K/V would be reused (whole blocks, never the last token).
+    pub tokens: usize,
+    /// Blocks shared with the cache.
+    pub blocks: usize,
+    /// Reused blocks that no sequence holds now: taking them back lowers
+    /// [`CacheManager::free_blocks`].
+    pub revived_blocks: usize,
+    /// [`CacheManager::free_blocks`] consumed by admitting the whole prompt: the revived
+    /// blocks plus fresh blocks for the tokens after the reused prefix. The prompt fits when
+    /// this is at most `free_blocks()`.
+    pub blocks_needed: usize,
+}
+
+/// A snapshot of where the blocks are, for reports (`kv batch`) and tests.
+///
+/// `empty_blocks + cached_blocks + used_blocks == total_blocks` always.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Blocks in the pool.
+    pub total_blocks: usize,
+    /// Blocks held by at least one sequence.
+    pub used_blocks: usize,
+    /// Blocks held by two or more sequences (forks, prefix hits).
+    pub shared_blocks: usize,
+    /// Indexed blocks no sequence holds: reusable by a prompt, evictable by an allocation.
+    pub cached_blocks: usize,
+    /// Blocks holding nothing.
+    pub empty_blocks: usize,
+    /// Blocks in the prefix index, held by sequences or not.
+    pub indexed_blocks: usize,
+    /// Live sequences.
+    pub sequences: usize,
+    /// Prompt tokens looked up in the prefix cache since the manager was made.
+    pub prefix_query_tokens: u64,
+    /// Of those, tokens whose K/V was reused.
+    pub prefix_hit_tokens: u64,
+    /// Cached blocks evicted to make room since the manager was made.
+    pub evicted_blocks: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counters {
+    prefix_query_tokens: u64,
+    prefix_hit_tokens: u64,
+    evicted_blocks: u64,
+}
+
+/// One sequence: where its tokens live and which of their ids the manager knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Sequence {
+    table: BlockTable,
+    /// Ids of the first tokens, whose K/V the caller said is written; at most `table.len()`.
+    tokens: Vec<u32>,
+    /// Chain hash of each full block of `tokens` (only with the prefix cache on).
+    hashes: Vec<ChainHash>,
+    /// The prefix-cache namespace this sequence reads and indexes in.
+    cache_salt: u64,
+}
+
+/// The bookkeeping of a paged cache: sequences, their block tables, the shared allocator
+/// and (optionally) the prefix index. It decides where tokens go; a
+/// [`crate::CacheBackend`] stores them.
 ///
 /// ```
 /// use kv_core::{CacheManager, KvError};
@@ -35,16 +114,36 @@ pub struct Appended {
 /// assert_eq!(cache.free_blocks(), 4);
 /// # Ok::<(), KvError>(())
 /// ```
-#[derive(Debug, Clone)]
+///
+/// # Block states
+/// Every block is in exactly one state:
+/// - *empty*: no holder;
+/// - *used*: held by at least one sequence (and perhaps also indexed);
+/// - *cached*: held by the prefix index alone. Its K/V is kept for a later prompt with the
+///   same prefix, but an allocation that finds no empty block evicts it, least recently
+///   released first. So cached blocks count as free: [`CacheManager::free_blocks`] is
+///   empty + cached, and `free_blocks() + used_blocks() == total_blocks()`.
+///
+/// A block's reference count ([`CacheManager::ref_count`]) is the number of sequence
+/// tables listing it plus one if the index holds it. A block with more than one holder is
+/// never written: a write into it copies it first ([`Appended::copies`]).
+///
+/// # Sharing across threads
+/// The manager is plain data (`Send + Sync`) mutated through `&mut self`. To share one
+/// between threads use [`crate::SharedCacheManager`], which puts it behind one mutex.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheManager {
     block_size: usize,
     allocator: BlockAllocator,
-    sequences: BTreeMap<SeqId, BlockTable>,
+    sequences: BTreeMap<SeqId, Sequence>,
     next_id: SeqId,
+    prefix: Option<PrefixIndex>,
+    counters: Counters,
 }
 
 impl CacheManager {
-    /// A manager of `num_blocks` blocks holding `block_size` tokens each.
+    /// A manager of `num_blocks` blocks holding `block_size` tokens each, without prefix
+    /// reuse: blocks go back to the empty pool as soon as no sequence holds them.
     ///
     /// # Errors
     /// [`KvError::InvalidArgument`] when either is zero or the block count does not fit a
@@ -67,7 +166,51 @@ impl CacheManager {
             allocator: BlockAllocator::new(num_blocks),
             sequences: BTreeMap::new(),
             next_id: 0,
+            prefix: None,
+            counters: Counters::default(),
         })
+    }
+
+    /// A manager that also keeps full, committed blocks in a prefix index so later prompts
+    /// starting with the same tokens reuse their K/V instead of recomputing it.
+    ///
+    /// `salt` goes into every block hash: give each model and layout (weights, dtype,
+    /// RoPE settings...) its own, so hashes never match across caches whose K/V differ.
+    ///
+    /// ```
+    /// use kv_core::CacheManager;
+    /// let mut cache = CacheManager::with_prefix_cache(4, 16, 0x11a3a)?;
+    /// let prompt = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+    ///
+    /// // First request: nothing cached, compute everything.
+    /// let (a, reused) = cache.create_with_prefix(&prompt);
+    /// assert_eq!(reused, 0);
+    /// let slots = cache.append(a, prompt.len())?.slots;
+    /// // ... backend.write(K/V of the prompt at `slots`) for every layer, then:
+    /// cache.commit_tokens(a, &prompt)?; // its two full blocks are now indexed
+    /// cache.free(a)?; // they stay cached
+    /// assert_eq!(cache.cached_blocks(), 2);
+    ///
+    /// // Second request with the same start: skip the prefill of 8 tokens.
+    /// let (b, reused) = cache.create_with_prefix(&prompt);
+    /// assert_eq!(reused, 8);
+    /// assert_eq!(cache.len(b)?, 8);
+    /// let rest = cache.append(b, prompt.len() - reused)?; // compute only these
+    /// assert_eq!(rest.slots.len(), 2);
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`CacheManager::new`].
+    pub fn with_prefix_cache(block_size: usize, num_blocks: usize, salt: u64) -> Result<Self> {
+        let mut manager = Self::new(block_size, num_blocks)?;
+        manager.prefix = Some(PrefixIndex::new(num_blocks, salt));
+        Ok(manager)
+    }
+
+    /// The model/layout salt when the prefix cache is on, `None` when it is off.
+    pub fn prefix_cache_salt(&self) -> Option<u64> {
+        self.prefix.as_ref().map(PrefixIndex::salt)
     }
 
     /// Tokens per block.
@@ -78,29 +221,81 @@ impl CacheManager {
     pub fn total_blocks(&self) -> usize {
         self.allocator.total()
     }
-    /// Blocks nobody holds.
+    /// Blocks an allocation can take now: empty blocks plus cached ones (indexed, held by no
+    /// sequence), which are evicted on demand. `free_blocks() + used_blocks()` is always
+    /// `total_blocks()`.
     pub fn free_blocks(&self) -> usize {
-        self.allocator.free_count()
+        self.allocator.free_count() + self.cached_blocks()
     }
     /// Blocks held by at least one sequence.
     pub fn used_blocks(&self) -> usize {
-        self.allocator.used_count()
+        self.allocator
+            .used_count()
+            .saturating_sub(self.cached_blocks())
     }
-    /// Sequences that hold `block`.
+    /// Blocks held by the prefix index alone: reusable by [`CacheManager::create_with_prefix`]
+    /// and counted in [`CacheManager::free_blocks`]. Always 0 without the prefix cache.
+    pub fn cached_blocks(&self) -> usize {
+        self.prefix.as_ref().map_or(0, PrefixIndex::cached_len)
+    }
+    /// Holders of `block`: the sequence tables listing it, plus one when the prefix index
+    /// holds it. 0 for an empty block or an id out of range.
     pub fn ref_count(&self, block: BlockId) -> u32 {
         self.allocator.ref_count(block)
+    }
+    /// Whether `block` is in the prefix index (held by sequences or only cached).
+    pub fn is_indexed(&self, block: BlockId) -> bool {
+        self.prefix.as_ref().is_some_and(|p| p.is_indexed(block))
+    }
+    /// The token ids an indexed block holds the K/V of, `None` when it is not indexed.
+    pub fn indexed_tokens(&self, block: BlockId) -> Option<&[u32]> {
+        self.prefix.as_ref()?.tokens(block)
     }
     /// Ids of live sequences, in creation order.
     pub fn sequences(&self) -> impl Iterator<Item = SeqId> + '_ {
         self.sequences.keys().copied()
     }
 
-    /// Starts an empty sequence.
+    /// Where the blocks are, plus prefix-cache counters.
+    pub fn stats(&self) -> CacheStats {
+        let mut seq_holders = vec![0u32; self.total_blocks()];
+        for s in self.sequences.values() {
+            for &b in s.table.blocks() {
+                if let Some(h) = seq_holders.get_mut(b as usize) {
+                    *h += 1;
+                }
+            }
+        }
+        CacheStats {
+            total_blocks: self.total_blocks(),
+            used_blocks: self.used_blocks(),
+            shared_blocks: seq_holders.iter().filter(|&&h| h >= 2).count(),
+            cached_blocks: self.cached_blocks(),
+            empty_blocks: self.allocator.free_count(),
+            indexed_blocks: self.prefix.as_ref().map_or(0, PrefixIndex::len),
+            sequences: self.sequences.len(),
+            prefix_query_tokens: self.counters.prefix_query_tokens,
+            prefix_hit_tokens: self.counters.prefix_hit_tokens,
+            evicted_blocks: self.counters.evicted_blocks,
+        }
+    }
+
+    /// Starts an empty sequence (prefix-cache namespace 0).
     pub fn create(&mut self) -> SeqId {
+        self.insert_sequence(Sequence::default())
+    }
+
+    fn insert_sequence(&mut self, s: Sequence) -> SeqId {
         let id = self.next_id;
         self.next_id += 1;
-        self.sequences.insert(id, BlockTable::default());
+        self.sequences.insert(id, s);
         id
+    }
+
+    fn seq(&self, seq: SeqId) -> Result<&Sequence> {
+        self.sequences
+            .get(&seq)
+            .ok_or(KvError::UnknownSequence { id: seq })
     }
 
     /// The block table of `seq`.
@@ -108,12 +303,10 @@ impl CacheManager {
     /// # Errors
     /// [`KvError::UnknownSequence`].
     pub fn table(&self, seq: SeqId) -> Result<&BlockTable> {
-        self.sequences
-            .get(&seq)
-            .ok_or(KvError::UnknownSequence { id: seq })
+        Ok(&self.seq(seq)?.table)
     }
 
-    /// Tokens `seq` holds.
+    /// Tokens `seq` holds (reserved by [`CacheManager::append`], committed or not).
     ///
     /// # Errors
     /// [`KvError::UnknownSequence`].
@@ -121,119 +314,419 @@ impl CacheManager {
         Ok(self.table(seq)?.len())
     }
 
-    /// Blocks an append of `n` tokens to `seq` would take from the free pool.
+    /// The committed token ids of `seq` ([`CacheManager::commit_tokens`]); a prefix of its
+    /// tokens.
     ///
     /// # Errors
     /// [`KvError::UnknownSequence`].
+    pub fn tokens(&self, seq: SeqId) -> Result<&[u32]> {
+        Ok(&self.seq(seq)?.tokens)
+    }
+
+    /// Blocks an append of `n` tokens to `seq` would take from the free pool (fresh blocks
+    /// plus a copy of a shared, partly filled last block).
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`]; [`KvError::InvalidArgument`] when the length would
+    /// overflow.
     pub fn blocks_needed(&self, seq: SeqId, n: usize) -> Result<usize> {
-        let (fresh, cow) = self.plan(self.table(seq)?, n);
+        let (fresh, cow) = self.plan(&self.seq(seq)?.table, n)?;
         Ok(fresh + usize::from(cow))
     }
 
-    /// (new blocks for fresh tokens, whether the last block must be copied first)
-    fn plan(&self, table: &BlockTable, n: usize) -> (usize, bool) {
-        let len = table.len();
-        let capacity = table.blocks().len() * self.block_size;
-        let fresh = (len + n).saturating_sub(capacity).div_ceil(self.block_size);
-        let partial = len % self.block_size != 0;
-        let shared_tail = n > 0
-            && partial
+    /// Blocks a batch of appends (one `(sequence, tokens)` per sequence, e.g. one decode
+    /// step) takes from the free pool when run in order. Less than the sum of
+    /// [`CacheManager::blocks_needed`] when forks share a partly filled last block: only the
+    /// first writer copies it. The batch fits when this is at most
+    /// [`CacheManager::free_blocks`].
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`]; [`KvError::InvalidArgument`] when a sequence is listed
+    /// twice or a length would overflow.
+    pub fn blocks_needed_batch(&self, appends: &[(SeqId, usize)]) -> Result<usize> {
+        let mut seen = HashSet::new();
+        let mut copied: HashMap<BlockId, u32> = HashMap::new();
+        let mut total = 0usize;
+        for &(seq, n) in appends {
+            if !seen.insert(seq) {
+                return Err(KvError::InvalidArgument {
+                    what: "batch",
+                    detail: format!("sequence {seq} is listed twice"),
+                });
+            }
+            let table = &self.seq(seq)?.table;
+            let (fresh, cow) = self.plan(table, n)?;
+            let mut needed = fresh;
+            if cow {
+                // An earlier copy in this batch released one holder of the same block.
+                let last = table.blocks()[table.blocks().len() - 1];
+                let gone = copied.entry(last).or_default();
+                if self.allocator.ref_count(last).saturating_sub(*gone) > 1 {
+                    needed += 1;
+                    *gone += 1;
+                }
+            }
+            total = total.saturating_add(needed);
+        }
+        Ok(total)
+    }
+
+    /// The most tokens [`CacheManager::append`] can add to `seq` right now.
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`].
+    pub fn appendable_tokens(&self, seq: SeqId) -> Result<usize> {
+        let table = &self.seq(seq)?.table;
+        let room = table.blocks().len() * self.block_size - table.len();
+        let free = self.free_blocks();
+        let blocks_for_new = if self.tail_is_shared(table) {
+            // The first token already costs the copy of the last block.
+            match free.checked_sub(1) {
+                Some(f) => f,
+                None => return Ok(0),
+            }
+        } else {
+            free
+        };
+        Ok(room.saturating_add(blocks_for_new.saturating_mul(self.block_size)))
+    }
+
+    /// True when the last block is partly filled and has other holders, so the next write
+    /// must copy it.
+    fn tail_is_shared(&self, table: &BlockTable) -> bool {
+        table.len() % self.block_size != 0
             && table
                 .blocks()
                 .last()
-                .is_some_and(|&b| self.allocator.ref_count(b) > 1);
-        (fresh, shared_tail)
+                .is_some_and(|&b| self.allocator.ref_count(b) > 1)
     }
 
-    /// Reserves room for `n` more tokens of `seq` and says where to write them.
+    /// (new blocks for fresh tokens, whether the last block must be copied first)
+    fn plan(&self, table: &BlockTable, n: usize) -> Result<(usize, bool)> {
+        let len = table.len();
+        let end = len.checked_add(n).ok_or_else(|| KvError::InvalidArgument {
+            what: "append length",
+            detail: format!("{len} + {n} tokens overflows"),
+        })?;
+        let capacity = table.blocks().len() * self.block_size;
+        let fresh = end.saturating_sub(capacity).div_ceil(self.block_size);
+        Ok((fresh, n > 0 && self.tail_is_shared(table)))
+    }
+
+    /// Reserves room for `n` more tokens of `seq` and says where to write them. Blocks come
+    /// from the empty pool first, then by evicting cached prefix blocks, least recently
+    /// used first.
+    ///
+    /// The new tokens are *reserved*, not committed: tell the manager their ids with
+    /// [`CacheManager::commit_tokens`] once their K/V is written, so full blocks can be
+    /// reused by later prompts.
     ///
     /// # Errors
-    /// [`KvError::UnknownSequence`]; [`KvError::CacheFull`] when the free blocks do not
-    /// suffice. Nothing changes on error.
+    /// [`KvError::UnknownSequence`]; [`KvError::CacheFull`] when free blocks (empty plus
+    /// cached) do not suffice; [`KvError::InvalidArgument`] when the length would overflow.
+    /// Nothing changes on error.
     pub fn append(&mut self, seq: SeqId, n: usize) -> Result<Appended> {
-        let table = self.table(seq)?;
-        let (fresh, cow) = self.plan(table, n);
-        let needed = fresh + usize::from(cow);
-        if needed > self.allocator.free_count() {
-            return Err(KvError::CacheFull {
-                needed,
-                free: self.allocator.free_count(),
-            });
-        }
-        let mut new_blocks = self.allocator.allocate(needed)?;
-        let mut copies = Vec::new();
-        let table = self
+        let (fresh, cow) = self.plan(&self.seq(seq)?.table, n)?;
+        let mut new_blocks = self.take_blocks(fresh + usize::from(cow))?;
+        let block_size = self.block_size;
+        let s = self
             .sequences
             .get_mut(&seq)
             .ok_or(KvError::UnknownSequence { id: seq })?;
+        let mut copies = Vec::new();
         if cow {
             let to = new_blocks.remove(0);
-            let blocks = table.blocks_mut();
+            let blocks = s.table.blocks_mut();
             let last = blocks.len() - 1;
             let from = std::mem::replace(&mut blocks[last], to);
-            self.allocator.release(&[from])?;
             copies.push((from, to));
         }
-        table.blocks_mut().extend(new_blocks);
-        let start = table.len();
-        table.set_len(start + n);
+        s.table.blocks_mut().extend(new_blocks);
+        let start = s.table.len();
+        s.table.set_len(start + n);
         let slots = (start..start + n)
             .map(|i| Slot {
-                block: table.blocks()[i / self.block_size],
-                offset: (i % self.block_size) as u32,
+                block: s.table.blocks()[i / block_size],
+                offset: (i % block_size) as u32,
             })
             .collect();
+        for &(from, _) in &copies {
+            self.release(&[from])?;
+        }
         Ok(Appended { slots, copies })
     }
 
+    /// [`CacheManager::append`], then `copy` runs the block copies on the backend; when it
+    /// fails the manager is put back as it was and its error returned, so a failed
+    /// copy-on-write changes nothing either.
+    ///
+    /// Use this where the copies must happen before anyone else can allocate: the source of
+    /// a copy keeps its other holders, but once they let go it may be evicted and reused.
+    /// [`crate::SharedCacheManager::append_and_copy`] runs it under the lock for that reason.
+    /// The manager is cloned (to roll back) only when a copy is needed.
+    ///
+    /// # Errors
+    /// What [`CacheManager::append`] or `copy` returns; nothing changes on error.
+    pub fn append_and_copy(
+        &mut self,
+        seq: SeqId,
+        n: usize,
+        copy: impl FnOnce(&[(BlockId, BlockId)]) -> Result<()>,
+    ) -> Result<Appended> {
+        let (_, cow) = self.plan(&self.seq(seq)?.table, n)?;
+        let before = cow.then(|| self.clone());
+        let appended = self.append(seq, n)?;
+        if !appended.copies.is_empty() {
+            if let Err(e) = copy(&appended.copies) {
+                if let Some(before) = before {
+                    *self = before;
+                }
+                return Err(e);
+            }
+        }
+        Ok(appended)
+    }
+
+    /// Tells the manager the ids of the next `tokens.len()` reserved tokens of `seq`, whose
+    /// K/V the caller has written. Blocks that become full of committed tokens enter the
+    /// prefix index (when it is on), where later prompts can find them.
+    ///
+    /// Committing after the write, not at append time, means an index hit never reads K/V
+    /// that is still being computed or whose write failed. A sequence never committed just
+    /// never feeds the index. When a block with the same prefix is already indexed (two
+    /// requests computed it at once) this one is left out of the index.
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`]; [`KvError::OutOfRange`] when more tokens are committed
+    /// than are reserved. Nothing changes on error.
+    pub fn commit_tokens(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        let Self {
+            sequences,
+            prefix,
+            allocator,
+            block_size,
+            ..
+        } = self;
+        let bs = *block_size;
+        let s = sequences
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence { id: seq })?;
+        let end = s.tokens.len().saturating_add(tokens.len());
+        if end > s.table.len() {
+            return Err(KvError::OutOfRange {
+                what: "committed tokens",
+                index: end,
+                len: s.table.len(),
+            });
+        }
+        s.tokens.extend_from_slice(tokens);
+        let Some(index) = prefix else {
+            return Ok(());
+        };
+        for k in s.hashes.len()..s.tokens.len() / bs {
+            let parent = k.checked_sub(1).map(|j| s.hashes[j]);
+            let chunk = &s.tokens[k * bs..(k + 1) * bs];
+            let hash = index.hash(parent, s.cache_salt, chunk);
+            s.hashes.push(hash);
+            let Some(&block) = s.table.blocks().get(k) else {
+                continue;
+            };
+            if index.block_of(hash).is_none() && !index.is_indexed(block) {
+                // The index becomes one more holder, so nobody writes the block again.
+                allocator.retain(&[block])?;
+                index.insert(block, hash, parent, chunk);
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets every token of `seq` from `len` on (speculative-decoding rollback); blocks no
-    /// longer needed are released.
+    /// longer needed are released (indexed ones stay cached).
+    ///
+    /// When `len` cuts into an indexed block, that block's contents stay valid for the
+    /// index, so it is never written in place: if only this sequence and the index hold it,
+    /// it leaves the index (the cut-off tokens were rejected; nobody will ask for them) and
+    /// becomes private again; if other sequences hold it too, it stays indexed and the next
+    /// append copies it.
     ///
     /// # Errors
     /// [`KvError::UnknownSequence`]; [`KvError::OutOfRange`] when `len` exceeds the length.
+    /// Nothing changes on error.
     pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
-        let table = self
+        let bs = self.block_size;
+        let s = self
             .sequences
             .get_mut(&seq)
             .ok_or(KvError::UnknownSequence { id: seq })?;
-        if len > table.len() {
+        if len > s.table.len() {
             return Err(KvError::OutOfRange {
                 what: "truncate length",
                 index: len,
-                len: table.len(),
+                len: s.table.len(),
             });
         }
-        let keep = len.div_ceil(self.block_size);
-        let dropped = table.blocks_mut().split_off(keep);
-        table.set_len(len);
-        self.allocator.release(&dropped)
+        let keep = len.div_ceil(bs);
+        let dropped = s.table.blocks_mut().split_off(keep);
+        s.table.set_len(len);
+        s.tokens.truncate(len);
+        s.hashes.truncate(len / bs);
+        let tail = (len % bs != 0).then(|| s.table.blocks()[keep - 1]);
+        self.release(&dropped)?;
+        if let Some(tail) = tail {
+            if self.is_indexed(tail) && self.allocator.ref_count(tail) == 2 {
+                self.unindex(tail)?;
+            }
+        }
+        Ok(())
     }
 
-    /// Ends `seq`, releasing its blocks.
+    /// Ends `seq`, releasing its blocks; its indexed blocks stay cached for later prompts.
     ///
     /// # Errors
     /// [`KvError::UnknownSequence`].
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
-        let table = self
-            .sequences
+        self.remove_sequence(seq).map(|_| ())
+    }
+
+    /// Pauses `seq` to make room: releases its blocks like [`CacheManager::free`] and
+    /// returns what is needed to recompute it.
+    ///
+    /// This is the batch runner's answer to a full cache: rather than failing a step, pause
+    /// the newest sequence (the one that has waited least), and when blocks are free again
+    /// resume it with [`CacheManager::create_with_prefix_salted`] on
+    /// [`Preempted::tokens`] (plus any token sampled but not yet appended) and
+    /// recompute what was not reused. Its committed full blocks stay cached, so a resume
+    /// before they are evicted recomputes little. Resuming gives a new [`SeqId`].
+    ///
+    /// ```
+    /// use kv_core::CacheManager;
+    /// let mut cache = CacheManager::with_prefix_cache(2, 8, 0)?;
+    /// let seq = cache.create();
+    /// cache.append(seq, 5)?;
+    /// cache.commit_tokens(seq, &[1, 2, 3, 4, 5])?;
+    /// let paused = cache.preempt(seq)?;
+    /// assert_eq!(paused.tokens, [1, 2, 3, 4, 5]);
+    /// assert_eq!(cache.used_blocks(), 0);
+    /// let next = 6; // sampled from the last logits before the pause
+    /// let mut prompt = paused.tokens.clone();
+    /// prompt.push(next);
+    /// let (resumed, reused) = cache.create_with_prefix_salted(&prompt, paused.cache_salt);
+    /// assert_eq!(reused, 4); // recompute tokens 4.. (the partly filled block was not kept)
+    /// # let _ = resumed;
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`].
+    pub fn preempt(&mut self, seq: SeqId) -> Result<Preempted> {
+        let s = self.remove_sequence(seq)?;
+        Ok(Preempted {
+            uncommitted: s.table.len() - s.tokens.len(),
+            tokens: s.tokens,
+            cache_salt: s.cache_salt,
+        })
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) -> Result<Sequence> {
+        let blocks = self.seq(seq)?.table.blocks().to_vec();
+        self.release(&blocks)?;
+        self.sequences
             .remove(&seq)
-            .ok_or(KvError::UnknownSequence { id: seq })?;
-        self.allocator.release(table.blocks())
+            .ok_or(KvError::UnknownSequence { id: seq })
     }
 
     /// A new sequence that shares every block of `seq`; the first write into a shared,
     /// partly filled block copies it ([`Appended::copies`]), so neither side sees the
-    /// other's later tokens.
+    /// other's later tokens. The fork inherits the committed ids and namespace.
     ///
     /// # Errors
     /// [`KvError::UnknownSequence`].
     pub fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
-        let table = self.table(seq)?.clone();
-        self.allocator.retain(table.blocks())?;
-        let id = self.next_id;
-        self.next_id += 1;
-        self.sequences.insert(id, table);
-        Ok(id)
+        let s = self.seq(seq)?.clone();
+        self.retain(s.table.blocks())?;
+        Ok(self.insert_sequence(s))
+    }
+
+    /// [`CacheManager::create_with_prefix_salted`] in namespace 0.
+    pub fn create_with_prefix(&mut self, prompt: &[u32]) -> (SeqId, usize) {
+        self.create_with_prefix_salted(prompt, 0)
+    }
+
+    /// Starts a sequence whose first tokens reuse the longest chain of indexed full blocks
+    /// matching `prompt`, and returns it with the number of tokens reused. Those tokens are
+    /// already held and committed: the caller appends, computes and commits only
+    /// `prompt[reused..]`.
+    ///
+    /// Only full blocks are reused, and never the whole prompt: at least its last token is
+    /// left to compute, because the logits that pick the next token come from running it
+    /// (vLLM does the same). `cache_salt` separates namespaces (tenants, adapters): blocks
+    /// indexed under one salt are never reused under another. Without the prefix cache
+    /// this is [`CacheManager::create`] with nothing reused.
+    ///
+    /// Never fails: reused blocks are taken back from the index, and cached ones stop being
+    /// evictable (they leave [`CacheManager::free_blocks`]; see
+    /// [`CacheManager::prefix_match`] to know the cost beforehand).
+    pub fn create_with_prefix_salted(&mut self, prompt: &[u32], cache_salt: u64) -> (SeqId, usize) {
+        let (mut blocks, mut hashes) = self.match_prefix(prompt, cache_salt);
+        if self.retain(&blocks).is_err() {
+            // Unreachable while the index holds what it lists; fall back to no reuse.
+            blocks.clear();
+            hashes.clear();
+        }
+        let reused = blocks.len() * self.block_size;
+        if self.prefix.is_some() {
+            self.counters.prefix_query_tokens += prompt.len() as u64;
+            self.counters.prefix_hit_tokens += reused as u64;
+        }
+        let mut table = BlockTable::default();
+        *table.blocks_mut() = blocks;
+        table.set_len(reused);
+        let id = self.insert_sequence(Sequence {
+            table,
+            tokens: prompt[..reused].to_vec(),
+            hashes,
+            cache_salt,
+        });
+        (id, reused)
+    }
+
+    /// What [`CacheManager::create_with_prefix_salted`] would reuse for `prompt` now, and
+    /// the free blocks admitting the whole prompt would take. Changes nothing.
+    pub fn prefix_match(&self, prompt: &[u32], cache_salt: u64) -> PrefixMatch {
+        let (blocks, _) = self.match_prefix(prompt, cache_salt);
+        let revived = self
+            .prefix
+            .as_ref()
+            .map_or(0, |p| blocks.iter().filter(|&&b| p.is_cached(b)).count());
+        let tokens = blocks.len() * self.block_size;
+        PrefixMatch {
+            tokens,
+            blocks: blocks.len(),
+            revived_blocks: revived,
+            blocks_needed: revived + (prompt.len() - tokens).div_ceil(self.block_size),
+        }
+    }
+
+    /// The indexed blocks (and their hashes) holding the longest reusable prefix of
+    /// `prompt`, never covering its last token.
+    fn match_prefix(&self, prompt: &[u32], cache_salt: u64) -> (Vec<BlockId>, Vec<ChainHash>) {
+        let (mut blocks, mut hashes) = (Vec::new(), Vec::new());
+        let Some(index) = &self.prefix else {
+            return (blocks, hashes);
+        };
+        let reusable = prompt.len().saturating_sub(1) / self.block_size;
+        for chunk in prompt.chunks_exact(self.block_size).take(reusable) {
+            let parent = hashes.last().copied();
+            let hash = index.hash(parent, cache_salt, chunk);
+            match index.lookup(hash, parent, chunk) {
+                Some(b) => {
+                    blocks.push(b);
+                    hashes.push(hash);
+                }
+                None => break,
+            }
+        }
+        (blocks, hashes)
     }
 
     /// What attention needs to read `seq` when its last `n_queries` tokens are the queries.
@@ -245,6 +738,151 @@ impl CacheManager {
         let table = self.table(seq)?;
         SeqAttention::new(table.blocks().to_vec(), table.len(), n_queries)
     }
+
+    /// Takes `n` blocks with one holder each: empty ones first, then evicted cached ones,
+    /// least recently used first.
+    fn take_blocks(&mut self, n: usize) -> Result<Vec<BlockId>> {
+        let free = self.free_blocks();
+        if n > free {
+            return Err(KvError::CacheFull { needed: n, free });
+        }
+        while self.allocator.free_count() < n {
+            let Some(victim) = self.prefix.as_ref().and_then(PrefixIndex::oldest_cached) else {
+                break;
+            };
+            self.unindex(victim)?;
+            self.counters.evicted_blocks += 1;
+        }
+        self.allocator.allocate(n)
+    }
+
+    /// Drops the index's entry for `block` and the reference it held.
+    fn unindex(&mut self, block: BlockId) -> Result<()> {
+        if let Some(index) = &mut self.prefix {
+            if index.is_indexed(block) {
+                self.allocator.release(&[block])?;
+                index.remove(block);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a sequence holder to each block; cached ones leave the LRU queue.
+    fn retain(&mut self, blocks: &[BlockId]) -> Result<()> {
+        self.allocator.retain(blocks)?;
+        if let Some(index) = &mut self.prefix {
+            for &b in blocks {
+                index.take_cached(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops a sequence holder from each block (given in sequence order); indexed blocks
+    /// left to the index alone join the LRU queue, the last block of the sequence as the
+    /// oldest: evicting from the end of a chain keeps its start reusable, and the start is
+    /// what other prompts share.
+    fn release(&mut self, blocks: &[BlockId]) -> Result<()> {
+        self.allocator.release(blocks)?;
+        if let Some(index) = &mut self.prefix {
+            for &b in blocks.iter().rev() {
+                if index.is_indexed(b) && self.allocator.ref_count(b) == 1 {
+                    index.push_cached(b);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every invariant of the bookkeeping and describes the first one broken:
+    /// the allocator's free list holds exactly the blocks without holders; each block's
+    /// reference count equals the sequence tables listing it plus one if indexed; cached
+    /// blocks are exactly the indexed blocks no sequence holds; each table has
+    /// `ceil(len / block_size)` blocks; committed ids never exceed the length; and each
+    /// sequence's chain hashes match its committed ids.
+    ///
+    /// For tests and debugging; O(blocks + tokens).
+    ///
+    /// # Errors
+    /// A description of the first inconsistency.
+    pub fn audit(&self) -> std::result::Result<(), String> {
+        self.allocator.audit()?;
+        let total = self.total_blocks();
+        let mut holders = vec![0u32; total];
+        for (&id, s) in &self.sequences {
+            if id >= self.next_id {
+                return Err(format!(
+                    "sequence {id} is not below the next id {}",
+                    self.next_id
+                ));
+            }
+            let len = s.table.len();
+            if s.table.blocks().len() != len.div_ceil(self.block_size) {
+                return Err(format!(
+                    "sequence {id} holds {len} tokens in {} blocks of {}",
+                    s.table.blocks().len(),
+                    self.block_size
+                ));
+            }
+            if s.tokens.len() > len {
+                return Err(format!(
+                    "sequence {id} has {} committed ids but {len} tokens",
+                    s.tokens.len()
+                ));
+            }
+            for &b in s.table.blocks() {
+                match holders.get_mut(b as usize) {
+                    Some(h) => *h += 1,
+                    None => return Err(format!("sequence {id} lists block {b} out of range")),
+                }
+            }
+            match &self.prefix {
+                None if !s.hashes.is_empty() => {
+                    return Err(format!("sequence {id} has hashes without a prefix cache"))
+                }
+                None => {}
+                Some(index) => {
+                    let full = s.tokens.len() / self.block_size;
+                    if s.hashes.len() != full {
+                        return Err(format!(
+                            "sequence {id} has {} block hashes for {full} committed blocks",
+                            s.hashes.len()
+                        ));
+                    }
+                    let mut parent = None;
+                    for (chunk, &h) in s.tokens.chunks_exact(self.block_size).zip(&s.hashes) {
+                        if index.hash(parent, s.cache_salt, chunk) != h {
+                            return Err(format!("sequence {id} has a stale block hash"));
+                        }
+                        parent = Some(h);
+                    }
+                }
+            }
+        }
+        if let Some(index) = &self.prefix {
+            index.audit(self.block_size)?;
+            for b in index.indexed_blocks() {
+                holders[b as usize] += 1;
+                let only_index = self.allocator.ref_count(b) == 1;
+                if only_index != index.is_cached(b) {
+                    return Err(format!(
+                        "indexed block {b} has {} holders but is {}in the LRU queue",
+                        self.allocator.ref_count(b),
+                        if index.is_cached(b) { "" } else { "not " }
+                    ));
+                }
+            }
+        }
+        for (b, &h) in holders.iter().enumerate() {
+            let rc = self.allocator.ref_count(b as BlockId);
+            if rc != h {
+                return Err(format!(
+                    "block {b} has reference count {rc} but {h} holders"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -252,14 +890,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fork_copies_shared_partial_block_on_write() {
-        let mut m = CacheManager::new(4, 8).unwrap();
+    fn fork_copies_shared_partial_block_on_write() -> Result<()> {
+        let mut m = CacheManager::new(4, 8)?;
         let a = m.create();
-        m.append(a, 6).unwrap(); // blocks [0, 1], block 1 half full
-        let b = m.fork(a).unwrap();
+        m.append(a, 6)?; // blocks [0, 1], block 1 half full
+        let b = m.fork(a)?;
         assert_eq!(m.ref_count(0), 2);
         assert_eq!(m.ref_count(1), 2);
-        let wrote = m.append(b, 1).unwrap();
+        let wrote = m.append(b, 1)?;
         assert_eq!(wrote.copies, vec![(1, 2)]);
         assert_eq!(
             wrote.slots,
@@ -270,7 +908,7 @@ mod tests {
         );
         assert_eq!(m.ref_count(1), 1);
         // The parent's next write goes into its own block 1, no copy.
-        let wrote = m.append(a, 1).unwrap();
+        let wrote = m.append(a, 1)?;
         assert!(wrote.copies.is_empty());
         assert_eq!(
             wrote.slots,
@@ -279,45 +917,106 @@ mod tests {
                 offset: 2
             }]
         );
-        m.free(a).unwrap();
-        m.free(b).unwrap();
+        m.free(a)?;
+        m.free(b)?;
         assert_eq!(m.free_blocks(), 8);
+        assert_eq!(m.audit(), Ok(()));
+        Ok(())
     }
 
     #[test]
-    fn full_shared_block_needs_no_copy() {
-        let mut m = CacheManager::new(4, 8).unwrap();
+    fn full_shared_block_needs_no_copy() -> Result<()> {
+        let mut m = CacheManager::new(4, 8)?;
         let a = m.create();
-        m.append(a, 4).unwrap();
-        let b = m.fork(a).unwrap();
-        let wrote = m.append(b, 1).unwrap();
+        m.append(a, 4)?;
+        let b = m.fork(a)?;
+        let wrote = m.append(b, 1)?;
         assert!(wrote.copies.is_empty());
         assert_eq!(m.ref_count(0), 2);
+        Ok(())
     }
 
     #[test]
-    fn cache_full_changes_nothing_even_with_cow() {
-        let mut m = CacheManager::new(4, 2).unwrap();
+    fn cache_full_changes_nothing_even_with_cow() -> Result<()> {
+        let mut m = CacheManager::new(4, 2)?;
         let a = m.create();
-        m.append(a, 6).unwrap();
-        let b = m.fork(a).unwrap();
-        let err = m.append(b, 1).unwrap_err();
-        assert!(matches!(err, KvError::CacheFull { needed: 1, free: 0 }));
-        assert_eq!(m.len(b).unwrap(), 6);
-        assert_eq!(m.ref_count(1), 2);
+        m.append(a, 6)?;
+        let b = m.fork(a)?;
+        let before = m.clone();
+        let err = m.append(b, 1);
+        assert!(matches!(
+            err,
+            Err(KvError::CacheFull { needed: 1, free: 0 })
+        ));
+        assert_eq!(m, before);
+        assert_eq!(m.appendable_tokens(b)?, 0);
+        assert_eq!(m.appendable_tokens(a)?, 0);
+        Ok(())
     }
 
     #[test]
-    fn errors_are_typed() {
-        let mut m = CacheManager::new(4, 2).unwrap();
+    fn errors_are_typed_and_change_nothing() -> Result<()> {
+        let mut m = CacheManager::with_prefix_cache(4, 2, 0)?;
         assert!(matches!(
             m.append(7, 1),
             Err(KvError::UnknownSequence { id: 7 })
         ));
         let a = m.create();
-        assert!(matches!(m.truncate(a, 1), Err(KvError::OutOfRange { .. })));
-        assert!(m.attention(a, 1).is_err());
+        m.append(a, 2)?;
+        let before = m.clone();
+        assert!(matches!(m.truncate(a, 3), Err(KvError::OutOfRange { .. })));
+        assert!(matches!(
+            m.commit_tokens(a, &[1, 2, 3]),
+            Err(KvError::OutOfRange {
+                index: 3,
+                len: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            m.append(a, usize::MAX),
+            Err(KvError::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            m.blocks_needed_batch(&[(a, 1), (a, 1)]),
+            Err(KvError::InvalidArgument { .. })
+        ));
+        assert!(matches!(m.free(9), Err(KvError::UnknownSequence { id: 9 })));
+        assert!(matches!(
+            m.preempt(9),
+            Err(KvError::UnknownSequence { id: 9 })
+        ));
+        assert!(matches!(m.fork(9), Err(KvError::UnknownSequence { id: 9 })));
+        assert!(m.attention(a, 3).is_err());
+        assert_eq!(m, before);
         assert!(CacheManager::new(0, 1).is_err());
         assert!(CacheManager::new(1, 0).is_err());
+        assert!(CacheManager::with_prefix_cache(1, 0, 0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn failed_copy_rolls_back() -> Result<()> {
+        let mut m = CacheManager::new(4, 4)?;
+        let a = m.create();
+        m.append(a, 2)?;
+        let b = m.fork(a)?;
+        let before = m.clone();
+        let err = m.append_and_copy(b, 1, |_| {
+            Err(KvError::Unsupported {
+                backend: "test".into(),
+                what: "copy".into(),
+            })
+        });
+        assert!(matches!(err, Err(KvError::Unsupported { .. })));
+        assert_eq!(m, before);
+        let mut seen = Vec::new();
+        let ok = m.append_and_copy(b, 1, |c| {
+            seen.extend_from_slice(c);
+            Ok(())
+        })?;
+        assert_eq!(seen, ok.copies);
+        assert_eq!(seen.len(), 1);
+        Ok(())
     }
 }
