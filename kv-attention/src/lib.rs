@@ -1,11 +1,13 @@
-//! Attention over a KV cache, written once for every [`CacheBackend`].
+//! Attention over a KV cache, written once for every [`kv_core::CacheBackend`].
 //!
-//! [`PagedCache`] ties a backend's storage to the [`CacheManager`] bookkeeping: a model asks
-//! it for slots, writes each layer's K/V, and attends. [`reference`] is the plain f64
-//! attention every backend is checked against, and `conformance` (feature `conformance`) is
-//! the suite any backend runs to prove itself.
+//! [`PagedCache`] ties a backend's storage to the [`kv_core::CacheManager`] bookkeeping: a
+//! model asks it for slots, writes each layer's K/V, and attends. [`reference`](mod@reference)
+//! is the plain f64 attention every backend is checked against, and `conformance` (feature
+//! `conformance`) is the suite any backend runs to prove itself.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod paged;
 pub mod reference;
 

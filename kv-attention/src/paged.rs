@@ -1,7 +1,7 @@
 use candle_core::Tensor;
 use kv_core::{
-    memory, AttentionBatch, CacheBackend, CacheManager, Result, SeqAttention, SeqId, Slot,
-    StorageSpec,
+    memory, AttentionBatch, CacheBackend, CacheManager, CacheStats, Preempted, PrefixMatch, Result,
+    SeqAttention, SeqId, Slot, StorageSpec,
 };
 
 /// How much of a cache is in use, in tokens and bytes.
@@ -20,6 +20,14 @@ pub struct CacheUsage {
 }
 
 /// A backend's storage plus the bookkeeping that says where each sequence's tokens live.
+///
+/// Every change to the bookkeeping goes through this type so the storage follows it:
+/// copy-on-write copies run on the backend inside [`PagedCache::reserve`], and a failed
+/// copy leaves the bookkeeping as it was. With the prefix cache on
+/// ([`PagedCache::with_prefix_cache`]) a request's life is: [`PagedCache::create_with_prefix`]
+/// (reuses cached blocks), [`PagedCache::reserve`] the rest, write each layer's K/V,
+/// [`PagedCache::commit`] the token ids (indexes the full blocks), and per decode step
+/// reserve / write / commit one token.
 ///
 /// ```
 /// use kv_attention::PagedCache;
@@ -55,6 +63,23 @@ impl<B: CacheBackend> PagedCache<B> {
         })
     }
 
+    /// Allocates `spec` on `backend` with prefix reuse: full blocks of committed tokens are
+    /// indexed and kept after their sequences end, until memory is needed. `salt` names
+    /// the model and layout (see [`CacheManager::with_prefix_cache`]).
+    ///
+    /// # Errors
+    /// What [`CacheBackend::allocate`] returns.
+    pub fn with_prefix_cache(backend: B, spec: StorageSpec, salt: u64) -> Result<Self> {
+        let manager = CacheManager::with_prefix_cache(spec.block_size, spec.num_blocks, salt)?;
+        let storage = backend.allocate(&spec)?;
+        Ok(Self {
+            backend,
+            storage,
+            manager,
+            spec,
+        })
+    }
+
     /// The layout and size of the pools.
     pub fn spec(&self) -> &StorageSpec {
         &self.spec
@@ -77,10 +102,52 @@ impl<B: CacheBackend> PagedCache<B> {
         self.manager.create()
     }
 
+    /// Starts a sequence reusing the cached K/V of the longest full-block prefix of `prompt`
+    /// (never its last token) and returns it with the number of tokens reused: compute,
+    /// write and commit only `prompt[reused..]`. See
+    /// [`CacheManager::create_with_prefix_salted`].
+    pub fn create_with_prefix(&mut self, prompt: &[u32]) -> (SeqId, usize) {
+        self.manager.create_with_prefix(prompt)
+    }
+
+    /// [`PagedCache::create_with_prefix`] in the namespace `cache_salt` (tenant, adapter).
+    pub fn create_with_prefix_salted(&mut self, prompt: &[u32], cache_salt: u64) -> (SeqId, usize) {
+        self.manager.create_with_prefix_salted(prompt, cache_salt)
+    }
+
+    /// What a prompt would reuse now and the free blocks admitting it would take.
+    pub fn prefix_match(&self, prompt: &[u32], cache_salt: u64) -> PrefixMatch {
+        self.manager.prefix_match(prompt, cache_salt)
+    }
+
+    /// Records the ids of `seq`'s next reserved tokens once their K/V is written in every
+    /// layer; full blocks enter the prefix index. See [`CacheManager::commit_tokens`].
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::UnknownSequence`], [`kv_core::KvError::OutOfRange`]; nothing
+    /// changes on error.
+    pub fn commit(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        self.manager.commit_tokens(seq, tokens)
+    }
+
+    /// Pauses `seq`, freeing its blocks, and returns its committed ids to resume it with
+    /// later. See [`CacheManager::preempt`].
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::UnknownSequence`].
+    pub fn preempt(&mut self, seq: SeqId) -> Result<Preempted> {
+        self.manager.preempt(seq)
+    }
+
+    /// Block counts (used, shared, cached, empty) and prefix-cache counters.
+    pub fn stats(&self) -> CacheStats {
+        self.manager.stats()
+    }
+
     /// A new sequence sharing `seq`'s tokens (copy-on-write).
     ///
     /// # Errors
-    /// [`KvError::UnknownSequence`].
+    /// [`kv_core::KvError::UnknownSequence`].
     pub fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
         self.manager.fork(seq)
     }
@@ -88,7 +155,7 @@ impl<B: CacheBackend> PagedCache<B> {
     /// Tokens `seq` holds.
     ///
     /// # Errors
-    /// [`KvError::UnknownSequence`].
+    /// [`kv_core::KvError::UnknownSequence`].
     pub fn len(&self, seq: SeqId) -> Result<usize> {
         self.manager.len(seq)
     }
@@ -97,34 +164,28 @@ impl<B: CacheBackend> PagedCache<B> {
     /// the slots to write them to.
     ///
     /// # Errors
-    /// [`KvError::CacheFull`] and the manager's other errors; nothing changes on error.
+    /// [`kv_core::KvError::CacheFull`] and the manager's other errors; nothing changes on error.
     pub fn reserve(&mut self, seq: SeqId, n: usize) -> Result<Vec<Slot>> {
-        let before = self.manager.clone();
-        let appended = self.manager.append(seq, n)?;
-        if !appended.copies.is_empty() {
-            if let Err(e) = self
-                .backend
-                .copy_blocks(&mut self.storage, &appended.copies)
-            {
-                self.manager = before;
-                return Err(e);
-            }
-        }
+        let (backend, storage) = (&self.backend, &mut self.storage);
+        let appended = self
+            .manager
+            .append_and_copy(seq, n, |copies| backend.copy_blocks(storage, copies))?;
         Ok(appended.slots)
     }
 
-    /// Forgets `seq`'s tokens from `len` on.
+    /// Forgets `seq`'s tokens from `len` on (a block shared with others or the prefix
+    /// index is copied before it is written again).
     ///
     /// # Errors
-    /// [`KvError::UnknownSequence`], [`KvError::OutOfRange`].
+    /// [`kv_core::KvError::UnknownSequence`], [`kv_core::KvError::OutOfRange`].
     pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
         self.manager.truncate(seq, len)
     }
 
-    /// Ends `seq` and releases its blocks.
+    /// Ends `seq` and releases its blocks (indexed ones stay cached).
     ///
     /// # Errors
-    /// [`KvError::UnknownSequence`].
+    /// [`kv_core::KvError::UnknownSequence`].
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
         self.manager.free(seq)
     }
@@ -140,7 +201,7 @@ impl<B: CacheBackend> PagedCache<B> {
     /// The attention description of `seq` with its last `n_queries` tokens as queries.
     ///
     /// # Errors
-    /// [`KvError::UnknownSequence`], [`KvError::InvalidArgument`].
+    /// [`kv_core::KvError::UnknownSequence`], [`kv_core::KvError::InvalidArgument`].
     pub fn seq_attention(&self, seq: SeqId, n_queries: usize) -> Result<SeqAttention> {
         self.manager.attention(seq, n_queries)
     }
@@ -180,5 +241,194 @@ impl<B: CacheBackend> std::fmt::Debug for PagedCache<B> {
             .field("spec", &self.spec)
             .field("manager", &self.manager)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use candle_core::{Device, Tensor};
+    use kv_core::{BlockId, KvDType, KvError, ModelShape};
+
+    use super::*;
+
+    /// Stores one f32 per slot and layer (the first element of K); enough to see which
+    /// token's K/V a slot holds and whether copies ran.
+    struct Recorder {
+        device: Device,
+        fail_copies: AtomicBool,
+    }
+
+    struct Rows {
+        spec: StorageSpec,
+        /// `[layer][flat slot]`.
+        k: Vec<Vec<f32>>,
+    }
+
+    impl Recorder {
+        fn new() -> Self {
+            Self {
+                device: Device::Cpu,
+                fail_copies: AtomicBool::new(false),
+            }
+        }
+    }
+
+    impl CacheBackend for Recorder {
+        type Storage = Rows;
+        fn name(&self) -> &str {
+            "recorder"
+        }
+        fn device(&self) -> &Device {
+            &self.device
+        }
+        fn supports(&self, dtype: KvDType) -> bool {
+            dtype == KvDType::F32
+        }
+        fn allocate(&self, spec: &StorageSpec) -> Result<Rows> {
+            Ok(Rows {
+                spec: *spec,
+                k: vec![vec![f32::NAN; spec.capacity_tokens()]; spec.shape.n_layers()],
+            })
+        }
+        fn spec<'a>(&self, storage: &'a Rows) -> &'a StorageSpec {
+            &storage.spec
+        }
+        fn write(
+            &self,
+            s: &mut Rows,
+            layer: usize,
+            slots: &[Slot],
+            k: &Tensor,
+            _v: &Tensor,
+        ) -> Result<()> {
+            let first: Vec<f32> = k
+                .narrow(1, 0, 1)?
+                .narrow(2, 0, 1)?
+                .flatten_all()?
+                .to_vec1()?;
+            let bs = s.spec.block_size;
+            for (slot, value) in slots.iter().zip(first) {
+                s.k[layer][slot.flat(bs)] = value;
+            }
+            Ok(())
+        }
+        fn attend(&self, _: &Rows, _: usize, _: &Tensor, _: &AttentionBatch) -> Result<Tensor> {
+            Err(KvError::Unsupported {
+                backend: "recorder".into(),
+                what: "attention".into(),
+            })
+        }
+        fn copy_blocks(&self, s: &mut Rows, moves: &[(BlockId, BlockId)]) -> Result<()> {
+            if self.fail_copies.load(Ordering::Relaxed) {
+                return Err(KvError::Unsupported {
+                    backend: "recorder".into(),
+                    what: "copies today".into(),
+                });
+            }
+            let bs = s.spec.block_size;
+            for layer in &mut s.k {
+                for &(from, to) in moves {
+                    let (from, to) = (from as usize * bs, to as usize * bs);
+                    layer.copy_within(from..from + bs, to);
+                }
+            }
+            Ok(())
+        }
+        fn read(&self, s: &Rows, layer: usize, slots: &[Slot]) -> Result<(Tensor, Tensor)> {
+            let bs = s.spec.block_size;
+            let k: Vec<f32> = slots.iter().map(|slot| s.k[layer][slot.flat(bs)]).collect();
+            let k = Tensor::from_vec(k, (slots.len(), 1, 1), &self.device)?;
+            Ok((k.clone(), k))
+        }
+    }
+
+    fn cache(prefix: bool) -> Result<PagedCache<Recorder>> {
+        let spec = StorageSpec::new(ModelShape::new(2, 1, 1, 1)?, KvDType::F32, 4, 6)?;
+        if prefix {
+            PagedCache::with_prefix_cache(Recorder::new(), spec, 9)
+        } else {
+            PagedCache::new(Recorder::new(), spec)
+        }
+    }
+
+    /// Writes token ids as K in every layer of `slots`.
+    fn write(c: &mut PagedCache<Recorder>, slots: &[Slot], tokens: &[u32]) -> Result<()> {
+        let k: Vec<f32> = tokens.iter().map(|&t| t as f32).collect();
+        let k = Tensor::from_vec(k, (tokens.len(), 1, 1), &Device::Cpu)?;
+        for layer in 0..2 {
+            c.write(layer, slots, &k, &k)?;
+        }
+        Ok(())
+    }
+
+    fn read_back(c: &PagedCache<Recorder>, seq: SeqId) -> Result<Vec<Vec<f32>>> {
+        let table = c.manager().table(seq)?;
+        let slots: Vec<Slot> = (0..table.len())
+            .filter_map(|i| table.slot(i, c.spec().block_size))
+            .collect();
+        (0..2)
+            .map(|layer| {
+                Ok(c.backend()
+                    .read(c.storage(), layer, &slots)?
+                    .0
+                    .flatten_all()?
+                    .to_vec1()?)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn prefix_hit_reads_the_cached_kv() -> Result<()> {
+        let mut c = cache(true)?;
+        let prompt = [3, 1, 4, 1, 5, 9, 2];
+        let (a, reused) = c.create_with_prefix(&prompt);
+        assert_eq!(reused, 0);
+        let slots = c.reserve(a, prompt.len())?;
+        write(&mut c, &slots, &prompt)?;
+        c.commit(a, &prompt)?;
+        c.free(a)?;
+        assert_eq!(c.stats().cached_blocks, 1);
+
+        let (b, reused) = c.create_with_prefix(&prompt);
+        assert_eq!(reused, 4);
+        let slots = c.reserve(b, prompt.len() - reused)?;
+        write(&mut c, &slots, &prompt[reused..])?;
+        c.commit(b, &prompt[reused..])?;
+        let want: Vec<f32> = prompt.iter().map(|&t| t as f32).collect();
+        assert_eq!(read_back(&c, b)?, vec![want.clone(), want]);
+        assert_eq!(c.manager().audit(), Ok(()));
+        Ok(())
+    }
+
+    #[test]
+    fn fork_copies_on_the_backend_and_a_failed_copy_changes_nothing() -> Result<()> {
+        for prefix in [false, true] {
+            let mut c = cache(prefix)?;
+            let a = c.create_sequence();
+            let slots = c.reserve(a, 6)?;
+            write(&mut c, &slots, &[1, 2, 3, 4, 5, 6])?;
+            c.commit(a, &[1, 2, 3, 4, 5, 6])?;
+            let b = c.fork(a)?;
+
+            c.backend().fail_copies.store(true, Ordering::Relaxed);
+            let before = c.manager().clone();
+            assert!(matches!(c.reserve(b, 1), Err(KvError::Unsupported { .. })));
+            assert_eq!(c.manager(), &before);
+
+            c.backend().fail_copies.store(false, Ordering::Relaxed);
+            let slots = c.reserve(b, 1)?;
+            write(&mut c, &slots, &[7])?;
+            let slots = c.reserve(a, 1)?;
+            write(&mut c, &slots, &[8])?;
+            assert_eq!(read_back(&c, a)?[1], [1., 2., 3., 4., 5., 6., 8.]);
+            assert_eq!(read_back(&c, b)?[1], [1., 2., 3., 4., 5., 6., 7.]);
+
+            let paused = c.preempt(b)?;
+            assert_eq!((paused.tokens.len(), paused.uncommitted), (6, 1));
+            assert_eq!(c.manager().audit(), Ok(()));
+        }
+        Ok(())
     }
 }

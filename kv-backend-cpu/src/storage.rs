@@ -1,0 +1,435 @@
+//! Host block pools: where K and V rows live, and how one row is encoded.
+//!
+//! Each layer has one pool for K and one for V, laid out
+//! `[num_blocks][kv_heads][block_size][row]`: the rows of one KV head inside one block are
+//! contiguous, so the attention loop streams them, and a whole block of one layer is one
+//! contiguous range, so copy-on-write is one `copy_within` per pool.
+//!
+//! A row is `row_units` units of a [`RowCodec`]'s unit type. For the float layouts a unit is
+//! one element (`row_units == head_dim`); a quantized layout (INT8/INT4 with group scales,
+//! from `kv-quant`) will be another codec whose unit is a byte and whose row holds its
+//! scales, and slots in as one more [`PoolSet`] variant without touching the loops.
+
+use half::{bf16, f16};
+use kv_core::{KvDType, KvError, Result, Slot, StorageSpec};
+
+use crate::kernels;
+
+/// How one K or V row is stored and computed with: the only type-specific part of the
+/// backend.
+pub(crate) trait RowCodec: Send + Sync + 'static {
+    /// What a row is made of.
+    type Unit: Copy + Default + Send + Sync + 'static;
+    /// The layout this codec stores.
+    const DTYPE: KvDType;
+    /// Units in one row of `head_dim` elements.
+    fn row_units(head_dim: usize) -> usize;
+    /// Whether `x` survives encoding as a finite value (f16 overflows above 65504).
+    fn representable(x: f32) -> bool;
+    /// Encodes one row of `head_dim` f32 values into `row_units` units.
+    fn encode(src: &[f32], dst: &mut [Self::Unit]);
+    /// Decodes one stored row into `head_dim` f32 values.
+    fn decode(src: &[Self::Unit], dst: &mut [f32]);
+    /// The row as `head_dim` f32 values for the attention loop: the stored row itself when
+    /// it already is f32 (no copy), else decoded into `buf` (`head_dim` long).
+    fn widen<'a>(row: &'a [Self::Unit], buf: &'a mut [f32]) -> &'a [f32];
+}
+
+/// Rows of f32, stored as they come.
+pub(crate) struct F32Rows;
+/// Rows rounded to IEEE half precision.
+pub(crate) struct F16Rows;
+/// Rows rounded to bfloat16.
+pub(crate) struct Bf16Rows;
+
+impl RowCodec for F32Rows {
+    type Unit = f32;
+    const DTYPE: KvDType = KvDType::F32;
+    fn row_units(head_dim: usize) -> usize {
+        head_dim
+    }
+    fn representable(x: f32) -> bool {
+        x.is_finite()
+    }
+    fn encode(src: &[f32], dst: &mut [f32]) {
+        kernels::copy_f32(src, dst)
+    }
+    fn decode(src: &[f32], dst: &mut [f32]) {
+        kernels::copy_f32(src, dst)
+    }
+    fn widen<'a>(row: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
+        row
+    }
+}
+
+impl RowCodec for F16Rows {
+    type Unit = f16;
+    const DTYPE: KvDType = KvDType::F16;
+    fn row_units(head_dim: usize) -> usize {
+        head_dim
+    }
+    fn representable(x: f32) -> bool {
+        f16::from_f32(x).is_finite()
+    }
+    fn encode(src: &[f32], dst: &mut [f16]) {
+        kernels::encode_f16(src, dst)
+    }
+    fn decode(src: &[f16], dst: &mut [f32]) {
+        kernels::decode_f16(src, dst)
+    }
+    fn widen<'a>(row: &'a [f16], buf: &'a mut [f32]) -> &'a [f32] {
+        kernels::decode_f16(row, buf);
+        buf
+    }
+}
+
+impl RowCodec for Bf16Rows {
+    type Unit = bf16;
+    const DTYPE: KvDType = KvDType::BF16;
+    fn row_units(head_dim: usize) -> usize {
+        head_dim
+    }
+    fn representable(x: f32) -> bool {
+        bf16::from_f32(x).is_finite()
+    }
+    fn encode(src: &[f32], dst: &mut [bf16]) {
+        kernels::encode_bf16(src, dst)
+    }
+    fn decode(src: &[bf16], dst: &mut [f32]) {
+        kernels::decode_bf16(src, dst)
+    }
+    fn widen<'a>(row: &'a [bf16], buf: &'a mut [f32]) -> &'a [f32] {
+        kernels::decode_bf16(row, buf);
+        buf
+    }
+}
+
+/// Index arithmetic of the pools, shared by every codec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub row_units: usize,
+}
+
+impl Geometry {
+    /// Units in one block of one pool: all its heads and rows.
+    pub fn block_units(&self) -> usize {
+        self.kv_heads * self.block_size * self.row_units
+    }
+    /// First unit of the row of `head` at `offset` inside `block`. Callers have checked
+    /// that all three are in range.
+    pub fn row_start(&self, block: usize, head: usize, offset: usize) -> usize {
+        ((block * self.kv_heads + head) * self.block_size + offset) * self.row_units
+    }
+}
+
+/// Which of a layer's two pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Which {
+    K,
+    V,
+}
+
+/// One layer's K and V pools.
+pub(crate) struct LayerPools<U> {
+    pub k: Vec<U>,
+    pub v: Vec<U>,
+}
+
+/// The pools of every layer for one codec.
+pub(crate) struct Pools<C: RowCodec> {
+    pub geom: Geometry,
+    pub layers: Vec<LayerPools<C::Unit>>,
+}
+
+/// A zeroed vector of `len` units, or a typed error instead of an abort when the memory
+/// cannot be had.
+fn zeroed<U: Copy + Default>(len: usize) -> Result<Vec<U>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|e| KvError::InvalidArgument {
+            what: "storage spec",
+            detail: format!(
+                "cannot allocate a pool of {} bytes: {e}",
+                len.saturating_mul(std::mem::size_of::<U>())
+            ),
+        })?;
+    v.resize(len, U::default());
+    Ok(v)
+}
+
+impl<C: RowCodec> Pools<C> {
+    fn allocate(spec: &StorageSpec) -> Result<Self> {
+        let shape = spec.shape;
+        let geom = Geometry {
+            kv_heads: shape.n_kv_heads(),
+            head_dim: shape.head_dim(),
+            block_size: spec.block_size,
+            num_blocks: spec.num_blocks,
+            row_units: C::row_units(shape.head_dim()),
+        };
+        let len = [geom.kv_heads, geom.block_size, geom.row_units]
+            .into_iter()
+            .try_fold(geom.num_blocks, usize::checked_mul)
+            .ok_or_else(|| KvError::InvalidArgument {
+                what: "storage spec",
+                detail: format!(
+                    "{} blocks of {} tokens x {} KV heads x {} dims do not fit in memory",
+                    geom.num_blocks, geom.block_size, geom.kv_heads, geom.head_dim
+                ),
+            })?;
+        let layers = (0..shape.n_layers())
+            .map(|_| {
+                Ok(LayerPools {
+                    k: zeroed(len)?,
+                    v: zeroed(len)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { geom, layers })
+    }
+
+    fn bytes(&self) -> u64 {
+        let units: usize = self.layers.iter().map(|l| l.k.len() + l.v.len()).sum();
+        units as u64 * std::mem::size_of::<C::Unit>() as u64
+    }
+
+    /// Checks every value of `data` (a `[slots, kv_heads, head_dim]` input) before anything
+    /// is stored, so that a write is all or nothing.
+    pub fn check_values(what: &'static str, data: &[f32]) -> Result<()> {
+        if let Some(&x) = data.iter().find(|x| !C::representable(**x)) {
+            if !x.is_finite() {
+                return Err(KvError::NonFinite { what });
+            }
+            return Err(KvError::InvalidArgument {
+                what,
+                detail: format!("{x} does not fit the {} cache layout", C::DTYPE),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Pools::check_values`] for callers that hold a pool of unnamed codec.
+    pub fn check_values_of(&self, what: &'static str, data: &[f32]) -> Result<()> {
+        Self::check_values(what, data)
+    }
+
+    /// Stores `data` (`[slots.len(), kv_heads, head_dim]`, already shape- and
+    /// value-checked) into `slots` (already range-checked) of one pool of `layer`.
+    pub fn store(&mut self, layer: usize, which: Which, slots: &[Slot], data: &[f32]) {
+        let g = self.geom;
+        let Some(pools) = self.layers.get_mut(layer) else {
+            return;
+        };
+        let pool = match which {
+            Which::K => &mut pools.k,
+            Which::V => &mut pools.v,
+        };
+        let d = g.head_dim;
+        for (t, slot) in slots.iter().enumerate() {
+            for h in 0..g.kv_heads {
+                let src = (t * g.kv_heads + h) * d;
+                let dst = g.row_start(slot.block as usize, h, slot.offset as usize);
+                C::encode(&data[src..src + d], &mut pool[dst..dst + g.row_units]);
+            }
+        }
+    }
+
+    /// Decoded K and V rows of `slots` (already range-checked) of `layer`, as
+    /// `[slots.len(), kv_heads, head_dim]` f32.
+    pub fn read(&self, layer: usize, slots: &[Slot]) -> (Vec<f32>, Vec<f32>) {
+        let g = self.geom;
+        let d = g.head_dim;
+        let mut k = vec![0.0f32; slots.len() * g.kv_heads * d];
+        let mut v = vec![0.0f32; slots.len() * g.kv_heads * d];
+        if let Some(pools) = self.layers.get(layer) {
+            for (t, slot) in slots.iter().enumerate() {
+                for h in 0..g.kv_heads {
+                    let src = g.row_start(slot.block as usize, h, slot.offset as usize);
+                    let dst = (t * g.kv_heads + h) * d;
+                    C::decode(&pools.k[src..src + g.row_units], &mut k[dst..dst + d]);
+                    C::decode(&pools.v[src..src + g.row_units], &mut v[dst..dst + d]);
+                }
+            }
+        }
+        (k, v)
+    }
+
+    /// Copies whole blocks (already range-checked) in every layer, in the order given.
+    pub fn copy_blocks(&mut self, moves: &[(u32, u32)]) {
+        let bu = self.geom.block_units();
+        for layer in &mut self.layers {
+            for pool in [&mut layer.k, &mut layer.v] {
+                for &(from, to) in moves {
+                    let (from, to) = (from as usize, to as usize);
+                    if from != to {
+                        pool.copy_within(from * bu..(from + 1) * bu, to * bu);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The pools of one storage, in whichever layout it was allocated with.
+pub(crate) enum PoolSet {
+    F32(Pools<F32Rows>),
+    F16(Pools<F16Rows>),
+    BF16(Pools<Bf16Rows>),
+}
+
+/// Runs `$body` with `$p` bound to the typed pools of a [`PoolSet`] (by reference or by
+/// mutable reference, as `$set` is), so generic code is written once per operation.
+macro_rules! with_pools {
+    ($set:expr, $p:ident => $body:expr) => {
+        match $set {
+            $crate::storage::PoolSet::F32($p) => $body,
+            $crate::storage::PoolSet::F16($p) => $body,
+            $crate::storage::PoolSet::BF16($p) => $body,
+        }
+    };
+}
+pub(crate) use with_pools;
+
+/// K/V block pools of every layer in host memory: what [`crate::CpuBackend`] allocates.
+///
+/// Each layer holds a K pool and a V pool laid out `[num_blocks][kv_heads][block_size][row]`,
+/// so the rows of one KV head within a block are contiguous and a block of one layer is one
+/// contiguous range.
+pub struct CpuStorage {
+    spec: StorageSpec,
+    pub(crate) pools: PoolSet,
+}
+
+impl CpuStorage {
+    /// Allocates zeroed pools for `spec`, or answers [`KvError::Unsupported`] for a layout
+    /// the CPU backend does not store yet.
+    pub(crate) fn allocate(spec: &StorageSpec) -> Result<Self> {
+        let pools = match spec.dtype {
+            KvDType::F32 => PoolSet::F32(Pools::allocate(spec)?),
+            KvDType::F16 => PoolSet::F16(Pools::allocate(spec)?),
+            KvDType::BF16 => PoolSet::BF16(Pools::allocate(spec)?),
+            // KvDType is non-exhaustive: layouts added later land here until stored.
+            other => {
+                return Err(KvError::Unsupported {
+                    backend: crate::NAME.into(),
+                    what: format!("the {other} cache layout"),
+                })
+            }
+        };
+        Ok(Self { spec: *spec, pools })
+    }
+
+    /// The spec the pools were allocated with.
+    pub fn spec(&self) -> &StorageSpec {
+        &self.spec
+    }
+
+    /// Bytes of host memory the pools hold: equal to [`StorageSpec::bytes`] for the float
+    /// layouts, which is what the memory accounting promises.
+    pub fn allocated_bytes(&self) -> u64 {
+        with_pools!(&self.pools, p => p.bytes())
+    }
+}
+
+impl std::fmt::Debug for CpuStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuStorage")
+            .field("spec", &self.spec)
+            .field("allocated_bytes", &self.allocated_bytes())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_core::ModelShape;
+
+    fn spec(dtype: KvDType) -> StorageSpec {
+        let shape = ModelShape::new(2, 4, 2, 8).expect("valid shape");
+        StorageSpec::new(shape, dtype, 4, 3).expect("valid spec")
+    }
+
+    #[test]
+    fn rows_of_one_head_within_a_block_are_contiguous() {
+        let g = Geometry {
+            kv_heads: 2,
+            head_dim: 8,
+            block_size: 4,
+            num_blocks: 3,
+            row_units: 8,
+        };
+        assert_eq!(g.row_start(0, 0, 1) - g.row_start(0, 0, 0), 8);
+        assert_eq!(g.row_start(0, 1, 0), g.row_start(0, 0, 3) + 8);
+        assert_eq!(g.row_start(1, 0, 0), g.block_units());
+        assert_eq!(g.row_start(2, 1, 3) + 8, 3 * g.block_units());
+    }
+
+    #[test]
+    fn allocation_matches_the_memory_accounting() {
+        for &dt in KvDType::ALL {
+            let s = spec(dt);
+            let storage = CpuStorage::allocate(&s).expect("allocates");
+            assert_eq!(storage.allocated_bytes(), s.bytes().expect("fits"), "{dt}");
+        }
+    }
+
+    #[test]
+    fn write_lands_in_the_documented_layout() {
+        let s = spec(KvDType::F32);
+        let mut storage = CpuStorage::allocate(&s).expect("allocates");
+        let PoolSet::F32(pools) = &mut storage.pools else {
+            panic!("f32 spec gave another layout");
+        };
+        // One token, two heads: head h holds 10*h + i.
+        let k: Vec<f32> = (0..16).map(|i| (10 * (i / 8) + i % 8) as f32).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        let slot = Slot {
+            block: 2,
+            offset: 1,
+        };
+        pools.store(1, Which::K, &[slot], &k);
+        pools.store(1, Which::V, &[slot], &v);
+        let bu = pools.geom.block_units();
+        let layer = &pools.layers[1];
+        // block 2, head 1, offset 1 -> ((2*2 + 1)*4 + 1) * 8
+        assert_eq!(layer.k[(5 * 4 + 1) * 8..(5 * 4 + 1) * 8 + 8], k[8..]);
+        assert_eq!(layer.v[(4 * 4 + 1) * 8..(4 * 4 + 1) * 8 + 8], v[..8]);
+        let touched = layer.k.iter().filter(|x| **x != 0.0).count();
+        assert_eq!(
+            touched, 15,
+            "only the two rows (one zero element) were written"
+        );
+        assert!(
+            pools.layers[0].k.iter().all(|x| *x == 0.0),
+            "other layer untouched"
+        );
+        pools.copy_blocks(&[(2, 0)]);
+        assert_eq!(pools.layers[1].k[..bu], pools.layers[1].k[2 * bu..]);
+        assert_eq!(pools.layers[1].v[..bu], pools.layers[1].v[2 * bu..]);
+    }
+
+    #[test]
+    fn values_that_overflow_the_layout_are_refused() {
+        assert!(Pools::<F16Rows>::check_values("k", &[1.0, 70000.0]).is_err());
+        assert!(Pools::<F32Rows>::check_values("k", &[1.0, 70000.0]).is_ok());
+        assert!(matches!(
+            Pools::<Bf16Rows>::check_values("v", &[f32::NAN]),
+            Err(KvError::NonFinite { what: "v" })
+        ));
+    }
+
+    #[test]
+    fn absurd_specs_are_a_typed_error_not_an_abort() {
+        let shape = ModelShape::new(1, 8, 8, 128).expect("valid shape");
+        let s = StorageSpec::new(shape, KvDType::F32, 1 << 30, u32::MAX as usize).expect("spec");
+        assert!(matches!(
+            CpuStorage::allocate(&s),
+            Err(KvError::InvalidArgument { .. })
+        ));
+    }
+}
