@@ -1,0 +1,102 @@
+//! Rough throughput of the read-path kernels at every instruction-set level this CPU has:
+//! nanoseconds per row for `dot` and `axpy` over a block of rows, and per token for KIVI
+//! block scores. A sanity check that the SIMD levels pay, not a benchmark suite: no
+//! statistics, no warm-up beyond one pass. Run it in release mode:
+//!
+//! ```text
+//! cargo run -p kv-quant --example kernel_speed --release
+//! ```
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use kv_quant::{Group, Isa, Kernels, KiviBits, KiviKeyFormat, QuantError, RowFormat};
+
+const HEAD_DIM: usize = 64;
+const ROWS: usize = 4096;
+const PASSES: usize = 200;
+
+/// Deterministic, non-trivial data.
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32
+                / (1u32 << 24) as f32
+                - 0.5
+        })
+        .collect()
+}
+
+fn main() -> Result<(), QuantError> {
+    let x = data(ROWS * HEAD_DIM, 1);
+    let q = data(HEAD_DIM, 2);
+    let weights = data(ROWS, 3);
+    println!("head_dim {HEAD_DIM}, {ROWS} rows, {PASSES} passes; ns per row");
+    println!("{:<12} {:<8} {:>8} {:>8}", "format", "isa", "dot", "axpy");
+    for format in [
+        RowFormat::F32,
+        RowFormat::F16,
+        RowFormat::Bf16,
+        RowFormat::Int8 { group: Group::G32 },
+        RowFormat::Int4 { group: Group::G32 },
+        RowFormat::Int2 { group: Group::G32 },
+    ] {
+        let rb = format.row_bytes(HEAD_DIM)?;
+        let mut rows = vec![0u8; rb * ROWS];
+        for (v, r) in x.chunks_exact(HEAD_DIM).zip(rows.chunks_exact_mut(rb)) {
+            format.quantize_row(v, r)?;
+        }
+        for isa in Isa::available() {
+            let k = Kernels::new(isa)?;
+            let mut scores = vec![0.0f32; ROWS];
+            let start = Instant::now();
+            for _ in 0..PASSES {
+                k.dot_many(format, black_box(&q), black_box(&rows), &mut scores)?;
+                black_box(&scores);
+            }
+            let dot_ns = start.elapsed().as_nanos() as f64 / (PASSES * ROWS) as f64;
+            let mut acc = vec![0.0f32; HEAD_DIM];
+            let start = Instant::now();
+            for _ in 0..PASSES {
+                k.axpy_many(format, black_box(&weights), black_box(&rows), &mut acc)?;
+                black_box(&acc);
+            }
+            let axpy_ns = start.elapsed().as_nanos() as f64 / (PASSES * ROWS) as f64;
+            println!(
+                "{:<12} {:<8} {:>8.1} {:>8.1}",
+                format.name(),
+                isa.name(),
+                dot_ns,
+                axpy_ns
+            );
+        }
+    }
+
+    println!();
+    println!("{:<12} {:<8} {:>8}", "keys", "isa", "score");
+    for bits in [KiviBits::B4, KiviBits::B2] {
+        let fmt = KiviKeyFormat::new(bits, 32);
+        let bb = fmt.block_bytes(HEAD_DIM)?;
+        let mut blocks = vec![0u8; bb * (ROWS / 32)];
+        for (k, b) in x
+            .chunks_exact(32 * HEAD_DIM)
+            .zip(blocks.chunks_exact_mut(bb))
+        {
+            fmt.quantize_block(k, HEAD_DIM, b)?;
+        }
+        for isa in Isa::available() {
+            let k = Kernels::new(isa)?;
+            let mut scores = vec![0.0f32; 32];
+            let start = Instant::now();
+            for _ in 0..PASSES {
+                for b in blocks.chunks_exact(bb) {
+                    k.kivi_scores(fmt, black_box(&q), black_box(b), &mut scores)?;
+                    black_box(&scores);
+                }
+            }
+            let ns = start.elapsed().as_nanos() as f64 / (PASSES * ROWS) as f64;
+            println!("{:<12} {:<8} {:>8.1}", fmt.to_string(), isa.name(), ns);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,471 @@
+//! Run-time choice of the instruction set, and the checked entry points of every row
+//! kernel.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use crate::error::{expect_len, QuantError, Result};
+use crate::format::RowFormat;
+use crate::kivi::KiviKeyFormat;
+use crate::scalar;
+
+/// An instruction-set level the kernels are compiled for.
+///
+/// The levels are ordered: every CPU with `Avx512` here also has `Avx2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Isa {
+    /// Portable Rust: the reference, and the fallback on every other architecture.
+    Scalar,
+    /// x86-64 with AVX2, FMA and F16C (Intel Haswell, AMD Zen and later).
+    Avx2,
+    /// x86-64 with AVX-512F on top of `Avx2` (Intel Skylake-SP, AMD Zen 4 and later).
+    /// Quantization (the write path) uses the AVX2 code at this level; dot, axpy,
+    /// dequantization and KIVI scores have 512-bit versions.
+    Avx512,
+}
+
+impl Isa {
+    /// Every level, lowest first.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+
+    /// Short name: `"scalar"`, `"avx2"`, `"avx512"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run the level (asks the CPU; [`best`](Self::best) caches).
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Isa::Avx2.is_available() && is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The levels this CPU can run, lowest first. Tests iterate over these to hold every
+    /// compiled path to the scalar reference, not only the fastest one.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.is_available()).collect()
+    }
+
+    /// The level the default entry points use, detected once and cached.
+    ///
+    /// The highest available level, unless the environment variable `KV_QUANT_ISA` names a
+    /// lower one (`scalar`, `avx2`): a switch for benchmarks and for bisecting a suspected
+    /// SIMD bug in a program without rebuilding it. Names of unavailable or unknown levels
+    /// are ignored.
+    pub fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let top = Isa::ALL
+                .into_iter()
+                .rev()
+                .find(|i| i.is_available())
+                .unwrap_or(Isa::Scalar);
+            let wanted = std::env::var("KV_QUANT_ISA").ok().and_then(|v| {
+                Isa::ALL
+                    .into_iter()
+                    .find(|i| i.name().eq_ignore_ascii_case(v.trim()))
+            });
+            wanted.map_or(top, |w| w.min(top))
+        })
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The row kernels at one instruction-set level.
+///
+/// A `Kernels` value can only be made for a level this CPU runs ([`Kernels::new`] checks),
+/// which is the invariant that makes its SIMD calls sound. The methods of [`RowFormat`] and
+/// [`KiviKeyFormat`] use [`Kernels::best`]; hold a `Kernels` yourself to pin a level (tests,
+/// benchmarks).
+///
+/// ```
+/// use kv_quant::{Group, Isa, Kernels, RowFormat};
+///
+/// let fmt = RowFormat::Int8 { group: Group::G32 };
+/// let k: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+/// let q: Vec<f32> = (0..64).map(|i| (i as f32 * 0.11).cos()).collect();
+/// let mut row = vec![0u8; fmt.row_bytes(64)?];
+/// fmt.quantize_row(&k, &mut row)?;
+///
+/// let reference = Kernels::new(Isa::Scalar)?.dot(fmt, &q, &row)?;
+/// for isa in Isa::available() {
+///     let got = Kernels::new(isa)?.dot(fmt, &q, &row)?;
+///     assert!((got - reference).abs() <= 1e-4 * (1.0 + reference.abs()), "{isa}");
+/// }
+/// # Ok::<(), kv_quant::QuantError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels {
+    isa: Isa,
+}
+
+impl Kernels {
+    /// Kernels at `isa`.
+    ///
+    /// # Errors
+    /// [`QuantError::IsaUnavailable`] if this CPU cannot run `isa`.
+    pub fn new(isa: Isa) -> Result<Kernels> {
+        if isa.is_available() {
+            Ok(Kernels { isa })
+        } else {
+            Err(QuantError::IsaUnavailable { isa })
+        }
+    }
+
+    /// Kernels at [`Isa::best`].
+    pub fn best() -> Kernels {
+        // `best` only ever returns an available level.
+        Kernels { isa: Isa::best() }
+    }
+
+    /// The scalar reference kernels.
+    pub const fn scalar() -> Kernels {
+        Kernels { isa: Isa::Scalar }
+    }
+
+    /// The level these kernels run at.
+    pub const fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Stores `x` (one row, `x.len() == head_dim`) in `format` into `out`, without
+    /// allocating. On error `out` is left unchanged: a rejected row is never half-written.
+    ///
+    /// Every level writes the same bytes (the SIMD quantizers replay the scalar
+    /// arithmetic), so a cache filled on one machine reads the same on another.
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidHeadDim`] if `x.len()` does not fit `format`;
+    /// [`QuantError::LengthMismatch`] if `out.len() != format.row_bytes(x.len())`;
+    /// [`QuantError::NonFinite`] for a NaN or infinite element;
+    /// [`QuantError::OutOfRange`] for an element the format cannot represent.
+    pub fn quantize_row(&self, format: RowFormat, x: &[f32], out: &mut [u8]) -> Result<()> {
+        format.check_row(x.len(), "out", out.len())?;
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => {
+                // SAFETY: a `Kernels` at Avx2 or above exists only when `is_available`
+                // confirmed AVX2, FMA and F16C (`new`, `best`); lengths are checked above.
+                unsafe { crate::x86::avx2::quantize(format, x, out) }
+            }
+            _ => scalar::quantize(format, x, out),
+        }
+    }
+
+    /// Writes the dequantized row into `out` (`out.len() == head_dim`).
+    ///
+    /// Every level produces the same values (`m + s * c` is rounded once on every path).
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidHeadDim`] / [`QuantError::LengthMismatch`] if `out.len()` does
+    /// not fit `format` or `row.len() != format.row_bytes(out.len())`.
+    pub fn dequantize_row(&self, format: RowFormat, row: &[u8], out: &mut [f32]) -> Result<()> {
+        format.check_row(out.len(), "row", row.len())?;
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; lengths checked.
+                unsafe { crate::x86::avx2::dequantize(format, row, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
+                // lengths checked.
+                unsafe { crate::x86::avx512::dequantize(format, row, out) }
+            }
+            _ => scalar::dequantize(format, row, out),
+        }
+        Ok(())
+    }
+
+    /// `q · x̂`: the attention score of query `q` against a stored key row, computed from
+    /// the stored bytes without materialising an f32 row.
+    ///
+    /// Levels differ only in summation order; the result is within
+    /// `(head_dim + 4) * 2^-24 * sum |q[i] * x̂[i]|` of the exact dot product of `q` and the
+    /// dequantized row.
+    ///
+    /// # Errors
+    /// As [`dequantize_row`](Self::dequantize_row), with `q.len()` as `head_dim`.
+    pub fn dot(&self, format: RowFormat, q: &[f32], row: &[u8]) -> Result<f32> {
+        format.check_row(q.len(), "row", row.len())?;
+        Ok(self.dot_unchecked(format, q, row))
+    }
+
+    fn dot_unchecked(&self, format: RowFormat, q: &[f32], row: &[u8]) -> f32 {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; the caller
+                // checked `row.len() == format.row_bytes(q.len())`.
+                unsafe { crate::x86::avx2::dot(format, q, row) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
+                // lengths checked by the caller.
+                unsafe { crate::x86::avx512::dot(format, q, row) }
+            }
+            _ => scalar::dot(format, q, row),
+        }
+    }
+
+    /// `acc += w * x̂`: accumulates a stored value row weighted by its attention
+    /// probability, without materialising an f32 row.
+    ///
+    /// Each element is within `2 * 2^-24 * (|acc[i]| + |w * x̂[i]|)` of the exact update.
+    ///
+    /// # Errors
+    /// As [`dequantize_row`](Self::dequantize_row), with `acc.len()` as `head_dim`.
+    pub fn axpy(&self, format: RowFormat, w: f32, row: &[u8], acc: &mut [f32]) -> Result<()> {
+        format.check_row(acc.len(), "row", row.len())?;
+        self.axpy_unchecked(format, w, row, acc);
+        Ok(())
+    }
+
+    fn axpy_unchecked(&self, format: RowFormat, w: f32, row: &[u8], acc: &mut [f32]) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; the caller
+                // checked `row.len() == format.row_bytes(acc.len())`.
+                unsafe { crate::x86::avx2::axpy(format, w, row, acc) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
+                // lengths checked by the caller.
+                unsafe { crate::x86::avx512::axpy(format, w, row, acc) }
+            }
+            _ => scalar::axpy(format, w, row, acc),
+        }
+    }
+
+    /// Scores of `q` against `out.len()` rows stored back to back in `rows` (a paged block):
+    /// `out[t] = q · x̂_t`. One argument check for the whole block.
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidHeadDim`] if `q.len()` does not fit `format`;
+    /// [`QuantError::LengthMismatch`] unless `rows.len() == out.len() * row_bytes`.
+    pub fn dot_many(
+        &self,
+        format: RowFormat,
+        q: &[f32],
+        rows: &[u8],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let rb = format.row_bytes(q.len())?;
+        expect_len("rows", rb.saturating_mul(out.len()), rows.len())?;
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; `rb` is the
+                // row size for `q.len()` and `rows` holds `out.len()` rows (checked above).
+                unsafe { crate::x86::avx2::dot_many(format, q, rows, rb, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
+                // lengths checked above.
+                unsafe { crate::x86::avx512::dot_many(format, q, rows, rb, out) }
+            }
+            _ => {
+                for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+                    *o = scalar::dot(format, q, row);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `acc += sum_t weights[t] * x̂_t` over `weights.len()` rows stored back to back.
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidHeadDim`] if `acc.len()` does not fit `format`;
+    /// [`QuantError::LengthMismatch`] unless `rows.len() == weights.len() * row_bytes`.
+    pub fn axpy_many(
+        &self,
+        format: RowFormat,
+        weights: &[f32],
+        rows: &[u8],
+        acc: &mut [f32],
+    ) -> Result<()> {
+        let rb = format.row_bytes(acc.len())?;
+        expect_len("rows", rb.saturating_mul(weights.len()), rows.len())?;
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; `rb` is the
+                // row size for `acc.len()` and `rows` holds `weights.len()` rows (checked).
+                unsafe { crate::x86::avx2::axpy_many(format, weights, rows, rb, acc) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
+                // lengths checked above.
+                unsafe { crate::x86::avx512::axpy_many(format, weights, rows, rb, acc) }
+            }
+            _ => {
+                for (&w, row) in weights.iter().zip(rows.chunks_exact(rb)) {
+                    scalar::axpy(format, w, row, acc);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Scores of `q` against every key of a quantized KIVI block:
+    /// `out[t] = q · k̂_t` for `t < format.block_tokens`. See [`KiviKeyFormat::scores`].
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidHeadDim`] / [`QuantError::InvalidBlockTokens`] for a shape the
+    /// format rejects; [`QuantError::LengthMismatch`] if `block` or `out` has the wrong
+    /// length.
+    pub fn kivi_scores(
+        &self,
+        format: KiviKeyFormat,
+        q: &[f32],
+        block: &[u8],
+        out: &mut [f32],
+    ) -> Result<()> {
+        format.check_block(q.len(), block.len())?;
+        expect_len("out", format.block_tokens, out.len())?;
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; shape and
+                // lengths checked above.
+                unsafe { crate::x86::avx2::kivi_scores(format.bits, q, block, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
+                // shape and lengths checked above.
+                unsafe { crate::x86::avx512::kivi_scores(format.bits, q, block, out) }
+            }
+            _ => crate::kivi::scores_reference(format, q, block, out),
+        }
+        Ok(())
+    }
+}
+
+/// The main entry points, at [`Isa::best`].
+///
+/// ```
+/// use kv_quant::{Group, RowFormat};
+///
+/// let fmt = RowFormat::Int4 { group: Group::G32 };
+/// let head_dim = 64;
+/// let k: Vec<f32> = (0..head_dim).map(|i| (i as f32 * 0.7).sin()).collect();
+/// let q: Vec<f32> = (0..head_dim).map(|i| (i as f32 * 0.3).cos()).collect();
+///
+/// // Quantize into caller-owned bytes: no allocation on the hot path.
+/// let mut row = vec![0u8; fmt.row_bytes(head_dim)?];
+/// fmt.quantize_row(&k, &mut row)?;
+///
+/// // Fused kernels read the bytes directly.
+/// let score = fmt.dot(&q, &row)?;
+/// let mut acc = vec![0.0f32; head_dim];
+/// fmt.axpy(0.5, &row, &mut acc)?;
+///
+/// // Every element is within the format's documented bound.
+/// let mut k_hat = vec![0.0f32; head_dim];
+/// fmt.dequantize_row(&row, &mut k_hat)?;
+/// let bound = fmt.error_bound(&row)?;
+/// assert!(k.iter().zip(&k_hat).all(|(a, b)| f64::from((a - b).abs()) <= bound));
+/// let exact: f32 = q.iter().zip(&k_hat).map(|(a, b)| a * b).sum();
+/// assert!((score - exact).abs() < 1e-4);
+///
+/// // NaN is rejected with a typed error, and nothing is stored.
+/// let mut bad = k.clone();
+/// bad[5] = f32::NAN;
+/// let before = row.clone();
+/// assert!(matches!(
+///     fmt.quantize_row(&bad, &mut row),
+///     Err(kv_quant::QuantError::NonFinite { index: 5, .. })
+/// ));
+/// assert_eq!(row, before);
+/// # Ok::<(), kv_quant::QuantError>(())
+/// ```
+impl RowFormat {
+    /// [`Kernels::quantize_row`] at the best level.
+    ///
+    /// # Errors
+    /// See [`Kernels::quantize_row`].
+    pub fn quantize_row(self, x: &[f32], out: &mut [u8]) -> Result<()> {
+        Kernels::best().quantize_row(self, x, out)
+    }
+
+    /// [`Kernels::dequantize_row`] at the best level.
+    ///
+    /// # Errors
+    /// See [`Kernels::dequantize_row`].
+    pub fn dequantize_row(self, row: &[u8], out: &mut [f32]) -> Result<()> {
+        Kernels::best().dequantize_row(self, row, out)
+    }
+
+    /// [`Kernels::dot`] at the best level.
+    ///
+    /// # Errors
+    /// See [`Kernels::dot`].
+    pub fn dot(self, q: &[f32], row: &[u8]) -> Result<f32> {
+        Kernels::best().dot(self, q, row)
+    }
+
+    /// [`Kernels::axpy`] at the best level.
+    ///
+    /// # Errors
+    /// See [`Kernels::axpy`].
+    pub fn axpy(self, w: f32, row: &[u8], acc: &mut [f32]) -> Result<()> {
+        Kernels::best().axpy(self, w, row, acc)
+    }
+
+    /// [`Kernels::dot_many`] at the best level.
+    ///
+    /// # Errors
+    /// See [`Kernels::dot_many`].
+    pub fn dot_many(self, q: &[f32], rows: &[u8], out: &mut [f32]) -> Result<()> {
+        Kernels::best().dot_many(self, q, rows, out)
+    }
+
+    /// [`Kernels::axpy_many`] at the best level.
+    ///
+    /// # Errors
+    /// See [`Kernels::axpy_many`].
+    pub fn axpy_many(self, weights: &[f32], rows: &[u8], acc: &mut [f32]) -> Result<()> {
+        Kernels::best().axpy_many(self, weights, rows, acc)
+    }
+
+    /// The largest possible |x - x̂| of any element stored in `row`, from the bounds in
+    /// [`crate::layout`] evaluated with the row's stored scales (f16/bf16: half an ulp of the
+    /// largest stored value; f32: 0). Conformance tests derive their tolerances from this
+    /// instead of guessing.
+    ///
+    /// # Errors
+    /// [`QuantError::LengthMismatch`] if `row.len()` is not a whole number of groups (or
+    /// elements) of the format.
+    pub fn error_bound(self, row: &[u8]) -> Result<f64> {
+        let head_dim = self.head_dim_of(row.len())?;
+        self.validate(head_dim)?;
+        Ok(scalar::error_bound(self, row))
+    }
+}

@@ -1,0 +1,869 @@
+//! AVX2 + FMA + F16C kernels (8 f32 lanes).
+//!
+//! Every `unsafe fn` here has the same contract, stated once:
+//!
+//! # Safety
+//! The CPU must support AVX2, FMA and F16C, and the slices must have the lengths the
+//! public API checks (`q`/`acc`/`out`: `head_dim` valid for the format; rows:
+//! `row_bytes(head_dim)`). Wrong lengths make results wrong, never memory unsafe: all
+//! memory access goes through bounds-checked slices and fixed-size arrays.
+
+use core::arch::x86_64::*;
+
+use crate::error::Result;
+use crate::format::RowFormat;
+use crate::kivi::KiviBits;
+use crate::layout::{asym_params, sym_scale};
+use crate::scalar;
+
+// ---------------------------------------------------------------------------------------
+// Loads, stores and lane conversions. Safe functions: the arrays make every access in
+// bounds; callers must themselves be AVX2/FMA/F16C functions.
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load(a: &[f32; 8]) -> __m256 {
+    // SAFETY: `a` is 8 readable f32; `loadu` has no alignment requirement.
+    unsafe { _mm256_loadu_ps(a.as_ptr()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn store(a: &mut [f32; 8], v: __m256) {
+    // SAFETY: `a` is 8 writable f32; `storeu` has no alignment requirement.
+    unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) }
+}
+
+/// 8 little-endian f32 stored as bytes (x86 is little-endian).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_f32_bytes(b: &[u8; 32]) -> __m256 {
+    // SAFETY: `b` is 32 readable bytes, exactly 8 f32; `loadu` has no alignment requirement.
+    unsafe { _mm256_loadu_ps(b.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_128(b: &[u8; 16]) -> __m128i {
+    // SAFETY: `b` is 16 readable bytes; `loadu` has no alignment requirement.
+    unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn store_128(b: &mut [u8; 16], v: __m128i) {
+    // SAFETY: `b` is 16 writable bytes; `storeu` has no alignment requirement.
+    unsafe { _mm_storeu_si128(b.as_mut_ptr().cast(), v) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn store_256(b: &mut [u8; 32], v: __m256i) {
+    // SAFETY: `b` is 32 writable bytes; `storeu` has no alignment requirement.
+    unsafe { _mm256_storeu_si256(b.as_mut_ptr().cast(), v) }
+}
+
+/// 8 f16 → 8 f32 (exact).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_f16(b: &[u8; 16]) -> __m256 {
+    _mm256_cvtph_ps(load_128(b))
+}
+
+/// 8 bf16 → 8 f32 (exact: a bf16 is the top half of an f32).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_bf16(b: &[u8; 16]) -> __m256 {
+    let wide = _mm256_cvtepu16_epi32(load_128(b));
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+}
+
+/// 8 signed 8-bit codes → f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn codes_i8(b: &[u8; 8]) -> __m256 {
+    let v = _mm_cvtsi64_si128(i64::from_le_bytes(*b));
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+}
+
+/// 32 4-bit codes (16 bytes, low nibble first) → 4 x 8 f32, in element order. One load
+/// and byte shuffles for all 32 instead of a shuffle per 8.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn codes_u4_x32(b: &[u8; 16]) -> [__m256; 4] {
+    let v = load_128(b);
+    let mask = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(v, mask); // even elements
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask); // odd elements
+    let first = _mm_unpacklo_epi8(lo, hi); // elements 0..16
+    let second = _mm_unpackhi_epi8(lo, hi); // elements 16..32
+    widen_x32(first, second)
+}
+
+/// 32 2-bit codes (8 bytes, low bits first) → 4 x 8 f32, in element order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn codes_u2_x32(b: &[u8; 8]) -> [__m256; 4] {
+    let v = _mm_cvtsi64_si128(i64::from_le_bytes(*b));
+    let mask = _mm_set1_epi8(0x03);
+    // c_k holds element 4j + k of byte j.
+    let c0 = _mm_and_si128(v, mask);
+    let c1 = _mm_and_si128(_mm_srli_epi16::<2>(v), mask);
+    let c2 = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+    let c3 = _mm_and_si128(_mm_srli_epi16::<6>(v), mask);
+    let c01 = _mm_unpacklo_epi8(c0, c1); // pairs (4j, 4j+1)
+    let c23 = _mm_unpacklo_epi8(c2, c3); // pairs (4j+2, 4j+3)
+    let first = _mm_unpacklo_epi16(c01, c23); // elements 0..16
+    let second = _mm_unpackhi_epi16(c01, c23); // elements 16..32
+    widen_x32(first, second)
+}
+
+/// Two vectors of 16 unsigned byte codes → 4 x 8 f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn widen_x32(first: __m128i, second: __m128i) -> [__m256; 4] {
+    let cvt = |x: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
+    [
+        cvt(first),
+        cvt(_mm_unpackhi_epi64(first, first)),
+        cvt(second),
+        cvt(_mm_unpackhi_epi64(second, second)),
+    ]
+}
+
+/// 32 signed 8-bit codes → 4 x 8 f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn codes_i8_x32(b: &[u8; 32]) -> [__m256; 4] {
+    let (b8, _) = b.as_chunks::<8>();
+    [
+        codes_i8(&b8[0]),
+        codes_i8(&b8[1]),
+        codes_i8(&b8[2]),
+        codes_i8(&b8[3]),
+    ]
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hmax(v: __m256) -> f32 {
+    let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hmin(v: __m256) -> f32 {
+    let s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_min_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_min_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Scale and minimum of a quantized group (minimum 0 for the symmetric header).
+/// Scale and minimum of a quantized group (minimum 0 for the symmetric header), converted
+/// with F16C and broadcast.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn group_params(g: &[u8], asym: bool) -> (__m256, __m256) {
+    // Lanes 0 and 1: scale and minimum (for INT8, lane 1 is code bytes and unused).
+    let header = _mm_cvtsi32_si128(i32::from_le_bytes([g[0], g[1], g[2], g[3]]));
+    let f = _mm_cvtph_ps(header);
+    let s = _mm256_broadcastss_ps(f);
+    let m = if asym {
+        _mm256_broadcastss_ps(_mm_movehdup_ps(f))
+    } else {
+        _mm256_setzero_ps()
+    };
+    (s, m)
+}
+
+// ---------------------------------------------------------------------------------------
+// Quantized rows: dot, axpy, dequantize.
+//
+// `x̂ = fma(code, s, m)` is `m + s * code` rounded once, exactly the scalar definition (the
+// product is exact), so dequantized values match the reference bit for bit and dot/axpy
+// differ from it only in summation order.
+
+macro_rules! int_row_kernels {
+    ($dot:ident, $axpy:ident, $deq:ident, header = $hb:literal, asym = $asym:literal,
+     bytes_per_8 = $cb:literal, $codes32:ident) => {
+        /// Dot product of `q` with a quantized row of groups of `group` elements.
+        ///
+        /// # Safety
+        /// See the module docs.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $dot(group: usize, q: &[f32], row: &[u8]) -> f32 {
+            let gbytes = $hb + group / 8 * $cb;
+            let z = _mm256_setzero_ps();
+            let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+            for (qg, rg) in q.chunks_exact(group).zip(row.chunks_exact(gbytes)) {
+                let (s, m) = group_params(rg, $asym);
+                let (q32, _) = qg.as_chunks::<32>();
+                let (c32, _) = rg[$hb..].as_chunks::<{ 4 * $cb }>();
+                for (q32, c32) in q32.iter().zip(c32) {
+                    let (q8, _) = q32.as_chunks::<8>();
+                    let [c0, c1, c2, c3] = $codes32(c32);
+                    a0 = _mm256_fmadd_ps(load(&q8[0]), _mm256_fmadd_ps(c0, s, m), a0);
+                    a1 = _mm256_fmadd_ps(load(&q8[1]), _mm256_fmadd_ps(c1, s, m), a1);
+                    a2 = _mm256_fmadd_ps(load(&q8[2]), _mm256_fmadd_ps(c2, s, m), a2);
+                    a3 = _mm256_fmadd_ps(load(&q8[3]), _mm256_fmadd_ps(c3, s, m), a3);
+                }
+            }
+            hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)))
+        }
+
+        /// `acc += w * x̂` for a quantized row.
+        ///
+        /// # Safety
+        /// See the module docs.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $axpy(group: usize, w: f32, row: &[u8], acc: &mut [f32]) {
+            let gbytes = $hb + group / 8 * $cb;
+            let wv = _mm256_set1_ps(w);
+            for (ag, rg) in acc.chunks_exact_mut(group).zip(row.chunks_exact(gbytes)) {
+                let (s, m) = group_params(rg, $asym);
+                let (a32, _) = ag.as_chunks_mut::<32>();
+                let (c32, _) = rg[$hb..].as_chunks::<{ 4 * $cb }>();
+                for (a32, c32) in a32.iter_mut().zip(c32) {
+                    let (a8, _) = a32.as_chunks_mut::<8>();
+                    for (a, c) in a8.iter_mut().zip($codes32(c32)) {
+                        let x = _mm256_fmadd_ps(c, s, m);
+                        store(a, _mm256_fmadd_ps(wv, x, load(a)));
+                    }
+                }
+            }
+        }
+
+        /// `out = x̂` for a quantized row.
+        ///
+        /// # Safety
+        /// See the module docs.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $deq(group: usize, row: &[u8], out: &mut [f32]) {
+            let gbytes = $hb + group / 8 * $cb;
+            for (og, rg) in out.chunks_exact_mut(group).zip(row.chunks_exact(gbytes)) {
+                let (s, m) = group_params(rg, $asym);
+                let (o32, _) = og.as_chunks_mut::<32>();
+                let (c32, _) = rg[$hb..].as_chunks::<{ 4 * $cb }>();
+                for (o32, c32) in o32.iter_mut().zip(c32) {
+                    let (o8, _) = o32.as_chunks_mut::<8>();
+                    for (o, c) in o8.iter_mut().zip($codes32(c32)) {
+                        store(o, _mm256_fmadd_ps(c, s, m));
+                    }
+                }
+            }
+        }
+    };
+}
+
+int_row_kernels!(
+    dot_i8,
+    axpy_i8,
+    deq_i8,
+    header = 2,
+    asym = false,
+    bytes_per_8 = 8,
+    codes_i8_x32
+);
+int_row_kernels!(
+    dot_u4,
+    axpy_u4,
+    deq_u4,
+    header = 4,
+    asym = true,
+    bytes_per_8 = 4,
+    codes_u4_x32
+);
+int_row_kernels!(
+    dot_u2,
+    axpy_u2,
+    deq_u2,
+    header = 4,
+    asym = true,
+    bytes_per_8 = 2,
+    codes_u2_x32
+);
+
+// ---------------------------------------------------------------------------------------
+// Float rows (any head_dim: 32-element steps, then 8, then a scalar tail).
+
+macro_rules! float_row_kernels {
+    ($dot:ident, $axpy:ident, $deq:ident, width = $w:literal, $load:ident, $at:path) => {
+        /// Dot product of `q` with a float row.
+        ///
+        /// # Safety
+        /// See the module docs.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $dot(q: &[f32], row: &[u8]) -> f32 {
+            let z = _mm256_setzero_ps();
+            let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+            let (q32, qt) = q.as_chunks::<32>();
+            let (r32, rt) = row.as_chunks::<{ 32 * $w }>();
+            for (q32, r32) in q32.iter().zip(r32) {
+                let (q8, _) = q32.as_chunks::<8>();
+                let (r8, _) = r32.as_chunks::<{ 8 * $w }>();
+                a0 = _mm256_fmadd_ps(load(&q8[0]), $load(&r8[0]), a0);
+                a1 = _mm256_fmadd_ps(load(&q8[1]), $load(&r8[1]), a1);
+                a2 = _mm256_fmadd_ps(load(&q8[2]), $load(&r8[2]), a2);
+                a3 = _mm256_fmadd_ps(load(&q8[3]), $load(&r8[3]), a3);
+            }
+            let (q8, qt) = qt.as_chunks::<8>();
+            let (r8, rt8) = rt.as_chunks::<{ 8 * $w }>();
+            for (q8, r8) in q8.iter().zip(r8) {
+                a0 = _mm256_fmadd_ps(load(q8), $load(r8), a0);
+            }
+            let mut sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            for (&qi, b) in qt.iter().zip(rt8.chunks_exact($w)) {
+                sum += qi * $at(b);
+            }
+            sum
+        }
+
+        /// `acc += w * x` for a float row.
+        ///
+        /// # Safety
+        /// See the module docs.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $axpy(w: f32, row: &[u8], acc: &mut [f32]) {
+            let wv = _mm256_set1_ps(w);
+            let (a8, at) = acc.as_chunks_mut::<8>();
+            let (r8, rt) = row.as_chunks::<{ 8 * $w }>();
+            for (a, r) in a8.iter_mut().zip(r8) {
+                store(a, _mm256_fmadd_ps(wv, $load(r), load(a)));
+            }
+            for (a, b) in at.iter_mut().zip(rt.chunks_exact($w)) {
+                *a += w * $at(b);
+            }
+        }
+
+        /// `out = x` for a float row.
+        ///
+        /// # Safety
+        /// See the module docs.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $deq(row: &[u8], out: &mut [f32]) {
+            let (o8, ot) = out.as_chunks_mut::<8>();
+            let (r8, rt) = row.as_chunks::<{ 8 * $w }>();
+            for (o, r) in o8.iter_mut().zip(r8) {
+                store(o, $load(r));
+            }
+            for (o, b) in ot.iter_mut().zip(rt.chunks_exact($w)) {
+                *o = $at(b);
+            }
+        }
+    };
+}
+
+float_row_kernels!(
+    dot_f32,
+    axpy_f32,
+    deq_f32,
+    width = 4,
+    load_f32_bytes,
+    scalar::f32_at
+);
+float_row_kernels!(
+    dot_f16,
+    axpy_f16,
+    deq_f16,
+    width = 2,
+    load_f16,
+    scalar::f16_at
+);
+float_row_kernels!(
+    dot_bf16,
+    axpy_bf16,
+    deq_bf16,
+    width = 2,
+    load_bf16,
+    scalar::bf16_at
+);
+
+/// `q · x̂` for any row format.
+///
+/// # Safety
+/// See the module docs.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot(format: RowFormat, q: &[f32], row: &[u8]) -> f32 {
+    // SAFETY: every arm calls a kernel with this function's own contract (features, lengths).
+    unsafe {
+        match format {
+            RowFormat::F32 => dot_f32(q, row),
+            RowFormat::F16 => dot_f16(q, row),
+            RowFormat::Bf16 => dot_bf16(q, row),
+            RowFormat::Int8 { group } => dot_i8(group.size(), q, row),
+            RowFormat::Int4 { group } => dot_u4(group.size(), q, row),
+            RowFormat::Int2 { group } => dot_u2(group.size(), q, row),
+        }
+    }
+}
+
+/// `acc += w * x̂` for any row format.
+///
+/// # Safety
+/// See the module docs.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy(format: RowFormat, w: f32, row: &[u8], acc: &mut [f32]) {
+    // SAFETY: every arm calls a kernel with this function's own contract (features, lengths).
+    unsafe {
+        match format {
+            RowFormat::F32 => axpy_f32(w, row, acc),
+            RowFormat::F16 => axpy_f16(w, row, acc),
+            RowFormat::Bf16 => axpy_bf16(w, row, acc),
+            RowFormat::Int8 { group } => axpy_i8(group.size(), w, row, acc),
+            RowFormat::Int4 { group } => axpy_u4(group.size(), w, row, acc),
+            RowFormat::Int2 { group } => axpy_u2(group.size(), w, row, acc),
+        }
+    }
+}
+
+/// Scores of `q` against every row of `rows` (`out.len()` rows of `rb` bytes).
+///
+/// # Safety
+/// See the module docs; `rows.len() == out.len() * rb`, `rb = format.row_bytes(q.len())`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_many(
+    format: RowFormat,
+    q: &[f32],
+    rows: &[u8],
+    rb: usize,
+    out: &mut [f32],
+) {
+    let rows = rows.chunks_exact(rb);
+    macro_rules! each {
+        ($kernel:expr) => {
+            for (o, row) in out.iter_mut().zip(rows) {
+                *o = $kernel(row);
+            }
+        };
+    }
+    // SAFETY: every arm calls a kernel with this function's own contract (features,
+    // lengths); each row has exactly `row_bytes(q.len())` bytes.
+    unsafe {
+        match format {
+            RowFormat::F32 => each!(|r| dot_f32(q, r)),
+            RowFormat::F16 => each!(|r| dot_f16(q, r)),
+            RowFormat::Bf16 => each!(|r| dot_bf16(q, r)),
+            RowFormat::Int8 { group } => each!(|r| dot_i8(group.size(), q, r)),
+            RowFormat::Int4 { group } => each!(|r| dot_u4(group.size(), q, r)),
+            RowFormat::Int2 { group } => each!(|r| dot_u2(group.size(), q, r)),
+        }
+    }
+}
+
+/// `acc += sum_t weights[t] * x̂_t` over `weights.len()` rows of `rb` bytes.
+///
+/// # Safety
+/// See the module docs; `rows.len() == weights.len() * rb`, `rb = format.row_bytes(acc.len())`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_many(
+    format: RowFormat,
+    weights: &[f32],
+    rows: &[u8],
+    rb: usize,
+    acc: &mut [f32],
+) {
+    let rows = rows.chunks_exact(rb);
+    macro_rules! each {
+        ($kernel:expr) => {
+            for (&w, row) in weights.iter().zip(rows) {
+                $kernel(w, row);
+            }
+        };
+    }
+    // SAFETY: every arm calls a kernel with this function's own contract (features,
+    // lengths); each row has exactly `row_bytes(acc.len())` bytes.
+    unsafe {
+        match format {
+            RowFormat::F32 => each!(|w, r| axpy_f32(w, r, acc)),
+            RowFormat::F16 => each!(|w, r| axpy_f16(w, r, acc)),
+            RowFormat::Bf16 => each!(|w, r| axpy_bf16(w, r, acc)),
+            RowFormat::Int8 { group } => each!(|w, r| axpy_i8(group.size(), w, r, acc)),
+            RowFormat::Int4 { group } => each!(|w, r| axpy_u4(group.size(), w, r, acc)),
+            RowFormat::Int2 { group } => each!(|w, r| axpy_u2(group.size(), w, r, acc)),
+        }
+    }
+}
+
+/// `out = x̂` for any row format.
+///
+/// # Safety
+/// See the module docs.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize(format: RowFormat, row: &[u8], out: &mut [f32]) {
+    // SAFETY: every arm calls a kernel with this function's own contract (features, lengths).
+    unsafe {
+        match format {
+            RowFormat::F32 => deq_f32(row, out),
+            RowFormat::F16 => deq_f16(row, out),
+            RowFormat::Bf16 => deq_bf16(row, out),
+            RowFormat::Int8 { group } => deq_i8(group.size(), row, out),
+            RowFormat::Int4 { group } => deq_u4(group.size(), row, out),
+            RowFormat::Int2 { group } => deq_u2(group.size(), row, out),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Quantization. Same f32 operations in the same order as the scalar code (division, round
+// half to even, clamp), with scales chosen by the same shared functions, so the bytes are
+// identical. On any problem the scalar quantizer is asked instead: it is the one source of
+// the (identical) error, and writes nothing.
+
+/// Whether every |x| has bits below `limit` (NaN and infinities never are for
+/// `limit <= 0x7f80_0000`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn all_abs_below(x: &[f32], limit: u32) -> bool {
+    let (x8, xt) = x.as_chunks::<8>();
+    let abs_mask = _mm256_set1_epi32(0x7fff_ffff);
+    let lim = _mm256_set1_epi32(limit as i32);
+    let mut bad = _mm256_setzero_si256();
+    for c in x8 {
+        let bits = _mm256_and_si256(_mm256_castps_si256(load(c)), abs_mask);
+        // Both sides are non-negative as i32, so the signed compare is the unsigned one.
+        bad = _mm256_or_si256(
+            bad,
+            _mm256_cmpgt_epi32(bits, _mm256_sub_epi32(lim, _mm256_set1_epi32(1))),
+        );
+    }
+    _mm256_testz_si256(bad, bad) == 1 && xt.iter().all(|v| v.abs().to_bits() < limit)
+}
+
+/// Bits of +infinity: every finite |x| is below.
+const INF_BITS: u32 = 0x7f80_0000;
+
+/// Packs 4 x 8 i32 lanes (each in i8 range) into 32 bytes in lane order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pack_bytes(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m256i {
+    // packs interleave the 128-bit halves: dwords come out as a0-3 b0-3 c0-3 d0-3 |
+    // a4-7 b4-7 c4-7 d4-7; the permutation restores a, b, c, d order.
+    let ab = _mm256_packs_epi32(a, b);
+    let cd = _mm256_packs_epi32(c, d);
+    let bytes = _mm256_packs_epi16(ab, cd);
+    _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+/// Rounds half to even and clamps to `[lo, hi]`, then converts (exact) to i32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn round_clamp(t: __m256, lo: __m256, hi: __m256) -> __m256i {
+    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+    _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi))
+}
+
+/// INT8 quantization.
+///
+/// # Safety
+/// See the module docs.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_i8(format: RowFormat, group: usize, x: &[f32], out: &mut [u8]) -> Result<()> {
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let amax = |xg: &[f32]| {
+        let mut m = _mm256_setzero_ps();
+        for c in xg.as_chunks::<8>().0 {
+            m = _mm256_max_ps(m, _mm256_and_ps(load(c), abs_mask));
+        }
+        hmax(m)
+    };
+    // Pass 1: validate; any problem goes to the scalar code for its error.
+    if !all_abs_below(x, INF_BITS)
+        || x.chunks_exact(group)
+            .any(|xg| sym_scale(amax(xg)).is_none())
+    {
+        return scalar::quantize(format, x, out);
+    }
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    for (xg, og) in x.chunks_exact(group).zip(out.chunks_exact_mut(2 + group)) {
+        let Some(s) = sym_scale(amax(xg)) else {
+            return scalar::quantize(format, x, out);
+        };
+        let (head, codes) = og.split_at_mut(2);
+        head.copy_from_slice(&s.to_le_bytes());
+        let sv = _mm256_set1_ps(s.to_f32());
+        let (c32, _) = codes.as_chunks_mut::<32>();
+        let (x32, _) = xg.as_chunks::<32>();
+        for (o, x32) in c32.iter_mut().zip(x32) {
+            if s.to_f32() == 0.0 {
+                *o = [0; 32];
+                continue;
+            }
+            let (x8, _) = x32.as_chunks::<8>();
+            let code = |i: usize| round_clamp(_mm256_div_ps(load(&x8[i]), sv), lo, hi);
+            store_256(o, pack_bytes(code(0), code(1), code(2), code(3)));
+        }
+    }
+    Ok(())
+}
+
+/// INT4 / INT2 quantization.
+///
+/// # Safety
+/// See the module docs.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_asym(
+    format: RowFormat,
+    group: usize,
+    bits: usize,
+    x: &[f32],
+    out: &mut [u8],
+) -> Result<()> {
+    let levels = ((1u32 << bits) - 1) as f32;
+    let range = |xg: &[f32]| {
+        let mut lo = _mm256_set1_ps(f32::INFINITY);
+        let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
+        for c in xg.as_chunks::<8>().0 {
+            let v = load(c);
+            lo = _mm256_min_ps(lo, v);
+            hi = _mm256_max_ps(hi, v);
+        }
+        (hmin(lo), hmax(hi))
+    };
+    let params = |xg: &[f32]| {
+        let (lo, hi) = range(xg);
+        asym_params(lo, hi, levels)
+    };
+    if !all_abs_below(x, INF_BITS) || x.chunks_exact(group).any(|xg| params(xg).is_none()) {
+        return scalar::quantize(format, x, out);
+    }
+    let gbytes = 4 + group * bits / 8;
+    let (zero, top) = (_mm256_setzero_ps(), _mm256_set1_ps(levels));
+    for (xg, og) in x.chunks_exact(group).zip(out.chunks_exact_mut(gbytes)) {
+        let Some((s, m)) = params(xg) else {
+            return scalar::quantize(format, x, out);
+        };
+        let (head, codes) = og.split_at_mut(4);
+        head[..2].copy_from_slice(&s.to_le_bytes());
+        head[2..].copy_from_slice(&m.to_le_bytes());
+        let (sv, mv) = (_mm256_set1_ps(s.to_f32()), _mm256_set1_ps(m.to_f32()));
+        let zero_scale = s.to_f32() == 0.0;
+        // Each 32 elements make 32 * bits / 8 bytes.
+        for (x32, o) in xg
+            .as_chunks::<32>()
+            .0
+            .iter()
+            .zip(codes.chunks_exact_mut(4 * bits))
+        {
+            if zero_scale {
+                o.fill(0);
+                continue;
+            }
+            let (x8, _) = x32.as_chunks::<8>();
+            let code = |i: usize| {
+                round_clamp(
+                    _mm256_div_ps(_mm256_sub_ps(load(&x8[i]), mv), sv),
+                    zero,
+                    top,
+                )
+            };
+            // 32 codes, one per byte, in element order.
+            let b = pack_bytes(code(0), code(1), code(2), code(3));
+            if bits == 4 {
+                // u16 lane j holds codes 2j (low byte) and 2j+1 (high byte): merge into
+                // one byte, low nibble first, then narrow the lanes to bytes.
+                let nib = _mm256_or_si256(
+                    _mm256_and_si256(b, _mm256_set1_epi16(0x000f)),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(b), _mm256_set1_epi16(0x00f0)),
+                );
+                let packed = _mm256_packus_epi16(nib, nib);
+                let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
+                let mut bytes = [0u8; 16];
+                store_128(&mut bytes, _mm256_castsi256_si128(ordered));
+                o.copy_from_slice(&bytes);
+            } else {
+                // u32 lane j holds codes 4j..4j+3, one per byte: gather their low 2 bits.
+                let v = b;
+                let crumbs = _mm256_or_si256(
+                    _mm256_or_si256(
+                        _mm256_and_si256(v, _mm256_set1_epi32(0x03)),
+                        _mm256_and_si256(_mm256_srli_epi32::<6>(v), _mm256_set1_epi32(0x0c)),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi32::<12>(v), _mm256_set1_epi32(0x30)),
+                        _mm256_and_si256(_mm256_srli_epi32::<18>(v), _mm256_set1_epi32(0xc0)),
+                    ),
+                );
+                let w16 = _mm256_packus_epi32(crumbs, crumbs);
+                let w8 = _mm256_packus_epi16(w16, w16);
+                let lo = _mm_cvtsi128_si32(_mm256_castsi256_si128(w8)) as u32;
+                let hi = _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(w8)) as u32;
+                o[..4].copy_from_slice(&lo.to_le_bytes());
+                o[4..].copy_from_slice(&hi.to_le_bytes());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// f16 and bf16 conversion (round to nearest even, like `half`).
+///
+/// # Safety
+/// See the module docs.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_half(format: RowFormat, x: &[f32], out: &mut [u8]) -> Result<()> {
+    let limit = match format {
+        RowFormat::F16 => scalar::F16_LIMIT.to_bits(),
+        _ => scalar::BF16_LIMIT_BITS,
+    };
+    if !all_abs_below(x, limit) {
+        return scalar::quantize(format, x, out);
+    }
+    let (x8, xt) = x.as_chunks::<8>();
+    let (o16, ot) = out.as_chunks_mut::<16>();
+    for (o, c) in o16.iter_mut().zip(x8) {
+        let v = load(c);
+        let h = if format == RowFormat::F16 {
+            _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(v)
+        } else {
+            // Round to nearest even on the top 16 bits: add 0x7fff plus the lowest kept
+            // bit, then truncate. Inputs are finite and below the overflow limit.
+            let bits = _mm256_castps_si256(v);
+            let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+            let r = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb);
+            let r = _mm256_srli_epi32::<16>(r);
+            let packed = _mm256_packus_epi32(r, r);
+            _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b11_01_10_00>(packed))
+        };
+        store_128(o, h);
+    }
+    // Tail: scalar conversion of the last < 8 elements (already range-checked).
+    let tail_start = x.len() - xt.len();
+    scalar::quantize(format, xt, ot).map_err(|e| shift_index(e, tail_start))
+}
+
+/// Re-bases the index of an error from a sub-slice (defensive: the tail was checked).
+fn shift_index(e: crate::QuantError, by: usize) -> crate::QuantError {
+    match e {
+        crate::QuantError::NonFinite { index, value } => crate::QuantError::NonFinite {
+            index: index + by,
+            value,
+        },
+        crate::QuantError::OutOfRange {
+            format,
+            index,
+            value,
+        } => crate::QuantError::OutOfRange {
+            format,
+            index: index + by,
+            value,
+        },
+        other => other,
+    }
+}
+
+/// Quantizes (or converts) a row; identical bytes and errors to the scalar code.
+///
+/// # Safety
+/// See the module docs.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize(format: RowFormat, x: &[f32], out: &mut [u8]) -> Result<()> {
+    // SAFETY: every arm calls a kernel with this function's own contract (features, lengths).
+    unsafe {
+        match format {
+            RowFormat::F32 => scalar::quantize(format, x, out),
+            RowFormat::F16 | RowFormat::Bf16 => quantize_half(format, x, out),
+            RowFormat::Int8 { group } => quantize_i8(format, group.size(), x, out),
+            RowFormat::Int4 { group } => quantize_asym(format, group.size(), 4, x, out),
+            RowFormat::Int2 { group } => quantize_asym(format, group.size(), 2, x, out),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// KIVI key blocks.
+
+/// `sum qs[i] * code[i]` over 4-bit codes (`qs.len()` a multiple of 32).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_codes_u4(qs: &[f32], codes: &[u8]) -> f32 {
+    let z = _mm256_setzero_ps();
+    let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+    for (q32, c16) in qs.as_chunks::<32>().0.iter().zip(codes.as_chunks::<16>().0) {
+        let (q8, _) = q32.as_chunks::<8>();
+        let [c0, c1, c2, c3] = codes_u4_x32(c16);
+        a0 = _mm256_fmadd_ps(load(&q8[0]), c0, a0);
+        a1 = _mm256_fmadd_ps(load(&q8[1]), c1, a1);
+        a2 = _mm256_fmadd_ps(load(&q8[2]), c2, a2);
+        a3 = _mm256_fmadd_ps(load(&q8[3]), c3, a3);
+    }
+    hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)))
+}
+
+/// `sum qs[i] * code[i]` over 2-bit codes (`qs.len()` a multiple of 32).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_codes_u2(qs: &[f32], codes: &[u8]) -> f32 {
+    let z = _mm256_setzero_ps();
+    let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+    for (q32, c8) in qs.as_chunks::<32>().0.iter().zip(codes.as_chunks::<8>().0) {
+        let (q8, _) = q32.as_chunks::<8>();
+        let [c0, c1, c2, c3] = codes_u2_x32(c8);
+        a0 = _mm256_fmadd_ps(load(&q8[0]), c0, a0);
+        a1 = _mm256_fmadd_ps(load(&q8[1]), c1, a1);
+        a2 = _mm256_fmadd_ps(load(&q8[2]), c2, a2);
+        a3 = _mm256_fmadd_ps(load(&q8[3]), c3, a3);
+    }
+    hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)))
+}
+
+/// Channels per tile: `q * s` for one tile lives in a stack buffer (2 KiB).
+const TILE: usize = 512;
+
+/// Scores of `q` against every token of a KIVI block:
+/// `out[t] = sum_c (q[c] s[c]) code[t][c] + sum_c q[c] m[c]`.
+///
+/// # Safety
+/// See the module docs; additionally `q.len()` is a multiple of 32 and `block` has
+/// `4 q.len() + out.len() q.len() bits / 8` bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn kivi_scores(bits: KiviBits, q: &[f32], block: &[u8], out: &mut [f32]) {
+    let d = q.len();
+    let nbits = bits.bits();
+    let (scales, rest) = block.split_at(2 * d);
+    let (mins, codes) = rest.split_at(2 * d);
+    let stride = d / 8 * nbits;
+    out.fill(0.0);
+    let mut bias = 0.0f32;
+    let mut qs = [0.0f32; TILE];
+    for c0 in (0..d).step_by(TILE) {
+        let n = (d - c0).min(TILE);
+        let mut b = _mm256_setzero_ps();
+        let q8 = q[c0..c0 + n].as_chunks::<8>().0;
+        let s8 = scales[2 * c0..2 * (c0 + n)].as_chunks::<16>().0;
+        let m8 = mins[2 * c0..2 * (c0 + n)].as_chunks::<16>().0;
+        for (((qv, sv), mv), o) in q8.iter().zip(s8).zip(m8).zip(qs.as_chunks_mut::<8>().0) {
+            let qv = load(qv);
+            store(o, _mm256_mul_ps(qv, load_f16(sv)));
+            b = _mm256_fmadd_ps(qv, load_f16(mv), b);
+        }
+        bias += hsum(b);
+        let (lo, hi) = (c0 * nbits / 8, (c0 + n) * nbits / 8);
+        for (t, o) in out.iter_mut().enumerate() {
+            let tc = &codes[t * stride + lo..t * stride + hi];
+            *o += match bits {
+                KiviBits::B4 => dot_codes_u4(&qs[..n], tc),
+                KiviBits::B2 => dot_codes_u2(&qs[..n], tc),
+            };
+        }
+    }
+    for o in out.iter_mut() {
+        *o += bias;
+    }
+}
