@@ -10,15 +10,21 @@
 //!   custom softmax scale. Every `attend` is compared with [`crate::reference`] twice (see
 //!   the tolerances below), and every `read` of the context with what was written;
 //! - **read round trip**: rows written to scattered slots read back within the layout's
-//!   rounding, also from non-contiguous and f16 input tensors; overwrites replace; an
-//!   untouched layer reads back zero;
+//!   rounding (the quantized layouts: their format's bound), also from non-contiguous and
+//!   f16 input tensors; overwrites replace; an untouched layer reads back zero;
 //! - **copy_blocks**: copies every layer's K and V, leaves the sources and every other block
-//!   as they were;
+//!   as they were, also for a block rewritten from its first slot up to half its length
+//!   (copy-on-write of a partly filled block); writing to a copy changes neither the source
+//!   nor another copy;
 //! - **errors**: each bad call below fails with the stated [`KvError`] variant and leaves
 //!   the storage bit-for-bit unchanged.
 //!
 //! A layout the backend does not support is skipped, with the reason in the [`Report`],
 //! after checking that `allocate` answers [`KvError::Unsupported`] for it.
+//!
+//! Layouts with 128-element groups run the head-dim-64 cases at head dim 128, and KIVI
+//! layouts (keys quantized per 32-token block) run with block sizes rounded up to multiples
+//! of 32 (coverage then reports "block size 32").
 //!
 //! # Tolerances
 //!
@@ -46,6 +52,25 @@
 //!   tight checks are the two before it, which together pin the result down.
 //! - *Written values*: f16 rounds to nearest with relative error at most 2^-11 (absolute
 //!   2^-25 among its subnormals), bf16 at most 2^-8; f32 stores what it is given.
+//!
+//! ## Quantized layouts
+//!
+//! Their tolerances come from `kv-quant`'s format bounds, evaluated on the data written:
+//! the suite quantizes each row (or KIVI key block) with the layout's kv-quant format and
+//! takes its `error_bound`, the largest `abs(x - x̂)` any element of it can have.
+//!
+//! | keys / values            | `read` vs written *x*: bound *e* of each element                          |
+//! |--------------------------|----------------------------------------------------------------------------|
+//! | INT8 / INT4 rows (K, V)  | `RowFormat::error_bound` of the row                                         |
+//! | Hadamard-rotated K rows  | `sqrt(d) ·` the bound of the rotated row (the rotation is orthonormal), plus the rotations' f32 rounding |
+//! | KIVI keys                | `KiviKeyFormat::error_bound` of the f16-rounded keys written to the same 32-token key block `· (1 + 2^-10) + 2^-10 · abs(x) + 2^-24` (f16 rounding before quantizing, and again if a quantized block is reopened) |
+//!
+//! `attend` vs the reference on stored values: as for the floats with `u = 0`. On the f32
+//! input: with `δ = abs(scale) · max Σ_d abs(q_d) · e_d` over the queries, heads and visible
+//! keys (how far stored keys can move a score) and `E_V` the largest value bound,
+//! `E_V + V · (e^(2δ) − 1)` + the compute tolerance (for the float layouts this is the
+//! bound above, `e = u · abs(x)`). Coarse formats make this bound loose; the check against
+//! the stored values stays tight.
 //!
 //! # Errors the suite requires
 //!
@@ -85,10 +110,12 @@ use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use candle_core::{DType, Tensor};
+use half::f16;
 use kv_core::{
-    AttentionBatch, BlockId, CacheBackend, KvDType, KvError, ModelShape, SeqAttention, Slot,
-    StorageSpec,
+    AttentionBatch, BlockId, CacheBackend, KiviBits, KvDType, KvError, ModelShape, QuantGroup,
+    SeqAttention, Slot, StorageSpec,
 };
+use kv_quant::{hadamard_in_place, Group, KiviBits as QuantBits, KiviKeyFormat, RowFormat};
 use proptest::prelude::*;
 use proptest::test_runner::{
     Config as ProptestConfig, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner,
@@ -359,39 +386,189 @@ fn seed_bytes(seed: u64, stream: usize) -> [u8; 32] {
     out
 }
 
-/// The rounding of one layout: see the table in the module docs.
+/// What one layout may do to the values written to it: see the tables in the module docs.
 #[derive(Debug, Clone, Copy)]
-struct Tolerance {
-    /// Unit roundoff.
-    u: f64,
-    /// Absolute error allowed near zero (half the smallest subnormal).
-    tiny: f64,
+enum Tolerance {
+    /// A float layout: relative rounding `u`, absolute `tiny` near zero (half the smallest
+    /// subnormal).
+    Float { u: f64, tiny: f64 },
+    /// A quantized layout, in kv-quant's formats.
+    Quant { keys: QuantKeys, values: RowFormat },
+}
+
+/// How a quantized layout stores keys.
+#[derive(Debug, Clone, Copy)]
+enum QuantKeys {
+    /// One row per token.
+    Rows(RowFormat),
+    /// One row per token, after the normalized Hadamard rotation.
+    Rotated(RowFormat),
+    /// KIVI blocks (per channel over the tokens of a key block), f16 until full.
+    Kivi(KiviKeyFormat),
+}
+
+/// Which of K and V a bound is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kv {
+    K,
+    V,
 }
 
 impl Tolerance {
     fn of(dtype: KvDType) -> Option<Self> {
+        let group = |g: QuantGroup| match g {
+            QuantGroup::G32 => Group::G32,
+            QuantGroup::G64 => Group::G64,
+            QuantGroup::G128 => Group::G128,
+        };
+        let rows = |f: RowFormat| Tolerance::Quant {
+            keys: QuantKeys::Rows(f),
+            values: f,
+        };
         match dtype {
-            KvDType::F32 => Some(Self { u: 0.0, tiny: 0.0 }),
-            KvDType::F16 => Some(Self {
+            KvDType::F32 => Some(Tolerance::Float { u: 0.0, tiny: 0.0 }),
+            KvDType::F16 => Some(Tolerance::Float {
                 u: 2f64.powi(-11),
                 tiny: 2f64.powi(-25),
             }),
-            KvDType::BF16 => Some(Self {
+            KvDType::BF16 => Some(Tolerance::Float {
                 u: 2f64.powi(-8),
                 tiny: 2f64.powi(-134),
             }),
+            KvDType::Int8 { group: g } => Some(rows(RowFormat::Int8 { group: group(g) })),
+            KvDType::Int4 { group: g } => Some(rows(RowFormat::Int4 { group: group(g) })),
+            KvDType::Int4Hadamard { group: g } => {
+                let f = RowFormat::Int4 { group: group(g) };
+                Some(Tolerance::Quant {
+                    keys: QuantKeys::Rotated(f),
+                    values: f,
+                })
+            }
+            KvDType::Kivi { bits } => {
+                let (bits, values) = match bits {
+                    KiviBits::B4 => (QuantBits::B4, RowFormat::Int4 { group: Group::G32 }),
+                    KiviBits::B2 => (QuantBits::B2, RowFormat::Int2 { group: Group::G32 }),
+                };
+                Some(Tolerance::Quant {
+                    keys: QuantKeys::Kivi(KiviKeyFormat::new(bits, dtype.block_tokens())),
+                    values,
+                })
+            }
             _ => None,
         }
     }
 
-    /// The first element of `got` further from `want` than the layout's rounding allows.
-    fn first_misread(&self, want: &[f32], got: &[f32]) -> Option<(usize, f32, f32)> {
+    /// Unit roundoff of the stored values for the compute tolerance's `(1 + u)`: 0 for the
+    /// quantized layouts, whose bounds are absolute.
+    fn unit(&self) -> f64 {
+        match self {
+            Tolerance::Float { u, .. } => *u,
+            Tolerance::Quant { .. } => 0.0,
+        }
+    }
+
+    /// For every element of `data` (`[slots.len(), heads, d]`, written as K or V to
+    /// `slots`), how far what `read` returns may be from it.
+    fn bounds(
+        &self,
+        which: Kv,
+        data: &[f32],
+        slots: &[Slot],
+        heads: usize,
+        d: usize,
+    ) -> Result<Vec<f64>, String> {
+        let (keys, values) = match *self {
+            Tolerance::Float { u, tiny } => {
+                return Ok(data.iter().map(|&x| u * (x as f64).abs() + tiny).collect())
+            }
+            Tolerance::Quant { keys, values } => (keys, values),
+        };
+        let row_bound = |format: RowFormat, row: &[f32]| -> Result<f64, String> {
+            let mut bytes = vec![0u8; format.row_bytes(row.len()).map_err(s)?];
+            format.quantize_row(row, &mut bytes).map_err(s)?;
+            format.error_bound(&bytes).map_err(s)
+        };
+        let mut out = vec![0.0f64; data.len()];
+        match (which, keys) {
+            (Kv::V, _) | (Kv::K, QuantKeys::Rows(_)) => {
+                let format = match (which, keys) {
+                    (Kv::K, QuantKeys::Rows(f)) => f,
+                    _ => values,
+                };
+                for (row, b) in data.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+                    // kv-quant's bound is rigorous; the margin covers its f64 evaluation.
+                    b.fill(row_bound(format, row)? * (1.0 + 1e-9));
+                }
+            }
+            (Kv::K, QuantKeys::Rotated(format)) => {
+                let mut rotated = vec![0.0f32; d];
+                for (row, b) in data.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+                    rotated.copy_from_slice(row);
+                    hadamard_in_place(&mut rotated).map_err(s)?;
+                    let bound = row_bound(format, &rotated)?;
+                    // The rotation is orthonormal: an error vector with elements within `bound`
+                    // has a 2-norm within sqrt(d) bound, and so has every element of its
+                    // rotation back. The rotations in f32 add log2(d) roundings per element.
+                    let norm = row.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+                    let sqrt_d = (d as f64).sqrt();
+                    let rounding =
+                        4.0 * (d as f64).log2().max(1.0) * 2f64.powi(-24) * (norm + sqrt_d * bound);
+                    b.fill(sqrt_d * bound + rounding);
+                }
+            }
+            (Kv::K, QuantKeys::Kivi(format)) => {
+                // Rows sharing a key block (cache block, offset / block_tokens), per head.
+                let t = format.block_tokens;
+                let mut groups: BTreeMap<(BlockId, u32), Vec<usize>> = BTreeMap::new();
+                for (i, slot) in slots.iter().enumerate() {
+                    groups
+                        .entry((slot.block, slot.offset / t as u32))
+                        .or_default()
+                        .push(i);
+                }
+                let mut block = vec![0.0f32; t * d];
+                let mut bytes = vec![0u8; format.block_bytes(d).map_err(s)?];
+                for members in groups.values() {
+                    for h in 0..heads {
+                        // The key block as stored: f16-rounded keys; slots not written here
+                        // repeat the first member, so they widen no channel's range.
+                        let row = |i: usize| &data[(i * heads + h) * d..][..d];
+                        for (k, dst) in block.chunks_exact_mut(d).enumerate() {
+                            let src = row(members[k.min(members.len() - 1)]);
+                            for (o, &x) in dst.iter_mut().zip(src) {
+                                *o = f16::from_f32(x).to_f32();
+                            }
+                        }
+                        format.quantize_block(&block, d, &mut bytes).map_err(s)?;
+                        let bound = format.error_bound(&bytes, d).map_err(s)?;
+                        for &i in members {
+                            let at = (i * heads + h) * d;
+                            for (b, &x) in out[at..at + d].iter_mut().zip(row(i)) {
+                                // Rounded to f16 on the way in and, if its block was quantized
+                                // and reopened, on the way back.
+                                *b = bound * (1.0 + 2f64.powi(-10))
+                                    + 2f64.powi(-10) * (x as f64).abs()
+                                    + 2f64.powi(-24);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first element of `got` further from `want` than `bounds` allow.
+    fn first_misread(
+        &self,
+        want: &[f32],
+        got: &[f32],
+        bounds: &[f64],
+    ) -> Option<(usize, f32, f32)> {
         want.iter()
             .zip(got)
-            .position(|(&w, &g)| {
-                let err = (w as f64 - g as f64).abs();
-                !within(err, self.u * (w as f64).abs() + self.tiny)
-            })
+            .zip(bounds)
+            .position(|((&w, &g), &b)| !within((w as f64 - g as f64).abs(), b))
             .map(|i| (i, want[i], got[i]))
     }
 }
@@ -422,6 +599,22 @@ fn host(t: &Tensor) -> Result<Vec<f32>, String> {
 
 fn random(rng: &mut StdRng, n: usize, amp: f32) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-amp..=amp)).collect()
+}
+
+/// The smallest of `d`, `2 d`, `4 d`, ... that `dtype` stores (a 128-element group needs a
+/// head dim of 128): cases written for head dim 64 run at 128 for such layouts.
+fn fit_head_dim(dtype: KvDType, d: usize) -> usize {
+    (0..5)
+        .map(|i| d << i)
+        .find(|&d| dtype.row_bytes(d).is_ok())
+        .unwrap_or(d)
+}
+
+/// `block_size` rounded up to a multiple of the layout's [`KvDType::block_tokens`] (32 for
+/// KIVI, whose keys are quantized per 32-token block; 1 for the others).
+fn fit_block(dtype: KvDType, block_size: usize) -> usize {
+    let t = dtype.block_tokens().max(1);
+    block_size.div_ceil(t).max(1) * t
 }
 
 /// Every slot of a storage, block by block.
@@ -465,8 +658,8 @@ fn filled<B: CacheBackend>(
 }
 
 fn check_unsupported<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(), String> {
-    let shape = ModelShape::new(1, 2, 1, 64).map_err(s)?;
-    let spec = StorageSpec::new(shape, dtype, 16, 2).map_err(s)?;
+    let shape = ModelShape::new(1, 2, 1, fit_head_dim(dtype, 64)).map_err(s)?;
+    let spec = StorageSpec::new(shape, dtype, fit_block(dtype, 16), 2).map_err(s)?;
     match backend.allocate(&spec) {
         Err(KvError::Unsupported { .. }) => Ok(()),
         Err(e) => Err(format!(
@@ -484,9 +677,9 @@ fn check_round_trip<B: CacheBackend>(
     tol: Tolerance,
 ) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(1);
-    let (kv_heads, d) = (2, 64);
+    let (kv_heads, d) = (2, fit_head_dim(dtype, 64));
     let shape = ModelShape::new(2, 4, kv_heads, d).map_err(s)?;
-    let spec = StorageSpec::new(shape, dtype, 16, 4).map_err(s)?;
+    let spec = StorageSpec::new(shape, dtype, fit_block(dtype, 16), 4).map_err(s)?;
     let mut storage = backend.allocate(&spec).map_err(s)?;
     if backend.spec(&storage) != &spec {
         return Err("spec() does not return the spec the storage was allocated with".into());
@@ -546,8 +739,10 @@ fn check_round_trip<B: CacheBackend>(
                 rv.dims()
             ));
         }
-        for (name, want, got) in [("K", k, host(&rk)?), ("V", v, host(&rv)?)] {
-            if let Some((i, w, g)) = tol.first_misread(want, &got) {
+        for (name, which, want, got) in [("K", Kv::K, k, host(&rk)?), ("V", Kv::V, v, host(&rv)?)]
+        {
+            let bounds = tol.bounds(which, want, slots, kv_heads, d)?;
+            if let Some((i, w, g)) = tol.first_misread(want, &got, &bounds) {
                 let row = i / (kv_heads * d);
                 return Err(format!(
                     "{what}: {name} of slot {:?} head {} dim {} reads {g}, written {w}",
@@ -611,9 +806,27 @@ fn transpose01(x: &[f32], a: usize, b: usize, c: usize) -> Vec<f32> {
 
 fn check_copy_blocks<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(2);
-    let shape = ModelShape::new(2, 4, 2, 64).map_err(s)?;
-    let spec = StorageSpec::new(shape, dtype, 4, 8).map_err(s)?;
+    let (kv_heads, d) = (2, fit_head_dim(dtype, 64));
+    let shape = ModelShape::new(2, 4, kv_heads, d).map_err(s)?;
+    let spec = StorageSpec::new(shape, dtype, fit_block(dtype, 4), 8).map_err(s)?;
+    let bs = spec.block_size;
     let mut storage = filled(backend, &spec, &mut rng)?;
+    // Block 1 of layer 0 is then rewritten from its first slot up to half its length, as a
+    // new sequence reusing it would: for a layout that quantizes over a block's tokens it is
+    // now partly filled, and the copies below are copy-on-write of a partial block.
+    let half = (bs / 2).max(1);
+    let fresh: Vec<Slot> = (0..half as u32)
+        .map(|offset| Slot { block: 1, offset })
+        .collect();
+    let dims = (half, kv_heads, d);
+    let n = half * kv_heads * d;
+    let (k, v) = (
+        tensor(backend, random(&mut rng, n, 1.0), dims)?,
+        tensor(backend, random(&mut rng, n, 1.0), dims)?,
+    );
+    backend
+        .write(&mut storage, 0, &fresh, &k, &v)
+        .map_err(|e| format!("rewriting half of block 1: {e}"))?;
     let before = snapshot(backend, &storage)?;
     backend
         .copy_blocks(&mut storage, &[])
@@ -650,6 +863,35 @@ fn check_copy_blocks<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
                     format!("is not a copy of block {src}")
                 }
             ));
+        }
+    }
+
+    // Writing the next slot of copy 5 (the writer's side of copy-on-write) leaves the
+    // source and the other copy as they were.
+    let next = [Slot {
+        block: 5,
+        offset: (half % bs) as u32,
+    }];
+    let one = (1, kv_heads, d);
+    let (k, v) = (
+        tensor(backend, random(&mut rng, kv_heads * d, 1.0), one)?,
+        tensor(backend, random(&mut rng, kv_heads * d, 1.0), one)?,
+    );
+    backend
+        .write(&mut storage, 0, &next, &k, &v)
+        .map_err(|e| format!("writing to a copy: {e}"))?;
+    let written = snapshot(backend, &storage)?;
+    for block in [1usize, 7] {
+        for pool in 0..2 * spec.shape.n_layers() {
+            let at = (pool * spec.num_blocks + block) * block_len;
+            if written[at..at + block_len] != after[at..at + block_len] {
+                return Err(format!(
+                    "writing slot {:?} of a copy changed block {block} ({} of layer {})",
+                    next[0],
+                    if pool % 2 == 0 { "K" } else { "V" },
+                    pool / 2
+                ));
+            }
         }
     }
     Ok(())
@@ -689,7 +931,8 @@ type BadWrite<'a> = (&'a str, Want, usize, &'a [Slot], &'a Tensor, &'a Tensor);
 
 fn check_errors<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<u32, String> {
     let mut rng = StdRng::seed_from_u64(3);
-    let (q_heads, kv_heads, d, bs, nb) = (4, 2, 64, 4, 6);
+    let (q_heads, kv_heads, nb) = (4, 2, 6);
+    let (d, bs) = (fit_head_dim(dtype, 64), fit_block(dtype, 4));
     let shape = ModelShape::new(2, q_heads, kv_heads, d).map_err(s)?;
     let spec = StorageSpec::new(shape, dtype, bs, nb).map_err(s)?;
     let mut storage = filled(backend, &spec, &mut rng)?;
@@ -1021,7 +1264,8 @@ impl AttnStats {
         self.worst_vs_input = self.worst_vs_input.max(o.worst_vs_input);
     }
 
-    fn cover(&mut self, case: &AttnCase) {
+    /// Counts the features `case` covered, run with block size `bs` and head dim `d`.
+    fn cover(&mut self, case: &AttnCase, bs: usize, d: usize) {
         let heads = if case.kv_heads == 1 && case.q_heads > 1 {
             "MQA"
         } else if case.kv_heads == case.q_heads {
@@ -1029,12 +1273,14 @@ impl AttnStats {
         } else {
             "GQA"
         };
-        let block = match case.block {
-            BlockChoice::One => "block size 1",
-            BlockChoice::Sixteen => "block size 16",
-            BlockChoice::Whole => "one block per sequence",
+        let block = match (case.block, bs) {
+            (BlockChoice::Whole, _) => "one block per sequence",
+            (_, 1) => "block size 1",
+            (_, 16) => "block size 16",
+            (_, 32) => "block size 32",
+            _ => "other block size",
         };
-        let dim = if case.head_dim == 64 {
+        let dim = if d == 64 {
             "head dim 64"
         } else {
             "head dim 128"
@@ -1124,15 +1370,20 @@ fn run_case<B: CacheBackend>(
     case: &AttnCase,
     stats: &mut AttnStats,
 ) -> Result<(), String> {
-    let (qh, kvh, d) = (case.q_heads, case.kv_heads, case.head_dim);
+    let (qh, kvh) = (case.q_heads, case.kv_heads);
+    let d = fit_head_dim(dtype, case.head_dim);
     let heads = Heads::new(qh, kvh, d).map_err(s)?;
     let lens: Vec<usize> = case.seqs.iter().map(|p| p.prompt + p.decode).collect();
     let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
-    let bs = match case.block {
-        BlockChoice::One => 1,
-        BlockChoice::Sixteen => 16,
-        BlockChoice::Whole => max_len,
-    };
+    // Layouts that quantize over a block's tokens need whole multiples of them.
+    let bs = fit_block(
+        dtype,
+        match case.block {
+            BlockChoice::One => 1,
+            BlockChoice::Sixteen => 16,
+            BlockChoice::Whole => max_len,
+        },
+    );
     let per_seq: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
     let num_blocks = per_seq.iter().sum::<usize>() + 2;
     let shape = ModelShape::new(N_LAYERS, qh, kvh, d).map_err(s)?;
@@ -1196,7 +1447,7 @@ fn run_case<B: CacheBackend>(
             )?;
         }
     }
-    stats.cover(case);
+    stats.cover(case, bs, d);
     Ok(())
 }
 
@@ -1264,7 +1515,12 @@ fn attend_and_compare<B: CacheBackend>(
             .collect();
         let (rk, rv) = backend.read(storage, layer, &slots).map_err(s)?;
         let (k_st, v_st) = (host(&rk)?, host(&rv)?);
-        for (name, want, got) in [("K", k_in, &k_st), ("V", v_in, &v_st)] {
+        let k_bounds = tol.bounds(Kv::K, k_in, &slots, kvh, d)?;
+        let v_bounds = tol.bounds(Kv::V, v_in, &slots, kvh, d)?;
+        for (name, want, got, bounds) in [
+            ("K", k_in, &k_st, &k_bounds),
+            ("V", v_in, &v_st, &v_bounds),
+        ] {
             if got.len() != want.len() {
                 return Err(format!(
                     "read returned {} values, expected {}",
@@ -1272,7 +1528,7 @@ fn attend_and_compare<B: CacheBackend>(
                     want.len()
                 ));
             }
-            if let Some((i, w, g)) = tol.first_misread(want, got) {
+            if let Some((i, w, g)) = tol.first_misread(want, got, bounds) {
                 return Err(format!(
                     "step {step} layer {layer}: {name} of sequence {} token {} reads {g}, \
                      written {w}",
@@ -1286,8 +1542,12 @@ fn attend_and_compare<B: CacheBackend>(
 
         let big_s = score_magnitude(heads, q_in, k_in, batch.scale);
         let v_max = v_in.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
-        let compute = 1e-4 * (1.0 + big_s) * v_max * (1.0 + tol.u);
-        let storage_err = v_max * (tol.u + (2.0 * tol.u * big_s).exp_m1());
+        let compute = 1e-4 * (1.0 + big_s) * v_max * (1.0 + tol.unit());
+        // Stored keys move each score by at most delta, hence the weights by
+        // e^(2 delta) - 1 in L1; stored values move the output by at most their bound.
+        let delta = score_error(heads, q_in, &k_bounds, batch.scale);
+        let v_err = v_bounds.iter().fold(0.0f64, |m, &b| m.max(b));
+        let storage_err = v_err + v_max * (2.0 * delta).exp_m1();
         let checks = [
             ("the stored values", &k_st[..], &v_st[..], compute),
             ("the f32 input", k_in, v_in, compute + storage_err),
@@ -1358,6 +1618,28 @@ fn score_magnitude(heads: Heads, q: &[f32], k: &[f32], scale: f32) -> f64 {
     best * (scale as f64).abs()
 }
 
+/// `max |scale| · Σ_d |q_d| · e_d` over the queries, heads and visible keys of one
+/// sequence, `e` being the keys' per-element storage bounds: the most storing the keys can
+/// move a score.
+fn score_error(heads: Heads, q: &[f32], k_bounds: &[f64], scale: f32) -> f64 {
+    let (qh, kvh, d) = (heads.q_heads, heads.kv_heads, heads.head_dim);
+    let group = heads.group_size();
+    let n_q = q.len() / (qh * d);
+    let kv_len = k_bounds.len() / (kvh * d);
+    let mut best = 0.0f64;
+    for i in 0..n_q {
+        for h in 0..qh {
+            let qv = &q[(i * qh + h) * d..][..d];
+            for t in 0..=(kv_len - n_q + i) {
+                let e = &k_bounds[(t * kvh + h / group) * d..][..d];
+                let sum: f64 = qv.iter().zip(e).map(|(&a, &b)| (a as f64).abs() * b).sum();
+                best = best.max(sum);
+            }
+        }
+    }
+    best * (scale as f64).abs()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1399,14 +1681,48 @@ mod tests {
     #[test]
     fn tolerance_flags_misreads_and_nan() {
         let f16 = Tolerance::of(KvDType::F16).expect("f16 has a tolerance");
-        assert!(f16.first_misread(&[1.0, 2.0], &[1.0004, 2.0]).is_none());
-        assert_eq!(
-            f16.first_misread(&[1.0, 2.0], &[1.0, 2.01]).map(|m| m.0),
-            Some(1)
-        );
-        assert!(f16.first_misread(&[1.0], &[f32::NAN]).is_some());
+        let slot = |offset| Slot { block: 0, offset };
+        let misread = |tol: Tolerance, want: &[f32], got: &[f32]| {
+            let slots: Vec<Slot> = (0..want.len() as u32).map(slot).collect();
+            let b = tol.bounds(Kv::V, want, &slots, 1, 1).expect("bounds");
+            tol.first_misread(want, got, &b)
+        };
+        assert!(misread(f16, &[1.0, 2.0], &[1.0004, 2.0]).is_none());
+        assert_eq!(misread(f16, &[1.0, 2.0], &[1.0, 2.01]).map(|m| m.0), Some(1));
+        assert!(misread(f16, &[1.0], &[f32::NAN]).is_some());
         let f32_ = Tolerance::of(KvDType::F32).expect("f32 has a tolerance");
-        assert!(f32_.first_misread(&[0.1], &[0.1 + 1e-8]).is_some());
+        assert!(misread(f32_, &[0.1], &[0.1 + 1e-8]).is_some());
+    }
+
+    #[test]
+    fn quantized_bounds_follow_the_formats() {
+        let int8 = Tolerance::of("int8-g32".parse().expect("int8")).expect("has a tolerance");
+        let mut row: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        row[40] = 100.0;
+        let slots = [Slot {
+            block: 0,
+            offset: 0,
+        }];
+        let b = int8.bounds(Kv::K, &row, &slots, 1, 64).expect("bounds");
+        // One bound per row: that of its worst group (scale 100/127 rounded up to f16).
+        assert!(b.iter().all(|&x| x == b[0]));
+        assert!(b[0] >= 100.0 / 127.0 / 2.0 && b[0] < 100.0 / 127.0 / 2.0 * 1.002);
+        let mut stored = row.clone();
+        stored[3] += b[0] as f32 * 1.01;
+        assert_eq!(int8.first_misread(&row, &stored, &b).map(|m| m.0), Some(3));
+
+        // KIVI keys: rows sharing a 32-token key block share their channels' bounds; rows
+        // of another key block (block 0 offsets 32.., or block 1) have their own.
+        let kivi = Tolerance::of("kivi4".parse().expect("kivi4")).expect("has a tolerance");
+        let slots: Vec<Slot> = [(0, 0), (0, 1), (0, 32), (1, 0)]
+            .iter()
+            .map(|&(block, offset)| Slot { block, offset })
+            .collect();
+        let mut keys = vec![0.5f32; 4 * 32];
+        keys[..32].fill(-8.0); // widens key block (0, 0) only
+        let b = kivi.bounds(Kv::K, &keys, &slots, 1, 32).expect("bounds");
+        assert!(b[0] > 0.25 && (b[32] - b[0]).abs() < 0.01, "{} {}", b[0], b[32]);
+        assert!(b[64] < 1e-3 && b[96] < 1e-3, "{} {}", b[64], b[96]);
     }
 
     #[test]

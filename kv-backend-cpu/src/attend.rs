@@ -1,24 +1,64 @@
-//! Paged attention over the pools with an online softmax.
+//! Paged attention over the pools with an online softmax: flash-decoding for single
+//! queries, query x key tiles for prefill.
 //!
-//! The work splits into independent tasks of (sequence, KV head, chunk of queries). A task
-//! walks the sequence's keys in tiles (a run of rows inside one block, at most [`TILE`]
-//! long). For each tile it reads every K row once, scoring it against all queries of the
-//! chunk and all query heads of the KV head's group; updates each (query, head)'s running
-//! maximum, running sum and rescaled accumulator once per tile; then reads every V row
-//! once, adding it into every accumulator with its weight. Memory per task is bounded by
-//! the chunk and tile sizes, never by the sequence length.
+//! **Tasks.** The work of one call splits into independent tasks of (sequence, KV head,
+//! chunk of queries, chunk of keys). Queries are chunked so that a task holds at most
+//! about [`TASK_LANES`] (query, head) lanes. A chunk of at most [`SPLIT_MAX_QUERIES`]
+//! queries (decode, short appends) also splits its keys into chunks of [`KV_SPLIT`]
+//! (flash-decoding), so one long sequence, or one KV head, still feeds every core. Each task
+//! writes its lanes' running maximum, running sum and unnormalised accumulator; the chunks
+//! of one (sequence, KV head, query chunk) are then merged with the log-sum-exp rule:
+//! `out = sum_c acc_c e^(m_c - M) / sum_c sum_c e^(m_c - M)` with `M = max_c m_c`. The
+//! split depends only on the batch, never on the thread count, and the merge runs in a
+//! fixed order, so results do not depend on how many threads ran them.
+//!
+//! **Decode path** (one query, a group of at most [`STREAM_MAX_GROUP`] query heads per KV
+//! head). A task walks its keys in tiles of at most [`TILE`] rows (made of runs of rows
+//! inside blocks). For each run it streams the K rows in their stored format, scoring
+//! every row against all query heads of the group while the row is in registers; updates
+//! each head's maximum, sum and accumulator once per tile; then streams the V rows, adding
+//! each into every head's accumulator. Every K and V row is read from memory once.
+//!
+//! **Prefill path** (everything else). A task widens a tile of keys to f32 once, K
+//! transposed and V as rows, then computes the whole (lanes x keys) score tile and the
+//! (lanes x head_dim) update with register-blocked outer-product kernels, masking keys
+//! past each query's position (causal by position).
+//!
+//! **Layouts.** The stored rows reach the kernels through [`RowOps`]: f32, f16 and bf16 rows
+//! are read directly by the SIMD kernels; a codec without kernels of its own (a quantized
+//! layout, until it has fused ones) implements `RowOps` with no methods and gets rows
+//! decoded to f32 with its [`RowCodec::decode`], run by run.
+//!
+//! Scratch memory (query tile, scores, widened tiles) is kept per thread and reused across
+//! calls; a call allocates its output, its task list and one buffer of partial results.
 
-use kv_core::{AttentionBatch, KvError, Result, SeqAttention};
+use std::cell::RefCell;
+
+use kv_core::{AttentionBatch, BlockId, KvError, Result, SeqAttention};
 use rayon::prelude::*;
 
-use crate::kernels;
-use crate::storage::{Geometry, LayerPools, Pools, RowCodec};
+use crate::kernels::{self, Isa};
+use crate::storage::{Bf16Rows, F16Rows, F32Rows, Geometry, LayerPools, Pools, RowCodec};
 
-/// Most key rows scored at once: bounds the score buffer of a task.
+/// Most keys in one tile: bounds the score buffers of a task.
 const TILE: usize = 64;
-/// Most queries of one sequence in one task: a long prefill becomes several tasks so both
-/// the memory of a task and the parallelism do not depend on the prompt length.
-const QUERY_CHUNK: usize = 64;
+/// Keys per chunk when a task's keys are split (flash-decoding).
+const KV_SPLIT: usize = 512;
+/// Query chunks of at most this many queries split their keys into chunks of
+/// [`KV_SPLIT`]; longer ones (prefill) are already many tasks, and splitting them would
+/// multiply the partial results by the sequence length.
+const SPLIT_MAX_QUERIES: usize = 16;
+/// About how many (query, head) lanes one task holds.
+const TASK_LANES: usize = 128;
+/// Most queries in one task.
+const MAX_QUERY_CHUNK: usize = 64;
+/// Largest query-head group the decode path streams; larger groups take the tiled path,
+/// whose outer-product kernels use registers better when many heads share a row.
+const STREAM_MAX_GROUP: usize = 8;
+
+/// Calls that read fewer K/V bytes than this run on the calling thread: about the work
+/// of the few microseconds it takes to wake a thread pool.
+const SERIAL_BYTES: usize = 128 << 10;
 
 /// The query side of one attend call.
 pub(crate) struct Queries<'a> {
@@ -28,25 +68,202 @@ pub(crate) struct Queries<'a> {
     pub scale: f32,
 }
 
-/// One unit of parallel work.
+/// How the attention loop computes with a codec's stored rows.
+///
+/// `rows` is a run of `rows.len() / ru` stored rows of `ru` units each (`ru` is
+/// [`Geometry::row_units`]), each holding `d` values. The provided methods decode the run
+/// to f32 with [`RowCodec::decode`] into `scratch` and run the f32 kernels, which is right
+/// for any codec; a codec with kernels that read its rows directly overrides them.
+pub(crate) trait RowOps: RowCodec {
+    /// `scores[h * stride + r] = q[h] . row r` for the `q.len() / d` query rows of `q`.
+    #[allow(clippy::too_many_arguments)]
+    fn score_run(
+        isa: Isa,
+        q: &[f32],
+        d: usize,
+        ru: usize,
+        rows: &[Self::Unit],
+        scores: &mut [f32],
+        stride: usize,
+        scratch: &mut Vec<f32>,
+    ) {
+        let wide = decode_run::<Self>(rows, d, ru, scratch);
+        kernels::score_rows(isa, q, d, wide, scores, stride)
+    }
+
+    /// `acc[h] += sum_r w[h * stride + r] * row r` for the `acc.len() / d` rows of `acc`.
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate_run(
+        isa: Isa,
+        w: &[f32],
+        stride: usize,
+        d: usize,
+        ru: usize,
+        rows: &[Self::Unit],
+        acc: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let wide = decode_run::<Self>(rows, d, ru, scratch);
+        kernels::accumulate_rows(isa, w, stride, d, wide, acc)
+    }
+
+    /// Row `r` of the run, as f32, into `dst[r * ld..][..d]`.
+    fn widen_run(
+        rows: &[Self::Unit],
+        d: usize,
+        ru: usize,
+        dst: &mut [f32],
+        ld: usize,
+        scratch: &mut Vec<f32>,
+    ) {
+        let wide = decode_run::<Self>(rows, d, ru, scratch);
+        kernels::widen_rows(wide, d, dst, ld)
+    }
+
+    /// Row `r` of the run, as f32, into column `col0 + r` of a transposed tile:
+    /// `dst[k * ld + col0 + r]`.
+    #[allow(clippy::too_many_arguments)]
+    fn widen_run_transposed(
+        rows: &[Self::Unit],
+        d: usize,
+        ru: usize,
+        dst: &mut [f32],
+        ld: usize,
+        col0: usize,
+        scratch: &mut Vec<f32>,
+    ) {
+        let wide = decode_run::<Self>(rows, d, ru, scratch);
+        kernels::widen_rows_transposed(wide, d, dst, ld, col0)
+    }
+}
+
+/// A run of stored rows decoded to f32 rows of `d` in `scratch`.
+fn decode_run<'s, C: RowCodec + ?Sized>(
+    rows: &[C::Unit],
+    d: usize,
+    ru: usize,
+    scratch: &'s mut Vec<f32>,
+) -> &'s [f32] {
+    if ru == 0 || d == 0 {
+        return &[];
+    }
+    let n = rows.len() / ru;
+    let wide = sized(scratch, n * d);
+    for (row, out) in rows.chunks_exact(ru).zip(wide.chunks_exact_mut(d)) {
+        C::decode(row, out);
+    }
+    wide
+}
+
+/// Codecs whose units every kernel level reads directly.
+macro_rules! direct_row_ops {
+    ($($codec:ty),*) => {$(
+        impl RowOps for $codec {
+            fn score_run(
+                isa: Isa,
+                q: &[f32],
+                d: usize,
+                _ru: usize,
+                rows: &[Self::Unit],
+                scores: &mut [f32],
+                stride: usize,
+                _scratch: &mut Vec<f32>,
+            ) {
+                kernels::score_rows(isa, q, d, rows, scores, stride)
+            }
+
+            fn accumulate_run(
+                isa: Isa,
+                w: &[f32],
+                stride: usize,
+                d: usize,
+                _ru: usize,
+                rows: &[Self::Unit],
+                acc: &mut [f32],
+                _scratch: &mut Vec<f32>,
+            ) {
+                kernels::accumulate_rows(isa, w, stride, d, rows, acc)
+            }
+
+            fn widen_run(
+                rows: &[Self::Unit],
+                d: usize,
+                _ru: usize,
+                dst: &mut [f32],
+                ld: usize,
+                _scratch: &mut Vec<f32>,
+            ) {
+                kernels::widen_rows(rows, d, dst, ld)
+            }
+
+            fn widen_run_transposed(
+                rows: &[Self::Unit],
+                d: usize,
+                _ru: usize,
+                dst: &mut [f32],
+                ld: usize,
+                col0: usize,
+                _scratch: &mut Vec<f32>,
+            ) {
+                kernels::widen_rows_transposed(rows, d, dst, ld, col0)
+            }
+        }
+    )*};
+}
+
+direct_row_ops!(F32Rows, F16Rows, Bf16Rows);
+
+/// Which loop a task runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// The streaming decode loop where it applies, else tiled.
+    Auto,
+    /// The tiled loop for every task (tests compare it with the streaming one).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Tiled,
+}
+
+/// One unit of parallel work: queries `begin..end` of a sequence against its keys
+/// `k0..k1`, for the query heads of one KV head.
 struct Task<'a> {
     seq: &'a SeqAttention,
     /// First query row of the sequence in the batch.
     row_offset: usize,
     kv_head: usize,
-    /// Queries `begin..end` of the sequence (0 is its first query).
     begin: usize,
     end: usize,
+    k0: usize,
+    k1: usize,
+}
+
+/// The tasks whose partial results merge into one output tile.
+struct Group {
+    /// Index of its first task; its tasks are consecutive.
+    first: usize,
+    tasks: usize,
 }
 
 /// Attention of every query over `layer`; returns `[total_queries, q_heads, head_dim]`.
 /// The batch, layer and query shape have been checked by the caller.
-pub(crate) fn attend<C: RowCodec>(
+pub(crate) fn attend<C: RowOps>(
     pools: &Pools<C>,
     layer: usize,
     queries: &Queries<'_>,
     batch: &AttentionBatch,
     thread_pool: Option<&rayon::ThreadPool>,
+    isa: Isa,
+) -> Result<Vec<f32>> {
+    attend_with(pools, layer, queries, batch, thread_pool, isa, Path::Auto)
+}
+
+fn attend_with<C: RowOps>(
+    pools: &Pools<C>,
+    layer: usize,
+    queries: &Queries<'_>,
+    batch: &AttentionBatch,
+    thread_pool: Option<&rayon::ThreadPool>,
+    isa: Isa,
+    path: Path,
 ) -> Result<Vec<f32>> {
     let g = pools.geom;
     let layer_pools = pools.layers.get(layer).ok_or(KvError::OutOfRange {
@@ -54,146 +271,666 @@ pub(crate) fn attend<C: RowCodec>(
         index: layer,
         len: pools.layers.len(),
     })?;
+    if g.kv_heads == 0 || queries.q_heads % g.kv_heads != 0 {
+        return Err(KvError::InvalidArgument {
+            what: "query heads",
+            detail: format!(
+                "{} query heads do not share {} KV heads evenly",
+                queries.q_heads, g.kv_heads
+            ),
+        });
+    }
+    let d = g.head_dim;
+    let group = queries.q_heads / g.kv_heads;
+    let chunk = (TASK_LANES / group).clamp(1, MAX_QUERY_CHUNK);
+
     let mut tasks = Vec::new();
+    let mut groups = Vec::new();
     let mut row_offset = 0;
     for seq in &batch.seqs {
         for kv_head in 0..g.kv_heads {
-            for begin in (0..seq.n_queries()).step_by(QUERY_CHUNK) {
-                tasks.push(Task {
-                    seq,
-                    row_offset,
-                    kv_head,
-                    begin,
-                    end: (begin + QUERY_CHUNK).min(seq.n_queries()),
+            for begin in (0..seq.n_queries()).step_by(chunk) {
+                let end = (begin + chunk).min(seq.n_queries());
+                // Keys the chunk's last query sees.
+                let n_keys = seq.first_query_position() + end;
+                let split = if end - begin <= SPLIT_MAX_QUERIES {
+                    KV_SPLIT
+                } else {
+                    n_keys
+                };
+                let first = tasks.len();
+                for k0 in (0..n_keys).step_by(split.max(1)) {
+                    tasks.push(Task {
+                        seq,
+                        row_offset,
+                        kv_head,
+                        begin,
+                        end,
+                        k0,
+                        k1: (k0 + split).min(n_keys),
+                    });
+                }
+                groups.push(Group {
+                    first,
+                    tasks: tasks.len() - first,
                 });
             }
         }
         row_offset += seq.n_queries();
     }
-    let run = || {
-        tasks
-            .par_iter()
-            .map(|t| run_task::<C>(layer_pools, g, queries, t))
-            .collect::<Vec<_>>()
-    };
-    let results = match thread_pool {
-        Some(p) => p.install(run),
-        None => run(),
-    };
 
-    let d = g.head_dim;
-    let group = queries.q_heads / g.kv_heads;
+    // Partial results, one slice per task: [max; lanes][sum; lanes][acc; lanes * d].
+    let part_len = |t: &Task<'_>| (t.end - t.begin) * group * (d + 2);
+    let mut partials = vec![0.0f32; tasks.iter().map(part_len).sum()];
+    let mut parts: Vec<&mut [f32]> = Vec::with_capacity(tasks.len());
+    let mut rest = &mut partials[..];
+    for t in &tasks {
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut(part_len(t));
+        parts.push(part);
+        rest = tail;
+    }
+    // Waking a pool costs microseconds: a call with one thread, or too little to read to
+    // be worth sharing, runs on the calling thread (the same tasks, so the same result).
+    let threads = thread_pool.map_or_else(rayon::current_num_threads, |p| {
+        p.current_num_threads()
+    });
+    let row_bytes = 2 * g.row_units * std::mem::size_of::<C::Unit>();
+    let bytes: usize = tasks.iter().map(|t| (t.k1 - t.k0) * row_bytes).sum();
+    let one = |(task, part): (&Task<'_>, &mut [f32])| {
+        run_task::<C>(layer_pools, g, isa, queries, task, part, path)
+    };
+    if threads <= 1 || bytes < SERIAL_BYTES {
+        tasks.iter().zip(parts).try_for_each(one)?;
+    } else {
+        let run = || tasks.par_iter().zip(parts.into_par_iter()).try_for_each(one);
+        match thread_pool {
+            Some(p) => p.install(run),
+            None => run(),
+        }?;
+    }
+
     let mut out = vec![0.0f32; row_offset * queries.q_heads * d];
-    for (task, result) in tasks.iter().zip(results) {
-        let result = result?;
-        for (i, rows) in result.chunks_exact(group * d).enumerate() {
-            let q_row = task.row_offset + task.begin + i;
-            let start = (q_row * queries.q_heads + task.kv_head * group) * d;
-            out[start..start + group * d].copy_from_slice(rows);
+    let mut offsets = Vec::with_capacity(tasks.len());
+    let mut at = 0;
+    for t in &tasks {
+        offsets.push(at);
+        at += part_len(t);
+    }
+    for grp in &groups {
+        let lead = &tasks[grp.first];
+        let lanes = (lead.end - lead.begin) * group;
+        let chunks = grp.first..grp.first + grp.tasks;
+        for lane in 0..lanes {
+            let (i, h) = (lane / group, lane % group);
+            let field = |task: usize, f: usize| partials[offsets[task] + f * lanes + lane];
+            let m = chunks
+                .clone()
+                .map(|c| field(c, 0))
+                .fold(f32::NEG_INFINITY, f32::max);
+            let total: f32 = chunks
+                .clone()
+                .map(|c| merge_weight(field(c, 0), m) * field(c, 1))
+                .sum();
+            let q_row = lead.row_offset + lead.begin + i;
+            let start = (q_row * queries.q_heads + lead.kv_head * group + h) * d;
+            let dst = &mut out[start..start + d];
+            for c in chunks.clone() {
+                let w = merge_weight(field(c, 0), m);
+                if w > 0.0 {
+                    let acc = offsets[c] + 2 * lanes + lane * d;
+                    kernels::axpy_f32(w / total, &partials[acc..acc + d], dst);
+                }
+            }
         }
     }
     Ok(out)
 }
 
-/// Runs one task; returns its outputs as `[end - begin, group, head_dim]`.
-fn run_task<C: RowCodec>(
+/// `e^(m_c - m)`: how much a chunk whose running maximum is `m_c` counts once the overall
+/// maximum is `m`; 0 for a chunk its lane saw no key of.
+fn merge_weight(m_c: f32, m: f32) -> f32 {
+    if m_c == f32::NEG_INFINITY {
+        0.0
+    } else {
+        (m_c - m).exp()
+    }
+}
+
+/// Per-thread buffers a task reuses across calls.
+#[derive(Default)]
+struct Scratch {
+    q: Vec<f32>,
+    scores: Vec<f32>,
+    kt: Vec<f32>,
+    v: Vec<f32>,
+    acc: Vec<f32>,
+    wide: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch (or a fresh one, were it ever in use already).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
+/// The first `n` elements of `v`, grown (with zeros) to hold them.
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+/// Runs one task into its partial result `part` (`[max; lanes][sum; lanes][acc; lanes*d]`).
+fn run_task<C: RowOps>(
     pools: &LayerPools<C::Unit>,
     g: Geometry,
+    isa: Isa,
     queries: &Queries<'_>,
     task: &Task<'_>,
-) -> Result<Vec<f32>> {
+    part: &mut [f32],
+    path: Path,
+) -> Result<()> {
     let d = g.head_dim;
-    let ru = g.row_units;
     let group = queries.q_heads / g.kv_heads;
     let n_q = task.end - task.begin;
-    let lanes = n_q * group; // one (query, head) pair per lane
-                             // Position of the task's first query: it sees keys 0..=first_pos, later ones one more.
-    let first_pos = task.seq.first_query_position() + task.begin;
-    let n_keys = first_pos + n_q;
-
-    // This task's query rows, contiguous and pre-multiplied by the softmax scale.
-    let mut q = vec![0.0f32; lanes * d];
-    for i in 0..n_q {
-        let q_row = task.row_offset + task.begin + i;
-        let src = (q_row * queries.q_heads + task.kv_head * group) * d;
-        for (dst, &x) in q[i * group * d..(i + 1) * group * d]
-            .iter_mut()
-            .zip(&queries.data[src..src + group * d])
-        {
-            *dst = x * queries.scale;
+    let lanes = n_q * group;
+    with_scratch(|scratch| {
+        // This task's query rows, contiguous and pre-multiplied by the softmax scale: the
+        // rows of one query's group of heads are contiguous in `q`.
+        let q = sized(&mut scratch.q, lanes * d);
+        for i in 0..n_q {
+            let q_row = task.row_offset + task.begin + i;
+            let src = (q_row * queries.q_heads + task.kv_head * group) * d;
+            let rows = queries
+                .data
+                .get(src..src + group * d)
+                .ok_or(KvError::OutOfRange {
+                    what: "query row",
+                    index: q_row,
+                    len: queries.data.len() / (queries.q_heads * d).max(1),
+                })?;
+            for (dst, &x) in q[i * group * d..(i + 1) * group * d].iter_mut().zip(rows) {
+                *dst = x * queries.scale;
+            }
         }
-    }
-    let mut max = vec![f32::NEG_INFINITY; lanes];
-    let mut sum = vec![0.0f32; lanes];
-    let mut acc = vec![0.0f32; lanes * d];
-    // scores[lane * TILE + r]: score, then weight, of row r of the current tile.
-    let mut scores = vec![0.0f32; lanes * TILE];
-    // A stored row widened to f32, once for all lanes that read it.
-    let mut row_buf = vec![0.0f32; d];
+        let (max, rest) = part.split_at_mut(lanes);
+        let (sum, acc) = rest.split_at_mut(lanes);
+        max.fill(f32::NEG_INFINITY);
+        sum.fill(0.0);
+        acc.fill(0.0);
+        let lanes_state = Lanes { max, sum, acc };
+        let Scratch {
+            q,
+            scores,
+            kt,
+            v,
+            acc: tile_acc,
+            wide,
+        } = scratch;
+        let q = &q[..lanes * d];
+        if n_q == 1 && group <= STREAM_MAX_GROUP && path == Path::Auto {
+            stream::<C>(pools, g, isa, task, q, lanes_state, scores, wide)
+        } else {
+            let bufs = TileBufs {
+                scores,
+                kt,
+                v,
+                acc: tile_acc,
+                wide,
+            };
+            tiled::<C>(pools, g, isa, task, group, q, lanes_state, bufs)
+        }
+    })
+}
 
-    let blocks = task.seq.blocks();
-    let mut t0 = 0;
-    while t0 < n_keys {
-        let block_index = t0 / g.block_size;
-        let offset = t0 % g.block_size;
-        let t1 = n_keys.min((block_index + 1) * g.block_size).min(t0 + TILE);
-        let block = *blocks.get(block_index).ok_or(KvError::OutOfRange {
+/// The online-softmax state of a task's lanes, in its partial-result slice.
+struct Lanes<'a> {
+    max: &'a mut [f32],
+    sum: &'a mut [f32],
+    /// `[lanes][head_dim]`.
+    acc: &'a mut [f32],
+}
+
+/// Folds one tile of raw scores `s` (turned into weights in place) into a lane's running
+/// maximum and sum, rescaling its accumulator `acc` when the maximum grows.
+fn softmax_update(
+    isa: Isa,
+    s: &mut [f32],
+    max: &mut f32,
+    sum: &mut f32,
+    acc: &mut [f32],
+) -> Result<()> {
+    let new_max = max.max(kernels::max(isa, s));
+    if !new_max.is_finite() {
+        return Err(KvError::NonFinite {
+            what: "attention scores (q.k overflows f32)",
+        });
+    }
+    if new_max > *max && *max > f32::NEG_INFINITY {
+        let correction = (*max - new_max).exp();
+        *sum *= correction;
+        kernels::scale(acc, correction);
+    }
+    *max = new_max;
+    *sum += kernels::exp_sum(isa, s, new_max);
+    if !sum.is_finite() {
+        return Err(KvError::NonFinite {
+            what: "attention scores (q.k overflows f32)",
+        });
+    }
+    Ok(())
+}
+
+/// Splits keys `t0..t1` of `blocks` into runs of rows contiguous in the pools (inside one
+/// block, for KV head `kv_head`): `(first unit, rows)` into `runs`; returns how many.
+fn runs_of(
+    blocks: &[BlockId],
+    g: Geometry,
+    kv_head: usize,
+    t0: usize,
+    t1: usize,
+    runs: &mut [(usize, usize); TILE],
+) -> Result<usize> {
+    let mut n = 0;
+    let mut t = t0;
+    while t < t1 {
+        let index = t / g.block_size;
+        let end = t1.min((index + 1) * g.block_size);
+        let block = *blocks.get(index).ok_or(KvError::OutOfRange {
             what: "block of sequence",
-            index: block_index,
+            index,
             len: blocks.len(),
         })? as usize;
-        let base = g.row_start(block, task.kv_head, offset);
-        let rows = t1 - t0;
-        // Query i sees key t when first_pos + i >= t.
-        let first_seeing = |t: usize| t.saturating_sub(first_pos);
+        if block >= g.num_blocks {
+            return Err(KvError::OutOfRange {
+                what: "block",
+                index: block,
+                len: g.num_blocks,
+            });
+        }
+        let slot = runs.get_mut(n).ok_or_else(|| KvError::InvalidArgument {
+            what: "attention tile",
+            detail: format!("keys {t0}..{t1} exceed a tile of {TILE}"),
+        })?;
+        *slot = (g.row_start(block, kv_head, t % g.block_size), end - t);
+        n += 1;
+        t = end;
+    }
+    Ok(n)
+}
 
-        for r in 0..rows {
-            let k = C::widen(&pools.k[base + r * ru..base + (r + 1) * ru], &mut row_buf);
-            for lane in first_seeing(t0 + r) * group..lanes {
-                scores[lane * TILE + r] = kernels::dot_f32(&q[lane * d..(lane + 1) * d], k);
+/// The stored rows of a run.
+fn run_rows<U>(pool: &[U], g: Geometry, (start, rows): (usize, usize)) -> Result<&[U]> {
+    pool.get(start..start + rows * g.row_units)
+        .ok_or(KvError::OutOfRange {
+            what: "pool row",
+            index: start + rows * g.row_units,
+            len: pool.len(),
+        })
+}
+
+/// The decode loop: one query, its group's heads as lanes, keys `k0..k1` all visible.
+///
+/// While it scores the K rows of one tile it prefetches the K rows of the next, and likewise
+/// for V, so the memory system streams across block boundaries.
+#[allow(clippy::too_many_arguments)]
+fn stream<C: RowOps>(
+    pools: &LayerPools<C::Unit>,
+    g: Geometry,
+    isa: Isa,
+    task: &Task<'_>,
+    q: &[f32],
+    lanes: Lanes<'_>,
+    scores: &mut Vec<f32>,
+    wide: &mut Vec<f32>,
+) -> Result<()> {
+    let (d, ru) = (g.head_dim, g.row_units);
+    let heads = lanes.max.len();
+    let scores = sized(scores, heads * TILE);
+    let blocks = task.seq.blocks();
+    let mut runs = [(0usize, 0usize); TILE];
+    let mut next = [(0usize, 0usize); TILE];
+    let mut t = task.k0;
+    let mut t1 = task.k1.min(t + TILE);
+    let mut n_runs = runs_of(blocks, g, task.kv_head, t, t1, &mut runs)?;
+    while t < task.k1 {
+        let t2 = task.k1.min(t1 + TILE);
+        let n_next = runs_of(blocks, g, task.kv_head, t1, t2, &mut next)?;
+        let mut col = 0;
+        for (j, &run) in runs[..n_runs].iter().enumerate() {
+            if let Some(&ahead) = next[..n_next].get(j) {
+                kernels::prefetch(run_rows(&pools.k, g, ahead)?);
+            }
+            let rows = run_rows(&pools.k, g, run)?;
+            C::score_run(isa, q, d, ru, rows, &mut scores[col..], TILE, wide);
+            col += run.1;
+        }
+        for h in 0..heads {
+            softmax_update(
+                isa,
+                &mut scores[h * TILE..h * TILE + (t1 - t)],
+                &mut lanes.max[h],
+                &mut lanes.sum[h],
+                &mut lanes.acc[h * d..(h + 1) * d],
+            )?;
+        }
+        col = 0;
+        for (j, &run) in runs[..n_runs].iter().enumerate() {
+            if let Some(&ahead) = next[..n_next].get(j) {
+                kernels::prefetch(run_rows(&pools.v, g, ahead)?);
+            }
+            let rows = run_rows(&pools.v, g, run)?;
+            C::accumulate_run(isa, &scores[col..], TILE, d, ru, rows, lanes.acc, wide);
+            col += run.1;
+        }
+        std::mem::swap(&mut runs, &mut next);
+        n_runs = n_next;
+        t = t1;
+        t1 = t2;
+    }
+    Ok(())
+}
+
+/// Scratch of the tiled loop.
+struct TileBufs<'a> {
+    scores: &'a mut Vec<f32>,
+    kt: &'a mut Vec<f32>,
+    v: &'a mut Vec<f32>,
+    acc: &'a mut Vec<f32>,
+    wide: &'a mut Vec<f32>,
+}
+
+/// The tiled loop: lanes `i * group + h` for query `i` of the chunk and head `h` of the
+/// group; query `i` sits at position `first + i` and sees keys `0..=first + i`.
+#[allow(clippy::too_many_arguments)]
+fn tiled<C: RowOps>(
+    pools: &LayerPools<C::Unit>,
+    g: Geometry,
+    isa: Isa,
+    task: &Task<'_>,
+    group: usize,
+    q: &[f32],
+    lanes: Lanes<'_>,
+    bufs: TileBufs<'_>,
+) -> Result<()> {
+    let (d, ru) = (g.head_dim, g.row_units);
+    // Accumulator and value rows padded to whole registers.
+    let dp = d.div_ceil(8) * 8;
+    let n_lanes = lanes.max.len();
+    let n_q = task.end - task.begin;
+    let first = task.seq.first_query_position() + task.begin;
+    let s = sized(bufs.scores, n_lanes * TILE);
+    let kt = sized(bufs.kt, d * TILE);
+    let vt = sized(bufs.v, TILE * dp);
+    let acc = sized(bufs.acc, n_lanes * dp);
+    acc.fill(0.0);
+    let mut runs = [(0usize, 0usize); TILE];
+    let mut t = task.k0;
+    while t < task.k1 {
+        let t1 = task.k1.min(t + TILE);
+        let rows = t1 - t;
+        let cols = rows.div_ceil(8) * 8;
+        // Queries before `i0` sit before key t and see none of this tile (nor later ones).
+        let i0 = t.saturating_sub(first);
+        if i0 >= n_q {
+            break;
+        }
+        let l0 = i0 * group;
+        let n_runs = runs_of(task.seq.blocks(), g, task.kv_head, t, t1, &mut runs)?;
+        let mut col = 0;
+        for &run in &runs[..n_runs] {
+            let k_rows = run_rows(&pools.k, g, run)?;
+            C::widen_run_transposed(k_rows, d, ru, kt, TILE, col, bufs.wide);
+            let v_rows = run_rows(&pools.v, g, run)?;
+            C::widen_run(v_rows, d, ru, &mut vt[col * dp..], dp, bufs.wide);
+            col += run.1;
+        }
+        if dp > d {
+            for row in vt[..rows * dp].chunks_exact_mut(dp) {
+                row[d..].fill(0.0);
             }
         }
-
-        for i in first_seeing(t0)..n_q {
-            let visible = rows.min(first_pos + i + 1 - t0);
-            for lane in i * group..(i + 1) * group {
-                let s = &mut scores[lane * TILE..lane * TILE + visible];
-                let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let new_max = max[lane].max(tile_max);
-                if !new_max.is_finite() {
-                    return Err(KvError::NonFinite {
-                        what: "attention scores (q.k overflows f32)",
-                    });
-                }
-                if new_max > max[lane] && max[lane] > f32::NEG_INFINITY {
-                    let correction = (max[lane] - new_max).exp();
-                    sum[lane] *= correction;
-                    kernels::scale(&mut acc[lane * d..(lane + 1) * d], correction);
-                }
-                max[lane] = new_max;
-                for x in s.iter_mut() {
-                    *x = (*x - new_max).exp();
-                    sum[lane] += *x;
-                }
-            }
+        kernels::qk_tile(
+            isa,
+            &q[l0 * d..],
+            d,
+            n_lanes - l0,
+            d,
+            kt,
+            TILE,
+            cols,
+            &mut s[l0 * TILE..],
+            TILE,
+        );
+        for lane in l0..n_lanes {
+            let visible = rows.min(first + lane / group + 1 - t);
+            let row = &mut s[lane * TILE..lane * TILE + rows];
+            softmax_update(
+                isa,
+                &mut row[..visible],
+                &mut lanes.max[lane],
+                &mut lanes.sum[lane],
+                &mut acc[lane * dp..(lane + 1) * dp],
+            )?;
+            row[visible..].fill(0.0);
         }
+        kernels::pv_tile(
+            isa,
+            &s[l0 * TILE..],
+            TILE,
+            n_lanes - l0,
+            rows,
+            vt,
+            dp,
+            dp,
+            &mut acc[l0 * dp..],
+            dp,
+        );
+        t = t1;
+    }
+    for (out, a) in lanes.acc.chunks_exact_mut(d).zip(acc.chunks_exact(dp)) {
+        out.copy_from_slice(&a[..d]);
+    }
+    Ok(())
+}
 
-        for r in 0..rows {
-            let v = C::widen(&pools.v[base + r * ru..base + (r + 1) * ru], &mut row_buf);
-            for lane in first_seeing(t0 + r) * group..lanes {
-                kernels::axpy_f32(
-                    scores[lane * TILE + r],
-                    v,
-                    &mut acc[lane * d..(lane + 1) * d],
-                );
-            }
-        }
-        t0 = t1;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::SplitMix;
+    use crate::storage::{with_pools, CpuStorage, Which};
+    use kv_core::{KvDType, ModelShape, Slot, StorageSpec};
+
+    /// A batch of sequences over scattered blocks, its queries, and the f64 reference
+    /// output computed from the stored (rounded) K/V.
+    struct Fixture {
+        storage: CpuStorage,
+        batch: AttentionBatch,
+        q: Vec<f32>,
+        q_heads: usize,
+        want: Vec<f64>,
+        v_max: f64,
     }
 
-    for (lane, a) in acc.chunks_exact_mut(d).enumerate() {
-        // Every query sees key 0, so every sum holds at least exp(0) = 1.
-        kernels::scale(a, 1.0 / sum[lane]);
+    fn fixture(
+        (q_heads, kv_heads, d): (usize, usize, usize),
+        dtype: KvDType,
+        block_size: usize,
+        seqs: &[(usize, usize)],
+        seed: u64,
+    ) -> Result<Fixture> {
+        let mut rng = SplitMix(seed);
+        let blocks_needed: usize = seqs.iter().map(|(len, _)| len.div_ceil(block_size)).sum();
+        // Spare blocks, and a count coprime with 7 for the scattering below.
+        let num_blocks = (blocks_needed + 3..).find(|n| n % 7 != 0).unwrap_or(1);
+        let spec = StorageSpec::new(
+            ModelShape::new(1, q_heads, kv_heads, d)?,
+            dtype,
+            block_size,
+            num_blocks,
+        )?;
+        let mut storage = CpuStorage::allocate(&spec)?;
+        // A fixed scattering of block ids (a permutation, as 7 is coprime with the count).
+        let order: Vec<BlockId> = (0..num_blocks)
+            .map(|i| ((i * 7 + 2) % num_blocks) as BlockId)
+            .collect();
+        let mut next = 0;
+        let mut seq_attn = Vec::new();
+        let mut kv = Vec::new();
+        for &(len, n_q) in seqs {
+            let n_blocks = len.div_ceil(block_size);
+            let table = order[next..next + n_blocks].to_vec();
+            next += n_blocks;
+            let slots: Vec<Slot> = (0..len)
+                .map(|t| Slot {
+                    block: table[t / block_size],
+                    offset: (t % block_size) as u32,
+                })
+                .collect();
+            let k: Vec<f32> = (0..len * kv_heads * d).map(|_| rng.next_unit() * 2.0).collect();
+            let v: Vec<f32> = (0..len * kv_heads * d).map(|_| rng.next_unit()).collect();
+            with_pools!(&mut storage.pools, p => p.store(0, Which::K, &slots, &k))?;
+            with_pools!(&mut storage.pools, p => p.store(0, Which::V, &slots, &v))?;
+            kv.push(with_pools!(&storage.pools, p => p.read(0, &slots))?);
+            seq_attn.push(SeqAttention::new(table, len, n_q)?);
+        }
+        let batch = AttentionBatch::new(seq_attn, d);
+        let total_q = batch.total_queries();
+        let q: Vec<f32> = (0..total_q * q_heads * d).map(|_| rng.next_unit()).collect();
+        let group = q_heads / kv_heads;
+        let mut want = vec![0.0f64; q.len()];
+        let mut v_max = 0.0f64;
+        let mut row = 0;
+        for (seq, (k, v)) in batch.seqs.iter().zip(&kv) {
+            v_max = v.iter().fold(v_max, |m, x| m.max(x.abs() as f64));
+            for i in 0..seq.n_queries() {
+                let pos = seq.first_query_position() + i;
+                for h in 0..q_heads {
+                    let kvh = h / group;
+                    let qv = &q[((row + i) * q_heads + h) * d..][..d];
+                    let scores: Vec<f64> = (0..=pos)
+                        .map(|t| {
+                            let kt = &k[(t * kv_heads + kvh) * d..][..d];
+                            batch.scale as f64
+                                * qv.iter().zip(kt).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+                        })
+                        .collect();
+                    let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let total: f64 = w.iter().sum();
+                    let out = &mut want[((row + i) * q_heads + h) * d..][..d];
+                    for (t, wt) in w.iter().enumerate() {
+                        let vt = &v[(t * kv_heads + kvh) * d..][..d];
+                        for (o, &x) in out.iter_mut().zip(vt) {
+                            *o += wt / total * x as f64;
+                        }
+                    }
+                }
+            }
+            row += seq.n_queries();
+        }
+        Ok(Fixture {
+            storage,
+            batch,
+            q,
+            q_heads,
+            want,
+            v_max,
+        })
     }
-    Ok(acc)
+
+    fn run(
+        f: &Fixture,
+        isa: Isa,
+        path: Path,
+        threads: Option<&rayon::ThreadPool>,
+    ) -> Result<Vec<f32>> {
+        let queries = Queries {
+            data: &f.q,
+            q_heads: f.q_heads,
+            scale: f.batch.scale,
+        };
+        with_pools!(&f.storage.pools, p => attend_with(p, 0, &queries, &f.batch, threads, isa, path),
+            quant _p => Err(KvError::Unsupported { backend: "cpu".into(), what: "quant".into() }))
+    }
+
+    /// Every level and both loops agree with the f64 reference; the result does not depend
+    /// on the thread count.
+    fn check(f: &Fixture, what: &str) -> Result<()> {
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .map_err(|e| KvError::InvalidArgument { what: "pool", detail: e.to_string() })?;
+        let three = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .map_err(|e| KvError::InvalidArgument { what: "pool", detail: e.to_string() })?;
+        let tol = 2e-5 * (1.0 + f.v_max);
+        for &isa in &Isa::available() {
+            for path in [Path::Auto, Path::Tiled] {
+                let got = run(f, isa, path, Some(&one))?;
+                for (i, (g, w)) in got.iter().zip(&f.want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() <= tol,
+                        "{what} {isa} {path:?} [{i}]: {g} vs {w}"
+                    );
+                }
+                assert_eq!(run(f, isa, path, Some(&three))?, got, "{what} {isa} {path:?}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn long_decode_split_over_key_chunks_matches_the_reference() -> Result<()> {
+        // SmolLM2's head layout; 1300 keys make three key chunks, merged by log-sum-exp.
+        let f = fixture((9, 3, 64), KvDType::F16, 16, &[(1300, 1), (7, 1)], 1)?;
+        check(&f, "smollm2 decode")
+    }
+
+    #[test]
+    fn short_appends_split_with_queries_that_see_no_key_of_a_chunk() -> Result<()> {
+        // 16 queries at positions 504..=519: in the key chunk 512..520 the first eight see
+        // nothing. 17 queries do not split. Head dim 13 exercises every SIMD tail.
+        let f = fixture(
+            (6, 2, 13),
+            KvDType::BF16,
+            5,
+            &[(520, 16), (40, 17), (3, 3)],
+            2,
+        )?;
+        check(&f, "gqa append")
+    }
+
+    #[test]
+    fn large_groups_and_prefill_take_the_tiled_loop_and_match() -> Result<()> {
+        // MQA with 12 heads per KV head: even decode runs tiled; prefill chunks of 10.
+        let f = fixture((12, 1, 32), KvDType::F32, 16, &[(600, 1), (70, 70)], 3)?;
+        check(&f, "mqa")?;
+        // MHA, head dim 128, one token per block.
+        let f = fixture((4, 4, 128), KvDType::F32, 1, &[(100, 1), (65, 65)], 4)?;
+        check(&f, "mha")
+    }
+
+    #[test]
+    fn scores_that_overflow_are_a_typed_error() -> Result<()> {
+        let mut f = fixture((2, 1, 8), KvDType::F32, 4, &[(9, 1)], 5)?;
+        f.q.iter_mut().for_each(|x| *x = 3.0e38);
+        for &isa in &Isa::available() {
+            for path in [Path::Auto, Path::Tiled] {
+                assert!(matches!(
+                    run(&f, isa, path, None),
+                    Err(KvError::NonFinite { .. })
+                ));
+            }
+        }
+        Ok(())
+    }
 }

@@ -1,19 +1,27 @@
-//! The per-row arithmetic of the attention loop, as plain functions over slices.
+//! The arithmetic of the attention loop: the portable reference, the choice of instruction
+//! set, and the kernels the loop calls.
 //!
-//! Everything the backend does to a cached row goes through these functions: converting a
-//! row between f32 and its stored format, the dot product of an f32 query with an f32 row,
-//! and the weighted add of an f32 row into an f32 accumulator. A half-precision row is
-//! widened to f32 once and then used by every query head of its KV head's group, which
-//! costs one conversion per row instead of one per (row, head); so only the f32 forms of
-//! dot and axpy sit in the inner loop.
+//! Two levels of functions live here.
 //!
-//! They are the portable fallback. SIMD versions (AVX2/F16C, NEON) will sit next to them
-//! behind run-time feature detection and must agree with them, so these stay simple and
-//! obviously right rather than fast. The f16 and bf16 conversions go through `half`'s
-//! slice conversions, which already use F16C where the CPU has it: detected once per
-//! slice, where `half`'s per-element conversion detects it once per element.
+//! - **Row math** (public): converting a row between f32 and its stored format, the dot
+//!   product of an f32 query with an f32 row, the weighted add of an f32 row into an
+//!   accumulator. Plain, obviously right Rust; the storage uses the conversions, and they
+//!   are the reference the fast kernels are tested against.
+//! - **Kernels** (crate-internal), each taking an [`Isa`]: scores of a group of query heads
+//!   against a run of stored rows, with every row loaded once for all heads of the group;
+//!   the weighted sum of a run of stored rows into those heads' accumulators; the max and
+//!   exp-and-sum of the online softmax; and, for prefill, the query-tile x key-tile
+//!   products over f32 tiles. [`Isa::Scalar`] runs the portable versions below, which
+//!   widen a row in chunks of [`CHUNK`] elements (with `half`'s slice conversions) and use
+//!   the row math; [`Isa::Avx2`] runs the versions in the `x86` module, which read f16 and
+//!   bf16 rows directly and widen them in registers.
 //!
-//! Every function takes slices meant to be of equal length; a longer one is cut to the
+//! The instruction set is chosen at run time ([`Isa::detect`]); a level the CPU lacks is
+//! never run, whatever a caller asks for, because the AVX2 kernels are reached only through
+//! a token that exists only on a CPU with AVX2, FMA and F16C. Tests run every kernel at
+//! every level the CPU has and compare it with the scalar one.
+//!
+//! Every function takes slices meant to be of matching lengths; a longer one is cut to the
 //! shorter, which the backend never relies on.
 //!
 //! ```
@@ -26,7 +34,10 @@
 //! let mut acc = [0.0f32; 3];
 //! kernels::axpy_f32(2.0, &wide, &mut acc);
 //! assert_eq!(acc, [1.0, -2.0, 4.0]);
+//! assert!(kernels::Isa::detect().is_available());
 //! ```
+
+use std::sync::OnceLock;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -104,6 +115,387 @@ pub fn decode_bf16(src: &[bf16], dst: &mut [f32]) {
     src[..n].convert_to_f32_slice(&mut dst[..n]);
 }
 
+/// An instruction-set level the kernels run at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Isa {
+    /// Portable Rust for any CPU: the reference every other level is tested against.
+    Scalar,
+    /// x86-64 with AVX2, FMA and F16C (Intel Haswell, AMD Zen and later).
+    Avx2,
+}
+
+impl Isa {
+    /// Every level, slowest first.
+    pub const ALL: &'static [Isa] = &[Isa::Scalar, Isa::Avx2];
+
+    /// The level the CPU backend runs at: the best this CPU has, unless the environment
+    /// variable `KV_CPU_ISA` names another available level (`scalar` or `avx2`), which is
+    /// how to measure or debug the portable path on a fast machine. Decided once per
+    /// process.
+    pub fn detect() -> Isa {
+        static CHOSEN: OnceLock<Isa> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let best = Isa::available().last().copied().unwrap_or(Isa::Scalar);
+            std::env::var("KV_CPU_ISA")
+                .ok()
+                .and_then(|name| Isa::from_name(&name))
+                .filter(|isa| isa.is_available())
+                .unwrap_or(best)
+        })
+    }
+
+    /// The levels this CPU runs, slowest first (always starting with [`Isa::Scalar`]).
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL
+            .iter()
+            .copied()
+            .filter(|isa| isa.is_available())
+            .collect()
+    }
+
+    /// Whether this CPU runs this level.
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => crate::x86::Avx2::get().is_some(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => false,
+        }
+    }
+
+    /// Lower-case name, as `KV_CPU_ISA` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+        }
+    }
+
+    /// The level called `name` (as [`Isa::name`] writes it, any case).
+    pub fn from_name(name: &str) -> Option<Isa> {
+        Isa::ALL
+            .iter()
+            .copied()
+            .find(|isa| isa.name().eq_ignore_ascii_case(name.trim()))
+    }
+
+    /// The AVX2 token when this level is AVX2 and the CPU has it.
+    #[cfg(target_arch = "x86_64")]
+    fn avx2(self) -> Option<crate::x86::Avx2> {
+        match self {
+            Isa::Avx2 => crate::x86::Avx2::get(),
+            Isa::Scalar => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Asks the CPU to start loading `data` into its caches (a hint; no value changes). The
+/// decode loop prefetches the next tile's rows while it computes with the current one,
+/// because rows of one KV head are contiguous only within a block, too short a run for the
+/// hardware prefetchers to follow from block to block.
+pub(crate) fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    crate::x86::prefetch_l2(data);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
+/// Elements the portable kernels widen a row by at a time (a stack buffer).
+pub(crate) const CHUNK: usize = 64;
+
+/// A stored element type: widened to f32 one at a time or a slice at a time.
+pub(crate) trait Widen: Copy + Send + Sync + 'static {
+    /// The value as f32 (exact for every stored format).
+    fn widen(self) -> f32;
+    /// `dst[i] = src[i].widen()` over the shorter of the two.
+    fn widen_slice(src: &[Self], dst: &mut [f32]);
+}
+
+impl Widen for f32 {
+    #[inline]
+    fn widen(self) -> f32 {
+        self
+    }
+    fn widen_slice(src: &[f32], dst: &mut [f32]) {
+        copy_f32(src, dst)
+    }
+}
+
+impl Widen for f16 {
+    #[inline]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn widen_slice(src: &[f16], dst: &mut [f32]) {
+        decode_f16(src, dst)
+    }
+}
+
+impl Widen for bf16 {
+    #[inline]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn widen_slice(src: &[bf16], dst: &mut [f32]) {
+        decode_bf16(src, dst)
+    }
+}
+
+/// A stored element type every kernel level reads directly.
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait Elem: Widen + crate::x86::Load {}
+/// A stored element type every kernel level reads directly.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait Elem: Widen {}
+
+impl Elem for f32 {}
+impl Elem for f16 {}
+impl Elem for bf16 {}
+
+/// Scores of query heads against stored rows: `scores[h * stride + r] = q[h] . rows[r]`,
+/// where `q` holds `q.len() / d` query rows of `d` and `rows` holds `rows.len() / d` stored
+/// rows. Each stored row is read once for all heads.
+pub(crate) fn score_rows<E: Elem>(
+    isa: Isa,
+    q: &[f32],
+    d: usize,
+    rows: &[E],
+    scores: &mut [f32],
+    stride: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx2() {
+        return t.score_rows(q, d, rows, scores, stride);
+    }
+    let _ = isa;
+    scalar_score_rows(q, d, rows, scores, stride)
+}
+
+/// Weighted sum of stored rows into accumulators:
+/// `acc[h] += sum_r w[h * stride + r] * rows[r]`, where `acc` holds `acc.len() / d` rows
+/// of `d` and `rows` holds `rows.len() / d` stored rows.
+pub(crate) fn accumulate_rows<E: Elem>(
+    isa: Isa,
+    w: &[f32],
+    stride: usize,
+    d: usize,
+    rows: &[E],
+    acc: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx2() {
+        return t.accumulate_rows(w, stride, d, rows, acc);
+    }
+    let _ = isa;
+    scalar_accumulate_rows(w, stride, d, rows, acc)
+}
+
+/// Largest element (`-inf` for none; NaN elements are skipped, like `f32::max`).
+pub(crate) fn max(isa: Isa, s: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx2() {
+        return t.max(s);
+    }
+    let _ = isa;
+    s.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `s[i] = exp(s[i] - m)` for every element; returns the sum. The AVX2 level uses a
+/// polynomial `exp` accurate to a few ulp.
+pub(crate) fn exp_sum(isa: Isa, s: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx2() {
+        return t.exp_sum(s, m);
+    }
+    let _ = isa;
+    let mut sum = 0.0;
+    for x in s {
+        *x = (*x - m).exp();
+        sum += *x;
+    }
+    sum
+}
+
+/// Scores of a tile of queries against a tile of keys stored transposed:
+/// `s[l * s_ld + j] = sum_k q[l * q_ld + k] * kt[k * kt_ld + j]` for `l < lanes`,
+/// `j < cols`, `k < d`. `cols` is a multiple of 8 (pad the key tile with zero columns).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn qk_tile(
+    isa: Isa,
+    q: &[f32],
+    q_ld: usize,
+    lanes: usize,
+    d: usize,
+    kt: &[f32],
+    kt_ld: usize,
+    cols: usize,
+    s: &mut [f32],
+    s_ld: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx2() {
+        return t.qk_tile(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld);
+    }
+    let _ = isa;
+    for l in 0..lanes {
+        let (Some(qr), Some(sr)) = (
+            q.get(l * q_ld..l * q_ld + d),
+            s.get_mut(l * s_ld..l * s_ld + cols),
+        ) else {
+            return;
+        };
+        sr.fill(0.0);
+        for (k, &a) in qr.iter().enumerate() {
+            if let Some(kr) = kt.get(k * kt_ld..k * kt_ld + cols) {
+                axpy_f32(a, kr, sr);
+            }
+        }
+    }
+}
+
+/// A tile of weights times a tile of value rows added into accumulators:
+/// `acc[l * acc_ld + c] += sum_r p[l * p_ld + r] * v[r * v_ld + c]` for `l < lanes`,
+/// `r < rows`, `c < cols`. `cols` is a multiple of 8 (pad the rows with zero columns).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pv_tile(
+    isa: Isa,
+    p: &[f32],
+    p_ld: usize,
+    lanes: usize,
+    rows: usize,
+    v: &[f32],
+    v_ld: usize,
+    cols: usize,
+    acc: &mut [f32],
+    acc_ld: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx2() {
+        return t.pv_tile(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld);
+    }
+    let _ = isa;
+    for l in 0..lanes {
+        let (Some(pr), Some(ar)) = (
+            p.get(l * p_ld..l * p_ld + rows),
+            acc.get_mut(l * acc_ld..l * acc_ld + cols),
+        ) else {
+            return;
+        };
+        for (r, &w) in pr.iter().enumerate() {
+            if let Some(vr) = v.get(r * v_ld..r * v_ld + cols) {
+                axpy_f32(w, vr, ar);
+            }
+        }
+    }
+}
+
+/// Widens stored rows (`rows.len() / d` of them) into f32 rows `dst[r * ld..][..d]`.
+pub(crate) fn widen_rows<E: Widen>(rows: &[E], d: usize, dst: &mut [f32], ld: usize) {
+    if d == 0 {
+        return;
+    }
+    for (r, row) in rows.chunks_exact(d).enumerate() {
+        if let Some(out) = dst.get_mut(r * ld..r * ld + d) {
+            E::widen_slice(row, out);
+        }
+    }
+}
+
+/// Widens stored rows (`rows.len() / d` of them) into the columns `col0..` of a
+/// transposed f32 tile: `dst[k * ld + col0 + r] = rows[r][k]`.
+pub(crate) fn widen_rows_transposed<E: Widen>(
+    rows: &[E],
+    d: usize,
+    dst: &mut [f32],
+    ld: usize,
+    col0: usize,
+) {
+    if d == 0 {
+        return;
+    }
+    let mut buf = [0.0f32; CHUNK];
+    for (r, row) in rows.chunks_exact(d).enumerate() {
+        for (c, part) in row.chunks(CHUNK).enumerate() {
+            let wide = &mut buf[..part.len()];
+            E::widen_slice(part, wide);
+            for (j, &x) in wide.iter().enumerate() {
+                if let Some(slot) = dst.get_mut((c * CHUNK + j) * ld + col0 + r) {
+                    *slot = x;
+                }
+            }
+        }
+    }
+}
+
+/// Portable [`score_rows`]: each row is widened [`CHUNK`] elements at a time into a stack
+/// buffer and dotted with every head.
+fn scalar_score_rows<E: Widen>(q: &[f32], d: usize, rows: &[E], scores: &mut [f32], stride: usize) {
+    if d == 0 {
+        return;
+    }
+    let heads = q.len() / d;
+    let mut buf = [0.0f32; CHUNK];
+    for (r, row) in rows.chunks_exact(d).enumerate() {
+        if r >= stride {
+            return;
+        }
+        for h in 0..heads {
+            if let Some(x) = scores.get_mut(h * stride + r) {
+                *x = 0.0;
+            }
+        }
+        for (c, part) in row.chunks(CHUNK).enumerate() {
+            let wide = &mut buf[..part.len()];
+            E::widen_slice(part, wide);
+            for h in 0..heads {
+                let qh = &q[h * d + c * CHUNK..][..wide.len()];
+                if let Some(x) = scores.get_mut(h * stride + r) {
+                    *x += dot_f32(qh, wide);
+                }
+            }
+        }
+    }
+}
+
+/// Portable [`accumulate_rows`]: each row is widened [`CHUNK`] elements at a time into a
+/// stack buffer and added into every head's accumulator with its weight.
+fn scalar_accumulate_rows<E: Widen>(
+    w: &[f32],
+    stride: usize,
+    d: usize,
+    rows: &[E],
+    acc: &mut [f32],
+) {
+    if d == 0 {
+        return;
+    }
+    let heads = acc.len() / d;
+    let mut buf = [0.0f32; CHUNK];
+    for (r, row) in rows.chunks_exact(d).enumerate() {
+        if r >= stride {
+            return;
+        }
+        for (c, part) in row.chunks(CHUNK).enumerate() {
+            let wide = &mut buf[..part.len()];
+            E::widen_slice(part, wide);
+            for h in 0..heads {
+                let Some(&wt) = w.get(h * stride + r) else {
+                    return;
+                };
+                axpy_f32(wt, wide, &mut acc[h * d + c * CHUNK..][..wide.len()]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +528,253 @@ mod tests {
         assert_eq!(acc, [2.0, 4.0, 0.0]);
         scale(&mut acc, 0.5);
         assert_eq!(acc, [1.0, 2.0, 0.0]);
+    }
+
+    use crate::bench::SplitMix;
+
+    fn random(rng: &mut SplitMix, n: usize, amp: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.next_unit() * amp).collect()
+    }
+
+    /// Rows stored as `E` and the same rows widened back, so references see the exact
+    /// stored values.
+    fn stored<E: Elem>(rng: &mut SplitMix, n: usize, from: fn(f32) -> E) -> (Vec<E>, Vec<f32>) {
+        let rows: Vec<E> = random(rng, n, 2.0).into_iter().map(from).collect();
+        let wide = rows.iter().map(|x| x.widen()).collect();
+        (rows, wide)
+    }
+
+    /// Every SIMD level against the scalar kernel and an f64 reference, for stored rows of
+    /// type `E`, every head count up to 9 and head dims that exercise every tail.
+    fn check_score_and_accumulate<E: Elem>(from: fn(f32) -> E) {
+        let mut rng = SplitMix(11);
+        for &d in &[1usize, 5, 8, 13, 16, 24, 64, 100, 128] {
+            for heads in 1..=9 {
+                for &n in &[1usize, 3, 16, 21] {
+                    let q = random(&mut rng, heads * d, 1.0);
+                    let (rows, wide) = stored(&mut rng, n * d, from);
+                    let stride = n + 3;
+                    let w = random(&mut rng, heads * stride, 1.0);
+                    let acc0 = random(&mut rng, heads * d, 1.0);
+                    let mut want = vec![f32::NAN; heads * stride];
+                    scalar_score_rows(&q, d, &rows, &mut want, stride);
+                    let mut want_acc = acc0.clone();
+                    scalar_accumulate_rows(&w, stride, d, &rows, &mut want_acc);
+                    for h in 0..heads {
+                        for r in 0..n {
+                            let exact = naive_dot(&q[h * d..][..d], &wide[r * d..][..d]);
+                            let got = want[h * stride + r] as f64;
+                            assert!((got - exact).abs() <= 1e-5 * d as f64, "scalar d={d}");
+                        }
+                        for j in 0..d {
+                            let exact: f64 = acc0[h * d + j] as f64
+                                + (0..n)
+                                    .map(|r| w[h * stride + r] as f64 * wide[r * d + j] as f64)
+                                    .sum::<f64>();
+                            let got = want_acc[h * d + j] as f64;
+                            assert!((got - exact).abs() <= 1e-5 * n as f64, "scalar acc d={d}");
+                        }
+                    }
+                    for &isa in &Isa::available() {
+                        let mut got = vec![f32::NAN; heads * stride];
+                        score_rows(isa, &q, d, &rows, &mut got, stride);
+                        let mut got_acc = acc0.clone();
+                        accumulate_rows(isa, &w, stride, d, &rows, &mut got_acc);
+                        for h in 0..heads {
+                            for r in 0..n {
+                                let (a, b) = (got[h * stride + r], want[h * stride + r]);
+                                assert!(
+                                    (a - b).abs() <= 2e-5 * d as f32,
+                                    "{isa} score d={d} heads={heads} n={n}: {a} vs {b}"
+                                );
+                            }
+                            // Gaps between score rows stay untouched.
+                            assert!(got[h * stride + n..(h + 1) * stride].iter().all(|x| x.is_nan()));
+                        }
+                        for (a, b) in got_acc.iter().zip(&want_acc) {
+                            assert!(
+                                (a - b).abs() <= 2e-5 * n as f32,
+                                "{isa} accumulate d={d} heads={heads} n={n}: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_level_scores_and_accumulates_f32_rows_like_the_scalar_kernel() {
+        check_score_and_accumulate::<f32>(|x| x);
+    }
+
+    #[test]
+    fn every_level_scores_and_accumulates_f16_rows_like_the_scalar_kernel() {
+        check_score_and_accumulate::<f16>(f16::from_f32);
+    }
+
+    #[test]
+    fn every_level_scores_and_accumulates_bf16_rows_like_the_scalar_kernel() {
+        check_score_and_accumulate::<bf16>(bf16::from_f32);
+    }
+
+    #[test]
+    fn every_level_takes_max_and_exp_sum_like_the_scalar_kernel() {
+        let mut rng = SplitMix(5);
+        for n in [0usize, 1, 7, 8, 9, 31, 64] {
+            // Scores from far below the maximum (underflow to 0) up to it.
+            let mut s = random(&mut rng, n, 50.0);
+            s.iter_mut().for_each(|x| *x -= 45.0);
+            if n > 3 {
+                s[3] = -200.0;
+            }
+            let m = max(Isa::Scalar, &s);
+            let mut want = s.clone();
+            let want_sum = exp_sum(Isa::Scalar, &mut want, m);
+            for &isa in &Isa::available() {
+                assert_eq!(max(isa, &s), m, "{isa} n={n}");
+                let mut got = s.clone();
+                let sum = exp_sum(isa, &mut got, m);
+                assert!((sum - want_sum).abs() <= 4e-7 * want_sum.max(1.0), "{isa} n={n}");
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 3e-7 * b + f32::MIN_POSITIVE, "{isa} n={n} [{i}]: {a} vs {b}");
+                }
+                if n > 3 {
+                    assert_eq!(got[3], 0.0, "{isa}: exp underflows to exactly 0");
+                }
+            }
+        }
+        for &isa in &Isa::available() {
+            // NaN propagates into the sum, where the attention loop looks for it.
+            let mut s = vec![0.0, f32::NAN, -1.0];
+            assert!(exp_sum(isa, &mut s, 0.0).is_nan(), "{isa}");
+            let mut s = vec![f32::NEG_INFINITY; 9];
+            assert_eq!(exp_sum(isa, &mut s, 0.0), 0.0, "{isa}");
+            assert_eq!(max(isa, &[]), f32::NEG_INFINITY, "{isa}");
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate_over_the_softmax_range() {
+        for &isa in &Isa::available() {
+            let xs: Vec<f32> = (0..=20_000).map(|i| -87.0 * i as f32 / 20_000.0).collect();
+            let mut e = xs.clone();
+            exp_sum(isa, &mut e, 0.0);
+            for (x, y) in xs.iter().zip(&e) {
+                let exact = (*x as f64).exp();
+                assert!(((*y as f64) - exact).abs() <= 4e-7 * exact, "{isa}: exp({x}) = {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_level_multiplies_tiles_like_the_scalar_kernel() {
+        let mut rng = SplitMix(9);
+        for &d in &[1usize, 7, 16, 64, 128] {
+            for lanes in [1usize, 2, 3, 4, 5, 9] {
+                for cols in [8usize, 16, 24, 64] {
+                    let (q_ld, kt_ld, s_ld) = (d + 1, 64, 72);
+                    let q = random(&mut rng, lanes * q_ld, 1.0);
+                    let kt = random(&mut rng, d * kt_ld, 1.0);
+                    let mut want = vec![f32::NAN; lanes * s_ld];
+                    qk_tile(Isa::Scalar, &q, q_ld, lanes, d, &kt, kt_ld, cols, &mut want, s_ld);
+                    for l in 0..lanes {
+                        for j in 0..cols {
+                            let exact: f64 = (0..d)
+                                .map(|k| q[l * q_ld + k] as f64 * kt[k * kt_ld + j] as f64)
+                                .sum();
+                            assert!((want[l * s_ld + j] as f64 - exact).abs() <= 1e-5 * d as f64);
+                        }
+                    }
+                    let rows = cols - 3;
+                    let dp = d.div_ceil(8) * 8;
+                    let (v_ld, acc_ld) = (dp + 8, dp);
+                    let v = random(&mut rng, rows * v_ld, 1.0);
+                    let acc0 = random(&mut rng, lanes * acc_ld, 1.0);
+                    let mut want_acc = acc0.clone();
+                    pv_tile(Isa::Scalar, &want, s_ld, lanes, rows, &v, v_ld, dp, &mut want_acc, acc_ld);
+                    for &isa in &Isa::available() {
+                        let mut got = vec![f32::NAN; lanes * s_ld];
+                        qk_tile(isa, &q, q_ld, lanes, d, &kt, kt_ld, cols, &mut got, s_ld);
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            let ok = (a.is_nan() && b.is_nan()) || (a - b).abs() <= 2e-5 * d as f32;
+                            assert!(ok, "{isa} qk d={d} lanes={lanes} cols={cols} [{i}]: {a} vs {b}");
+                        }
+                        let mut got_acc = acc0.clone();
+                        pv_tile(isa, &want, s_ld, lanes, rows, &v, v_ld, dp, &mut got_acc, acc_ld);
+                        for (a, b) in got_acc.iter().zip(&want_acc) {
+                            assert!((a - b).abs() <= 1e-4 * rows as f32, "{isa} pv d={d}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn widening_into_tiles_is_exact_and_transposes() {
+        let mut rng = SplitMix(3);
+        let d = 13;
+        let (rows, wide) = stored(&mut rng, 5 * d, f16::from_f32);
+        let mut tile = vec![0.0f32; 5 * 16];
+        widen_rows(&rows, d, &mut tile, 16);
+        let mut kt = vec![0.0f32; d * 8];
+        widen_rows_transposed(&rows, d, &mut kt, 8, 2);
+        for r in 0..5 {
+            assert_eq!(tile[r * 16..r * 16 + d], wide[r * d..(r + 1) * d]);
+            assert!(tile[r * 16 + d..(r + 1) * 16].iter().all(|&x| x == 0.0));
+            for k in 0..d {
+                assert_eq!(kt[k * 8 + 2 + r], wide[r * d + k]);
+            }
+        }
+        // Rows wider than the widening buffer.
+        let d = CHUNK + 9;
+        let (rows, wide) = stored(&mut rng, 2 * d, bf16::from_f32);
+        let mut kt = vec![0.0f32; d * 2];
+        widen_rows_transposed(&rows, d, &mut kt, 2, 0);
+        for k in 0..d {
+            assert_eq!([kt[k * 2], kt[k * 2 + 1]], [wide[k], wide[d + k]]);
+        }
+    }
+
+    #[test]
+    fn isa_levels_are_named_detected_and_ordered() {
+        let available = Isa::available();
+        assert_eq!(available.first(), Some(&Isa::Scalar));
+        assert!(Isa::detect().is_available());
+        for &isa in Isa::ALL {
+            assert_eq!(Isa::from_name(isa.name()), Some(isa));
+            assert_eq!(Isa::from_name(&isa.name().to_uppercase()), Some(isa));
+            assert_eq!(available.contains(&isa), isa.is_available());
+        }
+        assert_eq!(Isa::from_name("avx9000"), None);
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            Isa::Avx2.is_available(),
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        );
+    }
+
+    #[test]
+    fn kernels_given_short_slices_do_nothing_rather_than_overrun() {
+        for &isa in &Isa::available() {
+            // 2 heads of d = 8 but room for only one score row of 4.
+            let q = [1.0f32; 16];
+            let rows = [1.0f32; 32];
+            let mut scores = [7.0f32; 4];
+            score_rows(isa, &q, 8, &rows, &mut scores, 4);
+            let mut acc = [0.0f32; 16];
+            accumulate_rows(isa, &[1.0; 3], 4, 8, &rows, &mut acc);
+            let mut s = [0.0f32; 8];
+            qk_tile(isa, &q, 8, 4, 8, &rows, 8, 8, &mut s, 8);
+            pv_tile(isa, &q, 8, 4, 8, &rows, 8, 8, &mut acc, 8);
+            if isa != Isa::Scalar {
+                assert_eq!(scores, [7.0; 4], "{isa}");
+                assert_eq!(acc, [0.0; 16], "{isa}");
+            }
+        }
     }
 
     #[test]

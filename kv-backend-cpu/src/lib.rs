@@ -1,10 +1,20 @@
 //! The CPU backend of the kv cache: K/V block pools in host memory and paged attention
 //! with an online softmax, split over sequences and KV heads across threads.
 //!
-//! [`CpuBackend`] implements [`kv_core::CacheBackend`] for the f32, f16 and bf16 layouts. It
-//! is the oracle other backends are compared with, so it favours plain, checked code; the
-//! per-row arithmetic lives in [`kernels`] as scalar functions that SIMD versions will
-//! replace behind run-time detection.
+//! [`CpuBackend`] implements [`kv_core::CacheBackend`] for every layout of
+//! [`KvDType::ALL`]: f32, f16 and bf16, and the quantized INT8, INT4 (plain or with
+//! Hadamard-rotated keys) and KIVI layouts, stored in `kv-quant`'s byte formats (quantized
+//! on write) and attended over with its fused kernels. It is the oracle other backends are
+//! compared with, so it favours plain, checked code; the arithmetic of the float layouts
+//! lives in [`kernels`], where every fast kernel (AVX2 with FMA and F16C, chosen at run time
+//! by [`kernels::Isa::detect`]) has a portable scalar twin that tests compare it with.
+//! Decode attention over the float layouts splits one long sequence over threads by chunks
+//! of keys (flash-decoding) and reads each cached row once for all query heads of its
+//! group; prefill runs in query x key tiles. [`bench`] holds the memory-read probe and a
+//! decode workload for benchmarks.
+//!
+//! `unsafe` code lives only in the x86 SIMD module, behind safe functions that check the
+//! CPU's features and every slice bound; the rest of the crate denies it.
 //!
 //! A small cache, filled through `kv_attention::PagedCache`'s bookkeeping:
 //!
@@ -41,11 +51,15 @@
 //! assert_eq!(first[0][3], stored[0][1]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod attend;
+pub mod bench;
 pub mod kernels;
+mod quant;
 mod storage;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use std::sync::Arc;
 
@@ -60,10 +74,11 @@ const NAME: &str = "cpu";
 
 /// Stores K/V in host memory and computes attention on the CPU.
 ///
-/// Attention runs one task per (sequence, KV head, chunk of up to 64 queries) on a rayon
-/// pool: the global one for [`CpuBackend::new`], a private one for
-/// [`CpuBackend::with_threads`]. Tensors passed in must be on the CPU device and of a
-/// float dtype; they are read in place when they are contiguous f32.
+/// Attention runs one task per (sequence, KV head, chunk of queries, chunk of keys for
+/// decode) on a rayon pool: the global one for [`CpuBackend::new`], a private one for
+/// [`CpuBackend::with_threads`]. Results do not depend on the number of threads. Tensors
+/// passed in must be on the CPU device and of a float dtype; they are read in place when
+/// they are contiguous f32.
 #[derive(Clone)]
 pub struct CpuBackend {
     device: Device,
@@ -273,6 +288,7 @@ impl CacheBackend for CpuBackend {
 
     fn supports(&self, dtype: KvDType) -> bool {
         matches!(dtype, KvDType::F32 | KvDType::F16 | KvDType::BF16)
+            || quant::layout_of(dtype).is_some()
     }
 
     fn allocate(&self, spec: &StorageSpec) -> Result<CpuStorage> {
@@ -301,14 +317,8 @@ impl CacheBackend for CpuBackend {
         // Every check before the first store: a failed write changes nothing.
         k.with(|k| with_pools!(&storage.pools, p => p.check_values_of("k", k)))?;
         v.with(|v| with_pools!(&storage.pools, p => p.check_values_of("v", v)))?;
-        k.with(|k| {
-            with_pools!(&mut storage.pools, p => p.store(layer, Which::K, slots, k));
-            Ok(())
-        })?;
-        v.with(|v| {
-            with_pools!(&mut storage.pools, p => p.store(layer, Which::V, slots, v));
-            Ok(())
-        })
+        k.with(|k| with_pools!(&mut storage.pools, p => p.store(layer, Which::K, slots, k)))?;
+        v.with(|v| with_pools!(&mut storage.pools, p => p.store(layer, Which::V, slots, v)))
     }
 
     fn attend(
@@ -334,7 +344,13 @@ impl CacheBackend for CpuBackend {
                 scale: batch.scale,
             };
             let threads = self.threads.as_deref();
-            with_pools!(&storage.pools, p => attend::attend(p, layer, &queries, batch, threads))
+            let isa = kernels::Isa::detect();
+            with_pools!(&storage.pools, p => attend::attend(p, layer, &queries, batch, threads, isa),
+                quant p => quant::attend(p, layer, &quant::QuantQueries {
+                    data: queries.data,
+                    q_heads: queries.q_heads,
+                    scale: queries.scale,
+                }, batch, threads))
         })?;
         Ok(Tensor::from_vec(out, &dims[..], &self.device)?)
     }
@@ -350,7 +366,7 @@ impl CacheBackend for CpuBackend {
         check_layer(layer, spec)?;
         check_slots(slots, spec)?;
         let dims = [slots.len(), spec.shape.n_kv_heads(), spec.shape.head_dim()];
-        let (k, v) = with_pools!(&storage.pools, p => p.read(layer, slots));
+        let (k, v) = with_pools!(&storage.pools, p => p.read(layer, slots))?;
         Ok((
             Tensor::from_vec(k, &dims[..], &self.device)?,
             Tensor::from_vec(v, &dims[..], &self.device)?,

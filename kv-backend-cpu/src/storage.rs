@@ -6,9 +6,10 @@
 //! contiguous range, so copy-on-write is one `copy_within` per pool.
 //!
 //! A row is `row_units` units of a [`RowCodec`]'s unit type. For the float layouts a unit is
-//! one element (`row_units == head_dim`); a quantized layout (INT8/INT4 with group scales,
-//! from `kv-quant`) will be another codec whose unit is a byte and whose row holds its
-//! scales, and slots in as one more [`PoolSet`] variant without touching the loops.
+//! one element (`row_units == head_dim`). The quantized layouts (INT8/INT4 with group
+//! scales, KIVI key blocks, from `kv-quant`) are byte pools of the same shape held by
+//! [`crate::quant::QuantPools`], one more [`PoolSet`] variant with its own attention loop
+//! over the fused kernels.
 
 use half::{bf16, f16};
 use kv_core::{KvDType, KvError, Result, Slot, StorageSpec};
@@ -30,9 +31,6 @@ pub(crate) trait RowCodec: Send + Sync + 'static {
     fn encode(src: &[f32], dst: &mut [Self::Unit]);
     /// Decodes one stored row into `head_dim` f32 values.
     fn decode(src: &[Self::Unit], dst: &mut [f32]);
-    /// The row as `head_dim` f32 values for the attention loop: the stored row itself when
-    /// it already is f32 (no copy), else decoded into `buf` (`head_dim` long).
-    fn widen<'a>(row: &'a [Self::Unit], buf: &'a mut [f32]) -> &'a [f32];
 }
 
 /// Rows of f32, stored as they come.
@@ -57,9 +55,6 @@ impl RowCodec for F32Rows {
     fn decode(src: &[f32], dst: &mut [f32]) {
         kernels::copy_f32(src, dst)
     }
-    fn widen<'a>(row: &'a [f32], _buf: &'a mut [f32]) -> &'a [f32] {
-        row
-    }
 }
 
 impl RowCodec for F16Rows {
@@ -77,10 +72,6 @@ impl RowCodec for F16Rows {
     fn decode(src: &[f16], dst: &mut [f32]) {
         kernels::decode_f16(src, dst)
     }
-    fn widen<'a>(row: &'a [f16], buf: &'a mut [f32]) -> &'a [f32] {
-        kernels::decode_f16(row, buf);
-        buf
-    }
 }
 
 impl RowCodec for Bf16Rows {
@@ -97,10 +88,6 @@ impl RowCodec for Bf16Rows {
     }
     fn decode(src: &[bf16], dst: &mut [f32]) {
         kernels::decode_bf16(src, dst)
-    }
-    fn widen<'a>(row: &'a [bf16], buf: &'a mut [f32]) -> &'a [f32] {
-        kernels::decode_bf16(row, buf);
-        buf
     }
 }
 
@@ -147,7 +134,7 @@ pub(crate) struct Pools<C: RowCodec> {
 
 /// A zeroed vector of `len` units, or a typed error instead of an abort when the memory
 /// cannot be had.
-fn zeroed<U: Copy + Default>(len: usize) -> Result<Vec<U>> {
+pub(crate) fn zeroed<U: Copy + Default>(len: usize) -> Result<Vec<U>> {
     let mut v = Vec::new();
     v.try_reserve_exact(len)
         .map_err(|e| KvError::InvalidArgument {
@@ -218,11 +205,12 @@ impl<C: RowCodec> Pools<C> {
     }
 
     /// Stores `data` (`[slots.len(), kv_heads, head_dim]`, already shape- and
-    /// value-checked) into `slots` (already range-checked) of one pool of `layer`.
-    pub fn store(&mut self, layer: usize, which: Which, slots: &[Slot], data: &[f32]) {
+    /// value-checked) into `slots` (already range-checked) of one pool of `layer`. Cannot
+    /// fail; returns a `Result` like the quantized pools' `store`.
+    pub fn store(&mut self, layer: usize, which: Which, slots: &[Slot], data: &[f32]) -> Result<()> {
         let g = self.geom;
         let Some(pools) = self.layers.get_mut(layer) else {
-            return;
+            return Ok(());
         };
         let pool = match which {
             Which::K => &mut pools.k,
@@ -236,11 +224,13 @@ impl<C: RowCodec> Pools<C> {
                 C::encode(&data[src..src + d], &mut pool[dst..dst + g.row_units]);
             }
         }
+        Ok(())
     }
 
     /// Decoded K and V rows of `slots` (already range-checked) of `layer`, as
-    /// `[slots.len(), kv_heads, head_dim]` f32.
-    pub fn read(&self, layer: usize, slots: &[Slot]) -> (Vec<f32>, Vec<f32>) {
+    /// `[slots.len(), kv_heads, head_dim]` f32. Cannot fail; returns a `Result` like the
+    /// quantized pools' `read`.
+    pub fn read(&self, layer: usize, slots: &[Slot]) -> Result<(Vec<f32>, Vec<f32>)> {
         let g = self.geom;
         let d = g.head_dim;
         let mut k = vec![0.0f32; slots.len() * g.kv_heads * d];
@@ -255,7 +245,7 @@ impl<C: RowCodec> Pools<C> {
                 }
             }
         }
-        (k, v)
+        Ok((k, v))
     }
 
     /// Copies whole blocks (already range-checked) in every layer, in the order given.
@@ -279,16 +269,26 @@ pub(crate) enum PoolSet {
     F32(Pools<F32Rows>),
     F16(Pools<F16Rows>),
     BF16(Pools<Bf16Rows>),
+    /// Every quantized layout (INT8, INT4, KIVI).
+    Quant(crate::quant::QuantPools),
 }
 
 /// Runs `$body` with `$p` bound to the typed pools of a [`PoolSet`] (by reference or by
 /// mutable reference, as `$set` is), so generic code is written once per operation.
+///
+/// The quantized pools offer the same `check_values_of`, `store`, `read`, `copy_blocks` and
+/// `bytes` methods, so `$body` covers them too, unless a `quant $q => $qbody` arm says what
+/// to do with them instead (attention, which has its own loop).
 macro_rules! with_pools {
     ($set:expr, $p:ident => $body:expr) => {
+        with_pools!($set, $p => $body, quant $p => $body)
+    };
+    ($set:expr, $p:ident => $body:expr, quant $q:ident => $qbody:expr) => {
         match $set {
             $crate::storage::PoolSet::F32($p) => $body,
             $crate::storage::PoolSet::F16($p) => $body,
             $crate::storage::PoolSet::BF16($p) => $body,
+            $crate::storage::PoolSet::Quant($q) => $qbody,
         }
     };
 }
@@ -312,13 +312,16 @@ impl CpuStorage {
             KvDType::F32 => PoolSet::F32(Pools::allocate(spec)?),
             KvDType::F16 => PoolSet::F16(Pools::allocate(spec)?),
             KvDType::BF16 => PoolSet::BF16(Pools::allocate(spec)?),
-            // KvDType is non-exhaustive: layouts added later land here until stored.
-            other => {
-                return Err(KvError::Unsupported {
-                    backend: crate::NAME.into(),
-                    what: format!("the {other} cache layout"),
-                })
-            }
+            other => match crate::quant::layout_of(other) {
+                Some(layout) => PoolSet::Quant(crate::quant::QuantPools::allocate(spec, layout)?),
+                // KvDType is non-exhaustive: layouts added later land here until stored.
+                None => {
+                    return Err(KvError::Unsupported {
+                        backend: crate::NAME.into(),
+                        what: format!("the {other} cache layout"),
+                    })
+                }
+            },
         };
         Ok(Self { spec: *spec, pools })
     }
@@ -328,10 +331,42 @@ impl CpuStorage {
         &self.spec
     }
 
-    /// Bytes of host memory the pools hold: equal to [`StorageSpec::bytes`] for the float
-    /// layouts, which is what the memory accounting promises.
+    /// Bytes of host memory the pools hold: [`StorageSpec::bytes`], which is what the
+    /// memory accounting promises, plus for KIVI layouts the residual windows of key blocks
+    /// being filled ([`CpuStorage::residual_windows`] windows of
+    /// [`kv_core::memory::residual_window_bytes`] each).
+    ///
+    /// ```
+    /// use kv_backend_cpu::CpuBackend;
+    /// use kv_core::candle::{Device, Tensor};
+    /// use kv_core::{memory, CacheBackend, KvDType, ModelShape, Slot, StorageSpec};
+    ///
+    /// let shape = ModelShape::new(2, 4, 2, 64)?;
+    /// let kivi4: KvDType = "kivi4".parse()?;
+    /// let spec = StorageSpec::new(shape, kivi4, 32, 4)?;
+    /// let backend = CpuBackend::new();
+    /// let mut storage = backend.allocate(&spec)?;
+    /// assert_eq!(storage.allocated_bytes(), spec.bytes()?);
+    /// // 3 tokens of block 1 in layer 0: its keys wait in an f16 window.
+    /// let slots: Vec<Slot> = (0..3).map(|offset| Slot { block: 1, offset }).collect();
+    /// let kv = Tensor::ones((3, 2, 64), kv_core::candle::DType::F32, &Device::Cpu)?;
+    /// backend.write(&mut storage, 0, &slots, &kv, &kv)?;
+    /// assert_eq!(storage.residual_windows(), 1);
+    /// let window = memory::residual_window_bytes(&shape, kivi4)? as u64;
+    /// assert_eq!(storage.allocated_bytes(), spec.bytes()? + window);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn allocated_bytes(&self) -> u64 {
         with_pools!(&self.pools, p => p.bytes())
+    }
+
+    /// KIVI residual windows allocated now, over all layers (0 for other layouts): one per
+    /// layer for each 32-token key block that is being filled.
+    pub fn residual_windows(&self) -> usize {
+        match &self.pools {
+            PoolSet::Quant(p) => p.open_windows(),
+            _ => 0,
+        }
     }
 }
 
@@ -372,9 +407,15 @@ mod tests {
     #[test]
     fn allocation_matches_the_memory_accounting() {
         for &dt in KvDType::ALL {
-            let s = spec(dt);
-            let storage = CpuStorage::allocate(&s).expect("allocates");
-            assert_eq!(storage.allocated_bytes(), s.bytes().expect("fits"), "{dt}");
+            for (head_dim, block_size) in [(8, 4), (64, 32), (128, 64)] {
+                let shape = ModelShape::new(2, 4, 2, head_dim).expect("valid shape");
+                // Layouts that do not fit this head dim or block size are refused by the spec.
+                let Ok(s) = StorageSpec::new(shape, dt, block_size, 3) else {
+                    continue;
+                };
+                let storage = CpuStorage::allocate(&s).expect("allocates");
+                assert_eq!(storage.allocated_bytes(), s.bytes().expect("fits"), "{dt}");
+            }
         }
     }
 
@@ -392,8 +433,8 @@ mod tests {
             block: 2,
             offset: 1,
         };
-        pools.store(1, Which::K, &[slot], &k);
-        pools.store(1, Which::V, &[slot], &v);
+        pools.store(1, Which::K, &[slot], &k).expect("stores");
+        pools.store(1, Which::V, &[slot], &v).expect("stores");
         let bu = pools.geom.block_units();
         let layer = &pools.layers[1];
         // block 2, head 1, offset 1 -> ((2*2 + 1)*4 + 1) * 8

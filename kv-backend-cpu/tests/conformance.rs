@@ -12,16 +12,25 @@ fn cpu_backend_conforms() {
         Err(failure) => panic!("{failure}"),
     };
     println!("{report}");
-    // Every float layout ran; nothing was skipped that the backend claims to support.
+    // Every layout ran, float and quantized; nothing was skipped.
     let ran: Vec<KvDType> = report.dtypes.iter().map(|d| d.dtype).collect();
-    assert_eq!(ran, [KvDType::F32, KvDType::F16, KvDType::BF16]);
+    assert_eq!(ran, KvDType::ALL);
     assert!(report.skipped.is_empty(), "{report}");
     for d in &report.dtypes {
         assert!(
             d.random_cases > 0 && d.sweep_cases > 0 && d.attend_calls > 0,
             "{report}"
         );
-        for feature in ["MHA", "GQA", "MQA", "block size 1", "block size 16"] {
+        // KIVI quantizes keys over 32-token blocks, so its smallest block holds 32 tokens.
+        let blocks: &[&str] = if d.dtype.block_tokens() == 32 {
+            &["block size 32"]
+        } else {
+            &["block size 1", "block size 16"]
+        };
+        for &feature in ["MHA", "GQA", "MQA", "chunked prefill", "decode"]
+            .iter()
+            .chain(blocks)
+        {
             assert!(
                 d.coverage.get(feature).copied().unwrap_or(0) > 0,
                 "{feature}: {report}"

@@ -29,8 +29,9 @@ impl StorageSpec {
     /// Checks and builds a spec.
     ///
     /// # Errors
-    /// [`KvError::InvalidArgument`] for a zero block size or count, or a layout that does
-    /// not fit the head dimension.
+    /// [`KvError::InvalidArgument`] for a zero block size or count, a layout that does not
+    /// fit the head dimension, or a block size that is not a multiple of the layout's
+    /// [`KvDType::block_tokens`] (32 for KIVI).
     pub fn new(
         shape: ModelShape,
         dtype: KvDType,
@@ -46,6 +47,17 @@ impl StorageSpec {
             });
         }
         dtype.row_bytes(shape.head_dim())?;
+        if !block_size.is_multiple_of(dtype.block_tokens()) {
+            return Err(KvError::InvalidArgument {
+                what: "block size",
+                detail: format!(
+                    "the {dtype} layout quantizes keys over {} tokens, so blocks must hold a \
+                     multiple of {} tokens, not {block_size}",
+                    dtype.block_tokens(),
+                    dtype.block_tokens()
+                ),
+            });
+        }
         Ok(Self {
             shape,
             dtype,

@@ -34,7 +34,7 @@ pub use blocks::{BlockAllocator, BlockId, BlockTable, Slot};
 /// The tensor library backends exchange data with, re-exported so implementors use the
 /// same version.
 pub use candle_core as candle;
-pub use dtype::KvDType;
+pub use dtype::{KiviBits, KvDType, QuantGroup};
 pub use error::{KvError, Result};
 pub use manager::{Appended, CacheManager, CacheStats, Preempted, PrefixMatch, SeqId};
 pub use shape::ModelShape;

@@ -1,7 +1,22 @@
 //! Exact cache memory: `2 x layers x kv_heads x tokens x row_bytes(head_dim)`.
 //!
 //! `row_bytes` is `head_dim x bytes per element` for float layouts, and includes the group
-//! scales for quantized ones.
+//! scales (and minimums) for quantized ones. For SmolLM2-135M (30 layers, 3 KV heads, head
+//! dim 64) one token costs 23,040 bytes in f16, 12,240 in `int8-g32` (68-byte rows), 7,200
+//! in `int4-g32` and `kivi4` (40-byte rows) and 4,320 in `kivi2`.
+//!
+//! # The KIVI residual window
+//!
+//! [`KvDType::Kivi`] quantizes the keys of a 32-token block per channel, which needs all 32
+//! tokens. Until a block is full its keys are kept in f16, in a *residual window* of 32 f16
+//! rows per KV head, in each layer: [`residual_window_bytes`]. [`cache_bytes`] counts every
+//! token at its quantized size (scales amortised over the full block); a cache holds, on top
+//! of that, one window per layer for each 32-token key block being filled: in ordinary use
+//! one per sequence (its last, partial block), that is
+//! `n_layers x residual_window_bytes` per sequence (360 KiB for SmolLM2-135M: the keys of
+//! 32 tokens in f16). Backends allocate a window when a block starts filling and free it
+//! once the block is quantized, and report both parts (the CPU backend's
+//! `CpuStorage::allocated_bytes` is `StorageSpec::bytes` plus its live windows).
 
 use crate::{KvDType, ModelShape, Result};
 
@@ -20,7 +35,8 @@ pub fn bytes_per_token(shape: &ModelShape, dtype: KvDType) -> Result<usize> {
     Ok(2 * shape.n_layers() * shape.n_kv_heads() * dtype.row_bytes(shape.head_dim())?)
 }
 
-/// Bytes a cache of `tokens` tokens occupies.
+/// Bytes a cache of `tokens` tokens occupies (for [`KvDType::Kivi`], without the residual
+/// windows of blocks being filled: see [`residual_window_bytes`]).
 ///
 /// ```
 /// use kv_core::{memory, KvDType, ModelShape};
@@ -33,6 +49,33 @@ pub fn bytes_per_token(shape: &ModelShape, dtype: KvDType) -> Result<usize> {
 /// When the layout does not fit the head dimension (see [`KvDType::row_bytes`]).
 pub fn cache_bytes(shape: &ModelShape, dtype: KvDType, tokens: usize) -> Result<u64> {
     Ok(bytes_per_token(shape, dtype)? as u64 * tokens as u64)
+}
+
+/// Bytes of one f16 residual window in one layer: the keys of a [`KvDType::Kivi`] block
+/// that is not full yet, `n_kv_heads x 32 tokens x head_dim x 2` bytes. Zero for layouts
+/// that store each row on its own (they need no window). See the [module docs](self).
+///
+/// ```
+/// use kv_core::{memory, KvDType, ModelShape};
+/// let smollm2 = ModelShape::preset("smollm2-135m")?;
+/// let kivi4: KvDType = "kivi4".parse()?;
+/// assert_eq!(memory::residual_window_bytes(&smollm2, kivi4)?, 3 * 32 * 64 * 2);
+/// // One window per layer for a sequence whose last block is partly filled: 360 KiB.
+/// assert_eq!(30 * memory::residual_window_bytes(&smollm2, kivi4)?, 360 << 10);
+/// assert_eq!(memory::residual_window_bytes(&smollm2, KvDType::F16)?, 0);
+/// # Ok::<(), kv_core::KvError>(())
+/// ```
+///
+/// # Errors
+/// When the layout does not fit the head dimension (see [`KvDType::row_bytes`]).
+pub fn residual_window_bytes(shape: &ModelShape, dtype: KvDType) -> Result<usize> {
+    dtype.row_bytes(shape.head_dim())?;
+    Ok(match dtype {
+        KvDType::Kivi { .. } => {
+            shape.n_kv_heads() * dtype.block_tokens() * shape.head_dim() * 2
+        }
+        _ => 0,
+    })
 }
 
 /// A byte count in binary units, exact where it can be (`2 GiB`, `180 MiB`, `22.5 KiB`).
@@ -71,6 +114,33 @@ mod tests {
         assert_eq!(cache_bytes(&smol, KvDType::F16, 8192).unwrap(), 180 * mib);
         assert_eq!(cache_bytes(&smol, KvDType::F32, 8192).unwrap(), 360 * mib);
         assert_eq!(cache_bytes(&smol, KvDType::BF16, 1).unwrap(), 23_040);
+    }
+
+    #[test]
+    fn quantized_layouts_count_their_scales() {
+        let smol = ModelShape::preset("smollm2-135m").unwrap();
+        let per_token = |name: &str| bytes_per_token(&smol, name.parse().unwrap()).unwrap();
+        assert_eq!(per_token("f16"), 23_040);
+        // 2 x 30 layers x 3 heads x (64 codes + 2 f16 scales).
+        assert_eq!(per_token("int8-g32"), 12_240);
+        assert_eq!(per_token("int8-g64"), 180 * 66);
+        // 2 x 30 x 3 x (32 bytes of nibbles + 2 x (scale + min)).
+        assert_eq!(per_token("int4-g32"), 7_200);
+        assert_eq!(per_token("int4-g64"), 180 * 36);
+        assert_eq!(per_token("kivi4"), 7_200);
+        assert_eq!(per_token("kivi2"), 4_320);
+        // 128-element groups do not fit head dim 64.
+        assert!(bytes_per_token(&smol, "int8-g128".parse().unwrap()).is_err());
+        let l3 = ModelShape::preset("llama-3-8b").unwrap();
+        assert_eq!(
+            cache_bytes(&l3, "int8-g128".parse().unwrap(), 4096).unwrap(),
+            (512u64 << 20) / 256 * 130
+        );
+        for &d in KvDType::ALL {
+            let w = residual_window_bytes(&smol, d);
+            let want = if d.block_tokens() > 1 { 12_288 } else { 0 };
+            assert!(w.is_err() || w.unwrap() == want, "{d}");
+        }
     }
 
     #[test]

@@ -1,1 +1,509 @@
-fn main() {}
+//! `kv`: generate text with a KV cache (or without one, to see what it saves), and size
+//! KV caches for known models.
+
+#![forbid(unsafe_code)]
+// Tests unwrap: a panic is how they fail.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kv_backend_cpu::CpuBackend;
+use kv_backend_cuda::CudaBackend;
+use kv_core::{memory, KvDType, ModelShape};
+use kv_model::{
+    CacheLayout, GenerateOptions, Generation, LlamaConfig, ModelError, Result, SamplingConfig,
+    WeightFormat,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "kv", version, about = "An LLM KV cache you can watch work")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it, then print what it cost.
+    Generate(GenerateArgs),
+    /// Print how much memory a KV cache needs, per layout.
+    Mem(MemArgs),
+    /// Perplexity of a text with the KV cache in each layout, against f16.
+    ///
+    /// Scored like llama.cpp's perplexity tool, so the numbers compare across engines: the
+    /// text's tokens are cut into non-overlapping chunks of --ctx tokens (a shorter tail is
+    /// dropped), the first token of each chunk is replaced by BOS if the model's vocabulary
+    /// adds BOS (SmolLM2's does not), and each chunk is scored on its second half only.
+    /// Every layout runs the same chunks through the cache as generation does: each group
+    /// of --batch tokens is written (quantized) into the cache before its attention reads
+    /// it. The table gives perplexity, its change against f16, the mean KL divergence of
+    /// the next-token distribution from f16's, and how often the most likely token is
+    /// f16's; a layout more than 10% worse than f16 is marked unsuitable for the model.
+    Ppl(PplArgs),
+}
+
+#[derive(Debug, Args)]
+struct PplArgs {
+    /// GGUF model file [default: $KV_MODEL_DIR or ~/.cache/kv/models, SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The text to score (any UTF-8 text file).
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens per chunk (llama.cpp's --ctx-size).
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Cache layouts to evaluate, comma separated; f16 always runs as the reference.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "f16,int8-g32,int4-g32,int4-g64,int4h-g32,kivi4,kivi2"
+    )]
+    dtype: Vec<KvDType>,
+    /// Tokens written and attended per forward pass (1 is generation's decode loop; it
+    /// changes the result only for KIVI, whose block being filled stays f16 until full).
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Tokens per cache block (a multiple of 32 for KIVI layouts).
+    #[arg(long, default_value_t = 32)]
+    block_size: usize,
+    /// Score only the first N chunks.
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// How the model's projection weights are held (see `kv generate --help`).
+    #[arg(long, value_enum, default_value_t = Weights::F32)]
+    weights: Weights,
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    /// GGUF model file [default: $KV_MODEL_DIR or ~/.cache/kv/models, SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The prompt (wrapped in the model's chat template unless --raw).
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    max_tokens: usize,
+    /// Recompute the whole sequence at every step instead of caching K/V (--dtype,
+    /// --block-size and --backend then do not apply).
+    #[arg(long)]
+    no_cache: bool,
+    /// Layout of cached K/V rows (f32, f16, bf16; others if the backend supports them).
+    #[arg(long, default_value = "f16")]
+    dtype: KvDType,
+    /// Tokens per cache block [default: 16, or 32 for the KIVI layouts, whose keys are
+    /// quantized per 32 tokens].
+    #[arg(long, allow_negative_numbers = true)]
+    block_size: Option<usize>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Sample only among the K most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities sum to P.
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f32>,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Use the prompt as is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// How the model's projection weights are held: f32 (exact, fast on CPU, 4 bytes per
+    /// weight) or the file's quantized blocks (least memory; activations rounded to 8 bits).
+    #[arg(long, value_enum, default_value_t = Weights::F32)]
+    weights: Weights,
+    /// Where the cache lives.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
+}
+
+/// The run-time choice of cache backend: a thin switch over the generic code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// Host memory, CPU attention.
+    Cpu,
+    /// NVIDIA GPU (needs a build with the `cuda` feature).
+    Cuda,
+}
+
+/// [`kv_model::WeightFormat`] on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Weights {
+    /// Expanded to f32 at load.
+    F32,
+    /// The file's quantized blocks.
+    Quantized,
+}
+
+/// A backend made from [`Backend`].
+enum Chosen {
+    Cpu(CpuBackend),
+    Cuda(CudaBackend),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["model", "preset"])))]
+struct MemArgs {
+    /// Read the shape from this GGUF file's metadata.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A known model instead of a file.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(ModelShape::PRESETS))]
+    preset: Option<String>,
+    /// Tokens in the cache (all sequences together).
+    #[arg(long)]
+    tokens: usize,
+    /// Only this layout [default: all].
+    #[arg(long)]
+    dtype: Option<KvDType>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(e),
+    };
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Mem(args) => mem(args),
+        Command::Ppl(args) => ppl(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Errors of the tensor library can span lines; users get one.
+            let msg = e.to_string();
+            let msg = msg
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Help and version print as clap renders them; usage errors become one line.
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        // Nothing useful to do if printing help fails.
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let text = e.render().to_string();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let line = if line.is_empty() {
+        "error: invalid command line".to_string()
+    } else {
+        line
+    };
+    eprintln!("{line} (see `kv --help`)");
+    ExitCode::from(2)
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    if args.prompt.is_empty() {
+        return Err(ModelError::EmptyPrompt);
+    }
+    let sampling = SamplingConfig {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    sampling.validate()?;
+    // Before the model loads, so an unavailable backend fails fast.
+    let backend = match (args.no_cache, args.backend) {
+        (true, _) => None,
+        (false, Backend::Cpu) => Some(Chosen::Cpu(CpuBackend::new())),
+        (false, Backend::Cuda) => Some(Chosen::Cuda(CudaBackend::new(0)?)),
+    };
+    let path = args.model.unwrap_or_else(kv_model::default_model_path);
+    let format = match args.weights {
+        Weights::F32 => WeightFormat::F32,
+        Weights::Quantized => WeightFormat::Quantized,
+    };
+    let (model, tokenizer) = kv_model::load_with(&path, format)?;
+    let text = if args.raw {
+        args.prompt
+    } else {
+        let template = tokenizer
+            .chat_template()
+            .ok_or_else(|| ModelError::Unsupported {
+                what: "chat template",
+                detail: format!(
+                    "{} has no ChatML template; pass --raw to use the prompt as is",
+                    path.display()
+                ),
+            })?;
+        template.render(&args.prompt)
+    };
+    let prompt = tokenizer.encode(&text)?;
+    let options = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampling,
+        stop_tokens: tokenizer.stop_tokens().to_vec(),
+        keep_logits: false,
+    };
+    let layout = CacheLayout {
+        dtype: args.dtype,
+        block_size: args.block_size.unwrap_or_else(|| {
+            let t = args.dtype.block_tokens().max(1);
+            16usize.div_ceil(t) * t
+        }),
+    };
+
+    let mut out = std::io::stdout().lock();
+    let mut stream = tokenizer.stream();
+    let on_token = |token: u32| -> Result<()> {
+        if let Some(piece) = stream.push(token)? {
+            out.write_all(piece.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(ModelError::Output)?;
+        }
+        Ok(())
+    };
+    let run: Generation = match backend {
+        None => model.generate_uncached(&prompt, &options, on_token)?,
+        Some(Chosen::Cpu(b)) => model.generate(b, layout, &prompt, &options, on_token)?,
+        Some(Chosen::Cuda(b)) => model.generate(b, layout, &prompt, &options, on_token)?,
+    };
+    let tail = stream.finish()?.unwrap_or_default();
+    writeln!(out, "{tail}\n\n{}", run.summary).map_err(ModelError::Output)?;
+    Ok(())
+}
+
+fn ppl(args: PplArgs) -> Result<()> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let text = std::fs::read_to_string(&args.text).map_err(|source| ModelError::Io {
+        path: args.text.clone(),
+        source,
+    })?;
+    let path = args.model.unwrap_or_else(kv_model::default_model_path);
+    let format = match args.weights {
+        Weights::F32 => WeightFormat::F32,
+        Weights::Quantized => WeightFormat::Quantized,
+    };
+    let (model, tokenizer) = kv_model::load_with(&path, format)?;
+    let tokens = tokenizer.encode(&text)?;
+    let options = kv_model::ppl::PerplexityOptions {
+        ctx: args.ctx,
+        layouts: args.dtype,
+        block_size: args.block_size,
+        batch: args.batch,
+        max_chunks: args.chunks,
+    };
+    // Drawn on stderr only when it is a terminal.
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>24} [{bar:40}] {pos}/{len} passes, eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let report = model.perplexity(
+        &CpuBackend::new(),
+        &tokens,
+        tokenizer.bos_to_add(),
+        &options,
+        |p| {
+            bar.set_length(p.total as u64);
+            bar.set_position(p.done as u64);
+            bar.set_message(format!("chunk {}/{} {}", p.chunk + 1, p.chunks, p.layout));
+        },
+    )?;
+    bar.finish_and_clear();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{} on {}, {:?} weights, BOS {}",
+        path.display(),
+        args.text.display(),
+        args.weights,
+        if tokenizer.bos_to_add().is_some() {
+            "first in every chunk"
+        } else {
+            "not added (the vocabulary does not ask for it)"
+        }
+    )
+    .and_then(|()| write!(out, "{report}"))
+    .map_err(ModelError::Output)
+}
+
+fn mem(args: MemArgs) -> Result<()> {
+    let (name, shape) = match (&args.model, &args.preset) {
+        (Some(path), _) => {
+            let config = LlamaConfig::from_gguf_file(path)?;
+            (path.display().to_string(), config.shape()?)
+        }
+        (None, Some(preset)) => (preset.clone(), ModelShape::preset(preset)?),
+        (None, None) => {
+            return Err(ModelError::InvalidArgument {
+                what: "model",
+                expected: "--model PATH or --preset NAME".into(),
+                got: "neither".into(),
+            })
+        }
+    };
+    let dtypes: Vec<KvDType> = match args.dtype {
+        Some(d) => vec![d],
+        None => KvDType::ALL.to_vec(),
+    };
+    let mut out = std::io::stdout().lock();
+    let table = memory_table(&name, &shape, &dtypes, args.tokens)?;
+    out.write_all(table.as_bytes()).map_err(ModelError::Output)
+}
+
+fn attention_kind(shape: &ModelShape) -> String {
+    match (shape.n_kv_heads(), shape.group_size()) {
+        (_, 1) => "multi-head attention".into(),
+        (1, _) => "multi-query attention".into(),
+        (_, g) => format!("grouped-query attention, {g} query heads per KV head"),
+    }
+}
+
+/// The text `kv mem` prints.
+fn memory_table(
+    name: &str,
+    shape: &ModelShape,
+    dtypes: &[KvDType],
+    tokens: usize,
+) -> Result<String> {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let rows = |s: &mut String, shape: &ModelShape| -> Result<()> {
+        let _ = writeln!(s, "  {:<10} {:>12} {:>12}", "layout", "per token", "total");
+        for &d in dtypes {
+            let sizes = memory::bytes_per_token(shape, d)
+                .and_then(|per| Ok((per as u64, memory::cache_bytes(shape, d, tokens)?)));
+            match sizes {
+                Ok((per_token, total)) => {
+                    let _ = writeln!(
+                        s,
+                        "  {:<10} {:>12} {:>12}",
+                        d.name(),
+                        memory::format_bytes(per_token),
+                        memory::format_bytes(total)
+                    );
+                }
+                // In the full table a layout that cannot hold this head size is listed as
+                // such; asked for alone, it is an error.
+                Err(_) if dtypes.len() > 1 => {
+                    let _ = writeln!(
+                        s,
+                        "  {:<10} does not fit head dim {}",
+                        d.name(),
+                        shape.head_dim()
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    };
+    let _ = writeln!(
+        s,
+        "{name}: {} layers, {} query heads, {} KV heads, head dim {} ({})",
+        shape.n_layers(),
+        shape.n_q_heads(),
+        shape.n_kv_heads(),
+        shape.head_dim(),
+        attention_kind(shape)
+    );
+    let _ = writeln!(s, "KV cache for {tokens} tokens:");
+    rows(&mut s, shape)?;
+    let mha = shape.as_multi_head();
+    if mha == *shape {
+        let _ = writeln!(
+            s,
+            "with one KV head per query head: the same (this model already has one)"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "with one KV head per query head ({} KV heads), {}x more:",
+            mha.n_kv_heads(),
+            shape.group_size()
+        );
+        rows(&mut s, &mha)?;
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama2_7b_f16_at_4096_tokens_is_2_gib() {
+        let shape = ModelShape::preset("llama-2-7b").unwrap();
+        let t = memory_table("llama-2-7b", &shape, &[KvDType::F16], 4096).unwrap();
+        assert!(t.contains(" 2 GiB"), "{t}");
+        assert!(t.contains("512 KiB"), "{t}");
+        assert!(t.contains("the same"), "{t}");
+    }
+
+    #[test]
+    fn gqa_table_shows_the_multi_head_alternative() {
+        let shape = ModelShape::preset("smollm2-135m").unwrap();
+        let t = memory_table("smollm2-135m", &shape, KvDType::ALL, 8192).unwrap();
+        assert!(t.contains("180 MiB"), "{t}"); // f16 with 3 KV heads
+        assert!(t.contains("540 MiB"), "{t}"); // f16 with 9
+        assert!(t.contains("3x more"), "{t}");
+        assert!(t.contains("grouped-query"), "{t}");
+    }
+
+    #[test]
+    fn command_line_parses() {
+        let cli = Cli::try_parse_from([
+            "kv",
+            "generate",
+            "--prompt",
+            "hi",
+            "--dtype",
+            "bf16",
+            "--block-size",
+            "1",
+            "--no-cache",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Generate(a) => {
+                assert_eq!(a.dtype, KvDType::BF16);
+                assert_eq!(a.block_size, Some(1));
+                assert!(a.no_cache && !a.raw);
+                assert_eq!(a.max_tokens, 128);
+            }
+            _ => panic!("parsed the wrong command"),
+        }
+        assert!(Cli::try_parse_from(["kv", "generate", "--prompt", "x", "--dtype", "f8"]).is_err());
+        assert!(Cli::try_parse_from(["kv", "mem", "--tokens", "5"]).is_err());
+        assert!(Cli::try_parse_from([
+            "kv",
+            "mem",
+            "--tokens",
+            "5",
+            "--preset",
+            "llama-2-7b",
+            "--model",
+            "x.gguf"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["kv", "mem", "--tokens", "5", "--preset", "gpt-5"]).is_err());
+    }
+}

@@ -1,0 +1,106 @@
+//! Prints decode-attention bandwidth next to the memory-read probe, measured in the same
+//! run: a quick table where `benches/decode.rs` gives criterion's statistics.
+//!
+//! ```text
+//! cargo run --release -p kv-backend-cpu --example decode_bandwidth            # full table
+//! cargo run --release -p kv-backend-cpu --example decode_bandwidth -- 4096    # one length
+//! cargo run --release -p kv-backend-cpu --example decode_bandwidth -- 4096 smollm2 f16 1
+//! ```
+//!
+//! Arguments, all optional, in order: tokens, shape (`smollm2` or `llama2-7b`), layout,
+//! threads. Each row times single steps and single probe passes and shows the best and the
+//! median of each: on a shared machine the best is what the code can do, the median what it
+//! did while sharing the cores. `%` divides kernel by probe, best by best and median by
+//! median.
+
+use std::time::Instant;
+
+use kv_backend_cpu::bench::{DecodeBench, MemoryProbe};
+use kv_core::{KvDType, ModelShape};
+
+/// Best and median of `n` timings of `f`, in seconds.
+fn timings(n: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let mut t: Vec<f64> = (0..n)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    (t[0], t[n / 2])
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let tokens: Vec<usize> = match std::env::args().nth(1) {
+        Some(arg) => vec![arg.parse()?],
+        None => vec![1024, 4096, 16384],
+    };
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let pick = |i: usize, name: &str| args.get(i).is_none_or(|a| a == name);
+    let shapes: Vec<_> = [
+        ("smollm2", ModelShape::new(1, 9, 3, 64)?),
+        ("llama2-7b", ModelShape::new(1, 32, 32, 128)?),
+    ]
+    .into_iter()
+    .filter(|(name, _)| pick(0, name))
+    .collect();
+    let dtypes: Vec<KvDType> = [KvDType::F32, KvDType::F16, KvDType::BF16]
+        .into_iter()
+        .filter(|d| pick(1, &d.to_string()))
+        .collect();
+    let threads_list: Vec<usize> = [1usize, 2]
+        .into_iter()
+        .filter(|t| pick(2, &t.to_string()))
+        .collect();
+    let probe = MemoryProbe::new(256 << 20)?;
+    println!(
+        "isa {}; GB/s best / median",
+        kv_backend_cpu::kernels::Isa::detect()
+    );
+    println!(
+        "{:<10} {:<5} {:>6} {:>3} {:>9} {:>13} {:>13} {:>11}",
+        "shape", "dtype", "tokens", "thr", "step_us", "kernel", "probe", "%"
+    );
+    for &threads in &threads_list {
+        for &(name, shape) in &shapes {
+            for &dtype in &dtypes {
+                for &n in &tokens {
+                    let bench = DecodeBench::new(shape, dtype, n, threads)?;
+                    let bytes = bench.kv_bytes_per_step() as f64;
+                    // Enough steps for ~0.5 s of reading at 20 GB/s.
+                    let steps = (10e9 / bytes).clamp(9.0, 3000.0) as usize;
+                    probe.read(threads);
+                    let (p_best, p_med) = timings(7, || {
+                        std::hint::black_box(probe.read(threads));
+                    });
+                    bench.step()?;
+                    let mut failed = None;
+                    let (k_best, k_med) = timings(steps, || {
+                        if let Err(e) = bench.step() {
+                            failed = Some(e);
+                        }
+                    });
+                    if let Some(e) = failed {
+                        return Err(e.into());
+                    }
+                    let pb = probe.bytes() as f64;
+                    let (kb, km, pbb, pbm) =
+                        (bytes / k_best, bytes / k_med, pb / p_best, pb / p_med);
+                    println!(
+                        "{name:<10} {:<5} {n:>6} {threads:>3} {:>9.1} {:>6.2}/{:>6.2} {:>6.2}/{:>6.2} {:>4.0}%/{:>4.0}%",
+                        dtype.to_string(),
+                        k_med * 1e6,
+                        kb / 1e9,
+                        km / 1e9,
+                        pbb / 1e9,
+                        pbm / 1e9,
+                        100.0 * kb / pbb,
+                        100.0 * km / pbm
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

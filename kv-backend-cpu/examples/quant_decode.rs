@@ -1,0 +1,73 @@
+//! Decode attention over the quantized layouts against f16, in one run.
+//!
+//! One decode step (one query row) over `tokens` cached tokens of one layer, for each
+//! layout, with the same block size (32, which every layout accepts) and the same data.
+//! Prints the mean time per step and the bytes of K/V it reads. Run on an otherwise idle
+//! machine:
+//!
+//! ```text
+//! cargo run --release -p kv-backend-cpu --example quant_decode [-- TOKENS [THREADS]]
+//! ```
+#![allow(clippy::unwrap_used)]
+
+use std::time::Instant;
+
+use kv_backend_cpu::CpuBackend;
+use kv_core::candle::{Device, Tensor};
+use kv_core::{
+    memory, AttentionBatch, BlockId, CacheBackend, KvDType, ModelShape, SeqAttention, Slot,
+    StorageSpec,
+};
+
+const BLOCK: usize = 32;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let tokens: usize = args.next().map_or(Ok(4096), |a| a.parse())?;
+    let threads: usize = args.next().map_or(Ok(1), |a| a.parse())?;
+    let backend = CpuBackend::with_threads(threads)?;
+    let layouts = ["f16", "int8-g32", "int8-g64", "int4-g32", "int4h-g32", "kivi4", "kivi2"];
+    for (name, shape) in [
+        ("smollm2-135m layer", ModelShape::new(1, 9, 3, 64)?),
+        ("llama-2-7b layer", ModelShape::new(1, 32, 32, 128)?),
+    ] {
+        println!("{name}, {tokens} tokens, {threads} thread(s), blocks of {BLOCK}:");
+        let (kvh, d) = (shape.n_kv_heads(), shape.head_dim());
+        let k = Tensor::randn(0f32, 1.0, (tokens, kvh, d), &Device::Cpu)?;
+        let v = Tensor::randn(0f32, 1.0, (tokens, kvh, d), &Device::Cpu)?;
+        let q = Tensor::randn(0f32, 1.0, (1, shape.n_q_heads(), d), &Device::Cpu)?;
+        let blocks = tokens.div_ceil(BLOCK);
+        let slots: Vec<Slot> = (0..tokens)
+            .map(|t| Slot {
+                block: (t / BLOCK) as BlockId,
+                offset: (t % BLOCK) as u32,
+            })
+            .collect();
+        let table: Vec<BlockId> = (0..blocks as BlockId).collect();
+        let batch = AttentionBatch::new(vec![SeqAttention::new(table, tokens, 1)?], d);
+        let mut f16_time = None;
+        for layout in layouts {
+            let dtype: KvDType = layout.parse()?;
+            let spec = StorageSpec::new(shape, dtype, BLOCK, blocks)?;
+            let mut storage = backend.allocate(&spec)?;
+            backend.write(&mut storage, 0, &slots, &k, &v)?;
+            backend.attend(&storage, 0, &q, &batch)?; // warm up
+            let steps = 200;
+            let start = Instant::now();
+            for _ in 0..steps {
+                std::hint::black_box(backend.attend(&storage, 0, &q, &batch)?);
+            }
+            let secs = start.elapsed().as_secs_f64() / steps as f64;
+            let base = *f16_time.get_or_insert(secs);
+            let bytes = memory::cache_bytes(&shape, dtype, tokens)?;
+            println!(
+                "  {layout:<10} {:>8.1} us/step  {:>5.2}x f16's time  {:>9} of K/V  {:>6.2} GB/s",
+                secs * 1e6,
+                secs / base,
+                memory::format_bytes(bytes),
+                bytes as f64 / secs / 1e9
+            );
+        }
+    }
+    Ok(())
+}

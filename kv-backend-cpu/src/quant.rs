@@ -1,0 +1,939 @@
+//! The quantized layouts: INT8/INT4 rows, INT4 with Hadamard-rotated keys, and KIVI key
+//! blocks, stored in `kv-quant`'s byte formats and attended over with its fused kernels.
+//!
+//! # Pools
+//!
+//! Each layer has a K pool and a V pool of bytes. V rows, and K rows of the row layouts, are
+//! laid out like the float pools, `[num_blocks][kv_heads][block_size][row bytes]`, each row
+//! in a [`RowFormat`] with its scales. KIVI keys are stored per 32-token *key block*:
+//! `[num_blocks][block_size / 32][kv_heads][key block bytes]` in [`KiviKeyFormat`]'s layout
+//! (per-channel scales and minimums, then token-major codes). Either way one cache block of
+//! one layer is one contiguous range of each pool, of exactly
+//! `kv_heads x block_size x KvDType::row_bytes` bytes, which is what the memory accounting
+//! counts and what `copy_blocks` copies.
+//!
+//! # The KIVI residual window
+//!
+//! A key block can only be quantized per channel once its 32 tokens are there. Until then
+//! its keys live in a *window*: 32 f16 rows per KV head ([`RowFormat::F16`] bytes), allocated
+//! when the block starts filling and freed once the write that fills its last slot has
+//! quantized it. Which slots a window has seen is a bit mask:
+//!
+//! - a write to a slot sets its bit; a write to the first slot of a key block starts the
+//!   block afresh (only that bit set), which is what reusing a freed cache block looks like;
+//! - a write into a block that is already quantized (a freed block reused, a truncated
+//!   sequence growing again) opens a window holding the block's dequantized keys, so its
+//!   other slots still read what they held;
+//! - when every bit is set the window is quantized from its f16 rows and dropped. A block
+//!   whose quantization fails (it cannot for values f16 holds) keeps its window: still
+//!   correct, only larger.
+//!
+//! Windows belong to the cache block, so `copy_blocks` copies them with it: a fork that
+//! shares a partly filled block and writes to it (copy-on-write) gets its own window.
+//! Attention scores a quantized key block with [`Kernels::kivi_scores`] and a window's rows
+//! with the f16 kernels, so the tokens of the block being filled are read in f16 exactly as
+//! they were written, and every older token in 2 or 4 bits.
+//!
+//! # What may be written
+//!
+//! Every quantized layout takes what f16 takes: finite values below 65520 in magnitude.
+//! That is what a KIVI window must hold, and it keeps every group's f16 scale and minimum in
+//! range, so once [`QuantPools::check_values_of`] has passed, quantizing cannot fail and a
+//! write is all or nothing.
+//!
+//! # Attention
+//!
+//! One task per (sequence, KV head, chunk of queries), as for the float layouts, with an
+//! online softmax over tiles of keys. Scores come from the fused kernels straight from the
+//! stored bytes ([`Kernels::dot_many`], [`Kernels::kivi_scores`]) and values are accumulated
+//! with [`Kernels::axpy_many`]: no key or value row is widened to f32. For the Hadamard
+//! layout each query is rotated once per task, which leaves `q · k` unchanged.
+
+use half::f16;
+use kv_core::{AttentionBatch, KvDType, KvError, Result, SeqAttention, Slot, StorageSpec};
+use kv_quant::{Group, KiviBits, KiviKeyFormat, Kernels, QuantError, RowFormat};
+use rayon::prelude::*;
+
+use crate::storage::{zeroed, Geometry, Which};
+
+/// Most key rows of a tile (the float path's tile size).
+const TILE: usize = 64;
+/// Most queries of one sequence in one task.
+const QUERY_CHUNK: usize = 64;
+
+/// How keys are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyLayout {
+    /// One self-contained row per token; rotated by the normalized Hadamard transform
+    /// before it is quantized when `rotate`.
+    Rows {
+        /// The row format.
+        format: RowFormat,
+        /// Whether keys (and, at attention, queries) are rotated.
+        rotate: bool,
+    },
+    /// KIVI key blocks, with f16 windows while they fill.
+    Kivi(KiviKeyFormat),
+}
+
+/// The `kv-quant` formats of a quantized layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QuantLayout {
+    pub keys: KeyLayout,
+    pub values: RowFormat,
+}
+
+fn group(g: kv_core::QuantGroup) -> Group {
+    match g {
+        kv_core::QuantGroup::G32 => Group::G32,
+        kv_core::QuantGroup::G64 => Group::G64,
+        kv_core::QuantGroup::G128 => Group::G128,
+    }
+}
+
+/// The formats `dtype` stores in, `None` for the float layouts (stored by
+/// [`crate::storage::Pools`]) and any layout this backend does not know.
+pub(crate) fn layout_of(dtype: KvDType) -> Option<QuantLayout> {
+    let rows = |format, rotate| QuantLayout {
+        keys: KeyLayout::Rows { format, rotate },
+        values: format,
+    };
+    match dtype {
+        KvDType::Int8 { group: g } => Some(rows(RowFormat::Int8 { group: group(g) }, false)),
+        KvDType::Int4 { group: g } => Some(rows(RowFormat::Int4 { group: group(g) }, false)),
+        KvDType::Int4Hadamard { group: g } => {
+            Some(rows(RowFormat::Int4 { group: group(g) }, true))
+        }
+        KvDType::Kivi { bits } => {
+            let (bits, values) = match bits {
+                kv_core::KiviBits::B4 => (KiviBits::B4, RowFormat::Int4 { group: Group::G32 }),
+                kv_core::KiviBits::B2 => (KiviBits::B2, RowFormat::Int2 { group: Group::G32 }),
+            };
+            Some(QuantLayout {
+                keys: KeyLayout::Kivi(KiviKeyFormat::new(bits, dtype.block_tokens())),
+                values,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A kernel error on arguments the pools computed themselves: a bug, reported as an error
+/// rather than a panic.
+fn internal(e: QuantError) -> KvError {
+    KvError::InvalidArgument {
+        what: "quantized storage",
+        detail: format!("internal error, please report: {e}"),
+    }
+}
+
+/// f16 little-endian bytes of `src` into `dst` (`2 * src.len()` bytes). Values beyond f16
+/// saturate to ±65504 (only dequantized keys can get there, by half a step).
+fn encode_f16(src: &[f32], dst: &mut [u8]) {
+    for (x, out) in src.iter().zip(dst.chunks_exact_mut(2)) {
+        out.copy_from_slice(&f16::from_f32(x.clamp(-65504.0, 65504.0)).to_le_bytes());
+    }
+}
+
+/// The f16 keys of a KIVI block being filled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Window {
+    /// Bit `j` set: slot `j` of the key block has been written since it started filling.
+    filled: u64,
+    /// `[kv_heads][block_tokens][head_dim]` f16, little-endian.
+    rows: Vec<u8>,
+}
+
+/// One layer's pools.
+pub(crate) struct QuantLayer {
+    k: Vec<u8>,
+    v: Vec<u8>,
+    /// KIVI: one entry per key block (`num_blocks x block_size / 32`), `Some` while it
+    /// fills; empty for the row layouts.
+    windows: Vec<Option<Window>>,
+}
+
+/// The pools of every layer in one quantized layout.
+pub(crate) struct QuantPools {
+    dtype: KvDType,
+    layout: QuantLayout,
+    kernels: Kernels,
+    /// Index arithmetic of both pools, `row_units` being bytes of a row (amortised for
+    /// KIVI keys, which equals a value row: see `KvDType`).
+    geom: Geometry,
+    /// Bytes of a K row (row layouts) and of a V row.
+    k_row: usize,
+    v_row: usize,
+    /// KIVI: tokens and bytes of a key block, key blocks per cache block. Zero otherwise.
+    kivi_tokens: usize,
+    kivi_bytes: usize,
+    key_blocks_per_block: usize,
+    /// Bytes of one window.
+    window_bytes: usize,
+    layers: Vec<QuantLayer>,
+}
+
+impl QuantPools {
+    /// Zeroed pools for `spec`, whose layout is `layout` (from [`layout_of`]).
+    pub(crate) fn allocate(spec: &StorageSpec, layout: QuantLayout) -> Result<Self> {
+        let shape = spec.shape;
+        let d = shape.head_dim();
+        let row_bytes = spec.dtype.row_bytes(d)?;
+        let geom = Geometry {
+            kv_heads: shape.n_kv_heads(),
+            head_dim: d,
+            block_size: spec.block_size,
+            num_blocks: spec.num_blocks,
+            row_units: row_bytes,
+        };
+        let v_row = layout.values.row_bytes(d).map_err(internal)?;
+        let (k_row, kivi_tokens, kivi_bytes) = match layout.keys {
+            KeyLayout::Rows { format, .. } => (format.row_bytes(d).map_err(internal)?, 0, 0),
+            KeyLayout::Kivi(f) => (0, f.block_tokens, f.block_bytes(d).map_err(internal)?),
+        };
+        // The pools are sized by the accounting; the formats must agree with it.
+        let agrees = v_row == row_bytes
+            && match layout.keys {
+                KeyLayout::Rows { .. } => k_row == row_bytes,
+                KeyLayout::Kivi(_) => {
+                    kivi_tokens > 0
+                        && spec.block_size.is_multiple_of(kivi_tokens)
+                        && kivi_bytes == kivi_tokens * row_bytes
+                }
+            };
+        if !agrees {
+            return Err(KvError::InvalidArgument {
+                what: "storage spec",
+                detail: format!(
+                    "internal error, please report: the {} formats disagree with its row size \
+                     {row_bytes} for head dim {d}",
+                    spec.dtype
+                ),
+            });
+        }
+        let len = [geom.kv_heads, geom.block_size, row_bytes]
+            .into_iter()
+            .try_fold(geom.num_blocks, usize::checked_mul)
+            .ok_or_else(|| KvError::InvalidArgument {
+                what: "storage spec",
+                detail: format!(
+                    "{} blocks of {} tokens x {} KV heads x {row_bytes} bytes do not fit in \
+                     memory",
+                    geom.num_blocks, geom.block_size, geom.kv_heads
+                ),
+            })?;
+        let key_blocks_per_block = if kivi_tokens > 0 {
+            spec.block_size / kivi_tokens
+        } else {
+            0
+        };
+        let n_windows = geom.num_blocks * key_blocks_per_block;
+        let layers = (0..shape.n_layers())
+            .map(|_| {
+                let mut windows = Vec::new();
+                windows
+                    .try_reserve_exact(n_windows)
+                    .map_err(|e| KvError::InvalidArgument {
+                        what: "storage spec",
+                        detail: format!("cannot allocate {n_windows} window slots: {e}"),
+                    })?;
+                windows.resize(n_windows, None);
+                Ok(QuantLayer {
+                    k: zeroed(len)?,
+                    v: zeroed(len)?,
+                    windows,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            dtype: spec.dtype,
+            layout,
+            kernels: Kernels::best(),
+            geom,
+            k_row,
+            v_row,
+            kivi_tokens,
+            kivi_bytes,
+            key_blocks_per_block,
+            window_bytes: geom.kv_heads * kivi_tokens * d * 2,
+            layers,
+        })
+    }
+
+    /// Bytes held: the pools, plus the windows of key blocks being filled.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| {
+                let windows = l.windows.iter().flatten().count();
+                (l.k.len() + l.v.len() + windows * self.window_bytes) as u64
+            })
+            .sum()
+    }
+
+    /// Windows allocated now, over all layers.
+    pub(crate) fn open_windows(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.windows.iter().flatten().count())
+            .sum()
+    }
+
+    /// Checks every value of a write before anything is stored: the layouts take what f16
+    /// takes (see the module docs).
+    pub(crate) fn check_values_of(&self, what: &'static str, data: &[f32]) -> Result<()> {
+        if let Some(&x) = data.iter().find(|x| !f16::from_f32(**x).is_finite()) {
+            if !x.is_finite() {
+                return Err(KvError::NonFinite { what });
+            }
+            return Err(KvError::InvalidArgument {
+                what,
+                detail: format!(
+                    "{x} does not fit the {} cache layout (quantized layouts hold what f16 \
+                     holds: magnitudes below 65520)",
+                    self.dtype
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stores `data` (`[slots.len(), kv_heads, head_dim]`, shape-, range- and value-checked)
+    /// into one pool of `layer`. Rows are quantized into a scratch buffer first, so an error
+    /// (which the value check rules out) changes nothing.
+    pub(crate) fn store(
+        &mut self,
+        layer: usize,
+        which: Which,
+        slots: &[Slot],
+        data: &[f32],
+    ) -> Result<()> {
+        let (format, rotate) = match (which, self.layout.keys) {
+            (Which::V, _) => (self.layout.values, false),
+            (Which::K, KeyLayout::Rows { format, rotate }) => (format, rotate),
+            (Which::K, KeyLayout::Kivi(format)) => {
+                return self.store_kivi_keys(layer, format, slots, data)
+            }
+        };
+        let g = self.geom;
+        let (d, rb) = (g.head_dim, format.row_bytes(g.head_dim).map_err(internal)?);
+        let mut scratch = vec![0u8; slots.len() * g.kv_heads * rb];
+        let mut rotated = vec![0.0f32; d];
+        for (src, dst) in data.chunks_exact(d).zip(scratch.chunks_exact_mut(rb)) {
+            let src = if rotate {
+                rotated.copy_from_slice(src);
+                kv_quant::hadamard_in_place(&mut rotated).map_err(internal)?;
+                &rotated[..]
+            } else {
+                src
+            };
+            let what = match which {
+                Which::K => "k",
+                Which::V => "v",
+            };
+            self.kernels
+                .quantize_row(format, src, dst)
+                .map_err(|e| match e {
+                    QuantError::NonFinite { .. } => KvError::NonFinite { what },
+                    // Only a rotated key can get here: its rotation may exceed what an f16
+                    // scale spans although the key itself does not.
+                    QuantError::OutOfRange { .. } => KvError::InvalidArgument {
+                        what,
+                        detail: format!("does not fit the {} cache layout: {e}", self.dtype),
+                    },
+                    e => internal(e),
+                })?;
+        }
+        let l = self.layer_mut(layer)?;
+        let pool = match which {
+            Which::K => &mut l.k,
+            Which::V => &mut l.v,
+        };
+        let mut rows = scratch.chunks_exact(rb);
+        for slot in slots {
+            for h in 0..g.kv_heads {
+                let at = g.row_start(slot.block as usize, h, slot.offset as usize);
+                if let Some(row) = rows.next() {
+                    pool[at..at + rb].copy_from_slice(row);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn layer_mut(&mut self, layer: usize) -> Result<&mut QuantLayer> {
+        let len = self.layers.len();
+        self.layers.get_mut(layer).ok_or(KvError::OutOfRange {
+            what: "layer",
+            index: layer,
+            len,
+        })
+    }
+
+    fn layer(&self, layer: usize) -> Result<&QuantLayer> {
+        self.layers.get(layer).ok_or(KvError::OutOfRange {
+            what: "layer",
+            index: layer,
+            len: self.layers.len(),
+        })
+    }
+
+    /// First byte of the KIVI key block `key_block` of cache block `block`, head `head`.
+    fn kivi_start(&self, block: usize, key_block: usize, head: usize) -> usize {
+        block * self.geom.block_units()
+            + (key_block * self.geom.kv_heads + head) * self.kivi_bytes
+    }
+
+    /// KIVI keys: into the windows of their key blocks, quantizing every block whose last
+    /// missing slot this write fills (see the module docs).
+    fn store_kivi_keys(
+        &mut self,
+        layer: usize,
+        format: KiviKeyFormat,
+        slots: &[Slot],
+        data: &[f32],
+    ) -> Result<()> {
+        let g = self.geom;
+        let (d, t_n, per) = (g.head_dim, self.kivi_tokens, self.key_blocks_per_block);
+        let row16 = 2 * d;
+        let mut incoming = vec![0u8; data.len() * 2];
+        encode_f16(data, &mut incoming);
+        let full: u64 = if t_n >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << t_n) - 1
+        };
+        let mut touched = Vec::new();
+        let mut block_f32 = vec![0.0f32; t_n * d];
+        for (t, slot) in slots.iter().enumerate() {
+            let (block, offset) = (slot.block as usize, slot.offset as usize);
+            let (kb, j) = (offset / t_n, offset % t_n);
+            let w = block * per + kb;
+            if self.layer(layer)?.windows[w].is_none() {
+                // Open a window holding the block's keys, dequantized: the slots this write
+                // leaves alone must still read what was last written to them.
+                let mut rows = vec![0u8; self.window_bytes];
+                for h in 0..g.kv_heads {
+                    let at = self.kivi_start(block, kb, h);
+                    let src = &self.layer(layer)?.k[at..at + self.kivi_bytes];
+                    format
+                        .dequantize_block(src, d, &mut block_f32)
+                        .map_err(internal)?;
+                    encode_f16(&block_f32, &mut rows[h * t_n * row16..][..t_n * row16]);
+                }
+                self.layer_mut(layer)?.windows[w] = Some(Window { filled: 0, rows });
+            }
+            let l = self.layer_mut(layer)?;
+            if let Some(win) = l.windows[w].as_mut() {
+                if j == 0 {
+                    win.filled = 0;
+                }
+                for h in 0..g.kv_heads {
+                    let src = &incoming[(t * g.kv_heads + h) * row16..][..row16];
+                    win.rows[(h * t_n + j) * row16..][..row16].copy_from_slice(src);
+                }
+                win.filled |= 1 << j;
+            }
+            touched.push((block, kb));
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        let mut quantized = vec![0u8; g.kv_heads * self.kivi_bytes];
+        for (block, kb) in touched {
+            let w = block * per + kb;
+            let Some(win) = &self.layer(layer)?.windows[w] else {
+                continue;
+            };
+            if win.filled != full {
+                continue;
+            }
+            let mut ok = true;
+            for (h, out) in quantized.chunks_exact_mut(self.kivi_bytes).enumerate() {
+                let rows = &win.rows[h * t_n * row16..][..t_n * row16];
+                for (src, dst) in rows.chunks_exact(row16).zip(block_f32.chunks_exact_mut(d)) {
+                    self.kernels
+                        .dequantize_row(RowFormat::F16, src, dst)
+                        .map_err(internal)?;
+                }
+                ok &= format.quantize_block(&block_f32, d, out).is_ok();
+            }
+            if !ok {
+                // Keep the window: the block stays in f16, which is still right.
+                continue;
+            }
+            let start = self.kivi_start(block, kb, 0);
+            let l = self.layer_mut(layer)?;
+            l.k[start..start + quantized.len()].copy_from_slice(&quantized);
+            l.windows[w] = None;
+        }
+        Ok(())
+    }
+
+    /// Dequantized K and V rows of `slots` (range-checked) of `layer`, as
+    /// `[slots.len(), kv_heads, head_dim]` f32.
+    pub(crate) fn read(&self, layer: usize, slots: &[Slot]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let g = self.geom;
+        let d = g.head_dim;
+        let l = self.layer(layer)?;
+        let mut k = vec![0.0f32; slots.len() * g.kv_heads * d];
+        let mut v = vec![0.0f32; slots.len() * g.kv_heads * d];
+        let mut block_f32 = vec![0.0f32; self.kivi_tokens * d];
+        // The KIVI block last dequantized, so reading a block's rows in order decodes it once.
+        let mut decoded: Option<(usize, usize, usize)> = None;
+        for (t, slot) in slots.iter().enumerate() {
+            let (block, offset) = (slot.block as usize, slot.offset as usize);
+            for h in 0..g.kv_heads {
+                let out = (t * g.kv_heads + h) * d;
+                let at = g.row_start(block, h, offset);
+                self.kernels
+                    .dequantize_row(
+                        self.layout.values,
+                        &l.v[at..at + self.v_row],
+                        &mut v[out..out + d],
+                    )
+                    .map_err(internal)?;
+                let k_out = &mut k[out..out + d];
+                match self.layout.keys {
+                    KeyLayout::Rows { format, rotate } => {
+                        self.kernels
+                            .dequantize_row(format, &l.k[at..at + self.k_row], k_out)
+                            .map_err(internal)?;
+                        if rotate {
+                            // The normalized transform is its own inverse.
+                            kv_quant::hadamard_in_place(k_out).map_err(internal)?;
+                        }
+                    }
+                    KeyLayout::Kivi(format) => {
+                        let t_n = self.kivi_tokens;
+                        let (kb, j) = (offset / t_n, offset % t_n);
+                        if let Some(win) = &l.windows[block * self.key_blocks_per_block + kb] {
+                            let row = &win.rows[(h * t_n + j) * 2 * d..][..2 * d];
+                            self.kernels
+                                .dequantize_row(RowFormat::F16, row, k_out)
+                                .map_err(internal)?;
+                        } else {
+                            if decoded != Some((block, kb, h)) {
+                                let at = self.kivi_start(block, kb, h);
+                                format
+                                    .dequantize_block(
+                                        &l.k[at..at + self.kivi_bytes],
+                                        d,
+                                        &mut block_f32,
+                                    )
+                                    .map_err(internal)?;
+                                decoded = Some((block, kb, h));
+                            }
+                            k_out.copy_from_slice(&block_f32[j * d..(j + 1) * d]);
+                        }
+                    }
+                }
+            }
+        }
+        Ok((k, v))
+    }
+
+    /// Copies whole cache blocks (range-checked) in every layer, in the order given,
+    /// windows included.
+    pub(crate) fn copy_blocks(&mut self, moves: &[(u32, u32)]) {
+        let bu = self.geom.block_units();
+        let per = self.key_blocks_per_block;
+        for layer in &mut self.layers {
+            for &(from, to) in moves {
+                let (from, to) = (from as usize, to as usize);
+                if from == to {
+                    continue;
+                }
+                layer.k.copy_within(from * bu..(from + 1) * bu, to * bu);
+                layer.v.copy_within(from * bu..(from + 1) * bu, to * bu);
+                for kb in 0..per {
+                    layer.windows[to * per + kb] = layer.windows[from * per + kb].clone();
+                }
+            }
+        }
+    }
+}
+
+/// One unit of parallel work.
+struct Task<'a> {
+    seq: &'a SeqAttention,
+    /// First query row of the sequence in the batch.
+    row_offset: usize,
+    kv_head: usize,
+    /// Queries `begin..end` of the sequence.
+    begin: usize,
+    end: usize,
+}
+
+/// The query side of one attend call: `[total_queries, q_heads, head_dim]` row-major.
+pub(crate) struct QuantQueries<'a> {
+    pub data: &'a [f32],
+    pub q_heads: usize,
+    pub scale: f32,
+}
+
+/// Attention of every query over `layer`; returns `[total_queries, q_heads, head_dim]`.
+/// The batch, layer and query shape have been checked by the caller.
+pub(crate) fn attend(
+    pools: &QuantPools,
+    layer: usize,
+    queries: &QuantQueries<'_>,
+    batch: &AttentionBatch,
+    thread_pool: Option<&rayon::ThreadPool>,
+) -> Result<Vec<f32>> {
+    let g = pools.geom;
+    let lp = pools.layer(layer)?;
+    let mut tasks = Vec::new();
+    let mut row_offset = 0;
+    for seq in &batch.seqs {
+        for kv_head in 0..g.kv_heads {
+            for begin in (0..seq.n_queries()).step_by(QUERY_CHUNK) {
+                tasks.push(Task {
+                    seq,
+                    row_offset,
+                    kv_head,
+                    begin,
+                    end: (begin + QUERY_CHUNK).min(seq.n_queries()),
+                });
+            }
+        }
+        row_offset += seq.n_queries();
+    }
+    let run = || {
+        tasks
+            .par_iter()
+            .map(|t| run_task(pools, lp, queries, t))
+            .collect::<Vec<_>>()
+    };
+    let results = match thread_pool {
+        Some(p) => p.install(run),
+        None => run(),
+    };
+    let d = g.head_dim;
+    let group = queries.q_heads / g.kv_heads;
+    let mut out = vec![0.0f32; row_offset * queries.q_heads * d];
+    for (task, result) in tasks.iter().zip(results) {
+        for (i, rows) in result?.chunks_exact(group * d).enumerate() {
+            let q_row = task.row_offset + task.begin + i;
+            let start = (q_row * queries.q_heads + task.kv_head * group) * d;
+            out[start..start + group * d].copy_from_slice(rows);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs one task; returns its outputs as `[end - begin, group, head_dim]`.
+fn run_task(
+    p: &QuantPools,
+    lp: &QuantLayer,
+    queries: &QuantQueries<'_>,
+    task: &Task<'_>,
+) -> Result<Vec<f32>> {
+    let g = p.geom;
+    let d = g.head_dim;
+    let h = task.kv_head;
+    let group = queries.q_heads / g.kv_heads;
+    let n_q = task.end - task.begin;
+    let lanes = n_q * group;
+    let first_pos = task.seq.first_query_position() + task.begin;
+    let n_keys = first_pos + n_q;
+    let kern = p.kernels;
+
+    // The task's query rows, scaled, and rotated when the keys are.
+    let mut q = vec![0.0f32; lanes * d];
+    for i in 0..n_q {
+        let q_row = task.row_offset + task.begin + i;
+        let src = (q_row * queries.q_heads + h * group) * d;
+        for (dst, &x) in q[i * group * d..(i + 1) * group * d]
+            .iter_mut()
+            .zip(&queries.data[src..src + group * d])
+        {
+            *dst = x * queries.scale;
+        }
+    }
+    if let KeyLayout::Rows { rotate: true, .. } = p.layout.keys {
+        for lane in q.chunks_exact_mut(d) {
+            kv_quant::hadamard_in_place(lane).map_err(internal)?;
+        }
+    }
+    let mut max = vec![f32::NEG_INFINITY; lanes];
+    let mut sum = vec![0.0f32; lanes];
+    let mut acc = vec![0.0f32; lanes * d];
+    // scores[lane * TILE + r]: score, then weight, of row r of the current tile.
+    let mut scores = vec![0.0f32; lanes * TILE];
+    let mut block_scores = vec![0.0f32; p.kivi_tokens];
+    let tile = match p.layout.keys {
+        KeyLayout::Rows { .. } => TILE,
+        KeyLayout::Kivi(_) => p.kivi_tokens.min(TILE),
+    };
+
+    let blocks = task.seq.blocks();
+    let mut t0 = 0;
+    while t0 < n_keys {
+        let block_index = t0 / g.block_size;
+        let offset = t0 % g.block_size;
+        let t1 = n_keys
+            .min((block_index + 1) * g.block_size)
+            .min(t0 + tile);
+        let block = *blocks.get(block_index).ok_or(KvError::OutOfRange {
+            what: "block of sequence",
+            index: block_index,
+            len: blocks.len(),
+        })? as usize;
+        let rows = t1 - t0;
+        // Query i sees key t when first_pos + i >= t.
+        let first_seeing = |t: usize| t.saturating_sub(first_pos);
+        let lane_range = first_seeing(t0) * group..lanes;
+
+        match p.layout.keys {
+            KeyLayout::Rows { format, .. } => {
+                let at = g.row_start(block, h, offset);
+                let k = &lp.k[at..at + rows * p.k_row];
+                for lane in lane_range {
+                    let out = &mut scores[lane * TILE..lane * TILE + rows];
+                    kern.dot_many(format, &q[lane * d..(lane + 1) * d], k, out)
+                        .map_err(internal)?;
+                }
+            }
+            KeyLayout::Kivi(format) => {
+                let t_n = p.kivi_tokens;
+                let (kb, j) = (offset / t_n, offset % t_n);
+                // A tile never crosses a key block: tiles start at multiples of t_n.
+                let rows_here = rows.min(t_n - j);
+                match &lp.windows[block * p.key_blocks_per_block + kb] {
+                    Some(win) => {
+                        let k = &win.rows[(h * t_n + j) * 2 * d..][..rows_here * 2 * d];
+                        for lane in lane_range {
+                            let out = &mut scores[lane * TILE..lane * TILE + rows_here];
+                            kern.dot_many(RowFormat::F16, &q[lane * d..(lane + 1) * d], k, out)
+                                .map_err(internal)?;
+                        }
+                    }
+                    None => {
+                        let at = p.kivi_start(block, kb, h);
+                        let k = &lp.k[at..at + p.kivi_bytes];
+                        for lane in lane_range {
+                            kern.kivi_scores(format, &q[lane * d..(lane + 1) * d], k, &mut block_scores)
+                                .map_err(internal)?;
+                            scores[lane * TILE..lane * TILE + rows_here]
+                                .copy_from_slice(&block_scores[j..j + rows_here]);
+                        }
+                    }
+                }
+            }
+        }
+
+        for i in first_seeing(t0)..n_q {
+            let visible = rows.min(first_pos + i + 1 - t0);
+            for lane in i * group..(i + 1) * group {
+                let s = &mut scores[lane * TILE..lane * TILE + visible];
+                let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let new_max = max[lane].max(tile_max);
+                if !new_max.is_finite() {
+                    return Err(KvError::NonFinite {
+                        what: "attention scores (q.k overflows f32)",
+                    });
+                }
+                if new_max > max[lane] && max[lane] > f32::NEG_INFINITY {
+                    let correction = (max[lane] - new_max).exp();
+                    sum[lane] *= correction;
+                    for a in &mut acc[lane * d..(lane + 1) * d] {
+                        *a *= correction;
+                    }
+                }
+                max[lane] = new_max;
+                for x in s.iter_mut() {
+                    *x = (*x - new_max).exp();
+                    sum[lane] += *x;
+                }
+            }
+        }
+
+        let at = g.row_start(block, h, offset);
+        for i in first_seeing(t0)..n_q {
+            let visible = rows.min(first_pos + i + 1 - t0);
+            let v = &lp.v[at..at + visible * p.v_row];
+            for lane in i * group..(i + 1) * group {
+                kern.axpy_many(
+                    p.layout.values,
+                    &scores[lane * TILE..lane * TILE + visible],
+                    v,
+                    &mut acc[lane * d..(lane + 1) * d],
+                )
+                .map_err(internal)?;
+            }
+        }
+        t0 = t1;
+    }
+
+    for (lane, a) in acc.chunks_exact_mut(d).enumerate() {
+        // Every query sees key 0, so every sum holds at least exp(0) = 1.
+        let inv = 1.0 / sum[lane];
+        for x in a {
+            *x *= inv;
+        }
+    }
+    Ok(acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_core::ModelShape;
+
+    /// kv-core repeats kv-quant's size formulas (it cannot depend on it): hold them equal
+    /// for every layout and head dimension, including which head dimensions fit.
+    #[test]
+    fn kv_core_sizes_equal_kv_quant_sizes() {
+        for &dtype in KvDType::ALL {
+            for d in [8usize, 32, 48, 64, 96, 128, 256] {
+                let core = dtype.row_bytes(d).ok();
+                let quant = match layout_of(dtype) {
+                    None => {
+                        let f = match dtype {
+                            KvDType::F32 => RowFormat::F32,
+                            KvDType::F16 => RowFormat::F16,
+                            KvDType::BF16 => RowFormat::Bf16,
+                            other => panic!("{other} has no kv-quant layout"),
+                        };
+                        f.row_bytes(d).ok()
+                    }
+                    Some(l) => {
+                        let v = l.values.row_bytes(d).ok();
+                        let k = match l.keys {
+                            KeyLayout::Rows { format, rotate } => format
+                                .row_bytes(d)
+                                .ok()
+                                .filter(|_| !rotate || d.is_power_of_two()),
+                            KeyLayout::Kivi(f) => f.block_bytes(d).ok().map(|b| {
+                                assert_eq!(b % f.block_tokens, 0, "{dtype} {d}");
+                                assert_eq!(f.block_tokens, dtype.block_tokens());
+                                b / f.block_tokens
+                            }),
+                        };
+                        assert!(k.is_none() || v.is_none() || k == v, "{dtype} {d}");
+                        k.and(v)
+                    }
+                };
+                assert_eq!(core, quant, "{dtype} head_dim {d}");
+            }
+        }
+    }
+
+    fn pools(dtype: KvDType, block_size: usize) -> QuantPools {
+        let shape = ModelShape::new(2, 4, 2, 64).expect("shape");
+        let spec = StorageSpec::new(shape, dtype, block_size, 4).expect("spec");
+        QuantPools::allocate(&spec, layout_of(dtype).expect("quantized")).expect("allocates")
+    }
+
+    fn rows(n: usize, seed: u32) -> Vec<f32> {
+        (0..n * 2 * 64)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 250.0 - 2.0)
+            .collect()
+    }
+
+    fn slots(block: u32, range: std::ops::Range<u32>) -> Vec<Slot> {
+        range.map(|offset| Slot { block, offset }).collect()
+    }
+
+    #[test]
+    fn kivi_keys_stay_in_f16_until_their_block_is_full() {
+        let kivi4 = KvDType::Kivi {
+            bits: kv_core::KiviBits::B4,
+        };
+        let mut p = pools(kivi4, 64);
+        let spec_bytes = p.bytes();
+        let k = rows(40, 1);
+        // 31 tokens: one window, exact f16 keys.
+        p.store(0, Which::K, &slots(2, 0..31), &k[..31 * 128]).expect("store");
+        assert_eq!(p.open_windows(), 1);
+        assert_eq!(p.bytes(), spec_bytes + p.window_bytes as u64);
+        let (read, _) = p.read(0, &slots(2, 0..31)).expect("read");
+        for (a, b) in read.iter().zip(&k[..31 * 128]) {
+            assert_eq!(*a, f16::from_f32(*b).to_f32());
+        }
+        // The 32nd token quantizes the block; 8 more open the next key block's window.
+        p.store(0, Which::K, &slots(2, 31..40), &k[31 * 128..])
+            .expect("store");
+        assert_eq!(p.open_windows(), 1);
+        assert!(p.layers[0].windows[2 * 2].is_none());
+        assert!(p.layers[0].windows[2 * 2 + 1].is_some());
+        let (read, _) = p.read(0, &slots(2, 0..40)).expect("read");
+        let err = read
+            .iter()
+            .zip(&k)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        // 4-bit per channel over values in [-2, 2): half a step is 2/15.
+        assert!(err > 0.0 && err <= 4.0 / 15.0 / 2.0 * 1.01 + 2e-3, "{err}");
+        // Copy-on-write of the partly filled block carries its window.
+        p.copy_blocks(&[(2, 3)]);
+        assert_eq!(p.open_windows(), 2);
+        assert_eq!(p.read(0, &slots(3, 0..40)).expect("read"), (read.clone(), {
+            let (_, v) = p.read(0, &slots(2, 0..40)).expect("read");
+            v
+        }));
+        // Writing into the copy changes the copy only.
+        p.store(0, Which::K, &slots(3, 40..41), &k[..128]).expect("store");
+        assert_eq!(p.read(0, &slots(2, 0..40)).expect("read").0, read);
+        // Refilling a quantized key block from its first slot starts it afresh; until the
+        // other slots are rewritten they read what they held.
+        let fresh = rows(32, 7);
+        p.store(0, Which::K, &slots(2, 0..1), &fresh[..128]).expect("store");
+        assert!(p.layers[0].windows[2 * 2].is_some());
+        let (again, _) = p.read(0, &slots(2, 1..32)).expect("read");
+        for (a, b) in again.iter().zip(&read[128..32 * 128]) {
+            assert_eq!(*a, f16::from_f32(*b).to_f32());
+        }
+        p.store(0, Which::K, &slots(2, 1..32), &fresh[128..]).expect("store");
+        assert!(p.layers[0].windows[2 * 2].is_none());
+    }
+
+    #[test]
+    fn writing_into_a_quantized_block_keeps_its_other_keys_readable() {
+        let kivi2 = KvDType::Kivi {
+            bits: kv_core::KiviBits::B2,
+        };
+        let mut p = pools(kivi2, 32);
+        let k = rows(32, 3);
+        p.store(1, Which::K, &slots(0, 0..32), &k).expect("store");
+        let (before, _) = p.read(1, &slots(0, 0..32)).expect("read");
+        // A truncated sequence grows again from slot 20: slots 0..20 keep their keys.
+        p.store(1, Which::K, &slots(0, 20..21), &k[..128]).expect("store");
+        let (after, _) = p.read(1, &slots(0, 0..20)).expect("read");
+        for (a, b) in after.iter().zip(&before[..20 * 128]) {
+            assert_eq!(*a, f16::from_f32(*b).to_f32());
+        }
+    }
+
+    #[test]
+    fn hadamard_keys_read_back_unrotated() {
+        let dtype = KvDType::Int4Hadamard {
+            group: kv_core::QuantGroup::G32,
+        };
+        let mut p = pools(dtype, 16);
+        // An outlier channel: rotation spreads it, and reading undoes the rotation.
+        let mut k = rows(3, 5);
+        for r in k.chunks_exact_mut(64) {
+            r[7] = 30.0;
+        }
+        p.store(0, Which::K, &slots(1, 0..3), &k).expect("store");
+        let (read, _) = p.read(0, &slots(1, 0..3)).expect("read");
+        let err = read
+            .iter()
+            .zip(&k)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err < 2.0, "{err}");
+        assert!((read[7] - 30.0).abs() < 2.0, "{}", read[7]);
+
+        // Keys f16 holds whose rotation does not fit an f16 scale are refused, unwritten.
+        let before = p.read(0, &slots(1, 0..3)).expect("read");
+        let mut huge = rows(3, 9);
+        huge[64..128].fill(60_000.0);
+        assert!(matches!(
+            p.store(0, Which::K, &slots(1, 0..3), &huge),
+            Err(KvError::InvalidArgument { what: "k", .. })
+        ));
+        assert_eq!(p.read(0, &slots(1, 0..3)).expect("read"), before);
+    }
+}

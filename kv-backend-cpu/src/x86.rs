@@ -1,0 +1,720 @@
+//! AVX2 + FMA + F16C versions of the attention kernels: the only module of the crate with
+//! `unsafe` code.
+//!
+//! Layering: the `unsafe fn`s below carry `#[target_feature]` and raw pointers; each is
+//! reached only through a safe method of [`Avx2`], a token that exists only on a CPU that
+//! has all three features (checked once, cached) and whose methods check every slice
+//! bound before the first pointer is formed. The rest of the crate sees safe functions and
+//! stays under `#![deny(unsafe_code)]`.
+//!
+//! Rows are read in their stored format (f32, f16 or bf16) and widened in registers:
+//! `vcvtph2ps` for f16, a zero-extend and shift for bf16, so no row is ever copied to a
+//! temporary buffer on the decode path. Each kernel handles any length; the last
+//! `len % 8` elements go through a scalar tail.
+#![allow(unsafe_code)]
+// Before Rust 1.87 every intrinsic is an unsafe fn even where its features are enabled;
+// from 1.87 on, value-only intrinsics are safe there. The blocks below wrap them so the
+// module builds on both sides of that change; newer compilers call some blocks unused.
+#![allow(unused_unsafe)]
+
+use std::arch::x86_64::*;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use half::{bf16, f16};
+
+/// Query heads whose accumulators one pass over a row keeps in registers.
+const HEAD_BLOCK: usize = 4;
+
+/// Proof that the running CPU has AVX2, FMA and F16C: the safe entry to this module's
+/// kernels.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx2(());
+
+/// 0: not yet checked, 1: absent, 2: present.
+static DETECTED: AtomicU8 = AtomicU8::new(0);
+
+impl Avx2 {
+    /// The token, when the CPU has the features; detection runs once.
+    pub(crate) fn get() -> Option<Self> {
+        let mut state = DETECTED.load(Ordering::Relaxed);
+        if state == 0 {
+            let present = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            state = if present { 2 } else { 1 };
+            DETECTED.store(state, Ordering::Relaxed);
+        }
+        (state == 2).then_some(Self(()))
+    }
+
+    /// `scores[h * stride + r] = q[h] . rows[r]` for every query row `q[h]` (`q` holds
+    /// `q.len() / d` rows of `d`) and every stored row of `rows` (`rows.len() / d` rows).
+    /// Does nothing when the slices do not hold what that needs (the callers size them).
+    pub(crate) fn score_rows<E: Load>(
+        self,
+        q: &[f32],
+        d: usize,
+        rows: &[E],
+        scores: &mut [f32],
+        stride: usize,
+    ) {
+        if d == 0 {
+            return;
+        }
+        let (heads, n) = (q.len() / d, rows.len() / d);
+        let fits = stride >= n && (heads == 0 || scores.len() >= (heads - 1) * stride + n);
+        if !fits || heads == 0 || n == 0 {
+            return;
+        }
+        let mut h = 0;
+        while h < heads {
+            let hb = (heads - h).min(HEAD_BLOCK);
+            let (qp, sp) = (q[h * d..].as_ptr(), scores[h * stride..].as_mut_ptr());
+            // SAFETY: the token proves the CPU features. Heads h..h+hb have rows
+            // q[(h + i) * d..][..d] inside `q` (h + hb <= q.len() / d) and score rows
+            // scores[(h + i) * stride..][..n] inside `scores` (checked above); `rows` holds
+            // n rows of d. The score rows do not overlap `q` or `rows` (distinct borrows).
+            unsafe {
+                match hb {
+                    4 => score_block::<E, 4, 2>(qp, d, rows.as_ptr(), n, sp, stride),
+                    3 => score_block::<E, 3, 2>(qp, d, rows.as_ptr(), n, sp, stride),
+                    2 => score_block::<E, 2, 4>(qp, d, rows.as_ptr(), n, sp, stride),
+                    _ => score_block::<E, 1, 8>(qp, d, rows.as_ptr(), n, sp, stride),
+                }
+            }
+            h += hb;
+        }
+    }
+
+    /// `acc[h] += sum_r w[h * stride + r] * rows[r]` for every accumulator row `acc[h]`
+    /// (`acc.len() / d` rows of `d`) and every stored row of `rows`. Does nothing when the
+    /// slices do not hold what that needs.
+    pub(crate) fn accumulate_rows<E: Load>(
+        self,
+        w: &[f32],
+        stride: usize,
+        d: usize,
+        rows: &[E],
+        acc: &mut [f32],
+    ) {
+        if d == 0 {
+            return;
+        }
+        let (heads, n) = (acc.len() / d, rows.len() / d);
+        let fits = stride >= n && (heads == 0 || w.len() >= (heads - 1) * stride + n);
+        if !fits || heads == 0 || n == 0 {
+            return;
+        }
+        let mut h = 0;
+        while h < heads {
+            let hb = (heads - h).min(HEAD_BLOCK);
+            let (wp, ap) = (w[h * stride..].as_ptr(), acc[h * d..].as_mut_ptr());
+            // SAFETY: the token proves the CPU features. Heads h..h+hb have weight rows
+            // w[(h + i) * stride..][..n] inside `w` (checked above) and accumulator rows
+            // acc[(h + i) * d..][..d] inside `acc` (h + hb <= acc.len() / d); `rows` holds
+            // n rows of d; `acc` is a distinct, exclusive borrow.
+            unsafe {
+                match hb {
+                    4 => accumulate_block::<E, 4>(wp, stride, d, rows.as_ptr(), n, ap),
+                    3 => accumulate_block::<E, 3>(wp, stride, d, rows.as_ptr(), n, ap),
+                    2 => accumulate_block::<E, 2>(wp, stride, d, rows.as_ptr(), n, ap),
+                    _ => accumulate_block::<E, 1>(wp, stride, d, rows.as_ptr(), n, ap),
+                }
+            }
+            h += hb;
+        }
+    }
+
+    /// Largest element of `s` (`-inf` when empty; NaN elements are skipped, like
+    /// `f32::max`).
+    pub(crate) fn max(self, s: &[f32]) -> f32 {
+        // SAFETY: the token proves the CPU features; the pointer and length describe `s`.
+        unsafe { max_of(s.as_ptr(), s.len()) }
+    }
+
+    /// `s[i] = exp(s[i] - m)` for every element; returns their sum.
+    pub(crate) fn exp_sum(self, s: &mut [f32], m: f32) -> f32 {
+        // SAFETY: the token proves the CPU features; the pointer and length describe `s`,
+        // borrowed exclusively.
+        unsafe { exp_sum(s.as_mut_ptr(), s.len(), m) }
+    }
+
+    /// `s[l * s_ld + j] = sum_k q[l * q_ld + k] * kt[k * kt_ld + j]` for `l < lanes`,
+    /// `j < cols`, `k < d`: the scores of a tile of queries against a tile of keys stored
+    /// transposed. `cols` must be a multiple of 8. Does nothing when the slices do not
+    /// hold what that needs.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn qk_tile(
+        self,
+        q: &[f32],
+        q_ld: usize,
+        lanes: usize,
+        d: usize,
+        kt: &[f32],
+        kt_ld: usize,
+        cols: usize,
+        s: &mut [f32],
+        s_ld: usize,
+    ) {
+        if lanes == 0 || cols == 0 || d == 0 {
+            return;
+        }
+        let fits = cols % 8 == 0
+            && q_ld >= d
+            && q.len() >= (lanes - 1) * q_ld + d
+            && kt_ld >= cols
+            && kt.len() >= (d - 1) * kt_ld + cols
+            && s_ld >= cols
+            && s.len() >= (lanes - 1) * s_ld + cols;
+        if !fits {
+            return;
+        }
+        let mut l = 0;
+        while l < lanes {
+            let m = (lanes - l).min(4);
+            let (qp, sp) = (q[l * q_ld..].as_ptr(), s[l * s_ld..].as_mut_ptr());
+            // SAFETY: the token proves the CPU features. Lanes l..l+m read
+            // q[(l + i) * q_ld..][..d] and write s[(l + i) * s_ld..][..cols], inside the
+            // slices by the checks above; columns 0..cols of the d rows of `kt` are inside
+            // `kt`. `s` is a distinct, exclusive borrow.
+            unsafe {
+                match m {
+                    4 => qk_block::<4>(qp, q_ld, d, kt.as_ptr(), kt_ld, cols, sp, s_ld),
+                    3 => qk_block::<3>(qp, q_ld, d, kt.as_ptr(), kt_ld, cols, sp, s_ld),
+                    2 => qk_block::<2>(qp, q_ld, d, kt.as_ptr(), kt_ld, cols, sp, s_ld),
+                    _ => qk_block::<1>(qp, q_ld, d, kt.as_ptr(), kt_ld, cols, sp, s_ld),
+                }
+            }
+            l += m;
+        }
+    }
+
+    /// `acc[l * acc_ld + c] += sum_r p[l * p_ld + r] * v[r * v_ld + c]` for `l < lanes`,
+    /// `r < rows`, `c < cols`: a tile of weights times a tile of value rows. `cols` must be
+    /// a multiple of 8. Does nothing when the slices do not hold what that needs.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn pv_tile(
+        self,
+        p: &[f32],
+        p_ld: usize,
+        lanes: usize,
+        rows: usize,
+        v: &[f32],
+        v_ld: usize,
+        cols: usize,
+        acc: &mut [f32],
+        acc_ld: usize,
+    ) {
+        if lanes == 0 || rows == 0 || cols == 0 {
+            return;
+        }
+        let fits = cols % 8 == 0
+            && p_ld >= rows
+            && p.len() >= (lanes - 1) * p_ld + rows
+            && v_ld >= cols
+            && v.len() >= (rows - 1) * v_ld + cols
+            && acc_ld >= cols
+            && acc.len() >= (lanes - 1) * acc_ld + cols;
+        if !fits {
+            return;
+        }
+        let mut l = 0;
+        while l < lanes {
+            let m = (lanes - l).min(4);
+            let (pp, ap) = (p[l * p_ld..].as_ptr(), acc[l * acc_ld..].as_mut_ptr());
+            // SAFETY: the token proves the CPU features. Lanes l..l+m read
+            // p[(l + i) * p_ld..][..rows] and update acc[(l + i) * acc_ld..][..cols], inside
+            // the slices by the checks above; rows 0..rows, columns 0..cols of `v` are inside
+            // `v`. `acc` is a distinct, exclusive borrow.
+            unsafe {
+                match m {
+                    4 => pv_block::<4>(pp, p_ld, rows, v.as_ptr(), v_ld, cols, ap, acc_ld),
+                    3 => pv_block::<3>(pp, p_ld, rows, v.as_ptr(), v_ld, cols, ap, acc_ld),
+                    2 => pv_block::<2>(pp, p_ld, rows, v.as_ptr(), v_ld, cols, ap, acc_ld),
+                    _ => pv_block::<1>(pp, p_ld, rows, v.as_ptr(), v_ld, cols, ap, acc_ld),
+                }
+            }
+            l += m;
+        }
+    }
+}
+
+/// A stored element type the kernels read directly, eight at a time.
+pub(crate) trait Load: Copy + crate::kernels::Widen {
+    /// Eight elements from `p` widened to f32.
+    ///
+    /// # Safety
+    /// `p..p + 8` must be readable, and the CPU must have AVX2, FMA and F16C.
+    unsafe fn load8(p: *const Self) -> __m256;
+}
+
+impl Load for f32 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        // SAFETY: the caller guarantees eight readable f32 at `p`; loadu has no alignment
+        // requirement.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+}
+
+impl Load for f16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        // SAFETY: the caller guarantees eight readable f16 (16 bytes) at `p`; f16 is a
+        // transparent u16, the bit layout vcvtph2ps reads; loadu has no alignment
+        // requirement.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())) }
+    }
+}
+
+impl Load for bf16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const bf16) -> __m256 {
+        // SAFETY: the caller guarantees eight readable bf16 (16 bytes) at `p`; bf16 is a
+        // transparent u16 holding the upper half of an f32, so zero-extending each to 32
+        // bits and shifting it up 16 is the exact widening.
+        unsafe {
+            let h = _mm_loadu_si128(p.cast::<__m128i>());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+}
+
+/// Sum of the eight lanes.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: register-only intrinsics; the caller guarantees the CPU features.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+/// Lane `p` of the result is the sum of the eight lanes of `a[p]`: eight horizontal sums
+/// for the price of about two.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn reduce8(a: &[__m256; 8]) -> __m256 {
+    // SAFETY: register-only intrinsics; the caller guarantees the CPU features.
+    unsafe {
+        // hadd(x, y) = [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7].
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let t2 = _mm256_hadd_ps(a[4], a[5]);
+        let t3 = _mm256_hadd_ps(a[6], a[7]);
+        // Lane p (p < 4) of u0: the low-half sum of a[p]; lane 4 + p: its high-half sum.
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+        let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+        _mm256_add_ps(lo, hi)
+    }
+}
+
+/// Scores of `H` query rows against `n` stored rows, `R` rows at a time (`R * H <= 8`):
+/// each stored row is loaded once for all `H` heads, each query chunk once for all `R`
+/// rows, and the `R * H` dot products are reduced together by [`reduce8`].
+///
+/// # Safety
+/// `q` holds `H` rows of `d` f32 (row `h` at `q + h * d`); `rows` holds `n` rows of `d`
+/// elements; `scores + h * stride + r` is writable for `h < H`, `r < n`; `R * H <= 8`; the
+/// CPU has AVX2, FMA and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn score_block<E: Load, const H: usize, const R: usize>(
+    q: *const f32,
+    d: usize,
+    rows: *const E,
+    n: usize,
+    scores: *mut f32,
+    stride: usize,
+) {
+    let d8 = d & !7;
+    let mut r0 = 0;
+    // SAFETY: (both loops) rows r0..r0+R (or r0 alone) are below n, so every row pointer
+    // and every column c + 8 <= d8 <= d, j < d stays inside `rows`; query reads stay inside
+    // q[h * d..][..d]; score writes are inside `scores` by the contract; the stack buffer
+    // holds the 8 lanes of one reduction.
+    unsafe {
+        while r0 + R <= n {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut c = 0;
+            while c < d8 {
+                let mut qv = [_mm256_setzero_ps(); H];
+                for (h, v) in qv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(q.add(h * d + c));
+                }
+                for r in 0..R {
+                    let k = E::load8(rows.add((r0 + r) * d + c));
+                    for h in 0..H {
+                        acc[r * H + h] = _mm256_fmadd_ps(qv[h], k, acc[r * H + h]);
+                    }
+                }
+                c += 8;
+            }
+            let sums = reduce8(&acc);
+            if H == 1 && R == 8 && d8 == d {
+                _mm256_storeu_ps(scores.add(r0), sums);
+            } else {
+                let mut lanes = [0.0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+                for r in 0..R {
+                    let row = rows.add((r0 + r) * d);
+                    for h in 0..H {
+                        let mut s = lanes[r * H + h];
+                        for j in d8..d {
+                            s += *q.add(h * d + j) * (*row.add(j)).widen();
+                        }
+                        *scores.add(h * stride + r0 + r) = s;
+                    }
+                }
+            }
+            r0 += R;
+        }
+        while r0 < n {
+            let row = rows.add(r0 * d);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut c = 0;
+            while c < d8 {
+                let k = E::load8(row.add(c));
+                for h in 0..H {
+                    acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(h * d + c)), k, acc[h]);
+                }
+                c += 8;
+            }
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), reduce8(&acc));
+            for (h, &lane) in lanes.iter().enumerate().take(H) {
+                let mut s = lane;
+                for j in d8..d {
+                    s += *q.add(h * d + j) * (*row.add(j)).widen();
+                }
+                *scores.add(h * stride + r0) = s;
+            }
+            r0 += 1;
+        }
+    }
+}
+
+/// Weighted sum of `n` stored rows into `H` accumulator rows, 16 columns at a time with
+/// the accumulators in registers across all rows.
+///
+/// # Safety
+/// `w + h * stride + r` is readable for `h < H`, `r < n`; `rows` holds `n` rows of `d`
+/// elements; `acc` holds `H` rows of `d` f32, writable; the CPU has AVX2, FMA and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn accumulate_block<E: Load, const H: usize>(
+    w: *const f32,
+    stride: usize,
+    d: usize,
+    rows: *const E,
+    n: usize,
+    acc: *mut f32,
+) {
+    let d16 = d & !15;
+    let d8 = d & !7;
+    let mut c = 0;
+    // SAFETY: (all three loops) column ranges c..c+16 <= d16, c..c+8 <= d8 and j < d stay
+    // inside each row of `rows` and `acc`; weight reads are inside `w` by the contract.
+    unsafe {
+        while c < d16 {
+            let mut a0 = [_mm256_setzero_ps(); H];
+            let mut a1 = [_mm256_setzero_ps(); H];
+            for h in 0..H {
+                a0[h] = _mm256_loadu_ps(acc.add(h * d + c));
+                a1[h] = _mm256_loadu_ps(acc.add(h * d + c + 8));
+            }
+            for r in 0..n {
+                let v0 = E::load8(rows.add(r * d + c));
+                let v1 = E::load8(rows.add(r * d + c + 8));
+                for h in 0..H {
+                    let wb = _mm256_broadcast_ss(&*w.add(h * stride + r));
+                    a0[h] = _mm256_fmadd_ps(wb, v0, a0[h]);
+                    a1[h] = _mm256_fmadd_ps(wb, v1, a1[h]);
+                }
+            }
+            for h in 0..H {
+                _mm256_storeu_ps(acc.add(h * d + c), a0[h]);
+                _mm256_storeu_ps(acc.add(h * d + c + 8), a1[h]);
+            }
+            c += 16;
+        }
+        if c < d8 {
+            let mut a0 = [_mm256_setzero_ps(); H];
+            for h in 0..H {
+                a0[h] = _mm256_loadu_ps(acc.add(h * d + c));
+            }
+            for r in 0..n {
+                let v0 = E::load8(rows.add(r * d + c));
+                for h in 0..H {
+                    let wb = _mm256_broadcast_ss(&*w.add(h * stride + r));
+                    a0[h] = _mm256_fmadd_ps(wb, v0, a0[h]);
+                }
+            }
+            for h in 0..H {
+                _mm256_storeu_ps(acc.add(h * d + c), a0[h]);
+            }
+        }
+        for j in d8..d {
+            for h in 0..H {
+                let mut s = *acc.add(h * d + j);
+                for r in 0..n {
+                    s += *w.add(h * stride + r) * (*rows.add(r * d + j)).widen();
+                }
+                *acc.add(h * d + j) = s;
+            }
+        }
+    }
+}
+
+/// Largest of `n` floats at `p`.
+///
+/// # Safety
+/// `p..p + n` is readable; the CPU has AVX2.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn max_of(p: *const f32, n: usize) -> f32 {
+    let n8 = n & !7;
+    let mut m = f32::NEG_INFINITY;
+    // SAFETY: every read is below p + n (i + 8 <= n8 <= n, then i < n).
+    unsafe {
+        if n8 > 0 {
+            let mut v = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut i = 0;
+            while i < n8 {
+                // max(x, v) keeps v where x is NaN, like f32::max.
+                v = _mm256_max_ps(_mm256_loadu_ps(p.add(i)), v);
+                i += 8;
+            }
+            let h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_max_ss(h, _mm_shuffle_ps::<1>(h, h));
+            m = _mm_cvtss_f32(h);
+        }
+        for i in n8..n {
+            m = m.max(*p.add(i));
+        }
+    }
+    m
+}
+
+/// `exp` of eight floats: Cody-Waite range reduction to `x = n ln2 + r`, |r| <= ln2 / 2,
+/// a degree-7 polynomial for `e^r` and `2^n` built in the exponent bits. Relative error
+/// within a few ulp for x in [-87.3, 88.7]; 0 below (where f32 underflows), NaN stays
+/// NaN.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp8(x: __m256) -> __m256 {
+    const LOW: f32 = -87.336_54;
+    const HIGH: f32 = 88.722_83;
+    // SAFETY: register-only intrinsics; the caller guarantees the CPU features.
+    unsafe {
+        let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(LOW));
+        // max(LOW, x) and min(HIGH, x) return x when x is NaN.
+        let x = _mm256_min_ps(_mm256_set1_ps(HIGH), _mm256_max_ps(_mm256_set1_ps(LOW), x));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        // ln 2 split in a part exact in a few bits and the rest, so n * LN2_HI is exact.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_375), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.398_199_9e-3));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.333_452e-3));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_5e-2));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.166_666_65));
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5));
+        y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        let y = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+        _mm256_andnot_ps(underflow, y)
+    }
+}
+
+/// `p[i] = exp(p[i] - m)` for `i < n`; returns the sum.
+///
+/// # Safety
+/// `p..p + n` is readable and writable; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp_sum(p: *mut f32, n: usize, m: f32) -> f32 {
+    let n8 = n & !7;
+    let mv = _mm256_set1_ps(m);
+    let mut total = _mm256_setzero_ps();
+    let mut i = 0;
+    // SAFETY: every access is below p + n (i + 8 <= n8 <= n); the tail goes through a
+    // local buffer padded with -inf, whose exp is 0.
+    unsafe {
+        while i < n8 {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+            _mm256_storeu_ps(p.add(i), e);
+            total = _mm256_add_ps(total, e);
+            i += 8;
+        }
+        if i < n {
+            let mut buf = [f32::NEG_INFINITY; 8];
+            std::ptr::copy_nonoverlapping(p.add(i), buf.as_mut_ptr(), n - i);
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), mv));
+            _mm256_storeu_ps(buf.as_mut_ptr(), e);
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), p.add(i), n - i);
+            total = _mm256_add_ps(total, e);
+        }
+        hsum(total)
+    }
+}
+
+/// Scores of `M` query lanes against `cols` keys stored transposed (`kt[k * kt_ld + j]`):
+/// an outer-product micro-kernel, 16 keys (two registers) by `M` lanes per pass over `d`.
+///
+/// # Safety
+/// `q + i * q_ld + k` readable for `i < M`, `k < d`; `kt + k * kt_ld + j` readable for
+/// `k < d`, `j < cols`; `s + i * s_ld + j` writable for `i < M`, `j < cols`; `cols` a
+/// multiple of 8; the CPU has AVX2 and FMA.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn qk_block<const M: usize>(
+    q: *const f32,
+    q_ld: usize,
+    d: usize,
+    kt: *const f32,
+    kt_ld: usize,
+    cols: usize,
+    s: *mut f32,
+    s_ld: usize,
+) {
+    let mut j = 0;
+    // SAFETY: (both loops) column ranges j..j+16 and j..j+8 stay below `cols`, rows below
+    // `d` and lanes below `M`, which the contract makes readable / writable.
+    unsafe {
+        while j + 16 <= cols {
+            let mut a0 = [_mm256_setzero_ps(); M];
+            let mut a1 = [_mm256_setzero_ps(); M];
+            for k in 0..d {
+                let b0 = _mm256_loadu_ps(kt.add(k * kt_ld + j));
+                let b1 = _mm256_loadu_ps(kt.add(k * kt_ld + j + 8));
+                for i in 0..M {
+                    let a = _mm256_broadcast_ss(&*q.add(i * q_ld + k));
+                    a0[i] = _mm256_fmadd_ps(a, b0, a0[i]);
+                    a1[i] = _mm256_fmadd_ps(a, b1, a1[i]);
+                }
+            }
+            for i in 0..M {
+                _mm256_storeu_ps(s.add(i * s_ld + j), a0[i]);
+                _mm256_storeu_ps(s.add(i * s_ld + j + 8), a1[i]);
+            }
+            j += 16;
+        }
+        if j < cols {
+            let mut a0 = [_mm256_setzero_ps(); M];
+            for k in 0..d {
+                let b0 = _mm256_loadu_ps(kt.add(k * kt_ld + j));
+                for i in 0..M {
+                    let a = _mm256_broadcast_ss(&*q.add(i * q_ld + k));
+                    a0[i] = _mm256_fmadd_ps(a, b0, a0[i]);
+                }
+            }
+            for i in 0..M {
+                _mm256_storeu_ps(s.add(i * s_ld + j), a0[i]);
+            }
+        }
+    }
+}
+
+/// `M` accumulator lanes plus weights times `rows` value rows, 16 columns at a time with
+/// the accumulators in registers across all rows.
+///
+/// # Safety
+/// `p + i * p_ld + r` readable for `i < M`, `r < rows`; `v + r * v_ld + c` readable for
+/// `r < rows`, `c < cols`; `acc + i * acc_ld + c` readable and writable for `i < M`,
+/// `c < cols`; `cols` a multiple of 8; the CPU has AVX2 and FMA.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pv_block<const M: usize>(
+    p: *const f32,
+    p_ld: usize,
+    rows: usize,
+    v: *const f32,
+    v_ld: usize,
+    cols: usize,
+    acc: *mut f32,
+    acc_ld: usize,
+) {
+    let mut c = 0;
+    // SAFETY: (both loops) column ranges c..c+16 and c..c+8 stay below `cols`, rows below
+    // `rows` and lanes below `M`, which the contract makes accessible.
+    unsafe {
+        while c + 16 <= cols {
+            let mut a0 = [_mm256_setzero_ps(); M];
+            let mut a1 = [_mm256_setzero_ps(); M];
+            for i in 0..M {
+                a0[i] = _mm256_loadu_ps(acc.add(i * acc_ld + c));
+                a1[i] = _mm256_loadu_ps(acc.add(i * acc_ld + c + 8));
+            }
+            for r in 0..rows {
+                let b0 = _mm256_loadu_ps(v.add(r * v_ld + c));
+                let b1 = _mm256_loadu_ps(v.add(r * v_ld + c + 8));
+                for i in 0..M {
+                    let a = _mm256_broadcast_ss(&*p.add(i * p_ld + r));
+                    a0[i] = _mm256_fmadd_ps(a, b0, a0[i]);
+                    a1[i] = _mm256_fmadd_ps(a, b1, a1[i]);
+                }
+            }
+            for i in 0..M {
+                _mm256_storeu_ps(acc.add(i * acc_ld + c), a0[i]);
+                _mm256_storeu_ps(acc.add(i * acc_ld + c + 8), a1[i]);
+            }
+            c += 16;
+        }
+        if c < cols {
+            let mut a0 = [_mm256_setzero_ps(); M];
+            for i in 0..M {
+                a0[i] = _mm256_loadu_ps(acc.add(i * acc_ld + c));
+            }
+            for r in 0..rows {
+                let b0 = _mm256_loadu_ps(v.add(r * v_ld + c));
+                for i in 0..M {
+                    let a = _mm256_broadcast_ss(&*p.add(i * p_ld + r));
+                    a0[i] = _mm256_fmadd_ps(a, b0, a0[i]);
+                }
+            }
+            for i in 0..M {
+                _mm256_storeu_ps(acc.add(i * acc_ld + c), a0[i]);
+            }
+        }
+    }
+}
+
+/// Asks the CPU to bring every cache line of `data` into the L2 cache: a hint that never
+/// faults and changes no value (SSE, part of every x86-64 CPU).
+pub(crate) fn prefetch_l2<T>(data: &[T]) {
+    const LINE: usize = 64;
+    let bytes = std::mem::size_of_val(data);
+    let start = data.as_ptr().cast::<i8>();
+    let mut offset = 0;
+    while offset < bytes {
+        // SAFETY: the address is inside `data` (offset < its size in bytes), and a prefetch
+        // neither reads the value nor faults; SSE is part of the x86-64 baseline.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(start.add(offset)) };
+        offset += LINE;
+    }
+}

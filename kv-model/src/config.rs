@@ -1,0 +1,509 @@
+//! The hyper-parameters of a Llama-family model, read from GGUF metadata.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use kv_core::ModelShape;
+
+use crate::{ModelError, Result};
+
+/// Architectures whose GGUF files use the Llama tensor layout and rope this crate runs.
+///
+/// Only `llama` is listed: llama.cpp's converter writes Llama, Llama 2/3, Mistral 7B and
+/// SmolLM under that name. Families with a different layout (biases, fused QKV, other norms)
+/// are refused rather than run wrongly.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+
+/// Hyper-parameters of a Llama-family decoder, as the GGUF metadata states them.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use candle_core::quantized::gguf_file::Value;
+/// use kv_model::LlamaConfig;
+///
+/// let mut md = HashMap::new();
+/// md.insert("general.architecture".into(), Value::String("llama".into()));
+/// for (key, v) in [("block_count", 30), ("embedding_length", 576), ("feed_forward_length", 1536),
+///                  ("attention.head_count", 9), ("attention.head_count_kv", 3),
+///                  ("context_length", 8192), ("vocab_size", 49152)] {
+///     md.insert(format!("llama.{key}"), Value::U32(v));
+/// }
+/// let config = LlamaConfig::from_metadata(&md)?;
+/// assert_eq!(config.head_dim, 64);
+/// assert_eq!(config.shape()?.group_size(), 3);
+/// # Ok::<(), kv_model::ModelError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// `general.architecture`.
+    pub architecture: String,
+    /// Decoder layers.
+    pub n_layers: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
+    pub intermediate_size: usize,
+    /// Query heads per layer.
+    pub n_heads: usize,
+    /// Key/value heads per layer (fewer than `n_heads` for GQA/MQA).
+    pub n_kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+    /// Leading elements of each head that RoPE rotates (usually all of them).
+    pub rope_dim: usize,
+    /// RoPE base: the angle of pair `i` at position `p` is `p * base^(-2i/rope_dim)`.
+    pub rope_freq_base: f32,
+    /// Linear RoPE scaling: positions are multiplied by this (1 without scaling).
+    pub rope_position_scale: f32,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Longest sequence the model was trained for.
+    pub context_length: usize,
+    /// Tokens in the vocabulary.
+    pub vocab_size: usize,
+}
+
+impl LlamaConfig {
+    /// Reads the configuration from GGUF metadata, keys prefixed by the architecture name.
+    ///
+    /// # Errors
+    /// [`ModelError::UnsupportedArchitecture`] for a family other than
+    /// [`SUPPORTED_ARCHITECTURES`]; [`ModelError::MissingMetadata`] or
+    /// [`ModelError::BadMetadata`] for absent, mistyped or inconsistent values;
+    /// [`ModelError::Unsupported`] for a RoPE scaling this crate does not implement.
+    pub fn from_metadata(md: &HashMap<String, Value>) -> Result<Self> {
+        let architecture = string(md, "general.architecture")?.to_string();
+        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
+            return Err(ModelError::UnsupportedArchitecture {
+                got: architecture,
+                supported: SUPPORTED_ARCHITECTURES,
+            });
+        }
+        let key = |k: &str| format!("{architecture}.{k}");
+
+        let n_layers = positive(md, &key("block_count"))?;
+        let hidden_size = positive(md, &key("embedding_length"))?;
+        let intermediate_size = positive(md, &key("feed_forward_length"))?;
+        let n_heads = positive(md, &key("attention.head_count"))?;
+        let n_kv_heads = match md.get(&key("attention.head_count_kv")) {
+            Some(_) => positive(md, &key("attention.head_count_kv"))?,
+            None => n_heads,
+        };
+        if n_heads % n_kv_heads != 0 {
+            return Err(ModelError::BadMetadata {
+                key: key("attention.head_count_kv"),
+                expected: format!("a divisor of the {n_heads} query heads"),
+                got: n_kv_heads.to_string(),
+            });
+        }
+        let head_dim = match md.get(&key("attention.key_length")) {
+            Some(_) => positive(md, &key("attention.key_length"))?,
+            None => {
+                if hidden_size % n_heads != 0 {
+                    return Err(ModelError::BadMetadata {
+                        key: key("embedding_length"),
+                        expected: format!("a multiple of the {n_heads} heads"),
+                        got: hidden_size.to_string(),
+                    });
+                }
+                hidden_size / n_heads
+            }
+        };
+        if let Some(v) = md.get(&key("attention.value_length")) {
+            let value_len = integer(v, &key("attention.value_length"))?;
+            if value_len != head_dim {
+                return Err(ModelError::Unsupported {
+                    what: "head sizes",
+                    detail: format!(
+                        "value heads of {value_len} differ from key heads of {head_dim}"
+                    ),
+                });
+            }
+        }
+        let rope_dim = match md.get(&key("rope.dimension_count")) {
+            Some(_) => positive(md, &key("rope.dimension_count"))?,
+            None => head_dim,
+        };
+        if rope_dim > head_dim || rope_dim % 2 != 0 {
+            return Err(ModelError::BadMetadata {
+                key: key("rope.dimension_count"),
+                expected: format!("an even number of at most the head size {head_dim}"),
+                got: rope_dim.to_string(),
+            });
+        }
+        let rope_freq_base = match md.get(&key("rope.freq_base")) {
+            Some(v) => float(v, &key("rope.freq_base"))? as f32,
+            None => 10_000.0,
+        };
+        if !(rope_freq_base.is_finite() && rope_freq_base > 1.0) {
+            return Err(ModelError::BadMetadata {
+                key: key("rope.freq_base"),
+                expected: "a finite number above 1".into(),
+                got: rope_freq_base.to_string(),
+            });
+        }
+        let rope_position_scale = rope_scaling(md, &architecture)?;
+        let rms_norm_eps = match md.get(&key("attention.layer_norm_rms_epsilon")) {
+            Some(v) => float(v, &key("attention.layer_norm_rms_epsilon"))?,
+            None => 1e-5,
+        };
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
+            return Err(ModelError::BadMetadata {
+                key: key("attention.layer_norm_rms_epsilon"),
+                expected: "a small positive number".into(),
+                got: rms_norm_eps.to_string(),
+            });
+        }
+        let context_length = positive(md, &key("context_length"))?;
+        let vocab_size = match md.get(&key("vocab_size")) {
+            Some(_) => positive(md, &key("vocab_size"))?,
+            None => match md.get("tokenizer.ggml.tokens") {
+                Some(Value::Array(tokens)) if !tokens.is_empty() => tokens.len(),
+                Some(other) => {
+                    return Err(ModelError::BadMetadata {
+                        key: "tokenizer.ggml.tokens".into(),
+                        expected: "a non-empty array of strings".into(),
+                        got: describe(other),
+                    })
+                }
+                None => {
+                    return Err(ModelError::MissingMetadata {
+                        key: key("vocab_size"),
+                    })
+                }
+            },
+        };
+        Ok(Self {
+            architecture,
+            n_layers,
+            hidden_size,
+            intermediate_size,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rope_dim,
+            rope_freq_base,
+            rope_position_scale,
+            rms_norm_eps,
+            context_length,
+            vocab_size,
+        })
+    }
+
+    /// Reads only the header of a GGUF file (no weights) and its configuration: what
+    /// `kv mem --model` needs.
+    ///
+    /// # Errors
+    /// [`ModelError::ModelNotFound`], [`ModelError::InvalidGguf`], and those of
+    /// [`LlamaConfig::from_metadata`].
+    pub fn from_gguf_file(path: impl AsRef<Path>) -> Result<Self> {
+        let (content, _) = read_header(path.as_ref())?;
+        Self::from_metadata(&content.metadata)
+    }
+
+    /// The attention geometry the cache is sized by.
+    ///
+    /// # Errors
+    /// Never for a configuration built by [`LlamaConfig::from_metadata`], which checks the
+    /// same rules; a hand-built one may be invalid.
+    pub fn shape(&self) -> Result<ModelShape> {
+        Ok(ModelShape::new(
+            self.n_layers,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+        )?)
+    }
+}
+
+/// Opens a GGUF file and parses its header: metadata and tensor directory.
+pub(crate) fn read_header(path: &Path) -> Result<(Content, BufReader<File>)> {
+    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader).map_err(|e| ModelError::InvalidGguf {
+        path: path.to_path_buf(),
+        detail: one_line(&e.to_string()),
+    })?;
+    Ok((content, reader))
+}
+
+/// Collapses a multi-line message into one line.
+pub(crate) fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn rope_scaling(md: &HashMap<String, Value>, arch: &str) -> Result<f32> {
+    let type_key = format!("{arch}.rope.scaling.type");
+    let factor_key = format!("{arch}.rope.scaling.factor");
+    let kind = match md.get(&type_key) {
+        None => return Ok(1.0),
+        Some(Value::String(s)) => s.as_str(),
+        Some(other) => {
+            return Err(ModelError::BadMetadata {
+                key: type_key,
+                expected: "a string".into(),
+                got: describe(other),
+            })
+        }
+    };
+    match kind {
+        "none" => Ok(1.0),
+        "linear" => {
+            let factor = match md.get(&factor_key) {
+                Some(v) => float(v, &factor_key)? as f32,
+                None => return Err(ModelError::MissingMetadata { key: factor_key }),
+            };
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(ModelError::BadMetadata {
+                    key: factor_key,
+                    expected: "a positive number".into(),
+                    got: factor.to_string(),
+                });
+            }
+            Ok(1.0 / factor)
+        }
+        other => Err(ModelError::Unsupported {
+            what: "RoPE scaling",
+            detail: format!("{other:?} (supported: none, linear)"),
+        }),
+    }
+}
+
+pub(crate) fn string<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a str> {
+    match md.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(ModelError::BadMetadata {
+            key: key.into(),
+            expected: "a string".into(),
+            got: describe(other),
+        }),
+        None => Err(ModelError::MissingMetadata { key: key.into() }),
+    }
+}
+
+fn positive(md: &HashMap<String, Value>, key: &str) -> Result<usize> {
+    let v = md
+        .get(key)
+        .ok_or_else(|| ModelError::MissingMetadata { key: key.into() })?;
+    match integer(v, key)? {
+        0 => Err(ModelError::BadMetadata {
+            key: key.into(),
+            expected: "a positive integer".into(),
+            got: "0".into(),
+        }),
+        n => Ok(n),
+    }
+}
+
+/// Any non-negative integer type GGUF writers use.
+pub(crate) fn integer(v: &Value, key: &str) -> Result<usize> {
+    let n: Option<u64> = match *v {
+        Value::U8(x) => Some(x.into()),
+        Value::U16(x) => Some(x.into()),
+        Value::U32(x) => Some(x.into()),
+        Value::U64(x) => Some(x),
+        Value::I8(x) => u64::try_from(x).ok(),
+        Value::I16(x) => u64::try_from(x).ok(),
+        Value::I32(x) => u64::try_from(x).ok(),
+        Value::I64(x) => u64::try_from(x).ok(),
+        _ => None,
+    };
+    n.and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| ModelError::BadMetadata {
+            key: key.into(),
+            expected: "a non-negative integer".into(),
+            got: describe(v),
+        })
+}
+
+fn float(v: &Value, key: &str) -> Result<f64> {
+    match *v {
+        Value::F32(x) => Ok(x.into()),
+        Value::F64(x) => Ok(x),
+        _ => integer(v, key)
+            .map(|n| n as f64)
+            .map_err(|_| ModelError::BadMetadata {
+                key: key.into(),
+                expected: "a number".into(),
+                got: describe(v),
+            }),
+    }
+}
+
+/// A short description of a metadata value for error messages.
+pub(crate) fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) if s.len() > 40 => format!("a string of {} bytes", s.len()),
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Array(a) => format!("an array of {} values", a.len()),
+        Value::Bool(b) => format!("the boolean {b}"),
+        Value::U8(x) => format!("u8 {x}"),
+        Value::I8(x) => format!("i8 {x}"),
+        Value::U16(x) => format!("u16 {x}"),
+        Value::I16(x) => format!("i16 {x}"),
+        Value::U32(x) => format!("u32 {x}"),
+        Value::I32(x) => format!("i32 {x}"),
+        Value::U64(x) => format!("u64 {x}"),
+        Value::I64(x) => format!("i64 {x}"),
+        Value::F32(x) => format!("f32 {x}"),
+        Value::F64(x) => format!("f64 {x}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> HashMap<String, Value> {
+        let mut md = HashMap::new();
+        md.insert("general.architecture".into(), Value::String("llama".into()));
+        let ints = [
+            ("block_count", 30),
+            ("embedding_length", 576),
+            ("feed_forward_length", 1536),
+            ("attention.head_count", 9),
+            ("attention.head_count_kv", 3),
+            ("rope.dimension_count", 64),
+            ("context_length", 8192),
+        ];
+        for (k, v) in ints {
+            md.insert(format!("llama.{k}"), Value::U32(v));
+        }
+        md.insert("llama.rope.freq_base".into(), Value::F32(100_000.0));
+        md.insert(
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(1e-5),
+        );
+        md.insert(
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(vec![Value::String("a".into()); 100]),
+        );
+        md
+    }
+
+    #[test]
+    fn reads_smollm2_metadata() {
+        let c = LlamaConfig::from_metadata(&smollm2()).unwrap();
+        assert_eq!(c.n_layers, 30);
+        assert_eq!(c.head_dim, 64);
+        assert_eq!(c.n_kv_heads, 3);
+        assert_eq!(c.rope_dim, 64);
+        assert_eq!(c.rope_freq_base, 100_000.0);
+        assert_eq!(c.rope_position_scale, 1.0);
+        assert_eq!(c.vocab_size, 100);
+        assert_eq!(c.shape().unwrap(), ModelShape::new(30, 9, 3, 64).unwrap());
+    }
+
+    #[test]
+    fn defaults_for_optional_keys() {
+        let mut md = smollm2();
+        md.remove("llama.attention.head_count_kv");
+        md.remove("llama.rope.freq_base");
+        md.remove("llama.rope.dimension_count");
+        md.remove("llama.attention.layer_norm_rms_epsilon");
+        let c = LlamaConfig::from_metadata(&md).unwrap();
+        assert_eq!(c.n_kv_heads, 9);
+        assert_eq!(c.rope_freq_base, 10_000.0);
+        assert_eq!(c.rope_dim, 64);
+        assert_eq!(c.rms_norm_eps, 1e-5);
+    }
+
+    #[test]
+    fn refuses_other_architectures() {
+        let mut md = smollm2();
+        md.insert("general.architecture".into(), Value::String("gpt2".into()));
+        let e = LlamaConfig::from_metadata(&md).unwrap_err();
+        assert!(
+            matches!(&e, ModelError::UnsupportedArchitecture { got, .. } if got == "gpt2"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("llama"), "{e}");
+    }
+
+    #[test]
+    fn missing_and_mistyped_keys_are_named() {
+        let mut md = smollm2();
+        md.remove("llama.block_count");
+        let e = LlamaConfig::from_metadata(&md).unwrap_err();
+        assert!(matches!(&e, ModelError::MissingMetadata { key } if key == "llama.block_count"));
+
+        let mut md = smollm2();
+        md.insert(
+            "llama.embedding_length".into(),
+            Value::String("wide".into()),
+        );
+        let e = LlamaConfig::from_metadata(&md).unwrap_err();
+        assert!(
+            matches!(&e, ModelError::BadMetadata { key, got, .. }
+                if key == "llama.embedding_length" && got.contains("wide")),
+            "{e}"
+        );
+
+        let mut md = smollm2();
+        md.insert("llama.block_count".into(), Value::I32(-3));
+        assert!(matches!(
+            LlamaConfig::from_metadata(&md),
+            Err(ModelError::BadMetadata { .. })
+        ));
+
+        let mut md = smollm2();
+        md.remove("general.architecture");
+        assert!(matches!(
+            LlamaConfig::from_metadata(&md),
+            Err(ModelError::MissingMetadata { .. })
+        ));
+    }
+
+    #[test]
+    fn inconsistent_heads_are_refused() {
+        let mut md = smollm2();
+        md.insert("llama.attention.head_count_kv".into(), Value::U32(4));
+        let e = LlamaConfig::from_metadata(&md).unwrap_err();
+        assert!(
+            matches!(&e, ModelError::BadMetadata { key, .. } if key.ends_with("head_count_kv")),
+            "{e}"
+        );
+
+        let mut md = smollm2();
+        md.insert("llama.rope.dimension_count".into(), Value::U32(65));
+        assert!(LlamaConfig::from_metadata(&md).is_err());
+
+        let mut md = smollm2();
+        md.insert("llama.attention.head_count".into(), Value::U32(7));
+        md.insert("llama.attention.head_count_kv".into(), Value::U32(7));
+        assert!(LlamaConfig::from_metadata(&md).is_err()); // 576 is not a multiple of 7
+    }
+
+    #[test]
+    fn rope_scaling_kinds() {
+        let mut md = smollm2();
+        md.insert(
+            "llama.rope.scaling.type".into(),
+            Value::String("linear".into()),
+        );
+        md.insert("llama.rope.scaling.factor".into(), Value::F32(4.0));
+        let c = LlamaConfig::from_metadata(&md).unwrap();
+        assert_eq!(c.rope_position_scale, 0.25);
+
+        md.insert(
+            "llama.rope.scaling.type".into(),
+            Value::String("yarn".into()),
+        );
+        assert!(matches!(
+            LlamaConfig::from_metadata(&md),
+            Err(ModelError::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn messages_are_one_line() {
+        assert_eq!(one_line("a\n  b\n\nc"), "a; b; c");
+    }
+}

@@ -1,0 +1,549 @@
+//! The Llama decoder: weights from GGUF, a forward pass over a KV cache, and an
+//! independent forward pass that stores nothing.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+use kv_attention::PagedCache;
+use kv_core::{AttentionBatch, CacheBackend, ModelShape, SeqId};
+
+use crate::config::{one_line, read_header};
+use crate::rope::Rope;
+use crate::{LlamaConfig, ModelError, Result};
+
+/// How the projection weights are held in memory and multiplied.
+///
+/// The GGUF blocks can be kept as they are ([`WeightFormat::Quantized`]) or expanded to
+/// f32 once at load ([`WeightFormat::F32`], the default). Two measured reasons for the
+/// default, on SmolLM2-135M Q4_1 with candle 0.11 on x86:
+/// - candle's quantized matmul rounds each input row to 8 bits (Q8_1) before the dot
+///   products. That rounding is discontinuous: a 1e-6 difference in an activation (two
+///   attention implementations summing in another order) can move it across a rounding
+///   step, and over 30 layers such flips grow to logit differences of 1-2. Greedy tokens
+///   then differ at near-ties between computations that are mathematically equal (cached
+///   and uncached, block size 1 and 16), which would hide real cache bugs behind noise.
+///   With f32 weights the same comparison differs by under 1e-4.
+/// - candle has no SIMD kernel for Q4_1 on x86; the f32 path uses an optimised GEMM and
+///   was several times faster, for prefill especially.
+///
+/// The price is memory: 4 bytes per weight (about 0.4 GiB more for SmolLM2-135M). Large
+/// models should use [`WeightFormat::Quantized`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Expand every projection to f32 at load: exact activations, fast GEMM, more memory.
+    #[default]
+    F32,
+    /// Keep the file's quantized blocks and use candle's quantized matmul (activations
+    /// rounded to 8 bits): the least memory.
+    Quantized,
+}
+
+/// Which rows of logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's: what generation samples from. Skips the vocabulary
+    /// projection of every other row, the largest matrix of a small model.
+    Last,
+    /// One row per input token: for scoring and teacher-forced checks.
+    All,
+}
+
+/// One decoder layer's weights: projections in the chosen [`WeightFormat`], norms as small
+/// f32 vectors.
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+/// A Llama-family decoder loaded from a GGUF file.
+///
+/// The same weights run two ways: [`Model::forward`] over a [`PagedCache`] (K/V of earlier
+/// tokens are read back, only new tokens are computed), and [`Model::forward_uncached`],
+/// which recomputes everything with plain attention and stores nothing. They share no
+/// attention code, so agreement between them is evidence the cache is right.
+///
+/// ```no_run
+/// use kv_attention::PagedCache;
+/// use kv_backend_cpu::CpuBackend;
+/// use kv_core::{KvDType, StorageSpec};
+/// use kv_model::{Logits, Model};
+///
+/// let model = Model::load(kv_model::default_model_path())?;
+/// let spec = StorageSpec::new(model.shape(), KvDType::F16, 16, 8)?;
+/// let mut cache = PagedCache::new(CpuBackend::new(), spec)?;
+/// let seq = cache.create_sequence();
+/// let prefill = model.forward(&[1, 9690, 198], &mut cache, seq, Logits::Last)?; // [1, vocab]
+/// let step = model.forward(&[504], &mut cache, seq, Logits::Last)?; // reuses 3 cached tokens
+/// assert_eq!(cache.len(seq)?, 4);
+/// # let _ = (prefill, step);
+/// # Ok::<(), kv_model::ModelError>(())
+/// ```
+#[derive(Debug)]
+pub struct Model {
+    config: LlamaConfig,
+    shape: ModelShape,
+    device: Device,
+    /// `[vocab, hidden]`, dequantized once: a lookup, not a matmul.
+    embeddings: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// The vocabulary projection; `token_embd.weight` again when the file has no
+    /// `output.weight` (tied embeddings).
+    output: QMatMul,
+    weights: WeightFormat,
+    rope: Rope,
+}
+
+/// Reads named tensors from an open GGUF file, checking presence and shape.
+struct TensorReader<'a> {
+    content: &'a Content,
+    reader: BufReader<File>,
+    path: PathBuf,
+    device: &'a Device,
+    format: WeightFormat,
+}
+
+impl TensorReader<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn qtensor(&mut self, name: &str, expected: &[usize]) -> Result<QTensor> {
+        let info =
+            self.content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    name: name.to_string(),
+                })?;
+        if info.shape.dims() != expected {
+            return Err(ModelError::TensorShape {
+                name: name.to_string(),
+                expected: format!("{expected:?}"),
+                got: format!("{:?}", info.shape.dims()),
+            });
+        }
+        info.read(
+            &mut self.reader,
+            self.content.tensor_data_offset,
+            self.device,
+        )
+        .map_err(|e| ModelError::InvalidGguf {
+            path: self.path.clone(),
+            detail: format!("tensor {name:?}: {}", one_line(&e.to_string())),
+        })
+    }
+
+    fn matmul(&mut self, name: &str, expected: &[usize]) -> Result<QMatMul> {
+        let t = self.qtensor(name, expected)?;
+        self.to_matmul(t)
+    }
+
+    /// The weight in the chosen format. Float tensors in the file are always expanded
+    /// (candle has no quantized matmul for them).
+    fn to_matmul(&self, t: QTensor) -> Result<QMatMul> {
+        let float = matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        Ok(if self.format == WeightFormat::F32 || float {
+            QMatMul::Tensor(t.dequantize(self.device)?.to_dtype(DType::F32)?)
+        } else {
+            QMatMul::QTensor(Arc::new(t))
+        })
+    }
+
+    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        let t = self.qtensor(name, &[len])?;
+        Ok(t.dequantize(self.device)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl Model {
+    /// Loads the model in `path` onto the CPU with f32 weights ([`WeightFormat`]).
+    ///
+    /// # Errors
+    /// [`ModelError::ModelNotFound`], [`ModelError::InvalidGguf`] for a corrupt or truncated
+    /// file, [`ModelError::UnsupportedArchitecture`], missing or misshapen tensors and
+    /// metadata.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        Self::load_with(path, &Device::Cpu, WeightFormat::default())
+    }
+
+    /// Loads the model in `path` onto `device` with weights in `format`.
+    ///
+    /// # Errors
+    /// As [`Model::load`].
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        device: &Device,
+        format: WeightFormat,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let (content, reader) = read_header(path)?;
+        Self::from_content(&content, reader, path, device, format)
+    }
+
+    pub(crate) fn from_content(
+        content: &Content,
+        reader: BufReader<File>,
+        path: &Path,
+        device: &Device,
+        format: WeightFormat,
+    ) -> Result<Self> {
+        let config = LlamaConfig::from_metadata(&content.metadata)?;
+        let shape = config.shape()?;
+        let mut r = TensorReader {
+            content,
+            reader,
+            path: path.to_path_buf(),
+            device,
+            format,
+        };
+        let (h, ff, vocab) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
+        let q_dim = config.n_heads * config.head_dim;
+        let kv_dim = config.n_kv_heads * config.head_dim;
+
+        let embd = r.qtensor("token_embd.weight", &[vocab, h])?;
+        let embeddings = embd.dequantize(device)?.to_dtype(DType::F32)?;
+        let output = if r.has("output.weight") {
+            r.matmul("output.weight", &[vocab, h])?
+        } else if format == WeightFormat::F32 {
+            // Tied: the same f32 tensor serves both, no second copy.
+            QMatMul::Tensor(embeddings.clone())
+        } else {
+            r.to_matmul(embd)?
+        };
+        let norm = r.vector("output_norm.weight", h)?;
+        let freq_factors = if r.has("rope_freqs.weight") {
+            let t = r.vector("rope_freqs.weight", config.rope_dim / 2)?;
+            Some(t.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        let rope = Rope::new(&config, freq_factors.as_deref(), device)?;
+
+        let mut layers = Vec::with_capacity(config.n_layers);
+        for i in 0..config.n_layers {
+            let name = |t: &str| format!("blk.{i}.{t}.weight");
+            layers.push(Layer {
+                attn_norm: r.vector(&name("attn_norm"), h)?,
+                wq: r.matmul(&name("attn_q"), &[q_dim, h])?,
+                wk: r.matmul(&name("attn_k"), &[kv_dim, h])?,
+                wv: r.matmul(&name("attn_v"), &[kv_dim, h])?,
+                wo: r.matmul(&name("attn_output"), &[h, q_dim])?,
+                ffn_norm: r.vector(&name("ffn_norm"), h)?,
+                w_gate: r.matmul(&name("ffn_gate"), &[ff, h])?,
+                w_up: r.matmul(&name("ffn_up"), &[ff, h])?,
+                w_down: r.matmul(&name("ffn_down"), &[h, ff])?,
+            });
+        }
+        Ok(Self {
+            config,
+            shape,
+            device: device.clone(),
+            embeddings,
+            layers,
+            norm,
+            output,
+            weights: format,
+            rope,
+        })
+    }
+
+    /// The hyper-parameters read from the file.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Layers and heads: what a cache for this model is shaped by.
+    pub fn shape(&self) -> ModelShape {
+        self.shape
+    }
+
+    /// How the projection weights are held.
+    pub fn weight_format(&self) -> WeightFormat {
+        self.weights
+    }
+
+    /// Where the weights live; caches must use a backend on the same device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs `tokens` as the next tokens of `seq`, reading the K/V of its earlier tokens from
+    /// `cache` and appending theirs. Returns logits `[rows, vocab]` in f32.
+    ///
+    /// One call is one step: prefill passes the whole prompt, decode passes one token.
+    /// Positions continue from the tokens `seq` already holds.
+    ///
+    /// # Errors
+    /// [`ModelError::EmptyPrompt`] for no tokens, [`ModelError::ContextOverflow`] past the
+    /// model's context, [`ModelError::CacheMismatch`] for a cache of another shape,
+    /// [`ModelError::TokenOutOfRange`], and the cache's errors (e.g. `CacheFull`). On error
+    /// the sequence is left as it was.
+    pub fn forward<B: CacheBackend>(
+        &self,
+        tokens: &[u32],
+        cache: &mut PagedCache<B>,
+        seq: SeqId,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        if cache.spec().shape != self.shape {
+            return Err(ModelError::CacheMismatch {
+                expected: format!("{:?}", self.shape),
+                got: format!("{:?}", cache.spec().shape),
+            });
+        }
+        let start = cache.len(seq)?;
+        self.check_tokens(tokens, start)?;
+        let n = tokens.len();
+        let slots = cache.reserve(seq, n)?;
+        let result = cache
+            .seq_attention(seq, n)
+            .map_err(ModelError::from)
+            .and_then(|seq_attn| {
+                let batch = AttentionBatch::new(vec![seq_attn], self.config.head_dim);
+                self.run(tokens, start, logits, |layer, q, k, v| {
+                    cache.write(layer, &slots, k, v)?;
+                    Ok(cache.attend(layer, q, &batch)?)
+                })
+            });
+        if result.is_err() {
+            // Forget the half-written tokens so the sequence is as before the call. Cannot
+            // fail: `seq` exists and `start` is within its length.
+            let _ = cache.truncate(seq, start);
+        }
+        result
+    }
+
+    /// Runs the whole sequence `tokens` from position 0 with plain causal attention over
+    /// K/V computed in this call, storing nothing. Returns logits `[rows, vocab]` in f32.
+    ///
+    /// This is "no cache" generation's forward pass and the oracle the cached path is tested
+    /// against.
+    ///
+    /// # Errors
+    /// [`ModelError::EmptyPrompt`], [`ModelError::ContextOverflow`],
+    /// [`ModelError::TokenOutOfRange`], tensor errors.
+    pub fn forward_uncached(&self, tokens: &[u32], logits: Logits) -> Result<Tensor> {
+        self.check_tokens(tokens, 0)?;
+        let scale = 1.0 / (self.config.head_dim as f64).sqrt();
+        self.run(tokens, 0, logits, |_, q, k, v| {
+            plain_attention(q, k, v, scale)
+        })
+    }
+
+    fn check_tokens(&self, tokens: &[u32], start: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        if start + tokens.len() > self.config.context_length {
+            return Err(ModelError::ContextOverflow {
+                what: "sequence",
+                needed: start + tokens.len(),
+                context: self.config.context_length,
+            });
+        }
+        if let Some(&id) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(ModelError::TokenOutOfRange {
+                id,
+                vocab: self.config.vocab_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// The decoder with attention supplied by the caller: `attention(layer, q, k, v)` gets
+    /// RoPE'd `q` `[n, q_heads, head_dim]`, `k` and `v` `[n, kv_heads, head_dim]` of the new
+    /// tokens and returns `[n, q_heads, head_dim]`.
+    fn run<F>(
+        &self,
+        tokens: &[u32],
+        start: usize,
+        logits: Logits,
+        mut attention: F,
+    ) -> Result<Tensor>
+    where
+        F: FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    {
+        let c = &self.config;
+        let n = tokens.len();
+        let eps = c.rms_norm_eps;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embeddings.index_select(&ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.attn_norm, eps)?;
+            let q = layer.wq.forward(&h)?.reshape((n, c.n_heads, c.head_dim))?;
+            let k = layer
+                .wk
+                .forward(&h)?
+                .reshape((n, c.n_kv_heads, c.head_dim))?;
+            let v = layer
+                .wv
+                .forward(&h)?
+                .reshape((n, c.n_kv_heads, c.head_dim))?;
+            let q = self.rope.apply(&q, start)?;
+            let k = self.rope.apply(&k, start)?;
+            let attn = attention(i, &q, &k, &v)?;
+            let attn = attn
+                .to_dtype(DType::F32)?
+                .reshape((n, c.n_heads * c.head_dim))?
+                .contiguous()?;
+            x = (x + layer.wo.forward(&attn)?)?;
+
+            let h = rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gate = layer.w_gate.forward(&h)?.silu()?;
+            let up = layer.w_up.forward(&h)?;
+            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+        }
+        let x = match logits {
+            Logits::Last => x.narrow(0, n - 1, 1)?,
+            Logits::All => x,
+        };
+        let x = rms_norm(&x, &self.norm, eps)?;
+        Ok(self.output.forward(&x)?)
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (mean_sq + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(weight)?)
+}
+
+/// Causal softmax attention over exactly the K/V given, with each KV head repeated for its
+/// group of query heads. Stores nothing; O(n^2) in the sequence length.
+fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (n, q_heads, d) = q.dims3()?;
+    let kv_heads = k.dim(1)?;
+    let group = q_heads / kv_heads;
+    // [n, kv_heads, d] -> [q_heads, n, d]: query head h reads KV head h / group.
+    let repeat = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.transpose(0, 1)?
+            .unsqueeze(1)?
+            .broadcast_as((kv_heads, group, n, d))?
+            .reshape((q_heads, n, d))?)
+    };
+    let q = q.transpose(0, 1)?.contiguous()?;
+    let k = repeat(k)?;
+    let v = repeat(v)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (n, n), q.device())?;
+    let scores = scores.broadcast_add(&mask)?;
+    let max = scores.max_keepdim(D::Minus1)?;
+    let e = scores.broadcast_sub(&max)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    Ok(p.matmul(&v)?.transpose(0, 1)?.contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attention written out with loops, in f64.
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        qh: usize,
+        kvh: usize,
+        d: usize,
+    ) -> Vec<f32> {
+        let g = qh / kvh;
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut out = vec![0f32; n * qh * d];
+        for i in 0..n {
+            for h in 0..qh {
+                let kh = h / g;
+                let qrow = &q[(i * qh + h) * d..][..d];
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        let krow = &k[(j * kvh + kh) * d..][..d];
+                        qrow.iter()
+                            .zip(krow)
+                            .map(|(a, b)| f64::from(a * b))
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = w.iter().sum();
+                for (j, wj) in w.iter().enumerate() {
+                    let vrow = &v[(j * kvh + kh) * d..][..d];
+                    for e in 0..d {
+                        out[(i * qh + h) * d + e] += (wj / z * f64::from(vrow[e])) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn plain_attention_is_causal_gqa() {
+        let (n, qh, kvh, d) = (40, 9, 3, 64);
+        let gen = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i + seed) * 7919 % 101) as f32 - 50.0) / 25.0)
+                .collect()
+        };
+        let (q, k, v) = (gen(n * qh * d, 1), gen(n * kvh * d, 2), gen(n * kvh * d, 3));
+        let dev = Device::Cpu;
+        let t = |x: &Vec<f32>, h| Tensor::from_vec(x.clone(), (n, h, d), &dev).unwrap();
+        let got = plain_attention(
+            &t(&q, qh),
+            &t(&k, kvh),
+            &t(&v, kvh),
+            1.0 / (d as f64).sqrt(),
+        )
+        .unwrap();
+        assert_eq!(got.dims(), &[n, qh, d]);
+        let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        let want = naive(&q, &k, &v, n, qh, kvh, d);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_definition() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f32, 2.0, 3.0, 4.0]], &dev).unwrap();
+        let w = Tensor::new(&[1f32, 0.5, 2.0, 1.0], &dev).unwrap();
+        let got: Vec<f32> = rms_norm(&x, &w, 1e-5)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let rms = ((1.0 + 4.0 + 9.0 + 16.0) / 4.0 + 1e-5f64).sqrt();
+        let want = [1.0 / rms, 2.0 * 0.5 / rms, 3.0 * 2.0 / rms, 4.0 / rms];
+        for (g, w) in got.iter().zip(want) {
+            assert!((f64::from(*g) - w).abs() < 1e-6);
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Rotary position embedding in llama.cpp's "normal" (interleaved) form.
+//!
+//! GGUF Llama files store the Q and K projection rows permuted so that the two halves of a
+//! rotated pair sit next to each other: element `2i` pairs with `2i + 1`. Rotating
+//! `(x[2i], x[2i+1])` by the angle `p * base^(-2i/d)` therefore reproduces the original
+//! model's "rotate half" RoPE exactly. Using the half-split form here would silently produce
+//! a different (and broken) model.
+
+use candle_core::{Device, Tensor, D};
+
+use crate::{LlamaConfig, ModelError, Result};
+
+/// Cosine and sine of every (position, pair) angle, computed once at load.
+#[derive(Debug, Clone)]
+pub(crate) struct Rope {
+    /// `[positions, rope_dim / 2]`.
+    cos: Tensor,
+    /// `[positions, rope_dim / 2]`.
+    sin: Tensor,
+    rope_dim: usize,
+    positions: usize,
+}
+
+impl Rope {
+    /// Tables for `config.context_length` positions. `freq_factors` (Llama 3.1's
+    /// `rope_freqs.weight`) divide the frequency of each pair when present.
+    pub(crate) fn new(
+        config: &LlamaConfig,
+        freq_factors: Option<&[f32]>,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = config.rope_dim / 2;
+        if let Some(f) = freq_factors {
+            if f.len() != half {
+                return Err(ModelError::TensorShape {
+                    name: "rope_freqs.weight".into(),
+                    expected: format!("[{half}]"),
+                    got: format!("[{}]", f.len()),
+                });
+            }
+            if f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+                return Err(ModelError::BadMetadata {
+                    key: "rope_freqs.weight".into(),
+                    expected: "positive finite factors".into(),
+                    got: "a zero, negative or non-finite factor".into(),
+                });
+            }
+        }
+        let base = f64::from(config.rope_freq_base);
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| {
+                let f = base.powf(-2.0 * i as f64 / config.rope_dim as f64);
+                f / freq_factors.map_or(1.0, |ff| f64::from(ff[i]))
+            })
+            .collect();
+        let positions = config.context_length;
+        let scale = f64::from(config.rope_position_scale);
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for f in &inv_freq {
+                let angle = p as f64 * scale * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (positions, half), device)?,
+            sin: Tensor::from_vec(sin, (positions, half), device)?,
+            rope_dim: config.rope_dim,
+            positions,
+        })
+    }
+
+    /// Rotates `x` (`[tokens, heads, head_dim]`, f32) whose tokens sit at positions
+    /// `start..start + tokens`.
+    pub(crate) fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (n, heads, head_dim) = x.dims3()?;
+        if start + n > self.positions {
+            return Err(ModelError::ContextOverflow {
+                what: "position",
+                needed: start + n,
+                context: self.positions,
+            });
+        }
+        let half = self.rope_dim / 2;
+        let cos = self.cos.narrow(0, start, n)?.reshape((n, 1, half))?;
+        let sin = self.sin.narrow(0, start, n)?.reshape((n, 1, half))?;
+        let rotated = x.narrow(2, 0, self.rope_dim)?;
+        let pairs = rotated.reshape((n, heads, half, 2))?;
+        let even = pairs.narrow(3, 0, 1)?.squeeze(3)?;
+        let odd = pairs.narrow(3, 1, 1)?.squeeze(3)?;
+        let new_even = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
+        let new_odd = (even.broadcast_mul(&sin)? + odd.broadcast_mul(&cos)?)?;
+        let out =
+            Tensor::stack(&[new_even, new_odd], D::Minus1)?.reshape((n, heads, self.rope_dim))?;
+        if self.rope_dim == head_dim {
+            Ok(out)
+        } else {
+            let pass = x.narrow(2, self.rope_dim, head_dim - self.rope_dim)?;
+            Ok(Tensor::cat(&[out, pass], 2)?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(head_dim: usize, rope_dim: usize) -> LlamaConfig {
+        LlamaConfig {
+            architecture: "llama".into(),
+            n_layers: 1,
+            hidden_size: head_dim * 2,
+            intermediate_size: 4,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim,
+            rope_dim,
+            rope_freq_base: 10_000.0,
+            rope_position_scale: 1.0,
+            rms_norm_eps: 1e-5,
+            context_length: 64,
+            vocab_size: 10,
+        }
+    }
+
+    /// The rotation written out element by element, as llama.cpp's NORM mode defines it.
+    fn naive(x: &[f32], pos: usize, cfg: &LlamaConfig, factors: Option<&[f32]>) -> Vec<f32> {
+        let mut out = x.to_vec();
+        for i in 0..cfg.rope_dim / 2 {
+            let theta = (pos as f64 * f64::from(cfg.rope_position_scale))
+                * f64::from(cfg.rope_freq_base).powf(-2.0 * i as f64 / cfg.rope_dim as f64)
+                / factors.map_or(1.0, |f| f64::from(f[i]));
+            let (a, b) = (f64::from(x[2 * i]), f64::from(x[2 * i + 1]));
+            out[2 * i] = (a * theta.cos() - b * theta.sin()) as f32;
+            out[2 * i + 1] = (a * theta.sin() + b * theta.cos()) as f32;
+        }
+        out
+    }
+
+    fn check(cfg: &LlamaConfig, factors: Option<&[f32]>) {
+        let dev = Device::Cpu;
+        let rope = Rope::new(cfg, factors, &dev).unwrap();
+        let (n, heads, d) = (5, 2, cfg.head_dim);
+        let data: Vec<f32> = (0..n * heads * d)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let x = Tensor::from_vec(data.clone(), (n, heads, d), &dev).unwrap();
+        let start = 9;
+        let got = rope.apply(&x, start).unwrap();
+        let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        for t in 0..n {
+            for h in 0..heads {
+                let off = (t * heads + h) * d;
+                let want = naive(&data[off..off + d], start + t, cfg, factors);
+                for (g, w) in got[off..off + d].iter().zip(&want) {
+                    assert!((g - w).abs() < 1e-5, "token {t} head {h}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn interleaved_pairs_match_the_definition() {
+        check(&config(8, 8), None);
+    }
+
+    #[test]
+    fn partial_rotation_leaves_the_tail() {
+        check(&config(8, 4), None);
+    }
+
+    #[test]
+    fn frequency_factors_and_linear_scaling() {
+        let mut cfg = config(8, 8);
+        cfg.rope_position_scale = 0.5;
+        check(&cfg, Some(&[1.0, 2.0, 4.0, 8.0]));
+        assert!(Rope::new(&cfg, Some(&[1.0]), &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn position_zero_is_identity_and_overflow_is_an_error() {
+        let cfg = config(8, 8);
+        let rope = Rope::new(&cfg, None, &Device::Cpu).unwrap();
+        let x = Tensor::arange(0f32, 16.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 8))
+            .unwrap();
+        let y = rope.apply(&x, 0).unwrap();
+        let diff: f32 = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+        let x = Tensor::zeros((2, 2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            rope.apply(&x, 63),
+            Err(ModelError::ContextOverflow { .. })
+        ));
+    }
+}
