@@ -122,6 +122,9 @@ struct GenerateArgs {
     /// Where the cache lives.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
+    /// Also write the summary as JSON to this file (for scripts such as `cargo xtask demo`).
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
 }
 
 /// The run-time choice of cache backend: a thin switch over the generic code.
@@ -286,6 +289,19 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     let tail = stream.finish()?.unwrap_or_default();
     writeln!(out, "{tail}\n\n{}", run.summary).map_err(ModelError::Output)?;
+    if let Some(path) = &args.summary_json {
+        let s = &run.summary;
+        let json = format!(
+            "{{\"prompt_tokens\":{},\"generated_tokens\":{},\"prefill_tokens_per_s\":{:.3},\"decode_tokens_per_s\":{:.3},\"cache_bytes_in_use\":{},\"cache_bytes_per_token\":{}}}\n",
+            s.prompt_tokens,
+            s.generated_tokens,
+            s.prefill_tokens_per_s(),
+            s.decode_tokens_per_s(),
+            s.cache_bytes_in_use(),
+            s.cache_bytes_per_token()
+        );
+        std::fs::write(path, json).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+    }
     Ok(())
 }
 

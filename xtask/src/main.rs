@@ -150,7 +150,7 @@ fn demo() -> Result<(), String> {
         cmd.arg("generate")
             .arg("--model")
             .arg(&model)
-            .args(["--prompt", prompt, "--max-tokens", "96", "--dtype", "f16"])
+            .args(["--prompt", prompt, "--max-tokens", "64", "--dtype", "f16"])
             .arg("--summary-json")
             .arg(&json);
         if let Some(flag) = extra {
