@@ -9,6 +9,8 @@
 //! - [`Sampler`]: greedy, temperature, top-k, top-p, seeded.
 //! - [`Model::generate`] / [`Model::generate_uncached`]: the two generation loops and the
 //!   [`Summary`] of what each cost.
+//! - [`batch`]: many sequences at once, a ragged batched forward pass, continuous batching
+//!   with prefix reuse and preemption ([`Model::generate_batch`], `kv batch`).
 //! - [`ppl`]: perplexity with the KV cache in each layout, scored like llama.cpp
 //!   (`kv ppl`).
 //!
@@ -40,6 +42,7 @@
 // Tests unwrap: a panic is how they fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod batch;
 mod config;
 mod error;
 mod generate;
@@ -51,6 +54,7 @@ mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
+pub use batch::{BatchOptions, BatchRun, SeqOutcome};
 pub use config::{LlamaConfig, SUPPORTED_ARCHITECTURES};
 pub use error::{ModelError, Result};
 pub use generate::{CacheLayout, CacheReport, GenerateOptions, Generation, StopReason, Summary};

@@ -318,7 +318,7 @@ impl Model {
             .map_err(ModelError::from)
             .and_then(|seq_attn| {
                 let batch = AttentionBatch::new(vec![seq_attn], self.config.head_dim);
-                self.run(tokens, start, logits, |layer, q, k, v| {
+                self.run(tokens, &[(start, n)], logits, |layer, q, k, v| {
                     cache.write(layer, &slots, k, v)?;
                     Ok(cache.attend(layer, q, &batch)?)
                 })
@@ -343,12 +343,12 @@ impl Model {
     pub fn forward_uncached(&self, tokens: &[u32], logits: Logits) -> Result<Tensor> {
         self.check_tokens(tokens, 0)?;
         let scale = 1.0 / (self.config.head_dim as f64).sqrt();
-        self.run(tokens, 0, logits, |_, q, k, v| {
+        self.run(tokens, &[(0, tokens.len())], logits, |_, q, k, v| {
             plain_attention(q, k, v, scale)
         })
     }
 
-    fn check_tokens(&self, tokens: &[u32], start: usize) -> Result<()> {
+    pub(crate) fn check_tokens(&self, tokens: &[u32], start: usize) -> Result<()> {
         if tokens.is_empty() {
             return Err(ModelError::EmptyPrompt);
         }
@@ -374,10 +374,14 @@ impl Model {
     /// The decoder with attention supplied by the caller: `attention(layer, q, k, v)` gets
     /// RoPE'd `q` `[n, q_heads, head_dim]`, `k` and `v` `[n, kv_heads, head_dim]` of the new
     /// tokens and returns `[n, q_heads, head_dim]`.
-    fn run<F>(
+    ///
+    /// `segments` splits `tokens` into sequences, in order: `(start, len)` says the next
+    /// `len` tokens sit at positions `start..start + len` of their own sequence (RoPE).
+    /// [`Logits::Last`] returns the last row of each segment.
+    pub(crate) fn run<F>(
         &self,
         tokens: &[u32],
-        start: usize,
+        segments: &[(usize, usize)],
         logits: Logits,
         mut attention: F,
     ) -> Result<Tensor>
@@ -400,8 +404,8 @@ impl Model {
                 .wv
                 .forward(&h)?
                 .reshape((n, c.n_kv_heads, c.head_dim))?;
-            let q = self.rope.apply(&q, start)?;
-            let k = self.rope.apply(&k, start)?;
+            let q = self.rope_segments(&q, segments)?;
+            let k = self.rope_segments(&k, segments)?;
             let attn = attention(i, &q, &k, &v)?;
             let attn = attn
                 .to_dtype(DType::F32)?
@@ -415,11 +419,36 @@ impl Model {
             x = (x + layer.w_down.forward(&(gate * up)?)?)?;
         }
         let x = match logits {
-            Logits::Last => x.narrow(0, n - 1, 1)?,
+            Logits::Last if segments.len() == 1 => x.narrow(0, n - 1, 1)?,
+            Logits::Last => {
+                let mut last = Vec::with_capacity(segments.len());
+                let mut end = 0;
+                for &(_, len) in segments {
+                    end += len;
+                    last.push(end as u32 - 1);
+                }
+                x.index_select(&Tensor::new(last, &self.device)?, 0)?
+            }
             Logits::All => x,
         };
         let x = rms_norm(&x, &self.norm, eps)?;
         Ok(self.output.forward(&x)?)
+    }
+}
+
+impl Model {
+    /// RoPE over `x` (`[n, heads, head_dim]`) split into `segments` (see [`Model::run`]).
+    fn rope_segments(&self, x: &Tensor, segments: &[(usize, usize)]) -> Result<Tensor> {
+        if let [(start, _)] = segments {
+            return self.rope.apply(x, *start);
+        }
+        let mut parts = Vec::with_capacity(segments.len());
+        let mut row = 0;
+        for &(start, len) in segments {
+            parts.push(self.rope.apply(&x.narrow(0, row, len)?, start)?);
+            row += len;
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 }
 
