@@ -63,7 +63,7 @@ impl Heads {
     /// Rows of `len` elements, each `heads * head_dim` long, or a shape error.
     fn rows(&self, what: &'static str, len: usize, heads: usize) -> Result<usize> {
         let row = heads * self.head_dim;
-        if row == 0 || len % row != 0 {
+        if row == 0 || !len.is_multiple_of(row) {
             return Err(KvError::ShapeMismatch {
                 what,
                 expected: format!("a multiple of {heads} heads x {} dims", self.head_dim),
@@ -95,7 +95,7 @@ pub struct SeqInput<'a> {
 /// differ in length; [`KvError::InvalidArgument`] when there are more queries than cached
 /// tokens; [`KvError::NonFinite`] for a non-finite scale.
 pub fn attend(heads: Heads, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> Result<Vec<f32>> {
-    if heads.q_heads == 0 || heads.kv_heads == 0 || heads.q_heads % heads.kv_heads != 0 {
+    if heads.q_heads == 0 || heads.kv_heads == 0 || !heads.q_heads.is_multiple_of(heads.kv_heads) {
         return Err(KvError::InvalidShape {
             detail: format!(
                 "{} query heads cannot share {} KV heads",

@@ -394,7 +394,7 @@ impl CacheManager {
     /// True when the last block is partly filled and has other holders, so the next write
     /// must copy it.
     fn tail_is_shared(&self, table: &BlockTable) -> bool {
-        table.len() % self.block_size != 0
+        !table.len().is_multiple_of(self.block_size)
             && table
                 .blocks()
                 .last()
@@ -570,7 +570,7 @@ impl CacheManager {
         s.table.set_len(len);
         s.tokens.truncate(len);
         s.hashes.truncate(len / bs);
-        let tail = (len % bs != 0).then(|| s.table.blocks()[keep - 1]);
+        let tail = (!len.is_multiple_of(bs)).then(|| s.table.blocks()[keep - 1]);
         self.release(&dropped)?;
         if let Some(tail) = tail {
             if self.is_indexed(tail) && self.allocator.ref_count(tail) == 2 {

@@ -47,7 +47,7 @@ impl ModelShape {
                 detail: format!("{name} must be at least 1"),
             });
         }
-        if n_q_heads % n_kv_heads != 0 {
+        if !n_q_heads.is_multiple_of(n_kv_heads) {
             return Err(KvError::InvalidShape {
                 detail: format!(
                     "{n_q_heads} query heads cannot be split evenly over {n_kv_heads} KV heads"
