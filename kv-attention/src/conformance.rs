@@ -65,6 +65,11 @@
 //! | Hadamard-rotated K rows  | `sqrt(d) ·` the bound of the rotated row (the rotation is orthonormal), plus the rotations' f32 rounding |
 //! | KIVI keys                | `KiviKeyFormat::error_bound` of the f16-rounded keys written to the same 32-token key block `· (1 + 2^-10) + 2^-10 · abs(x) + 2^-24` (f16 rounding before quantizing, and again if a quantized block is reopened) |
 //!
+//! A KIVI query reads the keys of its own 32-token key block as written, in f16, and those
+//! of earlier key blocks as stored, in prefill as in decode (a block is quantized only when
+//! full, and no query may see keys quantized with scales that depend on later tokens); the
+//! reference "on stored values" is computed that way for them.
+//!
 //! `attend` vs the reference on stored values: as for the floats with `u = 0`. On the f32
 //! input: with `δ = abs(scale) · max Σ_d abs(q_d) · e_d` over the queries, heads and visible
 //! keys (how far stored keys can move a score) and `E_V` the largest value bound,
@@ -458,6 +463,19 @@ impl Tolerance {
         }
     }
 
+    /// For KIVI, the tokens of a key block: a query reads the keys of its own key block in
+    /// f16 (they are not quantized until the block is full, and a query must not see keys
+    /// quantized with scales that depend on later tokens), and earlier blocks as stored.
+    fn own_block_tokens(&self) -> Option<usize> {
+        match self {
+            Tolerance::Quant {
+                keys: QuantKeys::Kivi(f),
+                ..
+            } => Some(f.block_tokens),
+            _ => None,
+        }
+    }
+
     /// Unit roundoff of the stored values for the compute tolerance's `(1 + u)`: 0 for the
     /// quantized layouts, whose bounds are absolute.
     fn unit(&self) -> f64 {
@@ -739,8 +757,7 @@ fn check_round_trip<B: CacheBackend>(
                 rv.dims()
             ));
         }
-        for (name, which, want, got) in [("K", Kv::K, k, host(&rk)?), ("V", Kv::V, v, host(&rv)?)]
-        {
+        for (name, which, want, got) in [("K", Kv::K, k, host(&rk)?), ("V", Kv::V, v, host(&rv)?)] {
             let bounds = tol.bounds(which, want, slots, kv_heads, d)?;
             if let Some((i, w, g)) = tol.first_misread(want, &got, &bounds) {
                 let row = i / (kv_heads * d);
@@ -1517,10 +1534,9 @@ fn attend_and_compare<B: CacheBackend>(
         let (k_st, v_st) = (host(&rk)?, host(&rv)?);
         let k_bounds = tol.bounds(Kv::K, k_in, &slots, kvh, d)?;
         let v_bounds = tol.bounds(Kv::V, v_in, &slots, kvh, d)?;
-        for (name, want, got, bounds) in [
-            ("K", k_in, &k_st, &k_bounds),
-            ("V", v_in, &v_st, &v_bounds),
-        ] {
+        for (name, want, got, bounds) in
+            [("K", k_in, &k_st, &k_bounds), ("V", v_in, &v_st, &v_bounds)]
+        {
             if got.len() != want.len() {
                 return Err(format!(
                     "read returned {} values, expected {}",
@@ -1553,7 +1569,11 @@ fn attend_and_compare<B: CacheBackend>(
             ("the f32 input", k_in, v_in, compute + storage_err),
         ];
         for (idx, (against, k, v, bound)) in checks.into_iter().enumerate() {
-            let want = reference::attend(heads, q_in, k, v, batch.scale).map_err(s)?;
+            let want = match (idx, tol.own_block_tokens()) {
+                // KIVI: each query reads its own key block's keys as written (in f16).
+                (0, Some(t)) => own_block_reference(heads, q_in, k_in, k, v, batch.scale, t)?,
+                _ => reference::attend(heads, q_in, k, v, batch.scale).map_err(s)?,
+            };
             let (worst, at) = got
                 .iter()
                 .zip(&want)
@@ -1616,6 +1636,38 @@ fn score_magnitude(heads: Heads, q: &[f32], k: &[f32], scale: f32) -> f64 {
         }
     }
     best * (scale as f64).abs()
+}
+
+/// The reference attention of one sequence when each query reads the keys of its own
+/// `t`-token key block as written, rounded to f16 (`k_in`), and every earlier key as stored
+/// (`k_stored`): what a KIVI layout must compute, in prefill as in decode.
+fn own_block_reference(
+    heads: Heads,
+    q: &[f32],
+    k_in: &[f32],
+    k_stored: &[f32],
+    v: &[f32],
+    scale: f32,
+    t: usize,
+) -> Result<Vec<f32>, String> {
+    let (row_q, row_kv) = (
+        heads.q_heads * heads.head_dim,
+        heads.kv_heads * heads.head_dim,
+    );
+    let n_q = q.len() / row_q;
+    let kv_len = k_stored.len() / row_kv;
+    let mut out = Vec::with_capacity(q.len());
+    for i in 0..n_q {
+        let pos = kv_len - n_q + i;
+        let mut k = k_stored[..(pos + 1) * row_kv].to_vec();
+        let own = (pos - pos % t) * row_kv..(pos + 1) * row_kv;
+        for (dst, &x) in k[own.clone()].iter_mut().zip(&k_in[own]) {
+            *dst = f16::from_f32(x).to_f32();
+        }
+        let one = &q[i * row_q..(i + 1) * row_q];
+        out.extend(reference::attend(heads, one, &k, &v[..(pos + 1) * row_kv], scale).map_err(s)?);
+    }
+    Ok(out)
 }
 
 /// `max |scale| · Σ_d |q_d| · e_d` over the queries, heads and visible keys of one
@@ -1688,7 +1740,10 @@ mod tests {
             tol.first_misread(want, got, &b)
         };
         assert!(misread(f16, &[1.0, 2.0], &[1.0004, 2.0]).is_none());
-        assert_eq!(misread(f16, &[1.0, 2.0], &[1.0, 2.01]).map(|m| m.0), Some(1));
+        assert_eq!(
+            misread(f16, &[1.0, 2.0], &[1.0, 2.01]).map(|m| m.0),
+            Some(1)
+        );
         assert!(misread(f16, &[1.0], &[f32::NAN]).is_some());
         let f32_ = Tolerance::of(KvDType::F32).expect("f32 has a tolerance");
         assert!(misread(f32_, &[0.1], &[0.1 + 1e-8]).is_some());
@@ -1721,7 +1776,12 @@ mod tests {
         let mut keys = vec![0.5f32; 4 * 32];
         keys[..32].fill(-8.0); // widens key block (0, 0) only
         let b = kivi.bounds(Kv::K, &keys, &slots, 1, 32).expect("bounds");
-        assert!(b[0] > 0.25 && (b[32] - b[0]).abs() < 0.01, "{} {}", b[0], b[32]);
+        assert!(
+            b[0] > 0.25 && (b[32] - b[0]).abs() < 0.01,
+            "{} {}",
+            b[0],
+            b[32]
+        );
         assert!(b[64] < 1e-3 && b[96] < 1e-3, "{} {}", b[64], b[96]);
     }
 

@@ -14,6 +14,9 @@
 //! cargo bench -p kv-backend-cpu --bench decode -- 'decode/smollm2/f16'   # a subset
 //! ```
 
+// criterion_group! and criterion_main! generate functions without docs.
+#![allow(missing_docs)]
+
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -68,12 +71,15 @@ fn decode(c: &mut Criterion) {
                         Err(e) => panic!("decode bench {name} {dtype} {tokens}: {e}"),
                     };
                     group.throughput(Throughput::Bytes(bench.kv_bytes_per_step()));
-                    group.bench_function(BenchmarkId::new(format!("{tokens}"), format!("t{threads}")), |b| {
-                        b.iter(|| match bench.step() {
-                            Ok(out) => out,
-                            Err(e) => panic!("decode step: {e}"),
-                        })
-                    });
+                    group.bench_function(
+                        BenchmarkId::new(format!("{tokens}"), format!("t{threads}")),
+                        |b| {
+                            b.iter(|| match bench.step() {
+                                Ok(out) => out,
+                                Err(e) => panic!("decode step: {e}"),
+                            })
+                        },
+                    );
                 }
             }
             group.finish();

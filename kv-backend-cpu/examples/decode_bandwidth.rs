@@ -5,13 +5,15 @@
 //! cargo run --release -p kv-backend-cpu --example decode_bandwidth            # full table
 //! cargo run --release -p kv-backend-cpu --example decode_bandwidth -- 4096    # one length
 //! cargo run --release -p kv-backend-cpu --example decode_bandwidth -- 4096 smollm2 f16 1
+//! cargo run --release -p kv-backend-cpu --example decode_bandwidth -- prefill512
 //! ```
 //!
-//! Arguments, all optional, in order: tokens, shape (`smollm2` or `llama2-7b`), layout,
-//! threads. Each row times single steps and single probe passes and shows the best and the
-//! median of each: on a shared machine the best is what the code can do, the median what it
-//! did while sharing the cores. `%` divides kernel by probe, best by best and median by
-//! median.
+//! Arguments, all optional, in order: tokens (or `prefill<N>` for the attention of an
+//! N-token prefill), shape (`smollm2` or `llama2-7b`), layout, threads; an empty argument
+//! or `all` takes every choice. Each row times single steps and single probe passes and
+//! shows the best and the median of each: on a shared machine the best is what the code
+//! can do, the median what it did while sharing the cores. `%` divides kernel by probe,
+//! best by best and median by median.
 
 use std::time::Instant;
 
@@ -32,12 +34,22 @@ fn timings(n: usize, mut f: impl FnMut()) -> (f64, f64) {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let tokens: Vec<usize> = match std::env::args().nth(1) {
-        Some(arg) => vec![arg.parse()?],
-        None => vec![1024, 4096, 16384],
+    let first = std::env::args().nth(1);
+    let prefill = first
+        .as_deref()
+        .and_then(|a| a.strip_prefix("prefill"))
+        .map(str::parse::<usize>)
+        .transpose()?;
+    let tokens: Vec<usize> = match (&first, prefill) {
+        (_, Some(n)) => vec![n],
+        (Some(arg), None) => vec![arg.parse()?],
+        (None, None) => vec![1024, 4096, 16384],
     };
     let args: Vec<String> = std::env::args().skip(2).collect();
-    let pick = |i: usize, name: &str| args.get(i).is_none_or(|a| a == name);
+    let pick = |i: usize, name: &str| {
+        args.get(i)
+            .is_none_or(|a| a.is_empty() || a == "all" || a == name)
+    };
     let shapes: Vec<_> = [
         ("smollm2", ModelShape::new(1, 9, 3, 64)?),
         ("llama2-7b", ModelShape::new(1, 32, 32, 128)?),
@@ -66,6 +78,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for &(name, shape) in &shapes {
             for &dtype in &dtypes {
                 for &n in &tokens {
+                    if prefill.is_some() {
+                        let bench = DecodeBench::with_queries(shape, dtype, n, n, threads)?;
+                        let (best, med) = timings(9, || {
+                            std::hint::black_box(bench.step().ok());
+                        });
+                        let gflop = bench.flops_per_step() as f64 / 1e9;
+                        println!(
+                            "{name:<10} {:<5} prefill {n:>6} thr {threads}: {:>9.1} us, GFLOP/s {:.1} best / {:.1} median",
+                            dtype.to_string(),
+                            med * 1e6,
+                            gflop / best,
+                            gflop / med
+                        );
+                        continue;
+                    }
                     let bench = DecodeBench::new(shape, dtype, n, threads)?;
                     let bytes = bench.kv_bytes_per_step() as f64;
                     // Enough steps for ~0.5 s of reading at 20 GB/s.

@@ -26,7 +26,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tokens: usize = args.next().map_or(Ok(4096), |a| a.parse())?;
     let threads: usize = args.next().map_or(Ok(1), |a| a.parse())?;
     let backend = CpuBackend::with_threads(threads)?;
-    let layouts = ["f16", "int8-g32", "int8-g64", "int4-g32", "int4h-g32", "kivi4", "kivi2"];
+    let layouts = [
+        "f16",
+        "int8-g32",
+        "int8-g64",
+        "int4-g32",
+        "int4h-g32",
+        "kivi4",
+        "kivi2",
+    ];
     for (name, shape) in [
         ("smollm2-135m layer", ModelShape::new(1, 9, 3, 64)?),
         ("llama-2-7b layer", ModelShape::new(1, 32, 32, 128)?),

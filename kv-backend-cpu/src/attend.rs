@@ -8,9 +8,10 @@
 //! (flash-decoding), so one long sequence, or one KV head, still feeds every core. Each task
 //! writes its lanes' running maximum, running sum and unnormalised accumulator; the chunks
 //! of one (sequence, KV head, query chunk) are then merged with the log-sum-exp rule:
-//! `out = sum_c acc_c e^(m_c - M) / sum_c sum_c e^(m_c - M)` with `M = max_c m_c`. The
-//! split depends only on the batch, never on the thread count, and the merge runs in a
-//! fixed order, so results do not depend on how many threads ran them.
+//! `out = sum_c acc_c e^(m_c - M) / sum_c s_c e^(m_c - M)`, where chunk `c` has maximum
+//! `m_c` and sum `s_c`, and `M = max_c m_c`. The split depends only on the batch, never
+//! on the thread count, and the merge runs in a fixed order, so results do not depend on
+//! how many threads ran them.
 //!
 //! **Decode path** (one query, a group of at most [`STREAM_MAX_GROUP`] query heads per KV
 //! head). A task walks its keys in tiles of at most [`TILE`] rows (made of runs of rows
@@ -25,9 +26,10 @@
 //! past each query's position (causal by position).
 //!
 //! **Layouts.** The stored rows reach the kernels through [`RowOps`]: f32, f16 and bf16 rows
-//! are read directly by the SIMD kernels; a codec without kernels of its own (a quantized
-//! layout, until it has fused ones) implements `RowOps` with no methods and gets rows
-//! decoded to f32 with its [`RowCodec::decode`], run by run.
+//! are read directly by the SIMD kernels; a new codec without kernels of its own can
+//! implement `RowOps` with no methods and gets its rows decoded to f32 with its
+//! [`RowCodec::decode`], run by run. (The quantized layouts have their own loop in the
+//! `quant` module, over `kv-quant`'s fused kernels.)
 //!
 //! Scratch memory (query tile, scores, widened tiles) is kept per thread and reused across
 //! calls; a call allocates its output, its task list and one buffer of partial results.
@@ -71,9 +73,10 @@ pub(crate) struct Queries<'a> {
 /// How the attention loop computes with a codec's stored rows.
 ///
 /// `rows` is a run of `rows.len() / ru` stored rows of `ru` units each (`ru` is
-/// [`Geometry::row_units`]), each holding `d` values. The provided methods decode the run
-/// to f32 with [`RowCodec::decode`] into `scratch` and run the f32 kernels, which is right
-/// for any codec; a codec with kernels that read its rows directly overrides them.
+/// [`Geometry::row_units`]), each holding `d` values; `ahead` is the run the loop reads
+/// next (possibly empty), to prefetch. The provided methods decode the run to f32 with
+/// [`RowCodec::decode`] into `scratch` and run the f32 kernels, which is right for any
+/// codec; a codec with kernels that read its rows directly overrides them.
 pub(crate) trait RowOps: RowCodec {
     /// `scores[h * stride + r] = q[h] . row r` for the `q.len() / d` query rows of `q`.
     #[allow(clippy::too_many_arguments)]
@@ -85,10 +88,12 @@ pub(crate) trait RowOps: RowCodec {
         rows: &[Self::Unit],
         scores: &mut [f32],
         stride: usize,
+        ahead: &[Self::Unit],
         scratch: &mut Vec<f32>,
     ) {
+        kernels::prefetch(ahead);
         let wide = decode_run::<Self>(rows, d, ru, scratch);
-        kernels::score_rows(isa, q, d, wide, scores, stride)
+        kernels::score_rows(isa, q, d, wide, scores, stride, &[])
     }
 
     /// `acc[h] += sum_r w[h * stride + r] * row r` for the `acc.len() / d` rows of `acc`.
@@ -101,10 +106,12 @@ pub(crate) trait RowOps: RowCodec {
         ru: usize,
         rows: &[Self::Unit],
         acc: &mut [f32],
+        ahead: &[Self::Unit],
         scratch: &mut Vec<f32>,
     ) {
+        kernels::prefetch(ahead);
         let wide = decode_run::<Self>(rows, d, ru, scratch);
-        kernels::accumulate_rows(isa, w, stride, d, wide, acc)
+        kernels::accumulate_rows(isa, w, stride, d, wide, acc, &[])
     }
 
     /// Row `r` of the run, as f32, into `dst[r * ld..][..d]`.
@@ -167,9 +174,10 @@ macro_rules! direct_row_ops {
                 rows: &[Self::Unit],
                 scores: &mut [f32],
                 stride: usize,
+                ahead: &[Self::Unit],
                 _scratch: &mut Vec<f32>,
             ) {
-                kernels::score_rows(isa, q, d, rows, scores, stride)
+                kernels::score_rows(isa, q, d, rows, scores, stride, ahead)
             }
 
             fn accumulate_run(
@@ -180,9 +188,10 @@ macro_rules! direct_row_ops {
                 _ru: usize,
                 rows: &[Self::Unit],
                 acc: &mut [f32],
+                ahead: &[Self::Unit],
                 _scratch: &mut Vec<f32>,
             ) {
-                kernels::accumulate_rows(isa, w, stride, d, rows, acc)
+                kernels::accumulate_rows(isa, w, stride, d, rows, acc, ahead)
             }
 
             fn widen_run(
@@ -271,7 +280,7 @@ fn attend_with<C: RowOps>(
         index: layer,
         len: pools.layers.len(),
     })?;
-    if g.kv_heads == 0 || queries.q_heads % g.kv_heads != 0 {
+    if queries.q_heads.checked_rem(g.kv_heads) != Some(0) {
         return Err(KvError::InvalidArgument {
             what: "query heads",
             detail: format!(
@@ -331,9 +340,7 @@ fn attend_with<C: RowOps>(
     }
     // Waking a pool costs microseconds: a call with one thread, or too little to read to
     // be worth sharing, runs on the calling thread (the same tasks, so the same result).
-    let threads = thread_pool.map_or_else(rayon::current_num_threads, |p| {
-        p.current_num_threads()
-    });
+    let threads = thread_pool.map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
     let row_bytes = 2 * g.row_units * std::mem::size_of::<C::Unit>();
     let bytes: usize = tasks.iter().map(|t| (t.k1 - t.k0) * row_bytes).sum();
     let one = |(task, part): (&Task<'_>, &mut [f32])| {
@@ -342,7 +349,12 @@ fn attend_with<C: RowOps>(
     if threads <= 1 || bytes < SERIAL_BYTES {
         tasks.iter().zip(parts).try_for_each(one)?;
     } else {
-        let run = || tasks.par_iter().zip(parts.into_par_iter()).try_for_each(one);
+        let run = || {
+            tasks
+                .par_iter()
+                .zip(parts.into_par_iter())
+                .try_for_each(one)
+        };
         match thread_pool {
             Some(p) => p.install(run),
             None => run(),
@@ -448,14 +460,15 @@ fn run_task<C: RowOps>(
         for i in 0..n_q {
             let q_row = task.row_offset + task.begin + i;
             let src = (q_row * queries.q_heads + task.kv_head * group) * d;
-            let rows = queries
-                .data
-                .get(src..src + group * d)
-                .ok_or(KvError::OutOfRange {
-                    what: "query row",
-                    index: q_row,
-                    len: queries.data.len() / (queries.q_heads * d).max(1),
-                })?;
+            let rows =
+                queries
+                    .data
+                    .get(src..src + group * d)
+                    .ok_or_else(|| KvError::OutOfRange {
+                        what: "query row",
+                        index: q_row,
+                        len: queries.data.len() / (queries.q_heads * d).max(1),
+                    })?;
             for (dst, &x) in q[i * group * d..(i + 1) * group * d].iter_mut().zip(rows) {
                 *dst = x * queries.scale;
             }
@@ -543,7 +556,7 @@ fn runs_of(
     while t < t1 {
         let index = t / g.block_size;
         let end = t1.min((index + 1) * g.block_size);
-        let block = *blocks.get(index).ok_or(KvError::OutOfRange {
+        let block = *blocks.get(index).ok_or_else(|| KvError::OutOfRange {
             what: "block of sequence",
             index,
             len: blocks.len(),
@@ -569,7 +582,7 @@ fn runs_of(
 /// The stored rows of a run.
 fn run_rows<U>(pool: &[U], g: Geometry, (start, rows): (usize, usize)) -> Result<&[U]> {
     pool.get(start..start + rows * g.row_units)
-        .ok_or(KvError::OutOfRange {
+        .ok_or_else(|| KvError::OutOfRange {
             what: "pool row",
             index: start + rows * g.row_units,
             len: pool.len(),
@@ -578,8 +591,12 @@ fn run_rows<U>(pool: &[U], g: Geometry, (start, rows): (usize, usize)) -> Result
 
 /// The decode loop: one query, its group's heads as lanes, keys `k0..k1` all visible.
 ///
-/// While it scores the K rows of one tile it prefetches the K rows of the next, and likewise
-/// for V, so the memory system streams across block boundaries.
+/// Rows of one KV head are contiguous only within a block (a run of `block_size` rows,
+/// often a page or less), so the loop looks one tile ahead instead of relying on the
+/// hardware prefetchers: before a tile it requests the first line of every run of the
+/// next tile, K and V, which gets the address translation of those pages under way; then,
+/// while the kernels read the K (or V) rows of the tile, they prefetch the matching rows
+/// of the next one, a row per row read.
 #[allow(clippy::too_many_arguments)]
 fn stream<C: RowOps>(
     pools: &LayerPools<C::Unit>,
@@ -595,21 +612,26 @@ fn stream<C: RowOps>(
     let heads = lanes.max.len();
     let scores = sized(scores, heads * TILE);
     let blocks = task.seq.blocks();
+    let tile_end = |t: usize| task.k1.min(t + TILE);
     let mut runs = [(0usize, 0usize); TILE];
     let mut next = [(0usize, 0usize); TILE];
     let mut t = task.k0;
-    let mut t1 = task.k1.min(t + TILE);
-    let mut n_runs = runs_of(blocks, g, task.kv_head, t, t1, &mut runs)?;
+    let mut n_runs = runs_of(blocks, g, task.kv_head, t, tile_end(t), &mut runs)?;
     while t < task.k1 {
-        let t2 = task.k1.min(t1 + TILE);
-        let n_next = runs_of(blocks, g, task.kv_head, t1, t2, &mut next)?;
+        let t1 = tile_end(t);
+        let n_next = runs_of(blocks, g, task.kv_head, t1, tile_end(t1), &mut next)?;
+        for &(start, _) in &next[..n_next] {
+            kernels::prefetch(pools.k.get(start..start + 1).unwrap_or(&[]));
+            kernels::prefetch(pools.v.get(start..start + 1).unwrap_or(&[]));
+        }
         let mut col = 0;
         for (j, &run) in runs[..n_runs].iter().enumerate() {
-            if let Some(&ahead) = next[..n_next].get(j) {
-                kernels::prefetch(run_rows(&pools.k, g, ahead)?);
-            }
+            let ahead = match next[..n_next].get(j) {
+                Some(&a) => run_rows(&pools.k, g, a)?,
+                None => &[],
+            };
             let rows = run_rows(&pools.k, g, run)?;
-            C::score_run(isa, q, d, ru, rows, &mut scores[col..], TILE, wide);
+            C::score_run(isa, q, d, ru, rows, &mut scores[col..], TILE, ahead, wide);
             col += run.1;
         }
         for h in 0..heads {
@@ -623,17 +645,27 @@ fn stream<C: RowOps>(
         }
         col = 0;
         for (j, &run) in runs[..n_runs].iter().enumerate() {
-            if let Some(&ahead) = next[..n_next].get(j) {
-                kernels::prefetch(run_rows(&pools.v, g, ahead)?);
-            }
+            let ahead = match next[..n_next].get(j) {
+                Some(&a) => run_rows(&pools.v, g, a)?,
+                None => &[],
+            };
             let rows = run_rows(&pools.v, g, run)?;
-            C::accumulate_run(isa, &scores[col..], TILE, d, ru, rows, lanes.acc, wide);
+            C::accumulate_run(
+                isa,
+                &scores[col..],
+                TILE,
+                d,
+                ru,
+                rows,
+                lanes.acc,
+                ahead,
+                wide,
+            );
             col += run.1;
         }
         std::mem::swap(&mut runs, &mut next);
         n_runs = n_next;
         t = t1;
-        t1 = t2;
     }
     Ok(())
 }
@@ -794,7 +826,9 @@ mod tests {
                     offset: (t % block_size) as u32,
                 })
                 .collect();
-            let k: Vec<f32> = (0..len * kv_heads * d).map(|_| rng.next_unit() * 2.0).collect();
+            let k: Vec<f32> = (0..len * kv_heads * d)
+                .map(|_| rng.next_unit() * 2.0)
+                .collect();
             let v: Vec<f32> = (0..len * kv_heads * d).map(|_| rng.next_unit()).collect();
             with_pools!(&mut storage.pools, p => p.store(0, Which::K, &slots, &k))?;
             with_pools!(&mut storage.pools, p => p.store(0, Which::V, &slots, &v))?;
@@ -803,7 +837,9 @@ mod tests {
         }
         let batch = AttentionBatch::new(seq_attn, d);
         let total_q = batch.total_queries();
-        let q: Vec<f32> = (0..total_q * q_heads * d).map(|_| rng.next_unit()).collect();
+        let q: Vec<f32> = (0..total_q * q_heads * d)
+            .map(|_| rng.next_unit())
+            .collect();
         let group = q_heads / kv_heads;
         let mut want = vec![0.0f64; q.len()];
         let mut v_max = 0.0f64;
@@ -819,7 +855,10 @@ mod tests {
                         .map(|t| {
                             let kt = &k[(t * kv_heads + kvh) * d..][..d];
                             batch.scale as f64
-                                * qv.iter().zip(kt).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+                                * qv.iter()
+                                    .zip(kt)
+                                    .map(|(&a, &b)| a as f64 * b as f64)
+                                    .sum::<f64>()
                         })
                         .collect();
                     let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -867,11 +906,17 @@ mod tests {
         let one = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
-            .map_err(|e| KvError::InvalidArgument { what: "pool", detail: e.to_string() })?;
+            .map_err(|e| KvError::InvalidArgument {
+                what: "pool",
+                detail: e.to_string(),
+            })?;
         let three = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
-            .map_err(|e| KvError::InvalidArgument { what: "pool", detail: e.to_string() })?;
+            .map_err(|e| KvError::InvalidArgument {
+                what: "pool",
+                detail: e.to_string(),
+            })?;
         let tol = 2e-5 * (1.0 + f.v_max);
         for &isa in &Isa::available() {
             for path in [Path::Auto, Path::Tiled] {
@@ -882,7 +927,11 @@ mod tests {
                         "{what} {isa} {path:?} [{i}]: {g} vs {w}"
                     );
                 }
-                assert_eq!(run(f, isa, path, Some(&three))?, got, "{what} {isa} {path:?}");
+                assert_eq!(
+                    run(f, isa, path, Some(&three))?,
+                    got,
+                    "{what} {isa} {path:?}"
+                );
             }
         }
         Ok(())

@@ -21,6 +21,7 @@
 //! # Ok::<(), kv_core::KvError>(())
 //! ```
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -152,9 +153,24 @@ fn sum_words(words: &[u64]) -> u64 {
 /// Tokens per block of a [`DecodeBench`] cache: the block size the model runner uses.
 pub const BENCH_BLOCK_SIZE: usize = 16;
 
-/// One decode-attention step over a long cached sequence: one layer of `shape`, `tokens`
+/// Bytes of K/V a [`DecodeBench`] holds at least, over as many layers as it takes (up to
+/// [`BENCH_MAX_LAYERS`]): well above any last-level cache, so that steps read from memory
+/// as a model's do.
+pub const BENCH_MIN_CACHE_BYTES: u64 = 96 << 20;
+
+/// Most layers a [`DecodeBench`] cycles through.
+pub const BENCH_MAX_LAYERS: usize = 64;
+
+/// One decode-attention step over a long cached sequence: a layer of `shape` with `tokens`
 /// cached tokens of K/V in `dtype`, one query row, on a backend with its own pool of
 /// `threads` threads.
+///
+/// A model's decode step walks through all its layers, so a layer's K/V has left the CPU
+/// caches by the time the next step reads it. The bench does the same: it fills enough
+/// identical layers to hold [`BENCH_MIN_CACHE_BYTES`] (at most [`BENCH_MAX_LAYERS`]) and
+/// each step attends over the next layer in turn, so even a short context (SmolLM2 at 16k
+/// tokens is 12.6 MB per layer in f16) is read from memory rather than from the last-level
+/// cache.
 ///
 /// The sequence occupies blocks `0..` in order, as a fresh cache hands them out. K, V and
 /// the query are fixed pseudo-random values in [-1, 1).
@@ -164,28 +180,51 @@ pub struct DecodeBench {
     q: Tensor,
     batch: AttentionBatch,
     kv_bytes: u64,
+    layers: usize,
+    next_layer: AtomicUsize,
 }
 
 impl DecodeBench {
-    /// Allocates and fills the cache; `shape`'s layer count is ignored (one layer is
-    /// enough to measure attention).
+    /// Allocates and fills the cache; `shape`'s layer count is ignored (the bench uses as
+    /// many layers as [`BENCH_MIN_CACHE_BYTES`] needs).
     ///
     /// # Errors
     /// [`KvError::InvalidArgument`] for zero tokens or threads, a layout the backend does not
     /// store, or a cache that cannot be allocated.
     pub fn new(shape: ModelShape, dtype: KvDType, tokens: usize, threads: usize) -> Result<Self> {
+        Self::with_queries(shape, dtype, tokens, 1, threads)
+    }
+
+    /// Like [`DecodeBench::new`], with the last `queries` of the `tokens` cached tokens as
+    /// queries (causal by position): `queries == tokens` is a whole prefill's attention,
+    /// measured in [`DecodeBench::flops_per_step`] rather than in bytes.
+    ///
+    /// # Errors
+    /// As [`DecodeBench::new`]; [`KvError::InvalidArgument`] unless
+    /// `1 <= queries <= tokens`.
+    pub fn with_queries(
+        shape: ModelShape,
+        dtype: KvDType,
+        tokens: usize,
+        queries: usize,
+        threads: usize,
+    ) -> Result<Self> {
         if tokens == 0 {
             return Err(KvError::InvalidArgument {
                 what: "bench tokens",
                 detail: "a decode step needs at least one cached token".into(),
             });
         }
-        let shape = ModelShape::new(1, shape.n_q_heads(), shape.n_kv_heads(), shape.head_dim())?;
+        let (kvh, d) = (shape.n_kv_heads(), shape.head_dim());
+        let kv_bytes = 2 * (tokens * kvh) as u64 * dtype.row_bytes(d)? as u64;
+        let layers = BENCH_MIN_CACHE_BYTES
+            .div_ceil(kv_bytes)
+            .clamp(1, BENCH_MAX_LAYERS as u64) as usize;
+        let shape = ModelShape::new(layers, shape.n_q_heads(), kvh, d)?;
         let backend = CpuBackend::with_threads(threads)?;
         let blocks = tokens.div_ceil(BENCH_BLOCK_SIZE);
         let spec = StorageSpec::new(shape, dtype, BENCH_BLOCK_SIZE, blocks)?;
         let mut storage = backend.allocate(&spec)?;
-        let (kvh, d) = (shape.n_kv_heads(), shape.head_dim());
         let mut rng = SplitMix(0x5EED);
         // Written a bounded number of tokens at a time, so the f32 staging tensors stay
         // small next to the cache itself.
@@ -200,32 +239,60 @@ impl DecodeBench {
                 .collect();
             let k = rng.tensor(&[n, kvh, d])?;
             let v = rng.tensor(&[n, kvh, d])?;
-            backend.write(&mut storage, 0, &slots, &k, &v)?;
+            for layer in 0..layers {
+                backend.write(&mut storage, layer, &slots, &k, &v)?;
+            }
         }
-        let q = rng.tensor(&[1, shape.n_q_heads(), d])?;
         let table: Vec<BlockId> = (0..blocks as BlockId).collect();
-        let batch = AttentionBatch::new(vec![SeqAttention::new(table, tokens, 1)?], d);
-        let kv_bytes = 2 * (tokens * kvh) as u64 * dtype.row_bytes(d)? as u64;
+        let batch = AttentionBatch::new(vec![SeqAttention::new(table, tokens, queries)?], d);
+        let q = rng.tensor(&[queries, shape.n_q_heads(), d])?;
         Ok(Self {
             backend,
             storage,
             q,
             batch,
             kv_bytes,
+            layers,
+            next_layer: AtomicUsize::new(0),
         })
     }
 
-    /// Bytes of K and V one step reads: every cached row of every KV head, once.
+    /// Bytes of K and V one step reads: every cached row of every KV head of one layer,
+    /// once.
     pub fn kv_bytes_per_step(&self) -> u64 {
         self.kv_bytes
     }
 
-    /// Runs one decode-attention step; returns its output `[1, q_heads, head_dim]`.
+    /// Floating-point operations of one step: a multiply and an add for each element of
+    /// q.k and of the weighted sum of V, over every (query head, visible key) pair.
+    pub fn flops_per_step(&self) -> u64 {
+        let spec = self.storage.spec();
+        let pairs: u64 = self
+            .batch
+            .seqs
+            .iter()
+            .map(|s| {
+                let (first, n) = (s.first_query_position() as u64, s.n_queries() as u64);
+                n * (first + 1) + n * (n - 1) / 2
+            })
+            .sum();
+        4 * pairs * (spec.shape.n_q_heads() * spec.shape.head_dim()) as u64
+    }
+
+    /// Identical layers the bench cycles through.
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+
+    /// Runs one attention step over the next layer; returns its output
+    /// `[queries, q_heads, head_dim]` (the same for every layer).
     ///
     /// # Errors
     /// Whatever [`CacheBackend::attend`] answers (nothing, for a bench built by `new`).
     pub fn step(&self) -> Result<Tensor> {
-        self.backend.attend(&self.storage, 0, &self.q, &self.batch)
+        let layer = self.next_layer.fetch_add(1, Ordering::Relaxed) % self.layers;
+        self.backend
+            .attend(&self.storage, layer, &self.q, &self.batch)
     }
 
     /// Mean seconds per step over `steps` steps, after one untimed step.
@@ -253,6 +320,7 @@ impl std::fmt::Debug for DecodeBench {
         f.debug_struct("DecodeBench")
             .field("spec", self.storage.spec())
             .field("tokens", &self.batch.seqs.first().map(SeqAttention::kv_len))
+            .field("layers", &self.layers)
             .field("threads", &self.backend.threads())
             .field("kv_bytes_per_step", &self.kv_bytes)
             .finish()
@@ -310,12 +378,27 @@ mod tests {
         let shape = ModelShape::new(4, 4, 2, 8)?;
         let b = DecodeBench::new(shape, KvDType::BF16, 40, 1)?;
         assert_eq!(b.kv_bytes_per_step(), 2 * 40 * 2 * 8 * 2);
-        assert_eq!(b.step()?.dims(), &[1, 4, 8]);
+        assert_eq!(b.layers(), BENCH_MAX_LAYERS);
+        let long = DecodeBench::new(ModelShape::new(1, 1, 1, 64)?, KvDType::F32, 1 << 16, 1)?;
+        assert_eq!(long.kv_bytes_per_step(), 32 << 20);
+        assert_eq!(long.layers(), 3);
+        // Every layer holds the same K/V, so every step answers the same.
+        let first = b.step()?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(b.step()?.flatten_all()?.to_vec1::<f32>()?, first);
         assert!(b.time_steps(2)? > 0.0);
         assert!(matches!(
             DecodeBench::new(shape, KvDType::F32, 0, 1),
             Err(KvError::InvalidArgument { .. })
         ));
+        assert!(matches!(
+            DecodeBench::with_queries(shape, KvDType::F32, 4, 5, 1),
+            Err(KvError::InvalidArgument { .. })
+        ));
+        // 3 queries over 5 tokens see 3 + 4 + 5 keys; 4 heads of 8.
+        let prefill = DecodeBench::with_queries(shape, KvDType::F32, 5, 3, 1)?;
+        assert_eq!(prefill.flops_per_step(), 4 * 12 * 4 * 8);
+        assert_eq!(prefill.step()?.dims(), &[3, 4, 8]);
+        assert_eq!(b.flops_per_step(), 4 * 40 * 4 * 8);
         Ok(())
     }
 }

@@ -12,7 +12,7 @@
 //!   the weighted sum of a run of stored rows into those heads' accumulators; the max and
 //!   exp-and-sum of the online softmax; and, for prefill, the query-tile x key-tile
 //!   products over f32 tiles. [`Isa::Scalar`] runs the portable versions below, which
-//!   widen a row in chunks of [`CHUNK`] elements (with `half`'s slice conversions) and use
+//!   widen a row in chunks of 64 elements (with `half`'s slice conversions) and use
 //!   the row math; [`Isa::Avx2`] runs the versions in the `x86` module, which read f16 and
 //!   bf16 rows directly and widen them in registers.
 //!
@@ -198,7 +198,7 @@ impl std::fmt::Display for Isa {
 }
 
 /// Asks the CPU to start loading `data` into its caches (a hint; no value changes). The
-/// decode loop prefetches the next tile's rows while it computes with the current one,
+/// decode loop has the next tile's rows prefetched while it computes with the current one,
 /// because rows of one KV head are contiguous only within a block, too short a run for the
 /// hardware prefetchers to follow from block to block.
 pub(crate) fn prefetch<T>(data: &[T]) {
@@ -262,7 +262,8 @@ impl Elem for bf16 {}
 
 /// Scores of query heads against stored rows: `scores[h * stride + r] = q[h] . rows[r]`,
 /// where `q` holds `q.len() / d` query rows of `d` and `rows` holds `rows.len() / d` stored
-/// rows. Each stored row is read once for all heads.
+/// rows. Each stored row is read once for all heads. `ahead` (rows of `d`, possibly none)
+/// is what the caller reads next: the kernel asks for it to be cached as it goes.
 pub(crate) fn score_rows<E: Elem>(
     isa: Isa,
     q: &[f32],
@@ -270,18 +271,20 @@ pub(crate) fn score_rows<E: Elem>(
     rows: &[E],
     scores: &mut [f32],
     stride: usize,
+    ahead: &[E],
 ) {
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = isa.avx2() {
-        return t.score_rows(q, d, rows, scores, stride);
+        return t.score_rows(q, d, rows, scores, stride, ahead);
     }
     let _ = isa;
+    prefetch(ahead);
     scalar_score_rows(q, d, rows, scores, stride)
 }
 
 /// Weighted sum of stored rows into accumulators:
 /// `acc[h] += sum_r w[h * stride + r] * rows[r]`, where `acc` holds `acc.len() / d` rows
-/// of `d` and `rows` holds `rows.len() / d` stored rows.
+/// of `d` and `rows` holds `rows.len() / d` stored rows; `ahead` as for [`score_rows`].
 pub(crate) fn accumulate_rows<E: Elem>(
     isa: Isa,
     w: &[f32],
@@ -289,12 +292,14 @@ pub(crate) fn accumulate_rows<E: Elem>(
     d: usize,
     rows: &[E],
     acc: &mut [f32],
+    ahead: &[E],
 ) {
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = isa.avx2() {
-        return t.accumulate_rows(w, stride, d, rows, acc);
+        return t.accumulate_rows(w, stride, d, rows, acc, ahead);
     }
     let _ = isa;
+    prefetch(ahead);
     scalar_accumulate_rows(w, stride, d, rows, acc)
 }
 
@@ -577,9 +582,9 @@ mod tests {
                     }
                     for &isa in &Isa::available() {
                         let mut got = vec![f32::NAN; heads * stride];
-                        score_rows(isa, &q, d, &rows, &mut got, stride);
+                        score_rows(isa, &q, d, &rows, &mut got, stride, &rows);
                         let mut got_acc = acc0.clone();
-                        accumulate_rows(isa, &w, stride, d, &rows, &mut got_acc);
+                        accumulate_rows(isa, &w, stride, d, &rows, &mut got_acc, &[]);
                         for h in 0..heads {
                             for r in 0..n {
                                 let (a, b) = (got[h * stride + r], want[h * stride + r]);
@@ -589,7 +594,9 @@ mod tests {
                                 );
                             }
                             // Gaps between score rows stay untouched.
-                            assert!(got[h * stride + n..(h + 1) * stride].iter().all(|x| x.is_nan()));
+                            assert!(got[h * stride + n..(h + 1) * stride]
+                                .iter()
+                                .all(|x| x.is_nan()));
                         }
                         for (a, b) in got_acc.iter().zip(&want_acc) {
                             assert!(
@@ -635,9 +642,15 @@ mod tests {
                 assert_eq!(max(isa, &s), m, "{isa} n={n}");
                 let mut got = s.clone();
                 let sum = exp_sum(isa, &mut got, m);
-                assert!((sum - want_sum).abs() <= 4e-7 * want_sum.max(1.0), "{isa} n={n}");
+                assert!(
+                    (sum - want_sum).abs() <= 4e-7 * want_sum.max(1.0),
+                    "{isa} n={n}"
+                );
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() <= 3e-7 * b + f32::MIN_POSITIVE, "{isa} n={n} [{i}]: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 3e-7 * b + f32::MIN_POSITIVE,
+                        "{isa} n={n} [{i}]: {a} vs {b}"
+                    );
                 }
                 if n > 3 {
                     assert_eq!(got[3], 0.0, "{isa}: exp underflows to exactly 0");
@@ -662,7 +675,10 @@ mod tests {
             exp_sum(isa, &mut e, 0.0);
             for (x, y) in xs.iter().zip(&e) {
                 let exact = (*x as f64).exp();
-                assert!(((*y as f64) - exact).abs() <= 4e-7 * exact, "{isa}: exp({x}) = {y}");
+                assert!(
+                    ((*y as f64) - exact).abs() <= 4e-7 * exact,
+                    "{isa}: exp({x}) = {y}"
+                );
             }
         }
     }
@@ -677,7 +693,18 @@ mod tests {
                     let q = random(&mut rng, lanes * q_ld, 1.0);
                     let kt = random(&mut rng, d * kt_ld, 1.0);
                     let mut want = vec![f32::NAN; lanes * s_ld];
-                    qk_tile(Isa::Scalar, &q, q_ld, lanes, d, &kt, kt_ld, cols, &mut want, s_ld);
+                    qk_tile(
+                        Isa::Scalar,
+                        &q,
+                        q_ld,
+                        lanes,
+                        d,
+                        &kt,
+                        kt_ld,
+                        cols,
+                        &mut want,
+                        s_ld,
+                    );
                     for l in 0..lanes {
                         for j in 0..cols {
                             let exact: f64 = (0..d)
@@ -692,16 +719,41 @@ mod tests {
                     let v = random(&mut rng, rows * v_ld, 1.0);
                     let acc0 = random(&mut rng, lanes * acc_ld, 1.0);
                     let mut want_acc = acc0.clone();
-                    pv_tile(Isa::Scalar, &want, s_ld, lanes, rows, &v, v_ld, dp, &mut want_acc, acc_ld);
+                    pv_tile(
+                        Isa::Scalar,
+                        &want,
+                        s_ld,
+                        lanes,
+                        rows,
+                        &v,
+                        v_ld,
+                        dp,
+                        &mut want_acc,
+                        acc_ld,
+                    );
                     for &isa in &Isa::available() {
                         let mut got = vec![f32::NAN; lanes * s_ld];
                         qk_tile(isa, &q, q_ld, lanes, d, &kt, kt_ld, cols, &mut got, s_ld);
                         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                             let ok = (a.is_nan() && b.is_nan()) || (a - b).abs() <= 2e-5 * d as f32;
-                            assert!(ok, "{isa} qk d={d} lanes={lanes} cols={cols} [{i}]: {a} vs {b}");
+                            assert!(
+                                ok,
+                                "{isa} qk d={d} lanes={lanes} cols={cols} [{i}]: {a} vs {b}"
+                            );
                         }
                         let mut got_acc = acc0.clone();
-                        pv_tile(isa, &want, s_ld, lanes, rows, &v, v_ld, dp, &mut got_acc, acc_ld);
+                        pv_tile(
+                            isa,
+                            &want,
+                            s_ld,
+                            lanes,
+                            rows,
+                            &v,
+                            v_ld,
+                            dp,
+                            &mut got_acc,
+                            acc_ld,
+                        );
                         for (a, b) in got_acc.iter().zip(&want_acc) {
                             assert!((a - b).abs() <= 1e-4 * rows as f32, "{isa} pv d={d}");
                         }
@@ -764,9 +816,9 @@ mod tests {
             let q = [1.0f32; 16];
             let rows = [1.0f32; 32];
             let mut scores = [7.0f32; 4];
-            score_rows(isa, &q, 8, &rows, &mut scores, 4);
+            score_rows(isa, &q, 8, &rows, &mut scores, 4, &rows);
             let mut acc = [0.0f32; 16];
-            accumulate_rows(isa, &[1.0; 3], 4, 8, &rows, &mut acc);
+            accumulate_rows(isa, &[1.0; 3], 4, 8, &rows, &mut acc, &rows);
             let mut s = [0.0f32; 8];
             qk_tile(isa, &q, 8, 4, 8, &rows, 8, 8, &mut s, 8);
             pv_tile(isa, &q, 8, 4, 8, &rows, 8, 8, &mut acc, 8);

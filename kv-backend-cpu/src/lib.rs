@@ -10,7 +10,7 @@
 //! by [`kernels::Isa::detect`]) has a portable scalar twin that tests compare it with.
 //! Decode attention over the float layouts splits one long sequence over threads by chunks
 //! of keys (flash-decoding) and reads each cached row once for all query heads of its
-//! group; prefill runs in query x key tiles. [`bench`] holds the memory-read probe and a
+//! group; prefill runs in query x key tiles. [`mod@bench`] holds the memory-read probe and a
 //! decode workload for benchmarks.
 //!
 //! `unsafe` code lives only in the x86 SIMD module, behind safe functions that check the

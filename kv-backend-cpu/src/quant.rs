@@ -16,8 +16,9 @@
 //!
 //! A key block can only be quantized per channel once its 32 tokens are there. Until then
 //! its keys live in a *window*: 32 f16 rows per KV head ([`RowFormat::F16`] bytes), allocated
-//! when the block starts filling and freed once the write that fills its last slot has
-//! quantized it. Which slots a window has seen is a bit mask:
+//! when the block starts filling. The write that fills its last slot quantizes it; the
+//! window stays (marked quantized) until attention has read the layer, and the next write
+//! to the layer frees it. Which slots a window has seen is a bit mask:
 //!
 //! - a write to a slot sets its bit; a write to the first slot of a key block starts the
 //!   block afresh (only that bit set), which is what reusing a freed cache block looks like;
@@ -30,9 +31,14 @@
 //!
 //! Windows belong to the cache block, so `copy_blocks` copies them with it: a fork that
 //! shares a partly filled block and writes to it (copy-on-write) gets its own window.
-//! Attention scores a quantized key block with [`Kernels::kivi_scores`] and a window's rows
-//! with the f16 kernels, so the tokens of the block being filled are read in f16 exactly as
-//! they were written, and every older token in 2 or 4 bits.
+//!
+//! Attention reads the cache as generation would, whatever the number of tokens written at
+//! once: a query reads the keys of its own key block from the window, in f16 as written,
+//! and those of earlier (full) blocks quantized, scored with [`Kernels::kivi_scores`]. That
+//! is why a filled block keeps its window until it has been attended: the queries of the
+//! tokens that filled it (a prefill writes them all before attending) must not read keys
+//! quantized with scales that depend on later tokens. A prefill then gives what decoding the
+//! same tokens one by one gives (a test holds the two equal), and no query sees the future.
 //!
 //! # What may be written
 //!
@@ -51,8 +57,9 @@
 
 use half::f16;
 use kv_core::{AttentionBatch, KvDType, KvError, Result, SeqAttention, Slot, StorageSpec};
-use kv_quant::{Group, KiviBits, KiviKeyFormat, Kernels, QuantError, RowFormat};
+use kv_quant::{Group, Kernels, KiviBits, KiviKeyFormat, QuantError, RowFormat};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::storage::{zeroed, Geometry, Which};
 
@@ -101,9 +108,7 @@ pub(crate) fn layout_of(dtype: KvDType) -> Option<QuantLayout> {
     match dtype {
         KvDType::Int8 { group: g } => Some(rows(RowFormat::Int8 { group: group(g) }, false)),
         KvDType::Int4 { group: g } => Some(rows(RowFormat::Int4 { group: group(g) }, false)),
-        KvDType::Int4Hadamard { group: g } => {
-            Some(rows(RowFormat::Int4 { group: group(g) }, true))
-        }
+        KvDType::Int4Hadamard { group: g } => Some(rows(RowFormat::Int4 { group: group(g) }, true)),
         KvDType::Kivi { bits } => {
             let (bits, values) = match bits {
                 kv_core::KiviBits::B4 => (KiviBits::B4, RowFormat::Int4 { group: Group::G32 }),
@@ -142,6 +147,10 @@ pub(crate) struct Window {
     filled: u64,
     /// `[kv_heads][block_tokens][head_dim]` f16, little-endian.
     rows: Vec<u8>,
+    /// The block is full and quantized; the window is kept until attention has read the
+    /// layer (and the next write frees it), so the queries of the tokens that filled the
+    /// block read their own block in f16.
+    quantized: bool,
 }
 
 /// One layer's pools.
@@ -149,8 +158,13 @@ pub(crate) struct QuantLayer {
     k: Vec<u8>,
     v: Vec<u8>,
     /// KIVI: one entry per key block (`num_blocks x block_size / 32`), `Some` while it
-    /// fills; empty for the row layouts.
+    /// fills (and until the next write after it is quantized); empty for the row layouts.
     windows: Vec<Option<Window>>,
+    /// KIVI: windows whose block a write quantized, with the layer's attend count then; a
+    /// later write frees those that an attend has served since.
+    retired: Vec<(usize, u64)>,
+    /// Attend calls on this layer so far.
+    attends: AtomicU64,
 }
 
 /// The pools of every layer in one quantized layout.
@@ -158,9 +172,10 @@ pub(crate) struct QuantPools {
     dtype: KvDType,
     layout: QuantLayout,
     kernels: Kernels,
-    /// Index arithmetic of both pools, `row_units` being bytes of a row (amortised for
-    /// KIVI keys, which equals a value row: see `KvDType`).
-    geom: Geometry,
+    /// Index arithmetic of the K and V pools, `row_units` being bytes of a row (amortised
+    /// over a key block for KIVI keys). For every layout both equal `KvDType::row_bytes`.
+    kgeom: Geometry,
+    vgeom: Geometry,
     /// Bytes of a K row (row layouts) and of a V row.
     k_row: usize,
     v_row: usize,
@@ -179,13 +194,6 @@ impl QuantPools {
         let shape = spec.shape;
         let d = shape.head_dim();
         let row_bytes = spec.dtype.row_bytes(d)?;
-        let geom = Geometry {
-            kv_heads: shape.n_kv_heads(),
-            head_dim: d,
-            block_size: spec.block_size,
-            num_blocks: spec.num_blocks,
-            row_units: row_bytes,
-        };
         let v_row = layout.values.row_bytes(d).map_err(internal)?;
         let (k_row, kivi_tokens, kivi_bytes) = match layout.keys {
             KeyLayout::Rows { format, .. } => (format.row_bytes(d).map_err(internal)?, 0, 0),
@@ -211,23 +219,32 @@ impl QuantPools {
                 ),
             });
         }
-        let len = [geom.kv_heads, geom.block_size, row_bytes]
-            .into_iter()
-            .try_fold(geom.num_blocks, usize::checked_mul)
-            .ok_or_else(|| KvError::InvalidArgument {
-                what: "storage spec",
-                detail: format!(
-                    "{} blocks of {} tokens x {} KV heads x {row_bytes} bytes do not fit in \
-                     memory",
-                    geom.num_blocks, geom.block_size, geom.kv_heads
-                ),
-            })?;
-        let key_blocks_per_block = if kivi_tokens > 0 {
-            spec.block_size / kivi_tokens
-        } else {
-            0
+        let geom = |row_units| Geometry {
+            kv_heads: shape.n_kv_heads(),
+            head_dim: d,
+            block_size: spec.block_size,
+            num_blocks: spec.num_blocks,
+            row_units,
         };
-        let n_windows = geom.num_blocks * key_blocks_per_block;
+        let (kgeom, vgeom) = (
+            geom(k_row.max(kivi_bytes / kivi_tokens.max(1))),
+            geom(v_row),
+        );
+        let len = |g: Geometry| {
+            [g.kv_heads, g.block_size, g.row_units]
+                .into_iter()
+                .try_fold(g.num_blocks, usize::checked_mul)
+                .ok_or_else(|| KvError::InvalidArgument {
+                    what: "storage spec",
+                    detail: format!(
+                        "{} blocks of {} tokens x {} KV heads x {} bytes do not fit in memory",
+                        g.num_blocks, g.block_size, g.kv_heads, g.row_units
+                    ),
+                })
+        };
+        let (klen, vlen) = (len(kgeom)?, len(vgeom)?);
+        let key_blocks_per_block = spec.block_size.checked_div(kivi_tokens).unwrap_or(0);
+        let n_windows = spec.num_blocks * key_blocks_per_block;
         let layers = (0..shape.n_layers())
             .map(|_| {
                 let mut windows = Vec::new();
@@ -239,9 +256,11 @@ impl QuantPools {
                     })?;
                 windows.resize(n_windows, None);
                 Ok(QuantLayer {
-                    k: zeroed(len)?,
-                    v: zeroed(len)?,
+                    k: zeroed(klen)?,
+                    v: zeroed(vlen)?,
                     windows,
+                    retired: Vec::new(),
+                    attends: AtomicU64::new(0),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -249,13 +268,14 @@ impl QuantPools {
             dtype: spec.dtype,
             layout,
             kernels: Kernels::best(),
-            geom,
+            kgeom,
+            vgeom,
             k_row,
             v_row,
             kivi_tokens,
             kivi_bytes,
             key_blocks_per_block,
-            window_bytes: geom.kv_heads * kivi_tokens * d * 2,
+            window_bytes: shape.n_kv_heads() * kivi_tokens * d * 2,
             layers,
         })
     }
@@ -315,7 +335,10 @@ impl QuantPools {
                 return self.store_kivi_keys(layer, format, slots, data)
             }
         };
-        let g = self.geom;
+        let g = match which {
+            Which::K => self.kgeom,
+            Which::V => self.vgeom,
+        };
         let (d, rb) = (g.head_dim, format.row_bytes(g.head_dim).map_err(internal)?);
         let mut scratch = vec![0u8; slots.len() * g.kv_heads * rb];
         let mut rotated = vec![0.0f32; d];
@@ -380,8 +403,8 @@ impl QuantPools {
 
     /// First byte of the KIVI key block `key_block` of cache block `block`, head `head`.
     fn kivi_start(&self, block: usize, key_block: usize, head: usize) -> usize {
-        block * self.geom.block_units()
-            + (key_block * self.geom.kv_heads + head) * self.kivi_bytes
+        block * self.kgeom.block_units()
+            + (key_block * self.kgeom.kv_heads + head) * self.kivi_bytes
     }
 
     /// KIVI keys: into the windows of their key blocks, quantizing every block whose last
@@ -393,7 +416,7 @@ impl QuantPools {
         slots: &[Slot],
         data: &[f32],
     ) -> Result<()> {
-        let g = self.geom;
+        let g = self.kgeom;
         let (d, t_n, per) = (g.head_dim, self.kivi_tokens, self.key_blocks_per_block);
         let row16 = 2 * d;
         let mut incoming = vec![0u8; data.len() * 2];
@@ -403,6 +426,17 @@ impl QuantPools {
         } else {
             (1u64 << t_n) - 1
         };
+        // Windows of quantized blocks that attention has read since have served their
+        // queries.
+        let l = self.layer_mut(layer)?;
+        let attends = *l.attends.get_mut();
+        for (w, at) in std::mem::take(&mut l.retired) {
+            match &l.windows[w] {
+                Some(win) if win.quantized && attends > at => l.windows[w] = None,
+                Some(win) if win.quantized => l.retired.push((w, at)),
+                _ => {}
+            }
+        }
         let mut touched = Vec::new();
         let mut block_f32 = vec![0.0f32; t_n * d];
         for (t, slot) in slots.iter().enumerate() {
@@ -421,10 +455,16 @@ impl QuantPools {
                         .map_err(internal)?;
                     encode_f16(&block_f32, &mut rows[h * t_n * row16..][..t_n * row16]);
                 }
-                self.layer_mut(layer)?.windows[w] = Some(Window { filled: 0, rows });
+                self.layer_mut(layer)?.windows[w] = Some(Window {
+                    filled: 0,
+                    rows,
+                    quantized: false,
+                });
             }
             let l = self.layer_mut(layer)?;
             if let Some(win) = l.windows[w].as_mut() {
+                // Its rows are the keys the quantized block was made from.
+                win.quantized = false;
                 if j == 0 {
                     win.filled = 0;
                 }
@@ -444,7 +484,7 @@ impl QuantPools {
             let Some(win) = &self.layer(layer)?.windows[w] else {
                 continue;
             };
-            if win.filled != full {
+            if win.filled != full || win.quantized {
                 continue;
             }
             let mut ok = true;
@@ -464,7 +504,11 @@ impl QuantPools {
             let start = self.kivi_start(block, kb, 0);
             let l = self.layer_mut(layer)?;
             l.k[start..start + quantized.len()].copy_from_slice(&quantized);
-            l.windows[w] = None;
+            if let Some(win) = l.windows[w].as_mut() {
+                win.quantized = true;
+                let attends = *l.attends.get_mut();
+                l.retired.push((w, attends));
+            }
         }
         Ok(())
     }
@@ -472,7 +516,7 @@ impl QuantPools {
     /// Dequantized K and V rows of `slots` (range-checked) of `layer`, as
     /// `[slots.len(), kv_heads, head_dim]` f32.
     pub(crate) fn read(&self, layer: usize, slots: &[Slot]) -> Result<(Vec<f32>, Vec<f32>)> {
-        let g = self.geom;
+        let g = self.vgeom;
         let d = g.head_dim;
         let l = self.layer(layer)?;
         let mut k = vec![0.0f32; slots.len() * g.kv_heads * d];
@@ -485,6 +529,7 @@ impl QuantPools {
             for h in 0..g.kv_heads {
                 let out = (t * g.kv_heads + h) * d;
                 let at = g.row_start(block, h, offset);
+                let k_at = self.kgeom.row_start(block, h, offset);
                 self.kernels
                     .dequantize_row(
                         self.layout.values,
@@ -496,7 +541,7 @@ impl QuantPools {
                 match self.layout.keys {
                     KeyLayout::Rows { format, rotate } => {
                         self.kernels
-                            .dequantize_row(format, &l.k[at..at + self.k_row], k_out)
+                            .dequantize_row(format, &l.k[k_at..k_at + self.k_row], k_out)
                             .map_err(internal)?;
                         if rotate {
                             // The normalized transform is its own inverse.
@@ -506,7 +551,9 @@ impl QuantPools {
                     KeyLayout::Kivi(format) => {
                         let t_n = self.kivi_tokens;
                         let (kb, j) = (offset / t_n, offset % t_n);
-                        if let Some(win) = &l.windows[block * self.key_blocks_per_block + kb] {
+                        let window = l.windows[block * self.key_blocks_per_block + kb].as_ref();
+                        // A retired window's block reads as stored: quantized.
+                        if let Some(win) = window.filter(|w| !w.quantized) {
                             let row = &win.rows[(h * t_n + j) * 2 * d..][..2 * d];
                             self.kernels
                                 .dequantize_row(RowFormat::F16, row, k_out)
@@ -535,7 +582,7 @@ impl QuantPools {
     /// Copies whole cache blocks (range-checked) in every layer, in the order given,
     /// windows included.
     pub(crate) fn copy_blocks(&mut self, moves: &[(u32, u32)]) {
-        let bu = self.geom.block_units();
+        let (kb_units, vb_units) = (self.kgeom.block_units(), self.vgeom.block_units());
         let per = self.key_blocks_per_block;
         for layer in &mut self.layers {
             for &(from, to) in moves {
@@ -543,10 +590,15 @@ impl QuantPools {
                 if from == to {
                     continue;
                 }
-                layer.k.copy_within(from * bu..(from + 1) * bu, to * bu);
-                layer.v.copy_within(from * bu..(from + 1) * bu, to * bu);
+                for (pool, bu) in [(&mut layer.k, kb_units), (&mut layer.v, vb_units)] {
+                    pool.copy_within(from * bu..(from + 1) * bu, to * bu);
+                }
                 for kb in 0..per {
-                    layer.windows[to * per + kb] = layer.windows[from * per + kb].clone();
+                    // A retired window only serves the queries of the tokens that filled its
+                    // block; the copy's block reads as stored.
+                    layer.windows[to * per + kb] = layer.windows[from * per + kb]
+                        .clone()
+                        .filter(|w| !w.quantized);
                 }
             }
         }
@@ -580,8 +632,9 @@ pub(crate) fn attend(
     batch: &AttentionBatch,
     thread_pool: Option<&rayon::ThreadPool>,
 ) -> Result<Vec<f32>> {
-    let g = pools.geom;
+    let g = pools.vgeom;
     let lp = pools.layer(layer)?;
+    lp.attends.fetch_add(1, Ordering::Relaxed);
     let mut tasks = Vec::new();
     let mut row_offset = 0;
     for seq in &batch.seqs {
@@ -628,7 +681,7 @@ fn run_task(
     queries: &QuantQueries<'_>,
     task: &Task<'_>,
 ) -> Result<Vec<f32>> {
-    let g = p.geom;
+    let g = p.vgeom;
     let d = g.head_dim;
     let h = task.kv_head;
     let group = queries.q_heads / g.kv_heads;
@@ -671,9 +724,7 @@ fn run_task(
     while t0 < n_keys {
         let block_index = t0 / g.block_size;
         let offset = t0 % g.block_size;
-        let t1 = n_keys
-            .min((block_index + 1) * g.block_size)
-            .min(t0 + tile);
+        let t1 = n_keys.min((block_index + 1) * g.block_size).min(t0 + tile);
         let block = *blocks.get(block_index).ok_or(KvError::OutOfRange {
             what: "block of sequence",
             index: block_index,
@@ -686,7 +737,7 @@ fn run_task(
 
         match p.layout.keys {
             KeyLayout::Rows { format, .. } => {
-                let at = g.row_start(block, h, offset);
+                let at = p.kgeom.row_start(block, h, offset);
                 let k = &lp.k[at..at + rows * p.k_row];
                 for lane in lane_range {
                     let out = &mut scores[lane * TILE..lane * TILE + rows];
@@ -699,24 +750,39 @@ fn run_task(
                 let (kb, j) = (offset / t_n, offset % t_n);
                 // A tile never crosses a key block: tiles start at multiples of t_n.
                 let rows_here = rows.min(t_n - j);
-                match &lp.windows[block * p.key_blocks_per_block + kb] {
-                    Some(win) => {
-                        let k = &win.rows[(h * t_n + j) * 2 * d..][..rows_here * 2 * d];
-                        for lane in lane_range {
-                            let out = &mut scores[lane * TILE..lane * TILE + rows_here];
-                            kern.dot_many(RowFormat::F16, &q[lane * d..(lane + 1) * d], k, out)
-                                .map_err(internal)?;
-                        }
+                // As in generation, a query reads the keys of its own key block in f16 (they
+                // are in its window) and those of earlier, full blocks quantized. Queries
+                // before `inside` sit in this block.
+                let block_end = t0 - j + t_n;
+                let inside =
+                    (block_end.saturating_sub(first_pos).min(n_q) * group).max(lane_range.start);
+                let window = lp.windows[block * p.key_blocks_per_block + kb].as_ref();
+                let (in_f16, quantized) = match window {
+                    Some(w) if !w.quantized => (lane_range.clone(), lanes..lanes),
+                    Some(_) => (lane_range.start..inside, inside..lanes),
+                    None => (lane_range.start..lane_range.start, lane_range.clone()),
+                };
+                if let Some(win) = window.filter(|_| !in_f16.is_empty()) {
+                    let k = &win.rows[(h * t_n + j) * 2 * d..][..rows_here * 2 * d];
+                    for lane in in_f16 {
+                        let out = &mut scores[lane * TILE..lane * TILE + rows_here];
+                        kern.dot_many(RowFormat::F16, &q[lane * d..(lane + 1) * d], k, out)
+                            .map_err(internal)?;
                     }
-                    None => {
-                        let at = p.kivi_start(block, kb, h);
-                        let k = &lp.k[at..at + p.kivi_bytes];
-                        for lane in lane_range {
-                            kern.kivi_scores(format, &q[lane * d..(lane + 1) * d], k, &mut block_scores)
-                                .map_err(internal)?;
-                            scores[lane * TILE..lane * TILE + rows_here]
-                                .copy_from_slice(&block_scores[j..j + rows_here]);
-                        }
+                }
+                if !quantized.is_empty() {
+                    let at = p.kivi_start(block, kb, h);
+                    let k = &lp.k[at..at + p.kivi_bytes];
+                    for lane in quantized {
+                        kern.kivi_scores(
+                            format,
+                            &q[lane * d..(lane + 1) * d],
+                            k,
+                            &mut block_scores,
+                        )
+                        .map_err(internal)?;
+                        scores[lane * TILE..lane * TILE + rows_here]
+                            .copy_from_slice(&block_scores[j..j + rows_here]);
                     }
                 }
             }
@@ -768,7 +834,7 @@ fn run_task(
     for (lane, a) in acc.chunks_exact_mut(d).enumerate() {
         // Every query sees key 0, so every sum holds at least exp(0) = 1.
         let inv = 1.0 / sum[lane];
-        for x in a {
+        for x in a.iter_mut() {
             *x *= inv;
         }
     }
@@ -844,19 +910,23 @@ mod tests {
         let spec_bytes = p.bytes();
         let k = rows(40, 1);
         // 31 tokens: one window, exact f16 keys.
-        p.store(0, Which::K, &slots(2, 0..31), &k[..31 * 128]).expect("store");
+        p.store(0, Which::K, &slots(2, 0..31), &k[..31 * 128])
+            .expect("store");
         assert_eq!(p.open_windows(), 1);
         assert_eq!(p.bytes(), spec_bytes + p.window_bytes as u64);
         let (read, _) = p.read(0, &slots(2, 0..31)).expect("read");
         for (a, b) in read.iter().zip(&k[..31 * 128]) {
             assert_eq!(*a, f16::from_f32(*b).to_f32());
         }
-        // The 32nd token quantizes the block; 8 more open the next key block's window.
+        // The 32nd token quantizes the block, whose window serves this write's queries
+        // until the next write; 8 more tokens open the next key block's window.
         p.store(0, Which::K, &slots(2, 31..40), &k[31 * 128..])
             .expect("store");
-        assert_eq!(p.open_windows(), 1);
-        assert!(p.layers[0].windows[2 * 2].is_none());
-        assert!(p.layers[0].windows[2 * 2 + 1].is_some());
+        assert_eq!(p.open_windows(), 2);
+        assert!(p.layers[0].windows[4].as_ref().is_some_and(|w| w.quantized));
+        assert!(p.layers[0].windows[5]
+            .as_ref()
+            .is_some_and(|w| !w.quantized));
         let (read, _) = p.read(0, &slots(2, 0..40)).expect("read");
         let err = read
             .iter()
@@ -865,27 +935,134 @@ mod tests {
             .fold(0.0f32, f32::max);
         // 4-bit per channel over values in [-2, 2): half a step is 2/15.
         assert!(err > 0.0 && err <= 4.0 / 15.0 / 2.0 * 1.01 + 2e-3, "{err}");
-        // Copy-on-write of the partly filled block carries its window.
+        // Copy-on-write of the partly filled block carries its filling window (not the
+        // retired one, whose block is quantized).
         p.copy_blocks(&[(2, 3)]);
-        assert_eq!(p.open_windows(), 2);
-        assert_eq!(p.read(0, &slots(3, 0..40)).expect("read"), (read.clone(), {
-            let (_, v) = p.read(0, &slots(2, 0..40)).expect("read");
-            v
-        }));
-        // Writing into the copy changes the copy only.
-        p.store(0, Which::K, &slots(3, 40..41), &k[..128]).expect("store");
+        assert_eq!(p.open_windows(), 3);
+        assert!(p.layers[0].windows[6].is_none());
+        assert_eq!(
+            p.read(0, &slots(3, 0..40)).expect("read"),
+            (read.clone(), {
+                let (_, v) = p.read(0, &slots(2, 0..40)).expect("read");
+                v
+            })
+        );
+        // Writing into the copy changes the copy only. The retired window lives on until
+        // attention has read the layer; the next write after that frees it.
+        p.store(0, Which::K, &slots(3, 40..41), &k[..128])
+            .expect("store");
+        assert_eq!(p.open_windows(), 3);
+        p.layers[0].attends.fetch_add(1, Ordering::Relaxed); // what `attend` does
+        p.store(0, Which::K, &slots(3, 41..42), &k[..128])
+            .expect("store");
         assert_eq!(p.read(0, &slots(2, 0..40)).expect("read").0, read);
+        assert_eq!(p.open_windows(), 2);
+        assert!(p.layers[0].windows[4].is_none());
         // Refilling a quantized key block from its first slot starts it afresh; until the
         // other slots are rewritten they read what they held.
         let fresh = rows(32, 7);
-        p.store(0, Which::K, &slots(2, 0..1), &fresh[..128]).expect("store");
+        p.store(0, Which::K, &slots(2, 0..1), &fresh[..128])
+            .expect("store");
         assert!(p.layers[0].windows[2 * 2].is_some());
         let (again, _) = p.read(0, &slots(2, 1..32)).expect("read");
         for (a, b) in again.iter().zip(&read[128..32 * 128]) {
             assert_eq!(*a, f16::from_f32(*b).to_f32());
         }
-        p.store(0, Which::K, &slots(2, 1..32), &fresh[128..]).expect("store");
-        assert!(p.layers[0].windows[2 * 2].is_none());
+        p.store(0, Which::K, &slots(2, 1..32), &fresh[128..])
+            .expect("store");
+        assert!(p.layers[0].windows[4].as_ref().is_some_and(|w| w.quantized));
+    }
+
+    /// Generation writes one token and attends from it; a prefill writes many and attends
+    /// from all. A KIVI query must read the cache the same way in both: the keys of its
+    /// own 32-token block in f16, those of earlier blocks quantized.
+    #[test]
+    fn kivi_prefill_reads_the_cache_as_decoding_does() {
+        use crate::CpuBackend;
+        use kv_core::candle::{Device, Tensor};
+        use kv_core::{CacheBackend, SeqAttention};
+
+        let (n, qh, kvh, d) = (70usize, 4, 2, 64);
+        let shape = ModelShape::new(1, qh, kvh, d).expect("shape");
+        let kivi4 = KvDType::Kivi {
+            bits: kv_core::KiviBits::B4,
+        };
+        let spec = StorageSpec::new(shape, kivi4, 32, 3).expect("spec");
+        let table = vec![2, 0, 1];
+        let all: Vec<Slot> = (0..n)
+            .map(|t| Slot {
+                block: table[t / 32],
+                offset: (t % 32) as u32,
+            })
+            .collect();
+        let data = |len, seed| {
+            let v: Vec<f32> = (0..len)
+                .map(|i: usize| {
+                    (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2000) as f32 / 500.0 - 2.0
+                })
+                .collect();
+            v
+        };
+        let (k, v, q) = (
+            data(n * kvh * d, 1),
+            data(n * kvh * d, 2),
+            data(n * qh * d, 3),
+        );
+        let t3 = |x: &[f32], rows, heads| {
+            Tensor::from_vec(x.to_vec(), (rows, heads, d), &Device::Cpu).expect("tensor")
+        };
+        let backend = CpuBackend::with_threads(2).expect("threads");
+
+        let mut prefill = backend.allocate(&spec).expect("allocates");
+        backend
+            .write(&mut prefill, 0, &all, &t3(&k, n, kvh), &t3(&v, n, kvh))
+            .expect("write");
+        let batch = AttentionBatch::new(
+            vec![SeqAttention::new(table.clone(), n, n).expect("seq")],
+            d,
+        );
+        let once: Vec<f32> = backend
+            .attend(&prefill, 0, &t3(&q, n, qh), &batch)
+            .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+            .expect("attend");
+
+        let mut decode = backend.allocate(&spec).expect("allocates");
+        let (row_kv, row_q) = (kvh * d, qh * d);
+        for t in 0..n {
+            let (kt, vt) = (&k[t * row_kv..][..row_kv], &v[t * row_kv..][..row_kv]);
+            backend
+                .write(
+                    &mut decode,
+                    0,
+                    &all[t..t + 1],
+                    &t3(kt, 1, kvh),
+                    &t3(vt, 1, kvh),
+                )
+                .expect("write");
+            let step = AttentionBatch::new(
+                vec![SeqAttention::new(table.clone(), t + 1, 1).expect("seq")],
+                d,
+            );
+            let out: Vec<f32> = backend
+                .attend(&decode, 0, &t3(&q[t * row_q..][..row_q], 1, qh), &step)
+                .and_then(|t| Ok(t.flatten_all()?.to_vec1()?))
+                .expect("attend");
+            for (i, (a, b)) in out.iter().zip(&once[t * row_q..][..row_q]).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "token {t} element {i}: decode {a}, prefill {b}"
+                );
+            }
+        }
+        // And the quantized blocks hold the same bytes either way.
+        let (kp, _) = backend.read(&prefill, 0, &all).expect("read");
+        let (kd, _) = backend.read(&decode, 0, &all).expect("read");
+        let flat = |t: Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("flat")
+        };
+        assert_eq!(flat(kp), flat(kd));
     }
 
     #[test]
@@ -897,8 +1074,11 @@ mod tests {
         let k = rows(32, 3);
         p.store(1, Which::K, &slots(0, 0..32), &k).expect("store");
         let (before, _) = p.read(1, &slots(0, 0..32)).expect("read");
-        // A truncated sequence grows again from slot 20: slots 0..20 keep their keys.
-        p.store(1, Which::K, &slots(0, 20..21), &k[..128]).expect("store");
+        // After attention has read the layer (freeing the block's window at the next
+        // write), a truncated sequence grows again from slot 20: slots 0..20 keep their keys.
+        p.layers[1].attends.fetch_add(1, Ordering::Relaxed); // what `attend` does
+        p.store(1, Which::K, &slots(0, 20..21), &k[..128])
+            .expect("store");
         let (after, _) = p.read(1, &slots(0, 0..20)).expect("read");
         for (a, b) in after.iter().zip(&before[..20 * 128]) {
             assert_eq!(*a, f16::from_f32(*b).to_f32());
@@ -929,7 +1109,9 @@ mod tests {
         // Keys f16 holds whose rotation does not fit an f16 scale are refused, unwritten.
         let before = p.read(0, &slots(1, 0..3)).expect("read");
         let mut huge = rows(3, 9);
-        huge[64..128].fill(60_000.0);
+        // Rotated, this row is -480000 in one channel: beyond an f16 minimum.
+        huge[64..96].fill(-60_000.0);
+        huge[96..128].fill(60_000.0);
         assert!(matches!(
             p.store(0, Which::K, &slots(1, 0..3), &huge),
             Err(KvError::InvalidArgument { what: "k", .. })

@@ -207,7 +207,13 @@ impl<C: RowCodec> Pools<C> {
     /// Stores `data` (`[slots.len(), kv_heads, head_dim]`, already shape- and
     /// value-checked) into `slots` (already range-checked) of one pool of `layer`. Cannot
     /// fail; returns a `Result` like the quantized pools' `store`.
-    pub fn store(&mut self, layer: usize, which: Which, slots: &[Slot], data: &[f32]) -> Result<()> {
+    pub fn store(
+        &mut self,
+        layer: usize,
+        which: Which,
+        slots: &[Slot],
+        data: &[f32],
+    ) -> Result<()> {
         let g = self.geom;
         let Some(pools) = self.layers.get_mut(layer) else {
             return Ok(());

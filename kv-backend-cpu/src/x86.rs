@@ -16,6 +16,8 @@
 // from 1.87 on, value-only intrinsics are safe there. The blocks below wrap them so the
 // module builds on both sides of that change; newer compilers call some blocks unused.
 #![allow(unused_unsafe)]
+// The kernels index small arrays of registers by head, lane and row, as the math reads.
+#![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -49,7 +51,9 @@ impl Avx2 {
 
     /// `scores[h * stride + r] = q[h] . rows[r]` for every query row `q[h]` (`q` holds
     /// `q.len() / d` rows of `d`) and every stored row of `rows` (`rows.len() / d` rows).
-    /// Does nothing when the slices do not hold what that needs (the callers size them).
+    /// While it reads row `r` it prefetches row `r` of `ahead` (the rows the caller will
+    /// read next; may be empty). Does nothing when the slices do not hold what that needs
+    /// (the callers size them).
     pub(crate) fn score_rows<E: Load>(
         self,
         q: &[f32],
@@ -57,6 +61,7 @@ impl Avx2 {
         rows: &[E],
         scores: &mut [f32],
         stride: usize,
+        ahead: &[E],
     ) {
         if d == 0 {
             return;
@@ -66,6 +71,8 @@ impl Avx2 {
         if !fits || heads == 0 || n == 0 {
             return;
         }
+        // Only the first head block prefetches; later ones read rows already cached.
+        let mut pf = Prefetch::new(ahead, d);
         let mut h = 0;
         while h < heads {
             let hb = (heads - h).min(HEAD_BLOCK);
@@ -75,20 +82,23 @@ impl Avx2 {
             // scores[(h + i) * stride..][..n] inside `scores` (checked above); `rows` holds
             // n rows of d. The score rows do not overlap `q` or `rows` (distinct borrows).
             unsafe {
+                let (rp, pf) = (rows.as_ptr(), &mut pf);
                 match hb {
-                    4 => score_block::<E, 4, 2>(qp, d, rows.as_ptr(), n, sp, stride),
-                    3 => score_block::<E, 3, 2>(qp, d, rows.as_ptr(), n, sp, stride),
-                    2 => score_block::<E, 2, 4>(qp, d, rows.as_ptr(), n, sp, stride),
-                    _ => score_block::<E, 1, 8>(qp, d, rows.as_ptr(), n, sp, stride),
+                    4 => score_block::<E, 4, 2>(qp, d, rp, n, sp, stride, pf),
+                    3 => score_block::<E, 3, 2>(qp, d, rp, n, sp, stride, pf),
+                    2 => score_block::<E, 2, 4>(qp, d, rp, n, sp, stride, pf),
+                    _ => score_block::<E, 1, 8>(qp, d, rp, n, sp, stride, pf),
                 }
             }
+            pf = Prefetch::none();
             h += hb;
         }
     }
 
     /// `acc[h] += sum_r w[h * stride + r] * rows[r]` for every accumulator row `acc[h]`
-    /// (`acc.len() / d` rows of `d`) and every stored row of `rows`. Does nothing when the
-    /// slices do not hold what that needs.
+    /// (`acc.len() / d` rows of `d`) and every stored row of `rows`, prefetching `ahead`
+    /// as [`Avx2::score_rows`] does. Does nothing when the slices do not hold what that
+    /// needs.
     pub(crate) fn accumulate_rows<E: Load>(
         self,
         w: &[f32],
@@ -96,6 +106,7 @@ impl Avx2 {
         d: usize,
         rows: &[E],
         acc: &mut [f32],
+        ahead: &[E],
     ) {
         if d == 0 {
             return;
@@ -105,6 +116,7 @@ impl Avx2 {
         if !fits || heads == 0 || n == 0 {
             return;
         }
+        let mut pf = Prefetch::new(ahead, d);
         let mut h = 0;
         while h < heads {
             let hb = (heads - h).min(HEAD_BLOCK);
@@ -114,13 +126,15 @@ impl Avx2 {
             // acc[(h + i) * d..][..d] inside `acc` (h + hb <= acc.len() / d); `rows` holds
             // n rows of d; `acc` is a distinct, exclusive borrow.
             unsafe {
+                let (rp, pf) = (rows.as_ptr(), &mut pf);
                 match hb {
-                    4 => accumulate_block::<E, 4>(wp, stride, d, rows.as_ptr(), n, ap),
-                    3 => accumulate_block::<E, 3>(wp, stride, d, rows.as_ptr(), n, ap),
-                    2 => accumulate_block::<E, 2>(wp, stride, d, rows.as_ptr(), n, ap),
-                    _ => accumulate_block::<E, 1>(wp, stride, d, rows.as_ptr(), n, ap),
+                    4 => accumulate_block::<E, 4, 2>(wp, stride, d, rp, n, ap, pf),
+                    3 => accumulate_block::<E, 3, 2>(wp, stride, d, rp, n, ap, pf),
+                    2 => accumulate_block::<E, 2, 4>(wp, stride, d, rp, n, ap, pf),
+                    _ => accumulate_block::<E, 1, 4>(wp, stride, d, rp, n, ap, pf),
                 }
             }
+            pf = Prefetch::none();
             h += hb;
         }
     }
@@ -159,7 +173,7 @@ impl Avx2 {
         if lanes == 0 || cols == 0 || d == 0 {
             return;
         }
-        let fits = cols % 8 == 0
+        let fits = cols & 7 == 0
             && q_ld >= d
             && q.len() >= (lanes - 1) * q_ld + d
             && kt_ld >= cols
@@ -208,7 +222,7 @@ impl Avx2 {
         if lanes == 0 || rows == 0 || cols == 0 {
             return;
         }
-        let fits = cols % 8 == 0
+        let fits = cols & 7 == 0
             && p_ld >= rows
             && p.len() >= (lanes - 1) * p_ld + rows
             && v_ld >= cols
@@ -238,6 +252,54 @@ impl Avx2 {
         }
     }
 }
+
+/// Rows to prefetch while a kernel reads others, one row at a time so the requests spread
+/// over the computation instead of queueing all at once.
+pub(crate) struct Prefetch {
+    next: *const u8,
+    end: *const u8,
+    row_bytes: usize,
+}
+
+impl Prefetch {
+    /// The rows of `ahead` (`d` elements each).
+    fn new<E>(ahead: &[E], d: usize) -> Self {
+        let range = ahead.as_ptr_range();
+        Self {
+            next: range.start.cast(),
+            end: range.end.cast(),
+            row_bytes: d * std::mem::size_of::<E>(),
+        }
+    }
+
+    /// Nothing to prefetch.
+    fn none() -> Self {
+        Self {
+            next: std::ptr::null(),
+            end: std::ptr::null(),
+            row_bytes: 0,
+        }
+    }
+
+    /// Prefetches the next `rows` rows, if any remain.
+    #[inline]
+    fn rows(&mut self, rows: usize) {
+        let mut left = rows * self.row_bytes;
+        while left > 0 && self.next < self.end {
+            // SAFETY: the address is inside the `ahead` slice (next < end, and `next` only
+            // moves forward from its start); `next` moves with wrapping_add, so stepping
+            // past the end is no out-of-bounds arithmetic; and a prefetch neither reads
+            // the value nor faults. SSE is part of the x86-64 baseline.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(self.next.cast::<i8>()) };
+            let step = LINE.min(left);
+            self.next = self.next.wrapping_add(step);
+            left -= step;
+        }
+    }
+}
+
+/// Bytes of a cache line.
+const LINE: usize = 64;
 
 /// A stored element type the kernels read directly, eight at a time.
 pub(crate) trait Load: Copy + crate::kernels::Widen {
@@ -340,6 +402,7 @@ unsafe fn score_block<E: Load, const H: usize, const R: usize>(
     n: usize,
     scores: *mut f32,
     stride: usize,
+    pf: &mut Prefetch,
 ) {
     let d8 = d & !7;
     let mut r0 = 0;
@@ -349,6 +412,7 @@ unsafe fn score_block<E: Load, const H: usize, const R: usize>(
     // holds the 8 lanes of one reduction.
     unsafe {
         while r0 + R <= n {
+            pf.rows(R);
             let mut acc = [_mm256_setzero_ps(); 8];
             let mut c = 0;
             while c < d8 {
@@ -384,6 +448,7 @@ unsafe fn score_block<E: Load, const H: usize, const R: usize>(
             r0 += R;
         }
         while r0 < n {
+            pf.rows(1);
             let row = rows.add(r0 * d);
             let mut acc = [_mm256_setzero_ps(); 8];
             let mut c = 0;
@@ -408,73 +473,96 @@ unsafe fn score_block<E: Load, const H: usize, const R: usize>(
     }
 }
 
-/// Weighted sum of `n` stored rows into `H` accumulator rows, 16 columns at a time with
-/// the accumulators in registers across all rows.
+/// Weighted sum of `n` stored rows into `H` accumulator rows, `8 * V` columns at a time
+/// with the accumulators in registers across all rows (`H * V` independent FMA chains, so
+/// a small head group still keeps both FMA pipes busy).
 ///
 /// # Safety
 /// `w + h * stride + r` is readable for `h < H`, `r < n`; `rows` holds `n` rows of `d`
-/// elements; `acc` holds `H` rows of `d` f32, writable; the CPU has AVX2, FMA and F16C.
+/// elements; `acc` holds `H` rows of `d` f32, writable; `H * V <= 8`; the CPU has AVX2,
+/// FMA and F16C. The first pass over the rows prefetches from `pf`, a row per row read.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn accumulate_block<E: Load, const H: usize>(
+unsafe fn accumulate_block<E: Load, const H: usize, const V: usize>(
     w: *const f32,
     stride: usize,
     d: usize,
     rows: *const E,
     n: usize,
     acc: *mut f32,
+    pf: &mut Prefetch,
 ) {
-    let d16 = d & !15;
-    let d8 = d & !7;
     let mut c = 0;
-    // SAFETY: (all three loops) column ranges c..c+16 <= d16, c..c+8 <= d8 and j < d stay
-    // inside each row of `rows` and `acc`; weight reads are inside `w` by the contract.
+    // SAFETY: each pass covers columns c..c + 8 * V (or c..c + 8) below d, then the scalar
+    // tail columns below d, inside every row of `rows` and `acc`; weight reads are inside
+    // `w` by the contract.
     unsafe {
-        while c < d16 {
-            let mut a0 = [_mm256_setzero_ps(); H];
-            let mut a1 = [_mm256_setzero_ps(); H];
-            for h in 0..H {
-                a0[h] = _mm256_loadu_ps(acc.add(h * d + c));
-                a1[h] = _mm256_loadu_ps(acc.add(h * d + c + 8));
-            }
-            for r in 0..n {
-                let v0 = E::load8(rows.add(r * d + c));
-                let v1 = E::load8(rows.add(r * d + c + 8));
-                for h in 0..H {
-                    let wb = _mm256_broadcast_ss(&*w.add(h * stride + r));
-                    a0[h] = _mm256_fmadd_ps(wb, v0, a0[h]);
-                    a1[h] = _mm256_fmadd_ps(wb, v1, a1[h]);
-                }
-            }
-            for h in 0..H {
-                _mm256_storeu_ps(acc.add(h * d + c), a0[h]);
-                _mm256_storeu_ps(acc.add(h * d + c + 8), a1[h]);
-            }
-            c += 16;
+        while c + 8 * V <= d {
+            accumulate_cols::<E, H, V>(w, stride, d, rows, n, acc, c, pf, c == 0);
+            c += 8 * V;
         }
-        if c < d8 {
-            let mut a0 = [_mm256_setzero_ps(); H];
-            for h in 0..H {
-                a0[h] = _mm256_loadu_ps(acc.add(h * d + c));
-            }
-            for r in 0..n {
-                let v0 = E::load8(rows.add(r * d + c));
-                for h in 0..H {
-                    let wb = _mm256_broadcast_ss(&*w.add(h * stride + r));
-                    a0[h] = _mm256_fmadd_ps(wb, v0, a0[h]);
-                }
-            }
-            for h in 0..H {
-                _mm256_storeu_ps(acc.add(h * d + c), a0[h]);
-            }
+        while c + 8 <= d {
+            accumulate_cols::<E, H, 1>(w, stride, d, rows, n, acc, c, pf, c == 0);
+            c += 8;
         }
-        for j in d8..d {
+        for j in c..d {
             for h in 0..H {
                 let mut s = *acc.add(h * d + j);
                 for r in 0..n {
                     s += *w.add(h * stride + r) * (*rows.add(r * d + j)).widen();
                 }
                 *acc.add(h * d + j) = s;
+            }
+        }
+    }
+}
+
+/// Columns `c..c + 8 * V` of [`accumulate_block`], prefetching a row of `pf` per row read
+/// when `prefetch` is set.
+///
+/// # Safety
+/// As [`accumulate_block`], with `c + 8 * V <= d`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn accumulate_cols<E: Load, const H: usize, const V: usize>(
+    w: *const f32,
+    stride: usize,
+    d: usize,
+    rows: *const E,
+    n: usize,
+    acc: *mut f32,
+    c: usize,
+    pf: &mut Prefetch,
+    prefetch: bool,
+) {
+    // SAFETY: columns c..c + 8 * V are inside every row of `rows` and `acc` (c + 8V <= d);
+    // row r < n and head h < H keep every other access inside the contract.
+    unsafe {
+        let mut a = [[_mm256_setzero_ps(); V]; H];
+        for h in 0..H {
+            for v in 0..V {
+                a[h][v] = _mm256_loadu_ps(acc.add(h * d + c + 8 * v));
+            }
+        }
+        for r in 0..n {
+            if prefetch {
+                pf.rows(1);
+            }
+            let mut x = [_mm256_setzero_ps(); V];
+            for v in 0..V {
+                x[v] = E::load8(rows.add(r * d + c + 8 * v));
+            }
+            for h in 0..H {
+                let wb = _mm256_broadcast_ss(&*w.add(h * stride + r));
+                for v in 0..V {
+                    a[h][v] = _mm256_fmadd_ps(wb, x[v], a[h][v]);
+                }
+            }
+        }
+        for h in 0..H {
+            for v in 0..V {
+                _mm256_storeu_ps(acc.add(h * d + c + 8 * v), a[h][v]);
             }
         }
     }
@@ -527,12 +615,11 @@ unsafe fn exp8(x: __m256) -> __m256 {
         let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(LOW));
         // max(LOW, x) and min(HIGH, x) return x when x is NaN.
         let x = _mm256_min_ps(_mm256_set1_ps(HIGH), _mm256_max_ps(_mm256_set1_ps(LOW), x));
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-            x,
-            _mm256_set1_ps(std::f32::consts::LOG2_E),
-        ));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
         // ln 2 split in a part exact in a few bits and the rest, so n * LN2_HI is exact.
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_375), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut y = _mm256_set1_ps(1.987_569_1e-4);
         y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.398_199_9e-3));
@@ -540,7 +627,11 @@ unsafe fn exp8(x: __m256) -> __m256 {
         y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_5e-2));
         y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.166_666_65));
         y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5));
-        y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
         let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
             _mm256_cvtps_epi32(n),
             _mm256_set1_epi32(127),
@@ -707,7 +798,6 @@ unsafe fn pv_block<const M: usize>(
 /// Asks the CPU to bring every cache line of `data` into the L2 cache: a hint that never
 /// faults and changes no value (SSE, part of every x86-64 CPU).
 pub(crate) fn prefetch_l2<T>(data: &[T]) {
-    const LINE: usize = 64;
     let bytes = std::mem::size_of_val(data);
     let start = data.as_ptr().cast::<i8>();
     let mut offset = 0;

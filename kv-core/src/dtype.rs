@@ -282,12 +282,8 @@ impl KvDType {
             KvDType::Int4Hadamard { group: G32 } => "int4h-g32",
             KvDType::Int4Hadamard { group: G64 } => "int4h-g64",
             KvDType::Int4Hadamard { group: G128 } => "int4h-g128",
-            KvDType::Kivi {
-                bits: KiviBits::B4,
-            } => "kivi4",
-            KvDType::Kivi {
-                bits: KiviBits::B2,
-            } => "kivi2",
+            KvDType::Kivi { bits: KiviBits::B4 } => "kivi4",
+            KvDType::Kivi { bits: KiviBits::B2 } => "kivi2",
         }
     }
 }
@@ -338,7 +334,10 @@ mod tests {
     fn names_round_trip_and_aliases_parse() {
         for &d in KvDType::ALL {
             assert_eq!(d.name().parse::<KvDType>().ok(), Some(d));
-            assert_eq!(d.to_string().to_uppercase().parse::<KvDType>().ok(), Some(d));
+            assert_eq!(
+                d.to_string().to_uppercase().parse::<KvDType>().ok(),
+                Some(d)
+            );
         }
         let g32 = QuantGroup::G32;
         assert_eq!(
@@ -413,7 +412,11 @@ mod tests {
         for &d in KvDType::ALL {
             let kivi = matches!(d, KvDType::Kivi { .. });
             assert_eq!(d.block_tokens(), if kivi { 32 } else { 1 }, "{d}");
-            assert_eq!(d.is_quantized(), d.row_bytes(64).map_or(true, |b| b < 128), "{d}");
+            assert_eq!(
+                d.is_quantized(),
+                d.row_bytes(64).map_or(true, |b| b < 128),
+                "{d}"
+            );
         }
     }
 }

@@ -15,7 +15,8 @@
 //! one per sequence (its last, partial block), that is
 //! `n_layers x residual_window_bytes` per sequence (360 KiB for SmolLM2-135M: the keys of
 //! 32 tokens in f16). Backends allocate a window when a block starts filling and free it
-//! once the block is quantized, and report both parts (the CPU backend's
+//! once the block is quantized (the CPU backend keeps it until attention has read the
+//! tokens that filled it, then frees it at the layer's next write), and report both parts (the CPU backend's
 //! `CpuStorage::allocated_bytes` is `StorageSpec::bytes` plus its live windows).
 
 use crate::{KvDType, ModelShape, Result};
@@ -71,9 +72,7 @@ pub fn cache_bytes(shape: &ModelShape, dtype: KvDType, tokens: usize) -> Result<
 pub fn residual_window_bytes(shape: &ModelShape, dtype: KvDType) -> Result<usize> {
     dtype.row_bytes(shape.head_dim())?;
     Ok(match dtype {
-        KvDType::Kivi { .. } => {
-            shape.n_kv_heads() * dtype.block_tokens() * shape.head_dim() * 2
-        }
+        KvDType::Kivi { .. } => shape.n_kv_heads() * dtype.block_tokens() * shape.head_dim() * 2,
         _ => 0,
     })
 }

@@ -650,4 +650,43 @@ mod tests {
         .is_err());
         assert!(Cli::try_parse_from(["kv", "mem", "--tokens", "5", "--preset", "gpt-5"]).is_err());
     }
+
+    #[test]
+    fn ppl_and_quantized_layouts_parse() {
+        let cli = Cli::try_parse_from([
+            "kv",
+            "ppl",
+            "--text",
+            "t.txt",
+            "--ctx",
+            "2048",
+            "--dtype",
+            "f16,int8,kivi4",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Ppl(a) => {
+                assert_eq!(a.ctx, 2048);
+                let want: Vec<KvDType> = ["f16", "int8-g32", "kivi4"]
+                    .iter()
+                    .map(|n| n.parse().unwrap())
+                    .collect();
+                assert_eq!(a.dtype, want);
+                assert_eq!((a.batch, a.block_size, a.chunks), (64, 32, None));
+            }
+            _ => panic!("parsed the wrong command"),
+        }
+        assert!(Cli::try_parse_from(["kv", "ppl", "--text", "t", "--dtype", "int3"]).is_err());
+        assert!(Cli::try_parse_from(["kv", "ppl", "--ctx", "512"]).is_err());
+        // Generation takes every layout; KIVI gets 32-token blocks unless told otherwise.
+        let cli =
+            Cli::try_parse_from(["kv", "generate", "--prompt", "x", "--dtype", "int4"]).unwrap();
+        match cli.command {
+            Command::Generate(a) => {
+                assert_eq!(a.dtype, "int4-g32".parse().unwrap());
+                assert_eq!(a.block_size, None);
+            }
+            _ => panic!("parsed the wrong command"),
+        }
+    }
 }

@@ -278,7 +278,14 @@ impl Model {
         let num_blocks = ctx.div_ceil(options.block_size.max(1));
         let specs = layouts
             .iter()
-            .map(|&d| Ok(StorageSpec::new(self.shape(), d, options.block_size, num_blocks)?))
+            .map(|&d| {
+                Ok(StorageSpec::new(
+                    self.shape(),
+                    d,
+                    options.block_size,
+                    num_blocks,
+                )?)
+            })
             .collect::<Result<Vec<_>>>()?;
         for spec in &specs {
             if !backend.supports(spec.dtype) {
@@ -305,16 +312,17 @@ impl Model {
             let mut reference: Vec<Vec<f64>> = Vec::new();
             let mut reference_top: Vec<usize> = Vec::new();
             for (li, spec) in specs.iter().enumerate() {
-                let rows = self.scored_logits(backend, *spec, &chunk, first, options.batch, |_| {
-                    done += 1;
-                    progress(&PerplexityProgress {
-                        done,
-                        total: chunks * layouts.len() * passes,
-                        chunk: c,
-                        chunks,
-                        layout: spec.dtype,
-                    });
-                })?;
+                let rows =
+                    self.scored_logits(backend, *spec, &chunk, first, options.batch, |_| {
+                        done += 1;
+                        progress(&PerplexityProgress {
+                            done,
+                            total: chunks * layouts.len() * passes,
+                            chunk: c,
+                            chunks,
+                            layout: spec.dtype,
+                        });
+                    })?;
                 for (i, row) in rows.chunks_exact(self.config().vocab_size).enumerate() {
                     if row.iter().any(|x| !x.is_finite()) {
                         return Err(ModelError::NonFiniteLogits);
@@ -432,14 +440,26 @@ mod tests {
             scored: 490,
             block_size: 32,
             batch: 64,
-            layouts: vec![score("f16", 10.0), score("int8", 10.05), score("kivi2", 11.5)],
+            layouts: vec![
+                score("f16", 10.0),
+                score("int8", 10.05),
+                score("kivi2", 11.5),
+            ],
         };
         let text = report.to_string();
-        let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap().to_string();
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap()
+                .to_string()
+        };
         assert!(line("f16").ends_with("reference"), "{text}");
         assert!(line("int8-g32").contains("+0.50%") && line("int8-g32").ends_with("ok"));
         assert!(line("kivi2").contains("UNSUITABLE"), "{text}");
-        assert!(report.get("kivi2".parse().unwrap()).unwrap().is_unsuitable());
+        assert!(report
+            .get("kivi2".parse().unwrap())
+            .unwrap()
+            .is_unsuitable());
         assert!(!report.get(KvDType::F16).unwrap().is_unsuitable());
     }
 }
