@@ -335,7 +335,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
             s.cache_bytes_in_use(),
             s.cache_bytes_per_token()
         );
-        std::fs::write(path, json).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        std::fs::write(path, json).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
     }
     Ok(())
 }
