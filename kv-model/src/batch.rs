@@ -25,6 +25,7 @@ use candle_core::Tensor;
 use kv_attention::PagedCache;
 use kv_core::{AttentionBatch, CacheBackend, CacheStats, KvError, SeqId};
 
+use crate::generate::rate;
 use crate::{Logits, Model, ModelError, Result, Sampler, SamplingConfig, StopReason};
 
 /// What [`Model::generate_batch`] generates and how many sequences run at once.
@@ -140,15 +141,6 @@ impl BatchRun {
     /// Preemptions over all sequences.
     pub fn preemptions(&self) -> usize {
         self.sequences.iter().map(|s| s.preemptions).sum()
-    }
-}
-
-fn rate(n: usize, t: Duration) -> f64 {
-    let secs = t.as_secs_f64();
-    if n == 0 || secs == 0.0 {
-        0.0
-    } else {
-        n as f64 / secs
     }
 }
 

@@ -122,7 +122,8 @@ impl Summary {
     }
 }
 
-fn rate(n: usize, t: Duration) -> f64 {
+/// Items per second, 0 when nothing was timed.
+pub(crate) fn rate(n: usize, t: Duration) -> f64 {
     let secs = t.as_secs_f64();
     if n == 0 || secs == 0.0 {
         0.0
