@@ -2,8 +2,9 @@
 //!
 //! One decode step (one query row) over `tokens` cached tokens of one layer, for each
 //! layout, with the same block size (32, which every layout accepts) and the same data.
-//! Prints the mean time per step and the bytes of K/V it reads. Run on an otherwise idle
-//! machine:
+//! Prints the mean time per step and the bytes of K/V it reads, then the time of a 512-token
+//! causal prefill attention (512 queries over the first 512 tokens). Run on an otherwise
+//! idle machine:
 //!
 //! ```text
 //! cargo run --release -p kv-backend-cpu --example quant_decode [-- TOKENS [THREADS]]
@@ -68,12 +69,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let secs = start.elapsed().as_secs_f64() / steps as f64;
             let base = *f16_time.get_or_insert(secs);
             let bytes = memory::cache_bytes(&shape, dtype, tokens)?;
+            // Prefill attention: 512 queries over the first 512 tokens.
+            let n = tokens.min(512);
+            let prefill = AttentionBatch::new(
+                vec![SeqAttention::new(
+                    (0..n.div_ceil(BLOCK) as BlockId).collect(),
+                    n,
+                    n,
+                )?],
+                d,
+            );
+            let qn = Tensor::randn(0f32, 1.0, (n, shape.n_q_heads(), d), &Device::Cpu)?;
+            let start = Instant::now();
+            std::hint::black_box(backend.attend(&storage, 0, &qn, &prefill)?);
+            let prefill_secs = start.elapsed().as_secs_f64();
             println!(
-                "  {layout:<10} {:>8.1} us/step  {:>5.2}x f16's time  {:>9} of K/V  {:>6.2} GB/s",
+                "  {layout:<10} {:>8.1} us/step  {:>5.2}x f16's time  {:>9} of K/V  {:>6.2} GB/s   \
+                 prefill {n}: {:>7.1} ms",
                 secs * 1e6,
                 secs / base,
                 memory::format_bytes(bytes),
-                bytes as f64 / secs / 1e9
+                bytes as f64 / secs / 1e9,
+                prefill_secs * 1e3
             );
         }
     }

@@ -534,7 +534,12 @@ fn memory_table(
     use std::fmt::Write as _;
     let mut s = String::new();
     let rows = |s: &mut String, shape: &ModelShape| -> Result<()> {
-        let _ = writeln!(s, "  {:<10} {:>12} {:>12}", "layout", "per token", "total");
+        let _ = writeln!(
+            s,
+            "  {:<10} {:>12} {:>12} {:>12}",
+            "layout", "bytes/token", "per token", "total"
+        );
+        let mut window = None;
         for &d in dtypes {
             let sizes = memory::bytes_per_token(shape, d)
                 .and_then(|per| Ok((per as u64, memory::cache_bytes(shape, d, tokens)?)));
@@ -542,11 +547,16 @@ fn memory_table(
                 Ok((per_token, total)) => {
                     let _ = writeln!(
                         s,
-                        "  {:<10} {:>12} {:>12}",
+                        "  {:<10} {:>12} {:>12} {:>12}",
                         d.name(),
+                        per_token,
                         memory::format_bytes(per_token),
                         memory::format_bytes(total)
                     );
+                    let w = memory::residual_window_bytes(shape, d)? * shape.n_layers();
+                    if w > 0 {
+                        window = Some(w);
+                    }
                 }
                 // In the full table a layout that cannot hold this head size is listed as
                 // such; asked for alone, it is an error.
@@ -560,6 +570,14 @@ fn memory_table(
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+        if let Some(w) = window {
+            let _ = writeln!(
+                s,
+                "  kivi: plus {} per sequence while its last 32-token block fills (those keys \
+                 in f16)",
+                memory::format_bytes(w as u64)
+            );
         }
         Ok(())
     };
@@ -652,6 +670,28 @@ mod tests {
         ])
         .is_err());
         assert!(Cli::try_parse_from(["kv", "mem", "--tokens", "5", "--preset", "gpt-5"]).is_err());
+    }
+
+    #[test]
+    fn memory_table_counts_quantized_layouts_exactly() {
+        let shape = ModelShape::preset("smollm2-135m").unwrap();
+        let t = memory_table("smollm2-135m", &shape, KvDType::ALL, 8192).unwrap();
+        let row = |name: &str| {
+            t.lines()
+                .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} missing: {t}"))
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(row("f16"), "23040");
+        assert_eq!(row("int8-g32"), "12240");
+        assert_eq!(row("int4-g32"), "7200");
+        assert_eq!(row("kivi4"), "7200");
+        assert_eq!(row("kivi2"), "4320");
+        assert!(t.contains("int8-g128  does not fit head dim 64"), "{t}");
+        assert!(t.contains("360 KiB per sequence"), "{t}");
     }
 
     #[test]
