@@ -68,8 +68,9 @@ use crate::storage::{zeroed, Geometry, Which};
 const TILE: usize = 64;
 /// Most queries of one sequence in one task.
 const QUERY_CHUNK: usize = 64;
-/// Lanes (query rows x query heads of a KV head) from which a tile is dequantized once.
-const WIDEN_LANES: usize = 8;
+/// Lanes (query rows x query heads of a KV head) from which a tile is dequantized once and
+/// read with the float path's multi-head kernels.
+const WIDEN_LANES: usize = 2;
 
 /// How keys are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -717,12 +718,12 @@ fn run_task(
     // scores[lane * TILE + r]: score, then weight, of row r of the current tile.
     let mut scores = vec![0.0f32; lanes * TILE];
     let mut block_scores = vec![0.0f32; p.kivi_tokens];
-    // When many lanes read each row (a prefill chunk), a tile is dequantized once into f32
-    // and read with the f32 kernels (kv-quant's `RowFormat::F32` is little-endian f32, what
-    // the buffer holds on little-endian hosts); a decode step's few lanes read the bytes
-    // with the fused kernels. Measured on a 512-token prefill of a SmolLM2 layer: int4-g32
-    // 64 ms fused, 17 ms widened; decode steps showed no gain from widening.
-    let widen = cfg!(target_endian = "little") && lanes >= WIDEN_LANES;
+    // When several lanes read each row (a prefill chunk, or a decode step of a GQA group),
+    // a tile is dequantized once into f32 and read with the float path's kernels, which
+    // read each row once for all lanes; one lane (MHA decode) reads the bytes with the
+    // fused kernels. Measured on a 512-token prefill of a SmolLM2 layer: int4-g32 64 ms
+    // fused, 17 ms widened.
+    let widen = lanes >= WIDEN_LANES;
     let mut tile_f32 = vec![0.0f32; if widen { TILE * d } else { 0 }];
     // The float path's vectorised max and exp.
     let float_isa = kernels::Isa::detect();
@@ -757,12 +758,16 @@ fn run_task(
                     for (src, dst) in k.chunks_exact(p.k_row).zip(wide.chunks_exact_mut(d)) {
                         kern.dequantize_row(format, src, dst).map_err(internal)?;
                     }
-                    let wide: &[u8] = bytemuck::cast_slice(wide);
-                    for lane in lane_range {
-                        let out = &mut scores[lane * TILE..lane * TILE + rows];
-                        kern.dot_many(RowFormat::F32, &q[lane * d..(lane + 1) * d], wide, out)
-                            .map_err(internal)?;
-                    }
+                    // Each widened row is read once for all lanes that see the tile.
+                    kernels::score_rows(
+                        float_isa,
+                        &q[lane_range.start * d..],
+                        d,
+                        wide,
+                        &mut scores[lane_range.start * TILE..],
+                        TILE,
+                        &[],
+                    );
                 } else {
                     for lane in lane_range {
                         let out = &mut scores[lane * TILE..lane * TILE + rows];
@@ -838,29 +843,39 @@ fn run_task(
         }
 
         let at = g.row_start(block, h, offset);
-        let (v_format, v_rows, v_row) = if widen {
-            // Several lanes add each row: dequantize the tile once.
-            let v = &lp.v[at..at + rows * p.v_row];
+        let v = &lp.v[at..at + rows * p.v_row];
+        if widen {
+            // Several lanes add each row: dequantize the tile once, then read each widened
+            // row once for all query heads of a query.
             let wide = &mut tile_f32[..rows * d];
             for (src, dst) in v.chunks_exact(p.v_row).zip(wide.chunks_exact_mut(d)) {
                 kern.dequantize_row(p.layout.values, src, dst)
                     .map_err(internal)?;
             }
-            let wide: &[u8] = bytemuck::cast_slice(&tile_f32[..rows * d]);
-            (RowFormat::F32, wide, 4 * d)
+            for i in first_seeing(t0)..n_q {
+                let visible = rows.min(first_pos + i + 1 - t0);
+                kernels::accumulate_rows(
+                    float_isa,
+                    &scores[i * group * TILE..],
+                    TILE,
+                    d,
+                    &tile_f32[..visible * d],
+                    &mut acc[i * group * d..(i + 1) * group * d],
+                    &[],
+                );
+            }
         } else {
-            (p.layout.values, &lp.v[at..at + rows * p.v_row], p.v_row)
-        };
-        for i in first_seeing(t0)..n_q {
-            let visible = rows.min(first_pos + i + 1 - t0);
-            for lane in i * group..(i + 1) * group {
-                kern.axpy_many(
-                    v_format,
-                    &scores[lane * TILE..lane * TILE + visible],
-                    &v_rows[..visible * v_row],
-                    &mut acc[lane * d..(lane + 1) * d],
-                )
-                .map_err(internal)?;
+            for i in first_seeing(t0)..n_q {
+                let visible = rows.min(first_pos + i + 1 - t0);
+                for lane in i * group..(i + 1) * group {
+                    kern.axpy_many(
+                        p.layout.values,
+                        &scores[lane * TILE..lane * TILE + visible],
+                        &v[..visible * p.v_row],
+                        &mut acc[lane * d..(lane + 1) * d],
+                    )
+                    .map_err(internal)?;
+                }
             }
         }
         t0 = t1;
