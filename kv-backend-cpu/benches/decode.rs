@@ -7,7 +7,8 @@
 //!
 //! Shapes: one SmolLM2-135M layer (9 query heads sharing 3 KV heads, head dim 64) and one
 //! Llama-2-7B layer (32 x 32 heads, head dim 128); 1k, 4k and 16k cached tokens; the f32,
-//! f16 and bf16 layouts; 1 and 2 threads.
+//! f16 and bf16 layouts and the quantized ones (int8-g32, int4-g32, int4h-g32, kivi4), so
+//! that a layout's time compares with f16's in the same run; 1 and 2 threads.
 //!
 //! ```text
 //! cargo bench -p kv-backend-cpu --bench decode -- --quick
@@ -21,12 +22,27 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kv_backend_cpu::bench::{DecodeBench, MemoryProbe};
-use kv_core::{KvDType, ModelShape};
+use kv_core::{KiviBits, KvDType, ModelShape, QuantGroup};
 
 /// Bytes the memory probe reads: far above any last-level cache.
 const PROBE_BYTES: usize = 256 << 20;
 const THREADS: [usize; 2] = [1, 2];
 const TOKENS: [usize; 3] = [1024, 4096, 16384];
+const LAYOUTS: [KvDType; 7] = [
+    KvDType::F32,
+    KvDType::F16,
+    KvDType::BF16,
+    KvDType::Int8 {
+        group: QuantGroup::G32,
+    },
+    KvDType::Int4 {
+        group: QuantGroup::G32,
+    },
+    KvDType::Int4Hadamard {
+        group: QuantGroup::G32,
+    },
+    KvDType::Kivi { bits: KiviBits::B4 },
+];
 
 fn shapes() -> [(&'static str, ModelShape); 2] {
     let shape = |q, kv, d| match ModelShape::new(1, q, kv, d) {
@@ -60,7 +76,7 @@ fn memory_read(c: &mut Criterion) {
 
 fn decode(c: &mut Criterion) {
     for (name, shape) in shapes() {
-        for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16] {
+        for dtype in LAYOUTS {
             let mut group = c.benchmark_group(format!("decode/{name}/{dtype}"));
             group.sample_size(20);
             group.warm_up_time(Duration::from_millis(300));

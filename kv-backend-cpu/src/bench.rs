@@ -150,7 +150,8 @@ fn sum_words(words: &[u64]) -> u64 {
     acc.iter().fold(tail, |a, &w| a.wrapping_add(w))
 }
 
-/// Tokens per block of a [`DecodeBench`] cache: the block size the model runner uses.
+/// Tokens per block of a [`DecodeBench`] cache: the block size the model runner uses (KIVI
+/// layouts take the next multiple of their 32-token key block).
 pub const BENCH_BLOCK_SIZE: usize = 16;
 
 /// Bytes of K/V a [`DecodeBench`] holds at least, over as many layers as it takes (up to
@@ -222,8 +223,9 @@ impl DecodeBench {
             .clamp(1, BENCH_MAX_LAYERS as u64) as usize;
         let shape = ModelShape::new(layers, shape.n_q_heads(), kvh, d)?;
         let backend = CpuBackend::with_threads(threads)?;
-        let blocks = tokens.div_ceil(BENCH_BLOCK_SIZE);
-        let spec = StorageSpec::new(shape, dtype, BENCH_BLOCK_SIZE, blocks)?;
+        let block_size = BENCH_BLOCK_SIZE.next_multiple_of(dtype.block_tokens());
+        let blocks = tokens.div_ceil(block_size);
+        let spec = StorageSpec::new(shape, dtype, block_size, blocks)?;
         let mut storage = backend.allocate(&spec)?;
         let mut rng = SplitMix(0x5EED);
         // Written a bounded number of tokens at a time, so the f32 staging tensors stay
@@ -233,8 +235,8 @@ impl DecodeBench {
             let n = step.min(tokens - start);
             let slots: Vec<Slot> = (start..start + n)
                 .map(|t| Slot {
-                    block: (t / BENCH_BLOCK_SIZE) as BlockId,
-                    offset: (t % BENCH_BLOCK_SIZE) as u32,
+                    block: (t / block_size) as BlockId,
+                    offset: (t % block_size) as u32,
                 })
                 .collect();
             let k = rng.tensor(&[n, kvh, d])?;
