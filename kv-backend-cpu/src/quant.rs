@@ -755,9 +755,7 @@ fn run_task(
                 if widen {
                     // Several lanes read each row: dequantize the tile once.
                     let wide = &mut tile_f32[..rows * d];
-                    for (src, dst) in k.chunks_exact(p.k_row).zip(wide.chunks_exact_mut(d)) {
-                        kern.dequantize_row(format, src, dst).map_err(internal)?;
-                    }
+                    kern.dequantize_rows(format, d, k, wide).map_err(internal)?;
                     // Each widened row is read once for all lanes that see the tile.
                     kernels::score_rows(
                         float_isa,
@@ -847,11 +845,8 @@ fn run_task(
         if widen {
             // Several lanes add each row: dequantize the tile once, then read each widened
             // row once for all query heads of a query.
-            let wide = &mut tile_f32[..rows * d];
-            for (src, dst) in v.chunks_exact(p.v_row).zip(wide.chunks_exact_mut(d)) {
-                kern.dequantize_row(p.layout.values, src, dst)
-                    .map_err(internal)?;
-            }
+            kern.dequantize_rows(p.layout.values, d, v, &mut tile_f32[..rows * d])
+                .map_err(internal)?;
             for i in first_seeing(t0)..n_q {
                 let visible = rows.min(first_pos + i + 1 - t0);
                 kernels::accumulate_rows(

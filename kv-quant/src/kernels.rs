@@ -197,6 +197,64 @@ impl Kernels {
         Ok(())
     }
 
+    /// Dequantizes consecutive rows of `head_dim` elements (`rows` holds `n` stored rows,
+    /// `out` holds `n * head_dim` floats) in one call: the same values as
+    /// [`dequantize_row`](Self::dequantize_row) on each row, without a dispatch per row,
+    /// which dominates for short rows.
+    ///
+    /// ```
+    /// use kv_quant::{Group, Kernels, RowFormat};
+    /// let k = Kernels::best();
+    /// let fmt = RowFormat::Int8 { group: Group::G32 };
+    /// let mut rows = vec![0u8; 2 * fmt.row_bytes(32)?];
+    /// let (a, b) = rows.split_at_mut(fmt.row_bytes(32)?);
+    /// k.quantize_row(fmt, &[1.0; 32], a)?;
+    /// k.quantize_row(fmt, &[-2.0; 32], b)?;
+    /// let mut out = vec![0.0f32; 64];
+    /// k.dequantize_rows(fmt, 32, &rows, &mut out)?;
+    /// let mut second = vec![0.0f32; 32];
+    /// k.dequantize_row(fmt, &rows[fmt.row_bytes(32)?..], &mut second)?;
+    /// assert_eq!(&out[32..], &second[..]);
+    /// assert!((out[0] - 1.0).abs() < 1e-2 && (out[63] + 2.0).abs() < 1e-2);
+    /// # Ok::<(), kv_quant::QuantError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidHeadDim`] if `head_dim` does not fit `format`;
+    /// [`QuantError::LengthMismatch`] if `rows` is not whole rows or `out` not as many rows.
+    pub fn dequantize_rows(
+        &self,
+        format: RowFormat,
+        head_dim: usize,
+        rows: &[u8],
+        out: &mut [f32],
+    ) -> Result<()> {
+        // Non-zero for every head_dim the format accepts.
+        let rb = format.row_bytes(head_dim)?;
+        let n = rows.len() / rb;
+        crate::error::expect_len("rows", n * rb, rows.len())?;
+        crate::error::expect_len("out", n * head_dim, out.len())?;
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; lengths checked.
+                unsafe { crate::x86::avx2::dequantize_rows(format, rows, rb, out, head_dim) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
+                // lengths checked.
+                unsafe { crate::x86::avx512::dequantize_rows(format, rows, rb, out, head_dim) }
+            }
+            _ => {
+                for (row, dst) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(head_dim)) {
+                    scalar::dequantize(format, row, dst);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `q · x̂`: the attention score of query `q` against a stored key row, computed from
     /// the stored bytes without materialising an f32 row.
     ///

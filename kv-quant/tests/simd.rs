@@ -159,6 +159,20 @@ proptest! {
             }
             prop_assert_eq!(&acc_many, &acc_one);
             prop_assert_eq!(acc_many.len(), n);
+
+
+            // Distinct rows (x halved per row), unpacked in one call, as one at a time.
+            let distinct: Vec<Vec<u8>> = (0..rows)
+                .map(|r| quant(fmt, &x.iter().map(|v| v * 0.5f32.powi(r as i32)).collect::<Vec<_>>()))
+                .collect();
+            let tile: Vec<u8> = distinct.concat();
+            let mut wide = vec![f32::NAN; n * rows];
+            k.dequantize_rows(fmt, n, &tile, &mut wide).expect("valid");
+            for (row, got) in distinct.iter().zip(wide.chunks_exact(n)) {
+                let mut want = vec![f32::NAN; n];
+                k.dequantize_row(fmt, row, &mut want).expect("valid");
+                prop_assert_eq!(got, &want[..]);
+            }
         }
     }
 

@@ -423,6 +423,25 @@ pub(crate) unsafe fn dequantize(format: RowFormat, row: &[u8], out: &mut [f32]) 
     }
 }
 
+/// `out[r] = x̂[r]` for consecutive rows of `row_bytes` each, `out` holding rows of `d`:
+/// one call (and one feature check by the caller) for a whole tile.
+///
+/// # Safety
+/// See the module docs; `rows.len() / row_bytes == out.len() / d` rows of matching sizes.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize_rows(
+    format: RowFormat,
+    rows: &[u8],
+    row_bytes: usize,
+    out: &mut [f32],
+    d: usize,
+) {
+    for (row, dst) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(d)) {
+        // SAFETY: this function's own contract; each row and output has the checked sizes.
+        unsafe { dequantize(format, row, dst) }
+    }
+}
+
 /// `sum qs[i] * code[i]` over 4-bit codes (`qs.len()` a multiple of 32).
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
