@@ -108,7 +108,7 @@ struct PplArgs {
     #[arg(long)]
     chunks: Option<usize>,
     /// How the model's projection weights are held (see `kv generate --help`).
-    #[arg(long, value_enum, default_value_t = Weights::F32)]
+    #[arg(long, value_enum, default_value_t = Weights::Blocks)]
     weights: Weights,
 }
 
@@ -149,9 +149,10 @@ struct GenerateArgs {
     /// Use the prompt as is, without the chat template.
     #[arg(long)]
     raw: bool,
-    /// How the model's projection weights are held: f32 (exact, fast on CPU, 4 bytes per
-    /// weight) or the file's quantized blocks (least memory; activations rounded to 8 bits).
-    #[arg(long, value_enum, default_value_t = Weights::F32)]
+    /// How the model's projection weights are held: the file's blocks with kv's kernels
+    /// (fastest, exact activations), f32 (exact, 4 bytes per weight) or candle's quantized
+    /// matmul (activations rounded to 8 bits).
+    #[arg(long, value_enum, default_value_t = Weights::Blocks)]
     weights: Weights,
     /// Where the cache lives.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
@@ -173,9 +174,11 @@ enum Backend {
 /// [`kv_model::WeightFormat`] on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Weights {
-    /// Expanded to f32 at load.
+    /// The file's Q4_0/Q4_1/Q8_0 blocks with kv's own kernels (others expanded to f32).
+    Blocks,
+    /// Expanded to f32 at load, candle's GEMM.
     F32,
-    /// The file's quantized blocks.
+    /// The file's quantized blocks with candle's quantized matmul.
     Quantized,
 }
 
@@ -274,6 +277,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
     let format = match args.weights {
+        Weights::Blocks => WeightFormat::Blocks,
         Weights::F32 => WeightFormat::F32,
         Weights::Quantized => WeightFormat::Quantized,
     };
@@ -444,6 +448,7 @@ fn ppl(args: PplArgs) -> Result<()> {
     })?;
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
     let format = match args.weights {
+        Weights::Blocks => WeightFormat::Blocks,
         Weights::F32 => WeightFormat::F32,
         Weights::Quantized => WeightFormat::Quantized,
     };

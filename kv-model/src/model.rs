@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use kv_attention::PagedCache;
 use kv_core::{AttentionBatch, CacheBackend, ModelShape, SeqId};
 
 use crate::config::{one_line, read_header};
+use crate::linear::{BlockMatrix, Linear};
 use crate::rope::Rope;
 use crate::{LlamaConfig, ModelError, Result};
 
@@ -35,8 +36,11 @@ use crate::{LlamaConfig, ModelError, Result};
 /// models should use [`WeightFormat::Quantized`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// Expand every projection to f32 at load: exact activations, fast GEMM, more memory.
+    /// Keep Q4_0, Q4_1 and Q8_0 blocks and multiply with this crate's kernels, which
+    /// dequantize in registers and never round activations; other types are expanded to f32.
     #[default]
+    Blocks,
+    /// Expand every projection to f32 at load: exact activations, candle's GEMM, more memory.
     F32,
     /// Keep the file's quantized blocks and use candle's quantized matmul (activations
     /// rounded to 8 bits): the least memory.
@@ -58,14 +62,14 @@ pub enum Logits {
 #[derive(Debug)]
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
 /// A Llama-family decoder loaded from a GGUF file.
@@ -102,7 +106,7 @@ pub struct Model {
     norm: Tensor,
     /// The vocabulary projection; `token_embd.weight` again when the file has no
     /// `output.weight` (tied embeddings).
-    output: QMatMul,
+    output: Linear,
     weights: WeightFormat,
     rope: Rope,
 }
@@ -147,20 +151,29 @@ impl TensorReader<'_> {
         })
     }
 
-    fn matmul(&mut self, name: &str, expected: &[usize]) -> Result<QMatMul> {
+    fn matmul(&mut self, name: &str, expected: &[usize]) -> Result<Linear> {
         let t = self.qtensor(name, expected)?;
         self.to_matmul(t)
     }
 
     /// The weight in the chosen format. Float tensors in the file are always expanded
-    /// (candle has no quantized matmul for them).
-    fn to_matmul(&self, t: QTensor) -> Result<QMatMul> {
+    /// (neither candle nor we have a quantized matmul for them), and so is every block type
+    /// without our kernels (K-quants etc.) under [`WeightFormat::Blocks`], and every weight
+    /// on a device other than the CPU: any Llama-family GGUF still loads.
+    fn to_matmul(&self, t: QTensor) -> Result<Linear> {
         let float = matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        Ok(if self.format == WeightFormat::F32 || float {
-            QMatMul::Tensor(t.dequantize(self.device)?.to_dtype(DType::F32)?)
-        } else {
-            QMatMul::QTensor(Arc::new(t))
-        })
+        if self.format == WeightFormat::Blocks && self.device.is_cpu() && !float {
+            if let Some(m) = BlockMatrix::from_qtensor(&t)? {
+                return Ok(Linear::Blocks(m));
+            }
+        }
+        Ok(Linear::Candle(
+            if self.format != WeightFormat::Quantized || float {
+                QMatMul::Tensor(t.dequantize(self.device)?.to_dtype(DType::F32)?)
+            } else {
+                QMatMul::QTensor(Arc::new(t))
+            },
+        ))
     }
 
     fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
@@ -224,7 +237,7 @@ impl Model {
             r.matmul("output.weight", &[vocab, h])?
         } else if format == WeightFormat::F32 {
             // Tied: the same f32 tensor serves both, no second copy.
-            QMatMul::Tensor(embeddings.clone())
+            Linear::Candle(QMatMul::Tensor(embeddings.clone()))
         } else {
             r.to_matmul(embd)?
         };
@@ -414,9 +427,8 @@ impl Model {
             x = (x + layer.wo.forward(&attn)?)?;
 
             let h = rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate = layer.w_gate.forward(&h)?.silu()?;
-            let up = layer.w_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+            let act = swiglu(&layer.w_gate.forward(&h)?, &layer.w_up.forward(&h)?)?;
+            x = (x + layer.w_down.forward(&act)?)?;
         }
         let x = match logits {
             Logits::Last if segments.len() == 1 => x.narrow(0, n - 1, 1)?,
@@ -453,10 +465,47 @@ impl Model {
 }
 
 /// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension.
+///
+/// One pass per row on the CPU: as seven candle ops it made seven tensors per call, and a
+/// decode step makes 61 calls.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (mean_sq + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv)?.broadcast_mul(weight)?)
+    if !x.device().is_cpu() {
+        let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (mean_sq + eps)?.sqrt()?.recip()?;
+        return Ok(x.broadcast_mul(&inv)?.broadcast_mul(weight)?);
+    }
+    let h = x.dim(D::Minus1)?;
+    let w = weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if w.len() != h {
+        return Err(candle_core::Error::ShapeMismatchBinaryOp {
+            lhs: x.shape().clone(),
+            rhs: weight.shape().clone(),
+            op: "rms_norm",
+        }
+        .into());
+    }
+    let mut v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    for row in v.chunks_exact_mut(h) {
+        let mean_sq = row.iter().map(|a| a * a).sum::<f32>() / h as f32;
+        let inv = 1.0 / (mean_sq + eps as f32).sqrt();
+        for (a, w) in row.iter_mut().zip(&w) {
+            *a = *a * inv * w;
+        }
+    }
+    Ok(Tensor::from_vec(v, x.shape(), x.device())?)
+}
+
+/// SwiGLU's `silu(gate) * up` in one pass on the CPU (three candle ops otherwise).
+fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !gate.device().is_cpu() || gate.shape() != up.shape() {
+        return Ok((gate.silu()? * up)?);
+    }
+    let mut g = gate.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let u = up.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    for (g, u) in g.iter_mut().zip(&u) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+    Ok(Tensor::from_vec(g, gate.shape(), gate.device())?)
 }
 
 /// Causal softmax attention over exactly the K/V given, with each KV head repeated for its
@@ -555,6 +604,28 @@ mod tests {
         let want = naive(&q, &k, &v, n, qh, kvh, d);
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_candle_ops() {
+        let dev = Device::Cpu;
+        let g = Tensor::new(&[[-3f32, -0.5, 0.0, 0.7], [2.0, 9.0, -20.0, 1e-3]], &dev).unwrap();
+        let u = Tensor::new(&[[1f32, 2.0, -3.0, 4.0], [0.5, -1.0, 2.0, 3.0]], &dev).unwrap();
+        let got: Vec<f32> = swiglu(&g, &u)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = (g.silu().unwrap() * &u)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
         }
     }
 

@@ -1,0 +1,531 @@
+//! Projection weights kept in the file's GGUF blocks, multiplied by f32 activations with our
+//! own kernels.
+//!
+//! A decode step of a small model reads every weight once, so its speed is the speed at
+//! which weight bytes stream from memory. Q4_1 is 5 bits per weight against f32's 32, so
+//! keeping the blocks and dequantizing them in registers reads 6x fewer bytes. Unlike
+//! candle's quantized matmul, the activations are never rounded: the weight is expanded
+//! exactly as candle's `dequantize` does, and the result equals the f32 path up to
+//! summation order (see [`crate::WeightFormat`] for why that matters).
+//!
+//! - Few rows (decode, small batches): a matrix-vector kernel over output rows that
+//!   dequantizes each block once for up to two activation rows; AVX2+FMA+F16C when the CPU
+//!   has them, portable Rust otherwise; rayon threads split the output rows.
+//! - Many rows (prefill): each task dequantizes a panel of weight rows into an f32 tile that
+//!   fits in L2 and multiplies all activation rows by it with the `gemm` crate (the GEMM
+//!   candle itself uses); tasks split the output columns.
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod scalar;
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{CpuStorage, DType, Module, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Weights per block in every supported block type.
+pub(crate) const BLOCK: usize = 32;
+
+/// Activation rows up to which the matrix-vector kernel is used; from here on the panel
+/// GEMM, whose dequantization is shared by all rows.
+const MATVEC_MAX_ROWS: usize = 8;
+
+/// f32 weights per dequantized panel: 256 KiB, a quarter of this machine's L2, so the tile,
+/// the activation rows streaming past it and gemm's packed copies stay in cache.
+const PANEL_WEIGHTS: usize = 64 * 1024;
+
+/// The GGUF block types with our own kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockType {
+    /// 18 bytes: f16 scale `d`, 16 bytes of nibbles; `w = d * (q - 8)`.
+    Q4_0,
+    /// 20 bytes: f16 scale `d`, f16 minimum `m`, 16 bytes of nibbles; `w = d * q + m`.
+    Q4_1,
+    /// 34 bytes: f16 scale `d`, 32 signed bytes; `w = d * q`.
+    Q8_0,
+}
+
+impl BlockType {
+    /// The block type of a GGUF tensor type, if we have kernels for it.
+    pub(crate) fn from_ggml(t: GgmlDType) -> Option<Self> {
+        match t {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes per block of 32 weights.
+    pub(crate) const fn bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+}
+
+/// An instruction-set level of the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// Portable Rust: the reference and the fallback.
+    Scalar,
+    /// x86-64 with AVX2, FMA and F16C.
+    Avx2,
+}
+
+/// The kernels at one instruction-set level. Only made for a level this CPU runs
+/// ([`Kernels::new`] checks): the invariant that makes the SIMD calls sound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Kernels {
+    isa: Isa,
+}
+
+impl Kernels {
+    /// The kernels at `isa`, or `None` if this CPU cannot run them.
+    pub(crate) fn new(isa: Isa) -> Option<Self> {
+        let ok = match isa {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => false,
+        };
+        ok.then_some(Self { isa })
+    }
+
+    /// The fastest level this CPU runs, detected once. `KV_MODEL_ISA=scalar` forces the
+    /// portable kernels (benchmarks, bisecting a suspected SIMD bug).
+    pub(crate) fn best() -> Self {
+        static BEST: OnceLock<Kernels> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let scalar = Self { isa: Isa::Scalar };
+            if std::env::var("KV_MODEL_ISA").is_ok_and(|v| v.trim() == "scalar") {
+                return scalar;
+            }
+            Self::new(Isa::Avx2).unwrap_or(scalar)
+        })
+    }
+
+    fn dequantize_row(self, ty: BlockType, row: &[u8], out: &mut [f32]) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a `Kernels` with `Isa::Avx2` exists only after `Kernels::new` found
+            // AVX2, FMA and F16C on this CPU.
+            Isa::Avx2 => unsafe {
+                match ty {
+                    BlockType::Q4_0 => avx2::dequantize_row::<{ avx2::Q4_0 }, 18>(row, out),
+                    BlockType::Q4_1 => avx2::dequantize_row::<{ avx2::Q4_1 }, 20>(row, out),
+                    BlockType::Q8_0 => avx2::dequantize_row::<{ avx2::Q8_0 }, 34>(row, out),
+                }
+            },
+            _ => scalar::dequantize_row(ty, row, out),
+        }
+    }
+
+    fn dot_rows(self, ty: BlockType, row: &[u8], x: &[f32], cols: usize, out: &mut [f32]) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a `Kernels` with `Isa::Avx2` exists only after `Kernels::new` found
+            // AVX2, FMA and F16C on this CPU.
+            Isa::Avx2 => unsafe {
+                match ty {
+                    BlockType::Q4_0 => avx2::dot_rows::<{ avx2::Q4_0 }, 18>(row, x, cols, out),
+                    BlockType::Q4_1 => avx2::dot_rows::<{ avx2::Q4_1 }, 20>(row, x, cols, out),
+                    BlockType::Q8_0 => avx2::dot_rows::<{ avx2::Q8_0 }, 34>(row, x, cols, out),
+                }
+            },
+            _ => scalar::dot_rows(ty, row, x, cols, out),
+        }
+    }
+}
+
+/// A `[rows, cols]` weight matrix held as the file's blocks, row-major, each row
+/// `cols / 32` blocks.
+#[derive(Debug, Clone)]
+pub(crate) struct BlockMatrix {
+    ty: BlockType,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+/// A raw pointer into the output that rayon tasks share; each task writes its own columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the pointer is only used by `BlockMatrix::matmul_panels`, whose tasks write
+// disjoint column ranges of one live buffer that outlives the parallel loop.
+unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send`: no two tasks touch the same element.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method so closures capture the whole (Send) struct, not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+thread_local! {
+    /// Each rayon worker's dequantized panel, reused across calls.
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+impl BlockMatrix {
+    /// `data` as `rows` rows of `cols` weights of type `ty`; `None` if `cols` is not a
+    /// multiple of 32 or `data` is not exactly that many blocks.
+    pub(crate) fn new(ty: BlockType, rows: usize, cols: usize, data: Vec<u8>) -> Option<Self> {
+        let ok = cols % BLOCK == 0
+            && rows
+                .checked_mul(cols / BLOCK)
+                .and_then(|b| b.checked_mul(ty.bytes()))
+                == Some(data.len());
+        ok.then_some(Self {
+            ty,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// The blocks of a 2-D GGUF tensor, or `None` if its type has no kernels here.
+    pub(crate) fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
+        let Some(ty) = BlockType::from_ggml(t.dtype()) else {
+            return Ok(None);
+        };
+        let (rows, cols) = t.shape().dims2()?;
+        Ok(Self::new(ty, rows, cols, t.data()?.into_owned()))
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let bytes = self.cols / BLOCK * self.ty.bytes();
+        &self.data[r * bytes..][..bytes]
+    }
+
+    /// Weight row `r` as f32, exactly as candle's `dequantize` gives it.
+    pub(crate) fn dequantize_row(&self, k: Kernels, r: usize, out: &mut [f32]) {
+        k.dequantize_row(self.ty, self.row(r), &mut out[..self.cols]);
+    }
+
+    /// `out = x · selfᵀ` for `x` `[n, cols]` and `out` `[n, rows]`, both row-major f32.
+    ///
+    /// # Panics
+    /// If `x` or `out` is shorter than `n` rows (callers check shapes).
+    pub(crate) fn matmul(&self, k: Kernels, x: &[f32], n: usize, out: &mut [f32]) {
+        let (x, out) = (&x[..n * self.cols], &mut out[..n * self.rows]);
+        if n <= MATVEC_MAX_ROWS {
+            self.matvec(k, x, n, out);
+        } else {
+            self.matmul_panels(k, x, n, out);
+        }
+    }
+
+    /// Output rows per rayon task: a few tasks per thread for balance, not so many that
+    /// the scheduling costs more than the work (a decode step makes ~200 of these calls).
+    fn rows_per_task(&self, min: usize) -> usize {
+        let tasks = rayon::current_num_threads() * 4;
+        self.rows.div_ceil(tasks).max(min)
+    }
+
+    fn matvec(&self, k: Kernels, x: &[f32], n: usize, out: &mut [f32]) {
+        let chunk = self.rows_per_task(16);
+        let cols = self.cols;
+        let run = |c: usize, o: &mut [f32]| {
+            for (j, o) in o.chunks_mut(n).enumerate() {
+                k.dot_rows(self.ty, self.row(c * chunk + j), x, cols, o);
+            }
+        };
+        if n == 1 {
+            out.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(c, o)| run(c, o));
+            return;
+        }
+        // Output-row-major, then transposed: each weight row serves all n activation rows
+        // while its blocks are in L1.
+        let mut t = vec![0f32; self.rows * n];
+        t.par_chunks_mut(chunk * n)
+            .enumerate()
+            .for_each(|(c, o)| run(c, o));
+        for (r, col) in t.chunks_exact(n).enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                out[i * self.rows + r] = *v;
+            }
+        }
+    }
+
+    fn matmul_panels(&self, k: Kernels, x: &[f32], n: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        let panel = (PANEL_WEIGHTS / cols).clamp(8, 256) / 8 * 8;
+        let panel = panel.min(self.rows_per_task(8).next_multiple_of(8));
+        let dst = OutPtr(out.as_mut_ptr());
+        (0..rows.div_ceil(panel)).into_par_iter().for_each(|p| {
+            let r0 = p * panel;
+            let pr = panel.min(rows - r0);
+            PANEL.with_borrow_mut(|tile| {
+                tile.resize(pr * cols, 0.0);
+                for (j, w) in tile.chunks_exact_mut(cols).enumerate() {
+                    self.dequantize_row(k, r0 + j, w);
+                }
+                // SAFETY: gemm reads `x` as [n, cols] (row stride cols) and the tile as
+                // [cols, pr] (column stride cols), both within their slices; it writes
+                // out[i * rows + r0 + j] for i < n, j < pr, inside `out` ([n, rows]) and
+                // in columns r0..r0 + pr that no other task writes. `out` outlives the
+                // loop, and nothing else reads it meanwhile.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        pr,
+                        cols,
+                        dst.get().add(r0),
+                        1,
+                        rows as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        cols as isize,
+                        tile.as_ptr(),
+                        cols as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+        });
+    }
+}
+
+/// One projection: our block kernels, or candle's matmul (f32 expansion, or its quantized
+/// matmul when asked for).
+#[derive(Debug)]
+pub(crate) enum Linear {
+    /// The file's blocks with our kernels.
+    Blocks(BlockMatrix),
+    /// Anything candle multiplies.
+    Candle(QMatMul),
+}
+
+impl Linear {
+    /// `x · Wᵀ` for `x` `[n, cols]` f32: `[n, rows]` f32.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = match self {
+            Self::Candle(m) => return Ok(m.forward(x)?),
+            Self::Blocks(w) => w,
+        };
+        let (n, cols) = x.dims2()?;
+        if cols != w.cols {
+            return Err(candle_core::Error::ShapeMismatchBinaryOp {
+                lhs: x.shape().clone(),
+                rhs: (w.rows, w.cols).into(),
+                op: "linear",
+            }
+            .into());
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let mut out = vec![0f32; n * w.rows];
+        let k = Kernels::best();
+        {
+            let (storage, layout) = x.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+                    w.matmul(k, &v[a..b], n, &mut out)
+                }
+                _ => {
+                    drop(storage);
+                    let v = x.flatten_all()?.to_vec1::<f32>()?;
+                    w.matmul(k, &v, n, &mut out);
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (n, w.rows), x.device())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    const TYPES: [GgmlDType; 3] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+
+    fn kernels() -> Vec<Kernels> {
+        [Isa::Scalar, Isa::Avx2]
+            .into_iter()
+            .filter_map(Kernels::new)
+            .collect()
+    }
+
+    fn random(rng: &mut StdRng, len: usize) -> Vec<f32> {
+        // Different magnitudes per call, and an offset so Q4_1's minimum is not ~0.
+        let scale = rng.gen_range(0.01f32..4.0);
+        let shift = rng.gen_range(-1.0f32..1.0) * scale;
+        (0..len)
+            .map(|_| rng.gen_range(-1.0f32..1.0) * scale + shift)
+            .collect()
+    }
+
+    /// A random `[rows, cols]` weight quantized by candle, and candle's dequantization of it.
+    fn weight(rng: &mut StdRng, ty: GgmlDType, rows: usize, cols: usize) -> (QTensor, Vec<f32>) {
+        let t = Tensor::from_vec(random(rng, rows * cols), (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, ty).unwrap();
+        let w = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        (q, w)
+    }
+
+    #[test]
+    fn dequantize_equals_candle_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for ty in TYPES {
+            let (rows, cols) = (7, 160);
+            let (q, want) = weight(&mut rng, ty, rows, cols);
+            let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
+            for k in kernels() {
+                let mut row = vec![0f32; cols];
+                for r in 0..rows {
+                    m.dequantize_row(k, r, &mut row);
+                    let w = &want[r * cols..][..cols];
+                    for (j, (g, w)) in row.iter().zip(w).enumerate() {
+                        assert_eq!(g.to_bits(), w.to_bits(), "{ty:?} {k:?} row {r} col {j}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every path (matrix-vector for few rows, panels for many; scalar and AVX2) against an
+    /// f64 product of candle's dequantized weights. f32 summation of `cols` terms in any
+    /// order errs by at most about `cols * eps * sum |w x|`: that is the tolerance.
+    #[test]
+    fn matmul_matches_f64_reference_within_summation_error() {
+        let mut rng = StdRng::seed_from_u64(2);
+        for ty in TYPES {
+            let (rows, cols) = (37, 160);
+            let (q, w) = weight(&mut rng, ty, rows, cols);
+            let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
+            for n in [1, 2, 3, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1, 33] {
+                let x = random(&mut rng, n * cols);
+                for k in kernels() {
+                    let mut out = vec![f32::NAN; n * rows];
+                    m.matmul(k, &x, n, &mut out);
+                    for i in 0..n {
+                        for r in 0..rows {
+                            let terms = (0..cols)
+                                .map(|c| f64::from(w[r * cols + c]) * f64::from(x[i * cols + c]));
+                            let want: f64 = terms.clone().sum();
+                            let mag: f64 = terms.map(f64::abs).sum();
+                            let tol = cols as f64 * f64::from(f32::EPSILON) * mag;
+                            let got = f64::from(out[i * rows + r]);
+                            assert!(
+                                (got - want).abs() <= tol,
+                                "{ty:?} {k:?} n {n} [{i}, {r}]: {got} vs {want} (tol {tol})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row's result is the same bits whether it is decoded alone or in a small batch, so
+    /// batching sequences cannot change what one of them generates.
+    #[test]
+    fn matvec_rows_do_not_depend_on_their_batch() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for ty in TYPES {
+            let (rows, cols) = (40, 96);
+            let (q, _) = weight(&mut rng, ty, rows, cols);
+            let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
+            let n = 5;
+            let x = random(&mut rng, n * cols);
+            for k in kernels() {
+                let mut all = vec![0f32; n * rows];
+                m.matmul(k, &x, n, &mut all);
+                for i in 0..n {
+                    let mut one = vec![0f32; rows];
+                    m.matmul(k, &x[i * cols..][..cols], 1, &mut one);
+                    let batch = &all[i * rows..][..rows];
+                    assert!(
+                        one.iter()
+                            .zip(batch)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{ty:?} {k:?} row {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn new_rejects_data_of_the_wrong_size() {
+        let ty = BlockType::Q4_1;
+        assert!(BlockMatrix::new(ty, 2, 64, vec![0; 4 * 20]).is_some());
+        assert!(BlockMatrix::new(ty, 2, 64, vec![0; 4 * 20 - 1]).is_none());
+        assert!(BlockMatrix::new(ty, 2, 48, vec![0; 3 * 20]).is_none());
+        assert!(BlockMatrix::new(ty, usize::MAX, 64, vec![]).is_none());
+    }
+
+    #[test]
+    fn linear_forward_agrees_with_candle_f32_and_checks_shape() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let (rows, cols, n) = (24, 64, 3);
+        let (q, w) = weight(&mut rng, GgmlDType::Q4_1, rows, cols);
+        let ours = Linear::Blocks(BlockMatrix::from_qtensor(&q).unwrap().unwrap());
+        let f32w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let theirs = Linear::Candle(QMatMul::Tensor(f32w));
+        let x = Tensor::from_vec(random(&mut rng, n * cols), (n, cols), &Device::Cpu).unwrap();
+        let a: Vec<f32> = ours
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = theirs
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a.len(), n * rows);
+        for (a, b) in a.iter().zip(&b) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        let bad = Tensor::zeros((n, cols + 32), DType::F32, &Device::Cpu).unwrap();
+        assert!(ours.forward(&bad).is_err());
+        // A non-contiguous input (a transposed view) is copied, not misread.
+        let xt = x.t().unwrap().contiguous().unwrap().t().unwrap();
+        let c: Vec<f32> = ours
+            .forward(&xt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, c);
+    }
+}
