@@ -47,8 +47,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let prompt_len: usize = args.next().map_or(Ok(512), |a| a.parse())?;
     let rounds: usize = args.next().map_or(Ok(3), |a| a.parse())?;
-    let path = std::env::var_os("KV_MODEL_PATH")
-        .map_or_else(kv_model::default_model_path, Into::into);
+    let path =
+        std::env::var_os("KV_MODEL_PATH").map_or_else(kv_model::default_model_path, Into::into);
     rayon::scope(|_| -> Result<(), String> {
         let formats = [WeightFormat::F32, WeightFormat::Blocks];
         let models = formats
@@ -57,7 +57,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
         let vocab = models[0].config().vocab_size as u32;
-        let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| (i * 7919 + 17) % vocab).collect();
+        let prompt: Vec<u32> = (0..prompt_len as u32)
+            .map(|i| (i * 7919 + 17) % vocab)
+            .collect();
         let mut times = vec![(Vec::new(), Vec::new()); formats.len()];
         for _ in 0..rounds.max(1) {
             for (m, t) in models.iter().zip(&mut times) {

@@ -1,7 +1,7 @@
 //! Llama-family language models from GGUF files, generating text with or without a KV
 //! cache: the end-to-end user of the kv workspace.
 //!
-//! - [`Model`]: weights (f32 or quantized, see [`WeightFormat`]), RoPE, RMSNorm, SwiGLU; a forward
+//! - [`Model`]: weights (GGUF blocks or f32, see [`WeightFormat`]), RoPE, RMSNorm, SwiGLU; a forward
 //!   pass over a [`kv_attention::PagedCache`] on any [`kv_core::CacheBackend`], and an
 //!   independent forward pass that stores nothing.
 //! - [`Tokenizer`]: the byte-level BPE stored in the file, and the ChatML
@@ -64,7 +64,7 @@ pub use model::{Logits, Model, WeightFormat};
 pub use sampler::{Sampler, SamplingConfig};
 pub use tokenizer::{ChatTemplate, TextStream, Tokenizer};
 
-/// Loads the model (f32 weights, see [`WeightFormat`]) and its tokenizer from one GGUF
+/// Loads the model (default [`WeightFormat`]) and its tokenizer from one GGUF
 /// file, reading the header once, onto the CPU.
 ///
 /// ```no_run

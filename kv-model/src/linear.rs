@@ -186,7 +186,7 @@ impl BlockMatrix {
     /// `data` as `rows` rows of `cols` weights of type `ty`; `None` if `cols` is not a
     /// multiple of 32 or `data` is not exactly that many blocks.
     pub(crate) fn new(ty: BlockType, rows: usize, cols: usize, data: Vec<u8>) -> Option<Self> {
-        let ok = cols % BLOCK == 0
+        let ok = cols.is_multiple_of(BLOCK)
             && rows
                 .checked_mul(cols / BLOCK)
                 .and_then(|b| b.checked_mul(ty.bytes()))

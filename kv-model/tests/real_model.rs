@@ -36,9 +36,10 @@ const TOKENS: usize = 64;
 
 /// Largest |cached - recomputed| logit over the vocabulary at any step, f32 cache.
 ///
-/// The model runs with f32 weights (the default `WeightFormat`), so the two paths differ
-/// only in attention: the backend's paged online softmax against candle's dense softmax,
-/// i.e. in f32 rounding order. Logits are O(10); observed differences are about 1e-4.
+/// The model runs with the default `WeightFormat` (GGUF blocks, exact f32 activations), so
+/// the two paths differ only in f32 rounding order: attention (the backend's paged online
+/// softmax against candle's dense softmax) and the weight kernel (one-row matrix-vector
+/// against the many-row GEMM). Logits are O(10); observed differences are about 1e-4.
 const F32_LOGIT_TOLERANCE: f32 = 1e-3;
 
 /// The same for an f16 cache: K and V rounded to 11 significant bits add a relative error
