@@ -21,13 +21,13 @@ mod avx2;
 mod scalar;
 
 use std::cell::RefCell;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, DType, Module, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::Result;
+use crate::{ModelError, Result};
 
 /// Weights per block in every supported block type.
 pub(crate) const BLOCK: usize = 32;
@@ -321,10 +321,39 @@ impl BlockMatrix {
 /// matmul when asked for).
 #[derive(Debug)]
 pub(crate) enum Linear {
-    /// The file's blocks with our kernels.
-    Blocks(BlockMatrix),
+    /// The file's blocks with our kernels (shared with the embeddings when tied).
+    Blocks(Arc<BlockMatrix>),
     /// Anything candle multiplies.
     Candle(QMatMul),
+}
+
+/// The token embedding table.
+#[derive(Debug)]
+pub(crate) enum Embeddings {
+    /// `[vocab, hidden]` f32.
+    F32(Tensor),
+    /// The file's blocks (shared with a tied output projection), rows dequantized on
+    /// lookup: no f32 copy of the largest matrix of a small model.
+    Blocks(Arc<BlockMatrix>),
+}
+
+impl Embeddings {
+    /// The rows of `tokens`, `[tokens, hidden]` f32.
+    pub(crate) fn lookup(&self, tokens: &[u32], device: &Device) -> Result<Tensor> {
+        let m = match self {
+            Self::F32(t) => return Ok(t.index_select(&Tensor::new(tokens, device)?, 0)?),
+            Self::Blocks(m) => m,
+        };
+        let k = Kernels::best();
+        let mut out = vec![0f32; tokens.len() * m.cols];
+        for (&id, row) in tokens.iter().zip(out.chunks_exact_mut(m.cols)) {
+            if id as usize >= m.rows {
+                return Err(ModelError::TokenOutOfRange { id, vocab: m.rows });
+            }
+            m.dequantize_row(k, id as usize, row);
+        }
+        Ok(Tensor::from_vec(out, (tokens.len(), m.cols), device)?)
+    }
 }
 
 impl Linear {
@@ -486,6 +515,35 @@ mod tests {
     }
 
     #[test]
+    fn block_embeddings_look_up_candle_rows_and_reject_bad_ids() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (rows, cols) = (10, 64);
+        let (q, w) = weight(&mut rng, GgmlDType::Q8_0, rows, cols);
+        let e = Embeddings::Blocks(Arc::new(BlockMatrix::from_qtensor(&q).unwrap().unwrap()));
+        let f = Embeddings::F32(Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap());
+        let ids = [3u32, 0, 9, 3];
+        let a: Vec<f32> = e
+            .lookup(&ids, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = f
+            .lookup(&ids, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, b);
+        assert!(matches!(
+            e.lookup(&[1, 10], &Device::Cpu),
+            Err(ModelError::TokenOutOfRange { id: 10, vocab: 10 })
+        ));
+    }
+
+    #[test]
     fn new_rejects_data_of_the_wrong_size() {
         let ty = BlockType::Q4_1;
         assert!(BlockMatrix::new(ty, 2, 64, vec![0; 4 * 20]).is_some());
@@ -499,7 +557,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(4);
         let (rows, cols, n) = (24, 64, 3);
         let (q, w) = weight(&mut rng, GgmlDType::Q4_1, rows, cols);
-        let ours = Linear::Blocks(BlockMatrix::from_qtensor(&q).unwrap().unwrap());
+        let ours = Linear::Blocks(Arc::new(BlockMatrix::from_qtensor(&q).unwrap().unwrap()));
         let f32w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
         let theirs = Linear::Candle(QMatMul::Tensor(f32w));
         let x = Tensor::from_vec(random(&mut rng, n * cols), (n, cols), &Device::Cpu).unwrap();

@@ -13,7 +13,7 @@ use kv_attention::PagedCache;
 use kv_core::{AttentionBatch, CacheBackend, ModelShape, SeqId};
 
 use crate::config::{one_line, read_header};
-use crate::linear::{BlockMatrix, Linear};
+use crate::linear::{BlockMatrix, Embeddings, Linear};
 use crate::rope::Rope;
 use crate::{LlamaConfig, ModelError, Result};
 
@@ -107,8 +107,8 @@ pub struct Model {
     config: LlamaConfig,
     shape: ModelShape,
     device: Device,
-    /// `[vocab, hidden]`, dequantized once: a lookup, not a matmul.
-    embeddings: Tensor,
+    /// `[vocab, hidden]`: a lookup, not a matmul.
+    embeddings: Embeddings,
     layers: Vec<Layer>,
     norm: Tensor,
     /// The vocabulary projection; `token_embd.weight` again when the file has no
@@ -171,7 +171,7 @@ impl TensorReader<'_> {
         let float = matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if self.format == WeightFormat::Blocks && self.device.is_cpu() && !float {
             if let Some(m) = BlockMatrix::from_qtensor(&t)? {
-                return Ok(Linear::Blocks(m));
+                return Ok(Linear::Blocks(Arc::new(m)));
             }
         }
         Ok(Linear::Candle(
@@ -240,14 +240,28 @@ impl Model {
         let kv_dim = config.n_kv_heads * config.head_dim;
 
         let embd = r.qtensor("token_embd.weight", &[vocab, h])?;
-        let embeddings = embd.dequantize(device)?.to_dtype(DType::F32)?;
+        let blocks = if format == WeightFormat::Blocks && device.is_cpu() {
+            BlockMatrix::from_qtensor(&embd)?.map(Arc::new)
+        } else {
+            None
+        };
+        // Tied output: the same blocks or f32 tensor serve both, no second copy.
+        let (embeddings, tied) = match blocks {
+            Some(b) => (Embeddings::Blocks(b.clone()), Linear::Blocks(b)),
+            None => {
+                let t = embd.dequantize(device)?.to_dtype(DType::F32)?;
+                let tied = if format == WeightFormat::Quantized {
+                    r.to_matmul(embd)?
+                } else {
+                    Linear::Candle(QMatMul::Tensor(t.clone()))
+                };
+                (Embeddings::F32(t), tied)
+            }
+        };
         let output = if r.has("output.weight") {
             r.matmul("output.weight", &[vocab, h])?
-        } else if format == WeightFormat::F32 {
-            // Tied: the same f32 tensor serves both, no second copy.
-            Linear::Candle(QMatMul::Tensor(embeddings.clone()))
         } else {
-            r.to_matmul(embd)?
+            tied
         };
         let norm = r.vector("output_norm.weight", h)?;
         let freq_factors = if r.has("rope_freqs.weight") {
@@ -412,8 +426,7 @@ impl Model {
         let c = &self.config;
         let n = tokens.len();
         let eps = c.rms_norm_eps;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embeddings.index_select(&ids, 0)?;
+        let mut x = self.embeddings.lookup(tokens, &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
             let q = layer.wq.forward(&h)?.reshape((n, c.n_heads, c.head_dim))?;
