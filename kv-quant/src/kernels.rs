@@ -443,7 +443,9 @@ impl Kernels {
                 // AVX2/FMA/F16C; `rb` is the row size for `head_dim`, `q` holds `heads`
                 // rows, `rows` whole rows, `stride >= n` and `scores` holds every score row
                 // (checked above).
-                unsafe { crate::x86::avx2::dot_heads(format, head_dim, q, rows, rb, scores, stride) }
+                unsafe {
+                    crate::x86::avx2::dot_heads(format, head_dim, q, rows, rb, scores, stride)
+                }
             }
             _ => {
                 for (h, qh) in q.chunks_exact(head_dim).enumerate() {
@@ -592,7 +594,12 @@ impl Kernels {
             }
             _ => {
                 for (h, qh) in q.chunks_exact(head_dim).enumerate() {
-                    crate::kivi::scores_reference(format, qh, block, &mut scores[h * stride..][..n]);
+                    crate::kivi::scores_reference(
+                        format,
+                        qh,
+                        block,
+                        &mut scores[h * stride..][..n],
+                    );
                 }
             }
         }
@@ -627,7 +634,13 @@ fn check_heads(
 }
 
 /// `Err(LengthMismatch)` unless `len` holds `heads` rows of `n` at `stride`.
-fn check_strided(what: &'static str, heads: usize, stride: usize, n: usize, len: usize) -> Result<()> {
+fn check_strided(
+    what: &'static str,
+    heads: usize,
+    stride: usize,
+    n: usize,
+    len: usize,
+) -> Result<()> {
     let need = (heads - 1).saturating_mul(stride).saturating_add(n);
     if len < need {
         return Err(QuantError::LengthMismatch {

@@ -369,18 +369,58 @@ fn several_heads_refuse_inconsistent_lengths() {
     let fmt = RowFormat::Int4 { group: Group::G32 };
     let rows = vec![0u8; 3 * fmt.row_bytes(64).expect("valid")];
     let q = vec![1.0f32; 2 * 64];
-    for k in Isa::available().into_iter().filter_map(|i| Kernels::new(i).ok()) {
+    for k in Isa::available()
+        .into_iter()
+        .filter_map(|i| Kernels::new(i).ok())
+    {
         let mut scores = vec![0.0f32; 2 * 4];
         // Fine: 2 heads, 3 rows, stride 4.
-        k.dot_heads(fmt, 64, &q, &rows, &mut scores, 4).expect("valid");
-        let mismatch = |r: kv_quant::Result<()>| matches!(r, Err(QuantError::LengthMismatch { .. }));
-        assert!(mismatch(k.dot_heads(fmt, 64, &q[..100], &rows, &mut scores, 4)));
-        assert!(mismatch(k.dot_heads(fmt, 64, &q, &rows[1..], &mut scores, 4)));
+        k.dot_heads(fmt, 64, &q, &rows, &mut scores, 4)
+            .expect("valid");
+        let mismatch =
+            |r: kv_quant::Result<()>| matches!(r, Err(QuantError::LengthMismatch { .. }));
+        assert!(mismatch(k.dot_heads(
+            fmt,
+            64,
+            &q[..100],
+            &rows,
+            &mut scores,
+            4
+        )));
+        assert!(mismatch(k.dot_heads(
+            fmt,
+            64,
+            &q,
+            &rows[1..],
+            &mut scores,
+            4
+        )));
         assert!(mismatch(k.dot_heads(fmt, 64, &q, &rows, &mut scores, 2)));
-        assert!(mismatch(k.dot_heads(fmt, 64, &q, &rows, &mut scores[..6], 4)));
+        assert!(mismatch(k.dot_heads(
+            fmt,
+            64,
+            &q,
+            &rows,
+            &mut scores[..6],
+            4
+        )));
         let mut acc = vec![0.0f32; 2 * 64];
-        assert!(mismatch(k.axpy_heads(fmt, 64, &scores[..6], 4, &rows, &mut acc)));
-        assert!(mismatch(k.axpy_heads(fmt, 64, &scores, 4, &rows, &mut acc[..70])));
+        assert!(mismatch(k.axpy_heads(
+            fmt,
+            64,
+            &scores[..6],
+            4,
+            &rows,
+            &mut acc
+        )));
+        assert!(mismatch(k.axpy_heads(
+            fmt,
+            64,
+            &scores,
+            4,
+            &rows,
+            &mut acc[..70]
+        )));
         assert!(matches!(
             k.dot_heads(fmt, 48, &q, &rows, &mut scores, 4),
             Err(QuantError::InvalidHeadDim { .. })

@@ -1186,7 +1186,13 @@ pub(crate) unsafe fn axpy_heads(
                 RowFormat::Int2 { group } => blocks!(accumulate_heads_u2, group.size()),
                 _ => {
                     for h in 0..hb {
-                        axpy_many(format, &wb[h * stride..][..n], rows, rb, &mut ab[h * d..][..d]);
+                        axpy_many(
+                            format,
+                            &wb[h * stride..][..n],
+                            rows,
+                            rb,
+                            &mut ab[h * d..][..d],
+                        );
                     }
                 }
             }
@@ -1303,7 +1309,12 @@ pub(crate) unsafe fn kivi_scores_heads(
         unsafe {
             if d > TILE {
                 for h in 0..hb {
-                    kivi_scores(bits, &qb[h * d..][..d], block, &mut ob[h * stride..][..tokens]);
+                    kivi_scores(
+                        bits,
+                        &qb[h * d..][..d],
+                        block,
+                        &mut ob[h * stride..][..tokens],
+                    );
                 }
             } else {
                 match hb {
