@@ -11,7 +11,8 @@
 //! `out = sum_c acc_c e^(m_c - M) / sum_c s_c e^(m_c - M)`, where chunk `c` has maximum
 //! `m_c` and sum `s_c`, and `M = max_c m_c`. The split depends only on the batch, never
 //! on the thread count, and the merge runs in a fixed order, so results do not depend on
-//! how many threads ran them.
+//! how many threads ran them. The quantized layouts' loop (the `quant` module) runs the
+//! same split and merge ([`split_attend`]) with its own task body.
 //!
 //! **Decode path** (one query, a group of at most [`STREAM_MAX_GROUP`] query heads per KV
 //! head). A task walks its keys in tiles of at most [`TILE`] rows (made of runs of rows
@@ -233,16 +234,16 @@ enum Path {
 }
 
 /// One unit of parallel work: queries `begin..end` of a sequence against its keys
-/// `k0..k1`, for the query heads of one KV head.
-struct Task<'a> {
-    seq: &'a SeqAttention,
+/// `k0..k1`, for the query heads of one KV head. The quantized loop runs the same tasks.
+pub(crate) struct Task<'a> {
+    pub(crate) seq: &'a SeqAttention,
     /// First query row of the sequence in the batch.
-    row_offset: usize,
-    kv_head: usize,
-    begin: usize,
-    end: usize,
-    k0: usize,
-    k1: usize,
+    pub(crate) row_offset: usize,
+    pub(crate) kv_head: usize,
+    pub(crate) begin: usize,
+    pub(crate) end: usize,
+    pub(crate) k0: usize,
+    pub(crate) k1: usize,
 }
 
 /// The tasks whose partial results merge into one output tile.
@@ -280,24 +281,66 @@ fn attend_with<C: RowOps>(
         index: layer,
         len: pools.layers.len(),
     })?;
-    if queries.q_heads.checked_rem(g.kv_heads) != Some(0) {
+    let key_bytes = 2 * g.row_units * std::mem::size_of::<C::Unit>();
+    let shape = SplitShape {
+        kv_heads: g.kv_heads,
+        q_heads: queries.q_heads,
+        head_dim: g.head_dim,
+        key_bytes,
+    };
+    split_attend(batch, shape, thread_pool, |task, part| {
+        run_task::<C>(layer_pools, g, isa, queries, task, part, path)
+    })
+}
+
+/// What [`split_attend`] needs to know of the cache and the queries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SplitShape {
+    pub(crate) kv_heads: usize,
+    pub(crate) q_heads: usize,
+    pub(crate) head_dim: usize,
+    /// Bytes of K and V stored per key (decides whether a call is worth a thread pool).
+    pub(crate) key_bytes: usize,
+}
+
+/// Splits the work of one attend call into [`Task`]s (see the module docs), runs `run` on
+/// each, in parallel where worth it, and merges the partial results of each (sequence,
+/// KV head, query chunk) with the log-sum-exp rule, in a fixed order. Returns
+/// `[total_queries, q_heads, head_dim]`.
+///
+/// `run(task, part)` fills `part`, `[max; lanes][sum; lanes][acc; lanes * head_dim]` for
+/// the task's `lanes = (end - begin) * group` lanes (lane `i * group + h`: query `i`, head
+/// `h` of the group): each lane's running maximum and sum of `e^(s - max)` over the keys
+/// `k0..k1` it sees, and its unnormalised accumulator. A lane that sees none of them
+/// leaves maximum -inf and sum 0. Both the float and the quantized loops run through here,
+/// so both split the same way and are bit-identical across thread counts.
+pub(crate) fn split_attend<'b, F>(
+    batch: &'b AttentionBatch,
+    shape: SplitShape,
+    thread_pool: Option<&rayon::ThreadPool>,
+    run: F,
+) -> Result<Vec<f32>>
+where
+    F: Fn(&Task<'b>, &mut [f32]) -> Result<()> + Sync,
+{
+    if shape.q_heads.checked_rem(shape.kv_heads) != Some(0) {
         return Err(KvError::InvalidArgument {
             what: "query heads",
             detail: format!(
                 "{} query heads do not share {} KV heads evenly",
-                queries.q_heads, g.kv_heads
+                shape.q_heads, shape.kv_heads
             ),
         });
     }
-    let d = g.head_dim;
-    let group = queries.q_heads / g.kv_heads;
+    let d = shape.head_dim;
+    let group = shape.q_heads / shape.kv_heads;
     let chunk = (TASK_LANES / group).clamp(1, MAX_QUERY_CHUNK);
 
     let mut tasks = Vec::new();
     let mut groups = Vec::new();
     let mut row_offset = 0;
     for seq in &batch.seqs {
-        for kv_head in 0..g.kv_heads {
+        for kv_head in 0..shape.kv_heads {
             for begin in (0..seq.n_queries()).step_by(chunk) {
                 let end = (begin + chunk).min(seq.n_queries());
                 // Keys the chunk's last query sees.
@@ -341,27 +384,24 @@ fn attend_with<C: RowOps>(
     // Waking a pool costs microseconds: a call with one thread, or too little to read to
     // be worth sharing, runs on the calling thread (the same tasks, so the same result).
     let threads = thread_pool.map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
-    let row_bytes = 2 * g.row_units * std::mem::size_of::<C::Unit>();
-    let bytes: usize = tasks.iter().map(|t| (t.k1 - t.k0) * row_bytes).sum();
-    let one = |(task, part): (&Task<'_>, &mut [f32])| {
-        run_task::<C>(layer_pools, g, isa, queries, task, part, path)
-    };
+    let bytes: usize = tasks.iter().map(|t| (t.k1 - t.k0) * shape.key_bytes).sum();
+    let one = |(task, part): (&Task<'b>, &mut [f32])| run(task, part);
     if threads <= 1 || bytes < SERIAL_BYTES {
         tasks.iter().zip(parts).try_for_each(one)?;
     } else {
-        let run = || {
+        let run_all = || {
             tasks
                 .par_iter()
                 .zip(parts.into_par_iter())
                 .try_for_each(one)
         };
         match thread_pool {
-            Some(p) => p.install(run),
-            None => run(),
+            Some(p) => p.install(run_all),
+            None => run_all(),
         }?;
     }
 
-    let mut out = vec![0.0f32; row_offset * queries.q_heads * d];
+    let mut out = vec![0.0f32; row_offset * shape.q_heads * d];
     let mut offsets = Vec::with_capacity(tasks.len());
     let mut at = 0;
     for t in &tasks {
@@ -384,7 +424,7 @@ fn attend_with<C: RowOps>(
                 .map(|c| merge_weight(field(c, 0), m) * field(c, 1))
                 .sum();
             let q_row = lead.row_offset + lead.begin + i;
-            let start = (q_row * queries.q_heads + lead.kv_head * group + h) * d;
+            let start = (q_row * shape.q_heads + lead.kv_head * group + h) * d;
             let dst = &mut out[start..start + d];
             for c in chunks.clone() {
                 let w = merge_weight(field(c, 0), m);
@@ -896,8 +936,16 @@ mod tests {
             q_heads: f.q_heads,
             scale: f.batch.scale,
         };
+        let quant = |p| {
+            let queries = crate::quant::QuantQueries {
+                data: &f.q,
+                q_heads: f.q_heads,
+                scale: f.batch.scale,
+            };
+            crate::quant::attend(p, 0, &queries, &f.batch, threads)
+        };
         with_pools!(&f.storage.pools, p => attend_with(p, 0, &queries, &f.batch, threads, isa, path),
-            quant _p => Err(KvError::Unsupported { backend: "cpu".into(), what: "quant".into() }))
+            quant p => quant(p))
     }
 
     /// Every level and both loops agree with the f64 reference; the result does not depend
@@ -956,6 +1004,27 @@ mod tests {
             2,
         )?;
         check(&f, "gqa append")
+    }
+
+    #[test]
+    fn quantized_layouts_split_keys_like_the_float_path() -> Result<()> {
+        // The quantized loop runs the same tasks and merge: SmolLM2's heads, 1300 keys in
+        // three key chunks, and a short append whose 8 queries sit in a partly filled
+        // block (where a KIVI query reads its own keys in f16, as `read` returns them). The
+        // reference attends over the keys and values as stored (dequantized).
+        for dtype in ["int8-g32", "int4-g64", "int4h-g32", "kivi4", "kivi2"] {
+            let f = fixture((9, 3, 64), dtype.parse()?, 32, &[(1300, 1), (1100, 8)], 5)?;
+            check(&f, dtype)?;
+        }
+        // MHA decode (one head per KV head) and a prefill chunk, head dim 128.
+        let f = fixture(
+            (4, 4, 128),
+            "int8-g64".parse()?,
+            32,
+            &[(700, 1), (70, 70)],
+            6,
+        )?;
+        check(&f, "int8 mha")
     }
 
     #[test]

@@ -49,28 +49,28 @@
 //!
 //! # Attention
 //!
-//! One task per (sequence, KV head, chunk of queries), as for the float layouts, with an
-//! online softmax over tiles of keys. Scores come from the fused kernels straight from the
-//! stored bytes ([`Kernels::dot_many`], [`Kernels::kivi_scores`]) and values are accumulated
-//! with [`Kernels::axpy_many`]: no key or value row is widened to f32. For the Hadamard
-//! layout each query is rotated once per task, which leaves `q · k` unchanged.
+//! The float layouts' tasks and merge (`attend::split_attend`): one task per (sequence, KV
+//! head, chunk of queries), and for decode and short appends per chunk of 512 keys too,
+//! merged with the log-sum-exp rule, so results are bit-identical across thread counts and
+//! a step over few KV heads still feeds every thread. Inside a task, an online softmax over
+//! tiles of keys. A decode step reads every K and V row straight from its bytes with
+//! kv-quant's multi-head kernels ([`Kernels::dot_heads`], [`Kernels::axpy_heads`]): the row
+//! is unpacked once, in registers, for all query heads of its group. A prefill chunk
+//! dequantizes a tile once into f32 and reads it with the float path's kernels. KIVI keys
+//! are scored per query head with [`Kernels::kivi_scores`]. For the Hadamard layout each
+//! query is rotated once per task, which leaves `q · k` unchanged.
 
 use half::f16;
-use kv_core::{AttentionBatch, KvDType, KvError, Result, SeqAttention, Slot, StorageSpec};
+use kv_core::{AttentionBatch, KvDType, KvError, Result, Slot, StorageSpec};
 use kv_quant::{Group, Kernels, KiviBits, KiviKeyFormat, QuantError, RowFormat};
-use rayon::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::attend::{split_attend, SplitShape, Task};
 use crate::kernels;
 use crate::storage::{zeroed, Geometry, Which};
 
 /// Most key rows of a tile (the float path's tile size).
 const TILE: usize = 64;
-/// Most queries of one sequence in one task.
-const QUERY_CHUNK: usize = 64;
-/// Lanes (query rows x query heads of a KV head) from which a tile is dequantized once and
-/// read with the float path's multi-head kernels.
-const WIDEN_LANES: usize = 2;
 
 /// How keys are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -609,17 +609,6 @@ impl QuantPools {
     }
 }
 
-/// One unit of parallel work.
-struct Task<'a> {
-    seq: &'a SeqAttention,
-    /// First query row of the sequence in the batch.
-    row_offset: usize,
-    kv_head: usize,
-    /// Queries `begin..end` of the sequence.
-    begin: usize,
-    end: usize,
-}
-
 /// The query side of one attend call: `[total_queries, q_heads, head_dim]` row-major.
 pub(crate) struct QuantQueries<'a> {
     pub data: &'a [f32],
@@ -629,6 +618,11 @@ pub(crate) struct QuantQueries<'a> {
 
 /// Attention of every query over `layer`; returns `[total_queries, q_heads, head_dim]`.
 /// The batch, layer and query shape have been checked by the caller.
+///
+/// The work splits into the float path's tasks (`attend::split_attend`): (sequence, KV
+/// head, chunk of queries) and, for decode and short appends, chunks of keys merged with
+/// the log-sum-exp rule, so a step over few KV heads still feeds every thread and the
+/// result does not depend on the thread count.
 pub(crate) fn attend(
     pools: &QuantPools,
     layer: usize,
@@ -639,52 +633,26 @@ pub(crate) fn attend(
     let g = pools.vgeom;
     let lp = pools.layer(layer)?;
     lp.attends.fetch_add(1, Ordering::Relaxed);
-    let mut tasks = Vec::new();
-    let mut row_offset = 0;
-    for seq in &batch.seqs {
-        for kv_head in 0..g.kv_heads {
-            for begin in (0..seq.n_queries()).step_by(QUERY_CHUNK) {
-                tasks.push(Task {
-                    seq,
-                    row_offset,
-                    kv_head,
-                    begin,
-                    end: (begin + QUERY_CHUNK).min(seq.n_queries()),
-                });
-            }
-        }
-        row_offset += seq.n_queries();
-    }
-    let run = || {
-        tasks
-            .par_iter()
-            .map(|t| run_task(pools, lp, queries, t))
-            .collect::<Vec<_>>()
+    let shape = SplitShape {
+        kv_heads: g.kv_heads,
+        q_heads: queries.q_heads,
+        head_dim: g.head_dim,
+        key_bytes: pools.kgeom.row_units + pools.v_row,
     };
-    let results = match thread_pool {
-        Some(p) => p.install(run),
-        None => run(),
-    };
-    let d = g.head_dim;
-    let group = queries.q_heads / g.kv_heads;
-    let mut out = vec![0.0f32; row_offset * queries.q_heads * d];
-    for (task, result) in tasks.iter().zip(results) {
-        for (i, rows) in result?.chunks_exact(group * d).enumerate() {
-            let q_row = task.row_offset + task.begin + i;
-            let start = (q_row * queries.q_heads + task.kv_head * group) * d;
-            out[start..start + group * d].copy_from_slice(rows);
-        }
-    }
-    Ok(out)
+    split_attend(batch, shape, thread_pool, |task, part| {
+        run_task(pools, lp, queries, task, part)
+    })
 }
 
-/// Runs one task; returns its outputs as `[end - begin, group, head_dim]`.
+/// Runs one task (keys `k0..k1` for queries `begin..end`) into its partial result `part`,
+/// `[max; lanes][sum; lanes][acc; lanes * head_dim]` (see `attend::split_attend`).
 fn run_task(
     p: &QuantPools,
     lp: &QuantLayer,
     queries: &QuantQueries<'_>,
     task: &Task<'_>,
-) -> Result<Vec<f32>> {
+    part: &mut [f32],
+) -> Result<()> {
     let g = p.vgeom;
     let d = g.head_dim;
     let h = task.kv_head;
@@ -692,7 +660,6 @@ fn run_task(
     let n_q = task.end - task.begin;
     let lanes = n_q * group;
     let first_pos = task.seq.first_query_position() + task.begin;
-    let n_keys = first_pos + n_q;
     let kern = p.kernels;
 
     // The task's query rows, scaled, and rotated when the keys are.
@@ -700,10 +667,15 @@ fn run_task(
     for i in 0..n_q {
         let q_row = task.row_offset + task.begin + i;
         let src = (q_row * queries.q_heads + h * group) * d;
-        for (dst, &x) in q[i * group * d..(i + 1) * group * d]
-            .iter_mut()
-            .zip(&queries.data[src..src + group * d])
-        {
+        let rows = queries
+            .data
+            .get(src..src + group * d)
+            .ok_or_else(|| KvError::OutOfRange {
+                what: "query row",
+                index: q_row,
+                len: queries.data.len() / (queries.q_heads * d).max(1),
+            })?;
+        for (dst, &x) in q[i * group * d..(i + 1) * group * d].iter_mut().zip(rows) {
             *dst = x * queries.scale;
         }
     }
@@ -712,19 +684,31 @@ fn run_task(
             kv_quant::hadamard_in_place(lane).map_err(internal)?;
         }
     }
-    let mut max = vec![f32::NEG_INFINITY; lanes];
-    let mut sum = vec![0.0f32; lanes];
-    let mut acc = vec![0.0f32; lanes * d];
+    if part.len() != lanes * (d + 2) {
+        return Err(KvError::InvalidArgument {
+            what: "attention task",
+            detail: format!(
+                "internal error, please report: partial result of {} floats for {lanes} lanes",
+                part.len()
+            ),
+        });
+    }
+    let (max, rest) = part.split_at_mut(lanes);
+    let (sum, acc) = rest.split_at_mut(lanes);
+    max.fill(f32::NEG_INFINITY);
+    sum.fill(0.0);
+    acc.fill(0.0);
     // scores[lane * TILE + r]: score, then weight, of row r of the current tile.
     let mut scores = vec![0.0f32; lanes * TILE];
     let mut block_scores = vec![0.0f32; p.kivi_tokens];
-    // When several lanes read each row (a prefill chunk, or a decode step of a GQA group),
-    // a tile is dequantized once into f32 and read with the float path's kernels, which
-    // read each row once for all lanes; one lane (MHA decode) reads the bytes with the
-    // fused kernels. Measured on a 512-token prefill of a SmolLM2 layer: int4-g32 64 ms
-    // fused, 17 ms widened.
-    let widen = lanes >= WIDEN_LANES;
-    let mut tile_f32 = vec![0.0f32; if widen { TILE * d } else { 0 }];
+    // One query (decode): its group's heads read each K and V row straight from the bytes,
+    // the row unpacked once in registers for all of them (`Kernels::dot_heads`,
+    // `axpy_heads`). Several queries (prefill): a tile is dequantized once into f32 and
+    // read with the float path's multi-head kernels, whose register blocking over many
+    // lanes pays for the widening (a 512-token prefill of a SmolLM2 layer, int4-g32: 64 ms
+    // with one-lane fused kernels, 17 ms widened).
+    let fused = n_q == 1;
+    let mut tile_f32 = vec![0.0f32; if fused { 0 } else { TILE * d }];
     // The float path's vectorised max and exp.
     let float_isa = kernels::Isa::detect();
     let tile = match p.layout.keys {
@@ -733,17 +717,37 @@ fn run_task(
     };
 
     let blocks = task.seq.blocks();
-    let mut t0 = 0;
-    while t0 < n_keys {
-        let block_index = t0 / g.block_size;
-        let offset = t0 % g.block_size;
-        let t1 = n_keys.min((block_index + 1) * g.block_size).min(t0 + tile);
+    // The tile starting at key t: (cache block, offset in it, end key).
+    let tile_at = |t: usize| -> Result<(usize, usize, usize)> {
+        let block_index = t / g.block_size;
         let block = *blocks.get(block_index).ok_or(KvError::OutOfRange {
             what: "block of sequence",
             index: block_index,
             len: blocks.len(),
         })? as usize;
+        let end = task.k1.min((block_index + 1) * g.block_size).min(t + tile);
+        Ok((block, t % g.block_size, end))
+    };
+    let mut t0 = task.k0;
+    while t0 < task.k1 {
+        let (block, offset, t1) = tile_at(t0)?;
         let rows = t1 - t0;
+        if t1 < task.k1 {
+            // The next tile's rows lie in another run (or block) of the pools, too far for
+            // the hardware prefetchers: ask for them while this tile computes.
+            let (nb, no, nt1) = tile_at(t1)?;
+            let k_at = match p.layout.keys {
+                KeyLayout::Rows { .. } => p.kgeom.row_start(nb, h, no)..,
+                KeyLayout::Kivi(_) => p.kivi_start(nb, no / p.kivi_tokens, h)..,
+            };
+            let k_len = match p.layout.keys {
+                KeyLayout::Rows { .. } => (nt1 - t1) * p.k_row,
+                KeyLayout::Kivi(_) => p.kivi_bytes,
+            };
+            let v_at = g.row_start(nb, h, no);
+            kernels::prefetch(lp.k.get(k_at).and_then(|k| k.get(..k_len)).unwrap_or(&[]));
+            kernels::prefetch(lp.v.get(v_at..v_at + (nt1 - t1) * p.v_row).unwrap_or(&[]));
+        }
         // Query i sees key t when first_pos + i >= t.
         let first_seeing = |t: usize| t.saturating_sub(first_pos);
         let lane_range = first_seeing(t0) * group..lanes;
@@ -752,7 +756,11 @@ fn run_task(
             KeyLayout::Rows { format, .. } => {
                 let at = p.kgeom.row_start(block, h, offset);
                 let k = &lp.k[at..at + rows * p.k_row];
-                if widen {
+                if fused {
+                    // One query sees every key of its task: all lanes score every row.
+                    kern.dot_heads(format, d, &q, k, &mut scores, TILE)
+                        .map_err(internal)?;
+                } else {
                     // Several lanes read each row: dequantize the tile once.
                     let wide = &mut tile_f32[..rows * d];
                     kern.dequantize_rows(format, d, k, wide).map_err(internal)?;
@@ -766,18 +774,13 @@ fn run_task(
                         TILE,
                         &[],
                     );
-                } else {
-                    for lane in lane_range {
-                        let out = &mut scores[lane * TILE..lane * TILE + rows];
-                        kern.dot_many(format, &q[lane * d..(lane + 1) * d], k, out)
-                            .map_err(internal)?;
-                    }
                 }
             }
             KeyLayout::Kivi(format) => {
                 let t_n = p.kivi_tokens;
                 let (kb, j) = (offset / t_n, offset % t_n);
-                // A tile never crosses a key block: tiles start at multiples of t_n.
+                // A tile never crosses a key block: tiles start at multiples of t_n (key
+                // chunks start at multiples of the float path's split, itself one of t_n).
                 let rows_here = rows.min(t_n - j);
                 // As in generation, a query reads the keys of its own key block in f16 (they
                 // are in its window) and those of earlier, full blocks quantized. Queries
@@ -802,7 +805,20 @@ fn run_task(
                 if !quantized.is_empty() {
                     let at = p.kivi_start(block, kb, h);
                     let k = &lp.k[at..at + p.kivi_bytes];
-                    for lane in quantized {
+                    if j == 0 && t_n <= TILE {
+                        // Tiles start at key blocks: every quantized lane at once, each
+                        // token's codes unpacked once for all of them.
+                        kern.kivi_scores_heads(
+                            format,
+                            d,
+                            &q[quantized.start * d..quantized.end * d],
+                            k,
+                            &mut scores[quantized.start * TILE..],
+                            TILE,
+                        )
+                        .map_err(internal)?;
+                    }
+                    for lane in quantized.clone().filter(|_| j != 0 || t_n > TILE) {
                         kern.kivi_scores(
                             format,
                             &q[lane * d..(lane + 1) * d],
@@ -831,9 +847,7 @@ fn run_task(
                 if new_max > max[lane] && max[lane] > f32::NEG_INFINITY {
                     let correction = (max[lane] - new_max).exp();
                     sum[lane] *= correction;
-                    for a in &mut acc[lane * d..(lane + 1) * d] {
-                        *a *= correction;
-                    }
+                    kernels::scale(&mut acc[lane * d..(lane + 1) * d], correction);
                 }
                 max[lane] = new_max;
                 sum[lane] += kernels::exp_sum(float_isa, s, new_max);
@@ -842,7 +856,10 @@ fn run_task(
 
         let at = g.row_start(block, h, offset);
         let v = &lp.v[at..at + rows * p.v_row];
-        if widen {
+        if fused {
+            kern.axpy_heads(p.layout.values, d, &scores, TILE, v, acc)
+                .map_err(internal)?;
+        } else {
             // Several lanes add each row: dequantize the tile once, then read each widened
             // row once for all query heads of a query.
             kern.dequantize_rows(p.layout.values, d, v, &mut tile_f32[..rows * d])
@@ -859,31 +876,10 @@ fn run_task(
                     &[],
                 );
             }
-        } else {
-            for i in first_seeing(t0)..n_q {
-                let visible = rows.min(first_pos + i + 1 - t0);
-                for lane in i * group..(i + 1) * group {
-                    kern.axpy_many(
-                        p.layout.values,
-                        &scores[lane * TILE..lane * TILE + visible],
-                        &v[..visible * p.v_row],
-                        &mut acc[lane * d..(lane + 1) * d],
-                    )
-                    .map_err(internal)?;
-                }
-            }
         }
         t0 = t1;
     }
-
-    for (lane, a) in acc.chunks_exact_mut(d).enumerate() {
-        // Every query sees key 0, so every sum holds at least exp(0) = 1.
-        let inv = 1.0 / sum[lane];
-        for x in a.iter_mut() {
-            *x *= inv;
-        }
-    }
-    Ok(acc)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -391,6 +391,123 @@ impl Kernels {
         Ok(())
     }
 
+    /// Scores of several query rows against a run of stored rows, each row read once for
+    /// all of them: `scores[h * stride + r] = q_h · x̂_r` for the `q.len() / head_dim`
+    /// query rows `q_h` (the heads of a GQA group) and the `rows.len() / row_bytes` rows.
+    /// A decode step with several query heads per KV head reads every key this way,
+    /// unpacking it once in registers instead of once per head or into an f32 buffer.
+    ///
+    /// Each score has [`dot`](Self::dot)'s rounding bound. The quantized formats have
+    /// multi-head kernels at every SIMD level (AVX2 code at the `Avx512` level too); float
+    /// formats score head by head with [`dot_many`](Self::dot_many).
+    ///
+    /// ```
+    /// use kv_quant::{Group, Kernels, RowFormat};
+    /// let k = Kernels::best();
+    /// let fmt = RowFormat::Int8 { group: Group::G32 };
+    /// let rb = fmt.row_bytes(32)?;
+    /// let mut rows = vec![0u8; 3 * rb];
+    /// for (r, row) in rows.chunks_exact_mut(rb).enumerate() {
+    ///     k.quantize_row(fmt, &[r as f32; 32], row)?;
+    /// }
+    /// let q: Vec<f32> = [1.0f32, -0.5].iter().flat_map(|&v| [v; 32]).collect();
+    /// let mut scores = [0.0f32; 2 * 4]; // 2 heads, stride 4
+    /// k.dot_heads(fmt, 32, &q, &rows, &mut scores, 4)?;
+    /// assert!((scores[2] - 64.0).abs() < 0.1 && (scores[4 + 2] + 32.0).abs() < 0.1);
+    /// # Ok::<(), kv_quant::QuantError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidHeadDim`] if `head_dim` does not fit `format`;
+    /// [`QuantError::LengthMismatch`] if `q` is not whole rows of `head_dim`, `rows` not
+    /// whole stored rows, `stride` below the number of rows, or `scores` shorter than
+    /// `(heads - 1) * stride + rows`.
+    pub fn dot_heads(
+        &self,
+        format: RowFormat,
+        head_dim: usize,
+        q: &[f32],
+        rows: &[u8],
+        scores: &mut [f32],
+        stride: usize,
+    ) -> Result<()> {
+        let (rb, heads, n) = check_heads(format, head_dim, "q", q.len(), rows, stride)?;
+        if heads == 0 || n == 0 {
+            return Ok(());
+        }
+        check_strided("scores", heads, stride, n, scores.len())?;
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => {
+                // SAFETY: a `Kernels` at Avx2 or above exists only on CPUs with
+                // AVX2/FMA/F16C; `rb` is the row size for `head_dim`, `q` holds `heads`
+                // rows, `rows` whole rows, `stride >= n` and `scores` holds every score row
+                // (checked above).
+                unsafe {
+                    crate::x86::avx2::dot_heads(format, head_dim, q, rows, rb, scores, stride)
+                }
+            }
+            _ => {
+                for (h, qh) in q.chunks_exact(head_dim).enumerate() {
+                    let out = &mut scores[h * stride..][..n];
+                    for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+                        *o = scalar::dot(format, qh, row);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Weighted sums of a run of stored rows into several accumulators, each row read once
+    /// for all of them: `acc_h += sum_r weights[h * stride + r] * x̂_r` for the
+    /// `acc.len() / head_dim` accumulator rows `acc_h` and the `rows.len() / row_bytes`
+    /// rows. The value side of [`dot_heads`](Self::dot_heads).
+    ///
+    /// Each update has [`axpy`](Self::axpy)'s rounding bound per row added.
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidHeadDim`] if `head_dim` does not fit `format`;
+    /// [`QuantError::LengthMismatch`] if `acc` is not whole rows of `head_dim`, `rows` not
+    /// whole stored rows, `stride` below the number of rows, or `weights` shorter than
+    /// `(heads - 1) * stride + rows`.
+    pub fn axpy_heads(
+        &self,
+        format: RowFormat,
+        head_dim: usize,
+        weights: &[f32],
+        stride: usize,
+        rows: &[u8],
+        acc: &mut [f32],
+    ) -> Result<()> {
+        let (rb, heads, n) = check_heads(format, head_dim, "acc", acc.len(), rows, stride)?;
+        if heads == 0 || n == 0 {
+            return Ok(());
+        }
+        check_strided("weights", heads, stride, n, weights.len())?;
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => {
+                // SAFETY: a `Kernels` at Avx2 or above exists only on CPUs with
+                // AVX2/FMA/F16C; `rb` is the row size for `head_dim`, `acc` holds `heads`
+                // rows, `rows` whole rows, `stride >= n` and `weights` holds every weight
+                // row (checked above).
+                unsafe {
+                    crate::x86::avx2::axpy_heads(format, head_dim, weights, stride, rows, rb, acc)
+                }
+            }
+            _ => {
+                for (h, ah) in acc.chunks_exact_mut(head_dim).enumerate() {
+                    let w = &weights[h * stride..][..n];
+                    for (&wr, row) in w.iter().zip(rows.chunks_exact(rb)) {
+                        scalar::axpy(format, wr, row, ah);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Scores of `q` against every key of a quantized KIVI block:
     /// `out[t] = q · k̂_t` for `t < format.block_tokens`. See [`KiviKeyFormat::scores`].
     ///
@@ -424,6 +541,115 @@ impl Kernels {
         }
         Ok(())
     }
+
+    /// Scores of several query rows against every key of a quantized KIVI block, each
+    /// token's codes unpacked once for all of them: `scores[h * stride + t] = q_h · k̂_t`
+    /// for the `q.len() / head_dim` query rows and `t < format.block_tokens`. The
+    /// multi-head form of [`kivi_scores`](Self::kivi_scores), with its rounding bound.
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidHeadDim`] / [`QuantError::InvalidBlockTokens`] for a shape the
+    /// format rejects; [`QuantError::LengthMismatch`] if `q` is not whole rows of
+    /// `head_dim`, `block` has the wrong length, `stride` is below `block_tokens`, or
+    /// `scores` is shorter than `(heads - 1) * stride + block_tokens`.
+    pub fn kivi_scores_heads(
+        &self,
+        format: KiviKeyFormat,
+        head_dim: usize,
+        q: &[f32],
+        block: &[u8],
+        scores: &mut [f32],
+        stride: usize,
+    ) -> Result<()> {
+        format.check_block(head_dim, block.len())?;
+        let (heads, n) = (q.len() / head_dim, format.block_tokens);
+        expect_len("q", heads * head_dim, q.len())?;
+        if stride < n {
+            return Err(QuantError::LengthMismatch {
+                what: "stride (at least the block's tokens)",
+                expected: n,
+                got: stride,
+            });
+        }
+        if heads == 0 {
+            return Ok(());
+        }
+        check_strided("scores", heads, stride, n, scores.len())?;
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => {
+                // SAFETY: a `Kernels` at Avx2 or above exists only on CPUs with
+                // AVX2/FMA/F16C; the block's shape and every length checked above.
+                unsafe {
+                    crate::x86::avx2::kivi_scores_heads(
+                        format.bits,
+                        head_dim,
+                        q,
+                        block,
+                        n,
+                        scores,
+                        stride,
+                    )
+                }
+            }
+            _ => {
+                for (h, qh) in q.chunks_exact(head_dim).enumerate() {
+                    crate::kivi::scores_reference(
+                        format,
+                        qh,
+                        block,
+                        &mut scores[h * stride..][..n],
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks the shape of a multi-head call: `per_head_len` is whole rows of `head_dim`,
+/// `rows` whole stored rows, `stride` at least their number. Returns (row bytes, heads,
+/// rows).
+fn check_heads(
+    format: RowFormat,
+    head_dim: usize,
+    what: &'static str,
+    per_head_len: usize,
+    rows: &[u8],
+    stride: usize,
+) -> Result<(usize, usize, usize)> {
+    // Non-zero for every head_dim the format accepts.
+    let rb = format.row_bytes(head_dim)?;
+    let (heads, n) = (per_head_len / head_dim, rows.len() / rb);
+    expect_len(what, heads * head_dim, per_head_len)?;
+    expect_len("rows", n * rb, rows.len())?;
+    if stride < n {
+        return Err(QuantError::LengthMismatch {
+            what: "stride (at least the number of rows)",
+            expected: n,
+            got: stride,
+        });
+    }
+    Ok((rb, heads, n))
+}
+
+/// `Err(LengthMismatch)` unless `len` holds `heads` rows of `n` at `stride`.
+fn check_strided(
+    what: &'static str,
+    heads: usize,
+    stride: usize,
+    n: usize,
+    len: usize,
+) -> Result<()> {
+    let need = (heads - 1).saturating_mul(stride).saturating_add(n);
+    if len < need {
+        return Err(QuantError::LengthMismatch {
+            what,
+            expected: need,
+            got: len,
+        });
+    }
+    Ok(())
 }
 
 /// The main entry points, at [`Isa::best`].

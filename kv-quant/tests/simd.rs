@@ -244,6 +244,190 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The multi-head kernels (a GQA group's heads against a run of rows, each row read
+    /// once) at every level, scalar reference included, within the one-head bounds of the
+    /// exact (f64) scores and weighted sums; nothing outside the strided outputs written.
+    #[test]
+    fn several_heads_score_and_accumulate_like_one_head_at_a_time(
+        (fmt, x, q0) in row_and_query(),
+        heads in 1usize..=9,
+        rows in 1usize..=19,
+        pad in 0usize..3,
+        seed in any::<u64>(),
+    ) {
+        let d = x.len();
+        let mut rng = SplitMix(seed);
+        // Distinct rows: the row scaled and shifted per row (and stored).
+        let stored: Vec<Vec<u8>> = (0..rows)
+            .map(|r| {
+                let f = 1.0 - 0.15 * r as f32;
+                quant(fmt, &x.iter().map(|v| v * f + 0.01 * r as f32).collect::<Vec<_>>())
+            })
+            .collect();
+        let x_hat: Vec<Vec<f32>> = stored.iter().map(|row| dequant(fmt, row, d)).collect();
+        let block = stored.concat();
+        let q: Vec<f32> = (0..heads * d).map(|i| q0[i % d] * (1.0 + 0.1 * (i / d) as f32)).collect();
+        let stride = rows + pad;
+        let w: Vec<f32> = (0..heads * stride).map(|_| rng.normal().abs() * 0.5).collect();
+        let acc0: Vec<f32> = (0..heads * d).map(|_| rng.normal()).collect();
+        for k in Isa::available().into_iter().filter_map(|i| Kernels::new(i).ok()) {
+            let mut scores = vec![f32::NAN; heads * stride];
+            k.dot_heads(fmt, d, &q, &block, &mut scores, stride).expect("valid");
+            let mut acc = acc0.clone();
+            k.axpy_heads(fmt, d, &w, stride, &block, &mut acc).expect("valid");
+            for h in 0..heads {
+                let qh = &q[h * d..(h + 1) * d];
+                for (r, xr) in x_hat.iter().enumerate() {
+                    let (exact, magnitude) = exact_dot(qh, xr);
+                    let tol = (d as f64 + 4.0) * U * magnitude + d as f64 * 1e-44;
+                    let got = scores[h * stride + r];
+                    prop_assert!(
+                        (f64::from(got) - exact).abs() <= tol,
+                        "{} at {}: head {} row {}: {} vs exact {} (tol {})", fmt, k.isa(), h, r, got, exact, tol
+                    );
+                }
+                for r in rows..stride {
+                    prop_assert!(scores[h * stride + r].is_nan(), "{} at {}: wrote past the rows", fmt, k.isa());
+                }
+                for i in 0..d {
+                    let a0 = f64::from(acc0[h * d + i]);
+                    let terms: Vec<f64> = (0..rows)
+                        .map(|r| f64::from(w[h * stride + r]) * f64::from(x_hat[r][i]))
+                        .collect();
+                    let exact = a0 + terms.iter().sum::<f64>();
+                    let magnitude = a0.abs() + terms.iter().map(|t| t.abs()).sum::<f64>();
+                    let tol = 2.0 * (rows as f64 + 1.0) * U * magnitude + rows as f64 * 1e-44;
+                    let got = f64::from(acc[h * d + i]);
+                    prop_assert!(
+                        (got - exact).abs() <= tol,
+                        "{} at {}: head {} element {}: {} vs exact {} (tol {})", fmt, k.isa(), h, i, got, exact, tol
+                    );
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// KIVI blocks scored for several heads at once, at every level, within the one-head
+    /// bound of the exact scores; nothing past the block's tokens written.
+    #[test]
+    fn kivi_blocks_score_several_heads_like_one_at_a_time(
+        bits in prop::sample::select(vec![KiviBits::B2, KiviBits::B4]),
+        tokens in 1usize..=40,
+        d32 in prop::sample::select(vec![1usize, 2, 4, 20]),
+        heads in 1usize..=9,
+        pad in 0usize..3,
+        seed in any::<u64>(),
+    ) {
+        let head_dim = 32 * d32;
+        let fmt = KiviKeyFormat::new(bits, tokens);
+        let keys = outlier_keys(tokens, head_dim, 1, seed);
+        let mut rng = SplitMix(seed ^ 0x5eed);
+        let q: Vec<f32> = (0..heads * head_dim).map(|_| rng.normal()).collect();
+        let mut block = vec![0u8; fmt.block_bytes(head_dim).expect("valid")];
+        fmt.quantize_block(&keys, head_dim, &mut block).expect("storable");
+        let mut k_hat = vec![0.0f32; keys.len()];
+        fmt.dequantize_block(&block, head_dim, &mut k_hat).expect("valid");
+        let levels = f64::from(bits.levels());
+        let f16_at = |o: usize| half::f16::from_le_bytes([block[o], block[o + 1]]).to_f64();
+        let stride = tokens + pad;
+        for k in Isa::available().into_iter().filter_map(|i| Kernels::new(i).ok()) {
+            let mut scores = vec![f32::NAN; heads * stride];
+            k.kivi_scores_heads(fmt, head_dim, &q, &block, &mut scores, stride).expect("valid");
+            for h in 0..heads {
+                let qh = &q[h * head_dim..(h + 1) * head_dim];
+                // sum |q| (|m| + s * levels) bounds sum |q k̂| and the partial sums.
+                let magnitude: f64 = (0..head_dim)
+                    .map(|c| f64::from(qh[c]).abs() * (f16_at(2 * head_dim + 2 * c).abs() + f16_at(2 * c) * levels))
+                    .sum();
+                for t in 0..tokens {
+                    let (exact, _) = exact_dot(qh, &k_hat[t * head_dim..(t + 1) * head_dim]);
+                    let tol = (2.0 * head_dim as f64 + 8.0) * U * magnitude;
+                    let got = scores[h * stride + t];
+                    prop_assert!(
+                        (f64::from(got) - exact).abs() <= tol,
+                        "{} at {} head {} token {}: {} vs exact {} (tol {})", fmt, k.isa(), h, t, got, exact, tol
+                    );
+                }
+                for t in tokens..stride {
+                    prop_assert!(scores[h * stride + t].is_nan());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn several_heads_refuse_inconsistent_lengths() {
+    use kv_quant::{Group, QuantError};
+    let fmt = RowFormat::Int4 { group: Group::G32 };
+    let rows = vec![0u8; 3 * fmt.row_bytes(64).expect("valid")];
+    let q = vec![1.0f32; 2 * 64];
+    for k in Isa::available()
+        .into_iter()
+        .filter_map(|i| Kernels::new(i).ok())
+    {
+        let mut scores = vec![0.0f32; 2 * 4];
+        // Fine: 2 heads, 3 rows, stride 4.
+        k.dot_heads(fmt, 64, &q, &rows, &mut scores, 4)
+            .expect("valid");
+        let mismatch =
+            |r: kv_quant::Result<()>| matches!(r, Err(QuantError::LengthMismatch { .. }));
+        assert!(mismatch(k.dot_heads(
+            fmt,
+            64,
+            &q[..100],
+            &rows,
+            &mut scores,
+            4
+        )));
+        assert!(mismatch(k.dot_heads(
+            fmt,
+            64,
+            &q,
+            &rows[1..],
+            &mut scores,
+            4
+        )));
+        assert!(mismatch(k.dot_heads(fmt, 64, &q, &rows, &mut scores, 2)));
+        assert!(mismatch(k.dot_heads(
+            fmt,
+            64,
+            &q,
+            &rows,
+            &mut scores[..6],
+            4
+        )));
+        let mut acc = vec![0.0f32; 2 * 64];
+        assert!(mismatch(k.axpy_heads(
+            fmt,
+            64,
+            &scores[..6],
+            4,
+            &rows,
+            &mut acc
+        )));
+        assert!(mismatch(k.axpy_heads(
+            fmt,
+            64,
+            &scores,
+            4,
+            &rows,
+            &mut acc[..70]
+        )));
+        assert!(matches!(
+            k.dot_heads(fmt, 48, &q, &rows, &mut scores, 4),
+            Err(QuantError::InvalidHeadDim { .. })
+        ));
+    }
+}
+
 #[test]
 fn every_simd_level_of_this_cpu_is_under_test() {
     // Guards the filter above: on an x86-64 CPU with AVX2 the AVX2 path must be among

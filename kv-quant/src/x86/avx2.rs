@@ -886,3 +886,445 @@ pub(crate) unsafe fn kivi_scores(bits: KiviBits, q: &[f32], block: &[u8], out: &
         *o += bias;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Several query heads against the same rows (a GQA group in a decode step). Each stored
+// row is unpacked once, in registers, and read by every head of the group; the f32 row
+// never reaches memory. `x̂ = fma(code, s, m)` as above, so scores and sums differ from
+// the one-head kernels only in summation order.
+
+/// Heads one pass over a run of rows serves; more heads take further passes.
+const HEAD_BLOCK: usize = 4;
+
+/// Lane `p` of the result is the sum of the eight lanes of `a[p]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn reduce8(a: &[__m256; 8]) -> __m256 {
+    // hadd(x, y) = [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7].
+    let t0 = _mm256_hadd_ps(a[0], a[1]);
+    let t1 = _mm256_hadd_ps(a[2], a[3]);
+    let t2 = _mm256_hadd_ps(a[4], a[5]);
+    let t3 = _mm256_hadd_ps(a[6], a[7]);
+    let u0 = _mm256_hadd_ps(t0, t1);
+    let u1 = _mm256_hadd_ps(t2, t3);
+    let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+    let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+    _mm256_add_ps(lo, hi)
+}
+
+/// 16 signed 8-bit codes → 2 x 8 f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn codes_i8_x16(b: &[u8; 16]) -> [__m256; 2] {
+    let (b8, _) = b.as_chunks::<8>();
+    [codes_i8(&b8[0]), codes_i8(&b8[1])]
+}
+
+/// 16 4-bit codes (8 bytes, low nibble first) → 2 x 8 f32, in element order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn codes_u4_x16(b: &[u8; 8]) -> [__m256; 2] {
+    let v = _mm_cvtsi64_si128(i64::from_le_bytes(*b));
+    let mask = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(v, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+    let all = _mm_unpacklo_epi8(lo, hi); // elements 0..16
+    let cvt = |x: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
+    [cvt(all), cvt(_mm_unpackhi_epi64(all, all))]
+}
+
+/// 16 2-bit codes (4 bytes, low bits first) → 2 x 8 f32, in element order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn codes_u2_x16(b: &[u8; 4]) -> [__m256; 2] {
+    let v = _mm_cvtsi32_si128(i32::from_le_bytes(*b));
+    let mask = _mm_set1_epi8(0x03);
+    let c0 = _mm_and_si128(v, mask);
+    let c1 = _mm_and_si128(_mm_srli_epi16::<2>(v), mask);
+    let c2 = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+    let c3 = _mm_and_si128(_mm_srli_epi16::<6>(v), mask);
+    let c01 = _mm_unpacklo_epi8(c0, c1);
+    let c23 = _mm_unpacklo_epi8(c2, c3);
+    let all = _mm_unpacklo_epi16(c01, c23); // elements 0..16
+    let cvt = |x: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
+    [cvt(all), cvt(_mm_unpackhi_epi64(all, all))]
+}
+
+macro_rules! int_heads_kernels {
+    ($score:ident, $accumulate:ident, header = $hb:literal, asym = $asym:literal,
+     bytes_per_8 = $cb:literal, $codes32:ident, $codes16:ident) => {
+        /// `scores[h * stride + r] = q_h · x̂_r` for `H` heads (`q` holds `H` rows of `d`)
+        /// and every row of `rows` (rows of `rb` bytes), `R` rows at a time: the `R * H`
+        /// dot products are accumulated side by side and reduced together.
+        ///
+        /// # Safety
+        /// See the module docs; `R * H <= 8`, `q.len() == H * d`, `rows` whole rows of
+        /// `rb = row_bytes(d)`, `scores.len() >= (H - 1) * stride + rows`, `stride >= rows`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $score<const H: usize, const R: usize>(
+            group: usize,
+            d: usize,
+            q: &[f32],
+            rows: &[u8],
+            rb: usize,
+            scores: &mut [f32],
+            stride: usize,
+        ) {
+            let gbytes = $hb + group / 8 * $cb;
+            let qh: [&[[f32; 8]]; H] = core::array::from_fn(|h| q[h * d..][..d].as_chunks::<8>().0);
+            let n = rows.len() / rb;
+            let mut r0 = 0;
+            while r0 + R <= n {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for r in 0..R {
+                    let row = &rows[(r0 + r) * rb..][..rb];
+                    for (gi, rg) in row.chunks_exact(gbytes).enumerate() {
+                        let (s, m) = group_params(rg, $asym);
+                        let (c32, _) = rg[$hb..].as_chunks::<{ 4 * $cb }>();
+                        for (j, c32) in c32.iter().enumerate() {
+                            let x = $codes32(c32).map(|c| _mm256_fmadd_ps(c, s, m));
+                            let at = (gi * group + 32 * j) / 8;
+                            for h in 0..H {
+                                let q8 = &qh[h][at..at + 4];
+                                let mut a = acc[r * H + h];
+                                a = _mm256_fmadd_ps(load(&q8[0]), x[0], a);
+                                a = _mm256_fmadd_ps(load(&q8[1]), x[1], a);
+                                a = _mm256_fmadd_ps(load(&q8[2]), x[2], a);
+                                a = _mm256_fmadd_ps(load(&q8[3]), x[3], a);
+                                acc[r * H + h] = a;
+                            }
+                        }
+                    }
+                }
+                let mut lanes = [0.0f32; 8];
+                store(&mut lanes, reduce8(&acc));
+                for r in 0..R {
+                    for h in 0..H {
+                        scores[h * stride + r0 + r] = lanes[r * H + h];
+                    }
+                }
+                r0 += R;
+            }
+            if R > 1 && r0 < n {
+                // SAFETY: this function's own contract, on the remaining rows.
+                unsafe {
+                    $score::<H, 1>(group, d, q, &rows[r0 * rb..], rb, &mut scores[r0..], stride)
+                }
+            }
+        }
+
+        /// `acc[h] += sum_r w[h * stride + r] * x̂_r` for `H` heads (`acc` holds `H` rows of
+        /// `d`), 16 columns at a time with the accumulators in registers across all rows.
+        ///
+        /// # Safety
+        /// See the module docs; `acc.len() == H * d`, `rows` whole rows of
+        /// `rb = row_bytes(d)`, `w.len() >= (H - 1) * stride + rows`, `stride >= rows`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $accumulate<const H: usize>(
+            group: usize,
+            d: usize,
+            w: &[f32],
+            stride: usize,
+            rows: &[u8],
+            rb: usize,
+            acc: &mut [f32],
+        ) {
+            let gbytes = $hb + group / 8 * $cb;
+            let n = rows.len() / rb;
+            let wh: [&[f32]; H] = core::array::from_fn(|h| &w[h * stride..][..n]);
+            for c0 in (0..d).step_by(16) {
+                let (gi, off) = (c0 / group, c0 % group);
+                let codes_at = gi * gbytes + $hb + off / 8 * $cb;
+                let mut a = [[_mm256_setzero_ps(); 2]; H];
+                for (h, ah) in a.iter_mut().enumerate() {
+                    let (a8, _) = acc[h * d + c0..][..16].as_chunks::<8>();
+                    *ah = [load(&a8[0]), load(&a8[1])];
+                }
+                for (r, row) in rows.chunks_exact(rb).enumerate() {
+                    let (s, m) = group_params(&row[gi * gbytes..][..gbytes], $asym);
+                    let (c16, _) = row[codes_at..][..2 * $cb].as_chunks::<{ 2 * $cb }>();
+                    let x = $codes16(&c16[0]).map(|c| _mm256_fmadd_ps(c, s, m));
+                    for h in 0..H {
+                        let wb = _mm256_set1_ps(wh[h][r]);
+                        a[h][0] = _mm256_fmadd_ps(wb, x[0], a[h][0]);
+                        a[h][1] = _mm256_fmadd_ps(wb, x[1], a[h][1]);
+                    }
+                }
+                for (h, ah) in a.iter().enumerate() {
+                    let (a8, _) = acc[h * d + c0..][..16].as_chunks_mut::<8>();
+                    store(&mut a8[0], ah[0]);
+                    store(&mut a8[1], ah[1]);
+                }
+            }
+        }
+    };
+}
+
+int_heads_kernels!(
+    score_heads_i8,
+    accumulate_heads_i8,
+    header = 2,
+    asym = false,
+    bytes_per_8 = 8,
+    codes_i8_x32,
+    codes_i8_x16
+);
+int_heads_kernels!(
+    score_heads_u4,
+    accumulate_heads_u4,
+    header = 4,
+    asym = true,
+    bytes_per_8 = 4,
+    codes_u4_x32,
+    codes_u4_x16
+);
+int_heads_kernels!(
+    score_heads_u2,
+    accumulate_heads_u2,
+    header = 4,
+    asym = true,
+    bytes_per_8 = 2,
+    codes_u2_x32,
+    codes_u2_x16
+);
+
+/// `scores[h * stride + r] = q_h · x̂_r` for every query row `q_h` of `q` (rows of `d`) and
+/// every stored row of `rows` (rows of `rb` bytes), each row unpacked once per block of
+/// [`HEAD_BLOCK`] heads. Float formats score head by head.
+///
+/// # Safety
+/// See the module docs; `q.len()` a multiple of `d`, `rb = format.row_bytes(d)`, `rows`
+/// whole rows, `stride >= rows`, `scores.len() >= (heads - 1) * stride + rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_heads(
+    format: RowFormat,
+    d: usize,
+    q: &[f32],
+    rows: &[u8],
+    rb: usize,
+    scores: &mut [f32],
+    stride: usize,
+) {
+    let heads = q.len() / d;
+    let n = rows.len() / rb;
+    let mut h0 = 0;
+    while h0 < heads {
+        let hb = (heads - h0).min(HEAD_BLOCK);
+        let qb = &q[h0 * d..(h0 + hb) * d];
+        let sb = &mut scores[h0 * stride..];
+        macro_rules! blocks {
+            ($k:ident, $g:expr) => {
+                match hb {
+                    4 => $k::<4, 2>($g, d, qb, rows, rb, sb, stride),
+                    3 => $k::<3, 2>($g, d, qb, rows, rb, sb, stride),
+                    2 => $k::<2, 4>($g, d, qb, rows, rb, sb, stride),
+                    _ => $k::<1, 8>($g, d, qb, rows, rb, sb, stride),
+                }
+            };
+        }
+        // SAFETY: every arm calls a kernel with this function's own contract on heads
+        // h0..h0 + hb, whose queries and score rows lie inside `q` and `scores`.
+        unsafe {
+            match format {
+                RowFormat::Int8 { group } => blocks!(score_heads_i8, group.size()),
+                RowFormat::Int4 { group } => blocks!(score_heads_u4, group.size()),
+                RowFormat::Int2 { group } => blocks!(score_heads_u2, group.size()),
+                _ => {
+                    for h in 0..hb {
+                        let out = &mut sb[h * stride..][..n];
+                        dot_many(format, &qb[h * d..][..d], rows, rb, out);
+                    }
+                }
+            }
+        }
+        h0 += hb;
+    }
+}
+
+/// `acc[h] += sum_r w[h * stride + r] * x̂_r` for every accumulator row of `acc` (rows of
+/// `d`) and every stored row of `rows`, each row unpacked once per block of
+/// [`HEAD_BLOCK`] heads and 16 columns. Float formats accumulate head by head.
+///
+/// # Safety
+/// See the module docs; `acc.len()` a multiple of `d`, `rb = format.row_bytes(d)`, `rows`
+/// whole rows, `stride >= rows`, `w.len() >= (heads - 1) * stride + rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_heads(
+    format: RowFormat,
+    d: usize,
+    w: &[f32],
+    stride: usize,
+    rows: &[u8],
+    rb: usize,
+    acc: &mut [f32],
+) {
+    let heads = acc.len() / d;
+    let n = rows.len() / rb;
+    let mut h0 = 0;
+    while h0 < heads {
+        let hb = (heads - h0).min(HEAD_BLOCK);
+        let wb = &w[h0 * stride..];
+        let ab = &mut acc[h0 * d..(h0 + hb) * d];
+        macro_rules! blocks {
+            ($k:ident, $g:expr) => {
+                match hb {
+                    4 => $k::<4>($g, d, wb, stride, rows, rb, ab),
+                    3 => $k::<3>($g, d, wb, stride, rows, rb, ab),
+                    2 => $k::<2>($g, d, wb, stride, rows, rb, ab),
+                    _ => $k::<1>($g, d, wb, stride, rows, rb, ab),
+                }
+            };
+        }
+        // SAFETY: every arm calls a kernel with this function's own contract on heads
+        // h0..h0 + hb, whose weights and accumulators lie inside `w` and `acc`.
+        unsafe {
+            match format {
+                RowFormat::Int8 { group } => blocks!(accumulate_heads_i8, group.size()),
+                RowFormat::Int4 { group } => blocks!(accumulate_heads_u4, group.size()),
+                RowFormat::Int2 { group } => blocks!(accumulate_heads_u2, group.size()),
+                _ => {
+                    for h in 0..hb {
+                        axpy_many(
+                            format,
+                            &wb[h * stride..][..n],
+                            rows,
+                            rb,
+                            &mut ab[h * d..][..d],
+                        );
+                    }
+                }
+            }
+        }
+        h0 += hb;
+    }
+}
+
+/// Scores of `H` heads (`q` holds `H` rows of `d <= TILE`) against every token of a KIVI
+/// block, `R` tokens at a time: the scaled queries `q_h * s` and the biases
+/// `sum_c q_h[c] m[c]` are formed once, then each token's codes are unpacked once for all
+/// heads. `out[h * stride + t]`.
+///
+/// # Safety
+/// See the module docs; `R * H <= 8`, `d` a multiple of 32 and at most [`TILE`], `block`
+/// a whole block of `tokens` tokens, `out.len() >= (H - 1) * stride + tokens`,
+/// `stride >= tokens`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kivi_heads<const H: usize, const R: usize>(
+    bits: KiviBits,
+    d: usize,
+    q: &[f32],
+    block: &[u8],
+    tokens: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let nbits = bits.bits();
+    let (scales, rest) = block.split_at(2 * d);
+    let (mins, codes) = rest.split_at(2 * d);
+    let tcb = d / 8 * nbits;
+    let mut qs = [[0.0f32; TILE]; H];
+    let mut bias = [0.0f32; H];
+    for h in 0..H {
+        let mut b = _mm256_setzero_ps();
+        let q8 = q[h * d..][..d].as_chunks::<8>().0;
+        let s8 = scales.as_chunks::<16>().0;
+        let m8 = mins.as_chunks::<16>().0;
+        for (((qv, sv), mv), o) in q8.iter().zip(s8).zip(m8).zip(qs[h].as_chunks_mut::<8>().0) {
+            let qv = load(qv);
+            store(o, _mm256_mul_ps(qv, load_f16(sv)));
+            b = _mm256_fmadd_ps(qv, load_f16(mv), b);
+        }
+        bias[h] = hsum(b);
+    }
+    let qs8: [&[[f32; 8]]; H] = core::array::from_fn(|h| qs[h][..d].as_chunks::<8>().0);
+    let chunk = 4 * nbits; // code bytes of 32 channels
+    let mut t0 = 0;
+    let mut step = |t0: usize, r_n: usize| {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for r in 0..r_n {
+            let tc = &codes[(t0 + r) * tcb..][..tcb];
+            for (j, c) in tc.chunks_exact(chunk).enumerate() {
+                let x = match bits {
+                    KiviBits::B4 => codes_u4_x32(&c.as_chunks::<16>().0[0]),
+                    KiviBits::B2 => codes_u2_x32(&c.as_chunks::<8>().0[0]),
+                };
+                for h in 0..H {
+                    let q8 = &qs8[h][4 * j..4 * j + 4];
+                    let mut a = acc[r * H + h];
+                    a = _mm256_fmadd_ps(load(&q8[0]), x[0], a);
+                    a = _mm256_fmadd_ps(load(&q8[1]), x[1], a);
+                    a = _mm256_fmadd_ps(load(&q8[2]), x[2], a);
+                    a = _mm256_fmadd_ps(load(&q8[3]), x[3], a);
+                    acc[r * H + h] = a;
+                }
+            }
+        }
+        let mut lanes = [0.0f32; 8];
+        store(&mut lanes, reduce8(&acc));
+        for r in 0..r_n {
+            for h in 0..H {
+                out[h * stride + t0 + r] = lanes[r * H + h] + bias[h];
+            }
+        }
+    };
+    while t0 + R <= tokens {
+        step(t0, R);
+        t0 += R;
+    }
+    if t0 < tokens {
+        step(t0, tokens - t0);
+    }
+}
+
+/// Scores of every query row of `q` (rows of `d`) against every token of a KIVI block:
+/// `out[h * stride + t]`, heads in blocks of [`HEAD_BLOCK`]; one head at a time through
+/// [`kivi_scores`] when `d` exceeds [`TILE`].
+///
+/// # Safety
+/// See the module docs; `q.len()` a multiple of `d`, `d` a multiple of 32, `block` a whole
+/// block of `tokens` tokens, `stride >= tokens`, `out` holding every score row.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kivi_scores_heads(
+    bits: KiviBits,
+    d: usize,
+    q: &[f32],
+    block: &[u8],
+    tokens: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let heads = q.len() / d;
+    let mut h0 = 0;
+    while h0 < heads {
+        let hb = (heads - h0).min(HEAD_BLOCK);
+        let qb = &q[h0 * d..(h0 + hb) * d];
+        let ob = &mut out[h0 * stride..];
+        // SAFETY: every call has this function's own contract on heads h0..h0 + hb, whose
+        // queries and score rows lie inside `q` and `out`.
+        unsafe {
+            if d > TILE {
+                for h in 0..hb {
+                    kivi_scores(
+                        bits,
+                        &qb[h * d..][..d],
+                        block,
+                        &mut ob[h * stride..][..tokens],
+                    );
+                }
+            } else {
+                match hb {
+                    4 => kivi_heads::<4, 2>(bits, d, qb, block, tokens, ob, stride),
+                    3 => kivi_heads::<3, 2>(bits, d, qb, block, tokens, ob, stride),
+                    2 => kivi_heads::<2, 4>(bits, d, qb, block, tokens, ob, stride),
+                    _ => kivi_heads::<1, 8>(bits, d, qb, block, tokens, ob, stride),
+                }
+            }
+        }
+        h0 += hb;
+    }
+}
