@@ -624,7 +624,6 @@ fn window_ppl(args: WindowPplArgs) -> Result<()> {
             &tokens,
             args.chunk,
             score_from,
-            |_, _| {},
         )?;
         let name = match window {
             None => "full".to_string(),

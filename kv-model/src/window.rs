@@ -394,7 +394,7 @@ impl Model {
     /// cache (`window` `None`; the text must fit the context) or a windowed one, and scores
     /// every prediction of a token at index `score_from` or later. This is how StreamingLLM
     /// compares windows: with sinks, as a plain window (`sinks: 0`), and against the full
-    /// context. `progress(done, total)` sees the tokens fed.
+    /// context.
     ///
     /// # Errors
     /// [`ModelError::InvalidArgument`] for a zero chunk or nothing to score,
@@ -408,7 +408,6 @@ impl Model {
         tokens: &[u32],
         chunk: usize,
         score_from: usize,
-        mut progress: impl FnMut(usize, usize),
     ) -> Result<StreamingScore> {
         if chunk == 0 || score_from.max(1) >= tokens.len() {
             return Err(ModelError::InvalidArgument {
@@ -462,7 +461,6 @@ impl Model {
                 nll -= lp;
                 scored += 1;
             }
-            progress(first + part.len(), tokens.len());
         }
         let evicted_tokens = match &windowed {
             Some(w) => cache.evicted_tokens(w.seq())?,
