@@ -1259,6 +1259,33 @@ mod tests {
     }
 
     #[test]
+    fn failed_sink_copy_rolls_back_the_eviction() -> Result<()> {
+        let mut m = CacheManager::new(2, 8)?;
+        let a = m.create();
+        m.append(a, 6)?;
+        let _b = m.fork(a)?; // block 0 is shared: a's eviction must copy it
+        let before = m.clone();
+        let err = m.evict_window_and_copy(a, 1, 1, |_| {
+            Err(KvError::Unsupported {
+                backend: "test".into(),
+                what: "copy".into(),
+            })
+        });
+        assert!(matches!(err, Err(KvError::Unsupported { .. })));
+        assert_eq!(m, before);
+        let mut seen = Vec::new();
+        let copies = m.evict_window_and_copy(a, 1, 1, |c| {
+            seen.extend_from_slice(c);
+            Ok(())
+        })?;
+        assert_eq!(copies.len(), 1);
+        assert_eq!(seen, copies);
+        assert_eq!(m.len(a)?, 4);
+        assert_eq!(m.audit(), Ok(()));
+        Ok(())
+    }
+
+    #[test]
     fn evict_window_refuses_a_commit_boundary_inside_the_dropped_blocks() -> Result<()> {
         let mut m = CacheManager::with_prefix_cache(2, 8, 0)?;
         let a = m.create();

@@ -60,7 +60,7 @@ impl WindowConfig {
     /// # Errors
     /// [`ModelError::InvalidArgument`] for a zero window, sinks that are not whole blocks,
     /// or sinks + window + a block beyond the context (distances the model never saw);
-    /// [`ModelError::Unsupported`] for KIVI layouts (see the [module docs](self)).
+    /// [`ModelError::Unsupported`] for KIVI layouts (see the [module docs](crate::window)).
     pub fn validate(&self, block_size: usize, dtype: KvDType, context: usize) -> Result<()> {
         if self.window == 0 {
             return Err(ModelError::InvalidArgument {
@@ -129,7 +129,7 @@ pub struct WindowReport {
 }
 
 /// One sequence under a sliding window: its id in the cache plus the sinks' K/V, kept here
-/// to rewrite them on eviction (see the [module docs](self)).
+/// to rewrite them on eviction (see the [module docs](crate::window)).
 #[derive(Debug)]
 pub struct WindowedSequence {
     seq: SeqId,
