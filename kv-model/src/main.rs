@@ -321,6 +321,17 @@ fn generate(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
     };
     sampling.validate()?;
+    let window = args.window.map(|window| WindowConfig {
+        sinks: args.sinks,
+        window,
+    });
+    if args.no_cache && window.is_some() {
+        return Err(ModelError::InvalidArgument {
+            what: "--window",
+            expected: "a cache (the window is a cache policy)".into(),
+            got: "--no-cache".into(),
+        });
+    }
     // Before the model loads, so an unavailable backend fails fast.
     let backend = match (args.no_cache, args.backend) {
         (true, _) => None,
@@ -376,19 +387,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         Ok(())
     };
-    let window = args.window.map(|window| WindowConfig {
-        sinks: args.sinks,
-        window,
-    });
     let run: Generation = match (backend, window) {
-        (None, None) => model.generate_uncached(&prompt, &options, on_token)?,
-        (None, Some(_)) => {
-            return Err(ModelError::InvalidArgument {
-                what: "--window",
-                expected: "a cache (the window is a cache policy)".into(),
-                got: "--no-cache".into(),
-            })
-        }
+        (None, _) => model.generate_uncached(&prompt, &options, on_token)?,
         (Some(Chosen::Cpu(b)), None) => model.generate(b, layout, &prompt, &options, on_token)?,
         (Some(Chosen::Cuda(b)), None) => model.generate(b, layout, &prompt, &options, on_token)?,
         (Some(Chosen::Cpu(b)), Some(w)) => {
