@@ -182,6 +182,37 @@ impl<B: CacheBackend> PagedCache<B> {
         self.manager.truncate(seq, len)
     }
 
+    /// StreamingLLM eviction: keeps `seq`'s first `keep_blocks` blocks (the attention
+    /// sinks), drops the `evict_blocks` full blocks after them and makes the kept front
+    /// blocks private (copied on the backend when shared), so the caller can rewrite the
+    /// sinks' K in place with [`PagedCache::write`]. See [`CacheManager::evict_window`].
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::UnknownSequence`], [`kv_core::KvError::OutOfRange`],
+    /// [`kv_core::KvError::InvalidArgument`], [`kv_core::KvError::CacheFull`], the backend's
+    /// copy errors; nothing changes on error.
+    pub fn evict_window(
+        &mut self,
+        seq: SeqId,
+        keep_blocks: usize,
+        evict_blocks: usize,
+    ) -> Result<()> {
+        let (backend, storage) = (&self.backend, &mut self.storage);
+        self.manager
+            .evict_window_and_copy(seq, keep_blocks, evict_blocks, |copies| {
+                backend.copy_blocks(storage, copies)
+            })?;
+        Ok(())
+    }
+
+    /// Tokens dropped from `seq` by [`PagedCache::evict_window`] so far.
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::UnknownSequence`].
+    pub fn evicted_tokens(&self, seq: SeqId) -> Result<usize> {
+        self.manager.evicted_tokens(seq)
+    }
+
     /// Ends `seq` and releases its blocks (indexed ones stay cached).
     ///
     /// # Errors

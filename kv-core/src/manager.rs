@@ -94,6 +94,10 @@ struct Sequence {
     hashes: Vec<ChainHash>,
     /// The prefix-cache namespace this sequence reads and indexes in.
     cache_salt: u64,
+    /// Tokens dropped from the middle by [`CacheManager::evict_window`]. Once that happened
+    /// the blocks no longer hold the K/V of a plain prefix, so the sequence stops feeding
+    /// the prefix index (`hashes` stays empty).
+    evicted: usize,
 }
 
 /// The bookkeeping of a paged cache: sequences, their block tables, the shared allocator
@@ -523,6 +527,10 @@ impl CacheManager {
         let Some(index) = prefix else {
             return Ok(());
         };
+        if s.evicted > 0 {
+            // A windowed sequence's blocks are not a plain prefix any more.
+            return Ok(());
+        }
         for k in s.hashes.len()..s.tokens.len() / bs {
             let parent = k.checked_sub(1).map(|j| s.hashes[j]);
             let chunk = &s.tokens[k * bs..(k + 1) * bs];
@@ -578,6 +586,150 @@ impl CacheManager {
             }
         }
         Ok(())
+    }
+
+    /// StreamingLLM's sliding window: keeps the first `keep_blocks` blocks of `seq` (the
+    /// attention sinks) and drops the `evict_blocks` full blocks after them, so the tokens
+    /// after the dropped ones move down to contiguous cache indices. Returns the block
+    /// copies to run before the kept front blocks are rewritten: the caller rewrites the
+    /// sinks' K (re-rotated to their new distance from the window), so each kept front
+    /// block is made private first: copied when another sequence holds it, taken out of the
+    /// prefix index when only the index shares it.
+    ///
+    /// From the first call on, the sequence no longer feeds the prefix index: its blocks
+    /// hold K/V computed over tokens that are no longer in front of them, which a later
+    /// prompt with the same ids must not reuse. Committed ids of the dropped tokens are
+    /// forgotten ([`CacheManager::tokens`] stays the ids of the tokens held, in cache
+    /// order), and [`CacheManager::evicted_tokens`] counts the dropped tokens.
+    ///
+    /// ```
+    /// use kv_core::CacheManager;
+    /// let mut cache = CacheManager::new(4, 8)?;
+    /// let seq = cache.create();
+    /// cache.append(seq, 18)?; // blocks 0..5, the last one half full
+    /// let copies = cache.evict_window(seq, 1, 2)?; // keep block 0, drop blocks 1 and 2
+    /// assert!(copies.is_empty()); // nobody else holds block 0
+    /// assert_eq!(cache.len(seq)?, 10);
+    /// assert_eq!(cache.table(seq)?.blocks(), &[0, 3, 4]);
+    /// assert_eq!(cache.evicted_tokens(seq)?, 8);
+    /// assert_eq!(cache.free_blocks(), 5);
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`]; [`KvError::OutOfRange`] when the dropped blocks are
+    /// not all full blocks of `seq`; [`KvError::InvalidArgument`] when committed ids end
+    /// inside the dropped blocks (the ids of the kept tokens after them would be lost);
+    /// [`KvError::CacheFull`] when copying shared front blocks needs more free blocks.
+    /// Nothing changes on error. Evicting 0 blocks changes nothing.
+    pub fn evict_window(
+        &mut self,
+        seq: SeqId,
+        keep_blocks: usize,
+        evict_blocks: usize,
+    ) -> Result<Vec<(BlockId, BlockId)>> {
+        let bs = self.block_size;
+        let s = self.seq(seq)?;
+        let full = s.table.len() / bs;
+        let end = keep_blocks.saturating_add(evict_blocks);
+        if end > full {
+            return Err(KvError::OutOfRange {
+                what: "evicted block",
+                index: end,
+                len: full,
+            });
+        }
+        let committed = s.tokens.len();
+        if committed > keep_blocks * bs && committed < end * bs {
+            return Err(KvError::InvalidArgument {
+                what: "window eviction",
+                detail: format!(
+                    "{committed} committed ids end inside the evicted tokens {}..{}",
+                    keep_blocks * bs,
+                    end * bs
+                ),
+            });
+        }
+        if evict_blocks == 0 {
+            return Ok(Vec::new());
+        }
+        let front: Vec<BlockId> = s.table.blocks()[..keep_blocks].to_vec();
+        // Front blocks other sequences hold are copied; those only the index shares leave it.
+        let shared: Vec<usize> = (0..keep_blocks)
+            .filter(|&i| {
+                let b = front[i];
+                let rc = self.allocator.ref_count(b);
+                rc > 1 + u32::from(self.is_indexed(b))
+            })
+            .collect();
+        let fresh = self.take_blocks(shared.len())?;
+        // Nothing below fails: every block named exists and is held by `seq`.
+        let s = self
+            .sequences
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence { id: seq })?;
+        let mut copies = Vec::with_capacity(shared.len());
+        for (&i, &to) in shared.iter().zip(&fresh) {
+            copies.push((front[i], to));
+            s.table.blocks_mut()[i] = to;
+        }
+        let dropped: Vec<BlockId> = s
+            .table
+            .blocks_mut()
+            .splice(keep_blocks..end, std::iter::empty())
+            .collect();
+        let len = s.table.len();
+        s.table.set_len(len - evict_blocks * bs);
+        if committed >= end * bs {
+            s.tokens.drain(keep_blocks * bs..end * bs);
+        }
+        s.hashes.clear();
+        s.evicted += evict_blocks * bs;
+        let private_front: Vec<BlockId> = s.table.blocks()[..keep_blocks].to_vec();
+        let released: Vec<BlockId> = copies.iter().map(|&(from, _)| from).collect();
+        self.release(&released)?;
+        self.release(&dropped)?;
+        for b in private_front {
+            if self.is_indexed(b) {
+                self.unindex(b)?;
+            }
+        }
+        Ok(copies)
+    }
+
+    /// [`CacheManager::evict_window`], then `copy` runs the block copies on the backend;
+    /// when it fails the manager is put back as it was and its error returned. The manager
+    /// is cloned (to roll back) only when sinks are kept, the only case with copies.
+    ///
+    /// # Errors
+    /// What [`CacheManager::evict_window`] or `copy` returns; nothing changes on error.
+    pub fn evict_window_and_copy(
+        &mut self,
+        seq: SeqId,
+        keep_blocks: usize,
+        evict_blocks: usize,
+        copy: impl FnOnce(&[(BlockId, BlockId)]) -> Result<()>,
+    ) -> Result<Vec<(BlockId, BlockId)>> {
+        let before = (keep_blocks > 0).then(|| self.clone());
+        let copies = self.evict_window(seq, keep_blocks, evict_blocks)?;
+        if !copies.is_empty() {
+            if let Err(e) = copy(&copies) {
+                if let Some(before) = before {
+                    *self = before;
+                }
+                return Err(e);
+            }
+        }
+        Ok(copies)
+    }
+
+    /// Tokens [`CacheManager::evict_window`] has dropped from `seq` so far: the position of
+    /// a token in the text is its cache index plus this (for tokens after the sinks).
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`].
+    pub fn evicted_tokens(&self, seq: SeqId) -> Result<usize> {
+        Ok(self.seq(seq)?.evicted)
     }
 
     /// Ends `seq`, releasing its blocks; its indexed blocks stay cached for later prompts.
@@ -686,6 +838,7 @@ impl CacheManager {
             tokens: prompt[..reused].to_vec(),
             hashes,
             cache_salt,
+            evicted: 0,
         });
         (id, reused)
     }
@@ -841,6 +994,10 @@ impl CacheManager {
                     return Err(format!("sequence {id} has hashes without a prefix cache"))
                 }
                 None => {}
+                Some(_) if s.evicted > 0 && !s.hashes.is_empty() => {
+                    return Err(format!("windowed sequence {id} still has block hashes"))
+                }
+                Some(_) if s.evicted > 0 => {}
                 Some(index) => {
                     let full = s.tokens.len() / self.block_size;
                     if s.hashes.len() != full {
@@ -1017,6 +1174,140 @@ mod tests {
         })?;
         assert_eq!(seen, ok.copies);
         assert_eq!(seen.len(), 1);
+        Ok(())
+    }
+    #[test]
+    fn evict_window_drops_middle_blocks() -> Result<()> {
+        let mut m = CacheManager::new(2, 8)?;
+        let a = m.create();
+        m.append(a, 9)?; // blocks 0..5, last one half full
+        let before = m.clone();
+        // Errors first: past the full blocks, and nothing changed.
+        assert!(matches!(
+            m.evict_window(a, 2, 3),
+            Err(KvError::OutOfRange {
+                index: 5,
+                len: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            m.evict_window(9, 0, 1),
+            Err(KvError::UnknownSequence { id: 9 })
+        ));
+        assert_eq!(m, before);
+        let copies = m.evict_window(a, 1, 2)?;
+        assert!(copies.is_empty());
+        assert_eq!(m.table(a)?.blocks(), &[0, 3, 4]);
+        assert_eq!(m.len(a)?, 5);
+        assert_eq!(m.evicted_tokens(a)?, 4);
+        assert_eq!(m.free_blocks(), 5);
+        assert_eq!(m.ref_count(1), 0);
+        assert_eq!(m.ref_count(2), 0);
+        // Slots stay contiguous in cache index: the next token goes after the old tail.
+        let next = m.append(a, 1)?.slots;
+        assert_eq!(
+            next,
+            vec![Slot {
+                block: 4,
+                offset: 1
+            }]
+        );
+        assert_eq!(m.attention(a, 1)?.kv_len(), 6);
+        // No sinks: the window alone.
+        m.evict_window(a, 0, 1)?;
+        assert_eq!(m.table(a)?.blocks(), &[3, 4]);
+        assert_eq!(m.evicted_tokens(a)?, 6);
+        assert_eq!(m.audit(), Ok(()));
+        m.free(a)?;
+        assert_eq!(m.free_blocks(), 8);
+        Ok(())
+    }
+
+    #[test]
+    fn evict_window_copies_shared_sinks_and_leaves_the_index() -> Result<()> {
+        let mut m = CacheManager::with_prefix_cache(2, 12, 0)?;
+        let a = m.create();
+        m.append(a, 8)?;
+        m.commit_tokens(a, &[1, 2, 3, 4, 5, 6, 7, 8])?;
+        assert!(m.is_indexed(0) && m.is_indexed(1));
+        let b = m.fork(a)?;
+        // Block 0 is held by a, b and the index: a's sinks must be copied before a rewrite.
+        let copies = m.evict_window(a, 1, 2)?;
+        assert_eq!(copies.len(), 1);
+        let (from, to) = copies[0];
+        assert_eq!(from, 0);
+        assert_eq!(m.table(a)?.blocks(), &[to, 3]);
+        assert_eq!(m.ref_count(to), 1);
+        assert_eq!(m.ref_count(0), 2); // b and the index
+        assert_eq!(m.tokens(a)?, &[1, 2, 7, 8]);
+        assert_eq!(m.table(b)?.blocks(), &[0, 1, 2, 3]);
+        // Later commits of a windowed sequence index nothing.
+        let indexed = m.stats().indexed_blocks;
+        m.append(a, 2)?;
+        m.commit_tokens(a, &[9, 10])?;
+        assert_eq!(m.stats().indexed_blocks, indexed);
+        // b alone with the index: its sinks are not copied, they leave the index.
+        m.free(a)?;
+        let copies = m.evict_window(b, 1, 1)?;
+        assert!(copies.is_empty());
+        assert!(!m.is_indexed(0));
+        assert_eq!(m.ref_count(0), 1);
+        assert!(m.is_indexed(1)); // the dropped block keeps valid K/V for its prefix
+        assert_eq!(m.audit(), Ok(()));
+        Ok(())
+    }
+
+    #[test]
+    fn failed_sink_copy_rolls_back_the_eviction() -> Result<()> {
+        let mut m = CacheManager::new(2, 8)?;
+        let a = m.create();
+        m.append(a, 6)?;
+        let _b = m.fork(a)?; // block 0 is shared: a's eviction must copy it
+        let before = m.clone();
+        let err = m.evict_window_and_copy(a, 1, 1, |_| {
+            Err(KvError::Unsupported {
+                backend: "test".into(),
+                what: "copy".into(),
+            })
+        });
+        assert!(matches!(err, Err(KvError::Unsupported { .. })));
+        assert_eq!(m, before);
+        let mut seen = Vec::new();
+        let copies = m.evict_window_and_copy(a, 1, 1, |c| {
+            seen.extend_from_slice(c);
+            Ok(())
+        })?;
+        assert_eq!(copies.len(), 1);
+        assert_eq!(seen, copies);
+        assert_eq!(m.len(a)?, 4);
+        assert_eq!(m.audit(), Ok(()));
+        Ok(())
+    }
+
+    #[test]
+    fn evict_window_refuses_a_commit_boundary_inside_the_dropped_blocks() -> Result<()> {
+        let mut m = CacheManager::with_prefix_cache(2, 8, 0)?;
+        let a = m.create();
+        m.append(a, 8)?;
+        m.commit_tokens(a, &[1, 2, 3])?;
+        let before = m.clone();
+        assert!(matches!(
+            m.evict_window(a, 1, 2),
+            Err(KvError::InvalidArgument { .. })
+        ));
+        assert_eq!(m, before);
+        // A copy that does not fit fails whole too.
+        let mut m = CacheManager::new(2, 3)?;
+        let a = m.create();
+        m.append(a, 6)?;
+        let _b = m.fork(a)?;
+        let before = m.clone();
+        assert!(matches!(
+            m.evict_window(a, 1, 1),
+            Err(KvError::CacheFull { needed: 1, free: 0 })
+        ));
+        assert_eq!(m, before);
         Ok(())
     }
 }

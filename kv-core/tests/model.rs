@@ -1,6 +1,7 @@
 //! Model-based property tests of `CacheManager`: random programs of create, append (with
 //! token ids), commit, fork, truncate, free, prefix-hit create, preempt/resume and batched
-//! decode steps, checked after every step against a plain model of what each sequence holds.
+//! decode steps and sliding-window evictions (sinks rewritten in place), checked after every
+//! step against a plain model of what each sequence holds.
 //!
 //! After every step: `free + used == total`; reference counts equal the holders (sequence
 //! tables plus the index) derived from the public view; the manager's own audit passes;
@@ -12,7 +13,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{check_holders, SimStorage};
+use common::{check_contents, check_holders, Kv, SimStorage};
 use kv_core::{CacheManager, KvError, SeqId};
 use proptest::prelude::*;
 
@@ -57,6 +58,11 @@ enum Op {
         kind: u8,
         seq: usize,
     },
+    Evict {
+        seq: usize,
+        keep: usize,
+        count: usize,
+    },
 }
 
 /// A small alphabet so prompts share prefixes often.
@@ -82,17 +88,40 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (seq(), any::<bool>(), token())
             .prop_map(|(seq, resume, next)| Op::Preempt { seq, resume, next }),
         2 => (tokens(1..4), often()).prop_map(|(tokens, commit)| Op::Step { tokens, commit }),
-        1 => (0u8..6, seq()).prop_map(|(kind, seq)| Op::Bad { kind, seq }),
+        1 => (0u8..7, seq()).prop_map(|(kind, seq)| Op::Bad { kind, seq }),
+        3 => (seq(), 0usize..3, 0usize..4)
+            .prop_map(|(seq, keep, count)| Op::Evict { seq, keep, count }),
     ]
 }
 
-/// The reference model of one sequence: all its tokens and how many are committed.
+/// The reference model of one sequence: the ids it holds in cache order, how many are
+/// committed, every id it was ever given (evicted ones too), and what each cache index must
+/// read back.
 #[derive(Debug, Clone)]
 struct ModelSeq {
     tokens: Vec<u32>,
     committed: usize,
     salt: u64,
+    history: Vec<u32>,
+    expect: Vec<Kv>,
 }
+
+impl ModelSeq {
+    fn new(prompt: &[u32], salt: u64) -> Self {
+        Self {
+            tokens: prompt.to_vec(),
+            committed: prompt.len(),
+            salt,
+            history: prompt.to_vec(),
+            expect: (0..prompt.len())
+                .map(|i| (salt, prompt[..=i].to_vec()))
+                .collect(),
+        }
+    }
+}
+
+/// Marks a sink slot rewritten by the `epoch`-th eviction: K/V no plain prefix has.
+const REWRITTEN: u32 = u32::MAX;
 
 struct Harness {
     m: CacheManager,
@@ -186,10 +215,14 @@ impl Harness {
                     return Err(format!("append returned {a:?}"));
                 }
                 let s = self.seqs.get_mut(&seq).ok_or("model lost a sequence")?;
-                let start = s.tokens.len();
+                let start = s.history.len();
                 s.tokens.extend_from_slice(new);
+                s.history.extend_from_slice(new);
+                for i in start..s.history.len() {
+                    s.expect.push((s.salt, s.history[..=i].to_vec()));
+                }
                 self.store.copy(&a.copies);
-                self.store.write(&a.slots, s.salt, &s.tokens, start);
+                self.store.write(&a.slots, s.salt, &s.history, start);
                 if commit {
                     self.commit(seq)?;
                 }
@@ -234,14 +267,8 @@ impl Harness {
         if self.m.tokens(seq).map_err(kv)? != &prompt[..reused] {
             return Err("reused tokens are not committed".into());
         }
-        self.seqs.insert(
-            seq,
-            ModelSeq {
-                tokens: prompt[..reused].to_vec(),
-                committed: reused,
-                salt,
-            },
-        );
+        self.seqs
+            .insert(seq, ModelSeq::new(&prompt[..reused], salt));
         if fill {
             let fits = predicted.blocks_needed <= free;
             let ok = self.append(seq, &prompt[reused..], true)?;
@@ -256,14 +283,7 @@ impl Harness {
         match op.clone() {
             Op::Create => {
                 let seq = self.m.create();
-                self.seqs.insert(
-                    seq,
-                    ModelSeq {
-                        tokens: vec![],
-                        committed: 0,
-                        salt: 0,
-                    },
-                );
+                self.seqs.insert(seq, ModelSeq::new(&[], 0));
             }
             Op::CreatePrefix {
                 source,
@@ -307,7 +327,10 @@ impl Harness {
                     let s = self.seqs.get_mut(&seq).ok_or("model lost a sequence")?;
                     let len = s.tokens.len() * percent / 100;
                     self.m.truncate(seq, len).map_err(kv)?;
+                    let gone = s.tokens.len() - len;
                     s.tokens.truncate(len);
+                    s.history.truncate(s.history.len() - gone);
+                    s.expect.truncate(len);
                     s.committed = s.committed.min(len);
                 }
             }
@@ -359,6 +382,76 @@ impl Harness {
                 }
             }
             Op::Bad { kind, seq } => self.bad(kind, seq)?,
+            Op::Evict { seq, keep, count } => {
+                if let Some(seq) = self.pick(seq) {
+                    self.evict(seq, keep, count)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops `count` full blocks after the first `keep` and rewrites the kept front slots,
+    /// as a windowed model does with its sinks. A copy that does not fit or a commit
+    /// boundary inside the dropped blocks must fail and change nothing.
+    fn evict(&mut self, seq: SeqId, keep: usize, count: usize) -> Check {
+        let bs = self.m.block_size();
+        let s = self.seqs.get_mut(&seq).ok_or("model lost a sequence")?;
+        let full = s.tokens.len() / bs;
+        let keep = keep.min(full);
+        let count = count.min(full - keep);
+        let (lo, hi) = (keep * bs, (keep + count) * bs);
+        let free = self.m.free_blocks();
+        // Dropped blocks that only this sequence (and perhaps the index) holds become free.
+        let freed = self.m.table(seq).map_err(kv)?.blocks()[keep..keep + count]
+            .iter()
+            .filter(|&&b| self.m.ref_count(b) == 1 + u32::from(self.m.is_indexed(b)))
+            .count();
+        let before = self.m.clone();
+        let copies = match self.m.evict_window(seq, keep, count) {
+            Ok(c) => c,
+            Err(KvError::InvalidArgument { .. })
+                if s.committed > lo && s.committed < hi && self.m == before =>
+            {
+                return Ok(())
+            }
+            Err(KvError::CacheFull { .. }) if self.m == before => return Ok(()),
+            Err(e) => return Err(format!("evict_window({keep}, {count}): {e}")),
+        };
+        if s.committed > lo && s.committed < hi {
+            return Err("eviction inside the committed ids succeeded".into());
+        }
+        if self.m.free_blocks() + copies.len() != free + freed {
+            return Err(format!(
+                "eviction of {count} blocks with {} copies moved free blocks {free} -> {}",
+                copies.len(),
+                self.m.free_blocks()
+            ));
+        }
+        if count == 0 {
+            // Nothing evicted, nothing made private: no rewrite may follow.
+            return if copies.is_empty() && self.m == before {
+                Ok(())
+            } else {
+                Err("evicting 0 blocks changed the manager".into())
+            };
+        }
+        self.store.copy(&copies);
+        s.tokens.drain(lo..hi);
+        s.expect.drain(lo..hi);
+        if s.committed >= hi {
+            s.committed -= hi - lo;
+        }
+        // The caller rewrites the sinks (re-rotated keys) after the copies.
+        let table = self.m.table(seq).map_err(kv)?;
+        for i in 0..lo {
+            let slot = table.slot(i, bs).ok_or("no slot for a kept token")?;
+            let content = (
+                s.salt,
+                vec![REWRITTEN, s.history.len() as u32, i as u32, REWRITTEN],
+            );
+            self.store.write_content(slot, content.clone());
+            s.expect[i] = content;
         }
         Ok(())
     }
@@ -379,6 +472,10 @@ impl Harness {
             (3, _) => self.m.free(unknown),
             (4, _) => self.m.fork(unknown).map(|_| ()),
             (5, Some(s)) => self.m.blocks_needed_batch(&[(s, 1), (s, 2)]).map(|_| ()),
+            (6, Some(s)) => {
+                let full = self.seqs[&s].tokens.len() / self.m.block_size();
+                self.m.evict_window(s, full, 1).map(|_| ())
+            }
             _ => return Ok(()),
         };
         match got {
@@ -411,7 +508,7 @@ impl Harness {
             if self.m.tokens(seq).map_err(kv)? != &s.tokens[..s.committed] {
                 return Err(format!("sequence {seq}: committed ids differ"));
             }
-            self.store.check_sequence(&self.m, seq, s.salt, &s.tokens)?;
+            check_contents(&self.store, &self.m, seq, &s.expect)?;
         }
         self.store.check_index(&self.m)?;
         if !self.prefix_on && (self.m.stats().indexed_blocks != 0 || self.m.cached_blocks() != 0) {
@@ -511,6 +608,34 @@ fn scripted_program_matches_model() -> Result<(), String> {
         Op::Commit { seq: 2 },
         Op::Bad { kind: 1, seq: 0 },
         Op::Bad { kind: 2, seq: 1 },
+        Op::Fork { seq: 1 },
+        Op::Append {
+            seq: 1,
+            tokens: vec![0, 1, 2, 0, 1, 2, 0, 1],
+            commit: true,
+        },
+        Op::Evict {
+            seq: 1,
+            keep: 1,
+            count: 2,
+        }, // sinks shared with the fork and the index: copied
+        Op::Step {
+            tokens: vec![1],
+            commit: true,
+        },
+        Op::Evict {
+            seq: 1,
+            keep: 1,
+            count: 1,
+        }, // now private: rewritten in place
+        Op::Bad { kind: 6, seq: 1 },
+        Op::CreatePrefix {
+            source: 0,
+            take: 20,
+            extra: vec![2],
+            salt: 0,
+            fill: true,
+        },
     ];
     for (bs, nb) in [(1, 12), (2, 8), (3, 6), (4, 4)] {
         run(bs, nb, true, &ops)?;

@@ -7,6 +7,7 @@ use candle_core::Tensor;
 use kv_attention::{CacheUsage, PagedCache};
 use kv_core::{memory, CacheBackend, KvDType, StorageSpec};
 
+use crate::window::{WindowConfig, WindowReport, WindowedSequence};
 use crate::{Logits, Model, ModelError, Result, Sampler, SamplingConfig};
 
 /// How the cache stores K/V: the row layout and the tokens per block.
@@ -74,6 +75,8 @@ pub enum CacheReport {
         layout: CacheLayout,
         /// Tokens and bytes held when generation ended.
         usage: CacheUsage,
+        /// The sliding window, when generation ran with one ([`Model::generate_windowed`]).
+        window: Option<WindowReport>,
     },
 }
 
@@ -141,12 +144,24 @@ impl fmt::Display for Summary {
                 "cache            none (whole sequence recomputed every step)"
             )?,
             CacheReport::Paged {
-                backend, layout, ..
-            } => writeln!(
-                f,
-                "cache            {backend}, {}, paged in blocks of {} tokens",
-                layout.dtype, layout.block_size
-            )?,
+                backend,
+                layout,
+                window,
+                ..
+            } => {
+                writeln!(
+                    f,
+                    "cache            {backend}, {}, paged in blocks of {} tokens",
+                    layout.dtype, layout.block_size
+                )?;
+                if let Some(w) = window {
+                    writeln!(
+                        f,
+                        "window           {} sinks + {} recent tokens; {} tokens evicted; peak {} tokens in {} blocks",
+                        w.config.sinks, w.config.window, w.evicted_tokens, w.peak_tokens, w.peak_blocks
+                    )?;
+                }
+            }
         }
         writeln!(f, "prompt tokens    {}", self.prompt_tokens)?;
         writeln!(f, "generated tokens {}", self.generated_tokens)?;
@@ -249,6 +264,69 @@ impl Model {
             backend: cache.backend().name().to_string(),
             layout,
             usage: cache.usage(),
+            window: None,
+        }))
+    }
+
+    /// Generates from `prompt` with StreamingLLM's sliding window ([`crate::window`]): the
+    /// cache keeps the first `window.sinks` tokens and the last `window.window` (up to a
+    /// block more), so generation runs past the model's context in a cache of fixed size,
+    /// [`WindowConfig::blocks_needed`] blocks. The prompt runs in chunks of at most
+    /// `window.window` tokens (and 256), each evicting what the next no longer needs.
+    ///
+    /// While nothing is evicted this is [`Model::generate`]: same positions, same cache
+    /// contents, same tokens.
+    ///
+    /// # Errors
+    /// [`ModelError::EmptyPrompt`], [`ModelError::InvalidArgument`] for zero `max_tokens`,
+    /// bad sampling, or a window [`WindowConfig::validate`] refuses,
+    /// [`ModelError::Unsupported`] for KIVI layouts, the cache's and the callback's errors.
+    /// Neither the prompt nor `max_tokens` is limited by the context.
+    pub fn generate_windowed<B: CacheBackend>(
+        &self,
+        backend: B,
+        layout: CacheLayout,
+        window: WindowConfig,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<Generation> {
+        check_options(prompt, options)?;
+        window.validate(
+            layout.block_size,
+            layout.dtype,
+            self.config().context_length,
+        )?;
+        let chunk = window.window.clamp(1, PREFILL_CHUNK);
+        let spec = StorageSpec::new(
+            self.shape(),
+            layout.dtype,
+            layout.block_size,
+            window.blocks_needed(layout.block_size, chunk),
+        )?;
+        let mut cache = PagedCache::new(backend, spec)?;
+        let mut seq = WindowedSequence::new(self, &mut cache, window)?;
+        let (mut peak_tokens, mut peak_blocks) = (0, 0);
+        let run = run_loop(prompt, options, on_token, |new, _| {
+            let mut last = None;
+            for part in new.chunks(chunk) {
+                last = Some(self.forward_windowed(part, &mut cache, &mut seq, Logits::Last)?);
+                peak_tokens = peak_tokens.max(cache.len(seq.seq())?);
+                peak_blocks = peak_blocks.max(cache.stats().used_blocks);
+            }
+            last.ok_or(ModelError::EmptyPrompt)
+        })?;
+        let report = WindowReport {
+            config: window,
+            evicted_tokens: cache.evicted_tokens(seq.seq())?,
+            peak_tokens,
+            peak_blocks,
+        };
+        Ok(run.finish(CacheReport::Paged {
+            backend: cache.backend().name().to_string(),
+            layout,
+            usage: cache.usage(),
+            window: Some(report),
         }))
     }
 
@@ -272,17 +350,7 @@ impl Model {
     }
 
     fn check_request(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {
-        if prompt.is_empty() {
-            return Err(ModelError::EmptyPrompt);
-        }
-        options.sampling.validate()?;
-        if options.max_tokens == 0 {
-            return Err(ModelError::InvalidArgument {
-                what: "max tokens",
-                expected: "at least 1".into(),
-                got: "0".into(),
-            });
-        }
+        check_options(prompt, options)?;
         let context = self.config().context_length;
         if prompt.len() > context {
             return Err(ModelError::ContextOverflow {
@@ -301,6 +369,26 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Largest prompt chunk of a windowed run: bounds the cache a chunk adds to the window.
+const PREFILL_CHUNK: usize = 256;
+
+/// What every generation needs, whatever its cache: a prompt, tokens to make, valid
+/// sampling.
+fn check_options(prompt: &[u32], options: &GenerateOptions) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(ModelError::EmptyPrompt);
+    }
+    options.sampling.validate()?;
+    if options.max_tokens == 0 {
+        return Err(ModelError::InvalidArgument {
+            what: "max tokens",
+            expected: "at least 1".into(),
+            got: "0".into(),
+        });
+    }
+    Ok(())
 }
 
 /// A finished loop before the cache report is attached.

@@ -11,6 +11,8 @@
 //!   [`Summary`] of what each cost.
 //! - [`batch`]: many sequences at once, a ragged batched forward pass, continuous batching
 //!   with prefix reuse and preemption ([`Model::generate_batch`], `kv batch`).
+//! - [`window`]: StreamingLLM's sliding window with attention sinks, for sequences longer
+//!   than the context in a cache of fixed size ([`Model::forward_windowed`]).
 //! - [`ppl`]: perplexity with the KV cache in each layout, scored like llama.cpp
 //!   (`kv ppl`).
 //!
@@ -53,6 +55,7 @@ pub mod ppl;
 mod rope;
 mod sampler;
 mod tokenizer;
+pub mod window;
 
 use std::path::{Path, PathBuf};
 
@@ -63,6 +66,7 @@ pub use generate::{CacheLayout, CacheReport, GenerateOptions, Generation, StopRe
 pub use model::{Logits, Model, WeightFormat};
 pub use sampler::{Sampler, SamplingConfig};
 pub use tokenizer::{ChatTemplate, TextStream, Tokenizer};
+pub use window::{StreamingScore, WindowConfig, WindowReport, WindowedSequence};
 
 /// Loads the model (default [`WeightFormat`]) and its tokenizer from one GGUF
 /// file, reading the header once, onto the CPU.

@@ -15,7 +15,7 @@ use kv_backend_cuda::CudaBackend;
 use kv_core::{memory, KvDType, ModelShape};
 use kv_model::{
     CacheLayout, GenerateOptions, Generation, LlamaConfig, ModelError, Result, SamplingConfig,
-    WeightFormat,
+    WeightFormat, WindowConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -43,6 +43,14 @@ enum Command {
     /// the next-token distribution from f16's, and how often the most likely token is
     /// f16's; a layout more than 10% worse than f16 is marked unsuitable for the model.
     Ppl(PplArgs),
+    /// Perplexity over a text longer than a sliding window: the full cache, the window with
+    /// attention sinks, and the plain window (no sinks), StreamingLLM's comparison.
+    ///
+    /// The text runs through one sequence, --chunk tokens per forward pass, as generation
+    /// feeds it; every token after the first sinks + window tokens is scored, so all three
+    /// runs score the same tokens and the windowed runs have evicted before the first.
+    /// The full-cache run is skipped when the text is longer than the context.
+    WindowPpl(WindowPplArgs),
     /// Generate from many prompts at once (continuous batching, greedy), sharing one
     /// cache with prefix reuse, and print per-sequence and aggregate tokens/s and how the
     /// cache's blocks were used, shared and reused.
@@ -160,6 +168,52 @@ struct GenerateArgs {
     /// Also write the summary as JSON to this file (for scripts such as `cargo xtask demo`).
     #[arg(long)]
     summary_json: Option<PathBuf>,
+    /// Sliding window (StreamingLLM): keep only the last W tokens (up to a block more)
+    /// besides the sinks, so generation runs past the model's context with a cache that
+    /// stops growing; --max-tokens is then not limited by the context.
+    #[arg(long, allow_negative_numbers = true)]
+    window: Option<usize>,
+    /// Generate exactly --max-tokens tokens: do not stop at the model's end-of-turn tokens
+    /// (for long runs and measurements).
+    #[arg(long)]
+    ignore_stop: bool,
+    /// With --window: the first S tokens stay in the cache for the whole run (attention
+    /// sinks); a multiple of --block-size.
+    #[arg(
+        long,
+        default_value_t = 0,
+        requires = "window",
+        allow_negative_numbers = true
+    )]
+    sinks: usize,
+}
+
+#[derive(Debug, Args)]
+struct WindowPplArgs {
+    /// GGUF model file [default: $KV_MODEL_DIR or ~/.cache/kv/models, SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The text to score (any UTF-8 text file).
+    #[arg(long)]
+    text: PathBuf,
+    /// Recent tokens the windowed caches keep.
+    #[arg(long, default_value_t = 1024)]
+    window: usize,
+    /// Attention sinks of the sinks run (the plain-window run has none).
+    #[arg(long, default_value_t = 32)]
+    sinks: usize,
+    /// Tokens per forward pass.
+    #[arg(long, default_value_t = 32)]
+    chunk: usize,
+    /// Score only the first N tokens of the text.
+    #[arg(long)]
+    tokens: Option<usize>,
+    /// Layout of cached K/V rows.
+    #[arg(long, default_value = "f16")]
+    dtype: KvDType,
+    /// Tokens per cache block.
+    #[arg(long, default_value_t = 32)]
+    block_size: usize,
 }
 
 /// The run-time choice of cache backend: a thin switch over the generic code.
@@ -218,6 +272,7 @@ fn main() -> ExitCode {
         Command::Mem(args) => mem(args),
         Command::Ppl(args) => ppl(args),
         Command::Batch(args) => batch(args),
+        Command::WindowPpl(args) => window_ppl(args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -272,6 +327,17 @@ fn generate(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
     };
     sampling.validate()?;
+    let window = args.window.map(|window| WindowConfig {
+        sinks: args.sinks,
+        window,
+    });
+    if args.no_cache && window.is_some() {
+        return Err(ModelError::InvalidArgument {
+            what: "--window",
+            expected: "a cache (the window is a cache policy)".into(),
+            got: "--no-cache".into(),
+        });
+    }
     // Before the model loads, so an unavailable backend fails fast.
     let backend = match (args.no_cache, args.backend) {
         (true, _) => None,
@@ -303,7 +369,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling,
-        stop_tokens: tokenizer.stop_tokens().to_vec(),
+        stop_tokens: if args.ignore_stop {
+            Vec::new()
+        } else {
+            tokenizer.stop_tokens().to_vec()
+        },
         keep_logits: false,
     };
     let layout = CacheLayout {
@@ -324,10 +394,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         Ok(())
     };
-    let run: Generation = match backend {
-        None => model.generate_uncached(&prompt, &options, on_token)?,
-        Some(Chosen::Cpu(b)) => model.generate(b, layout, &prompt, &options, on_token)?,
-        Some(Chosen::Cuda(b)) => model.generate(b, layout, &prompt, &options, on_token)?,
+    let run: Generation = match (backend, window) {
+        (None, _) => model.generate_uncached(&prompt, &options, on_token)?,
+        (Some(Chosen::Cpu(b)), None) => model.generate(b, layout, &prompt, &options, on_token)?,
+        (Some(Chosen::Cuda(b)), None) => model.generate(b, layout, &prompt, &options, on_token)?,
+        (Some(Chosen::Cpu(b)), Some(w)) => {
+            model.generate_windowed(b, layout, w, &prompt, &options, on_token)?
+        }
+        (Some(Chosen::Cuda(b)), Some(w)) => {
+            model.generate_windowed(b, layout, w, &prompt, &options, on_token)?
+        }
     };
     let tail = stream.finish()?.unwrap_or_default();
     writeln!(out, "{tail}\n\n{}", run.summary).map_err(ModelError::Output)?;
@@ -498,6 +574,82 @@ fn ppl(args: PplArgs) -> Result<()> {
     )
     .and_then(|()| write!(out, "{report}"))
     .map_err(ModelError::Output)
+}
+
+fn window_ppl(args: WindowPplArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.text).map_err(|source| ModelError::Io {
+        path: args.text.clone(),
+        source,
+    })?;
+    let path = args.model.unwrap_or_else(kv_model::default_model_path);
+    let (model, tokenizer) = kv_model::load(&path)?;
+    let mut tokens = tokenizer.encode(&text)?;
+    if let Some(n) = args.tokens {
+        tokens.truncate(n);
+    }
+    let layout = CacheLayout {
+        dtype: args.dtype,
+        block_size: args.block_size,
+    };
+    let score_from = args.sinks + args.window;
+    let mut runs: Vec<Option<WindowConfig>> = Vec::new();
+    if tokens.len() <= model.config().context_length {
+        runs.push(None);
+    }
+    runs.push(Some(WindowConfig {
+        sinks: args.sinks,
+        window: args.window,
+    }));
+    runs.push(Some(WindowConfig {
+        sinks: 0,
+        window: args.window,
+    }));
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{} tokens of {}, {} per forward pass, {} cache in blocks of {}; scored: tokens {}.. ({} tokens)",
+        tokens.len(),
+        args.text.display(),
+        args.chunk,
+        args.dtype,
+        args.block_size,
+        score_from,
+        tokens.len().saturating_sub(score_from)
+    )
+    .and_then(|()| {
+        writeln!(
+            out,
+            "cache                      perplexity   mean NLL  peak blocks  evicted  seconds"
+        )
+    })
+    .map_err(ModelError::Output)?;
+    for window in runs {
+        let started = std::time::Instant::now();
+        let score = model.perplexity_streaming(
+            CpuBackend::new(),
+            layout,
+            window,
+            &tokens,
+            args.chunk,
+            score_from,
+        )?;
+        let name = match window {
+            None => "full".to_string(),
+            Some(w) if w.sinks == 0 => format!("window {} (no sinks)", w.window),
+            Some(w) => format!("window {} + {} sinks", w.window, w.sinks),
+        };
+        writeln!(
+            out,
+            "{name:<26} {:>10.4} {:>10.5} {:>12} {:>8} {:>8.1}",
+            score.perplexity(),
+            score.mean_nll,
+            score.peak_blocks,
+            score.evicted_tokens,
+            started.elapsed().as_secs_f64()
+        )
+        .map_err(ModelError::Output)?;
+    }
+    Ok(())
 }
 
 fn mem(args: MemArgs) -> Result<()> {

@@ -471,6 +471,11 @@ impl Model {
 }
 
 impl Model {
+    /// The rotary tables (the sliding window re-rotates its sinks with them).
+    pub(crate) fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
     /// RoPE over `x` (`[n, heads, head_dim]`) split into `segments` (see [`Model::run`]).
     fn rope_segments(&self, x: &Tensor, segments: &[(usize, usize)]) -> Result<Tensor> {
         if let [(start, _)] = segments {

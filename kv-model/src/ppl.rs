@@ -192,7 +192,7 @@ struct Sums {
 }
 
 /// `log softmax(row)` in f64, and the index of the largest entry.
-fn log_softmax(row: &[f32]) -> (Vec<f64>, usize) {
+pub(crate) fn log_softmax(row: &[f32]) -> (Vec<f64>, usize) {
     let (mut best, mut max) = (0, f32::NEG_INFINITY);
     for (i, &x) in row.iter().enumerate() {
         if x > max {

@@ -5,6 +5,11 @@
 //! `(x[2i], x[2i+1])` by the angle `p * base^(-2i/d)` therefore reproduces the original
 //! model's "rotate half" RoPE exactly. Using the half-split form here would silently produce
 //! a different (and broken) model.
+//!
+//! Angles come from a table for the model's context length; a position past it (only the
+//! sliding window reaches one: every other path refuses tokens past the context before
+//! RoPE, with [`crate::ModelError::ContextOverflow`]) has its angles computed in f64 on
+//! the spot, exactly as the table's were.
 
 use candle_core::{Device, Tensor, D};
 
@@ -17,6 +22,8 @@ pub(crate) struct Rope {
     cos: Tensor,
     /// `[positions, rope_dim / 2]`.
     sin: Tensor,
+    /// Per pair: `scale * base^(-2i/rope_dim) / factor_i`, the angle per position.
+    inv_freq: Vec<f64>,
     rope_dim: usize,
     positions: usize,
 }
@@ -47,26 +54,19 @@ impl Rope {
             }
         }
         let base = f64::from(config.rope_freq_base);
+        let scale = f64::from(config.rope_position_scale);
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| {
                 let f = base.powf(-2.0 * i as f64 / config.rope_dim as f64);
-                f / freq_factors.map_or(1.0, |ff| f64::from(ff[i]))
+                scale * f / freq_factors.map_or(1.0, |ff| f64::from(ff[i]))
             })
             .collect();
         let positions = config.context_length;
-        let scale = f64::from(config.rope_position_scale);
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        for p in 0..positions {
-            for f in &inv_freq {
-                let angle = p as f64 * scale * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
+        let (cos, sin) = angles(&inv_freq, 0..positions);
         Ok(Self {
             cos: Tensor::from_vec(cos, (positions, half), device)?,
             sin: Tensor::from_vec(sin, (positions, half), device)?,
+            inv_freq,
             rope_dim: config.rope_dim,
             positions,
         })
@@ -75,17 +75,47 @@ impl Rope {
     /// Rotates `x` (`[tokens, heads, head_dim]`, f32) whose tokens sit at positions
     /// `start..start + tokens`.
     pub(crate) fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (n, heads, head_dim) = x.dims3()?;
-        if start + n > self.positions {
-            return Err(ModelError::ContextOverflow {
-                what: "position",
-                needed: start + n,
-                context: self.positions,
-            });
-        }
+        let n = x.dim(0)?;
         let half = self.rope_dim / 2;
-        let cos = self.cos.narrow(0, start, n)?.reshape((n, 1, half))?;
-        let sin = self.sin.narrow(0, start, n)?.reshape((n, 1, half))?;
+        let (cos, sin) = match start.checked_add(n) {
+            Some(end) if end <= self.positions => {
+                (self.cos.narrow(0, start, n)?, self.sin.narrow(0, start, n)?)
+            }
+            Some(end) => {
+                let (cos, sin) = angles(&self.inv_freq, start..end);
+                (
+                    Tensor::from_vec(cos, (n, half), x.device())?,
+                    Tensor::from_vec(sin, (n, half), x.device())?,
+                )
+            }
+            None => {
+                return Err(ModelError::ContextOverflow {
+                    what: "position",
+                    needed: usize::MAX,
+                    context: self.positions,
+                })
+            }
+        };
+        self.rotate(x, &cos, &sin)
+    }
+
+    /// Rotates every row of `x` (`[tokens, heads, head_dim]`, f32) by the angles of one
+    /// `position`: moves keys rotated at `p` to `p + position` (rotations compose).
+    pub(crate) fn shift(&self, x: &Tensor, position: usize) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let half = self.rope_dim / 2;
+        let (cos, sin) = angles(&self.inv_freq, position..position + 1);
+        let cos = Tensor::from_vec(cos.repeat(n), (n, half), x.device())?;
+        let sin = Tensor::from_vec(sin.repeat(n), (n, half), x.device())?;
+        self.rotate(x, &cos, &sin)
+    }
+
+    /// Rotates row `t` of `x` by the angles in row `t` of `cos`/`sin` (`[tokens, half]`).
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (n, heads, head_dim) = x.dims3()?;
+        let half = self.rope_dim / 2;
+        let cos = cos.reshape((n, 1, half))?;
+        let sin = sin.reshape((n, 1, half))?;
         let rotated = x.narrow(2, 0, self.rope_dim)?;
         let pairs = rotated.reshape((n, heads, half, 2))?;
         let even = pairs.narrow(3, 0, 1)?.squeeze(3)?;
@@ -101,6 +131,20 @@ impl Rope {
             Ok(Tensor::cat(&[out, pass], 2)?)
         }
     }
+}
+
+/// Cosine and sine of `position * inv_freq[i]` for each position, computed in f64.
+fn angles(inv_freq: &[f64], positions: std::ops::Range<usize>) -> (Vec<f32>, Vec<f32>) {
+    let n = positions.len() * inv_freq.len();
+    let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for p in positions {
+        for f in inv_freq {
+            let angle = p as f64 * f;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
 }
 
 #[cfg(test)]
@@ -140,6 +184,13 @@ mod tests {
     }
 
     fn check(cfg: &LlamaConfig, factors: Option<&[f32]>) {
+        // Inside the table, and past the context (computed on the spot; window mode only).
+        check_at(cfg, factors, 9);
+        check_at(cfg, factors, 62);
+        check_at(cfg, factors, 10_000);
+    }
+
+    fn check_at(cfg: &LlamaConfig, factors: Option<&[f32]>, start: usize) {
         let dev = Device::Cpu;
         let rope = Rope::new(cfg, factors, &dev).unwrap();
         let (n, heads, d) = (5, 2, cfg.head_dim);
@@ -147,7 +198,6 @@ mod tests {
             .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
             .collect();
         let x = Tensor::from_vec(data.clone(), (n, heads, d), &dev).unwrap();
-        let start = 9;
         let got = rope.apply(&x, start).unwrap();
         let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
         for t in 0..n {
@@ -180,6 +230,26 @@ mod tests {
     }
 
     #[test]
+    fn shift_composes_with_the_first_rotation() {
+        let cfg = config(8, 8);
+        let rope = Rope::new(&cfg, None, &Device::Cpu).unwrap();
+        let data: Vec<f32> = (0..3 * 2 * 8).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x = Tensor::from_vec(data, (3, 2, 8), &Device::Cpu).unwrap();
+        // Rows at 4, 5, 6 shifted by 9000 are rows at 9004, 9005, 9006.
+        let shifted = rope.shift(&rope.apply(&x, 4).unwrap(), 9000).unwrap();
+        let direct = rope.apply(&x, 9004).unwrap();
+        let diff: f32 = (shifted - direct)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
     fn position_zero_is_identity_and_overflow_is_an_error() {
         let cfg = config(8, 8);
         let rope = Rope::new(&cfg, None, &Device::Cpu).unwrap();
@@ -199,7 +269,7 @@ mod tests {
         assert_eq!(diff, 0.0);
         let x = Tensor::zeros((2, 2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(matches!(
-            rope.apply(&x, 63),
+            rope.apply(&x, usize::MAX),
             Err(ModelError::ContextOverflow { .. })
         ));
     }

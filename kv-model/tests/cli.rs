@@ -184,3 +184,11 @@ fn help_succeeds() {
         "{stdout}"
     );
 }
+
+#[test]
+fn window_flags_are_checked_before_the_model_loads() {
+    let out = kv(&["generate", "--prompt", "hi", "--sinks", "32"]);
+    fails_with(&out, "--window");
+    let out = kv(&["generate", "--prompt", "hi", "--window", "64", "--no-cache"]);
+    fails_with(&out, "--no-cache");
+}

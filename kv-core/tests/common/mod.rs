@@ -43,6 +43,11 @@ impl SimStorage {
         }
     }
 
+    /// Writes arbitrary contents into one slot (a rewrite in place, e.g. re-rotated sinks).
+    pub fn write_content(&mut self, slot: Slot, kv: Kv) {
+        self.slots[slot.flat(self.block_size)] = Some(kv);
+    }
+
     pub fn read(&self, slot: Slot) -> Option<&Kv> {
         self.slots.get(slot.flat(self.block_size))?.as_ref()
     }
@@ -115,6 +120,36 @@ pub fn check_table(
             .ok_or_else(|| format!("sequence {seq} has no slot for token {i}"))?;
         let want = (salt, tokens[..=i].to_vec());
         if store.read(slot) != Some(&want) {
+            return Err(format!(
+                "sequence {seq} token {i} at {slot:?} reads {:?}, expected {want:?}",
+                store.read(slot)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `seq` reads back exactly `expect`, one entry per cache index.
+pub fn check_contents(
+    store: &SimStorage,
+    m: &CacheManager,
+    seq: SeqId,
+    expect: &[Kv],
+) -> Result<(), String> {
+    let bs = m.block_size();
+    let table = m.table(seq).map_err(|e| e.to_string())?;
+    if table.len() != expect.len() {
+        return Err(format!(
+            "sequence {seq} holds {} tokens, expected {}",
+            table.len(),
+            expect.len()
+        ));
+    }
+    for (i, want) in expect.iter().enumerate() {
+        let slot = table
+            .slot(i, bs)
+            .ok_or_else(|| format!("sequence {seq} has no slot for token {i}"))?;
+        if store.read(slot) != Some(want) {
             return Err(format!(
                 "sequence {seq} token {i} at {slot:?} reads {:?}, expected {want:?}",
                 store.read(slot)
