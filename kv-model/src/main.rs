@@ -236,6 +236,16 @@ enum Weights {
     Quantized,
 }
 
+impl From<Weights> for WeightFormat {
+    fn from(w: Weights) -> Self {
+        match w {
+            Weights::Blocks => WeightFormat::Blocks,
+            Weights::F32 => WeightFormat::F32,
+            Weights::Quantized => WeightFormat::Quantized,
+        }
+    }
+}
+
 /// A backend made from [`Backend`].
 enum Chosen {
     Cpu(CpuBackend),
@@ -345,12 +355,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         (false, Backend::Cuda) => Some(Chosen::Cuda(CudaBackend::new(0)?)),
     };
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
-    let format = match args.weights {
-        Weights::Blocks => WeightFormat::Blocks,
-        Weights::F32 => WeightFormat::F32,
-        Weights::Quantized => WeightFormat::Quantized,
-    };
-    let (model, tokenizer) = kv_model::load_with(&path, format)?;
+    let (model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
     let text = if args.raw {
         args.prompt
     } else {
@@ -526,12 +531,7 @@ fn ppl(args: PplArgs) -> Result<()> {
         source,
     })?;
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
-    let format = match args.weights {
-        Weights::Blocks => WeightFormat::Blocks,
-        Weights::F32 => WeightFormat::F32,
-        Weights::Quantized => WeightFormat::Quantized,
-    };
-    let (model, tokenizer) = kv_model::load_with(&path, format)?;
+    let (model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
     let tokens = tokenizer.encode(&text)?;
     let options = kv_model::ppl::PerplexityOptions {
         ctx: args.ctx,
