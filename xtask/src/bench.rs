@@ -24,6 +24,8 @@ pub struct Options {
     pub peer: bool,
     /// Threads for kv's backend and candle's matmuls.
     pub threads: usize,
+    /// Measure nothing: write the report again from the last run's `results.txt`.
+    pub report_only: bool,
 }
 
 impl Options {
@@ -34,6 +36,7 @@ impl Options {
             quick,
             peer: !quick,
             threads: 2,
+            report_only: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -41,6 +44,7 @@ impl Options {
                 "--quick" => {}
                 "--peer" => o.peer = true,
                 "--no-peer" => o.peer = false,
+                "--report-only" => o.report_only = true,
                 "--threads" => {
                     let v = it.next().ok_or("--threads needs a number")?;
                     o.threads =
@@ -178,9 +182,35 @@ fn capture(step: &str, mut cmd: Command) -> Result<String, String> {
 /// `cargo xtask bench [--quick] [--peer | --no-peer] [--threads N]`.
 pub fn bench(o: &Options) -> Result<(), String> {
     let started = Instant::now();
-    let model = fetch::ensure_model()?;
     let target = root().join("target");
     let out_dir = target.join("kv-bench");
+    let raw = out_dir.join("results.txt");
+    if o.report_only {
+        let stdout =
+            std::fs::read_to_string(&raw).map_err(|e| format!("reading {}: {e}", raw.display()))?;
+        let recs = parse(&stdout);
+        let run = recs.iter().find(|r| r.get("section") == Some("run"));
+        let meta = Meta {
+            quick: run.and_then(|r| r.get("quick")) == Some("true"),
+            peer: recs.iter().any(|r| r.get("section") == Some("kvcache")),
+            threads: run
+                .and_then(|r| r.num("threads"))
+                .map_or(o.threads, |t| t as usize),
+            peer_build_s: recs
+                .iter()
+                .find(|r| r.get("section") == Some("peer-build"))
+                .and_then(|r| r.num("secs")),
+            elapsed_s: recs
+                .iter()
+                .find(|r| r.get("section") == Some("elapsed"))
+                .and_then(|r| r.num("secs"))
+                .unwrap_or(0.0),
+        };
+        let report = write_report(&Results { recs }, &meta, &out_dir)?;
+        println!("bench: report rewritten in {}", report.display());
+        return Ok(());
+    }
+    let model = fetch::ensure_model()?;
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| format!("creating {}: {e}", out_dir.display()))?;
 
@@ -270,7 +300,16 @@ pub fn bench(o: &Options) -> Result<(), String> {
         }
     }
 
-    let raw = out_dir.join("results.txt");
+    // What the report needs to be written again with --report-only.
+    let _ = writeln!(
+        stdout,
+        "BENCH section=elapsed secs={:.1}",
+        started.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(stdout, "BENCH section=meta commit={}", git_commit());
+    if let Some(s) = peer_build_s {
+        let _ = writeln!(stdout, "BENCH section=peer-build secs={s:.1}");
+    }
     std::fs::write(&raw, &stdout).map_err(|e| format!("writing {}: {e}", raw.display()))?;
     let results = Results {
         recs: parse(&stdout),
@@ -319,7 +358,14 @@ fn git_commit() -> String {
         .ok()
         .filter(|o| o.status.success())
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
+        .map(|s| {
+            let dirty = Command::new("git")
+                .args(["status", "--porcelain", "--untracked-files=no"])
+                .current_dir(root())
+                .output()
+                .is_ok_and(|o| !o.stdout.is_empty());
+            format!("{}{}", s.trim(), if dirty { "-dirty" } else { "" })
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -346,7 +392,9 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
          kv's backend and candle's matmuls (`RAYON_NUM_THREADS`); {}; {} cores. Model: \
          SmolLM2-135M-Instruct Q4_1 (GGUF). Raw lines: `results.txt`.\n",
         if m.quick { " --quick" } else { "" },
-        git_commit(),
+        r.find(&[("section", "meta")])
+            .and_then(|x| x.get("commit"))
+            .map_or_else(git_commit, str::to_string),
         m.elapsed_s / 60.0,
         m.threads,
         cpu_model(),
@@ -394,9 +442,12 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
     tokens.dedup();
     let mut target_lines = Vec::new();
     for shape in ["smollm2-135m", "llama-2-7b"] {
-        let title = match shape {
-            "smollm2-135m" => "SmolLM2-135M layer (9 query heads, 3 KV heads of 64)",
-            _ => "Llama-2-7B layer (32 heads of 128)",
+        let (title, short) = match shape {
+            "smollm2-135m" => (
+                "SmolLM2-135M layer (9 query heads, 3 KV heads of 64)",
+                "SmolLM2-135M layer",
+            ),
+            _ => ("Llama-2-7B layer (32 heads of 128)", "Llama-2-7B layer"),
         };
         let _ = writeln!(w, "### {title}\n");
         let mut header = "| layout |".to_string();
@@ -453,7 +504,7 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
         let file = format!("attention_{shape}.svg");
         line_chart(
             &dir.join(&file),
-            &format!("Decode attention, {title}: % of the memory probe"),
+            &format!("Decode attention, {short}: % of the memory probe"),
             "cached tokens",
             "K/V bytes/s, % of probe",
             &series,
@@ -483,12 +534,25 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
     let _ = writeln!(
         w,
         "Time to produce one token with n tokens of context: without a cache the model \
-         recomputes all n (median of a few runs); with it, the n-th token goes through the \
-         model alone and attends to the n - 1 cached ones.\n"
+         recomputes all n (median of up to 3 runs; no further run once they took 20 s); \
+         with it, the n-th token goes through the model alone and attends to the n - 1 \
+         cached ones (median of 8). The recompute uses kv's uncached forward pass (plain \
+         tensor attention over the whole sequence). That path is much slower than the \
+         cached prefill of the same tokens, so the last two columns also give the recompute \
+         at the cached path's prefill rate (section 3, f16 cache, a 512-token prompt): a \
+         fairer estimate of what a fast recompute would cost.\n"
     );
     let _ = writeln!(
         w,
-        "| context n | no cache, ms/token | cache, ms/token | no cache / cache |\n|---:|---:|---:|---:|"
+        "| context n | no cache, ms/token (runs) | cache, ms/token | no cache / cache | n / cached prefill rate, ms | that / cache |\n|---:|---:|---:|---:|---:|---:|"
+    );
+    let prefill_rate = r.one(
+        &[
+            ("section", "prefill"),
+            ("layout", "f16"),
+            ("weights", "f32"),
+        ],
+        "tokens_per_s",
     );
     let mut unc = Vec::new();
     let mut cac = Vec::new();
@@ -498,12 +562,17 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
             rec.num("uncached_secs"),
             rec.num("cached_secs"),
         ) {
+            // What recomputing n tokens would cost at the cached path's prefill speed.
+            let est = prefill_rate.map(|p| n / p);
             let _ = writeln!(
                 w,
-                "| {n} | {:.1} | {:.2} | {:.1}x |",
+                "| {n} | {:.1} ({}) | {:.2} | {:.1}x | {} | {} |",
                 u * 1e3,
+                rec.get("uncached_runs").unwrap_or("?"),
                 c * 1e3,
-                u / c
+                u / c,
+                opt(est, |e| format!("{:.1}", e * 1e3)),
+                opt(est, |e| format!("{:.1}x", e / c)),
             );
             unc.push((n, u * 1e3));
             cac.push((n, c * 1e3));
@@ -917,6 +986,12 @@ fn line_chart(
         .y_label_area_size(80)
         .build_cartesian_2d((x0 - pad)..(x1 + pad), 0.0..y1.max(1e-9))
         .map_err(|e| err(&e))?;
+    // On a log2 axis, one label per doubling.
+    let x_labels = if log2_x {
+        (x1 - x0).round() as usize + 1
+    } else {
+        10
+    };
     let x_fmt = |v: &f64| {
         if log2_x {
             format!("{:.0}", v.exp2())
@@ -930,6 +1005,7 @@ fn line_chart(
         .y_desc(y_desc)
         .label_style(("sans-serif", 17))
         .axis_desc_style(("sans-serif", 18))
+        .x_labels(x_labels)
         .x_label_formatter(&x_fmt)
         .y_label_formatter(&|v| format!("{v:.1}"))
         .draw()

@@ -16,7 +16,7 @@ cargo xtask <command>
 commands:
   demo          fetch the model if absent, generate with and without the KV cache, compare
   test-all      everything a contributor must pass (fmt, clippy, tests, doc tests,
-                backend conformance, real-model tests in release)
+                backend conformance, real-model tests in release, bench --quick)
   fetch-model   download SmolLM2-135M-Instruct (GGUF) into the model directory
   bench         measure in one run and write target/kv-bench/report.md with SVG plots:
                 memory probe and decode attention per layout (SmolLM2 and Llama-2-7B
@@ -24,9 +24,11 @@ commands:
                 and 4064, and the Rust peer (candle-transformers' quantized Llama, candle-nn's
                 KvCache; built from xtask/candle-peer, outside the workspace). 10-20 min.
     --quick     tiny sizes, every section, under two minutes (test-all runs this);
-                skips the peer unless --peer (its first build takes minutes)
+                skips the peer unless --peer (its first build compiles candle-transformers:
+                8 CPU-minutes, 16 min measured on a busy 2-core machine)
     --peer      run the peer in --quick too;  --no-peer  skip it in the full bench
     --threads N threads for kv and candle (default 2)
+    --report-only  measure nothing: rewrite the report from target/kv-bench/results.txt
   help          this text
 
 environment:
