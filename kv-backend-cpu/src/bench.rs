@@ -210,6 +210,31 @@ impl DecodeBench {
         queries: usize,
         threads: usize,
     ) -> Result<Self> {
+        Self::with_min_bytes(
+            shape,
+            dtype,
+            tokens,
+            queries,
+            threads,
+            BENCH_MIN_CACHE_BYTES,
+        )
+    }
+
+    /// Like [`DecodeBench::with_queries`], holding at least `min_bytes` of K/V (over at most
+    /// [`BENCH_MAX_LAYERS`] layers) instead of [`BENCH_MIN_CACHE_BYTES`]: a quick run that
+    /// only proves a harness works can skip filling 96 MiB per point (its steps then read
+    /// from the CPU caches).
+    ///
+    /// # Errors
+    /// As [`DecodeBench::with_queries`].
+    pub fn with_min_bytes(
+        shape: ModelShape,
+        dtype: KvDType,
+        tokens: usize,
+        queries: usize,
+        threads: usize,
+        min_bytes: u64,
+    ) -> Result<Self> {
         if tokens == 0 {
             return Err(KvError::InvalidArgument {
                 what: "bench tokens",
@@ -218,7 +243,7 @@ impl DecodeBench {
         }
         let (kvh, d) = (shape.n_kv_heads(), shape.head_dim());
         let kv_bytes = 2 * (tokens * kvh) as u64 * dtype.row_bytes(d)? as u64;
-        let layers = BENCH_MIN_CACHE_BYTES
+        let layers = min_bytes
             .div_ceil(kv_bytes)
             .clamp(1, BENCH_MAX_LAYERS as u64) as usize;
         let shape = ModelShape::new(layers, shape.n_q_heads(), kvh, d)?;
@@ -387,6 +412,10 @@ mod tests {
         // Every layer holds the same K/V, so every step answers the same.
         let first = b.step()?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(b.step()?.flatten_all()?.to_vec1::<f32>()?, first);
+        // Fewer layers, the same data: the same answer.
+        let small = DecodeBench::with_min_bytes(shape, KvDType::BF16, 40, 1, 1, 0)?;
+        assert_eq!(small.layers(), 1);
+        assert_eq!(small.step()?.flatten_all()?.to_vec1::<f32>()?, first);
         assert!(b.time_steps(2)? > 0.0);
         assert!(matches!(
             DecodeBench::new(shape, KvDType::F32, 0, 1),

@@ -3,6 +3,7 @@
 //! A plain binary with few dependencies (rust-analyzer's xtask pattern): it fetches the
 //! model, drives `cargo` and the `kv` binary, and never links the heavy crates itself.
 
+mod bench;
 mod fetch;
 
 use std::path::{Path, PathBuf};
@@ -15,8 +16,19 @@ cargo xtask <command>
 commands:
   demo          fetch the model if absent, generate with and without the KV cache, compare
   test-all      everything a contributor must pass (fmt, clippy, tests, doc tests,
-                backend conformance, real-model tests in release)
+                backend conformance, real-model tests in release, bench --quick)
   fetch-model   download SmolLM2-135M-Instruct (GGUF) into the model directory
+  bench         measure in one run and write target/kv-bench/report.md with SVG plots:
+                memory probe and decode attention per layout (SmolLM2 and Llama-2-7B
+                layers), cache vs no cache, prefill/decode per layout at depths 0, 1024
+                and 4064, and the Rust peer (candle-transformers' quantized Llama, candle-nn's
+                KvCache; built from xtask/candle-peer, outside the workspace). 10-20 min.
+    --quick     tiny sizes, every section, under two minutes (test-all runs this);
+                skips the peer unless --peer (its first build compiles candle-transformers:
+                8 CPU-minutes, 16 min measured on a busy 2-core machine)
+    --peer      run the peer in --quick too;  --no-peer  skip it in the full bench
+    --threads N threads for kv and candle (default 2)
+    --report-only  measure nothing: rewrite the report from target/kv-bench/results.txt
   help          this text
 
 environment:
@@ -27,6 +39,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo(),
         Some("test-all") => test_all(),
+        Some("bench") => bench::Options::parse(&args[1..]).and_then(|o| bench::bench(&o)),
         Some("fetch-model") => fetch::ensure_model().map(|p| println!("model: {}", p.display())),
         None | Some("help" | "-h" | "--help") => {
             println!("{HELP}");
@@ -44,21 +57,21 @@ fn main() -> ExitCode {
 }
 
 /// The workspace root (xtask lives one level below it).
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root());
     cmd
 }
 
 /// Runs a step, echoing it, and fails with its name when it fails.
-fn run(step: &str, mut cmd: Command) -> Result<(), String> {
+pub(crate) fn run(step: &str, mut cmd: Command) -> Result<(), String> {
     println!("\n==> {step}");
     let started = Instant::now();
     let status = cmd
@@ -122,6 +135,11 @@ fn test_all() -> Result<(), String> {
     ])
     .env("KV_MODEL_PATH", &model);
     run("real-model tests (release, SmolLM2-135M)", real)?;
+
+    // The bench harness end to end at tiny sizes: proves it runs and writes its report;
+    // no speed is asserted.
+    println!("\n==> bench harness (cargo xtask bench --quick)");
+    bench::bench(&bench::Options::parse(&["--quick".to_string()])?)?;
 
     println!(
         "\ntest-all: everything passed in {:.1} min",

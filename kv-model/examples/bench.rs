@@ -1,0 +1,427 @@
+//! The measurement program behind `cargo xtask bench`: every number kv's report shows, in
+//! one run, as lines `BENCH section=... key=value ...` on stdout (progress on stderr).
+//!
+//! Sections:
+//! - `probe`, `attn`: the memory-read probe (the limit) and one decode-attention step per
+//!   layout at several context lengths, for a SmolLM2 layer and a Llama-2-7B layer
+//!   ([`kv_backend_cpu::bench`]).
+//! - `nocache`: time per generated token on the model at context n, recomputing the whole
+//!   sequence (no cache) and with the cache (one token through the model).
+//! - `prefill`, `decode`: end to end on the model per layout: prompt tokens/s, and decode
+//!   tokens/s at several depths (tokens already in the cache).
+//!
+//! `cargo run --release -p kv-model --example bench -- [--quick] [--model FILE]
+//! [--threads N] [--sections attn,nocache,e2e]`. Set `RAYON_NUM_THREADS` to the same thread
+//! count: candle's matmuls read it.
+
+use std::error::Error;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use kv_attention::PagedCache;
+use kv_backend_cpu::bench::{memory_read_probe, DecodeBench, BENCH_MIN_CACHE_BYTES};
+use kv_backend_cpu::CpuBackend;
+use kv_core::candle::{Device, Tensor, D};
+use kv_core::{KvDType, ModelShape, StorageSpec};
+use kv_model::{Logits, Model, WeightFormat};
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+/// The layouts measured, in report order.
+const LAYOUTS: [&str; 8] = [
+    "f32",
+    "f16",
+    "bf16",
+    "int8-g32",
+    "int4-g32",
+    "int4h-g32",
+    "kivi4",
+    "kivi2",
+];
+
+/// Tokens per cache block in the model sections: a multiple of KIVI's 32-token key block.
+const BLOCK: usize = 32;
+
+/// How much to measure: the full run or the quick one that proves the harness.
+struct Sizes {
+    probe_bytes: usize,
+    attn_tokens: Vec<usize>,
+    /// K/V each attention point holds at least (over identical layers).
+    attn_min_bytes: u64,
+    /// Seconds of timed steps per attention point (at least 3 steps).
+    attn_seconds: f64,
+    nocache_n: Vec<usize>,
+    nocache_steps: usize,
+    /// Seconds after which no further recompute run starts for the same n.
+    nocache_budget_s: f64,
+    cached_steps: usize,
+    prompt: usize,
+    depths: Vec<usize>,
+    decode: usize,
+    /// With the file's quantized weights (candle's scalar Q4_1 matmul: slow), f16 cache:
+    /// prompt length and decode steps at depth 0.
+    quantized_prompt: usize,
+    quantized_decode: usize,
+}
+
+impl Sizes {
+    fn full() -> Self {
+        Self {
+            probe_bytes: 512 << 20,
+            attn_tokens: vec![1024, 4096, 16384],
+            attn_min_bytes: BENCH_MIN_CACHE_BYTES,
+            attn_seconds: 0.4,
+            nocache_n: vec![64, 128, 256, 512, 1024, 2048],
+            nocache_steps: 3,
+            nocache_budget_s: 20.0,
+            cached_steps: 8,
+            prompt: 512,
+            // The last depth ends its 32 decode steps at 4096, candle-transformers'
+            // longest sequence, so the peer can be measured at the same depths.
+            depths: vec![0, 1024, 4064],
+            decode: 32,
+            quantized_prompt: 64,
+            quantized_decode: 8,
+        }
+    }
+
+    fn quick() -> Self {
+        Self {
+            probe_bytes: 32 << 20,
+            attn_tokens: vec![256, 1024],
+            attn_min_bytes: 4 << 20,
+            attn_seconds: 0.02,
+            nocache_n: vec![16, 32, 64],
+            nocache_steps: 1,
+            nocache_budget_s: 1.0,
+            cached_steps: 2,
+            prompt: 32,
+            depths: vec![0, 64, 128],
+            decode: 3,
+            quantized_prompt: 8,
+            quantized_decode: 2,
+        }
+    }
+}
+
+struct Args {
+    quick: bool,
+    model: Option<String>,
+    threads: usize,
+    sections: Vec<String>,
+}
+
+fn parse_args() -> Res<Args> {
+    let mut a = Args {
+        quick: false,
+        model: None,
+        threads: 2,
+        sections: vec!["attn".into(), "nocache".into(), "e2e".into()],
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--quick" => a.quick = true,
+            "--model" => a.model = Some(it.next().ok_or("--model needs a file")?),
+            "--threads" => {
+                let v = it.next().ok_or("--threads needs a number")?;
+                a.threads = v
+                    .parse::<usize>()
+                    .map_err(|e| format!("--threads {v:?}: {e}"))?
+                    .max(1);
+            }
+            "--sections" => {
+                let v = it.next().ok_or("--sections needs a list")?;
+                a.sections = v.split(',').map(str::to_string).collect();
+            }
+            other => return Err(format!("unknown flag {other:?}").into()),
+        }
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    match parse_args().and_then(|a| run(&a)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(a: &Args) -> Res<()> {
+    let sizes = if a.quick {
+        Sizes::quick()
+    } else {
+        Sizes::full()
+    };
+    let on = |s: &str| a.sections.iter().any(|x| x == s);
+    println!(
+        "BENCH section=run quick={} threads={} rayon_threads={}",
+        a.quick,
+        a.threads,
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
+    );
+    if on("attn") {
+        attention(&sizes, a.threads)?;
+    }
+    if on("nocache") || on("e2e") {
+        let path = a
+            .model
+            .clone()
+            .map(Into::into)
+            .unwrap_or_else(kv_model::default_model_path);
+        let started = Instant::now();
+        let model = Model::load(&path)?;
+        eprintln!(
+            "bench: model loaded (f32 weights) in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        if on("nocache") {
+            no_cache(&sizes, a.threads, &model)?;
+        }
+        if on("e2e") {
+            for name in LAYOUTS {
+                end_to_end(&sizes, a.threads, &model, "f32", name.parse()?)?;
+            }
+            drop(model);
+            // candle's quantized matmul has no SIMD kernel for Q4_1: a short prompt and depth
+            // 0 only, or this row alone would take many minutes.
+            let model = Model::load_with(&path, &Device::Cpu, WeightFormat::Quantized)?;
+            let short = Sizes {
+                prompt: sizes.quantized_prompt,
+                depths: vec![0],
+                decode: sizes.quantized_decode,
+                ..sizes
+            };
+            end_to_end(&short, a.threads, &model, "quantized", KvDType::F16)?;
+        }
+    }
+    Ok(())
+}
+
+fn attention(sizes: &Sizes, threads: usize) -> Res<()> {
+    let probe = |when: &str| -> Res<()> {
+        let bytes_per_s = memory_read_probe(sizes.probe_bytes, threads)?;
+        println!(
+            "BENCH section=probe when={when} buffer_bytes={} threads={threads} bytes_per_s={bytes_per_s:.0}",
+            sizes.probe_bytes
+        );
+        eprintln!("bench: memory probe {:.2} GB/s", bytes_per_s / 1e9);
+        Ok(())
+    };
+    probe("before")?;
+    let shapes = [
+        ("smollm2-135m", ModelShape::new(1, 9, 3, 64)?),
+        ("llama-2-7b", ModelShape::new(1, 32, 32, 128)?),
+    ];
+    for (shape_name, shape) in shapes {
+        for name in LAYOUTS {
+            let dtype: KvDType = name.parse()?;
+            for &tokens in &sizes.attn_tokens {
+                let bench = DecodeBench::with_min_bytes(
+                    shape,
+                    dtype,
+                    tokens,
+                    1,
+                    threads,
+                    sizes.attn_min_bytes,
+                )?;
+                let first = bench.time_steps(1)?;
+                let steps = ((sizes.attn_seconds / first) as usize).clamp(3, 500);
+                let secs = bench.time_steps(steps)?;
+                let bytes = bench.kv_bytes_per_step();
+                println!(
+                    "BENCH section=attn shape={shape_name} layout={name} tokens={tokens} steps={steps} secs={secs:.9} kv_bytes={bytes} bytes_per_s={:.0}",
+                    bytes as f64 / secs
+                );
+                eprintln!(
+                    "bench: attention {shape_name} {name} {tokens}: {:.1} us/step, {:.2} GB/s",
+                    secs * 1e6,
+                    bytes as f64 / secs / 1e9
+                );
+            }
+        }
+    }
+    probe("after")
+}
+
+/// The token ids every model measurement feeds (the candle peer uses the same formula):
+/// a fixed pseudo-random sequence, since speed does not depend on which ids.
+fn token_ids(n: usize, vocab: usize) -> Vec<u32> {
+    let mut state = 0x5EED_u64;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (1 + z % (vocab as u64 - 1)) as u32
+        })
+        .collect()
+}
+
+fn argmax(logits: &Tensor) -> Res<u32> {
+    Ok(logits
+        .flatten_all()?
+        .argmax(D::Minus1)?
+        .to_scalar::<u32>()?)
+}
+
+fn new_cache(
+    model: &Model,
+    threads: usize,
+    dtype: KvDType,
+    tokens: usize,
+) -> Res<PagedCache<CpuBackend>> {
+    let spec = StorageSpec::new(model.shape(), dtype, BLOCK, tokens.div_ceil(BLOCK))?;
+    Ok(PagedCache::new(CpuBackend::with_threads(threads)?, spec)?)
+}
+
+/// Brings `seq` to exactly `len` tokens of `ids` (truncating, or running the missing ones
+/// in chunks of 512); returns the last logits when it ran anything.
+fn fill(
+    model: &Model,
+    cache: &mut PagedCache<CpuBackend>,
+    seq: kv_core::SeqId,
+    ids: &[u32],
+    len: usize,
+) -> Res<Option<Tensor>> {
+    let have = cache.len(seq)?;
+    if have >= len {
+        cache.truncate(seq, len)?;
+        return Ok(None);
+    }
+    let mut logits = None;
+    for start in (have..len).step_by(512) {
+        let end = (start + 512).min(len);
+        logits = Some(model.forward(&ids[start..end], cache, seq, Logits::Last)?);
+    }
+    Ok(logits)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn no_cache(sizes: &Sizes, threads: usize, model: &Model) -> Res<()> {
+    let max_n = sizes.nocache_n.iter().copied().max().unwrap_or(1);
+    let ids = token_ids(max_n, model.config().vocab_size);
+    let mut cache = new_cache(model, threads, KvDType::F16, max_n)?;
+    let seq = cache.create_sequence();
+    for &n in &sizes.nocache_n {
+        // A few runs, fewer when they are slow: the recompute at 2048 tokens takes minutes.
+        let mut runs = Vec::with_capacity(sizes.nocache_steps);
+        while runs.len() < sizes.nocache_steps
+            && (runs.is_empty() || runs.iter().sum::<f64>() < sizes.nocache_budget_s)
+        {
+            let t = Instant::now();
+            let logits = model.forward_uncached(&ids[..n], Logits::Last)?;
+            std::hint::black_box(argmax(&logits)?);
+            runs.push(t.elapsed().as_secs_f64());
+        }
+        let runs_done = runs.len();
+        let uncached = median(runs);
+        // The cached step that yields the same token: n - 1 tokens in the cache, the n-th
+        // through the model.
+        fill(model, &mut cache, seq, &ids, n - 1)?;
+        let mut times = Vec::with_capacity(sizes.cached_steps);
+        for _ in 0..sizes.cached_steps + 1 {
+            cache.truncate(seq, n - 1)?;
+            let t = Instant::now();
+            let logits = model.forward(&ids[n - 1..n], &mut cache, seq, Logits::Last)?;
+            std::hint::black_box(argmax(&logits)?);
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.remove(0); // warm-up
+        let cached = median(times);
+        println!(
+            "BENCH section=nocache n={n} uncached_runs={runs_done} uncached_secs={uncached:.6} cached_secs={cached:.6} ratio={:.3}",
+            uncached / cached
+        );
+        eprintln!(
+            "bench: context {n}: no cache {:.1} ms/token, cache {:.1} ms/token ({:.1}x)",
+            uncached * 1e3,
+            cached * 1e3,
+            uncached / cached
+        );
+    }
+    Ok(())
+}
+
+fn end_to_end(
+    sizes: &Sizes,
+    threads: usize,
+    model: &Model,
+    weights: &str,
+    dtype: KvDType,
+) -> Res<()> {
+    let deepest = sizes
+        .depths
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(sizes.prompt);
+    let capacity = deepest + sizes.decode + 1;
+    let ids = token_ids(capacity, model.config().vocab_size);
+    let mut cache = new_cache(model, threads, dtype, capacity)?;
+    let seq = cache.create_sequence();
+
+    let mut best = f64::INFINITY;
+    for _ in 0..2 {
+        cache.truncate(seq, 0)?;
+        let t = Instant::now();
+        let logits = model.forward(&ids[..sizes.prompt], &mut cache, seq, Logits::Last)?;
+        std::hint::black_box(argmax(&logits)?);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "BENCH section=prefill layout={dtype} weights={weights} tokens={} secs={best:.6} tokens_per_s={:.3}",
+        sizes.prompt,
+        sizes.prompt as f64 / best
+    );
+    eprintln!(
+        "bench: {dtype} ({weights} weights): prefill {} tokens at {:.1} tokens/s",
+        sizes.prompt,
+        sizes.prompt as f64 / best
+    );
+
+    // Deepest last but depth 0 after it: each depth then only extends the cache.
+    let mut order: Vec<usize> = sizes.depths.iter().copied().filter(|&d| d > 0).collect();
+    order.sort_unstable();
+    order.extend(sizes.depths.iter().copied().filter(|&d| d == 0));
+    for depth in order {
+        // Depth 0 decodes from an empty cache: the first token goes in untimed.
+        let logits = if depth == 0 {
+            cache.truncate(seq, 0)?;
+            Some(model.forward(&ids[..1], &mut cache, seq, Logits::Last)?)
+        } else {
+            // Truncate to the depth first, so the last logits come from a run.
+            fill(model, &mut cache, seq, &ids, depth - 1)?;
+            fill(model, &mut cache, seq, &ids, depth)?
+        };
+        let mut token = match logits {
+            Some(l) => argmax(&l)?,
+            None => ids[depth],
+        };
+        let t = Instant::now();
+        for _ in 0..sizes.decode {
+            token = argmax(&model.forward(&[token], &mut cache, seq, Logits::Last)?)?;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "BENCH section=decode layout={dtype} weights={weights} depth={depth} steps={} secs={secs:.6} tokens_per_s={:.3}",
+            sizes.decode,
+            sizes.decode as f64 / secs
+        );
+        eprintln!(
+            "bench: {dtype} ({weights} weights): decode at depth {depth}: {:.1} tokens/s",
+            sizes.decode as f64 / secs
+        );
+    }
+    Ok(())
+}

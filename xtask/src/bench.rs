@@ -1,0 +1,1043 @@
+//! `cargo xtask bench`: runs the measurement programs in release, reads their `BENCH` lines
+//! and writes `target/kv-bench/report.md` with SVG plots.
+//!
+//! xtask links neither the model nor candle: the numbers come from
+//! `kv-model/examples/bench.rs` (kv) and `xtask/candle-peer` (candle-transformers and
+//! candle-nn, a crate outside the workspace so CI never compiles it). Every claim in the
+//! report is a ratio of two numbers measured in this run, except llama.cpp's, which are
+//! reference figures measured elsewhere and labelled so.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use plotters::prelude::*;
+
+use crate::{cargo, fetch, root, run};
+
+/// What `cargo xtask bench` was asked for.
+pub struct Options {
+    /// Tiny sizes: proves the harness in well under two minutes.
+    pub quick: bool,
+    /// Run the candle peer (default: in the full bench, not in `--quick`).
+    pub peer: bool,
+    /// Threads for kv's backend and candle's matmuls.
+    pub threads: usize,
+    /// Measure nothing: write the report again from the last run's `results.txt`.
+    pub report_only: bool,
+}
+
+impl Options {
+    /// Parses the arguments after `bench`.
+    pub fn parse(args: &[String]) -> Result<Self, String> {
+        let quick = args.iter().any(|a| a == "--quick");
+        let mut o = Self {
+            quick,
+            peer: !quick,
+            threads: 2,
+            report_only: false,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--quick" => {}
+                "--peer" => o.peer = true,
+                "--no-peer" => o.peer = false,
+                "--report-only" => o.report_only = true,
+                "--threads" => {
+                    let v = it.next().ok_or("--threads needs a number")?;
+                    o.threads =
+                        v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                            format!("--threads {v:?}: expected a positive number")
+                        })?;
+                }
+                other => return Err(format!("bench: unknown argument {other:?}")),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// The layouts, in the order the bench program measures them.
+const LAYOUTS: [&str; 8] = [
+    "f32",
+    "f16",
+    "bf16",
+    "int8-g32",
+    "int4-g32",
+    "int4h-g32",
+    "kivi4",
+    "kivi2",
+];
+
+/// Colours of the layouts' lines (and of the peer, last).
+const COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(0, 0, 0),
+];
+
+/// llama.cpp's figures quoted in the issue (SmolLM2-135M Q4_1, 2 threads, measured
+/// elsewhere): (cache type, our closest layout, prefill 512 range, decode at depths 0,
+/// 1024, 4096 as (low, high)).
+type Range = (f64, f64);
+const LLAMA_CPP: [(&str, &str, Option<Range>, [Range; 3]); 3] = [
+    (
+        "f16",
+        "f16",
+        Some((258.0, 290.0)),
+        [(95.0, 130.0), (73.0, 86.0), (42.0, 43.0)],
+    ),
+    (
+        "q8_0",
+        "int8-g32",
+        None,
+        [(125.0, 125.0), (76.0, 76.0), (32.0, 32.0)],
+    ),
+    (
+        "q4_0",
+        "int4-g32",
+        None,
+        [(112.0, 112.0), (57.0, 57.0), (23.0, 23.0)],
+    ),
+];
+
+/// One `BENCH key=value ...` line.
+struct Rec {
+    fields: Vec<(String, String)>,
+}
+
+impl Rec {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn num(&self, key: &str) -> Option<f64> {
+        self.get(key)?.parse().ok()
+    }
+
+    fn is(&self, pairs: &[(&str, &str)]) -> bool {
+        pairs.iter().all(|(k, v)| self.get(k) == Some(v))
+    }
+}
+
+fn parse(stdout: &str) -> Vec<Rec> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("BENCH "))
+        .map(|l| Rec {
+            fields: l
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+        .collect()
+}
+
+struct Results {
+    recs: Vec<Rec>,
+}
+
+impl Results {
+    fn all<'a>(&'a self, pairs: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Rec> {
+        self.recs.iter().filter(move |r| r.is(pairs))
+    }
+
+    fn find(&self, pairs: &[(&str, &str)]) -> Option<&Rec> {
+        self.recs.iter().find(|r| r.is(pairs))
+    }
+
+    fn one(&self, pairs: &[(&str, &str)], key: &str) -> Option<f64> {
+        self.find(pairs)?.num(key)
+    }
+}
+
+/// Runs a built program, streaming its stderr, and returns its stdout.
+fn capture(step: &str, mut cmd: Command) -> Result<String, String> {
+    println!("\n==> {step}");
+    let started = Instant::now();
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("{step}: could not start: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{step} failed ({})", out.status));
+    }
+    println!("<== {step}: ok ({:.0} s)", started.elapsed().as_secs_f64());
+    String::from_utf8(out.stdout).map_err(|e| format!("{step}: output is not UTF-8: {e}"))
+}
+
+/// `cargo xtask bench [--quick] [--peer | --no-peer] [--threads N]`.
+pub fn bench(o: &Options) -> Result<(), String> {
+    let started = Instant::now();
+    let target = root().join("target");
+    let out_dir = target.join("kv-bench");
+    let raw = out_dir.join("results.txt");
+    if o.report_only {
+        let stdout =
+            std::fs::read_to_string(&raw).map_err(|e| format!("reading {}: {e}", raw.display()))?;
+        let recs = parse(&stdout);
+        let run = recs.iter().find(|r| r.get("section") == Some("run"));
+        let meta = Meta {
+            quick: run.and_then(|r| r.get("quick")) == Some("true"),
+            peer: recs.iter().any(|r| r.get("section") == Some("kvcache")),
+            threads: run
+                .and_then(|r| r.num("threads"))
+                .map_or(o.threads, |t| t as usize),
+            peer_build_s: recs
+                .iter()
+                .find(|r| r.get("section") == Some("peer-build"))
+                .and_then(|r| r.num("secs")),
+            elapsed_s: recs
+                .iter()
+                .find(|r| r.get("section") == Some("elapsed"))
+                .and_then(|r| r.num("secs"))
+                .unwrap_or(0.0),
+        };
+        let report = write_report(&Results { recs }, &meta, &out_dir)?;
+        println!("bench: report rewritten in {}", report.display());
+        return Ok(());
+    }
+    let model = fetch::ensure_model()?;
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| format!("creating {}: {e}", out_dir.display()))?;
+
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "kv-model", "--example", "bench"]);
+    run("build the bench program (release)", build)?;
+
+    let threads = o.threads.to_string();
+    let mut cmd = Command::new(target.join("release").join("examples").join("bench"));
+    cmd.arg("--model")
+        .arg(&model)
+        .args(["--threads", &threads])
+        .env("RAYON_NUM_THREADS", &threads);
+    if o.quick {
+        cmd.arg("--quick");
+    }
+    let mut stdout = capture("measure kv (memory probe, attention, model)", cmd)?;
+
+    let mut peer_build_s = None;
+    if o.peer {
+        let build_started = Instant::now();
+        let mut build = cargo();
+        build
+            .args(["build", "--release", "--manifest-path"])
+            .arg(root().join("xtask").join("candle-peer").join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", &target);
+        run(
+            "build the candle peer (release, outside the workspace)",
+            build,
+        )?;
+        peer_build_s = Some(build_started.elapsed().as_secs_f64());
+        // f32 weights (candle expands them at load, as kv does by default) at every depth,
+        // plus the KvCache step; then the file's Q4_1 blocks, short (candle's Q4_1 matmul is
+        // scalar on x86).
+        let f32_args: &[&str] = if o.quick {
+            &[
+                "--prompt",
+                "32",
+                "--depths",
+                "0,64,128",
+                "--decode",
+                "3",
+                "--attn-tokens",
+                "256",
+                "--attn-steps",
+                "5",
+            ]
+        } else {
+            &[]
+        };
+        let q_args: &[&str] = if o.quick {
+            &[
+                "--skip-kvcache",
+                "--prompt",
+                "8",
+                "--depths",
+                "0",
+                "--decode",
+                "2",
+            ]
+        } else {
+            &[
+                "--skip-kvcache",
+                "--prompt",
+                "64",
+                "--depths",
+                "0",
+                "--decode",
+                "8",
+            ]
+        };
+        for (label, dequantize, args) in [
+            ("f32 weights, KvCache step", "1", f32_args),
+            ("quantized weights", "0", q_args),
+        ] {
+            let mut cmd = Command::new(target.join("release").join("candle-peer"));
+            cmd.arg("--model")
+                .arg(&model)
+                .args(["--threads", &threads])
+                .args(args)
+                .env("RAYON_NUM_THREADS", &threads)
+                .env("CANDLE_DEQUANTIZE_ALL", dequantize);
+            stdout.push_str(&capture(
+                &format!("measure the peer (candle-transformers, candle-nn): {label}"),
+                cmd,
+            )?);
+        }
+    }
+
+    // What the report needs to be written again with --report-only.
+    let _ = writeln!(
+        stdout,
+        "BENCH section=elapsed secs={:.1}",
+        started.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(stdout, "BENCH section=meta commit={}", git_commit());
+    if let Some(s) = peer_build_s {
+        let _ = writeln!(stdout, "BENCH section=peer-build secs={s:.1}");
+    }
+    std::fs::write(&raw, &stdout).map_err(|e| format!("writing {}: {e}", raw.display()))?;
+    let results = Results {
+        recs: parse(&stdout),
+    };
+    let meta = Meta {
+        quick: o.quick,
+        peer: o.peer,
+        threads: o.threads,
+        peer_build_s,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    };
+    let report = write_report(&results, &meta, &out_dir)?;
+    println!(
+        "\nbench: report in {} ({:.1} min)",
+        report.display(),
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
+
+struct Meta {
+    quick: bool,
+    peer: bool,
+    threads: usize,
+    peer_build_s: Option<f64>,
+    elapsed_s: f64,
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn git_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| {
+            let dirty = Command::new("git")
+                .args(["status", "--porcelain", "--untracked-files=no"])
+                .current_dir(root())
+                .output()
+                .is_ok_and(|o| !o.stdout.is_empty());
+            format!("{}{}", s.trim(), if dirty { "-dirty" } else { "" })
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0}%", x * 100.0)
+}
+
+fn opt(x: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    x.map(f).unwrap_or_else(|| "-".into())
+}
+
+fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
+    let mut md = String::new();
+    let w = &mut md;
+    let mode = if m.quick {
+        "quick (tiny sizes: proves the harness, the numbers mean little)"
+    } else {
+        "full"
+    };
+    let _ = writeln!(w, "# kv benchmark report\n");
+    let _ = writeln!(
+        w,
+        "Produced by `cargo xtask bench{}` at commit {} in {:.1} min: {mode}; {} threads for \
+         kv's backend and candle's matmuls (`RAYON_NUM_THREADS`); {}; {} cores. Model: \
+         SmolLM2-135M-Instruct Q4_1 (GGUF). Raw lines: `results.txt`.\n",
+        if m.quick { " --quick" } else { "" },
+        r.find(&[("section", "meta")])
+            .and_then(|x| x.get("commit"))
+            .map_or_else(git_commit, str::to_string),
+        m.elapsed_s / 60.0,
+        m.threads,
+        cpu_model(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    let _ = writeln!(
+        w,
+        "Every comparison below is a ratio of two numbers measured in this run, except \
+         llama.cpp's, which are reference figures measured elsewhere (see the last section).\n"
+    );
+
+    // 1. Probe and attention.
+    let probes: Vec<f64> = r
+        .all(&[("section", "probe")])
+        .filter_map(|p| p.num("bytes_per_s"))
+        .collect();
+    let limit = probes.iter().copied().fold(0.0, f64::max);
+    let _ = writeln!(w, "## 1. Decode attention against the memory-read probe\n");
+    let _ = writeln!(
+        w,
+        "The probe sums a large buffer with the same threads (the limit a decode step can \
+         reach); it ran before and after the attention points: {} GB/s; the limit used is \
+         the higher, {:.2} GB/s. One decode step of one layer reads every cached K/V byte \
+         once; {} Cells: K/V bytes read per second, and \
+         the percentage of the probe.\n",
+        probes
+            .iter()
+            .map(|p| format!("{:.2}", p / 1e9))
+            .collect::<Vec<_>>()
+            .join(" and "),
+        limit / 1e9,
+        if m.quick {
+            "in quick mode the bench holds only 4 MiB of K/V, so steps read from the CPU \
+             caches and can exceed the probe."
+        } else {
+            "the bench cycles through enough identical layers (96 MiB or more) that each \
+             step reads from memory, as a model's does."
+        }
+    );
+    let mut tokens: Vec<usize> = r
+        .all(&[("section", "attn")])
+        .filter_map(|a| a.num("tokens").map(|t| t as usize))
+        .collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    let mut target_lines = Vec::new();
+    for shape in ["smollm2-135m", "llama-2-7b"] {
+        let (title, short) = match shape {
+            "smollm2-135m" => (
+                "SmolLM2-135M layer (9 query heads, 3 KV heads of 64)",
+                "SmolLM2-135M layer",
+            ),
+            _ => ("Llama-2-7B layer (32 heads of 128)", "Llama-2-7B layer"),
+        };
+        let _ = writeln!(w, "### {title}\n");
+        let mut header = "| layout |".to_string();
+        let mut rule = "|---|".to_string();
+        for t in &tokens {
+            let _ = write!(header, " {t} tokens |");
+            rule.push_str("---:|");
+        }
+        let _ = writeln!(w, "{header}\n{rule}");
+        let mut series = Vec::new();
+        for (i, layout) in LAYOUTS.iter().enumerate() {
+            let mut row = format!("| {layout} |");
+            let mut points = Vec::new();
+            for &t in &tokens {
+                let ts = t.to_string();
+                let rec = r.find(&[
+                    ("section", "attn"),
+                    ("shape", shape),
+                    ("layout", layout),
+                    ("tokens", &ts),
+                ]);
+                match rec.and_then(|a| Some((a.num("bytes_per_s")?, a.num("secs")?))) {
+                    Some((bps, secs)) => {
+                        let _ = write!(
+                            row,
+                            " {:.2} GB/s ({}; {:.0} us) |",
+                            bps / 1e9,
+                            pct(bps / limit),
+                            secs * 1e6
+                        );
+                        points.push(((t as f64).log2(), 100.0 * bps / limit));
+                        if t >= 4096 {
+                            let ok = bps >= 0.8 * limit;
+                            target_lines.push((shape, *layout, t, bps / limit, ok));
+                        }
+                    }
+                    None => row.push_str(" - |"),
+                }
+            }
+            let _ = writeln!(w, "{row}");
+            series.push(Series {
+                name: (*layout).to_string(),
+                points,
+                color: COLORS[i],
+                dashed: false,
+            });
+        }
+        series.push(Series {
+            name: "80% target".into(),
+            points: tokens.iter().map(|&t| ((t as f64).log2(), 80.0)).collect(),
+            color: COLORS[9],
+            dashed: true,
+        });
+        let file = format!("attention_{shape}.svg");
+        line_chart(
+            &dir.join(&file),
+            &format!("Decode attention, {short}: % of the memory probe"),
+            "cached tokens",
+            "K/V bytes/s, % of probe",
+            &series,
+            true,
+        )?;
+        let _ = writeln!(w, "\n![{title}]({file})\n");
+    }
+    let met = target_lines.iter().filter(|t| t.4).count();
+    let _ = writeln!(
+        w,
+        "**Target: decode attention at 4096 tokens or more reaches 80% of the probe.** \
+         Met by {met} of {} points.",
+        target_lines.len()
+    );
+    let misses: Vec<String> = target_lines
+        .iter()
+        .filter(|t| !t.4)
+        .map(|(s, l, t, f, _)| format!("{s} {l} at {t} ({})", pct(*f)))
+        .collect();
+    if !misses.is_empty() {
+        let _ = writeln!(w, "Below it: {}.", misses.join(", "));
+    }
+    let _ = writeln!(w);
+
+    // 2. Cache versus no cache.
+    let _ = writeln!(w, "## 2. Cache versus no cache (SmolLM2, f16 cache)\n");
+    let _ = writeln!(
+        w,
+        "Time to produce one token with n tokens of context: without a cache the model \
+         recomputes all n (median of up to 3 runs; no further run once they took 20 s); \
+         with it, the n-th token goes through the model alone and attends to the n - 1 \
+         cached ones (median of 8). The recompute uses kv's uncached forward pass (plain \
+         tensor attention over the whole sequence). That path is much slower than the \
+         cached prefill of the same tokens, so the last two columns also give the recompute \
+         at the cached path's prefill rate (section 3, f16 cache, a 512-token prompt): a \
+         fairer estimate of what a fast recompute would cost.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| context n | no cache, ms/token (runs) | cache, ms/token | no cache / cache | n / cached prefill rate, ms | that / cache |\n|---:|---:|---:|---:|---:|---:|"
+    );
+    let prefill_rate = r.one(
+        &[
+            ("section", "prefill"),
+            ("layout", "f16"),
+            ("weights", "f32"),
+        ],
+        "tokens_per_s",
+    );
+    let mut unc = Vec::new();
+    let mut cac = Vec::new();
+    for rec in r.all(&[("section", "nocache")]) {
+        if let (Some(n), Some(u), Some(c)) = (
+            rec.num("n"),
+            rec.num("uncached_secs"),
+            rec.num("cached_secs"),
+        ) {
+            // What recomputing n tokens would cost at the cached path's prefill speed.
+            let est = prefill_rate.map(|p| n / p);
+            let _ = writeln!(
+                w,
+                "| {n} | {:.1} ({}) | {:.2} | {:.1}x | {} | {} |",
+                u * 1e3,
+                rec.get("uncached_runs").unwrap_or("?"),
+                c * 1e3,
+                u / c,
+                opt(est, |e| format!("{:.1}", e * 1e3)),
+                opt(est, |e| format!("{:.1}x", e / c)),
+            );
+            unc.push((n, u * 1e3));
+            cac.push((n, c * 1e3));
+        }
+    }
+    line_chart(
+        &dir.join("cache_vs_nocache.svg"),
+        "Time per generated token, SmolLM2-135M",
+        "context n (tokens)",
+        "ms per token",
+        &[
+            Series {
+                name: "no cache (recompute n tokens)".into(),
+                points: unc,
+                color: COLORS[3],
+                dashed: false,
+            },
+            Series {
+                name: "KV cache (one token)".into(),
+                points: cac,
+                color: COLORS[0],
+                dashed: false,
+            },
+        ],
+        false,
+    )?;
+    let _ = writeln!(w, "\n![cache versus no cache](cache_vs_nocache.svg)\n");
+
+    // 3. End to end.
+    let mut depths: Vec<usize> = r
+        .all(&[("section", "decode")])
+        .filter_map(|d| d.num("depth").map(|x| x as usize))
+        .collect();
+    depths.sort_unstable();
+    depths.dedup();
+    let prompt = r
+        .one(&[("section", "prefill")], "tokens")
+        .map_or(0, |t| t as usize);
+    let _ = writeln!(
+        w,
+        "## 3. End to end on SmolLM2-135M ({} threads)\n",
+        m.threads
+    );
+    let _ = writeln!(
+        w,
+        "Prefill: a {prompt}-token prompt in one forward pass into an empty cache (best of \
+         two). Decode: tokens/s of greedy steps with `depth` tokens already cached (depth 0: \
+         from an empty cache). The deepest point ends its steps at position 4096, \
+         candle-transformers' longest sequence, so the peer runs at the same depths. \
+         Weights: `f32` expands the file's Q4_1 to f32 at load (kv's default), `quantized` \
+         keeps them (candle's quantized matmul; llama.cpp's figures are with quantized weights).\n"
+    );
+    let mut header = "| layout | weights | prefill tokens/s |".to_string();
+    let mut rule = "|---|---|---:|".to_string();
+    for d in &depths {
+        let _ = write!(header, " decode d{d} |");
+        rule.push_str("---:|");
+    }
+    let _ = writeln!(w, "{header}\n{rule}");
+    let mut rows: Vec<(String, String)> = r
+        .all(&[("section", "prefill")])
+        .filter_map(|p| Some((p.get("layout")?.to_string(), p.get("weights")?.to_string())))
+        .collect();
+    rows.dedup();
+    let mut series = Vec::new();
+    for (i, (layout, weights)) in rows.iter().enumerate() {
+        let key = [("layout", layout.as_str()), ("weights", weights.as_str())];
+        let prefill = r.one(&[("section", "prefill"), key[0], key[1]], "tokens_per_s");
+        let mut row = format!(
+            "| {layout} | {weights} | {} |",
+            opt(prefill, |x| format!("{x:.1}"))
+        );
+        let mut points = Vec::new();
+        for d in &depths {
+            let ds = d.to_string();
+            let v = r.one(
+                &[("section", "decode"), key[0], key[1], ("depth", &ds)],
+                "tokens_per_s",
+            );
+            let _ = write!(row, " {} |", opt(v, |x| format!("{x:.1}")));
+            if let Some(v) = v {
+                points.push((*d as f64, v));
+            }
+        }
+        let _ = writeln!(w, "{row}");
+        series.push(Series {
+            name: format!("kv {layout} ({weights} weights)"),
+            points,
+            color: COLORS[i % 9],
+            dashed: false,
+        });
+    }
+    // The peer's rows, by weight format: (prefill, [(depth, decode)]).
+    let peer = |weights: &str| {
+        let prefill = r.find(&[("section", "peer-prefill"), ("weights", weights)]);
+        let decode: Vec<(f64, f64)> = r
+            .all(&[("section", "peer-decode")])
+            .filter(|x| x.get("weights") == Some(weights))
+            .filter_map(|x| Some((x.num("depth")?, x.num("tokens_per_s")?)))
+            .collect();
+        (prefill, decode)
+    };
+    for (i, weights) in ["f32", "quantized"].iter().enumerate() {
+        let (prefill, decode) = peer(weights);
+        if prefill.is_none() && decode.is_empty() {
+            continue;
+        }
+        let mut row = format!(
+            "| candle-transformers (peer) | {weights} | {} |",
+            opt(prefill.and_then(|p| p.num("tokens_per_s")), |x| format!(
+                "{x:.1}"
+            ))
+        );
+        for d in &depths {
+            let v = decode.iter().find(|p| p.0 == *d as f64).map(|p| p.1);
+            let _ = write!(row, " {} |", opt(v, |x| format!("{x:.1}")));
+        }
+        let _ = writeln!(w, "{row}");
+        if i == 0 {
+            series.push(Series {
+                name: "candle-transformers (peer, f32 weights)".into(),
+                points: decode,
+                color: COLORS[9],
+                dashed: true,
+            });
+        }
+    }
+    let q_prompt = r
+        .one(
+            &[("section", "prefill"), ("weights", "quantized")],
+            "tokens",
+        )
+        .map_or(0, |t| t as usize);
+    if q_prompt > 0 {
+        let _ = writeln!(
+            w,
+            "\nRows with quantized weights: prefill of a {q_prompt}-token prompt and depth 0 \
+             only (candle has no SIMD kernel for Q4_1 on x86; longer runs would take many \
+             minutes)."
+        );
+    }
+    line_chart(
+        &dir.join("decode_by_depth.svg"),
+        "Decode tokens/s by depth, SmolLM2-135M",
+        "depth (tokens already cached)",
+        "tokens/s",
+        &series,
+        false,
+    )?;
+    let _ = writeln!(w, "\n![decode by depth](decode_by_depth.svg)\n");
+
+    // 4. The peer.
+    let _ = writeln!(
+        w,
+        "## 4. The Rust peer: candle-transformers and candle-nn\n"
+    );
+    if !m.peer {
+        let _ = writeln!(
+            w,
+            "Not run: `--quick` skips the peer unless given `--peer` (its first build \
+             compiles candle-transformers and candle-nn, minutes on 2 cores). The full \
+             `cargo xtask bench` runs it.\n"
+        );
+    } else {
+        if let Some(s) = m.peer_build_s {
+            let _ = writeln!(
+                w,
+                "The peer (`xtask/candle-peer`, outside the workspace) was built in {s:.0} s \
+                 this run (seconds once built; its first build compiles candle-transformers \
+                 and candle-nn).\n"
+            );
+        }
+        let _ = writeln!(
+            w,
+            "candle-transformers' `quantized_llama::ModelWeights::from_gguf` on the same file \
+             and token ids, with its own cache (f32 K/V grown by concatenation). Compared \
+             with the same weight format on both sides: f32 (`CANDLE_DEQUANTIZE_ALL=1`, the \
+             way kv loads by default), and the file's Q4_1 blocks (candle's quantized matmul \
+             on both sides). kv's cache: f16. Ratio: kv's tokens/s over the peer's.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| weights | measure | candle-transformers | kv | kv / candle-transformers |\n|---|---|---:|---:|---:|"
+        );
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        let f1 = |x: f64| format!("{x:.1}");
+        let mut goal = Vec::new();
+        for weights in ["f32", "quantized"] {
+            let (prefill, decode) = peer(weights);
+            if let Some(p) = prefill {
+                let tokens = p.get("tokens").unwrap_or("?");
+                let ours = r
+                    .find(&[
+                        ("section", "prefill"),
+                        ("layout", "f16"),
+                        ("weights", weights),
+                        ("tokens", tokens),
+                    ])
+                    .and_then(|x| x.num("tokens_per_s"));
+                let theirs = p.num("tokens_per_s");
+                let _ = writeln!(
+                    w,
+                    "| {weights} | prefill {tokens} tokens, tokens/s | {} | {} | {} |",
+                    opt(theirs, f1),
+                    opt(ours, f1),
+                    ratio(ours, theirs)
+                );
+            }
+            for (d, theirs) in decode {
+                let ds = format!("{d:.0}");
+                let ours = r.one(
+                    &[
+                        ("section", "decode"),
+                        ("layout", "f16"),
+                        ("weights", weights),
+                        ("depth", &ds),
+                    ],
+                    "tokens_per_s",
+                );
+                let _ = writeln!(
+                    w,
+                    "| {weights} | decode d{ds}, tokens/s | {theirs:.1} | {} | {} |",
+                    opt(ours, f1),
+                    ratio(ours, Some(theirs))
+                );
+                if let (Some(o), "f32") = (ours, weights) {
+                    goal.push((ds, o / theirs));
+                }
+            }
+        }
+        if let Some((deep, x)) = goal.last() {
+            let ahead = goal.iter().all(|g| g.1 > 1.0);
+            let _ = writeln!(
+                w,
+                "\n**Goal: at least 4x the peer at depth 4096 and ahead at every depth** \
+                 (f32 weights on both sides): {x:.2}x at depth {deep} ({}); {} \
+                 ({}).\n",
+                if *x >= 4.0 { "met" } else { "not met" },
+                if ahead {
+                    "ahead at every depth"
+                } else {
+                    "not ahead at every depth"
+                },
+                goal.iter()
+                    .map(|(d, x)| format!("d{d} {x:.2}x"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+
+        let _ = writeln!(w, "### The attention step alone: candle-nn's KvCache\n");
+        let _ = writeln!(
+            w,
+            "One decode step of one SmolLM2 layer (9 query heads, 3 KV heads of 64) with n \
+             cached tokens, in one process, same inputs: candle-nn's `KvCache::append` plus \
+             the attention candle-transformers computes over it (repeat K/V per query head, \
+             two matmuls, softmax), against kv's CPU backend writing the token into its paged \
+             cache and attending. The layer stays in the CPU caches on both sides. kv's f32 \
+             answer is checked against candle's.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| n | candle-nn f32, us | kv f32, us | ratio | kv f16, us | ratio |\n|---:|---:|---:|---:|---:|---:|"
+        );
+        let mut ns: Vec<String> = r
+            .all(&[("section", "kvcache")])
+            .filter_map(|k| k.get("tokens").map(str::to_string))
+            .collect();
+        ns.dedup();
+        for n in ns {
+            let t = |imp: &str, dt: &str| {
+                r.one(
+                    &[
+                        ("section", "kvcache"),
+                        ("impl", imp),
+                        ("dtype", dt),
+                        ("tokens", &n),
+                    ],
+                    "secs",
+                )
+            };
+            let (c, k32, k16) = (t("candle-nn", "f32"), t("kv", "f32"), t("kv", "f16"));
+            let us = |x: f64| format!("{:.1}", x * 1e6);
+            let _ = writeln!(
+                w,
+                "| {n} | {} | {} | {} | {} | {} |",
+                opt(c, us),
+                opt(k32, us),
+                ratio(c, k32),
+                opt(k16, us),
+                ratio(c, k16)
+            );
+        }
+        let _ = writeln!(w, "\nRatio: candle-nn's time over kv's.\n");
+    }
+
+    // Reference figures.
+    let _ = writeln!(w, "## Reference: llama.cpp (NOT measured in this run)\n");
+    let _ = writeln!(
+        w,
+        "Figures quoted in the issue for llama.cpp on the same model and 2 threads (tokens/s, \
+         cache type as named; q8_0/q4_0 set beside kv's int8-g32/int4-g32). They were \
+         measured elsewhere, on another day: a ratio against them is a rough guide, not a \
+         result of this run. Ratio: kv (better of the two weight formats) over llama.cpp's \
+         range. llama.cpp's depth 4096 is compared with kv's deepest depth here.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| llama.cpp cache | figure | llama.cpp (reference) | kv layout | kv (this run) | kv / llama.cpp |\n|---|---|---:|---|---:|---:|"
+    );
+    let range = |(lo, hi): Range| {
+        if lo == hi {
+            format!("{lo:.0}")
+        } else {
+            format!("{lo:.0}-{hi:.0}")
+        }
+    };
+    let ratio_range = |ours: Option<f64>, (lo, hi): Range| match ours {
+        Some(o) if lo == hi => format!("{:.2}x", o / lo),
+        Some(o) => format!("{:.2}-{:.2}x", o / hi, o / lo),
+        None => "-".into(),
+    };
+    let best_of = |sec: &str, layout: &str, depth: Option<String>| {
+        r.all(&[("section", sec), ("layout", layout)])
+            .filter(|x| depth.as_deref().is_none_or(|d| x.get("depth") == Some(d)))
+            .filter_map(|x| x.num("tokens_per_s"))
+            .fold(None, |acc: Option<f64>, v| {
+                Some(acc.map_or(v, |a| a.max(v)))
+            })
+    };
+    let deepest = depths.last().copied();
+    for (cache, ours, prefill, decode) in LLAMA_CPP {
+        if let Some(p) = prefill {
+            let o = best_of("prefill", ours, None);
+            let _ = writeln!(
+                w,
+                "| {cache} | prefill 512 | {} | {ours} | {} | {} |",
+                range(p),
+                opt(o, |x| format!("{x:.1}")),
+                ratio_range(o, p)
+            );
+        }
+        for (i, label) in ["d0", "d1024", "d4096"].iter().enumerate() {
+            let depth = match i {
+                0 => Some(0),
+                1 => Some(1024),
+                _ => deepest.filter(|&d| d > 1024),
+            };
+            let o = depth.and_then(|d| best_of("decode", ours, Some(d.to_string())));
+            let _ = writeln!(
+                w,
+                "| {cache} | decode {label} | {} | {ours} | {} | {} |",
+                range(decode[i]),
+                opt(o, |x| format!("{x:.1}")),
+                ratio_range(o, decode[i])
+            );
+        }
+    }
+    if m.quick {
+        let _ = writeln!(
+            w,
+            "\n(Quick mode: kv's depths and prompt are tiny, so these rows compare unlike \
+             things; run the full bench.)"
+        );
+    }
+
+    let path = dir.join("report.md");
+    std::fs::write(&path, md).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// One line of a chart.
+struct Series {
+    name: String,
+    points: Vec<(f64, f64)>,
+    color: RGBColor,
+    dashed: bool,
+}
+
+/// A line chart as SVG. With `log2_x` the x values are already log2 of the real ones and
+/// the axis labels show the real values. Text is written as SVG `<text>` (no fonts read).
+fn line_chart(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+    log2_x: bool,
+) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| format!("plotting {}: {e}", path.display());
+    let pts = || series.iter().flat_map(|s| s.points.iter());
+    if pts().next().is_none() {
+        return Ok(());
+    }
+    let (mut x0, mut x1) = pts().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let y1 = pts().fold(0.0_f64, |a, p| a.max(p.1)) * 1.1;
+    if x1 <= x0 {
+        x0 -= 1.0;
+        x1 += 1.0;
+    }
+    let pad = (x1 - x0) * 0.03;
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 26))
+        .margin(15)
+        .x_label_area_size(55)
+        .y_label_area_size(80)
+        .build_cartesian_2d((x0 - pad)..(x1 + pad), 0.0..y1.max(1e-9))
+        .map_err(|e| err(&e))?;
+    // On a log2 axis, one label per doubling.
+    let x_labels = if log2_x {
+        (x1 - x0).round() as usize + 1
+    } else {
+        10
+    };
+    let x_fmt = |v: &f64| {
+        if log2_x {
+            format!("{:.0}", v.exp2())
+        } else {
+            format!("{v:.0}")
+        }
+    };
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 17))
+        .axis_desc_style(("sans-serif", 18))
+        .x_labels(x_labels)
+        .x_label_formatter(&x_fmt)
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .draw()
+        .map_err(|e| err(&e))?;
+    for s in series {
+        let style = s.color.stroke_width(2);
+        let color = s.color;
+        let drawn = if s.dashed {
+            chart.draw_series(DashedLineSeries::new(s.points.iter().copied(), 8, 6, style))
+        } else {
+            chart.draw_series(LineSeries::new(s.points.iter().copied(), style))
+        }
+        .map_err(|e| err(&e))?;
+        drawn.label(s.name.clone()).legend(move |(x, y)| {
+            PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+        });
+        chart
+            .draw_series(
+                s.points
+                    .iter()
+                    .map(|&p| Circle::new(p, 3, s.color.filled())),
+            )
+            .map_err(|e| err(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(("sans-serif", 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
