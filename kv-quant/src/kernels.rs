@@ -591,9 +591,25 @@ impl Kernels {
         check_strided("scores", heads, stride, n, scores.len())?;
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 => {
-                // SAFETY: a `Kernels` at Avx2 or above exists only on CPUs with
-                // AVX2/FMA/F16C; the block's shape and every length checked above.
+            Isa::Avx512 => {
+                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
+                // the block's shape and every length checked above.
+                unsafe {
+                    crate::x86::avx512::kivi_scores_heads(
+                        format.bits,
+                        head_dim,
+                        q,
+                        block,
+                        n,
+                        scores,
+                        stride,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; the block's
+                // shape and every length checked above.
                 unsafe {
                     crate::x86::avx2::kivi_scores_heads(
                         format.bits,

@@ -894,3 +894,136 @@ pub(crate) unsafe fn axpy_heads(
         h0 += hb;
     }
 }
+
+/// Scores of `H` heads (`q` holds `H` rows of `d <= TILE`) against every token of a KIVI
+/// block: the scaled queries `q_h * s` and the biases `sum_c q_h[c] m[c]` are formed once,
+/// then each token's codes are unpacked once for all heads, `R` tokens reduced together.
+/// `out[h * stride + t]`.
+///
+/// # Safety
+/// See the module docs; `R * H <= 8`, `d` a multiple of 32 and at most [`TILE`], `block`
+/// a whole block of `tokens` tokens, `out.len() >= (H - 1) * stride + tokens`,
+/// `stride >= tokens`.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kivi_heads<const H: usize, const R: usize>(
+    bits: KiviBits,
+    d: usize,
+    q: &[f32],
+    block: &[u8],
+    tokens: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let nbits = bits.bits();
+    let (scales, rest) = block.split_at(2 * d);
+    let (mins, codes) = rest.split_at(2 * d);
+    let tcb = d / 8 * nbits;
+    let mut qs = [[0.0f32; TILE]; H];
+    let mut bias = [0.0f32; H];
+    for h in 0..H {
+        let mut b = _mm512_setzero_ps();
+        let q16 = q[h * d..][..d].as_chunks::<16>().0;
+        let s16 = scales.as_chunks::<32>().0;
+        let m16 = mins.as_chunks::<32>().0;
+        for (((qv, sv), mv), o) in q16
+            .iter()
+            .zip(s16)
+            .zip(m16)
+            .zip(qs[h].as_chunks_mut::<16>().0)
+        {
+            let qv = load(qv);
+            store(o, _mm512_mul_ps(qv, load_f16(sv)));
+            b = _mm512_fmadd_ps(qv, load_f16(mv), b);
+        }
+        bias[h] = _mm512_reduce_add_ps(b);
+    }
+    let qs16: [&[[f32; 16]]; H] = core::array::from_fn(|h| qs[h][..d].as_chunks::<16>().0);
+    let chunk = 4 * nbits; // code bytes of 32 channels
+    let mut t0 = 0;
+    while t0 < tokens {
+        let r_n = (tokens - t0).min(R);
+        let mut folded = [_mm256_setzero_ps(); 8];
+        for r in 0..r_n {
+            let tc = &codes[(t0 + r) * tcb..][..tcb];
+            // One token's accumulators, in registers across its channels.
+            let mut acc = [_mm512_setzero_ps(); H];
+            for (j, c) in tc.chunks_exact(chunk).enumerate() {
+                let x = match bits {
+                    KiviBits::B4 => codes_u4_x32(&c.as_chunks::<16>().0[0]),
+                    KiviBits::B2 => codes_u2_x32(&c.as_chunks::<8>().0[0]),
+                };
+                for h in 0..H {
+                    let q16 = &qs16[h][2 * j..2 * j + 2];
+                    let mut a = acc[h];
+                    a = _mm512_fmadd_ps(load(&q16[0]), x[0], a);
+                    a = _mm512_fmadd_ps(load(&q16[1]), x[1], a);
+                    acc[h] = a;
+                }
+            }
+            for h in 0..H {
+                folded[r * H + h] = fold(acc[h]);
+            }
+        }
+        let mut lanes = [0.0f32; 8];
+        let sums = crate::x86::avx2::reduce8(&folded);
+        // SAFETY: `lanes` is 8 writable f32; `storeu` has no alignment requirement.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sums) };
+        for r in 0..r_n {
+            for h in 0..H {
+                out[h * stride + t0 + r] = lanes[r * H + h] + bias[h];
+            }
+        }
+        t0 += r_n;
+    }
+}
+
+/// Scores of every query row of `q` (rows of `d`) against every token of a KIVI block:
+/// `out[h * stride + t]`, heads in blocks of [`HEAD_BLOCK`]; one head at a time through
+/// [`kivi_scores`] when `d` exceeds [`TILE`].
+///
+/// # Safety
+/// See the module docs; `q.len()` a multiple of `d`, `d` a multiple of 32, `block` a whole
+/// block of `tokens` tokens, `stride >= tokens`, `out` holding every score row.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn kivi_scores_heads(
+    bits: KiviBits,
+    d: usize,
+    q: &[f32],
+    block: &[u8],
+    tokens: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let heads = q.len() / d;
+    let mut h0 = 0;
+    while h0 < heads {
+        let hb = (heads - h0).min(HEAD_BLOCK);
+        let qb = &q[h0 * d..(h0 + hb) * d];
+        let ob = &mut out[h0 * stride..];
+        // SAFETY: every call has this function's own contract on heads h0..h0 + hb, whose
+        // queries and score rows lie inside `q` and `out`.
+        unsafe {
+            if d > TILE {
+                for h in 0..hb {
+                    kivi_scores(
+                        bits,
+                        &qb[h * d..][..d],
+                        block,
+                        &mut ob[h * stride..][..tokens],
+                    );
+                }
+            } else {
+                match hb {
+                    4 => kivi_heads::<4, 2>(bits, d, qb, block, tokens, ob, stride),
+                    3 => kivi_heads::<3, 2>(bits, d, qb, block, tokens, ob, stride),
+                    2 => kivi_heads::<2, 4>(bits, d, qb, block, tokens, ob, stride),
+                    _ => kivi_heads::<1, 8>(bits, d, qb, block, tokens, ob, stride),
+                }
+            }
+        }
+        h0 += hb;
+    }
+}
