@@ -521,6 +521,10 @@ pub(crate) unsafe fn kivi_scores(bits: KiviBits, q: &[f32], block: &[u8], out: &
 /// Heads one pass over a run of rows serves; more heads take further passes.
 const HEAD_BLOCK: usize = 4;
 
+/// Longest rows whose INT4 scores use split codes ([`codes_u4_x32_split`]): the split
+/// queries live in a stack buffer filled on every call, so it stays small.
+const SPLIT_MAX: usize = 128;
+
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 fn load_128(b: &[u8; 16]) -> __m128i {
@@ -561,6 +565,58 @@ fn codes_u4_x32(b: &[u8; 16]) -> [__m512; 2] {
     widen_x32(_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi))
 }
 
+/// 32 4-bit codes (16 bytes, low nibble first) → [even elements, odd elements]: one
+/// widening of the 16 bytes, a mask and a shift. The caller holds its other operand in the
+/// same split order ([`split_even_odd`]), which costs once per call instead of once per row.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn codes_u4_x32_split(b: &[u8; 16]) -> [__m512; 2] {
+    let wide = _mm512_cvtepu8_epi32(load_128(b));
+    let even = _mm512_and_si512(wide, _mm512_set1_epi32(0x0f));
+    let odd = _mm512_srli_epi32::<4>(wide);
+    [_mm512_cvtepi32_ps(even), _mm512_cvtepi32_ps(odd)]
+}
+
+/// 32 elements in order (`a` = 0..16, `b` = 16..32) → [even elements, odd elements].
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn split_even_odd(a: __m512, b: __m512) -> [__m512; 2] {
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    [
+        _mm512_permutex2var_ps(a, even, b),
+        _mm512_permutex2var_ps(a, odd, b),
+    ]
+}
+
+/// The inverse of [`split_even_odd`]: [even, odd] → 32 elements in order.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn merge_even_odd(even: __m512, odd: __m512) -> [__m512; 2] {
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    [
+        _mm512_permutex2var_ps(even, lo, odd),
+        _mm512_permutex2var_ps(even, hi, odd),
+    ]
+}
+
+/// `out` = `x` with each 32 elements split into even and odd ones ([`split_even_odd`]);
+/// `x.len()` a multiple of 32, `out` at least as long.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn split_rows(x: &[f32], out: &mut [f32]) {
+    let (x32, _) = x.as_chunks::<32>();
+    let (o32, _) = out.as_chunks_mut::<32>();
+    for (x32, o32) in x32.iter().zip(o32) {
+        let (x16, _) = x32.as_chunks::<16>();
+        let [e, o] = split_even_odd(load(&x16[0]), load(&x16[1]));
+        let (o16, _) = o32.as_chunks_mut::<16>();
+        store(&mut o16[0], e);
+        store(&mut o16[1], o);
+    }
+}
+
 /// 32 2-bit codes (8 bytes, low bits first) → 2 x 16 f32, in element order.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
@@ -587,7 +643,8 @@ fn fold(v: __m512) -> __m256 {
 
 macro_rules! int_heads_kernels {
     ($score:ident, $accumulate:ident, $columns:ident, header = $hb:literal,
-     asym = $asym:literal, bytes_per_32 = $cb:literal, $codes32:ident) => {
+     asym = $asym:literal, bytes_per_32 = $cb:literal, $codes32:ident,
+     split = $split:literal) => {
         /// `scores[h * stride + r] = q_h · x̂_r` for `H` heads (`q` holds `H` rows of `d`)
         /// and every row of `rows` (rows of `rb` bytes), `R` rows at a time: each 32
         /// elements of a row dequantized once (two FMAs) for all `H` heads, the `R * H`
@@ -608,8 +665,21 @@ macro_rules! int_heads_kernels {
             stride: usize,
         ) {
             let gbytes = $hb + group / 32 * $cb;
-            let qh: [&[[f32; 16]]; H] =
-                core::array::from_fn(|h| q[h * d..][..d].as_chunks::<16>().0);
+            // With split codes, the queries split alike (`d <= SPLIT_MAX` then).
+            let mut qsplit = [[0.0f32; if $split { SPLIT_MAX } else { 0 }]; H];
+            if $split {
+                for (h, qs) in qsplit.iter_mut().enumerate() {
+                    split_rows(&q[h * d..][..d], qs);
+                }
+            }
+            let qh: [&[[f32; 16]]; H] = core::array::from_fn(|h| {
+                let qh = if $split {
+                    &qsplit[h][..d]
+                } else {
+                    &q[h * d..][..d]
+                };
+                qh.as_chunks::<16>().0
+            });
             let n = rows.len() / rb;
             let mut r0 = 0;
             while r0 + R <= n {
@@ -668,6 +738,7 @@ macro_rules! int_heads_kernels {
         #[inline]
         #[target_feature(enable = "avx512f,avx2,fma,f16c")]
         #[allow(clippy::too_many_arguments)]
+        #[allow(dead_code)] // INT4's in-order instance serves only scores with d > SPLIT_MAX.
         unsafe fn $columns<const H: usize, const C: usize>(
             group: usize,
             d: usize,
@@ -693,6 +764,11 @@ macro_rules! int_heads_kernels {
                 for (v, a16) in ah.iter_mut().zip(a16) {
                     *v = load(a16);
                 }
+                if $split {
+                    for k in 0..C / 2 {
+                        [ah[2 * k], ah[2 * k + 1]] = split_even_odd(ah[2 * k], ah[2 * k + 1]);
+                    }
+                }
             }
             for (r, row) in rows.chunks_exact(rb).enumerate() {
                 let mut wb = [_mm512_setzero_ps(); H];
@@ -711,7 +787,12 @@ macro_rules! int_heads_kernels {
                     }
                 }
             }
-            for (h, ah) in a.iter().enumerate() {
+            for (h, ah) in a.iter_mut().enumerate() {
+                if $split {
+                    for k in 0..C / 2 {
+                        [ah[2 * k], ah[2 * k + 1]] = merge_even_odd(ah[2 * k], ah[2 * k + 1]);
+                    }
+                }
                 let (a16, _) = acc[h * d + c0..][..16 * C].as_chunks_mut::<16>();
                 for (v, a16) in ah.iter().zip(a16) {
                     store(a16, *v);
@@ -729,6 +810,7 @@ macro_rules! int_heads_kernels {
         /// `stride >= rows`.
         #[inline]
         #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        #[allow(dead_code)] // INT4's in-order instance serves only scores with d > SPLIT_MAX.
         unsafe fn $accumulate<const H: usize>(
             group: usize,
             d: usize,
@@ -763,7 +845,8 @@ int_heads_kernels!(
     header = 2,
     asym = false,
     bytes_per_32 = 32,
-    codes_i8_x32
+    codes_i8_x32,
+    split = false
 );
 int_heads_kernels!(
     score_heads_u4,
@@ -772,7 +855,18 @@ int_heads_kernels!(
     header = 4,
     asym = true,
     bytes_per_32 = 16,
-    codes_u4_x32
+    codes_u4_x32,
+    split = false
+);
+int_heads_kernels!(
+    score_heads_u4_split,
+    accumulate_heads_u4_split,
+    columns_u4_split,
+    header = 4,
+    asym = true,
+    bytes_per_32 = 16,
+    codes_u4_x32_split,
+    split = true
 );
 int_heads_kernels!(
     score_heads_u2,
@@ -781,7 +875,8 @@ int_heads_kernels!(
     header = 4,
     asym = true,
     bytes_per_32 = 8,
-    codes_u2_x32
+    codes_u2_x32,
+    split = false
 );
 
 /// `scores[h * stride + r] = q_h · x̂_r` for every query row `q_h` of `q` (rows of `d`) and
@@ -823,6 +918,9 @@ pub(crate) unsafe fn dot_heads(
         unsafe {
             match format {
                 RowFormat::Int8 { group } => blocks!(score_heads_i8, group.size()),
+                RowFormat::Int4 { group } if d <= SPLIT_MAX => {
+                    blocks!(score_heads_u4_split, group.size())
+                }
                 RowFormat::Int4 { group } => blocks!(score_heads_u4, group.size()),
                 RowFormat::Int2 { group } => blocks!(score_heads_u2, group.size()),
                 _ => {
@@ -876,7 +974,7 @@ pub(crate) unsafe fn axpy_heads(
         unsafe {
             match format {
                 RowFormat::Int8 { group } => blocks!(accumulate_heads_i8, group.size()),
-                RowFormat::Int4 { group } => blocks!(accumulate_heads_u4, group.size()),
+                RowFormat::Int4 { group } => blocks!(accumulate_heads_u4_split, group.size()),
                 RowFormat::Int2 { group } => blocks!(accumulate_heads_u2, group.size()),
                 _ => {
                     for h in 0..hb {
@@ -938,6 +1036,11 @@ unsafe fn kivi_heads<const H: usize, const R: usize>(
             b = _mm512_fmadd_ps(qv, load_f16(mv), b);
         }
         bias[h] = _mm512_reduce_add_ps(b);
+        if bits == KiviBits::B4 {
+            // 4-bit codes unpack split into even and odd channels: split the queries alike.
+            let inorder = qs[h];
+            split_rows(&inorder[..d], &mut qs[h]);
+        }
     }
     let qs16: [&[[f32; 16]]; H] = core::array::from_fn(|h| qs[h][..d].as_chunks::<16>().0);
     let chunk = 4 * nbits; // code bytes of 32 channels
@@ -951,7 +1054,7 @@ unsafe fn kivi_heads<const H: usize, const R: usize>(
             let mut acc = [_mm512_setzero_ps(); H];
             for (j, c) in tc.chunks_exact(chunk).enumerate() {
                 let x = match bits {
-                    KiviBits::B4 => codes_u4_x32(&c.as_chunks::<16>().0[0]),
+                    KiviBits::B4 => codes_u4_x32_split(&c.as_chunks::<16>().0[0]),
                     KiviBits::B2 => codes_u2_x32(&c.as_chunks::<8>().0[0]),
                 };
                 for h in 0..H {
