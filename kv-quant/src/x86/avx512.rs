@@ -993,19 +993,20 @@ pub(crate) unsafe fn axpy_heads(
     }
 }
 
-/// Scores of `H` heads (`q` holds `H` rows of `d <= TILE`) against every token of a KIVI
-/// block: the scaled queries `q_h * s` and the biases `sum_c q_h[c] m[c]` are formed once,
+/// Scores of `H` heads (`q` holds `H` rows of `d <= N`) against every token of a KIVI
+/// block: the scaled queries `q_h * s` and the biases `sum_c q_h[c] m[c]` are formed once
+/// (in a stack buffer of `N` channels per head, filled on every call: `N` fits `d`),
 /// then each token's codes are unpacked once for all heads, `R` tokens reduced together.
 /// `out[h * stride + t]`.
 ///
 /// # Safety
-/// See the module docs; `R * H <= 8`, `d` a multiple of 32 and at most [`TILE`], `block`
+/// See the module docs; `R * H <= 8`, `d` a multiple of 32 and at most `N`, `block`
 /// a whole block of `tokens` tokens, `out.len() >= (H - 1) * stride + tokens`,
 /// `stride >= tokens`.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kivi_heads<const H: usize, const R: usize>(
+unsafe fn kivi_heads<const H: usize, const R: usize, const N: usize>(
     bits: KiviBits,
     d: usize,
     q: &[f32],
@@ -1018,7 +1019,7 @@ unsafe fn kivi_heads<const H: usize, const R: usize>(
     let (scales, rest) = block.split_at(2 * d);
     let (mins, codes) = rest.split_at(2 * d);
     let tcb = d / 8 * nbits;
-    let mut qs = [[0.0f32; TILE]; H];
+    let mut qs = [[0.0f32; N]; H];
     let mut bias = [0.0f32; H];
     for h in 0..H {
         let mut b = _mm512_setzero_ps();
@@ -1119,11 +1120,20 @@ pub(crate) unsafe fn kivi_scores_heads(
                     );
                 }
             } else {
-                match hb {
-                    4 => kivi_heads::<4, 2>(bits, d, qb, block, tokens, ob, stride),
-                    3 => kivi_heads::<3, 2>(bits, d, qb, block, tokens, ob, stride),
-                    2 => kivi_heads::<2, 4>(bits, d, qb, block, tokens, ob, stride),
-                    _ => kivi_heads::<1, 8>(bits, d, qb, block, tokens, ob, stride),
+                macro_rules! heads {
+                    ($n:expr) => {
+                        match hb {
+                            4 => kivi_heads::<4, 2, $n>(bits, d, qb, block, tokens, ob, stride),
+                            3 => kivi_heads::<3, 2, $n>(bits, d, qb, block, tokens, ob, stride),
+                            2 => kivi_heads::<2, 4, $n>(bits, d, qb, block, tokens, ob, stride),
+                            _ => kivi_heads::<1, 8, $n>(bits, d, qb, block, tokens, ob, stride),
+                        }
+                    };
+                }
+                if d <= SPLIT_MAX {
+                    heads!(SPLIT_MAX)
+                } else {
+                    heads!(TILE)
                 }
             }
         }
