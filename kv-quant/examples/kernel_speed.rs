@@ -72,6 +72,69 @@ fn main() -> Result<(), QuantError> {
         }
     }
 
+    // A GQA group (SmolLM2: 3 query heads per KV head) against runs of 32 rows, the
+    // decode step's shape: `dot_heads` / `axpy_heads`, ns per row for all 3 heads.
+    const HEADS: usize = 3;
+    const RUN: usize = 32;
+    let qh = data(HEADS * HEAD_DIM, 4);
+    let wh = data(HEADS * RUN, 5);
+    println!();
+    println!("{HEADS} heads, runs of {RUN} rows; ns per row for all heads");
+    println!("{:<12} {:<8} {:>8} {:>8}", "format", "isa", "dot", "axpy");
+    for format in [
+        RowFormat::F16,
+        RowFormat::Int8 { group: Group::G32 },
+        RowFormat::Int4 { group: Group::G32 },
+    ] {
+        let rb = format.row_bytes(HEAD_DIM)?;
+        let mut rows = vec![0u8; rb * ROWS];
+        for (v, r) in x.chunks_exact(HEAD_DIM).zip(rows.chunks_exact_mut(rb)) {
+            format.quantize_row(v, r)?;
+        }
+        for isa in Isa::available() {
+            let k = Kernels::new(isa)?;
+            let mut scores = vec![0.0f32; HEADS * RUN];
+            let start = Instant::now();
+            for _ in 0..PASSES {
+                for run in rows.chunks_exact(rb * RUN) {
+                    k.dot_heads(
+                        format,
+                        HEAD_DIM,
+                        black_box(&qh),
+                        black_box(run),
+                        &mut scores,
+                        RUN,
+                    )?;
+                    black_box(&scores);
+                }
+            }
+            let dot_ns = start.elapsed().as_nanos() as f64 / (PASSES * ROWS) as f64;
+            let mut acc = vec![0.0f32; HEADS * HEAD_DIM];
+            let start = Instant::now();
+            for _ in 0..PASSES {
+                for run in rows.chunks_exact(rb * RUN) {
+                    k.axpy_heads(
+                        format,
+                        HEAD_DIM,
+                        black_box(&wh),
+                        RUN,
+                        black_box(run),
+                        &mut acc,
+                    )?;
+                    black_box(&acc);
+                }
+            }
+            let axpy_ns = start.elapsed().as_nanos() as f64 / (PASSES * ROWS) as f64;
+            println!(
+                "{:<12} {:<8} {:>8.1} {:>8.1}",
+                format.name(),
+                isa.name(),
+                dot_ns,
+                axpy_ns
+            );
+        }
+    }
+
     println!();
     println!("{:<12} {:<8} {:>8}", "keys", "isa", "score");
     for bits in [KiviBits::B4, KiviBits::B2] {

@@ -398,7 +398,7 @@ impl Kernels {
     /// unpacking it once in registers instead of once per head or into an f32 buffer.
     ///
     /// Each score has [`dot`](Self::dot)'s rounding bound. The quantized formats have
-    /// multi-head kernels at every SIMD level (AVX2 code at the `Avx512` level too); float
+    /// multi-head kernels at every SIMD level; float
     /// formats score head by head with [`dot_many`](Self::dot_many).
     ///
     /// ```
@@ -438,13 +438,20 @@ impl Kernels {
         check_strided("scores", heads, stride, n, scores.len())?;
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 => {
-                // SAFETY: a `Kernels` at Avx2 or above exists only on CPUs with
-                // AVX2/FMA/F16C; `rb` is the row size for `head_dim`, `q` holds `heads`
-                // rows, `rows` whole rows, `stride >= n` and `scores` holds every score row
-                // (checked above).
+            Isa::Avx2 => {
+                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; `rb` is the
+                // row size for `head_dim`, `q` holds `heads` rows, `rows` whole rows,
+                // `stride >= n` and `scores` holds every score row (checked above).
                 unsafe {
                     crate::x86::avx2::dot_heads(format, head_dim, q, rows, rb, scores, stride)
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
+                // lengths checked above as for Avx2.
+                unsafe {
+                    crate::x86::avx512::dot_heads(format, head_dim, q, rows, rb, scores, stride)
                 }
             }
             _ => {
@@ -487,13 +494,20 @@ impl Kernels {
         check_strided("weights", heads, stride, n, weights.len())?;
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 => {
-                // SAFETY: a `Kernels` at Avx2 or above exists only on CPUs with
-                // AVX2/FMA/F16C; `rb` is the row size for `head_dim`, `acc` holds `heads`
-                // rows, `rows` whole rows, `stride >= n` and `weights` holds every weight
-                // row (checked above).
+            Isa::Avx2 => {
+                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; `rb` is the
+                // row size for `head_dim`, `acc` holds `heads` rows, `rows` whole rows,
+                // `stride >= n` and `weights` holds every weight row (checked above).
                 unsafe {
                     crate::x86::avx2::axpy_heads(format, head_dim, weights, stride, rows, rb, acc)
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
+                // lengths checked above as for Avx2.
+                unsafe {
+                    crate::x86::avx512::axpy_heads(format, head_dim, weights, stride, rows, rb, acc)
                 }
             }
             _ => {
@@ -577,9 +591,25 @@ impl Kernels {
         check_strided("scores", heads, stride, n, scores.len())?;
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 => {
-                // SAFETY: a `Kernels` at Avx2 or above exists only on CPUs with
-                // AVX2/FMA/F16C; the block's shape and every length checked above.
+            Isa::Avx512 => {
+                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
+                // the block's shape and every length checked above.
+                unsafe {
+                    crate::x86::avx512::kivi_scores_heads(
+                        format.bits,
+                        head_dim,
+                        q,
+                        block,
+                        n,
+                        scores,
+                        stride,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; the block's
+                // shape and every length checked above.
                 unsafe {
                     crate::x86::avx2::kivi_scores_heads(
                         format.bits,

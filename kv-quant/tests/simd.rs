@@ -202,7 +202,7 @@ proptest! {
     fn kivi_scores_are_within_rounding_of_the_exact_scores(
         bits in prop::sample::select(vec![KiviBits::B2, KiviBits::B4]),
         tokens in 1usize..=40,
-        d32 in prop::sample::select(vec![1usize, 2, 4, 20]),
+        d32 in prop::sample::select(vec![1usize, 2, 4, 8, 20]),
         outliers in 0usize..=4,
         seed in any::<u64>(),
     ) {
@@ -320,7 +320,7 @@ proptest! {
     fn kivi_blocks_score_several_heads_like_one_at_a_time(
         bits in prop::sample::select(vec![KiviBits::B2, KiviBits::B4]),
         tokens in 1usize..=40,
-        d32 in prop::sample::select(vec![1usize, 2, 4, 20]),
+        d32 in prop::sample::select(vec![1usize, 2, 4, 8, 20]),
         heads in 1usize..=9,
         pad in 0usize..3,
         seed in any::<u64>(),

@@ -899,7 +899,7 @@ const HEAD_BLOCK: usize = 4;
 /// Lane `p` of the result is the sum of the eight lanes of `a[p]`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn reduce8(a: &[__m256; 8]) -> __m256 {
+pub(crate) fn reduce8(a: &[__m256; 8]) -> __m256 {
     // hadd(x, y) = [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7].
     let t0 = _mm256_hadd_ps(a[0], a[1]);
     let t1 = _mm256_hadd_ps(a[2], a[3]);
