@@ -376,6 +376,31 @@ impl SplitMix {
     }
 }
 
+/// Token ids for model benchmarks: a fixed pseudo-random sequence (SplitMix64) in
+/// `1..vocab`, so that kv's bench program and the peers it is measured against feed the same
+/// ids. Speed does not depend on which ids; a fixed sequence keeps runs comparable.
+///
+/// ```
+/// let ids = kv_backend_cpu::bench::token_ids(4, 49_152);
+/// assert_eq!(ids, kv_backend_cpu::bench::token_ids(4, 49_152));
+/// assert!(ids.iter().all(|&t| (1..49_152).contains(&t)));
+/// ```
+pub fn token_ids(n: usize, vocab: usize) -> Vec<u32> {
+    // At least ids 0 and 1, so the modulus below is never zero.
+    let span = (vocab.max(2) - 1) as u64;
+    let mut state = 0x5EED_u64;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (1 + z % span) as u32
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

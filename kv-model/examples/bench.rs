@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use kv_attention::PagedCache;
-use kv_backend_cpu::bench::{memory_read_probe, DecodeBench, BENCH_MIN_CACHE_BYTES};
+use kv_backend_cpu::bench::{memory_read_probe, token_ids, DecodeBench, BENCH_MIN_CACHE_BYTES};
 use kv_backend_cpu::CpuBackend;
 use kv_core::candle::{Device, Tensor, D};
 use kv_core::{KvDType, ModelShape, StorageSpec};
@@ -245,22 +245,6 @@ fn attention(sizes: &Sizes, threads: usize) -> Res<()> {
         }
     }
     probe("after")
-}
-
-/// The token ids every model measurement feeds (the candle peer uses the same formula):
-/// a fixed pseudo-random sequence, since speed does not depend on which ids.
-fn token_ids(n: usize, vocab: usize) -> Vec<u32> {
-    let mut state = 0x5EED_u64;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (1 + z % (vocab as u64 - 1)) as u32
-        })
-        .collect()
 }
 
 fn argmax(logits: &Tensor) -> Res<u32> {

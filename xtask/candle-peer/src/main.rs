@@ -26,6 +26,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 use candle_transformers::models::quantized_llama::ModelWeights;
+use kv_backend_cpu::bench::token_ids;
 use kv_backend_cpu::CpuBackend;
 use kv_core::{
     AttentionBatch, BlockId, CacheBackend, KvDType, ModelShape, SeqAttention, Slot, StorageSpec,
@@ -115,21 +116,6 @@ fn run(a: &Args) -> Res<()> {
         transformers(a, model)?;
     }
     Ok(())
-}
-
-/// The token ids every measurement feeds: the same formula as kv's bench program.
-fn token_ids(n: usize, vocab: usize) -> Vec<u32> {
-    let mut state = 0x5EED_u64;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (1 + z % (vocab as u64 - 1)) as u32
-        })
-        .collect()
 }
 
 fn argmax(logits: &Tensor) -> Res<u32> {
