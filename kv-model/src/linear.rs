@@ -284,11 +284,10 @@ impl BlockMatrix {
                 for (j, w) in tile.chunks_exact_mut(cols).enumerate() {
                     self.dequantize_row(k, r0 + j, w);
                 }
-                // SAFETY: gemm reads `x` as [n, cols] (row stride cols) and the tile as
-                // [cols, pr] (column stride cols), both within their slices; it writes
-                // out[i * rows + r0 + j] for i < n, j < pr, inside `out` ([n, rows]) and
-                // in columns r0..r0 + pr that no other task writes. `out` outlives the
-                // loop, and nothing else reads it meanwhile.
+                // SAFETY: gemm reads `x` as [n, cols] and the tile as [cols, pr] (strides
+                // cols), within their slices; it writes out[i * rows + r0 + j], i < n,
+                // j < pr: inside `out` ([n, rows]), columns no other task writes; `out`
+                // outlives the loop and nothing else reads it meanwhile.
                 unsafe {
                     gemm::gemm(
                         n,
