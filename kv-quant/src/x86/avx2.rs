@@ -912,6 +912,27 @@ pub(crate) fn reduce8(a: &[__m256; 8]) -> __m256 {
     _mm256_add_ps(lo, hi)
 }
 
+/// The eight sums of [`reduce8`] as plain floats, lane `p` for `a[p]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn reduce8_lanes(a: &[__m256; 8]) -> [f32; 8] {
+    let mut lanes = [0.0f32; 8];
+    store(&mut lanes, reduce8(a));
+    lanes
+}
+
+/// `a + q . x` over one 32-value chunk (4 vectors): a head's share of a chunk of codes
+/// that every head of the group reads.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn fma_x32(a: __m256, q: &[[f32; 8]], x: &[__m256; 4]) -> __m256 {
+    let mut a = a;
+    for (q, x) in q[..4].iter().zip(x) {
+        a = _mm256_fmadd_ps(load(q), *x, a);
+    }
+    a
+}
+
 /// 16 signed 8-bit codes → 2 x 8 f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -986,19 +1007,12 @@ macro_rules! int_heads_kernels {
                             let x = $codes32(c32).map(|c| _mm256_fmadd_ps(c, s, m));
                             let at = (gi * group + 32 * j) / 8;
                             for h in 0..H {
-                                let q8 = &qh[h][at..at + 4];
-                                let mut a = acc[r * H + h];
-                                a = _mm256_fmadd_ps(load(&q8[0]), x[0], a);
-                                a = _mm256_fmadd_ps(load(&q8[1]), x[1], a);
-                                a = _mm256_fmadd_ps(load(&q8[2]), x[2], a);
-                                a = _mm256_fmadd_ps(load(&q8[3]), x[3], a);
-                                acc[r * H + h] = a;
+                                acc[r * H + h] = fma_x32(acc[r * H + h], &qh[h][at..], &x);
                             }
                         }
                     }
                 }
-                let mut lanes = [0.0f32; 8];
-                store(&mut lanes, reduce8(&acc));
+                let lanes = reduce8_lanes(&acc);
                 for r in 0..R {
                     for h in 0..H {
                         scores[h * stride + r0 + r] = lanes[r * H + h];
@@ -1253,18 +1267,11 @@ unsafe fn kivi_heads<const H: usize, const R: usize>(
                     KiviBits::B2 => codes_u2_x32(&c.as_chunks::<8>().0[0]),
                 };
                 for h in 0..H {
-                    let q8 = &qs8[h][4 * j..4 * j + 4];
-                    let mut a = acc[r * H + h];
-                    a = _mm256_fmadd_ps(load(&q8[0]), x[0], a);
-                    a = _mm256_fmadd_ps(load(&q8[1]), x[1], a);
-                    a = _mm256_fmadd_ps(load(&q8[2]), x[2], a);
-                    a = _mm256_fmadd_ps(load(&q8[3]), x[3], a);
-                    acc[r * H + h] = a;
+                    acc[r * H + h] = fma_x32(acc[r * H + h], &qs8[h][4 * j..], &x);
                 }
             }
         }
-        let mut lanes = [0.0f32; 8];
-        store(&mut lanes, reduce8(&acc));
+        let lanes = reduce8_lanes(&acc);
         for r in 0..r_n {
             for h in 0..H {
                 out[h * stride + t0 + r] = lanes[r * H + h] + bias[h];

@@ -22,6 +22,18 @@ fn load(a: &[f32; 16]) -> __m512 {
     unsafe { _mm512_loadu_ps(a.as_ptr()) }
 }
 
+/// `a + q . x` over one 32-value chunk (2 vectors): a head's share of a chunk of codes
+/// that every head of the group reads.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn fma_x32(a: __m512, q: &[[f32; 16]], x: &[__m512; 2]) -> __m512 {
+    let mut a = a;
+    for (q, x) in q[..2].iter().zip(x) {
+        a = _mm512_fmadd_ps(load(q), *x, a);
+    }
+    a
+}
+
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 fn store(a: &mut [f32; 16], v: __m512) {
@@ -696,11 +708,7 @@ macro_rules! int_heads_kernels {
                             let x = [_mm512_fmadd_ps(c0, s, m), _mm512_fmadd_ps(c1, s, m)];
                             let at = (gi * group + 32 * j) / 16;
                             for h in 0..H {
-                                let q16 = &qh[h][at..at + 2];
-                                let mut a = acc[h];
-                                a = _mm512_fmadd_ps(load(&q16[0]), x[0], a);
-                                a = _mm512_fmadd_ps(load(&q16[1]), x[1], a);
-                                acc[h] = a;
+                                acc[h] = fma_x32(acc[h], &qh[h][at..], &x);
                             }
                         }
                     }
@@ -708,10 +716,7 @@ macro_rules! int_heads_kernels {
                         folded[r * H + h] = fold(acc[h]);
                     }
                 }
-                let mut lanes = [0.0f32; 8];
-                let sums = crate::x86::avx2::reduce8(&folded);
-                // SAFETY: `lanes` is 8 writable f32; `storeu` has no alignment requirement.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sums) };
+                let lanes = crate::x86::avx2::reduce8_lanes(&folded);
                 for r in 0..R {
                     for h in 0..H {
                         scores[h * stride + r0 + r] = lanes[r * H + h];
@@ -1059,21 +1064,14 @@ unsafe fn kivi_heads<const H: usize, const R: usize, const N: usize>(
                     KiviBits::B2 => codes_u2_x32(&c.as_chunks::<8>().0[0]),
                 };
                 for h in 0..H {
-                    let q16 = &qs16[h][2 * j..2 * j + 2];
-                    let mut a = acc[h];
-                    a = _mm512_fmadd_ps(load(&q16[0]), x[0], a);
-                    a = _mm512_fmadd_ps(load(&q16[1]), x[1], a);
-                    acc[h] = a;
+                    acc[h] = fma_x32(acc[h], &qs16[h][2 * j..], &x);
                 }
             }
             for h in 0..H {
                 folded[r * H + h] = fold(acc[h]);
             }
         }
-        let mut lanes = [0.0f32; 8];
-        let sums = crate::x86::avx2::reduce8(&folded);
-        // SAFETY: `lanes` is 8 writable f32; `storeu` has no alignment requirement.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sums) };
+        let lanes = crate::x86::avx2::reduce8_lanes(&folded);
         for r in 0..r_n {
             for h in 0..H {
                 out[h * stride + t0 + r] = lanes[r * H + h] + bias[h];
