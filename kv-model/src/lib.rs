@@ -63,6 +63,8 @@ pub use batch::{BatchOptions, BatchRun, SeqOutcome};
 pub use config::{LlamaConfig, SUPPORTED_ARCHITECTURES};
 pub use error::{ModelError, Result};
 pub use generate::{CacheLayout, CacheReport, GenerateOptions, Generation, StopReason, Summary};
+#[doc(hidden)]
+pub use linear::matmul_seconds;
 pub use model::{Logits, Model, WeightFormat};
 pub use sampler::{Sampler, SamplingConfig};
 pub use tokenizer::{ChatTemplate, TextStream, Tokenizer};

@@ -9,8 +9,9 @@
 //! summation order (see [`crate::WeightFormat`] for why that matters).
 //!
 //! - Few rows (decode, small batches): a matrix-vector kernel over output rows that
-//!   dequantizes each block once for up to two activation rows; AVX2+FMA+F16C when the CPU
-//!   has them, portable Rust otherwise; rayon threads split the output rows.
+//!   dequantizes each block once for up to two activation rows; AVX-512F or AVX2+FMA+F16C
+//!   when the CPU has them, portable Rust otherwise (`KV_MODEL_ISA` caps the level); rayon
+//!   threads split the output rows.
 //! - Many rows (prefill): each task dequantizes a panel of weight rows into an f32 tile that
 //!   fits in L2 and multiplies all activation rows by it with the `gemm` crate (the GEMM
 //!   candle itself uses); tasks split the output columns.
@@ -18,6 +19,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod scalar;
 
 use std::cell::RefCell;
@@ -78,13 +81,30 @@ impl BlockType {
     }
 }
 
-/// An instruction-set level of the kernels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An instruction-set level of the kernels, in increasing order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
     /// Portable Rust: the reference and the fallback.
     Scalar,
     /// x86-64 with AVX2, FMA and F16C.
     Avx2,
+    /// x86-64 with AVX-512F.
+    Avx512,
+}
+
+impl Isa {
+    /// Every level, lowest first.
+    pub(crate) const ALL: [Self; 3] = [Self::Scalar, Self::Avx2, Self::Avx512];
+
+    /// The level named by `KV_MODEL_ISA` (`scalar`, `avx2`, `avx512`), if any.
+    fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Some(Self::Scalar),
+            "avx2" => Some(Self::Avx2),
+            "avx512" => Some(Self::Avx512),
+            _ => None,
+        }
+    }
 }
 
 /// The kernels at one instruction-set level. Only made for a level this CPU runs
@@ -105,23 +125,36 @@ impl Kernels {
                     && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("f16c")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => false,
+            Isa::Avx2 | Isa::Avx512 => false,
         };
         ok.then_some(Self { isa })
     }
 
-    /// The fastest level this CPU runs, detected once. `KV_MODEL_ISA=scalar` forces the
-    /// portable kernels (benchmarks, bisecting a suspected SIMD bug).
+    /// The fastest level this CPU runs, detected once. `KV_MODEL_ISA=scalar|avx2|avx512`
+    /// caps the level (measuring one level against another, bisecting a suspected SIMD
+    /// bug); an unknown value is ignored.
     pub(crate) fn best() -> Self {
         static BEST: OnceLock<Kernels> = OnceLock::new();
         *BEST.get_or_init(|| {
-            let scalar = Self { isa: Isa::Scalar };
-            if std::env::var("KV_MODEL_ISA").is_ok_and(|v| v.trim() == "scalar") {
-                return scalar;
-            }
-            Self::new(Isa::Avx2).unwrap_or(scalar)
+            let cap = std::env::var("KV_MODEL_ISA")
+                .ok()
+                .and_then(|v| Isa::parse(&v))
+                .unwrap_or(Isa::Avx512);
+            Self::best_up_to(cap)
         })
+    }
+
+    /// The fastest level this CPU runs that is not above `cap`.
+    pub(crate) fn best_up_to(cap: Isa) -> Self {
+        Isa::ALL
+            .into_iter()
+            .rev()
+            .filter(|&isa| isa <= cap)
+            .find_map(Self::new)
+            .unwrap_or(Self { isa: Isa::Scalar })
     }
 
     fn dequantize_row(self, ty: BlockType, row: &[u8], out: &mut [f32]) {
@@ -134,6 +167,16 @@ impl Kernels {
                     BlockType::Q4_0 => avx2::dequantize_row::<{ avx2::Q4_0 }, 18>(row, out),
                     BlockType::Q4_1 => avx2::dequantize_row::<{ avx2::Q4_1 }, 20>(row, out),
                     BlockType::Q8_0 => avx2::dequantize_row::<{ avx2::Q8_0 }, 34>(row, out),
+                }
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a `Kernels` with `Isa::Avx512` exists only after `Kernels::new` found
+            // AVX-512F on this CPU.
+            Isa::Avx512 => unsafe {
+                match ty {
+                    BlockType::Q4_0 => avx512::dequantize_row::<{ avx2::Q4_0 }, 18>(row, out),
+                    BlockType::Q4_1 => avx512::dequantize_row::<{ avx2::Q4_1 }, 20>(row, out),
+                    BlockType::Q8_0 => avx512::dequantize_row::<{ avx2::Q8_0 }, 34>(row, out),
                 }
             },
             _ => scalar::dequantize_row(ty, row, out),
@@ -150,6 +193,16 @@ impl Kernels {
                     BlockType::Q4_0 => avx2::dot_rows::<{ avx2::Q4_0 }, 18>(row, x, cols, out),
                     BlockType::Q4_1 => avx2::dot_rows::<{ avx2::Q4_1 }, 20>(row, x, cols, out),
                     BlockType::Q8_0 => avx2::dot_rows::<{ avx2::Q8_0 }, 34>(row, x, cols, out),
+                }
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a `Kernels` with `Isa::Avx512` exists only after `Kernels::new` found
+            // AVX-512F on this CPU.
+            Isa::Avx512 => unsafe {
+                match ty {
+                    BlockType::Q4_0 => avx512::dot_rows::<{ avx2::Q4_0 }, 18>(row, x, cols, out),
+                    BlockType::Q4_1 => avx512::dot_rows::<{ avx2::Q4_1 }, 20>(row, x, cols, out),
+                    BlockType::Q8_0 => avx512::dot_rows::<{ avx2::Q8_0 }, 34>(row, x, cols, out),
                 }
             },
             _ => scalar::dot_rows(ty, row, x, cols, out),
@@ -316,6 +369,60 @@ impl BlockMatrix {
     }
 }
 
+/// Seconds per `matmul` of a random `[rows, cols]` matrix of `ty` (`q4_0`, `q4_1`, `q8_0`)
+/// by `n` activation rows at `isa` (`scalar`, `avx2`, `avx512`), the median of `reps`
+/// calls after one warm-up; `None` for an unknown name or a level this CPU lacks, or a
+/// `cols` not a multiple of 32. For the `weight_speed` example: kernels are not public API.
+#[doc(hidden)]
+pub fn matmul_seconds(
+    isa: &str,
+    ty: &str,
+    rows: usize,
+    cols: usize,
+    n: usize,
+    reps: usize,
+) -> Option<f64> {
+    let k = Kernels::new(Isa::parse(isa)?)?;
+    let ty = match ty {
+        "q4_0" => BlockType::Q4_0,
+        "q4_1" => BlockType::Q4_1,
+        "q8_0" => BlockType::Q8_0,
+        _ => return None,
+    };
+    // Deterministic bytes; each block's f16 scale(s) set to small normal values.
+    let blocks = rows * (cols / BLOCK);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut data: Vec<u8> = (0..blocks * ty.bytes())
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            (state >> 56) as u8
+        })
+        .collect();
+    let scale = half::f16::from_f32(0.01).to_bits().to_le_bytes();
+    for b in data.chunks_exact_mut(ty.bytes()) {
+        b[..2].copy_from_slice(&scale);
+        if ty == BlockType::Q4_1 {
+            b[2..4].copy_from_slice(&scale);
+        }
+    }
+    let m = BlockMatrix::new(ty, rows, cols, data)?;
+    let x: Vec<f32> = (0..n * cols).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
+    let mut out = vec![0f32; n * rows];
+    m.matmul(k, &x, n, &mut out);
+    let mut times: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t = std::time::Instant::now();
+            m.matmul(k, std::hint::black_box(&x), n, &mut out);
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    std::hint::black_box(&out);
+    times.sort_by(f64::total_cmp);
+    Some(times[times.len() / 2])
+}
+
 /// One projection: our block kernels, or candle's matmul (f32 expansion, or its quantized
 /// matmul when asked for).
 #[derive(Debug)]
@@ -400,11 +507,9 @@ mod tests {
 
     const TYPES: [GgmlDType; 3] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
 
+    /// Every level this CPU runs, so each test covers what the machine has.
     fn kernels() -> Vec<Kernels> {
-        [Isa::Scalar, Isa::Avx2]
-            .into_iter()
-            .filter_map(Kernels::new)
-            .collect()
+        Isa::ALL.into_iter().filter_map(Kernels::new).collect()
     }
 
     fn random(rng: &mut StdRng, len: usize) -> Vec<f32> {
@@ -428,6 +533,21 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         (q, w)
+    }
+
+    #[test]
+    fn isa_cap_picks_the_best_level_not_above_it() {
+        assert_eq!(Isa::parse(" AVX2 "), Some(Isa::Avx2));
+        assert_eq!(Isa::parse("sse"), None);
+        assert_eq!(Kernels::best_up_to(Isa::Scalar).isa, Isa::Scalar);
+        let best = Kernels::best_up_to(Isa::Avx512).isa;
+        for isa in Isa::ALL {
+            let k = Kernels::best_up_to(isa).isa;
+            assert!(k <= isa && k <= best);
+            assert_eq!(Kernels::new(isa).is_some(), k == isa, "{isa:?}");
+        }
+        assert!(matmul_seconds("scalar", "q4_1", 16, 64, 1, 1).is_some());
+        assert!(matmul_seconds("scalar", "q5_0", 16, 64, 1, 1).is_none());
     }
 
     #[test]

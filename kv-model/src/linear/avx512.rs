@@ -1,0 +1,173 @@
+//! AVX-512F kernels (16 f32 lanes).
+//!
+//! The contract is the AVX2 file's: the CPU must support AVX-512F (checked by
+//! [`super::Kernels`] before any call), and every raw load reads from a fixed-size array.
+//!
+//! A 4-bit block has only 16 possible weights, `d * q + m` (Q4_1) or `(q - 8) * d` (Q4_0)
+//! for `q` in `0..16`. They are computed once per block into one register, and each 16
+//! weights are looked up with a lane permute indexed by the nibbles: no int-to-float
+//! conversion per weight, which is what bounds the AVX2 kernel. The table holds the same
+//! values candle's `to_float` computes (`q * d` is exact in f32, so `fma(q, d, m)` rounds
+//! like `q * d + m`), so the weights are bit-for-bit candle's.
+
+use core::arch::x86_64::*;
+
+use super::avx2::{Q4_1, Q8_0};
+use super::BLOCK;
+
+/// `f16` bits broadcast to 16 f32 lanes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn broadcast_f16(b: [u8; 2]) -> __m512 {
+    _mm512_cvtph_ps(_mm256_set1_epi16(i16::from_le_bytes(b)))
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn load_16(b: &[u8; 16]) -> __m128i {
+    // SAFETY: `b` is 16 readable bytes; `loadu` has no alignment requirement.
+    unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+}
+
+/// The 32 f32 of `x` as two vectors, in order.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn load_x(x: &[f32; BLOCK]) -> [__m512; 2] {
+    let p = x.as_ptr();
+    // SAFETY: `x` is 32 readable f32 and each load reads 16 of them at offsets 0 and 16;
+    // `loadu` has no alignment requirement.
+    unsafe { [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))] }
+}
+
+/// 16 signed bytes as f32.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn i8_lanes(q: __m128i) -> __m512 {
+    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))
+}
+
+/// The 32 weights of one block (`BYTES` bytes of type `TY`) as two vectors, in order.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn weights<const TY: u8, const BYTES: usize>(b: &[u8; BYTES]) -> [__m512; 2] {
+    let d = broadcast_f16([b[0], b[1]]);
+    if TY == Q8_0 {
+        let mut lo = [0u8; 16];
+        let mut hi = [0u8; 16];
+        lo.copy_from_slice(&b[2..18]);
+        hi.copy_from_slice(&b[18..34]);
+        return [
+            _mm512_mul_ps(i8_lanes(load_16(&lo)), d),
+            _mm512_mul_ps(i8_lanes(load_16(&hi)), d),
+        ];
+    }
+    let iota = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    let (table, at) = if TY == Q4_1 {
+        (_mm512_fmadd_ps(iota, d, broadcast_f16([b[2], b[3]])), 4)
+    } else {
+        // (q - 8) * d like candle: a product, so q = 8 gives -0.0 when d < 0.
+        (
+            _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8.0)), d),
+            2,
+        )
+    };
+    let mut qs = [0u8; 16];
+    qs.copy_from_slice(&b[at..at + 16]);
+    // Byte j holds weight j (low nibble) and weight j + 16 (high nibble). The permute reads
+    // only an index's low 4 bits, so the low nibbles need no mask.
+    let q = _mm512_cvtepu8_epi32(load_16(&qs));
+    [
+        _mm512_permutexvar_ps(q, table),
+        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), table),
+    ]
+}
+
+/// Sum of the accumulators in a fixed order, then of the 16 lanes: the same for every row
+/// count, so a row's result does not depend on which rows it was computed with.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn reduce(acc: [__m512; 4]) -> f32 {
+    let v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(v)
+}
+
+/// `dot(row, x)` for one activation row. Blocks alternate between two accumulator pairs so
+/// that four FMA chains are in flight.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn dot1<const TY: u8, const BYTES: usize>(blocks: &[[u8; BYTES]], x: &[[f32; BLOCK]]) -> f32 {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    for (i, (b, xb)) in blocks.iter().zip(x).enumerate() {
+        let w = weights::<TY, BYTES>(b);
+        let xv = load_x(xb);
+        let k = (i & 1) * 2;
+        acc[k] = _mm512_fmadd_ps(w[0], xv[0], acc[k]);
+        acc[k + 1] = _mm512_fmadd_ps(w[1], xv[1], acc[k + 1]);
+    }
+    reduce(acc)
+}
+
+/// `dot(row, x0)` and `dot(row, x1)`, dequantizing each block once; each row's sums in the
+/// order [`dot1`] uses.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn dot2<const TY: u8, const BYTES: usize>(
+    blocks: &[[u8; BYTES]],
+    x0: &[[f32; BLOCK]],
+    x1: &[[f32; BLOCK]],
+) -> (f32, f32) {
+    let mut a0 = [_mm512_setzero_ps(); 4];
+    let mut a1 = [_mm512_setzero_ps(); 4];
+    for (i, ((b, xb0), xb1)) in blocks.iter().zip(x0).zip(x1).enumerate() {
+        let w = weights::<TY, BYTES>(b);
+        let xv0 = load_x(xb0);
+        let xv1 = load_x(xb1);
+        let k = (i & 1) * 2;
+        a0[k] = _mm512_fmadd_ps(w[0], xv0[0], a0[k]);
+        a0[k + 1] = _mm512_fmadd_ps(w[1], xv0[1], a0[k + 1]);
+        a1[k] = _mm512_fmadd_ps(w[0], xv1[0], a1[k]);
+        a1[k + 1] = _mm512_fmadd_ps(w[1], xv1[1], a1[k + 1]);
+    }
+    (reduce(a0), reduce(a1))
+}
+
+/// `out[i] = dot(row, x[i * cols..][..cols])` for every `i < out.len()`.
+#[target_feature(enable = "avx512f")]
+pub(super) fn dot_rows<const TY: u8, const BYTES: usize>(
+    row: &[u8],
+    x: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) {
+    let blocks = row.as_chunks::<BYTES>().0;
+    let xrow = |i: usize| x[i * cols..][..cols].as_chunks::<BLOCK>().0;
+    let mut pairs = out.chunks_exact_mut(2);
+    let mut i = 0;
+    for o in &mut pairs {
+        let (a, b) = dot2::<TY, BYTES>(blocks, xrow(i), xrow(i + 1));
+        o[0] = a;
+        o[1] = b;
+        i += 2;
+    }
+    if let [o] = pairs.into_remainder() {
+        *o = dot1::<TY, BYTES>(blocks, xrow(i));
+    }
+}
+
+/// Expands one row of blocks into `out` (`out.len()` weights, a multiple of 32).
+#[target_feature(enable = "avx512f")]
+pub(super) fn dequantize_row<const TY: u8, const BYTES: usize>(row: &[u8], out: &mut [f32]) {
+    let blocks = row.as_chunks::<BYTES>().0;
+    for (b, o) in blocks.iter().zip(out.as_chunks_mut::<BLOCK>().0) {
+        let w = weights::<TY, BYTES>(b);
+        let p = o.as_mut_ptr();
+        // SAFETY: `o` is 32 writable f32 and each store writes 16 of them at offsets 0 and
+        // 16; `storeu` has no alignment requirement.
+        unsafe {
+            _mm512_storeu_ps(p, w[0]);
+            _mm512_storeu_ps(p.add(16), w[1]);
+        }
+    }
+}
