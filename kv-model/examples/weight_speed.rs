@@ -4,7 +4,12 @@
 //! ```text
 //! cargo run --release -p kv-model --example weight_speed            # 512-token prefill
 //! cargo run --release -p kv-model --example weight_speed -- 128 5   # prompt tokens, rounds
+//! cargo run --release -p kv-model --example weight_speed -- kernels  # matvec per ISA level
 //! ```
+//!
+//! `kernels` needs no model: it times the decode matrix-vector product of SmolLM2-135M's
+//! shapes at each instruction-set level this CPU has, levels alternating within each round,
+//! and prints each level's median time per round and its speed-up over AVX2.
 //!
 //! Loads the default model (`KV_MODEL_PATH` or the cache directory) once per format, then
 //! alternates between them for several rounds: each round prefills the prompt into an f16
@@ -43,7 +48,55 @@ fn best_median(mut xs: Vec<f64>) -> (f64, f64) {
     (xs[0], xs[xs.len() / 2])
 }
 
+/// SmolLM2-135M's projections at decode: (name, type, rows, cols).
+const SHAPES: [(&str, &str, usize, usize); 4] = [
+    ("q/o 576x576", "q4_1", 576, 576),
+    ("gate/up 1536x576", "q4_1", 1536, 576),
+    ("down 576x1536", "q4_1", 576, 1536),
+    ("head 49152x576", "q8_0", 49152, 576),
+];
+
+fn kernels(rounds: usize) {
+    let levels = ["scalar", "avx2", "avx512"];
+    println!(
+        "matvec per call, median of 200 (head: 20) calls, {} threads; x avx2 per round",
+        rayon::current_num_threads()
+    );
+    for (name, ty, rows, cols) in SHAPES {
+        for n in [1, 2] {
+            let reps = if rows > 10_000 { 20 } else { 200 };
+            let mut line = format!("{name:<17} {ty} n={n}:");
+            let mut ratios = vec![Vec::new(); levels.len()];
+            let mut base_us = Vec::new();
+            for _ in 0..rounds {
+                let times: Vec<Option<f64>> = levels
+                    .iter()
+                    .map(|l| kv_model::matmul_seconds(l, ty, rows, cols, n, reps))
+                    .collect();
+                let Some(base) = times[1] else { continue };
+                base_us.push(format!("{:.0}", base * 1e6));
+                for (r, t) in ratios.iter_mut().zip(&times) {
+                    if let Some(t) = t {
+                        r.push(base / t);
+                    }
+                }
+            }
+            line += &format!(" avx2 us [{}]", base_us.join(" "));
+            for (l, r) in levels.iter().zip(&ratios) {
+                let r: Vec<String> = r.iter().map(|v| format!("{v:.2}")).collect();
+                line += &format!("  {l} [{}]", r.join(" "));
+            }
+            println!("{line}");
+        }
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::args().nth(1).as_deref() == Some("kernels") {
+        let rounds = std::env::args().nth(2).map_or(Ok(3), |a| a.parse())?;
+        rayon::scope(|_| kernels(rounds));
+        return Ok(());
+    }
     let mut args = std::env::args().skip(1);
     let prompt_len: usize = args.next().map_or(Ok(512), |a| a.parse())?;
     let rounds: usize = args.next().map_or(Ok(3), |a| a.parse())?;

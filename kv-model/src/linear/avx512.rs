@@ -84,29 +84,40 @@ fn weights<const TY: u8, const BYTES: usize>(b: &[u8; BYTES]) -> [__m512; 2] {
     ]
 }
 
-/// Sum of the accumulators in a fixed order, then of the 16 lanes: the same for every row
-/// count, so a row's result does not depend on which rows it was computed with.
+/// One block's FMAs into the accumulator pair `acc`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn reduce(acc: [__m512; 4]) -> f32 {
-    let v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+fn fma_block(w: [__m512; 2], x: &[f32; BLOCK], acc: &mut [__m512; 2]) {
+    let xv = load_x(x);
+    acc[0] = _mm512_fmadd_ps(w[0], xv[0], acc[0]);
+    acc[1] = _mm512_fmadd_ps(w[1], xv[1], acc[1]);
+}
+
+/// Sum of the two accumulator pairs in a fixed order, then of the 16 lanes: the same for
+/// every row count, so a row's result does not depend on which rows it was computed with.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn reduce(a: [__m512; 2], b: [__m512; 2]) -> f32 {
+    let v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(b[0], b[1]));
     _mm512_reduce_add_ps(v)
 }
 
-/// `dot(row, x)` for one activation row. Blocks alternate between two accumulator pairs so
-/// that four FMA chains are in flight.
+/// `dot(row, x)` for one activation row. Even blocks go to one accumulator pair, odd
+/// blocks to the other, so that four FMA chains are in flight.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn dot1<const TY: u8, const BYTES: usize>(blocks: &[[u8; BYTES]], x: &[[f32; BLOCK]]) -> f32 {
-    let mut acc = [_mm512_setzero_ps(); 4];
-    for (i, (b, xb)) in blocks.iter().zip(x).enumerate() {
-        let w = weights::<TY, BYTES>(b);
-        let xv = load_x(xb);
-        let k = (i & 1) * 2;
-        acc[k] = _mm512_fmadd_ps(w[0], xv[0], acc[k]);
-        acc[k + 1] = _mm512_fmadd_ps(w[1], xv[1], acc[k + 1]);
+    let (mut even, mut odd) = ([_mm512_setzero_ps(); 2], [_mm512_setzero_ps(); 2]);
+    let (pairs, rest) = blocks.as_chunks::<2>();
+    let (xpairs, xrest) = x.as_chunks::<2>();
+    for (b, xb) in pairs.iter().zip(xpairs) {
+        fma_block(weights::<TY, BYTES>(&b[0]), &xb[0], &mut even);
+        fma_block(weights::<TY, BYTES>(&b[1]), &xb[1], &mut odd);
     }
-    reduce(acc)
+    if let ([b], [xb, ..]) = (rest, xrest) {
+        fma_block(weights::<TY, BYTES>(b), xb, &mut even);
+    }
+    reduce(even, odd)
 }
 
 /// `dot(row, x0)` and `dot(row, x1)`, dequantizing each block once; each row's sums in the
@@ -118,19 +129,25 @@ fn dot2<const TY: u8, const BYTES: usize>(
     x0: &[[f32; BLOCK]],
     x1: &[[f32; BLOCK]],
 ) -> (f32, f32) {
-    let mut a0 = [_mm512_setzero_ps(); 4];
-    let mut a1 = [_mm512_setzero_ps(); 4];
-    for (i, ((b, xb0), xb1)) in blocks.iter().zip(x0).zip(x1).enumerate() {
-        let w = weights::<TY, BYTES>(b);
-        let xv0 = load_x(xb0);
-        let xv1 = load_x(xb1);
-        let k = (i & 1) * 2;
-        a0[k] = _mm512_fmadd_ps(w[0], xv0[0], a0[k]);
-        a0[k + 1] = _mm512_fmadd_ps(w[1], xv0[1], a0[k + 1]);
-        a1[k] = _mm512_fmadd_ps(w[0], xv1[0], a1[k]);
-        a1[k + 1] = _mm512_fmadd_ps(w[1], xv1[1], a1[k + 1]);
+    let (mut even0, mut odd0) = ([_mm512_setzero_ps(); 2], [_mm512_setzero_ps(); 2]);
+    let (mut even1, mut odd1) = ([_mm512_setzero_ps(); 2], [_mm512_setzero_ps(); 2]);
+    let (pairs, rest) = blocks.as_chunks::<2>();
+    let (x0pairs, x0rest) = x0.as_chunks::<2>();
+    let (x1pairs, x1rest) = x1.as_chunks::<2>();
+    for ((b, xb0), xb1) in pairs.iter().zip(x0pairs).zip(x1pairs) {
+        let w = weights::<TY, BYTES>(&b[0]);
+        fma_block(w, &xb0[0], &mut even0);
+        fma_block(w, &xb1[0], &mut even1);
+        let w = weights::<TY, BYTES>(&b[1]);
+        fma_block(w, &xb0[1], &mut odd0);
+        fma_block(w, &xb1[1], &mut odd1);
     }
-    (reduce(a0), reduce(a1))
+    if let ([b], [xb0, ..], [xb1, ..]) = (rest, x0rest, x1rest) {
+        let w = weights::<TY, BYTES>(b);
+        fma_block(w, xb0, &mut even0);
+        fma_block(w, xb1, &mut even1);
+    }
+    (reduce(even0, odd0), reduce(even1, odd1))
 }
 
 /// `out[i] = dot(row, x[i * cols..][..cols])` for every `i < out.len()`.
