@@ -290,38 +290,20 @@ impl BlockMatrix {
         }
     }
 
-    /// Output rows per rayon task: a few tasks per thread for balance, not so many that
-    /// the scheduling costs more than the work (a decode step makes ~200 of these calls).
+    /// Output rows per rayon task: a few tasks per thread for balance.
     fn rows_per_task(&self, min: usize) -> usize {
         let tasks = rayon::current_num_threads() * 4;
         self.rows.div_ceil(tasks).max(min)
     }
 
     fn matvec(&self, k: Kernels, x: &[f32], n: usize, out: &mut [f32]) {
-        let chunk = self.rows_per_task(16);
-        let cols = self.cols;
-        let run = |c: usize, o: &mut [f32]| {
-            for (j, o) in o.chunks_mut(n).enumerate() {
-                k.dot_rows(self.ty, self.row(c * chunk + j), x, cols, o);
-            }
-        };
         if n == 1 {
-            out.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(c, o)| run(c, o));
+            matvec_parts(k, &mut [(self, out)], x, 1);
             return;
         }
-        // Output-row-major, then transposed: each weight row serves all n activation rows
-        // while its blocks are in L1.
         let mut t = vec![0f32; self.rows * n];
-        t.par_chunks_mut(chunk * n)
-            .enumerate()
-            .for_each(|(c, o)| run(c, o));
-        for (r, col) in t.chunks_exact(n).enumerate() {
-            for (i, v) in col.iter().enumerate() {
-                out[i * self.rows + r] = *v;
-            }
-        }
+        matvec_parts(k, &mut [(self, &mut t)], x, n);
+        transpose_into(&t, n, out);
     }
 
     fn matmul_panels(&self, k: Kernels, x: &[f32], n: usize, out: &mut [f32]) {
@@ -366,6 +348,38 @@ impl BlockMatrix {
                 }
             });
         });
+    }
+}
+
+/// `x · mᵀ` for each `(m, out)` of `parts` (all with the same `cols`), into `out` as
+/// `[m.rows, n]`: output-row-major, so that each weight row serves all `n` activation rows
+/// while its blocks are in L1. One parallel loop over the rows of all parts: a decode step
+/// pays one rayon dispatch for Q, K and V together, not three.
+fn matvec_parts(k: Kernels, parts: &mut [(&BlockMatrix, &mut [f32])], x: &[f32], n: usize) {
+    let total: usize = parts.iter().map(|(m, _)| m.rows).sum();
+    // A few tasks per thread for balance, not so many that the scheduling costs more than
+    // the work (a decode step makes ~200 of these calls).
+    let chunk = total.div_ceil(rayon::current_num_threads() * 4).max(16);
+    let mut tasks = Vec::new();
+    for (m, out) in parts.iter_mut() {
+        for (c, o) in out[..m.rows * n].chunks_mut(chunk * n).enumerate() {
+            tasks.push((*m, c * chunk, o));
+        }
+    }
+    tasks.into_par_iter().for_each(|(m, r0, o)| {
+        for (j, o) in o.chunks_mut(n).enumerate() {
+            k.dot_rows(m.ty, m.row(r0 + j), x, m.cols, o);
+        }
+    });
+}
+
+/// `t` `[rows, n]` into `out` `[n, rows]`.
+fn transpose_into(t: &[f32], n: usize, out: &mut [f32]) {
+    let rows = t.len() / n;
+    for (r, col) in t.chunks_exact(n).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            out[i * rows + r] = *v;
+        }
     }
 }
 
@@ -478,24 +492,65 @@ impl Linear {
             }
             .into());
         }
-        let x = x.to_dtype(DType::F32)?.contiguous()?;
         let mut out = vec![0f32; n * w.rows];
         let k = Kernels::best();
-        {
-            let (storage, layout) = x.storage_and_layout();
-            match (&*storage, layout.contiguous_offsets()) {
-                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
-                    w.matmul(k, &v[a..b], n, &mut out)
-                }
-                _ => {
-                    drop(storage);
-                    let v = x.flatten_all()?.to_vec1::<f32>()?;
-                    w.matmul(k, &v, n, &mut out);
-                }
-            }
-        }
+        with_f32(x, |v| w.matmul(k, v, n, &mut out))?;
         Ok(Tensor::from_vec(out, (n, w.rows), x.device())?)
     }
+
+    /// `forward` of several projections of the same `x`, bit-identical to separate calls.
+    /// When all are blocks and `x` has few rows (decode), they run as one parallel
+    /// matrix-vector pass: one dispatch and one read of `x` instead of one per projection.
+    pub(crate) fn forward_many(ls: &[&Self], x: &Tensor) -> Result<Vec<Tensor>> {
+        let (n, cols) = x.dims2()?;
+        let ms: Option<Vec<&BlockMatrix>> = ls
+            .iter()
+            .map(|l| match l {
+                Self::Blocks(m) if m.cols == cols => Some(&**m),
+                _ => None,
+            })
+            .collect();
+        let Some(ms) = ms.filter(|_| n <= MATVEC_MAX_ROWS) else {
+            return ls.iter().map(|l| l.forward(x)).collect();
+        };
+        let k = Kernels::best();
+        let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * n]).collect();
+        with_f32(x, |v| {
+            let mut parts: Vec<(&BlockMatrix, &mut [f32])> = ms
+                .iter()
+                .copied()
+                .zip(outs.iter_mut().map(|o| &mut o[..]))
+                .collect();
+            matvec_parts(k, &mut parts, v, n);
+        })?;
+        ms.iter()
+            .zip(outs)
+            .map(|(m, t)| {
+                let out = if n == 1 {
+                    t
+                } else {
+                    let mut out = vec![0f32; t.len()];
+                    transpose_into(&t, n, &mut out);
+                    out
+                };
+                Ok(Tensor::from_vec(out, (n, m.rows), x.device())?)
+            })
+            .collect()
+    }
+}
+
+/// Calls `f` with `x`'s elements as contiguous f32, copying only if they are not already.
+fn with_f32(x: &Tensor, f: impl FnOnce(&[f32])) -> Result<()> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => f(&v[a..b]),
+        _ => {
+            drop(storage);
+            f(&x.flatten_all()?.to_vec1::<f32>()?);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -631,6 +686,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Projections run together give the bits of separate calls: at decode (one pass), and
+    /// past the matrix-vector range or with a non-block projection (separate calls).
+    #[test]
+    fn forward_many_equals_separate_forwards_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(6);
+        let cols = 96;
+        let mut ls: Vec<Linear> = [
+            (40, GgmlDType::Q4_1),
+            (24, GgmlDType::Q8_0),
+            (8, GgmlDType::Q4_0),
+        ]
+        .into_iter()
+        .map(|(rows, ty)| {
+            let (q, _) = weight(&mut rng, ty, rows, cols);
+            Linear::Blocks(Arc::new(BlockMatrix::from_qtensor(&q).unwrap().unwrap()))
+        })
+        .collect();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|f| f.to_bits()).collect()
+        };
+        for candle in [false, true] {
+            if candle {
+                let (_, w) = weight(&mut rng, GgmlDType::Q8_0, 16, cols);
+                let t = Tensor::from_vec(w, (16, cols), &Device::Cpu).unwrap();
+                ls.push(Linear::Candle(QMatMul::Tensor(t)));
+            }
+            for n in [1, 2, 3, MATVEC_MAX_ROWS + 1] {
+                let x =
+                    Tensor::from_vec(random(&mut rng, n * cols), (n, cols), &Device::Cpu).unwrap();
+                let refs: Vec<&Linear> = ls.iter().collect();
+                let many = Linear::forward_many(&refs, &x).unwrap();
+                assert_eq!(many.len(), ls.len());
+                for (l, got) in ls.iter().zip(&many) {
+                    let want = l.forward(&x).unwrap();
+                    assert_eq!(got.dims(), want.dims());
+                    assert_eq!(bits(got), bits(&want), "n {n} candle {candle}");
+                }
+            }
+        }
+        let bad = Tensor::zeros((1, cols + 32), DType::F32, &Device::Cpu).unwrap();
+        assert!(Linear::forward_many(&[&ls[0], &ls[1]], &bad).is_err());
     }
 
     #[test]

@@ -430,15 +430,13 @@ impl Model {
         let mut x = self.embeddings.lookup(tokens, &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.wq.forward(&h)?.reshape((n, c.n_heads, c.head_dim))?;
-            let k = layer
-                .wk
-                .forward(&h)?
-                .reshape((n, c.n_kv_heads, c.head_dim))?;
-            let v = layer
-                .wv
-                .forward(&h)?
-                .reshape((n, c.n_kv_heads, c.head_dim))?;
+            let [q, k, v]: [Tensor; 3] =
+                Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &h)?
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("one tensor per projection".into()))?;
+            let q = q.reshape((n, c.n_heads, c.head_dim))?;
+            let k = k.reshape((n, c.n_kv_heads, c.head_dim))?;
+            let v = v.reshape((n, c.n_kv_heads, c.head_dim))?;
             let q = self.rope_segments(&q, segments)?;
             let k = self.rope_segments(&k, segments)?;
             let attn = attention(i, &q, &k, &v)?;
@@ -449,7 +447,10 @@ impl Model {
             x = (x + layer.wo.forward(&attn)?)?;
 
             let h = rms_norm(&x, &layer.ffn_norm, eps)?;
-            let act = swiglu(&layer.w_gate.forward(&h)?, &layer.w_up.forward(&h)?)?;
+            let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&layer.w_gate, &layer.w_up], &h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("one tensor per projection".into()))?;
+            let act = swiglu(&gate, &up)?;
             x = (x + layer.w_down.forward(&act)?)?;
         }
         let x = match logits {
