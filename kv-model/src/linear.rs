@@ -88,7 +88,7 @@ pub(crate) enum Isa {
     Scalar,
     /// x86-64 with AVX2, FMA and F16C.
     Avx2,
-    /// x86-64 with AVX-512F.
+    /// x86-64 with AVX-512F (and F16C, which every such CPU has).
     Avx512,
 }
 
@@ -126,7 +126,7 @@ impl Kernels {
                     && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            Isa::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c"),
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 | Isa::Avx512 => false,
         };
@@ -171,7 +171,7 @@ impl Kernels {
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a `Kernels` with `Isa::Avx512` exists only after `Kernels::new` found
-            // AVX-512F on this CPU.
+            // AVX-512F and F16C on this CPU.
             Isa::Avx512 => unsafe {
                 match ty {
                     BlockType::Q4_0 => avx512::dequantize_row::<{ avx2::Q4_0 }, 18>(row, out),
@@ -197,7 +197,7 @@ impl Kernels {
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a `Kernels` with `Isa::Avx512` exists only after `Kernels::new` found
-            // AVX-512F on this CPU.
+            // AVX-512F and F16C on this CPU.
             Isa::Avx512 => unsafe {
                 match ty {
                     BlockType::Q4_0 => avx512::dot_rows::<{ avx2::Q4_0 }, 18>(row, x, cols, out),

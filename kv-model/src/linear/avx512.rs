@@ -1,6 +1,6 @@
 //! AVX-512F kernels (16 f32 lanes).
 //!
-//! The contract is the AVX2 file's: the CPU must support AVX-512F (checked by
+//! The contract is the AVX2 file's: the CPU must support AVX-512F and F16C (checked by
 //! [`super::Kernels`] before any call), and every raw load reads from a fixed-size array.
 //!
 //! A 4-bit block has only 16 possible weights, `d * q + m` (Q4_1) or `(q - 8) * d` (Q4_0)
@@ -15,15 +15,16 @@ use core::arch::x86_64::*;
 use super::avx2::{Q4_1, Q8_0};
 use super::BLOCK;
 
-/// `f16` bits broadcast to 16 f32 lanes.
+/// The two f16 at `b` (little-endian) as f32 in lanes 0 and 1: one narrow conversion for a
+/// block's scale and minimum instead of a 16-lane conversion for each.
 #[inline]
-#[target_feature(enable = "avx512f")]
-fn broadcast_f16(b: [u8; 2]) -> __m512 {
-    _mm512_cvtph_ps(_mm256_set1_epi16(i16::from_le_bytes(b)))
+#[target_feature(enable = "avx512f,f16c")]
+fn f16_pair(b: [u8; 4]) -> __m128 {
+    _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes(b)))
 }
 
 #[inline]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 fn load_16(b: &[u8; 16]) -> __m128i {
     // SAFETY: `b` is 16 readable bytes; `loadu` has no alignment requirement.
     unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
@@ -31,7 +32,7 @@ fn load_16(b: &[u8; 16]) -> __m128i {
 
 /// The 32 f32 of `x` as two vectors, in order.
 #[inline]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 fn load_x(x: &[f32; BLOCK]) -> [__m512; 2] {
     let p = x.as_ptr();
     // SAFETY: `x` is 32 readable f32 and each load reads 16 of them at offsets 0 and 16;
@@ -41,16 +42,17 @@ fn load_x(x: &[f32; BLOCK]) -> [__m512; 2] {
 
 /// 16 signed bytes as f32.
 #[inline]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 fn i8_lanes(q: __m128i) -> __m512 {
     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))
 }
 
 /// The 32 weights of one block (`BYTES` bytes of type `TY`) as two vectors, in order.
 #[inline]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 fn weights<const TY: u8, const BYTES: usize>(b: &[u8; BYTES]) -> [__m512; 2] {
-    let d = broadcast_f16([b[0], b[1]]);
+    let dm = f16_pair([b[0], b[1], b[2], b[3]]);
+    let d = _mm512_broadcastss_ps(dm);
     if TY == Q8_0 {
         let mut lo = [0u8; 16];
         let mut hi = [0u8; 16];
@@ -65,7 +67,8 @@ fn weights<const TY: u8, const BYTES: usize>(b: &[u8; BYTES]) -> [__m512; 2] {
         0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
     );
     let (table, at) = if TY == Q4_1 {
-        (_mm512_fmadd_ps(iota, d, broadcast_f16([b[2], b[3]])), 4)
+        let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+        (_mm512_fmadd_ps(iota, d, m), 4)
     } else {
         // (q - 8) * d like candle: a product, so q = 8 gives -0.0 when d < 0.
         (
@@ -86,7 +89,7 @@ fn weights<const TY: u8, const BYTES: usize>(b: &[u8; BYTES]) -> [__m512; 2] {
 
 /// One block's FMAs into the accumulator pair `acc`.
 #[inline]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 fn fma_block(w: [__m512; 2], x: &[f32; BLOCK], acc: &mut [__m512; 2]) {
     let xv = load_x(x);
     acc[0] = _mm512_fmadd_ps(w[0], xv[0], acc[0]);
@@ -96,7 +99,7 @@ fn fma_block(w: [__m512; 2], x: &[f32; BLOCK], acc: &mut [__m512; 2]) {
 /// Sum of the two accumulator pairs in a fixed order, then of the 16 lanes: the same for
 /// every row count, so a row's result does not depend on which rows it was computed with.
 #[inline]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 fn reduce(a: [__m512; 2], b: [__m512; 2]) -> f32 {
     let v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(b[0], b[1]));
     _mm512_reduce_add_ps(v)
@@ -105,7 +108,7 @@ fn reduce(a: [__m512; 2], b: [__m512; 2]) -> f32 {
 /// `dot(row, x)` for one activation row. Even blocks go to one accumulator pair, odd
 /// blocks to the other, so that four FMA chains are in flight.
 #[inline]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 fn dot1<const TY: u8, const BYTES: usize>(blocks: &[[u8; BYTES]], x: &[[f32; BLOCK]]) -> f32 {
     let (mut even, mut odd) = ([_mm512_setzero_ps(); 2], [_mm512_setzero_ps(); 2]);
     let (pairs, rest) = blocks.as_chunks::<2>();
@@ -123,7 +126,7 @@ fn dot1<const TY: u8, const BYTES: usize>(blocks: &[[u8; BYTES]], x: &[[f32; BLO
 /// `dot(row, x0)` and `dot(row, x1)`, dequantizing each block once; each row's sums in the
 /// order [`dot1`] uses.
 #[inline]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 fn dot2<const TY: u8, const BYTES: usize>(
     blocks: &[[u8; BYTES]],
     x0: &[[f32; BLOCK]],
@@ -151,7 +154,7 @@ fn dot2<const TY: u8, const BYTES: usize>(
 }
 
 /// `out[i] = dot(row, x[i * cols..][..cols])` for every `i < out.len()`.
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 pub(super) fn dot_rows<const TY: u8, const BYTES: usize>(
     row: &[u8],
     x: &[f32],
@@ -174,7 +177,7 @@ pub(super) fn dot_rows<const TY: u8, const BYTES: usize>(
 }
 
 /// Expands one row of blocks into `out` (`out.len()` weights, a multiple of 32).
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 pub(super) fn dequantize_row<const TY: u8, const BYTES: usize>(row: &[u8], out: &mut [f32]) {
     let blocks = row.as_chunks::<BYTES>().0;
     for (b, o) in blocks.iter().zip(out.as_chunks_mut::<BLOCK>().0) {
