@@ -183,16 +183,38 @@ impl Kernels {
         }
     }
 
-    fn dot_rows(self, ty: BlockType, row: &[u8], x: &[f32], cols: usize, out: &mut [f32]) {
+    /// `out[j * n + i] = dot(weight row j, x row i)` for the weight rows in `rows` (whole
+    /// rows of `cols` weights of type `ty`) and `n` activation rows of `x`.
+    fn dot_matrix(
+        self,
+        ty: BlockType,
+        rows: &[u8],
+        x: &[f32],
+        cols: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let row_bytes = cols / BLOCK * ty.bytes();
+        if row_bytes == 0 || n == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let (r, x, c, o) = (rows, x, cols, out);
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a `Kernels` with `Isa::Avx2` exists only after `Kernels::new` found
             // AVX2, FMA and F16C on this CPU.
             Isa::Avx2 => unsafe {
                 match ty {
-                    BlockType::Q4_0 => avx2::dot_rows::<{ avx2::Q4_0 }, 18>(row, x, cols, out),
-                    BlockType::Q4_1 => avx2::dot_rows::<{ avx2::Q4_1 }, 20>(row, x, cols, out),
-                    BlockType::Q8_0 => avx2::dot_rows::<{ avx2::Q8_0 }, 34>(row, x, cols, out),
+                    BlockType::Q4_0 => {
+                        avx2::dot_matrix::<{ avx2::Q4_0 }, 18>(r, row_bytes, x, c, n, o)
+                    }
+                    BlockType::Q4_1 => {
+                        avx2::dot_matrix::<{ avx2::Q4_1 }, 20>(r, row_bytes, x, c, n, o)
+                    }
+                    BlockType::Q8_0 => {
+                        avx2::dot_matrix::<{ avx2::Q8_0 }, 34>(r, row_bytes, x, c, n, o)
+                    }
                 }
             },
             #[cfg(target_arch = "x86_64")]
@@ -200,12 +222,18 @@ impl Kernels {
             // AVX-512F and F16C on this CPU.
             Isa::Avx512 => unsafe {
                 match ty {
-                    BlockType::Q4_0 => avx512::dot_rows::<{ avx2::Q4_0 }, 18>(row, x, cols, out),
-                    BlockType::Q4_1 => avx512::dot_rows::<{ avx2::Q4_1 }, 20>(row, x, cols, out),
-                    BlockType::Q8_0 => avx512::dot_rows::<{ avx2::Q8_0 }, 34>(row, x, cols, out),
+                    BlockType::Q4_0 => {
+                        avx512::dot_matrix::<{ avx2::Q4_0 }, 18>(r, row_bytes, x, c, n, o)
+                    }
+                    BlockType::Q4_1 => {
+                        avx512::dot_matrix::<{ avx2::Q4_1 }, 20>(r, row_bytes, x, c, n, o)
+                    }
+                    BlockType::Q8_0 => {
+                        avx512::dot_matrix::<{ avx2::Q8_0 }, 34>(r, row_bytes, x, c, n, o)
+                    }
                 }
             },
-            _ => scalar::dot_rows(ty, row, x, cols, out),
+            _ => scalar::dot_matrix(ty, r, row_bytes, x, c, n, o),
         }
     }
 }
@@ -356,6 +384,9 @@ impl BlockMatrix {
 /// while its blocks are in L1. One parallel loop over the rows of all parts: a decode step
 /// pays one rayon dispatch for Q, K and V together, not three.
 fn matvec_parts(k: Kernels, parts: &mut [(&BlockMatrix, &mut [f32])], x: &[f32], n: usize) {
+    if n == 0 {
+        return;
+    }
     let total: usize = parts.iter().map(|(m, _)| m.rows).sum();
     // A few tasks per thread for balance, not so many that the scheduling costs more than
     // the work (a decode step makes ~200 of these calls).
@@ -367,9 +398,9 @@ fn matvec_parts(k: Kernels, parts: &mut [(&BlockMatrix, &mut [f32])], x: &[f32],
         }
     }
     tasks.into_par_iter().for_each(|(m, r0, o)| {
-        for (j, o) in o.chunks_mut(n).enumerate() {
-            k.dot_rows(m.ty, m.row(r0 + j), x, m.cols, o);
-        }
+        let row_bytes = m.cols / BLOCK * m.ty.bytes();
+        let rows = &m.data[r0 * row_bytes..][..o.len() / n * row_bytes];
+        k.dot_matrix(m.ty, rows, x, m.cols, n, o);
     });
 }
 

@@ -169,13 +169,9 @@ fn dot2<const TY: u8, const BYTES: usize>(
 }
 
 /// `out[i] = dot(row, x[i * cols..][..cols])` for every `i < out.len()`.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn dot_rows<const TY: u8, const BYTES: usize>(
-    row: &[u8],
-    x: &[f32],
-    cols: usize,
-    out: &mut [f32],
-) {
+fn dot_rows<const TY: u8, const BYTES: usize>(row: &[u8], x: &[f32], cols: usize, out: &mut [f32]) {
     let blocks = row.as_chunks::<BYTES>().0;
     let xrow = |i: usize| x[i * cols..][..cols].as_chunks::<BLOCK>().0;
     let mut pairs = out.chunks_exact_mut(2);
@@ -188,6 +184,23 @@ pub(super) fn dot_rows<const TY: u8, const BYTES: usize>(
     }
     if let [o] = pairs.into_remainder() {
         *o = dot1::<TY, BYTES>(blocks, xrow(i));
+    }
+}
+
+/// [`dot_rows`] for each weight row of `rows` (`row_bytes` bytes each) into successive
+/// `n`-element chunks of `out` (`row_bytes`, `n` > 0): one call per task, not per row, so
+/// the per-row work is only the dot products.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn dot_matrix<const TY: u8, const BYTES: usize>(
+    rows: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    cols: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    for (row, o) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+        dot_rows::<TY, BYTES>(row, x, cols, o);
     }
 }
 

@@ -58,3 +58,19 @@ pub(super) fn dot_rows(ty: BlockType, row: &[u8], x: &[f32], cols: usize, out: &
         }
     }
 }
+
+/// [`dot_rows`] for each weight row of `rows` (`row_bytes` bytes each) into successive
+/// `n`-element chunks of `out` (`row_bytes`, `n` > 0).
+pub(super) fn dot_matrix(
+    ty: BlockType,
+    rows: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    cols: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    for (row, o) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+        dot_rows(ty, row, x, cols, o);
+    }
+}
