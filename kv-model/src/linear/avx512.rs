@@ -87,13 +87,46 @@ fn weights<const TY: u8, const BYTES: usize>(b: &[u8; BYTES]) -> [__m512; 2] {
     ]
 }
 
-/// One block's FMAs into the accumulator pair `acc`.
+/// A block as the dot products use it: Q4 weights as [`weights`] gives them; Q8_0's
+/// integers unscaled with the scale `d` apart, applied once to the block's partial sum (a
+/// multiply per block, not per 16 weights).
+#[derive(Clone, Copy)]
+struct Block {
+    w: [__m512; 2],
+    d: __m512,
+}
+
 #[inline]
 #[target_feature(enable = "avx512f,f16c")]
-fn fma_block(w: [__m512; 2], x: &[f32; BLOCK], acc: &mut [__m512; 2]) {
+fn block<const TY: u8, const BYTES: usize>(b: &[u8; BYTES]) -> Block {
+    if TY != Q8_0 {
+        return Block {
+            w: weights::<TY, BYTES>(b),
+            d: _mm512_setzero_ps(),
+        };
+    }
+    let mut lo = [0u8; 16];
+    let mut hi = [0u8; 16];
+    lo.copy_from_slice(&b[2..18]);
+    hi.copy_from_slice(&b[18..34]);
+    Block {
+        w: [i8_lanes(load_16(&lo)), i8_lanes(load_16(&hi))],
+        d: _mm512_broadcastss_ps(f16_pair([b[0], b[1], b[2], b[3]])),
+    }
+}
+
+/// One block's FMAs into the accumulator pair `acc` (Q8_0: into `acc[0]` only).
+#[inline]
+#[target_feature(enable = "avx512f,f16c")]
+fn fma_block<const TY: u8>(blk: Block, x: &[f32; BLOCK], acc: &mut [__m512; 2]) {
     let xv = load_x(x);
-    acc[0] = _mm512_fmadd_ps(w[0], xv[0], acc[0]);
-    acc[1] = _mm512_fmadd_ps(w[1], xv[1], acc[1]);
+    if TY == Q8_0 {
+        let t = _mm512_fmadd_ps(blk.w[1], xv[1], _mm512_mul_ps(blk.w[0], xv[0]));
+        acc[0] = _mm512_fmadd_ps(t, blk.d, acc[0]);
+        return;
+    }
+    acc[0] = _mm512_fmadd_ps(blk.w[0], xv[0], acc[0]);
+    acc[1] = _mm512_fmadd_ps(blk.w[1], xv[1], acc[1]);
 }
 
 /// Sum of the two accumulator pairs in a fixed order, then of the 16 lanes: the same for
@@ -114,11 +147,11 @@ fn dot1<const TY: u8, const BYTES: usize>(blocks: &[[u8; BYTES]], x: &[[f32; BLO
     let (pairs, rest) = blocks.as_chunks::<2>();
     let (xpairs, xrest) = x.as_chunks::<2>();
     for (b, xb) in pairs.iter().zip(xpairs) {
-        fma_block(weights::<TY, BYTES>(&b[0]), &xb[0], &mut even);
-        fma_block(weights::<TY, BYTES>(&b[1]), &xb[1], &mut odd);
+        fma_block::<TY>(block::<TY, BYTES>(&b[0]), &xb[0], &mut even);
+        fma_block::<TY>(block::<TY, BYTES>(&b[1]), &xb[1], &mut odd);
     }
     if let ([b], [xb, ..]) = (rest, xrest) {
-        fma_block(weights::<TY, BYTES>(b), xb, &mut even);
+        fma_block::<TY>(block::<TY, BYTES>(b), xb, &mut even);
     }
     reduce(even, odd)
 }
@@ -138,17 +171,17 @@ fn dot2<const TY: u8, const BYTES: usize>(
     let (x0pairs, x0rest) = x0.as_chunks::<2>();
     let (x1pairs, x1rest) = x1.as_chunks::<2>();
     for ((b, xb0), xb1) in pairs.iter().zip(x0pairs).zip(x1pairs) {
-        let w = weights::<TY, BYTES>(&b[0]);
-        fma_block(w, &xb0[0], &mut even0);
-        fma_block(w, &xb1[0], &mut even1);
-        let w = weights::<TY, BYTES>(&b[1]);
-        fma_block(w, &xb0[1], &mut odd0);
-        fma_block(w, &xb1[1], &mut odd1);
+        let w = block::<TY, BYTES>(&b[0]);
+        fma_block::<TY>(w, &xb0[0], &mut even0);
+        fma_block::<TY>(w, &xb1[0], &mut even1);
+        let w = block::<TY, BYTES>(&b[1]);
+        fma_block::<TY>(w, &xb0[1], &mut odd0);
+        fma_block::<TY>(w, &xb1[1], &mut odd1);
     }
     if let ([b], [xb0, ..], [xb1, ..]) = (rest, x0rest, x1rest) {
-        let w = weights::<TY, BYTES>(b);
-        fma_block(w, xb0, &mut even0);
-        fma_block(w, xb1, &mut even1);
+        let w = block::<TY, BYTES>(b);
+        fma_block::<TY>(w, xb0, &mut even0);
+        fma_block::<TY>(w, xb1, &mut even1);
     }
     (reduce(even0, odd0), reduce(even1, odd1))
 }
