@@ -721,9 +721,6 @@ fn run_task(
     };
 
     let blocks = task.seq.blocks();
-    // Row layouts: a tile goes on into the next block when its id is the next one, as the
-    // head-major pools store those rows back to back (KIVI tiles stay in one key block).
-    let joins = matches!(p.layout.keys, KeyLayout::Rows { .. });
     // The tile starting at key t: (cache block, offset in it, end key).
     let tile_at = |t: usize| -> Result<(usize, usize, usize)> {
         let block_index = t / g.block_size;
@@ -732,15 +729,7 @@ fn run_task(
             index: block_index,
             len: blocks.len(),
         })? as usize;
-        let limit = task.k1.min(t + tile);
-        let mut last = block_index;
-        while joins
-            && (last + 1) * g.block_size < limit
-            && blocks.get(last + 1).map(|&b| b as usize) == Some(block + (last + 1 - block_index))
-        {
-            last += 1;
-        }
-        let end = limit.min((last + 1) * g.block_size);
+        let end = task.k1.min((block_index + 1) * g.block_size).min(t + tile);
         Ok((block, t % g.block_size, end))
     };
     let mut t0 = task.k0;
