@@ -1115,6 +1115,22 @@ mod tests {
             kv.push(with_pools!(&storage.pools, p => p.read(0, &slots))?);
             seq_attn.push(SeqAttention::new(table, len, n_q)?);
         }
+        // The fork reads the parent's tokens before the fork point, copied block included
+        // (KIVI: but for the copied key block, which the child's writes filled and quantized).
+        let shared = if dtype.block_tokens() > 1 {
+            4 * bs
+        } else {
+            parent_len
+        };
+        let shared = shared * kv_heads * d;
+        assert!(
+            kv[1].0[..shared] == kv[0].0[..shared],
+            "{dtype}: forked keys"
+        );
+        assert!(
+            kv[1].1[..shared] == kv[0].1[..shared],
+            "{dtype}: forked values"
+        );
         finish(storage, seq_attn, &kv, (q_heads, kv_heads, d), &mut rng)
     }
 
