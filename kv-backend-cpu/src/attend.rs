@@ -581,8 +581,9 @@ fn softmax_update(
     Ok(())
 }
 
-/// Splits keys `t0..t1` of `blocks` into runs of rows contiguous in the pools (inside one
-/// block, for KV head `kv_head`): `(first unit, rows)` into `runs`; returns how many.
+/// Splits keys `t0..t1` of `blocks` into runs of rows contiguous in the pools, for KV head
+/// `kv_head`: `(first unit, rows)` into `runs`; returns how many. Blocks with consecutive
+/// ids join into one run, as the head-major pools store them back to back.
 fn runs_of(
     blocks: &[BlockId],
     g: Geometry,
@@ -591,7 +592,7 @@ fn runs_of(
     t1: usize,
     runs: &mut [(usize, usize); TILE],
 ) -> Result<usize> {
-    let mut n = 0;
+    let mut n = 0usize;
     let mut t = t0;
     while t < t1 {
         let index = t / g.block_size;
@@ -608,12 +609,18 @@ fn runs_of(
                 len: g.num_blocks,
             });
         }
-        let slot = runs.get_mut(n).ok_or_else(|| KvError::InvalidArgument {
-            what: "attention tile",
-            detail: format!("keys {t0}..{t1} exceed a tile of {TILE}"),
-        })?;
-        *slot = (g.row_start(block, kv_head, t % g.block_size), end - t);
-        n += 1;
+        let start = g.row_start(block, kv_head, t % g.block_size);
+        match n.checked_sub(1).and_then(|last| runs.get_mut(last)) {
+            Some(prev) if prev.0 + prev.1 * g.row_units == start => prev.1 += end - t,
+            _ => {
+                let slot = runs.get_mut(n).ok_or_else(|| KvError::InvalidArgument {
+                    what: "attention tile",
+                    detail: format!("keys {t0}..{t1} exceed a tile of {TILE}"),
+                })?;
+                *slot = (start, end - t);
+                n += 1;
+            }
+        }
         t = end;
     }
     Ok(n)
@@ -631,12 +638,12 @@ fn run_rows<U>(pool: &[U], g: Geometry, (start, rows): (usize, usize)) -> Result
 
 /// The decode loop: one query, its group's heads as lanes, keys `k0..k1` all visible.
 ///
-/// Rows of one KV head are contiguous only within a block (a run of `block_size` rows,
-/// often a page or less), so the loop looks one tile ahead instead of relying on the
-/// hardware prefetchers: before a tile it requests the first line of every run of the
-/// next tile, K and V, which gets the address translation of those pages under way; then,
-/// while the kernels read the K (or V) rows of the tile, they prefetch the matching rows
-/// of the next one, a row per row read.
+/// Rows of one KV head are contiguous over blocks with consecutive ids (one run), but a
+/// sequence's blocks may be scattered (runs of `block_size` rows, often a page or less), so
+/// the loop looks one tile ahead instead of relying on the hardware prefetchers: before a
+/// tile it requests the first line of every run of the next tile, K and V, which gets the
+/// address translation of those pages under way; then, while the kernels read the K (or V)
+/// rows of the tile, they prefetch the matching rows of the next one, a row per row read.
 #[allow(clippy::too_many_arguments)]
 fn stream<C: RowOps>(
     pools: &LayerPools<C::Unit>,
@@ -875,6 +882,18 @@ mod tests {
             kv.push(with_pools!(&storage.pools, p => p.read(0, &slots))?);
             seq_attn.push(SeqAttention::new(table, len, n_q)?);
         }
+        finish(storage, seq_attn, &kv, (q_heads, kv_heads, d), &mut rng)
+    }
+
+    /// The fixture of sequences `seq_attn` over `storage`, whose K and V rows (as stored)
+    /// are `kv`: random queries and the f64 reference output.
+    fn finish(
+        storage: CpuStorage,
+        seq_attn: Vec<SeqAttention>,
+        kv: &[(Vec<f32>, Vec<f32>)],
+        (q_heads, kv_heads, d): (usize, usize, usize),
+        rng: &mut SplitMix,
+    ) -> Result<Fixture> {
         let batch = AttentionBatch::new(seq_attn, d);
         let total_q = batch.total_queries();
         let q: Vec<f32> = (0..total_q * q_heads * d)
@@ -884,7 +903,7 @@ mod tests {
         let mut want = vec![0.0f64; q.len()];
         let mut v_max = 0.0f64;
         let mut row = 0;
-        for (seq, (k, v)) in batch.seqs.iter().zip(&kv) {
+        for (seq, (k, v)) in batch.seqs.iter().zip(kv) {
             v_max = v.iter().fold(v_max, |m, x| m.max(x.abs() as f64));
             for i in 0..seq.n_queries() {
                 let pos = seq.first_query_position() + i;
@@ -1035,6 +1054,101 @@ mod tests {
         // MHA, head dim 128, one token per block.
         let f = fixture((4, 4, 128), KvDType::F32, 1, &[(100, 1), (65, 65)], 4)?;
         check(&f, "mha")
+    }
+
+    /// Sequences over consecutive block ids (joined into long runs), over scattered ones, and
+    /// a fork whose shared prefix is the parent's blocks and whose partial last block was
+    /// copied on write and then written past the fork point.
+    fn forked_fixture(
+        (q_heads, kv_heads, d): (usize, usize, usize),
+        dtype: KvDType,
+        block_size: usize,
+        seed: u64,
+    ) -> Result<Fixture> {
+        let mut rng = SplitMix(seed);
+        let bs = block_size;
+        let spec = StorageSpec::new(ModelShape::new(1, q_heads, kv_heads, d)?, dtype, bs, 24)?;
+        let mut storage = CpuStorage::allocate(&spec)?;
+        let mut write = |storage: &mut CpuStorage, table: &[BlockId], t0: usize, t1: usize| {
+            let slots: Vec<Slot> = (t0..t1)
+                .map(|t| Slot {
+                    block: table[t / bs],
+                    offset: (t % bs) as u32,
+                })
+                .collect();
+            let n = slots.len() * kv_heads * d;
+            let k: Vec<f32> = (0..n).map(|_| rng.next_unit() * 2.0).collect();
+            let v: Vec<f32> = (0..n).map(|_| rng.next_unit()).collect();
+            with_pools!(&mut storage.pools, p => p.store(0, Which::K, &slots, &k))?;
+            with_pools!(&mut storage.pools, p => p.store(0, Which::V, &slots, &v))
+        };
+        // Parent: consecutive blocks 0..5, the last one partly filled.
+        let parent: Vec<BlockId> = (0..5).collect();
+        let parent_len = 4 * bs + bs / 2 + 1;
+        write(&mut storage, &parent, 0, parent_len)?;
+        // Fork at the parent's length: blocks 0..4 shared, block 4 copied to 10, then more
+        // tokens into 10, 11 (consecutive) and the scattered 7, 12.
+        let child: Vec<BlockId> = vec![0, 1, 2, 3, 10, 11, 7, 12];
+        with_pools!(&mut storage.pools, p => p.copy_blocks(&[(4, 10)]));
+        let child_len = 7 * bs + 3;
+        write(&mut storage, &child, parent_len, child_len)?;
+        // The parent goes on in its own block 4 after the fork.
+        write(&mut storage, &parent, parent_len, parent_len + 2)?;
+        // Scattered blocks, descending ids.
+        let scattered: Vec<BlockId> = vec![23, 21, 19, 17, 15];
+        let scattered_len = 4 * bs + 1;
+        write(&mut storage, &scattered, 0, scattered_len)?;
+        let seqs = [
+            (parent, parent_len + 2, 1),
+            (child, child_len, 1),
+            (scattered, scattered_len, 1),
+        ];
+        let mut seq_attn = Vec::new();
+        let mut kv = Vec::new();
+        for (table, len, n_q) in seqs {
+            let slots: Vec<Slot> = (0..len)
+                .map(|t| Slot {
+                    block: table[t / bs],
+                    offset: (t % bs) as u32,
+                })
+                .collect();
+            kv.push(with_pools!(&storage.pools, p => p.read(0, &slots))?);
+            seq_attn.push(SeqAttention::new(table, len, n_q)?);
+        }
+        // The fork reads the parent's tokens before the fork point, copied block included
+        // (KIVI: but for the copied key block, which the child's writes filled and quantized).
+        let shared = if dtype.block_tokens() > 1 {
+            4 * bs
+        } else {
+            parent_len
+        };
+        let shared = shared * kv_heads * d;
+        assert!(
+            kv[1].0[..shared] == kv[0].0[..shared],
+            "{dtype}: forked keys"
+        );
+        assert!(
+            kv[1].1[..shared] == kv[0].1[..shared],
+            "{dtype}: forked values"
+        );
+        finish(storage, seq_attn, &kv, (q_heads, kv_heads, d), &mut rng)
+    }
+
+    #[test]
+    fn consecutive_scattered_and_forked_blocks_match_the_reference() -> Result<()> {
+        for dtype in [KvDType::F32, KvDType::F16, KvDType::BF16] {
+            // Blocks shorter than a tile (runs join across them) and longer ones; head dim
+            // 13 exercises every SIMD tail.
+            for (shape, bs) in [((9, 3, 64), 16), ((6, 2, 13), 5), ((4, 2, 32), 96)] {
+                let f = forked_fixture(shape, dtype, bs, 7)?;
+                check(&f, &format!("{dtype} block {bs}"))?;
+            }
+        }
+        for dtype in ["int8-g32", "int4h-g32", "kivi4"] {
+            let f = forked_fixture((9, 3, 64), dtype.parse()?, 32, 8)?;
+            check(&f, dtype)?;
+        }
+        Ok(())
     }
 
     #[test]

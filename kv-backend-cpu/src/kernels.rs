@@ -14,7 +14,9 @@
 //!   products over f32 tiles. [`Isa::Scalar`] runs the portable versions below, which
 //!   widen a row in chunks of 64 elements (with `half`'s slice conversions) and use
 //!   the row math; [`Isa::Avx2`] runs the versions in the `x86` module, which read f16 and
-//!   bf16 rows directly and widen them in registers.
+//!   bf16 rows directly and widen them in registers; [`Isa::Avx512`] runs the decode
+//!   kernels (scores and weighted sums over stored rows) with 512-bit registers and masked
+//!   row tails, and the AVX2 versions of the others.
 //!
 //! The instruction set is chosen at run time ([`Isa::detect`]); a level the CPU lacks is
 //! never run, whatever a caller asks for, because the AVX2 kernels are reached only through
@@ -123,16 +125,18 @@ pub enum Isa {
     Scalar,
     /// x86-64 with AVX2, FMA and F16C (Intel Haswell, AMD Zen and later).
     Avx2,
+    /// [`Isa::Avx2`] plus AVX-512 F, BW and VL (Intel Skylake-SP, AMD Zen 4 and later).
+    Avx512,
 }
 
 impl Isa {
     /// Every level, slowest first.
-    pub const ALL: &'static [Isa] = &[Isa::Scalar, Isa::Avx2];
+    pub const ALL: &'static [Isa] = &[Isa::Scalar, Isa::Avx2, Isa::Avx512];
 
     /// The level the CPU backend runs at: the best this CPU has, unless the environment
-    /// variable `KV_CPU_ISA` names another available level (`scalar` or `avx2`), which is
-    /// how to measure or debug the portable path on a fast machine. Decided once per
-    /// process.
+    /// variable `KV_CPU_ISA` names another available level (`scalar`, `avx2` or `avx512`),
+    /// which is how to measure or debug the lower levels on a fast machine. Decided once
+    /// per process.
     pub fn detect() -> Isa {
         static CHOSEN: OnceLock<Isa> = OnceLock::new();
         *CHOSEN.get_or_init(|| {
@@ -160,8 +164,10 @@ impl Isa {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => crate::x86::Avx2::get().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => crate::x86::Avx512::get().is_some(),
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => false,
+            Isa::Avx2 | Isa::Avx512 => false,
         }
     }
 
@@ -170,6 +176,7 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
         }
     }
 
@@ -181,12 +188,22 @@ impl Isa {
             .find(|isa| isa.name().eq_ignore_ascii_case(name.trim()))
     }
 
-    /// The AVX2 token when this level is AVX2 and the CPU has it.
+    /// The AVX2 token when this level is AVX2 or above and the CPU has it: the kernels
+    /// without a 512-bit version run their AVX2 one at [`Isa::Avx512`].
     #[cfg(target_arch = "x86_64")]
     fn avx2(self) -> Option<crate::x86::Avx2> {
         match self {
-            Isa::Avx2 => crate::x86::Avx2::get(),
+            Isa::Avx2 | Isa::Avx512 => crate::x86::Avx2::get(),
             Isa::Scalar => None,
+        }
+    }
+
+    /// The AVX-512 token when this level is AVX-512 and the CPU has it.
+    #[cfg(target_arch = "x86_64")]
+    fn avx512(self) -> Option<crate::x86::Avx512> {
+        match self {
+            Isa::Avx512 => crate::x86::Avx512::get(),
+            Isa::Scalar | Isa::Avx2 => None,
         }
     }
 }
@@ -198,9 +215,9 @@ impl std::fmt::Display for Isa {
 }
 
 /// Asks the CPU to start loading `data` into its caches (a hint; no value changes). The
-/// decode loop has the next tile's rows prefetched while it computes with the current one,
-/// because rows of one KV head are contiguous only within a block, too short a run for the
-/// hardware prefetchers to follow from block to block.
+/// decode loop has the next tile's rows prefetched while it computes with the current one:
+/// a sequence's blocks may be scattered, and even over one contiguous head-major stream,
+/// turning it off made the decode step 2-3.5x slower (this machine, 4096 tokens).
 pub(crate) fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
     crate::x86::prefetch_l2(data);
@@ -274,6 +291,10 @@ pub(crate) fn score_rows<E: Elem>(
     ahead: &[E],
 ) {
     #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx512() {
+        return t.score_rows(q, d, rows, scores, stride, ahead);
+    }
+    #[cfg(target_arch = "x86_64")]
     if let Some(t) = isa.avx2() {
         return t.score_rows(q, d, rows, scores, stride, ahead);
     }
@@ -294,6 +315,10 @@ pub(crate) fn accumulate_rows<E: Elem>(
     acc: &mut [f32],
     ahead: &[E],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx512() {
+        return t.accumulate_rows(w, stride, d, rows, acc, ahead);
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = isa.avx2() {
         return t.accumulate_rows(w, stride, d, rows, acc, ahead);
@@ -553,7 +578,7 @@ mod tests {
     /// type `E`, every head count up to 9 and head dims that exercise every tail.
     fn check_score_and_accumulate<E: Elem>(from: fn(f32) -> E) {
         let mut rng = SplitMix(11);
-        for &d in &[1usize, 5, 8, 13, 16, 24, 64, 100, 128] {
+        for &d in &[1usize, 5, 8, 13, 16, 24, 33, 64, 100, 128, 200] {
             for heads in 1..=9 {
                 for &n in &[1usize, 3, 16, 21] {
                     let q = random(&mut rng, heads * d, 1.0);
@@ -806,6 +831,14 @@ mod tests {
             is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
+        );
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            Isa::Avx512.is_available(),
+            Isa::Avx2.is_available()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
         );
     }
 

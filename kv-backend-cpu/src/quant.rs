@@ -4,13 +4,14 @@
 //! # Pools
 //!
 //! Each layer has a K pool and a V pool of bytes. V rows, and K rows of the row layouts, are
-//! laid out like the float pools, `[num_blocks][kv_heads][block_size][row bytes]`, each row
-//! in a [`RowFormat`] with its scales. KIVI keys are stored per 32-token *key block*:
-//! `[num_blocks][block_size / 32][kv_heads][key block bytes]` in [`KiviKeyFormat`]'s layout
-//! (per-channel scales and minimums, then token-major codes). Either way one cache block of
-//! one layer is one contiguous range of each pool, of exactly
-//! `kv_heads x block_size x KvDType::row_bytes` bytes, which is what the memory accounting
-//! counts and what `copy_blocks` copies.
+//! laid out like the float pools, head-major, `[kv_heads][num_blocks][block_size][row bytes]`,
+//! each row in a [`RowFormat`] with its scales. KIVI keys are stored per 32-token *key
+//! block*: `[kv_heads][num_blocks][block_size / 32][key block bytes]` in
+//! [`KiviKeyFormat`]'s layout (per-channel scales and minimums, then token-major codes).
+//! Either way one cache block of one KV head is one contiguous range of each pool, of
+//! `block_size x KvDType::row_bytes` bytes, following the same head's range of the previous
+//! block id; the pools hold exactly what the memory accounting counts, and `copy_blocks`
+//! copies a block as one range per head.
 //!
 //! # The KIVI residual window
 //!
@@ -407,8 +408,7 @@ impl QuantPools {
 
     /// First byte of the KIVI key block `key_block` of cache block `block`, head `head`.
     fn kivi_start(&self, block: usize, key_block: usize, head: usize) -> usize {
-        block * self.kgeom.block_units()
-            + (key_block * self.kgeom.kv_heads + head) * self.kivi_bytes
+        self.kgeom.row_start(block, head, 0) + key_block * self.kivi_bytes
     }
 
     /// KIVI keys: into the windows of their key blocks, quantizing every block whose last
@@ -505,9 +505,14 @@ impl QuantPools {
                 // Keep the window: the block stays in f16, which is still right.
                 continue;
             }
-            let start = self.kivi_start(block, kb, 0);
+            let starts: Vec<usize> = (0..g.kv_heads)
+                .map(|h| self.kivi_start(block, kb, h))
+                .collect();
+            let kivi_bytes = self.kivi_bytes;
             let l = self.layer_mut(layer)?;
-            l.k[start..start + quantized.len()].copy_from_slice(&quantized);
+            for (start, src) in starts.into_iter().zip(quantized.chunks_exact(kivi_bytes)) {
+                l.k[start..start + src.len()].copy_from_slice(src);
+            }
             if let Some(win) = l.windows[w].as_mut() {
                 win.quantized = true;
                 let attends = *l.attends.get_mut();
@@ -586,7 +591,7 @@ impl QuantPools {
     /// Copies whole cache blocks (range-checked) in every layer, in the order given,
     /// windows included.
     pub(crate) fn copy_blocks(&mut self, moves: &[(u32, u32)]) {
-        let (kb_units, vb_units) = (self.kgeom.block_units(), self.vgeom.block_units());
+        let (kg, vg) = (self.kgeom, self.vgeom);
         let per = self.key_blocks_per_block;
         for layer in &mut self.layers {
             for &(from, to) in moves {
@@ -594,9 +599,8 @@ impl QuantPools {
                 if from == to {
                     continue;
                 }
-                for (pool, bu) in [(&mut layer.k, kb_units), (&mut layer.v, vb_units)] {
-                    pool.copy_within(from * bu..(from + 1) * bu, to * bu);
-                }
+                kg.copy_block(&mut layer.k, from, to);
+                vg.copy_block(&mut layer.v, from, to);
                 for kb in 0..per {
                     // A retired window only serves the queries of the tokens that filled its
                     // block; the copy's block reads as stored.

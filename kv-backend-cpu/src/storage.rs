@@ -1,9 +1,11 @@
 //! Host block pools: where K and V rows live, and how one row is encoded.
 //!
-//! Each layer has one pool for K and one for V, laid out
-//! `[num_blocks][kv_heads][block_size][row]`: the rows of one KV head inside one block are
-//! contiguous, so the attention loop streams them, and a whole block of one layer is one
-//! contiguous range, so copy-on-write is one `copy_within` per pool.
+//! Each layer has one pool for K and one for V, laid out head-major,
+//! `[kv_heads][num_blocks][block_size][row]`: one region per KV head, in which the rows of
+//! consecutive block ids follow each other. A sequence whose blocks were handed out in order
+//! (the common case for a fresh one) thus keeps each head's rows in one long stream, which
+//! the hardware prefetchers follow far better than short runs scattered between the other
+//! heads' rows. Copy-on-write copies a block as `kv_heads` ranges ([`Geometry::copy_block`]).
 //!
 //! A row is `row_units` units of a [`RowCodec`]'s unit type. For the float layouts a unit is
 //! one element (`row_units == head_dim`). The quantized layouts (INT8/INT4 with group
@@ -102,14 +104,26 @@ pub(crate) struct Geometry {
 }
 
 impl Geometry {
-    /// Units in one block of one pool: all its heads and rows.
-    pub fn block_units(&self) -> usize {
-        self.kv_heads * self.block_size * self.row_units
+    /// Units of one KV head in one block: the contiguous piece a block is copied in.
+    pub fn head_block_units(&self) -> usize {
+        self.block_size * self.row_units
     }
     /// First unit of the row of `head` at `offset` inside `block`. Callers have checked
     /// that all three are in range.
     pub fn row_start(&self, block: usize, head: usize, offset: usize) -> usize {
-        ((block * self.kv_heads + head) * self.block_size + offset) * self.row_units
+        ((head * self.num_blocks + block) * self.block_size + offset) * self.row_units
+    }
+    /// Copies block `from` (every head) over block `to` in `pool`, a pool of this geometry.
+    /// Both are in range (checked by the caller).
+    pub fn copy_block<U: Copy>(&self, pool: &mut [U], from: usize, to: usize) {
+        if from == to {
+            return;
+        }
+        let hb = self.head_block_units();
+        for h in 0..self.kv_heads {
+            let src = self.row_start(from, h, 0);
+            pool.copy_within(src..src + hb, self.row_start(to, h, 0));
+        }
     }
 }
 
@@ -256,14 +270,11 @@ impl<C: RowCodec> Pools<C> {
 
     /// Copies whole blocks (already range-checked) in every layer, in the order given.
     pub fn copy_blocks(&mut self, moves: &[(u32, u32)]) {
-        let bu = self.geom.block_units();
+        let g = self.geom;
         for layer in &mut self.layers {
             for pool in [&mut layer.k, &mut layer.v] {
                 for &(from, to) in moves {
-                    let (from, to) = (from as usize, to as usize);
-                    if from != to {
-                        pool.copy_within(from * bu..(from + 1) * bu, to * bu);
-                    }
+                    g.copy_block(pool, from as usize, to as usize);
                 }
             }
         }
@@ -302,9 +313,8 @@ pub(crate) use with_pools;
 
 /// K/V block pools of every layer in host memory: what [`crate::CpuBackend`] allocates.
 ///
-/// Each layer holds a K pool and a V pool laid out `[num_blocks][kv_heads][block_size][row]`,
-/// so the rows of one KV head within a block are contiguous and a block of one layer is one
-/// contiguous range.
+/// Each layer holds a K pool and a V pool laid out `[kv_heads][num_blocks][block_size][row]`,
+/// so the rows of one KV head over consecutive block ids are contiguous.
 pub struct CpuStorage {
     spec: StorageSpec,
     pub(crate) pools: PoolSet,
@@ -396,7 +406,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_of_one_head_within_a_block_are_contiguous() {
+    fn rows_of_one_head_over_consecutive_blocks_are_contiguous() {
         let g = Geometry {
             kv_heads: 2,
             head_dim: 8,
@@ -405,9 +415,21 @@ mod tests {
             row_units: 8,
         };
         assert_eq!(g.row_start(0, 0, 1) - g.row_start(0, 0, 0), 8);
-        assert_eq!(g.row_start(0, 1, 0), g.row_start(0, 0, 3) + 8);
-        assert_eq!(g.row_start(1, 0, 0), g.block_units());
-        assert_eq!(g.row_start(2, 1, 3) + 8, 3 * g.block_units());
+        assert_eq!(g.row_start(1, 0, 0), g.row_start(0, 0, 3) + 8);
+        assert_eq!(g.row_start(0, 1, 0), g.row_start(2, 0, 3) + 8);
+        assert_eq!(g.row_start(0, 1, 0), 3 * g.head_block_units());
+        assert_eq!(g.row_start(2, 1, 3) + 8, 6 * g.head_block_units());
+        // Copying a block moves each head's piece and nothing else.
+        let mut pool: Vec<usize> = (0..6 * g.head_block_units()).collect();
+        g.copy_block(&mut pool, 2, 0);
+        for h in 0..2 {
+            for r in 0..4 {
+                let (to, from) = (g.row_start(0, h, r), g.row_start(2, h, r));
+                assert_eq!(pool[to..to + 8], pool[from..from + 8]);
+                let mid = g.row_start(1, h, r);
+                assert_eq!(pool[mid], mid, "block 1 untouched");
+            }
+        }
     }
 
     #[test]
@@ -441,11 +463,11 @@ mod tests {
         };
         pools.store(1, Which::K, &[slot], &k).expect("stores");
         pools.store(1, Which::V, &[slot], &v).expect("stores");
-        let bu = pools.geom.block_units();
+        let g = pools.geom;
         let layer = &pools.layers[1];
-        // block 2, head 1, offset 1 -> ((2*2 + 1)*4 + 1) * 8
+        // block 2, head 1, offset 1 -> ((1*3 + 2)*4 + 1) * 8; head 0 -> ((0*3 + 2)*4 + 1) * 8
         assert_eq!(layer.k[(5 * 4 + 1) * 8..(5 * 4 + 1) * 8 + 8], k[8..]);
-        assert_eq!(layer.v[(4 * 4 + 1) * 8..(4 * 4 + 1) * 8 + 8], v[..8]);
+        assert_eq!(layer.v[(2 * 4 + 1) * 8..(2 * 4 + 1) * 8 + 8], v[..8]);
         let touched = layer.k.iter().filter(|x| **x != 0.0).count();
         assert_eq!(
             touched, 15,
@@ -456,8 +478,13 @@ mod tests {
             "other layer untouched"
         );
         pools.copy_blocks(&[(2, 0)]);
-        assert_eq!(pools.layers[1].k[..bu], pools.layers[1].k[2 * bu..]);
-        assert_eq!(pools.layers[1].v[..bu], pools.layers[1].v[2 * bu..]);
+        let hb = g.head_block_units();
+        for h in 0..g.kv_heads {
+            let (to, from) = (g.row_start(0, h, 0), g.row_start(2, h, 0));
+            let l = &pools.layers[1];
+            assert_eq!(l.k[to..to + hb], l.k[from..from + hb]);
+            assert_eq!(l.v[to..to + hb], l.v[from..from + hb]);
+        }
     }
 
     #[test]

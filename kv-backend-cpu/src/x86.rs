@@ -253,6 +253,298 @@ impl Avx2 {
     }
 }
 
+/// Proof that the running CPU has AVX-512 F, BW and VL (besides AVX2, FMA and F16C): the
+/// safe entry to the 512-bit decode kernels, which read 16 elements per load and cover a
+/// row's last `len % 16` elements with one masked load instead of a scalar tail.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx512(());
+
+/// 0: not yet checked, 1: absent, 2: present.
+static DETECTED_512: AtomicU8 = AtomicU8::new(0);
+
+impl Avx512 {
+    /// The token, when the CPU has the features; detection runs once.
+    pub(crate) fn get() -> Option<Self> {
+        let mut state = DETECTED_512.load(Ordering::Relaxed);
+        if state == 0 {
+            let present = Avx2::get().is_some()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl");
+            state = if present { 2 } else { 1 };
+            DETECTED_512.store(state, Ordering::Relaxed);
+        }
+        (state == 2).then_some(Self(()))
+    }
+
+    /// [`Avx2::score_rows`] with 512-bit loads.
+    pub(crate) fn score_rows<E: Load>(
+        self,
+        q: &[f32],
+        d: usize,
+        rows: &[E],
+        scores: &mut [f32],
+        stride: usize,
+        ahead: &[E],
+    ) {
+        if d == 0 {
+            return;
+        }
+        let (heads, n) = (q.len() / d, rows.len() / d);
+        let fits = stride >= n && (heads == 0 || scores.len() >= (heads - 1) * stride + n);
+        if !fits || heads == 0 || n == 0 {
+            return;
+        }
+        let mut pf = Prefetch::new(ahead, d);
+        let mut h = 0;
+        while h < heads {
+            let hb = (heads - h).min(HEAD_BLOCK);
+            let (qp, sp) = (q[h * d..].as_ptr(), scores[h * stride..].as_mut_ptr());
+            // SAFETY: the token proves the CPU features. Heads h..h+hb have rows
+            // q[(h + i) * d..][..d] inside `q` (h + hb <= q.len() / d) and score rows
+            // scores[(h + i) * stride..][..n] inside `scores` (checked above); `rows` holds
+            // n rows of d. The score rows do not overlap `q` or `rows` (distinct borrows).
+            unsafe {
+                let (rp, pf) = (rows.as_ptr(), &mut pf);
+                match hb {
+                    4 => score_block_512::<E, 4, 2>(qp, d, rp, n, sp, stride, pf),
+                    3 => score_block_512::<E, 3, 2>(qp, d, rp, n, sp, stride, pf),
+                    2 => score_block_512::<E, 2, 4>(qp, d, rp, n, sp, stride, pf),
+                    _ => score_block_512::<E, 1, 8>(qp, d, rp, n, sp, stride, pf),
+                }
+            }
+            pf = Prefetch::none();
+            h += hb;
+        }
+    }
+
+    /// [`Avx2::accumulate_rows`] with 512-bit loads.
+    pub(crate) fn accumulate_rows<E: Load>(
+        self,
+        w: &[f32],
+        stride: usize,
+        d: usize,
+        rows: &[E],
+        acc: &mut [f32],
+        ahead: &[E],
+    ) {
+        if d == 0 {
+            return;
+        }
+        let (heads, n) = (acc.len() / d, rows.len() / d);
+        let fits = stride >= n && (heads == 0 || w.len() >= (heads - 1) * stride + n);
+        if !fits || heads == 0 || n == 0 {
+            return;
+        }
+        let mut pf = Prefetch::new(ahead, d);
+        let mut h = 0;
+        while h < heads {
+            let hb = (heads - h).min(HEAD_BLOCK);
+            let (wp, ap) = (w[h * stride..].as_ptr(), acc[h * d..].as_mut_ptr());
+            // SAFETY: the token proves the CPU features. Heads h..h+hb have weight rows
+            // w[(h + i) * stride..][..n] inside `w` (checked above) and accumulator rows
+            // acc[(h + i) * d..][..d] inside `acc` (h + hb <= acc.len() / d); `rows` holds
+            // n rows of d; `acc` is a distinct, exclusive borrow.
+            unsafe {
+                let (rp, pf) = (rows.as_ptr(), &mut pf);
+                match hb {
+                    4 => accumulate_block_512::<E, 4, 4>(wp, stride, d, rp, n, ap, pf),
+                    3 => accumulate_block_512::<E, 3, 4>(wp, stride, d, rp, n, ap, pf),
+                    2 => accumulate_block_512::<E, 2, 8>(wp, stride, d, rp, n, ap, pf),
+                    _ => accumulate_block_512::<E, 1, 8>(wp, stride, d, rp, n, ap, pf),
+                }
+            }
+            pf = Prefetch::none();
+            h += hb;
+        }
+    }
+}
+
+/// The lanes `0..min(left, 16)` of a 16-lane mask.
+#[inline]
+fn mask16(left: usize) -> __mmask16 {
+    if left >= 16 {
+        0xffff
+    } else {
+        ((1u32 << left) - 1) as __mmask16
+    }
+}
+
+/// The 512-bit sum folded to 256 bits (lane `i` + lane `i + 8`).
+///
+/// # Safety
+/// The CPU must have the features of [`Avx512`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn fold256(v: __m512) -> __m256 {
+    // SAFETY: register-only intrinsics; the caller guarantees the CPU features.
+    unsafe {
+        let lo = _mm512_castps512_ps256(v);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        _mm256_add_ps(lo, hi)
+    }
+}
+
+/// [`score_block`] with 16 columns per load and the last `d % 16` in one masked load.
+///
+/// # Safety
+/// As [`score_block`], with the CPU features of [`Avx512`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn score_block_512<E: Load, const H: usize, const R: usize>(
+    q: *const f32,
+    d: usize,
+    rows: *const E,
+    n: usize,
+    scores: *mut f32,
+    stride: usize,
+    pf: &mut Prefetch,
+) {
+    let mut r0 = 0;
+    // SAFETY: (both loops) rows r0..r0+R (or r0 alone) are below n; every load covers the
+    // columns c..c + 16 masked to those below d, inside `rows` and q[h * d..][..d] (masked
+    // lanes are not read); score writes are inside `scores` by the contract; the stack
+    // buffer holds the 8 lanes of one reduction.
+    unsafe {
+        while r0 + R <= n {
+            pf.rows(R);
+            let mut acc = [_mm512_setzero_ps(); 8];
+            let mut c = 0;
+            while c < d {
+                let m = mask16(d - c);
+                let mut qv = [_mm512_setzero_ps(); H];
+                for (h, v) in qv.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_ps(m, q.add(h * d + c));
+                }
+                for r in 0..R {
+                    let k = E::load16(rows.add((r0 + r) * d + c), m);
+                    for h in 0..H {
+                        acc[r * H + h] = _mm512_fmadd_ps(qv[h], k, acc[r * H + h]);
+                    }
+                }
+                c += 16;
+            }
+            let mut half = [_mm256_setzero_ps(); 8];
+            for (x, a) in half.iter_mut().zip(&acc).take(R * H) {
+                *x = fold256(*a);
+            }
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), reduce8(&half));
+            for r in 0..R {
+                for h in 0..H {
+                    *scores.add(h * stride + r0 + r) = lanes[r * H + h];
+                }
+            }
+            r0 += R;
+        }
+        while r0 < n {
+            pf.rows(1);
+            let row = rows.add(r0 * d);
+            let mut acc = [_mm512_setzero_ps(); H];
+            let mut c = 0;
+            while c < d {
+                let m = mask16(d - c);
+                let k = E::load16(row.add(c), m);
+                for h in 0..H {
+                    let qv = _mm512_maskz_loadu_ps(m, q.add(h * d + c));
+                    acc[h] = _mm512_fmadd_ps(qv, k, acc[h]);
+                }
+                c += 16;
+            }
+            for h in 0..H {
+                *scores.add(h * stride + r0) = _mm512_reduce_add_ps(acc[h]);
+            }
+            r0 += 1;
+        }
+    }
+}
+
+/// [`accumulate_block`] with 16 columns per register and the last `d % 16` masked.
+///
+/// # Safety
+/// As [`accumulate_block`], with `H * V <= 16` and the CPU features of [`Avx512`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn accumulate_block_512<E: Load, const H: usize, const V: usize>(
+    w: *const f32,
+    stride: usize,
+    d: usize,
+    rows: *const E,
+    n: usize,
+    acc: *mut f32,
+    pf: &mut Prefetch,
+) {
+    let mut c = 0;
+    // SAFETY: each pass covers columns c..c + 16 * V (or c..c + 16 masked to d) inside
+    // every row of `rows` and `acc`; weight reads are inside `w` by the contract.
+    unsafe {
+        while c + 16 * V <= d {
+            accumulate_cols_512::<E, H, V>(w, stride, d, rows, n, acc, c, pf, c == 0);
+            c += 16 * V;
+        }
+        while c < d {
+            accumulate_cols_512::<E, H, 1>(w, stride, d, rows, n, acc, c, pf, c == 0);
+            c += 16;
+        }
+    }
+}
+
+/// Columns `c..c + 16 * V` (masked to those below `d`) of [`accumulate_block_512`],
+/// prefetching a row of `pf` per row read when `prefetch` is set.
+///
+/// # Safety
+/// As [`accumulate_block_512`], with `c < d`; when `V > 1`, `c + 16 * V <= d`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn accumulate_cols_512<E: Load, const H: usize, const V: usize>(
+    w: *const f32,
+    stride: usize,
+    d: usize,
+    rows: *const E,
+    n: usize,
+    acc: *mut f32,
+    c: usize,
+    pf: &mut Prefetch,
+    prefetch: bool,
+) {
+    // SAFETY: the lanes of `m[v]` are the columns of c + 16 * v.. below d, inside every row
+    // of `rows` and `acc` (masked lanes are neither read nor written); row r < n and head
+    // h < H keep every other access inside the contract.
+    unsafe {
+        let mut m = [0 as __mmask16; V];
+        for v in 0..V {
+            m[v] = mask16(d.saturating_sub(c + 16 * v));
+        }
+        let mut a = [[_mm512_setzero_ps(); V]; H];
+        for h in 0..H {
+            for v in 0..V {
+                a[h][v] = _mm512_maskz_loadu_ps(m[v], acc.add(h * d + c + 16 * v));
+            }
+        }
+        for r in 0..n {
+            if prefetch {
+                pf.rows(1);
+            }
+            let mut x = [_mm512_setzero_ps(); V];
+            for v in 0..V {
+                x[v] = E::load16(rows.add(r * d + c + 16 * v), m[v]);
+            }
+            for h in 0..H {
+                let wb = _mm512_set1_ps(*w.add(h * stride + r));
+                for v in 0..V {
+                    a[h][v] = _mm512_fmadd_ps(wb, x[v], a[h][v]);
+                }
+            }
+        }
+        for h in 0..H {
+            for v in 0..V {
+                _mm512_mask_storeu_ps(acc.add(h * d + c + 16 * v), m[v], a[h][v]);
+            }
+        }
+    }
+}
+
 /// Rows to prefetch while a kernel reads others, one row at a time so the requests spread
 /// over the computation instead of queueing all at once.
 pub(crate) struct Prefetch {
@@ -308,6 +600,14 @@ pub(crate) trait Load: Copy + crate::kernels::Widen {
     /// # Safety
     /// `p..p + 8` must be readable, and the CPU must have AVX2, FMA and F16C.
     unsafe fn load8(p: *const Self) -> __m256;
+
+    /// The elements `p + i` for the set bits `i` of `mask`, widened to f32; zero in the
+    /// other lanes. Masked-off elements are not read (they may lie past the end of a slice).
+    ///
+    /// # Safety
+    /// `p + i` must be readable for every set bit `i` of `mask`, and the CPU must have the
+    /// features of [`Avx512`].
+    unsafe fn load16(p: *const Self, mask: __mmask16) -> __m512;
 }
 
 impl Load for f32 {
@@ -317,6 +617,14 @@ impl Load for f32 {
         // SAFETY: the caller guarantees eight readable f32 at `p`; loadu has no alignment
         // requirement.
         unsafe { _mm256_loadu_ps(p) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn load16(p: *const f32, mask: __mmask16) -> __m512 {
+        // SAFETY: the caller guarantees the unmasked f32 at `p` readable; masked-off lanes
+        // are neither read nor fault; no alignment requirement.
+        unsafe { _mm512_maskz_loadu_ps(mask, p) }
     }
 }
 
@@ -328,6 +636,15 @@ impl Load for f16 {
         // transparent u16, the bit layout vcvtph2ps reads; loadu has no alignment
         // requirement.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn load16(p: *const f16, mask: __mmask16) -> __m512 {
+        // SAFETY: the caller guarantees the unmasked f16 at `p` readable; masked-off lanes
+        // are neither read nor fault (and load as +0, which widens to 0.0); f16 is a
+        // transparent u16, the bit layout vcvtph2ps reads.
+        unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p.cast::<i16>())) }
     }
 }
 
@@ -341,6 +658,17 @@ impl Load for bf16 {
         unsafe {
             let h = _mm_loadu_si128(p.cast::<__m128i>());
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn load16(p: *const bf16, mask: __mmask16) -> __m512 {
+        // SAFETY: the caller guarantees the unmasked bf16 at `p` readable; masked-off lanes
+        // are neither read nor fault (and load as 0); widening as in `load8`.
+        unsafe {
+            let h = _mm256_maskz_loadu_epi16(mask, p.cast::<i16>());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
         }
     }
 }
