@@ -1016,16 +1016,15 @@ macro_rules! int_heads_kernels {
                             let x = $codes32(c32).map(|c| _mm256_fmadd_ps(c, s, m));
                             let at = (gi * group + 32 * j) / 8;
                             for h in 0..H {
-                                acc[r * H + h] = fma_x32(acc[r * H + h], &qh[h][at..], &x);
+                                acc[h * R + r] = fma_x32(acc[h * R + r], &qh[h][at..], &x);
                             }
                         }
                     }
                 }
+                // Head-major, so that each head's `R` scores leave in one copy.
                 let lanes = reduce8_lanes(&acc);
-                for r in 0..R {
-                    for h in 0..H {
-                        scores[h * stride + r0 + r] = lanes[r * H + h];
-                    }
+                for h in 0..H {
+                    scores[h * stride + r0..][..R].copy_from_slice(&lanes[h * R..][..R]);
                 }
                 r0 += R;
             }
