@@ -151,7 +151,10 @@ fn main() -> Result<(), QuantError> {
     }
 
     println!();
-    println!("{:<12} {:<8} {:>8}", "keys", "isa", "score");
+    println!(
+        "{:<12} {:<8} {:>8} {:>8}",
+        "keys", "isa", "score", "3 heads"
+    );
     for bits in [KiviBits::B4, KiviBits::B2] {
         let fmt = KiviKeyFormat::new(bits, 32);
         let bb = fmt.block_bytes(HEAD_DIM)?;
@@ -173,7 +176,28 @@ fn main() -> Result<(), QuantError> {
                 }
             }
             let ns = start.elapsed().as_nanos() as f64 / (PASSES * ROWS) as f64;
-            println!("{:<12} {:<8} {:>8.1}", fmt.to_string(), isa.name(), ns);
+            let mut scores = vec![0.0f32; HEADS * 32];
+            let heads_ns = best_of(|| {
+                for b in blocks.chunks_exact(bb) {
+                    k.kivi_scores_heads(
+                        fmt,
+                        HEAD_DIM,
+                        black_box(&qh),
+                        black_box(b),
+                        &mut scores,
+                        32,
+                    )?;
+                    black_box(&scores);
+                }
+                Ok(())
+            })?;
+            println!(
+                "{:<12} {:<8} {:>8.1} {:>8.1}",
+                fmt.to_string(),
+                isa.name(),
+                ns,
+                heads_ns
+            );
         }
     }
     Ok(())
