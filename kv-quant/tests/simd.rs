@@ -428,6 +428,51 @@ fn several_heads_refuse_inconsistent_lengths() {
     }
 }
 
+/// Every shape the SIMD `dot_heads` compiles for fixed dims (head dim 64 and 128, each
+/// group size, 1 to 4 heads per block), and one run-time shape each side, against the
+/// scalar reference: the proptest above reaches these only by chance.
+#[test]
+fn several_heads_score_every_compiled_shape() {
+    use kv_quant::Group;
+    let mut rng = SplitMix(7);
+    for group in [Group::G32, Group::G64, Group::G128] {
+        for fmt in [
+            RowFormat::Int8 { group },
+            RowFormat::Int4 { group },
+            RowFormat::Int2 { group },
+        ] {
+            for d in [32, 64, 96, 128, 256] {
+                let Ok(rb) = fmt.row_bytes(d) else { continue };
+                // 11 rows: whole blocks of 2, 4 or 8 rows and a remainder for every block.
+                let rows = 11;
+                let x: Vec<f32> = (0..rows * d).map(|_| rng.normal()).collect();
+                let block: Vec<u8> = x.chunks_exact(d).flat_map(|r| quant(fmt, r)).collect();
+                assert_eq!(block.len(), rows * rb);
+                for heads in 1..=5 {
+                    let q: Vec<f32> = (0..heads * d).map(|_| rng.normal()).collect();
+                    let mut want = vec![0.0f32; heads * rows];
+                    Kernels::scalar()
+                        .dot_heads(fmt, d, &q, &block, &mut want, rows)
+                        .expect("valid");
+                    for k in simd_levels() {
+                        let mut got = vec![f32::NAN; heads * rows];
+                        k.dot_heads(fmt, d, &q, &block, &mut got, rows)
+                            .expect("valid");
+                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                            let tol = 1e-4 * (1.0 + w.abs()) * (d as f32).sqrt();
+                            assert!(
+                                (g - w).abs() <= tol,
+                                "{fmt} d {d} heads {heads} at {}: score {i}: {g} vs {w}",
+                                k.isa()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn every_simd_level_of_this_cpu_is_under_test() {
     // Guards the filter above: on an x86-64 CPU with AVX2 the AVX2 path must be among

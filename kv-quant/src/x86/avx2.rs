@@ -983,7 +983,7 @@ macro_rules! int_heads_kernels {
         /// `rb = row_bytes(d)`, `scores.len() >= (H - 1) * stride + rows`, `stride >= rows`.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $score<const H: usize, const R: usize>(
+        unsafe fn $score<const H: usize, const R: usize, const G: usize, const D: usize>(
             group: usize,
             d: usize,
             q: &[f32],
@@ -992,6 +992,15 @@ macro_rules! int_heads_kernels {
             scores: &mut [f32],
             stride: usize,
         ) {
+            // Nonzero `G` and `D` fix the group size and row length at compile time (the
+            // caller passes the same values), so the group and chunk loops unroll.
+            let group = if G > 0 { G } else { group };
+            let d = if D > 0 { D } else { d };
+            let rb = if G > 0 && D > 0 {
+                D / G * ($hb + G / 8 * $cb)
+            } else {
+                rb
+            };
             let gbytes = $hb + group / 8 * $cb;
             let qh: [&[[f32; 8]]; H] = core::array::from_fn(|h| q[h * d..][..d].as_chunks::<8>().0);
             let n = rows.len() / rb;
@@ -1007,23 +1016,30 @@ macro_rules! int_heads_kernels {
                             let x = $codes32(c32).map(|c| _mm256_fmadd_ps(c, s, m));
                             let at = (gi * group + 32 * j) / 8;
                             for h in 0..H {
-                                acc[r * H + h] = fma_x32(acc[r * H + h], &qh[h][at..], &x);
+                                acc[h * R + r] = fma_x32(acc[h * R + r], &qh[h][at..], &x);
                             }
                         }
                     }
                 }
+                // Head-major, so that each head's `R` scores leave in one copy.
                 let lanes = reduce8_lanes(&acc);
-                for r in 0..R {
-                    for h in 0..H {
-                        scores[h * stride + r0 + r] = lanes[r * H + h];
-                    }
+                for h in 0..H {
+                    scores[h * stride + r0..][..R].copy_from_slice(&lanes[h * R..][..R]);
                 }
                 r0 += R;
             }
             if R > 1 && r0 < n {
                 // SAFETY: this function's own contract, on the remaining rows.
                 unsafe {
-                    $score::<H, 1>(group, d, q, &rows[r0 * rb..], rb, &mut scores[r0..], stride)
+                    $score::<H, 1, G, D>(
+                        group,
+                        d,
+                        q,
+                        &rows[r0 * rb..],
+                        rb,
+                        &mut scores[r0..],
+                        stride,
+                    )
                 }
             }
         }
@@ -1128,13 +1144,27 @@ pub(crate) unsafe fn dot_heads(
         let hb = (heads - h0).min(HEAD_BLOCK);
         let qb = &q[h0 * d..(h0 + hb) * d];
         let sb = &mut scores[h0 * stride..];
+        // Compile-time group size and row length for the common head dims (64, 128),
+        // run-time ones for the rest.
+        macro_rules! heads {
+            ($k:ident, $g:expr, $G:literal, $D:literal) => {
+                match hb {
+                    4 => $k::<4, 2, $G, $D>($g, d, qb, rows, rb, sb, stride),
+                    3 => $k::<3, 2, $G, $D>($g, d, qb, rows, rb, sb, stride),
+                    2 => $k::<2, 4, $G, $D>($g, d, qb, rows, rb, sb, stride),
+                    _ => $k::<1, 8, $G, $D>($g, d, qb, rows, rb, sb, stride),
+                }
+            };
+        }
         macro_rules! blocks {
             ($k:ident, $g:expr) => {
-                match hb {
-                    4 => $k::<4, 2>($g, d, qb, rows, rb, sb, stride),
-                    3 => $k::<3, 2>($g, d, qb, rows, rb, sb, stride),
-                    2 => $k::<2, 4>($g, d, qb, rows, rb, sb, stride),
-                    _ => $k::<1, 8>($g, d, qb, rows, rb, sb, stride),
+                match ($g, d) {
+                    (32, 64) => heads!($k, $g, 32, 64),
+                    (64, 64) => heads!($k, $g, 64, 64),
+                    (32, 128) => heads!($k, $g, 32, 128),
+                    (64, 128) => heads!($k, $g, 64, 128),
+                    (128, 128) => heads!($k, $g, 128, 128),
+                    _ => heads!($k, $g, 0, 0),
                 }
             };
         }

@@ -645,12 +645,69 @@ fn codes_u2_x32(b: &[u8; 8]) -> [__m512; 2] {
     widen_x32(_mm_unpacklo_epi16(c01, c23), _mm_unpackhi_epi16(c01, c23))
 }
 
-/// The sum of a register's two 8-lane halves.
+/// Per 128-bit lane: `[x0 + x2, y0 + y2, x1 + x3, y1 + y3]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn fold(v: __m512) -> __m256 {
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-    _mm256_add_ps(_mm512_castps512_ps256(v), hi)
+fn pair(x: __m512, y: __m512) -> __m512 {
+    _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
+}
+
+/// Per 128-bit lane, from two [`pair`]s: the partial sums of their 4 registers, in order.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn quad(xy: __m512, zw: __m512) -> __m512 {
+    let xy = _mm512_castps_pd(xy);
+    let zw = _mm512_castps_pd(zw);
+    _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(xy, zw)),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(xy, zw)),
+    )
+}
+
+/// The horizontal sums of 16 registers, lane `i` = sum of `a[i]`: [`reduce8`]'s tree, its
+/// last steps shared by all 16 (33 instructions instead of 48 for two `reduce8`).
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn reduce16(a: &[__m512; 16]) -> [f32; 16] {
+    let q: [__m512; 4] = core::array::from_fn(|k| {
+        let a = &a[4 * k..][..4];
+        quad(pair(a[0], a[1]), pair(a[2], a[3]))
+    });
+    // 128-bit lanes: halves of the 4 partial sums of two quads.
+    let halves = |x: __m512, y: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+        )
+    };
+    let t = halves(halves(q[0], q[1]), halves(q[2], q[3]));
+    let mut lanes = [0.0f32; 16];
+    store(&mut lanes, t);
+    lanes
+}
+
+/// The horizontal sums of 8 registers, lane `i` = sum of `a[i]`: a transposing tree of
+/// adds that keeps 512 bits wide until the last step (24 instructions for all 8, where
+/// halving each to 256 bits first and reducing those takes about 39).
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn reduce8(a: &[__m512; 8]) -> [f32; 8] {
+    let lo = quad(pair(a[0], a[1]), pair(a[2], a[3]));
+    let hi = quad(pair(a[4], a[5]), pair(a[6], a[7]));
+    // 128-bit lanes: [lo0 + lo1, lo2 + lo3, hi0 + hi1, hi2 + hi3].
+    let z = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(lo, hi),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(lo, hi),
+    );
+    // Low 256 bits: [lo total, hi total].
+    let t = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b00_00_10_00>(z, z),
+        _mm512_shuffle_f32x4::<0b00_00_11_01>(z, z),
+    );
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` is 8 writable f32; `storeu` has no alignment requirement.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm512_castps512_ps256(t)) };
+    lanes
 }
 
 macro_rules! int_heads_kernels {
@@ -663,11 +720,11 @@ macro_rules! int_heads_kernels {
         /// dot products accumulated side by side and reduced together.
         ///
         /// # Safety
-        /// See the module docs; `R * H <= 8`, `q.len() == H * d`, `rows` whole rows of
+        /// See the module docs; `R * H <= 16`, `q.len() == H * d`, `rows` whole rows of
         /// `rb = row_bytes(d)`, `scores.len() >= (H - 1) * stride + rows`, `stride >= rows`.
         #[inline]
         #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn $score<const H: usize, const R: usize>(
+        unsafe fn $score<const H: usize, const R: usize, const G: usize, const D: usize>(
             group: usize,
             d: usize,
             q: &[f32],
@@ -676,6 +733,15 @@ macro_rules! int_heads_kernels {
             scores: &mut [f32],
             stride: usize,
         ) {
+            // Nonzero `G` and `D` fix the group size and row length at compile time (the
+            // caller passes the same values), so the group and chunk loops unroll.
+            let group = if G > 0 { G } else { group };
+            let d = if D > 0 { D } else { d };
+            let rb = if G > 0 && D > 0 {
+                D / G * ($hb + G / 32 * $cb)
+            } else {
+                rb
+            };
             let gbytes = $hb + group / 32 * $cb;
             // With split codes, the queries split alike (`d <= SPLIT_MAX` then).
             let mut qsplit = [[0.0f32; if $split { SPLIT_MAX } else { 0 }]; H];
@@ -695,39 +761,52 @@ macro_rules! int_heads_kernels {
             let n = rows.len() / rb;
             let mut r0 = 0;
             while r0 + R <= n {
-                let mut folded = [_mm256_setzero_ps(); 8];
+                // The `R * H` accumulators, in registers across the rows' groups.
+                let mut acc = [_mm512_setzero_ps(); 16];
                 for r in 0..R {
                     let row = &rows[(r0 + r) * rb..][..rb];
-                    // One row's accumulators, in registers across its groups.
-                    let mut acc = [_mm512_setzero_ps(); H];
                     for (gi, rg) in row.chunks_exact(gbytes).enumerate() {
                         let (s, m) = group_params(rg, $asym);
                         let (c32, _) = rg[$hb..].as_chunks::<$cb>();
                         for (j, c32) in c32.iter().enumerate() {
                             let [c0, c1] = $codes32(c32);
-                            let x = [_mm512_fmadd_ps(c0, s, m), _mm512_fmadd_ps(c1, s, m)];
+                            let x = if $asym {
+                                [_mm512_fmadd_ps(c0, s, m), _mm512_fmadd_ps(c1, s, m)]
+                            } else {
+                                [_mm512_mul_ps(c0, s), _mm512_mul_ps(c1, s)]
+                            };
                             let at = (gi * group + 32 * j) / 16;
                             for h in 0..H {
-                                acc[h] = fma_x32(acc[h], &qh[h][at..], &x);
+                                acc[h * R + r] = fma_x32(acc[h * R + r], &qh[h][at..], &x);
                             }
                         }
                     }
-                    for h in 0..H {
-                        folded[r * H + h] = fold(acc[h]);
-                    }
                 }
-                let lanes = crate::x86::avx2::reduce8_lanes(&folded);
-                for r in 0..R {
-                    for h in 0..H {
-                        scores[h * stride + r0 + r] = lanes[r * H + h];
-                    }
+                // Head-major, so that each head's `R` scores leave in one copy.
+                let lanes = if R * H <= 8 {
+                    let mut l = [0.0f32; 16];
+                    l[..8].copy_from_slice(&reduce8(&acc.as_chunks::<8>().0[0]));
+                    l
+                } else {
+                    reduce16(&acc)
+                };
+                for h in 0..H {
+                    scores[h * stride + r0..][..R].copy_from_slice(&lanes[h * R..][..R]);
                 }
                 r0 += R;
             }
             if R > 1 && r0 < n {
                 // SAFETY: this function's own contract, on the remaining rows.
                 unsafe {
-                    $score::<H, 1>(group, d, q, &rows[r0 * rb..], rb, &mut scores[r0..], stride)
+                    $score::<H, 1, G, D>(
+                        group,
+                        d,
+                        q,
+                        &rows[r0 * rb..],
+                        rb,
+                        &mut scores[r0..],
+                        stride,
+                    )
                 }
             }
         }
@@ -908,13 +987,33 @@ pub(crate) unsafe fn dot_heads(
         let hb = (heads - h0).min(HEAD_BLOCK);
         let qb = &q[h0 * d..(h0 + hb) * d];
         let sb = &mut scores[h0 * stride..];
+        // Compile-time group size and row length for the common head dims (64, 128),
+        // run-time ones for the rest.
+        macro_rules! heads {
+            ($k:ident, $g:expr, $G:literal, $D:literal, $wide:literal) => {
+                match hb {
+                    4 => $k::<4, 2, $G, $D>($g, d, qb, rows, rb, sb, stride),
+                    3 if $wide => $k::<3, 4, $G, $D>($g, d, qb, rows, rb, sb, stride),
+                    3 => $k::<3, 2, $G, $D>($g, d, qb, rows, rb, sb, stride),
+                    2 => $k::<2, 4, $G, $D>($g, d, qb, rows, rb, sb, stride),
+                    _ => $k::<1, 8, $G, $D>($g, d, qb, rows, rb, sb, stride),
+                }
+            };
+        }
+        // `wide`: 3 heads take 4 rows at a time (12 sums reduced together), which pays
+        // for 4-bit codes and not for 8-bit ones (measured).
         macro_rules! blocks {
             ($k:ident, $g:expr) => {
-                match hb {
-                    4 => $k::<4, 2>($g, d, qb, rows, rb, sb, stride),
-                    3 => $k::<3, 2>($g, d, qb, rows, rb, sb, stride),
-                    2 => $k::<2, 4>($g, d, qb, rows, rb, sb, stride),
-                    _ => $k::<1, 8>($g, d, qb, rows, rb, sb, stride),
+                blocks!($k, $g, false)
+            };
+            ($k:ident, $g:expr, $wide:literal) => {
+                match ($g, d) {
+                    (32, 64) => heads!($k, $g, 32, 64, $wide),
+                    (64, 64) => heads!($k, $g, 64, 64, $wide),
+                    (32, 128) => heads!($k, $g, 32, 128, $wide),
+                    (64, 128) => heads!($k, $g, 64, 128, $wide),
+                    (128, 128) => heads!($k, $g, 128, 128, $wide),
+                    _ => heads!($k, $g, 0, 0, $wide),
                 }
             };
         }
@@ -924,7 +1023,7 @@ pub(crate) unsafe fn dot_heads(
             match format {
                 RowFormat::Int8 { group } => blocks!(score_heads_i8, group.size()),
                 RowFormat::Int4 { group } if d <= SPLIT_MAX => {
-                    blocks!(score_heads_u4_split, group.size())
+                    blocks!(score_heads_u4_split, group.size(), true)
                 }
                 RowFormat::Int4 { group } => blocks!(score_heads_u4, group.size()),
                 RowFormat::Int2 { group } => blocks!(score_heads_u2, group.size()),
@@ -1053,25 +1152,21 @@ unsafe fn kivi_heads<const H: usize, const R: usize, const N: usize>(
     let mut t0 = 0;
     while t0 < tokens {
         let r_n = (tokens - t0).min(R);
-        let mut folded = [_mm256_setzero_ps(); 8];
+        // The tokens' accumulators, in registers across their channels.
+        let mut acc = [_mm512_setzero_ps(); 8];
         for r in 0..r_n {
             let tc = &codes[(t0 + r) * tcb..][..tcb];
-            // One token's accumulators, in registers across its channels.
-            let mut acc = [_mm512_setzero_ps(); H];
             for (j, c) in tc.chunks_exact(chunk).enumerate() {
                 let x = match bits {
                     KiviBits::B4 => codes_u4_x32_split(&c.as_chunks::<16>().0[0]),
                     KiviBits::B2 => codes_u2_x32(&c.as_chunks::<8>().0[0]),
                 };
                 for h in 0..H {
-                    acc[h] = fma_x32(acc[h], &qs16[h][2 * j..], &x);
+                    acc[r * H + h] = fma_x32(acc[r * H + h], &qs16[h][2 * j..], &x);
                 }
             }
-            for h in 0..H {
-                folded[r * H + h] = fold(acc[h]);
-            }
         }
-        let lanes = crate::x86::avx2::reduce8_lanes(&folded);
+        let lanes = reduce8(&acc);
         for r in 0..r_n {
             for h in 0..H {
                 out[h * stride + t0 + r] = lanes[r * H + h] + bias[h];
