@@ -711,6 +711,12 @@ fn stream<C: RowOps>(
     let mut next = [(0usize, 0usize); TILE];
     let mut t = task.k0;
     let mut n_runs = runs_of(blocks, g, task.kv_head, t, tile_end(t), &mut runs)?;
+    // Nothing prefetched the first tile while an earlier one was read: ask for all of it
+    // at once, so its misses overlap instead of arriving one row after another.
+    for &run in &runs[..n_runs] {
+        kernels::prefetch(run_rows(&pools.k, g, run)?);
+        kernels::prefetch(run_rows(&pools.v, g, run)?);
+    }
     while t < task.k1 {
         let t1 = tile_end(t);
         let n_next = runs_of(blocks, g, task.kv_head, t1, tile_end(t1), &mut next)?;
