@@ -1206,14 +1206,25 @@ mod tests {
 
     #[test]
     fn scores_that_overflow_are_a_typed_error() -> Result<()> {
-        let mut f = fixture((2, 1, 8), KvDType::F32, 4, &[(9, 1)], 5)?;
-        f.q.iter_mut().for_each(|x| *x = 3.0e38);
-        for &isa in &Isa::available() {
-            for path in [Path::Auto, Path::Tiled] {
-                assert!(matches!(
-                    run(&f, isa, path, None),
-                    Err(KvError::NonFinite { .. })
-                ));
+        let three = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .map_err(|e| KvError::InvalidArgument {
+                what: "pool",
+                detail: e.to_string(),
+            })?;
+        // A short call runs on the calling thread; 3000 keys (over 128 KiB) run as tasks
+        // shared with the pool, where the error must come back the same.
+        for (len, pool) in [(9, None), (3000, Some(&three))] {
+            let mut f = fixture((2, 1, 8), KvDType::F32, 4, &[(len, 1)], 5)?;
+            f.q.iter_mut().for_each(|x| *x = 3.0e38);
+            for &isa in &Isa::available() {
+                for path in [Path::Auto, Path::Tiled] {
+                    assert!(matches!(
+                        run(&f, isa, path, pool),
+                        Err(KvError::NonFinite { .. })
+                    ));
+                }
             }
         }
         Ok(())
