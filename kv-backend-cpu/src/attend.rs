@@ -36,9 +36,10 @@
 //! calls; a call allocates its output, its task list and one buffer of partial results.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use kv_core::{AttentionBatch, BlockId, KvError, Result, SeqAttention};
-use rayon::prelude::*;
 
 use crate::kernels::{self, Isa};
 use crate::storage::{Bf16Rows, F16Rows, F32Rows, Geometry, LayerPools, Pools, RowCodec};
@@ -389,16 +390,7 @@ where
     if threads <= 1 || bytes < SERIAL_BYTES {
         tasks.iter().zip(parts).try_for_each(one)?;
     } else {
-        let run_all = || {
-            tasks
-                .par_iter()
-                .zip(parts.into_par_iter())
-                .try_for_each(one)
-        };
-        match thread_pool {
-            Some(p) => p.install(run_all),
-            None => run_all(),
-        }?;
+        run_shared(&tasks, parts, threads, thread_pool, &run)?;
     }
 
     let mut out = vec![0.0f32; row_offset * shape.q_heads * d];
@@ -436,6 +428,61 @@ where
         }
     }
     Ok(out)
+}
+
+/// Runs every task on the calling thread and `threads - 1` pool threads, each taking the
+/// next task not yet taken. The caller starts at once instead of sleeping while the pool
+/// wakes (waking a sleeping pool thread takes tens of microseconds on this VM, a sizeable
+/// part of a 100-200 us decode step); a helper that wakes late simply takes fewer tasks.
+/// Which thread runs a task does not change its result.
+fn run_shared<'b, F>(
+    tasks: &[Task<'b>],
+    parts: Vec<&mut [f32]>,
+    threads: usize,
+    thread_pool: Option<&rayon::ThreadPool>,
+    run: &F,
+) -> Result<()>
+where
+    F: Fn(&Task<'b>, &mut [f32]) -> Result<()> + Sync,
+{
+    let slots: Vec<Mutex<Option<&mut [f32]>>> =
+        parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<KvError>> = Mutex::new(None);
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let (Some(task), Some(slot)) = (tasks.get(i), slots.get(i)) else {
+            return;
+        };
+        let part = slot.lock().ok().and_then(|mut p| p.take());
+        let Some(part) = part else { continue };
+        if let Err(e) = run(task, part) {
+            // No further task starts; the first error is the one reported.
+            next.store(tasks.len(), Ordering::Relaxed);
+            if let Ok(mut f) = failed.lock() {
+                f.get_or_insert(e);
+            }
+            return;
+        }
+    };
+    let helpers = threads.min(tasks.len()).saturating_sub(1);
+    let work = &work;
+    match thread_pool {
+        Some(p) => p.in_place_scope(|s| spawn_and_work(s, helpers, work)),
+        None => rayon::in_place_scope(|s| spawn_and_work(s, helpers, work)),
+    }
+    match failed.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Hands `work` to `helpers` pool threads and runs it on this thread too.
+fn spawn_and_work<'s, W: Fn() + Sync>(s: &rayon::Scope<'s>, helpers: usize, work: &'s W) {
+    for _ in 0..helpers {
+        s.spawn(move |_| work());
+    }
+    work();
 }
 
 /// `e^(m_c - m)`: how much a chunk whose running maximum is `m_c` counts once the overall
@@ -664,6 +711,12 @@ fn stream<C: RowOps>(
     let mut next = [(0usize, 0usize); TILE];
     let mut t = task.k0;
     let mut n_runs = runs_of(blocks, g, task.kv_head, t, tile_end(t), &mut runs)?;
+    // Nothing prefetched the first tile while an earlier one was read: ask for all of it
+    // at once, so its misses overlap instead of arriving one row after another.
+    for &run in &runs[..n_runs] {
+        kernels::prefetch(run_rows(&pools.k, g, run)?);
+        kernels::prefetch(run_rows(&pools.v, g, run)?);
+    }
     while t < task.k1 {
         let t1 = tile_end(t);
         let n_next = runs_of(blocks, g, task.kv_head, t1, tile_end(t1), &mut next)?;
@@ -1153,14 +1206,25 @@ mod tests {
 
     #[test]
     fn scores_that_overflow_are_a_typed_error() -> Result<()> {
-        let mut f = fixture((2, 1, 8), KvDType::F32, 4, &[(9, 1)], 5)?;
-        f.q.iter_mut().for_each(|x| *x = 3.0e38);
-        for &isa in &Isa::available() {
-            for path in [Path::Auto, Path::Tiled] {
-                assert!(matches!(
-                    run(&f, isa, path, None),
-                    Err(KvError::NonFinite { .. })
-                ));
+        let three = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .map_err(|e| KvError::InvalidArgument {
+                what: "pool",
+                detail: e.to_string(),
+            })?;
+        // A short call runs on the calling thread; 3000 keys (over 128 KiB) run as tasks
+        // shared with the pool, where the error must come back the same.
+        for (len, pool) in [(9, None), (3000, Some(&three))] {
+            let mut f = fixture((2, 1, 8), KvDType::F32, 4, &[(len, 1)], 5)?;
+            f.q.iter_mut().for_each(|x| *x = 3.0e38);
+            for &isa in &Isa::available() {
+                for path in [Path::Auto, Path::Tiled] {
+                    assert!(matches!(
+                        run(&f, isa, path, pool),
+                        Err(KvError::NonFinite { .. })
+                    ));
+                }
             }
         }
         Ok(())

@@ -76,7 +76,8 @@ const NAME: &str = "cpu";
 ///
 /// Attention runs one task per (sequence, KV head, chunk of queries, chunk of keys for
 /// decode) on a rayon pool: the global one for [`CpuBackend::new`], a private one for
-/// [`CpuBackend::with_threads`]. Results do not depend on the number of threads. Tensors
+/// [`CpuBackend::with_threads`]; the calling thread takes tasks too, alongside all but one
+/// of the pool's threads. Results do not depend on the number of threads. Tensors
 /// passed in must be on the CPU device and of a float dtype; they are read in place when
 /// they are contiguous f32.
 #[derive(Clone)]
