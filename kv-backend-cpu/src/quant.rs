@@ -75,7 +75,7 @@ const TILE: usize = 64;
 
 /// Rows per kernel call of the decode loop, each call with the matching rows of the next
 /// tile prefetched.
-const SUB_TILE: usize = 16;
+const SUB_TILE: usize = 32;
 
 /// Prefetches rows `r` (of `row` bytes) of `next`, as far as it has them.
 fn prefetch_rows(next: &[u8], row: usize, r: std::ops::Range<usize>) {
