@@ -73,6 +73,16 @@ use crate::storage::{zeroed, Geometry, Which};
 /// Most key rows of a tile (the float path's tile size).
 const TILE: usize = 64;
 
+/// Rows per kernel call of the decode loop, each call with the matching rows of the next
+/// tile prefetched.
+const SUB_TILE: usize = 32;
+
+/// Prefetches rows `r` (of `row` bytes) of `next`, as far as it has them.
+fn prefetch_rows(next: &[u8], row: usize, r: std::ops::Range<usize>) {
+    let end = (r.end * row).min(next.len());
+    kernels::prefetch(next.get(r.start * row..end).unwrap_or(&[]));
+}
+
 /// How keys are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum KeyLayout {
@@ -736,7 +746,19 @@ fn run_task(
     while t0 < task.k1 {
         let (block, offset, t1) = tile_at(t0)?;
         let rows = t1 - t0;
-        if t1 < task.k1 {
+        // Decode over row layouts: the next tile's K and V rows are prefetched a sub-tile
+        // at a time, each while the kernels read the matching sub-tile of this one, which
+        // keeps the requests in flight few enough to be served (a burst of a whole tile's
+        // lines before the kernels ran left the first touch of a row waiting on memory).
+        let (mut k_next, mut v_next): (&[u8], &[u8]) = (&[], &[]);
+        let spread = fused && matches!(p.layout.keys, KeyLayout::Rows { .. });
+        if spread && t1 < task.k1 {
+            let (nb, no, nt1) = tile_at(t1)?;
+            let k_at = p.kgeom.row_start(nb, h, no);
+            let v_at = g.row_start(nb, h, no);
+            k_next = lp.k.get(k_at..k_at + (nt1 - t1) * p.k_row).unwrap_or(&[]);
+            v_next = lp.v.get(v_at..v_at + (nt1 - t1) * p.v_row).unwrap_or(&[]);
+        } else if t1 < task.k1 {
             // The next tile's rows lie in another run (or block) of the pools, too far for
             // the hardware prefetchers: ask for them while this tile computes.
             let (nb, no, nt1) = tile_at(t1)?;
@@ -762,8 +784,13 @@ fn run_task(
                 let k = &lp.k[at..at + rows * p.k_row];
                 if fused {
                     // One query sees every key of its task: all lanes score every row.
-                    kern.dot_heads(format, d, &q, k, &mut scores, TILE)
-                        .map_err(internal)?;
+                    for r in (0..rows).step_by(SUB_TILE) {
+                        let r1 = (r + SUB_TILE).min(rows);
+                        prefetch_rows(k_next, p.k_row, r..r1);
+                        let sub = &k[r * p.k_row..r1 * p.k_row];
+                        kern.dot_heads(format, d, &q, sub, &mut scores[r..], TILE)
+                            .map_err(internal)?;
+                    }
                 } else {
                     // Several lanes read each row: dequantize the tile once.
                     let wide = &mut tile_f32[..rows * d];
@@ -861,8 +888,13 @@ fn run_task(
         let at = g.row_start(block, h, offset);
         let v = &lp.v[at..at + rows * p.v_row];
         if fused {
-            kern.axpy_heads(p.layout.values, d, &scores, TILE, v, acc)
-                .map_err(internal)?;
+            for r in (0..rows).step_by(SUB_TILE) {
+                let r1 = (r + SUB_TILE).min(rows);
+                prefetch_rows(v_next, p.v_row, r..r1);
+                let sub = &v[r * p.v_row..r1 * p.v_row];
+                kern.axpy_heads(p.layout.values, d, &scores[r..], TILE, sub, acc)
+                    .map_err(internal)?;
+            }
         } else {
             // Several lanes add each row: dequantize the tile once, then read each widened
             // row once for all query heads of a query.
