@@ -1020,23 +1020,22 @@ mod tests {
             quant p => quant(p))
     }
 
+    /// A private pool of `n` threads, so thread counts are what the test says.
+    fn pool(n: usize) -> Result<rayon::ThreadPool> {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| KvError::InvalidArgument {
+                what: "pool",
+                detail: e.to_string(),
+            })
+    }
+
     /// Every level and both loops agree with the f64 reference; the result does not depend
     /// on the thread count.
     fn check(f: &Fixture, what: &str) -> Result<()> {
-        let one = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .map_err(|e| KvError::InvalidArgument {
-                what: "pool",
-                detail: e.to_string(),
-            })?;
-        let three = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .map_err(|e| KvError::InvalidArgument {
-                what: "pool",
-                detail: e.to_string(),
-            })?;
+        let one = pool(1)?;
+        let three = pool(3)?;
         let tol = 2e-5 * (1.0 + f.v_max);
         for &isa in &Isa::available() {
             for path in [Path::Auto, Path::Tiled] {
@@ -1206,13 +1205,7 @@ mod tests {
 
     #[test]
     fn scores_that_overflow_are_a_typed_error() -> Result<()> {
-        let three = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .map_err(|e| KvError::InvalidArgument {
-                what: "pool",
-                detail: e.to_string(),
-            })?;
+        let three = pool(3)?;
         // A short call runs on the calling thread; 3000 keys (over 128 KiB) run as tasks
         // shared with the pool, where the error must come back the same.
         for (len, pool) in [(9, None), (3000, Some(&three))] {
