@@ -89,10 +89,13 @@ fn decode(c: &mut Criterion) {
                     group.throughput(Throughput::Bytes(bench.kv_bytes_per_step()));
                     group.bench_function(
                         BenchmarkId::new(format!("{tokens}"), format!("t{threads}")),
+                        // Steps from a pool thread, as a model's decode loop runs them.
                         |b| {
-                            b.iter(|| match bench.step() {
-                                Ok(out) => out,
-                                Err(e) => panic!("decode step: {e}"),
+                            bench.install(|| {
+                                b.iter(|| match bench.step() {
+                                    Ok(out) => out,
+                                    Err(e) => panic!("decode step: {e}"),
+                                })
                             })
                         },
                     );

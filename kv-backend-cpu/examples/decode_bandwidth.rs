@@ -57,10 +57,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     .into_iter()
     .filter(|(name, _)| pick(0, name))
     .collect();
-    let dtypes: Vec<KvDType> = [KvDType::F32, KvDType::F16, KvDType::BF16]
-        .into_iter()
-        .filter(|d| pick(1, &d.to_string()))
-        .collect();
+    // Any layout by name (`int8-g32`, `kivi4`, ...); the float layouts by default.
+    let dtypes: Vec<KvDType> = match args.get(1).filter(|a| !a.is_empty() && *a != "all") {
+        Some(name) => vec![name.parse()?],
+        None => vec![KvDType::F32, KvDType::F16, KvDType::BF16],
+    };
     let threads_list: Vec<usize> = [1usize, 2]
         .into_iter()
         .filter(|t| pick(2, &t.to_string()))
@@ -103,11 +104,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     });
                     bench.step()?;
                     let mut failed = None;
-                    let (k_best, k_med) = timings(steps, || {
-                        if let Err(e) = bench.step() {
-                            failed = Some(e);
-                        }
-                    });
+                    let timed = || {
+                        timings(steps, || {
+                            if let Err(e) = bench.step() {
+                                failed = Some(e);
+                            }
+                        })
+                    };
+                    // Steps from a pool thread, as a model's decode loop runs them.
+                    let (k_best, k_med) = bench.install(timed);
                     if let Some(e) = failed {
                         return Err(e.into());
                     }

@@ -306,6 +306,13 @@ impl DecodeBench {
         4 * pairs * (spec.shape.n_q_heads() * spec.shape.head_dim()) as u64
     }
 
+    /// Runs `f` on the bench's pool ([`CpuBackend::install`]), as a model's decode loop
+    /// runs: steps called inside it take their tasks on the calling thread without a
+    /// hand-over.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.backend.install(f)
+    }
+
     /// Identical layers the bench cycles through.
     pub fn layers(&self) -> usize {
         self.layers
@@ -322,7 +329,8 @@ impl DecodeBench {
             .attend(&self.storage, layer, &self.q, &self.batch)
     }
 
-    /// Mean seconds per step over `steps` steps, after one untimed step.
+    /// Mean seconds per step over `steps` steps, after one untimed step, run on the bench's
+    /// pool.
     ///
     /// # Errors
     /// [`KvError::InvalidArgument`] for zero steps; errors of [`DecodeBench::step`].
@@ -333,12 +341,15 @@ impl DecodeBench {
                 detail: "time at least one step".into(),
             });
         }
-        self.step()?;
-        let start = Instant::now();
-        for _ in 0..steps {
-            std::hint::black_box(self.step()?);
-        }
-        Ok(start.elapsed().as_secs_f64() / steps as f64)
+        // On a pool thread, as a model's decode loop runs (`CpuBackend::install`).
+        self.install(|| {
+            self.step()?;
+            let start = Instant::now();
+            for _ in 0..steps {
+                std::hint::black_box(self.step()?);
+            }
+            Ok(start.elapsed().as_secs_f64() / steps as f64)
+        })
     }
 }
 

@@ -123,6 +123,28 @@ impl CpuBackend {
         })
     }
 
+    /// Runs `f` on one of the threads attention runs on, and returns what it returns.
+    ///
+    /// A decode loop that calls [`CacheBackend::attend`] from outside the pool hands every
+    /// call over to the pool and sleeps until it is done: two thread wake-ups per call, a
+    /// large share of a short step. Run the loop inside `install` instead: the calling
+    /// thread is then a pool thread and takes attention tasks itself.
+    ///
+    /// ```
+    /// use kv_backend_cpu::CpuBackend;
+    ///
+    /// let backend = CpuBackend::with_threads(2)?;
+    /// let on_pool = backend.install(|| std::thread::current().name().map(str::to_owned));
+    /// assert!(on_pool.is_some_and(|name| name.starts_with("kv-cpu-")));
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.threads {
+            Some(pool) => pool.install(f),
+            None => rayon::scope(|_| f()),
+        }
+    }
+
     /// Threads attention runs on.
     pub fn threads(&self) -> usize {
         match &self.threads {
