@@ -519,7 +519,7 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 }
 
 /// The first `n` elements of `v`, grown (with zeros) to hold them.
-fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+pub(crate) fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if v.len() < n {
         v.resize(n, 0.0);
     }
@@ -1199,6 +1199,12 @@ mod tests {
         for dtype in ["int8-g32", "int4h-g32", "kivi4"] {
             let f = forked_fixture((9, 3, 64), dtype.parse()?, 32, 8)?;
             check(&f, dtype)?;
+        }
+        // Quantized rows join consecutive blocks into tiles too: 16-token blocks, up to 4
+        // to a tile, broken where the table jumps.
+        for dtype in ["int8-g64", "int4-g32"] {
+            let f = forked_fixture((9, 3, 64), dtype.parse()?, 16, 9)?;
+            check(&f, &format!("{dtype} block 16"))?;
         }
         Ok(())
     }

@@ -66,7 +66,7 @@ use kv_core::{AttentionBatch, KvDType, KvError, Result, Slot, StorageSpec};
 use kv_quant::{Group, Kernels, KiviBits, KiviKeyFormat, QuantError, RowFormat};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::attend::{split_attend, SplitShape, Task};
+use crate::attend::{sized, split_attend, SplitShape, Task};
 use crate::kernels;
 use crate::storage::{zeroed, Geometry, Which};
 
@@ -77,10 +77,10 @@ const TILE: usize = 64;
 /// tile prefetched.
 const SUB_TILE: usize = 32;
 
-/// Prefetches rows `r` (of `row` bytes) of `next`, as far as it has them.
-fn prefetch_rows(next: &[u8], row: usize, r: std::ops::Range<usize>) {
+/// Rows `r` (of `row` bytes) of `next`, as far as it has them.
+fn next_rows(next: &[u8], row: usize, r: std::ops::Range<usize>) -> &[u8] {
     let end = (r.end * row).min(next.len());
-    kernels::prefetch(next.get(r.start * row..end).unwrap_or(&[]));
+    next.get(r.start * row..end).unwrap_or(&[])
 }
 
 /// How keys are stored.
@@ -667,6 +667,35 @@ fn run_task(
     task: &Task<'_>,
     part: &mut [f32],
 ) -> Result<()> {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => run_task_in(p, lp, queries, task, part, &mut s),
+        Err(_) => run_task_in(p, lp, queries, task, part, &mut Scratch::default()),
+    })
+}
+
+/// Per-thread buffers a task reuses across calls: a decode step runs a few dozen tasks
+/// per layer, and allocating these each time is waste on the hot path.
+#[derive(Default)]
+struct Scratch {
+    q: Vec<f32>,
+    scores: Vec<f32>,
+    block_scores: Vec<f32>,
+    tile_f32: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// [`run_task`] with this thread's buffers.
+fn run_task_in(
+    p: &QuantPools,
+    lp: &QuantLayer,
+    queries: &QuantQueries<'_>,
+    task: &Task<'_>,
+    part: &mut [f32],
+    scratch: &mut Scratch,
+) -> Result<()> {
     let g = p.vgeom;
     let d = g.head_dim;
     let h = task.kv_head;
@@ -677,7 +706,8 @@ fn run_task(
     let kern = p.kernels;
 
     // The task's query rows, scaled, and rotated when the keys are.
-    let mut q = vec![0.0f32; lanes * d];
+    // Every element is written below.
+    let q = sized(&mut scratch.q, lanes * d);
     for i in 0..n_q {
         let q_row = task.row_offset + task.begin + i;
         let src = (q_row * queries.q_heads + h * group) * d;
@@ -713,8 +743,10 @@ fn run_task(
     sum.fill(0.0);
     acc.fill(0.0);
     // scores[lane * TILE + r]: score, then weight, of row r of the current tile.
-    let mut scores = vec![0.0f32; lanes * TILE];
-    let mut block_scores = vec![0.0f32; p.kivi_tokens];
+    let scores = sized(&mut scratch.scores, lanes * TILE);
+    scores.fill(0.0);
+    // Written by the KIVI kernel before each read.
+    let block_scores = sized(&mut scratch.block_scores, p.kivi_tokens);
     // One query (decode): its group's heads read each K and V row straight from the bytes,
     // the row unpacked once in registers for all of them (`Kernels::dot_heads`,
     // `axpy_heads`). Several queries (prefill): a tile is dequantized once into f32 and
@@ -722,7 +754,8 @@ fn run_task(
     // lanes pays for the widening (a 512-token prefill of a SmolLM2 layer, int4-g32: 64 ms
     // with one-lane fused kernels, 17 ms widened).
     let fused = n_q == 1;
-    let mut tile_f32 = vec![0.0f32; if fused { 0 } else { TILE * d }];
+    // Rows dequantized into it before each read.
+    let tile_f32 = sized(&mut scratch.tile_f32, if fused { 0 } else { TILE * d });
     // The float path's vectorised max and exp.
     let float_isa = kernels::Isa::detect();
     let tile = match p.layout.keys {
@@ -731,48 +764,72 @@ fn run_task(
     };
 
     let blocks = task.seq.blocks();
+    let block_at = |index: usize| -> Result<usize> {
+        Ok(*blocks.get(index).ok_or(KvError::OutOfRange {
+            what: "block of sequence",
+            index,
+            len: blocks.len(),
+        })? as usize)
+    };
+    // Row layouts store a KV head's rows of consecutive blocks back to back, so a tile runs
+    // on over them: with the model's 16-token blocks that is 4x fewer kernel calls and
+    // softmax updates, and the next tile, prefetched while this one computes, far enough
+    // ahead to cover memory latency. KIVI keys sit in per-block key blocks: a tile stays
+    // inside one.
+    let joins = matches!(p.layout.keys, KeyLayout::Rows { .. });
     // The tile starting at key t: (cache block, offset in it, end key).
     let tile_at = |t: usize| -> Result<(usize, usize, usize)> {
-        let block_index = t / g.block_size;
-        let block = *blocks.get(block_index).ok_or(KvError::OutOfRange {
-            what: "block of sequence",
-            index: block_index,
-            len: blocks.len(),
-        })? as usize;
-        let end = task.k1.min((block_index + 1) * g.block_size).min(t + tile);
+        let limit = task.k1.min(t + tile);
+        let block = block_at(t / g.block_size)?;
+        let mut end = limit.min((t / g.block_size + 1) * g.block_size);
+        let mut last = block;
+        while joins && end < limit {
+            let next = block_at(end / g.block_size)?;
+            if next != last + 1 {
+                break;
+            }
+            last = next;
+            end = limit.min((end / g.block_size + 1) * g.block_size);
+        }
         Ok((block, t % g.block_size, end))
     };
     let mut t0 = task.k0;
     while t0 < task.k1 {
         let (block, offset, t1) = tile_at(t0)?;
         let rows = t1 - t0;
-        // Decode over row layouts: the next tile's K and V rows are prefetched a sub-tile
-        // at a time, each while the kernels read the matching sub-tile of this one, which
-        // keeps the requests in flight few enough to be served (a burst of a whole tile's
-        // lines before the kernels ran left the first touch of a row waiting on memory).
+        // The next tile's rows lie in another run (or block) of the pools, too far ahead
+        // for the hardware prefetchers: ask for them while this tile computes. Decode
+        // spreads the requests over the kernels' rows (`*_heads_ahead`), which keeps them
+        // few enough in flight to be served (a burst of a whole tile's lines before the
+        // kernels ran left the first touch of a row waiting on memory); KIVI key blocks and
+        // prefill tiles get theirs at once.
         let (mut k_next, mut v_next): (&[u8], &[u8]) = (&[], &[]);
-        let spread = fused && matches!(p.layout.keys, KeyLayout::Rows { .. });
-        if spread && t1 < task.k1 {
+        if t1 < task.k1 {
             let (nb, no, nt1) = tile_at(t1)?;
-            let k_at = p.kgeom.row_start(nb, h, no);
             let v_at = g.row_start(nb, h, no);
-            k_next = lp.k.get(k_at..k_at + (nt1 - t1) * p.k_row).unwrap_or(&[]);
-            v_next = lp.v.get(v_at..v_at + (nt1 - t1) * p.v_row).unwrap_or(&[]);
-        } else if t1 < task.k1 {
-            // The next tile's rows lie in another run (or block) of the pools, too far for
-            // the hardware prefetchers: ask for them while this tile computes.
-            let (nb, no, nt1) = tile_at(t1)?;
-            let k_at = match p.layout.keys {
-                KeyLayout::Rows { .. } => p.kgeom.row_start(nb, h, no)..,
-                KeyLayout::Kivi(_) => p.kivi_start(nb, no / p.kivi_tokens, h)..,
-            };
-            let k_len = match p.layout.keys {
-                KeyLayout::Rows { .. } => (nt1 - t1) * p.k_row,
-                KeyLayout::Kivi(_) => p.kivi_bytes,
-            };
-            let v_at = g.row_start(nb, h, no);
-            kernels::prefetch(lp.k.get(k_at).and_then(|k| k.get(..k_len)).unwrap_or(&[]));
-            kernels::prefetch(lp.v.get(v_at..v_at + (nt1 - t1) * p.v_row).unwrap_or(&[]));
+            let v_rows = lp.v.get(v_at..v_at + (nt1 - t1) * p.v_row).unwrap_or(&[]);
+            let k_rows = match p.layout.keys {
+                KeyLayout::Rows { .. } => {
+                    let k_at = p.kgeom.row_start(nb, h, no);
+                    lp.k.get(k_at..k_at + (nt1 - t1) * p.k_row)
+                }
+                KeyLayout::Kivi(_) => {
+                    let k_at = p.kivi_start(nb, no / p.kivi_tokens, h);
+                    lp.k.get(k_at..k_at + p.kivi_bytes)
+                }
+            }
+            .unwrap_or(&[]);
+            match (fused, p.layout.keys) {
+                (true, KeyLayout::Rows { .. }) => (k_next, v_next) = (k_rows, v_rows),
+                (true, KeyLayout::Kivi(_)) => {
+                    kernels::prefetch(k_rows);
+                    v_next = v_rows;
+                }
+                (false, _) => {
+                    kernels::prefetch(k_rows);
+                    kernels::prefetch(v_rows);
+                }
+            }
         }
         // Query i sees key t when first_pos + i >= t.
         let first_seeing = |t: usize| t.saturating_sub(first_pos);
@@ -786,9 +843,9 @@ fn run_task(
                     // One query sees every key of its task: all lanes score every row.
                     for r in (0..rows).step_by(SUB_TILE) {
                         let r1 = (r + SUB_TILE).min(rows);
-                        prefetch_rows(k_next, p.k_row, r..r1);
                         let sub = &k[r * p.k_row..r1 * p.k_row];
-                        kern.dot_heads(format, d, &q, sub, &mut scores[r..], TILE)
+                        let ahead = next_rows(k_next, p.k_row, r..r1);
+                        kern.dot_heads_ahead(format, d, q, sub, &mut scores[r..], TILE, ahead)
                             .map_err(internal)?;
                     }
                 } else {
@@ -850,13 +907,8 @@ fn run_task(
                         .map_err(internal)?;
                     }
                     for lane in quantized.clone().filter(|_| j != 0 || t_n > TILE) {
-                        kern.kivi_scores(
-                            format,
-                            &q[lane * d..(lane + 1) * d],
-                            k,
-                            &mut block_scores,
-                        )
-                        .map_err(internal)?;
+                        kern.kivi_scores(format, &q[lane * d..(lane + 1) * d], k, block_scores)
+                            .map_err(internal)?;
                         scores[lane * TILE..lane * TILE + rows_here]
                             .copy_from_slice(&block_scores[j..j + rows_here]);
                     }
@@ -890,9 +942,9 @@ fn run_task(
         if fused {
             for r in (0..rows).step_by(SUB_TILE) {
                 let r1 = (r + SUB_TILE).min(rows);
-                prefetch_rows(v_next, p.v_row, r..r1);
                 let sub = &v[r * p.v_row..r1 * p.v_row];
-                kern.axpy_heads(p.layout.values, d, &scores[r..], TILE, sub, acc)
+                let ahead = next_rows(v_next, p.v_row, r..r1);
+                kern.axpy_heads_ahead(p.layout.values, d, &scores[r..], TILE, sub, acc, ahead)
                     .map_err(internal)?;
             }
         } else {

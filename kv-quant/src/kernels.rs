@@ -431,11 +431,52 @@ impl Kernels {
         scores: &mut [f32],
         stride: usize,
     ) -> Result<()> {
+        self.dot_heads_ahead(format, head_dim, q, rows, scores, stride, &[])
+    }
+
+    /// [`dot_heads`](Self::dot_heads), prefetching `ahead` (into L2, a cache line at a time
+    /// as the rows are read): the bytes the caller reads next, typically the matching rows
+    /// of the next tile. A decode step that streams the cache from memory keeps its
+    /// requests in flight this way without a burst of them between calls. Any bytes will
+    /// do (an empty slice for none); they do not change the result.
+    ///
+    /// ```
+    /// use kv_quant::{Group, Kernels, RowFormat};
+    /// let k = Kernels::best();
+    /// let fmt = RowFormat::Int8 { group: Group::G32 };
+    /// let rb = fmt.row_bytes(32)?;
+    /// let mut rows = vec![0u8; 8 * rb];
+    /// for (r, row) in rows.chunks_exact_mut(rb).enumerate() {
+    ///     k.quantize_row(fmt, &[r as f32; 32], row)?;
+    /// }
+    /// let (now, next) = rows.split_at(4 * rb);
+    /// let q = [0.5f32; 32];
+    /// let mut scores = [0.0f32; 4];
+    /// k.dot_heads_ahead(fmt, 32, &q, now, &mut scores, 4, next)?;
+    /// assert!((scores[3] - 48.0).abs() < 0.1);
+    /// # Ok::<(), kv_quant::QuantError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`dot_heads`](Self::dot_heads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dot_heads_ahead(
+        &self,
+        format: RowFormat,
+        head_dim: usize,
+        q: &[f32],
+        rows: &[u8],
+        scores: &mut [f32],
+        stride: usize,
+        ahead: &[u8],
+    ) -> Result<()> {
         let (rb, heads, n) = check_heads(format, head_dim, "q", q.len(), rows, stride)?;
         if heads == 0 || n == 0 {
             return Ok(());
         }
         check_strided("scores", heads, stride, n, scores.len())?;
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = ahead; // the portable kernels leave prefetching to the hardware
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
@@ -443,7 +484,9 @@ impl Kernels {
                 // row size for `head_dim`, `q` holds `heads` rows, `rows` whole rows,
                 // `stride >= n` and `scores` holds every score row (checked above).
                 unsafe {
-                    crate::x86::avx2::dot_heads(format, head_dim, q, rows, rb, scores, stride)
+                    crate::x86::avx2::dot_heads(
+                        format, head_dim, q, rows, rb, scores, stride, ahead,
+                    )
                 }
             }
             #[cfg(target_arch = "x86_64")]
@@ -451,7 +494,9 @@ impl Kernels {
                 // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
                 // lengths checked above as for Avx2.
                 unsafe {
-                    crate::x86::avx512::dot_heads(format, head_dim, q, rows, rb, scores, stride)
+                    crate::x86::avx512::dot_heads(
+                        format, head_dim, q, rows, rb, scores, stride, ahead,
+                    )
                 }
             }
             _ => {
@@ -487,11 +532,48 @@ impl Kernels {
         rows: &[u8],
         acc: &mut [f32],
     ) -> Result<()> {
+        self.axpy_heads_ahead(format, head_dim, weights, stride, rows, acc, &[])
+    }
+
+    /// [`axpy_heads`](Self::axpy_heads), prefetching `ahead` as
+    /// [`dot_heads_ahead`](Self::dot_heads_ahead) does.
+    ///
+    /// ```
+    /// use kv_quant::{Group, Kernels, RowFormat};
+    /// let k = Kernels::best();
+    /// let fmt = RowFormat::Int8 { group: Group::G32 };
+    /// let rb = fmt.row_bytes(32)?;
+    /// let mut rows = vec![0u8; 4 * rb];
+    /// for row in rows.chunks_exact_mut(rb) {
+    ///     k.quantize_row(fmt, &[2.0; 32], row)?;
+    /// }
+    /// let (now, next) = rows.split_at(2 * rb);
+    /// let mut acc = [0.0f32; 32];
+    /// k.axpy_heads_ahead(fmt, 32, &[0.25, 0.5], 2, now, &mut acc, next)?;
+    /// assert!((acc[0] - 1.5).abs() < 0.01); // 0.25 * 2 + 0.5 * 2, up to INT8 rounding
+    /// # Ok::<(), kv_quant::QuantError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`axpy_heads`](Self::axpy_heads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn axpy_heads_ahead(
+        &self,
+        format: RowFormat,
+        head_dim: usize,
+        weights: &[f32],
+        stride: usize,
+        rows: &[u8],
+        acc: &mut [f32],
+        ahead: &[u8],
+    ) -> Result<()> {
         let (rb, heads, n) = check_heads(format, head_dim, "acc", acc.len(), rows, stride)?;
         if heads == 0 || n == 0 {
             return Ok(());
         }
         check_strided("weights", heads, stride, n, weights.len())?;
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = ahead; // the portable kernels leave prefetching to the hardware
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
@@ -499,7 +581,9 @@ impl Kernels {
                 // row size for `head_dim`, `acc` holds `heads` rows, `rows` whole rows,
                 // `stride >= n` and `weights` holds every weight row (checked above).
                 unsafe {
-                    crate::x86::avx2::axpy_heads(format, head_dim, weights, stride, rows, rb, acc)
+                    crate::x86::avx2::axpy_heads(
+                        format, head_dim, weights, stride, rows, rb, acc, ahead,
+                    )
                 }
             }
             #[cfg(target_arch = "x86_64")]
@@ -507,7 +591,9 @@ impl Kernels {
                 // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
                 // lengths checked above as for Avx2.
                 unsafe {
-                    crate::x86::avx512::axpy_heads(format, head_dim, weights, stride, rows, rb, acc)
+                    crate::x86::avx512::axpy_heads(
+                        format, head_dim, weights, stride, rows, rb, acc, ahead,
+                    )
                 }
             }
             _ => {

@@ -473,6 +473,52 @@ fn several_heads_score_every_compiled_shape() {
     }
 }
 
+/// Prefetching the next rows changes no result: the `_ahead` kernels equal the plain ones
+/// bit for bit at every level, whatever `ahead` holds (none, fewer or more bytes than the
+/// rows read, starting mid-line).
+#[test]
+fn prefetching_ahead_changes_no_result() {
+    use kv_quant::Group;
+    let mut rng = SplitMix(11);
+    for fmt in [
+        RowFormat::Int8 { group: Group::G32 },
+        RowFormat::Int4 { group: Group::G64 },
+        RowFormat::Int2 { group: Group::G32 },
+    ] {
+        for (d, heads) in [(64, 3), (128, 1), (128, 6), (96, 2)] {
+            let Ok(rb) = fmt.row_bytes(d) else { continue };
+            let rows = 13;
+            let x: Vec<f32> = (0..2 * rows * d).map(|_| rng.normal()).collect();
+            let all: Vec<u8> = x.chunks_exact(d).flat_map(|r| quant(fmt, r)).collect();
+            let (block, next) = all.split_at(rows * rb);
+            let q: Vec<f32> = (0..heads * d).map(|_| rng.normal()).collect();
+            let w: Vec<f32> = (0..heads * rows).map(|_| rng.normal().abs()).collect();
+            let acc0: Vec<f32> = (0..heads * d).map(|_| rng.normal()).collect();
+            for k in Isa::available()
+                .into_iter()
+                .filter_map(|i| Kernels::new(i).ok())
+            {
+                let mut want = vec![0.0f32; heads * rows];
+                k.dot_heads(fmt, d, &q, block, &mut want, rows)
+                    .expect("valid");
+                let mut want_acc = acc0.clone();
+                k.axpy_heads(fmt, d, &w, rows, block, &mut want_acc)
+                    .expect("valid");
+                for ahead in [&next[..0], &next[3..5 * rb + 7], &next[1..], &all[..]] {
+                    let mut got = vec![0.0f32; heads * rows];
+                    k.dot_heads_ahead(fmt, d, &q, block, &mut got, rows, ahead)
+                        .expect("valid");
+                    assert_eq!(got, want, "{fmt} d {d} at {}", k.isa());
+                    let mut acc = acc0.clone();
+                    k.axpy_heads_ahead(fmt, d, &w, rows, block, &mut acc, ahead)
+                        .expect("valid");
+                    assert_eq!(acc, want_acc, "{fmt} d {d} at {}", k.isa());
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn every_simd_level_of_this_cpu_is_under_test() {
     // Guards the filter above: on an x86-64 CPU with AVX2 the AVX2 path must be among

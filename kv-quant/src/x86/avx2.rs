@@ -16,6 +16,8 @@ use crate::kivi::KiviBits;
 use crate::layout::{asym_params, sym_scale};
 use crate::scalar;
 
+use super::Prefetch;
+
 // ---------------------------------------------------------------------------------------
 // Loads, stores and lane conversions. Safe functions: the arrays make every access in
 // bounds; callers must themselves be AVX2/FMA/F16C functions.
@@ -983,6 +985,7 @@ macro_rules! int_heads_kernels {
         /// `rb = row_bytes(d)`, `scores.len() >= (H - 1) * stride + rows`, `stride >= rows`.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn $score<const H: usize, const R: usize, const G: usize, const D: usize>(
             group: usize,
             d: usize,
@@ -991,6 +994,7 @@ macro_rules! int_heads_kernels {
             rb: usize,
             scores: &mut [f32],
             stride: usize,
+            pf: &mut Prefetch<'_>,
         ) {
             // Nonzero `G` and `D` fix the group size and row length at compile time (the
             // caller passes the same values), so the group and chunk loops unroll.
@@ -1027,6 +1031,7 @@ macro_rules! int_heads_kernels {
                     scores[h * stride + r0..][..R].copy_from_slice(&lanes[h * R..][..R]);
                 }
                 r0 += R;
+                pf.bytes(R * rb);
             }
             if R > 1 && r0 < n {
                 // SAFETY: this function's own contract, on the remaining rows.
@@ -1039,6 +1044,7 @@ macro_rules! int_heads_kernels {
                         rb,
                         &mut scores[r0..],
                         stride,
+                        pf,
                     )
                 }
             }
@@ -1052,6 +1058,7 @@ macro_rules! int_heads_kernels {
         /// `rb = row_bytes(d)`, `w.len() >= (H - 1) * stride + rows`, `stride >= rows`.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn $accumulate<const H: usize>(
             group: usize,
             d: usize,
@@ -1060,6 +1067,7 @@ macro_rules! int_heads_kernels {
             rows: &[u8],
             rb: usize,
             acc: &mut [f32],
+            pf: &mut Prefetch<'_>,
         ) {
             let gbytes = $hb + group / 8 * $cb;
             let n = rows.len() / rb;
@@ -1073,6 +1081,8 @@ macro_rules! int_heads_kernels {
                     *ah = [load(&a8[0]), load(&a8[1])];
                 }
                 for (r, row) in rows.chunks_exact(rb).enumerate() {
+                    // The first pass over the rows prefetches (later ones request nothing).
+                    pf.bytes(rb);
                     let (s, m) = group_params(&row[gi * gbytes..][..gbytes], $asym);
                     let (c16, _) = row[codes_at..][..2 * $cb].as_chunks::<{ 2 * $cb }>();
                     let x = $codes16(&c16[0]).map(|c| _mm256_fmadd_ps(c, s, m));
@@ -1128,6 +1138,7 @@ int_heads_kernels!(
 /// See the module docs; `q.len()` a multiple of `d`, `rb = format.row_bytes(d)`, `rows`
 /// whole rows, `stride >= rows`, `scores.len() >= (heads - 1) * stride + rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn dot_heads(
     format: RowFormat,
     d: usize,
@@ -1136,12 +1147,15 @@ pub(crate) unsafe fn dot_heads(
     rb: usize,
     scores: &mut [f32],
     stride: usize,
+    ahead: &[u8],
 ) {
     let heads = q.len() / d;
     let n = rows.len() / rb;
     let mut h0 = 0;
     while h0 < heads {
         let hb = (heads - h0).min(HEAD_BLOCK);
+        // The first block of heads reads every row: it prefetches the next ones.
+        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[] });
         let qb = &q[h0 * d..(h0 + hb) * d];
         let sb = &mut scores[h0 * stride..];
         // Compile-time group size and row length for the common head dims (64, 128),
@@ -1149,10 +1163,10 @@ pub(crate) unsafe fn dot_heads(
         macro_rules! heads {
             ($k:ident, $g:expr, $G:literal, $D:literal) => {
                 match hb {
-                    4 => $k::<4, 2, $G, $D>($g, d, qb, rows, rb, sb, stride),
-                    3 => $k::<3, 2, $G, $D>($g, d, qb, rows, rb, sb, stride),
-                    2 => $k::<2, 4, $G, $D>($g, d, qb, rows, rb, sb, stride),
-                    _ => $k::<1, 8, $G, $D>($g, d, qb, rows, rb, sb, stride),
+                    4 => $k::<4, 2, $G, $D>($g, d, qb, rows, rb, sb, stride, &mut pf),
+                    3 => $k::<3, 2, $G, $D>($g, d, qb, rows, rb, sb, stride, &mut pf),
+                    2 => $k::<2, 4, $G, $D>($g, d, qb, rows, rb, sb, stride, &mut pf),
+                    _ => $k::<1, 8, $G, $D>($g, d, qb, rows, rb, sb, stride, &mut pf),
                 }
             };
         }
@@ -1195,6 +1209,7 @@ pub(crate) unsafe fn dot_heads(
 /// See the module docs; `acc.len()` a multiple of `d`, `rb = format.row_bytes(d)`, `rows`
 /// whole rows, `stride >= rows`, `w.len() >= (heads - 1) * stride + rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn axpy_heads(
     format: RowFormat,
     d: usize,
@@ -1203,21 +1218,24 @@ pub(crate) unsafe fn axpy_heads(
     rows: &[u8],
     rb: usize,
     acc: &mut [f32],
+    ahead: &[u8],
 ) {
     let heads = acc.len() / d;
     let n = rows.len() / rb;
     let mut h0 = 0;
     while h0 < heads {
         let hb = (heads - h0).min(HEAD_BLOCK);
+        // The first block of heads reads every row: it prefetches the next ones.
+        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[] });
         let wb = &w[h0 * stride..];
         let ab = &mut acc[h0 * d..(h0 + hb) * d];
         macro_rules! blocks {
             ($k:ident, $g:expr) => {
                 match hb {
-                    4 => $k::<4>($g, d, wb, stride, rows, rb, ab),
-                    3 => $k::<3>($g, d, wb, stride, rows, rb, ab),
-                    2 => $k::<2>($g, d, wb, stride, rows, rb, ab),
-                    _ => $k::<1>($g, d, wb, stride, rows, rb, ab),
+                    4 => $k::<4>($g, d, wb, stride, rows, rb, ab, &mut pf),
+                    3 => $k::<3>($g, d, wb, stride, rows, rb, ab, &mut pf),
+                    2 => $k::<2>($g, d, wb, stride, rows, rb, ab, &mut pf),
+                    _ => $k::<1>($g, d, wb, stride, rows, rb, ab, &mut pf),
                 }
             };
         }

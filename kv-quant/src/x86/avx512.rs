@@ -15,6 +15,8 @@ use crate::format::RowFormat;
 use crate::kivi::KiviBits;
 use crate::scalar;
 
+use super::Prefetch;
+
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 fn load(a: &[f32; 16]) -> __m512 {
@@ -724,6 +726,7 @@ macro_rules! int_heads_kernels {
         /// `rb = row_bytes(d)`, `scores.len() >= (H - 1) * stride + rows`, `stride >= rows`.
         #[inline]
         #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn $score<const H: usize, const R: usize, const G: usize, const D: usize>(
             group: usize,
             d: usize,
@@ -732,6 +735,7 @@ macro_rules! int_heads_kernels {
             rb: usize,
             scores: &mut [f32],
             stride: usize,
+            pf: &mut Prefetch<'_>,
         ) {
             // Nonzero `G` and `D` fix the group size and row length at compile time (the
             // caller passes the same values), so the group and chunk loops unroll.
@@ -794,6 +798,7 @@ macro_rules! int_heads_kernels {
                     scores[h * stride + r0..][..R].copy_from_slice(&lanes[h * R..][..R]);
                 }
                 r0 += R;
+                pf.bytes(R * rb);
             }
             if R > 1 && r0 < n {
                 // SAFETY: this function's own contract, on the remaining rows.
@@ -806,6 +811,7 @@ macro_rules! int_heads_kernels {
                         rb,
                         &mut scores[r0..],
                         stride,
+                        pf,
                     )
                 }
             }
@@ -832,6 +838,7 @@ macro_rules! int_heads_kernels {
             rows: &[u8],
             rb: usize,
             acc: &mut [f32],
+            pf: &mut Prefetch<'_>,
         ) {
             let gbytes = $hb + group / 32 * $cb;
             let n = rows.len() / rb;
@@ -855,6 +862,7 @@ macro_rules! int_heads_kernels {
                 }
             }
             for (r, row) in rows.chunks_exact(rb).enumerate() {
+                pf.bytes(rb);
                 let mut wb = [_mm512_setzero_ps(); H];
                 for (v, wh) in wb.iter_mut().zip(&wh) {
                     *v = _mm512_set1_ps(wh[r]);
@@ -895,6 +903,7 @@ macro_rules! int_heads_kernels {
         #[inline]
         #[target_feature(enable = "avx512f,avx2,fma,f16c")]
         #[allow(dead_code)] // INT4's in-order instance serves only scores with d > SPLIT_MAX.
+        #[allow(clippy::too_many_arguments)]
         unsafe fn $accumulate<const H: usize>(
             group: usize,
             d: usize,
@@ -903,17 +912,21 @@ macro_rules! int_heads_kernels {
             rows: &[u8],
             rb: usize,
             acc: &mut [f32],
+            pf: &mut Prefetch<'_>,
         ) {
+            // The first pass over the rows prefetches, the others find the lines requested.
+            let mut done = Prefetch::new(&[]);
             let mut c0 = 0;
             while c0 < d {
+                let pf = if c0 == 0 { &mut *pf } else { &mut done };
                 // SAFETY: this function's own contract, on columns c0.. (64 or 32 of them,
                 // inside `d`; `c0` stays a multiple of 32).
                 unsafe {
                     if d - c0 >= 64 {
-                        $columns::<H, 4>(group, d, c0, w, stride, rows, rb, acc);
+                        $columns::<H, 4>(group, d, c0, w, stride, rows, rb, acc, pf);
                         c0 += 64;
                     } else {
-                        $columns::<H, 2>(group, d, c0, w, stride, rows, rb, acc);
+                        $columns::<H, 2>(group, d, c0, w, stride, rows, rb, acc, pf);
                         c0 += 32;
                     }
                 }
@@ -971,6 +984,7 @@ int_heads_kernels!(
 /// See the module docs; `q.len()` a multiple of `d`, `rb = format.row_bytes(d)`, `rows`
 /// whole rows, `stride >= rows`, `scores.len() >= (heads - 1) * stride + rows`.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn dot_heads(
     format: RowFormat,
     d: usize,
@@ -979,12 +993,15 @@ pub(crate) unsafe fn dot_heads(
     rb: usize,
     scores: &mut [f32],
     stride: usize,
+    ahead: &[u8],
 ) {
     let heads = q.len() / d;
     let n = rows.len() / rb;
     let mut h0 = 0;
     while h0 < heads {
         let hb = (heads - h0).min(HEAD_BLOCK);
+        // The first block of heads reads every row: it prefetches the next ones.
+        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[] });
         let qb = &q[h0 * d..(h0 + hb) * d];
         let sb = &mut scores[h0 * stride..];
         // Compile-time group size and row length for the common head dims (64, 128),
@@ -992,11 +1009,11 @@ pub(crate) unsafe fn dot_heads(
         macro_rules! heads {
             ($k:ident, $g:expr, $G:literal, $D:literal, $wide:literal) => {
                 match hb {
-                    4 => $k::<4, 2, $G, $D>($g, d, qb, rows, rb, sb, stride),
-                    3 if $wide => $k::<3, 4, $G, $D>($g, d, qb, rows, rb, sb, stride),
-                    3 => $k::<3, 2, $G, $D>($g, d, qb, rows, rb, sb, stride),
-                    2 => $k::<2, 4, $G, $D>($g, d, qb, rows, rb, sb, stride),
-                    _ => $k::<1, 8, $G, $D>($g, d, qb, rows, rb, sb, stride),
+                    4 => $k::<4, 2, $G, $D>($g, d, qb, rows, rb, sb, stride, &mut pf),
+                    3 if $wide => $k::<3, 4, $G, $D>($g, d, qb, rows, rb, sb, stride, &mut pf),
+                    3 => $k::<3, 2, $G, $D>($g, d, qb, rows, rb, sb, stride, &mut pf),
+                    2 => $k::<2, 4, $G, $D>($g, d, qb, rows, rb, sb, stride, &mut pf),
+                    _ => $k::<1, 8, $G, $D>($g, d, qb, rows, rb, sb, stride, &mut pf),
                 }
             };
         }
@@ -1047,6 +1064,7 @@ pub(crate) unsafe fn dot_heads(
 /// See the module docs; `acc.len()` a multiple of `d`, `rb = format.row_bytes(d)`, `rows`
 /// whole rows, `stride >= rows`, `w.len() >= (heads - 1) * stride + rows`.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn axpy_heads(
     format: RowFormat,
     d: usize,
@@ -1055,21 +1073,24 @@ pub(crate) unsafe fn axpy_heads(
     rows: &[u8],
     rb: usize,
     acc: &mut [f32],
+    ahead: &[u8],
 ) {
     let heads = acc.len() / d;
     let n = rows.len() / rb;
     let mut h0 = 0;
     while h0 < heads {
         let hb = (heads - h0).min(HEAD_BLOCK);
+        // The first block of heads reads every row: it prefetches the next ones.
+        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[] });
         let wb = &w[h0 * stride..];
         let ab = &mut acc[h0 * d..(h0 + hb) * d];
         macro_rules! blocks {
             ($k:ident, $g:expr) => {
                 match hb {
-                    4 => $k::<4>($g, d, wb, stride, rows, rb, ab),
-                    3 => $k::<3>($g, d, wb, stride, rows, rb, ab),
-                    2 => $k::<2>($g, d, wb, stride, rows, rb, ab),
-                    _ => $k::<1>($g, d, wb, stride, rows, rb, ab),
+                    4 => $k::<4>($g, d, wb, stride, rows, rb, ab, &mut pf),
+                    3 => $k::<3>($g, d, wb, stride, rows, rb, ab, &mut pf),
+                    2 => $k::<2>($g, d, wb, stride, rows, rb, ab, &mut pf),
+                    _ => $k::<1>($g, d, wb, stride, rows, rb, ab, &mut pf),
                 }
             };
         }
