@@ -58,6 +58,8 @@ struct Sizes {
     prompt: usize,
     depths: Vec<usize>,
     decode: usize,
+    /// Interleaved rounds of `decode` steps per layout and depth (the median is reported).
+    rounds: usize,
     /// With the weights expanded to f32 at load (4x the bytes per step of the file's
     /// blocks), f16 cache: prompt length and decode steps at depth 0.
     f32_prompt: usize,
@@ -80,6 +82,7 @@ impl Sizes {
             // longest sequence, so the peer can be measured at the same depths.
             depths: vec![0, 1024, 4064],
             decode: 32,
+            rounds: 3,
             f32_prompt: 64,
             f32_decode: 8,
         }
@@ -98,6 +101,7 @@ impl Sizes {
             prompt: 32,
             depths: vec![0, 64, 128],
             decode: 3,
+            rounds: 1,
             f32_prompt: 8,
             f32_decode: 2,
         }
@@ -156,6 +160,11 @@ fn run(a: &Args) -> Res<()> {
     } else {
         Sizes::full()
     };
+    // The model's kernels run on rayon's global pool: `--threads` of them.
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(a.threads)
+        .build_global()
+        .map_err(|e| format!("cannot start {} threads: {e}", a.threads))?;
     let on = |s: &str| a.sections.iter().any(|x| x == s);
     println!(
         "BENCH section=run quick={} threads={} rayon_threads={}",
@@ -167,36 +176,52 @@ fn run(a: &Args) -> Res<()> {
         attention(&sizes, a.threads)?;
     }
     if on("nocache") || on("e2e") {
-        let path = a
-            .model
-            .clone()
-            .map(Into::into)
-            .unwrap_or_else(kv_model::default_model_path);
-        let started = Instant::now();
-        let model = Model::load(&path)?;
-        eprintln!(
-            "bench: model loaded (the file's blocks) in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-        if on("nocache") {
-            no_cache(&sizes, a.threads, &model)?;
-        }
-        if on("e2e") {
-            for name in LAYOUTS {
-                end_to_end(&sizes, a.threads, &model, "blocks", name.parse()?)?;
-            }
-            drop(model);
-            // The f32 expansion (kv's default before its own block kernels) for comparison
-            // with the peer's f32 mode: a short prompt and depth 0 only.
-            let model = Model::load_with(&path, &Device::Cpu, WeightFormat::F32)?;
-            let short = Sizes {
-                prompt: sizes.f32_prompt,
-                depths: vec![0],
-                decode: sizes.f32_decode,
-                ..sizes
-            };
-            end_to_end(&short, a.threads, &model, "f32", KvDType::F16)?;
-        }
+        // On a worker of rayon's global pool, as `kv` runs: the kernels' parallel loops then
+        // share work with the calling thread instead of handing it over and sleeping.
+        let sections = |_: &rayon::Scope<'_>| {
+            model_sections(a, &sizes, on("nocache"), on("e2e")).map_err(|e| e.to_string())
+        };
+        rayon::scope(sections)?;
+    }
+    Ok(())
+}
+
+/// The sections that run the model: no cache against the cache, and end to end.
+fn model_sections(a: &Args, sizes: &Sizes, nocache: bool, e2e: bool) -> Res<()> {
+    let path = a
+        .model
+        .clone()
+        .map(Into::into)
+        .unwrap_or_else(kv_model::default_model_path);
+    let started = Instant::now();
+    let model = Model::load(&path)?;
+    eprintln!(
+        "bench: model loaded (the file's blocks) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if nocache {
+        no_cache(sizes, &model)?;
+    }
+    if e2e {
+        let layouts = LAYOUTS
+            .iter()
+            .map(|name| name.parse())
+            .collect::<Result<Vec<KvDType>, _>>()?;
+        end_to_end(sizes, &model, "blocks", &layouts)?;
+        drop(model);
+        // The f32 expansion (kv's default before its own block kernels) for comparison
+        // with the peer's f32 mode: a short prompt and depth 0 only.
+        let model = Model::load_with(&path, &Device::Cpu, WeightFormat::F32)?;
+        let short = Sizes {
+            prompt: sizes.f32_prompt,
+            depths: vec![0],
+            decode: sizes.f32_decode,
+            rounds: 1,
+            attn_tokens: Vec::new(),
+            nocache_n: Vec::new(),
+            ..*sizes
+        };
+        end_to_end(&short, &model, "f32", &[KvDType::F16])?;
     }
     Ok(())
 }
@@ -254,14 +279,11 @@ fn argmax(logits: &Tensor) -> Res<u32> {
         .to_scalar::<u32>()?)
 }
 
-fn new_cache(
-    model: &Model,
-    threads: usize,
-    dtype: KvDType,
-    tokens: usize,
-) -> Res<PagedCache<CpuBackend>> {
+/// A cache on rayon's global pool, as `kv generate` runs (the model sections run on a
+/// worker of that pool, so attention and matmuls share its threads without hand-overs).
+fn new_cache(model: &Model, dtype: KvDType, tokens: usize) -> Res<PagedCache<CpuBackend>> {
     let spec = StorageSpec::new(model.shape(), dtype, BLOCK, tokens.div_ceil(BLOCK))?;
-    Ok(PagedCache::new(CpuBackend::with_threads(threads)?, spec)?)
+    Ok(PagedCache::new(CpuBackend::new(), spec)?)
 }
 
 /// Brings `seq` to exactly `len` tokens of `ids` (truncating, or running the missing ones
@@ -291,10 +313,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn no_cache(sizes: &Sizes, threads: usize, model: &Model) -> Res<()> {
+fn no_cache(sizes: &Sizes, model: &Model) -> Res<()> {
     let max_n = sizes.nocache_n.iter().copied().max().unwrap_or(1);
     let ids = token_ids(max_n, model.config().vocab_size);
-    let mut cache = new_cache(model, threads, KvDType::F16, max_n)?;
+    let mut cache = new_cache(model, KvDType::F16, max_n)?;
     let seq = cache.create_sequence();
     for &n in &sizes.nocache_n {
         // A few runs, fewer when they are slow: the recompute at 2048 tokens takes minutes.
@@ -336,13 +358,12 @@ fn no_cache(sizes: &Sizes, threads: usize, model: &Model) -> Res<()> {
     Ok(())
 }
 
-fn end_to_end(
-    sizes: &Sizes,
-    threads: usize,
-    model: &Model,
-    weights: &str,
-    dtype: KvDType,
-) -> Res<()> {
+/// End to end on `model` for each of `layouts`: prefill tokens/s (best of 2), then decode
+/// tokens/s at each depth. Decode interleaves the layouts in rounds at each depth (every
+/// layout's cache filled to the depth first), and each reports its median round: load from
+/// other processes comes and goes over seconds, and interleaving spreads it over all
+/// layouts alike, so their ratios hold where single runs of 32 steps moved 10-20%.
+fn end_to_end(sizes: &Sizes, model: &Model, weights: &str, layouts: &[KvDType]) -> Res<()> {
     let deepest = sizes
         .depths
         .iter()
@@ -352,60 +373,69 @@ fn end_to_end(
         .max(sizes.prompt);
     let capacity = deepest + sizes.decode + 1;
     let ids = token_ids(capacity, model.config().vocab_size);
-    let mut cache = new_cache(model, threads, dtype, capacity)?;
-    let seq = cache.create_sequence();
-
-    let mut best = f64::INFINITY;
-    for _ in 0..2 {
-        cache.truncate(seq, 0)?;
-        let t = Instant::now();
-        let logits = model.forward(&ids[..sizes.prompt], &mut cache, seq, Logits::Last)?;
-        std::hint::black_box(argmax(&logits)?);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    println!(
-        "BENCH section=prefill layout={dtype} weights={weights} tokens={} secs={best:.6} tokens_per_s={:.3}",
-        sizes.prompt,
-        sizes.prompt as f64 / best
-    );
-    eprintln!(
-        "bench: {dtype} ({weights} weights): prefill {} tokens at {:.1} tokens/s",
-        sizes.prompt,
-        sizes.prompt as f64 / best
-    );
-
-    // Deepest last but depth 0 after it: each depth then only extends the cache.
-    let mut order: Vec<usize> = sizes.depths.iter().copied().filter(|&d| d > 0).collect();
-    order.sort_unstable();
-    order.extend(sizes.depths.iter().copied().filter(|&d| d == 0));
-    for depth in order {
-        // Depth 0 decodes from an empty cache: the first token goes in untimed.
-        let logits = if depth == 0 {
+    let mut caches = Vec::new();
+    for &dtype in layouts {
+        let mut cache = new_cache(model, dtype, capacity)?;
+        let seq = cache.create_sequence();
+        let mut best = f64::INFINITY;
+        for _ in 0..2 {
             cache.truncate(seq, 0)?;
-            Some(model.forward(&ids[..1], &mut cache, seq, Logits::Last)?)
-        } else {
-            // Truncate to the depth first, so the last logits come from a run.
-            fill(model, &mut cache, seq, &ids, depth - 1)?;
-            fill(model, &mut cache, seq, &ids, depth)?
-        };
-        let mut token = match logits {
-            Some(l) => argmax(&l)?,
-            None => ids[depth],
-        };
-        let t = Instant::now();
-        for _ in 0..sizes.decode {
-            token = argmax(&model.forward(&[token], &mut cache, seq, Logits::Last)?)?;
+            let t = Instant::now();
+            let logits = model.forward(&ids[..sizes.prompt], &mut cache, seq, Logits::Last)?;
+            std::hint::black_box(argmax(&logits)?);
+            best = best.min(t.elapsed().as_secs_f64());
         }
-        let secs = t.elapsed().as_secs_f64();
         println!(
-            "BENCH section=decode layout={dtype} weights={weights} depth={depth} steps={} secs={secs:.6} tokens_per_s={:.3}",
-            sizes.decode,
-            sizes.decode as f64 / secs
+            "BENCH section=prefill layout={dtype} weights={weights} tokens={} secs={best:.6} tokens_per_s={:.3}",
+            sizes.prompt,
+            sizes.prompt as f64 / best
         );
         eprintln!(
-            "bench: {dtype} ({weights} weights): decode at depth {depth}: {:.1} tokens/s",
-            sizes.decode as f64 / secs
+            "bench: {dtype} ({weights} weights): prefill {} tokens at {:.1} tokens/s",
+            sizes.prompt,
+            sizes.prompt as f64 / best
         );
+        caches.push((dtype, cache, seq));
+    }
+
+    // Depths in increasing order, so that each fill only extends the caches.
+    let mut depths = sizes.depths.clone();
+    depths.sort_unstable();
+    for depth in depths {
+        for (_, cache, seq) in &mut caches {
+            fill(model, cache, *seq, &ids, depth)?;
+        }
+        let mut rounds = vec![Vec::with_capacity(sizes.rounds); caches.len()];
+        for _ in 0..sizes.rounds {
+            for ((_, cache, seq), secs) in caches.iter_mut().zip(&mut rounds) {
+                // Back to the depth; the step at position `depth` reads token ids[depth]
+                // (at depth 0 that first token goes in untimed, from an empty cache).
+                cache.truncate(*seq, depth)?;
+                let mut token = ids[depth];
+                if depth == 0 {
+                    let logits = model.forward(&ids[..1], cache, *seq, Logits::Last)?;
+                    token = argmax(&logits)?;
+                }
+                let t = Instant::now();
+                for _ in 0..sizes.decode {
+                    token = argmax(&model.forward(&[token], cache, *seq, Logits::Last)?)?;
+                }
+                secs.push(t.elapsed().as_secs_f64());
+            }
+        }
+        for ((dtype, _, _), secs) in caches.iter().zip(rounds) {
+            let secs = median(secs);
+            println!(
+                "BENCH section=decode layout={dtype} weights={weights} depth={depth} steps={} rounds={} secs={secs:.6} tokens_per_s={:.3}",
+                sizes.decode,
+                sizes.rounds,
+                sizes.decode as f64 / secs
+            );
+            eprintln!(
+                "bench: {dtype} ({weights} weights): decode at depth {depth}: {:.1} tokens/s",
+                sizes.decode as f64 / secs
+            );
+        }
     }
     Ok(())
 }
