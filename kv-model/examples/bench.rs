@@ -58,7 +58,8 @@ struct Sizes {
     prompt: usize,
     depths: Vec<usize>,
     decode: usize,
-    /// Interleaved rounds of `decode` steps per layout and depth (the median is reported).
+    /// Interleaved rounds per attention point and per decode depth, over all layouts
+    /// (each reports its median round).
     rounds: usize,
     /// With the weights expanded to f32 at load (4x the bytes per step of the file's
     /// blocks), f16 cache: prompt length and decode steps at depth 0.
@@ -82,7 +83,7 @@ impl Sizes {
             // longest sequence, so the peer can be measured at the same depths.
             depths: vec![0, 1024, 4064],
             decode: 32,
-            rounds: 3,
+            rounds: 5,
             f32_prompt: 64,
             f32_decode: 8,
         }
@@ -241,10 +242,14 @@ fn attention(sizes: &Sizes, threads: usize) -> Res<()> {
         ("smollm2-135m", ModelShape::new(1, 9, 3, 64)?),
         ("llama-2-7b", ModelShape::new(1, 32, 32, 128)?),
     ];
+    // At each shape and length every layout's bench is built first, then timed in
+    // interleaved rounds, each reporting its median round: load from other processes
+    // comes and goes over seconds, and interleaving spreads it over all layouts alike.
     for (shape_name, shape) in shapes {
-        for name in LAYOUTS {
-            let dtype: KvDType = name.parse()?;
-            for &tokens in &sizes.attn_tokens {
+        for &tokens in &sizes.attn_tokens {
+            let mut benches = Vec::new();
+            for name in LAYOUTS {
+                let dtype: KvDType = name.parse()?;
                 let bench = DecodeBench::with_min_bytes(
                     shape,
                     dtype,
@@ -255,10 +260,21 @@ fn attention(sizes: &Sizes, threads: usize) -> Res<()> {
                 )?;
                 let first = bench.time_steps(1)?;
                 let steps = ((sizes.attn_seconds / first) as usize).clamp(3, 500);
-                let secs = bench.time_steps(steps)?;
+                let per_round = steps.div_ceil(sizes.rounds).max(3);
+                benches.push((name, bench, per_round, Vec::with_capacity(sizes.rounds)));
+            }
+            for _ in 0..sizes.rounds {
+                for (_, bench, per_round, secs) in &mut benches {
+                    secs.push(bench.time_steps(*per_round)?);
+                }
+            }
+            for (name, bench, per_round, secs) in benches {
+                let secs = median(secs);
                 let bytes = bench.kv_bytes_per_step();
                 println!(
-                    "BENCH section=attn shape={shape_name} layout={name} tokens={tokens} steps={steps} secs={secs:.9} kv_bytes={bytes} bytes_per_s={:.0}",
+                    "BENCH section=attn shape={shape_name} layout={name} tokens={tokens} steps={} rounds={} secs={secs:.9} kv_bytes={bytes} bytes_per_s={:.0}",
+                    per_round * sizes.rounds,
+                    sizes.rounds,
                     bytes as f64 / secs
                 );
                 eprintln!(
