@@ -251,6 +251,16 @@ impl Model {
         cache: &mut PagedCache<B>,
         logits: Logits,
     ) -> Result<Tensor> {
+        crate::model::on_pool(|| self.forward_batch_here(items, cache, logits))
+    }
+
+    /// [`Model::forward_batch`] on the calling thread.
+    fn forward_batch_here<B: CacheBackend>(
+        &self,
+        items: &[(SeqId, &[u32])],
+        cache: &mut PagedCache<B>,
+        logits: Logits,
+    ) -> Result<Tensor> {
         if items.is_empty() {
             return Err(ModelError::InvalidArgument {
                 what: "batch",

@@ -339,6 +339,17 @@ impl Model {
         seq: SeqId,
         logits: Logits,
     ) -> Result<Tensor> {
+        on_pool(|| self.forward_here(tokens, cache, seq, logits))
+    }
+
+    /// [`Model::forward`] on the calling thread.
+    fn forward_here<B: CacheBackend>(
+        &self,
+        tokens: &[u32],
+        cache: &mut PagedCache<B>,
+        seq: SeqId,
+        logits: Logits,
+    ) -> Result<Tensor> {
         if cache.spec().shape != self.shape {
             return Err(ModelError::CacheMismatch {
                 expected: format!("{:?}", self.shape),
@@ -379,8 +390,10 @@ impl Model {
     pub fn forward_uncached(&self, tokens: &[u32], logits: Logits) -> Result<Tensor> {
         self.check_tokens(tokens, 0)?;
         let scale = 1.0 / (self.config.head_dim as f64).sqrt();
-        self.run(tokens, &[(0, tokens.len())], logits, |_, q, k, v| {
-            plain_attention(q, k, v, scale)
+        on_pool(|| {
+            self.run(tokens, &[(0, tokens.len())], logits, |_, q, k, v| {
+                plain_attention(q, k, v, scale)
+            })
         })
     }
 
@@ -562,6 +575,16 @@ fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Ten
     let e = scores.broadcast_sub(&max)?.exp()?;
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
     Ok(p.matmul(&v)?.transpose(0, 1)?.contiguous()?)
+}
+
+/// Runs `f` on a worker of rayon's global pool (inline when the caller is one already).
+///
+/// A forward pass makes a few hundred parallel loops (matmuls, attention). Called from a
+/// thread outside the pool, each loop hands its work over and sleeps until the pool is
+/// done: on SmolLM2 with 2 threads that halved decode speed. On a worker, the loops share
+/// work with the calling thread; one hand-over per forward pass remains.
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 #[cfg(test)]
