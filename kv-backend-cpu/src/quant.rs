@@ -73,16 +73,6 @@ use crate::storage::{zeroed, Geometry, Which};
 /// Most key rows of a tile (the float path's tile size).
 const TILE: usize = 64;
 
-/// Rows per kernel call of the decode loop, each call with the matching rows of the next
-/// tile prefetched.
-const SUB_TILE: usize = 32;
-
-/// Rows `r` (of `row` bytes) of `next`, as far as it has them.
-fn next_rows(next: &[u8], row: usize, r: std::ops::Range<usize>) -> &[u8] {
-    let end = (r.end * row).min(next.len());
-    next.get(r.start * row..end).unwrap_or(&[])
-}
-
 /// How keys are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum KeyLayout {
@@ -840,14 +830,10 @@ fn run_task_in(
                 let at = p.kgeom.row_start(block, h, offset);
                 let k = &lp.k[at..at + rows * p.k_row];
                 if fused {
-                    // One query sees every key of its task: all lanes score every row.
-                    for r in (0..rows).step_by(SUB_TILE) {
-                        let r1 = (r + SUB_TILE).min(rows);
-                        let sub = &k[r * p.k_row..r1 * p.k_row];
-                        let ahead = next_rows(k_next, p.k_row, r..r1);
-                        kern.dot_heads_ahead(format, d, q, sub, &mut scores[r..], TILE, ahead)
-                            .map_err(internal)?;
-                    }
+                    // One query sees every key of its task: all lanes score every row, in
+                    // one call that prefetches the next tile's rows as it reads these.
+                    kern.dot_heads_ahead(format, d, q, k, scores, TILE, k_next)
+                        .map_err(internal)?;
                 } else {
                     // Several lanes read each row: dequantize the tile once.
                     let wide = &mut tile_f32[..rows * d];
@@ -940,13 +926,8 @@ fn run_task_in(
         let at = g.row_start(block, h, offset);
         let v = &lp.v[at..at + rows * p.v_row];
         if fused {
-            for r in (0..rows).step_by(SUB_TILE) {
-                let r1 = (r + SUB_TILE).min(rows);
-                let sub = &v[r * p.v_row..r1 * p.v_row];
-                let ahead = next_rows(v_next, p.v_row, r..r1);
-                kern.axpy_heads_ahead(p.layout.values, d, &scores[r..], TILE, sub, acc, ahead)
-                    .map_err(internal)?;
-            }
+            kern.axpy_heads_ahead(p.layout.values, d, scores, TILE, v, acc, v_next)
+                .map_err(internal)?;
         } else {
             // Several lanes add each row: dequantize the tile once, then read each widened
             // row once for all query heads of a query.
