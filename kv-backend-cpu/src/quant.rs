@@ -748,9 +748,11 @@ fn run_task_in(
     let tile_f32 = sized(&mut scratch.tile_f32, if fused { 0 } else { TILE * d });
     // The float path's vectorised max and exp.
     let float_isa = kernels::Isa::detect();
+    // KIVI tiles start at key blocks (task chunks and cache blocks are whole key blocks),
+    // so a tile holds whole key blocks of at most `TILE` tokens, or one larger block.
     let tile = match p.layout.keys {
         KeyLayout::Rows { .. } => TILE,
-        KeyLayout::Kivi(_) => p.kivi_tokens.min(TILE),
+        KeyLayout::Kivi(_) => (TILE / p.kivi_tokens).max(1) * p.kivi_tokens.min(TILE),
     };
 
     let blocks = task.seq.blocks();
@@ -761,19 +763,17 @@ fn run_task_in(
             len: blocks.len(),
         })? as usize)
     };
-    // Row layouts store a KV head's rows of consecutive blocks back to back, so a tile runs
-    // on over them: with the model's 16-token blocks that is 4x fewer kernel calls and
-    // softmax updates, and the next tile, prefetched while this one computes, far enough
-    // ahead to cover memory latency. KIVI keys sit in per-block key blocks: a tile stays
-    // inside one.
-    let joins = matches!(p.layout.keys, KeyLayout::Rows { .. });
+    // The pools store a KV head's rows (and KIVI key blocks) of consecutive blocks back to
+    // back, so a tile runs on over them: with the model's 16-token blocks that is 4x fewer
+    // kernel calls and softmax updates, and the next tile, prefetched while this one
+    // computes, far enough ahead to cover memory latency.
     // The tile starting at key t: (cache block, offset in it, end key).
     let tile_at = |t: usize| -> Result<(usize, usize, usize)> {
         let limit = task.k1.min(t + tile);
         let block = block_at(t / g.block_size)?;
         let mut end = limit.min((t / g.block_size + 1) * g.block_size);
         let mut last = block;
-        while joins && end < limit {
+        while end < limit {
             let next = block_at(end / g.block_size)?;
             if next != last + 1 {
                 break;
@@ -805,7 +805,8 @@ fn run_task_in(
                 }
                 KeyLayout::Kivi(_) => {
                     let k_at = p.kivi_start(nb, no / p.kivi_tokens, h);
-                    lp.k.get(k_at..k_at + p.kivi_bytes)
+                    let key_blocks = (nt1 - t1).div_ceil(p.kivi_tokens);
+                    lp.k.get(k_at..k_at + key_blocks * p.kivi_bytes)
                 }
             }
             .unwrap_or(&[]);
@@ -852,52 +853,62 @@ fn run_task_in(
             }
             KeyLayout::Kivi(format) => {
                 let t_n = p.kivi_tokens;
-                let (kb, j) = (offset / t_n, offset % t_n);
-                // A tile never crosses a key block: tiles start at multiples of t_n (key
-                // chunks start at multiples of the float path's split, itself one of t_n).
-                let rows_here = rows.min(t_n - j);
-                // As in generation, a query reads the keys of its own key block in f16 (they
-                // are in its window) and those of earlier, full blocks quantized. Queries
-                // before `inside` sit in this block.
-                let block_end = t0 - j + t_n;
-                let inside =
-                    (block_end.saturating_sub(first_pos).min(n_q) * group).max(lane_range.start);
-                let window = lp.windows[block * p.key_blocks_per_block + kb].as_ref();
-                let (in_f16, quantized) = match window {
-                    Some(w) if !w.quantized => (lane_range.clone(), lanes..lanes),
-                    Some(_) => (lane_range.start..inside, inside..lanes),
-                    None => (lane_range.start..lane_range.start, lane_range.clone()),
-                };
-                if let Some(win) = window.filter(|_| !in_f16.is_empty()) {
-                    let k = &win.rows[(h * t_n + j) * 2 * d..][..rows_here * 2 * d];
-                    for lane in in_f16 {
-                        let out = &mut scores[lane * TILE..lane * TILE + rows_here];
-                        kern.dot_many(RowFormat::F16, &q[lane * d..(lane + 1) * d], k, out)
+                // The tile's key blocks one at a time: `col` is where a block's keys sit
+                // in the tile's score rows.
+                let mut t = t0;
+                while t < t1 {
+                    let (col, block, offset) =
+                        (t - t0, block_at(t / g.block_size)?, t % g.block_size);
+                    let (kb, j) = (offset / t_n, offset % t_n);
+                    let rows_here = (t1 - t).min(t_n - j);
+                    // Lanes of the queries that see this block's first key.
+                    let seeing = first_seeing(t) * group..lanes;
+                    // As in generation, a query reads the keys of its own key block in f16
+                    // (they are in its window) and those of earlier, full blocks quantized.
+                    // Queries before `inside` sit in this block.
+                    let block_end = t - j + t_n;
+                    let inside =
+                        (block_end.saturating_sub(first_pos).min(n_q) * group).max(seeing.start);
+                    let window = lp.windows[block * p.key_blocks_per_block + kb].as_ref();
+                    let (in_f16, quantized) = match window {
+                        Some(w) if !w.quantized => (seeing.clone(), lanes..lanes),
+                        Some(_) => (seeing.start..inside, inside..lanes),
+                        None => (seeing.start..seeing.start, seeing.clone()),
+                    };
+                    if let Some(win) = window.filter(|_| !in_f16.is_empty()) {
+                        let k = &win.rows[(h * t_n + j) * 2 * d..][..rows_here * 2 * d];
+                        for lane in in_f16 {
+                            let out = &mut scores[lane * TILE + col..][..rows_here];
+                            kern.dot_many(RowFormat::F16, &q[lane * d..(lane + 1) * d], k, out)
+                                .map_err(internal)?;
+                        }
+                    }
+                    if !quantized.is_empty() {
+                        let at = p.kivi_start(block, kb, h);
+                        let k = &lp.k[at..at + p.kivi_bytes];
+                        if j == 0 && col + t_n <= TILE {
+                            // The whole key block in this tile: every quantized lane at
+                            // once, each token's codes unpacked once for all of them.
+                            kern.kivi_scores_heads(
+                                format,
+                                d,
+                                &q[quantized.start * d..quantized.end * d],
+                                k,
+                                &mut scores[quantized.start * TILE + col..],
+                                TILE,
+                            )
                             .map_err(internal)?;
+                        } else {
+                            for lane in quantized {
+                                let q_lane = &q[lane * d..(lane + 1) * d];
+                                kern.kivi_scores(format, q_lane, k, block_scores)
+                                    .map_err(internal)?;
+                                scores[lane * TILE + col..][..rows_here]
+                                    .copy_from_slice(&block_scores[j..j + rows_here]);
+                            }
+                        }
                     }
-                }
-                if !quantized.is_empty() {
-                    let at = p.kivi_start(block, kb, h);
-                    let k = &lp.k[at..at + p.kivi_bytes];
-                    if j == 0 && t_n <= TILE {
-                        // Tiles start at key blocks: every quantized lane at once, each
-                        // token's codes unpacked once for all of them.
-                        kern.kivi_scores_heads(
-                            format,
-                            d,
-                            &q[quantized.start * d..quantized.end * d],
-                            k,
-                            &mut scores[quantized.start * TILE..],
-                            TILE,
-                        )
-                        .map_err(internal)?;
-                    }
-                    for lane in quantized.clone().filter(|_| j != 0 || t_n > TILE) {
-                        kern.kivi_scores(format, &q[lane * d..(lane + 1) * d], k, block_scores)
-                            .map_err(internal)?;
-                        scores[lane * TILE..lane * TILE + rows_here]
-                            .copy_from_slice(&block_scores[j..j + rows_here]);
-                    }
+                    t += rows_here;
                 }
             }
         }
