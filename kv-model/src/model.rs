@@ -581,8 +581,8 @@ fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Ten
 ///
 /// A forward pass makes a few hundred parallel loops (matmuls, attention). Called from a
 /// thread outside the pool, each loop hands its work over and sleeps until the pool is
-/// done: on SmolLM2 with 2 threads that halved decode speed. On a worker, the loops share
-/// work with the calling thread; one hand-over per forward pass remains.
+/// done: on SmolLM2 with 2 threads that cost a third of decode speed. On a worker, the
+/// loops share work with the calling thread; one hand-over per forward pass remains.
 pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
