@@ -495,15 +495,20 @@ fn merge_weight(m_c: f32, m: f32) -> f32 {
     }
 }
 
-/// Per-thread buffers a task reuses across calls.
+/// Per-thread buffers a task reuses across calls (float and quantized tasks alike): a
+/// decode step runs a few dozen tasks per layer, and allocating them each time is waste on
+/// the hot path.
 #[derive(Default)]
-struct Scratch {
-    q: Vec<f32>,
-    scores: Vec<f32>,
+pub(crate) struct Scratch {
+    pub(crate) q: Vec<f32>,
+    pub(crate) scores: Vec<f32>,
     kt: Vec<f32>,
     v: Vec<f32>,
     acc: Vec<f32>,
-    wide: Vec<f32>,
+    /// Rows widened (or dequantized) to f32.
+    pub(crate) wide: Vec<f32>,
+    /// A KIVI key block's scores for one lane.
+    pub(crate) block_scores: Vec<f32>,
 }
 
 thread_local! {
@@ -511,7 +516,7 @@ thread_local! {
 }
 
 /// Runs `f` with this thread's scratch (or a fresh one, were it ever in use already).
-fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut s) => f(&mut s),
         Err(_) => f(&mut Scratch::default()),
@@ -573,6 +578,7 @@ fn run_task<C: RowOps>(
             v,
             acc: tile_acc,
             wide,
+            ..
         } = scratch;
         let q = &q[..lanes * d];
         if n_q == 1 && group <= STREAM_MAX_GROUP && path == Path::Auto {

@@ -66,7 +66,7 @@ use kv_core::{AttentionBatch, KvDType, KvError, Result, Slot, StorageSpec};
 use kv_quant::{Group, Kernels, KiviBits, KiviKeyFormat, QuantError, RowFormat};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::attend::{sized, split_attend, SplitShape, Task};
+use crate::attend::{sized, split_attend, with_scratch, Scratch, SplitShape, Task};
 use crate::kernels;
 use crate::storage::{zeroed, Geometry, Which};
 
@@ -657,24 +657,7 @@ fn run_task(
     task: &Task<'_>,
     part: &mut [f32],
 ) -> Result<()> {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut s) => run_task_in(p, lp, queries, task, part, &mut s),
-        Err(_) => run_task_in(p, lp, queries, task, part, &mut Scratch::default()),
-    })
-}
-
-/// Per-thread buffers a task reuses across calls: a decode step runs a few dozen tasks
-/// per layer, and allocating these each time is waste on the hot path.
-#[derive(Default)]
-struct Scratch {
-    q: Vec<f32>,
-    scores: Vec<f32>,
-    block_scores: Vec<f32>,
-    tile_f32: Vec<f32>,
-}
-
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    with_scratch(|s| run_task_in(p, lp, queries, task, part, s))
 }
 
 /// [`run_task`] with this thread's buffers.
@@ -745,7 +728,7 @@ fn run_task_in(
     // with one-lane fused kernels, 17 ms widened).
     let fused = n_q == 1;
     // Rows dequantized into it before each read.
-    let tile_f32 = sized(&mut scratch.tile_f32, if fused { 0 } else { TILE * d });
+    let tile_f32 = sized(&mut scratch.wide, if fused { 0 } else { TILE * d });
     // The float path's vectorised max and exp.
     let float_isa = kernels::Isa::detect();
     // KIVI tiles start at key blocks (task chunks and cache blocks are whole key blocks),
