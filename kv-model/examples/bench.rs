@@ -58,6 +58,9 @@ struct Sizes {
     prompt: usize,
     depths: Vec<usize>,
     decode: usize,
+    /// Tokens already cached when a second prompt of `prompt` tokens is prefilled (a long
+    /// conversation's next turn); `None` skips it.
+    prefill_depth: Option<usize>,
     /// Interleaved rounds per attention point and per decode depth, over all layouts
     /// (each reports its median round).
     rounds: usize,
@@ -83,6 +86,8 @@ impl Sizes {
             // longest sequence, so the peer can be measured at the same depths.
             depths: vec![0, 1024, 4064],
             decode: 32,
+            // llama-bench's `-p 512 -d 4096`.
+            prefill_depth: Some(4096),
             rounds: 5,
             f32_prompt: 64,
             f32_decode: 8,
@@ -102,6 +107,7 @@ impl Sizes {
             prompt: 32,
             depths: vec![0, 64, 128],
             decode: 3,
+            prefill_depth: Some(128),
             rounds: 1,
             f32_prompt: 8,
             f32_decode: 2,
@@ -217,6 +223,7 @@ fn model_sections(a: &Args, sizes: &Sizes, nocache: bool, e2e: bool) -> Res<()> 
             prompt: sizes.f32_prompt,
             depths: vec![0],
             decode: sizes.f32_decode,
+            prefill_depth: None,
             rounds: 1,
             attn_tokens: Vec::new(),
             nocache_n: Vec::new(),
@@ -387,7 +394,8 @@ fn end_to_end(sizes: &Sizes, model: &Model, weights: &str, layouts: &[KvDType]) 
         .max()
         .unwrap_or(0)
         .max(sizes.prompt);
-    let capacity = deepest + sizes.decode + 1;
+    let capacity =
+        (deepest + sizes.decode + 1).max(sizes.prefill_depth.map_or(0, |d| d + sizes.prompt));
     let ids = token_ids(capacity, model.config().vocab_size);
     let mut caches = Vec::new();
     for &dtype in layouts {
@@ -450,6 +458,33 @@ fn end_to_end(sizes: &Sizes, model: &Model, weights: &str, layouts: &[KvDType]) 
             eprintln!(
                 "bench: {dtype} ({weights} weights): decode at depth {depth}: {:.1} tokens/s",
                 sizes.decode as f64 / secs
+            );
+        }
+    }
+
+    // A prompt on top of a long context: the tiled prefill attention reads every cached
+    // token for each query tile, which is where llama.cpp's quantized caches slow down.
+    if let Some(depth) = sizes.prefill_depth {
+        for (dtype, cache, seq) in &mut caches {
+            fill(model, cache, *seq, &ids, depth)?;
+            let mut best = f64::INFINITY;
+            for _ in 0..2 {
+                cache.truncate(*seq, depth)?;
+                let t = Instant::now();
+                let logits =
+                    model.forward(&ids[depth..depth + sizes.prompt], cache, *seq, Logits::Last)?;
+                std::hint::black_box(argmax(&logits)?);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "BENCH section=prefill-depth layout={dtype} weights={weights} depth={depth} tokens={} secs={best:.6} tokens_per_s={:.3}",
+                sizes.prompt,
+                sizes.prompt as f64 / best
+            );
+            eprintln!(
+                "bench: {dtype} ({weights} weights): prefill {} tokens at depth {depth}: {:.1} tokens/s",
+                sizes.prompt,
+                sizes.prompt as f64 / best
             );
         }
     }

@@ -86,26 +86,26 @@ const COLORS: [RGBColor; 10] = [
 ];
 
 /// llama.cpp's figures quoted in the issue (SmolLM2-135M Q4_1, 2 threads, measured
-/// elsewhere): (cache type, our closest layout, prefill 512 range, decode at depths 0,
-/// 1024, 4096 as (low, high)).
+/// elsewhere): (cache type, our closest layout, prefill 512 at depths 0 and 4096, decode
+/// at depths 0, 1024, 4096), each as (low, high).
 type Range = (f64, f64);
-const LLAMA_CPP: [(&str, &str, Option<Range>, [Range; 3]); 3] = [
+const LLAMA_CPP: [(&str, &str, [Range; 2], [Range; 3]); 3] = [
     (
         "f16",
         "f16",
-        Some((258.0, 290.0)),
+        [(258.0, 290.0), (114.0, 122.0)],
         [(95.0, 130.0), (73.0, 86.0), (42.0, 43.0)],
     ),
     (
         "q8_0",
         "int8-g32",
-        None,
+        [(245.0, 245.0), (44.0, 44.0)],
         [(125.0, 125.0), (76.0, 76.0), (32.0, 32.0)],
     ),
     (
         "q4_0",
         "int4-g32",
-        None,
+        [(176.0, 176.0), (25.0, 25.0)],
         [(112.0, 112.0), (57.0, 57.0), (23.0, 23.0)],
     ),
 ];
@@ -610,7 +610,8 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
     let _ = writeln!(
         w,
         "Prefill: a {prompt}-token prompt in one forward pass into an empty cache (best of \
-         two). Decode: tokens/s of greedy steps with `depth` tokens already cached (depth 0: \
+         two); `prefill @ dN`: the same length with N tokens already cached (a long \
+         conversation's next turn, llama-bench's `-p 512 -d 4096`). Decode: tokens/s of greedy steps with `depth` tokens already cached (depth 0: \
          from an empty cache). The deepest point ends its steps at position 4096, \
          candle-transformers' longest sequence, so the peer runs at the same depths. \
          Weights: kv's `blocks` keeps the file's Q4_1/Q8_0 blocks and multiplies with kv's \
@@ -619,8 +620,16 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
          its `f32` is `CANDLE_DEQUANTIZE_ALL=1`. llama.cpp's figures are with the file's \
          blocks.\n"
     );
+    // The prefill on top of a long context, when the run has it.
+    let prefill_depth = r
+        .one(&[("section", "prefill-depth")], "depth")
+        .map(|d| d as usize);
     let mut header = "| layout | weights | prefill tokens/s |".to_string();
     let mut rule = "|---|---|---:|".to_string();
+    if let Some(pd) = prefill_depth {
+        let _ = write!(header, " prefill @ d{pd} |");
+        rule.push_str("---:|");
+    }
     for d in &depths {
         let _ = write!(header, " decode d{d} |");
         rule.push_str("---:|");
@@ -639,6 +648,13 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
             "| {layout} | {weights} | {} |",
             opt(prefill, |x| format!("{x:.1}"))
         );
+        if prefill_depth.is_some() {
+            let v = r.one(
+                &[("section", "prefill-depth"), key[0], key[1]],
+                "tokens_per_s",
+            );
+            let _ = write!(row, " {} |", opt(v, |x| format!("{x:.1}")));
+        }
         let mut points = Vec::new();
         for d in &depths {
             let ds = d.to_string();
@@ -680,6 +696,9 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
                 "{x:.1}"
             ))
         );
+        if prefill_depth.is_some() {
+            row.push_str(" - |");
+        }
         for d in &depths {
             let v = decode.iter().find(|p| p.0 == *d as f64).map(|p| p.1);
             let _ = write!(row, " {} |", opt(v, |x| format!("{x:.1}")));
@@ -905,11 +924,18 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
     };
     let deepest = depths.last().copied();
     for (cache, ours, prefill, decode) in LLAMA_CPP {
-        if let Some(p) = prefill {
-            let o = best_of("prefill", ours, None);
+        let at_depth = best_of("prefill-depth", ours, None);
+        for (label, p, o) in [
+            (
+                "prefill 512 @ d0",
+                prefill[0],
+                best_of("prefill", ours, None),
+            ),
+            ("prefill 512 @ d4096", prefill[1], at_depth),
+        ] {
             let _ = writeln!(
                 w,
-                "| {cache} | prefill 512 | {} | {ours} | {} | {} |",
+                "| {cache} | {label} | {} | {ours} | {} | {} |",
                 range(p),
                 opt(o, |x| format!("{x:.1}")),
                 ratio_range(o, p)
