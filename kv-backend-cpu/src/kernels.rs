@@ -371,6 +371,10 @@ pub(crate) fn qk_tile(
     s_ld: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx512() {
+        return t.qk_tile(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld);
+    }
+    #[cfg(target_arch = "x86_64")]
     if let Some(t) = isa.avx2() {
         return t.qk_tile(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld);
     }
@@ -407,6 +411,10 @@ pub(crate) fn pv_tile(
     acc: &mut [f32],
     acc_ld: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = isa.avx512() {
+        return t.pv_tile(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld);
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(t) = isa.avx2() {
         return t.pv_tile(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld);

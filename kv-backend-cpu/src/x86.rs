@@ -277,6 +277,111 @@ impl Avx512 {
         (state == 2).then_some(Self(()))
     }
 
+    /// [`Avx2::qk_tile`] with 16 columns per register and 8 lanes per block: 16
+    /// accumulators in registers, no horizontal sums (prefill attention's inner product).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn qk_tile(
+        self,
+        q: &[f32],
+        q_ld: usize,
+        lanes: usize,
+        d: usize,
+        kt: &[f32],
+        kt_ld: usize,
+        cols: usize,
+        s: &mut [f32],
+        s_ld: usize,
+    ) {
+        if lanes == 0 || cols == 0 || d == 0 {
+            return;
+        }
+        let fits = cols & 7 == 0
+            && q_ld >= d
+            && q.len() >= (lanes - 1) * q_ld + d
+            && kt_ld >= cols
+            && kt.len() >= (d - 1) * kt_ld + cols
+            && s_ld >= cols
+            && s.len() >= (lanes - 1) * s_ld + cols;
+        if !fits {
+            return;
+        }
+        let mut l = 0;
+        while l < lanes {
+            let m = (lanes - l).min(8);
+            let (qp, sp) = (q[l * q_ld..].as_ptr(), s[l * s_ld..].as_mut_ptr());
+            let kp = kt.as_ptr();
+            // SAFETY: the token proves the CPU features. Lanes l..l+m read
+            // q[(l + i) * q_ld..][..d] and write s[(l + i) * s_ld..][..cols], inside the
+            // slices by the checks above; columns 0..cols of the d rows of `kt` are inside
+            // `kt`. `s` is a distinct, exclusive borrow.
+            unsafe {
+                match m {
+                    8 => qk_block_512::<8>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
+                    7 => qk_block_512::<7>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
+                    6 => qk_block_512::<6>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
+                    5 => qk_block_512::<5>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
+                    4 => qk_block_512::<4>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
+                    3 => qk_block_512::<3>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
+                    2 => qk_block_512::<2>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
+                    _ => qk_block_512::<1>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
+                }
+            }
+            l += m;
+        }
+    }
+
+    /// [`Avx2::pv_tile`] with 16 columns per register and 8 lanes per block.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn pv_tile(
+        self,
+        p: &[f32],
+        p_ld: usize,
+        lanes: usize,
+        rows: usize,
+        v: &[f32],
+        v_ld: usize,
+        cols: usize,
+        acc: &mut [f32],
+        acc_ld: usize,
+    ) {
+        if lanes == 0 || rows == 0 || cols == 0 {
+            return;
+        }
+        let fits = cols & 7 == 0
+            && p_ld >= rows
+            && p.len() >= (lanes - 1) * p_ld + rows
+            && v_ld >= cols
+            && v.len() >= (rows - 1) * v_ld + cols
+            && acc_ld >= cols
+            && acc.len() >= (lanes - 1) * acc_ld + cols;
+        if !fits {
+            return;
+        }
+        let mut l = 0;
+        while l < lanes {
+            let m = (lanes - l).min(8);
+            let (pp, ap) = (p[l * p_ld..].as_ptr(), acc[l * acc_ld..].as_mut_ptr());
+            let vp = v.as_ptr();
+            // SAFETY: the token proves the CPU features. Lanes l..l+m read
+            // p[(l + i) * p_ld..][..rows] and update acc[(l + i) * acc_ld..][..cols], inside
+            // the slices by the checks above; rows 0..rows, columns 0..cols of `v` are inside
+            // `v`. `acc` is a distinct, exclusive borrow.
+            unsafe {
+                match m {
+                    8 => pv_block_512::<8>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
+                    7 => pv_block_512::<7>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
+                    6 => pv_block_512::<6>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
+                    5 => pv_block_512::<5>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
+                    4 => pv_block_512::<4>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
+                    3 => pv_block_512::<3>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
+                    2 => pv_block_512::<2>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
+                    _ => pv_block_512::<1>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
+                }
+            }
+            l += m;
+        }
+    }
+
     /// [`Avx2::score_rows`] with 512-bit loads.
     pub(crate) fn score_rows<E: Load>(
         self,
@@ -1227,6 +1332,141 @@ unsafe fn pv_block<const M: usize>(
             for i in 0..M {
                 _mm256_storeu_ps(acc.add(i * acc_ld + c), a0[i]);
             }
+        }
+    }
+}
+
+/// Mask of the first `n.min(16)` lanes of a 512-bit register.
+#[inline]
+fn first_lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as __mmask16
+    }
+}
+
+/// [`qk_block`] with 32 columns (two registers) per pass and the last 16 or 8 in one
+/// masked register.
+///
+/// # Safety
+/// As [`qk_block`], with the CPU features of [`Avx512`].
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn qk_block_512<const M: usize>(
+    q: *const f32,
+    q_ld: usize,
+    d: usize,
+    kt: *const f32,
+    kt_ld: usize,
+    cols: usize,
+    s: *mut f32,
+    s_ld: usize,
+) {
+    let mut j = 0;
+    // SAFETY: (both loops) column ranges j..j+32, and j..j+16 masked to those below `cols`,
+    // stay below `cols`; rows below `d` and lanes below `M`, which the contract makes
+    // readable / writable. Masked-off lanes are neither read nor written.
+    unsafe {
+        while j + 32 <= cols {
+            let mut a0 = [_mm512_setzero_ps(); M];
+            let mut a1 = [_mm512_setzero_ps(); M];
+            for k in 0..d {
+                let b0 = _mm512_loadu_ps(kt.add(k * kt_ld + j));
+                let b1 = _mm512_loadu_ps(kt.add(k * kt_ld + j + 16));
+                for i in 0..M {
+                    let a = _mm512_set1_ps(*q.add(i * q_ld + k));
+                    a0[i] = _mm512_fmadd_ps(a, b0, a0[i]);
+                    a1[i] = _mm512_fmadd_ps(a, b1, a1[i]);
+                }
+            }
+            for i in 0..M {
+                _mm512_storeu_ps(s.add(i * s_ld + j), a0[i]);
+                _mm512_storeu_ps(s.add(i * s_ld + j + 16), a1[i]);
+            }
+            j += 32;
+        }
+        while j < cols {
+            let mask = first_lanes(cols - j);
+            let mut a0 = [_mm512_setzero_ps(); M];
+            for k in 0..d {
+                let b0 = _mm512_maskz_loadu_ps(mask, kt.add(k * kt_ld + j));
+                for i in 0..M {
+                    let a = _mm512_set1_ps(*q.add(i * q_ld + k));
+                    a0[i] = _mm512_fmadd_ps(a, b0, a0[i]);
+                }
+            }
+            for i in 0..M {
+                _mm512_mask_storeu_ps(s.add(i * s_ld + j), mask, a0[i]);
+            }
+            j += 16;
+        }
+    }
+}
+
+/// [`pv_block`] with 32 columns (two registers) per pass and the last 16 or 8 in one
+/// masked register.
+///
+/// # Safety
+/// As [`pv_block`], with the CPU features of [`Avx512`].
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn pv_block_512<const M: usize>(
+    p: *const f32,
+    p_ld: usize,
+    rows: usize,
+    v: *const f32,
+    v_ld: usize,
+    cols: usize,
+    acc: *mut f32,
+    acc_ld: usize,
+) {
+    let mut c = 0;
+    // SAFETY: (both loops) column ranges c..c+32, and c..c+16 masked to those below
+    // `cols`, stay below `cols`; rows below `rows` and lanes below `M`, which the contract
+    // makes accessible. Masked-off lanes are neither read nor written.
+    unsafe {
+        while c + 32 <= cols {
+            let mut a0 = [_mm512_setzero_ps(); M];
+            let mut a1 = [_mm512_setzero_ps(); M];
+            for i in 0..M {
+                a0[i] = _mm512_loadu_ps(acc.add(i * acc_ld + c));
+                a1[i] = _mm512_loadu_ps(acc.add(i * acc_ld + c + 16));
+            }
+            for r in 0..rows {
+                let b0 = _mm512_loadu_ps(v.add(r * v_ld + c));
+                let b1 = _mm512_loadu_ps(v.add(r * v_ld + c + 16));
+                for i in 0..M {
+                    let a = _mm512_set1_ps(*p.add(i * p_ld + r));
+                    a0[i] = _mm512_fmadd_ps(a, b0, a0[i]);
+                    a1[i] = _mm512_fmadd_ps(a, b1, a1[i]);
+                }
+            }
+            for i in 0..M {
+                _mm512_storeu_ps(acc.add(i * acc_ld + c), a0[i]);
+                _mm512_storeu_ps(acc.add(i * acc_ld + c + 16), a1[i]);
+            }
+            c += 32;
+        }
+        while c < cols {
+            let mask = first_lanes(cols - c);
+            let mut a0 = [_mm512_setzero_ps(); M];
+            for i in 0..M {
+                a0[i] = _mm512_maskz_loadu_ps(mask, acc.add(i * acc_ld + c));
+            }
+            for r in 0..rows {
+                let b0 = _mm512_maskz_loadu_ps(mask, v.add(r * v_ld + c));
+                for i in 0..M {
+                    let a = _mm512_set1_ps(*p.add(i * p_ld + r));
+                    a0[i] = _mm512_fmadd_ps(a, b0, a0[i]);
+                }
+            }
+            for i in 0..M {
+                _mm512_mask_storeu_ps(acc.add(i * acc_ld + c), mask, a0[i]);
+            }
+            c += 16;
         }
     }
 }
