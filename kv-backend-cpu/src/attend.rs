@@ -502,7 +502,7 @@ fn merge_weight(m_c: f32, m: f32) -> f32 {
 pub(crate) struct Scratch {
     pub(crate) q: Vec<f32>,
     pub(crate) scores: Vec<f32>,
-    kt: Vec<f32>,
+    pub(crate) kt: Vec<f32>,
     v: Vec<f32>,
     acc: Vec<f32>,
     /// Rows widened (or dequantized) to f32.

@@ -729,6 +729,11 @@ fn run_task_in(
     let fused = n_q == 1;
     // Rows dequantized into it before each read.
     let tile_f32 = sized(&mut scratch.wide, if fused { 0 } else { TILE * d });
+    // Prefill with whole registers of columns: the float path's tile kernels (queries by
+    // keys, and weights by values, blocked in registers: no horizontal sums), keys
+    // transposed into `kt`. Other head dims read the dequantized rows lane by lane.
+    let gemm = !fused && d.is_multiple_of(8);
+    let kt = sized(&mut scratch.kt, if gemm { TILE * d } else { 0 });
     // The float path's vectorised max and exp.
     let float_isa = kernels::Isa::detect();
     // KIVI tiles start at key blocks (task chunks and cache blocks are whole key blocks),
@@ -822,16 +827,32 @@ fn run_task_in(
                     // Several lanes read each row: dequantize the tile once.
                     let wide = &mut tile_f32[..rows * d];
                     kern.dequantize_rows(format, d, k, wide).map_err(internal)?;
-                    // Each widened row is read once for all lanes that see the tile.
-                    kernels::score_rows(
-                        float_isa,
-                        &q[lane_range.start * d..],
-                        d,
-                        wide,
-                        &mut scores[lane_range.start * TILE..],
-                        TILE,
-                        &[],
-                    );
+                    if gemm {
+                        kernels::widen_rows_transposed(&wide[..], d, kt, TILE, 0);
+                        kernels::qk_tile(
+                            float_isa,
+                            &q[lane_range.start * d..],
+                            d,
+                            lanes - lane_range.start,
+                            d,
+                            kt,
+                            TILE,
+                            rows.div_ceil(8) * 8,
+                            &mut scores[lane_range.start * TILE..],
+                            TILE,
+                        );
+                    } else {
+                        // Each widened row is read once for all lanes that see the tile.
+                        kernels::score_rows(
+                            float_isa,
+                            &q[lane_range.start * d..],
+                            d,
+                            wide,
+                            &mut scores[lane_range.start * TILE..],
+                            TILE,
+                            &[],
+                        );
+                    }
                 }
             }
             KeyLayout::Kivi(format) => {
@@ -914,6 +935,8 @@ fn run_task_in(
                 }
                 max[lane] = new_max;
                 sum[lane] += kernels::exp_sum(float_isa, s, new_max);
+                // Keys this query does not see weigh nothing in the tile product below.
+                scores[lane * TILE + visible..lane * TILE + rows].fill(0.0);
             }
         }
 
@@ -927,6 +950,23 @@ fn run_task_in(
             // row once for all query heads of a query.
             kern.dequantize_rows(p.layout.values, d, v, &mut tile_f32[..rows * d])
                 .map_err(internal)?;
+            let l0 = first_seeing(t0) * group;
+            if gemm {
+                kernels::pv_tile(
+                    float_isa,
+                    &scores[l0 * TILE..],
+                    TILE,
+                    lanes - l0,
+                    rows,
+                    &tile_f32[..rows * d],
+                    d,
+                    d,
+                    &mut acc[l0 * d..],
+                    d,
+                );
+                t0 = t1;
+                continue;
+            }
             for i in first_seeing(t0)..n_q {
                 let visible = rows.min(first_pos + i + 1 - t0);
                 kernels::accumulate_rows(
