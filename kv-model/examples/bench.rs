@@ -7,8 +7,9 @@
 //!   ([`kv_backend_cpu::bench`]).
 //! - `nocache`: time per generated token on the model at context n, recomputing the whole
 //!   sequence (no cache) and with the cache (one token through the model).
-//! - `prefill`, `decode`: end to end on the model per layout: prompt tokens/s, and decode
-//!   tokens/s at several depths (tokens already in the cache).
+//! - `prefill`, `decode`, `prefill-depth`: end to end on the model per layout: prompt
+//!   tokens/s into an empty cache, decode tokens/s at several depths (tokens already in
+//!   the cache), and prompt tokens/s on top of a long cached context.
 //!
 //! `cargo run --release -p kv-model --example bench -- [--quick] [--model FILE]
 //! [--threads N] [--sections attn,nocache,e2e]`. Set `RAYON_NUM_THREADS` to the same thread
