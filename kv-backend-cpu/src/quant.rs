@@ -722,18 +722,23 @@ fn run_task_in(
     let block_scores = sized(&mut scratch.block_scores, p.kivi_tokens);
     // One query (decode): its group's heads read each K and V row straight from the bytes,
     // the row unpacked once in registers for all of them (`Kernels::dot_heads`,
-    // `axpy_heads`). Several queries (prefill): a tile is dequantized once into f32 and
-    // read with the float path's multi-head kernels, whose register blocking over many
-    // lanes pays for the widening (a 512-token prefill of a SmolLM2 layer, int4-g32: 64 ms
-    // with one-lane fused kernels, 17 ms widened).
+    // `axpy_heads`). Several queries (prefill): a tile is dequantized once into f32 (keys
+    // transposed) and read with the float path's tile kernels, queries by keys and weights
+    // by values blocked in registers (a 512-token prefill of a SmolLM2 layer, int4-g32:
+    // 64 ms with one-lane fused kernels, 17 ms widened for multi-head row kernels, under
+    // 3 ms with the tile kernels at AVX-512).
     let fused = n_q == 1;
-    // Rows dequantized into it before each read.
+    if !fused && !d.is_multiple_of(8) {
+        // Every quantized format groups at least 32 elements, and the tile kernels take
+        // whole 8-lane registers of columns.
+        return Err(KvError::InvalidArgument {
+            what: "attention task",
+            detail: format!("internal error, please report: head dim {d} is not a multiple of 8"),
+        });
+    }
+    // Rows dequantized into them before each read.
     let tile_f32 = sized(&mut scratch.wide, if fused { 0 } else { TILE * d });
-    // Prefill with whole registers of columns: the float path's tile kernels (queries by
-    // keys, and weights by values, blocked in registers: no horizontal sums), keys
-    // transposed into `kt`. Other head dims read the dequantized rows lane by lane.
-    let gemm = !fused && d.is_multiple_of(8);
-    let kt = sized(&mut scratch.kt, if gemm { TILE * d } else { 0 });
+    let kt = sized(&mut scratch.kt, if fused { 0 } else { TILE * d });
     // The float path's vectorised max and exp.
     let float_isa = kernels::Isa::detect();
     // KIVI tiles start at key blocks (task chunks and cache blocks are whole key blocks),
@@ -827,32 +832,19 @@ fn run_task_in(
                     // Several lanes read each row: dequantize the tile once.
                     let wide = &mut tile_f32[..rows * d];
                     kern.dequantize_rows(format, d, k, wide).map_err(internal)?;
-                    if gemm {
-                        kernels::widen_rows_transposed(&wide[..], d, kt, TILE, 0);
-                        kernels::qk_tile(
-                            float_isa,
-                            &q[lane_range.start * d..],
-                            d,
-                            lanes - lane_range.start,
-                            d,
-                            kt,
-                            TILE,
-                            rows.div_ceil(8) * 8,
-                            &mut scores[lane_range.start * TILE..],
-                            TILE,
-                        );
-                    } else {
-                        // Each widened row is read once for all lanes that see the tile.
-                        kernels::score_rows(
-                            float_isa,
-                            &q[lane_range.start * d..],
-                            d,
-                            wide,
-                            &mut scores[lane_range.start * TILE..],
-                            TILE,
-                            &[],
-                        );
-                    }
+                    kernels::widen_rows_transposed(&wide[..], d, kt, TILE, 0);
+                    kernels::qk_tile(
+                        float_isa,
+                        &q[lane_range.start * d..],
+                        d,
+                        lanes - lane_range.start,
+                        d,
+                        kt,
+                        TILE,
+                        rows.div_ceil(8) * 8,
+                        &mut scores[lane_range.start * TILE..],
+                        TILE,
+                    );
                 }
             }
             KeyLayout::Kivi(format) => {
@@ -946,39 +938,23 @@ fn run_task_in(
             kern.axpy_heads_ahead(p.layout.values, d, scores, TILE, v, acc, v_next)
                 .map_err(internal)?;
         } else {
-            // Several lanes add each row: dequantize the tile once, then read each widened
-            // row once for all query heads of a query.
+            // Several lanes add each row: dequantize the tile once; the weights of keys a
+            // query does not see are zero (above), so every lane takes the whole tile.
             kern.dequantize_rows(p.layout.values, d, v, &mut tile_f32[..rows * d])
                 .map_err(internal)?;
             let l0 = first_seeing(t0) * group;
-            if gemm {
-                kernels::pv_tile(
-                    float_isa,
-                    &scores[l0 * TILE..],
-                    TILE,
-                    lanes - l0,
-                    rows,
-                    &tile_f32[..rows * d],
-                    d,
-                    d,
-                    &mut acc[l0 * d..],
-                    d,
-                );
-                t0 = t1;
-                continue;
-            }
-            for i in first_seeing(t0)..n_q {
-                let visible = rows.min(first_pos + i + 1 - t0);
-                kernels::accumulate_rows(
-                    float_isa,
-                    &scores[i * group * TILE..],
-                    TILE,
-                    d,
-                    &tile_f32[..visible * d],
-                    &mut acc[i * group * d..(i + 1) * group * d],
-                    &[],
-                );
-            }
+            kernels::pv_tile(
+                float_isa,
+                &scores[l0 * TILE..],
+                TILE,
+                lanes - l0,
+                rows,
+                &tile_f32[..rows * d],
+                d,
+                d,
+                &mut acc[l0 * d..],
+                d,
+            );
         }
         t0 = t1;
     }
