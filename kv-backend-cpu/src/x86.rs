@@ -173,14 +173,7 @@ impl Avx2 {
         if lanes == 0 || cols == 0 || d == 0 {
             return;
         }
-        let fits = cols & 7 == 0
-            && q_ld >= d
-            && q.len() >= (lanes - 1) * q_ld + d
-            && kt_ld >= cols
-            && kt.len() >= (d - 1) * kt_ld + cols
-            && s_ld >= cols
-            && s.len() >= (lanes - 1) * s_ld + cols;
-        if !fits {
+        if !qk_fits(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld) {
             return;
         }
         let mut l = 0;
@@ -222,14 +215,7 @@ impl Avx2 {
         if lanes == 0 || rows == 0 || cols == 0 {
             return;
         }
-        let fits = cols & 7 == 0
-            && p_ld >= rows
-            && p.len() >= (lanes - 1) * p_ld + rows
-            && v_ld >= cols
-            && v.len() >= (rows - 1) * v_ld + cols
-            && acc_ld >= cols
-            && acc.len() >= (lanes - 1) * acc_ld + cols;
-        if !fits {
+        if !pv_fits(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld) {
             return;
         }
         let mut l = 0;
@@ -251,6 +237,51 @@ impl Avx2 {
             l += m;
         }
     }
+}
+
+/// Whether the slices of a `qk_tile` call (nonzero `lanes`, `d`, `cols`) hold what the
+/// call reads and writes: the check both levels' tile kernels rely on.
+#[allow(clippy::too_many_arguments)]
+fn qk_fits(
+    q: &[f32],
+    q_ld: usize,
+    lanes: usize,
+    d: usize,
+    kt: &[f32],
+    kt_ld: usize,
+    cols: usize,
+    s: &[f32],
+    s_ld: usize,
+) -> bool {
+    cols & 7 == 0
+        && q_ld >= d
+        && q.len() >= (lanes - 1) * q_ld + d
+        && kt_ld >= cols
+        && kt.len() >= (d - 1) * kt_ld + cols
+        && s_ld >= cols
+        && s.len() >= (lanes - 1) * s_ld + cols
+}
+
+/// [`qk_fits`] for `pv_tile` (nonzero `lanes`, `rows`, `cols`).
+#[allow(clippy::too_many_arguments)]
+fn pv_fits(
+    p: &[f32],
+    p_ld: usize,
+    lanes: usize,
+    rows: usize,
+    v: &[f32],
+    v_ld: usize,
+    cols: usize,
+    acc: &[f32],
+    acc_ld: usize,
+) -> bool {
+    cols & 7 == 0
+        && p_ld >= rows
+        && p.len() >= (lanes - 1) * p_ld + rows
+        && v_ld >= cols
+        && v.len() >= (rows - 1) * v_ld + cols
+        && acc_ld >= cols
+        && acc.len() >= (lanes - 1) * acc_ld + cols
 }
 
 /// Proof that the running CPU has AVX-512 F, BW and VL (besides AVX2, FMA and F16C): the
@@ -295,14 +326,7 @@ impl Avx512 {
         if lanes == 0 || cols == 0 || d == 0 {
             return;
         }
-        let fits = cols & 7 == 0
-            && q_ld >= d
-            && q.len() >= (lanes - 1) * q_ld + d
-            && kt_ld >= cols
-            && kt.len() >= (d - 1) * kt_ld + cols
-            && s_ld >= cols
-            && s.len() >= (lanes - 1) * s_ld + cols;
-        if !fits {
+        if !qk_fits(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld) {
             return;
         }
         let mut l = 0;
@@ -347,14 +371,7 @@ impl Avx512 {
         if lanes == 0 || rows == 0 || cols == 0 {
             return;
         }
-        let fits = cols & 7 == 0
-            && p_ld >= rows
-            && p.len() >= (lanes - 1) * p_ld + rows
-            && v_ld >= cols
-            && v.len() >= (rows - 1) * v_ld + cols
-            && acc_ld >= cols
-            && acc.len() >= (lanes - 1) * acc_ld + cols;
-        if !fits {
+        if !pv_fits(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld) {
             return;
         }
         let mut l = 0;

@@ -332,6 +332,27 @@ fn fill(
     Ok(logits)
 }
 
+/// Seconds of the faster of two prefills of `ids[depth..depth + prompt]` with `depth`
+/// tokens cached (the cache truncated back to `depth` before each).
+fn best_prefill(
+    model: &Model,
+    cache: &mut PagedCache<CpuBackend>,
+    seq: kv_core::SeqId,
+    ids: &[u32],
+    depth: usize,
+    prompt: usize,
+) -> Res<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..2 {
+        cache.truncate(seq, depth)?;
+        let t = Instant::now();
+        let logits = model.forward(&ids[depth..depth + prompt], cache, seq, Logits::Last)?;
+        std::hint::black_box(argmax(&logits)?);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -402,14 +423,7 @@ fn end_to_end(sizes: &Sizes, model: &Model, weights: &str, layouts: &[KvDType]) 
     for &dtype in layouts {
         let mut cache = new_cache(model, dtype, capacity)?;
         let seq = cache.create_sequence();
-        let mut best = f64::INFINITY;
-        for _ in 0..2 {
-            cache.truncate(seq, 0)?;
-            let t = Instant::now();
-            let logits = model.forward(&ids[..sizes.prompt], &mut cache, seq, Logits::Last)?;
-            std::hint::black_box(argmax(&logits)?);
-            best = best.min(t.elapsed().as_secs_f64());
-        }
+        let best = best_prefill(model, &mut cache, seq, &ids, 0, sizes.prompt)?;
         println!(
             "BENCH section=prefill layout={dtype} weights={weights} tokens={} secs={best:.6} tokens_per_s={:.3}",
             sizes.prompt,
@@ -468,15 +482,7 @@ fn end_to_end(sizes: &Sizes, model: &Model, weights: &str, layouts: &[KvDType]) 
     if let Some(depth) = sizes.prefill_depth {
         for (dtype, cache, seq) in &mut caches {
             fill(model, cache, *seq, &ids, depth)?;
-            let mut best = f64::INFINITY;
-            for _ in 0..2 {
-                cache.truncate(*seq, depth)?;
-                let t = Instant::now();
-                let logits =
-                    model.forward(&ids[depth..depth + sizes.prompt], cache, *seq, Logits::Last)?;
-                std::hint::black_box(argmax(&logits)?);
-                best = best.min(t.elapsed().as_secs_f64());
-            }
+            let best = best_prefill(model, cache, *seq, &ids, depth, sizes.prompt)?;
             println!(
                 "BENCH section=prefill-depth layout={dtype} weights={weights} depth={depth} tokens={} secs={best:.6} tokens_per_s={:.3}",
                 sizes.prompt,
