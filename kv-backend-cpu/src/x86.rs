@@ -239,6 +239,23 @@ impl Avx2 {
     }
 }
 
+/// `kernel::<M>(args)` for the run-time lane count `m` (1 to 8; the AVX-512 tile kernels'
+/// blocks of lanes).
+macro_rules! by_lanes {
+    ($m:expr, $kernel:ident($($arg:expr),*)) => {
+        match $m {
+            8 => $kernel::<8>($($arg),*),
+            7 => $kernel::<7>($($arg),*),
+            6 => $kernel::<6>($($arg),*),
+            5 => $kernel::<5>($($arg),*),
+            4 => $kernel::<4>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            _ => $kernel::<1>($($arg),*),
+        }
+    };
+}
+
 /// Whether the slices of a `qk_tile` call (nonzero `lanes`, `d`, `cols`) hold what the
 /// call reads and writes: the check both levels' tile kernels rely on.
 #[allow(clippy::too_many_arguments)]
@@ -338,18 +355,7 @@ impl Avx512 {
             // q[(l + i) * q_ld..][..d] and write s[(l + i) * s_ld..][..cols], inside the
             // slices by the checks above; columns 0..cols of the d rows of `kt` are inside
             // `kt`. `s` is a distinct, exclusive borrow.
-            unsafe {
-                match m {
-                    8 => qk_block_512::<8>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
-                    7 => qk_block_512::<7>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
-                    6 => qk_block_512::<6>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
-                    5 => qk_block_512::<5>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
-                    4 => qk_block_512::<4>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
-                    3 => qk_block_512::<3>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
-                    2 => qk_block_512::<2>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
-                    _ => qk_block_512::<1>(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld),
-                }
-            }
+            unsafe { by_lanes!(m, qk_block_512(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld)) }
             l += m;
         }
     }
@@ -383,18 +389,7 @@ impl Avx512 {
             // p[(l + i) * p_ld..][..rows] and update acc[(l + i) * acc_ld..][..cols], inside
             // the slices by the checks above; rows 0..rows, columns 0..cols of `v` are inside
             // `v`. `acc` is a distinct, exclusive borrow.
-            unsafe {
-                match m {
-                    8 => pv_block_512::<8>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
-                    7 => pv_block_512::<7>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
-                    6 => pv_block_512::<6>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
-                    5 => pv_block_512::<5>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
-                    4 => pv_block_512::<4>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
-                    3 => pv_block_512::<3>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
-                    2 => pv_block_512::<2>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
-                    _ => pv_block_512::<1>(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld),
-                }
-            }
+            unsafe { by_lanes!(m, pv_block_512(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld)) }
             l += m;
         }
     }
