@@ -24,6 +24,17 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use half::{bf16, f16};
 
+/// `kernel::<M>(args)` for the run-time lane count `m`: one of the listed counts, else 1
+/// (the tile kernels' blocks of lanes).
+macro_rules! by_lanes {
+    ($m:expr, [$($n:literal)*], $kernel:ident $args:tt) => {
+        match $m {
+            $($n => $kernel::<$n> $args,)*
+            _ => $kernel::<1> $args,
+        }
+    };
+}
+
 /// Query heads whose accumulators one pass over a row keeps in registers.
 const HEAD_BLOCK: usize = 4;
 
@@ -180,18 +191,12 @@ impl Avx2 {
         while l < lanes {
             let m = (lanes - l).min(4);
             let (qp, sp) = (q[l * q_ld..].as_ptr(), s[l * s_ld..].as_mut_ptr());
+            let kp = kt.as_ptr();
             // SAFETY: the token proves the CPU features. Lanes l..l+m read
             // q[(l + i) * q_ld..][..d] and write s[(l + i) * s_ld..][..cols], inside the
             // slices by the checks above; columns 0..cols of the d rows of `kt` are inside
             // `kt`. `s` is a distinct, exclusive borrow.
-            unsafe {
-                match m {
-                    4 => qk_block::<4>(qp, q_ld, d, kt.as_ptr(), kt_ld, cols, sp, s_ld),
-                    3 => qk_block::<3>(qp, q_ld, d, kt.as_ptr(), kt_ld, cols, sp, s_ld),
-                    2 => qk_block::<2>(qp, q_ld, d, kt.as_ptr(), kt_ld, cols, sp, s_ld),
-                    _ => qk_block::<1>(qp, q_ld, d, kt.as_ptr(), kt_ld, cols, sp, s_ld),
-                }
-            }
+            unsafe { by_lanes!(m, [4 3 2], qk_block(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld)) }
             l += m;
         }
     }
@@ -222,38 +227,15 @@ impl Avx2 {
         while l < lanes {
             let m = (lanes - l).min(4);
             let (pp, ap) = (p[l * p_ld..].as_ptr(), acc[l * acc_ld..].as_mut_ptr());
+            let vp = v.as_ptr();
             // SAFETY: the token proves the CPU features. Lanes l..l+m read
             // p[(l + i) * p_ld..][..rows] and update acc[(l + i) * acc_ld..][..cols], inside
             // the slices by the checks above; rows 0..rows, columns 0..cols of `v` are inside
             // `v`. `acc` is a distinct, exclusive borrow.
-            unsafe {
-                match m {
-                    4 => pv_block::<4>(pp, p_ld, rows, v.as_ptr(), v_ld, cols, ap, acc_ld),
-                    3 => pv_block::<3>(pp, p_ld, rows, v.as_ptr(), v_ld, cols, ap, acc_ld),
-                    2 => pv_block::<2>(pp, p_ld, rows, v.as_ptr(), v_ld, cols, ap, acc_ld),
-                    _ => pv_block::<1>(pp, p_ld, rows, v.as_ptr(), v_ld, cols, ap, acc_ld),
-                }
-            }
+            unsafe { by_lanes!(m, [4 3 2], pv_block(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld)) }
             l += m;
         }
     }
-}
-
-/// `kernel::<M>(args)` for the run-time lane count `m` (1 to 8; the AVX-512 tile kernels'
-/// blocks of lanes).
-macro_rules! by_lanes {
-    ($m:expr, $kernel:ident($($arg:expr),*)) => {
-        match $m {
-            8 => $kernel::<8>($($arg),*),
-            7 => $kernel::<7>($($arg),*),
-            6 => $kernel::<6>($($arg),*),
-            5 => $kernel::<5>($($arg),*),
-            4 => $kernel::<4>($($arg),*),
-            3 => $kernel::<3>($($arg),*),
-            2 => $kernel::<2>($($arg),*),
-            _ => $kernel::<1>($($arg),*),
-        }
-    };
 }
 
 /// Whether the slices of a `qk_tile` call (nonzero `lanes`, `d`, `cols`) hold what the
@@ -355,7 +337,9 @@ impl Avx512 {
             // q[(l + i) * q_ld..][..d] and write s[(l + i) * s_ld..][..cols], inside the
             // slices by the checks above; columns 0..cols of the d rows of `kt` are inside
             // `kt`. `s` is a distinct, exclusive borrow.
-            unsafe { by_lanes!(m, qk_block_512(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld)) }
+            unsafe {
+                by_lanes!(m, [8 7 6 5 4 3 2], qk_block_512(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld))
+            }
             l += m;
         }
     }
@@ -389,7 +373,9 @@ impl Avx512 {
             // p[(l + i) * p_ld..][..rows] and update acc[(l + i) * acc_ld..][..cols], inside
             // the slices by the checks above; rows 0..rows, columns 0..cols of `v` are inside
             // `v`. `acc` is a distinct, exclusive borrow.
-            unsafe { by_lanes!(m, pv_block_512(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld)) }
+            unsafe {
+                by_lanes!(m, [8 7 6 5 4 3 2], pv_block_512(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld))
+            }
             l += m;
         }
     }
