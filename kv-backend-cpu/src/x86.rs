@@ -181,24 +181,13 @@ impl Avx2 {
         s: &mut [f32],
         s_ld: usize,
     ) {
-        if lanes == 0 || cols == 0 || d == 0 {
-            return;
-        }
-        if !qk_fits(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld) {
-            return;
-        }
-        let mut l = 0;
-        while l < lanes {
-            let m = (lanes - l).min(4);
-            let (qp, sp) = (q[l * q_ld..].as_ptr(), s[l * s_ld..].as_mut_ptr());
-            let kp = kt.as_ptr();
-            // SAFETY: the token proves the CPU features. Lanes l..l+m read
-            // q[(l + i) * q_ld..][..d] and write s[(l + i) * s_ld..][..cols], inside the
-            // slices by the checks above; columns 0..cols of the d rows of `kt` are inside
-            // `kt`. `s` is a distinct, exclusive borrow.
+        let fits = qk_fits(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld);
+        lane_blocks(fits, lanes, 4, q, q_ld, kt, s, s_ld, |m, qp, kp, sp| {
+            // SAFETY: the token proves the CPU features; `lane_blocks` hands over `m`
+            // lanes the checks placed inside the slices, and the block reads and writes
+            // only those lanes' rows and columns.
             unsafe { by_lanes!(m, [4 3 2], qk_block(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld)) }
-            l += m;
-        }
+        })
     }
 
     /// `acc[l * acc_ld + c] += sum_r p[l * p_ld + r] * v[r * v_ld + c]` for `l < lanes`,
@@ -217,29 +206,18 @@ impl Avx2 {
         acc: &mut [f32],
         acc_ld: usize,
     ) {
-        if lanes == 0 || rows == 0 || cols == 0 {
-            return;
-        }
-        if !pv_fits(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld) {
-            return;
-        }
-        let mut l = 0;
-        while l < lanes {
-            let m = (lanes - l).min(4);
-            let (pp, ap) = (p[l * p_ld..].as_ptr(), acc[l * acc_ld..].as_mut_ptr());
-            let vp = v.as_ptr();
-            // SAFETY: the token proves the CPU features. Lanes l..l+m read
-            // p[(l + i) * p_ld..][..rows] and update acc[(l + i) * acc_ld..][..cols], inside
-            // the slices by the checks above; rows 0..rows, columns 0..cols of `v` are inside
-            // `v`. `acc` is a distinct, exclusive borrow.
+        let fits = pv_fits(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld);
+        lane_blocks(fits, lanes, 4, p, p_ld, v, acc, acc_ld, |m, pp, vp, ap| {
+            // SAFETY: the token proves the CPU features; `lane_blocks` hands over `m`
+            // lanes the checks placed inside the slices, and the block reads and writes
+            // only those lanes' rows and columns.
             unsafe { by_lanes!(m, [4 3 2], pv_block(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld)) }
-            l += m;
-        }
+        })
     }
 }
 
-/// Whether the slices of a `qk_tile` call (nonzero `lanes`, `d`, `cols`) hold what the
-/// call reads and writes: the check both levels' tile kernels rely on.
+/// Whether a `qk_tile` call's slices hold what it reads and writes (sizes nonzero, `cols`
+/// a multiple of 8): the check every level's tile kernels rely on.
 #[allow(clippy::too_many_arguments)]
 fn qk_fits(
     q: &[f32],
@@ -252,7 +230,10 @@ fn qk_fits(
     s: &[f32],
     s_ld: usize,
 ) -> bool {
-    cols & 7 == 0
+    lanes > 0
+        && d > 0
+        && cols > 0
+        && cols & 7 == 0
         && q_ld >= d
         && q.len() >= (lanes - 1) * q_ld + d
         && kt_ld >= cols
@@ -261,7 +242,7 @@ fn qk_fits(
         && s.len() >= (lanes - 1) * s_ld + cols
 }
 
-/// [`qk_fits`] for `pv_tile` (nonzero `lanes`, `rows`, `cols`).
+/// [`qk_fits`] for `pv_tile`.
 #[allow(clippy::too_many_arguments)]
 fn pv_fits(
     p: &[f32],
@@ -274,13 +255,47 @@ fn pv_fits(
     acc: &[f32],
     acc_ld: usize,
 ) -> bool {
-    cols & 7 == 0
+    lanes > 0
+        && rows > 0
+        && cols > 0
+        && cols & 7 == 0
         && p_ld >= rows
         && p.len() >= (lanes - 1) * p_ld + rows
         && v_ld >= cols
         && v.len() >= (rows - 1) * v_ld + cols
         && acc_ld >= cols
         && acc.len() >= (lanes - 1) * acc_ld + cols
+}
+
+/// The lane loop of every level's tile kernels: when `fits`, `block(m, a, b, c)` for each
+/// block of at most `most` of the `lanes` lanes, with pointers to the block's first lane
+/// in `a` (rows of `a_ld`) and `c` (rows of `c_ld`) and to the shared operand `b`.
+#[allow(clippy::too_many_arguments)]
+fn lane_blocks(
+    fits: bool,
+    lanes: usize,
+    most: usize,
+    a: &[f32],
+    a_ld: usize,
+    b: &[f32],
+    c: &mut [f32],
+    c_ld: usize,
+    mut block: impl FnMut(usize, *const f32, *const f32, *mut f32),
+) {
+    if !fits {
+        return;
+    }
+    let mut l = 0;
+    while l < lanes {
+        let m = (lanes - l).min(most);
+        block(
+            m,
+            a[l * a_ld..].as_ptr(),
+            b.as_ptr(),
+            c[l * c_ld..].as_mut_ptr(),
+        );
+        l += m;
+    }
 }
 
 /// Proof that the running CPU has AVX-512 F, BW and VL (besides AVX2, FMA and F16C): the
@@ -322,26 +337,15 @@ impl Avx512 {
         s: &mut [f32],
         s_ld: usize,
     ) {
-        if lanes == 0 || cols == 0 || d == 0 {
-            return;
-        }
-        if !qk_fits(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld) {
-            return;
-        }
-        let mut l = 0;
-        while l < lanes {
-            let m = (lanes - l).min(8);
-            let (qp, sp) = (q[l * q_ld..].as_ptr(), s[l * s_ld..].as_mut_ptr());
-            let kp = kt.as_ptr();
-            // SAFETY: the token proves the CPU features. Lanes l..l+m read
-            // q[(l + i) * q_ld..][..d] and write s[(l + i) * s_ld..][..cols], inside the
-            // slices by the checks above; columns 0..cols of the d rows of `kt` are inside
-            // `kt`. `s` is a distinct, exclusive borrow.
+        let fits = qk_fits(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld);
+        lane_blocks(fits, lanes, 8, q, q_ld, kt, s, s_ld, |m, qp, kp, sp| {
+            // SAFETY: the token proves the CPU features; `lane_blocks` hands over `m`
+            // lanes the checks placed inside the slices, and the block reads and writes
+            // only those lanes' rows and columns.
             unsafe {
                 by_lanes!(m, [8 7 6 5 4 3 2], qk_block_512(qp, q_ld, d, kp, kt_ld, cols, sp, s_ld))
             }
-            l += m;
-        }
+        })
     }
 
     /// [`Avx2::pv_tile`] with 16 columns per register and 8 lanes per block.
@@ -358,26 +362,15 @@ impl Avx512 {
         acc: &mut [f32],
         acc_ld: usize,
     ) {
-        if lanes == 0 || rows == 0 || cols == 0 {
-            return;
-        }
-        if !pv_fits(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld) {
-            return;
-        }
-        let mut l = 0;
-        while l < lanes {
-            let m = (lanes - l).min(8);
-            let (pp, ap) = (p[l * p_ld..].as_ptr(), acc[l * acc_ld..].as_mut_ptr());
-            let vp = v.as_ptr();
-            // SAFETY: the token proves the CPU features. Lanes l..l+m read
-            // p[(l + i) * p_ld..][..rows] and update acc[(l + i) * acc_ld..][..cols], inside
-            // the slices by the checks above; rows 0..rows, columns 0..cols of `v` are inside
-            // `v`. `acc` is a distinct, exclusive borrow.
+        let fits = pv_fits(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld);
+        lane_blocks(fits, lanes, 8, p, p_ld, v, acc, acc_ld, |m, pp, vp, ap| {
+            // SAFETY: the token proves the CPU features; `lane_blocks` hands over `m`
+            // lanes the checks placed inside the slices, and the block reads and writes
+            // only those lanes' rows and columns.
             unsafe {
                 by_lanes!(m, [8 7 6 5 4 3 2], pv_block_512(pp, p_ld, rows, vp, v_ld, cols, ap, acc_ld))
             }
-            l += m;
-        }
+        })
     }
 
     /// [`Avx2::score_rows`] with 512-bit loads.
