@@ -26,6 +26,9 @@ pub struct Options {
     pub threads: usize,
     /// Measure nothing: write the report again from the last run's `results.txt`.
     pub report_only: bool,
+    /// Copy the report, its plots and raw lines into `docs/bench/`, the measurements the
+    /// README quotes (so docs are regenerated from bench output, never hand-copied).
+    pub publish: bool,
 }
 
 impl Options {
@@ -37,6 +40,7 @@ impl Options {
             peer: !quick,
             threads: 2,
             report_only: false,
+            publish: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -45,6 +49,7 @@ impl Options {
                 "--peer" => o.peer = true,
                 "--no-peer" => o.peer = false,
                 "--report-only" => o.report_only = true,
+                "--publish" => o.publish = true,
                 "--threads" => {
                     let v = it.next().ok_or("--threads needs a number")?;
                     o.threads =
@@ -208,7 +213,10 @@ pub fn bench(o: &Options) -> Result<(), String> {
         };
         let report = write_report(&Results { recs }, &meta, &out_dir)?;
         println!("bench: report rewritten in {}", report.display());
-        return Ok(());
+        if o.publish && meta.quick {
+            return Err("--publish: the last run was --quick; publish a full run".into());
+        }
+        return if o.publish { publish(&out_dir) } else { Ok(()) };
     }
     let model = fetch::ensure_model()?;
     std::fs::create_dir_all(&out_dir)
@@ -318,6 +326,14 @@ pub fn bench(o: &Options) -> Result<(), String> {
         report.display(),
         started.elapsed().as_secs_f64() / 60.0
     );
+    if o.publish {
+        if o.quick {
+            return Err(
+                "--publish: a --quick run compares unlike sizes; publish a full run".into(),
+            );
+        }
+        publish(&out_dir)?;
+    }
     Ok(())
 }
 
@@ -968,6 +984,32 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
     let path = dir.join("report.md");
     std::fs::write(&path, md).map_err(|e| format!("writing {}: {e}", path.display()))?;
     Ok(path)
+}
+
+/// Copies the report, its SVG plots and `results.txt` from `out_dir` into `docs/bench/`,
+/// replacing what an earlier run published there.
+fn publish(out_dir: &Path) -> Result<(), String> {
+    let docs = root().join("docs").join("bench");
+    if docs.is_dir() {
+        std::fs::remove_dir_all(&docs).map_err(|e| format!("clearing {}: {e}", docs.display()))?;
+    }
+    std::fs::create_dir_all(&docs).map_err(|e| format!("creating {}: {e}", docs.display()))?;
+    let entries =
+        std::fs::read_dir(out_dir).map_err(|e| format!("reading {}: {e}", out_dir.display()))?;
+    for entry in entries {
+        let path = entry
+            .map_err(|e| format!("reading {}: {e}", out_dir.display()))?
+            .path();
+        let keep = path
+            .extension()
+            .is_some_and(|x| x == "svg" || x == "md" || x == "txt");
+        if let (true, Some(name)) = (keep, path.file_name()) {
+            std::fs::copy(&path, docs.join(name))
+                .map_err(|e| format!("copying {} into {}: {e}", path.display(), docs.display()))?;
+        }
+    }
+    println!("bench: published into {}", docs.display());
+    Ok(())
 }
 
 /// One line of a chart.

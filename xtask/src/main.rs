@@ -29,6 +29,7 @@ commands:
     --peer      run the peer in --quick too;  --no-peer  skip it in the full bench
     --threads N threads for kv and candle (default 2)
     --report-only  measure nothing: rewrite the report from target/kv-bench/results.txt
+    --publish   copy the report, plots and raw lines into docs/bench/ (what the README quotes)
   help          this text
 
 environment:
