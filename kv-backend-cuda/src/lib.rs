@@ -1,9 +1,9 @@
 //! The CUDA backend of the kv cache.
 //!
-//! Built without the `cuda` feature (the default), this crate still compiles and exports
-//! the same names, but [`CudaBackend::new`] returns [`KvError::BackendUnavailable`] saying
-//! how to get the real one. The kernels are written in CUDA C and compiled at run time with
-//! NVRTC when the feature is on.
+//! Not implemented yet: the crate exports the names the real backend will have, so engines
+//! can be written against them, and [`CudaBackend::new`] returns
+//! [`KvError::BackendUnavailable`] saying so. The `cuda` feature is reserved for the real
+//! backend and is a compile error until its kernels exist.
 //!
 //! ```
 //! match kv_backend_cuda::CudaBackend::new(0) {
@@ -34,8 +34,7 @@ pub struct CudaStorage {
     spec: StorageSpec,
 }
 
-const NOT_BUILT: &str = "kv-backend-cuda was built without the `cuda` feature; rebuild with \
-                         `--features kv-backend-cuda/cuda` on a machine with the CUDA toolkit";
+const NOT_BUILT: &str = "the CUDA backend is not implemented yet; use the CPU backend";
 
 impl CudaBackend {
     /// Opens GPU `ordinal`.

@@ -221,7 +221,7 @@ struct WindowPplArgs {
 enum Backend {
     /// Host memory, CPU attention.
     Cpu,
-    /// NVIDIA GPU (needs a build with the `cuda` feature).
+    /// NVIDIA GPU (not implemented yet: reports itself unavailable).
     Cuda,
 }
 
