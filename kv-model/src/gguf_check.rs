@@ -542,7 +542,7 @@ impl<R: Read> Walker<R> {
                     ));
                 }
                 match elem {
-                    8 | 9 | 7 => {
+                    7..=9 => {
                         if elem == 9 && depth + 1 > MAX_ARRAY_DEPTH {
                             return Err(self.err(
                                 at,
