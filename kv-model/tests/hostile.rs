@@ -1031,6 +1031,16 @@ fn malformed_synthetic_files_fail_cleanly_in_process() {
     std::fs::create_dir_all(&dir).unwrap();
     let cases = synthetic_cases();
     assert!(cases.len() > 200, "{} cases", cases.len());
+    let count = |f: Fails| cases.iter().filter(|c| c.fails == f).count();
+    eprintln!(
+        "{} malformed synthetic files: {} fail the header pre-flight, {} the configuration, \
+         {} the model or tokenizer load, {} may parse",
+        cases.len(),
+        count(Fails::Header),
+        count(Fails::Config),
+        count(Fails::Load),
+        count(Fails::Maybe)
+    );
     for (i, case) in cases.iter().enumerate() {
         let path = dir.join(format!("case-{i}.gguf"));
         case.write_to(&path);
@@ -1676,4 +1686,45 @@ fn check_in_process_header_only(case: &Case, path: &Path) {
         Fails::Config => assert!(config.is_err(), "{what}"),
         _ => {}
     }
+}
+
+#[test]
+#[ignore = "needs the real model: KV_MODEL_PATH, release"]
+fn a_real_model_claiming_ten_million_tokens_of_context_starts_at_once() {
+    let Some(path) = std::env::var_os("KV_MODEL_PATH") else {
+        panic!("set KV_MODEL_PATH to the SmolLM2 GGUF");
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The u32 value after the key "llama.context_length" and its type.
+    let key = b"llama.context_length";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the key")
+        + key.len();
+    assert_eq!(&bytes[at..at + 4], &4u32.to_le_bytes(), "a u32 value");
+    bytes[at + 4..at + 8].copy_from_slice(&10_000_000u32.to_le_bytes());
+    let long = temp_dir().join("real-10m-context.gguf");
+    std::fs::write(&long, &bytes).unwrap();
+    drop(bytes);
+    let started = Instant::now();
+    let r = run_kv(
+        &[
+            "generate",
+            "--model",
+            long.to_str().unwrap(),
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "4",
+        ],
+        CHILD_TIMEOUT,
+    );
+    let secs = started.elapsed().as_secs_f64();
+    std::fs::remove_file(&long).unwrap();
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    // Before: 2.6 GB and 20 s of RoPE tables. Now the run fits the 2 GiB limit, and the
+    // time is the model's load and four tokens.
+    assert!(secs < 15.0, "{secs:.1} s");
+    eprintln!("10M-token context: generate of 4 tokens in {secs:.2} s");
 }
