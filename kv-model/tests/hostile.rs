@@ -1615,8 +1615,8 @@ fn malformed_real_headers_fail_cleanly() {
     let (truncated, other): (Vec<Case>, Vec<Case>) = structural_cases(&w)
         .into_iter()
         .partition(|c| c.name.starts_with("truncated"));
-    let mut cases = spread(truncated, 120);
-    cases.extend(spread(other, 250));
+    let mut cases = spread(truncated, 50);
+    cases.extend(spread(other, 120));
     let sizes: Vec<String> = [
         "block_count",
         "context_length",
