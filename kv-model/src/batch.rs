@@ -421,7 +421,9 @@ impl Model {
                 prompt: p,
                 admitted: false,
                 out: SeqOutcome {
-                    tokens: Vec::with_capacity(options.max_tokens),
+                    tokens: Vec::with_capacity(
+                        options.max_tokens.min(crate::generate::INITIAL_TOKENS),
+                    ),
                     stop: StopReason::MaxTokens,
                     prompt_tokens: p.len(),
                     reused_tokens: 0,

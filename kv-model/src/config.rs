@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -16,6 +16,43 @@ use crate::{ModelError, Result};
 /// SmolLM under that name. Families with a different layout (biases, fused QKV, other norms)
 /// are refused rather than run wrongly.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+
+/// The largest value [`LlamaConfig::from_metadata`] accepts for each size in the
+/// metadata: far above every real model, low enough that nothing sized by them can
+/// exhaust memory or overflow before the weights are read.
+///
+/// A value above its limit is [`ModelError::BadMetadata`] naming the key and the value.
+/// Sizes are also checked against each other (`head_count * key_length` must be at most
+/// [`MetadataLimits::WIDTH`]).
+///
+/// ```
+/// use kv_model::MetadataLimits;
+/// // Llama 3.1 405B: 126 layers, 128 heads, context 131072, vocabulary 128256.
+/// assert!(MetadataLimits::LAYERS >= 126 && MetadataLimits::CONTEXT >= 10_000_000);
+/// ```
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct MetadataLimits;
+
+impl MetadataLimits {
+    /// `block_count`: decoder layers.
+    pub const LAYERS: usize = 1 << 10;
+    /// `embedding_length`, and query or KV heads times head size.
+    pub const WIDTH: usize = 1 << 17;
+    /// `feed_forward_length`.
+    pub const FEED_FORWARD: usize = 1 << 20;
+    /// `attention.head_count` (and `head_count_kv`, which must divide it).
+    pub const HEADS: usize = 1 << 10;
+    /// `attention.key_length`, `rope.dimension_count`: elements per head.
+    pub const HEAD_DIM: usize = 1 << 10;
+    /// `context_length`: 2^27 tokens. A 10M-token context is accepted and costs nothing
+    /// up front (RoPE angles are computed as positions are used).
+    pub const CONTEXT: usize = 1 << 27;
+    /// `vocab_size`, or the length of `tokenizer.ggml.tokens`.
+    pub const VOCAB: usize = 1 << 22;
+    /// `rope.scaling.factor`.
+    pub const ROPE_SCALING: f64 = 1e6;
+}
 
 /// Hyper-parameters of a Llama-family decoder, as the GGUF metadata states them.
 ///
@@ -84,12 +121,16 @@ impl LlamaConfig {
         }
         let key = |k: &str| format!("{architecture}.{k}");
 
-        let n_layers = positive(md, &key("block_count"))?;
-        let hidden_size = positive(md, &key("embedding_length"))?;
-        let intermediate_size = positive(md, &key("feed_forward_length"))?;
-        let n_heads = positive(md, &key("attention.head_count"))?;
+        let n_layers = positive(md, &key("block_count"), MetadataLimits::LAYERS)?;
+        let hidden_size = positive(md, &key("embedding_length"), MetadataLimits::WIDTH)?;
+        let intermediate_size = positive(
+            md,
+            &key("feed_forward_length"),
+            MetadataLimits::FEED_FORWARD,
+        )?;
+        let n_heads = positive(md, &key("attention.head_count"), MetadataLimits::HEADS)?;
         let n_kv_heads = match md.get(&key("attention.head_count_kv")) {
-            Some(_) => positive(md, &key("attention.head_count_kv"))?,
+            Some(_) => positive(md, &key("attention.head_count_kv"), MetadataLimits::HEADS)?,
             None => n_heads,
         };
         if n_heads % n_kv_heads != 0 {
@@ -100,7 +141,7 @@ impl LlamaConfig {
             });
         }
         let head_dim = match md.get(&key("attention.key_length")) {
-            Some(_) => positive(md, &key("attention.key_length"))?,
+            Some(_) => positive(md, &key("attention.key_length"), MetadataLimits::HEAD_DIM)?,
             None => {
                 if hidden_size % n_heads != 0 {
                     return Err(ModelError::BadMetadata {
@@ -112,6 +153,24 @@ impl LlamaConfig {
                 hidden_size / n_heads
             }
         };
+        for (heads, k) in [
+            (n_heads, "attention.head_count"),
+            (n_kv_heads, "attention.head_count_kv"),
+        ] {
+            if heads
+                .checked_mul(head_dim)
+                .is_none_or(|w| w > MetadataLimits::WIDTH)
+            {
+                return Err(ModelError::BadMetadata {
+                    key: key(k),
+                    expected: format!(
+                        "heads of {head_dim} elements totalling at most {}",
+                        MetadataLimits::WIDTH
+                    ),
+                    got: heads.to_string(),
+                });
+            }
+        }
         if let Some(v) = md.get(&key("attention.value_length")) {
             let value_len = integer(v, &key("attention.value_length"))?;
             if value_len != head_dim {
@@ -124,7 +183,7 @@ impl LlamaConfig {
             }
         }
         let rope_dim = match md.get(&key("rope.dimension_count")) {
-            Some(_) => positive(md, &key("rope.dimension_count"))?,
+            Some(_) => positive(md, &key("rope.dimension_count"), MetadataLimits::HEAD_DIM)?,
             None => head_dim,
         };
         if rope_dim > head_dim || rope_dim % 2 != 0 {
@@ -150,18 +209,22 @@ impl LlamaConfig {
             Some(v) => float(v, &key("attention.layer_norm_rms_epsilon"))?,
             None => 1e-5,
         };
-        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
             return Err(ModelError::BadMetadata {
                 key: key("attention.layer_norm_rms_epsilon"),
                 expected: "a small positive number".into(),
                 got: rms_norm_eps.to_string(),
             });
         }
-        let context_length = positive(md, &key("context_length"))?;
+        let context_length = positive(md, &key("context_length"), MetadataLimits::CONTEXT)?;
         let vocab_size = match md.get(&key("vocab_size")) {
-            Some(_) => positive(md, &key("vocab_size"))?,
+            Some(_) => positive(md, &key("vocab_size"), MetadataLimits::VOCAB)?,
             None => match md.get("tokenizer.ggml.tokens") {
-                Some(Value::Array(tokens)) if !tokens.is_empty() => tokens.len(),
+                Some(Value::Array(tokens))
+                    if !tokens.is_empty() && tokens.len() <= MetadataLimits::VOCAB =>
+                {
+                    tokens.len()
+                }
                 Some(other) => {
                     return Err(ModelError::BadMetadata {
                         key: "tokenizer.ggml.tokens".into(),
@@ -219,10 +282,15 @@ impl LlamaConfig {
     }
 }
 
-/// Opens a GGUF file and parses its header: metadata and tensor directory.
+/// Opens a GGUF file (regular files only), checks its header with the pre-flight walk
+/// ([`crate::check_gguf_file`]), then parses it with candle: metadata and tensor directory.
 pub(crate) fn read_header(path: &Path) -> Result<(Content, BufReader<File>)> {
-    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let file = crate::files::open_regular(path)?;
+    crate::gguf_check::check_open_file(&file, path)?;
     let mut reader = BufReader::new(file);
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| ModelError::io(path, e))?;
     let content = Content::read(&mut reader).map_err(|e| ModelError::InvalidGguf {
         path: path.to_path_buf(),
         detail: one_line(&e.to_string()),
@@ -230,13 +298,15 @@ pub(crate) fn read_header(path: &Path) -> Result<(Content, BufReader<File>)> {
     Ok((content, reader))
 }
 
-/// Collapses a multi-line message into one line.
+/// Collapses a multi-line message into one line, control characters escaped.
 pub(crate) fn one_line(s: &str) -> String {
-    s.split('\n')
+    let line = s
+        .split('\n')
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    crate::escape::escape(&line).into_owned()
 }
 
 fn rope_scaling(md: &HashMap<String, Value>, arch: &str) -> Result<f32> {
@@ -260,10 +330,16 @@ fn rope_scaling(md: &HashMap<String, Value>, arch: &str) -> Result<f32> {
                 Some(v) => float(v, &factor_key)? as f32,
                 None => return Err(ModelError::MissingMetadata { key: factor_key }),
             };
-            if !(factor.is_finite() && factor > 0.0) {
+            if !(factor.is_finite()
+                && factor > 0.0
+                && f64::from(factor) <= MetadataLimits::ROPE_SCALING)
+            {
                 return Err(ModelError::BadMetadata {
                     key: factor_key,
-                    expected: "a positive number".into(),
+                    expected: format!(
+                        "a positive number of at most {}",
+                        MetadataLimits::ROPE_SCALING
+                    ),
                     got: factor.to_string(),
                 });
             }
@@ -288,17 +364,18 @@ pub(crate) fn string<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'
     }
 }
 
-fn positive(md: &HashMap<String, Value>, key: &str) -> Result<usize> {
+/// An integer in `1..=max`.
+fn positive(md: &HashMap<String, Value>, key: &str, max: usize) -> Result<usize> {
     let v = md
         .get(key)
         .ok_or_else(|| ModelError::MissingMetadata { key: key.into() })?;
     match integer(v, key)? {
-        0 => Err(ModelError::BadMetadata {
+        n if (1..=max).contains(&n) => Ok(n),
+        n => Err(ModelError::BadMetadata {
             key: key.into(),
-            expected: "a positive integer".into(),
-            got: "0".into(),
+            expected: format!("an integer from 1 to {max}"),
+            got: n.to_string(),
         }),
-        n => Ok(n),
     }
 }
 
@@ -341,7 +418,7 @@ fn float(v: &Value, key: &str) -> Result<f64> {
 pub(crate) fn describe(v: &Value) -> String {
     match v {
         Value::String(s) if s.len() > 40 => format!("a string of {} bytes", s.len()),
-        Value::String(s) => format!("the string {s:?}"),
+        Value::String(s) => format!("the string {:?}", crate::escape::escape(s)),
         Value::Array(a) => format!("an array of {} values", a.len()),
         Value::Bool(b) => format!("the boolean {b}"),
         Value::U8(x) => format!("u8 {x}"),

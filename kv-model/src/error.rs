@@ -39,6 +39,34 @@ pub enum ModelError {
         /// What the reader found wrong.
         detail: String,
     },
+    /// The GGUF header failed the pre-flight check ([`crate::check_gguf_bytes`]): a field
+    /// truncated, out of bounds or inconsistent.
+    #[error("{} is not a valid GGUF model: {what} at byte {offset}: {detail}", path.display())]
+    MalformedGguf {
+        /// The file (`<bytes>` for an in-memory header).
+        path: PathBuf,
+        /// Byte offset of the offending field.
+        offset: u64,
+        /// Which part: `header`, `metadata key "..."`, `tensor "..."`.
+        what: String,
+        /// The value found and the bound it breaks.
+        detail: String,
+    },
+    /// A path that is not a regular file where a file is read (a directory, FIFO, device).
+    #[error("{} is {kind}, not a regular file", path.display())]
+    NotARegularFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// The model file holds weights that are NaN or infinite, or its weights make the first
+    /// forward pass non-finite: a corrupt or broken model file, not a cache problem.
+    #[error("the model file is corrupt: {what} holds a non-finite value (NaN or infinity)")]
+    NonFiniteWeights {
+        /// The tensor, or the layer whose output went non-finite.
+        what: String,
+    },
     /// The file holds a model family this crate does not implement.
     #[error("unsupported model architecture {got:?}; supported: {}", supported.join(", "))]
     UnsupportedArchitecture {

@@ -248,6 +248,7 @@ impl Model {
                 got: "0".into(),
             });
         }
+        // Both are within the context (check_request), so no overflow.
         let capacity = prompt.len() + options.max_tokens;
         let spec = StorageSpec::new(
             self.shape(),
@@ -371,6 +372,10 @@ impl Model {
     }
 }
 
+/// Capacity reserved up front for generated tokens; more grow on use, so a huge
+/// `max_tokens` allocates nothing in proportion to itself.
+pub(crate) const INITIAL_TOKENS: usize = 1024;
+
 /// Largest prompt chunk of a windowed run: bounds the cache a chunk adds to the window.
 const PREFILL_CHUNK: usize = 256;
 
@@ -431,7 +436,8 @@ fn run_loop(
     let mut sampler = Sampler::new(options.sampling)?;
     let mut sequence = prompt.to_vec();
     let mut run = Run {
-        tokens: Vec::with_capacity(options.max_tokens),
+        // Grown as tokens come: with a window, max_tokens is not bounded by the context.
+        tokens: Vec::with_capacity(options.max_tokens.min(INITIAL_TOKENS)),
         stop: StopReason::MaxTokens,
         logits: Vec::new(),
         prompt_tokens: prompt.len(),

@@ -15,6 +15,10 @@
 //!   than the context in a cache of fixed size ([`Model::forward_windowed`]).
 //! - [`ppl`]: perplexity with the KV cache in each layout, scored like llama.cpp
 //!   (`kv ppl`).
+//! - Hostile input: [`check_gguf_bytes`] / [`check_gguf_file`] walk a GGUF header with
+//!   bounded reads before candle parses it, [`LlamaConfig::from_metadata`] bounds every
+//!   size by [`MetadataLimits`], [`open_regular`] opens only regular files, and weights
+//!   that are NaN or infinite are reported as [`ModelError::NonFiniteWeights`].
 //!
 //! ```no_run
 //! use kv_backend_cpu::CpuBackend;
@@ -48,7 +52,10 @@
 pub mod batch;
 mod config;
 mod error;
+mod escape;
+mod files;
 mod generate;
+mod gguf_check;
 mod linear;
 mod model;
 pub mod ppl;
@@ -60,9 +67,16 @@ pub mod window;
 use std::path::{Path, PathBuf};
 
 pub use batch::{BatchOptions, BatchRun, SeqOutcome};
-pub use config::{LlamaConfig, SUPPORTED_ARCHITECTURES};
+pub use config::{LlamaConfig, MetadataLimits, SUPPORTED_ARCHITECTURES};
 pub use error::{ModelError, Result};
+pub use escape::escape_controls;
+pub use files::{open_regular, read_text, MAX_TEXT_BYTES};
 pub use generate::{CacheLayout, CacheReport, GenerateOptions, Generation, StopReason, Summary};
+pub use gguf_check::{
+    check_gguf_bytes, check_gguf_file, GgufSummary, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_ARRAY_LEN,
+    MAX_METADATA, MAX_NAME_BYTES, MAX_STRING_BYTES, MAX_TENSORS, MAX_TENSOR_DIMS,
+    MAX_TENSOR_ELEMENTS,
+};
 #[doc(hidden)]
 pub use linear::matmul_seconds;
 pub use model::{Logits, Model, WeightFormat};

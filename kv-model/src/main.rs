@@ -19,7 +19,12 @@ use kv_model::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "kv", version, about = "An LLM KV cache you can watch work")]
+#[command(
+    name = "kv",
+    version,
+    about = "An LLM KV cache you can watch work",
+    arg_required_else_help = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -295,7 +300,8 @@ fn main() -> ExitCode {
                 .filter(|l| !l.is_empty())
                 .collect::<Vec<_>>()
                 .join("; ");
-            eprintln!("error: {msg}");
+            // Names, metadata and tokens from files can hold terminal escapes.
+            eprintln!("error: {}", kv_model::escape_controls(&msg));
             ExitCode::FAILURE
         }
     }
@@ -308,6 +314,11 @@ fn clap_error(e: clap::Error) -> ExitCode {
         // Nothing useful to do if printing help fails.
         let _ = e.print();
         return ExitCode::SUCCESS;
+    }
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // `kv` alone: the subcommands, on stderr, and a usage error's exit code.
+        let _ = e.print();
+        return ExitCode::from(2);
     }
     let text = e.render().to_string();
     let line = text
@@ -326,6 +337,18 @@ fn clap_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// Refuses 0 for an option that counts something.
+fn at_least_one(what: &'static str, value: usize) -> Result<()> {
+    if value == 0 {
+        return Err(ModelError::InvalidArgument {
+            what,
+            expected: "at least 1".into(),
+            got: "0".into(),
+        });
+    }
+    Ok(())
+}
+
 fn generate(args: GenerateArgs) -> Result<()> {
     if args.prompt.is_empty() {
         return Err(ModelError::EmptyPrompt);
@@ -337,10 +360,26 @@ fn generate(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
     };
     sampling.validate()?;
+    at_least_one("--max-tokens", args.max_tokens)?;
+    if let Some(bs) = args.block_size {
+        at_least_one("--block-size", bs)?;
+    }
     let window = args.window.map(|window| WindowConfig {
         sinks: args.sinks,
         window,
     });
+    if let Some(w) = &window {
+        // What needs no model; the context is checked once the model is read, before
+        // anything is generated.
+        at_least_one("--window", w.window)?;
+        if w.sinks.checked_add(w.window).is_none() {
+            return Err(ModelError::InvalidArgument {
+                what: "--sinks plus --window",
+                expected: "a sum that fits the model's context".into(),
+                got: format!("{} + {}", w.sinks, w.window),
+            });
+        }
+    }
     if args.no_cache && window.is_some() {
         return Err(ModelError::InvalidArgument {
             what: "--window",
@@ -356,6 +395,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
     let (model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
+    let context = model.config().context_length;
+    if window.is_none() && args.max_tokens > context {
+        return Err(ModelError::ContextOverflow {
+            what: "--max-tokens",
+            needed: args.max_tokens,
+            context,
+        });
+    }
     let text = if args.raw {
         args.prompt
     } else {
@@ -388,6 +435,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
             16usize.div_ceil(t) * t
         }),
     };
+    if let Some(w) = &window {
+        w.validate(layout.block_size, layout.dtype, context)?;
+    }
 
     let mut out = std::io::stdout().lock();
     let mut stream = tokenizer.stream();
@@ -434,10 +484,13 @@ fn generate(args: GenerateArgs) -> Result<()> {
 fn batch(args: BatchArgs) -> Result<()> {
     use kv_attention::PagedCache;
     use kv_core::StorageSpec;
-    let lines = std::fs::read_to_string(&args.prompts).map_err(|source| ModelError::Io {
-        path: args.prompts.clone(),
-        source,
-    })?;
+    at_least_one("--max-tokens", args.max_tokens)?;
+    at_least_one("--block-size", args.block_size)?;
+    at_least_one("--max-batch", args.max_batch)?;
+    if let Some(b) = args.blocks {
+        at_least_one("--blocks", b)?;
+    }
+    let lines = kv_model::read_text(&args.prompts)?;
     let lines: Vec<&str> = lines.lines().filter(|l| !l.trim().is_empty()).collect();
     if lines.is_empty() {
         return Err(ModelError::EmptyPrompt);
@@ -459,11 +512,46 @@ fn batch(args: BatchArgs) -> Result<()> {
         stop_tokens: tokenizer.stop_tokens().to_vec(),
         max_batch: args.max_batch,
     };
-    let bs = args.block_size.max(1);
-    let blocks = args.blocks.unwrap_or_else(|| {
-        let per = |p: &Vec<u32>| (p.len() + args.max_tokens).div_ceil(bs);
-        prompts.iter().map(per).sum()
-    });
+    // Every prompt against the context before anything is sized by its length.
+    let context = model.config().context_length;
+    let mut needed: usize = 0;
+    for (i, p) in prompts.iter().enumerate() {
+        let total = p.len().saturating_add(args.max_tokens);
+        if total > context {
+            return Err(ModelError::InvalidArgument {
+                what: "--prompts",
+                expected: format!(
+                    "every prompt plus --max-tokens within the model's context of {context} \
+                     tokens"
+                ),
+                got: format!("prompt {} needs {total}", i + 1),
+            });
+        }
+        // Each term is at most the context: the sum of a line count of them cannot
+        // overflow in practice, and is checked anyway.
+        needed = needed
+            .checked_add(total.div_ceil(args.block_size))
+            .ok_or_else(|| ModelError::InvalidArgument {
+                what: "--prompts",
+                expected: "a cache size that fits in memory".into(),
+                got: format!("{} prompts", prompts.len()),
+            })?;
+    }
+    let blocks = match args.blocks {
+        // More blocks than every sequence at its longest can never be used.
+        Some(b) if b > needed => {
+            return Err(ModelError::InvalidArgument {
+                what: "--blocks",
+                expected: format!(
+                    "at most {needed} (every prompt plus --max-tokens at once, in blocks of {})",
+                    args.block_size
+                ),
+                got: b.to_string(),
+            })
+        }
+        Some(b) => b,
+        None => needed,
+    };
     let spec = StorageSpec::new(model.shape(), args.dtype, args.block_size, blocks)?;
     let mut cache = PagedCache::with_prefix_cache(CpuBackend::new(), spec, 0x6b76)?;
     let run = model.generate_batch(&mut cache, &prompts, &options)?;
@@ -526,10 +614,19 @@ fn batch(args: BatchArgs) -> Result<()> {
 
 fn ppl(args: PplArgs) -> Result<()> {
     use indicatif::{ProgressBar, ProgressStyle};
-    let text = std::fs::read_to_string(&args.text).map_err(|source| ModelError::Io {
-        path: args.text.clone(),
-        source,
-    })?;
+    if args.ctx < 3 {
+        return Err(ModelError::InvalidArgument {
+            what: "--ctx",
+            expected: "at least 3 tokens per chunk".into(),
+            got: args.ctx.to_string(),
+        });
+    }
+    at_least_one("--batch", args.batch)?;
+    at_least_one("--block-size", args.block_size)?;
+    if let Some(c) = args.chunks {
+        at_least_one("--chunks", c)?;
+    }
+    let text = kv_model::read_text(&args.text)?;
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
     let (model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
     let tokens = tokenizer.encode(&text)?;
@@ -577,10 +674,31 @@ fn ppl(args: PplArgs) -> Result<()> {
 }
 
 fn window_ppl(args: WindowPplArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.text).map_err(|source| ModelError::Io {
-        path: args.text.clone(),
-        source,
-    })?;
+    at_least_one("--window", args.window)?;
+    at_least_one("--chunk", args.chunk)?;
+    at_least_one("--block-size", args.block_size)?;
+    if let Some(t) = args.tokens {
+        at_least_one("--tokens", t)?;
+    }
+    let score_from =
+        args.sinks
+            .checked_add(args.window)
+            .ok_or_else(|| ModelError::InvalidArgument {
+                what: "--sinks plus --window",
+                expected: "a sum that fits the model's context".into(),
+                got: format!("{} + {}", args.sinks, args.window),
+            })?;
+    if args.chunk > args.window {
+        return Err(ModelError::InvalidArgument {
+            what: "--chunk",
+            expected: format!(
+                "at most --window ({}): a longer pass would attend past the window",
+                args.window
+            ),
+            got: args.chunk.to_string(),
+        });
+    }
+    let text = kv_model::read_text(&args.text)?;
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
     let (model, tokenizer) = kv_model::load(&path)?;
     let mut tokens = tokenizer.encode(&text)?;
@@ -591,7 +709,36 @@ fn window_ppl(args: WindowPplArgs) -> Result<()> {
         dtype: args.dtype,
         block_size: args.block_size,
     };
-    let score_from = args.sinks + args.window;
+    // Everything checked before the first line is printed.
+    if args.chunk >= tokens.len() {
+        return Err(ModelError::InvalidArgument {
+            what: "--chunk",
+            expected: format!(
+                "fewer tokens than the text's {} (one pass over the whole text would never \
+                 slide the window)",
+                tokens.len()
+            ),
+            got: args.chunk.to_string(),
+        });
+    }
+    if score_from >= tokens.len() {
+        return Err(ModelError::InvalidArgument {
+            what: "--sinks plus --window",
+            expected: format!(
+                "fewer than the text's {} tokens (tokens after them are scored)",
+                tokens.len()
+            ),
+            got: score_from.to_string(),
+        });
+    }
+    let context = model.config().context_length;
+    for sinks in [args.sinks, 0] {
+        WindowConfig {
+            sinks,
+            window: args.window,
+        }
+        .validate(args.block_size, args.dtype, context)?;
+    }
     let mut runs: Vec<Option<WindowConfig>> = Vec::new();
     if tokens.len() <= model.config().context_length {
         runs.push(None);
@@ -701,10 +848,23 @@ fn memory_table(
         );
         let mut window = None;
         for &d in dtypes {
-            let sizes = memory::bytes_per_token(shape, d)
-                .and_then(|per| Ok((per as u64, memory::cache_bytes(shape, d, tokens)?)));
+            // kv-core's formula multiplies unchecked: the product is checked here.
+            let sizes = memory::bytes_per_token(shape, d).map(|per| {
+                let per = per as u64;
+                (per, per.checked_mul(tokens as u64))
+            });
             match sizes {
-                Ok((per_token, total)) => {
+                Ok((per_token, None)) => {
+                    return Err(ModelError::InvalidArgument {
+                        what: "--tokens",
+                        expected: format!(
+                        "a count whose {} cache fits in 2^64 bytes ({per_token} bytes per token)",
+                        d.name()
+                    ),
+                        got: tokens.to_string(),
+                    })
+                }
+                Ok((per_token, Some(total))) => {
                     let _ = writeln!(
                         s,
                         "  {:<10} {:>12} {:>12} {:>12}",
@@ -713,7 +873,13 @@ fn memory_table(
                         memory::format_bytes(per_token),
                         memory::format_bytes(total)
                     );
-                    let w = memory::residual_window_bytes(shape, d)? * shape.n_layers();
+                    let w = memory::residual_window_bytes(shape, d)?
+                        .checked_mul(shape.n_layers())
+                        .ok_or_else(|| ModelError::InvalidArgument {
+                            what: "model shape",
+                            expected: "a residual window size that fits in memory".into(),
+                            got: format!("{shape:?}"),
+                        })?;
                     if w > 0 {
                         window = Some(w);
                     }

@@ -148,15 +148,22 @@ impl TensorReader<'_> {
                 got: format!("{:?}", info.shape.dims()),
             });
         }
-        info.read(
-            &mut self.reader,
-            self.content.tensor_data_offset,
-            self.device,
-        )
-        .map_err(|e| ModelError::InvalidGguf {
-            path: self.path.clone(),
-            detail: format!("tensor {name:?}: {}", one_line(&e.to_string())),
-        })
+        let t = info
+            .read(
+                &mut self.reader,
+                self.content.tensor_data_offset,
+                self.device,
+            )
+            .map_err(|e| ModelError::InvalidGguf {
+                path: self.path.clone(),
+                detail: format!("tensor {name:?}: {}", one_line(&e.to_string())),
+            })?;
+        if !all_finite(&t)? {
+            return Err(ModelError::NonFiniteWeights {
+                what: format!("tensor {name:?}"),
+            });
+        }
+        Ok(t)
     }
 
     fn matmul(&mut self, name: &str, expected: &[usize]) -> Result<Linear> {
@@ -452,7 +459,16 @@ impl Model {
             let v = v.reshape((n, c.n_kv_heads, c.head_dim))?;
             let q = self.rope_segments(&q, segments)?;
             let k = self.rope_segments(&k, segments)?;
-            let attn = attention(i, &q, &k, &v)?;
+            // Weights are finite (checked at load), so NaN or infinity here comes from what
+            // the weights compute: a model-file problem, not the cache's.
+            let attn = attention(i, &q, &k, &v).map_err(|e| match e {
+                ModelError::Cache(kv_core::KvError::NonFinite { what }) => {
+                    ModelError::NonFiniteWeights {
+                        what: format!("layer {i} (its attention's {what})"),
+                    }
+                }
+                e => e,
+            })?;
             let attn = attn
                 .to_dtype(DType::F32)?
                 .reshape((n, c.n_heads * c.head_dim))?
@@ -502,6 +518,41 @@ impl Model {
             row += len;
         }
         Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// Whether every weight of `t` is finite, read from its stored bytes: the scales (and
+/// minima) of Q4/Q5/Q8 blocks, every element of float tensors; other block types are
+/// dequantized and checked.
+fn all_finite(t: &QTensor) -> Result<bool> {
+    let f16_ok = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 != 0x7c00;
+    let bf16_ok = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 != 0x7f80;
+    // (bytes per block, offsets of the f16 fields in it)
+    let blocks: Option<(usize, &[usize])> = match t.dtype() {
+        GgmlDType::Q4_0 => Some((18, &[0])),
+        GgmlDType::Q4_1 => Some((20, &[0, 2])),
+        GgmlDType::Q5_0 => Some((22, &[0])),
+        GgmlDType::Q5_1 => Some((24, &[0, 2])),
+        GgmlDType::Q8_0 => Some((34, &[0])),
+        GgmlDType::Q8_1 => Some((36, &[0, 2])),
+        GgmlDType::F16 => Some((2, &[0])),
+        _ => None,
+    };
+    match (t.dtype(), blocks) {
+        (_, Some((size, fields))) => Ok(t
+            .data()?
+            .chunks_exact(size)
+            .all(|b| fields.iter().all(|&o| f16_ok(&b[o..o + 2])))),
+        (GgmlDType::BF16, _) => Ok(t.data()?.chunks_exact(2).all(bf16_ok)),
+        (GgmlDType::F32, _) => Ok(t
+            .data()?
+            .chunks_exact(4)
+            .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())),
+        _ => {
+            let x = t.dequantize(&Device::Cpu)?.flatten_all()?;
+            // The sum of squares of finite weights can overflow; check element by element.
+            Ok(x.to_vec1::<f32>()?.iter().all(|v| v.is_finite()))
+        }
     }
 }
 

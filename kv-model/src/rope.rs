@@ -6,31 +6,38 @@
 //! model's "rotate half" RoPE exactly. Using the half-split form here would silently produce
 //! a different (and broken) model.
 //!
-//! Angles come from a table for the model's context length; a position past it (only the
-//! sliding window reaches one: every other path refuses tokens past the context before
-//! RoPE, with [`crate::ModelError::ContextOverflow`]) has its angles computed in f64 on
-//! the spot, exactly as the table's were.
+//! Angles come from a table that grows with use: it covers the positions already asked for
+//! (rounded up to a power of two, at least [`FIRST_ROWS`]), never more than the model's
+//! context length, so a model claiming a 10M-token context costs nothing up front. A
+//! position past the context (only the sliding window reaches one: every other path
+//! refuses tokens past the context before RoPE, with [`crate::ModelError::ContextOverflow`])
+//! has its angles computed in f64 on the spot, exactly as the table's were.
+
+use std::sync::{Mutex, PoisonError};
 
 use candle_core::{Device, Tensor, D};
 
 use crate::{LlamaConfig, ModelError, Result};
 
-/// Cosine and sine of every (position, pair) angle, computed once at load.
-#[derive(Debug, Clone)]
+/// Rows the table starts with the first time it is used.
+const FIRST_ROWS: usize = 256;
+
+/// Cosine and sine of every (position, pair) angle, computed as positions are used.
+#[derive(Debug)]
 pub(crate) struct Rope {
-    /// `[positions, rope_dim / 2]`.
-    cos: Tensor,
-    /// `[positions, rope_dim / 2]`.
-    sin: Tensor,
+    /// `[rows, rope_dim / 2]` each; empty until the first call.
+    table: Mutex<Option<(Tensor, Tensor)>>,
     /// Per pair: `scale * base^(-2i/rope_dim) / factor_i`, the angle per position.
     inv_freq: Vec<f64>,
     rope_dim: usize,
+    /// The context length: the table never grows past it.
     positions: usize,
+    device: Device,
 }
 
 impl Rope {
-    /// Tables for `config.context_length` positions. `freq_factors` (Llama 3.1's
-    /// `rope_freqs.weight`) divide the frequency of each pair when present.
+    /// RoPE for `config.context_length` positions; no table yet. `freq_factors` (Llama
+    /// 3.1's `rope_freqs.weight`) divide the frequency of each pair when present.
     pub(crate) fn new(
         config: &LlamaConfig,
         freq_factors: Option<&[f32]>,
@@ -61,15 +68,55 @@ impl Rope {
                 scale * f / freq_factors.map_or(1.0, |ff| f64::from(ff[i]))
             })
             .collect();
-        let positions = config.context_length;
-        let (cos, sin) = angles(&inv_freq, 0..positions);
         Ok(Self {
-            cos: Tensor::from_vec(cos, (positions, half), device)?,
-            sin: Tensor::from_vec(sin, (positions, half), device)?,
+            table: Mutex::new(None),
             inv_freq,
             rope_dim: config.rope_dim,
-            positions,
+            positions: config.context_length,
+            device: device.clone(),
         })
+    }
+
+    /// Rows the table holds now (0 before the first call): for tests.
+    #[cfg(test)]
+    fn table_rows(&self) -> usize {
+        let table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        table.as_ref().map_or(0, |(c, _)| c.dims()[0])
+    }
+
+    /// Cosines and sines for positions `start..end` (`end <= self.positions`), from the
+    /// table, grown first if it is too short.
+    fn rows(&self, start: usize, end: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.rope_dim / 2;
+        // A panic elsewhere cannot leave the table half-written: it is replaced whole.
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let have = table.as_ref().map_or(0, |(c, _)| c.dims()[0]);
+        if end > have {
+            let want = end
+                .checked_next_power_of_two()
+                .unwrap_or(end)
+                .max(FIRST_ROWS)
+                .min(self.positions)
+                .max(end);
+            let (cos, sin) = angles(&self.inv_freq, have..want);
+            let cos = Tensor::from_vec(cos, (want - have, half), &self.device)?;
+            let sin = Tensor::from_vec(sin, (want - have, half), &self.device)?;
+            *table = Some(match table.take() {
+                Some((c, s)) => (Tensor::cat(&[c, cos], 0)?, Tensor::cat(&[s, sin], 0)?),
+                None => (cos, sin),
+            });
+        }
+        match table.as_ref() {
+            Some((c, s)) => Ok((
+                c.narrow(0, start, end - start)?,
+                s.narrow(0, start, end - start)?,
+            )),
+            None => Err(ModelError::ContextOverflow {
+                what: "position",
+                needed: end,
+                context: 0,
+            }),
+        }
     }
 
     /// Rotates `x` (`[tokens, heads, head_dim]`, f32) whose tokens sit at positions
@@ -78,9 +125,7 @@ impl Rope {
         let n = x.dim(0)?;
         let half = self.rope_dim / 2;
         let (cos, sin) = match start.checked_add(n) {
-            Some(end) if end <= self.positions => {
-                (self.cos.narrow(0, start, n)?, self.sin.narrow(0, start, n)?)
-            }
+            Some(end) if end <= self.positions => self.rows(start, end)?,
             Some(end) => {
                 let (cos, sin) = angles(&self.inv_freq, start..end);
                 (
@@ -272,5 +317,30 @@ mod tests {
             rope.apply(&x, usize::MAX),
             Err(ModelError::ContextOverflow { .. })
         ));
+    }
+
+    #[test]
+    fn the_table_grows_with_use_and_stops_at_the_context() {
+        let mut cfg = config(8, 8);
+        cfg.context_length = 10_000_000;
+        let rope = Rope::new(&cfg, None, &Device::Cpu).unwrap();
+        assert_eq!(rope.table_rows(), 0);
+        let x = Tensor::zeros((3, 2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+        rope.apply(&x, 0).unwrap();
+        assert_eq!(rope.table_rows(), FIRST_ROWS);
+        rope.apply(&x, 300).unwrap();
+        assert_eq!(rope.table_rows(), 512);
+        // A context of 300 caps the table at 300 rows.
+        cfg.context_length = 300;
+        let rope = Rope::new(&cfg, None, &Device::Cpu).unwrap();
+        rope.apply(&x, 290).unwrap();
+        assert_eq!(rope.table_rows(), 300);
+        // Grown tables hold the same angles as on-the-spot ones (checked against the
+        // definition at positions on both sides of each growth).
+        let mut cfg = config(8, 8);
+        cfg.context_length = 10_000;
+        for start in [0, 250, 254, 255, 256, 600] {
+            check_at(&cfg, None, start);
+        }
     }
 }

@@ -109,9 +109,16 @@ impl WindowConfig {
     /// Cache blocks one windowed sequence needs when it is given at most `chunk` tokens
     /// per forward pass: the sinks, then a window of up to `window + block_size - 1`
     /// tokens before eviction, plus the chunk.
+    ///
+    /// Saturates at `usize::MAX` for sizes no cache can have (the cache then refuses them).
     pub fn blocks_needed(&self, block_size: usize, chunk: usize) -> usize {
         let bs = block_size.max(1);
-        self.sinks / bs + (self.window + bs - 1 + chunk).div_ceil(bs)
+        let tail = self
+            .window
+            .saturating_add(bs - 1)
+            .saturating_add(chunk)
+            .div_ceil(bs);
+        (self.sinks / bs).saturating_add(tail)
     }
 }
 
@@ -397,7 +404,8 @@ impl Model {
     /// context.
     ///
     /// # Errors
-    /// [`ModelError::InvalidArgument`] for a zero chunk or nothing to score,
+    /// [`ModelError::InvalidArgument`] for a zero chunk, a chunk longer than the window, or
+    /// nothing to score,
     /// [`ModelError::ContextOverflow`] for a full cache longer than the context, what
     /// [`WindowConfig::validate`] and the forward passes return.
     pub fn perplexity_streaming<B: CacheBackend>(
@@ -423,9 +431,28 @@ impl Model {
         let blocks = match window {
             Some(w) => {
                 w.validate(bs, layout.dtype, self.config().context_length)?;
+                // A pass of more tokens than the window attends over all of them: the
+                // window would not apply inside the pass.
+                if chunk > w.window {
+                    return Err(ModelError::InvalidArgument {
+                        what: "chunk",
+                        expected: format!("at most the window of {} tokens", w.window),
+                        got: chunk.to_string(),
+                    });
+                }
                 w.blocks_needed(bs, chunk)
             }
-            None => tokens.len().div_ceil(bs.max(1)),
+            None => {
+                let context = self.config().context_length;
+                if tokens.len() > context {
+                    return Err(ModelError::ContextOverflow {
+                        what: "text in a full cache",
+                        needed: tokens.len(),
+                        context,
+                    });
+                }
+                tokens.len().div_ceil(bs.max(1))
+            }
         };
         let spec = kv_core::StorageSpec::new(self.shape(), layout.dtype, bs, blocks)?;
         let mut cache = PagedCache::new(backend, spec)?;
