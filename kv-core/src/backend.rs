@@ -31,7 +31,8 @@ impl StorageSpec {
     /// # Errors
     /// [`KvError::InvalidArgument`] for a zero block size or count, a layout that does not
     /// fit the head dimension, or a block size that is not a multiple of the layout's
-    /// [`KvDType::block_tokens`] (32 for KIVI).
+    /// [`KvDType::block_tokens`] (32 for KIVI); [`KvError::Overflow`] when the capacity in
+    /// tokens or in bytes does not fit its integer type.
     pub fn new(
         shape: ModelShape,
         dtype: KvDType,
@@ -58,25 +59,48 @@ impl StorageSpec {
                 ),
             });
         }
-        Ok(Self {
+        let spec = Self {
             shape,
             dtype,
             block_size,
             num_blocks,
-        })
+        };
+        // Both sizes are checked here, so that `capacity_tokens` of a spec built by `new`
+        // is exact and `bytes` fails only for a hand-built spec.
+        spec.bytes()?;
+        Ok(spec)
     }
 
     /// Tokens the storage holds.
+    ///
+    /// Exact for every spec built by [`StorageSpec::new`], which refuses capacities that
+    /// overflow `usize`. A spec built field by field is not checked: for one whose product
+    /// overflows this answers `usize::MAX`, a capacity no allocation reaches, and
+    /// [`StorageSpec::bytes`] reports the overflow.
     pub fn capacity_tokens(&self) -> usize {
-        self.block_size * self.num_blocks
+        self.checked_capacity().unwrap_or(usize::MAX)
+    }
+
+    /// `block_size x num_blocks`, or the overflow error.
+    fn checked_capacity(&self) -> Result<usize> {
+        self.block_size
+            .checked_mul(self.num_blocks)
+            .ok_or_else(|| KvError::Overflow {
+                what: "storage capacity",
+                detail: format!(
+                    "{} blocks of {} tokens is more than usize::MAX tokens",
+                    self.num_blocks, self.block_size
+                ),
+            })
     }
 
     /// Bytes the storage holds, exactly [`memory::cache_bytes`] of its capacity.
     ///
     /// # Errors
-    /// When the layout does not fit the head dimension.
+    /// When the layout does not fit the head dimension; [`KvError::Overflow`] when the
+    /// capacity in tokens or bytes does not fit its integer type.
     pub fn bytes(&self) -> Result<u64> {
-        memory::cache_bytes(&self.shape, self.dtype, self.capacity_tokens())
+        memory::cache_bytes(&self.shape, self.dtype, self.checked_capacity()?)
     }
 }
 

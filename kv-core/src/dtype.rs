@@ -198,19 +198,30 @@ impl KvDType {
     ///
     /// # Errors
     /// [`KvError::InvalidArgument`] when `head_dim` does not fit the layout (zero, not a
-    /// multiple of a quantization group, or not a power of two for a Hadamard layout).
+    /// multiple of a quantization group, or not a power of two for a Hadamard layout);
+    /// [`KvError::Overflow`] when the row's size does not fit `usize`.
     pub fn row_bytes(&self, head_dim: usize) -> Result<usize> {
         self.check_head_dim(head_dim)?;
         let d = head_dim;
-        Ok(match *self {
-            KvDType::F32 => 4 * d,
-            KvDType::F16 | KvDType::BF16 => 2 * d,
-            KvDType::Int8 { group } => d / group.size() * (2 + group.size()),
+        // Units of the row and bytes per unit: elements for floats, groups for the
+        // quantized layouts, 8-element runs (codes plus amortised scales) for KIVI.
+        let (units, unit_bytes) = match *self {
+            KvDType::F32 => (d, 4),
+            KvDType::F16 | KvDType::BF16 => (d, 2),
+            KvDType::Int8 { group } => (d / group.size(), 2 + group.size()),
             KvDType::Int4 { group } | KvDType::Int4Hadamard { group } => {
-                d / group.size() * (4 + group.size() / 2)
+                (d / group.size(), 4 + group.size() / 2)
             }
-            KvDType::Kivi { bits } => d / 8 * bits.bits() + d / 8,
-        })
+            KvDType::Kivi { bits } => (d / 8, bits.bits() + 1),
+        };
+        units
+            .checked_mul(unit_bytes)
+            .ok_or_else(|| KvError::Overflow {
+                what: "row size",
+                detail: format!(
+                    "a {self} row of {head_dim} elements is more than usize::MAX bytes"
+                ),
+            })
     }
 
     /// Checks that rows of `head_dim` elements fit the layout.
@@ -405,6 +416,55 @@ mod tests {
                 "{name} {d}"
             );
         }
+    }
+
+    #[test]
+    fn huge_head_dims_overflow_instead_of_wrapping() {
+        // A head dim near usize::MAX (a multiple of every group, not a power of two):
+        // only the layouts whose rows take fewer bytes than elements fit, exactly.
+        let huge = usize::MAX / 256 * 256;
+        for &d in KvDType::ALL {
+            match d.row_bytes(huge) {
+                Ok(bytes) => {
+                    assert!(bytes < huge, "{d}: {bytes}");
+                    assert!(
+                        matches!(d, KvDType::Int4 { .. } | KvDType::Kivi { .. }),
+                        "{d}"
+                    );
+                }
+                Err(KvError::Overflow { what, .. }) => assert_eq!(what, "row size"),
+                // int4h needs a power of two.
+                Err(KvError::InvalidArgument { what, .. }) => {
+                    assert_eq!(what, "head_dim");
+                    assert!(matches!(d, KvDType::Int4Hadamard { .. }), "{d}");
+                }
+                Err(e) => panic!("{d}: {e}"),
+            }
+        }
+        // At the edge: f32 rows of usize::MAX / 4 elements fit exactly, one group more
+        // does not.
+        let edge = usize::MAX / 4;
+        assert_eq!(KvDType::F32.row_bytes(edge).unwrap(), edge * 4);
+        assert!(matches!(
+            KvDType::F32.row_bytes(edge + 1),
+            Err(KvError::Overflow { .. })
+        ));
+        let int8 = KvDType::Int8 {
+            group: QuantGroup::G32,
+        };
+        let groups = usize::MAX / 34;
+        assert_eq!(int8.row_bytes(groups * 32).unwrap(), groups * 34);
+        assert!(matches!(
+            int8.row_bytes((groups + 1) * 32),
+            Err(KvError::Overflow { .. })
+        ));
+        let hadamard = KvDType::Int4Hadamard {
+            group: QuantGroup::G32,
+        };
+        assert!(matches!(
+            hadamard.row_bytes(1 << (usize::BITS - 1)),
+            Ok(b) if b == (1usize << (usize::BITS - 6)) * 20
+        ));
     }
 
     #[test]

@@ -56,6 +56,15 @@ pub enum KvError {
         /// The valid length.
         len: usize,
     },
+    /// A size or memory formula whose result does not fit its integer type (a huge token
+    /// count, layer count or head dimension): reported instead of a wrapped number.
+    #[error("{what} overflows: {detail}")]
+    Overflow {
+        /// Which quantity.
+        what: &'static str,
+        /// The inputs that made it overflow.
+        detail: String,
+    },
     /// Input containing NaN or infinity, which a cache never stores.
     #[error("{what} contains a non-finite value (NaN or infinity)")]
     NonFinite {

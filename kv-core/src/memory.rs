@@ -19,7 +19,7 @@
 //! tokens that filled it, then frees it at the layer's next write), and report both parts (the CPU backend's
 //! `CpuStorage::allocated_bytes` is `StorageSpec::bytes` plus its live windows).
 
-use crate::{KvDType, ModelShape, Result};
+use crate::{KvDType, KvError, ModelShape, Result};
 
 /// Bytes one token occupies in the cache across all layers, K and V.
 ///
@@ -31,9 +31,22 @@ use crate::{KvDType, ModelShape, Result};
 /// ```
 ///
 /// # Errors
-/// When the layout does not fit the head dimension (see [`KvDType::row_bytes`]).
+/// When the layout does not fit the head dimension (see [`KvDType::row_bytes`]);
+/// [`KvError::Overflow`] when the product does not fit `usize` (a shape no memory holds).
 pub fn bytes_per_token(shape: &ModelShape, dtype: KvDType) -> Result<usize> {
-    Ok(2 * shape.n_layers() * shape.n_kv_heads() * dtype.row_bytes(shape.head_dim())?)
+    let row = dtype.row_bytes(shape.head_dim())?;
+    [shape.n_layers(), shape.n_kv_heads(), row]
+        .into_iter()
+        .try_fold(2usize, usize::checked_mul)
+        .ok_or_else(|| KvError::Overflow {
+            what: "bytes per token",
+            detail: format!(
+                "2 x {} layers x {} KV heads x {row} bytes per {dtype} row is more than \
+                 usize::MAX",
+                shape.n_layers(),
+                shape.n_kv_heads()
+            ),
+        })
 }
 
 /// Bytes a cache of `tokens` tokens occupies (for [`KvDType::Kivi`], without the residual
@@ -47,9 +60,27 @@ pub fn bytes_per_token(shape: &ModelShape, dtype: KvDType) -> Result<usize> {
 /// ```
 ///
 /// # Errors
-/// When the layout does not fit the head dimension (see [`KvDType::row_bytes`]).
+/// As [`bytes_per_token`]; [`KvError::Overflow`] when the total does not fit `u64`
+/// (`kv mem` with an absurd `--tokens` gets this, not a wrapped number).
+///
+/// ```
+/// use kv_core::{memory, KvDType, KvError, ModelShape};
+/// let llama2 = ModelShape::preset("llama-2-7b")?;
+/// let huge = memory::cache_bytes(&llama2, KvDType::F16, usize::MAX);
+/// assert!(matches!(huge, Err(KvError::Overflow { .. })));
+/// # Ok::<(), kv_core::KvError>(())
+/// ```
 pub fn cache_bytes(shape: &ModelShape, dtype: KvDType, tokens: usize) -> Result<u64> {
-    Ok(bytes_per_token(shape, dtype)? as u64 * tokens as u64)
+    let per_token = bytes_per_token(shape, dtype)?;
+    let overflow = || KvError::Overflow {
+        what: "cache bytes",
+        detail: format!(
+            "{tokens} tokens x {per_token} bytes per token ({dtype}) is more than u64::MAX"
+        ),
+    };
+    let per_token = u64::try_from(per_token).map_err(|_| overflow())?;
+    let tokens_u64 = u64::try_from(tokens).map_err(|_| overflow())?;
+    per_token.checked_mul(tokens_u64).ok_or_else(overflow)
 }
 
 /// Bytes of one f16 residual window in one layer: the keys of a [`KvDType::Kivi`] block
@@ -68,13 +99,25 @@ pub fn cache_bytes(shape: &ModelShape, dtype: KvDType, tokens: usize) -> Result<
 /// ```
 ///
 /// # Errors
-/// When the layout does not fit the head dimension (see [`KvDType::row_bytes`]).
+/// When the layout does not fit the head dimension (see [`KvDType::row_bytes`]);
+/// [`KvError::Overflow`] when the window's size does not fit `usize`.
 pub fn residual_window_bytes(shape: &ModelShape, dtype: KvDType) -> Result<usize> {
     dtype.row_bytes(shape.head_dim())?;
-    Ok(match dtype {
-        KvDType::Kivi { .. } => shape.n_kv_heads() * dtype.block_tokens() * shape.head_dim() * 2,
-        _ => 0,
-    })
+    if !matches!(dtype, KvDType::Kivi { .. }) {
+        return Ok(0);
+    }
+    [dtype.block_tokens(), shape.head_dim(), 2]
+        .into_iter()
+        .try_fold(shape.n_kv_heads(), usize::checked_mul)
+        .ok_or_else(|| KvError::Overflow {
+            what: "residual window bytes",
+            detail: format!(
+                "{} KV heads x {} tokens x {} f16 elements is more than usize::MAX bytes",
+                shape.n_kv_heads(),
+                dtype.block_tokens(),
+                shape.head_dim()
+            ),
+        })
 }
 
 /// A byte count in binary units, exact where it can be (`2 GiB`, `180 MiB`, `22.5 KiB`).
@@ -140,6 +183,76 @@ mod tests {
             let want = if d.block_tokens() > 1 { 12_288 } else { 0 };
             assert!(w.is_err() || w.unwrap() == want, "{d}");
         }
+    }
+
+    #[test]
+    fn overflow_is_an_error_at_every_edge() {
+        let smol = ModelShape::preset("smollm2-135m").unwrap();
+        let per_token = bytes_per_token(&smol, KvDType::F16).unwrap() as u64;
+        // The largest token count that fits u64 is exact; one more overflows.
+        let most = usize::try_from(u64::MAX / per_token).unwrap();
+        assert_eq!(
+            cache_bytes(&smol, KvDType::F16, most).unwrap(),
+            most as u64 * per_token
+        );
+        for tokens in [most + 1, usize::MAX] {
+            assert!(matches!(
+                cache_bytes(&smol, KvDType::F16, tokens),
+                Err(KvError::Overflow {
+                    what: "cache bytes",
+                    ..
+                })
+            ));
+        }
+        // Zero tokens of any shape cost nothing, even one whose token is huge.
+        assert_eq!(cache_bytes(&smol, KvDType::F32, 0).unwrap(), 0);
+
+        // Huge layer counts: 2 x layers x heads x row overflows usize.
+        let layers = usize::MAX / 2 / 3 / 128;
+        let big = ModelShape::new(layers, 9, 3, 64).unwrap();
+        assert_eq!(
+            bytes_per_token(&big, KvDType::F16).unwrap(),
+            2 * layers * 3 * 128
+        );
+        let bigger = ModelShape::new(layers + 1, 9, 3, 64).unwrap();
+        let err = bytes_per_token(&bigger, KvDType::F16).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KvError::Overflow {
+                    what: "bytes per token",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&format!("{} layers", layers + 1)));
+        // The error propagates through cache_bytes, whatever the token count.
+        assert!(matches!(
+            cache_bytes(&bigger, KvDType::F16, 1),
+            Err(KvError::Overflow { .. })
+        ));
+        let max_layers = ModelShape::new(usize::MAX, usize::MAX, usize::MAX, 1).unwrap();
+        assert!(matches!(
+            bytes_per_token(&max_layers, KvDType::F32),
+            Err(KvError::Overflow { .. })
+        ));
+
+        // The KIVI residual window: n_kv_heads x 32 x head_dim x 2.
+        let kivi4: KvDType = "kivi4".parse().unwrap();
+        let heads = usize::MAX / (32 * 64 * 2);
+        let wide = ModelShape::new(1, heads, heads, 64).unwrap();
+        assert_eq!(
+            residual_window_bytes(&wide, kivi4).unwrap(),
+            heads * 32 * 64 * 2
+        );
+        let wider = ModelShape::new(1, heads + 1, heads + 1, 64).unwrap();
+        assert!(matches!(
+            residual_window_bytes(&wider, kivi4),
+            Err(KvError::Overflow { .. })
+        ));
+        // Layouts without a window never overflow it.
+        assert_eq!(residual_window_bytes(&wider, KvDType::F16).unwrap(), 0);
     }
 
     #[test]

@@ -49,6 +49,16 @@ pub enum QuantError {
         head_dim: usize,
     },
 
+    /// The length an argument would need does not fit in `usize`: no slice can have it, so
+    /// the call is refused instead of comparing against a wrapped or saturated number.
+    #[error("{what}: the required length ({detail}) does not fit usize")]
+    LengthOverflow {
+        /// Which argument (`"rows"`, `"out"`, ...).
+        what: &'static str,
+        /// The product that overflowed, in words.
+        detail: String,
+    },
+
     /// The input holds a NaN or an infinity. Such a value is never stored: a NaN in a key
     /// would poison every score of the block through the shared scale.
     #[error("input element {index} is {value}: NaN and infinities cannot be stored")]
@@ -97,6 +107,14 @@ pub enum QuantError {
 
 /// `Result` with [`QuantError`].
 pub type Result<T, E = QuantError> = std::result::Result<T, E>;
+
+/// `a * b`, or `Err(LengthOverflow)` naming `what` when it does not fit `usize`.
+pub(crate) fn checked_len(what: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b).ok_or_else(|| QuantError::LengthOverflow {
+        what,
+        detail: format!("{a} x {b}"),
+    })
+}
 
 /// `Err(LengthMismatch)` unless `got == expected`.
 pub(crate) fn expect_len(what: &'static str, expected: usize, got: usize) -> Result<()> {

@@ -205,7 +205,9 @@ impl RowFormat {
     ///
     /// # Errors
     /// [`QuantError::LengthMismatch`] when no whole number of elements (or groups) gives
-    /// `row_len` bytes, with `expected` the nearest valid length below it.
+    /// `row_len` bytes, with `expected` the nearest valid length below it;
+    /// [`QuantError::LengthOverflow`] when the element count would not fit `usize` (4-bit
+    /// and 2-bit rows hold more elements than bytes).
     pub fn head_dim_of(self, row_len: usize) -> Result<usize> {
         let (unit_bytes, unit_elems) = match (self, self.group(), self.group_bytes()) {
             (RowFormat::F32, _, _) => (4, 1),
@@ -220,7 +222,7 @@ impl RowFormat {
                 got: row_len,
             });
         }
-        Ok(units * unit_elems)
+        crate::error::checked_len("row", units, unit_elems)
     }
 
     /// Checks `row_len == row_bytes(head_dim)`.

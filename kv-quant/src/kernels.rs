@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::OnceLock;
 
-use crate::error::{expect_len, QuantError, Result};
+use crate::error::{checked_len, expect_len, QuantError, Result};
 use crate::format::RowFormat;
 use crate::kivi::KiviKeyFormat;
 use crate::scalar;
@@ -233,7 +233,8 @@ impl Kernels {
         let rb = format.row_bytes(head_dim)?;
         let n = rows.len() / rb;
         crate::error::expect_len("rows", n * rb, rows.len())?;
-        crate::error::expect_len("out", n * head_dim, out.len())?;
+        let out_len = crate::error::checked_len("out", n, head_dim)?;
+        crate::error::expect_len("out", out_len, out.len())?;
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
@@ -332,7 +333,7 @@ impl Kernels {
         out: &mut [f32],
     ) -> Result<()> {
         let rb = format.row_bytes(q.len())?;
-        expect_len("rows", rb.saturating_mul(out.len()), rows.len())?;
+        expect_len("rows", checked_len("rows", rb, out.len())?, rows.len())?;
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
@@ -368,7 +369,7 @@ impl Kernels {
         acc: &mut [f32],
     ) -> Result<()> {
         let rb = format.row_bytes(acc.len())?;
-        expect_len("rows", rb.saturating_mul(weights.len()), rows.len())?;
+        expect_len("rows", checked_len("rows", rb, weights.len())?, rows.len())?;
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
@@ -757,7 +758,12 @@ fn check_strided(
     n: usize,
     len: usize,
 ) -> Result<()> {
-    let need = (heads - 1).saturating_mul(stride).saturating_add(n);
+    let need = checked_len(what, heads - 1, stride)?
+        .checked_add(n)
+        .ok_or_else(|| QuantError::LengthOverflow {
+            what,
+            detail: format!("{} x {stride} + {n}", heads - 1),
+        })?;
     if len < need {
         return Err(QuantError::LengthMismatch {
             what,

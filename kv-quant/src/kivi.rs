@@ -43,7 +43,7 @@ use std::fmt;
 
 use half::f16;
 
-use crate::error::{expect_len, QuantError, Result};
+use crate::error::{checked_len, expect_len, QuantError, Result};
 use crate::kernels::Kernels;
 use crate::layout::{asym_bound, asym_code, asym_params, f16_bits_to_f32};
 #[cfg(doc)]
@@ -199,7 +199,7 @@ impl KiviKeyFormat {
         let bytes = self.block_bytes(head_dim)?;
         expect_len(
             "keys",
-            self.block_tokens.saturating_mul(head_dim),
+            checked_len("keys", self.block_tokens, head_dim)?,
             keys.len(),
         )?;
         expect_len("out", bytes, out.len())?;
@@ -252,7 +252,11 @@ impl KiviKeyFormat {
     /// `block` or `out`.
     pub fn dequantize_block(&self, block: &[u8], head_dim: usize, out: &mut [f32]) -> Result<()> {
         self.check_block(head_dim, block.len())?;
-        expect_len("out", self.block_tokens.saturating_mul(head_dim), out.len())?;
+        expect_len(
+            "out",
+            checked_len("out", self.block_tokens, head_dim)?,
+            out.len(),
+        )?;
         for (t, row) in out.chunks_exact_mut(head_dim).enumerate() {
             for (c, o) in row.iter_mut().enumerate() {
                 *o = self.value(block, head_dim, t, c);

@@ -5,6 +5,7 @@
 
 mod bench;
 mod fetch;
+mod fuzz;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -16,7 +17,8 @@ cargo xtask <command>
 commands:
   demo          fetch the model if absent, generate with and without the KV cache, compare
   test-all      everything a contributor must pass (fmt, clippy, tests, doc tests,
-                backend conformance, real-model tests in release, bench --quick)
+                backend conformance, real-model tests in release, bench --quick,
+                fuzz: 60 s a target, KV_FUZZ_SECONDS to change it)
   fetch-model   download SmolLM2-135M-Instruct (GGUF) into the model directory
   bench         measure in one run and write target/kv-bench/report.md with SVG plots:
                 memory probe and decode attention per layout (SmolLM2 and Llama-2-7B
@@ -30,6 +32,12 @@ commands:
     --threads N threads for kv and candle (default 2)
     --report-only  measure nothing: rewrite the report from target/kv-bench/results.txt
     --publish   copy the report, plots and raw lines into docs/bench/ (what the README quotes)
+  fuzz [--seconds N] [TARGET...]
+                build the cargo-fuzz targets in fuzz/ (nightly; installs cargo-fuzz if
+                absent) and run each for N seconds (default 60): gguf, tokenizer,
+                cache_ops. Fails on a crash, printing the reproducer's path. Build cache:
+                ~/.cache/kv/fuzz-target; growing corpus: ~/.cache/kv/fuzz-corpus
+    --make-seeds  rewrite the committed seed corpus (fuzz/seeds) and run nothing
   help          this text
 
 environment:
@@ -41,6 +49,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("test-all") => test_all(),
         Some("bench") => bench::Options::parse(&args[1..]).and_then(|o| bench::bench(&o)),
+        Some("fuzz") => fuzz::Options::parse(&args[1..]).and_then(|o| fuzz::fuzz(&o)),
         Some("fetch-model") => fetch::ensure_model().map(|p| println!("model: {}", p.display())),
         None | Some("help" | "-h" | "--help") => {
             println!("{HELP}");
@@ -141,6 +150,15 @@ fn test_all() -> Result<(), String> {
     // no speed is asserted.
     println!("\n==> bench harness (cargo xtask bench --quick)");
     bench::bench(&bench::Options::parse(&["--quick".to_string()])?)?;
+
+    // Every fuzz target for a bounded time (60 s each by default; KV_FUZZ_SECONDS
+    // overrides it): a crash fails the run with its reproducer.
+    let mut fuzz_args = Vec::new();
+    if let Some(seconds) = std::env::var_os("KV_FUZZ_SECONDS") {
+        fuzz_args.push("--seconds".to_string());
+        fuzz_args.push(seconds.to_string_lossy().into_owned());
+    }
+    fuzz::fuzz(&fuzz::Options::parse(&fuzz_args)?)?;
 
     println!(
         "\ntest-all: everything passed in {:.1} min",
