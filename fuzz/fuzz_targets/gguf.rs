@@ -3,8 +3,9 @@
 //! no abort, no allocation sized by an unchecked count (libFuzzer's malloc limit catches
 //! those).
 //!
-//! The bytes reach kv-model through [`parse_metadata`] alone: when kv-model's pre-flight
-//! check on byte slices lands, that one function is pointed at it.
+//! The bytes reach kv-model through [`parse_metadata`] alone: kv-model's pre-flight check
+//! (`check_gguf_bytes`), then candle's reader on what the check let through, as
+//! `kv_model::load` does.
 #![no_main]
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use libfuzzer_sys::fuzz_target;
 /// The library entry point under test: bytes of a GGUF file to its metadata, or `None` for
 /// a file refused with an error. The one call to change when the entry point changes.
 fn parse_metadata(bytes: &[u8]) -> Option<HashMap<String, Value>> {
+    kv_model::check_gguf_bytes(bytes).ok()?;
     Content::read(&mut Cursor::new(bytes))
         .ok()
         .map(|content| content.metadata)
