@@ -1040,7 +1040,7 @@ fn check_causal_mask<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
         for (row, got) in out.chunks_exact(2 * d).enumerate() {
             let pos = kv_len - n_queries + row;
             let want = pos as f32 / 2.0;
-            if let Some(&g) = got.iter().find(|&&g| !((g - want).abs() <= 0.1)) {
+            if let Some(&g) = got.iter().find(|&&g| !within((g - want).abs().into(), 0.1)) {
                 let seen = (2.0 * g).round() + 1.0;
                 return Err(format!(
                     "the query at position {pos} ({n_queries} queries over {kv_len} tokens) \
@@ -1074,7 +1074,7 @@ fn check_head_mapping<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<()
             let want = h / group;
             if let Some(&g) = got
                 .iter()
-                .find(|&&g| !((g - (want + 1) as f32).abs() <= 0.05))
+                .find(|&&g| !within((g - (want + 1) as f32).abs().into(), 0.05))
             {
                 return Err(format!(
                     "with {q_heads} query heads over {kv_heads} KV heads, query head {h} read \
