@@ -14,10 +14,16 @@
 //!   f16 input tensors; overwrites replace; an untouched layer reads back zero;
 //! - **copy_blocks**: copies every layer's K and V, leaves the sources and every other block
 //!   as they were, also for a block rewritten from its first slot up to half its length
-//!   (copy-on-write of a partly filled block); writing to a copy changes neither the source
-//!   nor another copy;
+//!   (copy-on-write of a partly filled block), one source to many targets and a self-move;
+//!   writing to a copy changes neither the source nor another copy; a chain of moves
+//!   applies in order; a copy run from target to source is named as such;
 //! - **errors**: each bad call below fails with the stated [`KvError`] variant and leaves
-//!   the storage bit-for-bit unchanged.
+//!   the storage bit-for-bit unchanged;
+//! - **causal mask** and **head mapping**: probes whose outputs say what a query saw (zero
+//!   keys weigh visible tokens equally, values encode their position or KV head), so a
+//!   query that sees a token after its own, or a query head that reads another KV head
+//!   than `h / (q_heads / kv_heads)`, fails with a message that says so before the
+//!   attention cases run.
 //!
 //! A layout the backend does not support is skipped, with the reason in the [`Report`],
 //! after checking that `allocate` answers [`KvError::Unsupported`] for it.
@@ -91,7 +97,15 @@
 //! | `copy_blocks` with a block past the end                | [`KvError::OutOfRange`]      |
 //!
 //! Calls that fail must leave the storage as it was, even when the bad slot or move comes
-//! after good ones.
+//! after good ones. `kv_core::validate` makes every check of this table that does not
+//! depend on the values.
+//!
+//! # The suite tests itself
+//!
+//! `tests/suite_catches_faults.rs` runs it on the plain backend of
+//! `examples/custom_backend.rs`, which passes, and on four broken twins (a causal mask off
+//! by one, `h % kv_heads` head mapping, copies in the wrong direction, writes that store
+//! rows before finding a bad one), each of which must fail with a message naming its fault.
 //!
 //! # Example
 //!
@@ -280,6 +294,12 @@ pub fn check_with<B: CacheBackend>(
         dr.error_cases =
             guarded(|| check_errors(backend, dtype)).map_err(|d| fail(Some(dtype), "errors", d))?;
         dr.checks.push("errors");
+        guarded(|| check_causal_mask(backend, dtype))
+            .map_err(|d| fail(Some(dtype), "causal mask", d))?;
+        dr.checks.push("causal mask");
+        guarded(|| check_head_mapping(backend, dtype))
+            .map_err(|d| fail(Some(dtype), "head mapping", d))?;
+        dr.checks.push("head mapping");
 
         let stats = RefCell::new(AttnStats::default());
         for case in sweep_cases() {
@@ -860,6 +880,25 @@ fn check_copy_blocks<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
         6 => 2,
         other => other,
     };
+    let pools = 2 * spec.shape.n_layers();
+    let block_of = |snap: &[f32], pool: usize, b: usize| -> Vec<f32> {
+        snap[(pool * spec.num_blocks + b) * block_len..][..block_len].to_vec()
+    };
+    // A copy from `to` into `from` is the classic swap of a (dst, src) convention: name it.
+    for &(from, to) in &moves {
+        let (from, to) = (from as usize, to as usize);
+        let reversed = from != to
+            && (0..pools).all(|p| {
+                block_of(&after, p, from) == block_of(&before, p, to)
+                    && block_of(&before, p, from) != block_of(&before, p, to)
+            });
+        if reversed {
+            return Err(format!(
+                "copy_blocks({moves:?}) copied block {to} into block {from}: the copy ran in \
+                 the wrong direction (a move is (from, to) and copies `from` into `to`)"
+            ));
+        }
+    }
     for (chunk, (a, b)) in after
         .chunks(block_len)
         .zip(before.chunks(block_len))
@@ -899,7 +938,7 @@ fn check_copy_blocks<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
         .map_err(|e| format!("writing to a copy: {e}"))?;
     let written = snapshot(backend, &storage)?;
     for block in [1usize, 7] {
-        for pool in 0..2 * spec.shape.n_layers() {
+        for pool in 0..pools {
             let at = (pool * spec.num_blocks + block) * block_len;
             if written[at..at + block_len] != after[at..at + block_len] {
                 return Err(format!(
@@ -907,6 +946,141 @@ fn check_copy_blocks<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
                     next[0],
                     if pool % 2 == 0 { "K" } else { "V" },
                     pool / 2
+                ));
+            }
+        }
+    }
+
+    // Moves apply in order: a chain carries block 2's rows through 4 into 0.
+    let chain = [(2, 4), (4, 0)];
+    backend
+        .copy_blocks(&mut storage, &chain)
+        .map_err(|e| format!("copy_blocks({chain:?}): {e}"))?;
+    let chained = snapshot(backend, &storage)?;
+    for pool in 0..pools {
+        let source = block_of(&written, pool, 2);
+        for block in [4usize, 0] {
+            if block_of(&chained, pool, block) != source {
+                return Err(format!(
+                    "after copy_blocks({chain:?}), {} of layer {} block {block} does not hold \
+                     block 2's rows: moves apply one after another, in the order given",
+                    if pool % 2 == 0 { "K" } else { "V" },
+                    pool / 2
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `rows` tokens (the blocks of `seq` must hold them, perhaps more than `seq`'s
+/// length) with zero keys and values `value(token, kv_head)` in every element to layer 0, and attends from queries of ones: zero keys weigh every visible
+/// token the same, so each output is the mean of the values its query saw.
+fn mean_probe<B: CacheBackend>(
+    backend: &B,
+    dtype: KvDType,
+    (q_heads, kv_heads): (usize, usize),
+    rows: usize,
+    value: impl Fn(usize, usize) -> f32,
+    seq: &SeqAttention,
+) -> Result<Vec<f32>, String> {
+    let d = fit_head_dim(dtype, 64);
+    let bs = fit_block(dtype, 4);
+    let shape = ModelShape::new(1, q_heads, kv_heads, d).map_err(s)?;
+    let spec = StorageSpec::new(shape, dtype, bs, rows.div_ceil(bs) + 2).map_err(s)?;
+    let mut storage = backend.allocate(&spec).map_err(s)?;
+    let slots: Vec<Slot> = (0..rows)
+        .map(|t| Slot {
+            block: seq.blocks()[t / bs],
+            offset: (t % bs) as u32,
+        })
+        .collect();
+    let k = vec![0.0f32; rows * kv_heads * d];
+    let v: Vec<f32> = (0..rows * kv_heads)
+        .flat_map(|r| std::iter::repeat_n(value(r / kv_heads, r % kv_heads), d))
+        .collect();
+    let dims = (rows, kv_heads, d);
+    backend
+        .write(
+            &mut storage,
+            0,
+            &slots,
+            &tensor(backend, k, dims)?,
+            &tensor(backend, v, dims)?,
+        )
+        .map_err(|e| format!("writing the probe's K/V: {e}"))?;
+    let n = seq.n_queries();
+    let q = tensor(backend, vec![1.0; n * q_heads * d], (n, q_heads, d))?;
+    let batch = AttentionBatch::new(vec![seq.clone()], d);
+    let out = backend
+        .attend(&storage, 0, &q, &batch)
+        .map_err(|e| format!("attend failed: {e}"))?;
+    if out.dims() != [n, q_heads, d] {
+        return Err(format!("attend returned shape {:?}", out.dims()));
+    }
+    host(&out)
+}
+
+/// Every query must see exactly the keys at positions `0..=` its own. With equal scores a
+/// query's output is the mean of the values it saw; values equal to their position make
+/// that mean `p / 2` for a query at `p` that saw `p + 1` tokens, so the count seen can be
+/// read back and named.
+fn check_causal_mask<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(), String> {
+    let bs = fit_block(dtype, 4);
+    // 7 tokens over blocks 2, 0, 1 (room for more), as a prefill of all 7 and a decode step
+    // at position 4 of the first 5.
+    let blocks: Vec<BlockId> = vec![2, 0, 1]
+        .into_iter()
+        .take(7usize.div_ceil(bs) + 1)
+        .collect();
+    for (kv_len, n_queries) in [(7, 7), (5, 1)] {
+        let seq = SeqAttention::new(blocks.clone(), kv_len, n_queries).map_err(s)?;
+        let d = fit_head_dim(dtype, 64);
+        let out = mean_probe(backend, dtype, (2, 2), 7, |t, _| t as f32, &seq)?;
+        for (row, got) in out.chunks_exact(2 * d).enumerate() {
+            let pos = kv_len - n_queries + row;
+            let want = pos as f32 / 2.0;
+            if let Some(&g) = got.iter().find(|&&g| !within((g - want).abs().into(), 0.1)) {
+                let seen = (2.0 * g).round() + 1.0;
+                return Err(format!(
+                    "the query at position {pos} ({n_queries} queries over {kv_len} tokens) \
+                     averaged values as if it saw {seen} tokens (output {g}, expected {want} \
+                     from the {} tokens at positions 0..={pos}): a query sees the keys up to \
+                     and including its own position, none after it",
+                    pos + 1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Query head `h` must read KV head `h / (q_heads / kv_heads)`. One token whose KV head `j`
+/// holds the value `j + 1` makes every output name the KV head its query head read.
+fn check_head_mapping<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(), String> {
+    let d = fit_head_dim(dtype, 64);
+    for (q_heads, kv_heads) in [(6, 2), (4, 1), (3, 3)] {
+        let seq = SeqAttention::new(vec![1], 1, 1).map_err(s)?;
+        let out = mean_probe(
+            backend,
+            dtype,
+            (q_heads, kv_heads),
+            1,
+            |_, j| (j + 1) as f32,
+            &seq,
+        )?;
+        let group = q_heads / kv_heads;
+        for (h, got) in out.chunks_exact(d).enumerate() {
+            let want = h / group;
+            if let Some(&g) = got
+                .iter()
+                .find(|&&g| !within((g - (want + 1) as f32).abs().into(), 0.05))
+            {
+                return Err(format!(
+                    "with {q_heads} query heads over {kv_heads} KV heads, query head {h} read \
+                     KV head {} (output {g}), expected KV head {want}: query head h reads KV \
+                     head h / (q_heads / kv_heads)",
+                    g.round() - 1.0
                 ));
             }
         }
@@ -1041,7 +1215,9 @@ fn check_errors<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<u32, Str
     for (what, want, layer, slots, k, v) in writes {
         expect_error(what, want, backend.write(&mut storage, layer, slots, k, v))?;
         if snapshot(backend, &storage)? != before {
-            return Err(format!("{what}: failed but changed the storage"));
+            return Err(format!(
+                "{what}: failed but changed the storage (a call that fails must write nothing)"
+            ));
         }
         count += 1;
     }
@@ -1114,7 +1290,9 @@ fn check_errors<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<u32, Str
             backend.copy_blocks(&mut storage, moves),
         )?;
         if snapshot(backend, &storage)? != before {
-            return Err(format!("{what}: failed but changed the storage"));
+            return Err(format!(
+                "{what}: failed but changed the storage (a call that fails must write nothing)"
+            ));
         }
         count += 1;
     }

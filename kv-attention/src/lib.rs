@@ -3,12 +3,17 @@
 //! [`PagedCache`] ties a backend's storage to the [`kv_core::CacheManager`] bookkeeping: a
 //! model asks it for slots, writes each layer's K/V, and attends. [`reference`](mod@reference)
 //! is the plain f64 attention every backend is checked against, and `conformance` (feature
-//! `conformance`) is the suite any backend runs to prove itself.
+//! `conformance`) is the suite any backend runs to prove itself. [`SequenceCache`] is the
+//! one-sequence form for code written against candle-nn's `KvCache`.
+//!
+//! `examples/custom_backend.rs` implements a backend from scratch and runs the suite on it.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod paged;
 pub mod reference;
+mod sequence;
 
 pub use paged::{CacheUsage, PagedCache};
+pub use sequence::SequenceCache;

@@ -64,7 +64,9 @@ mod x86;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use kv_core::{AttentionBatch, BlockId, CacheBackend, KvDType, KvError, Result, Slot, StorageSpec};
+use kv_core::{
+    validate, AttentionBatch, BlockId, CacheBackend, KvDType, KvError, Result, Slot, StorageSpec,
+};
 
 pub use storage::CpuStorage;
 use storage::{with_pools, Which};
@@ -169,80 +171,6 @@ impl std::fmt::Debug for CpuBackend {
     }
 }
 
-fn check_layer(layer: usize, spec: &StorageSpec) -> Result<()> {
-    let n = spec.shape.n_layers();
-    if layer >= n {
-        return Err(KvError::OutOfRange {
-            what: "layer",
-            index: layer,
-            len: n,
-        });
-    }
-    Ok(())
-}
-
-fn check_slots(slots: &[Slot], spec: &StorageSpec) -> Result<()> {
-    for s in slots {
-        if s.block as usize >= spec.num_blocks {
-            return Err(KvError::OutOfRange {
-                what: "slot block",
-                index: s.block as usize,
-                len: spec.num_blocks,
-            });
-        }
-        if s.offset as usize >= spec.block_size {
-            return Err(KvError::OutOfRange {
-                what: "slot offset",
-                index: s.offset as usize,
-                len: spec.block_size,
-            });
-        }
-    }
-    Ok(())
-}
-
-fn check_blocks(moves: &[(BlockId, BlockId)], spec: &StorageSpec) -> Result<()> {
-    if let Some(&b) = moves
-        .iter()
-        .flat_map(|(a, b)| [a, b])
-        .find(|&&b| b as usize >= spec.num_blocks)
-    {
-        return Err(KvError::OutOfRange {
-            what: "block",
-            index: b as usize,
-            len: spec.num_blocks,
-        });
-    }
-    Ok(())
-}
-
-/// Checks that `t` is a float tensor on the CPU with exactly `dims`.
-fn check_tensor(what: &'static str, t: &Tensor, dims: &[usize]) -> Result<()> {
-    if !t.device().is_cpu() {
-        return Err(KvError::InvalidArgument {
-            what,
-            detail: format!(
-                "tensor is on {:?}; the cpu backend takes CPU tensors",
-                t.device().location()
-            ),
-        });
-    }
-    if !t.dtype().is_float() {
-        return Err(KvError::InvalidArgument {
-            what,
-            detail: format!("dtype {:?} is not a float type", t.dtype()),
-        });
-    }
-    if t.dims() != dims {
-        return Err(KvError::ShapeMismatch {
-            what,
-            expected: format!("{dims:?}"),
-            got: format!("{:?}", t.dims()),
-        });
-    }
-    Ok(())
-}
-
 /// The elements of a tensor as row-major f32, seen without a copy when the tensor is a
 /// contiguous f32 CPU tensor (the common case) and converted once otherwise.
 ///
@@ -330,12 +258,7 @@ impl CacheBackend for CpuBackend {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<()> {
-        let spec = *storage.spec();
-        check_layer(layer, &spec)?;
-        check_slots(slots, &spec)?;
-        let dims = [slots.len(), spec.shape.n_kv_heads(), spec.shape.head_dim()];
-        check_tensor("k", k, &dims)?;
-        check_tensor("v", v, &dims)?;
+        validate::write(storage.spec(), &self.device, layer, slots, k, v)?;
         let (k, v) = (HostF32::new(k)?, HostF32::new(v)?);
         // Every check before the first store: a failed write changes nothing.
         k.with(|k| with_pools!(&storage.pools, p => p.check_values_of("k", k)))?;
@@ -352,15 +275,11 @@ impl CacheBackend for CpuBackend {
         batch: &AttentionBatch,
     ) -> Result<Tensor> {
         let spec = storage.spec();
-        check_layer(layer, spec)?;
-        batch.validate(spec)?;
+        validate::attend(spec, &self.device, layer, q, batch)?;
         let q_heads = spec.shape.n_q_heads();
         let dims = [batch.total_queries(), q_heads, spec.shape.head_dim()];
-        check_tensor("q", q, &dims)?;
         let out = HostF32::new(q)?.with(|data| {
-            if data.iter().any(|x| !x.is_finite()) {
-                return Err(KvError::NonFinite { what: "q" });
-            }
+            validate::finite("q", data)?;
             let queries = attend::Queries {
                 data,
                 q_heads,
@@ -379,15 +298,15 @@ impl CacheBackend for CpuBackend {
     }
 
     fn copy_blocks(&self, storage: &mut CpuStorage, moves: &[(BlockId, BlockId)]) -> Result<()> {
-        check_blocks(moves, storage.spec())?;
+        validate::moves(storage.spec(), moves)?;
         with_pools!(&mut storage.pools, p => p.copy_blocks(moves));
         Ok(())
     }
 
     fn read(&self, storage: &CpuStorage, layer: usize, slots: &[Slot]) -> Result<(Tensor, Tensor)> {
         let spec = storage.spec();
-        check_layer(layer, spec)?;
-        check_slots(slots, spec)?;
+        validate::layer(spec, layer)?;
+        validate::slots(spec, slots)?;
         let dims = [slots.len(), spec.shape.n_kv_heads(), spec.shape.head_dim()];
         let (k, v) = with_pools!(&storage.pools, p => p.read(layer, slots))?;
         Ok((

@@ -4,6 +4,9 @@ use candle_core::{Device, Tensor};
 
 use crate::{memory, BlockId, KvDType, KvError, ModelShape, Result, Slot};
 
+/// The most blocks a storage may have: every block needs an id below [`BlockId::MAX`].
+const MAX_BLOCKS: usize = BlockId::MAX as usize;
+
 /// What a backend allocates: block pools for every layer, in one layout.
 ///
 /// ```
@@ -29,10 +32,11 @@ impl StorageSpec {
     /// Checks and builds a spec.
     ///
     /// # Errors
-    /// [`KvError::InvalidArgument`] for a zero block size or count, a layout that does not
-    /// fit the head dimension, or a block size that is not a multiple of the layout's
-    /// [`KvDType::block_tokens`] (32 for KIVI); [`KvError::Overflow`] when the capacity in
-    /// tokens or in bytes does not fit its integer type.
+    /// [`KvError::InvalidArgument`] for a zero block size or count, more blocks than block
+    /// ids can number or more slots than `usize` can, a layout that does not fit the head
+    /// dimension, or a block size that is not a multiple of the layout's
+    /// [`KvDType::block_tokens`] (32 for KIVI); [`KvError::Overflow`] when the size in
+    /// bytes does not fit `u64`.
     pub fn new(
         shape: ModelShape,
         dtype: KvDType,
@@ -44,6 +48,23 @@ impl StorageSpec {
                 what: "storage spec",
                 detail: format!(
                     "block size {block_size} and block count {num_blocks} must be at least 1"
+                ),
+            });
+        }
+        if num_blocks > MAX_BLOCKS {
+            return Err(KvError::InvalidArgument {
+                what: "block count",
+                detail: format!(
+                    "{num_blocks} blocks exceed the {MAX_BLOCKS} that block ids can number"
+                ),
+            });
+        }
+        if block_size > u32::MAX as usize || block_size.checked_mul(num_blocks).is_none() {
+            return Err(KvError::InvalidArgument {
+                what: "block size",
+                detail: format!(
+                    "{block_size} tokens per block exceed the slot offsets' range or, times \
+                     {num_blocks} blocks, the address space"
                 ),
             });
         }
@@ -69,6 +90,61 @@ impl StorageSpec {
         // is exact and `bytes` fails only for a hand-built spec.
         spec.bytes()?;
         Ok(spec)
+    }
+
+    /// The largest spec of `block_size`-token blocks whose [`StorageSpec::bytes`] fits in
+    /// `budget_bytes`: size a cache by memory, as mistral.rs's `--pa-memory-mb` does,
+    /// rather than by a block count.
+    ///
+    /// KIVI layouts need, on top, one f16 residual window per layer for each block being
+    /// filled ([`memory::residual_window_bytes`]); leave room for them in the budget.
+    ///
+    /// ```
+    /// use kv_core::{KvDType, ModelShape, StorageSpec};
+    /// let shape = ModelShape::preset("smollm2-135m")?; // 23,040 bytes a token in f16
+    /// let spec = StorageSpec::from_memory_budget(shape, KvDType::F16, 16, 512 << 20)?;
+    /// assert_eq!(spec.num_blocks, 1456); // 16 tokens take 360 KiB; 1456 of them 511.9 MiB
+    /// assert!(spec.bytes()? <= 512 << 20);
+    /// // 100 KiB does not hold one block of 16 tokens.
+    /// assert!(StorageSpec::from_memory_budget(shape, KvDType::F16, 16, 100 << 10).is_err());
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`KvError::InvalidArgument`] when the budget does not hold one block, when it holds
+    /// more blocks than block ids can number, and for what [`StorageSpec::new`] refuses.
+    pub fn from_memory_budget(
+        shape: ModelShape,
+        dtype: KvDType,
+        block_size: usize,
+        budget_bytes: u64,
+    ) -> Result<Self> {
+        // Checks the block size and layout with one block before dividing by its size.
+        let one = Self::new(shape, dtype, block_size, 1)?;
+        let block_bytes = one.bytes()?;
+        let blocks = budget_bytes.checked_div(block_bytes).unwrap_or(0);
+        if blocks == 0 {
+            return Err(KvError::InvalidArgument {
+                what: "memory budget",
+                detail: format!(
+                    "{} holds no block: one block of {block_size} tokens takes {} in {dtype}",
+                    memory::format_bytes(budget_bytes),
+                    memory::format_bytes(block_bytes)
+                ),
+            });
+        }
+        let num_blocks = usize::try_from(blocks)
+            .ok()
+            .filter(|&n| n <= MAX_BLOCKS)
+            .ok_or_else(|| KvError::InvalidArgument {
+                what: "memory budget",
+                detail: format!(
+                    "{} holds {blocks} blocks of {block_size} tokens, more than the \
+                     {MAX_BLOCKS} that block ids can number; use larger blocks",
+                    memory::format_bytes(budget_bytes)
+                ),
+            })?;
+        Self::new(shape, dtype, block_size, num_blocks)
     }
 
     /// Tokens the storage holds.
@@ -186,10 +262,14 @@ impl AttentionBatch {
     pub fn total_queries(&self) -> usize {
         self.seqs.iter().map(SeqAttention::n_queries).sum()
     }
-    /// Checks that every sequence fits the storage: its blocks exist and cover its length.
+    /// Checks that the batch fits the storage: a finite scale, and for every sequence blocks
+    /// that exist and cover its length. Every backend's `attend` runs this (through
+    /// [`crate::validate::attend`]) before reading a block.
     ///
     /// # Errors
-    /// [`KvError::InvalidArgument`] or [`KvError::OutOfRange`] naming the first offender.
+    /// [`KvError::NonFinite`] for the scale; [`KvError::InvalidArgument`] (blocks that do
+    /// not cover a sequence) or [`KvError::OutOfRange`] (a block past the end) naming the
+    /// first offender.
     pub fn validate(&self, spec: &StorageSpec) -> Result<()> {
         if !self.scale.is_finite() {
             return Err(KvError::NonFinite {
@@ -197,15 +277,15 @@ impl AttentionBatch {
             });
         }
         for (i, s) in self.seqs.iter().enumerate() {
-            if s.blocks.len() * spec.block_size < s.kv_len {
+            let held = s.blocks.len().saturating_mul(spec.block_size);
+            if held < s.kv_len {
                 return Err(KvError::InvalidArgument {
                     what: "attention batch",
                     detail: format!(
-                        "sequence {i} has {} tokens but {} blocks of {} hold only {}",
+                        "sequence {i} has {} tokens but {} blocks of {} hold only {held}",
                         s.kv_len,
                         s.blocks.len(),
                         spec.block_size,
-                        s.blocks.len() * spec.block_size
                     ),
                 });
             }
@@ -224,9 +304,44 @@ impl AttentionBatch {
 /// A device that stores K/V rows in block pools and computes attention over them.
 ///
 /// The [`crate::CacheManager`] decides where tokens go; a backend only stores and computes.
-/// Tensors are candle tensors on [`CacheBackend::device`]; K and V are
-/// `[tokens, kv_heads, head_dim]`, queries and outputs `[tokens, q_heads, head_dim]`.
-/// Implementors prove themselves with `kv_attention::conformance::check`.
+/// Implementors prove themselves with `kv_attention::conformance::check`, which checks every
+/// rule below; `kv-attention/examples/custom_backend.rs` is a complete backend in about 200
+/// lines that passes it.
+///
+/// # The contract
+///
+/// **Storage.** [`allocate`](Self::allocate) builds pools for every layer of
+/// [`StorageSpec::shape`], [`StorageSpec::num_blocks`] blocks of
+/// [`StorageSpec::block_size`] token slots each, for K and for V, reading back as zero.
+/// Token slot `(block, offset)` of a layer holds one K row and one V row of
+/// `kv_heads x head_dim` elements, in the spec's [`KvDType`].
+///
+/// **Tensors.** Every tensor passed in or returned lives on [`device`](Self::device). K and
+/// V are `[tokens, kv_heads, head_dim]`, queries and outputs `[tokens, q_heads, head_dim]`.
+/// Inputs may have any float dtype (f32, f16, bf16, f64) and any strides (a transposed or
+/// narrowed view, K and V as views of one fused projection): a backend converts, it does not
+/// refuse. Outputs are contiguous f32.
+///
+/// **Heads.** Query head `h` reads KV head `h / (q_heads / kv_heads)`: with 6 query heads
+/// over 2 KV heads, heads 0-2 read KV head 0 and heads 3-5 read KV head 1 (the layout of
+/// Llama's and candle-transformers' `repeat_kv`). MHA (one KV head per query head) and MQA
+/// (one KV head) are the two ends of the same rule.
+///
+/// **Positions.** In an [`AttentionBatch`], query `i` of a sequence with `kv_len` tokens
+/// and `n_queries` queries sits at position `kv_len - n_queries + i` and sees the keys at
+/// positions `0..=` its own (causal by position), softmax-weighted with scores
+/// `scale * q . k`. A query's own token is visible: write a step's K/V before attending.
+///
+/// **Errors and atomicity.** A call that fails returns the [`KvError`] variant listed under
+/// its method and changes nothing: a bad slot, move or value after good ones must not leave
+/// the good ones written. [`crate::validate`] performs every check that does not depend on
+/// the values, with the variants below; call it first.
+///
+/// **Provided methods.** Only [`attend`](Self::attend) has a default: plain f64 attention
+/// over what [`read`](Self::read) returns ([`crate::reference::attend_by_reading`]), exact
+/// for the float and per-row quantized layouts and slow. It lets a backend that only stores
+/// pass the conformance suite before it has kernels; override it for speed, and for any
+/// layout whose attention must see something other than `read`'s rows (KIVI).
 pub trait CacheBackend: Send + Sync {
     /// Block pools for all layers in one layout, resident on this backend's device.
     type Storage: Send + Sync;
@@ -237,25 +352,32 @@ pub trait CacheBackend: Send + Sync {
     /// Where tensors passed in and returned live.
     fn device(&self) -> &Device;
 
-    /// Whether this backend stores `dtype`; other calls with it answer
-    /// [`KvError::Unsupported`].
+    /// Whether this backend stores `dtype`. For a layout it does not, `allocate` answers
+    /// [`KvError::Unsupported`] (the conformance suite then skips the layout and says why).
     fn supports(&self, dtype: KvDType) -> bool;
 
-    /// Allocates zeroed pools for `spec`.
+    /// Allocates pools for `spec` that read back as zero everywhere.
     ///
     /// # Errors
-    /// [`KvError::Unsupported`] for a layout the backend lacks; allocation failures.
+    /// [`KvError::Unsupported`] for a layout [`supports`](Self::supports) denies;
+    /// [`KvError::BackendUnavailable`] or a tensor error when the memory cannot be had.
     fn allocate(&self, spec: &StorageSpec) -> Result<Self::Storage>;
 
-    /// The spec `storage` was allocated with.
+    /// The spec `storage` was allocated with (the same value, not a recomputed one).
     fn spec<'a>(&self, storage: &'a Self::Storage) -> &'a StorageSpec;
 
-    /// Stores K and V (`[slots.len(), kv_heads, head_dim]`) of `layer` into `slots`,
-    /// converting to the storage layout.
+    /// Stores row `i` of K and V (`[slots.len(), kv_heads, head_dim]`, any float dtype, any
+    /// strides) of `layer` into `slots[i]`, converting (or quantizing) to the storage
+    /// layout. A slot written before is overwritten; other slots and layers are untouched.
+    /// An empty `slots` with `[0, kv_heads, head_dim]` tensors is a no-op.
     ///
     /// # Errors
-    /// Shape mismatches, slots or layer out of range, non-finite values; nothing is written
-    /// on error.
+    /// Nothing is written on error.
+    /// - [`KvError::OutOfRange`]: `layer`, a slot's block or a slot's offset past the end;
+    /// - [`KvError::ShapeMismatch`]: K or V not `[slots.len(), kv_heads, head_dim]`;
+    /// - [`KvError::InvalidArgument`]: a tensor on another device or of an integer dtype;
+    ///   a finite value the layout cannot hold (f16 stops at 65504);
+    /// - [`KvError::NonFinite`]: NaN or infinity anywhere in K or V.
     fn write(
         &self,
         storage: &mut Self::Storage,
@@ -265,30 +387,50 @@ pub trait CacheBackend: Send + Sync {
         v: &Tensor,
     ) -> Result<()>;
 
-    /// Attention of `q` (`[batch.total_queries(), q_heads, head_dim]`) over the cached K/V
-    /// of `layer`; returns the same shape as `q`, in f32.
+    /// Attention of `q` (`[batch.total_queries(), q_heads, head_dim]`, the queries of
+    /// `batch.seqs` concatenated in order) over the cached K/V of `layer`; returns the same
+    /// shape as `q`, in f32. See the contract above for head mapping and positions.
+    ///
+    /// The batch comes from the caller and must be validated against the storage before
+    /// any block is read ([`crate::validate::attend`] does all of it).
+    ///
+    /// Provided: [`crate::reference::attend_by_reading`], f64 attention over what
+    /// [`read`](Self::read) returns.
     ///
     /// # Errors
-    /// Shape mismatches, an invalid batch.
+    /// - [`KvError::OutOfRange`]: `layer` or a block of the batch past the end;
+    /// - [`KvError::InvalidArgument`]: a sequence whose blocks hold fewer than its `kv_len`
+    ///   tokens; `q` on another device or of an integer dtype;
+    /// - [`KvError::ShapeMismatch`]: `q` not `[total_queries, q_heads, head_dim]`;
+    /// - [`KvError::NonFinite`]: a non-finite scale, or NaN or infinity in `q`.
     fn attend(
         &self,
         storage: &Self::Storage,
         layer: usize,
         q: &Tensor,
         batch: &AttentionBatch,
-    ) -> Result<Tensor>;
+    ) -> Result<Tensor> {
+        crate::reference::attend_by_reading(self, storage, layer, q, batch)
+    }
 
     /// Copies whole blocks, every layer, K and V (copy-on-write of forked sequences).
     ///
-    /// # Errors
-    /// Blocks out of range; nothing is copied on error.
-    fn copy_blocks(&self, storage: &mut Self::Storage, moves: &[(BlockId, BlockId)]) -> Result<()>;
-
-    /// K and V of `layer` at `slots`, dequantized to f32 `[slots.len(), kv_heads, head_dim]`:
-    /// for tests, export and persistence.
+    /// Moves are `(from, to)` and apply one after another in the order given, as a loop
+    /// of single-block copies would: a chain `[(1, 2), (2, 3)]` leaves block 1's rows in
+    /// both 2 and 3; one source may be copied to many targets; `(b, b)` changes nothing.
+    /// Blocks not named as a target keep their rows. The [`crate::CacheManager`] only asks
+    /// for copies into fresh blocks, but a backend must not rely on that.
     ///
     /// # Errors
-    /// Slots or layer out of range.
+    /// [`KvError::OutOfRange`] for a block past the end, in any move; nothing is copied then.
+    fn copy_blocks(&self, storage: &mut Self::Storage, moves: &[(BlockId, BlockId)]) -> Result<()>;
+
+    /// K and V of `layer` at `slots`, as stored (dequantized) in f32
+    /// `[slots.len(), kv_heads, head_dim]`: for tests, export, persistence and the provided
+    /// [`attend`](Self::attend). Slots may repeat and come in any order.
+    ///
+    /// # Errors
+    /// [`KvError::OutOfRange`]: `layer`, a slot's block or a slot's offset past the end.
     fn read(
         &self,
         storage: &Self::Storage,

@@ -26,8 +26,10 @@ mod error;
 mod manager;
 pub mod memory;
 mod prefix;
+pub mod reference;
 mod shape;
 mod shared;
+pub mod validate;
 
 pub use backend::{AttentionBatch, CacheBackend, SeqAttention, StorageSpec};
 pub use blocks::{BlockAllocator, BlockId, BlockTable, Slot};

@@ -128,8 +128,26 @@ fn test_all() -> Result<(), String> {
         .env("RUSTDOCFLAGS", "-D warnings");
     run("documentation builds without broken links", docs)?;
 
+    // The implementor's path end to end: a backend written from scratch in the example
+    // runs the suite and must pass it.
+    let mut example = cargo();
+    example.args([
+        "run",
+        "-p",
+        "kv-attention",
+        "--example",
+        "custom_backend",
+        "--features",
+        "conformance",
+    ]);
+    run(
+        "a backend written from scratch passes conformance (kv-attention/examples/custom_backend.rs)",
+        example,
+    )?;
+
     println!("\n==> backend conformance");
     println!("    cpu: ran above (kv-backend-cpu/tests/conformance.rs)");
+    println!("    vec (the example backend): ran above; its broken twins fail it (kv-attention/tests/suite_catches_faults.rs)");
     println!("    cuda: skipped: kv-backend-cuda has no kernels yet (built as the stub that reports itself unavailable)");
 
     let model = fetch::ensure_model()?;
