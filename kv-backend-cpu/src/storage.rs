@@ -500,10 +500,21 @@ mod tests {
     #[test]
     fn absurd_specs_are_a_typed_error_not_an_abort() {
         let shape = ModelShape::new(1, 8, 8, 128).expect("valid shape");
-        let s = StorageSpec::new(shape, KvDType::F32, 1 << 30, u32::MAX as usize).expect("spec");
+        // `StorageSpec::new` refuses a size that overflows; a spec built field by field
+        // reaches the allocator unchecked, which must refuse it too.
+        assert!(matches!(
+            StorageSpec::new(shape, KvDType::F32, 1 << 30, u32::MAX as usize),
+            Err(KvError::Overflow { .. })
+        ));
+        let s = StorageSpec {
+            shape,
+            dtype: KvDType::F32,
+            block_size: 1 << 30,
+            num_blocks: u32::MAX as usize,
+        };
         assert!(matches!(
             CpuStorage::allocate(&s),
-            Err(KvError::InvalidArgument { .. })
+            Err(KvError::InvalidArgument { .. } | KvError::Overflow { .. })
         ));
     }
 }
