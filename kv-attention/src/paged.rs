@@ -33,7 +33,8 @@ pub struct CacheUsage {
 /// use kv_attention::PagedCache;
 /// # use kv_core::{KvDType, ModelShape, StorageSpec};
 /// # fn demo<B: kv_core::CacheBackend>(backend: B) -> kv_core::Result<()> {
-/// let spec = StorageSpec::new(ModelShape::new(2, 4, 2, 64)?, KvDType::F16, 16, 64)?;
+/// let shape = ModelShape::builder().layers(2).q_heads(4).kv_heads(2).head_dim(64).build()?;
+/// let spec = StorageSpec::builder(shape, KvDType::F16).block_size(16).num_blocks(64).build()?;
 /// let mut cache = PagedCache::new(backend, spec)?;
 /// let seq = cache.create_sequence();
 /// let slots = cache.reserve(seq, 10)?; // then write each layer's K/V into them
@@ -99,7 +100,7 @@ impl<B: CacheBackend> PagedCache<B> {
 
     /// Starts an empty sequence.
     pub fn create_sequence(&mut self) -> SeqId {
-        self.manager.create()
+        self.manager.create_sequence()
     }
 
     /// Starts a sequence reusing the cached K/V of the longest full-block prefix of `prompt`
@@ -121,13 +122,13 @@ impl<B: CacheBackend> PagedCache<B> {
     }
 
     /// Records the ids of `seq`'s next reserved tokens once their K/V is written in every
-    /// layer; full blocks enter the prefix index. See [`CacheManager::commit_tokens`].
+    /// layer; full blocks enter the prefix index. See [`CacheManager::commit`].
     ///
     /// # Errors
     /// [`kv_core::KvError::UnknownSequence`], [`kv_core::KvError::OutOfRange`]; nothing
     /// changes on error.
     pub fn commit(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
-        self.manager.commit_tokens(seq, tokens)
+        self.manager.commit(seq, tokens)
     }
 
     /// Pauses `seq`, freeing its blocks, and returns its committed ids to resume it with
@@ -167,10 +168,10 @@ impl<B: CacheBackend> PagedCache<B> {
     /// [`kv_core::KvError::CacheFull`] and the manager's other errors; nothing changes on error.
     pub fn reserve(&mut self, seq: SeqId, n: usize) -> Result<Vec<Slot>> {
         let (backend, storage) = (&self.backend, &mut self.storage);
-        let appended = self
+        let reserved = self
             .manager
-            .append_and_copy(seq, n, |copies| backend.copy_blocks(storage, copies))?;
-        Ok(appended.slots)
+            .reserve_and_copy(seq, n, |copies| backend.copy_blocks(storage, copies))?;
+        Ok(reserved.slots)
     }
 
     /// Forgets `seq`'s tokens from `len` on (a block shared with others or the prefix
@@ -234,7 +235,7 @@ impl<B: CacheBackend> PagedCache<B> {
     /// # Errors
     /// [`kv_core::KvError::UnknownSequence`], [`kv_core::KvError::InvalidArgument`].
     pub fn seq_attention(&self, seq: SeqId, n_queries: usize) -> Result<SeqAttention> {
-        self.manager.attention(seq, n_queries)
+        self.manager.seq_attention(seq, n_queries)
     }
 
     /// Attention of `q` over one layer for every sequence in `batch`.

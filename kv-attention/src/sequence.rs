@@ -24,7 +24,8 @@ use crate::PagedCache;
 ///
 /// fn step<B: CacheBackend>(backend: B) -> Result<(), Box<dyn std::error::Error>> {
 ///     // 2 layers, 4 query heads over 2 KV heads of dim 8, room for 64 tokens.
-///     let spec = StorageSpec::new(ModelShape::new(2, 4, 2, 8)?, KvDType::F16, 16, 4)?;
+///     let shape = ModelShape::builder().layers(2).q_heads(4).kv_heads(2).head_dim(8).build()?;
+///     let spec = StorageSpec::builder(shape, KvDType::F16).num_blocks(4).build()?;
 ///     let mut cache = SequenceCache::new(backend, spec)?;
 ///     let dev = Device::Cpu;
 ///     for layer in 0..2 {

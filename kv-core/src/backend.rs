@@ -29,7 +29,29 @@ pub struct StorageSpec {
 }
 
 impl StorageSpec {
-    /// Checks and builds a spec.
+    /// Starts a spec for `shape` in `dtype` whose sizes are named as they are set; the pool
+    /// is sized by a block count or by a memory budget.
+    ///
+    /// ```
+    /// use kv_core::{KvDType, ModelShape, StorageSpec};
+    /// let shape = ModelShape::preset("smollm2-135m")?;
+    /// let spec = StorageSpec::builder(shape, KvDType::F16).block_size(16).num_blocks(512).build()?;
+    /// assert_eq!(spec.capacity_tokens(), 8192);
+    /// let by_bytes = StorageSpec::builder(shape, KvDType::F16).memory_budget(180 << 20).build()?;
+    /// assert_eq!(by_bytes, spec); // block size 16 unless set
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    pub fn builder(shape: ModelShape, dtype: KvDType) -> StorageSpecBuilder {
+        StorageSpecBuilder {
+            shape,
+            dtype,
+            block_size: None,
+            size: None,
+        }
+    }
+
+    /// Checks and builds a spec from positional sizes: tokens per block, then blocks.
+    /// [`StorageSpec::builder`] names them.
     ///
     /// # Errors
     /// [`KvError::InvalidArgument`] for a zero block size or count, more blocks than block
@@ -177,6 +199,68 @@ impl StorageSpec {
     /// capacity in tokens or bytes does not fit its integer type.
     pub fn bytes(&self) -> Result<u64> {
         memory::cache_bytes(&self.shape, self.dtype, self.checked_capacity()?)
+    }
+}
+
+/// Names the sizes of a [`StorageSpec`] as they are set; see [`StorageSpec::builder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageSpecBuilder {
+    shape: ModelShape,
+    dtype: KvDType,
+    block_size: Option<usize>,
+    size: Option<PoolSize>,
+}
+
+/// How a [`StorageSpecBuilder`] sizes the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PoolSize {
+    Blocks(usize),
+    Bytes(u64),
+}
+
+impl StorageSpecBuilder {
+    /// Tokens per block. Unless set: 16, or the layout's [`KvDType::block_tokens`] when
+    /// larger (32 for KIVI).
+    pub fn block_size(self, tokens: usize) -> Self {
+        Self {
+            block_size: Some(tokens),
+            ..self
+        }
+    }
+    /// Blocks per layer pool (replaces a memory budget set before).
+    pub fn num_blocks(self, blocks: usize) -> Self {
+        Self {
+            size: Some(PoolSize::Blocks(blocks)),
+            ..self
+        }
+    }
+    /// As many blocks as fit in `bytes` ([`StorageSpec::from_memory_budget`]; replaces a
+    /// block count set before).
+    pub fn memory_budget(self, bytes: u64) -> Self {
+        Self {
+            size: Some(PoolSize::Bytes(bytes)),
+            ..self
+        }
+    }
+    /// Checks and builds the spec.
+    ///
+    /// # Errors
+    /// [`KvError::InvalidArgument`] when neither a block count nor a budget was set, and
+    /// what [`StorageSpec::new`] or [`StorageSpec::from_memory_budget`] refuses.
+    pub fn build(self) -> Result<StorageSpec> {
+        let block_size = self
+            .block_size
+            .unwrap_or_else(|| 16usize.max(self.dtype.block_tokens()));
+        match self.size {
+            Some(PoolSize::Blocks(n)) => StorageSpec::new(self.shape, self.dtype, block_size, n),
+            Some(PoolSize::Bytes(b)) => {
+                StorageSpec::from_memory_budget(self.shape, self.dtype, block_size, b)
+            }
+            None => Err(KvError::InvalidArgument {
+                what: "storage spec",
+                detail: "set a block count (num_blocks) or a memory budget (memory_budget)".into(),
+            }),
+        }
     }
 }
 

@@ -12,9 +12,9 @@
 //! assert_eq!(memory::cache_bytes(&shape, KvDType::F16, 4096)?, 512 << 20);
 //!
 //! let mut cache = CacheManager::new(16, 256)?;
-//! let seq = cache.create();
-//! let appended = cache.append(seq, 40)?; // where to write the prompt's K/V
-//! assert_eq!(appended.slots[17].block, appended.slots[16].block);
+//! let seq = cache.create_sequence();
+//! let reserved = cache.reserve(seq, 40)?; // where to write the prompt's K/V
+//! assert_eq!(reserved.slots[17].block, reserved.slots[16].block);
 //! # Ok::<(), kv_core::KvError>(())
 //! ```
 #![forbid(unsafe_code)]
@@ -31,13 +31,13 @@ mod shape;
 mod shared;
 pub mod validate;
 
-pub use backend::{AttentionBatch, CacheBackend, SeqAttention, StorageSpec};
+pub use backend::{AttentionBatch, CacheBackend, SeqAttention, StorageSpec, StorageSpecBuilder};
 pub use blocks::{BlockAllocator, BlockId, BlockTable, Slot};
 /// The tensor library backends exchange data with, re-exported so implementors use the
 /// same version.
 pub use candle_core as candle;
 pub use dtype::{KiviBits, KvDType, QuantGroup};
 pub use error::{KvError, Result};
-pub use manager::{Appended, CacheManager, CacheStats, Preempted, PrefixMatch, SeqId};
-pub use shape::ModelShape;
+pub use manager::{CacheManager, CacheStats, Preempted, PrefixMatch, Reserved, SeqId};
+pub use shape::{ModelShape, ModelShapeBuilder};
 pub use shared::SharedCacheManager;

@@ -7,13 +7,45 @@ use crate::prefix::{ChainHash, PrefixIndex};
 use crate::{BlockAllocator, BlockId, BlockTable, KvError, Result, SeqAttention, Slot};
 
 /// Identifies a sequence inside one [`CacheManager`]. Ids are never reused.
-pub type SeqId = u64;
+///
+/// A newtype, so a sequence id cannot be passed where a block id, a length or a token is
+/// meant. Displays as its number.
+///
+/// ```
+/// use kv_core::{CacheManager, SeqId};
+/// let mut cache = CacheManager::new(16, 4)?;
+/// let (a, b) = (cache.create_sequence(), cache.create_sequence());
+/// assert_ne!(a, b);
+/// assert_eq!(format!("{b}"), "1");
+/// assert!(cache.len(SeqId::from_raw(7)).is_err()); // never handed out
+/// # Ok::<(), kv_core::KvError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SeqId(u64);
+
+impl SeqId {
+    /// The id with number `raw`, for logs, persistence and tests; a manager knows only
+    /// the ids it handed out.
+    pub const fn from_raw(raw: u64) -> Self {
+        Self(raw)
+    }
+    /// The id's number.
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for SeqId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
 
 /// What an append asks the caller to do on the backend, in this order: copy blocks
 /// (copy-on-write of a shared, partly filled block), then write K/V into the slots.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Appended {
-    /// One slot per appended token, in token order.
+pub struct Reserved {
+    /// One slot per reserved token, in token order.
     pub slots: Vec<Slot>,
     /// `(from, to)` block copies to run with [`crate::CacheBackend::copy_blocks`] before the
     /// write.
@@ -23,7 +55,7 @@ pub struct Appended {
 /// What [`CacheManager::preempt`] hands back so a paused sequence can be recomputed later.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Preempted {
-    /// The committed token ids, in order ([`CacheManager::commit_tokens`]).
+    /// The committed token ids, in order ([`CacheManager::commit`]).
     pub tokens: Vec<u32>,
     /// Tokens that were reserved but never committed: their ids were never given to the
     /// manager, so the caller recomputes them from its own record (usually the tokens of a
@@ -107,10 +139,10 @@ struct Sequence {
 /// ```
 /// use kv_core::{CacheManager, KvError};
 /// let mut cache = CacheManager::new(16, 4)?; // 4 blocks of 16 tokens
-/// let seq = cache.create();
-/// let prompt = cache.append(seq, 20)?; // two blocks
+/// let seq = cache.create_sequence();
+/// let prompt = cache.reserve(seq, 20)?; // two blocks
 /// assert_eq!(prompt.slots.len(), 20);
-/// assert!(matches!(cache.append(seq, 100), Err(KvError::CacheFull { needed: 6, free: 2 })));
+/// assert!(matches!(cache.reserve(seq, 100), Err(KvError::CacheFull { needed: 6, free: 2 })));
 /// assert_eq!(cache.len(seq)?, 20); // the failed append changed nothing
 /// cache.truncate(seq, 5)?;
 /// assert_eq!(cache.free_blocks(), 3);
@@ -130,7 +162,7 @@ struct Sequence {
 ///
 /// A block's reference count ([`CacheManager::ref_count`]) is the number of sequence
 /// tables listing it plus one if the index holds it. A block with more than one holder is
-/// never written: a write into it copies it first ([`Appended::copies`]).
+/// never written: a write into it copies it first ([`Reserved::copies`]).
 ///
 /// # Sharing across threads
 /// The manager is plain data (`Send + Sync`) mutated through `&mut self`. To share one
@@ -140,7 +172,7 @@ pub struct CacheManager {
     block_size: usize,
     allocator: BlockAllocator,
     sequences: BTreeMap<SeqId, Sequence>,
-    next_id: SeqId,
+    next_id: u64,
     prefix: Option<PrefixIndex>,
     counters: Counters,
 }
@@ -189,9 +221,9 @@ impl CacheManager {
     /// // First request: nothing cached, compute everything.
     /// let (a, reused) = cache.create_with_prefix(&prompt);
     /// assert_eq!(reused, 0);
-    /// let slots = cache.append(a, prompt.len())?.slots;
+    /// let slots = cache.reserve(a, prompt.len())?.slots;
     /// // ... backend.write(K/V of the prompt at `slots`) for every layer, then:
-    /// cache.commit_tokens(a, &prompt)?; // its two full blocks are now indexed
+    /// cache.commit(a, &prompt)?; // its two full blocks are now indexed
     /// cache.free(a)?; // they stay cached
     /// assert_eq!(cache.cached_blocks(), 2);
     ///
@@ -199,7 +231,7 @@ impl CacheManager {
     /// let (b, reused) = cache.create_with_prefix(&prompt);
     /// assert_eq!(reused, 8);
     /// assert_eq!(cache.len(b)?, 8);
-    /// let rest = cache.append(b, prompt.len() - reused)?; // compute only these
+    /// let rest = cache.reserve(b, prompt.len() - reused)?; // compute only these
     /// assert_eq!(rest.slots.len(), 2);
     /// # Ok::<(), kv_core::KvError>(())
     /// ```
@@ -285,12 +317,12 @@ impl CacheManager {
     }
 
     /// Starts an empty sequence (prefix-cache namespace 0).
-    pub fn create(&mut self) -> SeqId {
+    pub fn create_sequence(&mut self) -> SeqId {
         self.insert_sequence(Sequence::default())
     }
 
     fn insert_sequence(&mut self, s: Sequence) -> SeqId {
-        let id = self.next_id;
+        let id = SeqId(self.next_id);
         self.next_id += 1;
         self.sequences.insert(id, s);
         id
@@ -310,7 +342,7 @@ impl CacheManager {
         Ok(&self.seq(seq)?.table)
     }
 
-    /// Tokens `seq` holds (reserved by [`CacheManager::append`], committed or not).
+    /// Tokens `seq` holds (reserved by [`CacheManager::reserve`], committed or not).
     ///
     /// # Errors
     /// [`KvError::UnknownSequence`].
@@ -318,7 +350,7 @@ impl CacheManager {
         Ok(self.table(seq)?.len())
     }
 
-    /// The committed token ids of `seq` ([`CacheManager::commit_tokens`]); a prefix of its
+    /// The committed token ids of `seq` ([`CacheManager::commit`]); a prefix of its
     /// tokens.
     ///
     /// # Errors
@@ -375,11 +407,11 @@ impl CacheManager {
         Ok(total)
     }
 
-    /// The most tokens [`CacheManager::append`] can add to `seq` right now.
+    /// The most tokens [`CacheManager::reserve`] can add to `seq` right now.
     ///
     /// # Errors
     /// [`KvError::UnknownSequence`].
-    pub fn appendable_tokens(&self, seq: SeqId) -> Result<usize> {
+    pub fn reservable_tokens(&self, seq: SeqId) -> Result<usize> {
         let table = &self.seq(seq)?.table;
         let room = table.blocks().len() * self.block_size - table.len();
         let free = self.free_blocks();
@@ -422,14 +454,14 @@ impl CacheManager {
     /// used first.
     ///
     /// The new tokens are *reserved*, not committed: tell the manager their ids with
-    /// [`CacheManager::commit_tokens`] once their K/V is written, so full blocks can be
+    /// [`CacheManager::commit`] once their K/V is written, so full blocks can be
     /// reused by later prompts.
     ///
     /// # Errors
     /// [`KvError::UnknownSequence`]; [`KvError::CacheFull`] when free blocks (empty plus
     /// cached) do not suffice; [`KvError::InvalidArgument`] when the length would overflow.
     /// Nothing changes on error.
-    pub fn append(&mut self, seq: SeqId, n: usize) -> Result<Appended> {
+    pub fn reserve(&mut self, seq: SeqId, n: usize) -> Result<Reserved> {
         let (fresh, cow) = self.plan(&self.seq(seq)?.table, n)?;
         let mut new_blocks = self.take_blocks(fresh + usize::from(cow))?;
         let block_size = self.block_size;
@@ -457,38 +489,38 @@ impl CacheManager {
         for &(from, _) in &copies {
             self.release(&[from])?;
         }
-        Ok(Appended { slots, copies })
+        Ok(Reserved { slots, copies })
     }
 
-    /// [`CacheManager::append`], then `copy` runs the block copies on the backend; when it
+    /// [`CacheManager::reserve`], then `copy` runs the block copies on the backend; when it
     /// fails the manager is put back as it was and its error returned, so a failed
     /// copy-on-write changes nothing either.
     ///
     /// Use this where the copies must happen before anyone else can allocate: the source of
     /// a copy keeps its other holders, but once they let go it may be evicted and reused.
-    /// [`crate::SharedCacheManager::append_and_copy`] runs it under the lock for that reason.
+    /// [`crate::SharedCacheManager::reserve_and_copy`] runs it under the lock for that reason.
     /// The manager is cloned (to roll back) only when a copy is needed.
     ///
     /// # Errors
-    /// What [`CacheManager::append`] or `copy` returns; nothing changes on error.
-    pub fn append_and_copy(
+    /// What [`CacheManager::reserve`] or `copy` returns; nothing changes on error.
+    pub fn reserve_and_copy(
         &mut self,
         seq: SeqId,
         n: usize,
         copy: impl FnOnce(&[(BlockId, BlockId)]) -> Result<()>,
-    ) -> Result<Appended> {
+    ) -> Result<Reserved> {
         let (_, cow) = self.plan(&self.seq(seq)?.table, n)?;
         let before = cow.then(|| self.clone());
-        let appended = self.append(seq, n)?;
-        if !appended.copies.is_empty() {
-            if let Err(e) = copy(&appended.copies) {
+        let reserved = self.reserve(seq, n)?;
+        if !reserved.copies.is_empty() {
+            if let Err(e) = copy(&reserved.copies) {
                 if let Some(before) = before {
                     *self = before;
                 }
                 return Err(e);
             }
         }
-        Ok(appended)
+        Ok(reserved)
     }
 
     /// Tells the manager the ids of the next `tokens.len()` reserved tokens of `seq`, whose
@@ -503,7 +535,7 @@ impl CacheManager {
     /// # Errors
     /// [`KvError::UnknownSequence`]; [`KvError::OutOfRange`] when more tokens are committed
     /// than are reserved. Nothing changes on error.
-    pub fn commit_tokens(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+    pub fn commit(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
         let Self {
             sequences,
             prefix,
@@ -605,8 +637,8 @@ impl CacheManager {
     /// ```
     /// use kv_core::CacheManager;
     /// let mut cache = CacheManager::new(4, 8)?;
-    /// let seq = cache.create();
-    /// cache.append(seq, 18)?; // blocks 0..5, the last one half full
+    /// let seq = cache.create_sequence();
+    /// cache.reserve(seq, 18)?; // blocks 0..5, the last one half full
     /// let copies = cache.evict_window(seq, 1, 2)?; // keep block 0, drop blocks 1 and 2
     /// assert!(copies.is_empty()); // nobody else holds block 0
     /// assert_eq!(cache.len(seq)?, 10);
@@ -746,16 +778,16 @@ impl CacheManager {
     /// This is the batch runner's answer to a full cache: rather than failing a step, pause
     /// the newest sequence (the one that has waited least), and when blocks are free again
     /// resume it with [`CacheManager::create_with_prefix_salted`] on
-    /// [`Preempted::tokens`] (plus any token sampled but not yet appended) and
+    /// [`Preempted::tokens`] (plus any token sampled but not yet reserved) and
     /// recompute what was not reused. Its committed full blocks stay cached, so a resume
     /// before they are evicted recomputes little. Resuming gives a new [`SeqId`].
     ///
     /// ```
     /// use kv_core::CacheManager;
     /// let mut cache = CacheManager::with_prefix_cache(2, 8, 0)?;
-    /// let seq = cache.create();
-    /// cache.append(seq, 5)?;
-    /// cache.commit_tokens(seq, &[1, 2, 3, 4, 5])?;
+    /// let seq = cache.create_sequence();
+    /// cache.reserve(seq, 5)?;
+    /// cache.commit(seq, &[1, 2, 3, 4, 5])?;
     /// let paused = cache.preempt(seq)?;
     /// assert_eq!(paused.tokens, [1, 2, 3, 4, 5]);
     /// assert_eq!(cache.used_blocks(), 0);
@@ -788,7 +820,7 @@ impl CacheManager {
     }
 
     /// A new sequence that shares every block of `seq`; the first write into a shared,
-    /// partly filled block copies it ([`Appended::copies`]), so neither side sees the
+    /// partly filled block copies it ([`Reserved::copies`]), so neither side sees the
     /// other's later tokens. The fork inherits the committed ids and namespace.
     ///
     /// # Errors
@@ -813,7 +845,7 @@ impl CacheManager {
     /// left to compute, because the logits that pick the next token come from running it
     /// (vLLM does the same). `cache_salt` separates namespaces (tenants, adapters): blocks
     /// indexed under one salt are never reused under another. Without the prefix cache
-    /// this is [`CacheManager::create`] with nothing reused.
+    /// this is [`CacheManager::create_sequence`] with nothing reused.
     ///
     /// Never fails: reused blocks are taken back from the index, and cached ones stop being
     /// evictable (they leave [`CacheManager::free_blocks`]; see
@@ -887,7 +919,7 @@ impl CacheManager {
     /// # Errors
     /// [`KvError::UnknownSequence`]; [`KvError::InvalidArgument`] when `n_queries` is zero
     /// or exceeds the length.
-    pub fn attention(&self, seq: SeqId, n_queries: usize) -> Result<SeqAttention> {
+    pub fn seq_attention(&self, seq: SeqId, n_queries: usize) -> Result<SeqAttention> {
         let table = self.table(seq)?;
         SeqAttention::new(table.blocks().to_vec(), table.len(), n_queries)
     }
@@ -963,7 +995,7 @@ impl CacheManager {
         let total = self.total_blocks();
         let mut holders = vec![0u32; total];
         for (&id, s) in &self.sequences {
-            if id >= self.next_id {
+            if id.0 >= self.next_id {
                 return Err(format!(
                     "sequence {id} is not below the next id {}",
                     self.next_id
@@ -1049,12 +1081,12 @@ mod tests {
     #[test]
     fn fork_copies_shared_partial_block_on_write() -> Result<()> {
         let mut m = CacheManager::new(4, 8)?;
-        let a = m.create();
-        m.append(a, 6)?; // blocks [0, 1], block 1 half full
+        let a = m.create_sequence();
+        m.reserve(a, 6)?; // blocks [0, 1], block 1 half full
         let b = m.fork(a)?;
         assert_eq!(m.ref_count(0), 2);
         assert_eq!(m.ref_count(1), 2);
-        let wrote = m.append(b, 1)?;
+        let wrote = m.reserve(b, 1)?;
         assert_eq!(wrote.copies, vec![(1, 2)]);
         assert_eq!(
             wrote.slots,
@@ -1065,7 +1097,7 @@ mod tests {
         );
         assert_eq!(m.ref_count(1), 1);
         // The parent's next write goes into its own block 1, no copy.
-        let wrote = m.append(a, 1)?;
+        let wrote = m.reserve(a, 1)?;
         assert!(wrote.copies.is_empty());
         assert_eq!(
             wrote.slots,
@@ -1084,10 +1116,10 @@ mod tests {
     #[test]
     fn full_shared_block_needs_no_copy() -> Result<()> {
         let mut m = CacheManager::new(4, 8)?;
-        let a = m.create();
-        m.append(a, 4)?;
+        let a = m.create_sequence();
+        m.reserve(a, 4)?;
         let b = m.fork(a)?;
-        let wrote = m.append(b, 1)?;
+        let wrote = m.reserve(b, 1)?;
         assert!(wrote.copies.is_empty());
         assert_eq!(m.ref_count(0), 2);
         Ok(())
@@ -1096,18 +1128,18 @@ mod tests {
     #[test]
     fn cache_full_changes_nothing_even_with_cow() -> Result<()> {
         let mut m = CacheManager::new(4, 2)?;
-        let a = m.create();
-        m.append(a, 6)?;
+        let a = m.create_sequence();
+        m.reserve(a, 6)?;
         let b = m.fork(a)?;
         let before = m.clone();
-        let err = m.append(b, 1);
+        let err = m.reserve(b, 1);
         assert!(matches!(
             err,
             Err(KvError::CacheFull { needed: 1, free: 0 })
         ));
         assert_eq!(m, before);
-        assert_eq!(m.appendable_tokens(b)?, 0);
-        assert_eq!(m.appendable_tokens(a)?, 0);
+        assert_eq!(m.reservable_tokens(b)?, 0);
+        assert_eq!(m.reservable_tokens(a)?, 0);
         Ok(())
     }
 
@@ -1115,15 +1147,15 @@ mod tests {
     fn errors_are_typed_and_change_nothing() -> Result<()> {
         let mut m = CacheManager::with_prefix_cache(4, 2, 0)?;
         assert!(matches!(
-            m.append(7, 1),
-            Err(KvError::UnknownSequence { id: 7 })
+            m.reserve(SeqId(7), 1),
+            Err(KvError::UnknownSequence { id: SeqId(7) })
         ));
-        let a = m.create();
-        m.append(a, 2)?;
+        let a = m.create_sequence();
+        m.reserve(a, 2)?;
         let before = m.clone();
         assert!(matches!(m.truncate(a, 3), Err(KvError::OutOfRange { .. })));
         assert!(matches!(
-            m.commit_tokens(a, &[1, 2, 3]),
+            m.commit(a, &[1, 2, 3]),
             Err(KvError::OutOfRange {
                 index: 3,
                 len: 2,
@@ -1131,20 +1163,26 @@ mod tests {
             })
         ));
         assert!(matches!(
-            m.append(a, usize::MAX),
+            m.reserve(a, usize::MAX),
             Err(KvError::InvalidArgument { .. })
         ));
         assert!(matches!(
             m.blocks_needed_batch(&[(a, 1), (a, 1)]),
             Err(KvError::InvalidArgument { .. })
         ));
-        assert!(matches!(m.free(9), Err(KvError::UnknownSequence { id: 9 })));
         assert!(matches!(
-            m.preempt(9),
-            Err(KvError::UnknownSequence { id: 9 })
+            m.free(SeqId(9)),
+            Err(KvError::UnknownSequence { id: SeqId(9) })
         ));
-        assert!(matches!(m.fork(9), Err(KvError::UnknownSequence { id: 9 })));
-        assert!(m.attention(a, 3).is_err());
+        assert!(matches!(
+            m.preempt(SeqId(9)),
+            Err(KvError::UnknownSequence { id: SeqId(9) })
+        ));
+        assert!(matches!(
+            m.fork(SeqId(9)),
+            Err(KvError::UnknownSequence { id: SeqId(9) })
+        ));
+        assert!(m.seq_attention(a, 3).is_err());
         assert_eq!(m, before);
         assert!(CacheManager::new(0, 1).is_err());
         assert!(CacheManager::new(1, 0).is_err());
@@ -1155,11 +1193,11 @@ mod tests {
     #[test]
     fn failed_copy_rolls_back() -> Result<()> {
         let mut m = CacheManager::new(4, 4)?;
-        let a = m.create();
-        m.append(a, 2)?;
+        let a = m.create_sequence();
+        m.reserve(a, 2)?;
         let b = m.fork(a)?;
         let before = m.clone();
-        let err = m.append_and_copy(b, 1, |_| {
+        let err = m.reserve_and_copy(b, 1, |_| {
             Err(KvError::Unsupported {
                 backend: "test".into(),
                 what: "copy".into(),
@@ -1168,7 +1206,7 @@ mod tests {
         assert!(matches!(err, Err(KvError::Unsupported { .. })));
         assert_eq!(m, before);
         let mut seen = Vec::new();
-        let ok = m.append_and_copy(b, 1, |c| {
+        let ok = m.reserve_and_copy(b, 1, |c| {
             seen.extend_from_slice(c);
             Ok(())
         })?;
@@ -1179,8 +1217,8 @@ mod tests {
     #[test]
     fn evict_window_drops_middle_blocks() -> Result<()> {
         let mut m = CacheManager::new(2, 8)?;
-        let a = m.create();
-        m.append(a, 9)?; // blocks 0..5, last one half full
+        let a = m.create_sequence();
+        m.reserve(a, 9)?; // blocks 0..5, last one half full
         let before = m.clone();
         // Errors first: past the full blocks, and nothing changed.
         assert!(matches!(
@@ -1192,8 +1230,8 @@ mod tests {
             })
         ));
         assert!(matches!(
-            m.evict_window(9, 0, 1),
-            Err(KvError::UnknownSequence { id: 9 })
+            m.evict_window(SeqId(9), 0, 1),
+            Err(KvError::UnknownSequence { id: SeqId(9) })
         ));
         assert_eq!(m, before);
         let copies = m.evict_window(a, 1, 2)?;
@@ -1205,7 +1243,7 @@ mod tests {
         assert_eq!(m.ref_count(1), 0);
         assert_eq!(m.ref_count(2), 0);
         // Slots stay contiguous in cache index: the next token goes after the old tail.
-        let next = m.append(a, 1)?.slots;
+        let next = m.reserve(a, 1)?.slots;
         assert_eq!(
             next,
             vec![Slot {
@@ -1213,7 +1251,7 @@ mod tests {
                 offset: 1
             }]
         );
-        assert_eq!(m.attention(a, 1)?.kv_len(), 6);
+        assert_eq!(m.seq_attention(a, 1)?.kv_len(), 6);
         // No sinks: the window alone.
         m.evict_window(a, 0, 1)?;
         assert_eq!(m.table(a)?.blocks(), &[3, 4]);
@@ -1227,9 +1265,9 @@ mod tests {
     #[test]
     fn evict_window_copies_shared_sinks_and_leaves_the_index() -> Result<()> {
         let mut m = CacheManager::with_prefix_cache(2, 12, 0)?;
-        let a = m.create();
-        m.append(a, 8)?;
-        m.commit_tokens(a, &[1, 2, 3, 4, 5, 6, 7, 8])?;
+        let a = m.create_sequence();
+        m.reserve(a, 8)?;
+        m.commit(a, &[1, 2, 3, 4, 5, 6, 7, 8])?;
         assert!(m.is_indexed(0) && m.is_indexed(1));
         let b = m.fork(a)?;
         // Block 0 is held by a, b and the index: a's sinks must be copied before a rewrite.
@@ -1244,8 +1282,8 @@ mod tests {
         assert_eq!(m.table(b)?.blocks(), &[0, 1, 2, 3]);
         // Later commits of a windowed sequence index nothing.
         let indexed = m.stats().indexed_blocks;
-        m.append(a, 2)?;
-        m.commit_tokens(a, &[9, 10])?;
+        m.reserve(a, 2)?;
+        m.commit(a, &[9, 10])?;
         assert_eq!(m.stats().indexed_blocks, indexed);
         // b alone with the index: its sinks are not copied, they leave the index.
         m.free(a)?;
@@ -1261,8 +1299,8 @@ mod tests {
     #[test]
     fn failed_sink_copy_rolls_back_the_eviction() -> Result<()> {
         let mut m = CacheManager::new(2, 8)?;
-        let a = m.create();
-        m.append(a, 6)?;
+        let a = m.create_sequence();
+        m.reserve(a, 6)?;
         let _b = m.fork(a)?; // block 0 is shared: a's eviction must copy it
         let before = m.clone();
         let err = m.evict_window_and_copy(a, 1, 1, |_| {
@@ -1288,9 +1326,9 @@ mod tests {
     #[test]
     fn evict_window_refuses_a_commit_boundary_inside_the_dropped_blocks() -> Result<()> {
         let mut m = CacheManager::with_prefix_cache(2, 8, 0)?;
-        let a = m.create();
-        m.append(a, 8)?;
-        m.commit_tokens(a, &[1, 2, 3])?;
+        let a = m.create_sequence();
+        m.reserve(a, 8)?;
+        m.commit(a, &[1, 2, 3])?;
         let before = m.clone();
         assert!(matches!(
             m.evict_window(a, 1, 2),
@@ -1299,8 +1337,8 @@ mod tests {
         assert_eq!(m, before);
         // A copy that does not fit fails whole too.
         let mut m = CacheManager::new(2, 3)?;
-        let a = m.create();
-        m.append(a, 6)?;
+        let a = m.create_sequence();
+        m.reserve(a, 6)?;
         let _b = m.fork(a)?;
         let before = m.clone();
         assert!(matches!(

@@ -3,7 +3,7 @@
 //! A block's K/V depends on every token before it, not only its own, so a block is keyed by
 //! `hash(parent block's hash, this block's token ids, salts)`: equal hashes mean equal whole
 //! prefixes. Only full blocks whose K/V the caller says is written
-//! ([`crate::CacheManager::commit_tokens`]) are indexed, and an indexed block is never
+//! ([`crate::CacheManager::commit`]) are indexed, and an indexed block is never
 //! written again: the index holds a reference on it, so a write into it goes through
 //! copy-on-write like any other shared block.
 //!

@@ -23,7 +23,22 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
-    /// Checks and builds a shape.
+    /// Starts a shape whose sizes are named as they are set, so they cannot be swapped:
+    /// `ModelShape::new(30, 9, 3, 64)` and `ModelShape::new(30, 3, 9, 64)` look alike.
+    ///
+    /// ```
+    /// use kv_core::ModelShape;
+    /// let smollm2 = ModelShape::builder().layers(30).q_heads(9).kv_heads(3).head_dim(64).build()?;
+    /// assert_eq!(smollm2, ModelShape::preset("smollm2-135m")?);
+    /// assert!(ModelShape::builder().layers(30).q_heads(9).build().is_err()); // sizes missing
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    pub fn builder() -> ModelShapeBuilder {
+        ModelShapeBuilder::default()
+    }
+
+    /// Checks and builds a shape from positional sizes: layers, query heads, KV heads,
+    /// head dim. [`ModelShape::builder`] names them.
     ///
     /// # Errors
     /// [`KvError::InvalidShape`] when a size is zero or `n_q_heads` is not a multiple of
@@ -127,5 +142,63 @@ impl ModelShape {
             n_kv_heads: self.n_q_heads,
             ..*self
         }
+    }
+}
+
+/// Names the sizes of a [`ModelShape`] as they are set; see [`ModelShape::builder`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ModelShapeBuilder {
+    layers: Option<usize>,
+    q_heads: Option<usize>,
+    kv_heads: Option<usize>,
+    head_dim: Option<usize>,
+}
+
+impl ModelShapeBuilder {
+    /// Decoder layers.
+    pub fn layers(self, n: usize) -> Self {
+        Self {
+            layers: Some(n),
+            ..self
+        }
+    }
+    /// Query heads per layer.
+    pub fn q_heads(self, n: usize) -> Self {
+        Self {
+            q_heads: Some(n),
+            ..self
+        }
+    }
+    /// KV heads per layer (as many as query heads for MHA, fewer for GQA, 1 for MQA).
+    pub fn kv_heads(self, n: usize) -> Self {
+        Self {
+            kv_heads: Some(n),
+            ..self
+        }
+    }
+    /// Elements per head vector.
+    pub fn head_dim(self, n: usize) -> Self {
+        Self {
+            head_dim: Some(n),
+            ..self
+        }
+    }
+    /// Checks and builds the shape.
+    ///
+    /// # Errors
+    /// [`KvError::InvalidShape`] for a size not set, and for what [`ModelShape::new`]
+    /// refuses.
+    pub fn build(self) -> Result<ModelShape> {
+        let need = |v: Option<usize>, name: &str| {
+            v.ok_or_else(|| KvError::InvalidShape {
+                detail: format!("{name} not set"),
+            })
+        };
+        ModelShape::new(
+            need(self.layers, "layers")?,
+            need(self.q_heads, "query heads")?,
+            need(self.kv_heads, "KV heads")?,
+            need(self.head_dim, "head dim")?,
+        )
     }
 }

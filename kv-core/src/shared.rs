@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::{
-    Appended, BlockId, BlockTable, CacheManager, CacheStats, Preempted, PrefixMatch, Result,
+    BlockId, BlockTable, CacheManager, CacheStats, Preempted, PrefixMatch, Reserved, Result,
     SeqAttention, SeqId,
 };
 
@@ -22,7 +22,7 @@ use crate::{
 ///
 /// One rule comes with sharing: apply an append's copy-on-write copies before anyone else
 /// can allocate, or the source block may be evicted and reused first. Use
-/// [`SharedCacheManager::append_and_copy`], which runs the copy under the lock.
+/// [`SharedCacheManager::reserve_and_copy`], which runs the copy under the lock.
 ///
 /// ```
 /// use kv_core::{CacheManager, SharedCacheManager};
@@ -31,9 +31,9 @@ use crate::{
 ///     .map(|t| {
 ///         let cache = cache.clone();
 ///         std::thread::spawn(move || -> kv_core::Result<()> {
-///             let seq = cache.create();
-///             cache.append_and_copy(seq, 20, |_copies| Ok(()))?;
-///             cache.commit_tokens(seq, &[t; 20])?;
+///             let seq = cache.create_sequence();
+///             cache.reserve_and_copy(seq, 20, |_copies| Ok(()))?;
+///             cache.commit(seq, &[t; 20])?;
 ///             cache.free(seq)
 ///         })
 ///     })
@@ -77,10 +77,10 @@ impl SharedCacheManager {
     /// ```
     /// # use kv_core::{CacheManager, SharedCacheManager};
     /// # let cache = SharedCacheManager::new(CacheManager::new(4, 8)?);
-    /// # let seq = cache.create();
+    /// # let seq = cache.create_sequence();
     /// let slots = cache.with(|m| {
-    ///     let n = m.appendable_tokens(seq)?.min(6);
-    ///     m.append(seq, n)
+    ///     let n = m.reservable_tokens(seq)?.min(6);
+    ///     m.reserve(seq, n)
     /// })?;
     /// assert_eq!(slots.slots.len(), 6);
     /// # Ok::<(), kv_core::KvError>(())
@@ -94,9 +94,9 @@ impl SharedCacheManager {
         self.lock().clone()
     }
 
-    /// [`CacheManager::create`].
-    pub fn create(&self) -> SeqId {
-        self.lock().create()
+    /// [`CacheManager::create_sequence`].
+    pub fn create_sequence(&self) -> SeqId {
+        self.lock().create_sequence()
     }
     /// [`CacheManager::create_with_prefix`].
     pub fn create_with_prefix(&self, prompt: &[u32]) -> (SeqId, usize) {
@@ -110,33 +110,33 @@ impl SharedCacheManager {
     pub fn prefix_match(&self, prompt: &[u32], cache_salt: u64) -> PrefixMatch {
         self.lock().prefix_match(prompt, cache_salt)
     }
-    /// [`CacheManager::append`]. With other threads allocating, prefer
-    /// [`SharedCacheManager::append_and_copy`] unless `copies` are known to be empty.
+    /// [`CacheManager::reserve`]. With other threads allocating, prefer
+    /// [`SharedCacheManager::reserve_and_copy`] unless `copies` are known to be empty.
     ///
     /// # Errors
-    /// As [`CacheManager::append`].
-    pub fn append(&self, seq: SeqId, n: usize) -> Result<Appended> {
-        self.lock().append(seq, n)
+    /// As [`CacheManager::reserve`].
+    pub fn reserve(&self, seq: SeqId, n: usize) -> Result<Reserved> {
+        self.lock().reserve(seq, n)
     }
-    /// [`CacheManager::append_and_copy`], with `copy` run under the lock (so `copy` must
+    /// [`CacheManager::reserve_and_copy`], with `copy` run under the lock (so `copy` must
     /// not call back into this manager: that would deadlock).
     ///
     /// # Errors
-    /// As [`CacheManager::append_and_copy`]; nothing changes on error.
-    pub fn append_and_copy(
+    /// As [`CacheManager::reserve_and_copy`]; nothing changes on error.
+    pub fn reserve_and_copy(
         &self,
         seq: SeqId,
         n: usize,
         copy: impl FnOnce(&[(BlockId, BlockId)]) -> Result<()>,
-    ) -> Result<Appended> {
-        self.lock().append_and_copy(seq, n, copy)
+    ) -> Result<Reserved> {
+        self.lock().reserve_and_copy(seq, n, copy)
     }
-    /// [`CacheManager::commit_tokens`].
+    /// [`CacheManager::commit`].
     ///
     /// # Errors
-    /// As [`CacheManager::commit_tokens`].
-    pub fn commit_tokens(&self, seq: SeqId, tokens: &[u32]) -> Result<()> {
-        self.lock().commit_tokens(seq, tokens)
+    /// As [`CacheManager::commit`].
+    pub fn commit(&self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        self.lock().commit(seq, tokens)
     }
     /// [`CacheManager::fork`].
     ///
@@ -187,12 +187,12 @@ impl SharedCacheManager {
     pub fn table(&self, seq: SeqId) -> Result<BlockTable> {
         self.lock().table(seq).cloned()
     }
-    /// [`CacheManager::attention`].
+    /// [`CacheManager::seq_attention`].
     ///
     /// # Errors
-    /// As [`CacheManager::attention`].
-    pub fn attention(&self, seq: SeqId, n_queries: usize) -> Result<SeqAttention> {
-        self.lock().attention(seq, n_queries)
+    /// As [`CacheManager::seq_attention`].
+    pub fn seq_attention(&self, seq: SeqId, n_queries: usize) -> Result<SeqAttention> {
+        self.lock().seq_attention(seq, n_queries)
     }
     /// [`CacheManager::blocks_needed`].
     ///
@@ -208,12 +208,12 @@ impl SharedCacheManager {
     pub fn blocks_needed_batch(&self, appends: &[(SeqId, usize)]) -> Result<usize> {
         self.lock().blocks_needed_batch(appends)
     }
-    /// [`CacheManager::appendable_tokens`].
+    /// [`CacheManager::reservable_tokens`].
     ///
     /// # Errors
-    /// As [`CacheManager::appendable_tokens`].
-    pub fn appendable_tokens(&self, seq: SeqId) -> Result<usize> {
-        self.lock().appendable_tokens(seq)
+    /// As [`CacheManager::reservable_tokens`].
+    pub fn reservable_tokens(&self, seq: SeqId) -> Result<usize> {
+        self.lock().reservable_tokens(seq)
     }
     /// [`CacheManager::block_size`].
     pub fn block_size(&self) -> usize {

@@ -171,13 +171,13 @@ impl Harness {
 
     /// Appends `new` to `seq` as a caller would: copies, writes, then (maybe) commits.
     /// Checks that success is exactly what the capacity queries predicted.
-    fn append(&mut self, seq: SeqId, new: &[u32], commit: bool) -> Result<bool, String> {
+    fn reserve(&mut self, seq: SeqId, new: &[u32], commit: bool) -> Result<bool, String> {
         let n = new.len();
-        let appendable = self.m.appendable_tokens(seq).map_err(kv)?;
+        let appendable = self.m.reservable_tokens(seq).map_err(kv)?;
         let needed = self.m.blocks_needed(seq, n).map_err(kv)?;
         let free = self.m.free_blocks();
         let before = self.m.clone();
-        match self.m.append(seq, n) {
+        match self.m.reserve(seq, n) {
             Err(KvError::CacheFull {
                 needed: e_needed,
                 free: e_free,
@@ -233,9 +233,7 @@ impl Harness {
 
     fn commit(&mut self, seq: SeqId) -> Check {
         let s = self.seqs.get_mut(&seq).ok_or("model lost a sequence")?;
-        self.m
-            .commit_tokens(seq, &s.tokens[s.committed..])
-            .map_err(kv)?;
+        self.m.commit(seq, &s.tokens[s.committed..]).map_err(kv)?;
         s.committed = s.tokens.len();
         let done = s.tokens.clone();
         self.remember(&done);
@@ -271,7 +269,7 @@ impl Harness {
             .insert(seq, ModelSeq::new(&prompt[..reused], salt));
         if fill {
             let fits = predicted.blocks_needed <= free;
-            let ok = self.append(seq, &prompt[reused..], true)?;
+            let ok = self.reserve(seq, &prompt[reused..], true)?;
             if ok != fits {
                 return Err(format!("admission fit {ok}, prefix_match predicted {fits}"));
             }
@@ -282,7 +280,7 @@ impl Harness {
     fn apply(&mut self, op: &Op) -> Check {
         match op.clone() {
             Op::Create => {
-                let seq = self.m.create();
+                let seq = self.m.create_sequence();
                 self.seqs.insert(seq, ModelSeq::new(&[], 0));
             }
             Op::CreatePrefix {
@@ -307,7 +305,7 @@ impl Harness {
                 commit,
             } => {
                 if let Some(seq) = self.pick(seq) {
-                    self.append(seq, &tokens, commit)?;
+                    self.reserve(seq, &tokens, commit)?;
                 }
             }
             Op::Commit { seq } => {
@@ -370,7 +368,7 @@ impl Harness {
                 let mut all_ok = true;
                 for (i, &seq) in live.iter().enumerate() {
                     taken += self.m.blocks_needed(seq, 1).map_err(kv)?;
-                    all_ok &= self.append(seq, &[tokens[i % tokens.len()]], commit)?;
+                    all_ok &= self.reserve(seq, &[tokens[i % tokens.len()]], commit)?;
                 }
                 if estimate <= free && !all_ok {
                     return Err(format!(
@@ -458,16 +456,16 @@ impl Harness {
 
     /// Invalid calls: a typed error and no change.
     fn bad(&mut self, kind: u8, ix: usize) -> Check {
-        let unknown = self.seqs.keys().last().map_or(0, |&s| s + 1000);
+        let unknown = SeqId::from_raw(self.seqs.keys().last().map_or(0, |s| s.raw() + 1000));
         let live = self.pick(ix);
         let before = self.m.clone();
         let got = match (kind, live) {
-            (0, _) => self.m.append(unknown, 1).map(|_| ()),
+            (0, _) => self.m.reserve(unknown, 1).map(|_| ()),
             (1, Some(s)) => self.m.truncate(s, self.seqs[&s].tokens.len() + 1),
             (2, Some(s)) => {
                 let m = &self.seqs[&s];
                 let too_many = vec![0; m.tokens.len() - m.committed + 1];
-                self.m.commit_tokens(s, &too_many)
+                self.m.commit(s, &too_many)
             }
             (3, _) => self.m.free(unknown),
             (4, _) => self.m.fork(unknown).map(|_| ()),

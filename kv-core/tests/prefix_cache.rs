@@ -14,10 +14,10 @@ fn admit(
     salt: u64,
 ) -> Result<(SeqId, usize)> {
     let (seq, reused) = m.create_with_prefix_salted(prompt, salt);
-    let a = m.append(seq, prompt.len() - reused)?;
+    let a = m.reserve(seq, prompt.len() - reused)?;
     store.copy(&a.copies);
     store.write(&a.slots, salt, prompt, reused);
-    m.commit_tokens(seq, &prompt[reused..])?;
+    m.commit(seq, &prompt[reused..])?;
     Ok((seq, reused))
 }
 
@@ -80,17 +80,17 @@ fn eviction_is_least_recently_released_first() -> Result<()> {
     assert_eq!((m.cached_blocks(), m.free_blocks()), (3, 4));
 
     // The one empty block goes first: nothing is evicted.
-    let d = m.create();
-    m.append(d, 2)?;
+    let d = m.create_sequence();
+    m.reserve(d, 2)?;
     assert_eq!((reuse(&m, &pa), reuse(&m, &pb), reuse(&m, &pc)), (2, 2, 2));
     // Then the oldest cached: A, then C.
-    m.append(d, 2)?;
+    m.reserve(d, 2)?;
     assert_eq!((reuse(&m, &pa), reuse(&m, &pb), reuse(&m, &pc)), (0, 2, 2));
     // Reusing B makes it the youngest when it is released again.
     let (e, reused) = m.create_with_prefix(&pb);
     assert_eq!(reused, 2);
     m.free(e)?;
-    m.append(d, 2)?;
+    m.reserve(d, 2)?;
     assert_eq!((reuse(&m, &pa), reuse(&m, &pb), reuse(&m, &pc)), (0, 2, 0));
     assert_eq!(m.stats().evicted_blocks, 2);
     check(&m, &store);
@@ -105,10 +105,10 @@ fn a_released_chain_is_evicted_from_its_end() -> Result<()> {
     let (a, _) = admit(&mut m, &mut store, &prompt, 0)?;
     m.free(a)?;
     assert_eq!(reuse(&m, &prompt), 6);
-    let b = m.create();
-    m.append(b, 4)?; // the empty block, then one eviction
+    let b = m.create_sequence();
+    m.reserve(b, 4)?; // the empty block, then one eviction
     assert_eq!(reuse(&m, &prompt), 4, "the last block went first");
-    m.append(b, 2)?;
+    m.reserve(b, 2)?;
     assert_eq!(reuse(&m, &prompt), 2);
     check(&m, &store);
     Ok(())
@@ -121,15 +121,15 @@ fn cache_full_only_when_empty_plus_cached_is_not_enough() -> Result<()> {
     let (a, _) = admit(&mut m, &mut store, &[1, 2, 3, 4, 5, 6, 7, 8], 0)?;
     m.free(a)?;
     assert_eq!((m.cached_blocks(), m.free_blocks()), (4, 4));
-    let b = m.create();
+    let b = m.create_sequence();
     let before = m.clone();
     assert!(matches!(
-        m.append(b, 9),
+        m.reserve(b, 9),
         Err(KvError::CacheFull { needed: 5, free: 4 })
     ));
     assert_eq!(m, before, "a failed append evicts nothing");
-    assert_eq!(m.appendable_tokens(b)?, 8);
-    m.append(b, 8)?;
+    assert_eq!(m.reservable_tokens(b)?, 8);
+    m.reserve(b, 8)?;
     assert_eq!(
         (m.cached_blocks(), m.free_blocks(), m.stats().evicted_blocks),
         (0, 0, 4)
@@ -203,9 +203,9 @@ fn partial_blocks_and_whole_prompts_are_never_reused() -> Result<()> {
 #[test]
 fn uncommitted_tokens_are_never_indexed() -> Result<()> {
     let mut m = CacheManager::with_prefix_cache(2, 4, 0)?;
-    let a = m.create();
-    m.append(a, 4)?;
-    m.commit_tokens(a, &[1, 2, 3])?; // the second block is written but not committed
+    let a = m.create_sequence();
+    m.reserve(a, 4)?;
+    m.commit(a, &[1, 2, 3])?; // the second block is written but not committed
     assert_eq!(m.stats().indexed_blocks, 1);
     let paused = m.preempt(a)?;
     assert_eq!(
@@ -226,11 +226,11 @@ fn duplicate_computation_indexes_one_block() -> Result<()> {
     let (b, rb) = m.create_with_prefix(&[1, 2, 3]);
     assert_eq!((ra, rb), (0, 0));
     for seq in [a, b] {
-        let w = m.append(seq, 3)?;
+        let w = m.reserve(seq, 3)?;
         store.write(&w.slots, 0, &[1, 2, 3], 0);
     }
-    m.commit_tokens(a, &[1, 2, 3])?;
-    m.commit_tokens(b, &[1, 2, 3])?;
+    m.commit(a, &[1, 2, 3])?;
+    m.commit(b, &[1, 2, 3])?;
     assert_eq!(m.stats().indexed_blocks, 1);
     m.free(a)?;
     m.free(b)?;
@@ -253,13 +253,13 @@ fn truncating_into_a_shared_indexed_block_copies_before_writing() -> Result<()> 
     // Speculative rollback of `a` into the shared, indexed block, then new tokens.
     m.truncate(a, 2)?;
     assert!(m.is_indexed(shared), "b still holds it: it stays indexed");
-    let w = m.append(a, 3)?;
+    let w = m.reserve(a, 3)?;
     assert_eq!(w.copies.len(), 1);
     assert_eq!(w.copies[0].0, shared);
     store.copy(&w.copies);
     let a_tokens = [1, 2, 7, 7, 7];
     store.write(&w.slots, 0, &a_tokens, 2);
-    m.commit_tokens(a, &a_tokens[2..])?;
+    m.commit(a, &a_tokens[2..])?;
     store
         .check_sequence(&m, a, 0, &a_tokens)
         .expect("a sees its rewrite");
@@ -285,10 +285,10 @@ fn truncating_into_an_indexed_block_held_alone_makes_it_private() -> Result<()> 
     m.truncate(a, 3)?;
     assert!(!m.is_indexed(block), "the rejected tokens leave the index");
     assert_eq!(m.ref_count(block), 1);
-    let w = m.append(a, 1)?;
+    let w = m.reserve(a, 1)?;
     assert!(w.copies.is_empty(), "private again: written in place");
     store.write(&w.slots, 0, &[1, 2, 3, 9], 3);
-    m.commit_tokens(a, &[9])?;
+    m.commit(a, &[9])?;
     assert_eq!(reuse(&m, &[1, 2, 3, 4, 5]), 0);
     assert_eq!(reuse(&m, &[1, 2, 3, 9, 5]), 4);
     check(&m, &store);
@@ -302,7 +302,7 @@ fn a_reused_block_is_never_written_by_a_fork() -> Result<()> {
     let (a, _) = admit(&mut m, &mut store, &[1, 2, 3, 4, 5], 0)?;
     let b = m.fork(a)?;
     m.truncate(b, 3)?;
-    let w = m.append(b, 1)?;
+    let w = m.reserve(b, 1)?;
     assert_eq!(w.copies.len(), 1, "the indexed block b cut into is copied");
     store.copy(&w.copies);
     store.write(&w.slots, 0, &[1, 2, 3, 0], 3);
@@ -319,8 +319,8 @@ fn a_reused_block_is_never_written_by_a_fork() -> Result<()> {
 #[test]
 fn capacity_queries_agree_with_append() -> Result<()> {
     let mut m = CacheManager::with_prefix_cache(4, 6, 0)?;
-    let a = m.create();
-    m.append(a, 6)?; // one full block, one half full
+    let a = m.create_sequence();
+    m.reserve(a, 6)?; // one full block, one half full
     let forks: Vec<SeqId> = (0..3).map(|_| m.fork(a)).collect::<Result<_>>()?;
     // Four holders of a half-full block: the first three writers copy, the last writes in
     // place.
@@ -331,17 +331,17 @@ fn capacity_queries_agree_with_append() -> Result<()> {
     assert_eq!(m.blocks_needed_batch(&step)?, 3);
     assert_eq!(m.blocks_needed(a, 1)?, 1);
     assert_eq!(m.free_blocks(), 4);
-    assert_eq!(m.appendable_tokens(a)?, 2 + 3 * 4);
+    assert_eq!(m.reservable_tokens(a)?, 2 + 3 * 4);
     for &(seq, n) in &step {
-        m.append(seq, n)?;
+        m.reserve(seq, n)?;
     }
     assert_eq!(m.free_blocks(), 1);
-    assert_eq!(m.appendable_tokens(a)?, 1 + 4);
-    let fresh = m.create();
-    assert_eq!(m.appendable_tokens(fresh)?, 4);
+    assert_eq!(m.reservable_tokens(a)?, 1 + 4);
+    let fresh = m.create_sequence();
+    assert_eq!(m.reservable_tokens(fresh)?, 4);
     assert_eq!(m.blocks_needed(fresh, 5)?, 2);
     assert!(matches!(
-        m.append(fresh, 5),
+        m.reserve(fresh, 5),
         Err(KvError::CacheFull { needed: 2, free: 1 })
     ));
     check_holders(&m).expect("consistent");
@@ -353,11 +353,11 @@ fn preempted_sequence_resumes_from_its_cached_blocks() -> Result<()> {
     let mut m = CacheManager::with_prefix_cache(2, 4, 0)?;
     let mut store = SimStorage::new(2, 4);
     let (a, _) = admit(&mut m, &mut store, &[1, 2, 3, 4, 5], 0)?;
-    let b = m.create();
-    assert!(m.append(b, 4).is_err(), "full: a must pause");
+    let b = m.create_sequence();
+    assert!(m.reserve(b, 4).is_err(), "full: a must pause");
     let paused = m.preempt(a)?;
     assert_eq!(paused.tokens, [1, 2, 3, 4, 5]);
-    m.append(b, 2)?; // takes the empty block; a's cached blocks survive
+    m.reserve(b, 2)?; // takes the empty block; a's cached blocks survive
     let mut prompt = paused.tokens.clone();
     prompt.push(6);
     assert_eq!(m.prefix_match(&prompt, paused.cache_salt).tokens, 4);

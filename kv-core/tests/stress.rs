@@ -47,13 +47,13 @@ type Check = Result<(), String>;
 
 impl Worker {
     /// Reserves, copies (under the manager's lock), writes and commits `new` tokens.
-    fn append(&mut self, seq: SeqId, new: &[u32]) -> Result<bool, String> {
+    fn reserve(&mut self, seq: SeqId, new: &[u32]) -> Result<bool, String> {
         let store = Arc::clone(&self.store);
-        let appended = self.cache.append_and_copy(seq, new.len(), |copies| {
+        let reserved = self.cache.reserve_and_copy(seq, new.len(), |copies| {
             lock(&store).copy(copies);
             Ok(())
         });
-        match appended {
+        match reserved {
             Err(KvError::CacheFull { .. }) => Ok(false),
             Err(e) => Err(e.to_string()),
             Ok(a) => {
@@ -61,9 +61,7 @@ impl Worker {
                 let start = tokens.len();
                 tokens.extend_from_slice(new);
                 lock(&self.store).write(&a.slots, 0, tokens, start);
-                self.cache
-                    .commit_tokens(seq, new)
-                    .map_err(|e| e.to_string())?;
+                self.cache.commit(seq, new).map_err(|e| e.to_string())?;
                 Ok(true)
             }
         }
@@ -94,7 +92,7 @@ impl Worker {
                 prompt.extend((0..self.rng.below(6)).map(|_| self.rng.below(3) as u32));
                 let (seq, reused) = self.cache.create_with_prefix(&prompt);
                 self.seqs.insert(seq, prompt[..reused].to_vec());
-                if !self.append(seq, &prompt[reused..])? {
+                if !self.reserve(seq, &prompt[reused..])? {
                     // Admission failed: drop the request, keep the cache as it was.
                     self.cache.free(seq).map_err(|e| e.to_string())?;
                     self.seqs.remove(&seq);
@@ -108,7 +106,7 @@ impl Worker {
                     let new: Vec<u32> = (0..1 + self.rng.below(5))
                         .map(|_| self.rng.below(3) as u32)
                         .collect();
-                    if !self.append(seq, &new)? {
+                    if !self.reserve(seq, &new)? {
                         // The batch runner's policy: pause the newest sequence.
                         let newest = *self.seqs.keys().last().ok_or("no sequence")?;
                         let paused = self.cache.preempt(newest).map_err(|e| e.to_string())?;
