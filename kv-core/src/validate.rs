@@ -2,7 +2,7 @@
 //! once so that each backend refuses the same calls with the same [`KvError`] variants.
 //!
 //! The trait's contract (see [`CacheBackend`](crate::CacheBackend)) says which error each
-//! bad call gets; `kv_attention::conformance` checks it. A backend calls [`write`] at the top
+//! bad call gets; `kv_attention::conformance` checks it. A backend calls [`write()`] at the top
 //! of its `write`, [`attend`] at the top of its `attend`, [`slots`] and [`layer`] in `read`
 //! and [`moves`] in `copy_blocks`, before it touches its storage, so a refused call changes
 //! nothing. What depends on the stored values (a NaN in K or V, which some layouts detect
