@@ -144,8 +144,8 @@ impl CacheBackend for VecBackend {
         // In the order given, one block at a time: chains and repeated sources just work.
         for layer in 0..storage.spec.shape.n_layers() {
             for &(from, to) in moves {
-                let from = layer * layer_len + from as usize * block;
-                let to = layer * layer_len + to as usize * block;
+                let from = layer * layer_len + from.index() * block;
+                let to = layer * layer_len + to.index() * block;
                 storage.k.copy_within(from..from + block, to);
                 storage.v.copy_within(from..from + block, to);
             }

@@ -657,7 +657,8 @@ fn fit_block(dtype: KvDType, block_size: usize) -> usize {
 
 /// Every slot of a storage, block by block.
 fn all_slots(spec: &StorageSpec) -> Vec<Slot> {
-    (0..spec.num_blocks as BlockId)
+    (0..spec.num_blocks as u32)
+        .map(BlockId::new)
         .flat_map(|block| (0..spec.block_size as u32).map(move |offset| Slot { block, offset }))
         .collect()
 }
@@ -853,7 +854,10 @@ fn check_copy_blocks<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
     // now partly filled, and the copies below are copy-on-write of a partial block.
     let half = (bs / 2).max(1);
     let fresh: Vec<Slot> = (0..half as u32)
-        .map(|offset| Slot { block: 1, offset })
+        .map(|offset| Slot {
+            block: BlockId::new(1),
+            offset,
+        })
         .collect();
     let dims = (half, kv_heads, d);
     let n = half * kv_heads * d;
@@ -868,7 +872,7 @@ fn check_copy_blocks<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
     backend
         .copy_blocks(&mut storage, &[])
         .map_err(|e| format!("an empty list of moves: {e}"))?;
-    let moves = [(1, 5), (2, 6), (1, 7), (3, 3)];
+    let moves = [(1, 5), (2, 6), (1, 7), (3, 3)].map(|(a, b)| (BlockId::new(a), BlockId::new(b)));
     backend
         .copy_blocks(&mut storage, &moves)
         .map_err(|e| format!("copy_blocks({moves:?}): {e}"))?;
@@ -886,7 +890,7 @@ fn check_copy_blocks<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
     };
     // A copy from `to` into `from` is the classic swap of a (dst, src) convention: name it.
     for &(from, to) in &moves {
-        let (from, to) = (from as usize, to as usize);
+        let (from, to) = (from.index(), to.index());
         let reversed = from != to
             && (0..pools).all(|p| {
                 block_of(&after, p, from) == block_of(&before, p, to)
@@ -925,7 +929,7 @@ fn check_copy_blocks<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
     // Writing the next slot of copy 5 (the writer's side of copy-on-write) leaves the
     // source and the other copy as they were.
     let next = [Slot {
-        block: 5,
+        block: BlockId::new(5),
         offset: (half % bs) as u32,
     }];
     let one = (1, kv_heads, d);
@@ -952,7 +956,7 @@ fn check_copy_blocks<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
     }
 
     // Moves apply in order: a chain carries block 2's rows through 4 into 0.
-    let chain = [(2, 4), (4, 0)];
+    let chain = [(2, 4), (4, 0)].map(|(a, b)| (BlockId::new(a), BlockId::new(b)));
     backend
         .copy_blocks(&mut storage, &chain)
         .map_err(|e| format!("copy_blocks({chain:?}): {e}"))?;
@@ -1029,8 +1033,9 @@ fn check_causal_mask<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
     let bs = fit_block(dtype, 4);
     // 7 tokens over blocks 2, 0, 1 (room for more), as a prefill of all 7 and a decode step
     // at position 4 of the first 5.
-    let blocks: Vec<BlockId> = vec![2, 0, 1]
+    let blocks: Vec<BlockId> = [2, 0, 1]
         .into_iter()
+        .map(BlockId::new)
         .take(7usize.div_ceil(bs) + 1)
         .collect();
     for (kv_len, n_queries) in [(7, 7), (5, 1)] {
@@ -1060,7 +1065,7 @@ fn check_causal_mask<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
 fn check_head_mapping<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(), String> {
     let d = fit_head_dim(dtype, 64);
     for (q_heads, kv_heads) in [(6, 2), (4, 1), (3, 3)] {
-        let seq = SeqAttention::new(vec![1], 1, 1).map_err(s)?;
+        let seq = SeqAttention::new(vec![BlockId::new(1)], 1, 1).map_err(s)?;
         let out = mean_probe(
             backend,
             dtype,
@@ -1131,7 +1136,7 @@ fn check_errors<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<u32, Str
     let mut count = 0u32;
 
     let slot = |block: usize, offset: usize| Slot {
-        block: block as BlockId,
+        block: BlockId::new(block as u32),
         offset: offset as u32,
     };
     let mut rows = |n: usize, heads: usize, dim: usize, poison: Option<f32>| {
@@ -1226,12 +1231,12 @@ fn check_errors<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<u32, Str
         let seq = SeqAttention::new(blocks, len, 1).map_err(s)?;
         Ok(AttentionBatch::new(vec![seq], d))
     };
-    let ok = batch(vec![3, 1], 6)?;
+    let ok = batch(vec![BlockId::new(3), BlockId::new(1)], 6)?;
     backend
         .attend(&storage, 1, &q1, &ok)
         .map_err(|e| format!("a valid attend failed: {e}"))?;
-    let short = batch(vec![3], bs + 1)?;
-    let past_end = batch(vec![3, nb as BlockId], 6)?;
+    let short = batch(vec![BlockId::new(3)], bs + 1)?;
+    let past_end = batch(vec![BlockId::new(3), BlockId::new(nb as u32)], 6)?;
     let attends: [(&str, Want, usize, &Tensor, &AttentionBatch); 5] = [
         (
             "attend on a layer past the end",
@@ -1280,8 +1285,13 @@ fn check_errors<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<u32, Str
     expect_error("read a layer past the end", Want::OutOfRange, read)?;
     count += 2;
 
-    let bad_moves: [&[(BlockId, BlockId)]; 2] =
-        [&[(1, 2), (0, nb as BlockId)], &[(nb as BlockId + 3, 0)]];
+    let bad_moves: [&[(BlockId, BlockId)]; 2] = [
+        &[
+            (BlockId::new(1), BlockId::new(2)),
+            (BlockId::new(0), BlockId::new(nb as u32)),
+        ],
+        &[(BlockId::new(nb as u32 + 3), BlockId::new(0))],
+    ];
     for moves in bad_moves {
         let what = format!("copy_blocks({moves:?}) with a block past the end");
         expect_error(
@@ -1586,7 +1596,7 @@ fn run_case<B: CacheBackend>(
     let mut storage = backend.allocate(&spec).map_err(s)?;
 
     let mut rng = StdRng::seed_from_u64(case.seed);
-    let mut ids: Vec<BlockId> = (0..num_blocks as BlockId).collect();
+    let mut ids: Vec<BlockId> = (0..num_blocks as u32).map(BlockId::new).collect();
     ids.shuffle(&mut rng);
     let mut tables = Vec::new();
     let mut next = 0;
@@ -1911,7 +1921,10 @@ mod tests {
     #[test]
     fn tolerance_flags_misreads_and_nan() {
         let f16 = Tolerance::of(KvDType::F16).expect("f16 has a tolerance");
-        let slot = |offset| Slot { block: 0, offset };
+        let slot = |offset| Slot {
+            block: BlockId::new(0),
+            offset,
+        };
         let misread = |tol: Tolerance, want: &[f32], got: &[f32]| {
             let slots: Vec<Slot> = (0..want.len() as u32).map(slot).collect();
             let b = tol.bounds(Kv::V, want, &slots, 1, 1).expect("bounds");
@@ -1933,7 +1946,7 @@ mod tests {
         let mut row: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
         row[40] = 100.0;
         let slots = [Slot {
-            block: 0,
+            block: BlockId::new(0),
             offset: 0,
         }];
         let b = int8.bounds(Kv::K, &row, &slots, 1, 64).expect("bounds");
@@ -1949,7 +1962,10 @@ mod tests {
         let kivi = Tolerance::of("kivi4".parse().expect("kivi4")).expect("has a tolerance");
         let slots: Vec<Slot> = [(0, 0), (0, 1), (0, 32), (1, 0)]
             .iter()
-            .map(|&(block, offset)| Slot { block, offset })
+            .map(|&(block, offset)| Slot {
+                block: BlockId::new(block),
+                offset,
+            })
             .collect();
         let mut keys = vec![0.5f32; 4 * 32];
         keys[..32].fill(-8.0); // widens key block (0, 0) only

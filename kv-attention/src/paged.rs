@@ -362,7 +362,7 @@ mod tests {
             let bs = s.spec.block_size;
             for layer in &mut s.k {
                 for &(from, to) in moves {
-                    let (from, to) = (from as usize * bs, to as usize * bs);
+                    let (from, to) = (from.index() * bs, to.index() * bs);
                     layer.copy_within(from..from + bs, to);
                 }
             }

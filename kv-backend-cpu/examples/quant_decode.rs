@@ -59,11 +59,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let blocks = tokens.div_ceil(BLOCK);
         let slots: Vec<Slot> = (0..tokens)
             .map(|t| Slot {
-                block: (t / BLOCK) as BlockId,
+                block: BlockId::new((t / BLOCK) as u32),
                 offset: (t % BLOCK) as u32,
             })
             .collect();
-        let table: Vec<BlockId> = (0..blocks as BlockId).collect();
+        let table: Vec<BlockId> = (0..blocks as u32).map(BlockId::new).collect();
         let batch = AttentionBatch::new(vec![SeqAttention::new(table, tokens, 1)?], d);
         // Every layout's storage first, then interleaved timing rounds: load from other
         // processes changes over seconds, and interleaving spreads it over all layouts
@@ -94,7 +94,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let n = tokens.min(512);
             let prefill = AttentionBatch::new(
                 vec![SeqAttention::new(
-                    (0..n.div_ceil(BLOCK) as BlockId).collect(),
+                    (0..n.div_ceil(BLOCK) as u32).map(BlockId::new).collect(),
                     n,
                     n,
                 )?],

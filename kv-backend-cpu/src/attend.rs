@@ -650,11 +650,14 @@ fn runs_of(
     while t < t1 {
         let index = t / g.block_size;
         let end = t1.min((index + 1) * g.block_size);
-        let block = *blocks.get(index).ok_or_else(|| KvError::OutOfRange {
-            what: "block of sequence",
-            index,
-            len: blocks.len(),
-        })? as usize;
+        let block = blocks
+            .get(index)
+            .ok_or_else(|| KvError::OutOfRange {
+                what: "block of sequence",
+                index,
+                len: blocks.len(),
+            })?
+            .index();
         if block >= g.num_blocks {
             return Err(KvError::OutOfRange {
                 what: "block",
@@ -917,7 +920,7 @@ mod tests {
         let mut storage = CpuStorage::allocate(&spec)?;
         // A fixed scattering of block ids (a permutation, as 7 is coprime with the count).
         let order: Vec<BlockId> = (0..num_blocks)
-            .map(|i| ((i * 7 + 2) % num_blocks) as BlockId)
+            .map(|i| BlockId::new(((i * 7 + 2) % num_blocks) as u32))
             .collect();
         let mut next = 0;
         let mut seq_attn = Vec::new();
@@ -1141,19 +1144,19 @@ mod tests {
             with_pools!(&mut storage.pools, p => p.store(0, Which::V, &slots, &v))
         };
         // Parent: consecutive blocks 0..5, the last one partly filled.
-        let parent: Vec<BlockId> = (0..5).collect();
+        let parent: Vec<BlockId> = (0..5).map(BlockId::new).collect();
         let parent_len = 4 * bs + bs / 2 + 1;
         write(&mut storage, &parent, 0, parent_len)?;
         // Fork at the parent's length: blocks 0..4 shared, block 4 copied to 10, then more
         // tokens into 10, 11 (consecutive) and the scattered 7, 12.
-        let child: Vec<BlockId> = vec![0, 1, 2, 3, 10, 11, 7, 12];
-        with_pools!(&mut storage.pools, p => p.copy_blocks(&[(4, 10)]));
+        let child: Vec<BlockId> = [0, 1, 2, 3, 10, 11, 7, 12].map(BlockId::new).to_vec();
+        with_pools!(&mut storage.pools, p => p.copy_blocks(&[(BlockId::new(4), BlockId::new(10))]));
         let child_len = 7 * bs + 3;
         write(&mut storage, &child, parent_len, child_len)?;
         // The parent goes on in its own block 4 after the fork.
         write(&mut storage, &parent, parent_len, parent_len + 2)?;
         // Scattered blocks, descending ids.
-        let scattered: Vec<BlockId> = vec![23, 21, 19, 17, 15];
+        let scattered: Vec<BlockId> = [23, 21, 19, 17, 15].map(BlockId::new).to_vec();
         let scattered_len = 4 * bs + 1;
         write(&mut storage, &scattered, 0, scattered_len)?;
         let seqs = [

@@ -260,7 +260,7 @@ impl DecodeBench {
             let n = step.min(tokens - start);
             let slots: Vec<Slot> = (start..start + n)
                 .map(|t| Slot {
-                    block: (t / block_size) as BlockId,
+                    block: BlockId::new((t / block_size) as u32),
                     offset: (t % block_size) as u32,
                 })
                 .collect();
@@ -270,7 +270,7 @@ impl DecodeBench {
                 backend.write(&mut storage, layer, &slots, &k, &v)?;
             }
         }
-        let table: Vec<BlockId> = (0..blocks as BlockId).collect();
+        let table: Vec<BlockId> = (0..blocks as u32).map(BlockId::new).collect();
         let batch = AttentionBatch::new(vec![SeqAttention::new(table, tokens, queries)?], d);
         let q = rng.tensor(&[queries, shape.n_q_heads(), d])?;
         Ok(Self {

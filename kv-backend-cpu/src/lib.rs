@@ -339,7 +339,8 @@ mod tests {
 
     fn everything(b: &CpuBackend, s: &CpuStorage) -> Result<Vec<f32>> {
         let spec = *s.spec();
-        let all: Vec<Slot> = (0..spec.num_blocks as BlockId)
+        let all: Vec<Slot> = (0..spec.num_blocks as u32)
+            .map(BlockId::new)
             .flat_map(|block| (0..spec.block_size as u32).map(move |offset| Slot { block, offset }))
             .collect();
         let mut out = Vec::new();
@@ -357,7 +358,7 @@ mod tests {
         let before = everything(&b, &s)?;
         let ok = Tensor::ones((2, 2, 16), DType::F32, &Device::Cpu)?;
         let huge = (Tensor::ones((2, 2, 16), DType::F32, &Device::Cpu)? * 1e5)?;
-        let at = slots(&[3], 2, 8);
+        let at = slots(&[BlockId::new(3)], 2, 8);
         assert!(matches!(
             b.write(&mut s, 0, &at, &ok, &huge),
             Err(KvError::InvalidArgument { what: "v", .. })
@@ -390,8 +391,8 @@ mod tests {
     fn non_finite_queries_are_refused() -> Result<()> {
         let (b, mut s, _) = setup(KvDType::F32)?;
         let kv = Tensor::ones((3, 2, 16), DType::F32, &Device::Cpu)?;
-        b.write(&mut s, 0, &slots(&[5], 3, 8), &kv, &kv)?;
-        let batch = AttentionBatch::new(vec![SeqAttention::new(vec![5], 3, 1)?], 16);
+        b.write(&mut s, 0, &slots(&[BlockId::new(5)], 3, 8), &kv, &kv)?;
+        let batch = AttentionBatch::new(vec![SeqAttention::new(vec![BlockId::new(5)], 3, 1)?], 16);
         let q = (Tensor::ones((1, 6, 16), DType::F32, &Device::Cpu)? * f64::INFINITY)?;
         assert!(matches!(
             b.attend(&s, 0, &q, &batch),
@@ -406,7 +407,7 @@ mod tests {
         // [K|V, tokens, heads, dim] in one storage; K and V are offset views into it.
         let fused = Tensor::randn(0f32, 1.0, (2, 3, 2, 16), &Device::Cpu)?;
         let (k, v) = (fused.get(0)?, fused.get(1)?);
-        let at = slots(&[7], 3, 8);
+        let at = slots(&[BlockId::new(7)], 3, 8);
         b.write(&mut s, 0, &at, &k, &v)?;
         let (rk, rv) = b.read(&s, 0, &at)?;
         let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
@@ -436,8 +437,8 @@ mod tests {
         let bs = spec.block_size;
         let lens = [150usize, 9];
         let tables: [Vec<BlockId>; 2] = [
-            (0..19).map(|i| (i * 7 + 3) % 40).collect(),
-            vec![4, 1], // not among the first table's blocks
+            (0..19).map(|i| BlockId::new((i * 7 + 3) % 40)).collect(),
+            vec![BlockId::new(4), BlockId::new(1)], // not among the first table's blocks
         ];
         let one = CpuBackend::with_threads(1)?;
         for (len, table) in lens.iter().zip(&tables) {

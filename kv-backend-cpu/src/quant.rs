@@ -62,7 +62,7 @@
 //! query is rotated once per task, which leaves `q · k` unchanged.
 
 use half::f16;
-use kv_core::{AttentionBatch, KvDType, KvError, Result, Slot, StorageSpec};
+use kv_core::{AttentionBatch, BlockId, KvDType, KvError, Result, Slot, StorageSpec};
 use kv_quant::{Group, Kernels, KiviBits, KiviKeyFormat, QuantError, RowFormat};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -380,7 +380,7 @@ impl QuantPools {
         let mut rows = scratch.chunks_exact(rb);
         for slot in slots {
             for h in 0..g.kv_heads {
-                let at = g.row_start(slot.block as usize, h, slot.offset as usize);
+                let at = g.row_start(slot.block.index(), h, slot.offset as usize);
                 if let Some(row) = rows.next() {
                     pool[at..at + rb].copy_from_slice(row);
                 }
@@ -444,7 +444,7 @@ impl QuantPools {
         let mut touched = Vec::new();
         let mut block_f32 = vec![0.0f32; t_n * d];
         for (t, slot) in slots.iter().enumerate() {
-            let (block, offset) = (slot.block as usize, slot.offset as usize);
+            let (block, offset) = (slot.block.index(), slot.offset as usize);
             let (kb, j) = (offset / t_n, offset % t_n);
             let w = block * per + kb;
             if self.layer(layer)?.windows[w].is_none() {
@@ -534,7 +534,7 @@ impl QuantPools {
         // The KIVI block last dequantized, so reading a block's rows in order decodes it once.
         let mut decoded: Option<(usize, usize, usize)> = None;
         for (t, slot) in slots.iter().enumerate() {
-            let (block, offset) = (slot.block as usize, slot.offset as usize);
+            let (block, offset) = (slot.block.index(), slot.offset as usize);
             for h in 0..g.kv_heads {
                 let out = (t * g.kv_heads + h) * d;
                 let at = g.row_start(block, h, offset);
@@ -590,12 +590,12 @@ impl QuantPools {
 
     /// Copies whole cache blocks (range-checked) in every layer, in the order given,
     /// windows included.
-    pub(crate) fn copy_blocks(&mut self, moves: &[(u32, u32)]) {
+    pub(crate) fn copy_blocks(&mut self, moves: &[(BlockId, BlockId)]) {
         let (kg, vg) = (self.kgeom, self.vgeom);
         let per = self.key_blocks_per_block;
         for layer in &mut self.layers {
             for &(from, to) in moves {
-                let (from, to) = (from as usize, to as usize);
+                let (from, to) = (from.index(), to.index());
                 if from == to {
                     continue;
                 }
@@ -750,11 +750,14 @@ fn run_task_in(
 
     let blocks = task.seq.blocks();
     let block_at = |index: usize| -> Result<usize> {
-        Ok(*blocks.get(index).ok_or(KvError::OutOfRange {
-            what: "block of sequence",
-            index,
-            len: blocks.len(),
-        })? as usize)
+        Ok(blocks
+            .get(index)
+            .ok_or(KvError::OutOfRange {
+                what: "block of sequence",
+                index,
+                len: blocks.len(),
+            })?
+            .index())
     };
     // The pools store a KV head's rows (and KIVI key blocks) of consecutive blocks back to
     // back, so a tile runs on over them: with the model's 16-token blocks that is 4x fewer
@@ -1018,6 +1021,7 @@ mod tests {
     }
 
     fn slots(block: u32, range: std::ops::Range<u32>) -> Vec<Slot> {
+        let block = BlockId::new(block);
         range.map(|offset| Slot { block, offset }).collect()
     }
 
@@ -1057,7 +1061,7 @@ mod tests {
         assert!(err > 0.0 && err <= 4.0 / 15.0 / 2.0 * 1.01 + 2e-3, "{err}");
         // Copy-on-write of the partly filled block carries its filling window (not the
         // retired one, whose block is quantized).
-        p.copy_blocks(&[(2, 3)]);
+        p.copy_blocks(&[(BlockId::new(2), BlockId::new(3))]);
         assert_eq!(p.open_windows(), 3);
         assert!(p.layers[0].windows[6].is_none());
         assert_eq!(
@@ -1108,7 +1112,7 @@ mod tests {
             bits: kv_core::KiviBits::B4,
         };
         let spec = StorageSpec::new(shape, kivi4, 32, 3).expect("spec");
-        let table = vec![2, 0, 1];
+        let table = [2, 0, 1].map(BlockId::new).to_vec();
         let all: Vec<Slot> = (0..n)
             .map(|t| Slot {
                 block: table[t / 32],

@@ -14,7 +14,7 @@
 //! over the fused kernels.
 
 use half::{bf16, f16};
-use kv_core::{KvDType, KvError, Result, Slot, StorageSpec};
+use kv_core::{BlockId, KvDType, KvError, Result, Slot, StorageSpec};
 
 use crate::kernels;
 
@@ -240,7 +240,7 @@ impl<C: RowCodec> Pools<C> {
         for (t, slot) in slots.iter().enumerate() {
             for h in 0..g.kv_heads {
                 let src = (t * g.kv_heads + h) * d;
-                let dst = g.row_start(slot.block as usize, h, slot.offset as usize);
+                let dst = g.row_start(slot.block.index(), h, slot.offset as usize);
                 C::encode(&data[src..src + d], &mut pool[dst..dst + g.row_units]);
             }
         }
@@ -258,7 +258,7 @@ impl<C: RowCodec> Pools<C> {
         if let Some(pools) = self.layers.get(layer) {
             for (t, slot) in slots.iter().enumerate() {
                 for h in 0..g.kv_heads {
-                    let src = g.row_start(slot.block as usize, h, slot.offset as usize);
+                    let src = g.row_start(slot.block.index(), h, slot.offset as usize);
                     let dst = (t * g.kv_heads + h) * d;
                     C::decode(&pools.k[src..src + g.row_units], &mut k[dst..dst + d]);
                     C::decode(&pools.v[src..src + g.row_units], &mut v[dst..dst + d]);
@@ -269,12 +269,12 @@ impl<C: RowCodec> Pools<C> {
     }
 
     /// Copies whole blocks (already range-checked) in every layer, in the order given.
-    pub fn copy_blocks(&mut self, moves: &[(u32, u32)]) {
+    pub fn copy_blocks(&mut self, moves: &[(BlockId, BlockId)]) {
         let g = self.geom;
         for layer in &mut self.layers {
             for pool in [&mut layer.k, &mut layer.v] {
                 for &(from, to) in moves {
-                    g.copy_block(pool, from as usize, to as usize);
+                    g.copy_block(pool, from.index(), to.index());
                 }
             }
         }
@@ -364,7 +364,8 @@ impl CpuStorage {
     /// let mut storage = backend.allocate(&spec)?;
     /// assert_eq!(storage.allocated_bytes(), spec.bytes()?);
     /// // 3 tokens of block 1 in layer 0: its keys wait in an f16 window.
-    /// let slots: Vec<Slot> = (0..3).map(|offset| Slot { block: 1, offset }).collect();
+    /// let block = kv_core::BlockId::new(1);
+    /// let slots: Vec<Slot> = (0..3).map(|offset| Slot { block, offset }).collect();
     /// let kv = Tensor::ones((3, 2, 64), kv_core::candle::DType::F32, &Device::Cpu)?;
     /// backend.write(&mut storage, 0, &slots, &kv, &kv)?;
     /// assert_eq!(storage.residual_windows(), 1);
@@ -458,7 +459,7 @@ mod tests {
         let k: Vec<f32> = (0..16).map(|i| (10 * (i / 8) + i % 8) as f32).collect();
         let v: Vec<f32> = k.iter().map(|x| -x).collect();
         let slot = Slot {
-            block: 2,
+            block: BlockId::new(2),
             offset: 1,
         };
         pools.store(1, Which::K, &[slot], &k).expect("stores");
@@ -477,7 +478,7 @@ mod tests {
             pools.layers[0].k.iter().all(|x| *x == 0.0),
             "other layer untouched"
         );
-        pools.copy_blocks(&[(2, 0)]);
+        pools.copy_blocks(&[(BlockId::new(2), BlockId::new(0))]);
         let hb = g.head_block_units();
         for h in 0..g.kv_heads {
             let (to, from) = (g.row_start(0, h, 0), g.row_start(2, h, 0));

@@ -4,8 +4,7 @@ use candle_core::{Device, Tensor};
 
 use crate::{memory, BlockId, KvDType, KvError, ModelShape, Result, Slot};
 
-/// The most blocks a storage may have: every block needs an id below [`BlockId::MAX`].
-const MAX_BLOCKS: usize = BlockId::MAX as usize;
+use crate::blocks::MAX_BLOCKS;
 
 /// What a backend allocates: block pools for every layer, in one layout.
 ///
@@ -373,10 +372,10 @@ impl AttentionBatch {
                     ),
                 });
             }
-            if let Some(&b) = s.blocks.iter().find(|&&b| b as usize >= spec.num_blocks) {
+            if let Some(&b) = s.blocks.iter().find(|&&b| b.index() >= spec.num_blocks) {
                 return Err(KvError::OutOfRange {
                     what: "block",
-                    index: b as usize,
+                    index: b.index(),
                     len: spec.num_blocks,
                 });
             }

@@ -3,7 +3,48 @@
 use crate::{KvError, Result};
 
 /// Index of a block in a backend's pools.
-pub type BlockId = u32;
+///
+/// A newtype, so a block id cannot be passed where a sequence id, an offset or a count is
+/// meant. Displays as its number.
+///
+/// ```
+/// use kv_core::{BlockId, Slot};
+/// let slot = Slot { block: BlockId::new(3), offset: 5 };
+/// assert_eq!(slot.flat(16), 3 * 16 + 5);
+/// assert_eq!(format!("block {}", slot.block), "block 3");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct BlockId(u32);
+
+impl BlockId {
+    /// The id of block `index`.
+    pub const fn new(index: u32) -> Self {
+        Self(index)
+    }
+    /// The block's index in its pools, for indexing.
+    pub const fn index(self) -> usize {
+        self.0 as usize
+    }
+    /// The block's number.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl From<u32> for BlockId {
+    fn from(index: u32) -> Self {
+        Self(index)
+    }
+}
+
+impl std::fmt::Display for BlockId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Blocks a pool may have: every block needs an id that fits a `u32`.
+pub(crate) const MAX_BLOCKS: usize = u32::MAX as usize;
 
 /// Where one token's K/V row lives: a block and the position inside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -17,7 +58,7 @@ pub struct Slot {
 impl Slot {
     /// The slot's index in a flat array of `block_size`-sized blocks.
     pub fn flat(&self, block_size: usize) -> usize {
-        self.block as usize * block_size + self.offset as usize
+        self.block.index() * block_size + self.offset as usize
     }
 }
 
@@ -45,10 +86,10 @@ pub struct BlockAllocator {
 impl BlockAllocator {
     /// An allocator over blocks `0..total`.
     pub fn new(total: usize) -> Self {
-        let total = total.min(BlockId::MAX as usize);
+        let total = total.min(MAX_BLOCKS);
         Self {
             ref_counts: vec![0; total],
-            free: (0..total as BlockId).rev().collect(),
+            free: (0..total as u32).rev().map(BlockId).collect(),
         }
     }
 
@@ -69,7 +110,7 @@ impl BlockAllocator {
 
     /// Holders of `block` (0 when free).
     pub fn ref_count(&self, block: BlockId) -> u32 {
-        self.ref_counts.get(block as usize).copied().unwrap_or(0)
+        self.ref_counts.get(block.index()).copied().unwrap_or(0)
     }
 
     /// Takes `n` free blocks, each with one holder.
@@ -85,7 +126,7 @@ impl BlockAllocator {
         }
         let taken = self.free.split_off(self.free.len() - n);
         for &b in &taken {
-            self.ref_counts[b as usize] = 1;
+            self.ref_counts[b.index()] = 1;
         }
         Ok(taken.into_iter().rev().collect())
     }
@@ -97,7 +138,7 @@ impl BlockAllocator {
     pub fn retain(&mut self, blocks: &[BlockId]) -> Result<()> {
         self.check_held(blocks)?;
         for &b in blocks {
-            self.ref_counts[b as usize] += 1;
+            self.ref_counts[b.index()] += 1;
         }
         Ok(())
     }
@@ -114,20 +155,17 @@ impl BlockAllocator {
         for &b in blocks {
             *drops.entry(b).or_default() += 1;
         }
-        if let Some((&b, &n)) = drops
-            .iter()
-            .find(|(&b, &n)| self.ref_counts[b as usize] < n)
-        {
+        if let Some((&b, &n)) = drops.iter().find(|(&b, &n)| self.ref_counts[b.index()] < n) {
             return Err(KvError::InvalidArgument {
                 what: "block release",
                 detail: format!(
                     "block {b} released {n} times but held {} times",
-                    self.ref_counts[b as usize]
+                    self.ref_counts[b.index()]
                 ),
             });
         }
         for &b in blocks {
-            let rc = &mut self.ref_counts[b as usize];
+            let rc = &mut self.ref_counts[b.index()];
             *rc -= 1;
             if *rc == 0 {
                 self.free.push(b);
@@ -147,7 +185,7 @@ impl BlockAllocator {
     pub fn audit(&self) -> std::result::Result<(), String> {
         let mut listed = vec![false; self.total()];
         for &b in &self.free {
-            match listed.get_mut(b as usize) {
+            match listed.get_mut(b.index()) {
                 None => return Err(format!("free list holds block {b} out of range")),
                 Some(true) => return Err(format!("block {b} is on the free list twice")),
                 Some(seen) => *seen = true,
@@ -166,11 +204,11 @@ impl BlockAllocator {
 
     fn check_held(&self, blocks: &[BlockId]) -> Result<()> {
         for &b in blocks {
-            match self.ref_counts.get(b as usize) {
+            match self.ref_counts.get(b.index()) {
                 None => {
                     return Err(KvError::OutOfRange {
                         what: "block",
-                        index: b as usize,
+                        index: b.index(),
                         len: self.total(),
                     })
                 }

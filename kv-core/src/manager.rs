@@ -191,7 +191,7 @@ impl CacheManager {
                 detail: format!("{block_size} is not in 1..=2^32-1"),
             });
         }
-        if num_blocks == 0 || num_blocks > BlockId::MAX as usize {
+        if num_blocks == 0 || num_blocks > u32::MAX as usize {
             return Err(KvError::InvalidArgument {
                 what: "num_blocks",
                 detail: format!("{num_blocks} is not in 1..=2^32-1"),
@@ -297,7 +297,7 @@ impl CacheManager {
         let mut seq_holders = vec![0u32; self.total_blocks()];
         for s in self.sequences.values() {
             for &b in s.table.blocks() {
-                if let Some(h) = seq_holders.get_mut(b as usize) {
+                if let Some(h) = seq_holders.get_mut(b.index()) {
                     *h += 1;
                 }
             }
@@ -642,7 +642,8 @@ impl CacheManager {
     /// let copies = cache.evict_window(seq, 1, 2)?; // keep block 0, drop blocks 1 and 2
     /// assert!(copies.is_empty()); // nobody else holds block 0
     /// assert_eq!(cache.len(seq)?, 10);
-    /// assert_eq!(cache.table(seq)?.blocks(), &[0, 3, 4]);
+    /// let kept: Vec<u32> = cache.table(seq)?.blocks().iter().map(|b| b.get()).collect();
+    /// assert_eq!(kept, [0, 3, 4]);
     /// assert_eq!(cache.evicted_tokens(seq)?, 8);
     /// assert_eq!(cache.free_blocks(), 5);
     /// # Ok::<(), kv_core::KvError>(())
@@ -1016,7 +1017,7 @@ impl CacheManager {
                 ));
             }
             for &b in s.table.blocks() {
-                match holders.get_mut(b as usize) {
+                match holders.get_mut(b.index()) {
                     Some(h) => *h += 1,
                     None => return Err(format!("sequence {id} lists block {b} out of range")),
                 }
@@ -1051,7 +1052,7 @@ impl CacheManager {
         if let Some(index) = &self.prefix {
             index.audit(self.block_size)?;
             for b in index.indexed_blocks() {
-                holders[b as usize] += 1;
+                holders[b.index()] += 1;
                 let only_index = self.allocator.ref_count(b) == 1;
                 if only_index != index.is_cached(b) {
                     return Err(format!(
@@ -1063,7 +1064,7 @@ impl CacheManager {
             }
         }
         for (b, &h) in holders.iter().enumerate() {
-            let rc = self.allocator.ref_count(b as BlockId);
+            let rc = self.allocator.ref_count(BlockId::new(b as u32));
             if rc != h {
                 return Err(format!(
                     "block {b} has reference count {rc} but {h} holders"
@@ -1078,31 +1079,35 @@ impl CacheManager {
 mod tests {
     use super::*;
 
+    fn ids(raw: &[u32]) -> Vec<BlockId> {
+        raw.iter().copied().map(BlockId::new).collect()
+    }
+
     #[test]
     fn fork_copies_shared_partial_block_on_write() -> Result<()> {
         let mut m = CacheManager::new(4, 8)?;
         let a = m.create_sequence();
         m.reserve(a, 6)?; // blocks [0, 1], block 1 half full
         let b = m.fork(a)?;
-        assert_eq!(m.ref_count(0), 2);
-        assert_eq!(m.ref_count(1), 2);
+        assert_eq!(m.ref_count(BlockId::new(0)), 2);
+        assert_eq!(m.ref_count(BlockId::new(1)), 2);
         let wrote = m.reserve(b, 1)?;
-        assert_eq!(wrote.copies, vec![(1, 2)]);
+        assert_eq!(wrote.copies, vec![(BlockId::new(1), BlockId::new(2))]);
         assert_eq!(
             wrote.slots,
             vec![Slot {
-                block: 2,
+                block: BlockId::new(2),
                 offset: 2
             }]
         );
-        assert_eq!(m.ref_count(1), 1);
+        assert_eq!(m.ref_count(BlockId::new(1)), 1);
         // The parent's next write goes into its own block 1, no copy.
         let wrote = m.reserve(a, 1)?;
         assert!(wrote.copies.is_empty());
         assert_eq!(
             wrote.slots,
             vec![Slot {
-                block: 1,
+                block: BlockId::new(1),
                 offset: 2
             }]
         );
@@ -1121,7 +1126,7 @@ mod tests {
         let b = m.fork(a)?;
         let wrote = m.reserve(b, 1)?;
         assert!(wrote.copies.is_empty());
-        assert_eq!(m.ref_count(0), 2);
+        assert_eq!(m.ref_count(BlockId::new(0)), 2);
         Ok(())
     }
 
@@ -1236,25 +1241,25 @@ mod tests {
         assert_eq!(m, before);
         let copies = m.evict_window(a, 1, 2)?;
         assert!(copies.is_empty());
-        assert_eq!(m.table(a)?.blocks(), &[0, 3, 4]);
+        assert_eq!(m.table(a)?.blocks(), ids(&[0, 3, 4]));
         assert_eq!(m.len(a)?, 5);
         assert_eq!(m.evicted_tokens(a)?, 4);
         assert_eq!(m.free_blocks(), 5);
-        assert_eq!(m.ref_count(1), 0);
-        assert_eq!(m.ref_count(2), 0);
+        assert_eq!(m.ref_count(BlockId::new(1)), 0);
+        assert_eq!(m.ref_count(BlockId::new(2)), 0);
         // Slots stay contiguous in cache index: the next token goes after the old tail.
         let next = m.reserve(a, 1)?.slots;
         assert_eq!(
             next,
             vec![Slot {
-                block: 4,
+                block: BlockId::new(4),
                 offset: 1
             }]
         );
         assert_eq!(m.seq_attention(a, 1)?.kv_len(), 6);
         // No sinks: the window alone.
         m.evict_window(a, 0, 1)?;
-        assert_eq!(m.table(a)?.blocks(), &[3, 4]);
+        assert_eq!(m.table(a)?.blocks(), ids(&[3, 4]));
         assert_eq!(m.evicted_tokens(a)?, 6);
         assert_eq!(m.audit(), Ok(()));
         m.free(a)?;
@@ -1268,18 +1273,18 @@ mod tests {
         let a = m.create_sequence();
         m.reserve(a, 8)?;
         m.commit(a, &[1, 2, 3, 4, 5, 6, 7, 8])?;
-        assert!(m.is_indexed(0) && m.is_indexed(1));
+        assert!(m.is_indexed(BlockId::new(0)) && m.is_indexed(BlockId::new(1)));
         let b = m.fork(a)?;
         // Block 0 is held by a, b and the index: a's sinks must be copied before a rewrite.
         let copies = m.evict_window(a, 1, 2)?;
         assert_eq!(copies.len(), 1);
         let (from, to) = copies[0];
-        assert_eq!(from, 0);
-        assert_eq!(m.table(a)?.blocks(), &[to, 3]);
+        assert_eq!(from, BlockId::new(0));
+        assert_eq!(m.table(a)?.blocks(), &[to, BlockId::new(3)]);
         assert_eq!(m.ref_count(to), 1);
-        assert_eq!(m.ref_count(0), 2); // b and the index
+        assert_eq!(m.ref_count(BlockId::new(0)), 2); // b and the index
         assert_eq!(m.tokens(a)?, &[1, 2, 7, 8]);
-        assert_eq!(m.table(b)?.blocks(), &[0, 1, 2, 3]);
+        assert_eq!(m.table(b)?.blocks(), ids(&[0, 1, 2, 3]));
         // Later commits of a windowed sequence index nothing.
         let indexed = m.stats().indexed_blocks;
         m.reserve(a, 2)?;
@@ -1289,9 +1294,9 @@ mod tests {
         m.free(a)?;
         let copies = m.evict_window(b, 1, 1)?;
         assert!(copies.is_empty());
-        assert!(!m.is_indexed(0));
-        assert_eq!(m.ref_count(0), 1);
-        assert!(m.is_indexed(1)); // the dropped block keeps valid K/V for its prefix
+        assert!(!m.is_indexed(BlockId::new(0)));
+        assert_eq!(m.ref_count(BlockId::new(0)), 1);
+        assert!(m.is_indexed(BlockId::new(1))); // the dropped block keeps valid K/V for its prefix
         assert_eq!(m.audit(), Ok(()));
         Ok(())
     }

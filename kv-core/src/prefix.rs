@@ -115,7 +115,7 @@ impl PrefixIndex {
     }
 
     fn entry(&self, block: BlockId) -> Option<&Entry> {
-        self.entries.get(block as usize)?.as_ref()
+        self.entries.get(block.index())?.as_ref()
     }
 
     pub(crate) fn is_indexed(&self, block: BlockId) -> bool {
@@ -135,7 +135,7 @@ impl PrefixIndex {
         parent: Option<ChainHash>,
         tokens: &[u32],
     ) {
-        if let Some(slot) = self.entries.get_mut(block as usize) {
+        if let Some(slot) = self.entries.get_mut(block.index()) {
             *slot = Some(Entry {
                 hash,
                 parent,
@@ -148,7 +148,7 @@ impl PrefixIndex {
 
     /// Forgets `block`'s entry (and its place in the LRU queue).
     pub(crate) fn remove(&mut self, block: BlockId) {
-        if let Some(entry) = self.entries.get_mut(block as usize).and_then(Option::take) {
+        if let Some(entry) = self.entries.get_mut(block.index()).and_then(Option::take) {
             self.by_hash.remove(&entry.hash);
             if let Some(tick) = entry.lru_tick {
                 self.lru.remove(&tick);
@@ -159,11 +159,7 @@ impl PrefixIndex {
     /// Puts an indexed block that no sequence holds any more at the young end of the queue.
     pub(crate) fn push_cached(&mut self, block: BlockId) {
         let tick = self.clock;
-        if let Some(entry) = self
-            .entries
-            .get_mut(block as usize)
-            .and_then(Option::as_mut)
-        {
+        if let Some(entry) = self.entries.get_mut(block.index()).and_then(Option::as_mut) {
             if entry.lru_tick.is_none() {
                 entry.lru_tick = Some(tick);
                 self.lru.insert(tick, block);
@@ -174,11 +170,7 @@ impl PrefixIndex {
 
     /// Takes a block out of the queue because a sequence holds it again.
     pub(crate) fn take_cached(&mut self, block: BlockId) {
-        if let Some(entry) = self
-            .entries
-            .get_mut(block as usize)
-            .and_then(Option::as_mut)
-        {
+        if let Some(entry) = self.entries.get_mut(block.index()).and_then(Option::as_mut) {
             if let Some(tick) = entry.lru_tick.take() {
                 self.lru.remove(&tick);
             }
@@ -210,7 +202,7 @@ impl PrefixIndex {
             .iter()
             .enumerate()
             .filter(|(_, e)| e.is_some())
-            .map(|(b, _)| b as BlockId)
+            .map(|(b, _)| BlockId::new(b as u32))
     }
 
     /// Checks that the hash map, the entries and the queue agree with each other.
@@ -219,7 +211,7 @@ impl PrefixIndex {
         for (b, entry) in self.entries.iter().enumerate() {
             let Some(e) = entry else { continue };
             indexed += 1;
-            if self.by_hash.get(&e.hash) != Some(&(b as BlockId)) {
+            if self.by_hash.get(&e.hash) != Some(&(BlockId::new(b as u32))) {
                 return Err(format!(
                     "block {b} is indexed but its hash does not find it"
                 ));
@@ -231,7 +223,7 @@ impl PrefixIndex {
                 ));
             }
             if let Some(tick) = e.lru_tick {
-                if self.lru.get(&tick) != Some(&(b as BlockId)) {
+                if self.lru.get(&tick) != Some(&(BlockId::new(b as u32))) {
                     return Err(format!("cached block {b} is missing from the LRU queue"));
                 }
             }
@@ -282,14 +274,14 @@ mod tests {
     fn lookup_verifies_parent_and_tokens() {
         let mut index = PrefixIndex::new(4, 0);
         let h = index.hash(None, 0, &[1, 2]);
-        index.insert(3, h, None, &[1, 2]);
-        assert_eq!(index.lookup(h, None, &[1, 2]), Some(3));
+        index.insert(BlockId::new(3), h, None, &[1, 2]);
+        assert_eq!(index.lookup(h, None, &[1, 2]), Some(BlockId::new(3)));
         assert_eq!(index.lookup(h, Some(h), &[1, 2]), None);
         assert_eq!(index.lookup(h, None, &[1, 3]), None);
         assert_eq!(index.audit(2), Ok(()));
-        index.push_cached(3);
-        assert_eq!(index.oldest_cached(), Some(3));
-        index.remove(3);
+        index.push_cached(BlockId::new(3));
+        assert_eq!(index.oldest_cached(), Some(BlockId::new(3)));
+        index.remove(BlockId::new(3));
         assert_eq!(index.cached_len(), 0);
         assert_eq!(index.len(), 0);
         assert_eq!(index.audit(2), Ok(()));

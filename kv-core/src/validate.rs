@@ -10,10 +10,11 @@
 //!
 //! ```
 //! use kv_core::candle::{Device, Tensor};
-//! use kv_core::{validate, KvDType, KvError, ModelShape, Slot, StorageSpec};
+//! use kv_core::{validate, BlockId, KvDType, KvError, ModelShape, Slot, StorageSpec};
 //!
 //! let spec = StorageSpec::new(ModelShape::new(2, 4, 2, 8)?, KvDType::F32, 4, 3)?;
-//! let slots = [Slot { block: 0, offset: 1 }, Slot { block: 3, offset: 0 }];
+//! let slot = |block, offset| Slot { block: BlockId::new(block), offset };
+//! let slots = [slot(0, 1), slot(3, 0)];
 //! let k = Tensor::zeros((2, 2, 8), kv_core::candle::DType::F32, &Device::Cpu)?;
 //! // Block 3 does not exist in a pool of 3 blocks: refused before anything is written.
 //! let err = validate::write(&spec, &Device::Cpu, 0, &slots, &k, &k).unwrap_err();
@@ -47,10 +48,10 @@ pub fn layer(spec: &StorageSpec, layer: usize) -> Result<()> {
 /// [`KvError::OutOfRange`] for the first bad slot (`what: "slot block"` or `"slot offset"`).
 pub fn slots(spec: &StorageSpec, slots: &[Slot]) -> Result<()> {
     for s in slots {
-        if s.block as usize >= spec.num_blocks {
+        if s.block.index() >= spec.num_blocks {
             return Err(KvError::OutOfRange {
                 what: "slot block",
-                index: s.block as usize,
+                index: s.block.index(),
                 len: spec.num_blocks,
             });
         }
@@ -73,11 +74,11 @@ pub fn moves(spec: &StorageSpec, moves: &[(BlockId, BlockId)]) -> Result<()> {
     if let Some(&b) = moves
         .iter()
         .flat_map(|(a, b)| [a, b])
-        .find(|&&b| b as usize >= spec.num_blocks)
+        .find(|&&b| b.index() >= spec.num_blocks)
     {
         return Err(KvError::OutOfRange {
             what: "block",
-            index: b as usize,
+            index: b.index(),
             len: spec.num_blocks,
         });
     }
@@ -192,13 +193,13 @@ mod tests {
         let spec = spec()?;
         let dev = Device::Cpu;
         let good = [Slot {
-            block: 2,
+            block: BlockId::new(2),
             offset: 3,
         }];
         let kv = Tensor::zeros((1, 2, 8), DType::F32, &dev)?;
         write(&spec, &dev, 1, &good, &kv, &kv)?;
         let past_offset = [Slot {
-            block: 0,
+            block: BlockId::new(0),
             offset: 4,
         }];
         assert!(matches!(
@@ -234,18 +235,32 @@ mod tests {
         let spec = spec()?;
         let dev = Device::Cpu;
         let q = Tensor::zeros((2, 4, 8), DType::F32, &dev)?;
-        let ok = AttentionBatch::new(vec![SeqAttention::new(vec![2, 0], 5, 2)?], 8);
+        let ok = AttentionBatch::new(
+            vec![SeqAttention::new(
+                vec![BlockId::new(2), BlockId::new(0)],
+                5,
+                2,
+            )?],
+            8,
+        );
         attend(&spec, &dev, 1, &q, &ok)?;
         assert!(matches!(
             attend(&spec, &dev, 0, &q.narrow(0, 0, 1)?, &ok),
             Err(KvError::ShapeMismatch { what: "q", .. })
         ));
-        let short = AttentionBatch::new(vec![SeqAttention::new(vec![2], 5, 2)?], 8);
+        let short = AttentionBatch::new(vec![SeqAttention::new(vec![BlockId::new(2)], 5, 2)?], 8);
         assert!(matches!(
             attend(&spec, &dev, 0, &q, &short),
             Err(KvError::InvalidArgument { .. })
         ));
-        let missing = AttentionBatch::new(vec![SeqAttention::new(vec![2, 3], 5, 2)?], 8);
+        let missing = AttentionBatch::new(
+            vec![SeqAttention::new(
+                vec![BlockId::new(2), BlockId::new(3)],
+                5,
+                2,
+            )?],
+            8,
+        );
         assert!(matches!(
             attend(&spec, &dev, 0, &q, &missing),
             Err(KvError::OutOfRange { index: 3, .. })
@@ -262,9 +277,21 @@ mod tests {
     #[test]
     fn moves_and_values() -> Result<()> {
         let spec = spec()?;
-        moves(&spec, &[(0, 2), (2, 2)])?;
+        moves(
+            &spec,
+            &[
+                (BlockId::new(0), BlockId::new(2)),
+                (BlockId::new(2), BlockId::new(2)),
+            ],
+        )?;
         assert!(matches!(
-            moves(&spec, &[(0, 1), (1, 3)]),
+            moves(
+                &spec,
+                &[
+                    (BlockId::new(0), BlockId::new(1)),
+                    (BlockId::new(1), BlockId::new(3))
+                ]
+            ),
             Err(KvError::OutOfRange { index: 3, .. })
         ));
         finite("k", &[0.0, -1.0, f32::MAX])?;

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use common::{check_holders, check_table, SimStorage};
-use kv_core::{CacheManager, KvError, SeqId, SharedCacheManager};
+use kv_core::{BlockId, CacheManager, KvError, SeqId, SharedCacheManager};
 
 const THREADS: u64 = 4;
 const OPS: usize = 500;
@@ -212,7 +212,7 @@ fn threads_sharing_one_manager_account_for_every_block() -> Result<(), String> {
     assert_eq!(m.free_blocks(), NUM_BLOCKS);
     assert_eq!(stats.cached_blocks, stats.indexed_blocks);
     assert_eq!(stats.empty_blocks + stats.cached_blocks, NUM_BLOCKS);
-    for b in 0..NUM_BLOCKS as u32 {
+    for b in (0..NUM_BLOCKS as u32).map(BlockId::new) {
         assert_eq!(m.ref_count(b), u32::from(m.is_indexed(b)), "block {b}");
     }
     assert!(

@@ -28,7 +28,7 @@ impl SimStorage {
     pub fn copy(&mut self, copies: &[(BlockId, BlockId)]) {
         let bs = self.block_size;
         for &(from, to) in copies {
-            let (from, to) = (from as usize * bs, to as usize * bs);
+            let (from, to) = (from.index() * bs, to.index() * bs);
             for i in 0..bs {
                 self.slots[to + i] = self.slots[from + i].clone();
             }
@@ -68,7 +68,7 @@ impl SimStorage {
     /// position of one prefix in one namespace.
     pub fn check_index(&self, m: &CacheManager) -> Result<(), String> {
         let bs = m.block_size();
-        for b in 0..m.total_blocks() as BlockId {
+        for b in (0..m.total_blocks() as u32).map(BlockId::new) {
             let Some(ids) = m.indexed_tokens(b) else {
                 if m.is_indexed(b) {
                     return Err(format!("block {b} is indexed without token ids"));
@@ -165,18 +165,18 @@ pub fn check_holders(m: &CacheManager) -> Result<(), String> {
     let mut seq_holders = vec![0u32; total];
     for seq in m.sequences() {
         for &b in m.table(seq).map_err(|e| e.to_string())?.blocks() {
-            seq_holders[b as usize] += 1;
+            seq_holders[b.index()] += 1;
         }
     }
     let mut used = 0;
     let mut cached = 0;
     for (b, &h) in seq_holders.iter().enumerate() {
-        let indexed = m.is_indexed(b as BlockId);
+        let indexed = m.is_indexed(BlockId::new(b as u32));
         let want = h + u32::from(indexed);
-        if m.ref_count(b as BlockId) != want {
+        if m.ref_count(BlockId::new(b as u32)) != want {
             return Err(format!(
                 "block {b}: ref count {} but {h} sequence holders{}",
-                m.ref_count(b as BlockId),
+                m.ref_count(BlockId::new(b as u32)),
                 if indexed { " and the index" } else { "" }
             ));
         }
