@@ -5,7 +5,7 @@
 //!
 //! After every operation: `free + used == total`, the manager's own audit passes, and a
 //! failed operation left the manager exactly as it was. Planning answers agree with what
-//! the operations then do (an append fits exactly when `appendable_tokens` says so).
+//! the operations then do (a reservation fits exactly when `reservable_tokens` says so).
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -111,7 +111,7 @@ impl Run {
         self.live
             .get(i)
             .copied()
-            .unwrap_or(1_000 + SeqId::from(seq.0))
+            .unwrap_or(SeqId::from_raw(1_000 + u64::from(seq.0)))
     }
 
     fn forget(&mut self, id: SeqId) {
@@ -144,10 +144,10 @@ impl Run {
 
     fn append(&mut self, id: SeqId, n: usize) -> Result<(), KvError> {
         let len = self.cache.len(id);
-        let room = self.cache.appendable_tokens(id);
+        let room = self.cache.reservable_tokens(id);
         let needed = self.cache.blocks_needed(id, n);
         let free = self.cache.free_blocks();
-        let result = self.cache.append(id, n);
+        let result = self.cache.reserve(id, n);
         match (&result, len, room, needed) {
             (Ok(a), Ok(len), Ok(room), Ok(needed)) => {
                 assert!(n <= room, "appended {n} > appendable {room}");
@@ -157,7 +157,7 @@ impl Run {
                 let total = self.cache.total_blocks();
                 let bs = self.cache.block_size();
                 for s in &a.slots {
-                    assert!((s.block as usize) < total && (s.offset as usize) < bs);
+                    assert!(s.block.index() < total && (s.offset as usize) < bs);
                 }
             }
             (Err(KvError::CacheFull { .. }), Ok(_), Ok(room), Ok(needed)) => {
@@ -173,7 +173,7 @@ impl Run {
     fn step(&mut self, op: &Op) -> Result<(), KvError> {
         match op {
             Op::Create => {
-                let id = self.cache.create();
+                let id = self.cache.create_sequence();
                 self.live.push(id);
             }
             Op::CreateWithPrefix { prompt, salt } => {
@@ -192,7 +192,7 @@ impl Run {
             Op::AppendHuge { seq, n } => self.append(self.id(*seq), *n)?,
             Op::AppendAndCopy { seq, n, copy_fails } => {
                 let id = self.id(*seq);
-                self.cache.append_and_copy(id, usize::from(*n), |copies| {
+                self.cache.reserve_and_copy(id, usize::from(*n), |copies| {
                     assert!(!copies.is_empty());
                     if *copy_fails {
                         Err(KvError::InvalidArgument {
@@ -208,7 +208,7 @@ impl Run {
                 let id = self.id(*seq);
                 let tokens: Vec<u32> = tokens.iter().map(|&t| u32::from(t % 4)).collect();
                 let before = self.cache.tokens(id)?.to_vec();
-                self.cache.commit_tokens(id, &tokens)?;
+                self.cache.commit(id, &tokens)?;
                 let after = self.cache.tokens(id)?;
                 assert_eq!(&after[..before.len()], &before[..]);
                 assert_eq!(&after[before.len()..], &tokens[..]);
@@ -217,7 +217,7 @@ impl Run {
                 let id = self.id(*seq);
                 let pending = self.cache.len(id)? - self.cache.tokens(id)?.len();
                 let tokens = vec![u32::from(token % 4); pending];
-                self.cache.commit_tokens(id, &tokens)?;
+                self.cache.commit(id, &tokens)?;
             }
             Op::Fork { seq } => {
                 let id = self.id(*seq);
@@ -281,7 +281,7 @@ impl Run {
                     // The documented promise: the batch then fits, run in order.
                     let mut trial = self.cache.clone();
                     for &(id, n) in &appends {
-                        if let Err(e) = trial.append(id, n) {
+                        if let Err(e) = trial.reserve(id, n) {
                             panic!("batch of {needed} blocks fits but append({id}, {n}): {e}");
                         }
                     }
@@ -291,7 +291,7 @@ impl Run {
                 let id = self.id(*seq);
                 let len = self.cache.len(id)?;
                 let n = usize::from(*n_queries);
-                let ok = self.cache.attention(id, n).is_ok();
+                let ok = self.cache.seq_attention(id, n).is_ok();
                 assert_eq!(ok, (1..=len).contains(&n));
             }
             Op::Sizes(sizes) => check_sizes(sizes),

@@ -70,8 +70,8 @@ fn hand_built_spec_reports_the_overflow() {
 #[test]
 fn manager_append_of_usize_max_tokens_changes_nothing() {
     let mut cache = CacheManager::new(16, 8).unwrap();
-    let seq = cache.create();
-    cache.append(seq, 5).unwrap();
+    let seq = cache.create_sequence();
+    cache.reserve(seq, 5).unwrap();
     let before = cache.clone();
     // 5 + n overflows: a typed error from the planner and from append.
     for n in [usize::MAX, usize::MAX - 4] {
@@ -82,7 +82,7 @@ fn manager_append_of_usize_max_tokens_changes_nothing() {
                 ..
             })
         ));
-        assert!(cache.append(seq, n).is_err(), "{n}");
+        assert!(cache.reserve(seq, n).is_err(), "{n}");
         assert_eq!(cache, before, "{n}");
     }
     // 5 + n fits: the count of blocks is exact and the cache is full.
@@ -92,7 +92,7 @@ fn manager_append_of_usize_max_tokens_changes_nothing() {
         usize::MAX.div_ceil(16) - 1
     );
     assert!(matches!(
-        cache.append(seq, n),
+        cache.reserve(seq, n),
         Err(KvError::CacheFull { free: 7, .. })
     ));
     assert_eq!(cache, before);
@@ -105,9 +105,9 @@ fn largest_block_size_is_counted_exactly() {
     // token before the check.
     let max = u32::MAX as usize;
     let mut small = CacheManager::new(max, 1).unwrap();
-    let seq = small.create();
-    let got = small.appendable_tokens(seq).unwrap();
+    let seq = small.create_sequence();
+    let got = small.reservable_tokens(seq).unwrap();
     assert_eq!(got, max);
-    assert!(small.append(seq, max + 1).is_err());
+    assert!(small.reserve(seq, max + 1).is_err());
     small.audit().unwrap();
 }
