@@ -68,8 +68,8 @@ const BUILTINS: &[(&str, &str)] = &[
 /// on.
 ///
 /// Rendered like Hugging Face's `apply_chat_template`: Jinja with `trim_blocks` and
-/// `lstrip_blocks`, the variables `messages`, `add_generation_prompt`, `bos_token` and
-/// `eos_token`, the function `raise_exception`, `strftime_now`, and Python's string and
+/// `lstrip_blocks`, the variables `messages`, `add_generation_prompt`, `bos_token`,
+/// `eos_token`, `tools` and `documents` (none), the function `raise_exception`, `strftime_now`, and Python's string and
 /// dict methods (`.strip()`, `.startswith()`, `.items()`, ...).
 ///
 /// ```
@@ -86,7 +86,9 @@ const BUILTINS: &[(&str, &str)] = &[
 /// # Ok::<(), kv_model::ModelError>(())
 /// ```
 pub struct ChatTemplate {
-    env: Environment<'static>,
+    /// The compiled template, or why it does not compile (kept so that a model whose
+    /// template minijinja cannot parse still loads and runs with raw prompts).
+    env: std::result::Result<Environment<'static>, String>,
     bos: String,
     eos: String,
 }
@@ -107,6 +109,26 @@ impl ChatTemplate {
     /// # Errors
     /// [`ModelError::ChatTemplate`] when the template does not parse.
     pub fn from_jinja(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        let template = Self::from_jinja_lenient(source, bos_token, eos_token);
+        if let Err(detail) = &template.env {
+            return Err(ModelError::ChatTemplate {
+                detail: detail.clone(),
+            });
+        }
+        Ok(template)
+    }
+
+    /// As [`ChatTemplate::from_jinja`], but a template that does not compile fails only
+    /// when rendered.
+    pub(crate) fn from_jinja_lenient(source: &str, bos_token: &str, eos_token: &str) -> Self {
+        Self {
+            env: Self::compile(source).map_err(|e| jinja_detail(&e)),
+            bos: bos_token.into(),
+            eos: eos_token.into(),
+        }
+    }
+
+    fn compile(source: &str) -> std::result::Result<Environment<'static>, JinjaError> {
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -115,13 +137,15 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat", source.to_string())
-            .map_err(template_error)?;
-        Ok(Self {
-            env,
-            bos: bos_token.into(),
-            eos: eos_token.into(),
-        })
+        // As Python's Jinja: none is not iterable (minijinja's test says it is).
+        env.add_test("iterable", |v: JinjaValue| {
+            !matches!(
+                v.kind(),
+                ValueKind::None | ValueKind::Undefined | ValueKind::Bool | ValueKind::Number
+            ) && v.try_iter().is_ok()
+        });
+        env.add_template_owned("chat", hf_generation_blocks(source))?;
+        Ok(env)
     }
 
     /// A built-in format by name (see [`ChatTemplate::builtin_names`]).
@@ -194,8 +218,17 @@ impl ChatTemplate {
             ),
             ("bos_token", JinjaValue::from(self.bos.as_str())),
             ("eos_token", JinjaValue::from(self.eos.as_str())),
+            // What Hugging Face passes when the caller gives no tools or documents.
+            ("tools", JinjaValue::from(())),
+            ("documents", JinjaValue::from(())),
         ]);
-        let template = self.env.get_template("chat").map_err(template_error)?;
+        let env = self
+            .env
+            .as_ref()
+            .map_err(|detail| ModelError::ChatTemplate {
+                detail: format!("the template does not compile: {detail}"),
+            })?;
+        let template = env.get_template("chat").map_err(template_error)?;
         template.render(ctx).map_err(template_error)
     }
 
@@ -222,16 +255,60 @@ impl ChatTemplate {
     }
 }
 
+/// Hugging Face's `{% generation %}...{% endgeneration %}` marks the assistant's text for
+/// training masks and renders its body as is: it becomes `{% if true %}...{% endif %}`,
+/// keeping the tags' whitespace control (`{%-`, `-%}`).
+fn hf_generation_blocks(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(open) = rest.find("{%") {
+        let Some(close) = rest[open..].find("%}").map(|c| open + c) else {
+            break;
+        };
+        let inner = &rest[open + 2..close];
+        let body = inner
+            .trim_start_matches(['-', '+'])
+            .trim_end_matches(['-', '+'])
+            .trim();
+        let replacement = match body {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        out.push_str(&rest[..open + 2]);
+        match replacement {
+            Some(r) => {
+                let lead = if inner.starts_with('-') { "- " } else { " " };
+                let trail = if inner.ends_with('-') { " -" } else { " " };
+                out.push_str(lead);
+                out.push_str(r);
+                out.push_str(trail);
+            }
+            None => out.push_str(inner),
+        }
+        out.push_str("%}");
+        rest = &rest[close + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// minijinja's message with the cause chain and the template line, on one line.
-fn template_error(e: JinjaError) -> ModelError {
+fn jinja_detail(e: &JinjaError) -> String {
     let mut detail = e.to_string();
-    let mut source = std::error::Error::source(&e);
+    let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         detail.push_str(": ");
         detail.push_str(&s.to_string());
         source = s.source();
     }
-    ModelError::ChatTemplate { detail }
+    detail
+}
+
+fn template_error(e: JinjaError) -> ModelError {
+    ModelError::ChatTemplate {
+        detail: jinja_detail(&e),
+    }
 }
 
 /// `raise_exception(message)`: templates call it to refuse a conversation.
@@ -365,7 +442,10 @@ fn write_json(
                     out.push_str(item_separator);
                 }
                 newline(out, depth + 1);
-                let name = key.as_str().map(str::to_string).unwrap_or_else(|| key.to_string());
+                let name = key
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| key.to_string());
                 out.push_str(&serde_json::to_string(&name).map_err(|e| {
                     JinjaError::new(ErrorKind::InvalidOperation, format!("tojson: {e}"))
                 })?);
@@ -450,7 +530,9 @@ mod tests {
             "<s><start_of_turn>user\nS\n\nHi<end_of_turn>\n<start_of_turn>model\nYo<end_of_turn>\n\
              <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
         );
-        assert!(render("chatml").ends_with("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"));
+        assert!(
+            render("chatml").ends_with("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n")
+        );
     }
 
     #[test]
@@ -458,10 +540,7 @@ mod tests {
         let gemma = ChatTemplate::builtin("gemma", "<bos>", "<eos>").unwrap();
         let bad = [ChatMessage::new("user", "a"), ChatMessage::new("user", "b")];
         let err = gemma.render_messages(&bad, true).unwrap_err();
-        assert!(
-            err.to_string().contains("roles must alternate"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("roles must alternate"), "{err}");
         assert!(matches!(
             ChatTemplate::builtin("nope", "", ""),
             Err(ModelError::InvalidArgument { .. })
@@ -479,7 +558,8 @@ mod tests {
     #[test]
     fn python_methods_filters_and_tojson_work() {
         let t = ChatTemplate::from_jinja(
-            "{{ messages[0].content.strip().upper() }}|{{ messages[0]['content'] | trim | length }}|\
+            "{{ tools is iterable }}{{ messages is iterable }}{{ 'ab' is iterable }}|\
+             {{ messages[0].content.strip().upper() }}|{{ messages[0]['content'] | trim | length }}|\
              {{ {'a': [1, 'é', none, true]} | tojson }}|{{ {'k': 1} | tojson(indent=2) }}|\
              {% if messages[0].content.startswith(' x') %}yes{% endif %}",
             "",
@@ -489,8 +569,25 @@ mod tests {
         assert_eq!(
             t.render_messages(&[ChatMessage::new("user", " x y ")], false)
                 .unwrap(),
-            "X Y|3|{\"a\": [1, \"é\", null, true]}|{\n  \"k\": 1\n}|yes"
+            "FalseTrueTrue|X Y|3|{\"a\": [1, \"é\", null, true]}|{\n  \"k\": 1\n}|yes"
         );
+    }
+
+    #[test]
+    fn generation_blocks_render_their_body_and_loop_controls_work() {
+        assert_eq!(
+            hf_generation_blocks("a{%- generation -%} b {% endgeneration %}{{ x }}{% if y %}"),
+            "a{%- if true -%} b {% endif %}{{ x }}{% if y %}"
+        );
+        let t = ChatTemplate::from_jinja(
+            "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}\
+             {%- generation -%} {{ m.content }} {%- endgeneration %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let turns = ["a", "b", "c"].map(|c| ChatMessage::new("user", c));
+        assert_eq!(t.render_messages(&turns, false).unwrap(), "ab");
     }
 
     #[test]

@@ -61,6 +61,7 @@ pub mod window;
 use std::path::{Path, PathBuf};
 
 pub use batch::{BatchOptions, BatchRun, SeqOutcome};
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, SUPPORTED_ARCHITECTURES};
 pub use error::{ModelError, Result};
 pub use generate::{CacheLayout, CacheReport, GenerateOptions, Generation, StopReason, Summary};
@@ -68,7 +69,6 @@ pub use generate::{CacheLayout, CacheReport, GenerateOptions, Generation, StopRe
 pub use linear::matmul_seconds;
 pub use model::{Logits, Model, WeightFormat};
 pub use sampler::{Sampler, SamplingConfig};
-pub use chat::{ChatMessage, ChatTemplate};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use window::{StreamingScore, WindowConfig, WindowReport, WindowedSequence};
 

@@ -36,8 +36,7 @@ const TOKEN_TYPE_USER_DEFINED: usize = 4;
 const TOKEN_TYPE_BYTE: usize = 6;
 
 /// The tokenizer models GGUF files name in `tokenizer.ggml.model` that kv implements.
-const SUPPORTED_MODELS: &str =
-    "\"llama\" (SentencePiece BPE), \"gpt2\" (byte-level BPE)";
+const SUPPORTED_MODELS: &str = "\"llama\" (SentencePiece BPE), \"gpt2\" (byte-level BPE)";
 
 /// The byte-level pre-tokenizers, by the names GGUF files give in `tokenizer.ggml.pre`
 /// (llama.cpp's names; several names share one rule set).
@@ -316,17 +315,22 @@ impl Tokenizer {
         stop_tokens.extend(id("tokenizer.ggml.eot_token_id")?);
         // Instruct models end a turn with eos but base-model habits end documents with
         // <|endoftext|>: stop at either.
-        stop_tokens.extend(tokens.iter().position(|t| t == "<|endoftext|>").map(|i| i as u32));
+        stop_tokens.extend(
+            tokens
+                .iter()
+                .position(|t| t == "<|endoftext|>")
+                .map(|i| i as u32),
+        );
         stop_tokens.sort_unstable();
         stop_tokens.dedup();
 
         let token_text = |id: Option<u32>| id.map_or("", |i| tokens[i as usize].as_str());
         let chat = match md.get("tokenizer.chat_template") {
-            Some(Value::String(t)) => Some(ChatTemplate::from_jinja(
+            Some(Value::String(t)) => Some(ChatTemplate::from_jinja_lenient(
                 t,
                 token_text(bos),
                 token_text(eos),
-            )?),
+            )),
             _ => None,
         };
         Ok(Self {
@@ -368,7 +372,12 @@ impl Tokenizer {
     ///
     /// # Errors
     /// [`ModelError::Tokenizer`].
-    pub fn encode_with(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
+    pub fn encode_with(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>> {
         let mut ids = Vec::with_capacity(text.len() / 3 + 2);
         if add_special {
             ids.extend(self.bos_to_add());
@@ -417,12 +426,15 @@ impl Tokenizer {
                             if *add_space_prefix && after_special {
                                 escaped.push(SPACE_MARK);
                             }
-                            escaped.extend(t.chars().map(|c| if c == ' ' { SPACE_MARK } else { c }));
-                            model.encode_into(&escaped, out).map_err(|b| ModelError::Tokenizer {
-                                detail: format!(
+                            escaped
+                                .extend(t.chars().map(|c| if c == ' ' { SPACE_MARK } else { c }));
+                            model.encode_into(&escaped, out).map_err(|b| {
+                                ModelError::Tokenizer {
+                                    detail: format!(
                                     "byte 0x{b:02X} has no <0x{b:02X}> token and the vocabulary \
                                      has no unknown token"
                                 ),
+                                }
                             })?;
                             after_special = false;
                         }
@@ -532,7 +544,8 @@ impl Tokenizer {
         &self.stop_tokens
     }
 
-    /// The file's own chat template (`tokenizer.chat_template`), if it has one.
+    /// The file's own chat template (`tokenizer.chat_template`), if it has one. A template
+    /// that does not compile is reported when rendered, so the model still runs raw prompts.
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat.as_ref()
     }
@@ -583,7 +596,8 @@ fn byte_level_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Result<tokeniz
         .into())
     };
     // Bytes to the GPT-2 alphabet after the splits (`use_regex`: GPT-2's own split too).
-    let bytes = |use_regex: bool| -> PreTokenizerWrapper { ByteLevel::new(false, true, use_regex).into() };
+    let bytes =
+        |use_regex: bool| -> PreTokenizerWrapper { ByteLevel::new(false, true, use_regex).into() };
     let (steps, ignore_merges): (Vec<PreTokenizerWrapper>, bool) = match pre {
         "gpt2" | "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "trillion" | "roberta-bpe"
         | "exaone4" => (vec![bytes(true)], false),
@@ -616,8 +630,9 @@ fn byte_level_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Result<tokeniz
         "qwen35" => (vec![split(QWEN35_REGEX)?, bytes(false)], false),
         "gpt-4o" | "llama4" => (vec![split(GPT4O_REGEX)?, bytes(false)], false),
         // Every digit its own piece, then GPT-2's rules.
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-        | "minerva-7b" => (vec![Digits::new(true).into(), bytes(true)], false),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            (vec![Digits::new(true).into(), bytes(true)], false)
+        }
         other => {
             return Err(ModelError::Unsupported {
                 what: "pre-tokenizer",
@@ -626,7 +641,10 @@ fn byte_level_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Result<tokeniz
         }
     };
     let pre_tokenizer: PreTokenizerWrapper = if steps.len() == 1 {
-        steps.into_iter().next().ok_or_else(|| ModelError::tokenizer("no pre-tokenizer"))?
+        steps
+            .into_iter()
+            .next()
+            .ok_or_else(|| ModelError::tokenizer("no pre-tokenizer"))?
     } else {
         Sequence::new(steps).into()
     };
@@ -838,7 +856,10 @@ mod tests {
             })
         ));
         let mut md = tiny();
-        md.insert("tokenizer.ggml.pre".into(), Value::String("no-such-pre".into()));
+        md.insert(
+            "tokenizer.ggml.pre".into(),
+            Value::String("no-such-pre".into()),
+        );
         assert!(matches!(
             Tokenizer::from_metadata(&md),
             Err(ModelError::Unsupported {
@@ -882,7 +903,10 @@ mod tests {
         assert_eq!(t.encode_with("hi", false, true).unwrap(), vec![9]);
         // Not parsed: "<|im_start|>" is text, and this vocabulary has no pieces for '<' and
         // '|', which byte-level BPE then leaves out.
-        assert!(!t.encode_with("<|im_start|>hi", false, false).unwrap().contains(&1));
+        assert!(!t
+            .encode_with("<|im_start|>hi", false, false)
+            .unwrap()
+            .contains(&1));
         assert_eq!(t.piece(10).unwrap(), " hi");
         assert_eq!(t.piece(1).unwrap(), "<|im_start|>");
         assert!(matches!(
@@ -895,8 +919,8 @@ mod tests {
     fn tiny_spm() -> HashMap<String, Value> {
         let s = |x: &str| Value::String(x.into());
         let tokens = [
-            "<unk>", "<s>", "</s>", "<0x0A>", "<0xC3>", "<0xA9>", "▁", "h", "i", "▁h", "▁hi",
-            "hi", "<tool>",
+            "<unk>", "<s>", "</s>", "<0x0A>", "<0xC3>", "<0xA9>", "▁", "h", "i", "▁h", "▁hi", "hi",
+            "<tool>",
         ];
         let scores = [
             0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -5.0, -4.0, -4.0, -2.0, -1.0, -3.0, 0.0f32,
@@ -928,10 +952,16 @@ mod tests {
         assert_eq!(t.encode("hi").unwrap(), vec![1, 10]);
         assert_eq!(t.encode_with("hi hi", false, false).unwrap(), vec![10, 10]);
         // 'é' has no piece: its two UTF-8 bytes; '\n' too.
-        assert_eq!(t.encode_with("é\n", false, false).unwrap(), vec![6, 4, 5, 3]);
-        // A user-defined token is matched whole; the text after it gets no space prefix
-        // (only text after special tokens does).
-        assert_eq!(t.encode_with("hi<tool>hi", false, false).unwrap(), vec![10, 12, 11]);
+        assert_eq!(
+            t.encode_with("é\n", false, false).unwrap(),
+            vec![6, 4, 5, 3]
+        );
+        // A user-defined token is matched whole, and as after any special token in
+        // llama.cpp, the text after it gets a space prefix.
+        assert_eq!(
+            t.encode_with("hi<tool>hi", false, false).unwrap(),
+            vec![10, 12, 10]
+        );
         // Control tokens only when parsed; the text after one gets a space prefix.
         assert_eq!(t.encode_with("</s>hi", false, true).unwrap(), vec![2, 10]);
         assert_eq!(t.decode(&[1, 10, 10, 4, 5, 3, 2]).unwrap(), "hi hié\n");

@@ -58,9 +58,19 @@ fn vocab_file() -> PathBuf {
 fn prints_ids_pieces_and_specials_only_when_asked() {
     let vocab = vocab_file();
     let m = vocab.to_str().unwrap();
-    assert_eq!(stdout_of(&kv(&["tokenize", "--model", m, "--text", "hi hi"])), "8 8\n");
     assert_eq!(
-        stdout_of(&kv(&["tokenize", "--model", m, "--text", "hi hi", "--add-special"])),
+        stdout_of(&kv(&["tokenize", "--model", m, "--text", "hi hi"])),
+        "8 8\n"
+    );
+    assert_eq!(
+        stdout_of(&kv(&[
+            "tokenize",
+            "--model",
+            m,
+            "--text",
+            "hi hi",
+            "--add-special"
+        ])),
         "1 8 8 2\n"
     );
     // Control tokens written in the text are parsed, as llama-tokenize does by default.
@@ -69,16 +79,27 @@ fn prints_ids_pieces_and_specials_only_when_asked() {
         "2 8 3\n"
     );
     assert_eq!(
-        stdout_of(&kv(&["tokenize", "--model", m, "--text", "hi\n", "--pieces"])),
+        stdout_of(&kv(&[
+            "tokenize", "--model", m, "--text", "hi\n", "--pieces"
+        ])),
         "     8 -> ' hi'\n     3 -> '\n'\n"
     );
     let file = vocab.with_file_name("input.txt");
     std::fs::write(&file, "hi").unwrap();
     assert_eq!(
-        stdout_of(&kv(&["tokenize", "--model", m, "--file", file.to_str().unwrap()])),
+        stdout_of(&kv(&[
+            "tokenize",
+            "--model",
+            m,
+            "--file",
+            file.to_str().unwrap()
+        ])),
         "8\n"
     );
-    assert_eq!(stdout_of(&kv(&["tokenize", "--model", m, "--text", ""])), "\n");
+    assert_eq!(
+        stdout_of(&kv(&["tokenize", "--model", m, "--text", ""])),
+        "\n"
+    );
 }
 
 #[test]
@@ -110,7 +131,14 @@ fn tokenizes_llama_cpp_vocabulary_files() {
         "15043 3186\n"
     );
     assert_eq!(
-        stdout_of(&kv(&["tokenize", "--model", m, "--text", "Hello world", "--add-special"])),
+        stdout_of(&kv(&[
+            "tokenize",
+            "--model",
+            m,
+            "--text",
+            "Hello world",
+            "--add-special"
+        ])),
         "1 15043 3186\n"
     );
 }

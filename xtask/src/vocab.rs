@@ -165,8 +165,7 @@ fn extract(sdist: &Path, dir: &Path) -> Result<usize, String> {
         let partial = to.with_extension("partial");
         let mut out =
             File::create(&partial).map_err(|e| format!("creating {}: {e}", partial.display()))?;
-        std::io::copy(&mut entry, &mut out)
-            .map_err(|e| format!("extracting {member}: {e}"))?;
+        std::io::copy(&mut entry, &mut out).map_err(|e| format!("extracting {member}: {e}"))?;
         std::fs::rename(&partial, &to).map_err(|e| format!("moving into {}: {e}", to.display()))?;
         count += 1;
     }
@@ -177,11 +176,7 @@ fn extract(sdist: &Path, dir: &Path) -> Result<usize, String> {
         .filter(|f| !dir.join(f).is_file())
         .collect();
     if !missing.is_empty() {
-        return Err(format!(
-            "{} lacks {}",
-            sdist.display(),
-            missing.join(", ")
-        ));
+        return Err(format!("{} lacks {}", sdist.display(), missing.join(", ")));
     }
     Ok(count)
 }
