@@ -286,7 +286,12 @@ fn tokenizer_round_trips_and_keeps_special_tokens_whole() {
     assert!(tokenizer.stop_tokens().contains(&0)); // <|endoftext|>
     let template = tokenizer.chat_template().unwrap();
     let text = template.render("Hi").unwrap();
-    assert!(text.contains("You are a helpful AI assistant named SmolLM, trained by Hugging Face"));
+    // The file's own Jinja template renders the single ChatML turn kv always sent.
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
+         Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
     let ids = tokenizer.encode(&text).unwrap();
     assert_eq!(ids[0], im_start);
     assert_eq!(ids.iter().filter(|&&i| i == im_start).count(), 3);

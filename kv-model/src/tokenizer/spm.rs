@@ -32,7 +32,7 @@ struct Symbol {
 }
 
 /// A candidate merge of the symbols `left` and `right` (its neighbour).
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 struct Bigram {
     score: f32,
     left: usize,
@@ -41,14 +41,23 @@ struct Bigram {
     len: usize,
 }
 
+impl PartialEq for Bigram {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
 impl Eq for Bigram {}
 
 impl Ord for Bigram {
     fn cmp(&self, other: &Self) -> Ordering {
-        // Highest score first; on a tie, the leftmost pair.
+        // Highest score first; on a tie, the leftmost pair. (Of candidates with the same
+        // left symbol at most one is current, the others are skipped: `len` only makes
+        // the order total.)
         self.score
             .total_cmp(&other.score)
             .then_with(|| other.left.cmp(&self.left))
+            .then_with(|| self.len.cmp(&other.len))
     }
 }
 
