@@ -92,7 +92,7 @@ enum Model {
     /// SentencePiece BPE; `add_space_prefix` puts a space before text that starts the input
     /// or follows a special token.
     SentencePiece {
-        model: SentencePiece,
+        model: Box<SentencePiece>,
         add_space_prefix: bool,
     },
     /// Byte-level BPE with its pre-tokenizer (the `tokenizers` crate).
@@ -281,7 +281,7 @@ impl Tokenizer {
                 }
             };
             Model::SentencePiece {
-                model: SentencePiece::new(&token_strs, scores, unknown),
+                model: Box::new(SentencePiece::new(&token_strs, scores, unknown)),
                 add_space_prefix: flag("tokenizer.ggml.add_space_prefix", true)?,
             }
         } else {
