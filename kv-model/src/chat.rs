@@ -171,16 +171,30 @@ impl ChatTemplate {
     /// A built-in name, or else the path of a Jinja file.
     ///
     /// # Errors
-    /// [`ModelError::Io`] when `name_or_file` is neither a built-in nor a readable file,
-    /// and those of [`ChatTemplate::from_jinja`].
+    /// [`ModelError::InvalidArgument`] when `name_or_file` is neither a built-in nor a
+    /// file, [`ModelError::Io`] when the file cannot be read, and those of
+    /// [`ChatTemplate::from_jinja`].
     pub fn builtin_or_file(name_or_file: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
         if BUILTINS.iter().any(|(n, _)| *n == name_or_file) {
             return Self::builtin(name_or_file, bos_token, eos_token);
         }
         let path = Path::new(name_or_file);
-        let source = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
+        let source = std::fs::read_to_string(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ModelError::InvalidArgument {
+                    what: "chat template",
+                    expected: format!(
+                        "a built-in name ({}) or a Jinja file",
+                        Self::builtin_names().join(", ")
+                    ),
+                    got: format!("{name_or_file:?}, which is neither"),
+                }
+            } else {
+                ModelError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
         })?;
         Self::from_jinja(&source, bos_token, eos_token)
     }
@@ -547,8 +561,14 @@ mod tests {
         ));
         assert!(matches!(
             ChatTemplate::builtin_or_file("/no/such/template.jinja", "", ""),
+            Err(ModelError::InvalidArgument { .. })
+        ));
+        // A directory is a file that cannot be read.
+        assert!(matches!(
+            ChatTemplate::builtin_or_file("/", "", ""),
             Err(ModelError::Io { .. })
         ));
+        assert!(ChatTemplate::builtin_or_file("llama3", "", "").is_ok());
         assert!(matches!(
             ChatTemplate::from_jinja("{% for %}", "", ""),
             Err(ModelError::ChatTemplate { .. })
