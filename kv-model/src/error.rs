@@ -121,6 +121,13 @@ pub enum ModelError {
         /// The tokenizer library's message.
         detail: String,
     },
+    /// A chat template that does not parse, fails to render, or refuses the conversation
+    /// (`raise_exception`).
+    #[error("chat template: {detail}")]
+    ChatTemplate {
+        /// What the template engine reported.
+        detail: String,
+    },
     /// A prompt with no tokens: there is nothing to continue.
     #[error("the prompt is empty: give some text to continue")]
     EmptyPrompt,

@@ -4,8 +4,8 @@
 //! - [`Model`]: weights (GGUF blocks or f32, see [`WeightFormat`]), RoPE, RMSNorm, SwiGLU; a forward
 //!   pass over a [`kv_attention::PagedCache`] on any [`kv_core::CacheBackend`], and an
 //!   independent forward pass that stores nothing.
-//! - [`Tokenizer`]: the byte-level BPE stored in the file, and the ChatML
-//!   [`ChatTemplate`].
+//! - [`Tokenizer`]: the SentencePiece or byte-level BPE stored in the file, and its
+//!   Jinja [`ChatTemplate`].
 //! - [`Sampler`]: greedy, temperature, top-k, top-p, seeded.
 //! - [`Model::generate`] / [`Model::generate_uncached`]: the two generation loops and the
 //!   [`Summary`] of what each cost.
@@ -28,7 +28,7 @@
 //! let model = Model::load(&path)?;
 //! let tokenizer = Tokenizer::from_gguf_file(&path)?;
 //! let chat = tokenizer.chat_template().expect("an instruct model");
-//! let prompt = tokenizer.encode(&chat.render("Why is the sky blue?"))?;
+//! let prompt = tokenizer.encode(&chat.render("Why is the sky blue?")?)?;
 //! let options = GenerateOptions {
 //!     max_tokens: 64,
 //!     stop_tokens: tokenizer.stop_tokens().to_vec(),
@@ -50,6 +50,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod batch;
+mod chat;
 mod config;
 mod error;
 mod escape;
@@ -67,6 +68,7 @@ pub mod window;
 use std::path::{Path, PathBuf};
 
 pub use batch::{BatchOptions, BatchRun, SeqOutcome};
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{LlamaConfig, MetadataLimits, SUPPORTED_ARCHITECTURES};
 pub use error::{ModelError, Result};
 pub use escape::escape_controls;
@@ -81,7 +83,7 @@ pub use gguf_check::{
 pub use linear::matmul_seconds;
 pub use model::{Logits, Model, WeightFormat};
 pub use sampler::{Sampler, SamplingConfig};
-pub use tokenizer::{ChatTemplate, TextStream, Tokenizer};
+pub use tokenizer::{TextStream, Tokenizer};
 pub use window::{StreamingScore, WindowConfig, WindowReport, WindowedSequence};
 
 /// Loads the model (default [`WeightFormat`]) and its tokenizer from one GGUF

@@ -14,8 +14,8 @@ use kv_backend_cpu::CpuBackend;
 use kv_backend_cuda::CudaBackend;
 use kv_core::{memory, KvDType, ModelShape};
 use kv_model::{
-    CacheLayout, GenerateOptions, Generation, LlamaConfig, ModelError, Result, SamplingConfig,
-    WeightFormat, WindowConfig,
+    CacheLayout, ChatTemplate, GenerateOptions, Generation, LlamaConfig, ModelError, Result,
+    SamplingConfig, Tokenizer, WeightFormat, WindowConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -60,6 +60,30 @@ enum Command {
     /// cache with prefix reuse, and print per-sequence and aggregate tokens/s and how the
     /// cache's blocks were used, shared and reused.
     Batch(BatchArgs),
+    /// Print the token ids of a text, as llama.cpp's llama-tokenize does (also on
+    /// vocabulary-only GGUF files).
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["text", "file"])))]
+struct TokenizeArgs {
+    /// GGUF file with the vocabulary (a model, or a vocabulary-only file) [default:
+    /// $KV_MODEL_DIR or ~/.cache/kv/models, SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The text to tokenize.
+    #[arg(long)]
+    text: Option<String>,
+    /// A UTF-8 file whose whole content is tokenized.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Add BOS/EOS as the vocabulary asks (tokenizer.ggml.add_bos_token, add_eos_token).
+    #[arg(long)]
+    add_special: bool,
+    /// Print one token per line with its text (`id -> 'piece'`) instead of the ids.
+    #[arg(long)]
+    pieces: bool,
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +186,10 @@ struct GenerateArgs {
     /// Use the prompt as is, without the chat template.
     #[arg(long)]
     raw: bool,
+    /// Chat template to use instead of the file's own: a built-in (chatml, llama2, llama3,
+    /// gemma) or a Jinja file.
+    #[arg(long, value_name = "NAME|FILE", conflicts_with = "raw")]
+    chat_template: Option<String>,
     /// How the model's projection weights are held: the file's blocks with kv's kernels
     /// (fastest, exact activations), f32 (exact, 4 bytes per weight) or candle's quantized
     /// matmul (activations rounded to 8 bits).
@@ -288,6 +316,7 @@ fn main() -> ExitCode {
         Command::Ppl(args) => ppl(args),
         Command::Batch(args) => batch(args),
         Command::WindowPpl(args) => window_ppl(args),
+        Command::Tokenize(args) => tokenize(args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -405,17 +434,22 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     let text = if args.raw {
         args.prompt
+    } else if let Some(name) = &args.chat_template {
+        let (bos, eos) = tokenizer.special_texts();
+        ChatTemplate::builtin_or_file(name, bos, eos)?.render(&args.prompt)?
     } else {
         let template = tokenizer
             .chat_template()
             .ok_or_else(|| ModelError::Unsupported {
                 what: "chat template",
                 detail: format!(
-                    "{} has no ChatML template; pass --raw to use the prompt as is",
-                    path.display()
+                    "{} has none; pass --chat-template NAME|FILE (built-ins: {}) or --raw \
+                     to use the prompt as is",
+                    path.display(),
+                    ChatTemplate::builtin_names().join(", ")
                 ),
             })?;
-        template.render(&args.prompt)
+        template.render(&args.prompt)?
     };
     let prompt = tokenizer.encode(&text)?;
     let options = GenerateOptions {
@@ -481,6 +515,36 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn tokenize(args: TokenizeArgs) -> Result<()> {
+    let text = match (args.text, &args.file) {
+        (Some(text), _) => text,
+        (None, Some(file)) => std::fs::read_to_string(file).map_err(|source| ModelError::Io {
+            path: file.clone(),
+            source,
+        })?,
+        (None, None) => {
+            return Err(ModelError::InvalidArgument {
+                what: "input",
+                expected: "--text or --file".into(),
+                got: "neither".into(),
+            })
+        }
+    };
+    let path = args.model.unwrap_or_else(kv_model::default_model_path);
+    let tokenizer = Tokenizer::from_gguf_file(&path)?;
+    let ids = tokenizer.encode_with(&text, args.add_special, true)?;
+    let mut out = std::io::stdout().lock();
+    if args.pieces {
+        for &id in &ids {
+            writeln!(out, "{id:6} -> '{}'", tokenizer.piece(id)?).map_err(ModelError::Output)?;
+        }
+    } else {
+        let line: Vec<String> = ids.iter().map(u32::to_string).collect();
+        writeln!(out, "{}", line.join(" ")).map_err(ModelError::Output)?;
+    }
+    Ok(())
+}
+
 fn batch(args: BatchArgs) -> Result<()> {
     use kv_attention::PagedCache;
     use kv_core::StorageSpec;
@@ -501,11 +565,11 @@ fn batch(args: BatchArgs) -> Result<()> {
         .chat_template()
         .ok_or_else(|| ModelError::Unsupported {
             what: "chat template",
-            detail: format!("{} has no ChatML template", path.display()),
+            detail: format!("{} has no chat template", path.display()),
         })?;
     let prompts = lines
         .iter()
-        .map(|l| tokenizer.encode(&template.render(l)))
+        .map(|l| tokenizer.encode(&template.render(l)?))
         .collect::<Result<Vec<_>>>()?;
     let options = kv_model::BatchOptions {
         max_tokens: args.max_tokens,

@@ -38,7 +38,7 @@ fn model() -> &'static (Model, Tokenizer) {
 fn chat(text: &str) -> Vec<u32> {
     let (_, tokenizer) = model();
     let template = tokenizer.chat_template().unwrap();
-    tokenizer.encode(&template.render(text)).unwrap()
+    tokenizer.encode(&template.render(text).unwrap()).unwrap()
 }
 
 /// Greedy tokens of `prompt` alone, from the single-sequence path with its own cache.

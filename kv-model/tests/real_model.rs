@@ -62,7 +62,7 @@ fn model() -> &'static (Model, Tokenizer) {
 fn chat_prompt(text: &str) -> Vec<u32> {
     let (_, tokenizer) = model();
     let template = tokenizer.chat_template().unwrap();
-    tokenizer.encode(&template.render(text)).unwrap()
+    tokenizer.encode(&template.render(text).unwrap()).unwrap()
 }
 
 fn greedy(keep_logits: bool) -> GenerateOptions {
@@ -153,11 +153,15 @@ fn check_against_teacher_forcing(prompt: &[u32], run: &Generation, dtype: KvDTyp
 fn cached_greedy_equals_step_by_step_recompute() {
     let (model, tokenizer) = model();
     // The slow path, for real: every step recomputes the whole sequence, so its cost grows
-    // with the square of the length. No system prompt keeps the prompt short (and the
-    // test quick); the other tests use the default one.
+    // with the square of the length. A short system prompt keeps the prompt short (and
+    // the test quick); the other tests use the template's default one.
     let template = tokenizer.chat_template().unwrap();
     let prompt = tokenizer
-        .encode(&template.render_with_system(None, PROMPTS[0]))
+        .encode(
+            &template
+                .render_with_system(Some("Be brief."), PROMPTS[0])
+                .unwrap(),
+        )
         .unwrap();
     let reference = model
         .generate_uncached(&prompt, &greedy(true), |_| Ok(()))
@@ -281,11 +285,14 @@ fn tokenizer_round_trips_and_keeps_special_tokens_whole() {
     assert!(tokenizer.stop_tokens().contains(&im_end));
     assert!(tokenizer.stop_tokens().contains(&0)); // <|endoftext|>
     let template = tokenizer.chat_template().unwrap();
+    let text = template.render("Hi").unwrap();
+    // The file's own Jinja template renders the single ChatML turn kv always sent.
     assert_eq!(
-        template.default_system(),
-        Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+        text,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
+         Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
-    let ids = tokenizer.encode(&template.render("Hi")).unwrap();
+    let ids = tokenizer.encode(&text).unwrap();
     assert_eq!(ids[0], im_start);
     assert_eq!(ids.iter().filter(|&&i| i == im_start).count(), 3);
     assert_eq!(ids.iter().filter(|&&i| i == im_end).count(), 2);

@@ -31,7 +31,11 @@ fn prompt() -> Vec<u32> {
     let (_, tokenizer) = model();
     let template = tokenizer.chat_template().unwrap();
     tokenizer
-        .encode(&template.render("Write a long story about a lighthouse keeper."))
+        .encode(
+            &template
+                .render("Write a long story about a lighthouse keeper.")
+                .unwrap(),
+        )
         .unwrap()
 }
 

@@ -77,7 +77,7 @@ pub fn ensure_model() -> Result<PathBuf, String> {
     Ok(path)
 }
 
-fn python() -> Result<&'static str, String> {
+pub(crate) fn python() -> Result<&'static str, String> {
     for candidate in ["python3", "python"] {
         let ok = Command::new(candidate)
             .args(["-m", "pip", "--version"])

@@ -6,6 +6,7 @@
 mod bench;
 mod fetch;
 mod fuzz;
+mod vocab;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -20,6 +21,9 @@ commands:
                 backend conformance, real-model tests in release, bench --quick,
                 fuzz: 60 s a target, KV_FUZZ_SECONDS to change it)
   fetch-model   download SmolLM2-135M-Instruct (GGUF) into the model directory
+  fetch-vocab   download llama.cpp's tokenizer test vectors (ggml-vocab-*.gguf, .inp, .out)
+                and chat templates (the llama-cpp-python sdist, hash checked) into the
+                vocabulary directory
   bench         measure in one run and write target/kv-bench/report.md with SVG plots:
                 memory probe and decode attention per layout (SmolLM2 and Llama-2-7B
                 layers), cache vs no cache, prefill/decode per layout at depths 0, 1024
@@ -41,7 +45,10 @@ commands:
   help          this text
 
 environment:
-  KV_MODEL_DIR  where the model lives (default: ~/.cache/kv/models)";
+  KV_MODEL_DIR  where the model lives (default: ~/.cache/kv/models)
+  KV_VOCAB_DIR  where llama.cpp's vocabularies and templates live
+                (default: ~/.cache/kv/llama-vocab)
+  KV_LLAMA_SDIST  an already downloaded llama_cpp_python-0.3.36.tar.gz for fetch-vocab";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -51,6 +58,9 @@ fn main() -> ExitCode {
         Some("bench") => bench::Options::parse(&args[1..]).and_then(|o| bench::bench(&o)),
         Some("fuzz") => fuzz::Options::parse(&args[1..]).and_then(|o| fuzz::fuzz(&o)),
         Some("fetch-model") => fetch::ensure_model().map(|p| println!("model: {}", p.display())),
+        Some("fetch-vocab") => {
+            vocab::ensure_vocab().map(|p| println!("vocabularies: {}", p.display()))
+        }
         None | Some("help" | "-h" | "--help") => {
             println!("{HELP}");
             Ok(())
@@ -151,6 +161,9 @@ fn test_all() -> Result<(), String> {
     println!("    cuda: skipped: kv-backend-cuda has no kernels yet (built as the stub that reports itself unavailable)");
 
     let model = fetch::ensure_model()?;
+    // The ignored tests also check the tokenizers against llama.cpp's vectors and render
+    // real chat templates: they read KV_VOCAB_DIR.
+    let vocab = vocab::ensure_vocab()?;
     let mut real = cargo();
     real.args([
         "test",
@@ -161,8 +174,12 @@ fn test_all() -> Result<(), String> {
         "--ignored",
         "--test-threads=1",
     ])
-    .env("KV_MODEL_PATH", &model);
-    run("real-model tests (release, SmolLM2-135M)", real)?;
+    .env("KV_MODEL_PATH", &model)
+    .env("KV_VOCAB_DIR", &vocab);
+    run(
+        "real-model tests (release, SmolLM2-135M) and llama.cpp's tokenizer vectors",
+        real,
+    )?;
 
     // The bench harness end to end at tiny sizes: proves it runs and writes its report;
     // no speed is asserted.
