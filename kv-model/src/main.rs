@@ -28,7 +28,14 @@ use kv_model::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads for the model's kernels and attention [default: one per core].
+    #[arg(long, global = true)]
+    threads: Option<usize>,
 }
+
+/// Most threads `--threads` may start: far above any core count this runs on, low enough
+/// that a typo cannot exhaust the process's threads.
+const MAX_THREADS: usize = 1024;
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -154,9 +161,10 @@ struct GenerateArgs {
     /// GGUF model file [default: $KV_MODEL_DIR or ~/.cache/kv/models, SmolLM2-135M-Instruct]
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The prompt (wrapped in the model's chat template unless --raw).
+    /// The prompt (wrapped in the model's chat template unless --raw) [default: read from
+    /// standard input].
     #[arg(long)]
-    prompt: String,
+    prompt: Option<String>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     max_tokens: usize,
@@ -307,6 +315,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),
     };
+    if let Err(e) = use_threads(cli.threads) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     // Run on a worker of rayon's pool: the kernels' parallel loops then split work with the
     // calling thread instead of waking the pool and sleeping on a latch, which cost a third
     // of a decode step in context switches (~200 parallel matmuls per token).
@@ -378,10 +390,69 @@ fn at_least_one(what: &'static str, value: usize) -> Result<()> {
     Ok(())
 }
 
-fn generate(args: GenerateArgs) -> Result<()> {
-    if args.prompt.is_empty() {
+/// Sizes rayon's global pool, which the kernels and the CPU backend run on.
+fn use_threads(threads: Option<usize>) -> Result<()> {
+    let Some(n) = threads else { return Ok(()) };
+    if !(1..=MAX_THREADS).contains(&n) {
+        return Err(ModelError::InvalidArgument {
+            what: "--threads",
+            expected: format!("1 to {MAX_THREADS}"),
+            got: n.to_string(),
+        });
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| ModelError::InvalidArgument {
+            what: "--threads",
+            expected: "a thread count the system can start".into(),
+            got: format!("{n} ({e})"),
+        })
+}
+
+/// `--prompt`, or standard input when it is absent (at most [`kv_model::MAX_TEXT_BYTES`]).
+fn prompt_text(prompt: Option<String>) -> Result<String> {
+    let text = match prompt {
+        Some(p) => p,
+        None => {
+            use std::io::{IsTerminal, Read};
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                return Err(ModelError::InvalidArgument {
+                    what: "--prompt",
+                    expected: "a prompt, given with --prompt or piped to standard input".into(),
+                    got: "neither".into(),
+                });
+            }
+            let mut text = String::new();
+            stdin
+                .lock()
+                .take(kv_model::MAX_TEXT_BYTES + 1)
+                .read_to_string(&mut text)
+                .map_err(|source| ModelError::Io {
+                    path: "<standard input>".into(),
+                    source,
+                })?;
+            if text.len() as u64 > kv_model::MAX_TEXT_BYTES {
+                return Err(ModelError::InvalidArgument {
+                    what: "prompt on standard input",
+                    expected: format!("at most {} bytes", kv_model::MAX_TEXT_BYTES),
+                    got: "more".into(),
+                });
+            }
+            // A piped file usually ends with a newline that is not part of the prompt.
+            text.truncate(text.trim_end_matches(['\n', '\r']).len());
+            text
+        }
+    };
+    if text.is_empty() {
         return Err(ModelError::EmptyPrompt);
     }
+    Ok(text)
+}
+
+fn generate(mut args: GenerateArgs) -> Result<()> {
+    let prompt_text = prompt_text(args.prompt.take())?;
     let sampling = SamplingConfig {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -433,10 +504,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
         });
     }
     let text = if args.raw {
-        args.prompt
+        prompt_text
     } else if let Some(name) = &args.chat_template {
         let (bos, eos) = tokenizer.special_texts();
-        ChatTemplate::builtin_or_file(name, bos, eos)?.render(&args.prompt)?
+        ChatTemplate::builtin_or_file(name, bos, eos)?.render(&prompt_text)?
     } else {
         let template = tokenizer
             .chat_template()
@@ -449,7 +520,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
                     ChatTemplate::builtin_names().join(", ")
                 ),
             })?;
-        template.render(&args.prompt)?
+        template.render(&prompt_text)?
     };
     let prompt = tokenizer.encode(&text)?;
     let options = GenerateOptions {
@@ -495,7 +566,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
     };
     let tail = stream.finish()?.unwrap_or_default();
-    writeln!(out, "{tail}\n\n{}", run.summary).map_err(ModelError::Output)?;
+    // The text alone on stdout (so `kv generate > out.txt` holds only the text); what the
+    // run cost on stderr.
+    writeln!(out, "{tail}").map_err(ModelError::Output)?;
+    eprintln!("\n{}", run.summary);
     if let Some(path) = &args.summary_json {
         let s = &run.summary;
         let json = format!(

@@ -58,6 +58,36 @@ fn missing_model_file() {
 }
 
 #[test]
+fn threads_are_bounded() {
+    for n in ["0", "100000"] {
+        let out = kv(&[
+            "--threads",
+            n,
+            "mem",
+            "--preset",
+            "llama-2-7b",
+            "--tokens",
+            "1",
+        ]);
+        fails_with(&out, "--threads");
+    }
+    let out = kv(&[
+        "mem",
+        "--preset",
+        "llama-2-7b",
+        "--tokens",
+        "4096",
+        "--threads",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn empty_prompt() {
     let out = kv(&[
         "generate",

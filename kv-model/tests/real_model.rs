@@ -422,25 +422,38 @@ fn context_overflow_is_a_typed_error_and_a_one_line_message() {
 #[test]
 #[ignore = "needs the model: run via cargo xtask test-all (release)"]
 fn cli_generates_and_summarises() {
-    let out = Command::new(env!("CARGO_BIN_EXE_kv"))
+    // The text alone on stdout, the summary on stderr; the prompt may come from stdin.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kv"))
         .args([
             "generate",
-            "--prompt",
-            "What is the capital of France?",
             "--max-tokens",
             "12",
             "--dtype",
             "f32",
+            "--threads",
+            "2",
         ])
-        .output()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{stdout}");
-    let (text, summary) = stdout.split_once("\n\ncache").unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"What is the capital of France?\n")
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let summary = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{summary}");
     assert!(
         text.split_whitespace().count() >= 3,
         "too little text: {text:?}"
     );
+    assert!(!text.contains("tokens/s"), "statistics on stdout: {text:?}");
     assert!(
         summary.contains("cpu, f32, paged in blocks of 16 tokens"),
         "{summary}"
@@ -452,6 +465,6 @@ fn cli_generates_and_summarises() {
         "per token",
         "f32",
     ] {
-        assert!(stdout.contains(field), "no {field:?} in {stdout}");
+        assert!(summary.contains(field), "no {field:?} in {summary}");
     }
 }
