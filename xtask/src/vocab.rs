@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
@@ -33,13 +32,7 @@ const STAMP: &str = "complete.sha256";
 
 /// `$KV_VOCAB_DIR`, or `~/.cache/kv/llama-vocab`.
 pub fn vocab_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("KV_VOCAB_DIR") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    home.join(".cache").join("kv").join("llama-vocab")
+    crate::fetch::cache_dir("KV_VOCAB_DIR", "llama-vocab")
 }
 
 /// The vocabulary directory (`ggml-vocab-*` files and `templates/*.jinja`), downloading
@@ -61,29 +54,11 @@ pub fn ensure_vocab() -> Result<PathBuf, String> {
                 dir.display()
             );
             let _ = std::fs::remove_dir_all(&download);
-            let status = Command::new(crate::fetch::python()?)
-                .args([
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    // The sdist of this package only: `:all:` would also build pip's build
-                    // dependencies (cmake) from source to read the sdist's metadata.
-                    "--no-binary",
-                    "llama-cpp-python",
-                    "--dest",
-                ])
-                .arg(&download)
-                .arg(PACKAGE)
-                .status()
-                .map_err(|e| format!("running pip: {e}"))?;
-            if !status.success() {
-                return Err(format!(
-                    "`python3 -m pip download --no-deps --no-binary llama-cpp-python {PACKAGE}` failed \
-                     ({status}); check network access to pypi.org, or download {SDIST} yourself \
-                     and set KV_LLAMA_SDIST to its path"
-                ));
-            }
+            // The sdist of this package only: `:all:` would also build pip's build
+            // dependencies (cmake) from source to read the sdist's metadata.
+            crate::fetch::pip_download(PACKAGE, Some("llama-cpp-python"), &download).map_err(
+                |e| format!("{e}; or download {SDIST} yourself and set KV_LLAMA_SDIST to its path"),
+            )?;
             download.join(SDIST)
         }
     };
@@ -119,11 +94,7 @@ fn sha256_of(path: &Path) -> Result<String, String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(crate::fetch::hex(hasher))
 }
 
 /// Where a member of the sdist goes under `dir`, if it is one we keep: the chosen
