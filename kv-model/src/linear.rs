@@ -9,25 +9,25 @@
 //! summation order (see [`crate::WeightFormat`] for why that matters).
 //!
 //! - Few rows (decode, small batches): a matrix-vector kernel over output rows that
-//!   dequantizes each block once for up to two activation rows; AVX-512F or AVX2+FMA+F16C
-//!   when the CPU has them, portable Rust otherwise (`KV_MODEL_ISA` caps the level); rayon
-//!   threads split the output rows.
+//!   dequantizes each block once for up to two activation rows, written once over the
+//!   vector width of kv-quant's SIMD layer (`linear/simd.rs`) and run at AVX-512 or AVX2
+//!   when the CPU has them, portable Rust otherwise (the workspace's `KV_ISA` caps the
+//!   level); rayon threads split the output rows.
 //! - Many rows (prefill): each task dequantizes a panel of weight rows into an f32 tile that
 //!   fits in L2 and multiplies all activation rows by it with the `gemm` crate (the GEMM
 //!   candle itself uses); tasks split the output columns.
 #![allow(unsafe_code)]
 
-#[cfg(target_arch = "x86_64")]
-mod avx2;
-#[cfg(target_arch = "x86_64")]
-mod avx512;
 mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 use std::cell::RefCell;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
+use kv_quant::simd::{Isa, Kernel, Simd};
 use rayon::prelude::*;
 
 use crate::{ModelError, Result};
@@ -81,34 +81,9 @@ impl BlockType {
     }
 }
 
-/// An instruction-set level of the kernels, in increasing order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Isa {
-    /// Portable Rust: the reference and the fallback.
-    Scalar,
-    /// x86-64 with AVX2, FMA and F16C.
-    Avx2,
-    /// x86-64 with AVX-512F (and F16C, which every such CPU has).
-    Avx512,
-}
-
-impl Isa {
-    /// Every level, lowest first.
-    pub(crate) const ALL: [Self; 3] = [Self::Scalar, Self::Avx2, Self::Avx512];
-
-    /// The level named by `KV_MODEL_ISA` (`scalar`, `avx2`, `avx512`), if any.
-    fn parse(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "scalar" => Some(Self::Scalar),
-            "avx2" => Some(Self::Avx2),
-            "avx512" => Some(Self::Avx512),
-            _ => None,
-        }
-    }
-}
-
-/// The kernels at one instruction-set level. Only made for a level this CPU runs
-/// ([`Kernels::new`] checks): the invariant that makes the SIMD calls sound.
+/// The kernels at one instruction-set level of kv-quant's SIMD layer. Only made for a
+/// level this CPU runs ([`Kernels::new`] checks); [`Isa::run`] falls back to a lower level
+/// anyway, so the check is about honest names in tests and benchmarks, not soundness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Kernels {
     isa: Isa,
@@ -117,70 +92,31 @@ pub(crate) struct Kernels {
 impl Kernels {
     /// The kernels at `isa`, or `None` if this CPU cannot run them.
     pub(crate) fn new(isa: Isa) -> Option<Self> {
-        let ok = match isa {
-            Isa::Scalar => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c"),
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 | Isa::Avx512 => false,
-        };
-        ok.then_some(Self { isa })
+        isa.is_available().then_some(Self { isa })
     }
 
-    /// The fastest level this CPU runs, detected once. `KV_MODEL_ISA=scalar|avx2|avx512`
-    /// caps the level (measuring one level against another, bisecting a suspected SIMD
-    /// bug); an unknown value is ignored.
+    /// The level the whole workspace runs at ([`Isa::best`]: the fastest this CPU runs,
+    /// capped by `KV_ISA`).
     pub(crate) fn best() -> Self {
-        static BEST: OnceLock<Kernels> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            let cap = std::env::var("KV_MODEL_ISA")
-                .ok()
-                .and_then(|v| Isa::parse(&v))
-                .unwrap_or(Isa::Avx512);
-            Self::best_up_to(cap)
-        })
+        Self { isa: Isa::best() }
     }
 
     /// The fastest level this CPU runs that is not above `cap`.
+    #[cfg(test)]
     pub(crate) fn best_up_to(cap: Isa) -> Self {
-        Isa::ALL
-            .into_iter()
-            .rev()
-            .filter(|&isa| isa <= cap)
-            .find_map(Self::new)
-            .unwrap_or(Self { isa: Isa::Scalar })
+        Self {
+            isa: cap.or_lower(),
+        }
     }
 
+    /// Expands `row` (whole blocks of `ty`) into `out` (32 weights per block).
     fn dequantize_row(self, ty: BlockType, row: &[u8], out: &mut [f32]) {
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: a `Kernels` with `Isa::Avx2` exists only after `Kernels::new` found
-            // AVX2, FMA and F16C on this CPU.
-            Isa::Avx2 => unsafe {
-                match ty {
-                    BlockType::Q4_0 => avx2::dequantize_row::<{ avx2::Q4_0 }, 18>(row, out),
-                    BlockType::Q4_1 => avx2::dequantize_row::<{ avx2::Q4_1 }, 20>(row, out),
-                    BlockType::Q8_0 => avx2::dequantize_row::<{ avx2::Q8_0 }, 34>(row, out),
-                }
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: a `Kernels` with `Isa::Avx512` exists only after `Kernels::new` found
-            // AVX-512F and F16C on this CPU.
-            Isa::Avx512 => unsafe {
-                match ty {
-                    BlockType::Q4_0 => avx512::dequantize_row::<{ avx2::Q4_0 }, 18>(row, out),
-                    BlockType::Q4_1 => avx512::dequantize_row::<{ avx2::Q4_1 }, 20>(row, out),
-                    BlockType::Q8_0 => avx512::dequantize_row::<{ avx2::Q8_0 }, 34>(row, out),
-                }
-            },
-            _ => scalar::dequantize_row(ty, row, out),
-        }
+        debug_assert_eq!(
+            row.len() / ty.bytes() * BLOCK,
+            out.len(),
+            "row and out differ"
+        );
+        self.isa.run(DequantizeRow { ty, row, out });
     }
 
     /// `out[j * n + i] = dot(weight row j, x row i)` for the weight rows in `rows` (whole
@@ -199,41 +135,110 @@ impl Kernels {
             out.fill(0.0);
             return;
         }
-        let (r, x, c, o) = (rows, x, cols, out);
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: a `Kernels` with `Isa::Avx2` exists only after `Kernels::new` found
-            // AVX2, FMA and F16C on this CPU.
-            Isa::Avx2 => unsafe {
-                match ty {
-                    BlockType::Q4_0 => {
-                        avx2::dot_matrix::<{ avx2::Q4_0 }, 18>(r, row_bytes, x, c, n, o)
-                    }
-                    BlockType::Q4_1 => {
-                        avx2::dot_matrix::<{ avx2::Q4_1 }, 20>(r, row_bytes, x, c, n, o)
-                    }
-                    BlockType::Q8_0 => {
-                        avx2::dot_matrix::<{ avx2::Q8_0 }, 34>(r, row_bytes, x, c, n, o)
-                    }
+        debug_assert!(x.len() >= n * cols, "x holds n rows");
+        debug_assert_eq!(rows.len() / row_bytes * n, out.len(), "rows and out differ");
+        self.isa.run(DotMatrix {
+            ty,
+            rows,
+            row_bytes,
+            x,
+            cols,
+            n,
+            out,
+        });
+    }
+}
+
+/// Calls `$kernel::<S, TY, BYTES>($s, args..)` for the block type `$ty`, at the width of
+/// `$s` (a [`Simd`] token): the generic kernels of `linear/simd.rs` need kv-model's block
+/// decoding on top of [`Simd`], which the two x86 widths implement.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_block {
+    ($s:ident, $ty:expr, $kernel:ident($($arg:expr),*)) => {{
+        macro_rules! at {
+            ($t:expr) => {
+                match $ty {
+                    BlockType::Q4_0 => simd::$kernel::<_, { simd::Q4_0 }, 18>($t, $($arg),*),
+                    BlockType::Q4_1 => simd::$kernel::<_, { simd::Q4_1 }, 20>($t, $($arg),*),
+                    BlockType::Q8_0 => simd::$kernel::<_, { simd::Q8_0 }, 34>($t, $($arg),*),
                 }
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: a `Kernels` with `Isa::Avx512` exists only after `Kernels::new` found
-            // AVX-512F and F16C on this CPU.
-            Isa::Avx512 => unsafe {
-                match ty {
-                    BlockType::Q4_0 => {
-                        avx512::dot_matrix::<{ avx2::Q4_0 }, 18>(r, row_bytes, x, c, n, o)
-                    }
-                    BlockType::Q4_1 => {
-                        avx512::dot_matrix::<{ avx2::Q4_1 }, 20>(r, row_bytes, x, c, n, o)
-                    }
-                    BlockType::Q8_0 => {
-                        avx512::dot_matrix::<{ avx2::Q8_0 }, 34>(r, row_bytes, x, c, n, o)
-                    }
-                }
-            },
-            _ => scalar::dot_matrix(ty, r, row_bytes, x, c, n, o),
+            };
+        }
+        match $s.v512() {
+            Some(t) => at!(t),
+            None => at!($s.v256()),
+        }
+    }};
+}
+
+/// [`Kernels::dequantize_row`]'s kernel.
+struct DequantizeRow<'a> {
+    ty: BlockType,
+    row: &'a [u8],
+    out: &'a mut [f32],
+}
+
+impl Kernel for DequantizeRow<'_> {
+    type Output = ();
+    fn scalar(self) {
+        scalar::dequantize_row(self.ty, self.row, self.out)
+    }
+    #[inline(always)]
+    fn simd<S: Simd>(self, s: S) {
+        #[cfg(target_arch = "x86_64")]
+        by_block!(s, self.ty, dequantize_row(self.row, self.out));
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = s;
+            self.scalar()
+        }
+    }
+}
+
+/// [`Kernels::dot_matrix`]'s kernel.
+struct DotMatrix<'a> {
+    ty: BlockType,
+    rows: &'a [u8],
+    row_bytes: usize,
+    x: &'a [f32],
+    cols: usize,
+    n: usize,
+    out: &'a mut [f32],
+}
+
+impl Kernel for DotMatrix<'_> {
+    type Output = ();
+    fn scalar(self) {
+        let Self {
+            ty,
+            rows,
+            row_bytes,
+            x,
+            cols,
+            n,
+            out,
+        } = self;
+        scalar::dot_matrix(ty, rows, row_bytes, x, cols, n, out)
+    }
+    #[inline(always)]
+    fn simd<S: Simd>(self, s: S) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let Self {
+                ty,
+                rows,
+                row_bytes,
+                x,
+                cols,
+                n,
+                out,
+            } = self;
+            by_block!(s, ty, dot_matrix(rows, row_bytes, x, cols, n, out))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = s;
+            self.scalar()
         }
     }
 }
@@ -427,7 +432,7 @@ pub fn matmul_seconds(
     n: usize,
     reps: usize,
 ) -> Option<f64> {
-    let k = Kernels::new(Isa::parse(isa)?)?;
+    let k = Kernels::new(Isa::from_name(isa)?)?;
     let ty = match ty {
         "q4_0" => BlockType::Q4_0,
         "q4_1" => BlockType::Q4_1,
@@ -623,8 +628,6 @@ mod tests {
 
     #[test]
     fn isa_cap_picks_the_best_level_not_above_it() {
-        assert_eq!(Isa::parse(" AVX2 "), Some(Isa::Avx2));
-        assert_eq!(Isa::parse("sse"), None);
         assert_eq!(Kernels::best_up_to(Isa::Scalar).isa, Isa::Scalar);
         let best = Kernels::best_up_to(Isa::Avx512).isa;
         for isa in Isa::ALL {
