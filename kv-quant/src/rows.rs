@@ -263,14 +263,14 @@ fn dot_f<S: Simd, F: Float>(s: S, q: &[f32], row: &[u8]) -> f32 {
             *a = s.fma(*q, *x, *a);
         }
     }
+    // Whole vectors past the last chunk go into the first accumulator (no second sum).
     let (ql, qt) = S::lanes(qt);
-    let mut tail = s.zero();
     let rt = F::vectors(s, rt, |i, x| {
-        if let Some(q) = ql.get(i) {
-            tail = s.fma(s.load(q), x, tail);
+        if let (Some(q), Some(a)) = (ql.get(i), acc.as_mut().first_mut()) {
+            *a = s.fma(s.load(q), x, *a);
         }
     });
-    let mut sum = s.sum32(acc) + s.sum(tail);
+    let mut sum = s.sum32(acc);
     for (&qi, b) in qt.iter().zip(rt.chunks_exact(F::WIDTH)) {
         sum += qi * F::at(b);
     }

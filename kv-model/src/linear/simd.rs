@@ -260,8 +260,16 @@ fn reduce<S: Simd>(s: S, a: S::X32, b: S::X32) -> f32 {
     s.sum(v)
 }
 
-/// `dot(row, x)` for one activation row. Even blocks go to one accumulator set, odd blocks
-/// to the other, so that more FMA chains are in flight.
+/// Whether odd blocks get their own accumulators: at 512 bits (2 vectors per 32 weights)
+/// that puts more FMA chains in flight; at 256 bits one set is already 4 chains, and two
+/// sets for two rows would not fit the 16 registers.
+#[inline(always)]
+const fn split<S: Simd>() -> bool {
+    S::LANES >= 16
+}
+
+/// `dot(row, x)` for one activation row. At 512 bits even blocks go to one accumulator
+/// set, odd blocks to the other ([`split`]).
 #[inline(always)]
 fn dot1<S: BlockSimd, const TY: u8, const BYTES: usize>(
     s: S,
@@ -273,7 +281,8 @@ fn dot1<S: BlockSimd, const TY: u8, const BYTES: usize>(
     let (xpairs, xrest) = x.as_chunks::<2>();
     for (b, xb) in pairs.iter().zip(xpairs) {
         fma_block::<S, TY>(s, s.block::<TY, BYTES>(&b[0]), &xb[0], &mut even);
-        fma_block::<S, TY>(s, s.block::<TY, BYTES>(&b[1]), &xb[1], &mut odd);
+        let odd = if split::<S>() { &mut odd } else { &mut even };
+        fma_block::<S, TY>(s, s.block::<TY, BYTES>(&b[1]), &xb[1], odd);
     }
     if let ([b], [xb, ..]) = (rest, xrest) {
         fma_block::<S, TY>(s, s.block::<TY, BYTES>(b), xb, &mut even);
@@ -300,8 +309,13 @@ fn dot2<S: BlockSimd, const TY: u8, const BYTES: usize>(
         fma_block::<S, TY>(s, w, &xb0[0], &mut even0);
         fma_block::<S, TY>(s, w, &xb1[0], &mut even1);
         let w = s.block::<TY, BYTES>(&b[1]);
-        fma_block::<S, TY>(s, w, &xb0[1], &mut odd0);
-        fma_block::<S, TY>(s, w, &xb1[1], &mut odd1);
+        let (o0, o1) = if split::<S>() {
+            (&mut odd0, &mut odd1)
+        } else {
+            (&mut even0, &mut even1)
+        };
+        fma_block::<S, TY>(s, w, &xb0[1], o0);
+        fma_block::<S, TY>(s, w, &xb1[1], o1);
     }
     if let ([b], [xb0, ..], [xb1, ..]) = (rest, x0rest, x1rest) {
         let w = s.block::<TY, BYTES>(b);
