@@ -69,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let probe = MemoryProbe::new(256 << 20)?;
     println!(
         "isa {}; GB/s best / median",
-        kv_backend_cpu::kernels::Isa::detect()
+        kv_backend_cpu::kernels::Isa::best()
     );
     println!(
         "{:<10} {:<5} {:>6} {:>3} {:>9} {:>13} {:>13} {:>11}",

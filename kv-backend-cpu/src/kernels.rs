@@ -18,10 +18,11 @@
 //!   kernels (scores and weighted sums over stored rows) with 512-bit registers and masked
 //!   row tails, and the AVX2 versions of the others.
 //!
-//! The instruction set is chosen at run time ([`Isa::detect`]); a level the CPU lacks is
-//! never run, whatever a caller asks for, because the AVX2 kernels are reached only through
-//! a token that exists only on a CPU with AVX2, FMA and F16C. Tests run every kernel at
-//! every level the CPU has and compare it with the scalar one.
+//! The instruction set is chosen at run time ([`Isa::best`], from kv-quant's SIMD layer,
+//! which reads the workspace's one switch `KV_ISA`); a level the CPU lacks is never run,
+//! whatever a caller asks for, because the SIMD kernels are reached only through kv-quant's
+//! level tokens, which exist only on a CPU with the level's features. Tests run every
+//! kernel at every level the CPU has and compare it with the scalar one.
 //!
 //! Every function takes slices meant to be of matching lengths; a longer one is cut to the
 //! shorter, which the backend never relies on.
@@ -36,10 +37,8 @@
 //! let mut acc = [0.0f32; 3];
 //! kernels::axpy_f32(2.0, &wide, &mut acc);
 //! assert_eq!(acc, [1.0, -2.0, 4.0]);
-//! assert!(kernels::Isa::detect().is_available());
+//! assert!(kernels::Isa::best().is_available());
 //! ```
-
-use std::sync::OnceLock;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -117,101 +116,21 @@ pub fn decode_bf16(src: &[bf16], dst: &mut [f32]) {
     src[..n].convert_to_f32_slice(&mut dst[..n]);
 }
 
-/// An instruction-set level the kernels run at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Isa {
-    /// Portable Rust for any CPU: the reference every other level is tested against.
-    Scalar,
-    /// x86-64 with AVX2, FMA and F16C (Intel Haswell, AMD Zen and later).
-    Avx2,
-    /// [`Isa::Avx2`] plus AVX-512 F, BW and VL (Intel Skylake-SP, AMD Zen 4 and later).
-    Avx512,
+/// The instruction-set levels, shared with the whole workspace: kv-quant's one SIMD layer
+/// ([`kv_quant::simd`]) detects the CPU and reads the one switch, `KV_ISA`.
+pub use kv_quant::simd::Isa;
+
+/// The AVX2 kernels' token when `isa` is AVX2 or above and the CPU has it: the kernels
+/// without a 512-bit version run their AVX2 one at [`Isa::Avx512`].
+#[cfg(target_arch = "x86_64")]
+fn avx2(isa: Isa) -> Option<crate::x86::Avx2> {
+    (isa >= Isa::Avx2).then(crate::x86::Avx2::get).flatten()
 }
 
-impl Isa {
-    /// Every level, slowest first.
-    pub const ALL: &'static [Isa] = &[Isa::Scalar, Isa::Avx2, Isa::Avx512];
-
-    /// The level the CPU backend runs at: the best this CPU has, unless the environment
-    /// variable `KV_CPU_ISA` names another available level (`scalar`, `avx2` or `avx512`),
-    /// which is how to measure or debug the lower levels on a fast machine. Decided once
-    /// per process.
-    pub fn detect() -> Isa {
-        static CHOSEN: OnceLock<Isa> = OnceLock::new();
-        *CHOSEN.get_or_init(|| {
-            let best = Isa::available().last().copied().unwrap_or(Isa::Scalar);
-            std::env::var("KV_CPU_ISA")
-                .ok()
-                .and_then(|name| Isa::from_name(&name))
-                .filter(|isa| isa.is_available())
-                .unwrap_or(best)
-        })
-    }
-
-    /// The levels this CPU runs, slowest first (always starting with [`Isa::Scalar`]).
-    pub fn available() -> Vec<Isa> {
-        Isa::ALL
-            .iter()
-            .copied()
-            .filter(|isa| isa.is_available())
-            .collect()
-    }
-
-    /// Whether this CPU runs this level.
-    pub fn is_available(self) -> bool {
-        match self {
-            Isa::Scalar => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => crate::x86::Avx2::get().is_some(),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => crate::x86::Avx512::get().is_some(),
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 | Isa::Avx512 => false,
-        }
-    }
-
-    /// Lower-case name, as `KV_CPU_ISA` takes it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Isa::Scalar => "scalar",
-            Isa::Avx2 => "avx2",
-            Isa::Avx512 => "avx512",
-        }
-    }
-
-    /// The level called `name` (as [`Isa::name`] writes it, any case).
-    pub fn from_name(name: &str) -> Option<Isa> {
-        Isa::ALL
-            .iter()
-            .copied()
-            .find(|isa| isa.name().eq_ignore_ascii_case(name.trim()))
-    }
-
-    /// The AVX2 token when this level is AVX2 or above and the CPU has it: the kernels
-    /// without a 512-bit version run their AVX2 one at [`Isa::Avx512`].
-    #[cfg(target_arch = "x86_64")]
-    fn avx2(self) -> Option<crate::x86::Avx2> {
-        match self {
-            Isa::Avx2 | Isa::Avx512 => crate::x86::Avx2::get(),
-            Isa::Scalar => None,
-        }
-    }
-
-    /// The AVX-512 token when this level is AVX-512 and the CPU has it.
-    #[cfg(target_arch = "x86_64")]
-    fn avx512(self) -> Option<crate::x86::Avx512> {
-        match self {
-            Isa::Avx512 => crate::x86::Avx512::get(),
-            Isa::Scalar | Isa::Avx2 => None,
-        }
-    }
-}
-
-impl std::fmt::Display for Isa {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
+/// The AVX-512 kernels' token when `isa` is AVX-512 and the CPU has it.
+#[cfg(target_arch = "x86_64")]
+fn avx512(isa: Isa) -> Option<crate::x86::Avx512> {
+    (isa == Isa::Avx512).then(crate::x86::Avx512::get).flatten()
 }
 
 /// Asks the CPU to start loading `data` into its caches (a hint; no value changes). The
@@ -219,10 +138,7 @@ impl std::fmt::Display for Isa {
 /// a sequence's blocks may be scattered, and even over one contiguous head-major stream,
 /// turning it off made the decode step 2-3.5x slower (this machine, 4096 tokens).
 pub(crate) fn prefetch<T>(data: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    crate::x86::prefetch_l2(data);
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
+    kv_quant::simd::Prefetch::all(data);
 }
 
 /// Elements the portable kernels widen a row by at a time (a stack buffer).
@@ -290,12 +206,20 @@ pub(crate) fn score_rows<E: Elem>(
     stride: usize,
     ahead: &[E],
 ) {
+    let fits = rows_fit(d, q.len(), rows.len(), stride, scores.len());
+    debug_assert!(
+        fits,
+        "score_rows: the slices do not hold the heads and rows"
+    );
+    if !fits {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
-    if let Some(t) = isa.avx512() {
+    if let Some(t) = avx512(isa) {
         return t.score_rows(q, d, rows, scores, stride, ahead);
     }
     #[cfg(target_arch = "x86_64")]
-    if let Some(t) = isa.avx2() {
+    if let Some(t) = avx2(isa) {
         return t.score_rows(q, d, rows, scores, stride, ahead);
     }
     let _ = isa;
@@ -315,12 +239,20 @@ pub(crate) fn accumulate_rows<E: Elem>(
     acc: &mut [f32],
     ahead: &[E],
 ) {
+    let fits = rows_fit(d, acc.len(), rows.len(), stride, w.len());
+    debug_assert!(
+        fits,
+        "accumulate_rows: the slices do not hold the heads and rows"
+    );
+    if !fits {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
-    if let Some(t) = isa.avx512() {
+    if let Some(t) = avx512(isa) {
         return t.accumulate_rows(w, stride, d, rows, acc, ahead);
     }
     #[cfg(target_arch = "x86_64")]
-    if let Some(t) = isa.avx2() {
+    if let Some(t) = avx2(isa) {
         return t.accumulate_rows(w, stride, d, rows, acc, ahead);
     }
     let _ = isa;
@@ -331,7 +263,7 @@ pub(crate) fn accumulate_rows<E: Elem>(
 /// Largest element (`-inf` for none; NaN elements are skipped, like `f32::max`).
 pub(crate) fn max(isa: Isa, s: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if let Some(t) = isa.avx2() {
+    if let Some(t) = avx2(isa) {
         return t.max(s);
     }
     let _ = isa;
@@ -342,7 +274,7 @@ pub(crate) fn max(isa: Isa, s: &[f32]) -> f32 {
 /// polynomial `exp` accurate to a few ulp.
 pub(crate) fn exp_sum(isa: Isa, s: &mut [f32], m: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if let Some(t) = isa.avx2() {
+    if let Some(t) = avx2(isa) {
         return t.exp_sum(s, m);
     }
     let _ = isa;
@@ -370,16 +302,22 @@ pub(crate) fn qk_tile(
     s: &mut [f32],
     s_ld: usize,
 ) {
+    let fits = qk_fits(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld);
+    debug_assert!(fits, "qk_tile: the slices do not hold the tile");
+    if !fits {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
-    if let Some(t) = isa.avx512() {
+    if let Some(t) = avx512(isa) {
         return t.qk_tile(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld);
     }
     #[cfg(target_arch = "x86_64")]
-    if let Some(t) = isa.avx2() {
+    if let Some(t) = avx2(isa) {
         return t.qk_tile(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld);
     }
     let _ = isa;
     for l in 0..lanes {
+        // In bounds: `qk_fits` above.
         let (Some(qr), Some(sr)) = (
             q.get(l * q_ld..l * q_ld + d),
             s.get_mut(l * s_ld..l * s_ld + cols),
@@ -411,16 +349,22 @@ pub(crate) fn pv_tile(
     acc: &mut [f32],
     acc_ld: usize,
 ) {
+    let fits = pv_fits(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld);
+    debug_assert!(fits, "pv_tile: the slices do not hold the tile");
+    if !fits {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
-    if let Some(t) = isa.avx512() {
+    if let Some(t) = avx512(isa) {
         return t.pv_tile(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld);
     }
     #[cfg(target_arch = "x86_64")]
-    if let Some(t) = isa.avx2() {
+    if let Some(t) = avx2(isa) {
         return t.pv_tile(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld);
     }
     let _ = isa;
     for l in 0..lanes {
+        // In bounds: `pv_fits` above.
         let (Some(pr), Some(ar)) = (
             p.get(l * p_ld..l * p_ld + rows),
             acc.get_mut(l * acc_ld..l * acc_ld + cols),
@@ -433,6 +377,79 @@ pub(crate) fn pv_tile(
             }
         }
     }
+}
+
+/// Whether a [`score_rows`] / [`accumulate_rows`] call's slices hold what every level reads
+/// and writes: `d > 0`, `per_head` (the query or accumulator rows) whole rows of `d`, `rows`
+/// whole rows, `stride` at least the rows, and the strided score / weight rows of every
+/// head inside `strided`. Every level checks this one predicate, so a caller's sizing bug
+/// is the same (nothing written, and a `debug_assert!` in tests) at every level.
+pub(crate) fn rows_fit(
+    d: usize,
+    per_head: usize,
+    rows: usize,
+    stride: usize,
+    strided: usize,
+) -> bool {
+    if d == 0 || !per_head.is_multiple_of(d) || !rows.is_multiple_of(d) {
+        return false;
+    }
+    let (heads, n) = (per_head / d, rows / d);
+    if heads == 0 || n == 0 {
+        return true;
+    }
+    let need = (heads - 1)
+        .checked_mul(stride)
+        .and_then(|x| x.checked_add(n));
+    stride >= n && need.is_some_and(|need| strided >= need)
+}
+
+/// Whether a [`qk_tile`] call's slices hold what it reads and writes (sizes nonzero, `cols`
+/// a multiple of 8): the check every level's tile kernels rely on.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn qk_fits(
+    q: &[f32],
+    q_ld: usize,
+    lanes: usize,
+    d: usize,
+    kt: &[f32],
+    kt_ld: usize,
+    cols: usize,
+    s: &[f32],
+    s_ld: usize,
+) -> bool {
+    let holds = |len: usize, count: usize, ld: usize, width: usize| {
+        (count - 1)
+            .checked_mul(ld)
+            .and_then(|x| x.checked_add(width))
+            .is_some_and(|need| len >= need)
+    };
+    lanes > 0
+        && d > 0
+        && cols > 0
+        && cols.is_multiple_of(8)
+        && q_ld >= d
+        && holds(q.len(), lanes, q_ld, d)
+        && kt_ld >= cols
+        && holds(kt.len(), d, kt_ld, cols)
+        && s_ld >= cols
+        && holds(s.len(), lanes, s_ld, cols)
+}
+
+/// [`qk_fits`] for [`pv_tile`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pv_fits(
+    p: &[f32],
+    p_ld: usize,
+    lanes: usize,
+    rows: usize,
+    v: &[f32],
+    v_ld: usize,
+    cols: usize,
+    acc: &[f32],
+    acc_ld: usize,
+) -> bool {
+    qk_fits(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld)
 }
 
 /// Widens stored rows (`rows.len() / d` of them) into f32 rows `dst[r * ld..][..d]`.
@@ -826,8 +843,8 @@ mod tests {
     fn isa_levels_are_named_detected_and_ordered() {
         let available = Isa::available();
         assert_eq!(available.first(), Some(&Isa::Scalar));
-        assert!(Isa::detect().is_available());
-        for &isa in Isa::ALL {
+        assert!(Isa::best().is_available());
+        for isa in Isa::ALL {
             assert_eq!(Isa::from_name(isa.name()), Some(isa));
             assert_eq!(Isa::from_name(&isa.name().to_uppercase()), Some(isa));
             assert_eq!(available.contains(&isa), isa.is_available());
@@ -851,26 +868,6 @@ mod tests {
     }
 
     #[test]
-    fn kernels_given_short_slices_do_nothing_rather_than_overrun() {
-        for &isa in &Isa::available() {
-            // 2 heads of d = 8 but room for only one score row of 4.
-            let q = [1.0f32; 16];
-            let rows = [1.0f32; 32];
-            let mut scores = [7.0f32; 4];
-            score_rows(isa, &q, 8, &rows, &mut scores, 4, &rows);
-            let mut acc = [0.0f32; 16];
-            accumulate_rows(isa, &[1.0; 3], 4, 8, &rows, &mut acc, &rows);
-            let mut s = [0.0f32; 8];
-            qk_tile(isa, &q, 8, 4, 8, &rows, 8, 8, &mut s, 8);
-            pv_tile(isa, &q, 8, 4, 8, &rows, 8, 8, &mut acc, 8);
-            if isa != Isa::Scalar {
-                assert_eq!(scores, [7.0; 4], "{isa}");
-                assert_eq!(acc, [0.0; 16], "{isa}");
-            }
-        }
-    }
-
-    #[test]
     fn conversions_round_to_nearest_and_widen_exactly() {
         let src = [1.0f32, 1.0 + 1.0 / 4096.0, -65504.0, 3.0e-8, 1.0 / 3.0];
         let mut h = [f16::ZERO; 5];
@@ -890,5 +887,78 @@ mod tests {
         let mut f = [0.0f32; 5];
         copy_f32(&src, &mut f);
         assert_eq!(f, src);
+    }
+    /// A kernel call whose slices are too short is the same at every level: the shared
+    /// predicate rejects it before any level runs, so nothing is written (and debug builds,
+    /// these tests included, stop at the `debug_assert!` that names the kernel).
+    #[test]
+    fn short_slices_are_rejected_alike_at_every_level() {
+        let d = 16;
+        let q = vec![0.5f32; 2 * d];
+        let rows = vec![1.0f32; 4 * d];
+        // Two heads of 4 rows at stride 4 need 8 scores; 7 is one short.
+        assert!(rows_fit(d, q.len(), rows.len(), 4, 8));
+        assert!(!rows_fit(d, q.len(), rows.len(), 4, 7));
+        assert!(
+            !rows_fit(d, q.len(), rows.len(), 3, 100),
+            "stride below the rows"
+        );
+        assert!(
+            !rows_fit(d, q.len() - 1, rows.len(), 4, 8),
+            "partial query row"
+        );
+        assert!(!rows_fit(0, 0, 0, 0, 0));
+        assert!(rows_fit(d, 0, rows.len(), 4, 0), "no heads: nothing to do");
+        assert!(
+            !rows_fit(d, 2 * d, d, usize::MAX, usize::MAX),
+            "overflowing stride"
+        );
+        let (q_ld, kt_ld, s_ld) = (d, 8, 8);
+        let kt = vec![0.0f32; d * kt_ld];
+        assert!(qk_fits(&q, q_ld, 2, d, &kt, kt_ld, 8, &[0.0; 16], s_ld));
+        assert!(!qk_fits(&q, q_ld, 2, d, &kt, kt_ld, 8, &[0.0; 15], s_ld));
+        assert!(
+            !qk_fits(&q, q_ld, 2, d, &kt, kt_ld, 12, &[0.0; 32], 16),
+            "cols % 8"
+        );
+        assert!(!qk_fits(
+            &q,
+            q_ld,
+            2,
+            d,
+            &kt[1..],
+            kt_ld,
+            8,
+            &[0.0; 16],
+            s_ld
+        ));
+        for isa in Isa::available() {
+            let mut scores = vec![f32::NAN; 7];
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                score_rows(isa, &q, d, &rows, &mut scores, 4, &[]);
+            }));
+            assert_eq!(run.is_err(), cfg!(debug_assertions), "{isa}");
+            assert!(scores.iter().all(|x| x.is_nan()), "{isa}: nothing written");
+            let mut s = vec![f32::NAN; 15];
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                qk_tile(isa, &q, q_ld, 2, d, &kt, kt_ld, 8, &mut s, s_ld);
+            }));
+            assert_eq!(run.is_err(), cfg!(debug_assertions), "{isa}");
+            assert!(s.iter().all(|x| x.is_nan()), "{isa}: nothing written");
+            // Weights for 2 heads at stride 4 need 8; 7 is one short.
+            let mut acc = vec![f32::NAN; 2 * d];
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                accumulate_rows(isa, &[1.0; 7], 4, d, &rows, &mut acc, &[]);
+            }));
+            assert_eq!(run.is_err(), cfg!(debug_assertions), "{isa}");
+            assert!(acc.iter().all(|x| x.is_nan()), "{isa}: nothing written");
+            // 2 lanes of 8 value rows: the value tile holds 4.
+            let mut acc = vec![f32::NAN; 16];
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pv_tile(isa, &q, q_ld, 2, 8, &kt[..4 * 8], 8, 8, &mut acc, 8);
+            }));
+            assert_eq!(run.is_err(), cfg!(debug_assertions), "{isa}");
+            assert!(acc.iter().all(|x| x.is_nan()), "{isa}: nothing written");
+        }
     }
 }

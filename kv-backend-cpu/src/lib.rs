@@ -6,8 +6,8 @@
 //! Hadamard-rotated keys) and KIVI layouts, stored in `kv-quant`'s byte formats (quantized
 //! on write) and attended over with its fused kernels. It is the oracle other backends are
 //! compared with, so it favours plain, checked code; the arithmetic of the float layouts
-//! lives in [`kernels`], where every fast kernel (AVX2 with FMA and F16C, chosen at run time
-//! by [`kernels::Isa::detect`]) has a portable scalar twin that tests compare it with.
+//! lives in [`kernels`], where every fast kernel (AVX2 or AVX-512, chosen at run time
+//! by [`kernels::Isa::best`]) has a portable scalar twin that tests compare it with.
 //! Decode attention over the float layouts splits one long sequence over threads by chunks
 //! of keys (flash-decoding) and reads each cached row once for all query heads of its
 //! group; prefill runs in query x key tiles. [`mod@bench`] holds the memory-read probe and a
@@ -286,7 +286,7 @@ impl CacheBackend for CpuBackend {
                 scale: batch.scale,
             };
             let threads = self.threads.as_deref();
-            let isa = kernels::Isa::detect();
+            let isa = kernels::Isa::best();
             with_pools!(&storage.pools, p => attend::attend(p, layer, &queries, batch, threads, isa),
                 quant p => quant::attend(p, layer, &quant::QuantQueries {
                     data: queries.data,

@@ -740,7 +740,7 @@ fn run_task_in(
     let tile_f32 = sized(&mut scratch.wide, if fused { 0 } else { TILE * d });
     let kt = sized(&mut scratch.kt, if fused { 0 } else { TILE * d });
     // The float path's vectorised max and exp.
-    let float_isa = kernels::Isa::detect();
+    let float_isa = kernels::Isa::best();
     // KIVI tiles start at key blocks (task chunks and cache blocks are whole key blocks),
     // so a tile holds whole key blocks of at most `TILE` tokens, or one larger block.
     let tile = match p.layout.keys {

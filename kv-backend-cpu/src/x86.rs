@@ -20,9 +20,12 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use half::{bf16, f16};
+
+use crate::kernels::{pv_fits, qk_fits};
+use kv_quant::simd::{hsum_256 as hsum, reduce16_512, reduce8_256 as reduce8, Prefetch};
+use kv_quant::simd::{V256, V512};
 
 /// `kernel::<M>(args)` for the run-time lane count `m`: one of the listed counts, else 1
 /// (the tile kernels' blocks of lanes).
@@ -38,26 +41,15 @@ macro_rules! by_lanes {
 /// Query heads whose accumulators one pass over a row keeps in registers.
 const HEAD_BLOCK: usize = 4;
 
-/// Proof that the running CPU has AVX2, FMA and F16C: the safe entry to this module's
-/// kernels.
+/// Proof that the running CPU has AVX2, FMA and F16C (kv-quant's [`V256`] token, from the
+/// workspace's one detection): the safe entry to this module's kernels.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Avx2(());
-
-/// 0: not yet checked, 1: absent, 2: present.
-static DETECTED: AtomicU8 = AtomicU8::new(0);
+pub(crate) struct Avx2(V256);
 
 impl Avx2 {
-    /// The token, when the CPU has the features; detection runs once.
+    /// The token, when the CPU has the features.
     pub(crate) fn get() -> Option<Self> {
-        let mut state = DETECTED.load(Ordering::Relaxed);
-        if state == 0 {
-            let present = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
-            state = if present { 2 } else { 1 };
-            DETECTED.store(state, Ordering::Relaxed);
-        }
-        (state == 2).then_some(Self(()))
+        V256::new().map(Self)
     }
 
     /// `scores[h * stride + r] = q[h] . rows[r]` for every query row `q[h]` (`q` holds
@@ -83,7 +75,7 @@ impl Avx2 {
             return;
         }
         // Only the first head block prefetches; later ones read rows already cached.
-        let mut pf = Prefetch::new(ahead, d);
+        let mut pf = Prefetch::new(ahead);
         let mut h = 0;
         while h < heads {
             let hb = (heads - h).min(HEAD_BLOCK);
@@ -127,7 +119,7 @@ impl Avx2 {
         if !fits || heads == 0 || n == 0 {
             return;
         }
-        let mut pf = Prefetch::new(ahead, d);
+        let mut pf = Prefetch::new(ahead);
         let mut h = 0;
         while h < heads {
             let hb = (heads - h).min(HEAD_BLOCK);
@@ -216,57 +208,6 @@ impl Avx2 {
     }
 }
 
-/// Whether a `qk_tile` call's slices hold what it reads and writes (sizes nonzero, `cols`
-/// a multiple of 8): the check every level's tile kernels rely on.
-#[allow(clippy::too_many_arguments)]
-fn qk_fits(
-    q: &[f32],
-    q_ld: usize,
-    lanes: usize,
-    d: usize,
-    kt: &[f32],
-    kt_ld: usize,
-    cols: usize,
-    s: &[f32],
-    s_ld: usize,
-) -> bool {
-    lanes > 0
-        && d > 0
-        && cols > 0
-        && cols & 7 == 0
-        && q_ld >= d
-        && q.len() >= (lanes - 1) * q_ld + d
-        && kt_ld >= cols
-        && kt.len() >= (d - 1) * kt_ld + cols
-        && s_ld >= cols
-        && s.len() >= (lanes - 1) * s_ld + cols
-}
-
-/// [`qk_fits`] for `pv_tile`.
-#[allow(clippy::too_many_arguments)]
-fn pv_fits(
-    p: &[f32],
-    p_ld: usize,
-    lanes: usize,
-    rows: usize,
-    v: &[f32],
-    v_ld: usize,
-    cols: usize,
-    acc: &[f32],
-    acc_ld: usize,
-) -> bool {
-    lanes > 0
-        && rows > 0
-        && cols > 0
-        && cols & 7 == 0
-        && p_ld >= rows
-        && p.len() >= (lanes - 1) * p_ld + rows
-        && v_ld >= cols
-        && v.len() >= (rows - 1) * v_ld + cols
-        && acc_ld >= cols
-        && acc.len() >= (lanes - 1) * acc_ld + cols
-}
-
 /// The lane loop of every level's tile kernels: when `fits`, `block(m, a, b, c)` for each
 /// block of at most `most` of the `lanes` lanes, with pointers to the block's first lane
 /// in `a` (rows of `a_ld`) and `c` (rows of `c_ld`) and to the shared operand `b`.
@@ -298,28 +239,17 @@ fn lane_blocks(
     }
 }
 
-/// Proof that the running CPU has AVX-512 F, BW and VL (besides AVX2, FMA and F16C): the
-/// safe entry to the 512-bit decode kernels, which read 16 elements per load and cover a
-/// row's last `len % 16` elements with one masked load instead of a scalar tail.
+/// Proof that the running CPU has AVX-512 F, BW, VL and DQ besides AVX2, FMA and F16C
+/// (kv-quant's [`V512`] token): the safe entry to the 512-bit kernels, which read 16
+/// elements per load and cover a row's last `len % 16` elements with one masked load
+/// instead of a scalar tail.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Avx512(());
-
-/// 0: not yet checked, 1: absent, 2: present.
-static DETECTED_512: AtomicU8 = AtomicU8::new(0);
+pub(crate) struct Avx512(V512);
 
 impl Avx512 {
-    /// The token, when the CPU has the features; detection runs once.
+    /// The token, when the CPU has the features.
     pub(crate) fn get() -> Option<Self> {
-        let mut state = DETECTED_512.load(Ordering::Relaxed);
-        if state == 0 {
-            let present = Avx2::get().is_some()
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl");
-            state = if present { 2 } else { 1 };
-            DETECTED_512.store(state, Ordering::Relaxed);
-        }
-        (state == 2).then_some(Self(()))
+        V512::new().map(Self)
     }
 
     /// [`Avx2::qk_tile`] with 16 columns per register and 8 lanes per block: 16
@@ -391,7 +321,7 @@ impl Avx512 {
         if !fits || heads == 0 || n == 0 {
             return;
         }
-        let mut pf = Prefetch::new(ahead, d);
+        let mut pf = Prefetch::new(ahead);
         let mut h = 0;
         while h < heads {
             let hb = (heads - h).min(HEAD_BLOCK);
@@ -442,7 +372,7 @@ impl Avx512 {
         if !fits || heads == 0 || n == 0 {
             return;
         }
-        let mut pf = Prefetch::new(ahead, d);
+        let mut pf = Prefetch::new(ahead);
         let mut h = 0;
         while h < heads {
             let hb = (heads - h).min(HEAD_BLOCK);
@@ -481,7 +411,7 @@ fn mask16(left: usize) -> __mmask16 {
 /// # Safety
 /// The CPU must have the features of [`Avx512`].
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn fold256(v: __m512) -> __m256 {
     // SAFETY: register-only intrinsics; the caller guarantees the CPU features.
     unsafe {
@@ -496,7 +426,7 @@ unsafe fn fold256(v: __m512) -> __m256 {
 /// # Safety
 /// As [`score_block`], with the CPU features of [`Avx512`].
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn score_block_512<E: Load, const H: usize, const R: usize>(
     q: *const f32,
     d: usize,
@@ -504,7 +434,7 @@ unsafe fn score_block_512<E: Load, const H: usize, const R: usize>(
     n: usize,
     scores: *mut f32,
     stride: usize,
-    pf: &mut Prefetch,
+    pf: &mut Prefetch<'_>,
 ) {
     let mut r0 = 0;
     // SAFETY: (both loops) rows r0..r0+R (or r0 alone) are below n; every load covers the
@@ -513,7 +443,7 @@ unsafe fn score_block_512<E: Load, const H: usize, const R: usize>(
     // buffer holds the 8 lanes of one reduction.
     unsafe {
         while r0 + R <= n {
-            pf.rows(R);
+            pf.bytes(R * d * size_of::<E>());
             let mut acc = [_mm512_setzero_ps(); 8];
             let mut c = 0;
             while c < d {
@@ -544,7 +474,7 @@ unsafe fn score_block_512<E: Load, const H: usize, const R: usize>(
             r0 += R;
         }
         while r0 < n {
-            pf.rows(1);
+            pf.bytes(d * size_of::<E>());
             let row = rows.add(r0 * d);
             let mut acc = [_mm512_setzero_ps(); H];
             let mut c = 0;
@@ -575,14 +505,14 @@ unsafe fn score_block_512<E: Load, const H: usize, const R: usize>(
 /// # Safety
 /// As [`score_block_512`] with `d == D`, and `R * H <= 16`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn score_fixed_512<E: Load, const H: usize, const R: usize, const D: usize>(
     q: *const f32,
     rows: *const E,
     n: usize,
     scores: *mut f32,
     stride: usize,
-    pf: &mut Prefetch,
+    pf: &mut Prefetch<'_>,
 ) {
     const { assert!(D & 15 == 0 && D <= 128 && R * H <= 16) };
     let chunks = D / 16;
@@ -598,7 +528,7 @@ unsafe fn score_fixed_512<E: Load, const H: usize, const R: usize, const D: usiz
         }
         let mut r0 = 0;
         while r0 + R <= n {
-            pf.rows(R);
+            pf.bytes(R * D * size_of::<E>());
             let mut acc = [_mm512_setzero_ps(); 16];
             for r in 0..R {
                 let row = rows.add((r0 + r) * D);
@@ -623,52 +553,12 @@ unsafe fn score_fixed_512<E: Load, const H: usize, const R: usize, const D: usiz
     }
 }
 
-/// Lane `i` of the result is the sum of the 16 lanes of `a[i]`: a transposing tree of adds
-/// that stays 512 bits wide (about 33 instructions for all 16 sums).
-///
-/// # Safety
-/// The CPU must have the features of [`Avx512`].
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn reduce16_512(a: &[__m512; 16]) -> [f32; 16] {
-    // SAFETY: register-only intrinsics and one store into a local array of 16 f32.
-    unsafe {
-        // Per 128-bit lane: [x0 + x2, y0 + y2, x1 + x3, y1 + y3].
-        let pair = |x: __m512, y: __m512| {
-            _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
-        };
-        // Per 128-bit lane, from two pairs: the partial sums of their 4 registers, in order.
-        let quad = |xy: __m512, zw: __m512| {
-            let (xy, zw) = (_mm512_castps_pd(xy), _mm512_castps_pd(zw));
-            _mm512_add_ps(
-                _mm512_castpd_ps(_mm512_unpacklo_pd(xy, zw)),
-                _mm512_castpd_ps(_mm512_unpackhi_pd(xy, zw)),
-            )
-        };
-        let q: [__m512; 4] = std::array::from_fn(|k| {
-            let a = &a[4 * k..][..4];
-            quad(pair(a[0], a[1]), pair(a[2], a[3]))
-        });
-        // 128-bit lanes: halves of the 4 partial sums of two quads.
-        let halves = |x: __m512, y: __m512| {
-            _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
-                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
-            )
-        };
-        let t = halves(halves(q[0], q[1]), halves(q[2], q[3]));
-        let mut lanes = [0.0f32; 16];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), t);
-        lanes
-    }
-}
-
 /// [`accumulate_block`] with 16 columns per register and the last `d % 16` masked.
 ///
 /// # Safety
 /// As [`accumulate_block`], with `H * V <= 16` and the CPU features of [`Avx512`].
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn accumulate_block_512<E: Load, const H: usize, const V: usize>(
     w: *const f32,
     stride: usize,
@@ -676,7 +566,7 @@ unsafe fn accumulate_block_512<E: Load, const H: usize, const V: usize>(
     rows: *const E,
     n: usize,
     acc: *mut f32,
-    pf: &mut Prefetch,
+    pf: &mut Prefetch<'_>,
 ) {
     let mut c = 0;
     // SAFETY: each pass covers columns c..c + 16 * V (or c..c + 16 masked to d) inside
@@ -700,7 +590,7 @@ unsafe fn accumulate_block_512<E: Load, const H: usize, const V: usize>(
 /// As [`accumulate_block_512`], with `c < d`; when `V > 1`, `c + 16 * V <= d`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn accumulate_cols_512<E: Load, const H: usize, const V: usize>(
     w: *const f32,
     stride: usize,
@@ -709,7 +599,7 @@ unsafe fn accumulate_cols_512<E: Load, const H: usize, const V: usize>(
     n: usize,
     acc: *mut f32,
     c: usize,
-    pf: &mut Prefetch,
+    pf: &mut Prefetch<'_>,
     prefetch: bool,
 ) {
     // SAFETY: the lanes of `m[v]` are the columns of c + 16 * v.. below d, inside every row
@@ -728,7 +618,7 @@ unsafe fn accumulate_cols_512<E: Load, const H: usize, const V: usize>(
         }
         for r in 0..n {
             if prefetch {
-                pf.rows(1);
+                pf.bytes(d * size_of::<E>());
             }
             let mut x = [_mm512_setzero_ps(); V];
             for v in 0..V {
@@ -748,54 +638,6 @@ unsafe fn accumulate_cols_512<E: Load, const H: usize, const V: usize>(
         }
     }
 }
-
-/// Rows to prefetch while a kernel reads others, one row at a time so the requests spread
-/// over the computation instead of queueing all at once.
-pub(crate) struct Prefetch {
-    next: *const u8,
-    end: *const u8,
-    row_bytes: usize,
-}
-
-impl Prefetch {
-    /// The rows of `ahead` (`d` elements each).
-    fn new<E>(ahead: &[E], d: usize) -> Self {
-        let range = ahead.as_ptr_range();
-        Self {
-            next: range.start.cast(),
-            end: range.end.cast(),
-            row_bytes: d * std::mem::size_of::<E>(),
-        }
-    }
-
-    /// Nothing to prefetch.
-    fn none() -> Self {
-        Self {
-            next: std::ptr::null(),
-            end: std::ptr::null(),
-            row_bytes: 0,
-        }
-    }
-
-    /// Prefetches the next `rows` rows, if any remain.
-    #[inline]
-    fn rows(&mut self, rows: usize) {
-        let mut left = rows * self.row_bytes;
-        while left > 0 && self.next < self.end {
-            // SAFETY: the address is inside the `ahead` slice (next < end, and `next` only
-            // moves forward from its start); `next` moves with wrapping_add, so stepping
-            // past the end is no out-of-bounds arithmetic; and a prefetch neither reads
-            // the value nor faults. SSE is part of the x86-64 baseline.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(self.next.cast::<i8>()) };
-            let step = LINE.min(left);
-            self.next = self.next.wrapping_add(step);
-            left -= step;
-        }
-    }
-}
-
-/// Bytes of a cache line.
-const LINE: usize = 64;
 
 /// A stored element type the kernels read directly, eight at a time.
 pub(crate) trait Load: Copy + crate::kernels::Widen {
@@ -824,7 +666,7 @@ impl Load for f32 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     unsafe fn load16(p: *const f32, mask: __mmask16) -> __m512 {
         // SAFETY: the caller guarantees the unmasked f32 at `p` readable; masked-off lanes
         // are neither read nor fault; no alignment requirement.
@@ -843,7 +685,7 @@ impl Load for f16 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     unsafe fn load16(p: *const f16, mask: __mmask16) -> __m512 {
         // SAFETY: the caller guarantees the unmasked f16 at `p` readable; masked-off lanes
         // are neither read nor fault (and load as +0, which widens to 0.0); f16 is a
@@ -866,7 +708,7 @@ impl Load for bf16 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     unsafe fn load16(p: *const bf16, mask: __mmask16) -> __m512 {
         // SAFETY: the caller guarantees the unmasked bf16 at `p` readable; masked-off lanes
         // are neither read nor fault (and load as 0); widening as in `load8`.
@@ -874,46 +716,6 @@ impl Load for bf16 {
             let h = _mm256_maskz_loadu_epi16(mask, p.cast::<i16>());
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
         }
-    }
-}
-
-/// Sum of the eight lanes.
-///
-/// # Safety
-/// The CPU must have AVX2.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum(v: __m256) -> f32 {
-    // SAFETY: register-only intrinsics; the caller guarantees the CPU features.
-    unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
-    }
-}
-
-/// Lane `p` of the result is the sum of the eight lanes of `a[p]`: eight horizontal sums
-/// for the price of about two.
-///
-/// # Safety
-/// The CPU must have AVX2.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn reduce8(a: &[__m256; 8]) -> __m256 {
-    // SAFETY: register-only intrinsics; the caller guarantees the CPU features.
-    unsafe {
-        // hadd(x, y) = [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7].
-        let t0 = _mm256_hadd_ps(a[0], a[1]);
-        let t1 = _mm256_hadd_ps(a[2], a[3]);
-        let t2 = _mm256_hadd_ps(a[4], a[5]);
-        let t3 = _mm256_hadd_ps(a[6], a[7]);
-        // Lane p (p < 4) of u0: the low-half sum of a[p]; lane 4 + p: its high-half sum.
-        let u0 = _mm256_hadd_ps(t0, t1);
-        let u1 = _mm256_hadd_ps(t2, t3);
-        let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
-        let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
-        _mm256_add_ps(lo, hi)
     }
 }
 
@@ -934,7 +736,7 @@ unsafe fn score_block<E: Load, const H: usize, const R: usize>(
     n: usize,
     scores: *mut f32,
     stride: usize,
-    pf: &mut Prefetch,
+    pf: &mut Prefetch<'_>,
 ) {
     let d8 = d & !7;
     let mut r0 = 0;
@@ -944,7 +746,7 @@ unsafe fn score_block<E: Load, const H: usize, const R: usize>(
     // holds the 8 lanes of one reduction.
     unsafe {
         while r0 + R <= n {
-            pf.rows(R);
+            pf.bytes(R * d * size_of::<E>());
             let mut acc = [_mm256_setzero_ps(); 8];
             let mut c = 0;
             while c < d8 {
@@ -980,7 +782,7 @@ unsafe fn score_block<E: Load, const H: usize, const R: usize>(
             r0 += R;
         }
         while r0 < n {
-            pf.rows(1);
+            pf.bytes(d * size_of::<E>());
             let row = rows.add(r0 * d);
             let mut acc = [_mm256_setzero_ps(); 8];
             let mut c = 0;
@@ -1022,7 +824,7 @@ unsafe fn accumulate_block<E: Load, const H: usize, const V: usize>(
     rows: *const E,
     n: usize,
     acc: *mut f32,
-    pf: &mut Prefetch,
+    pf: &mut Prefetch<'_>,
 ) {
     let mut c = 0;
     // SAFETY: each pass covers columns c..c + 8 * V (or c..c + 8) below d, then the scalar
@@ -1065,7 +867,7 @@ unsafe fn accumulate_cols<E: Load, const H: usize, const V: usize>(
     n: usize,
     acc: *mut f32,
     c: usize,
-    pf: &mut Prefetch,
+    pf: &mut Prefetch<'_>,
     prefetch: bool,
 ) {
     // SAFETY: columns c..c + 8 * V are inside every row of `rows` and `acc` (c + 8V <= d);
@@ -1079,7 +881,7 @@ unsafe fn accumulate_cols<E: Load, const H: usize, const V: usize>(
         }
         for r in 0..n {
             if prefetch {
-                pf.rows(1);
+                pf.bytes(d * size_of::<E>());
             }
             let mut x = [_mm256_setzero_ps(); V];
             for v in 0..V {
@@ -1344,7 +1146,7 @@ fn first_lanes(n: usize) -> __mmask16 {
 /// As [`qk_block`], with the CPU features of [`Avx512`].
 #[allow(clippy::too_many_arguments)]
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn qk_block_512<const M: usize>(
     q: *const f32,
     q_ld: usize,
@@ -1403,7 +1205,7 @@ unsafe fn qk_block_512<const M: usize>(
 /// As [`pv_block`], with the CPU features of [`Avx512`].
 #[allow(clippy::too_many_arguments)]
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 unsafe fn pv_block_512<const M: usize>(
     p: *const f32,
     p_ld: usize,
@@ -1459,19 +1261,5 @@ unsafe fn pv_block_512<const M: usize>(
             }
             c += 16;
         }
-    }
-}
-
-/// Asks the CPU to bring every cache line of `data` into the L2 cache: a hint that never
-/// faults and changes no value (SSE, part of every x86-64 CPU).
-pub(crate) fn prefetch_l2<T>(data: &[T]) {
-    let bytes = std::mem::size_of_val(data);
-    let start = data.as_ptr().cast::<i8>();
-    let mut offset = 0;
-    while offset < bytes {
-        // SAFETY: the address is inside `data` (offset < its size in bytes), and a prefetch
-        // neither reads the value nor faults; SSE is part of the x86-64 baseline.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(start.add(offset)) };
-        offset += LINE;
     }
 }

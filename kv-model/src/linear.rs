@@ -10,7 +10,7 @@
 //!
 //! - Few rows (decode, small batches): a matrix-vector kernel over output rows that
 //!   dequantizes each block once for up to two activation rows; AVX-512F or AVX2+FMA+F16C
-//!   when the CPU has them, portable Rust otherwise (`KV_MODEL_ISA` caps the level); rayon
+//!   when the CPU has them, portable Rust otherwise (kv-quant's `Isa`: `KV_ISA` caps the level); rayon
 //!   threads split the output rows.
 //! - Many rows (prefill): each task dequantizes a panel of weight rows into an f32 tile that
 //!   fits in L2 and multiplies all activation rows by it with the `gemm` crate (the GEMM
@@ -24,7 +24,7 @@ mod avx512;
 mod scalar;
 
 use std::cell::RefCell;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
@@ -82,30 +82,9 @@ impl BlockType {
 }
 
 /// An instruction-set level of the kernels, in increasing order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Isa {
-    /// Portable Rust: the reference and the fallback.
-    Scalar,
-    /// x86-64 with AVX2, FMA and F16C.
-    Avx2,
-    /// x86-64 with AVX-512F (and F16C, which every such CPU has).
-    Avx512,
-}
-
-impl Isa {
-    /// Every level, lowest first.
-    pub(crate) const ALL: [Self; 3] = [Self::Scalar, Self::Avx2, Self::Avx512];
-
-    /// The level named by `KV_MODEL_ISA` (`scalar`, `avx2`, `avx512`), if any.
-    fn parse(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "scalar" => Some(Self::Scalar),
-            "avx2" => Some(Self::Avx2),
-            "avx512" => Some(Self::Avx512),
-            _ => None,
-        }
-    }
-}
+/// The workspace's one instruction-set level (detection and the `KV_ISA` switch live in
+/// kv-quant); kv-model's own matrix kernels exist for each level.
+pub(crate) use kv_quant::Isa;
 
 /// The kernels at one instruction-set level. Only made for a level this CPU runs
 /// ([`Kernels::new`] checks): the invariant that makes the SIMD calls sound.
@@ -117,34 +96,13 @@ pub(crate) struct Kernels {
 impl Kernels {
     /// The kernels at `isa`, or `None` if this CPU cannot run them.
     pub(crate) fn new(isa: Isa) -> Option<Self> {
-        let ok = match isa {
-            Isa::Scalar => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c"),
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 | Isa::Avx512 => false,
-        };
-        ok.then_some(Self { isa })
+        isa.is_available().then_some(Self { isa })
     }
 
-    /// The fastest level this CPU runs, detected once. `KV_MODEL_ISA=scalar|avx2|avx512`
-    /// caps the level (measuring one level against another, bisecting a suspected SIMD
-    /// bug); an unknown value is ignored.
+    /// The level every kernel of the workspace runs at ([`Isa::best`]: the fastest this
+    /// CPU has, capped by `KV_ISA=scalar|avx2|avx512`).
     pub(crate) fn best() -> Self {
-        static BEST: OnceLock<Kernels> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            let cap = std::env::var("KV_MODEL_ISA")
-                .ok()
-                .and_then(|v| Isa::parse(&v))
-                .unwrap_or(Isa::Avx512);
-            Self::best_up_to(cap)
-        })
+        Self::best_up_to(Isa::best())
     }
 
     /// The fastest level this CPU runs that is not above `cap`.
@@ -427,7 +385,7 @@ pub fn matmul_seconds(
     n: usize,
     reps: usize,
 ) -> Option<f64> {
-    let k = Kernels::new(Isa::parse(isa)?)?;
+    let k = Kernels::new(Isa::from_name(isa)?)?;
     let ty = match ty {
         "q4_0" => BlockType::Q4_0,
         "q4_1" => BlockType::Q4_1,
@@ -623,8 +581,8 @@ mod tests {
 
     #[test]
     fn isa_cap_picks_the_best_level_not_above_it() {
-        assert_eq!(Isa::parse(" AVX2 "), Some(Isa::Avx2));
-        assert_eq!(Isa::parse("sse"), None);
+        assert_eq!(Isa::from_name(" AVX2 "), Some(Isa::Avx2));
+        assert_eq!(Isa::from_name("sse"), None);
         assert_eq!(Kernels::best_up_to(Isa::Scalar).isa, Isa::Scalar);
         let best = Kernels::best_up_to(Isa::Avx512).isa;
         for isa in Isa::ALL {

@@ -1,93 +1,62 @@
-//! Run-time choice of the instruction set, and the checked entry points of every row
-//! kernel.
-
-use std::fmt;
-use std::sync::OnceLock;
+//! The checked entry points of every row kernel, each run through the one dispatch of
+//! [`crate::simd`] ([`Isa::run`]): a kernel is a value with a scalar body and one
+//! width-generic SIMD body ([`simd::Kernel`]), declared below with [`kernel!`].
 
 use crate::error::{checked_len, expect_len, QuantError, Result};
 use crate::format::RowFormat;
 use crate::kivi::KiviKeyFormat;
-use crate::scalar;
+use crate::simd::{self, Isa, Simd};
+use crate::{rows, scalar};
 
-/// An instruction-set level the kernels are compiled for.
-///
-/// The levels are ordered: every CPU with `Avx512` here also has `Avx2`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Isa {
-    /// Portable Rust: the reference, and the fallback on every other architecture.
-    Scalar,
-    /// x86-64 with AVX2, FMA and F16C (Intel Haswell, AMD Zen and later).
-    Avx2,
-    /// x86-64 with AVX-512F on top of `Avx2` (Intel Skylake-SP, AMD Zen 4 and later).
-    /// Quantization (the write path) uses the AVX2 code at this level; dot, axpy,
-    /// dequantization and KIVI scores have 512-bit versions.
-    Avx512,
-}
-
-impl Isa {
-    /// Every level, lowest first.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
-
-    /// Short name: `"scalar"`, `"avx2"`, `"avx512"`.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Isa::Scalar => "scalar",
-            Isa::Avx2 => "avx2",
-            Isa::Avx512 => "avx512",
+/// Declares a kernel: a struct of its arguments and its [`simd::Kernel`] impl, whose two
+/// bodies see the arguments by name.
+macro_rules! kernel {
+    ($name:ident { $($f:ident: $t:ty),* $(,)? } -> $out:ty;
+     scalar => $scalar:expr;
+     simd($s:ident) => $simd:expr;) => {
+        struct $name<'a> {
+            $($f: $t),*
         }
-    }
-
-    /// Whether this CPU can run the level (asks the CPU; [`best`](Self::best) caches).
-    pub fn is_available(self) -> bool {
-        match self {
-            Isa::Scalar => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
+        impl simd::Kernel for $name<'_> {
+            type Output = $out;
+            #[inline]
+            fn scalar(self) -> $out {
+                let $name { $($f),* } = self;
+                $scalar
             }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => Isa::Avx2.is_available() && is_x86_feature_detected!("avx512f"),
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
+            #[inline(always)]
+            fn simd<S: Simd>(self, $s: S) -> $out {
+                let $name { $($f),* } = self;
+                $simd
+            }
         }
-    }
-
-    /// The levels this CPU can run, lowest first. Tests iterate over these to hold every
-    /// compiled path to the scalar reference, not only the fastest one.
-    pub fn available() -> Vec<Isa> {
-        Isa::ALL.into_iter().filter(|i| i.is_available()).collect()
-    }
-
-    /// The level the default entry points use, detected once and cached.
-    ///
-    /// The highest available level, unless the environment variable `KV_QUANT_ISA` names a
-    /// lower one (`scalar`, `avx2`): a switch for benchmarks and for bisecting a suspected
-    /// SIMD bug in a program without rebuilding it. Names of unavailable or unknown levels
-    /// are ignored.
-    pub fn best() -> Isa {
-        static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            let top = Isa::ALL
-                .into_iter()
-                .rev()
-                .find(|i| i.is_available())
-                .unwrap_or(Isa::Scalar);
-            let wanted = std::env::var("KV_QUANT_ISA").ok().and_then(|v| {
-                Isa::ALL
-                    .into_iter()
-                    .find(|i| i.name().eq_ignore_ascii_case(v.trim()))
-            });
-            wanted.map_or(top, |w| w.min(top))
-        })
-    }
+    };
 }
 
-impl fmt::Display for Isa {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
+/// Runs a kernel of the per-width `x86` modules: the AVX-512 version when `$s` is 512 bits
+/// wide, else the AVX2 one; never reached on other architectures (no `Simd` width there).
+macro_rules! per_width {
+    ($s:ident, $avx2:expr, $avx512:expr, else $portable:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            match $s.v512() {
+                // SAFETY: the token proves AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C; the public
+                // entry point checked every length the kernel's contract names.
+                Some(_) => unsafe { $avx512 },
+                // SAFETY: a `Simd` width on x86-64 proves AVX2, FMA and F16C (`v256`);
+                // lengths as above.
+                None => unsafe {
+                    let _ = $s.v256();
+                    $avx2
+                },
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = $s;
+            $portable
+        }
+    }};
 }
 
 /// The row kernels at one instruction-set level.
@@ -160,15 +129,7 @@ impl Kernels {
     /// [`QuantError::OutOfRange`] for an element the format cannot represent.
     pub fn quantize_row(&self, format: RowFormat, x: &[f32], out: &mut [u8]) -> Result<()> {
         format.check_row(x.len(), "out", out.len())?;
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 => {
-                // SAFETY: a `Kernels` at Avx2 or above exists only when `is_available`
-                // confirmed AVX2, FMA and F16C (`new`, `best`); lengths are checked above.
-                unsafe { crate::x86::avx2::quantize(format, x, out) }
-            }
-            _ => scalar::quantize(format, x, out),
-        }
+        self.isa.run(Quantize { format, x, out })
     }
 
     /// Writes the dequantized row into `out` (`out.len() == head_dim`).
@@ -180,20 +141,7 @@ impl Kernels {
     /// not fit `format` or `row.len() != format.row_bytes(out.len())`.
     pub fn dequantize_row(&self, format: RowFormat, row: &[u8], out: &mut [f32]) -> Result<()> {
         format.check_row(out.len(), "row", row.len())?;
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; lengths checked.
-                unsafe { crate::x86::avx2::dequantize(format, row, out) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
-                // lengths checked.
-                unsafe { crate::x86::avx512::dequantize(format, row, out) }
-            }
-            _ => scalar::dequantize(format, row, out),
-        }
+        self.isa.run(Dequantize { format, row, out });
         Ok(())
     }
 
@@ -235,24 +183,13 @@ impl Kernels {
         crate::error::expect_len("rows", n * rb, rows.len())?;
         let out_len = crate::error::checked_len("out", n, head_dim)?;
         crate::error::expect_len("out", out_len, out.len())?;
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; lengths checked.
-                unsafe { crate::x86::avx2::dequantize_rows(format, rows, rb, out, head_dim) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
-                // lengths checked.
-                unsafe { crate::x86::avx512::dequantize_rows(format, rows, rb, out, head_dim) }
-            }
-            _ => {
-                for (row, dst) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(head_dim)) {
-                    scalar::dequantize(format, row, dst);
-                }
-            }
-        }
+        self.isa.run(DequantizeRows {
+            format,
+            rows,
+            rb,
+            out,
+            head_dim,
+        });
         Ok(())
     }
 
@@ -271,21 +208,7 @@ impl Kernels {
     }
 
     fn dot_unchecked(&self, format: RowFormat, q: &[f32], row: &[u8]) -> f32 {
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; the caller
-                // checked `row.len() == format.row_bytes(q.len())`.
-                unsafe { crate::x86::avx2::dot(format, q, row) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
-                // lengths checked by the caller.
-                unsafe { crate::x86::avx512::dot(format, q, row) }
-            }
-            _ => scalar::dot(format, q, row),
-        }
+        self.isa.run(Dot { format, q, row })
     }
 
     /// `acc += w * x̂`: accumulates a stored value row weighted by its attention
@@ -302,21 +225,12 @@ impl Kernels {
     }
 
     fn axpy_unchecked(&self, format: RowFormat, w: f32, row: &[u8], acc: &mut [f32]) {
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; the caller
-                // checked `row.len() == format.row_bytes(acc.len())`.
-                unsafe { crate::x86::avx2::axpy(format, w, row, acc) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
-                // lengths checked by the caller.
-                unsafe { crate::x86::avx512::axpy(format, w, row, acc) }
-            }
-            _ => scalar::axpy(format, w, row, acc),
-        }
+        self.isa.run(Axpy {
+            format,
+            w,
+            row,
+            acc,
+        })
     }
 
     /// Scores of `q` against `out.len()` rows stored back to back in `rows` (a paged block):
@@ -334,25 +248,13 @@ impl Kernels {
     ) -> Result<()> {
         let rb = format.row_bytes(q.len())?;
         expect_len("rows", checked_len("rows", rb, out.len())?, rows.len())?;
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; `rb` is the
-                // row size for `q.len()` and `rows` holds `out.len()` rows (checked above).
-                unsafe { crate::x86::avx2::dot_many(format, q, rows, rb, out) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
-                // lengths checked above.
-                unsafe { crate::x86::avx512::dot_many(format, q, rows, rb, out) }
-            }
-            _ => {
-                for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
-                    *o = scalar::dot(format, q, row);
-                }
-            }
-        }
+        self.isa.run(DotMany {
+            format,
+            q,
+            rows,
+            rb,
+            out,
+        });
         Ok(())
     }
 
@@ -370,25 +272,13 @@ impl Kernels {
     ) -> Result<()> {
         let rb = format.row_bytes(acc.len())?;
         expect_len("rows", checked_len("rows", rb, weights.len())?, rows.len())?;
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; `rb` is the
-                // row size for `acc.len()` and `rows` holds `weights.len()` rows (checked).
-                unsafe { crate::x86::avx2::axpy_many(format, weights, rows, rb, acc) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
-                // lengths checked above.
-                unsafe { crate::x86::avx512::axpy_many(format, weights, rows, rb, acc) }
-            }
-            _ => {
-                for (&w, row) in weights.iter().zip(rows.chunks_exact(rb)) {
-                    scalar::axpy(format, w, row, acc);
-                }
-            }
-        }
+        self.isa.run(AxpyMany {
+            format,
+            weights,
+            rows,
+            rb,
+            acc,
+        });
         Ok(())
     }
 
@@ -476,39 +366,17 @@ impl Kernels {
             return Ok(());
         }
         check_strided("scores", heads, stride, n, scores.len())?;
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = ahead; // the portable kernels leave prefetching to the hardware
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; `rb` is the
-                // row size for `head_dim`, `q` holds `heads` rows, `rows` whole rows,
-                // `stride >= n` and `scores` holds every score row (checked above).
-                unsafe {
-                    crate::x86::avx2::dot_heads(
-                        format, head_dim, q, rows, rb, scores, stride, ahead,
-                    )
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
-                // lengths checked above as for Avx2.
-                unsafe {
-                    crate::x86::avx512::dot_heads(
-                        format, head_dim, q, rows, rb, scores, stride, ahead,
-                    )
-                }
-            }
-            _ => {
-                for (h, qh) in q.chunks_exact(head_dim).enumerate() {
-                    let out = &mut scores[h * stride..][..n];
-                    for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
-                        *o = scalar::dot(format, qh, row);
-                    }
-                }
-            }
-        }
+        self.isa.run(DotHeads {
+            format,
+            head_dim,
+            q,
+            rows,
+            rb,
+            n,
+            scores,
+            stride,
+            ahead,
+        });
         Ok(())
     }
 
@@ -573,39 +441,17 @@ impl Kernels {
             return Ok(());
         }
         check_strided("weights", heads, stride, n, weights.len())?;
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = ahead; // the portable kernels leave prefetching to the hardware
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; `rb` is the
-                // row size for `head_dim`, `acc` holds `heads` rows, `rows` whole rows,
-                // `stride >= n` and `weights` holds every weight row (checked above).
-                unsafe {
-                    crate::x86::avx2::axpy_heads(
-                        format, head_dim, weights, stride, rows, rb, acc, ahead,
-                    )
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
-                // lengths checked above as for Avx2.
-                unsafe {
-                    crate::x86::avx512::axpy_heads(
-                        format, head_dim, weights, stride, rows, rb, acc, ahead,
-                    )
-                }
-            }
-            _ => {
-                for (h, ah) in acc.chunks_exact_mut(head_dim).enumerate() {
-                    let w = &weights[h * stride..][..n];
-                    for (&wr, row) in w.iter().zip(rows.chunks_exact(rb)) {
-                        scalar::axpy(format, wr, row, ah);
-                    }
-                }
-            }
-        }
+        self.isa.run(AxpyHeads {
+            format,
+            head_dim,
+            weights,
+            stride,
+            rows,
+            rb,
+            n,
+            acc,
+            ahead,
+        });
         Ok(())
     }
 
@@ -625,21 +471,12 @@ impl Kernels {
     ) -> Result<()> {
         format.check_block(q.len(), block.len())?;
         expect_len("out", format.block_tokens, out.len())?;
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; shape and
-                // lengths checked above.
-                unsafe { crate::x86::avx2::kivi_scores(format.bits, q, block, out) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
-                // shape and lengths checked above.
-                unsafe { crate::x86::avx512::kivi_scores(format.bits, q, block, out) }
-            }
-            _ => crate::kivi::scores_reference(format, q, block, out),
-        }
+        self.isa.run(KiviScores {
+            format,
+            q,
+            block,
+            out,
+        });
         Ok(())
     }
 
@@ -676,53 +513,190 @@ impl Kernels {
             return Ok(());
         }
         check_strided("scores", heads, stride, n, scores.len())?;
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                // SAFETY: Avx512 kernels exist only on CPUs with AVX-512F and AVX2/FMA/F16C;
-                // the block's shape and every length checked above.
-                unsafe {
-                    crate::x86::avx512::kivi_scores_heads(
-                        format.bits,
-                        head_dim,
-                        q,
-                        block,
-                        n,
-                        scores,
-                        stride,
-                    )
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                // SAFETY: Avx2 kernels exist only on CPUs with AVX2/FMA/F16C; the block's
-                // shape and every length checked above.
-                unsafe {
-                    crate::x86::avx2::kivi_scores_heads(
-                        format.bits,
-                        head_dim,
-                        q,
-                        block,
-                        n,
-                        scores,
-                        stride,
-                    )
-                }
-            }
-            _ => {
-                for (h, qh) in q.chunks_exact(head_dim).enumerate() {
-                    crate::kivi::scores_reference(
-                        format,
-                        qh,
-                        block,
-                        &mut scores[h * stride..][..n],
-                    );
-                }
-            }
-        }
+        self.isa.run(KiviScoresHeads {
+            format,
+            head_dim,
+            q,
+            block,
+            n,
+            scores,
+            stride,
+        });
         Ok(())
     }
 }
+
+kernel!(Quantize { format: RowFormat, x: &'a [f32], out: &'a mut [u8] } -> Result<()>;
+    scalar => scalar::quantize(format, x, out);
+    // One quantizer at both levels: it runs once per token, off the hot path, and its
+    // bytes must match the scalar quantizer's anyway.
+    simd(s) => per_width!(
+        s,
+        crate::x86::avx2::quantize(format, x, out),
+        crate::x86::avx2::quantize(format, x, out),
+        else scalar::quantize(format, x, out)
+    );
+);
+
+kernel!(Dequantize { format: RowFormat, row: &'a [u8], out: &'a mut [f32] } -> ();
+    scalar => scalar::dequantize(format, row, out);
+    simd(s) => rows::dequantize(s, format, row, out);
+);
+
+kernel!(DequantizeRows {
+    format: RowFormat, rows: &'a [u8], rb: usize, out: &'a mut [f32], head_dim: usize,
+} -> ();
+    scalar => {
+        for (row, dst) in rows.chunks_exact(rb).zip(out.chunks_exact_mut(head_dim)) {
+            scalar::dequantize(format, row, dst);
+        }
+    };
+    simd(s) => rows::dequantize_rows(s, format, rows, rb, out, head_dim);
+);
+
+kernel!(Dot { format: RowFormat, q: &'a [f32], row: &'a [u8] } -> f32;
+    scalar => scalar::dot(format, q, row);
+    simd(s) => rows::dot(s, format, q, row);
+);
+
+kernel!(Axpy { format: RowFormat, w: f32, row: &'a [u8], acc: &'a mut [f32] } -> ();
+    scalar => scalar::axpy(format, w, row, acc);
+    simd(s) => rows::axpy(s, format, w, row, acc);
+);
+
+kernel!(DotMany {
+    format: RowFormat, q: &'a [f32], rows: &'a [u8], rb: usize, out: &'a mut [f32],
+} -> ();
+    scalar => {
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+            *o = scalar::dot(format, q, row);
+        }
+    };
+    simd(s) => rows::dot_many(s, format, q, rows, rb, out);
+);
+
+kernel!(AxpyMany {
+    format: RowFormat, weights: &'a [f32], rows: &'a [u8], rb: usize, acc: &'a mut [f32],
+} -> ();
+    scalar => {
+        for (&w, row) in weights.iter().zip(rows.chunks_exact(rb)) {
+            scalar::axpy(format, w, row, acc);
+        }
+    };
+    simd(s) => rows::axpy_many(s, format, weights, rows, rb, acc);
+);
+
+/// The portable multi-head scores: head by head, row by row.
+#[allow(clippy::too_many_arguments)]
+fn dot_heads_scalar(
+    format: RowFormat,
+    head_dim: usize,
+    q: &[f32],
+    rows: &[u8],
+    rb: usize,
+    n: usize,
+    scores: &mut [f32],
+    stride: usize,
+) {
+    for (h, qh) in q.chunks_exact(head_dim).enumerate() {
+        let out = &mut scores[h * stride..][..n];
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+            *o = scalar::dot(format, qh, row);
+        }
+    }
+}
+
+/// The portable multi-head weighted sums: head by head, row by row.
+#[allow(clippy::too_many_arguments)]
+fn axpy_heads_scalar(
+    format: RowFormat,
+    head_dim: usize,
+    weights: &[f32],
+    stride: usize,
+    rows: &[u8],
+    rb: usize,
+    n: usize,
+    acc: &mut [f32],
+) {
+    for (h, ah) in acc.chunks_exact_mut(head_dim).enumerate() {
+        let w = &weights[h * stride..][..n];
+        for (&wr, row) in w.iter().zip(rows.chunks_exact(rb)) {
+            scalar::axpy(format, wr, row, ah);
+        }
+    }
+}
+
+/// The portable KIVI scores: head by head.
+fn kivi_heads_scalar(
+    format: KiviKeyFormat,
+    head_dim: usize,
+    q: &[f32],
+    block: &[u8],
+    n: usize,
+    scores: &mut [f32],
+    stride: usize,
+) {
+    for (h, qh) in q.chunks_exact(head_dim).enumerate() {
+        crate::kivi::scores_reference(format, qh, block, &mut scores[h * stride..][..n]);
+    }
+}
+
+kernel!(DotHeads {
+    format: RowFormat, head_dim: usize, q: &'a [f32], rows: &'a [u8], rb: usize, n: usize,
+    scores: &'a mut [f32], stride: usize, ahead: &'a [u8],
+} -> ();
+    // The portable kernels leave prefetching to the hardware.
+    scalar => {
+        let _ = ahead;
+        dot_heads_scalar(format, head_dim, q, rows, rb, n, scores, stride)
+    };
+    // `n` is implied by `rows` and `rb` for the SIMD kernels.
+    simd(s) => per_width!(
+        s,
+        { let _ = n; crate::x86::avx2::dot_heads(format, head_dim, q, rows, rb, scores, stride, ahead) },
+        crate::x86::avx512::dot_heads(format, head_dim, q, rows, rb, scores, stride, ahead),
+        else dot_heads_scalar(format, head_dim, q, rows, rb, n, scores, stride)
+    );
+);
+
+kernel!(AxpyHeads {
+    format: RowFormat, head_dim: usize, weights: &'a [f32], stride: usize, rows: &'a [u8],
+    rb: usize, n: usize, acc: &'a mut [f32], ahead: &'a [u8],
+} -> ();
+    scalar => {
+        let _ = ahead;
+        axpy_heads_scalar(format, head_dim, weights, stride, rows, rb, n, acc)
+    };
+    simd(s) => per_width!(
+        s,
+        { let _ = n; crate::x86::avx2::axpy_heads(format, head_dim, weights, stride, rows, rb, acc, ahead) },
+        crate::x86::avx512::axpy_heads(format, head_dim, weights, stride, rows, rb, acc, ahead),
+        else axpy_heads_scalar(format, head_dim, weights, stride, rows, rb, n, acc)
+    );
+);
+
+kernel!(KiviScores { format: KiviKeyFormat, q: &'a [f32], block: &'a [u8], out: &'a mut [f32] } -> ();
+    scalar => crate::kivi::scores_reference(format, q, block, out);
+    simd(s) => per_width!(
+        s,
+        crate::x86::avx2::kivi_scores(format.bits, q, block, out),
+        crate::x86::avx512::kivi_scores(format.bits, q, block, out),
+        else crate::kivi::scores_reference(format, q, block, out)
+    );
+);
+
+kernel!(KiviScoresHeads {
+    format: KiviKeyFormat, head_dim: usize, q: &'a [f32], block: &'a [u8], n: usize,
+    scores: &'a mut [f32], stride: usize,
+} -> ();
+    scalar => kivi_heads_scalar(format, head_dim, q, block, n, scores, stride);
+    simd(s) => per_width!(
+        s,
+        crate::x86::avx2::kivi_scores_heads(format.bits, head_dim, q, block, n, scores, stride),
+        crate::x86::avx512::kivi_scores_heads(format.bits, head_dim, q, block, n, scores, stride),
+        else kivi_heads_scalar(format, head_dim, q, block, n, scores, stride)
+    );
+);
 
 /// Checks the shape of a multi-head call: `per_head_len` is whole rows of `head_dim`,
 /// `rows` whole stored rows, `stride` at least their number. Returns (row bytes, heads,

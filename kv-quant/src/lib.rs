@@ -11,6 +11,9 @@
 //!
 //! Every kernel has a scalar reference and, on x86-64, AVX2 and AVX-512 versions chosen at
 //! run time ([`Isa`], [`Kernels`]); tests hold every level the CPU has to the reference.
+//! The crate also holds the workspace's one SIMD layer ([`simd`]): CPU detection and the
+//! `KV_ISA` switch, the level tokens, the width-generic [`simd::Simd`] operations and the
+//! helpers (reductions, prefetching) that kv-backend-cpu and kv-model build their kernels on.
 //! Error bounds of every format are derived in [`layout`] and checked by property tests.
 //!
 //! The crate never depends on candle or any tensor library: plain slices in, plain slices
@@ -37,11 +40,14 @@
 mod error;
 mod format;
 mod hadamard;
-#[allow(unsafe_code)] // dispatch into the SIMD kernels; see `Kernels`'s invariant
+#[allow(unsafe_code)] // calls into the per-width kernels of `x86`, with a level token
 mod kernels;
 pub mod kivi;
 pub mod layout;
+mod rows;
 mod scalar;
+#[allow(unsafe_code)] // the level tokens and their target-feature entry points
+pub mod simd;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)] // the SIMD kernels; see the module docs for the layering
 mod x86;
@@ -49,5 +55,6 @@ mod x86;
 pub use error::{QuantError, Result};
 pub use format::{Group, RowFormat};
 pub use hadamard::hadamard_in_place;
-pub use kernels::{Isa, Kernels};
+pub use kernels::Kernels;
 pub use kivi::{KiviBits, KiviKeyFormat};
+pub use simd::Isa;

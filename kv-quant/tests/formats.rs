@@ -281,7 +281,7 @@ fn unavailable_levels_are_refused() {
     }
     assert!(Isa::best().is_available());
     assert!(Isa::available().contains(&Isa::Scalar));
-    assert!(Isa::available().contains(&Isa::best()) || std::env::var("KV_QUANT_ISA").is_ok());
+    assert!(Isa::available().contains(&Isa::best()) || std::env::var("KV_ISA").is_ok());
 }
 
 #[test]

@@ -16,7 +16,7 @@ use crate::kivi::KiviBits;
 use crate::layout::{asym_params, sym_scale};
 use crate::scalar;
 
-use super::Prefetch;
+use crate::simd::{reduce8_256 as reduce8, Prefetch};
 
 // ---------------------------------------------------------------------------------------
 // Loads, stores and lane conversions. Safe functions: the arrays make every access in
@@ -34,14 +34,6 @@ fn load(a: &[f32; 8]) -> __m256 {
 fn store(a: &mut [f32; 8], v: __m256) {
     // SAFETY: `a` is 8 writable f32; `storeu` has no alignment requirement.
     unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) }
-}
-
-/// 8 little-endian f32 stored as bytes (x86 is little-endian).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn load_f32_bytes(b: &[u8; 32]) -> __m256 {
-    // SAFETY: `b` is 32 readable bytes, exactly 8 f32; `loadu` has no alignment requirement.
-    unsafe { _mm256_loadu_ps(b.as_ptr().cast()) }
 }
 
 #[inline]
@@ -70,14 +62,6 @@ fn store_256(b: &mut [u8; 32], v: __m256i) {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn load_f16(b: &[u8; 16]) -> __m256 {
     _mm256_cvtph_ps(load_128(b))
-}
-
-/// 8 bf16 → 8 f32 (exact: a bf16 is the top half of an f32).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn load_bf16(b: &[u8; 16]) -> __m256 {
-    let wide = _mm256_cvtepu16_epi32(load_128(b));
-    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
 }
 
 /// 8 signed 8-bit codes → f32.
@@ -189,356 +173,6 @@ fn group_params(g: &[u8], asym: bool) -> (__m256, __m256) {
         _mm256_setzero_ps()
     };
     (s, m)
-}
-
-// ---------------------------------------------------------------------------------------
-// Quantized rows: dot, axpy, dequantize.
-//
-// `x̂ = fma(code, s, m)` is `m + s * code` rounded once, exactly the scalar definition (the
-// product is exact), so dequantized values match the reference bit for bit and dot/axpy
-// differ from it only in summation order.
-
-macro_rules! int_row_kernels {
-    ($dot:ident, $axpy:ident, $deq:ident, header = $hb:literal, asym = $asym:literal,
-     bytes_per_8 = $cb:literal, $codes32:ident) => {
-        /// Dot product of `q` with a quantized row of groups of `group` elements.
-        ///
-        /// # Safety
-        /// See the module docs.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $dot(group: usize, q: &[f32], row: &[u8]) -> f32 {
-            let gbytes = $hb + group / 8 * $cb;
-            let z = _mm256_setzero_ps();
-            let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
-            for (qg, rg) in q.chunks_exact(group).zip(row.chunks_exact(gbytes)) {
-                let (s, m) = group_params(rg, $asym);
-                let (q32, _) = qg.as_chunks::<32>();
-                let (c32, _) = rg[$hb..].as_chunks::<{ 4 * $cb }>();
-                for (q32, c32) in q32.iter().zip(c32) {
-                    let (q8, _) = q32.as_chunks::<8>();
-                    let [c0, c1, c2, c3] = $codes32(c32);
-                    a0 = _mm256_fmadd_ps(load(&q8[0]), _mm256_fmadd_ps(c0, s, m), a0);
-                    a1 = _mm256_fmadd_ps(load(&q8[1]), _mm256_fmadd_ps(c1, s, m), a1);
-                    a2 = _mm256_fmadd_ps(load(&q8[2]), _mm256_fmadd_ps(c2, s, m), a2);
-                    a3 = _mm256_fmadd_ps(load(&q8[3]), _mm256_fmadd_ps(c3, s, m), a3);
-                }
-            }
-            hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)))
-        }
-
-        /// `acc += w * x̂` for a quantized row.
-        ///
-        /// # Safety
-        /// See the module docs.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $axpy(group: usize, w: f32, row: &[u8], acc: &mut [f32]) {
-            let gbytes = $hb + group / 8 * $cb;
-            let wv = _mm256_set1_ps(w);
-            for (ag, rg) in acc.chunks_exact_mut(group).zip(row.chunks_exact(gbytes)) {
-                let (s, m) = group_params(rg, $asym);
-                let (a32, _) = ag.as_chunks_mut::<32>();
-                let (c32, _) = rg[$hb..].as_chunks::<{ 4 * $cb }>();
-                for (a32, c32) in a32.iter_mut().zip(c32) {
-                    let (a8, _) = a32.as_chunks_mut::<8>();
-                    for (a, c) in a8.iter_mut().zip($codes32(c32)) {
-                        let x = _mm256_fmadd_ps(c, s, m);
-                        store(a, _mm256_fmadd_ps(wv, x, load(a)));
-                    }
-                }
-            }
-        }
-
-        /// `out = x̂` for a quantized row.
-        ///
-        /// # Safety
-        /// See the module docs.
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $deq(group: usize, row: &[u8], out: &mut [f32]) {
-            let gbytes = $hb + group / 8 * $cb;
-            for (og, rg) in out.chunks_exact_mut(group).zip(row.chunks_exact(gbytes)) {
-                let (s, m) = group_params(rg, $asym);
-                let (o32, _) = og.as_chunks_mut::<32>();
-                let (c32, _) = rg[$hb..].as_chunks::<{ 4 * $cb }>();
-                for (o32, c32) in o32.iter_mut().zip(c32) {
-                    let (o8, _) = o32.as_chunks_mut::<8>();
-                    for (o, c) in o8.iter_mut().zip($codes32(c32)) {
-                        store(o, _mm256_fmadd_ps(c, s, m));
-                    }
-                }
-            }
-        }
-    };
-}
-
-int_row_kernels!(
-    dot_i8,
-    axpy_i8,
-    deq_i8,
-    header = 2,
-    asym = false,
-    bytes_per_8 = 8,
-    codes_i8_x32
-);
-int_row_kernels!(
-    dot_u4,
-    axpy_u4,
-    deq_u4,
-    header = 4,
-    asym = true,
-    bytes_per_8 = 4,
-    codes_u4_x32
-);
-int_row_kernels!(
-    dot_u2,
-    axpy_u2,
-    deq_u2,
-    header = 4,
-    asym = true,
-    bytes_per_8 = 2,
-    codes_u2_x32
-);
-
-// ---------------------------------------------------------------------------------------
-// Float rows (any head_dim: 32-element steps, then 8, then a scalar tail).
-
-macro_rules! float_row_kernels {
-    ($dot:ident, $axpy:ident, $deq:ident, width = $w:literal, $load:ident, $at:path) => {
-        /// Dot product of `q` with a float row.
-        ///
-        /// # Safety
-        /// See the module docs.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $dot(q: &[f32], row: &[u8]) -> f32 {
-            let z = _mm256_setzero_ps();
-            let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
-            let (q32, qt) = q.as_chunks::<32>();
-            let (r32, rt) = row.as_chunks::<{ 32 * $w }>();
-            for (q32, r32) in q32.iter().zip(r32) {
-                let (q8, _) = q32.as_chunks::<8>();
-                let (r8, _) = r32.as_chunks::<{ 8 * $w }>();
-                a0 = _mm256_fmadd_ps(load(&q8[0]), $load(&r8[0]), a0);
-                a1 = _mm256_fmadd_ps(load(&q8[1]), $load(&r8[1]), a1);
-                a2 = _mm256_fmadd_ps(load(&q8[2]), $load(&r8[2]), a2);
-                a3 = _mm256_fmadd_ps(load(&q8[3]), $load(&r8[3]), a3);
-            }
-            let (q8, qt) = qt.as_chunks::<8>();
-            let (r8, rt8) = rt.as_chunks::<{ 8 * $w }>();
-            for (q8, r8) in q8.iter().zip(r8) {
-                a0 = _mm256_fmadd_ps(load(q8), $load(r8), a0);
-            }
-            let mut sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-            for (&qi, b) in qt.iter().zip(rt8.chunks_exact($w)) {
-                sum += qi * $at(b);
-            }
-            sum
-        }
-
-        /// `acc += w * x` for a float row.
-        ///
-        /// # Safety
-        /// See the module docs.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $axpy(w: f32, row: &[u8], acc: &mut [f32]) {
-            let wv = _mm256_set1_ps(w);
-            let (a8, at) = acc.as_chunks_mut::<8>();
-            let (r8, rt) = row.as_chunks::<{ 8 * $w }>();
-            for (a, r) in a8.iter_mut().zip(r8) {
-                store(a, _mm256_fmadd_ps(wv, $load(r), load(a)));
-            }
-            for (a, b) in at.iter_mut().zip(rt.chunks_exact($w)) {
-                *a += w * $at(b);
-            }
-        }
-
-        /// `out = x` for a float row.
-        ///
-        /// # Safety
-        /// See the module docs.
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $deq(row: &[u8], out: &mut [f32]) {
-            let (o8, ot) = out.as_chunks_mut::<8>();
-            let (r8, rt) = row.as_chunks::<{ 8 * $w }>();
-            for (o, r) in o8.iter_mut().zip(r8) {
-                store(o, $load(r));
-            }
-            for (o, b) in ot.iter_mut().zip(rt.chunks_exact($w)) {
-                *o = $at(b);
-            }
-        }
-    };
-}
-
-float_row_kernels!(
-    dot_f32,
-    axpy_f32,
-    deq_f32,
-    width = 4,
-    load_f32_bytes,
-    scalar::f32_at
-);
-float_row_kernels!(
-    dot_f16,
-    axpy_f16,
-    deq_f16,
-    width = 2,
-    load_f16,
-    scalar::f16_at
-);
-float_row_kernels!(
-    dot_bf16,
-    axpy_bf16,
-    deq_bf16,
-    width = 2,
-    load_bf16,
-    scalar::bf16_at
-);
-
-/// `q · x̂` for any row format.
-///
-/// # Safety
-/// See the module docs.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot(format: RowFormat, q: &[f32], row: &[u8]) -> f32 {
-    // SAFETY: every arm calls a kernel with this function's own contract (features, lengths).
-    unsafe {
-        match format {
-            RowFormat::F32 => dot_f32(q, row),
-            RowFormat::F16 => dot_f16(q, row),
-            RowFormat::Bf16 => dot_bf16(q, row),
-            RowFormat::Int8 { group } => dot_i8(group.size(), q, row),
-            RowFormat::Int4 { group } => dot_u4(group.size(), q, row),
-            RowFormat::Int2 { group } => dot_u2(group.size(), q, row),
-        }
-    }
-}
-
-/// `acc += w * x̂` for any row format.
-///
-/// # Safety
-/// See the module docs.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn axpy(format: RowFormat, w: f32, row: &[u8], acc: &mut [f32]) {
-    // SAFETY: every arm calls a kernel with this function's own contract (features, lengths).
-    unsafe {
-        match format {
-            RowFormat::F32 => axpy_f32(w, row, acc),
-            RowFormat::F16 => axpy_f16(w, row, acc),
-            RowFormat::Bf16 => axpy_bf16(w, row, acc),
-            RowFormat::Int8 { group } => axpy_i8(group.size(), w, row, acc),
-            RowFormat::Int4 { group } => axpy_u4(group.size(), w, row, acc),
-            RowFormat::Int2 { group } => axpy_u2(group.size(), w, row, acc),
-        }
-    }
-}
-
-/// Scores of `q` against every row of `rows` (`out.len()` rows of `rb` bytes).
-///
-/// # Safety
-/// See the module docs; `rows.len() == out.len() * rb`, `rb = format.row_bytes(q.len())`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_many(
-    format: RowFormat,
-    q: &[f32],
-    rows: &[u8],
-    rb: usize,
-    out: &mut [f32],
-) {
-    let rows = rows.chunks_exact(rb);
-    macro_rules! each {
-        ($kernel:expr) => {
-            for (o, row) in out.iter_mut().zip(rows) {
-                *o = $kernel(row);
-            }
-        };
-    }
-    // SAFETY: every arm calls a kernel with this function's own contract (features,
-    // lengths); each row has exactly `row_bytes(q.len())` bytes.
-    unsafe {
-        match format {
-            RowFormat::F32 => each!(|r| dot_f32(q, r)),
-            RowFormat::F16 => each!(|r| dot_f16(q, r)),
-            RowFormat::Bf16 => each!(|r| dot_bf16(q, r)),
-            RowFormat::Int8 { group } => each!(|r| dot_i8(group.size(), q, r)),
-            RowFormat::Int4 { group } => each!(|r| dot_u4(group.size(), q, r)),
-            RowFormat::Int2 { group } => each!(|r| dot_u2(group.size(), q, r)),
-        }
-    }
-}
-
-/// `acc += sum_t weights[t] * x̂_t` over `weights.len()` rows of `rb` bytes.
-///
-/// # Safety
-/// See the module docs; `rows.len() == weights.len() * rb`, `rb = format.row_bytes(acc.len())`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn axpy_many(
-    format: RowFormat,
-    weights: &[f32],
-    rows: &[u8],
-    rb: usize,
-    acc: &mut [f32],
-) {
-    let rows = rows.chunks_exact(rb);
-    macro_rules! each {
-        ($kernel:expr) => {
-            for (&w, row) in weights.iter().zip(rows) {
-                $kernel(w, row);
-            }
-        };
-    }
-    // SAFETY: every arm calls a kernel with this function's own contract (features,
-    // lengths); each row has exactly `row_bytes(acc.len())` bytes.
-    unsafe {
-        match format {
-            RowFormat::F32 => each!(|w, r| axpy_f32(w, r, acc)),
-            RowFormat::F16 => each!(|w, r| axpy_f16(w, r, acc)),
-            RowFormat::Bf16 => each!(|w, r| axpy_bf16(w, r, acc)),
-            RowFormat::Int8 { group } => each!(|w, r| axpy_i8(group.size(), w, r, acc)),
-            RowFormat::Int4 { group } => each!(|w, r| axpy_u4(group.size(), w, r, acc)),
-            RowFormat::Int2 { group } => each!(|w, r| axpy_u2(group.size(), w, r, acc)),
-        }
-    }
-}
-
-/// `out = x̂` for any row format.
-///
-/// # Safety
-/// See the module docs.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dequantize(format: RowFormat, row: &[u8], out: &mut [f32]) {
-    // SAFETY: every arm calls a kernel with this function's own contract (features, lengths).
-    unsafe {
-        match format {
-            RowFormat::F32 => deq_f32(row, out),
-            RowFormat::F16 => deq_f16(row, out),
-            RowFormat::Bf16 => deq_bf16(row, out),
-            RowFormat::Int8 { group } => deq_i8(group.size(), row, out),
-            RowFormat::Int4 { group } => deq_u4(group.size(), row, out),
-            RowFormat::Int2 { group } => deq_u2(group.size(), row, out),
-        }
-    }
-}
-
-/// `out[r] = x̂[r]` for consecutive rows of `row_bytes` each, `out` holding rows of `d`:
-/// one call (and one feature check by the caller) for a whole tile.
-///
-/// # Safety
-/// See the module docs; `rows.len() / row_bytes == out.len() / d` rows of matching sizes.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dequantize_rows(
-    format: RowFormat,
-    rows: &[u8],
-    row_bytes: usize,
-    out: &mut [f32],
-    d: usize,
-) {
-    for (row, dst) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(d)) {
-        // SAFETY: this function's own contract; each row and output has the checked sizes.
-        unsafe { dequantize(format, row, dst) }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -898,22 +532,6 @@ pub(crate) unsafe fn kivi_scores(bits: KiviBits, q: &[f32], block: &[u8], out: &
 /// Heads one pass over a run of rows serves; more heads take further passes.
 const HEAD_BLOCK: usize = 4;
 
-/// Lane `p` of the result is the sum of the eight lanes of `a[p]`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn reduce8(a: &[__m256; 8]) -> __m256 {
-    // hadd(x, y) = [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7].
-    let t0 = _mm256_hadd_ps(a[0], a[1]);
-    let t1 = _mm256_hadd_ps(a[2], a[3]);
-    let t2 = _mm256_hadd_ps(a[4], a[5]);
-    let t3 = _mm256_hadd_ps(a[6], a[7]);
-    let u0 = _mm256_hadd_ps(t0, t1);
-    let u1 = _mm256_hadd_ps(t2, t3);
-    let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
-    let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
-    _mm256_add_ps(lo, hi)
-}
-
 /// The eight sums of [`reduce8`] as plain floats, lane `p` for `a[p]`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1149,13 +767,15 @@ pub(crate) unsafe fn dot_heads(
     stride: usize,
     ahead: &[u8],
 ) {
+    // SAFETY: this function's contract: the CPU has AVX2, FMA and F16C.
+    let t = unsafe { crate::simd::V256::new_unchecked() };
     let heads = q.len() / d;
     let n = rows.len() / rb;
     let mut h0 = 0;
     while h0 < heads {
         let hb = (heads - h0).min(HEAD_BLOCK);
         // The first block of heads reads every row: it prefetches the next ones.
-        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[] });
+        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[][..] });
         let qb = &q[h0 * d..(h0 + hb) * d];
         let sb = &mut scores[h0 * stride..];
         // Compile-time group size and row length for the common head dims (64, 128),
@@ -1192,7 +812,7 @@ pub(crate) unsafe fn dot_heads(
                 _ => {
                     for h in 0..hb {
                         let out = &mut sb[h * stride..][..n];
-                        dot_many(format, &qb[h * d..][..d], rows, rb, out);
+                        crate::rows::dot_many(t, format, &qb[h * d..][..d], rows, rb, out);
                     }
                 }
             }
@@ -1220,13 +840,15 @@ pub(crate) unsafe fn axpy_heads(
     acc: &mut [f32],
     ahead: &[u8],
 ) {
+    // SAFETY: this function's contract: the CPU has AVX2, FMA and F16C.
+    let t = unsafe { crate::simd::V256::new_unchecked() };
     let heads = acc.len() / d;
     let n = rows.len() / rb;
     let mut h0 = 0;
     while h0 < heads {
         let hb = (heads - h0).min(HEAD_BLOCK);
         // The first block of heads reads every row: it prefetches the next ones.
-        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[] });
+        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[][..] });
         let wb = &w[h0 * stride..];
         let ab = &mut acc[h0 * d..(h0 + hb) * d];
         macro_rules! blocks {
@@ -1248,7 +870,8 @@ pub(crate) unsafe fn axpy_heads(
                 RowFormat::Int2 { group } => blocks!(accumulate_heads_u2, group.size()),
                 _ => {
                     for h in 0..hb {
-                        axpy_many(
+                        crate::rows::axpy_many(
+                            t,
                             format,
                             &wb[h * stride..][..n],
                             rows,

@@ -13,12 +13,11 @@ use core::arch::x86_64::*;
 
 use crate::format::RowFormat;
 use crate::kivi::KiviBits;
-use crate::scalar;
 
-use super::Prefetch;
+use crate::simd::{reduce16_512 as reduce16, reduce8_512 as reduce8, Prefetch};
 
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn load(a: &[f32; 16]) -> __m512 {
     // SAFETY: `a` is 16 readable f32; `loadu` has no alignment requirement.
     unsafe { _mm512_loadu_ps(a.as_ptr()) }
@@ -27,7 +26,7 @@ fn load(a: &[f32; 16]) -> __m512 {
 /// `a + q . x` over one 32-value chunk (2 vectors): a head's share of a chunk of codes
 /// that every head of the group reads.
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn fma_x32(a: __m512, q: &[[f32; 16]], x: &[__m512; 2]) -> __m512 {
     let mut a = a;
     for (q, x) in q[..2].iter().zip(x) {
@@ -37,21 +36,14 @@ fn fma_x32(a: __m512, q: &[[f32; 16]], x: &[__m512; 2]) -> __m512 {
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn store(a: &mut [f32; 16], v: __m512) {
     // SAFETY: `a` is 16 writable f32; `storeu` has no alignment requirement.
     unsafe { _mm512_storeu_ps(a.as_mut_ptr(), v) }
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn load_f32_bytes(b: &[u8; 64]) -> __m512 {
-    // SAFETY: `b` is 64 readable bytes, exactly 16 f32; `loadu` has no alignment requirement.
-    unsafe { _mm512_loadu_ps(b.as_ptr().cast()) }
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn load_256(b: &[u8; 32]) -> __m256i {
     // SAFETY: `b` is 32 readable bytes; `loadu` has no alignment requirement.
     unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
@@ -59,31 +51,14 @@ fn load_256(b: &[u8; 32]) -> __m256i {
 
 /// 16 f16 → f32 (exact).
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn load_f16(b: &[u8; 32]) -> __m512 {
     _mm512_cvtph_ps(load_256(b))
 }
 
-/// 16 bf16 → f32 (exact).
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn load_bf16(b: &[u8; 32]) -> __m512 {
-    let wide = _mm512_cvtepu16_epi32(load_256(b));
-    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
-}
-
-/// 16 signed 8-bit codes → f32.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn codes_i8(b: &[u8; 16]) -> __m512 {
-    let v = u128::from_le_bytes(*b);
-    let v = _mm_set_epi64x((v >> 64) as i64, v as i64);
-    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v))
-}
-
 /// 16 4-bit codes (8 bytes, low nibble first) → f32.
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn codes_u4(b: &[u8; 8]) -> __m512 {
     let v = _mm_cvtsi64_si128(i64::from_le_bytes(*b));
     let dup = _mm_shuffle_epi8(
@@ -98,7 +73,7 @@ fn codes_u4(b: &[u8; 8]) -> __m512 {
 
 /// 16 2-bit codes (4 bytes, low bits first) → f32.
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn codes_u2(b: &[u8; 4]) -> __m512 {
     let v = _mm_cvtsi32_si128(i32::from_le_bytes(*b));
     let dup = _mm_shuffle_epi8(
@@ -114,7 +89,7 @@ fn codes_u2(b: &[u8; 4]) -> __m512 {
 /// Scale and minimum of a quantized group (minimum 0 for the symmetric header), converted
 /// with F16C and broadcast.
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn group_params(g: &[u8], asym: bool) -> (__m512, __m512) {
     // Lanes 0 and 1: scale and minimum (for INT8, lane 1 is code bytes and unused).
     let header = _mm_cvtsi32_si128(i32::from_le_bytes([g[0], g[1], g[2], g[3]]));
@@ -128,337 +103,9 @@ fn group_params(g: &[u8], asym: bool) -> (__m512, __m512) {
     (s, m)
 }
 
-macro_rules! int_row_kernels {
-    ($dot:ident, $axpy:ident, $deq:ident, header = $hb:literal, asym = $asym:literal,
-     bytes_per_16 = $cb:literal, $codes:ident) => {
-        /// Dot product of `q` with a quantized row of groups of `group` elements.
-        ///
-        /// # Safety
-        /// See the module docs.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn $dot(group: usize, q: &[f32], row: &[u8]) -> f32 {
-            let gbytes = $hb + group / 16 * $cb;
-            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            for (qg, rg) in q.chunks_exact(group).zip(row.chunks_exact(gbytes)) {
-                let (s, m) = group_params(rg, $asym);
-                let (q32, _) = qg.as_chunks::<32>();
-                let (c32, _) = rg[$hb..].as_chunks::<{ 2 * $cb }>();
-                for (q32, c32) in q32.iter().zip(c32) {
-                    let (q16, _) = q32.as_chunks::<16>();
-                    let (c16, _) = c32.as_chunks::<$cb>();
-                    a0 = _mm512_fmadd_ps(load(&q16[0]), _mm512_fmadd_ps($codes(&c16[0]), s, m), a0);
-                    a1 = _mm512_fmadd_ps(load(&q16[1]), _mm512_fmadd_ps($codes(&c16[1]), s, m), a1);
-                }
-            }
-            _mm512_reduce_add_ps(_mm512_add_ps(a0, a1))
-        }
-
-        /// `acc += w * x̂` for a quantized row.
-        ///
-        /// # Safety
-        /// See the module docs.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn $axpy(group: usize, w: f32, row: &[u8], acc: &mut [f32]) {
-            let gbytes = $hb + group / 16 * $cb;
-            let wv = _mm512_set1_ps(w);
-            for (ag, rg) in acc.chunks_exact_mut(group).zip(row.chunks_exact(gbytes)) {
-                let (s, m) = group_params(rg, $asym);
-                let (a16, _) = ag.as_chunks_mut::<16>();
-                let (c16, _) = rg[$hb..].as_chunks::<$cb>();
-                for (a, c) in a16.iter_mut().zip(c16) {
-                    let x = _mm512_fmadd_ps($codes(c), s, m);
-                    store(a, _mm512_fmadd_ps(wv, x, load(a)));
-                }
-            }
-        }
-
-        /// `out = x̂` for a quantized row.
-        ///
-        /// # Safety
-        /// See the module docs.
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn $deq(group: usize, row: &[u8], out: &mut [f32]) {
-            let gbytes = $hb + group / 16 * $cb;
-            for (og, rg) in out.chunks_exact_mut(group).zip(row.chunks_exact(gbytes)) {
-                let (s, m) = group_params(rg, $asym);
-                let (o16, _) = og.as_chunks_mut::<16>();
-                let (c16, _) = rg[$hb..].as_chunks::<$cb>();
-                for (o, c) in o16.iter_mut().zip(c16) {
-                    store(o, _mm512_fmadd_ps($codes(c), s, m));
-                }
-            }
-        }
-    };
-}
-
-int_row_kernels!(
-    dot_i8,
-    axpy_i8,
-    deq_i8,
-    header = 2,
-    asym = false,
-    bytes_per_16 = 16,
-    codes_i8
-);
-int_row_kernels!(
-    dot_u4,
-    axpy_u4,
-    deq_u4,
-    header = 4,
-    asym = true,
-    bytes_per_16 = 8,
-    codes_u4
-);
-int_row_kernels!(
-    dot_u2,
-    axpy_u2,
-    deq_u2,
-    header = 4,
-    asym = true,
-    bytes_per_16 = 4,
-    codes_u2
-);
-
-macro_rules! float_row_kernels {
-    ($dot:ident, $axpy:ident, $deq:ident, width = $w:literal, $load:ident, $at:path) => {
-        /// Dot product of `q` with a float row (16-element steps, scalar tail).
-        ///
-        /// # Safety
-        /// See the module docs.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn $dot(q: &[f32], row: &[u8]) -> f32 {
-            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            let (q32, qt) = q.as_chunks::<32>();
-            let (r32, rt) = row.as_chunks::<{ 32 * $w }>();
-            for (q32, r32) in q32.iter().zip(r32) {
-                let (q16, _) = q32.as_chunks::<16>();
-                let (r16, _) = r32.as_chunks::<{ 16 * $w }>();
-                a0 = _mm512_fmadd_ps(load(&q16[0]), $load(&r16[0]), a0);
-                a1 = _mm512_fmadd_ps(load(&q16[1]), $load(&r16[1]), a1);
-            }
-            let (q16, qt) = qt.as_chunks::<16>();
-            let (r16, rt16) = rt.as_chunks::<{ 16 * $w }>();
-            for (q16, r16) in q16.iter().zip(r16) {
-                a0 = _mm512_fmadd_ps(load(q16), $load(r16), a0);
-            }
-            let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-            for (&qi, b) in qt.iter().zip(rt16.chunks_exact($w)) {
-                sum += qi * $at(b);
-            }
-            sum
-        }
-
-        /// `acc += w * x` for a float row.
-        ///
-        /// # Safety
-        /// See the module docs.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn $axpy(w: f32, row: &[u8], acc: &mut [f32]) {
-            let wv = _mm512_set1_ps(w);
-            let (a16, at) = acc.as_chunks_mut::<16>();
-            let (r16, rt) = row.as_chunks::<{ 16 * $w }>();
-            for (a, r) in a16.iter_mut().zip(r16) {
-                store(a, _mm512_fmadd_ps(wv, $load(r), load(a)));
-            }
-            for (a, b) in at.iter_mut().zip(rt.chunks_exact($w)) {
-                *a += w * $at(b);
-            }
-        }
-
-        /// `out = x` for a float row.
-        ///
-        /// # Safety
-        /// See the module docs.
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn $deq(row: &[u8], out: &mut [f32]) {
-            let (o16, ot) = out.as_chunks_mut::<16>();
-            let (r16, rt) = row.as_chunks::<{ 16 * $w }>();
-            for (o, r) in o16.iter_mut().zip(r16) {
-                store(o, $load(r));
-            }
-            for (o, b) in ot.iter_mut().zip(rt.chunks_exact($w)) {
-                *o = $at(b);
-            }
-        }
-    };
-}
-
-float_row_kernels!(
-    dot_f32,
-    axpy_f32,
-    deq_f32,
-    width = 4,
-    load_f32_bytes,
-    scalar::f32_at
-);
-float_row_kernels!(
-    dot_f16,
-    axpy_f16,
-    deq_f16,
-    width = 2,
-    load_f16,
-    scalar::f16_at
-);
-float_row_kernels!(
-    dot_bf16,
-    axpy_bf16,
-    deq_bf16,
-    width = 2,
-    load_bf16,
-    scalar::bf16_at
-);
-
-/// `q · x̂` for any row format.
-///
-/// # Safety
-/// See the module docs.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(crate) unsafe fn dot(format: RowFormat, q: &[f32], row: &[u8]) -> f32 {
-    // SAFETY: every arm calls a kernel with this function's own contract (features, lengths).
-    unsafe {
-        match format {
-            RowFormat::F32 => dot_f32(q, row),
-            RowFormat::F16 => dot_f16(q, row),
-            RowFormat::Bf16 => dot_bf16(q, row),
-            RowFormat::Int8 { group } => dot_i8(group.size(), q, row),
-            RowFormat::Int4 { group } => dot_u4(group.size(), q, row),
-            RowFormat::Int2 { group } => dot_u2(group.size(), q, row),
-        }
-    }
-}
-
-/// `acc += w * x̂` for any row format.
-///
-/// # Safety
-/// See the module docs.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(crate) unsafe fn axpy(format: RowFormat, w: f32, row: &[u8], acc: &mut [f32]) {
-    // SAFETY: every arm calls a kernel with this function's own contract (features, lengths).
-    unsafe {
-        match format {
-            RowFormat::F32 => axpy_f32(w, row, acc),
-            RowFormat::F16 => axpy_f16(w, row, acc),
-            RowFormat::Bf16 => axpy_bf16(w, row, acc),
-            RowFormat::Int8 { group } => axpy_i8(group.size(), w, row, acc),
-            RowFormat::Int4 { group } => axpy_u4(group.size(), w, row, acc),
-            RowFormat::Int2 { group } => axpy_u2(group.size(), w, row, acc),
-        }
-    }
-}
-
-/// Scores of `q` against every row of `rows` (`out.len()` rows of `rb` bytes).
-///
-/// # Safety
-/// See the module docs; `rows.len() == out.len() * rb`, `rb = format.row_bytes(q.len())`.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(crate) unsafe fn dot_many(
-    format: RowFormat,
-    q: &[f32],
-    rows: &[u8],
-    rb: usize,
-    out: &mut [f32],
-) {
-    let rows = rows.chunks_exact(rb);
-    macro_rules! each {
-        ($kernel:expr) => {
-            for (o, row) in out.iter_mut().zip(rows) {
-                *o = $kernel(row);
-            }
-        };
-    }
-    // SAFETY: every arm calls a kernel with this function's own contract (features,
-    // lengths); each row has exactly `row_bytes(q.len())` bytes.
-    unsafe {
-        match format {
-            RowFormat::F32 => each!(|r| dot_f32(q, r)),
-            RowFormat::F16 => each!(|r| dot_f16(q, r)),
-            RowFormat::Bf16 => each!(|r| dot_bf16(q, r)),
-            RowFormat::Int8 { group } => each!(|r| dot_i8(group.size(), q, r)),
-            RowFormat::Int4 { group } => each!(|r| dot_u4(group.size(), q, r)),
-            RowFormat::Int2 { group } => each!(|r| dot_u2(group.size(), q, r)),
-        }
-    }
-}
-
-/// `acc += sum_t weights[t] * x̂_t` over `weights.len()` rows of `rb` bytes.
-///
-/// # Safety
-/// See the module docs; `rows.len() == weights.len() * rb`, `rb = format.row_bytes(acc.len())`.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(crate) unsafe fn axpy_many(
-    format: RowFormat,
-    weights: &[f32],
-    rows: &[u8],
-    rb: usize,
-    acc: &mut [f32],
-) {
-    let rows = rows.chunks_exact(rb);
-    macro_rules! each {
-        ($kernel:expr) => {
-            for (&w, row) in weights.iter().zip(rows) {
-                $kernel(w, row);
-            }
-        };
-    }
-    // SAFETY: every arm calls a kernel with this function's own contract (features,
-    // lengths); each row has exactly `row_bytes(acc.len())` bytes.
-    unsafe {
-        match format {
-            RowFormat::F32 => each!(|w, r| axpy_f32(w, r, acc)),
-            RowFormat::F16 => each!(|w, r| axpy_f16(w, r, acc)),
-            RowFormat::Bf16 => each!(|w, r| axpy_bf16(w, r, acc)),
-            RowFormat::Int8 { group } => each!(|w, r| axpy_i8(group.size(), w, r, acc)),
-            RowFormat::Int4 { group } => each!(|w, r| axpy_u4(group.size(), w, r, acc)),
-            RowFormat::Int2 { group } => each!(|w, r| axpy_u2(group.size(), w, r, acc)),
-        }
-    }
-}
-
-/// `out = x̂` for any row format.
-///
-/// # Safety
-/// See the module docs.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(crate) unsafe fn dequantize(format: RowFormat, row: &[u8], out: &mut [f32]) {
-    // SAFETY: every arm calls a kernel with this function's own contract (features, lengths).
-    unsafe {
-        match format {
-            RowFormat::F32 => deq_f32(row, out),
-            RowFormat::F16 => deq_f16(row, out),
-            RowFormat::Bf16 => deq_bf16(row, out),
-            RowFormat::Int8 { group } => deq_i8(group.size(), row, out),
-            RowFormat::Int4 { group } => deq_u4(group.size(), row, out),
-            RowFormat::Int2 { group } => deq_u2(group.size(), row, out),
-        }
-    }
-}
-
-/// `out[r] = x̂[r]` for consecutive rows of `row_bytes` each, `out` holding rows of `d`:
-/// one call (and one feature check by the caller) for a whole tile.
-///
-/// # Safety
-/// See the module docs; `rows.len() / row_bytes == out.len() / d` rows of matching sizes.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(crate) unsafe fn dequantize_rows(
-    format: RowFormat,
-    rows: &[u8],
-    row_bytes: usize,
-    out: &mut [f32],
-    d: usize,
-) {
-    for (row, dst) in rows.chunks_exact(row_bytes).zip(out.chunks_exact_mut(d)) {
-        // SAFETY: this function's own contract; each row and output has the checked sizes.
-        unsafe { dequantize(format, row, dst) }
-    }
-}
-
 /// `sum qs[i] * code[i]` over 4-bit codes (`qs.len()` a multiple of 32).
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn dot_codes_u4(qs: &[f32], codes: &[u8]) -> f32 {
     let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     for (q32, c16) in qs.as_chunks::<32>().0.iter().zip(codes.as_chunks::<16>().0) {
@@ -472,7 +119,7 @@ fn dot_codes_u4(qs: &[f32], codes: &[u8]) -> f32 {
 
 /// `sum qs[i] * code[i]` over 2-bit codes (`qs.len()` a multiple of 32).
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn dot_codes_u2(qs: &[f32], codes: &[u8]) -> f32 {
     let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     for (q32, c8) in qs.as_chunks::<32>().0.iter().zip(codes.as_chunks::<8>().0) {
@@ -492,7 +139,7 @@ const TILE: usize = 512;
 /// # Safety
 /// See the module docs; additionally `q.len()` is a multiple of 32 and `block` has
 /// `4 q.len() + out.len() q.len() bits / 8` bytes.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 pub(crate) unsafe fn kivi_scores(bits: KiviBits, q: &[f32], block: &[u8], out: &mut [f32]) {
     let d = q.len();
     let nbits = bits.bits();
@@ -540,7 +187,7 @@ const HEAD_BLOCK: usize = 4;
 const SPLIT_MAX: usize = 128;
 
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn load_128(b: &[u8; 16]) -> __m128i {
     // SAFETY: `b` is 16 readable bytes; `loadu` has no alignment requirement.
     unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
@@ -548,7 +195,7 @@ fn load_128(b: &[u8; 16]) -> __m128i {
 
 /// Two vectors of 16 unsigned byte codes → 2 x 16 f32.
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn widen_x32(first: __m128i, second: __m128i) -> [__m512; 2] {
     [
         _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(first)),
@@ -558,7 +205,7 @@ fn widen_x32(first: __m128i, second: __m128i) -> [__m512; 2] {
 
 /// 32 signed 8-bit codes → 2 x 16 f32.
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn codes_i8_x32(b: &[u8; 32]) -> [__m512; 2] {
     let (b16, _) = b.as_chunks::<16>();
     [
@@ -570,7 +217,7 @@ fn codes_i8_x32(b: &[u8; 32]) -> [__m512; 2] {
 /// 32 4-bit codes (16 bytes, low nibble first) → 2 x 16 f32, in element order: one load
 /// and byte shuffles for all 32.
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn codes_u4_x32(b: &[u8; 16]) -> [__m512; 2] {
     let v = load_128(b);
     let mask = _mm_set1_epi8(0x0f);
@@ -583,7 +230,7 @@ fn codes_u4_x32(b: &[u8; 16]) -> [__m512; 2] {
 /// widening of the 16 bytes, a mask and a shift. The caller holds its other operand in the
 /// same split order ([`split_even_odd`]), which costs once per call instead of once per row.
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn codes_u4_x32_split(b: &[u8; 16]) -> [__m512; 2] {
     let wide = _mm512_cvtepu8_epi32(load_128(b));
     let even = _mm512_and_si512(wide, _mm512_set1_epi32(0x0f));
@@ -593,7 +240,7 @@ fn codes_u4_x32_split(b: &[u8; 16]) -> [__m512; 2] {
 
 /// 32 elements in order (`a` = 0..16, `b` = 16..32) → [even elements, odd elements].
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn split_even_odd(a: __m512, b: __m512) -> [__m512; 2] {
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
@@ -605,7 +252,7 @@ fn split_even_odd(a: __m512, b: __m512) -> [__m512; 2] {
 
 /// The inverse of [`split_even_odd`]: [even, odd] → 32 elements in order.
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn merge_even_odd(even: __m512, odd: __m512) -> [__m512; 2] {
     let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -618,7 +265,7 @@ fn merge_even_odd(even: __m512, odd: __m512) -> [__m512; 2] {
 /// `out` = `x` with each 32 elements split into even and odd ones ([`split_even_odd`]);
 /// `x.len()` a multiple of 32, `out` at least as long.
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn split_rows(x: &[f32], out: &mut [f32]) {
     let (x32, _) = x.as_chunks::<32>();
     let (o32, _) = out.as_chunks_mut::<32>();
@@ -633,7 +280,7 @@ fn split_rows(x: &[f32], out: &mut [f32]) {
 
 /// 32 2-bit codes (8 bytes, low bits first) → 2 x 16 f32, in element order.
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 fn codes_u2_x32(b: &[u8; 8]) -> [__m512; 2] {
     let v = _mm_cvtsi64_si128(i64::from_le_bytes(*b));
     let mask = _mm_set1_epi8(0x03);
@@ -645,71 +292,6 @@ fn codes_u2_x32(b: &[u8; 8]) -> [__m512; 2] {
     let c01 = _mm_unpacklo_epi8(c0, c1); // pairs (4j, 4j+1)
     let c23 = _mm_unpacklo_epi8(c2, c3); // pairs (4j+2, 4j+3)
     widen_x32(_mm_unpacklo_epi16(c01, c23), _mm_unpackhi_epi16(c01, c23))
-}
-
-/// Per 128-bit lane: `[x0 + x2, y0 + y2, x1 + x3, y1 + y3]`.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn pair(x: __m512, y: __m512) -> __m512 {
-    _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
-}
-
-/// Per 128-bit lane, from two [`pair`]s: the partial sums of their 4 registers, in order.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn quad(xy: __m512, zw: __m512) -> __m512 {
-    let xy = _mm512_castps_pd(xy);
-    let zw = _mm512_castps_pd(zw);
-    _mm512_add_ps(
-        _mm512_castpd_ps(_mm512_unpacklo_pd(xy, zw)),
-        _mm512_castpd_ps(_mm512_unpackhi_pd(xy, zw)),
-    )
-}
-
-/// The horizontal sums of 16 registers, lane `i` = sum of `a[i]`: [`reduce8`]'s tree, its
-/// last steps shared by all 16 (33 instructions instead of 48 for two `reduce8`).
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn reduce16(a: &[__m512; 16]) -> [f32; 16] {
-    let q: [__m512; 4] = core::array::from_fn(|k| {
-        let a = &a[4 * k..][..4];
-        quad(pair(a[0], a[1]), pair(a[2], a[3]))
-    });
-    // 128-bit lanes: halves of the 4 partial sums of two quads.
-    let halves = |x: __m512, y: __m512| {
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
-            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
-        )
-    };
-    let t = halves(halves(q[0], q[1]), halves(q[2], q[3]));
-    let mut lanes = [0.0f32; 16];
-    store(&mut lanes, t);
-    lanes
-}
-
-/// The horizontal sums of 8 registers, lane `i` = sum of `a[i]`: a transposing tree of
-/// adds that keeps 512 bits wide until the last step (24 instructions for all 8, where
-/// halving each to 256 bits first and reducing those takes about 39).
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn reduce8(a: &[__m512; 8]) -> [f32; 8] {
-    let lo = quad(pair(a[0], a[1]), pair(a[2], a[3]));
-    let hi = quad(pair(a[4], a[5]), pair(a[6], a[7]));
-    // 128-bit lanes: [lo0 + lo1, lo2 + lo3, hi0 + hi1, hi2 + hi3].
-    let z = _mm512_add_ps(
-        _mm512_shuffle_f32x4::<0b10_00_10_00>(lo, hi),
-        _mm512_shuffle_f32x4::<0b11_01_11_01>(lo, hi),
-    );
-    // Low 256 bits: [lo total, hi total].
-    let t = _mm512_add_ps(
-        _mm512_shuffle_f32x4::<0b00_00_10_00>(z, z),
-        _mm512_shuffle_f32x4::<0b00_00_11_01>(z, z),
-    );
-    let mut lanes = [0.0f32; 8];
-    // SAFETY: `lanes` is 8 writable f32; `storeu` has no alignment requirement.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm512_castps512_ps256(t)) };
-    lanes
 }
 
 macro_rules! int_heads_kernels {
@@ -725,7 +307,7 @@ macro_rules! int_heads_kernels {
         /// See the module docs; `R * H <= 16`, `q.len() == H * d`, `rows` whole rows of
         /// `rb = row_bytes(d)`, `scores.len() >= (H - 1) * stride + rows`, `stride >= rows`.
         #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn $score<const H: usize, const R: usize, const G: usize, const D: usize>(
             group: usize,
@@ -826,7 +408,7 @@ macro_rules! int_heads_kernels {
         /// `acc.len() == H * d`, `rows` whole rows of `rb = row_bytes(d)`,
         /// `w.len() >= (H - 1) * stride + rows`, `stride >= rows`.
         #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
         #[allow(clippy::too_many_arguments)]
         #[allow(dead_code)] // INT4's in-order instance serves only scores with d > SPLIT_MAX.
         unsafe fn $columns<const H: usize, const C: usize>(
@@ -901,7 +483,7 @@ macro_rules! int_heads_kernels {
         /// rows of `rb = row_bytes(d)`, `w.len() >= (H - 1) * stride + rows`,
         /// `stride >= rows`.
         #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
         #[allow(dead_code)] // INT4's in-order instance serves only scores with d > SPLIT_MAX.
         #[allow(clippy::too_many_arguments)]
         unsafe fn $accumulate<const H: usize>(
@@ -915,7 +497,7 @@ macro_rules! int_heads_kernels {
             pf: &mut Prefetch<'_>,
         ) {
             // The first pass over the rows prefetches, the others find the lines requested.
-            let mut done = Prefetch::new(&[]);
+            let mut done = Prefetch::none();
             let mut c0 = 0;
             while c0 < d {
                 let pf = if c0 == 0 { &mut *pf } else { &mut done };
@@ -983,7 +565,7 @@ int_heads_kernels!(
 /// # Safety
 /// See the module docs; `q.len()` a multiple of `d`, `rb = format.row_bytes(d)`, `rows`
 /// whole rows, `stride >= rows`, `scores.len() >= (heads - 1) * stride + rows`.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn dot_heads(
     format: RowFormat,
@@ -995,13 +577,15 @@ pub(crate) unsafe fn dot_heads(
     stride: usize,
     ahead: &[u8],
 ) {
+    // SAFETY: this function's contract: the CPU has the AVX-512 level's features.
+    let t = unsafe { crate::simd::V512::new_unchecked() };
     let heads = q.len() / d;
     let n = rows.len() / rb;
     let mut h0 = 0;
     while h0 < heads {
         let hb = (heads - h0).min(HEAD_BLOCK);
         // The first block of heads reads every row: it prefetches the next ones.
-        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[] });
+        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[][..] });
         let qb = &q[h0 * d..(h0 + hb) * d];
         let sb = &mut scores[h0 * stride..];
         // Compile-time group size and row length for the common head dims (64, 128),
@@ -1047,7 +631,7 @@ pub(crate) unsafe fn dot_heads(
                 _ => {
                     for h in 0..hb {
                         let out = &mut sb[h * stride..][..n];
-                        dot_many(format, &qb[h * d..][..d], rows, rb, out);
+                        crate::rows::dot_many(t, format, &qb[h * d..][..d], rows, rb, out);
                     }
                 }
             }
@@ -1063,7 +647,7 @@ pub(crate) unsafe fn dot_heads(
 /// # Safety
 /// See the module docs; `acc.len()` a multiple of `d`, `rb = format.row_bytes(d)`, `rows`
 /// whole rows, `stride >= rows`, `w.len() >= (heads - 1) * stride + rows`.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn axpy_heads(
     format: RowFormat,
@@ -1075,13 +659,15 @@ pub(crate) unsafe fn axpy_heads(
     acc: &mut [f32],
     ahead: &[u8],
 ) {
+    // SAFETY: this function's contract: the CPU has the AVX-512 level's features.
+    let t = unsafe { crate::simd::V512::new_unchecked() };
     let heads = acc.len() / d;
     let n = rows.len() / rb;
     let mut h0 = 0;
     while h0 < heads {
         let hb = (heads - h0).min(HEAD_BLOCK);
         // The first block of heads reads every row: it prefetches the next ones.
-        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[] });
+        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[][..] });
         let wb = &w[h0 * stride..];
         let ab = &mut acc[h0 * d..(h0 + hb) * d];
         macro_rules! blocks {
@@ -1103,7 +689,8 @@ pub(crate) unsafe fn axpy_heads(
                 RowFormat::Int2 { group } => blocks!(accumulate_heads_u2, group.size()),
                 _ => {
                     for h in 0..hb {
-                        axpy_many(
+                        crate::rows::axpy_many(
+                            t,
                             format,
                             &wb[h * stride..][..n],
                             rows,
@@ -1129,7 +716,7 @@ pub(crate) unsafe fn axpy_heads(
 /// a whole block of `tokens` tokens, `out.len() >= (H - 1) * stride + tokens`,
 /// `stride >= tokens`.
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kivi_heads<const H: usize, const R: usize, const N: usize>(
     bits: KiviBits,
@@ -1204,7 +791,7 @@ unsafe fn kivi_heads<const H: usize, const R: usize, const N: usize>(
 /// # Safety
 /// See the module docs; `q.len()` a multiple of `d`, `d` a multiple of 32, `block` a whole
 /// block of `tokens` tokens, `stride >= tokens`, `out` holding every score row.
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn kivi_scores_heads(
     bits: KiviBits,

@@ -1,0 +1,406 @@
+//! The workspace's one SIMD layer: which instruction set to run, the proof that the CPU has
+//! it, width-generic vector operations, and the helpers every kernel crate shares.
+//!
+//! - **One switch.** [`Isa::best`] detects the CPU once and obeys one environment variable,
+//!   `KV_ISA` (`scalar`, `avx2` or `avx512`, any case): a cap for benchmarks and for
+//!   bisecting a suspected SIMD bug without rebuilding. A level above what the CPU has, or
+//!   an unknown name, is ignored (the best level runs). kv-quant, kv-backend-cpu and
+//!   kv-model all ask [`Isa::best`], so one process runs one level everywhere.
+//! - **One definition of each level.** [`Isa::Avx2`] is AVX2 + FMA + F16C;
+//!   [`Isa::Avx512`] is that plus AVX-512 F, BW, VL and DQ. Every `#[target_feature]` in the
+//!   workspace enables a subset of its level's set ([`AVX2_FEATURES`], [`AVX512_FEATURES`]).
+//! - **Tokens.** On x86-64, [`V256`] and [`V512`] are zero-sized values that exist only on a
+//!   CPU with the level's features (their constructors ask the cached detection). Holding one
+//!   is what makes calling that level's `#[target_feature]` code sound.
+//! - **Width-generic kernels.** [`Simd`] is implemented by both tokens: 8 or 16 f32 lanes,
+//!   with `#[inline(always)]` operations on one vector and on a 32-element chunk (the group
+//!   and block size of every quantized layout in the workspace). A kernel is written once as
+//!   `fn k<S: Simd>(s: S, ..)` and run through [`Isa::run`], which instantiates it inside a
+//!   `#[target_feature]` entry point per level (the technique of the pulp crate): the
+//!   operations inline into code compiled for the level.
+//!
+//! ```
+//! use kv_quant::simd::{Isa, Kernel, Simd};
+//!
+//! /// `sum x[i] * y[i]`, written once over the vector width.
+//! struct Dot<'a>(&'a [f32], &'a [f32]);
+//!
+//! impl Kernel for Dot<'_> {
+//!     type Output = f32;
+//!     fn scalar(self) -> f32 {
+//!         self.0.iter().zip(self.1).map(|(a, b)| a * b).sum()
+//!     }
+//!     #[inline(always)]
+//!     fn simd<S: Simd>(self, s: S) -> f32 {
+//!         let (x, xt) = S::lanes(self.0);
+//!         let (y, yt) = S::lanes(self.1);
+//!         let mut acc = s.zero();
+//!         for (a, b) in x.iter().zip(y) {
+//!             acc = s.fma(s.load(a), s.load(b), acc);
+//!         }
+//!         s.sum(acc) + xt.iter().zip(yt).map(|(a, b)| a * b).sum::<f32>()
+//!     }
+//! }
+//!
+//! let x: Vec<f32> = (0..37).map(|i| i as f32 * 0.25).collect();
+//! let exact: f32 = x.iter().map(|a| a * a).sum();
+//! for isa in Isa::available() {
+//!     let got = isa.run(Dot(&x, &x));
+//!     assert!((got - exact).abs() <= 1e-3 * exact, "{isa}");
+//! }
+//! ```
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The `#[target_feature]` set of [`Isa::Avx2`] (a function may enable a subset).
+pub const AVX2_FEATURES: &str = "avx2,fma,f16c";
+
+/// The `#[target_feature]` set of [`Isa::Avx512`] (a function may enable a subset).
+pub const AVX512_FEATURES: &str = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+
+/// An instruction-set level the kernels are compiled for.
+///
+/// The levels are ordered: every CPU with `Avx512` here also has `Avx2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Isa {
+    /// Portable Rust: the reference every other level is tested against, and the fallback on
+    /// every other architecture.
+    Scalar,
+    /// x86-64 with AVX2, FMA and F16C (Intel Haswell, AMD Zen and later).
+    Avx2,
+    /// [`Isa::Avx2`] plus AVX-512 F, BW, VL and DQ (Intel Skylake-SP, AMD Zen 4 and later).
+    Avx512,
+}
+
+/// Detection results, 0 until asked: bit 0 set once detected, bit 1 AVX2, bit 2 AVX-512.
+static DETECTED: AtomicU8 = AtomicU8::new(0);
+
+/// The levels this CPU has, as [`DETECTED`]'s bits (detected on the first call).
+#[inline]
+fn detected() -> u8 {
+    let bits = DETECTED.load(Ordering::Relaxed);
+    if bits != 0 {
+        return bits;
+    }
+    let bits = 1 | detect_now();
+    DETECTED.store(bits, Ordering::Relaxed);
+    bits
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_now() -> u8 {
+    let avx2 = is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c");
+    let avx512 = avx2
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512dq");
+    (u8::from(avx2) << 1) | (u8::from(avx512) << 2)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_now() -> u8 {
+    0
+}
+
+impl Isa {
+    /// Every level, lowest first.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+
+    /// Short name, as `KV_ISA` takes it: `"scalar"`, `"avx2"`, `"avx512"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// The level called `name` (as [`Isa::name`] writes it, any case, spaces trimmed).
+    ///
+    /// ```
+    /// use kv_quant::simd::Isa;
+    /// assert_eq!(Isa::from_name(" AVX2 "), Some(Isa::Avx2));
+    /// assert_eq!(Isa::from_name("sse"), None);
+    /// ```
+    pub fn from_name(name: &str) -> Option<Isa> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name().eq_ignore_ascii_case(name.trim()))
+    }
+
+    /// Whether this CPU can run the level (detected once, then a relaxed atomic load).
+    #[inline]
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            Isa::Avx2 => detected() & 2 != 0,
+            Isa::Avx512 => detected() & 4 != 0,
+        }
+    }
+
+    /// The levels this CPU can run, lowest first (always starting with [`Isa::Scalar`]).
+    /// Tests iterate over these to hold every compiled path to the scalar reference.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.is_available()).collect()
+    }
+
+    /// The level every kernel of the workspace runs at by default, decided once per process:
+    /// the highest this CPU has, capped by the environment variable `KV_ISA` when it names a
+    /// lower level (`scalar`, `avx2`). An unknown name, or a level the CPU lacks, is ignored.
+    pub fn best() -> Isa {
+        static BEST: AtomicU8 = AtomicU8::new(u8::MAX);
+        let cached = BEST.load(Ordering::Relaxed);
+        if let Some(&isa) = Isa::ALL.get(usize::from(cached)) {
+            return isa;
+        }
+        let top = Isa::ALL
+            .into_iter()
+            .rev()
+            .find(|i| i.is_available())
+            .unwrap_or(Isa::Scalar);
+        let wanted = std::env::var("KV_ISA")
+            .ok()
+            .and_then(|v| Isa::from_name(&v));
+        let isa = wanted.map_or(top, |w| w.min(top));
+        BEST.store(isa as u8, Ordering::Relaxed);
+        isa
+    }
+
+    /// The highest available level not above `self` (a level the CPU lacks falls back).
+    pub fn or_lower(self) -> Isa {
+        Isa::ALL
+            .into_iter()
+            .rev()
+            .find(|i| *i <= self && i.is_available())
+            .unwrap_or(Isa::Scalar)
+    }
+
+    /// Runs `kernel` at this level: [`Kernel::simd`] compiled for the level's features
+    /// when this CPU has them, [`Kernel::scalar`] at [`Isa::Scalar`]. A level the CPU lacks
+    /// runs the highest one below it, so no caller can reach code the CPU cannot execute.
+    #[inline]
+    pub fn run<K: Kernel>(self, kernel: K) -> K::Output {
+        #[cfg(target_arch = "x86_64")]
+        match self {
+            Isa::Avx512 => {
+                if let Some(t) = V512::new() {
+                    // SAFETY: `t` exists, so the CPU has every feature of the entry point.
+                    return unsafe { x86::run_512(t, kernel) };
+                }
+                if let Some(t) = V256::new() {
+                    // SAFETY: as above, for the AVX2 features.
+                    return unsafe { x86::run_256(t, kernel) };
+                }
+            }
+            Isa::Avx2 => {
+                if let Some(t) = V256::new() {
+                    // SAFETY: `t` exists, so the CPU has every feature of the entry point.
+                    return unsafe { x86::run_256(t, kernel) };
+                }
+            }
+            Isa::Scalar => {}
+        }
+        kernel.scalar()
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A kernel with a scalar reference and one width-generic SIMD body, run by [`Isa::run`].
+///
+/// `simd` should be `#[inline(always)]` (and so should what it calls): it is instantiated
+/// inside a `#[target_feature]` entry point, and only code inlined there is compiled for
+/// the level.
+pub trait Kernel: Sized {
+    /// What the kernel returns.
+    type Output;
+    /// The portable version: the reference the SIMD body is tested against.
+    fn scalar(self) -> Self::Output;
+    /// The SIMD version, written once over the vector width of `s`.
+    fn simd<S: Simd>(self, s: S) -> Self::Output;
+}
+
+/// Width-generic f32 vector operations, implemented by the level tokens.
+///
+/// Loads and stores take fixed-size arrays (`Lanes`, `Halves`, ...), cut from slices with
+/// the `lanes`/`halves`/... functions, so every access is in bounds by type. The `*32`
+/// operations work on a chunk of 32 elements (`X32`: 4 vectors at 256 bits, 2 at 512), the
+/// group or block of every quantized layout: a kernel written over chunks needs no
+/// per-width lane count.
+pub trait Simd: Copy + Send + Sync + 'static {
+    /// f32 lanes per vector.
+    const LANES: usize;
+    /// The level this width runs at.
+    const ISA: Isa;
+    /// A vector of `LANES` f32.
+    type F32: Copy;
+    /// `[f32; LANES]`.
+    type Lanes: Copy;
+    /// `[u8; 2 * LANES]`: `LANES` f16 or bf16, little-endian.
+    type Halves: Copy;
+    /// `[u8; 4 * LANES]`: `LANES` f32, little-endian.
+    type Words: Copy;
+    /// 32 f32 as vectors, in element order.
+    type X32: Copy + AsRef<[Self::F32]> + AsMut<[Self::F32]>;
+
+    /// The slice's whole vectors and the rest.
+    fn lanes(s: &[f32]) -> (&[Self::Lanes], &[f32]);
+    /// The slice's whole vectors and the rest.
+    fn lanes_mut(s: &mut [f32]) -> (&mut [Self::Lanes], &mut [f32]);
+    /// The bytes' whole vectors of 16-bit floats and the rest.
+    fn halves(b: &[u8]) -> (&[Self::Halves], &[u8]);
+    /// The bytes' whole vectors of f32 and the rest.
+    fn words(b: &[u8]) -> (&[Self::Words], &[u8]);
+
+    /// All lanes `x`.
+    fn splat(self, x: f32) -> Self::F32;
+    /// All lanes zero.
+    fn zero(self) -> Self::F32;
+    /// `a + b`.
+    fn add(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// `a * b`.
+    fn mul(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// `a * b + c`, rounded once.
+    fn fma(self, a: Self::F32, b: Self::F32, c: Self::F32) -> Self::F32;
+    /// Sum of the lanes.
+    fn sum(self, v: Self::F32) -> f32;
+    /// Loads a vector.
+    fn load(self, a: &Self::Lanes) -> Self::F32;
+    /// Stores a vector.
+    fn store(self, a: &mut Self::Lanes, v: Self::F32);
+    /// Widens `LANES` f16 (exact).
+    fn load_f16(self, b: &Self::Halves) -> Self::F32;
+    /// Widens `LANES` bf16 (exact).
+    fn load_bf16(self, b: &Self::Halves) -> Self::F32;
+    /// Loads `LANES` f32 stored as little-endian bytes.
+    fn load_f32_bytes(self, b: &Self::Words) -> Self::F32;
+    /// The two f16 of `b` (little-endian) widened and broadcast: `(all b[0..2], all b[2..4])`.
+    /// A quantized group's scale and minimum.
+    fn splat_f16_pair(self, b: [u8; 4]) -> (Self::F32, Self::F32);
+
+    /// 32 zeros.
+    fn zero32(self) -> Self::X32;
+    /// Sum of the 32 lanes, in a fixed order per width.
+    fn sum32(self, v: Self::X32) -> f32;
+
+    /// 32 f32.
+    fn load32(self, a: &[f32; 32]) -> Self::X32;
+    /// Stores 32 f32.
+    fn store32(self, a: &mut [f32; 32], v: Self::X32);
+    /// 32 f32 stored as little-endian bytes.
+    fn load32_f32_bytes(self, b: &[u8; 128]) -> Self::X32;
+    /// 32 f16 widened (exact).
+    fn load32_f16(self, b: &[u8; 64]) -> Self::X32;
+    /// 32 bf16 widened (exact).
+    fn load32_bf16(self, b: &[u8; 64]) -> Self::X32;
+    /// 32 signed 8-bit codes as f32.
+    fn codes32_i8(self, b: &[u8; 32]) -> Self::X32;
+    /// 32 unsigned 4-bit codes (low nibble first) as f32.
+    fn codes32_u4(self, b: &[u8; 16]) -> Self::X32;
+    /// 32 unsigned 2-bit codes (low bits first) as f32.
+    fn codes32_u2(self, b: &[u8; 8]) -> Self::X32;
+
+    /// The level's tokens, for code not yet written over the width: `Some` at 512 bits.
+    #[cfg(target_arch = "x86_64")]
+    fn v512(self) -> Option<V512>;
+    /// The AVX2 token (every level with a `Simd` width has AVX2).
+    #[cfg(target_arch = "x86_64")]
+    fn v256(self) -> V256;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+#[cfg(target_arch = "x86_64")]
+pub use x86::{hsum_256, reduce16_512, reduce8_256, reduce8_512, V256, V512};
+
+/// Data to prefetch while a kernel reads other data: what the caller reads next, requested
+/// a cache line at a time in step with the data read, so that the requests spread over the
+/// computation instead of queueing all at once. A hint: nothing is read, no value changes,
+/// and on other architectures nothing happens.
+///
+/// ```
+/// use kv_quant::simd::Prefetch;
+/// let next = vec![0f32; 256];
+/// let mut pf = Prefetch::new(&next);
+/// pf.bytes(256); // lines 0..4 requested
+/// pf.bytes(4096); // the rest; asking past the end is fine
+/// Prefetch::all(&next); // every line at once
+/// ```
+#[derive(Debug)]
+pub struct Prefetch<'a> {
+    /// The data's first byte (only ever an address for the prefetch hint).
+    start: *const u8,
+    /// The data's size in bytes.
+    len: usize,
+    /// Offset of the next line to request (after the first, a line boundary).
+    next: usize,
+    _data: PhantomData<&'a [u8]>,
+}
+
+impl<'a> Prefetch<'a> {
+    /// Prefetches from `ahead` (empty for nothing).
+    #[inline]
+    pub fn new<T>(ahead: &'a [T]) -> Self {
+        Self {
+            start: ahead.as_ptr().cast(),
+            len: size_of_val(ahead),
+            next: 0,
+            _data: PhantomData,
+        }
+    }
+
+    /// Nothing to prefetch.
+    #[inline]
+    pub fn none() -> Self {
+        Self::new::<u8>(&[])
+    }
+
+    /// Requests every line of `data` at once.
+    #[inline]
+    pub fn all<T>(data: &[T]) {
+        let mut pf = Prefetch::new(data);
+        pf.bytes(pf.len);
+    }
+
+    /// Requests the lines of the next `bytes` bytes not yet requested, into L2.
+    #[inline(always)]
+    pub fn bytes(&mut self, bytes: usize) {
+        const LINE: usize = 64;
+        let end = self.next.saturating_add(bytes).min(self.len);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let misalign = self.start as usize % LINE;
+            while self.next < end {
+                // SAFETY: `next < len`, so the address is inside the borrowed data; a
+                // prefetch neither reads the value nor faults, and SSE is part of the x86-64
+                // baseline.
+                unsafe {
+                    core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
+                        self.start.add(self.next).cast(),
+                    )
+                };
+                // The next line boundary of the data (its first line may start mid-line).
+                self.next = ((self.next + misalign) / LINE + 1) * LINE - misalign;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self.next = end;
+        }
+    }
+}
+
+// SAFETY: a `Prefetch` is a shared borrow of its data (the `PhantomData`); the pointer is
+// only ever used as a prefetch address.
+unsafe impl Send for Prefetch<'_> {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Prefetch<'_> {}
