@@ -54,10 +54,10 @@ impl StorageSpec {
     ///
     /// # Errors
     /// [`KvError::InvalidArgument`] for a zero block size or count, more blocks than block
-    /// ids can number or more slots than `usize` can, a layout that does not fit the head
-    /// dimension, or a block size that is not a multiple of the layout's
-    /// [`KvDType::block_tokens`] (32 for KIVI); [`KvError::Overflow`] when the size in
-    /// bytes does not fit `u64`.
+    /// ids can number, more tokens per block than slot offsets can number, a layout that
+    /// does not fit the head dimension, or a block size that is not a multiple of the
+    /// layout's [`KvDType::block_tokens`] (32 for KIVI); [`KvError::Overflow`] when the
+    /// capacity in tokens does not fit `usize` or in bytes does not fit `u64`.
     pub fn new(
         shape: ModelShape,
         dtype: KvDType,
@@ -80,13 +80,10 @@ impl StorageSpec {
                 ),
             });
         }
-        if block_size > u32::MAX as usize || block_size.checked_mul(num_blocks).is_none() {
+        if block_size > u32::MAX as usize {
             return Err(KvError::InvalidArgument {
                 what: "block size",
-                detail: format!(
-                    "{block_size} tokens per block exceed the slot offsets' range or, times \
-                     {num_blocks} blocks, the address space"
-                ),
+                detail: format!("{block_size} tokens per block exceed the slot offsets' range"),
             });
         }
         dtype.row_bytes(shape.head_dim())?;
