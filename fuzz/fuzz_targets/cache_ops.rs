@@ -312,20 +312,25 @@ fn check_sizes(s: &Sizes) {
         return;
     };
     let wide = |x: usize| x as u128;
-    let per_token = 2 * wide(s.layers) * wide(s.kv_heads) * wide(row);
+    // Three usize factors can overflow even u128: `None` is "does not fit".
+    let per_token = [s.layers, s.kv_heads, row]
+        .into_iter()
+        .try_fold(2u128, |p, x| p.checked_mul(wide(x)));
     match memory::bytes_per_token(&shape, dtype) {
-        Ok(b) => assert_eq!(wide(b), per_token),
+        Ok(b) => assert_eq!(Some(wide(b)), per_token),
         Err(e) => {
             assert!(matches!(e, KvError::Overflow { .. }), "{e}");
-            assert!(per_token > wide(usize::MAX));
+            assert!(per_token.is_none_or(|p| p > wide(usize::MAX)));
         }
     }
-    let total = per_token.checked_mul(wide(s.tokens));
+    let total = per_token.and_then(|p| p.checked_mul(wide(s.tokens)));
     match memory::cache_bytes(&shape, dtype, s.tokens) {
         Ok(b) => assert_eq!(Some(u128::from(b)), total),
         Err(e) => {
             assert!(matches!(e, KvError::Overflow { .. }), "{e}");
-            assert!(per_token > wide(usize::MAX) || total.is_none_or(|t| t > u128::from(u64::MAX)));
+            // The per-token size overflowing is an error whatever the token count.
+            let per_token_overflows = per_token.is_none_or(|p| p > wide(usize::MAX));
+            assert!(per_token_overflows || total.is_none_or(|t| t > u128::from(u64::MAX)));
         }
     }
     if let Ok(spec) = StorageSpec::new(shape, dtype, s.block_size, s.num_blocks) {
@@ -333,7 +338,7 @@ fn check_sizes(s: &Sizes) {
         assert_eq!(wide(spec.capacity_tokens()), capacity);
         assert_eq!(
             spec.bytes().map(u128::from).ok(),
-            per_token.checked_mul(capacity)
+            per_token.and_then(|p| p.checked_mul(capacity))
         );
     }
 }

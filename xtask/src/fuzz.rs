@@ -118,13 +118,22 @@ pub fn fuzz(options: &Options) -> Result<(), String> {
     }
     ensure_cargo_fuzz()?;
     let started = Instant::now();
-    let mut build = cargo_fuzz();
-    build.args(["build", "--debug-assertions"]);
-    build.args(&options.targets);
-    run(
-        "build the fuzz targets (nightly, sanitizers, debug assertions)",
-        build,
-    )?;
+    // `cargo fuzz build` takes one target or none (all of them).
+    let all = options.targets.len() == TARGETS.len();
+    let builds: Vec<Option<&String>> = if all {
+        vec![None]
+    } else {
+        options.targets.iter().map(Some).collect()
+    };
+    for target in builds {
+        let mut build = cargo_fuzz();
+        build.args(["build", "--debug-assertions"]);
+        build.args(target);
+        run(
+            "build the fuzz targets (nightly, sanitizers, debug assertions)",
+            build,
+        )?;
+    }
     let build_seconds = started.elapsed().as_secs_f64();
 
     let mut outcomes = Vec::new();
