@@ -13,12 +13,13 @@
 //! run time ([`Isa`], [`Kernels`]); tests hold every level the CPU has to the reference.
 //! The crate also holds the workspace's one SIMD layer ([`simd`]): CPU detection and the
 //! `KV_ISA` switch, the level tokens, the width-generic [`simd::Simd`] operations and the
-//! helpers (reductions, prefetching) that kv-backend-cpu and kv-model build their kernels on.
+//! helpers (reductions, prefetching) that kv-backend-cpu builds its kernels on.
 //! Error bounds of every format are derived in [`layout`] and checked by property tests.
 //!
 //! The crate never depends on candle or any tensor library: plain slices in, plain slices
-//! out, no allocation on the kernel paths. That keeps it usable from every backend and keeps
-//! `kv-core`'s accounting (which uses [`RowFormat::row_bytes`]) free of device code.
+//! out, no allocation on the kernel paths, so every backend can use it. kv-core repeats the
+//! per-group size formulas rather than depend on it (it must stay light); a test in
+//! kv-backend-cpu holds kv-core's sizes equal to [`RowFormat::row_bytes`].
 //!
 //! ```
 //! use kv_quant::{Group, RowFormat};
