@@ -636,7 +636,7 @@ fn host(t: &Tensor) -> Result<Vec<f32>, String> {
 }
 
 fn random(rng: &mut StdRng, n: usize, amp: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.gen_range(-amp..=amp)).collect()
+    (0..n).map(|_| rng.random_range(-amp..=amp)).collect()
 }
 
 /// The smallest of `d`, `2 d`, `4 d`, ... that `dtype` stores (a 128-element group needs a
@@ -751,7 +751,7 @@ fn check_round_trip<B: CacheBackend>(
     let k: Vec<f32> = (0..n)
         .map(|i| match special.get(i % 97) {
             Some(&x) => x,
-            None => rng.gen_range(-4.0..4.0),
+            None => rng.random_range(-4.0..4.0),
         })
         .collect();
     let v = random(&mut rng, n, 100.0);

@@ -558,10 +558,10 @@ mod tests {
 
     fn random(rng: &mut StdRng, len: usize) -> Vec<f32> {
         // Different magnitudes per call, and an offset so Q4_1's minimum is not ~0.
-        let scale = rng.gen_range(0.01f32..4.0);
-        let shift = rng.gen_range(-1.0f32..1.0) * scale;
+        let scale = rng.random_range(0.01f32..4.0);
+        let shift = rng.random_range(-1.0f32..1.0) * scale;
         (0..len)
-            .map(|_| rng.gen_range(-1.0f32..1.0) * scale + shift)
+            .map(|_| rng.random_range(-1.0f32..1.0) * scale + shift)
             .collect()
     }
 

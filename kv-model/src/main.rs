@@ -115,6 +115,10 @@ struct BatchArgs {
     /// cache preempts and recomputes sequences instead of failing.
     #[arg(long, allow_negative_numbers = true)]
     blocks: Option<usize>,
+    /// Cache capacity as a memory budget in MiB instead of --blocks: as many blocks as fit
+    /// (never more than every prompt at once needs).
+    #[arg(long, conflicts_with = "blocks")]
+    cache_mib: Option<u64>,
     /// Most sequences decoding together.
     #[arg(long, default_value_t = 16, allow_negative_numbers = true)]
     max_batch: usize,
@@ -690,7 +694,25 @@ fn batch(args: BatchArgs) -> Result<()> {
         Some(b) => b,
         None => needed,
     };
-    let spec = StorageSpec::new(model.shape(), args.dtype, args.block_size, blocks)?;
+    let spec = match args.cache_mib {
+        Some(mib) => {
+            let budget = mib
+                .checked_mul(1 << 20)
+                .ok_or_else(|| ModelError::InvalidArgument {
+                    what: "--cache-mib",
+                    expected: "a budget that fits in u64 bytes".into(),
+                    got: mib.to_string(),
+                })?;
+            let fit = StorageSpec::builder(model.shape(), args.dtype)
+                .block_size(args.block_size)
+                .memory_budget(budget)
+                .build()?;
+            // Blocks past what every sequence at once needs would never be used.
+            let blocks = fit.num_blocks.min(needed);
+            StorageSpec::new(model.shape(), args.dtype, args.block_size, blocks)?
+        }
+        None => StorageSpec::new(model.shape(), args.dtype, args.block_size, blocks)?,
+    };
     let mut cache = PagedCache::with_prefix_cache(CpuBackend::new(), spec, 0x6b76)?;
     let run = model.generate_batch(&mut cache, &prompts, &options)?;
     let mut out = std::io::stdout().lock();

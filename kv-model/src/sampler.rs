@@ -166,7 +166,7 @@ impl Sampler {
             probs.truncate(keep);
         }
         let total: f64 = probs.iter().sum();
-        let mut u = self.rng.gen::<f64>() * total;
+        let mut u = self.rng.random::<f64>() * total;
         for (i, p) in probs.iter().enumerate() {
             if u < *p {
                 return Ok(candidates[i].0);

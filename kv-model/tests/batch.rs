@@ -279,6 +279,34 @@ fn cli_batch_compares_with_sequential() {
 }
 
 #[test]
+#[ignore = "needs the model file; run with --ignored in release"]
+fn cli_batch_sizes_its_cache_by_memory() {
+    let dir = std::env::temp_dir().join(format!("kv-batch-mib-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("prompts.txt");
+    std::fs::write(&file, "What is 2 + 2?\nName a colour.\n").unwrap();
+    let run = |mib: &str| {
+        kv(&[
+            "batch", "--prompts", file.to_str().unwrap(), "--max-tokens", "8", "--dtype",
+            "f32", "--cache-mib", mib,
+        ])
+    };
+    // SmolLM2 in f32: 46,080 bytes a token, 720 KiB a 16-token block: 3 MiB hold 4 blocks,
+    // fewer than both prompts at once need, so the batch preempts but finishes.
+    let out = run("3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("4 total of 16 tokens"), "{stdout}");
+    // No room for one block: a typed error naming the budget.
+    let out = run("0");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("memory budget"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn cli_batch_refuses_an_empty_prompts_file_in_one_line() {
     let file = std::env::temp_dir().join(format!("kv-batch-empty-{}.txt", std::process::id()));
     std::fs::write(&file, "\n  \n").unwrap();
