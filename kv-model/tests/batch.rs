@@ -287,15 +287,26 @@ fn cli_batch_sizes_its_cache_by_memory() {
     std::fs::write(&file, "What is 2 + 2?\nName a colour.\n").unwrap();
     let run = |mib: &str| {
         kv(&[
-            "batch", "--prompts", file.to_str().unwrap(), "--max-tokens", "8", "--dtype",
-            "f32", "--cache-mib", mib,
+            "batch",
+            "--prompts",
+            file.to_str().unwrap(),
+            "--max-tokens",
+            "8",
+            "--dtype",
+            "f32",
+            "--cache-mib",
+            mib,
         ])
     };
     // SmolLM2 in f32: 46,080 bytes a token, 720 KiB a 16-token block: 3 MiB hold 4 blocks,
     // fewer than both prompts at once need, so the batch preempts but finishes.
     let out = run("3");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("4 total of 16 tokens"), "{stdout}");
     // No room for one block: a typed error naming the budget.
     let out = run("0");
