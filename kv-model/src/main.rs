@@ -446,6 +446,13 @@ fn prompt_text(prompt: Option<String>) -> Result<String> {
             }
             // A piped file usually ends with a newline that is not part of the prompt.
             text.truncate(text.trim_end_matches(['\n', '\r']).len());
+            if text.is_empty() {
+                return Err(ModelError::InvalidArgument {
+                    what: "--prompt",
+                    expected: "a prompt, given with --prompt or piped to standard input".into(),
+                    got: "neither (standard input was empty)".into(),
+                });
+            }
             text
         }
     };
