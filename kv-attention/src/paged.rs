@@ -52,8 +52,12 @@ impl<B: CacheBackend> PagedCache<B> {
     /// Allocates `spec` on `backend`.
     ///
     /// # Errors
-    /// What [`CacheBackend::allocate`] returns.
+    /// [`kv_core::KvError::Overflow`] for a spec (built field by field) whose size does not
+    /// fit a `u64`; what [`CacheBackend::allocate`] returns.
     pub fn new(backend: B, spec: StorageSpec) -> Result<Self> {
+        // A spec built field by field is checked here: its size must fit a u64 (so
+        // `usage` is exact).
+        spec.bytes()?;
         let storage = backend.allocate(&spec)?;
         let manager = CacheManager::new(spec.block_size, spec.num_blocks)?;
         Ok(Self {
@@ -71,6 +75,7 @@ impl<B: CacheBackend> PagedCache<B> {
     /// # Errors
     /// What [`CacheBackend::allocate`] returns.
     pub fn with_prefix_cache(backend: B, spec: StorageSpec, salt: u64) -> Result<Self> {
+        spec.bytes()?;
         let manager = CacheManager::with_prefix_cache(spec.block_size, spec.num_blocks, salt)?;
         let storage = backend.allocate(&spec)?;
         Ok(Self {
@@ -253,14 +258,15 @@ impl<B: CacheBackend> PagedCache<B> {
             .sequences()
             .filter_map(|s| self.manager.len(s).ok())
             .sum();
-        // The spec was checked at construction, so the layout fits the head dimension.
+        // The spec's size was checked at construction (it fits a u64), and every count
+        // below is at most its capacity, so these products cannot overflow.
         let per_token = memory::bytes_per_token(&self.spec.shape, self.spec.dtype).unwrap_or(0);
+        let per_block = per_token as u64 * self.spec.block_size as u64;
         CacheUsage {
             tokens,
             bytes_used: per_token as u64 * tokens as u64,
-            bytes_reserved: (per_token * self.spec.block_size) as u64
-                * self.manager.used_blocks() as u64,
-            bytes_allocated: (per_token * self.spec.capacity_tokens()) as u64,
+            bytes_reserved: per_block * self.manager.used_blocks() as u64,
+            bytes_allocated: per_block * self.spec.num_blocks as u64,
             bytes_per_token: per_token,
         }
     }
