@@ -4,6 +4,7 @@
 //! model, drives `cargo` and the `kv` binary, and never links the heavy crates itself.
 
 mod bench;
+mod cuda;
 mod fetch;
 mod fuzz;
 mod vocab;
@@ -42,13 +43,23 @@ commands:
                 cache_ops. Fails on a crash, printing the reproducer's path. Build cache:
                 ~/.cache/kv/fuzz-target; growing corpus: ~/.cache/kv/fuzz-corpus
     --make-seeds  rewrite the committed seed corpus (fuzz/seeds) and run nothing
+  cuda-setup [--build]
+                install the pinned CUDA 13.0 toolchain (PyPI wheels, SHA-256 checked, and a
+                libcuda stub) into ~/.cache/kv/cuda13 when absent and print its environment;
+                --build also builds kv-backend-cuda --features cuda (release, into
+                ~/.cache/kv/cuda-target; cold: about 15 min on 2 cores)
+  gpu-bundle    build the GPU test binary of kv-backend-cuda into .gpubin/ (gzipped) with a
+                run.sh for a GPU machine
   help          this text
 
 environment:
   KV_MODEL_DIR  where the model lives (default: ~/.cache/kv/models)
   KV_VOCAB_DIR  where llama.cpp's vocabularies and templates live
                 (default: ~/.cache/kv/llama-vocab)
-  KV_LLAMA_SDIST  an already downloaded llama_cpp_python-0.3.36.tar.gz for fetch-vocab";
+  KV_LLAMA_SDIST  an already downloaded llama_cpp_python-0.3.36.tar.gz for fetch-vocab
+  KV_CUDA_ROOT  where the CUDA toolchain lives (default: ~/.cache/kv/cuda13)
+  KV_CUDA_TARGET  the CUDA builds' target directory (default: ~/.cache/kv/cuda-target)
+  KV_CUDA_WHEELS  a directory of already downloaded CUDA wheels (hashes still checked)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -57,6 +68,8 @@ fn main() -> ExitCode {
         Some("test-all") => test_all(),
         Some("bench") => bench::Options::parse(&args[1..]).and_then(|o| bench::bench(&o)),
         Some("fuzz") => fuzz::Options::parse(&args[1..]).and_then(|o| fuzz::fuzz(&o)),
+        Some("cuda-setup") => cuda::cuda_setup(&args[1..]),
+        Some("gpu-bundle") => cuda::gpu_bundle(),
         Some("fetch-model") => fetch::ensure_model().map(|p| println!("model: {}", p.display())),
         Some("fetch-vocab") => {
             vocab::ensure_vocab().map(|p| println!("vocabularies: {}", p.display()))
@@ -158,7 +171,12 @@ fn test_all() -> Result<(), String> {
     println!("\n==> backend conformance");
     println!("    cpu: ran above (kv-backend-cpu/tests/conformance.rs)");
     println!("    vec (the example backend): ran above; its broken twins fail it (kv-attention/tests/suite_catches_faults.rs)");
-    println!("    cuda: skipped: kv-backend-cuda has no kernels yet (built as the stub that reports itself unavailable)");
+
+    // ---- CUDA (xtask/src/cuda.rs) ----
+    // The pinned CUDA 13.0 toolchain (installed when absent), then kv-backend-cuda's tests
+    // with the `cuda` feature in a persistent target dir: NVRTC compiles every kernel; the
+    // GPU conformance test runs on a GPU and says why it skipped elsewhere.
+    cuda::test_all_step()?;
 
     let model = fetch::ensure_model()?;
     // The ignored tests also check the tokenizers against llama.cpp's vectors and render
