@@ -10,6 +10,9 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// No math header here: +infinity as a float, from its bits.
+#define INFINITY __uint_as_float(0x7f800000u)
+
 // Row formats (kv-quant's RowFormat), as the Rust side numbers them (plan.rs: Fmt).
 #define FMT_F32 0
 #define FMT_F16 1
