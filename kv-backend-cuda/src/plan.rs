@@ -252,32 +252,21 @@ pub(crate) fn attend_shared_bytes(rows: usize, tile: usize, head_dim: usize) -> 
 /// [`MAX_ROWS`] and the GQA group allow, then the largest tile of 64, 32, 16 or 8 keys that
 /// fits shared memory (fewer rows when not even 8 keys do).
 pub(crate) fn attend_tiling(group: usize, head_dim: usize) -> Result<(usize, usize)> {
-    let mut rows = MAX_ROWS.min(group.max(1)).max(1);
-    if group > rows {
-        // Split the group's heads into equal chunks that fit.
-        while group % rows != 0 {
-            rows -= 1;
+    let group = group.max(1);
+    // Row counts, largest first: whole groups of query heads (one or more queries), or
+    // an equal share of one group when it is larger than a block.
+    let candidates = (1..=MAX_ROWS).rev().filter(|&r| {
+        if r >= group {
+            r.is_multiple_of(group)
+        } else {
+            group.is_multiple_of(r)
         }
-    } else {
-        rows = MAX_ROWS / group * group;
-    }
-    loop {
+    });
+    for rows in candidates {
         for tile in [64, 32, 16, 8] {
             if attend_shared_bytes(rows, tile, head_dim).is_some_and(|b| b <= SHARED_LIMIT) {
                 return Ok((rows, tile));
             }
-        }
-        // Keep rows a whole number of heads of one query, or a divisor of the group.
-        let next = (1..rows).rev().find(|&r| {
-            if rows >= group {
-                r % group == 0 || (group % r == 0)
-            } else {
-                group % r == 0
-            }
-        });
-        match next {
-            Some(r) => rows = r,
-            None => break,
         }
     }
     Err(KvError::Unsupported {
@@ -588,7 +577,8 @@ mod tests {
                 .map(|i| BlockId::new((i as u32 * 7) % 97))
                 .collect::<Vec<_>>()
         };
-        let cases: &[(usize, usize, usize, &[(usize, usize)])] = &[
+        type Case = (usize, usize, usize, &'static [(usize, usize)]);
+        let cases: &[Case] = &[
             // (q_heads, kv_heads, head_dim, [(kv_len, n_queries)])
             (9, 3, 64, &[(1, 1), (1300, 1), (40, 3)]),
             (4, 4, 128, &[(200, 150), (17, 17)]),
