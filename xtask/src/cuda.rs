@@ -323,6 +323,25 @@ pub fn test_all_step() -> Result<(), String> {
     run_logged(
         "kv-backend-cuda --features cuda: NVRTC compiles every kernel; GPU tests (skip without a GPU)",
         test,
+    )?;
+    // The device code is only compiled with the feature: lint it there too (same profile
+    // and target dir, so candle's kernels are not rebuilt).
+    let mut clippy = cargo_with(&tc);
+    clippy.args([
+        "clippy",
+        "--release",
+        "-p",
+        "kv-backend-cuda",
+        "--features",
+        "cuda",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    crate::run(
+        "lints of kv-backend-cuda --features cuda (clippy, warnings denied)",
+        clippy,
     )
 }
 
