@@ -6,6 +6,8 @@
 //!   independent forward pass that stores nothing.
 //! - [`Tokenizer`]: the SentencePiece or byte-level BPE stored in the file, and its
 //!   Jinja [`ChatTemplate`].
+//! - [`ChatSession`]: a multi-turn conversation that keeps its cache between turns and
+//!   prefills only what the cache does not hold (`kv chat`).
 //! - [`Sampler`]: greedy, temperature, top-k, top-p, seeded.
 //! - [`Model::generate`] / [`Model::generate_uncached`]: the two generation loops and the
 //!   [`Summary`] of what each cost.
@@ -51,6 +53,7 @@
 
 pub mod batch;
 mod chat;
+mod chat_session;
 mod config;
 mod error;
 mod escape;
@@ -69,6 +72,7 @@ use std::path::{Path, PathBuf};
 
 pub use batch::{BatchOptions, BatchRun, SeqOutcome};
 pub use chat::{ChatMessage, ChatTemplate};
+pub use chat_session::{reusable_prefix, ChatOptions, ChatSession, ChatTurn, TurnReport};
 pub use config::{LlamaConfig, MetadataLimits, SUPPORTED_ARCHITECTURES};
 pub use error::{ModelError, Result};
 pub use escape::escape_controls;
