@@ -46,7 +46,8 @@
 //! println!("\n{}", run.summary);
 //! # Ok::<(), kv_model::ModelError>(())
 //! ```
-// Unsafe only in `linear` (SIMD intrinsics, the GEMM call), which allows it for itself.
+// Unsafe only in `linear` (SIMD intrinsics, the GEMM call) and `mapped` (mapping the model
+// file), which allow it for themselves.
 #![deny(unsafe_code)]
 // Tests unwrap: a panic is how they fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -61,6 +62,7 @@ mod files;
 mod generate;
 mod gguf_check;
 mod linear;
+mod mapped;
 mod model;
 pub mod ppl;
 mod rope;
@@ -111,11 +113,11 @@ pub fn load(path: impl AsRef<Path>) -> Result<(Model, Tokenizer)> {
 /// As [`load`].
 pub fn load_with(path: impl AsRef<Path>, format: WeightFormat) -> Result<(Model, Tokenizer)> {
     let path = path.as_ref();
-    let (content, reader) = config::read_header(path)?;
+    let (content, map) = mapped::GgufMap::open(path)?;
     // The architecture decides whether anything else is worth reading.
     LlamaConfig::from_metadata(&content.metadata)?;
     let tokenizer = Tokenizer::from_metadata(&content.metadata)?;
-    let model = Model::from_content(&content, reader, path, &candle_core::Device::Cpu, format)?;
+    let model = Model::from_content(&content, &map, path, &candle_core::Device::Cpu, format)?;
     Ok((model, tokenizer))
 }
 

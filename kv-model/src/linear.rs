@@ -263,7 +263,25 @@ pub(crate) struct BlockMatrix {
     ty: WeightType,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    data: Bytes,
+}
+
+/// A weight matrix's block bytes: its own copy, or a range of the mapped model file.
+#[derive(Debug, Clone)]
+enum Bytes {
+    Owned(Vec<u8>),
+    Mapped(Arc<memmap2::Mmap>, std::ops::Range<usize>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Owned(v) => v,
+            // The range was checked against the map when the matrix was made.
+            Self::Mapped(m, r) => &m[r.clone()],
+        }
+    }
 }
 
 /// A raw pointer into the output that rayon tasks share; each task writes its own columns.
@@ -291,17 +309,41 @@ impl BlockMatrix {
     /// `data` as `rows` rows of `cols` weights of type `ty`; `None` if `cols` is not a
     /// multiple of the block's weights or `data` is not exactly that many blocks.
     pub(crate) fn new(ty: WeightType, rows: usize, cols: usize, data: Vec<u8>) -> Option<Self> {
-        let ok = cols.is_multiple_of(ty.weights())
-            && rows
-                .checked_mul(cols / ty.weights())
-                .and_then(|b| b.checked_mul(ty.bytes()))
-                == Some(data.len());
+        Self::fits(ty, rows, cols, data.len()).then_some(Self {
+            ty,
+            rows,
+            cols,
+            data: Bytes::Owned(data),
+        })
+    }
+
+    /// As [`BlockMatrix::new`] over `range` of a mapped file, without copying; `None` also
+    /// if the range is not inside the map.
+    pub(crate) fn mapped(
+        ty: WeightType,
+        rows: usize,
+        cols: usize,
+        map: Arc<memmap2::Mmap>,
+        range: std::ops::Range<usize>,
+    ) -> Option<Self> {
+        let ok = range.start <= range.end
+            && range.end <= map.len()
+            && Self::fits(ty, rows, cols, range.end - range.start);
         ok.then_some(Self {
             ty,
             rows,
             cols,
-            data,
+            data: Bytes::Mapped(map, range),
         })
+    }
+
+    /// Whether `len` bytes are exactly `rows` rows of `cols` weights of `ty`.
+    fn fits(ty: WeightType, rows: usize, cols: usize, len: usize) -> bool {
+        cols.is_multiple_of(ty.weights())
+            && rows
+                .checked_mul(cols / ty.weights())
+                .and_then(|b| b.checked_mul(ty.bytes()))
+                == Some(len)
     }
 
     /// The blocks of a 2-D GGUF tensor, or `None` if its type has no kernels here.
@@ -900,6 +942,29 @@ mod tests {
             e.lookup(&[1, 10], &Device::Cpu),
             Err(ModelError::TokenOutOfRange { id: 10, vocab: 10 })
         ));
+    }
+
+    #[test]
+    fn mapped_matrices_read_their_range_and_refuse_ranges_outside_the_map() {
+        let path = std::env::temp_dir().join(format!("kv-linear-map-{}", std::process::id()));
+        let ty = WeightType::Block(BlockType::Q8_0);
+        let mut bytes = vec![0u8; 4 + 2 * 34];
+        bytes[4 + 34..4 + 36].copy_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+        bytes[4 + 36] = 6; // row 1, weight 0 = 0.5 * 6
+        std::fs::write(&path, &bytes).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a private read-only map of a file this test alone writes.
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.unwrap());
+        let m = BlockMatrix::mapped(ty, 2, 32, map.clone(), 4..4 + 68).unwrap();
+        let mut row = vec![0f32; 32];
+        m.dequantize_row(Kernels::best(), 1, &mut row);
+        assert_eq!(row[0], 3.0);
+        assert!(BlockMatrix::mapped(ty, 2, 32, map.clone(), 5..5 + 68).is_none());
+        assert!(BlockMatrix::mapped(ty, 2, 32, map.clone(), 4..4 + 67).is_none());
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = 68..4;
+        assert!(BlockMatrix::mapped(ty, 0, 32, map, backwards).is_none());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

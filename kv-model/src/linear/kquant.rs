@@ -54,13 +54,17 @@ impl KType {
     }
 }
 
-/// 32 weights of a block unpacked: `w[l] = codes[l] * scale[l / 16] (+ min[l / 16])`.
+/// 32 weights of a block unpacked. With the block's two f16 fields `d` and `e`
+/// ([`Layout::header`]): `w[l] = codes[l] * (d * sc[l / 16]) (+ e * m[l / 16])`, every
+/// product exact (small integers times an f16).
 #[derive(Clone, Copy)]
 struct Chunk {
     /// Signed codes, as the bytes of `i8`.
     codes: [u8; 32],
-    scale: [f32; 2],
-    min: [f32; 2],
+    /// Integer scale multipliers of `d` per 16 weights.
+    sc: [f32; 2],
+    /// Integer minimum multipliers of `e` per 16 weights (signed: K-quants subtract).
+    m: [f32; 2],
 }
 
 /// One block type's layout.
@@ -71,32 +75,43 @@ trait Layout {
     const CHUNKS: usize;
     /// Whether weights add a minimum (`fma`) or are a plain product.
     const ASYM: bool;
+    /// The block's f16 scale `d` and second f16 `e` (minimum or `dmin`; zero bytes if none),
+    /// little-endian, as [`Simd::splat_f16_pair`] takes them.
+    fn header(b: &[u8]) -> [u8; 4];
     /// Chunk `c` (< `CHUNKS`) of block `b` (`BYTES` long).
     fn chunk(b: &[u8], c: usize) -> Chunk;
 }
 
-/// The f16 at `b[i..i + 2]`, little-endian, as f32.
+/// The f16 pair of `header` as f32.
 #[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+fn f16_pair(h: [u8; 4]) -> (f32, f32) {
+    let f = |a: u8, b: u8| half::f16::from_bits(u16::from_le_bytes([a, b])).to_f32();
+    (f(h[0], h[1]), f(h[2], h[3]))
+}
+
+/// Bytes `at..at + N` of `b` as an array (zeros if `b` is short; callers pass whole blocks).
+#[inline(always)]
+fn array<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    b.get(at..)
+        .and_then(|r| r.first_chunk::<N>())
+        .copied()
+        .unwrap_or([0; N])
 }
 
 /// The fifth bits and nibbles of Q5_0/Q5_1 (`qh` at `at`, 16 nibble bytes after it) as
-/// codes 0..32: weight `j < 16` is byte `j`'s low nibble, `j + 16` its high nibble; the fifth
-/// bit of weight `j` is bit `j` of `qh`.
+/// codes 0..32 less `offset`: weight `j < 16` is byte `j`'s low nibble, `j + 16` its high
+/// nibble; the fifth bit of weight `j` is bit `j` of `qh`.
 #[inline(always)]
 fn q5_codes(b: &[u8], at: usize, offset: u8) -> [u8; 32] {
-    let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-    let qs = &b[at + 4..at + 20];
+    let qh = u32::from_le_bytes(array::<4>(b, at));
+    let qs = array::<16>(b, at + 4);
     let mut codes = [0u8; 32];
-    for (j, c) in codes.iter_mut().enumerate() {
-        let nibble = if j < 16 {
-            qs[j] & 0x0F
-        } else {
-            qs[j - 16] >> 4
-        };
-        let high = (((qh >> j) & 1) as u8) << 4;
-        *c = (nibble | high).wrapping_sub(offset);
+    let (lo, hi) = codes.split_at_mut(16);
+    for (j, ((l, h), q)) in lo.iter_mut().zip(hi.iter_mut()).zip(qs).enumerate() {
+        let bit_lo = ((qh >> j) & 1) as u8;
+        let bit_hi = ((qh >> (j + 16)) & 1) as u8;
+        *l = ((q & 0x0F) | (bit_lo << 4)).wrapping_sub(offset);
+        *h = ((q >> 4) | (bit_hi << 4)).wrapping_sub(offset);
     }
     codes
 }
@@ -104,13 +119,13 @@ fn q5_codes(b: &[u8], at: usize, offset: u8) -> [u8; 32] {
 /// Q4_K/Q5_K's 6-bit scale and minimum of chunk `j` from the 12 packed bytes `q`
 /// (llama.cpp's `get_scale_min_k4`).
 #[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
         (
-            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+            (q[(j + 4) % 12] & 0x0F) | ((q[(j + 8) % 12] >> 6) << 4),
+            (q[(j + 4) % 12] >> 4) | ((q[j % 12] >> 6) << 4),
         )
     }
 }
@@ -126,12 +141,16 @@ impl Layout for Q5_0 {
     const CHUNKS: usize = 1;
     const ASYM: bool = false;
     #[inline(always)]
+    fn header(b: &[u8]) -> [u8; 4] {
+        let [d0, d1] = array::<2>(b, 0);
+        [d0, d1, 0, 0]
+    }
+    #[inline(always)]
     fn chunk(b: &[u8], _: usize) -> Chunk {
-        let d = f16_at(b, 0);
         Chunk {
             codes: q5_codes(b, 2, 16),
-            scale: [d; 2],
-            min: [0.0; 2],
+            sc: [1.0; 2],
+            m: [0.0; 2],
         }
     }
 }
@@ -141,35 +160,36 @@ impl Layout for Q5_1 {
     const CHUNKS: usize = 1;
     const ASYM: bool = true;
     #[inline(always)]
+    fn header(b: &[u8]) -> [u8; 4] {
+        array::<4>(b, 0)
+    }
+    #[inline(always)]
     fn chunk(b: &[u8], _: usize) -> Chunk {
-        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
         Chunk {
             codes: q5_codes(b, 4, 0),
-            scale: [d; 2],
-            min: [m; 2],
+            sc: [1.0; 2],
+            m: [1.0; 2],
         }
     }
 }
 
 /// Q4_K and Q5_K: chunk `c` holds the low (even `c`) or high nibbles of bytes
-/// `32 * (c / 2)..` of the quants, with bit `c` of `qh[l]` as the fifth bit when `qh` is
-/// given; scale `d * sc`, minimum `-(dmin * m)`.
+/// `32 * (c / 2)..` of the quants `qs`, with bit `c` of `qh[l]` as the fifth bit when `qh`
+/// is given; scale `d * sc`, minimum `-(dmin * m)`.
 #[inline(always)]
-fn k4_chunk(b: &[u8], c: usize, qh: Option<&[u8]>, qs: &[u8]) -> Chunk {
-    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-    let (sc, m) = scale_min_k4(c, &b[4..16]);
-    let q = &qs[32 * (c / 2)..][..32];
+fn k4_chunk(b: &[u8], c: usize, qh: Option<[u8; 32]>, qs: usize) -> Chunk {
+    let (sc, m) = scale_min_k4(c, &array::<12>(b, 4));
+    let q = array::<32>(b, qs + 32 * (c / 2));
     let shift = 4 * (c % 2);
     let mut codes = [0u8; 32];
-    for (l, code) in codes.iter_mut().enumerate() {
+    for (l, (code, q)) in codes.iter_mut().zip(q).enumerate() {
         let high = qh.map_or(0, |h| ((h[l] >> c) & 1) << 4);
-        *code = ((q[l] >> shift) & 0x0F) | high;
+        *code = ((q >> shift) & 0x0F) | high;
     }
-    let (scale, min) = (d * f32::from(sc), dmin * f32::from(m));
     Chunk {
         codes,
-        scale: [scale; 2],
-        min: [-min; 2],
+        sc: [f32::from(sc); 2],
+        m: [-f32::from(m); 2],
     }
 }
 
@@ -178,8 +198,12 @@ impl Layout for Q4K {
     const CHUNKS: usize = 8;
     const ASYM: bool = true;
     #[inline(always)]
+    fn header(b: &[u8]) -> [u8; 4] {
+        array::<4>(b, 0)
+    }
+    #[inline(always)]
     fn chunk(b: &[u8], c: usize) -> Chunk {
-        k4_chunk(b, c, None, &b[16..144])
+        k4_chunk(b, c, None, 16)
     }
 }
 
@@ -188,8 +212,12 @@ impl Layout for Q5K {
     const CHUNKS: usize = 8;
     const ASYM: bool = true;
     #[inline(always)]
+    fn header(b: &[u8]) -> [u8; 4] {
+        array::<4>(b, 0)
+    }
+    #[inline(always)]
     fn chunk(b: &[u8], c: usize) -> Chunk {
-        k4_chunk(b, c, Some(&b[16..48]), &b[48..176])
+        k4_chunk(b, c, Some(array::<32>(b, 16)), 48)
     }
 }
 
@@ -198,50 +226,56 @@ impl Layout for Q6K {
     const CHUNKS: usize = 8;
     const ASYM: bool = false;
     #[inline(always)]
+    fn header(b: &[u8]) -> [u8; 4] {
+        let [d0, d1] = array::<2>(b, 208);
+        [d0, d1, 0, 0]
+    }
+    #[inline(always)]
     fn chunk(b: &[u8], c: usize) -> Chunk {
         // Half `h` of the block (128 weights) reads ql[64h..], qh[32h..], scales[8h..];
         // its chunk k takes nibble k / 2 of ql[32 * (k % 2) + l] and bits 2k..2k+2 of qh[l].
         let (h, k) = (c / 4, c % 4);
-        let ql = &b[64 * h + 32 * (k % 2)..][..32];
-        let qh = &b[128 + 32 * h..][..32];
+        let ql = array::<32>(b, 64 * h + 32 * (k % 2));
+        let qh = array::<32>(b, 128 + 32 * h);
         let (nib_shift, high_shift) = (4 * (k / 2), 2 * k);
         let mut codes = [0u8; 32];
-        for (l, code) in codes.iter_mut().enumerate() {
-            let q = ((ql[l] >> nib_shift) & 0x0F) | (((qh[l] >> high_shift) & 3) << 4);
+        for ((code, ql), qh) in codes.iter_mut().zip(ql).zip(qh) {
+            let q = ((ql >> nib_shift) & 0x0F) | (((qh >> high_shift) & 3) << 4);
             *code = q.wrapping_sub(32);
         }
-        let d = f16_at(b, 208);
-        let sc = |i: usize| d * f32::from(b[192 + 8 * h + 2 * k + i] as i8);
+        let [s0, s1] = array::<2>(b, 192 + 8 * h + 2 * k);
         Chunk {
             codes,
-            scale: [sc(0), sc(1)],
-            min: [0.0; 2],
+            sc: [f32::from(s0 as i8), f32::from(s1 as i8)],
+            m: [0.0; 2],
         }
     }
 }
 
-/// Chunk `c` of block `b` as 32 f32, portable.
+/// Chunk `c` of block `b` as 32 f32, portable (`d`, `e`: the block's [`Layout::header`]).
 #[inline(always)]
-fn chunk_scalar<L: Layout>(b: &[u8], c: usize, out: &mut [f32; 32]) {
+fn chunk_scalar<L: Layout>(b: &[u8], c: usize, (d, e): (f32, f32), out: &mut [f32; 32]) {
     let ch = L::chunk(b, c);
     for (l, (o, &q)) in out.iter_mut().zip(&ch.codes).enumerate() {
-        let w = f32::from(q as i8) * ch.scale[l / 16];
+        let w = f32::from(q as i8) * (d * ch.sc[l / 16]);
         // The product is exact (see the module comment), so this rounds as `fma` does.
-        *o = if L::ASYM { w + ch.min[l / 16] } else { w };
+        *o = if L::ASYM { w + e * ch.m[l / 16] } else { w };
     }
 }
 
-/// Chunk `c` of block `b` as 32 f32 in vectors.
+/// Chunk `c` of block `b` as 32 f32 in vectors (`d`, `e`: the block's header, broadcast).
 #[inline(always)]
-fn chunk_simd<S: Simd, L: Layout>(s: S, b: &[u8], c: usize) -> S::X32 {
+fn chunk_simd<S: Simd, L: Layout>(s: S, b: &[u8], c: usize, (d, e): (S::F32, S::F32)) -> S::X32 {
     let ch = L::chunk(b, c);
+    let scale = [s.mul(d, s.splat(ch.sc[0])), s.mul(d, s.splat(ch.sc[1]))];
+    let min = [s.mul(e, s.splat(ch.m[0])), s.mul(e, s.splat(ch.m[1]))];
     let mut x = s.codes32_i8(&ch.codes);
     for (i, v) in x.as_mut().iter_mut().enumerate() {
-        let half = i * S::LANES / 16;
+        let half = (i * S::LANES / 16) % 2;
         *v = if L::ASYM {
-            s.fma(*v, s.splat(ch.scale[half]), s.splat(ch.min[half]))
+            s.fma(*v, scale[half], min[half])
         } else {
-            s.mul(*v, s.splat(ch.scale[half]))
+            s.mul(*v, scale[half])
         };
     }
     x
@@ -259,9 +293,10 @@ impl<L: Layout> Kernel for Dequantize<'_, L> {
     fn scalar(self) {
         let chunks = self.out.as_chunks_mut::<32>().0;
         for (bi, b) in self.row.chunks_exact(L::BYTES).enumerate() {
+            let de = f16_pair(L::header(b));
             for c in 0..L::CHUNKS {
                 if let Some(o) = chunks.get_mut(bi * L::CHUNKS + c) {
-                    chunk_scalar::<L>(b, c, o);
+                    chunk_scalar::<L>(b, c, de, o);
                 }
             }
         }
@@ -270,9 +305,10 @@ impl<L: Layout> Kernel for Dequantize<'_, L> {
     fn simd<S: Simd>(self, s: S) {
         let chunks = self.out.as_chunks_mut::<32>().0;
         for (bi, b) in self.row.chunks_exact(L::BYTES).enumerate() {
+            let de = s.splat_f16_pair(L::header(b));
             for c in 0..L::CHUNKS {
                 if let Some(o) = chunks.get_mut(bi * L::CHUNKS + c) {
-                    s.store32(o, chunk_simd::<S, L>(s, b, c));
+                    s.store32(o, chunk_simd::<S, L>(s, b, c, de));
                 }
             }
         }
@@ -306,8 +342,9 @@ impl<L: Layout> Kernel for DotMatrix<'_, L> {
         {
             out.fill(0.0);
             for (bi, b) in row.chunks_exact(L::BYTES).enumerate() {
+                let de = f16_pair(L::header(b));
                 for c in 0..L::CHUNKS {
-                    chunk_scalar::<L>(b, c, &mut w);
+                    chunk_scalar::<L>(b, c, de, &mut w);
                     let at = (bi * L::CHUNKS + c) * 32;
                     for (i, o) in out.iter_mut().enumerate() {
                         let xs = &self.x[i * cols + at..][..32];
@@ -329,8 +366,9 @@ impl<L: Layout> Kernel for DotMatrix<'_, L> {
                 let mut acc = [s.zero32(); ROWS_PER_PASS];
                 let first = p * ROWS_PER_PASS;
                 for (bi, b) in row.chunks_exact(L::BYTES).enumerate() {
+                    let de = s.splat_f16_pair(L::header(b));
                     for c in 0..L::CHUNKS {
-                        let w = chunk_simd::<S, L>(s, b, c);
+                        let w = chunk_simd::<S, L>(s, b, c, de);
                         let at = (bi * L::CHUNKS + c) * 32;
                         for (i, a) in acc.iter_mut().take(out.len()).enumerate() {
                             let Some(xs) = self.x.get((first + i) * cols + at..) else {
