@@ -29,7 +29,7 @@ fn target_type(name: &str, cols: usize) -> Option<GgmlDType> {
         .nth(1)
         .and_then(|l| l.parse().ok())
         .unwrap_or(0);
-    Some(if cols % 256 == 0 {
+    Some(if cols.is_multiple_of(256) {
         [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K][layer % 3]
     } else {
         [GgmlDType::Q5_0, GgmlDType::Q5_1][layer % 2]
