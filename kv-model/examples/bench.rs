@@ -10,6 +10,10 @@
 //! - `prefill`, `decode`, `prefill-depth`: end to end on the model per layout: prompt
 //!   tokens/s into an empty cache, decode tokens/s at several depths (tokens already in
 //!   the cache), and prompt tokens/s on top of a long cached context.
+//! - `weights`: the decode matrix-vector kernel (one activation row) of each GGUF block type
+//!   kv keeps in blocks, on a 1536x576 matrix (SmolLM2's gate/up; 1536x768 where the block
+//!   is 256 weights), in weight bytes read per second and as a ratio to Q4_1's, the types
+//!   alternating within each round. No model needed.
 //!
 //! `cargo run --release -p kv-model --example bench -- [--quick] [--model FILE]
 //! [--threads N] [--sections attn,nocache,e2e]`. Set `RAYON_NUM_THREADS` to the same thread
@@ -128,7 +132,12 @@ fn parse_args() -> Res<Args> {
         quick: false,
         model: None,
         threads: 2,
-        sections: vec!["attn".into(), "nocache".into(), "e2e".into()],
+        sections: vec![
+            "attn".into(),
+            "nocache".into(),
+            "e2e".into(),
+            "weights".into(),
+        ],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -183,6 +192,9 @@ fn run(a: &Args) -> Res<()> {
     if on("attn") {
         attention(&sizes, a.threads)?;
     }
+    if on("weights") {
+        rayon::scope(|_| weight_kernels(a.quick));
+    }
     if on("nocache") || on("e2e") {
         // On a worker of rayon's global pool, as `kv` runs: the kernels' parallel loops then
         // share work with the calling thread instead of handing it over and sleeping.
@@ -233,6 +245,55 @@ fn model_sections(a: &Args, sizes: &Sizes, nocache: bool, e2e: bool) -> Res<()> 
         end_to_end(&short, &model, "f32", &[KvDType::F16])?;
     }
     Ok(())
+}
+
+/// The block types timed by the `weights` section, with their bytes per block of weights.
+const WEIGHT_TYPES: [(&str, usize, usize); 8] = [
+    ("q4_1", 20, 32),
+    ("q4_0", 18, 32),
+    ("q8_0", 34, 32),
+    ("q5_0", 22, 32),
+    ("q5_1", 24, 32),
+    ("q4_k", 144, 256),
+    ("q5_k", 176, 256),
+    ("q6_k", 210, 256),
+];
+
+/// `weights` section: each type's decode kernel at the workspace's SIMD level, types
+/// interleaved per round, the median round per type.
+fn weight_kernels(quick: bool) {
+    let (rounds, reps) = if quick { (1, 5) } else { (5, 100) };
+    let rows = 1536;
+    let isa = kv_quant::Isa::best().name();
+    let mut secs: Vec<Vec<f64>> = vec![Vec::new(); WEIGHT_TYPES.len()];
+    for _ in 0..rounds {
+        for ((ty, _, block), s) in WEIGHT_TYPES.iter().zip(&mut secs) {
+            let cols = if *block == 256 { 768 } else { 576 };
+            if let Some(t) = kv_model::matmul_seconds(isa, ty, rows, cols, 1, reps) {
+                s.push(t);
+            }
+        }
+    }
+    let bytes_per_s = |i: usize| -> Option<(f64, f64, usize)> {
+        let (_, bytes, block) = WEIGHT_TYPES[i];
+        let cols = if block == 256 { 768 } else { 576 };
+        let mut s = secs[i].clone();
+        s.sort_by(f64::total_cmp);
+        let t = *s.get(s.len() / 2)?;
+        let total = rows * cols / block * bytes;
+        Some((total as f64 / t, t, cols))
+    };
+    let Some((base, _, _)) = bytes_per_s(0) else {
+        return;
+    };
+    for (i, (ty, _, _)) in WEIGHT_TYPES.iter().enumerate() {
+        if let Some((bps, t, cols)) = bytes_per_s(i) {
+            println!(
+                "BENCH section=weights type={ty} isa={isa} rows={rows} cols={cols} rounds={rounds} secs={t:.9} bytes_per_s={bps:.0} ratio_q4_1={:.3}",
+                bps / base
+            );
+        }
+    }
 }
 
 fn attention(sizes: &Sizes, threads: usize) -> Res<()> {

@@ -144,6 +144,17 @@ pub enum ModelError {
         /// The model's context length.
         context: usize,
     },
+    /// A chat turn whose rendered conversation leaves no room for a reply in the session.
+    #[error(
+        "the conversation needs {needed} tokens but the chat session holds {capacity}: \
+         start over (/reset) or allow more with --context"
+    )]
+    ConversationFull {
+        /// Tokens the conversation and at least one reply token need.
+        needed: usize,
+        /// Tokens the session holds.
+        capacity: usize,
+    },
     /// A token id outside the vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     TokenOutOfRange {

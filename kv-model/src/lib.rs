@@ -6,6 +6,8 @@
 //!   independent forward pass that stores nothing.
 //! - [`Tokenizer`]: the SentencePiece or byte-level BPE stored in the file, and its
 //!   Jinja [`ChatTemplate`].
+//! - [`ChatSession`]: a multi-turn conversation that keeps its cache between turns and
+//!   prefills only what the cache does not hold (`kv chat`).
 //! - [`Sampler`]: greedy, temperature, top-k, top-p, seeded.
 //! - [`Model::generate`] / [`Model::generate_uncached`]: the two generation loops and the
 //!   [`Summary`] of what each cost.
@@ -44,13 +46,15 @@
 //! println!("\n{}", run.summary);
 //! # Ok::<(), kv_model::ModelError>(())
 //! ```
-// Unsafe only in `linear` (SIMD intrinsics, the GEMM call), which allows it for itself.
+// Unsafe only in `linear` (SIMD intrinsics, the GEMM call) and `mapped` (mapping the model
+// file), which allow it for themselves.
 #![deny(unsafe_code)]
 // Tests unwrap: a panic is how they fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod batch;
 mod chat;
+mod chat_session;
 mod config;
 mod error;
 mod escape;
@@ -58,6 +62,7 @@ mod files;
 mod generate;
 mod gguf_check;
 mod linear;
+mod mapped;
 mod model;
 pub mod ppl;
 mod rope;
@@ -69,6 +74,7 @@ use std::path::{Path, PathBuf};
 
 pub use batch::{BatchOptions, BatchRun, SeqOutcome};
 pub use chat::{ChatMessage, ChatTemplate};
+pub use chat_session::{reusable_prefix, ChatOptions, ChatSession, ChatTurn, TurnReport};
 pub use config::{LlamaConfig, MetadataLimits, SUPPORTED_ARCHITECTURES};
 pub use error::{ModelError, Result};
 pub use escape::escape_controls;
@@ -107,11 +113,11 @@ pub fn load(path: impl AsRef<Path>) -> Result<(Model, Tokenizer)> {
 /// As [`load`].
 pub fn load_with(path: impl AsRef<Path>, format: WeightFormat) -> Result<(Model, Tokenizer)> {
     let path = path.as_ref();
-    let (content, reader) = config::read_header(path)?;
+    let (content, map) = mapped::GgufMap::open(path)?;
     // The architecture decides whether anything else is worth reading.
     LlamaConfig::from_metadata(&content.metadata)?;
     let tokenizer = Tokenizer::from_metadata(&content.metadata)?;
-    let model = Model::from_content(&content, reader, path, &candle_core::Device::Cpu, format)?;
+    let model = Model::from_content(&content, &map, path, &candle_core::Device::Cpu, format)?;
     Ok((model, tokenizer))
 }
 

@@ -21,7 +21,10 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod kquant;
 mod scalar;
+
+pub(crate) use kquant::KType;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -32,7 +35,7 @@ use rayon::prelude::*;
 
 use crate::{ModelError, Result};
 
-/// Weights per block in every supported block type.
+/// Weights per block of the [`BlockType`]s (the per-width kernels' block).
 pub(crate) const BLOCK: usize = 32;
 
 /// Activation rows up to which the matrix-vector kernel is used; from here on the panel
@@ -81,6 +84,55 @@ impl BlockType {
     }
 }
 
+/// Every GGUF block type with our own kernels: the three with per-width kernels
+/// (`linear/avx2.rs`, `linear/avx512.rs`), and those written once over kv-quant's `Simd`
+/// width (`linear/kquant.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WeightType {
+    /// Q4_0, Q4_1, Q8_0.
+    Block(BlockType),
+    /// Q5_0, Q5_1, Q4_K, Q5_K, Q6_K.
+    K(KType),
+}
+
+impl WeightType {
+    /// The type of a GGUF tensor type, if we have kernels for it.
+    pub(crate) fn from_ggml(t: GgmlDType) -> Option<Self> {
+        if let Some(b) = BlockType::from_ggml(t) {
+            return Some(Self::Block(b));
+        }
+        Some(Self::K(match t {
+            GgmlDType::Q5_0 => KType::Q5_0,
+            GgmlDType::Q5_1 => KType::Q5_1,
+            GgmlDType::Q4K => KType::Q4K,
+            GgmlDType::Q5K => KType::Q5K,
+            GgmlDType::Q6K => KType::Q6K,
+            _ => return None,
+        }))
+    }
+
+    /// Weights per block.
+    pub(crate) const fn weights(self) -> usize {
+        match self {
+            Self::Block(_) => BLOCK,
+            Self::K(k) => k.weights(),
+        }
+    }
+
+    /// Bytes per block.
+    pub(crate) const fn bytes(self) -> usize {
+        match self {
+            Self::Block(b) => b.bytes(),
+            Self::K(k) => k.bytes(),
+        }
+    }
+
+    /// Bytes of a row of `cols` weights (a multiple of [`WeightType::weights`]).
+    const fn row_bytes(self, cols: usize) -> usize {
+        cols / self.weights() * self.bytes()
+    }
+}
+
 /// An instruction-set level of the kernels, in increasing order.
 /// The workspace's one instruction-set level (detection and the `KV_ISA` switch live in
 /// kv-quant); kv-model's own matrix kernels exist for each level.
@@ -115,7 +167,11 @@ impl Kernels {
             .unwrap_or(Self { isa: Isa::Scalar })
     }
 
-    fn dequantize_row(self, ty: BlockType, row: &[u8], out: &mut [f32]) {
+    fn dequantize_row(self, ty: WeightType, row: &[u8], out: &mut [f32]) {
+        let ty = match ty {
+            WeightType::Block(b) => b,
+            WeightType::K(k) => return kquant::dequantize_row(self.isa, k, row, out),
+        };
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a `Kernels` with `Isa::Avx2` exists only after `Kernels::new` found
@@ -145,13 +201,17 @@ impl Kernels {
     /// rows of `cols` weights of type `ty`) and `n` activation rows of `x`.
     fn dot_matrix(
         self,
-        ty: BlockType,
+        ty: WeightType,
         rows: &[u8],
         x: &[f32],
         cols: usize,
         n: usize,
         out: &mut [f32],
     ) {
+        let ty = match ty {
+            WeightType::Block(b) => b,
+            WeightType::K(k) => return kquant::dot_matrix(self.isa, k, rows, x, cols, n, out),
+        };
         let row_bytes = cols / BLOCK * ty.bytes();
         if row_bytes == 0 || n == 0 {
             out.fill(0.0);
@@ -197,13 +257,31 @@ impl Kernels {
 }
 
 /// A `[rows, cols]` weight matrix held as the file's blocks, row-major, each row
-/// `cols / 32` blocks.
+/// `cols / ty.weights()` blocks.
 #[derive(Debug, Clone)]
 pub(crate) struct BlockMatrix {
-    ty: BlockType,
+    ty: WeightType,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    data: Bytes,
+}
+
+/// A weight matrix's block bytes: its own copy, or a range of the mapped model file.
+#[derive(Debug, Clone)]
+enum Bytes {
+    Owned(Vec<u8>),
+    Mapped(Arc<memmap2::Mmap>, std::ops::Range<usize>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Owned(v) => v,
+            // The range was checked against the map when the matrix was made.
+            Self::Mapped(m, r) => &m[r.clone()],
+        }
+    }
 }
 
 /// A raw pointer into the output that rayon tasks share; each task writes its own columns.
@@ -229,24 +307,48 @@ thread_local! {
 
 impl BlockMatrix {
     /// `data` as `rows` rows of `cols` weights of type `ty`; `None` if `cols` is not a
-    /// multiple of 32 or `data` is not exactly that many blocks.
-    pub(crate) fn new(ty: BlockType, rows: usize, cols: usize, data: Vec<u8>) -> Option<Self> {
-        let ok = cols.is_multiple_of(BLOCK)
-            && rows
-                .checked_mul(cols / BLOCK)
-                .and_then(|b| b.checked_mul(ty.bytes()))
-                == Some(data.len());
+    /// multiple of the block's weights or `data` is not exactly that many blocks.
+    pub(crate) fn new(ty: WeightType, rows: usize, cols: usize, data: Vec<u8>) -> Option<Self> {
+        Self::fits(ty, rows, cols, data.len()).then_some(Self {
+            ty,
+            rows,
+            cols,
+            data: Bytes::Owned(data),
+        })
+    }
+
+    /// As [`BlockMatrix::new`] over `range` of a mapped file, without copying; `None` also
+    /// if the range is not inside the map.
+    pub(crate) fn mapped(
+        ty: WeightType,
+        rows: usize,
+        cols: usize,
+        map: Arc<memmap2::Mmap>,
+        range: std::ops::Range<usize>,
+    ) -> Option<Self> {
+        let ok = range.start <= range.end
+            && range.end <= map.len()
+            && Self::fits(ty, rows, cols, range.end - range.start);
         ok.then_some(Self {
             ty,
             rows,
             cols,
-            data,
+            data: Bytes::Mapped(map, range),
         })
+    }
+
+    /// Whether `len` bytes are exactly `rows` rows of `cols` weights of `ty`.
+    fn fits(ty: WeightType, rows: usize, cols: usize, len: usize) -> bool {
+        cols.is_multiple_of(ty.weights())
+            && rows
+                .checked_mul(cols / ty.weights())
+                .and_then(|b| b.checked_mul(ty.bytes()))
+                == Some(len)
     }
 
     /// The blocks of a 2-D GGUF tensor, or `None` if its type has no kernels here.
     pub(crate) fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
-        let Some(ty) = BlockType::from_ggml(t.dtype()) else {
+        let Some(ty) = WeightType::from_ggml(t.dtype()) else {
             return Ok(None);
         };
         let (rows, cols) = t.shape().dims2()?;
@@ -254,7 +356,7 @@ impl BlockMatrix {
     }
 
     fn row(&self, r: usize) -> &[u8] {
-        let bytes = self.cols / BLOCK * self.ty.bytes();
+        let bytes = self.ty.row_bytes(self.cols);
         &self.data[r * bytes..][..bytes]
     }
 
@@ -356,7 +458,7 @@ fn matvec_parts(k: Kernels, parts: &mut [(&BlockMatrix, &mut [f32])], x: &[f32],
         }
     }
     tasks.into_par_iter().for_each(|(m, r0, o)| {
-        let row_bytes = m.cols / BLOCK * m.ty.bytes();
+        let row_bytes = m.ty.row_bytes(m.cols);
         let rows = &m.data[r0 * row_bytes..][..o.len() / n * row_bytes];
         k.dot_matrix(m.ty, rows, x, m.cols, n, o);
     });
@@ -372,10 +474,11 @@ fn transpose_into(t: &[f32], n: usize, out: &mut [f32]) {
     }
 }
 
-/// Seconds per `matmul` of a random `[rows, cols]` matrix of `ty` (`q4_0`, `q4_1`, `q8_0`)
-/// by `n` activation rows at `isa` (`scalar`, `avx2`, `avx512`), the median of `reps`
-/// calls after one warm-up; `None` for an unknown name or a level this CPU lacks, or a
-/// `cols` not a multiple of 32. For the `weight_speed` example: kernels are not public API.
+/// Seconds per `matmul` of a random `[rows, cols]` matrix of `ty` (`q4_0`, `q4_1`, `q8_0`,
+/// `q5_0`, `q5_1`, `q4_k`, `q5_k`, `q6_k`) by `n` activation rows at `isa` (`scalar`,
+/// `avx2`, `avx512`), the median of `reps` calls after one warm-up; `None` for an unknown
+/// name or a level this CPU lacks, or a `cols` not a multiple of the type's block. For the
+/// `weight_speed` and `bench` examples: kernels are not public API.
 #[doc(hidden)]
 pub fn matmul_seconds(
     isa: &str,
@@ -387,15 +490,23 @@ pub fn matmul_seconds(
 ) -> Option<f64> {
     let k = Kernels::new(Isa::from_name(isa)?)?;
     let ty = match ty {
-        "q4_0" => BlockType::Q4_0,
-        "q4_1" => BlockType::Q4_1,
-        "q8_0" => BlockType::Q8_0,
+        "q4_0" => WeightType::Block(BlockType::Q4_0),
+        "q4_1" => WeightType::Block(BlockType::Q4_1),
+        "q8_0" => WeightType::Block(BlockType::Q8_0),
+        "q5_0" => WeightType::K(KType::Q5_0),
+        "q5_1" => WeightType::K(KType::Q5_1),
+        "q4_k" => WeightType::K(KType::Q4K),
+        "q5_k" => WeightType::K(KType::Q5K),
+        "q6_k" => WeightType::K(KType::Q6K),
         _ => return None,
     };
+    if !cols.is_multiple_of(ty.weights()) {
+        return None;
+    }
     // Deterministic bytes; each block's f16 scale(s) set to small normal values.
-    let blocks = rows * (cols / BLOCK);
+    let blocks = rows.checked_mul(cols / ty.weights())?;
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut data: Vec<u8> = (0..blocks * ty.bytes())
+    let mut data: Vec<u8> = (0..blocks.checked_mul(ty.bytes())?)
         .map(|_| {
             state = state
                 .wrapping_mul(6_364_136_223_846_793_005)
@@ -404,10 +515,16 @@ pub fn matmul_seconds(
         })
         .collect();
     let scale = half::f16::from_f32(0.01).to_bits().to_le_bytes();
+    // Where each type keeps its f16 fields.
+    let halves: &[usize] = match ty {
+        WeightType::Block(BlockType::Q4_1) | WeightType::K(KType::Q5_1) => &[0, 2],
+        WeightType::K(KType::Q4K | KType::Q5K) => &[0, 2],
+        WeightType::K(KType::Q6K) => &[208],
+        _ => &[0],
+    };
     for b in data.chunks_exact_mut(ty.bytes()) {
-        b[..2].copy_from_slice(&scale);
-        if ty == BlockType::Q4_1 {
-            b[2..4].copy_from_slice(&scale);
+        for &at in halves {
+            b[at..at + 2].copy_from_slice(&scale);
         }
     }
     let m = BlockMatrix::new(ty, rows, cols, data)?;
@@ -549,7 +666,16 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    const TYPES: [GgmlDType; 3] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+    const TYPES: [GgmlDType; 8] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
 
     /// Every level this CPU runs, so each test covers what the machine has.
     fn kernels() -> Vec<Kernels> {
@@ -591,14 +717,16 @@ mod tests {
             assert_eq!(Kernels::new(isa).is_some(), k == isa, "{isa:?}");
         }
         assert!(matmul_seconds("scalar", "q4_1", 16, 64, 1, 1).is_some());
-        assert!(matmul_seconds("scalar", "q5_0", 16, 64, 1, 1).is_none());
+        assert!(matmul_seconds("scalar", "q2_k", 16, 64, 1, 1).is_none());
+        assert!(matmul_seconds("scalar", "q4_k", 16, 64, 1, 1).is_none());
+        assert!(matmul_seconds("scalar", "q4_k", 4, 256, 1, 1).is_some());
     }
 
     #[test]
     fn dequantize_equals_candle_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(1);
         for ty in TYPES {
-            let (rows, cols) = (7, 160);
+            let (rows, cols) = (7, 512);
             let (q, want) = weight(&mut rng, ty, rows, cols);
             let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
             for k in kernels() {
@@ -614,6 +742,72 @@ mod tests {
         }
     }
 
+    /// Random block bytes (not what a quantizer writes: any scale, sign and code), with
+    /// the f16 fields made finite, against candle's `dequantize` of the same bytes.
+    #[test]
+    fn dequantize_of_arbitrary_blocks_equals_candle_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for ty in TYPES {
+            let wt = WeightType::from_ggml(ty).unwrap();
+            let (rows, cols) = (5, 512);
+            let mut data: Vec<u8> = (0..rows * wt.row_bytes(cols))
+                .map(|_| rng.random())
+                .collect();
+            let halves: &[usize] = match wt {
+                WeightType::K(KType::Q6K) => &[208],
+                WeightType::K(KType::Q4K | KType::Q5K | KType::Q5_1)
+                | WeightType::Block(BlockType::Q4_1) => &[0, 2],
+                _ => &[0],
+            };
+            for b in data.chunks_exact_mut(wt.bytes()) {
+                for &at in halves {
+                    // Either sign, zero included, any finite magnitude.
+                    let v = half::f16::from_f32(rng.random_range(-2.0f32..2.0));
+                    let v = if rng.random_range(0..8) == 0 {
+                        half::f16::ZERO
+                    } else {
+                        v
+                    };
+                    b[at..at + 2].copy_from_slice(&v.to_bits().to_le_bytes());
+                }
+            }
+            let storage = candle_core::quantized::QStorage::from_data(
+                std::borrow::Cow::Borrowed(&data),
+                &Device::Cpu,
+                ty,
+            )
+            .unwrap();
+            let q = QTensor::new(storage, (rows, cols)).unwrap();
+            let want: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
+            for k in kernels() {
+                let mut row = vec![0f32; cols];
+                for r in 0..rows {
+                    m.dequantize_row(k, r, &mut row);
+                    for (j, (g, w)) in row.iter().zip(&want[r * cols..][..cols]).enumerate() {
+                        assert_eq!(g.to_bits(), w.to_bits(), "{ty:?} {k:?} row {r} col {j}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A matrix whose columns are not whole blocks of its type is refused, not misread.
+    #[test]
+    fn k_quant_rows_must_be_whole_super_blocks() {
+        let ty = WeightType::K(KType::Q4K);
+        assert!(BlockMatrix::new(ty, 2, 256, vec![0; 2 * 144]).is_some());
+        assert!(BlockMatrix::new(ty, 2, 128, vec![0; 144]).is_none());
+        assert!(BlockMatrix::new(ty, 2, 256, vec![0; 2 * 144 + 1]).is_none());
+        assert!(BlockMatrix::new(ty, usize::MAX, 256, vec![]).is_none());
+    }
+
     /// Every path (matrix-vector for few rows, panels for many; scalar and AVX2) against an
     /// f64 product of candle's dequantized weights. f32 summation of `cols` terms in any
     /// order errs by at most about `cols * eps * sum |w x|`: that is the tolerance.
@@ -621,7 +815,7 @@ mod tests {
     fn matmul_matches_f64_reference_within_summation_error() {
         let mut rng = StdRng::seed_from_u64(2);
         for ty in TYPES {
-            let (rows, cols) = (37, 160);
+            let (rows, cols) = (37, 256);
             let (q, w) = weight(&mut rng, ty, rows, cols);
             let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
             for n in [1, 2, 3, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1, 33] {
@@ -654,7 +848,7 @@ mod tests {
     fn matvec_rows_do_not_depend_on_their_batch() {
         let mut rng = StdRng::seed_from_u64(3);
         for ty in TYPES {
-            let (rows, cols) = (40, 96);
+            let (rows, cols) = (40, 256);
             let (q, _) = weight(&mut rng, ty, rows, cols);
             let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
             let n = 5;
@@ -751,8 +945,31 @@ mod tests {
     }
 
     #[test]
+    fn mapped_matrices_read_their_range_and_refuse_ranges_outside_the_map() {
+        let path = std::env::temp_dir().join(format!("kv-linear-map-{}", std::process::id()));
+        let ty = WeightType::Block(BlockType::Q8_0);
+        let mut bytes = vec![0u8; 4 + 2 * 34];
+        bytes[4 + 34..4 + 36].copy_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+        bytes[4 + 36] = 6; // row 1, weight 0 = 0.5 * 6
+        std::fs::write(&path, &bytes).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a private read-only map of a file this test alone writes.
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.unwrap());
+        let m = BlockMatrix::mapped(ty, 2, 32, map.clone(), 4..4 + 68).unwrap();
+        let mut row = vec![0f32; 32];
+        m.dequantize_row(Kernels::best(), 1, &mut row);
+        assert_eq!(row[0], 3.0);
+        assert!(BlockMatrix::mapped(ty, 2, 32, map.clone(), 5..5 + 68).is_none());
+        assert!(BlockMatrix::mapped(ty, 2, 32, map.clone(), 4..4 + 67).is_none());
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = 68..4;
+        assert!(BlockMatrix::mapped(ty, 0, 32, map, backwards).is_none());
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn new_rejects_data_of_the_wrong_size() {
-        let ty = BlockType::Q4_1;
+        let ty = WeightType::Block(BlockType::Q4_1);
         assert!(BlockMatrix::new(ty, 2, 64, vec![0; 4 * 20]).is_some());
         assert!(BlockMatrix::new(ty, 2, 64, vec![0; 4 * 20 - 1]).is_none());
         assert!(BlockMatrix::new(ty, 2, 48, vec![0; 3 * 20]).is_none());

@@ -14,8 +14,8 @@ use kv_backend_cpu::CpuBackend;
 use kv_backend_cuda::CudaBackend;
 use kv_core::{memory, KvDType, ModelShape};
 use kv_model::{
-    CacheLayout, ChatTemplate, GenerateOptions, Generation, LlamaConfig, ModelError, Result,
-    SamplingConfig, Tokenizer, WeightFormat, WindowConfig,
+    CacheLayout, ChatOptions, ChatSession, ChatTemplate, GenerateOptions, Generation, LlamaConfig,
+    ModelError, Result, SamplingConfig, Tokenizer, WeightFormat, WindowConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -70,6 +70,57 @@ enum Command {
     /// Print the token ids of a text, as llama.cpp's llama-tokenize does (also on
     /// vocabulary-only GGUF files).
     Tokenize(TokenizeArgs),
+    /// Talk with the model, turn after turn, keeping the conversation's cache.
+    ///
+    /// On a terminal: type a turn after `> ` (`/reset` starts over, `/exit` or end of input
+    /// leaves). Otherwise standard input holds the user turns, one per line (blank lines
+    /// skipped), and each reply is written to stdout followed by a newline. Every turn
+    /// renders the whole conversation with the chat template and prefills only the tokens
+    /// the cache does not already hold; stderr shows per turn how many were reused,
+    /// prefilled and generated.
+    Chat(ChatArgs),
+}
+
+#[derive(Debug, Args)]
+struct ChatArgs {
+    /// GGUF model file [default: $KV_MODEL_DIR or ~/.cache/kv/models, SmolLM2-135M-Instruct]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A system turn that opens the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
+    max_tokens: usize,
+    /// Most tokens the conversation holds (its cache is sized for them) [default: the
+    /// model's context, at most 4096].
+    #[arg(long, allow_negative_numbers = true)]
+    context: Option<usize>,
+    /// Layout of cached K/V rows.
+    #[arg(long, default_value = "f16")]
+    dtype: KvDType,
+    /// Tokens per cache block [default: 16, or 32 for the KIVI layouts].
+    #[arg(long, allow_negative_numbers = true)]
+    block_size: Option<usize>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Sample only among the K most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities sum to P.
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f32>,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Chat template to use instead of the file's own: a built-in (chatml, llama2, llama3,
+    /// gemma) or a Jinja file.
+    #[arg(long, value_name = "NAME|FILE")]
+    chat_template: Option<String>,
+    /// How the model's projection weights are held (see `kv generate --help`).
+    #[arg(long, value_enum, default_value_t = Weights::Blocks)]
+    weights: Weights,
 }
 
 #[derive(Debug, Args)]
@@ -333,6 +384,7 @@ fn main() -> ExitCode {
         Command::Batch(args) => batch(args),
         Command::WindowPpl(args) => window_ppl(args),
         Command::Tokenize(args) => tokenize(args),
+        Command::Chat(args) => chat(args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -598,6 +650,159 @@ fn generate(mut args: GenerateArgs) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Default of `kv chat --context`: the most tokens a session holds when not told.
+const CHAT_CONTEXT: usize = 4096;
+
+fn chat(args: ChatArgs) -> Result<()> {
+    use std::io::IsTerminal;
+    let sampling = SamplingConfig {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    sampling.validate()?;
+    at_least_one("--max-tokens", args.max_tokens)?;
+    if let Some(bs) = args.block_size {
+        at_least_one("--block-size", bs)?;
+    }
+    if let Some(c) = args.context {
+        at_least_one("--context", c)?;
+    }
+    let path = args.model.unwrap_or_else(kv_model::default_model_path);
+    let (model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
+    let model_context = model.config().context_length;
+    if let Some(c) = args.context.filter(|&c| c > model_context) {
+        return Err(ModelError::ContextOverflow {
+            what: "--context",
+            needed: c,
+            context: model_context,
+        });
+    }
+    let own;
+    let template = match &args.chat_template {
+        Some(name) => {
+            let (bos, eos) = tokenizer.special_texts();
+            own = ChatTemplate::builtin_or_file(name, bos, eos)?;
+            &own
+        }
+        None => tokenizer
+            .chat_template()
+            .ok_or_else(|| ModelError::Unsupported {
+                what: "chat template",
+                detail: format!(
+                    "{} has none; pass --chat-template NAME|FILE (built-ins: {})",
+                    path.display(),
+                    ChatTemplate::builtin_names().join(", ")
+                ),
+            })?,
+    };
+    let layout = CacheLayout {
+        dtype: args.dtype,
+        block_size: args.block_size.unwrap_or_else(|| {
+            let t = args.dtype.block_tokens().max(1);
+            16usize.div_ceil(t) * t
+        }),
+    };
+    let options = ChatOptions {
+        max_tokens: args.max_tokens,
+        sampling,
+        stop_tokens: tokenizer.stop_tokens().to_vec(),
+        system: args.system,
+        context_tokens: args.context.unwrap_or(model_context.min(CHAT_CONTEXT)),
+    };
+    let mut session = ChatSession::new(
+        &model,
+        &tokenizer,
+        template,
+        CpuBackend::new(),
+        layout,
+        options,
+    )?;
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    let mut input = stdin.lock();
+    let mut out = std::io::stdout().lock();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = read_turn(&mut input)? else {
+            break;
+        };
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.trim().is_empty() {
+            continue;
+        }
+        if interactive {
+            match line.trim() {
+                "/exit" | "/quit" => break,
+                "/reset" => {
+                    session.reset()?;
+                    eprintln!("(conversation cleared)");
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        let mut stream = tokenizer.stream();
+        let result = session.turn(line, |token| {
+            if let Some(piece) = stream.push(token)? {
+                out.write_all(piece.as_bytes())
+                    .and_then(|()| out.flush())
+                    .map_err(ModelError::Output)?;
+            }
+            Ok(())
+        });
+        let tail = stream.finish()?.unwrap_or_default();
+        writeln!(out, "{tail}")
+            .and_then(|()| out.flush())
+            .map_err(ModelError::Output)?;
+        match result {
+            Ok(turn) => eprintln!("{}", turn.report),
+            // A failed turn leaves the conversation as it was: a person can go on.
+            Err(e) if interactive => {
+                eprintln!("error: {}", kv_model::escape_controls(&e.to_string()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The next line of standard input (at most [`kv_model::MAX_TEXT_BYTES`]), or `None` at
+/// its end.
+fn read_turn(input: &mut impl std::io::BufRead) -> Result<Option<String>> {
+    use std::io::{BufRead, Read};
+    let io = |source| ModelError::Io {
+        path: "<standard input>".into(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    let n = input
+        .by_ref()
+        .take(kv_model::MAX_TEXT_BYTES + 1)
+        .read_until(b'\n', &mut bytes)
+        .map_err(io)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if bytes.len() as u64 > kv_model::MAX_TEXT_BYTES {
+        return Err(ModelError::InvalidArgument {
+            what: "turn on standard input",
+            expected: format!("at most {} bytes", kv_model::MAX_TEXT_BYTES),
+            got: "more".into(),
+        });
+    }
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| ModelError::InvalidArgument {
+            what: "turn on standard input",
+            expected: "UTF-8 text".into(),
+            got: "invalid UTF-8".into(),
+        })
 }
 
 fn tokenize(args: TokenizeArgs) -> Result<()> {

@@ -1,8 +1,7 @@
 //! The Llama decoder: weights from GGUF, a forward pass over a KV cache, and an
 //! independent forward pass that stores nothing.
 
-use std::fs::File;
-use std::io::BufReader;
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,8 +11,9 @@ use candle_core::{DType, Device, Tensor, D};
 use kv_attention::PagedCache;
 use kv_core::{AttentionBatch, CacheBackend, ModelShape, SeqId};
 
-use crate::config::{one_line, read_header};
-use crate::linear::{BlockMatrix, Embeddings, Linear};
+use crate::config::one_line;
+use crate::linear::{BlockMatrix, Embeddings, Linear, WeightType};
+use crate::mapped::GgufMap;
 use crate::rope::Rope;
 use crate::{LlamaConfig, ModelError, Result};
 
@@ -119,10 +119,10 @@ pub struct Model {
     rope: Rope,
 }
 
-/// Reads named tensors from an open GGUF file, checking presence and shape.
+/// Reads named tensors from a mapped GGUF file, checking presence and shape.
 struct TensorReader<'a> {
     content: &'a Content,
-    reader: BufReader<File>,
+    map: &'a GgufMap,
     path: PathBuf,
     device: &'a Device,
     format: WeightFormat,
@@ -133,7 +133,11 @@ impl TensorReader<'_> {
         self.content.tensor_infos.contains_key(name)
     }
 
-    fn qtensor(&mut self, name: &str, expected: &[usize]) -> Result<QTensor> {
+    fn info(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<&candle_core::quantized::gguf_file::TensorInfo> {
         let info =
             self.content
                 .tensor_infos
@@ -148,9 +152,37 @@ impl TensorReader<'_> {
                 got: format!("{:?}", info.shape.dims()),
             });
         }
+        Ok(info)
+    }
+
+    /// A 2-D weight as the file's blocks referenced in the map (no copy), when the format
+    /// keeps blocks on this device and its type has our kernels.
+    fn mapped_blocks(&self, name: &str, expected: &[usize]) -> Result<Option<BlockMatrix>> {
+        let info = self.info(name, expected)?;
+        let ty = match WeightType::from_ggml(info.ggml_dtype) {
+            Some(ty) if self.format == WeightFormat::Blocks && self.device.is_cpu() => ty,
+            _ => return Ok(None),
+        };
+        let range = self.map.range(self.content, name, info)?;
+        if !finite_bytes(info.ggml_dtype, &self.map.bytes()[range.clone()]).unwrap_or(true) {
+            return Err(ModelError::NonFiniteWeights {
+                what: format!("tensor {name:?}"),
+            });
+        }
+        let (rows, cols) = info.shape.dims2()?;
+        BlockMatrix::mapped(ty, rows, cols, self.map.map().clone(), range)
+            .map(Some)
+            .ok_or_else(|| ModelError::InvalidGguf {
+                path: self.path.clone(),
+                detail: format!("tensor {name:?}: not whole blocks of {:?}", info.ggml_dtype),
+            })
+    }
+
+    fn qtensor(&mut self, name: &str, expected: &[usize]) -> Result<QTensor> {
+        let info = self.info(name, expected)?;
         let t = info
             .read(
-                &mut self.reader,
+                &mut Cursor::new(self.map.bytes()),
                 self.content.tensor_data_offset,
                 self.device,
             )
@@ -167,6 +199,9 @@ impl TensorReader<'_> {
     }
 
     fn matmul(&mut self, name: &str, expected: &[usize]) -> Result<Linear> {
+        if let Some(m) = self.mapped_blocks(name, expected)? {
+            return Ok(Linear::Blocks(Arc::new(m)));
+        }
         let t = self.qtensor(name, expected)?;
         self.to_matmul(t)
     }
@@ -219,13 +254,13 @@ impl Model {
         format: WeightFormat,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let (content, reader) = read_header(path)?;
-        Self::from_content(&content, reader, path, device, format)
+        let (content, map) = GgufMap::open(path)?;
+        Self::from_content(&content, &map, path, device, format)
     }
 
     pub(crate) fn from_content(
         content: &Content,
-        reader: BufReader<File>,
+        map: &GgufMap,
         path: &Path,
         device: &Device,
         format: WeightFormat,
@@ -234,7 +269,7 @@ impl Model {
         let shape = config.shape()?;
         let mut r = TensorReader {
             content,
-            reader,
+            map,
             path: path.to_path_buf(),
             device,
             format,
@@ -247,16 +282,14 @@ impl Model {
         let q_dim = config.n_heads * config.head_dim;
         let kv_dim = config.n_kv_heads * config.head_dim;
 
-        let embd = r.qtensor("token_embd.weight", &[vocab, h])?;
-        let blocks = if format == WeightFormat::Blocks && device.is_cpu() {
-            BlockMatrix::from_qtensor(&embd)?.map(Arc::new)
-        } else {
-            None
-        };
+        let blocks = r
+            .mapped_blocks("token_embd.weight", &[vocab, h])?
+            .map(Arc::new);
         // Tied output: the same blocks or f32 tensor serve both, no second copy.
         let (embeddings, tied) = match blocks {
             Some(b) => (Embeddings::Blocks(b.clone()), Linear::Blocks(b)),
             None => {
+                let embd = r.qtensor("token_embd.weight", &[vocab, h])?;
                 let t = embd.dequantize(device)?.to_dtype(DType::F32)?;
                 let tied = if format == WeightFormat::Quantized {
                     r.to_matmul(embd)?
@@ -524,31 +557,44 @@ impl Model {
 /// Whether every weight of `t` is finite, read from its stored bytes: the scales (and
 /// minima) of Q4/Q5/Q8 blocks, every element of float tensors; other block types are
 /// dequantized and checked.
-fn all_finite(t: &QTensor) -> Result<bool> {
+/// Whether the stored bytes of a tensor of `dtype` hold only finite weights, read from the
+/// blocks' f16 fields (the other fields are small integers, so a block with finite fields
+/// has finite weights) or the float elements; `None` for a type without a rule here.
+fn finite_bytes(dtype: GgmlDType, data: &[u8]) -> Option<bool> {
     let f16_ok = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 != 0x7c00;
     let bf16_ok = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 != 0x7f80;
     // (bytes per block, offsets of the f16 fields in it)
-    let blocks: Option<(usize, &[usize])> = match t.dtype() {
+    let blocks: Option<(usize, &[usize])> = match dtype {
         GgmlDType::Q4_0 => Some((18, &[0])),
         GgmlDType::Q4_1 => Some((20, &[0, 2])),
         GgmlDType::Q5_0 => Some((22, &[0])),
         GgmlDType::Q5_1 => Some((24, &[0, 2])),
         GgmlDType::Q8_0 => Some((34, &[0])),
         GgmlDType::Q8_1 => Some((36, &[0, 2])),
+        GgmlDType::Q4K => Some((144, &[0, 2])),
+        GgmlDType::Q5K => Some((176, &[0, 2])),
+        GgmlDType::Q6K => Some((210, &[208])),
         GgmlDType::F16 => Some((2, &[0])),
         _ => None,
     };
-    match (t.dtype(), blocks) {
-        (_, Some((size, fields))) => Ok(t
-            .data()?
-            .chunks_exact(size)
-            .all(|b| fields.iter().all(|&o| f16_ok(&b[o..o + 2])))),
-        (GgmlDType::BF16, _) => Ok(t.data()?.chunks_exact(2).all(bf16_ok)),
-        (GgmlDType::F32, _) => Ok(t
-            .data()?
-            .chunks_exact(4)
-            .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())),
-        _ => {
+    match (dtype, blocks) {
+        (_, Some((size, fields))) => Some(
+            data.chunks_exact(size)
+                .all(|b| fields.iter().all(|&o| f16_ok(&b[o..o + 2]))),
+        ),
+        (GgmlDType::BF16, _) => Some(data.chunks_exact(2).all(bf16_ok)),
+        (GgmlDType::F32, _) => Some(
+            data.chunks_exact(4)
+                .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+        ),
+        _ => None,
+    }
+}
+
+fn all_finite(t: &QTensor) -> Result<bool> {
+    match finite_bytes(t.dtype(), &t.data()?) {
+        Some(ok) => Ok(ok),
+        None => {
             let x = t.dequantize(&Device::Cpu)?.flatten_all()?;
             // The sum of squares of finite weights can overflow; check element by element.
             Ok(x.to_vec1::<f32>()?.iter().all(|v| v.is_finite()))

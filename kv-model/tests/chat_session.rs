@@ -1,0 +1,160 @@
+//! `kv chat` on the real SmolLM2-135M-Instruct model (ignored: run in release with the
+//! model present, as `cargo xtask test-all` does).
+//!
+//! A three-turn session read from standard input must reuse the earlier turns' cache
+//! (everything of the previous prompt is reused, only the new tokens are prefilled) and
+//! give, with greedy sampling, the replies that recomputing each turn from scratch gives.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use kv_backend_cpu::CpuBackend;
+use kv_model::{
+    CacheLayout, ChatMessage, ChatOptions, ChatSession, GenerateOptions, SamplingConfig, StopReason,
+};
+
+const TURNS: [&str; 3] = [
+    "What is the capital of France?",
+    "What is it famous for?",
+    "Name one river that flows through it.",
+];
+
+const MAX_TOKENS: usize = 48;
+
+/// `[turn N] reused R, prefilled P, generated G tokens ...` -> (R, P, G).
+fn parse_report(line: &str) -> Option<(usize, usize, usize)> {
+    let rest = line.split_once("] reused ")?.1;
+    let (reused, rest) = rest.split_once(", prefilled ")?;
+    let (prefilled, rest) = rest.split_once(", generated ")?;
+    let generated = rest.split_once(' ')?.0;
+    Some((
+        reused.parse().ok()?,
+        prefilled.parse().ok()?,
+        generated.parse().ok()?,
+    ))
+}
+
+#[test]
+#[ignore = "needs the real model (cargo xtask fetch-model); run in release"]
+fn three_turn_stdin_session_reuses_earlier_turns_and_equals_recomputing() {
+    let path = kv_model::default_model_path();
+    let (model, tokenizer) = kv_model::load(&path).unwrap();
+    let template = tokenizer.chat_template().unwrap();
+    let stop_tokens = tokenizer.stop_tokens().to_vec();
+
+    // The oracle: each turn rendered and generated from an empty cache, the conversation
+    // carrying the oracle's own replies.
+    let mut messages: Vec<ChatMessage> = Vec::new();
+    let mut expected = Vec::new();
+    let mut prompt_lens = Vec::new();
+    for user in TURNS {
+        messages.push(ChatMessage::new("user", user));
+        let prompt = tokenizer
+            .encode(&template.render_messages(&messages, true).unwrap())
+            .unwrap();
+        let options = GenerateOptions {
+            max_tokens: MAX_TOKENS,
+            stop_tokens: stop_tokens.clone(),
+            ..GenerateOptions::default()
+        };
+        let run = model
+            .generate(
+                CpuBackend::new(),
+                CacheLayout::default(),
+                &prompt,
+                &options,
+                |_| Ok(()),
+            )
+            .unwrap();
+        let text_tokens = match run.stop {
+            StopReason::StopToken(_) => &run.tokens[..run.tokens.len() - 1],
+            StopReason::MaxTokens => &run.tokens[..],
+        };
+        let reply = tokenizer.decode(text_tokens).unwrap();
+        messages.push(ChatMessage::new("assistant", reply.as_str()));
+        prompt_lens.push(prompt.len());
+        expected.push((reply, run.tokens));
+    }
+
+    // The library session: same replies, same tokens, and the reuse it reports.
+    let options = ChatOptions {
+        max_tokens: MAX_TOKENS,
+        sampling: SamplingConfig::greedy(),
+        stop_tokens: stop_tokens.clone(),
+        ..ChatOptions::default()
+    };
+    let mut session = ChatSession::new(
+        &model,
+        &tokenizer,
+        template,
+        CpuBackend::new(),
+        CacheLayout::default(),
+        options,
+    )
+    .unwrap();
+    for (i, user) in TURNS.iter().enumerate() {
+        let turn = session.turn(user, |_| Ok(())).unwrap();
+        assert_eq!(turn.reply, expected[i].0, "turn {}", i + 1);
+        assert_eq!(turn.tokens, expected[i].1, "turn {}", i + 1);
+        let r = &turn.report;
+        assert_eq!(r.prompt_tokens, prompt_lens[i]);
+        assert_eq!(r.reused_tokens + r.prefilled_tokens, r.prompt_tokens);
+        if i == 0 {
+            assert_eq!(r.reused_tokens, 0);
+        } else {
+            // Everything of the previous prompt stays cached; only the reply's last token,
+            // the template's closing of it and the new user turn are prefilled.
+            assert!(
+                r.reused_tokens >= prompt_lens[i - 1],
+                "turn {}: reused {} of a previous prompt of {}",
+                i + 1,
+                r.reused_tokens,
+                prompt_lens[i - 1]
+            );
+        }
+    }
+    assert_eq!(session.messages().len(), 2 * TURNS.len());
+
+    // The binary, turns on standard input (not a terminal): replies on stdout, one line
+    // each; per-turn reports on stderr.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kv"))
+        .args(["chat", "--max-tokens", &MAX_TOKENS.to_string()])
+        .arg("--model")
+        .arg(&path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = format!("{}\n\n{}\n{}\n", TURNS[0], TURNS[1], TURNS[2]);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kv chat failed: {stderr}");
+    let want: String = expected.iter().map(|(r, _)| format!("{r}\n")).collect();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), want);
+    let reports: Vec<(usize, usize, usize)> = stderr.lines().filter_map(parse_report).collect();
+    assert_eq!(reports.len(), 3, "{stderr}");
+    for (i, &(reused, prefilled, generated)) in reports.iter().enumerate() {
+        assert_eq!(reused + prefilled, prompt_lens[i], "{stderr}");
+        assert_eq!(generated, expected[i].1.len(), "{stderr}");
+        if i > 0 {
+            assert!(reused >= prompt_lens[i - 1], "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn report_lines_parse() {
+    assert_eq!(
+        parse_report("[turn 2] reused 41, prefilled 18, generated 25 tokens in 0.412 s"),
+        Some((41, 18, 25))
+    );
+    assert_eq!(parse_report("error: something"), None);
+}
