@@ -469,7 +469,7 @@ impl Tolerance {
                     values: f,
                 })
             }
-            KvDType::Kivi { bits } => {
+            KvDType::Kivi { bits, .. } => {
                 let (bits, values) = match bits {
                     KiviBits::B4 => (QuantBits::B4, RowFormat::Int4 { group: Group::G32 }),
                     KiviBits::B2 => (QuantBits::B2, RowFormat::Int2 { group: Group::G32 }),

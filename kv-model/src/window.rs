@@ -725,9 +725,7 @@ mod tests {
         assert!(matches!(
             ok.validate(
                 16,
-                KvDType::Kivi {
-                    bits: kv_core::KiviBits::B4
-                },
+                KvDType::kivi(kv_core::KiviBits::B4),
                 8192
             ),
             Err(ModelError::Unsupported { .. })
