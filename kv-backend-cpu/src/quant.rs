@@ -642,24 +642,12 @@ impl QuantPools {
                 let out = (t * g.kv_heads + h) * d;
                 let at = g.row_start(block, h, offset);
                 let k_at = self.kgeom.row_start(block, h, offset);
-                // With a residual, a window's values are the f16 ones.
-                let v_window = match self.layout.keys {
-                    KeyLayout::Kivi(_) => {
-                        let t_n = self.kivi_tokens;
-                        let w = block * self.key_blocks_per_block + offset / t_n;
-                        l.windows[w]
-                            .as_ref()
-                            .filter(|w| !w.values.is_empty())
-                            .map(|w| &w.values[(h * t_n + offset % t_n) * 2 * d..][..2 * d])
-                    }
-                    KeyLayout::Rows { .. } => None,
-                };
-                let (v_format, v_row) = match v_window {
-                    Some(row) => (RowFormat::F16, row),
-                    None => (self.layout.values, &l.v[at..at + self.v_row]),
-                };
                 self.kernels
-                    .dequantize_row(v_format, v_row, &mut v[out..out + d])
+                    .dequantize_row(
+                        self.layout.values,
+                        &l.v[at..at + self.v_row],
+                        &mut v[out..out + d],
+                    )
                     .map_err(internal)?;
                 let k_out = &mut k[out..out + d];
                 match self.layout.keys {
@@ -676,10 +664,9 @@ impl QuantPools {
                         let t_n = self.kivi_tokens;
                         let (kb, j) = (offset / t_n, offset % t_n);
                         let window = l.windows[block * self.key_blocks_per_block + kb].as_ref();
-                        // A retired window's block reads as stored: quantized. With a
-                        // residual a window lives until its block is settled, and the
-                        // block reads as its f16 keys until then.
-                        if let Some(win) = window.filter(|w| !w.quantized || self.residual > 0) {
+                        // A full block reads as stored, quantized, whether or not its
+                        // window is still kept for the queries that read it in f16.
+                        if let Some(win) = window.filter(|w| !w.quantized) {
                             let row = &win.rows[(h * t_n + j) * 2 * d..][..2 * d];
                             self.kernels
                                 .dequantize_row(RowFormat::F16, row, k_out)
@@ -1361,6 +1348,120 @@ mod tests {
                 .expect("flat")
         };
         assert_eq!(flat(kp), flat(kd));
+    }
+
+    /// With a residual, a query reads the keys of the blocks ending within `R` tokens and
+    /// the values of the last `R` tokens in f16. Decoding token by token, settling the
+    /// blocks that every later query is `R` past (as `PagedCache` does), gives what one
+    /// prefill gives; and the residual brings attention closer to the f32 cache.
+    #[test]
+    fn kivi_residual_prefill_equals_decode_with_settles() {
+        use crate::CpuBackend;
+        use kv_core::candle::{Device, Tensor};
+        use kv_core::{CacheBackend, KiviBits, KiviResidual, SeqAttention};
+
+        let (n, qh, kvh, d, bs) = (200usize, 4, 2, 64, 64);
+        let shape = ModelShape::new(1, qh, kvh, d).expect("shape");
+        let table = [3, 0, 2, 1].map(BlockId::new).to_vec();
+        let all: Vec<Slot> = (0..n)
+            .map(|t| Slot {
+                block: table[t / bs],
+                offset: (t % bs) as u32,
+            })
+            .collect();
+        let data = |len: usize, seed: u32| -> Vec<f32> {
+            (0..len)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2000) as f32 / 500.0 - 2.0
+                })
+                .collect()
+        };
+        let (k, v, q) = (
+            data(n * kvh * d, 11),
+            data(n * kvh * d, 12),
+            data(n * qh * d, 13),
+        );
+        let t3 = |x: &[f32], rows, heads| {
+            Tensor::from_vec(x.to_vec(), (rows, heads, d), &Device::Cpu).expect("tensor")
+        };
+        let flat = |t: Tensor| -> Vec<f32> {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("flat")
+        };
+        let backend = CpuBackend::with_threads(2).expect("threads");
+        let prefill = |dtype: KvDType| -> Vec<f32> {
+            let spec = StorageSpec::new(shape, dtype, bs, 4).expect("spec");
+            let mut st = backend.allocate(&spec).expect("allocates");
+            backend
+                .write(&mut st, 0, &all, &t3(&k, n, kvh), &t3(&v, n, kvh))
+                .expect("write");
+            let batch = AttentionBatch::new(
+                vec![SeqAttention::new(table.clone(), n, n).expect("seq")],
+                d,
+            );
+            flat(
+                backend
+                    .attend(&st, 0, &t3(&q, n, qh), &batch)
+                    .expect("attend"),
+            )
+        };
+        let exact = prefill(KvDType::F32);
+        let (row_kv, row_q) = (kvh * d, qh * d);
+        let mut errors = Vec::new();
+        for residual in [KiviResidual::R0, KiviResidual::R32, KiviResidual::R128] {
+            let r = residual.tokens();
+            let dtype = KvDType::Kivi {
+                bits: KiviBits::B2,
+                residual,
+            };
+            let once = prefill(dtype);
+            let spec = StorageSpec::new(shape, dtype, bs, 4).expect("spec");
+            let mut st = backend.allocate(&spec).expect("allocates");
+            for t in 0..n {
+                // Before reserving token t: blocks ending `r` or more before it.
+                let past = t.saturating_sub(r) / bs;
+                backend
+                    .settle_blocks(&mut st, &table[..past])
+                    .expect("settle");
+                if r > 0 {
+                    // Windows held: the key blocks from the first block not settled on.
+                    let held = st.residual_windows();
+                    assert!(held <= (r + bs) / 32, "{dtype} token {t}: {held} windows");
+                }
+                let (kt, vt) = (&k[t * row_kv..][..row_kv], &v[t * row_kv..][..row_kv]);
+                backend
+                    .write(&mut st, 0, &all[t..t + 1], &t3(kt, 1, kvh), &t3(vt, 1, kvh))
+                    .expect("write");
+                let step = AttentionBatch::new(
+                    vec![SeqAttention::new(table.clone(), t + 1, 1).expect("seq")],
+                    d,
+                );
+                let out = flat(
+                    backend
+                        .attend(&st, 0, &t3(&q[t * row_q..][..row_q], 1, qh), &step)
+                        .expect("attend"),
+                );
+                for (i, (a, b)) in out.iter().zip(&once[t * row_q..][..row_q]).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{dtype} token {t} element {i}: decode {a}, prefill {b}"
+                    );
+                }
+            }
+            // The queries past the residual of the first blocks are where it matters.
+            let tail = 160 * row_q..;
+            let err = once[tail.clone()]
+                .iter()
+                .zip(&exact[tail])
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f32>();
+            errors.push(err);
+        }
+        assert!(
+            errors[0] > errors[1] && errors[1] > errors[2],
+            "squared error vs f32 for R = 0, 32, 128: {errors:?}"
+        );
     }
 
     #[test]
