@@ -179,7 +179,7 @@ impl<B: CacheBackend> PagedCache<B> {
     /// # Errors
     /// [`kv_core::KvError::UnknownSequence`].
     pub fn preempt(&mut self, seq: SeqId) -> Result<Preempted> {
-        self.settle_private(seq)?;
+        self.settle_private(seq, 0)?;
         let preempted = self.manager.preempt(seq)?;
         self.residual.remove(&seq);
         Ok(preempted)
@@ -311,9 +311,9 @@ impl<B: CacheBackend> PagedCache<B> {
         Ok((plan, settled))
     }
 
-    /// Settles the blocks of `seq` that no other sequence holds (it is about to let go of
-    /// them; the prefix index reads what they store).
-    fn settle_private(&mut self, seq: SeqId) -> Result<()> {
+    /// Settles the blocks of `seq` from index `from` on that no other sequence still needs
+    /// (it is about to let go of them; the prefix index reads what they store).
+    fn settle_private(&mut self, seq: SeqId, from: usize) -> Result<()> {
         if !self.has_residual() {
             return Ok(());
         }
@@ -322,6 +322,7 @@ impl<B: CacheBackend> PagedCache<B> {
             .table(seq)?
             .blocks()
             .iter()
+            .skip(from)
             .copied()
             .filter(|&b| self.others_past(seq, b))
             .collect();
@@ -337,6 +338,12 @@ impl<B: CacheBackend> PagedCache<B> {
     /// # Errors
     /// [`kv_core::KvError::UnknownSequence`], [`kv_core::KvError::OutOfRange`].
     pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
+        if len > self.manager.len(seq)? {
+            // The manager's error, before anything is settled.
+            return self.manager.truncate(seq, len);
+        }
+        // The blocks it lets go of.
+        self.settle_private(seq, len.div_ceil(self.spec.block_size))?;
         self.manager.truncate(seq, len)?;
         let block_size = self.spec.block_size;
         if let Some(r) = self.residual.get_mut(&seq) {
@@ -387,7 +394,7 @@ impl<B: CacheBackend> PagedCache<B> {
     /// # Errors
     /// [`kv_core::KvError::UnknownSequence`].
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
-        self.settle_private(seq)?;
+        self.settle_private(seq, 0)?;
         self.manager.free(seq)?;
         self.residual.remove(&seq);
         Ok(())
