@@ -74,7 +74,12 @@
 //! A KIVI query reads the keys of its own 32-token key block as written, in f16, and those
 //! of earlier key blocks as stored, in prefill as in decode (a block is quantized only when
 //! full, and no query may see keys quantized with scales that depend on later tokens); the
-//! reference "on stored values" is computed that way for them.
+//! reference "on stored values" is computed that way for them. With a residual of `R`
+//! tokens (`kivi2-r128`) a query at position `p` also reads in f16, as written, the keys of
+//! every key block ending after `p - R` and the values of the tokens after `p - R`; `read`
+//! still returns the stored (quantized) rows of full blocks. Before each step the suite
+//! settles ([`CacheBackend::settle_blocks`]) the blocks of each sequence that its queries
+//! are all `R` tokens past, as `PagedCache` does, which must change no result.
 //!
 //! `attend` vs the reference on stored values: as for the floats with `u = 0`. On the f32
 //! input: with `δ = abs(scale) · max Σ_d abs(q_d) · e_d` over the queries, heads and visible
@@ -428,8 +433,9 @@ enum QuantKeys {
     Rows(RowFormat),
     /// One row per token, after the normalized Hadamard rotation.
     Rotated(RowFormat),
-    /// KIVI blocks (per channel over the tokens of a key block), f16 until full.
-    Kivi(KiviKeyFormat),
+    /// KIVI blocks (per channel over the tokens of a key block), f16 until full, and the
+    /// residual: tokens at the end of a sequence read in f16.
+    Kivi(KiviKeyFormat, usize),
 }
 
 /// Which of K and V a bound is about.
@@ -469,13 +475,16 @@ impl Tolerance {
                     values: f,
                 })
             }
-            KvDType::Kivi { bits } => {
+            KvDType::Kivi { bits, .. } => {
                 let (bits, values) = match bits {
                     KiviBits::B4 => (QuantBits::B4, RowFormat::Int4 { group: Group::G32 }),
                     KiviBits::B2 => (QuantBits::B2, RowFormat::Int2 { group: Group::G32 }),
                 };
                 Some(Tolerance::Quant {
-                    keys: QuantKeys::Kivi(KiviKeyFormat::new(bits, dtype.block_tokens())),
+                    keys: QuantKeys::Kivi(
+                        KiviKeyFormat::new(bits, dtype.block_tokens()),
+                        dtype.residual_tokens(),
+                    ),
                     values,
                 })
             }
@@ -483,15 +492,16 @@ impl Tolerance {
         }
     }
 
-    /// For KIVI, the tokens of a key block: a query reads the keys of its own key block in
-    /// f16 (they are not quantized until the block is full, and a query must not see keys
-    /// quantized with scales that depend on later tokens), and earlier blocks as stored.
-    fn own_block_tokens(&self) -> Option<usize> {
+    /// For KIVI, the tokens of a key block and the residual: a query reads the keys of its
+    /// own key block in f16 (they are not quantized until the block is full, and a query
+    /// must not see keys quantized with scales that depend on later tokens), and those of
+    /// earlier blocks as stored, except the blocks and values within the residual.
+    fn own_block_tokens(&self) -> Option<(usize, usize)> {
         match self {
             Tolerance::Quant {
-                keys: QuantKeys::Kivi(f),
+                keys: QuantKeys::Kivi(f, residual),
                 ..
-            } => Some(f.block_tokens),
+            } => Some((f.block_tokens, *residual)),
             _ => None,
         }
     }
@@ -554,7 +564,7 @@ impl Tolerance {
                     b.fill(sqrt_d * bound + rounding);
                 }
             }
-            (Kv::K, QuantKeys::Kivi(format)) => {
+            (Kv::K, QuantKeys::Kivi(format, _)) => {
                 // Rows sharing a key block (cache block, offset / block_tokens), per head.
                 let t = format.block_tokens;
                 let mut groups: BTreeMap<(BlockId, u32), Vec<usize>> = BTreeMap::new();
@@ -1431,8 +1441,10 @@ fn sweep_cases() -> Vec<AttnCase> {
                 head_dim: 64,
                 block,
                 seqs: vec![
+                    // Past 160 tokens, so the residual of `kivi2-r128` both covers blocks
+                    // and leaves some behind (settled and read quantized).
                     SeqPlan {
-                        prompt: 150,
+                        prompt: 230,
                         split: Some(70),
                         decode: 2,
                     },
@@ -1624,7 +1636,22 @@ fn run_case<B: CacheBackend>(
     };
     let row_kv = kvh * d;
 
+    let residual = spec.dtype.residual_tokens();
     for (step, parts) in steps(case).iter().enumerate() {
+        if residual > 0 {
+            // The residual contract: blocks every query to come is `residual` tokens past
+            // may lose their f16 copies; settling them must change no result.
+            let settle: Vec<BlockId> = parts
+                .iter()
+                .flat_map(|p| {
+                    let past = (p.begin.saturating_sub(residual) / bs).min(tables[p.seq].len());
+                    tables[p.seq][..past].iter().copied()
+                })
+                .collect();
+            backend
+                .settle_blocks(&mut storage, &settle)
+                .map_err(|e| format!("step {step}: settle_blocks failed: {e}"))?;
+        }
         for layer in 0..N_LAYERS {
             // Layer 0 gets one write for the whole step, layer 1 one write per sequence.
             let groups: Vec<&[Part]> = if layer == 0 {
@@ -1759,7 +1786,15 @@ fn attend_and_compare<B: CacheBackend>(
         for (idx, (against, k, v, bound)) in checks.into_iter().enumerate() {
             let want = match (idx, tol.own_block_tokens()) {
                 // KIVI: each query reads its own key block's keys as written (in f16).
-                (0, Some(t)) => own_block_reference(heads, q_in, k_in, k, v, batch.scale, t)?,
+                (0, Some((t, residual))) => own_block_reference(
+                    heads,
+                    q_in,
+                    (k_in, v_in),
+                    (k, v),
+                    batch.scale,
+                    t,
+                    residual,
+                )?,
                 _ => reference::attend(heads, q_in, k, v, batch.scale).map_err(s)?,
             };
             let (worst, at) = got
@@ -1828,15 +1863,18 @@ fn score_magnitude(heads: Heads, q: &[f32], k: &[f32], scale: f32) -> f64 {
 
 /// The reference attention of one sequence when each query reads the keys of its own
 /// `t`-token key block as written, rounded to f16 (`k_in`), and every earlier key as stored
-/// (`k_stored`): what a KIVI layout must compute, in prefill as in decode.
+/// (`k_stored`): what a KIVI layout must compute, in prefill as in decode. With a residual
+/// of `residual` tokens, a query at position `pos` also reads as written, rounded to f16,
+/// the keys of the key blocks ending after `pos - residual` and the values of the tokens
+/// after it (`v_in`); every other value as stored.
 fn own_block_reference(
     heads: Heads,
     q: &[f32],
-    k_in: &[f32],
-    k_stored: &[f32],
-    v: &[f32],
+    (k_in, v_in): (&[f32], &[f32]),
+    (k_stored, v_stored): (&[f32], &[f32]),
     scale: f32,
     t: usize,
+    residual: usize,
 ) -> Result<Vec<f32>, String> {
     let (row_q, row_kv) = (
         heads.q_heads * heads.head_dim,
@@ -1848,12 +1886,19 @@ fn own_block_reference(
     for i in 0..n_q {
         let pos = kv_len - n_q + i;
         let mut k = k_stored[..(pos + 1) * row_kv].to_vec();
-        let own = (pos - pos % t) * row_kv..(pos + 1) * row_kv;
+        let first_key = pos.saturating_sub(residual) / t * t;
+        let own = first_key * row_kv..(pos + 1) * row_kv;
         for (dst, &x) in k[own.clone()].iter_mut().zip(&k_in[own]) {
             *dst = f16::from_f32(x).to_f32();
         }
+        let mut v = v_stored[..(pos + 1) * row_kv].to_vec();
+        let first_value = (pos + 1).saturating_sub(residual);
+        let recent = first_value * row_kv..(pos + 1) * row_kv;
+        for (dst, &x) in v[recent.clone()].iter_mut().zip(&v_in[recent]) {
+            *dst = f16::from_f32(x).to_f32();
+        }
         let one = &q[i * row_q..(i + 1) * row_q];
-        out.extend(reference::attend(heads, one, &k, &v[..(pos + 1) * row_kv], scale).map_err(s)?);
+        out.extend(reference::attend(heads, one, &k, &v, scale).map_err(s)?);
     }
     Ok(out)
 }

@@ -1,7 +1,9 @@
+use std::collections::HashMap;
+
 use candle_core::Tensor;
 use kv_core::{
-    memory, AttentionBatch, CacheBackend, CacheManager, CacheStats, Preempted, PrefixMatch, Result,
-    SeqAttention, SeqId, Slot, StorageSpec,
+    memory, AttentionBatch, BlockId, CacheBackend, CacheManager, CacheStats, Preempted,
+    PrefixMatch, Result, SeqAttention, SeqId, Slot, StorageSpec,
 };
 
 /// How much of a cache is in use, in tokens and bytes.
@@ -41,11 +43,38 @@ pub struct CacheUsage {
 /// assert_eq!(slots.len(), 10);
 /// # Ok(()) }
 /// ```
+///
+/// # Residual layouts
+///
+/// With a layout that keeps the last `R` tokens of a sequence in f16 (`kivi2-r128`, see
+/// [`kv_core::KiviResidual`]) this type also tells the backend when blocks leave the
+/// residual for good ([`CacheBackend::settle_blocks`]): at a sequence's next
+/// [`reserve`](Self::reserve), the blocks whose tokens are all `R` or more behind its next
+/// query, when every sequence holding them is that far past them too; at
+/// [`free`](Self::free) and [`preempt`](Self::preempt), the blocks no other sequence holds.
+/// A query reserved with [`reserve`](Self::reserve) must be attended before its sequence's
+/// next reserve (the order of every decode loop). A block shared by sequences that have not
+/// all moved past it keeps its f16 copy until they have, and a sequence truncated back
+/// within `R` of a settled block, or a prompt reusing cached blocks, reads them as stored:
+/// quantized.
 pub struct PagedCache<B: CacheBackend> {
     backend: B,
     storage: B::Storage,
     manager: CacheManager,
     spec: StorageSpec,
+    /// Residual layouts only: per sequence, its earliest query that may not have attended
+    /// yet and how many of its leading blocks are settled.
+    residual: HashMap<SeqId, Residual>,
+}
+
+/// A sequence's residual bookkeeping (see [`PagedCache`]'s docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Residual {
+    /// Position of the sequence's earliest query that may still be to attend: its length
+    /// before its last reserve.
+    horizon: usize,
+    /// Leading blocks of its table known settled.
+    settled: usize,
 }
 
 impl<B: CacheBackend> PagedCache<B> {
@@ -65,6 +94,7 @@ impl<B: CacheBackend> PagedCache<B> {
             storage,
             manager,
             spec,
+            residual: HashMap::new(),
         })
     }
 
@@ -83,6 +113,7 @@ impl<B: CacheBackend> PagedCache<B> {
             storage,
             manager,
             spec,
+            residual: HashMap::new(),
         })
     }
 
@@ -105,7 +136,9 @@ impl<B: CacheBackend> PagedCache<B> {
 
     /// Starts an empty sequence.
     pub fn create_sequence(&mut self) -> SeqId {
-        self.manager.create_sequence()
+        let seq = self.manager.create_sequence();
+        self.track(seq, 0);
+        seq
     }
 
     /// Starts a sequence reusing the cached K/V of the longest full-block prefix of `prompt`
@@ -113,12 +146,16 @@ impl<B: CacheBackend> PagedCache<B> {
     /// write and commit only `prompt[reused..]`. See
     /// [`CacheManager::create_with_prefix_salted`].
     pub fn create_with_prefix(&mut self, prompt: &[u32]) -> (SeqId, usize) {
-        self.manager.create_with_prefix(prompt)
+        let (seq, reused) = self.manager.create_with_prefix(prompt);
+        self.track(seq, 0);
+        (seq, reused)
     }
 
     /// [`PagedCache::create_with_prefix`] in the namespace `cache_salt` (tenant, adapter).
     pub fn create_with_prefix_salted(&mut self, prompt: &[u32], cache_salt: u64) -> (SeqId, usize) {
-        self.manager.create_with_prefix_salted(prompt, cache_salt)
+        let (seq, reused) = self.manager.create_with_prefix_salted(prompt, cache_salt);
+        self.track(seq, 0);
+        (seq, reused)
     }
 
     /// What a prompt would reuse now and the free blocks admitting it would take.
@@ -142,7 +179,10 @@ impl<B: CacheBackend> PagedCache<B> {
     /// # Errors
     /// [`kv_core::KvError::UnknownSequence`].
     pub fn preempt(&mut self, seq: SeqId) -> Result<Preempted> {
-        self.manager.preempt(seq)
+        self.settle_private(seq, 0)?;
+        let preempted = self.manager.preempt(seq)?;
+        self.residual.remove(&seq);
+        Ok(preempted)
     }
 
     /// Block counts (used, shared, cached, empty) and prefix-cache counters.
@@ -155,7 +195,10 @@ impl<B: CacheBackend> PagedCache<B> {
     /// # Errors
     /// [`kv_core::KvError::UnknownSequence`].
     pub fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
-        self.manager.fork(seq)
+        let child = self.manager.fork(seq)?;
+        let settled = self.residual.get(&seq).map_or(0, |r| r.settled);
+        self.track(child, settled);
+        Ok(child)
     }
 
     /// Tokens `seq` holds.
@@ -167,16 +210,126 @@ impl<B: CacheBackend> PagedCache<B> {
     }
 
     /// Makes room for `n` more tokens of `seq` (copying shared blocks first) and returns
-    /// the slots to write them to.
+    /// the slots to write them to. With a residual layout, first settles the blocks that
+    /// left the residual of every sequence holding them (see the type's docs).
     ///
     /// # Errors
-    /// [`kv_core::KvError::CacheFull`] and the manager's other errors; nothing changes on error.
+    /// [`kv_core::KvError::CacheFull`] and the manager's other errors; nothing changes on
+    /// error, except that blocks no query still to come reads in f16 may have been settled.
     pub fn reserve(&mut self, seq: SeqId, n: usize) -> Result<Vec<Slot>> {
+        let before = self.manager.len(seq)?;
+        if self.has_residual() {
+            let (plan, settled) = self.settle_plan(seq)?;
+            if !plan.is_empty() {
+                self.backend.settle_blocks(&mut self.storage, &plan)?;
+            }
+            self.residual.entry(seq).or_default().settled = settled;
+        }
         let (backend, storage) = (&self.backend, &mut self.storage);
         let reserved = self
             .manager
             .reserve_and_copy(seq, n, |copies| backend.copy_blocks(storage, copies))?;
+        if let Some(r) = self.residual.get_mut(&seq) {
+            r.horizon = before;
+        }
         Ok(reserved.slots)
+    }
+
+    /// Whether the layout keeps a residual in f16 that blocks must be settled out of.
+    fn has_residual(&self) -> bool {
+        self.spec.dtype.residual_tokens() > 0
+    }
+
+    /// Starts the residual bookkeeping of `seq` (a residual layout only): no query pending
+    /// before its length, `settled` leading blocks settled.
+    fn track(&mut self, seq: SeqId, settled: usize) {
+        if self.has_residual() {
+            if let Ok(len) = self.manager.len(seq) {
+                self.residual.insert(
+                    seq,
+                    Residual {
+                        horizon: len,
+                        settled,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Whether the block at index `index` of a table lies wholly `R` tokens or more before
+    /// position `next`.
+    fn is_past(&self, index: usize, next: usize) -> bool {
+        index
+            .checked_add(1)
+            .and_then(|i| i.checked_mul(self.spec.block_size))
+            .and_then(|end| end.checked_add(self.spec.dtype.residual_tokens()))
+            .is_some_and(|end| end <= next)
+    }
+
+    /// Whether every sequence but `seq` that holds `block` is past it with its earliest
+    /// query that may be pending.
+    fn others_past(&self, seq: SeqId, block: BlockId) -> bool {
+        let holders = self
+            .manager
+            .ref_count(block)
+            .saturating_sub(u32::from(self.manager.is_indexed(block)));
+        if holders <= 1 {
+            return true;
+        }
+        self.manager.sequences().filter(|&s| s != seq).all(|s| {
+            let Ok(table) = self.manager.table(s) else {
+                return true;
+            };
+            match table.blocks().iter().position(|&b| b == block) {
+                None => true,
+                Some(index) => {
+                    let horizon = self.residual.get(&s).map_or(0, |r| r.horizon);
+                    self.is_past(index, horizon)
+                }
+            }
+        })
+    }
+
+    /// The blocks of `seq` to settle before it reserves more tokens (every query of it
+    /// before its length has attended) and its leading settled blocks after that.
+    fn settle_plan(&self, seq: SeqId) -> Result<(Vec<BlockId>, usize)> {
+        let next = self.manager.len(seq)?;
+        let blocks = self.manager.table(seq)?.blocks();
+        let start = self.residual.get(&seq).map_or(0, |r| r.settled);
+        let (mut plan, mut settled) = (Vec::new(), start);
+        for (index, &block) in blocks.iter().enumerate().skip(start) {
+            if !self.is_past(index, next) {
+                break;
+            }
+            if self.others_past(seq, block) {
+                plan.push(block);
+                if settled == index {
+                    settled = index + 1;
+                }
+            }
+        }
+        Ok((plan, settled))
+    }
+
+    /// Settles the blocks of `seq` from index `from` on that no other sequence still needs
+    /// (it is about to let go of them; the prefix index reads what they store).
+    fn settle_private(&mut self, seq: SeqId, from: usize) -> Result<()> {
+        if !self.has_residual() {
+            return Ok(());
+        }
+        let plan: Vec<BlockId> = self
+            .manager
+            .table(seq)?
+            .blocks()
+            .iter()
+            .skip(from)
+            .copied()
+            .filter(|&b| self.others_past(seq, b))
+            .collect();
+        if plan.is_empty() {
+            return Ok(());
+        }
+        self.backend.settle_blocks(&mut self.storage, &plan)
     }
 
     /// Forgets `seq`'s tokens from `len` on (a block shared with others or the prefix
@@ -185,7 +338,20 @@ impl<B: CacheBackend> PagedCache<B> {
     /// # Errors
     /// [`kv_core::KvError::UnknownSequence`], [`kv_core::KvError::OutOfRange`].
     pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
-        self.manager.truncate(seq, len)
+        if len > self.manager.len(seq)? {
+            // The manager's error, before anything is settled.
+            return self.manager.truncate(seq, len);
+        }
+        // The blocks it lets go of.
+        self.settle_private(seq, len.div_ceil(self.spec.block_size))?;
+        self.manager.truncate(seq, len)?;
+        let block_size = self.spec.block_size;
+        if let Some(r) = self.residual.get_mut(&seq) {
+            r.horizon = r.horizon.min(len);
+            // A block cut into is written again: it must be settled again later.
+            r.settled = r.settled.min(len / block_size);
+        }
+        Ok(())
     }
 
     /// StreamingLLM eviction: keeps `seq`'s first `keep_blocks` blocks (the attention
@@ -208,6 +374,10 @@ impl<B: CacheBackend> PagedCache<B> {
             .evict_window_and_copy(seq, keep_blocks, evict_blocks, |copies| {
                 backend.copy_blocks(storage, copies)
             })?;
+        if let Some(r) = self.residual.get_mut(&seq) {
+            // The blocks after the sinks moved down; count them again.
+            r.settled = r.settled.min(keep_blocks);
+        }
         Ok(())
     }
 
@@ -224,7 +394,10 @@ impl<B: CacheBackend> PagedCache<B> {
     /// # Errors
     /// [`kv_core::KvError::UnknownSequence`].
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
-        self.manager.free(seq)
+        self.settle_private(seq, 0)?;
+        self.manager.free(seq)?;
+        self.residual.remove(&seq);
+        Ok(())
     }
 
     /// Stores one layer's K/V (`[slots.len(), kv_heads, head_dim]`) into `slots`.

@@ -41,7 +41,7 @@ const LAYOUTS: [KvDType; 7] = [
     KvDType::Int4Hadamard {
         group: QuantGroup::G32,
     },
-    KvDType::Kivi { bits: KiviBits::B4 },
+    KvDType::kivi(KiviBits::B4),
 ];
 
 fn shapes() -> [(&'static str, ModelShape); 2] {

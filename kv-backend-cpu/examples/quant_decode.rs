@@ -46,6 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "int4h-g32",
         "kivi4",
         "kivi2",
+        "kivi2-r128",
     ];
     for (name, shape) in [
         ("smollm2-135m layer", ModelShape::new(1, 9, 3, 64)?),
@@ -74,6 +75,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let spec = StorageSpec::new(shape, dtype, BLOCK, blocks)?;
             let mut storage = backend.allocate(&spec)?;
             backend.write(&mut storage, 0, &slots, &k, &v)?;
+            // A residual layout keeps f16 copies of the last tokens only, once the blocks
+            // the query is past are settled (as a decoding `PagedCache` does).
+            let past = tokens
+                .saturating_sub(1)
+                .saturating_sub(dtype.residual_tokens())
+                / BLOCK;
+            let settled: Vec<BlockId> = (0..past as u32).map(BlockId::new).collect();
+            backend.settle_blocks(&mut storage, &settled)?;
             backend.attend(&storage, 0, &q, &batch)?; // warm up
             stores.push((layout, dtype, storage));
         }

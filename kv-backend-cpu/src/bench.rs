@@ -271,6 +271,13 @@ impl DecodeBench {
             }
         }
         let table: Vec<BlockId> = (0..blocks as u32).map(BlockId::new).collect();
+        // A residual layout keeps f16 copies of the last tokens only: settle the blocks
+        // the first query is past, as a decoding `PagedCache` would have.
+        let residual = dtype.residual_tokens();
+        if residual > 0 {
+            let past = tokens.saturating_sub(queries).saturating_sub(residual) / block_size;
+            backend.settle_blocks(&mut storage, &table[..past.min(table.len())])?;
+        }
         let batch = AttentionBatch::new(vec![SeqAttention::new(table, tokens, queries)?], d);
         let q = rng.tensor(&[queries, shape.n_q_heads(), d])?;
         Ok(Self {

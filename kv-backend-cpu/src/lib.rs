@@ -69,7 +69,7 @@ use kv_core::{
 };
 
 pub use storage::CpuStorage;
-use storage::{with_pools, Which};
+use storage::{with_pools, PoolSet, Which};
 
 /// The backend's name in messages and reports.
 const NAME: &str = "cpu";
@@ -300,6 +300,14 @@ impl CacheBackend for CpuBackend {
     fn copy_blocks(&self, storage: &mut CpuStorage, moves: &[(BlockId, BlockId)]) -> Result<()> {
         validate::moves(storage.spec(), moves)?;
         with_pools!(&mut storage.pools, p => p.copy_blocks(moves));
+        Ok(())
+    }
+
+    fn settle_blocks(&self, storage: &mut CpuStorage, blocks: &[BlockId]) -> Result<()> {
+        validate::blocks(storage.spec(), blocks)?;
+        if let PoolSet::Quant(p) = &mut storage.pools {
+            p.settle(blocks);
+        }
         Ok(())
     }
 

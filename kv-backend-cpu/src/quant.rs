@@ -114,7 +114,7 @@ pub(crate) fn layout_of(dtype: KvDType) -> Option<QuantLayout> {
         KvDType::Int8 { group: g } => Some(rows(RowFormat::Int8 { group: group(g) }, false)),
         KvDType::Int4 { group: g } => Some(rows(RowFormat::Int4 { group: group(g) }, false)),
         KvDType::Int4Hadamard { group: g } => Some(rows(RowFormat::Int4 { group: group(g) }, true)),
-        KvDType::Kivi { bits } => {
+        KvDType::Kivi { bits, .. } => {
             let (bits, values) = match bits {
                 kv_core::KiviBits::B4 => (KiviBits::B4, RowFormat::Int4 { group: Group::G32 }),
                 kv_core::KiviBits::B2 => (KiviBits::B2, RowFormat::Int2 { group: Group::G32 }),
@@ -145,16 +145,19 @@ fn encode_f16(src: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// The f16 keys of a KIVI block being filled.
+/// The f16 keys (and, with a residual, values) of a KIVI key block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Window {
     /// Bit `j` set: slot `j` of the key block has been written since it started filling.
     filled: u64,
-    /// `[kv_heads][block_tokens][head_dim]` f16, little-endian.
+    /// Keys, `[kv_heads][block_tokens][head_dim]` f16, little-endian.
     rows: Vec<u8>,
-    /// The block is full and quantized; the window is kept until attention has read the
-    /// layer (and the next write frees it), so the queries of the tokens that filled the
-    /// block read their own block in f16.
+    /// Values in the same layout when the layout has a residual, else empty.
+    values: Vec<u8>,
+    /// The block is full and its quantized keys are in the pool. Without a residual the
+    /// window is kept until attention has read the layer (and the next write frees it), so
+    /// the queries of the tokens that filled the block read their own block in f16; with
+    /// one it is kept until the block is settled.
     quantized: bool,
 }
 
@@ -188,8 +191,10 @@ pub(crate) struct QuantPools {
     kivi_tokens: usize,
     kivi_bytes: usize,
     key_blocks_per_block: usize,
-    /// Bytes of one window.
+    /// Bytes of one window's keys (its values take as many when `residual > 0`).
     window_bytes: usize,
+    /// KIVI: tokens at the end of a sequence read in f16 besides the block being filled.
+    residual: usize,
     layers: Vec<QuantLayer>,
 }
 
@@ -281,19 +286,24 @@ impl QuantPools {
             kivi_bytes,
             key_blocks_per_block,
             window_bytes: shape.n_kv_heads() * kivi_tokens * d * 2,
+            residual: spec.dtype.residual_tokens(),
             layers,
         })
     }
 
-    /// Bytes held: the pools, plus the windows of key blocks being filled.
+    /// Bytes held: the pools, plus the windows.
     pub(crate) fn bytes(&self) -> u64 {
         self.layers
             .iter()
-            .map(|l| {
-                let windows = l.windows.iter().flatten().count();
-                (l.k.len() + l.v.len() + windows * self.window_bytes) as u64
-            })
-            .sum()
+            .map(|l| (l.k.len() + l.v.len()) as u64)
+            .sum::<u64>()
+            + self.window_bytes_held()
+    }
+
+    /// Bytes of the windows allocated now (keys, and values with a residual).
+    pub(crate) fn window_bytes_held(&self) -> u64 {
+        let per = if self.residual > 0 { 2 } else { 1 } * self.window_bytes;
+        (self.open_windows() * per) as u64
     }
 
     /// Windows allocated now, over all layers.
@@ -386,7 +396,112 @@ impl QuantPools {
                 }
             }
         }
+        match (which, self.layout.keys) {
+            (Which::V, KeyLayout::Kivi(keys)) if self.residual > 0 => {
+                self.store_window_values(layer, keys, slots, data)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Opens the window of key block `kb` of cache block `block` in `layer`, holding the
+    /// block's keys (and, with a residual, values) as the pools store them, dequantized:
+    /// the slots a write leaves alone must still read what was last written to them.
+    fn open_window(
+        &mut self,
+        layer: usize,
+        format: KiviKeyFormat,
+        block: usize,
+        kb: usize,
+    ) -> Result<()> {
+        let (d, t_n, heads) = (self.kgeom.head_dim, self.kivi_tokens, self.kgeom.kv_heads);
+        let row16 = 2 * d;
+        let mut block_f32 = vec![0.0f32; t_n * d];
+        let mut rows = vec![0u8; self.window_bytes];
+        let l = self.layer(layer)?;
+        for h in 0..heads {
+            let at = self.kivi_start(block, kb, h);
+            format
+                .dequantize_block(&l.k[at..at + self.kivi_bytes], d, &mut block_f32)
+                .map_err(internal)?;
+            encode_f16(&block_f32, &mut rows[h * t_n * row16..][..t_n * row16]);
+        }
+        let mut values = Vec::new();
+        if self.residual > 0 {
+            values = vec![0u8; self.window_bytes];
+            for h in 0..heads {
+                let at = self.vgeom.row_start(block, h, kb * t_n);
+                self.kernels
+                    .dequantize_rows(
+                        self.layout.values,
+                        d,
+                        &l.v[at..at + t_n * self.v_row],
+                        &mut block_f32,
+                    )
+                    .map_err(internal)?;
+                encode_f16(&block_f32, &mut values[h * t_n * row16..][..t_n * row16]);
+            }
+        }
+        let w = block * self.key_blocks_per_block + kb;
+        self.layer_mut(layer)?.windows[w] = Some(Window {
+            filled: 0,
+            rows,
+            values,
+            quantized: false,
+        });
         Ok(())
+    }
+
+    /// With a residual: the f16 values of a write into the windows of their key blocks
+    /// (the keys' write, which comes first, opened them).
+    fn store_window_values(
+        &mut self,
+        layer: usize,
+        format: KiviKeyFormat,
+        slots: &[Slot],
+        data: &[f32],
+    ) -> Result<()> {
+        let (d, t_n, per) = (
+            self.vgeom.head_dim,
+            self.kivi_tokens,
+            self.key_blocks_per_block,
+        );
+        let heads = self.vgeom.kv_heads;
+        let row16 = 2 * d;
+        let mut incoming = vec![0u8; data.len() * 2];
+        encode_f16(data, &mut incoming);
+        for (t, slot) in slots.iter().enumerate() {
+            let (block, offset) = (slot.block.index(), slot.offset as usize);
+            let (kb, j) = (offset / t_n, offset % t_n);
+            let w = block * per + kb;
+            if self.layer(layer)?.windows[w].is_none() {
+                self.open_window(layer, format, block, kb)?;
+            }
+            if let Some(win) = self.layer_mut(layer)?.windows[w].as_mut() {
+                for h in 0..heads {
+                    let src = &incoming[(t * heads + h) * row16..][..row16];
+                    win.values[(h * t_n + j) * row16..][..row16].copy_from_slice(src);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the windows of the full key blocks of `blocks` (range-checked) in every
+    /// layer: no query still to come reads them in f16 (see
+    /// `kv_core::CacheBackend::settle_blocks`). A block still filling keeps its window.
+    pub(crate) fn settle(&mut self, blocks: &[BlockId]) {
+        let per = self.key_blocks_per_block;
+        for layer in &mut self.layers {
+            for block in blocks {
+                for kb in 0..per {
+                    let w = &mut layer.windows[block.index() * per + kb];
+                    if w.as_ref().is_some_and(|w| w.quantized) {
+                        *w = None;
+                    }
+                }
+            }
+        }
     }
 
     fn layer_mut(&mut self, layer: usize) -> Result<&mut QuantLayer> {
@@ -448,22 +563,7 @@ impl QuantPools {
             let (kb, j) = (offset / t_n, offset % t_n);
             let w = block * per + kb;
             if self.layer(layer)?.windows[w].is_none() {
-                // Open a window holding the block's keys, dequantized: the slots this write
-                // leaves alone must still read what was last written to them.
-                let mut rows = vec![0u8; self.window_bytes];
-                for h in 0..g.kv_heads {
-                    let at = self.kivi_start(block, kb, h);
-                    let src = &self.layer(layer)?.k[at..at + self.kivi_bytes];
-                    format
-                        .dequantize_block(src, d, &mut block_f32)
-                        .map_err(internal)?;
-                    encode_f16(&block_f32, &mut rows[h * t_n * row16..][..t_n * row16]);
-                }
-                self.layer_mut(layer)?.windows[w] = Some(Window {
-                    filled: 0,
-                    rows,
-                    quantized: false,
-                });
+                self.open_window(layer, format, block, kb)?;
             }
             let l = self.layer_mut(layer)?;
             if let Some(win) = l.windows[w].as_mut() {
@@ -508,15 +608,18 @@ impl QuantPools {
             let starts: Vec<usize> = (0..g.kv_heads)
                 .map(|h| self.kivi_start(block, kb, h))
                 .collect();
-            let kivi_bytes = self.kivi_bytes;
+            let (kivi_bytes, residual) = (self.kivi_bytes, self.residual);
             let l = self.layer_mut(layer)?;
             for (start, src) in starts.into_iter().zip(quantized.chunks_exact(kivi_bytes)) {
                 l.k[start..start + src.len()].copy_from_slice(src);
             }
             if let Some(win) = l.windows[w].as_mut() {
                 win.quantized = true;
-                let attends = *l.attends.get_mut();
-                l.retired.push((w, attends));
+                // With a residual the window serves later queries too, until settled.
+                if residual == 0 {
+                    let attends = *l.attends.get_mut();
+                    l.retired.push((w, attends));
+                }
             }
         }
         Ok(())
@@ -561,7 +664,8 @@ impl QuantPools {
                         let t_n = self.kivi_tokens;
                         let (kb, j) = (offset / t_n, offset % t_n);
                         let window = l.windows[block * self.key_blocks_per_block + kb].as_ref();
-                        // A retired window's block reads as stored: quantized.
+                        // A full block reads as stored, quantized, whether or not its
+                        // window is still kept for the queries that read it in f16.
                         if let Some(win) = window.filter(|w| !w.quantized) {
                             let row = &win.rows[(h * t_n + j) * 2 * d..][..2 * d];
                             self.kernels
@@ -592,7 +696,7 @@ impl QuantPools {
     /// windows included.
     pub(crate) fn copy_blocks(&mut self, moves: &[(BlockId, BlockId)]) {
         let (kg, vg) = (self.kgeom, self.vgeom);
-        let per = self.key_blocks_per_block;
+        let (per, residual) = (self.key_blocks_per_block, self.residual);
         for layer in &mut self.layers {
             for &(from, to) in moves {
                 let (from, to) = (from.index(), to.index());
@@ -603,10 +707,11 @@ impl QuantPools {
                 vg.copy_block(&mut layer.v, from, to);
                 for kb in 0..per {
                     // A retired window only serves the queries of the tokens that filled its
-                    // block; the copy's block reads as stored.
+                    // block; the copy's block reads as stored. With a residual a window
+                    // serves every query within the residual: it goes with its block.
                     layer.windows[to * per + kb] = layer.windows[from * per + kb]
                         .clone()
-                        .filter(|w| !w.quantized);
+                        .filter(|w| !w.quantized || residual > 0);
                 }
             }
         }
@@ -865,7 +970,8 @@ fn run_task_in(
                     // As in generation, a query reads the keys of its own key block in f16
                     // (they are in its window) and those of earlier, full blocks quantized.
                     // Queries before `inside` sit in this block.
-                    let block_end = t - j + t_n;
+                    // With a residual R, also the queries before `block_end + R`.
+                    let block_end = t - j + t_n + p.residual;
                     let inside =
                         (block_end.saturating_sub(first_pos).min(n_q) * group).max(seeing.start);
                     let window = lp.windows[block * p.key_blocks_per_block + kb].as_ref();
@@ -935,6 +1041,13 @@ fn run_task_in(
             }
         }
 
+        if p.residual > 0 && first_pos + 1 < t1 + p.residual {
+            // Some query reads some of this tile's values in f16: add those, and zero their
+            // weights for the quantized pass below.
+            window_values(
+                p, lp, scores, acc, group, n_q, first_pos, h, t0, t1, &block_at,
+            )?;
+        }
         let at = g.row_start(block, h, offset);
         let v = &lp.v[at..at + rows * p.v_row];
         if fused {
@@ -960,6 +1073,58 @@ fn run_task_in(
             );
         }
         t0 = t1;
+    }
+    Ok(())
+}
+
+/// The residual's values of the tile `t0..t1` (whole key blocks) of KV head `h`: a query at
+/// position `pos` reads the value of token `t` in f16 when `pos < t + residual` and the
+/// block still has its window. Adds those rows, weighted by `scores`, to `acc` and zeroes
+/// their weights, so that the tile's quantized pass adds only the others.
+#[allow(clippy::too_many_arguments)]
+fn window_values(
+    p: &QuantPools,
+    lp: &QuantLayer,
+    scores: &mut [f32],
+    acc: &mut [f32],
+    group: usize,
+    n_q: usize,
+    first_pos: usize,
+    h: usize,
+    t0: usize,
+    t1: usize,
+    block_at: &dyn Fn(usize) -> Result<usize>,
+) -> Result<()> {
+    let (d, t_n, bs) = (p.vgeom.head_dim, p.kivi_tokens, p.vgeom.block_size);
+    let row16 = 2 * d;
+    let mut t = t0;
+    while t < t1 {
+        let (block, offset) = (block_at(t / bs)?, t % bs);
+        let (kb, j) = (offset / t_n, offset % t_n);
+        let rows_here = (t1 - t).min(t_n - j);
+        let window = lp.windows[block * p.key_blocks_per_block + kb]
+            .as_ref()
+            .filter(|w| !w.values.is_empty());
+        if let Some(win) = window {
+            for i in 0..n_q {
+                let pos = first_pos + i;
+                // Rows this query sees (`..=pos`) within the residual (`pos + 1 - R..`).
+                let lo = (pos + 1).saturating_sub(p.residual).max(t);
+                let hi = (pos + 1).min(t + rows_here);
+                if lo >= hi {
+                    continue;
+                }
+                let rows = &win.values[(h * t_n + j + lo - t) * row16..][..(hi - lo) * row16];
+                for lane in i * group..(i + 1) * group {
+                    let w = &mut scores[lane * TILE + lo - t0..][..hi - lo];
+                    p.kernels
+                        .axpy_many(RowFormat::F16, w, rows, &mut acc[lane * d..(lane + 1) * d])
+                        .map_err(internal)?;
+                    w.fill(0.0);
+                }
+            }
+        }
+        t += rows_here;
     }
     Ok(())
 }
@@ -1027,9 +1192,7 @@ mod tests {
 
     #[test]
     fn kivi_keys_stay_in_f16_until_their_block_is_full() {
-        let kivi4 = KvDType::Kivi {
-            bits: kv_core::KiviBits::B4,
-        };
+        let kivi4 = KvDType::kivi(kv_core::KiviBits::B4);
         let mut p = pools(kivi4, 64);
         let spec_bytes = p.bytes();
         let k = rows(40, 1);
@@ -1108,9 +1271,7 @@ mod tests {
 
         let (n, qh, kvh, d) = (70usize, 4, 2, 64);
         let shape = ModelShape::new(1, qh, kvh, d).expect("shape");
-        let kivi4 = KvDType::Kivi {
-            bits: kv_core::KiviBits::B4,
-        };
+        let kivi4 = KvDType::kivi(kv_core::KiviBits::B4);
         let spec = StorageSpec::new(shape, kivi4, 32, 3).expect("spec");
         let table = [2, 0, 1].map(BlockId::new).to_vec();
         let all: Vec<Slot> = (0..n)
@@ -1189,11 +1350,127 @@ mod tests {
         assert_eq!(flat(kp), flat(kd));
     }
 
+    /// With a residual, a query reads the keys of the blocks ending within `R` tokens and
+    /// the values of the last `R` tokens in f16. Decoding token by token, settling the
+    /// blocks that every later query is `R` past (as `PagedCache` does), gives what one
+    /// prefill gives; and the residual brings attention closer to the f32 cache.
+    #[test]
+    fn kivi_residual_prefill_equals_decode_with_settles() {
+        use crate::CpuBackend;
+        use kv_core::candle::{Device, Tensor};
+        use kv_core::{CacheBackend, KiviBits, KiviResidual, SeqAttention};
+
+        let (n, qh, kvh, d, bs) = (200usize, 4, 2, 64, 64);
+        let shape = ModelShape::new(1, qh, kvh, d).expect("shape");
+        let table = [3, 0, 2, 1].map(BlockId::new).to_vec();
+        let all: Vec<Slot> = (0..n)
+            .map(|t| Slot {
+                block: table[t / bs],
+                offset: (t % bs) as u32,
+            })
+            .collect();
+        let data = |len: usize, seed: u32| -> Vec<f32> {
+            (0..len)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2000) as f32 / 500.0 - 2.0
+                })
+                .collect()
+        };
+        let (k, v, q) = (
+            data(n * kvh * d, 11),
+            data(n * kvh * d, 12),
+            // Small queries: a smooth softmax, where every key's precision counts.
+            data(n * qh * d, 13)
+                .iter()
+                .map(|x| x / 4.0)
+                .collect::<Vec<_>>(),
+        );
+        let t3 = |x: &[f32], rows, heads| {
+            Tensor::from_vec(x.to_vec(), (rows, heads, d), &Device::Cpu).expect("tensor")
+        };
+        let flat = |t: Tensor| -> Vec<f32> {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("flat")
+        };
+        let backend = CpuBackend::with_threads(2).expect("threads");
+        let prefill = |dtype: KvDType| -> Vec<f32> {
+            let spec = StorageSpec::new(shape, dtype, bs, 4).expect("spec");
+            let mut st = backend.allocate(&spec).expect("allocates");
+            backend
+                .write(&mut st, 0, &all, &t3(&k, n, kvh), &t3(&v, n, kvh))
+                .expect("write");
+            let batch = AttentionBatch::new(
+                vec![SeqAttention::new(table.clone(), n, n).expect("seq")],
+                d,
+            );
+            flat(
+                backend
+                    .attend(&st, 0, &t3(&q, n, qh), &batch)
+                    .expect("attend"),
+            )
+        };
+        let exact = prefill(KvDType::F32);
+        let (row_kv, row_q) = (kvh * d, qh * d);
+        let mut errors = Vec::new();
+        for residual in [KiviResidual::R0, KiviResidual::R32, KiviResidual::R128] {
+            let r = residual.tokens();
+            let dtype = KvDType::Kivi {
+                bits: KiviBits::B2,
+                residual,
+            };
+            let once = prefill(dtype);
+            let spec = StorageSpec::new(shape, dtype, bs, 4).expect("spec");
+            let mut st = backend.allocate(&spec).expect("allocates");
+            for t in 0..n {
+                // Before reserving token t: blocks ending `r` or more before it.
+                let past = t.saturating_sub(r) / bs;
+                backend
+                    .settle_blocks(&mut st, &table[..past])
+                    .expect("settle");
+                if r > 0 {
+                    // Windows held: the key blocks from the first block not settled on.
+                    let held = st.residual_windows();
+                    assert!(held <= (r + bs) / 32, "{dtype} token {t}: {held} windows");
+                }
+                let (kt, vt) = (&k[t * row_kv..][..row_kv], &v[t * row_kv..][..row_kv]);
+                backend
+                    .write(&mut st, 0, &all[t..t + 1], &t3(kt, 1, kvh), &t3(vt, 1, kvh))
+                    .expect("write");
+                let step = AttentionBatch::new(
+                    vec![SeqAttention::new(table.clone(), t + 1, 1).expect("seq")],
+                    d,
+                );
+                let out = flat(
+                    backend
+                        .attend(&st, 0, &t3(&q[t * row_q..][..row_q], 1, qh), &step)
+                        .expect("attend"),
+                );
+                for (i, (a, b)) in out.iter().zip(&once[t * row_q..][..row_q]).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{dtype} token {t} element {i}: decode {a}, prefill {b}"
+                    );
+                }
+            }
+            // The queries past the residual of the first blocks are where it matters.
+            let tail = 160 * row_q..;
+            let err = once[tail.clone()]
+                .iter()
+                .zip(&exact[tail])
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f32>();
+            errors.push(err);
+        }
+        assert!(
+            errors[0] > errors[1] && errors[1] > errors[2],
+            "squared error vs f32 for R = 0, 32, 128: {errors:?}"
+        );
+    }
+
     #[test]
     fn writing_into_a_quantized_block_keeps_its_other_keys_readable() {
-        let kivi2 = KvDType::Kivi {
-            bits: kv_core::KiviBits::B2,
-        };
+        let kivi2 = KvDType::kivi(kv_core::KiviBits::B2);
         let mut p = pools(kivi2, 32);
         let k = rows(32, 3);
         p.store(1, Which::K, &slots(0, 0..32), &k).expect("store");

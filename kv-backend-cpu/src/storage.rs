@@ -378,10 +378,21 @@ impl CpuStorage {
     }
 
     /// KIVI residual windows allocated now, over all layers (0 for other layouts): one per
-    /// layer for each 32-token key block that is being filled.
+    /// layer for each 32-token key block that is being filled and, with a residual
+    /// (`kivi2-r128`), for each full one not settled yet
+    /// ([`kv_core::CacheBackend::settle_blocks`]).
     pub fn residual_windows(&self) -> usize {
         match &self.pools {
             PoolSet::Quant(p) => p.open_windows(),
+            _ => 0,
+        }
+    }
+
+    /// Bytes of the residual windows allocated now (0 for layouts without windows):
+    /// [`allocated_bytes`](Self::allocated_bytes) is `StorageSpec::bytes` plus these.
+    pub fn residual_window_bytes(&self) -> u64 {
+        match &self.pools {
+            PoolSet::Quant(p) => p.window_bytes_held(),
             _ => 0,
         }
     }

@@ -505,6 +505,27 @@ pub trait CacheBackend: Send + Sync {
     /// [`KvError::OutOfRange`] for a block past the end, in any move; nothing is copied then.
     fn copy_blocks(&self, storage: &mut Self::Storage, moves: &[(BlockId, BlockId)]) -> Result<()>;
 
+    /// Tells the backend that every token of `blocks` is now at least
+    /// [`KvDType::residual_tokens`] behind every query still to come of every sequence
+    /// holding them, in every layer: the f16 copies a residual layout (`kivi2-r128`) keeps
+    /// of them may go. From then on they read as stored, quantized, also for a query a
+    /// later truncate moves back within `R` of them.
+    ///
+    /// The residual contract: a query at position `p` reads the keys of a 32-token block
+    /// ending at `e` in f16 while `p < e + R` and the values of a token `t` in f16 while
+    /// `p < t + R`, everything else quantized, as long as the block has not been settled.
+    /// So a prefill computes what decoding the same tokens one by one does. A caller settles
+    /// a block only once no query still to come needs it in f16 (`kv_attention::PagedCache`
+    /// does it when it reserves the next tokens); a backend without windows ignores it.
+    ///
+    /// Provided: does nothing (a backend that keeps no f16 copies has nothing to drop).
+    ///
+    /// # Errors
+    /// [`KvError::OutOfRange`] for a block past the end; nothing changes then.
+    fn settle_blocks(&self, storage: &mut Self::Storage, blocks: &[BlockId]) -> Result<()> {
+        crate::validate::blocks(self.spec(storage), blocks)
+    }
+
     /// K and V of `layer` at `slots`, as stored (dequantized) in f32
     /// `[slots.len(), kv_heads, head_dim]`: for tests, export, persistence and the provided
     /// [`attend`](Self::attend). Slots may repeat and come in any order.
@@ -536,6 +557,9 @@ macro_rules! forward_backend {
             }
             fn copy_blocks(&self, storage: &mut Self::Storage, moves: &[(BlockId, BlockId)]) -> Result<()> {
                 (**self).copy_blocks(storage, moves)
+            }
+            fn settle_blocks(&self, storage: &mut Self::Storage, blocks: &[BlockId]) -> Result<()> {
+                (**self).settle_blocks(storage, blocks)
             }
             fn read(&self, storage: &Self::Storage, layer: usize, slots: &[Slot]) -> Result<(Tensor, Tensor)> {
                 (**self).read(storage, layer, slots)

@@ -62,6 +62,63 @@ impl KiviBits {
     }
 }
 
+/// Tokens a [`KvDType::Kivi`] layout keeps in f16 at the end of a sequence (KIVI's
+/// *residual*, `R`), on top of the key block being filled.
+///
+/// The last `R` tokens of a sequence keep their values in f16 and their keys sit in f16
+/// key blocks: a query reads the keys of its own 32-token block and of the `R / 32` blocks
+/// before it in f16, and the values of the `R` tokens before it (itself included) in f16;
+/// everything older it reads quantized. `R0` is the layout without a residual: only the
+/// key block being filled is in f16, values are always read quantized.
+///
+/// ```
+/// use kv_core::KiviResidual;
+/// assert_eq!(KiviResidual::R128.tokens(), 128);
+/// assert_eq!(KiviResidual::from_tokens(64), Some(KiviResidual::R64));
+/// assert_eq!(KiviResidual::from_tokens(48), None);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum KiviResidual {
+    /// No residual: only the key block being filled is kept in f16.
+    #[default]
+    R0,
+    /// 32 tokens (one key block).
+    R32,
+    /// 64 tokens.
+    R64,
+    /// 128 tokens (the KIVI paper's choice).
+    R128,
+    /// 256 tokens.
+    R256,
+}
+
+impl KiviResidual {
+    /// Every residual length, shortest first.
+    pub const ALL: [KiviResidual; 5] = [
+        KiviResidual::R0,
+        KiviResidual::R32,
+        KiviResidual::R64,
+        KiviResidual::R128,
+        KiviResidual::R256,
+    ];
+
+    /// Tokens kept in f16: a multiple of the 32-token key block.
+    pub const fn tokens(self) -> usize {
+        match self {
+            KiviResidual::R0 => 0,
+            KiviResidual::R32 => 32,
+            KiviResidual::R64 => 64,
+            KiviResidual::R128 => 128,
+            KiviResidual::R256 => 256,
+        }
+    }
+
+    /// The residual of `tokens` tokens, `None` for a length this type does not name.
+    pub fn from_tokens(tokens: usize) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.tokens() == tokens)
+    }
+}
+
 /// The storage layout of cached K and V rows.
 ///
 /// A *row* is one head's vector for one token (`head_dim` elements). Every layout knows its
@@ -78,6 +135,7 @@ impl KiviBits {
 /// | `int4h-gG`   | as `int4-gG` after a Hadamard rotation of the row | `int4-gG` | `D / G x (4 + G / 2)`   |
 /// | `kivi4`      | 32-token blocks, per channel: f16 scale and min; 4-bit codes | `int4-g32` | `D / 2 + D / 8` |
 /// | `kivi2`      | the same with 2-bit codes           | 2-bit groups of 32   | `D / 4 + D / 8`                |
+/// | `kivi2-r128` | `kivi2`, the last 128 tokens also in f16 | the same        | as `kivi2`, plus the window    |
 ///
 /// For SmolLM2-135M (`D = 64`) that is 128 bytes per row in f16, 68 in `int8-g32`, 40 in
 /// `int4-g32` and `kivi4`, 24 in `kivi2`.
@@ -93,6 +151,13 @@ impl KiviBits {
 /// [`block_tokens`](Self::block_tokens) (32), so each 32-token key block lies in one cache
 /// block and is copied and shared with it.
 ///
+/// A KIVI layout with a [`KiviResidual`] `R` (`kivi2-r128`, `kivi4-r64`; `kivi2` is
+/// `kivi2-r0`) keeps the last `R` tokens of a sequence in f16 too, K and V: every token is
+/// still stored quantized (so [`row_bytes`](Self::row_bytes) is unchanged), and the f16
+/// copies of the tokens near the end of a sequence are held on top, per key block, until
+/// every sequence holding the block has moved `R` tokens past it
+/// ([`crate::memory::residual_window_bytes`] says what one costs).
+///
 /// ```
 /// use kv_core::{KiviBits, KvDType, QuantGroup};
 /// let dt: KvDType = "f16".parse()?;
@@ -102,7 +167,10 @@ impl KiviBits {
 /// assert_eq!(int8.to_string(), "int8-g32");
 /// assert_eq!(int8.row_bytes(64)?, 68);
 /// assert_eq!("int4-g64".parse::<KvDType>()?.row_bytes(64)?, 36);
-/// assert_eq!("kivi4".parse::<KvDType>()?, KvDType::Kivi { bits: KiviBits::B4 });
+/// assert_eq!("kivi4".parse::<KvDType>()?, KvDType::kivi(KiviBits::B4));
+/// let r128: KvDType = "kivi2-r128".parse()?;
+/// assert_eq!(r128.residual_tokens(), 128);
+/// assert_eq!(r128.row_bytes(64)?, 24);
 /// // A group larger than the row does not fit.
 /// assert!(KvDType::Int8 { group: QuantGroup::G128 }.row_bytes(64).is_err());
 /// # Ok::<(), kv_core::KvError>(())
@@ -136,10 +204,13 @@ pub enum KvDType {
         group: QuantGroup,
     },
     /// KIVI: keys quantized per channel over blocks of 32 tokens (the not yet full block
-    /// kept in f16), values per token in groups of 32, both with `bits`-bit codes.
+    /// kept in f16), values per token in groups of 32, both with `bits`-bit codes; the last
+    /// `residual` tokens of a sequence are also kept in f16.
     Kivi {
         /// Code width of keys and values.
         bits: KiviBits,
+        /// Tokens at the end of a sequence read in f16 (see [`KiviResidual`]).
+        residual: KiviResidual,
     },
 }
 
@@ -180,9 +251,58 @@ impl KvDType {
         KvDType::Int4Hadamard {
             group: QuantGroup::G128,
         },
-        KvDType::Kivi { bits: KiviBits::B4 },
-        KvDType::Kivi { bits: KiviBits::B2 },
+        KvDType::kivi(KiviBits::B4),
+        KvDType::kivi(KiviBits::B2),
+        KvDType::Kivi {
+            bits: KiviBits::B4,
+            residual: KiviResidual::R128,
+        },
+        KvDType::Kivi {
+            bits: KiviBits::B2,
+            residual: KiviResidual::R128,
+        },
     ];
+
+    /// Every layout the parser knows: [`ALL`](Self::ALL) and the KIVI layouts of every
+    /// other [`KiviResidual`] (which tables and suites leave out to stay short).
+    pub fn every() -> impl Iterator<Item = KvDType> {
+        let more = [KiviBits::B4, KiviBits::B2].into_iter().flat_map(|bits| {
+            KiviResidual::ALL
+                .into_iter()
+                .map(move |residual| KvDType::Kivi { bits, residual })
+        });
+        let mut seen = Vec::new();
+        Self::ALL.iter().copied().chain(more).filter(move |d| {
+            let new = !seen.contains(d);
+            seen.push(*d);
+            new
+        })
+    }
+
+    /// The KIVI layout of `bits`-bit codes without a residual (`kivi4`, `kivi2`).
+    pub const fn kivi(bits: KiviBits) -> KvDType {
+        KvDType::Kivi {
+            bits,
+            residual: KiviResidual::R0,
+        }
+    }
+
+    /// Tokens at the end of a sequence that a KIVI layout keeps in f16 besides the key
+    /// block being filled (its [`KiviResidual`]); 0 for every other layout.
+    ///
+    /// ```
+    /// use kv_core::KvDType;
+    /// assert_eq!("kivi4-r64".parse::<KvDType>()?.residual_tokens(), 64);
+    /// assert_eq!("kivi4".parse::<KvDType>()?.residual_tokens(), 0);
+    /// assert_eq!(KvDType::F16.residual_tokens(), 0);
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    pub const fn residual_tokens(&self) -> usize {
+        match self {
+            KvDType::Kivi { residual, .. } => residual.tokens(),
+            _ => 0,
+        }
+    }
 
     /// Bytes one row of `head_dim` elements takes, scales included. For [`KvDType::Kivi`]
     /// keys it is the amortised size of a full 32-token block (scales over 32 tokens),
@@ -212,7 +332,7 @@ impl KvDType {
             KvDType::Int4 { group } | KvDType::Int4Hadamard { group } => {
                 (d / group.size(), 4 + group.size() / 2)
             }
-            KvDType::Kivi { bits } => (d / 8, bits.bits() + 1),
+            KvDType::Kivi { bits, .. } => (d / 8, bits.bits() + 1),
         };
         units
             .checked_mul(unit_bytes)
@@ -277,7 +397,7 @@ impl KvDType {
 
     /// Short name, the one the command line accepts and [`fmt::Display`] prints
     /// (`"int8-g32"`); `"int8"`, `"int4"` and `"int4h"` are accepted for the 32-element
-    /// groups.
+    /// groups, and `"kivi2-r0"` for `"kivi2"` (the same for `kivi4`).
     pub const fn name(&self) -> &'static str {
         use QuantGroup::{G128, G32, G64};
         match self {
@@ -293,8 +413,27 @@ impl KvDType {
             KvDType::Int4Hadamard { group: G32 } => "int4h-g32",
             KvDType::Int4Hadamard { group: G64 } => "int4h-g64",
             KvDType::Int4Hadamard { group: G128 } => "int4h-g128",
-            KvDType::Kivi { bits: KiviBits::B4 } => "kivi4",
-            KvDType::Kivi { bits: KiviBits::B2 } => "kivi2",
+            KvDType::Kivi { bits, residual } => {
+                const B4: [&str; 5] = [
+                    "kivi4",
+                    "kivi4-r32",
+                    "kivi4-r64",
+                    "kivi4-r128",
+                    "kivi4-r256",
+                ];
+                const B2: [&str; 5] = [
+                    "kivi2",
+                    "kivi2-r32",
+                    "kivi2-r64",
+                    "kivi2-r128",
+                    "kivi2-r256",
+                ];
+                let names = match bits {
+                    KiviBits::B4 => B4,
+                    KiviBits::B2 => B2,
+                };
+                names[*residual as usize]
+            }
         }
     }
 }
@@ -316,17 +455,18 @@ impl FromStr for KvDType {
             "int8" => "int8-g32",
             "int4" => "int4-g32",
             "int4h" => "int4h-g32",
+            "kivi4-r0" => "kivi4",
+            "kivi2-r0" => "kivi2",
             other => other,
         };
-        KvDType::ALL
-            .iter()
-            .copied()
+        KvDType::every()
             .find(|d| d.name() == canonical)
             .ok_or_else(|| KvError::InvalidArgument {
                 what: "dtype",
                 detail: format!(
                     "unknown cache layout {s:?}; known: {} (and int8, int4, int4h for their \
-                     32-element groups)",
+                     32-element groups; kivi4-rR and kivi2-rR for a residual R of 0, 32, 64, \
+                     128 or 256 tokens)",
                     KvDType::ALL
                         .iter()
                         .map(|d| d.name())
@@ -343,7 +483,7 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_aliases_parse() {
-        for &d in KvDType::ALL {
+        for d in KvDType::every() {
             assert_eq!(d.name().parse::<KvDType>().ok(), Some(d));
             assert_eq!(
                 d.to_string().to_uppercase().parse::<KvDType>().ok(),
@@ -363,7 +503,31 @@ mod tests {
             "int4h".parse::<KvDType>().ok(),
             Some(KvDType::Int4Hadamard { group: g32 })
         );
-        for bad in ["", "int8-g16", "int3", "kivi8", "f8", "int8-"] {
+        assert_eq!(
+            "KIVI2-R0".parse::<KvDType>().ok(),
+            Some(KvDType::kivi(KiviBits::B2))
+        );
+        assert_eq!(
+            "kivi4-r32".parse::<KvDType>().ok(),
+            Some(KvDType::Kivi {
+                bits: KiviBits::B4,
+                residual: KiviResidual::R32
+            })
+        );
+        assert_eq!(KvDType::every().count(), KvDType::ALL.len() + 6);
+        for bad in [
+            "",
+            "int8-g16",
+            "int3",
+            "kivi8",
+            "f8",
+            "int8-",
+            "kivi2-r48",
+            "kivi2-r",
+            "kivi2r128",
+            "int8-r32",
+            "kivi2-r1024",
+        ] {
             assert!(
                 matches!(
                     bad.parse::<KvDType>(),
@@ -372,8 +536,18 @@ mod tests {
                 "{bad:?}"
             );
         }
-        let names: std::collections::HashSet<_> = KvDType::ALL.iter().map(|d| d.name()).collect();
-        assert_eq!(names.len(), KvDType::ALL.len(), "names are unique");
+        let names: std::collections::HashSet<_> = KvDType::every().map(|d| d.name()).collect();
+        assert_eq!(names.len(), KvDType::every().count(), "names are unique");
+        for r in KiviResidual::ALL {
+            assert_eq!(KiviResidual::from_tokens(r.tokens()), Some(r));
+            assert_eq!(r.tokens() % 32, 0);
+            for bits in [KiviBits::B2, KiviBits::B4] {
+                let d = KvDType::Kivi { bits, residual: r };
+                assert_eq!(d.residual_tokens(), r.tokens());
+                assert_eq!(d.row_bytes(64).ok(), KvDType::kivi(bits).row_bytes(64).ok());
+                assert_eq!(d.block_tokens(), 32);
+            }
+        }
     }
 
     #[test]
@@ -472,6 +646,9 @@ mod tests {
         for &d in KvDType::ALL {
             let kivi = matches!(d, KvDType::Kivi { .. });
             assert_eq!(d.block_tokens(), if kivi { 32 } else { 1 }, "{d}");
+            if !kivi {
+                assert_eq!(d.residual_tokens(), 0, "{d}");
+            }
             assert_eq!(
                 d.is_quantized(),
                 d.row_bytes(64).map_or(true, |b| b < 128),

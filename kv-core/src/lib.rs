@@ -36,7 +36,7 @@ pub use blocks::{BlockAllocator, BlockId, BlockTable, Slot};
 /// The tensor library backends exchange data with, re-exported so implementors use the
 /// same version.
 pub use candle_core as candle;
-pub use dtype::{KiviBits, KvDType, QuantGroup};
+pub use dtype::{KiviBits, KiviResidual, KvDType, QuantGroup};
 pub use error::{KvError, Result};
 pub use manager::{CacheManager, CacheStats, Preempted, PrefixMatch, Reserved, SeqId};
 pub use shape::{ModelShape, ModelShapeBuilder};

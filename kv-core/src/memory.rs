@@ -18,6 +18,13 @@
 //! once the block is quantized (the CPU backend keeps it until attention has read the
 //! tokens that filled it, then frees it at the layer's next write), and report both parts (the CPU backend's
 //! `CpuStorage::allocated_bytes` is `StorageSpec::bytes` plus its live windows).
+//!
+//! A layout with a residual `R` (`kivi2-r128`, see [`crate::KiviResidual`]) keeps the last
+//! `R` tokens of a sequence in f16, K and V: its windows hold the values too (twice the
+//! bytes), and a window lives until every sequence holding its block has moved `R` tokens
+//! past it, so a decoding sequence holds `(R + block_size) / 32` windows per layer at most:
+//! [`sequence_window_bytes`] (SmolLM2-135M, `kivi2-r128`, blocks of 32: 3.52 MiB, the f16
+//! K/V of 160 tokens, next to 4,320 bytes per token quantized).
 
 use crate::{KvDType, KvError, ModelShape, Result};
 
@@ -84,8 +91,9 @@ pub fn cache_bytes(shape: &ModelShape, dtype: KvDType, tokens: usize) -> Result<
 }
 
 /// Bytes of one f16 residual window in one layer: the keys of a [`KvDType::Kivi`] block
-/// that is not full yet, `n_kv_heads x 32 tokens x head_dim x 2` bytes. Zero for layouts
-/// that store each row on its own (they need no window). See the [module docs](self).
+/// that is not full yet, `n_kv_heads x 32 tokens x head_dim x 2` bytes, and as much again
+/// for its values when the layout has a residual (`kivi2-r128`). Zero for layouts that
+/// store each row on its own (they need no window). See the [module docs](self).
 ///
 /// ```
 /// use kv_core::{memory, KvDType, ModelShape};
@@ -95,6 +103,9 @@ pub fn cache_bytes(shape: &ModelShape, dtype: KvDType, tokens: usize) -> Result<
 /// // One window per layer for a sequence whose last block is partly filled: 360 KiB.
 /// assert_eq!(30 * memory::residual_window_bytes(&smollm2, kivi4)?, 360 << 10);
 /// assert_eq!(memory::residual_window_bytes(&smollm2, KvDType::F16)?, 0);
+/// // With a residual the window holds values too.
+/// let r128: KvDType = "kivi2-r128".parse()?;
+/// assert_eq!(memory::residual_window_bytes(&smollm2, r128)?, 2 * 3 * 32 * 64 * 2);
 /// # Ok::<(), kv_core::KvError>(())
 /// ```
 ///
@@ -106,7 +117,8 @@ pub fn residual_window_bytes(shape: &ModelShape, dtype: KvDType) -> Result<usize
     if !matches!(dtype, KvDType::Kivi { .. }) {
         return Ok(0);
     }
-    [dtype.block_tokens(), shape.head_dim(), 2]
+    let parts = if dtype.residual_tokens() > 0 { 2 } else { 1 };
+    [dtype.block_tokens(), shape.head_dim(), 2, parts]
         .into_iter()
         .try_fold(shape.n_kv_heads(), usize::checked_mul)
         .ok_or_else(|| KvError::Overflow {
@@ -116,6 +128,72 @@ pub fn residual_window_bytes(shape: &ModelShape, dtype: KvDType) -> Result<usize
                 shape.n_kv_heads(),
                 dtype.block_tokens(),
                 shape.head_dim()
+            ),
+        })
+}
+
+/// The most f16 window bytes one decoding sequence holds, over all layers: windows of
+/// [`residual_window_bytes`] for its last `(R + block_size) / 32` key blocks in each layer
+/// with a residual of `R` tokens (blocks leave it whole, so a cache block of more than 32
+/// tokens keeps up to a block more), one (the block being filled) without. Zero for layouts
+/// without windows. Prefilling `n` tokens at once holds the windows of all `n` until the
+/// next step, and blocks shared by several sequences keep theirs until every holder has
+/// moved past them (see the [module docs](self)).
+///
+/// ```
+/// use kv_core::{memory, KvDType, ModelShape};
+/// let smollm2 = ModelShape::preset("smollm2-135m")?;
+/// let r128: KvDType = "kivi2-r128".parse()?;
+/// // 30 layers x 5 windows x (K and V of 32 tokens x 3 heads x 64 dims in f16).
+/// assert_eq!(memory::sequence_window_bytes(&smollm2, r128, 32)?, 30 * 5 * 24_576);
+/// assert_eq!(memory::sequence_window_bytes(&smollm2, "kivi2".parse()?, 32)?, 30 * 12_288);
+/// assert_eq!(memory::sequence_window_bytes(&smollm2, KvDType::F16, 16)?, 0);
+/// # Ok::<(), kv_core::KvError>(())
+/// ```
+///
+/// # Errors
+/// As [`residual_window_bytes`]; [`KvError::InvalidArgument`] for a KIVI layout and a
+/// block size that is not a non-zero multiple of 32; [`KvError::Overflow`] when the total
+/// does not fit `usize`.
+pub fn sequence_window_bytes(
+    shape: &ModelShape,
+    dtype: KvDType,
+    block_size: usize,
+) -> Result<usize> {
+    let window = residual_window_bytes(shape, dtype)?;
+    if window == 0 {
+        return Ok(0);
+    }
+    let key_block = dtype.block_tokens();
+    if block_size == 0 || !block_size.is_multiple_of(key_block) {
+        return Err(KvError::InvalidArgument {
+            what: "block_size",
+            detail: format!(
+                "{block_size} does not fit the {dtype} layout: it must be a non-zero multiple \
+                 of {key_block}"
+            ),
+        });
+    }
+    let residual = dtype.residual_tokens();
+    let windows = if residual == 0 {
+        1
+    } else {
+        residual
+            .checked_add(block_size)
+            .map(|t| t / key_block)
+            .ok_or_else(|| KvError::Overflow {
+                what: "sequence window bytes",
+                detail: format!("a residual of {residual} plus blocks of {block_size} tokens"),
+            })?
+    };
+    [windows, window]
+        .into_iter()
+        .try_fold(shape.n_layers(), usize::checked_mul)
+        .ok_or_else(|| KvError::Overflow {
+            what: "sequence window bytes",
+            detail: format!(
+                "{} layers x {windows} windows x {window} bytes is more than usize::MAX",
+                shape.n_layers()
             ),
         })
 }
@@ -178,10 +256,32 @@ mod tests {
             cache_bytes(&l3, "int8-g128".parse().unwrap(), 4096).unwrap(),
             (512u64 << 20) / 256 * 130
         );
-        for &d in KvDType::ALL {
+        for d in KvDType::every() {
             let w = residual_window_bytes(&smol, d);
-            let want = if d.block_tokens() > 1 { 12_288 } else { 0 };
+            let want = match (d.block_tokens(), d.residual_tokens()) {
+                (1, _) => 0,
+                (_, 0) => 12_288,
+                _ => 24_576,
+            };
             assert!(w.is_err() || w.unwrap() == want, "{d}");
+            let s = sequence_window_bytes(&smol, d, 64);
+            let windows = match (d.block_tokens(), d.residual_tokens()) {
+                (1, _) => 0,
+                (_, 0) => 1,
+                (_, r) => (r + 64) / 32,
+            };
+            assert!(s.is_err() || s.unwrap() == 30 * windows * want, "{d}");
+            if d.block_tokens() > 1 {
+                for bad in [0, 16, 48] {
+                    assert!(matches!(
+                        sequence_window_bytes(&smol, d, bad),
+                        Err(KvError::InvalidArgument {
+                            what: "block_size",
+                            ..
+                        })
+                    ));
+                }
+            }
         }
     }
 

@@ -85,6 +85,22 @@ pub fn moves(spec: &StorageSpec, moves: &[(BlockId, BlockId)]) -> Result<()> {
     Ok(())
 }
 
+/// Checks that every block of `blocks` exists (the argument of
+/// [`crate::CacheBackend::settle_blocks`]).
+///
+/// # Errors
+/// [`KvError::OutOfRange`] (`what: "block"`) for the first block past the end.
+pub fn blocks(spec: &StorageSpec, blocks: &[BlockId]) -> Result<()> {
+    if let Some(b) = blocks.iter().find(|b| b.index() >= spec.num_blocks) {
+        return Err(KvError::OutOfRange {
+            what: "block",
+            index: b.index(),
+            len: spec.num_blocks,
+        });
+    }
+    Ok(())
+}
+
 /// Checks that `t` is a float tensor on `device` with exactly the dimensions `dims`.
 ///
 /// # Errors

@@ -33,7 +33,7 @@ use kv_model::{Logits, Model, WeightFormat};
 type Res<T> = Result<T, Box<dyn Error>>;
 
 /// The layouts measured, in report order.
-const LAYOUTS: [&str; 8] = [
+const LAYOUTS: [&str; 9] = [
     "f32",
     "f16",
     "bf16",
@@ -42,6 +42,7 @@ const LAYOUTS: [&str; 8] = [
     "int4h-g32",
     "kivi4",
     "kivi2",
+    "kivi2-r128",
 ];
 
 /// Tokens per cache block in the model sections: a multiple of KIVI's 32-token key block.

@@ -189,15 +189,16 @@ struct PplArgs {
     /// Tokens per chunk (llama.cpp's --ctx-size).
     #[arg(long, default_value_t = 512)]
     ctx: usize,
-    /// Cache layouts to evaluate, comma separated; f16 always runs as the reference.
+    /// Cache layouts to evaluate, comma separated (KIVI with a residual of R tokens in f16:
+    /// kivi2-r32, kivi4-r128, ...); f16 always runs as the reference.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "f16,int8-g32,int4-g32,int4-g64,int4h-g32,kivi4,kivi2"
     )]
     dtype: Vec<KvDType>,
-    /// Tokens written and attended per forward pass (1 is generation's decode loop; it
-    /// changes the result only for KIVI, whose block being filled stays f16 until full).
+    /// Tokens written and attended per forward pass (1 is generation's decode loop; every
+    /// layout, KIVI's included, computes the same for any value, up to summation order).
     #[arg(long, default_value_t = 64)]
     batch: usize,
     /// Tokens per cache block (a multiple of 32 for KIVI layouts).
@@ -1215,10 +1216,10 @@ fn memory_table(
     let rows = |s: &mut String, shape: &ModelShape| -> Result<()> {
         let _ = writeln!(
             s,
-            "  {:<10} {:>12} {:>12} {:>12}",
-            "layout", "bytes/token", "per token", "total"
+            "  {:<10} {:>12} {:>12} {:>12} {:>12}",
+            "layout", "bytes/token", "per token", "total", "window/seq"
         );
-        let mut window = None;
+        let mut window = false;
         for &d in dtypes {
             // kv-core's formula multiplies unchecked: the product is checked here.
             let sizes = memory::bytes_per_token(shape, d).map(|per| {
@@ -1237,24 +1238,22 @@ fn memory_table(
                     })
                 }
                 Ok((per_token, Some(total))) => {
+                    // The f16 windows of one decoding sequence, blocks of 32 (KIVI's least).
+                    let w = memory::sequence_window_bytes(shape, d, 32)?;
+                    window |= w > 0;
                     let _ = writeln!(
                         s,
-                        "  {:<10} {:>12} {:>12} {:>12}",
+                        "  {:<10} {:>12} {:>12} {:>12} {:>12}",
                         d.name(),
                         per_token,
                         memory::format_bytes(per_token),
-                        memory::format_bytes(total)
+                        memory::format_bytes(total),
+                        if w == 0 {
+                            "-".to_string()
+                        } else {
+                            memory::format_bytes(w as u64)
+                        }
                     );
-                    let w = memory::residual_window_bytes(shape, d)?
-                        .checked_mul(shape.n_layers())
-                        .ok_or_else(|| ModelError::InvalidArgument {
-                            what: "model shape",
-                            expected: "a residual window size that fits in memory".into(),
-                            got: format!("{shape:?}"),
-                        })?;
-                    if w > 0 {
-                        window = Some(w);
-                    }
                 }
                 // In the full table a layout that cannot hold this head size is listed as
                 // such; asked for alone, it is an error.
@@ -1269,12 +1268,12 @@ fn memory_table(
                 Err(e) => return Err(e.into()),
             }
         }
-        if let Some(w) = window {
+        if window {
             let _ = writeln!(
                 s,
-                "  kivi: plus {} per sequence while its last 32-token block fills (those keys \
-                 in f16)",
-                memory::format_bytes(w as u64)
+                "  window/seq: f16 copies each decoding sequence holds on top of the total, \
+                 cache blocks of 32 (kivi: the keys of its last, filling 32-token block; \
+                 kivi-rR: K and V of its last R tokens too, in 32-token blocks)"
             );
         }
         Ok(())
@@ -1389,7 +1388,19 @@ mod tests {
         assert_eq!(row("kivi4"), "7200");
         assert_eq!(row("kivi2"), "4320");
         assert!(t.contains("int8-g128  does not fit head dim 64"), "{t}");
-        assert!(t.contains("360 KiB per sequence"), "{t}");
+        let window = |name: &str| {
+            t.lines()
+                .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+                .and_then(|l| l.split_whitespace().nth(6))
+                .unwrap_or_default()
+                .to_string()
+        };
+        // 30 layers x 3 heads x 32 tokens x 64 dims x 2 bytes of keys.
+        assert_eq!(window("kivi2"), "360");
+        // 5 blocks of 32 tokens, K and V: 30 x 5 x 24 KiB.
+        assert_eq!(window("kivi2-r128"), "3.52");
+        assert_eq!(window("f16"), "-");
+        assert!(t.contains("window/seq: f16 copies"), "{t}");
     }
 
     #[test]

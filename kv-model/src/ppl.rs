@@ -13,10 +13,10 @@
 //! [`Model::forward`] before its attention reads the cache, so every query attends over the
 //! stored, quantized K and V of all earlier tokens and of its own sub-batch. For layouts
 //! that store each row on its own (f16, INT8, INT4) the sub-batch size changes nothing but
-//! speed. For KIVI it matters a little: in generation the keys of the 32-token block being
-//! filled are read in f16 until the block is full; here a sub-batch that fills a block has
-//! it quantized before it attends, which is stricter (more tokens read quantized) unless
-//! `batch` is 1, which is exactly generation's decode loop.
+//! speed, and for KIVI too: a query reads the keys of its own 32-token block (and, with a
+//! residual `R`, those of the blocks ending within `R` tokens and the values of the last `R`
+//! tokens) in f16 however many tokens were written with it, so a sub-batch computes what
+//! generation's decode loop computes.
 //!
 //! Against the f16 cache (always run, as the reference) every other layout reports the
 //! change of perplexity, the mean KL divergence `KL(p_f16 || p_layout)` of the next-token
@@ -87,6 +87,9 @@ pub struct LayoutScore {
     pub dtype: KvDType,
     /// Bytes one token costs in the cache (all layers, K and V).
     pub bytes_per_token: usize,
+    /// Bytes of the f16 windows one decoding sequence holds on top, all layers
+    /// ([`memory::sequence_window_bytes`]; 0 for layouts without windows).
+    pub window_bytes: usize,
     /// Mean negative log-likelihood of the scored tokens (nats).
     pub mean_nll: f64,
     /// `exp(mean_nll)`.
@@ -143,8 +146,8 @@ impl fmt::Display for PerplexityReport {
         )?;
         writeln!(
             f,
-            "{:<10} {:>11} {:>11} {:>9} {:>10} {:>8}  verdict",
-            "layout", "bytes/token", "perplexity", "vs f16", "mean KL", "top-1"
+            "{:<10} {:>11} {:>10} {:>11} {:>9} {:>10} {:>8}  verdict",
+            "layout", "bytes/token", "window", "perplexity", "vs f16", "mean KL", "top-1"
         )?;
         for l in &self.layouts {
             let reference = l.dtype == KvDType::F16;
@@ -169,9 +172,14 @@ impl fmt::Display for PerplexityReport {
             };
             writeln!(
                 f,
-                "{:<10} {:>11} {:>11.4} {:>9} {:>10} {:>8}  {verdict}",
+                "{:<10} {:>11} {:>10} {:>11.4} {:>9} {:>10} {:>8}  {verdict}",
                 l.dtype.name(),
                 l.bytes_per_token,
+                if l.window_bytes == 0 {
+                    "-".to_string()
+                } else {
+                    memory::format_bytes(l.window_bytes as u64)
+                },
                 l.perplexity,
                 change,
                 kl,
@@ -359,6 +367,7 @@ impl Model {
                 Ok(LayoutScore {
                     dtype,
                     bytes_per_token: memory::bytes_per_token(&shape, dtype)?,
+                    window_bytes: memory::sequence_window_bytes(&shape, dtype, options.block_size)?,
                     mean_nll: s.nll / n,
                     perplexity,
                     change: perplexity / reference_ppl - 1.0,
@@ -427,6 +436,7 @@ mod tests {
         let score = |name: &str, ppl: f64| LayoutScore {
             dtype: name.parse().unwrap(),
             bytes_per_token: 1,
+            window_bytes: if name.contains("-r") { 3 << 20 } else { 0 },
             mean_nll: ppl.ln(),
             perplexity: ppl,
             change: ppl / 10.0 - 1.0,
@@ -444,6 +454,7 @@ mod tests {
                 score("f16", 10.0),
                 score("int8", 10.05),
                 score("kivi2", 11.5),
+                score("kivi2-r128", 10.2),
             ],
         };
         let text = report.to_string();
@@ -454,6 +465,7 @@ mod tests {
                 .to_string()
         };
         assert!(line("f16").ends_with("reference"), "{text}");
+        assert!(line("kivi2-r128").contains(" 3 MiB ") && line("kivi2-r128").ends_with("ok"));
         assert!(line("int8-g32").contains("+0.50%") && line("int8-g32").ends_with("ok"));
         assert!(line("kivi2").contains("UNSUITABLE"), "{text}");
         assert!(report

@@ -723,13 +723,7 @@ mod tests {
         assert!(ok.validate(16, KvDType::F16, 8192).is_ok());
         assert!(ok.validate(32, KvDType::F16, 8192).is_err()); // sinks not whole blocks
         assert!(matches!(
-            ok.validate(
-                16,
-                KvDType::Kivi {
-                    bits: kv_core::KiviBits::B4
-                },
-                8192
-            ),
+            ok.validate(16, KvDType::kivi(kv_core::KiviBits::B4), 8192),
             Err(ModelError::Unsupported { .. })
         ));
         assert!(ok.validate(16, KvDType::F16, 100).is_err()); // beyond the context

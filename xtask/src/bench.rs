@@ -65,7 +65,7 @@ impl Options {
 }
 
 /// The layouts, in the order the bench program measures them.
-const LAYOUTS: [&str; 8] = [
+const LAYOUTS: [&str; 9] = [
     "f32",
     "f16",
     "bf16",
@@ -74,6 +74,7 @@ const LAYOUTS: [&str; 8] = [
     "int4h-g32",
     "kivi4",
     "kivi2",
+    "kivi2-r128",
 ];
 
 /// Colours of the layouts' lines (and of the peer, last).
