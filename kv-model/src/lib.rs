@@ -60,6 +60,7 @@ mod gguf_check;
 mod linear;
 mod model;
 pub mod ppl;
+mod prompt_cache;
 mod rope;
 mod sampler;
 mod tokenizer;
@@ -82,6 +83,7 @@ pub use gguf_check::{
 #[doc(hidden)]
 pub use linear::matmul_seconds;
 pub use model::{Logits, Model, WeightFormat};
+pub use prompt_cache::{model_fingerprint, PromptCacheReport};
 pub use sampler::{Sampler, SamplingConfig};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use window::{StreamingScore, WindowConfig, WindowReport, WindowedSequence};

@@ -6,7 +6,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -231,6 +231,11 @@ struct GenerateArgs {
         allow_negative_numbers = true
     )]
     sinks: usize,
+    /// Prompt cache file: the first run saves the K/V of the prompt's full blocks there, a
+    /// later run whose prompt starts the same loads them and prefills only the rest (a
+    /// file from another model or configuration is reported and not used).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["no_cache", "window"])]
+    prompt_cache: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -565,7 +570,14 @@ fn generate(mut args: GenerateArgs) -> Result<()> {
         }
         Ok(())
     };
+    let cached = |b, on_token| {
+        let file = args.prompt_cache.as_deref().unwrap_or(Path::new(""));
+        generate_prompt_cached(
+            &model, &tokenizer, &path, b, layout, file, &prompt, &options, on_token,
+        )
+    };
     let run: Generation = match (backend, window) {
+        (Some(Chosen::Cpu(b)), None) if args.prompt_cache.is_some() => cached(b, on_token)?,
         (None, _) => model.generate_uncached(&prompt, &options, on_token)?,
         (Some(Chosen::Cpu(b)), None) => model.generate(b, layout, &prompt, &options, on_token)?,
         (Some(Chosen::Cuda(b)), None) => model.generate(b, layout, &prompt, &options, on_token)?,
@@ -598,6 +610,59 @@ fn generate(mut args: GenerateArgs) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// `kv generate --prompt-cache FILE` on the CPU backend: what the file did goes to stderr.
+#[allow(clippy::too_many_arguments)]
+fn generate_prompt_cached(
+    model: &kv_model::Model,
+    tokenizer: &Tokenizer,
+    model_path: &Path,
+    backend: CpuBackend,
+    layout: CacheLayout,
+    file: &Path,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Generation> {
+    let fingerprint = kv_model::model_fingerprint(
+        model_path,
+        model,
+        tokenizer,
+        layout,
+        kv_core::CacheBackend::name(&backend),
+    )?;
+    let (run, report) = model.generate_with_prompt_cache(
+        backend,
+        layout,
+        fingerprint,
+        file,
+        prompt,
+        options,
+        on_token,
+    )?;
+    let shown = kv_model::escape_controls(&file.display().to_string());
+    if let Some(e) = &report.load_error {
+        eprintln!(
+            "prompt cache {shown} not used: {}",
+            kv_model::escape_controls(e)
+        );
+    }
+    eprintln!(
+        "prompt cache {shown}: {} of {} prompt tokens loaded ({} bytes), {} prefilled, {} saved",
+        report.loaded_tokens,
+        prompt.len(),
+        report.loaded_bytes,
+        prompt.len() - report.loaded_tokens,
+        report.saved_tokens
+    );
+    if let Some(e) = &report.save_error {
+        eprintln!(
+            "prompt cache {shown} not saved: {}",
+            kv_model::escape_controls(e)
+        );
+    }
+    Ok(run)
 }
 
 fn tokenize(args: TokenizeArgs) -> Result<()> {
