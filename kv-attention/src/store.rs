@@ -196,6 +196,10 @@ impl HostStore {
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
     }
+    /// The keys held, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = &BlockKey> + '_ {
+        self.values.keys()
+    }
 }
 
 impl BlockStore for HostStore {
