@@ -83,7 +83,7 @@ pub use gguf_check::{
 #[doc(hidden)]
 pub use linear::matmul_seconds;
 pub use model::{Logits, Model, WeightFormat};
-pub use prompt_cache::{model_fingerprint, PromptCacheReport};
+pub use prompt_cache::{model_fingerprint, PromptCacheReport, StoreReport};
 pub use sampler::{Sampler, SamplingConfig};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use window::{StreamingScore, WindowConfig, WindowReport, WindowedSequence};

@@ -239,3 +239,86 @@ fn save<B: CacheBackend>(
     };
     cache_file::write_file(file, &set).map_err(|e| e.to_string())
 }
+
+/// What the tiers did in one [`Model::generate_with_store`] run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreReport {
+    /// The tiers' counters ([`kv_attention::store::TierStats`]).
+    pub stats: kv_attention::store::TierStats,
+    /// Prompt tokens restored from the tiers (prefill saved).
+    pub reused_tokens: usize,
+    /// The last store error (the run went on without the store).
+    pub last_error: Option<String>,
+}
+
+impl Model {
+    /// [`Model::generate`] with block tiers ([`kv_attention::store`]): the prompt's full
+    /// blocks found in a tier (keyed by content address under `fingerprint`) are restored
+    /// instead of prefilled, and at the end the prompt's full blocks are written to every
+    /// tier that lacks them. A tier that fails or holds bad values costs only the prefill it
+    /// would have saved: the same tokens come out.
+    ///
+    /// # Errors
+    /// What [`Model::generate`] returns.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_with_store<B: CacheBackend>(
+        &self,
+        backend: B,
+        layout: CacheLayout,
+        fingerprint: Fingerprint,
+        tiers: Vec<Box<dyn kv_attention::store::BlockStore>>,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<(Generation, StoreReport)> {
+        self.check_request(prompt, options)?;
+        if layout.block_size == 0 {
+            return Err(ModelError::InvalidArgument {
+                what: "block size",
+                expected: "at least 1 token".into(),
+                got: "0".into(),
+            });
+        }
+        let capacity = prompt.len() + options.max_tokens;
+        let spec = StorageSpec::new(
+            self.shape(),
+            layout.dtype,
+            layout.block_size,
+            capacity.div_ceil(layout.block_size),
+        )?;
+        // The device's own prefix index is empty in a fresh cache; its salt is unused.
+        let cache = PagedCache::with_prefix_cache(backend, spec, 0)?;
+        let mut tiered = kv_attention::TieredCache::new(cache, fingerprint, tiers);
+        let (seq, reused) = tiered.create_with_prefix(prompt);
+        let mut first = true;
+        let run = run_loop(prompt, options, on_token, |new, _| {
+            let new = if first { &new[reused..] } else { new };
+            let logits = self.forward(new, tiered.cache_mut(), seq, Logits::Last)?;
+            if first {
+                tiered.cache_mut().commit(seq, new)?;
+                first = false;
+            }
+            Ok(logits)
+        })?;
+        // Only the prompt is committed, so only its blocks are saved.
+        let cache = tiered.cache();
+        let committed = cache.manager().tokens(seq)?.len();
+        debug_assert_eq!(committed, prompt.len());
+        if tiered.cache().backend().supports_block_bytes() {
+            tiered.save(seq)?;
+        }
+        let report = StoreReport {
+            stats: tiered.stats(),
+            reused_tokens: reused,
+            last_error: tiered.last_error().map(str::to_string),
+        };
+        let cache = tiered.cache();
+        let generation = run.finish(CacheReport::Paged {
+            backend: cache.backend().name().to_string(),
+            layout,
+            usage: cache.usage(),
+            window: None,
+        });
+        Ok((generation, report))
+    }
+}

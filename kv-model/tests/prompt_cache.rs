@@ -171,3 +171,66 @@ fn kv_generate_prompt_cache_reports_the_loaded_tokens() {
     );
     std::fs::remove_file(&file).unwrap();
 }
+
+#[test]
+#[ignore = "needs the real model: KV_MODEL_PATH, release"]
+fn a_disk_store_restores_the_shared_prefix_with_the_same_tokens() {
+    use kv_attention::store::{BlockStore, DiskStore};
+    let path = model_path();
+    let model = Model::load(&path).unwrap();
+    let tokenizer = Tokenizer::from_gguf_file(&path).unwrap();
+    let options = GenerateOptions {
+        max_tokens: 12,
+        ..GenerateOptions::default()
+    };
+    let layout = CacheLayout::default();
+    let bs = layout.block_size;
+    let fp = kv_model::model_fingerprint(&path, &model, &tokenizer, layout, "cpu").unwrap();
+    let dir = std::env::temp_dir().join(format!("kv-disk-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let a = tokenizer
+        .encode(&format!("{SYSTEM} Q: What is the capital of France? A:"))
+        .unwrap();
+    let b = tokenizer
+        .encode(&format!("{SYSTEM} Q: Name a large ocean. A:"))
+        .unwrap();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let want_b = model
+        .generate(CpuBackend::new(), layout, &b, &options, |_| Ok(()))
+        .unwrap()
+        .tokens;
+    let run = |p: &[u32]| {
+        let tier: Box<dyn BlockStore> = Box::new(DiskStore::open(&dir, 1 << 30).unwrap());
+        model
+            .generate_with_store(
+                CpuBackend::new(),
+                layout,
+                fp,
+                vec![tier],
+                p,
+                &options,
+                |_| Ok(()),
+            )
+            .unwrap()
+    };
+    let (_, first) = run(&a);
+    assert_eq!(first.reused_tokens, 0);
+    assert!(first.stats.bytes_saved > 0);
+    // Another process (here: another cache) with the same system prompt restores it.
+    let (gen, second) = run(&b);
+    assert_eq!(gen.tokens, want_b);
+    assert_eq!(second.reused_tokens, common / bs * bs);
+    assert_eq!(second.stats.hits as usize, common / bs);
+    // A flipped bit in every stored block: all rejected, recomputed, same tokens.
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        let mut bytes = std::fs::read(&p).unwrap();
+        let at = bytes.len() - 7;
+        bytes[at] ^= 1;
+        std::fs::write(&p, bytes).unwrap();
+    }
+    let (gen, third) = run(&b);
+    assert_eq!(gen.tokens, want_b);
+    assert_eq!((third.reused_tokens, third.stats.rejected), (0, 1));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
