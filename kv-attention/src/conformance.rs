@@ -296,6 +296,11 @@ pub fn check_with<B: CacheBackend>(
         guarded(|| check_copy_blocks(backend, dtype))
             .map_err(|d| fail(Some(dtype), "copy_blocks", d))?;
         dr.checks.push("copy_blocks");
+        if backend.supports_block_bytes() {
+            guarded(|| check_block_bytes(backend, dtype))
+                .map_err(|d| fail(Some(dtype), "block export/import", d))?;
+            dr.checks.push("block bytes");
+        }
         dr.error_cases =
             guarded(|| check_errors(backend, dtype)).map_err(|d| fail(Some(dtype), "errors", d))?;
         dr.checks.push("errors");
@@ -850,6 +855,125 @@ fn transpose01(x: &[f32], a: usize, b: usize, c: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Every block exported from one storage and imported into another (in reverse block
+/// order) reads back bit for bit and exports the same bytes again; a partly filled block
+/// (a KIVI window) comes along. Bad imports are refused and change nothing.
+fn check_block_bytes<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(), String> {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (kv_heads, d) = (2, fit_head_dim(dtype, 64));
+    let shape = ModelShape::new(2, 4, kv_heads, d).map_err(s)?;
+    let spec = StorageSpec::new(shape, dtype, fit_block(dtype, 4), 6).map_err(s)?;
+    let mut source = filled(backend, &spec, &mut rng)?;
+    // Half of block 1 rewritten: a block being filled, as in the copy_blocks check.
+    let half = (spec.block_size / 2).max(1);
+    let fresh: Vec<Slot> = (0..half as u32)
+        .map(|offset| Slot {
+            block: BlockId::new(1),
+            offset,
+        })
+        .collect();
+    let dims = (half, kv_heads, d);
+    let n = half * kv_heads * d;
+    let (k, v) = (
+        tensor(backend, random(&mut rng, n, 1.0), dims)?,
+        tensor(backend, random(&mut rng, n, 1.0), dims)?,
+    );
+    backend
+        .write(&mut source, 0, &fresh, &k, &v)
+        .map_err(|e| format!("rewriting half of block 1: {e}"))?;
+    let nb = spec.num_blocks;
+    let mut exports = Vec::new();
+    for b in 0..nb {
+        let mut bytes = Vec::new();
+        backend
+            .export_block(&source, BlockId::new(b as u32), &mut bytes)
+            .map_err(|e| format!("export of block {b}: {e}"))?;
+        exports.push(bytes);
+    }
+    let mut target = backend.allocate(&spec).map_err(s)?;
+    for (b, bytes) in exports.iter().enumerate() {
+        backend
+            .import_block(&mut target, BlockId::new((nb - 1 - b) as u32), bytes)
+            .map_err(|e| format!("import of block {b}'s export: {e}"))?;
+    }
+    let (before, after) = (snapshot(backend, &source)?, snapshot(backend, &target)?);
+    // The snapshot is [layer][K|V][block][offset][head][dim].
+    let block_len = spec.block_size * kv_heads * d;
+    for pool in 0..2 * shape.n_layers() {
+        for b in 0..nb {
+            let got = &after[(pool * nb + nb - 1 - b) * block_len..][..block_len];
+            let want = &before[(pool * nb + b) * block_len..][..block_len];
+            if got
+                .iter()
+                .zip(want)
+                .any(|(x, y)| x.to_bits() != y.to_bits())
+            {
+                return Err(format!(
+                    "block {b} imported into block {} does not read back bit for bit \
+                     (layer {}, {})",
+                    nb - 1 - b,
+                    pool / 2,
+                    if pool % 2 == 0 { "K" } else { "V" }
+                ));
+            }
+        }
+    }
+    for (b, bytes) in exports.iter().enumerate() {
+        let mut again = Vec::new();
+        backend
+            .export_block(&target, BlockId::new((nb - 1 - b) as u32), &mut again)
+            .map_err(|e| format!("export of an imported block: {e}"))?;
+        if &again != bytes {
+            return Err(format!(
+                "block {b} imported and exported again gives other bytes ({} vs {})",
+                again.len(),
+                bytes.len()
+            ));
+        }
+    }
+    // Refusals, each leaving the target as it was.
+    let past = BlockId::new(nb as u32);
+    let mut sink = Vec::new();
+    expect_error(
+        "export of a block past the end",
+        Want::OutOfRange,
+        backend.export_block(&source, past, &mut sink),
+    )?;
+    if !sink.is_empty() {
+        return Err("a refused export appended bytes".into());
+    }
+    expect_error(
+        "import into a block past the end",
+        Want::OutOfRange,
+        backend.import_block(&mut target, past, &exports[0]),
+    )?;
+    let short = &exports[0][..exports[0].len() - 1];
+    if backend
+        .import_block(&mut target, BlockId::new(0), short)
+        .is_ok()
+    {
+        return Err("an import one byte short was accepted".into());
+    }
+    let mut long = exports[0].clone();
+    long.push(0);
+    if backend
+        .import_block(&mut target, BlockId::new(0), &long)
+        .is_ok()
+    {
+        return Err("an import one byte long was accepted".into());
+    }
+    if backend
+        .import_block(&mut target, BlockId::new(0), &[])
+        .is_ok()
+    {
+        return Err("an empty import was accepted".into());
+    }
+    if snapshot(backend, &target)? != after {
+        return Err("a refused import changed the storage".into());
+    }
+    Ok(())
 }
 
 fn check_copy_blocks<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(), String> {

@@ -7,13 +7,21 @@
 //! one-sequence form for code written against candle-nn's `KvCache`.
 //!
 //! `examples/custom_backend.rs` implements a backend from scratch and runs the suite on it.
-#![forbid(unsafe_code)]
+//!
+//! [`cache_file`] is the saved form of cache blocks (files and the values of the tiers),
+//! [`store`] the tiers themselves ([`store::BlockStore`]: host memory, local disk) and
+//! [`TieredCache`] a [`PagedCache`] that consults them on a prefix miss.
+// The one exception is the read-only map of a cache file (`cache_file::map`).
+#![deny(unsafe_code)]
 
+pub mod cache_file;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod paged;
 pub mod reference;
 mod sequence;
+pub mod store;
 
 pub use paged::{CacheUsage, PagedCache};
 pub use sequence::SequenceCache;
+pub use store::TieredCache;

@@ -445,6 +445,80 @@ impl<B: CacheBackend> PagedCache<B> {
     }
 }
 
+/// Saving and restoring whole blocks (cache files and tiers).
+impl<B: CacheBackend> PagedCache<B> {
+    /// The exported bytes ([`CacheBackend::export_block`]) of the blocks holding the first
+    /// `n_blocks` full blocks of `seq`'s committed tokens, in order.
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::UnknownSequence`]; [`kv_core::KvError::InvalidArgument`] when
+    /// `seq` has fewer committed tokens; what the backend's export returns.
+    pub fn export_blocks(&self, seq: SeqId, n_blocks: usize) -> Result<Vec<Vec<u8>>> {
+        let bs = self.spec.block_size;
+        let committed = self.manager.tokens(seq)?.len();
+        if n_blocks.checked_mul(bs).is_none_or(|n| n > committed) {
+            return Err(kv_core::KvError::InvalidArgument {
+                what: "exported blocks",
+                detail: format!(
+                    "{n_blocks} blocks of {bs} tokens asked, sequence {seq} has {committed} \
+                     committed tokens"
+                ),
+            });
+        }
+        let table = self.manager.table(seq)?;
+        table.blocks()[..n_blocks]
+            .iter()
+            .map(|&b| {
+                let mut out = Vec::new();
+                self.backend.export_block(&self.storage, b, &mut out)?;
+                Ok(out)
+            })
+            .collect()
+    }
+
+    /// Appends whole blocks to `seq` from exported bytes and commits their `tokens`, as if
+    /// they had been computed and written here (they enter the prefix index). `seq`'s
+    /// length must be a multiple of the block size with every token committed, and
+    /// `tokens` must hold `blocks.len()` full blocks. All or nothing: on error `seq` is
+    /// truncated back to where it was.
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::InvalidArgument`] for lengths that do not line up; what
+    /// [`PagedCache::reserve`] and [`CacheBackend::import_block`] return.
+    pub fn import_blocks(&mut self, seq: SeqId, tokens: &[u32], blocks: &[&[u8]]) -> Result<()> {
+        let bs = self.spec.block_size;
+        let before = self.manager.len(seq)?;
+        let committed = self.manager.tokens(seq)?.len();
+        if before % bs != 0
+            || committed != before
+            || blocks.len().checked_mul(bs) != Some(tokens.len())
+        {
+            return Err(kv_core::KvError::InvalidArgument {
+                what: "imported blocks",
+                detail: format!(
+                    "{} tokens for {} blocks of {bs} onto a sequence of {before} tokens \
+                     ({committed} committed)",
+                    tokens.len(),
+                    blocks.len()
+                ),
+            });
+        }
+        let slots = self.reserve(seq, tokens.len())?;
+        let result = (|| {
+            for (i, bytes) in blocks.iter().enumerate() {
+                self.backend
+                    .import_block(&mut self.storage, slots[i * bs].block, bytes)?;
+            }
+            self.manager.commit(seq, tokens)
+        })();
+        if result.is_err() {
+            // Cannot fail: `seq` exists and `before` is below its length.
+            let _ = self.manager.truncate(seq, before);
+        }
+        result
+    }
+}
+
 impl<B: CacheBackend> std::fmt::Debug for PagedCache<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PagedCache")

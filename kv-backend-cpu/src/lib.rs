@@ -226,6 +226,18 @@ impl<'t> HostF32<'t> {
     }
 }
 
+/// [`KvError::OutOfRange`] for a block past the end of the pools.
+fn check_block(spec: &StorageSpec, block: BlockId) -> Result<()> {
+    if block.index() >= spec.num_blocks {
+        return Err(KvError::OutOfRange {
+            what: "block",
+            index: block.index(),
+            len: spec.num_blocks,
+        });
+    }
+    Ok(())
+}
+
 impl CacheBackend for CpuBackend {
     type Storage = CpuStorage;
 
@@ -309,6 +321,20 @@ impl CacheBackend for CpuBackend {
             p.settle(blocks);
         }
         Ok(())
+    }
+
+    fn supports_block_bytes(&self) -> bool {
+        true
+    }
+
+    fn export_block(&self, storage: &CpuStorage, block: BlockId, out: &mut Vec<u8>) -> Result<()> {
+        check_block(storage.spec(), block)?;
+        with_pools!(&storage.pools, p => p.export_block(block.index(), out))
+    }
+
+    fn import_block(&self, storage: &mut CpuStorage, block: BlockId, bytes: &[u8]) -> Result<()> {
+        check_block(storage.spec(), block)?;
+        with_pools!(&mut storage.pools, p => p.import_block(block.index(), bytes))
     }
 
     fn read(&self, storage: &CpuStorage, layer: usize, slots: &[Slot]) -> Result<(Tensor, Tensor)> {

@@ -692,6 +692,188 @@ impl QuantPools {
         Ok((k, v))
     }
 
+    /// Bytes of one layer's K and V pools in one cache block.
+    fn layer_block_bytes(&self) -> Result<(usize, usize)> {
+        let (kg, vg) = (self.kgeom, self.vgeom);
+        let overflow = || KvError::Overflow {
+            what: "block export size",
+            detail: format!("{} KV heads x {} bytes", kg.kv_heads, kg.head_block_units()),
+        };
+        let k = kg
+            .kv_heads
+            .checked_mul(kg.head_block_units())
+            .ok_or_else(overflow)?;
+        let v = vg
+            .kv_heads
+            .checked_mul(vg.head_block_units())
+            .ok_or_else(overflow)?;
+        Ok((k, v))
+    }
+
+    /// Appends block `block` (range-checked) as stored: per layer the K bytes of every head,
+    /// the V bytes of every head, then for KIVI one record per key block: `0` (no window),
+    /// or `1`, the filled-slot mask (u64 little-endian) and the window's f16 rows. A window
+    /// already quantized is not exported: like a copy, the block reads as stored.
+    pub(crate) fn export_block(&self, block: usize, out: &mut Vec<u8>) -> Result<()> {
+        let (kg, vg) = (self.kgeom, self.vgeom);
+        let per = self.key_blocks_per_block;
+        for l in &self.layers {
+            for h in 0..kg.kv_heads {
+                let at = kg.row_start(block, h, 0);
+                out.extend_from_slice(&l.k[at..at + kg.head_block_units()]);
+            }
+            for h in 0..vg.kv_heads {
+                let at = vg.row_start(block, h, 0);
+                out.extend_from_slice(&l.v[at..at + vg.head_block_units()]);
+            }
+            for kb in 0..per {
+                match l.windows[block * per + kb]
+                    .as_ref()
+                    .filter(|w| !w.quantized)
+                {
+                    None => out.push(0),
+                    Some(w) => {
+                        out.push(1);
+                        out.extend_from_slice(&w.filled.to_le_bytes());
+                        out.extend_from_slice(&w.rows);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Overwrites block `block` (range-checked) with an export of this layout and geometry.
+    /// Everything is parsed and checked first (lengths, window flags and masks, every row
+    /// and key block dequantizing to finite values), then stored: all or nothing.
+    pub(crate) fn import_block(&mut self, block: usize, bytes: &[u8]) -> Result<()> {
+        let (kg, vg) = (self.kgeom, self.vgeom);
+        let d = vg.head_dim;
+        let per = self.key_blocks_per_block;
+        let (k_len, v_len) = self.layer_block_bytes()?;
+        let short = |at: usize| KvError::ShapeMismatch {
+            what: "imported block",
+            expected: format!("more than {at} bytes for {} layers", self.layers.len()),
+            got: format!("{} bytes", bytes.len()),
+        };
+        let non_finite = || KvError::NonFinite {
+            what: "imported block",
+        };
+        let mut parsed: Vec<(&[u8], &[u8], Vec<Option<Window>>)> = Vec::new();
+        let mut rest = bytes;
+        let mut row = vec![0.0f32; d];
+        let mut block_f32 = vec![0.0f32; self.kivi_tokens * d];
+        let mask_limit: u64 = if self.kivi_tokens >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.kivi_tokens) - 1
+        };
+        for _ in 0..self.layers.len() {
+            let at = bytes.len() - rest.len();
+            let (k, r) = rest.split_at_checked(k_len).ok_or_else(|| short(at))?;
+            let (v, r) = r.split_at_checked(v_len).ok_or_else(|| short(at))?;
+            rest = r;
+            for stored in v.chunks_exact(self.v_row) {
+                self.kernels
+                    .dequantize_row(self.layout.values, stored, &mut row)
+                    .map_err(internal)?;
+                if !row.iter().all(|x| x.is_finite()) {
+                    return Err(non_finite());
+                }
+            }
+            match self.layout.keys {
+                KeyLayout::Rows { format, .. } => {
+                    for stored in k.chunks_exact(self.k_row) {
+                        self.kernels
+                            .dequantize_row(format, stored, &mut row)
+                            .map_err(internal)?;
+                        if !row.iter().all(|x| x.is_finite()) {
+                            return Err(non_finite());
+                        }
+                    }
+                }
+                KeyLayout::Kivi(format) => {
+                    for stored in k.chunks_exact(self.kivi_bytes) {
+                        format
+                            .dequantize_block(stored, d, &mut block_f32)
+                            .map_err(internal)?;
+                        if !block_f32.iter().all(|x| x.is_finite()) {
+                            return Err(non_finite());
+                        }
+                    }
+                }
+            }
+            let mut windows = Vec::with_capacity(per);
+            for _ in 0..per {
+                let at = bytes.len() - rest.len();
+                let (&flag, r) = rest.split_first().ok_or_else(|| short(at))?;
+                rest = r;
+                match flag {
+                    0 => windows.push(None),
+                    1 => {
+                        let (mask, r) = rest.split_at_checked(8).ok_or_else(|| short(at))?;
+                        let (rows, r) = r
+                            .split_at_checked(self.window_bytes)
+                            .ok_or_else(|| short(at))?;
+                        rest = r;
+                        let mut m = [0u8; 8];
+                        m.copy_from_slice(mask);
+                        let filled = u64::from_le_bytes(m);
+                        if filled & !mask_limit != 0 {
+                            return Err(KvError::InvalidArgument {
+                                what: "imported block",
+                                detail: format!(
+                                    "window mask {filled:#x} is not that of a key block of \
+                                     {} tokens being filled",
+                                    self.kivi_tokens
+                                ),
+                            });
+                        }
+                        if rows
+                            .chunks_exact(2)
+                            .any(|b| !f16::from_le_bytes([b[0], b[1]]).is_finite())
+                        {
+                            return Err(non_finite());
+                        }
+                        windows.push(Some(Window {
+                            filled,
+                            rows: rows.to_vec(),
+                            quantized: false,
+                        }));
+                    }
+                    other => {
+                        return Err(KvError::InvalidArgument {
+                            what: "imported block",
+                            detail: format!("window flag {other} at byte {at} (0 or 1 expected)"),
+                        })
+                    }
+                }
+            }
+            parsed.push((k, v, windows));
+        }
+        if !rest.is_empty() {
+            return Err(KvError::ShapeMismatch {
+                what: "imported block",
+                expected: format!("{} bytes", bytes.len() - rest.len()),
+                got: format!("{} bytes", bytes.len()),
+            });
+        }
+        for (l, (k, v, windows)) in self.layers.iter_mut().zip(parsed) {
+            for (h, src) in k.chunks_exact(kg.head_block_units()).enumerate() {
+                let at = kg.row_start(block, h, 0);
+                l.k[at..at + src.len()].copy_from_slice(src);
+            }
+            for (h, src) in v.chunks_exact(vg.head_block_units()).enumerate() {
+                let at = vg.row_start(block, h, 0);
+                l.v[at..at + src.len()].copy_from_slice(src);
+            }
+            for (kb, w) in windows.into_iter().enumerate() {
+                l.windows[block * per + kb] = w;
+            }
+        }
+        Ok(())
+    }
+
     /// Copies whole cache blocks (range-checked) in every layer, in the order given,
     /// windows included.
     pub(crate) fn copy_blocks(&mut self, moves: &[(BlockId, BlockId)]) {

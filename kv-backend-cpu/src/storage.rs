@@ -33,6 +33,12 @@ pub(crate) trait RowCodec: Send + Sync + 'static {
     fn encode(src: &[f32], dst: &mut [Self::Unit]);
     /// Decodes one stored row into `head_dim` f32 values.
     fn decode(src: &[Self::Unit], dst: &mut [f32]);
+    /// Bytes of one unit in an exported block.
+    const UNIT_BYTES: usize;
+    /// Appends `u`'s little-endian bytes (block export).
+    fn put_le(u: Self::Unit, out: &mut Vec<u8>);
+    /// A unit from exactly [`RowCodec::UNIT_BYTES`] little-endian bytes (block import).
+    fn get_le(bytes: &[u8]) -> Self::Unit;
 }
 
 /// Rows of f32, stored as they come.
@@ -44,6 +50,15 @@ pub(crate) struct Bf16Rows;
 
 impl RowCodec for F32Rows {
     type Unit = f32;
+    const UNIT_BYTES: usize = 4;
+    fn put_le(u: f32, out: &mut Vec<u8>) {
+        out.extend_from_slice(&u.to_le_bytes());
+    }
+    fn get_le(bytes: &[u8]) -> f32 {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&bytes[..4]);
+        f32::from_le_bytes(b)
+    }
     const DTYPE: KvDType = KvDType::F32;
     fn row_units(head_dim: usize) -> usize {
         head_dim
@@ -61,6 +76,15 @@ impl RowCodec for F32Rows {
 
 impl RowCodec for F16Rows {
     type Unit = f16;
+    const UNIT_BYTES: usize = 2;
+    fn put_le(u: f16, out: &mut Vec<u8>) {
+        out.extend_from_slice(&u.to_le_bytes());
+    }
+    fn get_le(bytes: &[u8]) -> f16 {
+        let mut b = [0u8; 2];
+        b.copy_from_slice(&bytes[..2]);
+        f16::from_le_bytes(b)
+    }
     const DTYPE: KvDType = KvDType::F16;
     fn row_units(head_dim: usize) -> usize {
         head_dim
@@ -78,6 +102,15 @@ impl RowCodec for F16Rows {
 
 impl RowCodec for Bf16Rows {
     type Unit = bf16;
+    const UNIT_BYTES: usize = 2;
+    fn put_le(u: bf16, out: &mut Vec<u8>) {
+        out.extend_from_slice(&u.to_le_bytes());
+    }
+    fn get_le(bytes: &[u8]) -> bf16 {
+        let mut b = [0u8; 2];
+        b.copy_from_slice(&bytes[..2]);
+        bf16::from_le_bytes(b)
+    }
     const DTYPE: KvDType = KvDType::BF16;
     fn row_units(head_dim: usize) -> usize {
         head_dim
@@ -266,6 +299,83 @@ impl<C: RowCodec> Pools<C> {
             }
         }
         Ok((k, v))
+    }
+
+    /// Bytes of one block's export: every layer, K then V, each head's rows of the block.
+    pub fn block_export_len(&self) -> Result<usize> {
+        let g = self.geom;
+        [2, g.kv_heads, g.head_block_units(), C::UNIT_BYTES]
+            .into_iter()
+            .try_fold(self.layers.len(), usize::checked_mul)
+            .ok_or_else(|| KvError::Overflow {
+                what: "block export size",
+                detail: format!(
+                    "{} layers x 2 x {} heads x {} units",
+                    self.layers.len(),
+                    g.kv_heads,
+                    g.head_block_units()
+                ),
+            })
+    }
+
+    /// Appends block `block` (range-checked) as stored: per layer K then V, per KV head the
+    /// block's rows, each unit little-endian.
+    pub fn export_block(&self, block: usize, out: &mut Vec<u8>) -> Result<()> {
+        let g = self.geom;
+        let hb = g.head_block_units();
+        out.try_reserve(self.block_export_len()?)
+            .map_err(|e| KvError::InvalidArgument {
+                what: "block export",
+                detail: format!("cannot allocate the export buffer: {e}"),
+            })?;
+        for l in &self.layers {
+            for pool in [&l.k, &l.v] {
+                for h in 0..g.kv_heads {
+                    let start = g.row_start(block, h, 0);
+                    for &u in &pool[start..start + hb] {
+                        C::put_le(u, out);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Overwrites block `block` (range-checked) with an export of this geometry, after
+    /// checking its length and that every row decodes to finite values: all or nothing.
+    pub fn import_block(&mut self, block: usize, bytes: &[u8]) -> Result<()> {
+        let g = self.geom;
+        let expected = self.block_export_len()?;
+        if bytes.len() != expected {
+            return Err(KvError::ShapeMismatch {
+                what: "imported block",
+                expected: format!("{expected} bytes"),
+                got: format!("{} bytes", bytes.len()),
+            });
+        }
+        let units: Vec<C::Unit> = bytes.chunks_exact(C::UNIT_BYTES).map(C::get_le).collect();
+        let mut row = vec![0.0f32; g.head_dim];
+        for stored in units.chunks_exact(g.row_units) {
+            C::decode(stored, &mut row);
+            if !row.iter().all(|x| x.is_finite()) {
+                return Err(KvError::NonFinite {
+                    what: "imported block",
+                });
+            }
+        }
+        let hb = g.head_block_units();
+        let mut chunks = units.chunks_exact(hb);
+        for l in &mut self.layers {
+            for pool in [&mut l.k, &mut l.v] {
+                for h in 0..g.kv_heads {
+                    let start = g.row_start(block, h, 0);
+                    if let Some(src) = chunks.next() {
+                        pool[start..start + hb].copy_from_slice(src);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Copies whole blocks (already range-checked) in every layer, in the order given.

@@ -21,6 +21,8 @@ fn cpu_backend_conforms() {
             d.random_cases > 0 && d.sweep_cases > 0 && d.attend_calls > 0,
             "{report}"
         );
+        // Export/import round trip, bit for bit, for every layout.
+        assert!(d.checks.contains(&"block bytes"), "{report}");
         // KIVI quantizes keys over 32-token blocks, so its smallest block holds 32 tokens.
         let blocks: &[&str] = if d.dtype.block_tokens() == 32 {
             &["block size 32"]

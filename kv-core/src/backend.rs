@@ -538,6 +538,61 @@ pub trait CacheBackend: Send + Sync {
         layer: usize,
         slots: &[Slot],
     ) -> Result<(Tensor, Tensor)>;
+
+    /// Whether [`export_block`](Self::export_block) and
+    /// [`import_block`](Self::import_block) work on this backend (ask before saving a cache).
+    fn supports_block_bytes(&self) -> bool {
+        false
+    }
+
+    /// Appends the bytes of `block` (every layer, K and V, and any per-block state the
+    /// layout keeps, such as a KIVI key block's f16 window) exactly as stored to `out`, so
+    /// that [`import_block`](Self::import_block) on a storage of the same spec restores it
+    /// bit for bit: quantized layouts stay quantized and are never re-quantized. The byte
+    /// order is the backend's own; files and tiers keep it opaque and tag it with the
+    /// backend's name and spec.
+    ///
+    /// Provided: [`KvError::Unsupported`], so backends without it keep compiling.
+    ///
+    /// # Errors
+    /// [`KvError::OutOfRange`] for a block past the end (nothing appended);
+    /// [`KvError::Unsupported`] where the backend cannot export.
+    fn export_block(
+        &self,
+        storage: &Self::Storage,
+        block: BlockId,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let _ = (storage, block, out);
+        Err(KvError::Unsupported {
+            backend: self.name().to_string(),
+            what: "block export".into(),
+        })
+    }
+
+    /// Overwrites `block` (every layer, K and V) with `bytes` from
+    /// [`export_block`](Self::export_block) of a storage with the same spec.
+    ///
+    /// Provided: [`KvError::Unsupported`].
+    ///
+    /// # Errors
+    /// Nothing is changed on error. [`KvError::OutOfRange`] for a block past the end;
+    /// [`KvError::ShapeMismatch`] when `bytes` is not one block's export for this spec;
+    /// [`KvError::InvalidArgument`] or [`KvError::NonFinite`] for bytes no export writes
+    /// (a bad window flag, stored values that decode to NaN or infinity);
+    /// [`KvError::Unsupported`] where the backend cannot import.
+    fn import_block(
+        &self,
+        storage: &mut Self::Storage,
+        block: BlockId,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let _ = (storage, block, bytes);
+        Err(KvError::Unsupported {
+            backend: self.name().to_string(),
+            what: "block import".into(),
+        })
+    }
 }
 
 macro_rules! forward_backend {
@@ -563,6 +618,13 @@ macro_rules! forward_backend {
             }
             fn read(&self, storage: &Self::Storage, layer: usize, slots: &[Slot]) -> Result<(Tensor, Tensor)> {
                 (**self).read(storage, layer, slots)
+            }
+            fn supports_block_bytes(&self) -> bool { (**self).supports_block_bytes() }
+            fn export_block(&self, storage: &Self::Storage, block: BlockId, out: &mut Vec<u8>) -> Result<()> {
+                (**self).export_block(storage, block, out)
+            }
+            fn import_block(&self, storage: &mut Self::Storage, block: BlockId, bytes: &[u8]) -> Result<()> {
+                (**self).import_block(storage, block, bytes)
             }
         }
     )*};

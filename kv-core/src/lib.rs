@@ -21,6 +21,7 @@
 
 mod backend;
 mod blocks;
+pub mod content;
 mod dtype;
 mod error;
 mod manager;

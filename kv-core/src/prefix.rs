@@ -12,14 +12,14 @@
 //! first, when an allocation finds no empty block.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{DefaultHasher, Hasher};
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::BlockId;
 
 /// Identifies a whole token prefix ending at a block boundary.
 ///
-/// 128 bits from two SipHash-1-3 passes (std's `DefaultHasher`, deterministic within one
-/// build) with different domain tags. Two different prefixes share a block only if both
+/// 128 bits of xxh3-128 over a fixed little-endian encoding, the same in every process and
+/// build (std's `DefaultHasher` promises neither). Two different prefixes share a block only if both
 /// their chain hashes collide *and* the block's own token ids are equal (each entry keeps
 /// its ids and they are compared on lookup). The hash is not cryptographic: deployments
 /// that isolate tenants give each tenant its own `cache_salt` rather than relying on
@@ -76,25 +76,22 @@ impl PrefixIndex {
         cache_salt: u64,
         tokens: &[u32],
     ) -> ChainHash {
-        let half = |tag: u8| {
-            let mut h = DefaultHasher::new();
-            h.write_u8(tag);
-            h.write_u64(self.salt);
-            h.write_u64(cache_salt);
-            match parent {
-                None => h.write_u8(0),
-                Some(p) => {
-                    h.write_u8(1);
-                    h.write_u128(p);
-                }
+        let mut h = Xxh3::new();
+        h.update(b"kv-prefix-chain-v1");
+        h.update(&self.salt.to_le_bytes());
+        h.update(&cache_salt.to_le_bytes());
+        match parent {
+            None => h.update(&[0]),
+            Some(p) => {
+                h.update(&[1]);
+                h.update(&p.to_le_bytes());
             }
-            h.write_usize(tokens.len());
-            for &t in tokens {
-                h.write_u32(t);
-            }
-            h.finish()
-        };
-        (u128::from(half(0xA5)) << 64) | u128::from(half(0x5A))
+        }
+        h.update(&(tokens.len() as u64).to_le_bytes());
+        for &t in tokens {
+            h.update(&t.to_le_bytes());
+        }
+        h.digest128()
     }
 
     /// The block indexed under `hash`, if its entry also has this parent and these tokens.

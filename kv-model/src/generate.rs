@@ -350,7 +350,7 @@ impl Model {
         Ok(run.finish(CacheReport::None))
     }
 
-    fn check_request(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {
+    pub(crate) fn check_request(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {
         check_options(prompt, options)?;
         let context = self.config().context_length;
         if prompt.len() > context {
@@ -397,7 +397,7 @@ fn check_options(prompt: &[u32], options: &GenerateOptions) -> Result<()> {
 }
 
 /// A finished loop before the cache report is attached.
-struct Run {
+pub(crate) struct Run {
     tokens: Vec<u32>,
     stop: StopReason,
     logits: Vec<Vec<f32>>,
@@ -408,7 +408,7 @@ struct Run {
 }
 
 impl Run {
-    fn finish(self, cache: CacheReport) -> Generation {
+    pub(crate) fn finish(self, cache: CacheReport) -> Generation {
         Generation {
             summary: Summary {
                 prompt_tokens: self.prompt_tokens,
@@ -427,7 +427,7 @@ impl Run {
 
 /// The loop both paths share: `step(new_tokens, whole_sequence)` returns `[1, vocab]`
 /// logits for the last token.
-fn run_loop(
+pub(crate) fn run_loop(
     prompt: &[u32],
     options: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,

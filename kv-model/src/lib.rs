@@ -65,6 +65,7 @@ mod linear;
 mod mapped;
 mod model;
 pub mod ppl;
+mod prompt_cache;
 mod rope;
 mod sampler;
 mod tokenizer;
@@ -88,6 +89,7 @@ pub use gguf_check::{
 #[doc(hidden)]
 pub use linear::matmul_seconds;
 pub use model::{Logits, Model, WeightFormat};
+pub use prompt_cache::{model_fingerprint, PromptCacheReport, StoreReport};
 pub use sampler::{Sampler, SamplingConfig};
 pub use tokenizer::{TextStream, Tokenizer};
 pub use window::{StreamingScore, WindowConfig, WindowReport, WindowedSequence};

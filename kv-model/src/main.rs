@@ -6,7 +6,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -283,6 +283,24 @@ struct GenerateArgs {
         allow_negative_numbers = true
     )]
     sinks: usize,
+    /// Prompt cache file: the first run saves the K/V of the prompt's full blocks there, a
+    /// later run whose prompt starts the same loads them and prefills only the rest (a
+    /// file from another model or configuration is reported and not used).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["no_cache", "window"])]
+    prompt_cache: Option<PathBuf>,
+    /// Block store tier: `host` (this process's memory) or `disk:DIR` (a directory of
+    /// content-addressed block files, shared by runs and processes). The prompt's blocks
+    /// found there are restored instead of prefilled; hits, bytes moved and prefill saved
+    /// go to stderr.
+    #[arg(
+        long,
+        value_name = "host|disk:DIR",
+        conflicts_with_all = ["no_cache", "window", "prompt_cache"]
+    )]
+    store: Option<String>,
+    /// Byte budget of --store, in MiB (least recently used blocks go first).
+    #[arg(long, default_value_t = 1024)]
+    store_mib: u64,
 }
 
 #[derive(Debug, Args)]
@@ -618,7 +636,50 @@ fn generate(mut args: GenerateArgs) -> Result<()> {
         }
         Ok(())
     };
+    let cached = |b, on_token| {
+        let file = args.prompt_cache.as_deref().unwrap_or(Path::new(""));
+        generate_prompt_cached(
+            &model, &tokenizer, &path, b, layout, file, &prompt, &options, on_token,
+        )
+    };
     let run: Generation = match (backend, window) {
+        (Some(Chosen::Cpu(b)), None) if args.prompt_cache.is_some() => cached(b, on_token)?,
+        (Some(Chosen::Cpu(b)), None) if args.store.is_some() => {
+            let spec = args.store.as_deref().unwrap_or("host");
+            let tier = open_store(spec, args.store_mib)?;
+            let fingerprint =
+                kv_model::model_fingerprint(&path, &model, &tokenizer, layout, "cpu")?;
+            let (run, report) = model.generate_with_store(
+                b,
+                layout,
+                fingerprint,
+                vec![tier],
+                &prompt,
+                &options,
+                on_token,
+            )?;
+            let s = report.stats;
+            eprintln!(
+                "store {}: {} block hits, {} misses, {} of {} prompt tokens restored (prefill \
+                 saved), {} bytes loaded, {} bytes saved, {} values rejected, {} store errors",
+                kv_model::escape_controls(spec),
+                s.hits,
+                s.misses,
+                report.reused_tokens,
+                prompt.len(),
+                s.bytes_loaded,
+                s.bytes_saved,
+                s.rejected,
+                s.store_errors
+            );
+            if let Some(e) = &report.last_error {
+                eprintln!(
+                    "store error (the run went on without it): {}",
+                    kv_model::escape_controls(e)
+                );
+            }
+            run
+        }
         (None, _) => model.generate_uncached(&prompt, &options, on_token)?,
         (Some(Chosen::Cpu(b)), None) => model.generate(b, layout, &prompt, &options, on_token)?,
         (Some(Chosen::Cuda(b)), None) => model.generate(b, layout, &prompt, &options, on_token)?,
@@ -804,6 +865,88 @@ fn read_turn(input: &mut impl std::io::BufRead) -> Result<Option<String>> {
             expected: "UTF-8 text".into(),
             got: "invalid UTF-8".into(),
         })
+}
+
+/// The tier `--store` names: `host` or `disk:DIR`.
+fn open_store(spec: &str, mib: u64) -> Result<Box<dyn kv_attention::store::BlockStore>> {
+    let budget = mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| ModelError::InvalidArgument {
+            what: "--store-mib",
+            expected: "a budget below 2^44 MiB".into(),
+            got: mib.to_string(),
+        })?;
+    if spec == "host" {
+        return Ok(Box::new(kv_attention::store::HostStore::new(budget)));
+    }
+    if let Some(dir) = spec.strip_prefix("disk:").filter(|d| !d.is_empty()) {
+        let store = kv_attention::store::DiskStore::open(Path::new(dir), budget).map_err(|e| {
+            ModelError::InvalidArgument {
+                what: "--store",
+                expected: "a directory that can be created and written".into(),
+                got: format!("{dir}: {e}"),
+            }
+        })?;
+        return Ok(Box::new(store));
+    }
+    Err(ModelError::InvalidArgument {
+        what: "--store",
+        expected: "host or disk:DIR (a Redis tier is not built yet)".into(),
+        got: kv_model::escape_controls(spec),
+    })
+}
+
+/// `kv generate --prompt-cache FILE` on the CPU backend: what the file did goes to stderr.
+#[allow(clippy::too_many_arguments)]
+fn generate_prompt_cached(
+    model: &kv_model::Model,
+    tokenizer: &Tokenizer,
+    model_path: &Path,
+    backend: CpuBackend,
+    layout: CacheLayout,
+    file: &Path,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Generation> {
+    let fingerprint = kv_model::model_fingerprint(
+        model_path,
+        model,
+        tokenizer,
+        layout,
+        kv_core::CacheBackend::name(&backend),
+    )?;
+    let (run, report) = model.generate_with_prompt_cache(
+        backend,
+        layout,
+        fingerprint,
+        file,
+        prompt,
+        options,
+        on_token,
+    )?;
+    let shown = kv_model::escape_controls(&file.display().to_string());
+    if let Some(e) = &report.load_error {
+        eprintln!(
+            "prompt cache {shown} not used: {}",
+            kv_model::escape_controls(e)
+        );
+    }
+    eprintln!(
+        "prompt cache {shown}: {} of {} prompt tokens loaded ({} bytes), {} prefilled, {} saved",
+        report.loaded_tokens,
+        prompt.len(),
+        report.loaded_bytes,
+        prompt.len() - report.loaded_tokens,
+        report.saved_tokens
+    );
+    if let Some(e) = &report.save_error {
+        eprintln!(
+            "prompt cache {shown} not saved: {}",
+            kv_model::escape_controls(e)
+        );
+    }
+    Ok(run)
 }
 
 fn tokenize(args: TokenizeArgs) -> Result<()> {

@@ -1,0 +1,666 @@
+//! Tiers of cache blocks beyond the device: host memory and local disk, keyed by content
+//! address ([`kv_core::content::block_key`]).
+//!
+//! A [`BlockStore`] keeps opaque values by [`BlockKey`]; [`TieredCache`] stores each block as
+//! a [`cache_file::encode_value`] (fingerprint, key, checksum, bytes), so a value from
+//! another model, a wrong key or a flipped bit is detected when it is read and the block is
+//! recomputed instead. A store that fails (a full disk, a server gone) costs only the
+//! prefill it would have saved: [`TieredCache`] counts the error and goes on.
+//!
+//! ```
+//! use kv_attention::store::{BlockStore, HostStore};
+//! use kv_core::content::BlockKey;
+//! let mut host = HostStore::new(1 << 20);
+//! host.put(&BlockKey([1; 16]), b"block bytes")?;
+//! assert_eq!(host.get(&BlockKey([1; 16]))?.as_deref(), Some(&b"block bytes"[..]));
+//! assert!(!host.contains(&BlockKey([2; 16]))?);
+//! # Ok::<(), kv_attention::store::StoreError>(())
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use kv_core::content::{chain_keys, BlockKey, Fingerprint};
+use kv_core::{CacheBackend, SeqId};
+
+use crate::cache_file::{self, CacheFileError};
+use crate::PagedCache;
+
+/// Why a store operation failed. The store is unchanged by a failed `put` or `delete`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A value larger than the store's whole budget.
+    #[error("a value of {size} bytes does not fit the {store} store's budget of {budget} bytes")]
+    TooLarge {
+        /// The store's name.
+        store: String,
+        /// Bytes of the value.
+        size: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// Reading or writing a file failed (a full disk: nothing half-written is visible).
+    #[error(transparent)]
+    File(#[from] CacheFileError),
+    /// A directory operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// The store cannot be reached (a server down or gone).
+    #[error("store {store} unavailable: {reason}")]
+    Unavailable {
+        /// The store's name.
+        store: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Key-value storage of block values, with batched forms that a remote store overrides
+/// (one round trip for many keys). Values are opaque bytes.
+pub trait BlockStore: Send {
+    /// Short name for reports.
+    fn name(&self) -> &str;
+    /// The value under `key`, if any.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    fn get(&mut self, key: &BlockKey) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Stores `value` under `key`, replacing any value there; may evict others to stay
+    /// within a budget.
+    ///
+    /// # Errors
+    /// [`StoreError::TooLarge`]; when the store cannot be written (nothing changed then).
+    fn put(&mut self, key: &BlockKey, value: &[u8]) -> Result<(), StoreError>;
+    /// Whether a value is stored under `key`.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    fn contains(&mut self, key: &BlockKey) -> Result<bool, StoreError>;
+    /// Removes `key`'s value; answers whether there was one.
+    ///
+    /// # Errors
+    /// When the store cannot be written.
+    fn delete(&mut self, key: &BlockKey) -> Result<bool, StoreError>;
+    /// [`get`](Self::get) for many keys, answers in order.
+    ///
+    /// # Errors
+    /// The first failure.
+    fn get_many(&mut self, keys: &[BlockKey]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
+    /// [`put`](Self::put) for many values, in order.
+    ///
+    /// # Errors
+    /// The first failure (the values before it are stored).
+    fn put_many(&mut self, items: &[(BlockKey, Vec<u8>)]) -> Result<(), StoreError> {
+        items.iter().try_for_each(|(k, v)| self.put(k, v))
+    }
+    /// [`contains`](Self::contains) for many keys, answers in order.
+    ///
+    /// # Errors
+    /// The first failure.
+    fn contains_many(&mut self, keys: &[BlockKey]) -> Result<Vec<bool>, StoreError> {
+        keys.iter().map(|k| self.contains(k)).collect()
+    }
+}
+
+/// Least-recently-used bookkeeping under a byte budget, shared by the host and disk stores.
+#[derive(Debug, Default)]
+struct Lru {
+    /// Size and last-use tick of each key.
+    entries: HashMap<BlockKey, (u64, u64)>,
+    by_tick: BTreeMap<u64, BlockKey>,
+    clock: u64,
+    bytes: u64,
+}
+
+impl Lru {
+    fn touch(&mut self, key: &BlockKey) {
+        if let Some((_, tick)) = self.entries.get_mut(key) {
+            self.by_tick.remove(tick);
+            *tick = self.clock;
+            self.by_tick.insert(self.clock, *key);
+            self.clock += 1;
+        }
+    }
+    fn insert(&mut self, key: BlockKey, size: u64) {
+        self.remove(&key);
+        self.entries.insert(key, (size, self.clock));
+        self.by_tick.insert(self.clock, key);
+        self.clock += 1;
+        self.bytes += size;
+    }
+    fn remove(&mut self, key: &BlockKey) -> bool {
+        match self.entries.remove(key) {
+            Some((size, tick)) => {
+                self.by_tick.remove(&tick);
+                self.bytes -= size;
+                true
+            }
+            None => false,
+        }
+    }
+    /// Keys to evict, oldest first, so that `extra` more bytes fit in `budget` (`key`
+    /// itself, about to be replaced, is not counted).
+    fn victims(&self, key: &BlockKey, extra: u64, budget: u64) -> Vec<BlockKey> {
+        let mut bytes = self.bytes - self.entries.get(key).map_or(0, |e| e.0);
+        let mut out = Vec::new();
+        for k in self.by_tick.values() {
+            if bytes + extra <= budget {
+                break;
+            }
+            if k != key {
+                bytes -= self.entries.get(k).map_or(0, |e| e.0);
+                out.push(*k);
+            }
+        }
+        out
+    }
+}
+
+/// Blocks in host memory, least recently used evicted first under a byte budget.
+#[derive(Debug)]
+pub struct HostStore {
+    budget: u64,
+    values: HashMap<BlockKey, Vec<u8>>,
+    lru: Lru,
+}
+
+impl HostStore {
+    /// An empty store that holds at most `budget` bytes of values.
+    pub fn new(budget: u64) -> Self {
+        Self {
+            budget,
+            values: HashMap::new(),
+            lru: Lru::default(),
+        }
+    }
+    /// Bytes of values held.
+    pub fn bytes(&self) -> u64 {
+        self.lru.bytes
+    }
+    /// Values held.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+    /// The keys held, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = &BlockKey> + '_ {
+        self.values.keys()
+    }
+}
+
+impl BlockStore for HostStore {
+    fn name(&self) -> &str {
+        "host"
+    }
+    fn get(&mut self, key: &BlockKey) -> Result<Option<Vec<u8>>, StoreError> {
+        self.lru.touch(key);
+        Ok(self.values.get(key).cloned())
+    }
+    fn put(&mut self, key: &BlockKey, value: &[u8]) -> Result<(), StoreError> {
+        let size = value.len() as u64;
+        if size > self.budget {
+            return Err(StoreError::TooLarge {
+                store: "host".into(),
+                size,
+                budget: self.budget,
+            });
+        }
+        for victim in self.lru.victims(key, size, self.budget) {
+            self.lru.remove(&victim);
+            self.values.remove(&victim);
+        }
+        self.values.insert(*key, value.to_vec());
+        self.lru.insert(*key, size);
+        Ok(())
+    }
+    fn contains(&mut self, key: &BlockKey) -> Result<bool, StoreError> {
+        Ok(self.values.contains_key(key))
+    }
+    fn delete(&mut self, key: &BlockKey) -> Result<bool, StoreError> {
+        self.lru.remove(key);
+        Ok(self.values.remove(key).is_some())
+    }
+}
+
+/// Blocks as files in a directory (`<key>.kvb`), least recently used deleted first under a
+/// byte budget. Files are written atomically ([`cache_file::write_atomic`]), so a crash
+/// leaves whole values or none; temporary files a crash left behind are removed when the
+/// store opens. Reads go through a memory map.
+#[derive(Debug)]
+pub struct DiskStore {
+    dir: PathBuf,
+    budget: u64,
+    lru: Lru,
+}
+
+const EXT: &str = "kvb";
+
+impl DiskStore {
+    /// Opens (creating it if needed) the store in `dir`, indexing the values already there
+    /// (oldest modification first in the LRU order) and removing leftover temporary files.
+    /// Values beyond the budget are deleted, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] when the directory cannot be created or listed.
+    pub fn open(dir: &Path, budget: u64) -> Result<Self, StoreError> {
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { op, path, source }
+        };
+        fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let mut found = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io("list", dir))? {
+            let entry = entry.map_err(io("list", dir))?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".tmp-") {
+                // A write that a crash interrupted: never visible, now gone.
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            let Some(key) = name
+                .strip_suffix(&format!(".{EXT}"))
+                .and_then(|hex| hex.parse::<BlockKey>().ok())
+            else {
+                continue;
+            };
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_file() {
+                let modified = meta.modified().ok();
+                found.push((modified, key, meta.len()));
+            }
+        }
+        found.sort();
+        let mut store = Self {
+            dir: dir.to_path_buf(),
+            budget,
+            lru: Lru::default(),
+        };
+        for (_, key, size) in found {
+            store.lru.insert(key, size);
+        }
+        let over: Vec<BlockKey> = store.lru.victims(&BlockKey([0; 16]), 0, budget);
+        for key in over {
+            store.remove_file(&key)?;
+        }
+        Ok(store)
+    }
+
+    fn path(&self, key: &BlockKey) -> PathBuf {
+        self.dir.join(format!("{key}.{EXT}"))
+    }
+
+    fn remove_file(&mut self, key: &BlockKey) -> Result<bool, StoreError> {
+        let path = self.path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StoreError::Io {
+                    op: "remove",
+                    path,
+                    source,
+                })
+            }
+        }
+        Ok(self.lru.remove(key))
+    }
+
+    /// Bytes of values held.
+    pub fn bytes(&self) -> u64 {
+        self.lru.bytes
+    }
+}
+
+impl BlockStore for DiskStore {
+    fn name(&self) -> &str {
+        "disk"
+    }
+    fn get(&mut self, key: &BlockKey) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.path(key);
+        match cache_file::read_mapped(&path) {
+            Ok(bytes) => {
+                self.lru.touch(key);
+                Ok(Some(bytes))
+            }
+            Err(CacheFileError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                // Deleted by another process sharing the directory: forget it.
+                self.lru.remove(key);
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn put(&mut self, key: &BlockKey, value: &[u8]) -> Result<(), StoreError> {
+        let size = value.len() as u64;
+        if size > self.budget {
+            return Err(StoreError::TooLarge {
+                store: "disk".into(),
+                size,
+                budget: self.budget,
+            });
+        }
+        // Written first: a failed write (a full disk) evicts nothing and shows nothing.
+        cache_file::write_atomic(&self.path(key), value)?;
+        for victim in self.lru.victims(key, size, self.budget) {
+            self.remove_file(&victim)?;
+        }
+        self.lru.insert(*key, size);
+        Ok(())
+    }
+    fn contains(&mut self, key: &BlockKey) -> Result<bool, StoreError> {
+        Ok(self.lru.entries.contains_key(key) && self.path(key).is_file())
+    }
+    fn delete(&mut self, key: &BlockKey) -> Result<bool, StoreError> {
+        self.remove_file(key)
+    }
+}
+
+/// What the tiers did for a [`TieredCache`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierStats {
+    /// Blocks found in a tier and restored.
+    pub hits: u64,
+    /// Blocks looked for in the tiers and not found (then prefilled).
+    pub misses: u64,
+    /// Tokens restored from the tiers instead of prefilled.
+    pub tokens_loaded: u64,
+    /// Bytes read from the tiers (values restored).
+    pub bytes_loaded: u64,
+    /// Bytes written to the tiers.
+    pub bytes_saved: u64,
+    /// Values refused when read: another model, another key, a bad checksum, bytes the
+    /// backend would not import. Each was deleted from its tier and recomputed.
+    pub rejected: u64,
+    /// Store operations that failed (a store down, a full disk); the cache went on.
+    pub store_errors: u64,
+}
+
+/// A [`PagedCache`] backed by tiers: on a prefix miss in device memory it restores the
+/// following full blocks from the first tier that has them before anything is prefilled,
+/// and [`TieredCache::save`] writes a sequence's full blocks to every tier.
+pub struct TieredCache<B: CacheBackend> {
+    cache: PagedCache<B>,
+    fingerprint: Fingerprint,
+    tiers: Vec<Box<dyn BlockStore>>,
+    stats: TierStats,
+    /// The last store error, for reports.
+    last_error: Option<String>,
+}
+
+impl<B: CacheBackend> TieredCache<B> {
+    /// Wraps `cache` (built for the model `fingerprint` names) with `tiers`, searched in
+    /// order.
+    pub fn new(
+        cache: PagedCache<B>,
+        fingerprint: Fingerprint,
+        tiers: Vec<Box<dyn BlockStore>>,
+    ) -> Self {
+        Self {
+            cache,
+            fingerprint,
+            tiers,
+            stats: TierStats::default(),
+            last_error: None,
+        }
+    }
+    /// The device cache.
+    pub fn cache(&self) -> &PagedCache<B> {
+        &self.cache
+    }
+    /// The device cache, to reserve, write, commit and attend.
+    pub fn cache_mut(&mut self) -> &mut PagedCache<B> {
+        &mut self.cache
+    }
+    /// What the tiers did so far.
+    pub fn stats(&self) -> TierStats {
+        self.stats
+    }
+    /// The last store error seen, if any.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    fn store_error(&mut self, e: StoreError) {
+        self.stats.store_errors += 1;
+        self.last_error = Some(e.to_string());
+    }
+
+    /// The content addresses of `tokens`' full blocks.
+    pub fn keys(&self, tokens: &[u32]) -> Vec<BlockKey> {
+        let spec = self.cache.spec();
+        chain_keys(tokens, spec.block_size, &self.fingerprint, spec.dtype)
+    }
+
+    /// Starts a sequence for `prompt`: reuses the device's cached prefix, then restores
+    /// the following full blocks from the tiers (never the block of the last prompt
+    /// token, whose logits are needed). Returns the sequence and the tokens reused or
+    /// restored: compute, write and commit only `prompt[reused..]`.
+    pub fn create_with_prefix(&mut self, prompt: &[u32]) -> (SeqId, usize) {
+        let (seq, mut reused) = self.cache.create_with_prefix(prompt);
+        let bs = self.cache.spec().block_size;
+        let usable = prompt.len().saturating_sub(1) / bs;
+        let first = reused / bs;
+        if first >= usable || self.tiers.is_empty() || reused % bs != 0 {
+            return (seq, reused);
+        }
+        let keys = self.keys(&prompt[..usable * bs]);
+        let wanted = &keys[first..];
+        // Each tier is asked (one batch) for the blocks no earlier tier had.
+        let mut found: Vec<Option<(usize, Vec<u8>)>> = vec![None; wanted.len()];
+        for t in 0..self.tiers.len() {
+            let missing: Vec<usize> = (0..wanted.len()).filter(|&i| found[i].is_none()).collect();
+            if missing.is_empty() {
+                break;
+            }
+            let ask: Vec<BlockKey> = missing.iter().map(|&i| wanted[i]).collect();
+            match self.tiers[t].get_many(&ask) {
+                Ok(values) => {
+                    for (&i, v) in missing.iter().zip(values) {
+                        found[i] = v.map(|v| (t, v));
+                    }
+                }
+                Err(e) => self.store_error(e),
+            }
+        }
+        for (i, hit) in found.into_iter().enumerate() {
+            let key = wanted[i];
+            let Some((tier, value)) = hit else {
+                self.stats.misses += (wanted.len() - i) as u64;
+                break;
+            };
+            let k = first + i;
+            let tokens = &prompt[k * bs..(k + 1) * bs];
+            let imported = match cache_file::decode_value(&self.fingerprint, &key, &value) {
+                Ok(bytes) => self.cache.import_blocks(seq, tokens, &[bytes]).is_ok(),
+                Err(_) => false,
+            };
+            if !imported {
+                // Never used: recomputed, and the bad value leaves its tier.
+                self.stats.rejected += 1;
+                if let Err(e) = self.tiers[tier].delete(&key) {
+                    self.store_error(e);
+                }
+                self.stats.misses += (wanted.len() - i) as u64;
+                break;
+            }
+            self.stats.hits += 1;
+            self.stats.bytes_loaded += value.len() as u64;
+            self.stats.tokens_loaded += bs as u64;
+            reused += bs;
+        }
+        (seq, reused)
+    }
+
+    /// Writes `seq`'s full committed blocks to every tier that lacks them (a sequence that
+    /// finished or is preempted: a later prompt with the same prefix, in this process or
+    /// another sharing a tier, restores them instead of prefilling). Returns the values
+    /// written. Store failures are counted, not returned: the cache goes on without them.
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::UnknownSequence`]; what the backend's export returns.
+    pub fn save(&mut self, seq: SeqId) -> kv_core::Result<usize> {
+        let tokens = self.cache.manager().tokens(seq)?.to_vec();
+        let keys = self.keys(&tokens);
+        if keys.is_empty() || self.tiers.is_empty() {
+            return Ok(0);
+        }
+        let mut blocks: Option<Vec<Vec<u8>>> = None;
+        let mut written = 0;
+        for t in 0..self.tiers.len() {
+            let have = match self.tiers[t].contains_many(&keys) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.store_error(e);
+                    continue;
+                }
+            };
+            if have.iter().all(|&h| h) {
+                continue;
+            }
+            let blocks = match &blocks {
+                Some(b) => b,
+                None => blocks.insert(self.cache.export_blocks(seq, keys.len())?),
+            };
+            let items: Vec<(BlockKey, Vec<u8>)> = keys
+                .iter()
+                .zip(blocks)
+                .zip(&have)
+                .filter(|(_, &h)| !h)
+                .map(|((k, b), _)| (*k, cache_file::encode_value(&self.fingerprint, k, b)))
+                .collect();
+            let bytes: u64 = items.iter().map(|(_, v)| v.len() as u64).sum();
+            match self.tiers[t].put_many(&items) {
+                Ok(()) => {
+                    written += items.len();
+                    self.stats.bytes_saved += bytes;
+                }
+                Err(e) => self.store_error(e),
+            }
+        }
+        Ok(written)
+    }
+}
+
+impl<B: CacheBackend> std::fmt::Debug for TieredCache<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TieredCache")
+            .field("cache", &self.cache)
+            .field(
+                "tiers",
+                &self.tiers.iter().map(|t| t.name()).collect::<Vec<_>>(),
+            )
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u8) -> BlockKey {
+        BlockKey([i; 16])
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kv-store-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn exercise(store: &mut dyn BlockStore) {
+        store.put(&key(1), &[1; 40]).expect("put");
+        store.put(&key(2), &[2; 40]).expect("put");
+        assert_eq!(store.get(&key(1)).expect("get"), Some(vec![1; 40]));
+        // Budget 100: a third value evicts the least recently used (2; 1 was just read).
+        store.put(&key(3), &[3; 40]).expect("put");
+        assert_eq!(
+            store
+                .contains_many(&[key(1), key(2), key(3)])
+                .expect("contains"),
+            [true, false, true]
+        );
+        assert!(matches!(
+            store.put(&key(4), &[4; 101]),
+            Err(StoreError::TooLarge { .. })
+        ));
+        assert!(
+            store.contains(&key(1)).expect("contains"),
+            "nothing evicted by a refusal"
+        );
+        assert!(store.delete(&key(1)).expect("delete"));
+        assert!(!store.delete(&key(1)).expect("delete"));
+        store
+            .put_many(&[(key(5), vec![5; 10]), (key(3), vec![9; 20])])
+            .expect("put_many");
+        assert_eq!(
+            store.get_many(&[key(3), key(5), key(6)]).expect("get_many"),
+            [Some(vec![9; 20]), Some(vec![5; 10]), None]
+        );
+    }
+
+    #[test]
+    fn host_store_keeps_its_budget() {
+        let mut host = HostStore::new(100);
+        exercise(&mut host);
+        assert_eq!(host.bytes(), 30);
+    }
+
+    #[test]
+    fn disk_store_keeps_its_budget_and_survives_reopening() {
+        let dir = temp_dir("disk");
+        let mut disk = DiskStore::open(&dir, 100).expect("open");
+        exercise(&mut disk);
+        assert_eq!(disk.bytes(), 30);
+        drop(disk);
+        // A crash mid-write leaves a temporary file: never read, removed on open.
+        fs::write(dir.join(format!(".{}.kvb.tmp-1-1", key(7))), b"half").expect("write");
+        let mut disk = DiskStore::open(&dir, 100).expect("reopen");
+        assert_eq!(disk.bytes(), 30);
+        assert_eq!(disk.get(&key(5)).expect("get"), Some(vec![5; 10]));
+        assert_eq!(fs::read_dir(&dir).expect("dir").count(), 2);
+        // Reopened with a smaller budget: the oldest values go.
+        drop(disk);
+        let disk = DiskStore::open(&dir, 20).expect("reopen");
+        assert!(disk.bytes() <= 20);
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_disk_store_that_cannot_write_fails_cleanly() {
+        let dir = temp_dir("gone");
+        let mut disk = DiskStore::open(&dir, 100).expect("open");
+        disk.put(&key(1), b"kept").expect("put");
+        // The directory disappears (unmounted, deleted): the put fails with a typed
+        // error and the accounting does not change.
+        fs::remove_dir_all(&dir).expect("remove");
+        let err = disk.put(&key(2), b"lost").unwrap_err();
+        assert!(
+            matches!(err, StoreError::File(CacheFileError::Io { .. })),
+            "{err}"
+        );
+        assert_eq!(disk.bytes(), 4);
+        assert_eq!(
+            disk.get(&key(1)).expect("get"),
+            None,
+            "gone with its directory"
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! A model-based proptest of a [`TieredCache`] on the CPU backend: random prompts sharing
+//! prefixes are run, saved to the tiers and restored across "restarts" of the device cache,
+//! while tiers go down, values get flipped bits and a foreign model writes into the shared
+//! store. Whatever happens, every sequence's cached K/V equals what computing its prompt
+//! from scratch stores, bit for bit, and what the tiers report adds up.
+// Tests unwrap: a panic is how they fail.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+
+use kv_attention::cache_file;
+use kv_attention::store::{BlockStore, HostStore, StoreError, TieredCache};
+use kv_attention::PagedCache;
+use kv_backend_cpu::CpuBackend;
+use kv_core::candle::{Device, Tensor};
+use kv_core::content::{BlockKey, Fingerprint};
+use kv_core::{CacheBackend, KiviBits, KvDType, ModelShape, QuantGroup, Slot, StorageSpec};
+use proptest::prelude::*;
+
+/// A host store shared with the test, which can take it down or corrupt it.
+#[derive(Clone)]
+struct Shared {
+    inner: Arc<Mutex<HostStore>>,
+    down: Arc<Mutex<bool>>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(HostStore::new(u64::MAX))),
+            down: Arc::new(Mutex::new(false)),
+        }
+    }
+    fn check(&self) -> Result<(), StoreError> {
+        if *self.down.lock().unwrap() {
+            return Err(StoreError::Unavailable {
+                store: "shared".into(),
+                reason: "down (test)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl BlockStore for Shared {
+    fn name(&self) -> &str {
+        "shared"
+    }
+    fn get(&mut self, key: &BlockKey) -> Result<Option<Vec<u8>>, StoreError> {
+        self.check()?;
+        self.inner.lock().unwrap().get(key)
+    }
+    fn put(&mut self, key: &BlockKey, value: &[u8]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.lock().unwrap().put(key, value)
+    }
+    fn contains(&mut self, key: &BlockKey) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.lock().unwrap().contains(key)
+    }
+    fn delete(&mut self, key: &BlockKey) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.lock().unwrap().delete(key)
+    }
+}
+
+const BS: usize = 4;
+
+fn shape() -> ModelShape {
+    ModelShape::new(2, 4, 2, 32).unwrap()
+}
+
+/// K and V of token `t` at position `p` after the prefix hashed `h`: a function of the
+/// whole prefix, as a real model's are.
+fn kv_of(prefix_hash: u64) -> Vec<f32> {
+    let n = shape().n_kv_heads() * shape().head_dim();
+    (0..n)
+        .map(|i| {
+            let x = prefix_hash
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add((i as u64).wrapping_mul(1442695040888963407));
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn prefix_hashes(prompt: &[u32]) -> Vec<u64> {
+    let mut h = 0xcbf29ce484222325u64;
+    prompt
+        .iter()
+        .map(|&t| {
+            h = (h ^ u64::from(t)).wrapping_mul(0x100000001b3);
+            h
+        })
+        .collect()
+}
+
+/// Writes and commits `prompt[from..]` into `seq` as a model would.
+fn compute<B: CacheBackend>(
+    cache: &mut PagedCache<B>,
+    seq: kv_core::SeqId,
+    prompt: &[u32],
+    from: usize,
+) {
+    let n = prompt.len() - from;
+    if n == 0 {
+        return;
+    }
+    let slots = cache.reserve(seq, n).unwrap();
+    let hashes = prefix_hashes(prompt);
+    let (kvh, d) = (shape().n_kv_heads(), shape().head_dim());
+    for layer in 0..shape().n_layers() {
+        let data: Vec<f32> = hashes[from..]
+            .iter()
+            .flat_map(|&h| kv_of(h ^ layer as u64))
+            .collect();
+        let k = Tensor::from_vec(data.clone(), (n, kvh, d), &Device::Cpu).unwrap();
+        let v = Tensor::from_vec(
+            data.iter().map(|x| -x).collect::<Vec<_>>(),
+            (n, kvh, d),
+            &Device::Cpu,
+        )
+        .unwrap();
+        cache.write(layer, &slots, &k, &v).unwrap();
+    }
+    cache.commit(seq, &prompt[from..]).unwrap();
+}
+
+/// Every K and V value of `seq`, as stored, in f32 bits.
+fn contents<B: CacheBackend>(cache: &PagedCache<B>, seq: kv_core::SeqId) -> Vec<u32> {
+    let len = cache.len(seq).unwrap();
+    let table = cache.manager().table(seq).unwrap();
+    let bs = cache.spec().block_size;
+    let slots: Vec<Slot> = (0..len).map(|i| table.slot(i, bs).unwrap()).collect();
+    let mut out = Vec::new();
+    for layer in 0..shape().n_layers() {
+        let (k, v) = cache
+            .backend()
+            .read(cache.storage(), layer, &slots)
+            .unwrap();
+        for t in [k, v] {
+            out.extend(
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits()),
+            );
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Run a prompt: one of 3 system prefixes, then a suffix.
+    Run { system: u8, suffix: Vec<u32> },
+    /// The device cache is lost (a restart); tiers stay.
+    Restart,
+    /// Take the shared store down or bring it back.
+    Down(bool),
+    /// Flip a bit in one stored value.
+    Flip { which: usize, bit: usize },
+    /// Another model writes its blocks under keys this model uses.
+    Foreign { which: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u8..3, prop::collection::vec(0u32..5, 0..9)).prop_map(|(system, suffix)| Op::Run { system, suffix }),
+        1 => Just(Op::Restart),
+        1 => any::<bool>().prop_map(Op::Down),
+        1 => (any::<usize>(), any::<usize>()).prop_map(|(which, bit)| Op::Flip { which, bit }),
+        1 => any::<usize>().prop_map(|which| Op::Foreign { which }),
+    ]
+}
+
+/// System prompt `s` for blocks of `bs` tokens: two blocks and more, so that prompts share
+/// full blocks whatever the block size.
+fn system_prompt(s: u8, bs: usize) -> Vec<u32> {
+    let len = 2 * bs + bs / 4 * usize::from(s) + 1;
+    (0..len as u32)
+        .map(|i| 1000 * (u32::from(s) + 1) + i)
+        .collect()
+}
+
+fn run_ops(dtype: KvDType, ops: &[Op]) -> Result<(), TestCaseError> {
+    let bs = BS.max(dtype.block_tokens());
+    let spec = StorageSpec::new(shape(), dtype, bs, 12).unwrap();
+    let fp = Fingerprint::of_parts(&[("model", b"proptest")]);
+    let shared = Shared::new();
+    let new_cache = || {
+        TieredCache::new(
+            PagedCache::with_prefix_cache(CpuBackend::new(), spec, 1).unwrap(),
+            fp,
+            vec![Box::new(shared.clone()) as Box<dyn BlockStore>],
+        )
+    };
+    let mut tiered = new_cache();
+    for op in ops {
+        match op {
+            Op::Run { system, suffix } => {
+                let mut prompt = system_prompt(*system, bs);
+                prompt.extend(suffix);
+                let before = tiered.stats();
+                let (seq, reused) = tiered.create_with_prefix(&prompt);
+                prop_assert!(reused % bs == 0 && reused <= (prompt.len() - 1) / bs * bs);
+                compute(tiered.cache_mut(), seq, &prompt, reused);
+                // Bit for bit what computing the whole prompt stores.
+                let mut fresh = PagedCache::new(CpuBackend::new(), spec).unwrap();
+                let fseq = fresh.create_sequence();
+                compute(&mut fresh, fseq, &prompt, 0);
+                prop_assert_eq!(contents(tiered.cache(), seq), contents(&fresh, fseq));
+                let after = tiered.stats();
+                prop_assert_eq!(
+                    after.tokens_loaded - before.tokens_loaded,
+                    (after.hits - before.hits) * bs as u64
+                );
+                tiered.save(seq).unwrap();
+                tiered.cache_mut().free(seq).unwrap();
+                prop_assert!(tiered.cache().manager().audit().is_ok());
+            }
+            Op::Restart => tiered = new_cache(),
+            Op::Down(d) => *shared.down.lock().unwrap() = *d,
+            Op::Flip { which, bit } => {
+                let mut store = shared.inner.lock().unwrap();
+                let keys = stored_keys(&store);
+                if let Some(key) = keys.get(which % keys.len().max(1)) {
+                    let mut v = store.get(key).unwrap().unwrap();
+                    let b = bit % (v.len() * 8);
+                    v[b / 8] ^= 1 << (b % 8);
+                    store.put(key, &v).unwrap();
+                }
+            }
+            Op::Foreign { which } => {
+                let mut store = shared.inner.lock().unwrap();
+                let keys = stored_keys(&store);
+                if let Some(key) = keys.get(which % keys.len().max(1)) {
+                    let v = store.get(key).unwrap().unwrap();
+                    // (A value already made foreign or flipped stays as it is.)
+                    if let Ok(payload) = cache_file::decode_value(&fp, key, &v) {
+                        let other = Fingerprint::of_parts(&[("model", b"another")]);
+                        let foreign = cache_file::encode_value(&other, key, payload);
+                        store.put(key, &foreign).unwrap();
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The keys the store holds, in a fixed order.
+fn stored_keys(store: &HostStore) -> Vec<BlockKey> {
+    let mut keys: Vec<BlockKey> = store.keys().copied().collect();
+    keys.sort();
+    keys
+}
+
+const LAYOUTS: [KvDType; 3] = [
+    KvDType::F16,
+    KvDType::Int8 {
+        group: QuantGroup::G32,
+    },
+    KvDType::Kivi { bits: KiviBits::B4 },
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn tiered_cache_matches_recompute(layout in 0usize..3, ops in prop::collection::vec(op(), 1..24)) {
+        run_ops(LAYOUTS[layout], &ops)?;
+    }
+}
+
+#[test]
+fn a_restart_restores_from_the_tier_instead_of_prefilling() {
+    let spec = StorageSpec::new(shape(), KvDType::F16, BS, 12).unwrap();
+    let fp = Fingerprint::of_parts(&[("model", b"restart")]);
+    let shared = Shared::new();
+    let prompt: Vec<u32> = (0..13).collect();
+    let mut first = TieredCache::new(
+        PagedCache::with_prefix_cache(CpuBackend::new(), spec, 1).unwrap(),
+        fp,
+        vec![Box::new(shared.clone())],
+    );
+    let (seq, reused) = first.create_with_prefix(&prompt);
+    assert_eq!(reused, 0);
+    compute(first.cache_mut(), seq, &prompt, 0);
+    assert_eq!(first.save(seq).unwrap(), 3);
+    let mut second = TieredCache::new(
+        PagedCache::with_prefix_cache(CpuBackend::new(), spec, 1).unwrap(),
+        fp,
+        vec![Box::new(shared.clone())],
+    );
+    let (seq2, reused) = second.create_with_prefix(&prompt);
+    assert_eq!(reused, 12, "three blocks restored, the last token computed");
+    let s = second.stats();
+    assert_eq!((s.hits, s.tokens_loaded, s.rejected), (3, 12, 0));
+    assert!(s.bytes_loaded > 0);
+    compute(second.cache_mut(), seq2, &prompt, reused);
+    assert_eq!(contents(first.cache(), seq), contents(second.cache(), seq2));
+    // The store down: the engine goes on, recomputing, and counts the error.
+    *shared.down.lock().unwrap() = true;
+    let mut third = TieredCache::new(
+        PagedCache::with_prefix_cache(CpuBackend::new(), spec, 1).unwrap(),
+        fp,
+        vec![Box::new(shared.clone())],
+    );
+    let (_, reused) = third.create_with_prefix(&prompt);
+    assert_eq!(reused, 0);
+    assert_eq!(third.stats().store_errors, 1);
+    assert!(third.last_error().unwrap().contains("down"));
+}
