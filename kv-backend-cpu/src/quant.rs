@@ -642,6 +642,11 @@ pub(crate) fn attend(
         q_heads: queries.q_heads,
         head_dim: g.head_dim,
         key_bytes: pools.kgeom.row_units + pools.v_row,
+        // KIVI tiles start at key blocks.
+        key_align: match pools.layout.keys {
+            KeyLayout::Rows { .. } => 1,
+            KeyLayout::Kivi(_) => pools.kivi_tokens,
+        },
     };
     split_attend(batch, shape, thread_pool, |task, part| {
         run_task(pools, lp, queries, task, part)
@@ -914,8 +919,18 @@ fn run_task_in(
 
         for i in first_seeing(t0)..n_q {
             let visible = rows.min(first_pos + i + 1 - t0);
+            // Keys before the query's window (sliding-window layers) weigh nothing.
+            let lo = task
+                .first_visible(first_pos + i)
+                .saturating_sub(t0)
+                .min(visible);
             for lane in i * group..(i + 1) * group {
-                let s = &mut scores[lane * TILE..lane * TILE + visible];
+                scores[lane * TILE..lane * TILE + lo].fill(0.0);
+                scores[lane * TILE + visible..lane * TILE + rows].fill(0.0);
+                if lo == visible {
+                    continue;
+                }
+                let s = &mut scores[lane * TILE + lo..lane * TILE + visible];
                 let tile_max = kernels::max(float_isa, s);
                 let new_max = max[lane].max(tile_max);
                 if !new_max.is_finite() {
@@ -930,8 +945,8 @@ fn run_task_in(
                 }
                 max[lane] = new_max;
                 sum[lane] += kernels::exp_sum(float_isa, s, new_max);
-                // Keys this query does not see weigh nothing in the tile product below.
-                scores[lane * TILE + visible..lane * TILE + rows].fill(0.0);
+                // Keys this query does not see weigh nothing in the tile product below
+                // (zeroed above, around the visible ones).
             }
         }
 
