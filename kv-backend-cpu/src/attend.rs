@@ -36,6 +36,7 @@
 //! calls; a call allocates its output, its task list and one buffer of partial results.
 
 use std::cell::RefCell;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -245,6 +246,18 @@ pub(crate) struct Task<'a> {
     pub(crate) end: usize,
     pub(crate) k0: usize,
     pub(crate) k1: usize,
+    /// The batch's sliding window (see [`AttentionBatch::window`]).
+    pub(crate) window: Option<NonZeroUsize>,
+}
+
+impl Task<'_> {
+    /// The first key a query at `position` sees: 0, or the start of its window.
+    pub(crate) fn first_visible(&self, position: usize) -> usize {
+        match self.window {
+            None => 0,
+            Some(w) => position.saturating_add(1).saturating_sub(w.get()),
+        }
+    }
 }
 
 /// The tasks whose partial results merge into one output tile.
@@ -288,6 +301,7 @@ fn attend_with<C: RowOps>(
         q_heads: queries.q_heads,
         head_dim: g.head_dim,
         key_bytes,
+        key_align: 1,
     };
     split_attend(batch, shape, thread_pool, |task, part| {
         run_task::<C>(layer_pools, g, isa, queries, task, part, path)
@@ -302,6 +316,9 @@ pub(crate) struct SplitShape {
     pub(crate) head_dim: usize,
     /// Bytes of K and V stored per key (decides whether a call is worth a thread pool).
     pub(crate) key_bytes: usize,
+    /// Tasks start at multiples of this many keys (1, or KIVI's key block): under a
+    /// sliding window, the keys before a query chunk's window are skipped down to it.
+    pub(crate) key_align: usize,
 }
 
 /// Splits the work of one attend call into [`Task`]s (see the module docs), runs `run` on
@@ -346,13 +363,18 @@ where
                 let end = (begin + chunk).min(seq.n_queries());
                 // Keys the chunk's last query sees.
                 let n_keys = seq.first_query_position() + end;
+                // Keys before the chunk's first query's window are seen by none of its
+                // queries: no task reads them (whole aligned units are skipped).
+                let align = shape.key_align.max(1);
+                let k_start =
+                    batch.first_visible_key(seq.first_query_position() + begin) / align * align;
                 let split = if end - begin <= SPLIT_MAX_QUERIES {
                     KV_SPLIT
                 } else {
-                    n_keys
+                    n_keys - k_start
                 };
                 let first = tasks.len();
-                for k0 in (0..n_keys).step_by(split.max(1)) {
+                for k0 in (k_start..n_keys).step_by(split.max(1)) {
                     tasks.push(Task {
                         seq,
                         row_offset,
@@ -361,6 +383,7 @@ where
                         end,
                         k0,
                         k1: (k0 + split).min(n_keys),
+                        window: batch.window,
                     });
                 }
                 groups.push(Group {
@@ -692,7 +715,8 @@ fn run_rows<U>(pool: &[U], g: Geometry, (start, rows): (usize, usize)) -> Result
         })
 }
 
-/// The decode loop: one query, its group's heads as lanes, keys `k0..k1` all visible.
+/// The decode loop: one query, its group's heads as lanes, keys `k0..k1` all visible (a
+/// task starts at its query's window, `key_align` being 1 here).
 ///
 /// Rows of one KV head are contiguous over blocks with consecutive ids (one run), but a
 /// sequence's blocks may be scattered (runs of `block_size` rows, often a page or less), so
@@ -789,7 +813,8 @@ struct TileBufs<'a> {
 }
 
 /// The tiled loop: lanes `i * group + h` for query `i` of the chunk and head `h` of the
-/// group; query `i` sits at position `first + i` and sees keys `0..=first + i`.
+/// group; query `i` sits at position `first + i` and sees keys `0..=first + i` (from the
+/// start of its window under a sliding window).
 #[allow(clippy::too_many_arguments)]
 fn tiled<C: RowOps>(
     pools: &LayerPools<C::Unit>,
@@ -851,15 +876,21 @@ fn tiled<C: RowOps>(
             TILE,
         );
         for lane in l0..n_lanes {
-            let visible = rows.min(first + lane / group + 1 - t);
+            let position = first + lane / group;
+            let visible = rows.min(position + 1 - t);
+            // Keys before the query's window (sliding-window layers) weigh nothing either.
+            let lo = task.first_visible(position).saturating_sub(t).min(visible);
             let row = &mut s[lane * TILE..lane * TILE + rows];
-            softmax_update(
-                isa,
-                &mut row[..visible],
-                &mut lanes.max[lane],
-                &mut lanes.sum[lane],
-                &mut acc[lane * dp..(lane + 1) * dp],
-            )?;
+            if lo < visible {
+                softmax_update(
+                    isa,
+                    &mut row[lo..visible],
+                    &mut lanes.max[lane],
+                    &mut lanes.sum[lane],
+                    &mut acc[lane * dp..(lane + 1) * dp],
+                )?;
+            }
+            row[..lo].fill(0.0);
             row[visible..].fill(0.0);
         }
         kernels::pv_tile(
@@ -901,11 +932,23 @@ mod tests {
     }
 
     fn fixture(
+        heads: (usize, usize, usize),
+        dtype: KvDType,
+        block_size: usize,
+        seqs: &[(usize, usize)],
+        seed: u64,
+    ) -> Result<Fixture> {
+        windowed_fixture(heads, dtype, block_size, seqs, seed, None)
+    }
+
+    /// [`fixture`] attending through a sliding window of `window` tokens.
+    fn windowed_fixture(
         (q_heads, kv_heads, d): (usize, usize, usize),
         dtype: KvDType,
         block_size: usize,
         seqs: &[(usize, usize)],
         seed: u64,
+        window: Option<NonZeroUsize>,
     ) -> Result<Fixture> {
         let mut rng = SplitMix(seed);
         let blocks_needed: usize = seqs.iter().map(|(len, _)| len.div_ceil(block_size)).sum();
@@ -944,19 +987,29 @@ mod tests {
             kv.push(with_pools!(&storage.pools, p => p.read(0, &slots))?);
             seq_attn.push(SeqAttention::new(table, len, n_q)?);
         }
-        finish(storage, seq_attn, &kv, (q_heads, kv_heads, d), &mut rng)
+        finish(
+            storage,
+            seq_attn,
+            &kv,
+            (q_heads, kv_heads, d),
+            &mut rng,
+            window,
+        )
     }
 
     /// The fixture of sequences `seq_attn` over `storage`, whose K and V rows (as stored)
-    /// are `kv`: random queries and the f64 reference output.
+    /// are `kv`: random queries and the f64 reference output (written out here, with the
+    /// window as `(p - W, p]`, not through kv-core's reference).
     fn finish(
         storage: CpuStorage,
         seq_attn: Vec<SeqAttention>,
         kv: &[(Vec<f32>, Vec<f32>)],
         (q_heads, kv_heads, d): (usize, usize, usize),
         rng: &mut SplitMix,
+        window: Option<NonZeroUsize>,
     ) -> Result<Fixture> {
-        let batch = AttentionBatch::new(seq_attn, d);
+        let mut batch = AttentionBatch::new(seq_attn, d);
+        batch.window = window;
         let total_q = batch.total_queries();
         let q: Vec<f32> = (0..total_q * q_heads * d)
             .map(|_| rng.next_unit())
@@ -972,7 +1025,8 @@ mod tests {
                 for h in 0..q_heads {
                     let kvh = h / group;
                     let qv = &q[((row + i) * q_heads + h) * d..][..d];
-                    let scores: Vec<f64> = (0..=pos)
+                    let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w.get()));
+                    let scores: Vec<f64> = (lo..=pos)
                         .map(|t| {
                             let kt = &k[(t * kv_heads + kvh) * d..][..d];
                             batch.scale as f64
@@ -986,7 +1040,7 @@ mod tests {
                     let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
                     let total: f64 = w.iter().sum();
                     let out = &mut want[((row + i) * q_heads + h) * d..][..d];
-                    for (t, wt) in w.iter().enumerate() {
+                    for (t, wt) in (lo..).zip(&w) {
                         let vt = &v[(t * kv_heads + kvh) * d..][..d];
                         for (o, &x) in out.iter_mut().zip(vt) {
                             *o += wt / total * x as f64;
@@ -1108,6 +1162,31 @@ mod tests {
     }
 
     #[test]
+    fn sliding_windows_hide_older_keys_in_every_loop_and_layout() -> Result<()> {
+        // Windows shorter than a tile, across tiles and key chunks, and longer than the
+        // context; decode, short appends and prefill chunks; Gemma 3's MQA with head dim 256.
+        let seqs = [(1300, 1), (600, 16), (130, 130), (5, 5)];
+        for w in [1, 7, 64, 100, 513, 2000] {
+            let window = NonZeroUsize::new(w);
+            let f = windowed_fixture((4, 1, 256), KvDType::F16, 16, &seqs, 11, window)?;
+            check(&f, &format!("mqa 256 window {w}"))?;
+            let f = windowed_fixture((6, 2, 13), KvDType::BF16, 5, &seqs, 12, window)?;
+            check(&f, &format!("gqa 13 window {w}"))?;
+            for dtype in ["int8-g32", "int4h-g32"] {
+                let f = windowed_fixture((9, 3, 64), dtype.parse()?, 32, &seqs, 13, window)?;
+                check(&f, &format!("{dtype} window {w}"))?;
+            }
+            // KIVI: decode and an append inside a partly filled block, where the reference
+            // (the keys as `read` returns them) is what a KIVI query reads (see
+            // `quantized_layouts_split_keys_like_the_float_path`).
+            let kivi = [(1300, 1), (1100, 8)];
+            let f = windowed_fixture((9, 3, 64), "kivi4".parse()?, 32, &kivi, 14, window)?;
+            check(&f, &format!("kivi4 window {w}"))?;
+        }
+        Ok(())
+    }
+
+    #[test]
     fn large_groups_and_prefill_take_the_tiled_loop_and_match() -> Result<()> {
         // MQA with 12 heads per KV head: even decode runs tiled; prefill chunks of 10.
         let f = fixture((12, 1, 32), KvDType::F32, 16, &[(600, 1), (70, 70)], 3)?;
@@ -1192,7 +1271,14 @@ mod tests {
             kv[1].1[..shared] == kv[0].1[..shared],
             "{dtype}: forked values"
         );
-        finish(storage, seq_attn, &kv, (q_heads, kv_heads, d), &mut rng)
+        finish(
+            storage,
+            seq_attn,
+            &kv,
+            (q_heads, kv_heads, d),
+            &mut rng,
+            None,
+        )
     }
 
     #[test]

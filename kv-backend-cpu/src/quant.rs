@@ -712,7 +712,9 @@ impl QuantPools {
 
     /// Appends block `block` (range-checked) as stored: per layer the K bytes of every head,
     /// the V bytes of every head, then for KIVI one record per key block: `0` (no window),
-    /// or `1`, the filled-slot mask (u64 little-endian) and the window's f16 rows. A window
+    /// or `1` (a window still filling) or `2` (a full block's window that a residual layout
+    /// keeps until it is settled), then the filled-slot mask (u64 little-endian), the
+    /// window's f16 keys and, with a residual, its f16 values. Without a residual a window
     /// already quantized is not exported: like a copy, the block reads as stored.
     pub(crate) fn export_block(&self, block: usize, out: &mut Vec<u8>) -> Result<()> {
         let (kg, vg) = (self.kgeom, self.vgeom);
@@ -729,13 +731,14 @@ impl QuantPools {
             for kb in 0..per {
                 match l.windows[block * per + kb]
                     .as_ref()
-                    .filter(|w| !w.quantized)
+                    .filter(|w| !w.quantized || self.residual > 0)
                 {
                     None => out.push(0),
                     Some(w) => {
-                        out.push(1);
+                        out.push(if w.quantized { 2 } else { 1 });
                         out.extend_from_slice(&w.filled.to_le_bytes());
                         out.extend_from_slice(&w.rows);
+                        out.extend_from_slice(&w.values);
                     }
                 }
             }
@@ -810,11 +813,18 @@ impl QuantPools {
                 rest = r;
                 match flag {
                     0 => windows.push(None),
-                    1 => {
+                    1 | 2 if flag == 1 || self.residual > 0 => {
                         let (mask, r) = rest.split_at_checked(8).ok_or_else(|| short(at))?;
                         let (rows, r) = r
                             .split_at_checked(self.window_bytes)
                             .ok_or_else(|| short(at))?;
+                        let values_len = if self.residual > 0 {
+                            self.window_bytes
+                        } else {
+                            0
+                        };
+                        let (values, r) =
+                            r.split_at_checked(values_len).ok_or_else(|| short(at))?;
                         rest = r;
                         let mut m = [0u8; 8];
                         m.copy_from_slice(mask);
@@ -829,8 +839,19 @@ impl QuantPools {
                                 ),
                             });
                         }
+                        if flag == 2 && filled != mask_limit {
+                            return Err(KvError::InvalidArgument {
+                                what: "imported block",
+                                detail: format!(
+                                    "a full block's window with mask {filled:#x} (all {} \
+                                     slots expected)",
+                                    self.kivi_tokens
+                                ),
+                            });
+                        }
                         if rows
                             .chunks_exact(2)
+                            .chain(values.chunks_exact(2))
                             .any(|b| !f16::from_le_bytes([b[0], b[1]]).is_finite())
                         {
                             return Err(non_finite());
@@ -838,13 +859,17 @@ impl QuantPools {
                         windows.push(Some(Window {
                             filled,
                             rows: rows.to_vec(),
-                            quantized: false,
+                            values: values.to_vec(),
+                            quantized: flag == 2,
                         }));
                     }
                     other => {
                         return Err(KvError::InvalidArgument {
                             what: "imported block",
-                            detail: format!("window flag {other} at byte {at} (0 or 1 expected)"),
+                            detail: format!(
+                                "window flag {other} at byte {at} ({} expected)",
+                                if self.residual > 0 { "0, 1 or 2" } else { "0 or 1" }
+                            ),
                         })
                     }
                 }
@@ -929,6 +954,11 @@ pub(crate) fn attend(
         q_heads: queries.q_heads,
         head_dim: g.head_dim,
         key_bytes: pools.kgeom.row_units + pools.v_row,
+        // KIVI tiles start at key blocks.
+        key_align: match pools.layout.keys {
+            KeyLayout::Rows { .. } => 1,
+            KeyLayout::Kivi(_) => pools.kivi_tokens,
+        },
     };
     split_attend(batch, shape, thread_pool, |task, part| {
         run_task(pools, lp, queries, task, part)
@@ -1202,8 +1232,18 @@ fn run_task_in(
 
         for i in first_seeing(t0)..n_q {
             let visible = rows.min(first_pos + i + 1 - t0);
+            // Keys before the query's window (sliding-window layers) weigh nothing.
+            let lo = task
+                .first_visible(first_pos + i)
+                .saturating_sub(t0)
+                .min(visible);
             for lane in i * group..(i + 1) * group {
-                let s = &mut scores[lane * TILE..lane * TILE + visible];
+                scores[lane * TILE..lane * TILE + lo].fill(0.0);
+                scores[lane * TILE + visible..lane * TILE + rows].fill(0.0);
+                if lo == visible {
+                    continue;
+                }
+                let s = &mut scores[lane * TILE + lo..lane * TILE + visible];
                 let tile_max = kernels::max(float_isa, s);
                 let new_max = max[lane].max(tile_max);
                 if !new_max.is_finite() {
@@ -1218,8 +1258,8 @@ fn run_task_in(
                 }
                 max[lane] = new_max;
                 sum[lane] += kernels::exp_sum(float_isa, s, new_max);
-                // Keys this query does not see weigh nothing in the tile product below.
-                scores[lane * TILE + visible..lane * TILE + rows].fill(0.0);
+                // Keys this query does not see weigh nothing in the tile product below
+                // (zeroed above, around the visible ones).
             }
         }
 

@@ -1,6 +1,7 @@
 //! The trait a device implements to store K/V and attend over it.
 
 use candle_core::{Device, Tensor};
+use std::num::NonZeroUsize;
 
 use crate::{memory, BlockId, KvDType, KvError, ModelShape, Result, Slot};
 
@@ -322,20 +323,53 @@ impl SeqAttention {
 }
 
 /// Many sequences attended in one call: their query rows are concatenated in `seqs` order.
+///
+/// ```
+/// use std::num::NonZeroUsize;
+/// use kv_core::{AttentionBatch, BlockId, SeqAttention};
+///
+/// let seq = SeqAttention::new(vec![BlockId::new(0)], 10, 1)?;
+/// // A sliding-window layer (Gemma 3's local layers): the query at position 9 sees 7..=9.
+/// let batch = AttentionBatch::new(vec![seq], 64).with_window(NonZeroUsize::new(3).unwrap());
+/// assert_eq!(batch.first_visible_key(9), 7);
+/// assert_eq!(batch.first_visible_key(1), 0);
+/// # Ok::<(), kv_core::KvError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionBatch {
     /// Sequences in query-row order.
     pub seqs: Vec<SeqAttention>,
     /// Multiplies q.k before the softmax, usually `1 / sqrt(head_dim)`.
     pub scale: f32,
+    /// A sliding window of `W` tokens: the query at position `p` sees only the keys at
+    /// positions `p - W + 1 ..= p` (`(p - W, p]`, as llama.cpp's standard SWA mask and
+    /// Gemma 3's local layers define it). `None`: every earlier key (global attention).
+    pub window: Option<NonZeroUsize>,
 }
 
 impl AttentionBatch {
-    /// A batch with the usual `1 / sqrt(head_dim)` scale.
+    /// A batch with the usual `1 / sqrt(head_dim)` scale and no window.
     pub fn new(seqs: Vec<SeqAttention>, head_dim: usize) -> Self {
         Self {
             seqs,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            window: None,
+        }
+    }
+
+    /// The same batch attending through a sliding window of `window` tokens (see
+    /// [`AttentionBatch::window`]).
+    pub fn with_window(mut self, window: NonZeroUsize) -> Self {
+        self.window = Some(window);
+        self
+    }
+
+    /// The first key position a query at `position` sees: 0 without a window,
+    /// `position + 1 - W` (at least 0) with one. Keys `first_visible_key(p)..=p` are visible.
+    pub fn first_visible_key(&self, position: usize) -> usize {
+        match self.window {
+            None => 0,
+            Some(w) => position.saturating_add(1).saturating_sub(w.get()),
         }
     }
     /// Query rows over all sequences.
@@ -411,6 +445,9 @@ impl AttentionBatch {
 /// and `n_queries` queries sits at position `kv_len - n_queries + i` and sees the keys at
 /// positions `0..=` its own (causal by position), softmax-weighted with scores
 /// `scale * q . k`. A query's own token is visible: write a step's K/V before attending.
+/// With a [`window`](AttentionBatch::window) of `W` tokens the query at `p` sees only
+/// positions `p - W + 1 ..= p` ([`AttentionBatch::first_visible_key`]); keys before them
+/// weigh exactly nothing (not a large negative score), and a backend need not read them.
 ///
 /// **Errors and atomicity.** A call that fails returns the [`KvError`] variant listed under
 /// its method and changes nothing: a bad slot, move or value after good ones must not leave

@@ -25,6 +25,7 @@
 //! ```
 
 use candle_core::{DType, Tensor};
+use std::num::NonZeroUsize;
 
 use crate::{validate, AttentionBatch, CacheBackend, KvError, ModelShape, Result, Slot};
 
@@ -87,6 +88,34 @@ impl Heads {
 /// differ in length; [`KvError::InvalidArgument`] when there are more queries than cached
 /// tokens; [`KvError::NonFinite`] for a non-finite scale.
 pub fn attend(heads: Heads, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> Result<Vec<f32>> {
+    attend_windowed(heads, q, k, v, scale, None)
+}
+
+/// [`attend`] through a sliding window: with `Some(W)` the query at position `p` sees only
+/// the keys at `p - W + 1 ..= p` (see [`crate::AttentionBatch::window`]); `None` is
+/// [`attend`].
+///
+/// ```
+/// use std::num::NonZeroUsize;
+/// use kv_core::reference::{attend_windowed, Heads};
+/// // One head of one element: keys 0, 0, 0 with values 1, 2, 3; a window of 2 makes the
+/// // last query (position 2) the mean of values 2 and 3.
+/// let out = attend_windowed(Heads::new(1, 1, 1)?, &[1.0], &[0.0; 3], &[1.0, 2.0, 3.0], 1.0,
+///                           NonZeroUsize::new(2))?;
+/// assert!((out[0] - 2.5).abs() < 1e-6);
+/// # Ok::<(), kv_core::KvError>(())
+/// ```
+///
+/// # Errors
+/// As [`attend`].
+pub fn attend_windowed(
+    heads: Heads,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    window: Option<NonZeroUsize>,
+) -> Result<Vec<f32>> {
     if heads.q_heads == 0 || heads.kv_heads == 0 || !heads.q_heads.is_multiple_of(heads.kv_heads) {
         return Err(KvError::InvalidShape {
             detail: format!(
@@ -123,21 +152,23 @@ pub fn attend(heads: Heads, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> Resu
     let mut acc = vec![0.0f64; d];
     for i in 0..n_q {
         let visible = kv_len - n_q + i + 1;
+        // The first key the window lets this query see (0 without a window).
+        let lo = window.map_or(0, |w| visible.saturating_sub(w.get()));
         for h in 0..heads.q_heads {
             let kvh = h / group;
             let qv = &q[(i * heads.q_heads + h) * d..][..d];
-            for (t, s) in scores[..visible].iter_mut().enumerate() {
+            for (t, s) in scores[..visible].iter_mut().enumerate().skip(lo) {
                 let kv = &k[(t * heads.kv_heads + kvh) * d..][..d];
                 let dot: f64 = qv.iter().zip(kv).map(|(&a, &b)| a as f64 * b as f64).sum();
                 *s = dot * scale;
             }
-            let max = scores[..visible]
+            let max = scores[lo..visible]
                 .iter()
                 .copied()
                 .fold(f64::NEG_INFINITY, f64::max);
             acc.fill(0.0);
             let mut sum = 0.0f64;
-            for (t, &s) in scores[..visible].iter().enumerate() {
+            for (t, &s) in scores[..visible].iter().enumerate().skip(lo) {
                 let w = (s - max).exp();
                 sum += w;
                 let vv = &v[(t * heads.kv_heads + kvh) * d..][..d];
@@ -199,7 +230,14 @@ pub fn attend_by_reading<B: CacheBackend + ?Sized>(
             expected: format!("{} query rows", batch.total_queries()),
             got: format!("{} elements", q_data.len()),
         })?;
-        out.extend(attend(heads, queries, &flat(k)?, &flat(v)?, batch.scale)?);
+        out.extend(attend_windowed(
+            heads,
+            queries,
+            &flat(k)?,
+            &flat(v)?,
+            batch.scale,
+            batch.window,
+        )?);
         first += seq.n_queries() * row_q;
     }
     Ok(Tensor::from_vec(out, q.dims(), backend.device())?)
@@ -243,6 +281,26 @@ mod tests {
                 assert!(close(row, &want, 1e-5), "query {i} head {h}: {row:?}");
             }
         }
+    }
+
+    #[test]
+    fn window_hides_keys_older_than_w() {
+        // Equal keys: each query's output is the mean of the values it sees. Position p
+        // with window 3 sees p-2..=p.
+        let heads = Heads::new(1, 1, 1).expect("shape");
+        let v: Vec<f32> = (0..6).map(|i| (i * i) as f32).collect();
+        let w = NonZeroUsize::new(3);
+        let out = attend_windowed(heads, &[1.0; 6], &[0.5; 6], &v, 1.0, w).expect("attends");
+        for (p, o) in out.iter().enumerate() {
+            let seen = &v[p.saturating_sub(2)..=p];
+            let mean = seen.iter().sum::<f32>() / seen.len() as f32;
+            assert!((o - mean).abs() < 1e-5, "position {p}: {o} vs {mean}");
+        }
+        // A window at least as long as the context changes nothing.
+        let all = attend(heads, &[1.0; 6], &[0.5; 6], &v, 1.0).expect("attends");
+        let wide = attend_windowed(heads, &[1.0; 6], &[0.5; 6], &v, 1.0, NonZeroUsize::new(6))
+            .expect("attends");
+        assert_eq!(all, wide);
     }
 
     #[test]

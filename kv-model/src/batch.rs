@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use kv_attention::PagedCache;
-use kv_core::{AttentionBatch, CacheBackend, CacheStats, KvError, SeqId};
+use kv_core::{CacheBackend, CacheStats, KvError, SeqId};
 
 use crate::generate::rate;
 use crate::{Logits, Model, ModelError, Result, Sampler, SamplingConfig, StopReason};
@@ -308,10 +308,10 @@ impl Model {
                 .iter()
                 .map(|(seq, new)| cache.seq_attention(*seq, new.len()))
                 .collect::<kv_core::Result<Vec<_>>>()?;
-            let batch = AttentionBatch::new(seqs, self.config().head_dim);
+            let batches = self.layer_batches(seqs);
             self.run(&tokens, &segments, logits, |layer, q, k, v| {
                 cache.write(layer, &slots, k, v)?;
-                Ok(cache.attend(layer, q, &batch)?)
+                Ok(cache.attend(layer, q, self.batch_for(&batches, layer))?)
             })
         });
         if result.is_err() {

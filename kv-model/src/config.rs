@@ -10,12 +10,103 @@ use kv_core::ModelShape;
 
 use crate::{ModelError, Result};
 
-/// Architectures whose GGUF files use the Llama tensor layout and rope this crate runs.
+/// Architectures (GGUF `general.architecture`) this crate runs; see [`Family`].
 ///
-/// Only `llama` is listed: llama.cpp's converter writes Llama, Llama 2/3, Mistral 7B and
-/// SmolLM under that name. Families with a different layout (biases, fused QKV, other norms)
-/// are refused rather than run wrongly.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+/// llama.cpp's converter writes Llama, Llama 2/3, Mistral 7B, TinyLlama and SmolLM as
+/// `llama`. Families with another layout (fused QKV, MoE, other attention) are refused with
+/// this list rather than run wrongly.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+
+/// The decoder families this crate runs. They share the pre-norm Llama block and differ
+/// in a few parts, each exactly as llama.cpp's graph for the architecture runs it:
+///
+/// | family | RoPE pairs | Q/K/V | FFN | other |
+/// |---|---|---|---|---|
+/// | `llama` | interleaved (the converter permuted Q/K) | | SwiGLU | `llama3` RoPE scaling |
+/// | `qwen2` | halves (NeoX) | biases | SwiGLU | |
+/// | `qwen3` | halves (NeoX) | RMSNorm per head on Q and K | SwiGLU | |
+/// | `gemma3` | halves (NeoX) | RMSNorm per head on Q and K | GELU(tanh)-gated | below |
+///
+/// Gemma 3: embeddings scaled by `sqrt(embedding_length)`; RMSNorm before and after both
+/// attention and FFN (the converter already folded Gemma's `1 + w` into the weights);
+/// attention scale `1/sqrt(key_length)` (`1/sqrt(embedding_length / head_count)` for the
+/// 62-layer 27B, as llama.cpp has it); five of every six layers attend through a sliding
+/// window of `attention.sliding_window` tokens with their own RoPE base
+/// (`rope.freq_base_swa`, default 10000), every sixth globally with `rope.freq_base` and
+/// the file's RoPE scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `llama`: Llama 1/2/3, Mistral, TinyLlama, SmolLM.
+    Llama,
+    /// `qwen2`: biases on the Q, K and V projections.
+    Qwen2,
+    /// `qwen3`: per-head RMSNorm of Q and K before RoPE.
+    Qwen3,
+    /// `gemma3`: see above.
+    Gemma3,
+}
+
+impl Family {
+    /// The family named by a GGUF `general.architecture`, if this crate runs it.
+    pub fn from_architecture(name: &str) -> Option<Self> {
+        match name {
+            "llama" => Some(Self::Llama),
+            "qwen2" => Some(Self::Qwen2),
+            "qwen3" => Some(Self::Qwen3),
+            "gemma3" => Some(Self::Gemma3),
+            _ => None,
+        }
+    }
+
+    /// Whether RoPE rotates the pairs `(x[i], x[i + d/2])` (NeoX, the Hugging Face layout
+    /// the converter keeps for these families) instead of `(x[2i], x[2i + 1])`.
+    pub fn rope_halves(self) -> bool {
+        !matches!(self, Self::Llama)
+    }
+}
+
+/// Llama 3.1's RoPE frequency scaling (`rope.scaling.type = "llama3"`), used when a file
+/// states it without llama.cpp's precomputed `rope_freqs.weight` tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Rope {
+    /// `rope.scaling.factor`: how much the lowest frequencies are divided.
+    pub factor: f32,
+    /// `rope.scaling.low_freq_factor` (default 1).
+    pub low_freq_factor: f32,
+    /// `rope.scaling.high_freq_factor` (default 4).
+    pub high_freq_factor: f32,
+    /// `rope.scaling.original_context_length` (default 8192).
+    pub original_context: usize,
+}
+
+impl Llama3Rope {
+    /// The divisor of each pair's frequency, computed as llama.cpp's converter computes
+    /// `rope_freqs.weight`: 1 for wavelengths under `original / high_freq_factor`, `factor`
+    /// above `original / low_freq_factor`, and a smooth blend between.
+    pub fn freq_factors(&self, base: f32, rope_dim: usize) -> Vec<f32> {
+        let (lo, hi) = (
+            f64::from(self.low_freq_factor),
+            f64::from(self.high_freq_factor),
+        );
+        let original = self.original_context as f64;
+        let factor = f64::from(self.factor);
+        (0..rope_dim / 2)
+            .map(|i| {
+                let freq = f64::from(base).powf(-2.0 * i as f64 / rope_dim as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let f = if wavelen < original / hi {
+                    1.0
+                } else if wavelen > original / lo {
+                    factor
+                } else {
+                    let smooth = (original / wavelen - lo) / (hi - lo);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                };
+                f as f32
+            })
+            .collect()
+    }
+}
 
 /// The largest value [`LlamaConfig::from_metadata`] accepts for each size in the
 /// metadata: far above every real model, low enough that nothing sized by them can
@@ -101,6 +192,21 @@ pub struct LlamaConfig {
     pub context_length: usize,
     /// Tokens in the vocabulary.
     pub vocab_size: usize,
+    /// Which variant of the block the layers run.
+    pub family: Family,
+    /// Multiplies q.k before the softmax: `1/sqrt(head_dim)` except where the family says
+    /// otherwise (Gemma 3 27B).
+    pub attention_scale: f32,
+    /// Gemma 3's local layers attend only to the last this many tokens (their own
+    /// included); `None`: every layer is global.
+    pub sliding_window: Option<usize>,
+    /// With a sliding window, layer `i` is global when `i % pattern == pattern - 1` and
+    /// local otherwise (Gemma 3: 6, five local to one global).
+    pub sliding_window_pattern: usize,
+    /// The RoPE base of the local (sliding-window) layers.
+    pub rope_freq_base_local: f32,
+    /// Llama 3.1 RoPE scaling from the metadata (a `rope_freqs.weight` tensor wins).
+    pub llama3_rope: Option<Llama3Rope>,
 }
 
 impl LlamaConfig {
@@ -113,12 +219,12 @@ impl LlamaConfig {
     /// [`ModelError::Unsupported`] for a RoPE scaling this crate does not implement.
     pub fn from_metadata(md: &HashMap<String, Value>) -> Result<Self> {
         let architecture = string(md, "general.architecture")?.to_string();
-        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
+        let Some(family) = Family::from_architecture(&architecture) else {
             return Err(ModelError::UnsupportedArchitecture {
                 got: architecture,
                 supported: SUPPORTED_ARCHITECTURES,
             });
-        }
+        };
         let key = |k: &str| format!("{architecture}.{k}");
 
         let n_layers = positive(md, &key("block_count"), MetadataLimits::LAYERS)?;
@@ -204,7 +310,7 @@ impl LlamaConfig {
                 got: rope_freq_base.to_string(),
             });
         }
-        let rope_position_scale = rope_scaling(md, &architecture)?;
+        let (rope_position_scale, llama3_rope) = rope_scaling(md, &architecture)?;
         let rms_norm_eps = match md.get(&key("attention.layer_norm_rms_epsilon")) {
             Some(v) => float(v, &key("attention.layer_norm_rms_epsilon"))?,
             None => 1e-5,
@@ -239,8 +345,41 @@ impl LlamaConfig {
                 }
             },
         };
+        let (sliding_window, sliding_window_pattern, rope_freq_base_local) = match family {
+            Family::Gemma3 => {
+                let w = positive(
+                    md,
+                    &key("attention.sliding_window"),
+                    MetadataLimits::CONTEXT,
+                )?;
+                let base = match md.get(&key("rope.freq_base_swa")) {
+                    Some(v) => float(v, &key("rope.freq_base_swa"))? as f32,
+                    None => 10_000.0,
+                };
+                if !(base.is_finite() && base > 1.0) {
+                    return Err(ModelError::BadMetadata {
+                        key: key("rope.freq_base_swa"),
+                        expected: "a finite number above 1".into(),
+                        got: base.to_string(),
+                    });
+                }
+                (Some(w), 6, base)
+            }
+            _ => (None, 1, rope_freq_base),
+        };
+        // llama.cpp: Gemma 3 27B (62 layers) scales by the embedding width per head.
+        let attention_scale = match family {
+            Family::Gemma3 if n_layers == 62 => 1.0 / ((hidden_size / n_heads) as f32).sqrt(),
+            _ => 1.0 / (head_dim as f32).sqrt(),
+        };
         Ok(Self {
             architecture,
+            family,
+            attention_scale,
+            sliding_window,
+            sliding_window_pattern,
+            rope_freq_base_local,
+            llama3_rope,
             n_layers,
             hidden_size,
             intermediate_size,
@@ -280,6 +419,32 @@ impl LlamaConfig {
             self.head_dim,
         )?)
     }
+
+    /// The sliding window of layer `layer`: `Some(W)` for a local layer, `None` for a
+    /// global one.
+    ///
+    /// ```
+    /// # use std::collections::HashMap;
+    /// # use candle_core::quantized::gguf_file::Value;
+    /// # use kv_model::LlamaConfig;
+    /// # let mut md = HashMap::new();
+    /// # md.insert("general.architecture".into(), Value::String("gemma3".into()));
+    /// # for (key, v) in [("block_count", 18), ("embedding_length", 640), ("feed_forward_length", 2048),
+    /// #                  ("attention.head_count", 4), ("attention.head_count_kv", 1),
+    /// #                  ("attention.key_length", 256), ("attention.sliding_window", 512),
+    /// #                  ("context_length", 32768), ("vocab_size", 262144)] {
+    /// #     md.insert(format!("gemma3.{key}"), Value::U32(v));
+    /// # }
+    /// let gemma = LlamaConfig::from_metadata(&md)?; // Gemma 3 270M's metadata
+    /// assert_eq!(gemma.layer_window(0), Some(512));
+    /// assert_eq!(gemma.layer_window(5), None); // every sixth layer is global
+    /// assert_eq!(gemma.attention_scale, 1.0 / 16.0);
+    /// # Ok::<(), kv_model::ModelError>(())
+    /// ```
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        let p = self.sliding_window_pattern.max(1);
+        self.sliding_window.filter(|_| layer % p < p - 1)
+    }
 }
 
 /// Opens a GGUF file (regular files only), checks its header with the pre-flight walk
@@ -309,11 +474,12 @@ pub(crate) fn one_line(s: &str) -> String {
     crate::escape::escape(&line).into_owned()
 }
 
-fn rope_scaling(md: &HashMap<String, Value>, arch: &str) -> Result<f32> {
+/// The linear position scale and the Llama 3 frequency scaling the metadata states.
+fn rope_scaling(md: &HashMap<String, Value>, arch: &str) -> Result<(f32, Option<Llama3Rope>)> {
     let type_key = format!("{arch}.rope.scaling.type");
     let factor_key = format!("{arch}.rope.scaling.factor");
     let kind = match md.get(&type_key) {
-        None => return Ok(1.0),
+        None => return Ok((1.0, None)),
         Some(Value::String(s)) => s.as_str(),
         Some(other) => {
             return Err(ModelError::BadMetadata {
@@ -323,31 +489,70 @@ fn rope_scaling(md: &HashMap<String, Value>, arch: &str) -> Result<f32> {
             })
         }
     };
+    let factor = || -> Result<f32> {
+        let factor = match md.get(&factor_key) {
+            Some(v) => float(v, &factor_key)? as f32,
+            None => {
+                return Err(ModelError::MissingMetadata {
+                    key: factor_key.clone(),
+                })
+            }
+        };
+        if !(factor.is_finite()
+            && factor > 0.0
+            && f64::from(factor) <= MetadataLimits::ROPE_SCALING)
+        {
+            return Err(ModelError::BadMetadata {
+                key: factor_key.clone(),
+                expected: format!(
+                    "a positive number of at most {}",
+                    MetadataLimits::ROPE_SCALING
+                ),
+                got: factor.to_string(),
+            });
+        }
+        Ok(factor)
+    };
     match kind {
-        "none" => Ok(1.0),
-        "linear" => {
-            let factor = match md.get(&factor_key) {
-                Some(v) => float(v, &factor_key)? as f32,
-                None => return Err(ModelError::MissingMetadata { key: factor_key }),
+        "none" => Ok((1.0, None)),
+        "llama3" => {
+            let opt = |name: &str, default: f64| -> Result<f64> {
+                let k = format!("{arch}.rope.scaling.{name}");
+                match md.get(&k) {
+                    Some(v) => float(v, &k),
+                    None => Ok(default),
+                }
             };
-            if !(factor.is_finite()
-                && factor > 0.0
-                && f64::from(factor) <= MetadataLimits::ROPE_SCALING)
-            {
+            let (lo, hi) = (opt("low_freq_factor", 1.0)?, opt("high_freq_factor", 4.0)?);
+            if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && hi > lo && hi <= 1e6) {
                 return Err(ModelError::BadMetadata {
-                    key: factor_key,
-                    expected: format!(
-                        "a positive number of at most {}",
-                        MetadataLimits::ROPE_SCALING
-                    ),
-                    got: factor.to_string(),
+                    key: format!("{arch}.rope.scaling.high_freq_factor"),
+                    expected: "0 < low_freq_factor < high_freq_factor".into(),
+                    got: format!("{lo} and {hi}"),
                 });
             }
-            Ok(1.0 / factor)
+            let original = match md.get(&format!("{arch}.rope.scaling.original_context_length")) {
+                Some(_) => positive(
+                    md,
+                    &format!("{arch}.rope.scaling.original_context_length"),
+                    MetadataLimits::CONTEXT,
+                )?,
+                None => 8192,
+            };
+            Ok((
+                1.0,
+                Some(Llama3Rope {
+                    factor: factor()?,
+                    low_freq_factor: lo as f32,
+                    high_freq_factor: hi as f32,
+                    original_context: original,
+                }),
+            ))
         }
+        "linear" => Ok((1.0 / factor()?, None)),
         other => Err(ModelError::Unsupported {
             what: "RoPE scaling",
-            detail: format!("{other:?} (supported: none, linear)"),
+            detail: format!("{other:?} (supported: none, linear, llama3)"),
         }),
     }
 }

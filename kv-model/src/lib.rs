@@ -76,7 +76,7 @@ use std::path::{Path, PathBuf};
 pub use batch::{BatchOptions, BatchRun, SeqOutcome};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use chat_session::{reusable_prefix, ChatOptions, ChatSession, ChatTurn, TurnReport};
-pub use config::{LlamaConfig, MetadataLimits, SUPPORTED_ARCHITECTURES};
+pub use config::{Family, Llama3Rope, LlamaConfig, MetadataLimits, SUPPORTED_ARCHITECTURES};
 pub use error::{ModelError, Result};
 pub use escape::escape_controls;
 pub use files::{open_regular, read_text, MAX_TEXT_BYTES};

@@ -9,9 +9,9 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 use kv_attention::PagedCache;
-use kv_core::{AttentionBatch, CacheBackend, ModelShape, SeqId};
+use kv_core::{AttentionBatch, CacheBackend, ModelShape, SeqAttention, SeqId};
 
-use crate::config::one_line;
+use crate::config::{one_line, read_header, Family};
 use crate::linear::{BlockMatrix, Embeddings, Linear, WeightType};
 use crate::mapped::GgufMap;
 use crate::rope::Rope;
@@ -65,8 +65,9 @@ pub enum Logits {
     All,
 }
 
-/// One decoder layer's weights: projections in the chosen [`WeightFormat`], norms as small
-/// f32 vectors.
+/// One decoder layer's weights: projections in the chosen [`WeightFormat`], norms and
+/// biases as small f32 vectors. The optional parts are those of some families
+/// ([`Family`]); each is present exactly when its family has it.
 #[derive(Debug)]
 struct Layer {
     attn_norm: Tensor,
@@ -78,6 +79,20 @@ struct Layer {
     w_gate: Linear,
     w_up: Linear,
     w_down: Linear,
+    /// Qwen 2: biases of Q, K and V.
+    qkv_bias: Option<[Tensor; 3]>,
+    /// Qwen 3, Gemma 3: RMSNorm weights (`[head_dim]`) of each Q and K head, before RoPE.
+    qk_norm: Option<[Tensor; 2]>,
+    /// Gemma 3: RMSNorm of the attention output and of the FFN output, before each joins
+    /// the residual stream.
+    post_norms: Option<[Tensor; 2]>,
+}
+
+/// The attention batches of one forward pass: the global layers' and, for a model with
+/// sliding-window layers, the same batch with the window.
+pub(crate) struct LayerBatches {
+    global: AttentionBatch,
+    local: Option<AttentionBatch>,
 }
 
 /// A Llama-family decoder loaded from a GGUF file.
@@ -117,6 +132,8 @@ pub struct Model {
     output: Linear,
     weights: WeightFormat,
     rope: Rope,
+    /// The sliding-window layers' RoPE (their own base), for a model that has them.
+    rope_local: Option<Rope>,
 }
 
 /// Reads named tensors from a mapped GGUF file, checking presence and shape.
@@ -309,14 +326,47 @@ impl Model {
             let t = r.vector("rope_freqs.weight", config.rope_dim / 2)?;
             Some(t.to_vec1::<f32>()?)
         } else {
-            None
+            config
+                .llama3_rope
+                .map(|l3| l3.freq_factors(config.rope_freq_base, config.rope_dim))
         };
         let rope = Rope::new(&config, freq_factors.as_deref(), device)?;
+        let rope_local = match config.sliding_window {
+            Some(_) => Some(Rope::local(&config, device)?),
+            None => None,
+        };
+        let hd = config.head_dim;
 
         let mut layers = Vec::with_capacity(config.n_layers);
         for i in 0..config.n_layers {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
+            let bias = |t: &str| format!("blk.{i}.{t}.bias");
+            let qkv_bias = match config.family {
+                Family::Qwen2 => Some([
+                    r.vector(&bias("attn_q"), q_dim)?,
+                    r.vector(&bias("attn_k"), kv_dim)?,
+                    r.vector(&bias("attn_v"), kv_dim)?,
+                ]),
+                _ => None,
+            };
+            let qk_norm = match config.family {
+                Family::Qwen3 | Family::Gemma3 => Some([
+                    r.vector(&name("attn_q_norm"), hd)?,
+                    r.vector(&name("attn_k_norm"), hd)?,
+                ]),
+                _ => None,
+            };
+            let post_norms = match config.family {
+                Family::Gemma3 => Some([
+                    r.vector(&name("post_attention_norm"), h)?,
+                    r.vector(&name("post_ffw_norm"), h)?,
+                ]),
+                _ => None,
+            };
             layers.push(Layer {
+                qkv_bias,
+                qk_norm,
+                post_norms,
                 attn_norm: r.vector(&name("attn_norm"), h)?,
                 wq: r.matmul(&name("attn_q"), &[q_dim, h])?,
                 wk: r.matmul(&name("attn_k"), &[kv_dim, h])?,
@@ -338,6 +388,7 @@ impl Model {
             output,
             weights: format,
             rope,
+            rope_local,
         })
     }
 
@@ -404,10 +455,10 @@ impl Model {
             .seq_attention(seq, n)
             .map_err(ModelError::from)
             .and_then(|seq_attn| {
-                let batch = AttentionBatch::new(vec![seq_attn], self.config.head_dim);
+                let batches = self.layer_batches(vec![seq_attn]);
                 self.run(tokens, &[(start, n)], logits, |layer, q, k, v| {
                     cache.write(layer, &slots, k, v)?;
-                    Ok(cache.attend(layer, q, &batch)?)
+                    Ok(cache.attend(layer, q, self.batch_for(&batches, layer))?)
                 })
             });
         if result.is_err() {
@@ -429,10 +480,10 @@ impl Model {
     /// [`ModelError::TokenOutOfRange`], tensor errors.
     pub fn forward_uncached(&self, tokens: &[u32], logits: Logits) -> Result<Tensor> {
         self.check_tokens(tokens, 0)?;
-        let scale = 1.0 / (self.config.head_dim as f64).sqrt();
+        let scale = f64::from(self.config.attention_scale);
         on_pool(|| {
-            self.run(tokens, &[(0, tokens.len())], logits, |_, q, k, v| {
-                plain_attention(q, k, v, scale)
+            self.run(tokens, &[(0, tokens.len())], logits, |layer, q, k, v| {
+                plain_attention(q, k, v, scale, self.config.layer_window(layer))
             })
         })
     }
@@ -481,17 +532,35 @@ impl Model {
         let n = tokens.len();
         let eps = c.rms_norm_eps;
         let mut x = self.embeddings.lookup(tokens, &self.device)?;
+        if c.family == Family::Gemma3 {
+            // Gemma scales its embeddings by sqrt(width) (in f32, as llama.cpp does).
+            x = (x * f64::from((c.hidden_size as f32).sqrt()))?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
-            let [q, k, v]: [Tensor; 3] =
+            let [mut q, mut k, mut v]: [Tensor; 3] =
                 Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &h)?
                     .try_into()
                     .map_err(|_| candle_core::Error::Msg("one tensor per projection".into()))?;
-            let q = q.reshape((n, c.n_heads, c.head_dim))?;
-            let k = k.reshape((n, c.n_kv_heads, c.head_dim))?;
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                q = q.broadcast_add(bq)?;
+                k = k.broadcast_add(bk)?;
+                v = v.broadcast_add(bv)?;
+            }
+            let mut q = q.reshape((n, c.n_heads, c.head_dim))?;
+            let mut k = k.reshape((n, c.n_kv_heads, c.head_dim))?;
             let v = v.reshape((n, c.n_kv_heads, c.head_dim))?;
-            let q = self.rope_segments(&q, segments)?;
-            let k = self.rope_segments(&k, segments)?;
+            if let Some([nq, nk]) = &layer.qk_norm {
+                // RMSNorm over each head's elements (the last dimension).
+                q = rms_norm(&q, nq, eps)?;
+                k = rms_norm(&k, nk, eps)?;
+            }
+            let rope = match (&self.rope_local, c.layer_window(i)) {
+                (Some(local), Some(_)) => local,
+                _ => &self.rope,
+            };
+            let q = rope_segments(rope, &q, segments)?;
+            let k = rope_segments(rope, &k, segments)?;
             // Weights are finite (checked at load), so NaN or infinity here comes from what
             // the weights compute: a model-file problem, not the cache's.
             let attn = attention(i, &q, &k, &v).map_err(|e| match e {
@@ -506,14 +575,25 @@ impl Model {
                 .to_dtype(DType::F32)?
                 .reshape((n, c.n_heads * c.head_dim))?
                 .contiguous()?;
-            x = (x + layer.wo.forward(&attn)?)?;
+            let mut out = layer.wo.forward(&attn)?;
+            if let Some([post_attn, _]) = &layer.post_norms {
+                out = rms_norm(&out, post_attn, eps)?;
+            }
+            x = (x + out)?;
 
             let h = rms_norm(&x, &layer.ffn_norm, eps)?;
             let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&layer.w_gate, &layer.w_up], &h)?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("one tensor per projection".into()))?;
-            let act = swiglu(&gate, &up)?;
-            x = (x + layer.w_down.forward(&act)?)?;
+            let act = match c.family {
+                Family::Gemma3 => gelu_tanh_gated(&gate, &up)?,
+                _ => swiglu(&gate, &up)?,
+            };
+            let mut out = layer.w_down.forward(&act)?;
+            if let Some([_, post_ffn]) = &layer.post_norms {
+                out = rms_norm(&out, post_ffn, eps)?;
+            }
+            x = (x + out)?;
         }
         let x = match logits {
             Logits::Last if segments.len() == 1 => x.narrow(0, n - 1, 1)?,
@@ -539,19 +619,44 @@ impl Model {
         &self.rope
     }
 
-    /// RoPE over `x` (`[n, heads, head_dim]`) split into `segments` (see [`Model::run`]).
-    fn rope_segments(&self, x: &Tensor, segments: &[(usize, usize)]) -> Result<Tensor> {
-        if let [(start, _)] = segments {
-            return self.rope.apply(x, *start);
-        }
-        let mut parts = Vec::with_capacity(segments.len());
-        let mut row = 0;
-        for &(start, len) in segments {
-            parts.push(self.rope.apply(&x.narrow(0, row, len)?, start)?);
-            row += len;
-        }
-        Ok(Tensor::cat(&parts, 0)?)
+    /// The attention batches of a forward pass over `seqs`: the file's attention scale,
+    /// and a windowed copy when the model has sliding-window layers.
+    pub(crate) fn layer_batches(&self, seqs: Vec<SeqAttention>) -> LayerBatches {
+        let mut global = AttentionBatch::new(seqs, self.config.head_dim);
+        global.scale = self.config.attention_scale;
+        let local = self
+            .config
+            .sliding_window
+            .and_then(std::num::NonZeroUsize::new)
+            .map(|w| global.clone().with_window(w));
+        LayerBatches { global, local }
     }
+
+    /// The batch layer `layer` attends with.
+    pub(crate) fn batch_for<'a>(
+        &self,
+        batches: &'a LayerBatches,
+        layer: usize,
+    ) -> &'a AttentionBatch {
+        match (&batches.local, self.config.layer_window(layer)) {
+            (Some(local), Some(_)) => local,
+            _ => &batches.global,
+        }
+    }
+}
+
+/// RoPE over `x` (`[n, heads, head_dim]`) split into `segments` (see [`Model::run`]).
+fn rope_segments(rope: &Rope, x: &Tensor, segments: &[(usize, usize)]) -> Result<Tensor> {
+    if let [(start, _)] = segments {
+        return rope.apply(x, *start);
+    }
+    let mut parts = Vec::with_capacity(segments.len());
+    let mut row = 0;
+    for &(start, len) in segments {
+        parts.push(rope.apply(&x.narrow(0, row, len)?, start)?);
+        row += len;
+    }
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// Whether every weight of `t` is finite, read from its stored bytes: the scales (and
@@ -646,9 +751,32 @@ fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(g, gate.shape(), gate.device())?)
 }
 
+/// Gemma's gated FFN activation `gelu(gate) * up`, GELU in its tanh form
+/// (`0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, as llama.cpp's `ggml_gelu`).
+fn gelu_tanh_gated(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !gate.device().is_cpu() || gate.shape() != up.shape() {
+        return Ok((gate.gelu()? * up)?);
+    }
+    let mut g = gate.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let u = up.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let c = (2.0f32 / std::f32::consts::PI).sqrt();
+    for (g, u) in g.iter_mut().zip(&u) {
+        let x = *g;
+        *g = 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh()) * u;
+    }
+    Ok(Tensor::from_vec(g, gate.shape(), gate.device())?)
+}
+
 /// Causal softmax attention over exactly the K/V given, with each KV head repeated for its
-/// group of query heads. Stores nothing; O(n^2) in the sequence length.
-fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// group of query heads; with `window = Some(W)` the query at `i` sees only keys
+/// `i - W + 1 ..= i`. Stores nothing; O(n^2) in the sequence length.
+fn plain_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let (n, q_heads, d) = q.dims3()?;
     let kv_heads = k.dim(1)?;
     let group = q_heads / kv_heads;
@@ -664,7 +792,16 @@ fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Ten
     let v = repeat(v)?;
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let mask: Vec<f32> = (0..n)
-        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..n).map(move |j| {
+                let too_old = window.is_some_and(|w| j + w <= i);
+                if j > i || too_old {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     let mask = Tensor::from_vec(mask, (n, n), q.device())?;
     let scores = scores.broadcast_add(&mask)?;
@@ -745,6 +882,7 @@ mod tests {
             &t(&k, kvh),
             &t(&v, kvh),
             1.0 / (d as f64).sqrt(),
+            None,
         )
         .unwrap();
         assert_eq!(got.dims(), &[n, qh, d]);

@@ -1,10 +1,11 @@
-//! Rotary position embedding in llama.cpp's "normal" (interleaved) form.
+//! Rotary position embedding in llama.cpp's two forms.
 //!
 //! GGUF Llama files store the Q and K projection rows permuted so that the two halves of a
-//! rotated pair sit next to each other: element `2i` pairs with `2i + 1`. Rotating
-//! `(x[2i], x[2i+1])` by the angle `p * base^(-2i/d)` therefore reproduces the original
-//! model's "rotate half" RoPE exactly. Using the half-split form here would silently produce
-//! a different (and broken) model.
+//! rotated pair sit next to each other: element `2i` pairs with `2i + 1` ("normal" mode).
+//! Rotating `(x[2i], x[2i+1])` by the angle `p * base^(-2i/d)` therefore reproduces the
+//! original model's "rotate half" RoPE exactly. Qwen 2/3 and Gemma 3 files keep the
+//! Hugging Face layout unpermuted, so for them (NeoX mode, [`crate::config::Family::rope_halves`])
+//! element `i` pairs with `i + d/2`. Using the wrong form silently produces a broken model.
 //!
 //! Angles come from a table that grows with use: it covers the positions already asked for
 //! (rounded up to a power of two, at least [`FIRST_ROWS`]), never more than the model's
@@ -30,6 +31,8 @@ pub(crate) struct Rope {
     /// Per pair: `scale * base^(-2i/rope_dim) / factor_i`, the angle per position.
     inv_freq: Vec<f64>,
     rope_dim: usize,
+    /// NeoX pairs `(i, i + rope_dim/2)` instead of interleaved `(2i, 2i + 1)`.
+    halves: bool,
     /// The context length: the table never grows past it.
     positions: usize,
     device: Device,
@@ -40,6 +43,28 @@ impl Rope {
     /// 3.1's `rope_freqs.weight`) divide the frequency of each pair when present.
     pub(crate) fn new(
         config: &LlamaConfig,
+        freq_factors: Option<&[f32]>,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::with_base(
+            config,
+            config.rope_freq_base,
+            config.rope_position_scale,
+            freq_factors,
+            device,
+        )
+    }
+
+    /// RoPE of the sliding-window layers: their own base
+    /// ([`LlamaConfig::rope_freq_base_local`]), no scaling.
+    pub(crate) fn local(config: &LlamaConfig, device: &Device) -> Result<Self> {
+        Self::with_base(config, config.rope_freq_base_local, 1.0, None, device)
+    }
+
+    fn with_base(
+        config: &LlamaConfig,
+        base: f32,
+        scale: f32,
         freq_factors: Option<&[f32]>,
         device: &Device,
     ) -> Result<Self> {
@@ -60,8 +85,8 @@ impl Rope {
                 });
             }
         }
-        let base = f64::from(config.rope_freq_base);
-        let scale = f64::from(config.rope_position_scale);
+        let base = f64::from(base);
+        let scale = f64::from(scale);
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| {
                 let f = base.powf(-2.0 * i as f64 / config.rope_dim as f64);
@@ -72,6 +97,7 @@ impl Rope {
             table: Mutex::new(None),
             inv_freq,
             rope_dim: config.rope_dim,
+            halves: config.family.rope_halves(),
             positions: config.context_length,
             device: device.clone(),
         })
@@ -162,13 +188,23 @@ impl Rope {
         let cos = cos.reshape((n, 1, half))?;
         let sin = sin.reshape((n, 1, half))?;
         let rotated = x.narrow(2, 0, self.rope_dim)?;
-        let pairs = rotated.reshape((n, heads, half, 2))?;
-        let even = pairs.narrow(3, 0, 1)?.squeeze(3)?;
-        let odd = pairs.narrow(3, 1, 1)?.squeeze(3)?;
-        let new_even = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
-        let new_odd = (even.broadcast_mul(&sin)? + odd.broadcast_mul(&cos)?)?;
-        let out =
-            Tensor::stack(&[new_even, new_odd], D::Minus1)?.reshape((n, heads, self.rope_dim))?;
+        // (a, b) of each pair: interleaved elements, or the two halves (NeoX).
+        let (a, b) = if self.halves {
+            (rotated.narrow(2, 0, half)?, rotated.narrow(2, half, half)?)
+        } else {
+            let pairs = rotated.reshape((n, heads, half, 2))?;
+            (
+                pairs.narrow(3, 0, 1)?.squeeze(3)?,
+                pairs.narrow(3, 1, 1)?.squeeze(3)?,
+            )
+        };
+        let new_a = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
+        let new_b = (a.broadcast_mul(&sin)? + b.broadcast_mul(&cos)?)?;
+        let out = if self.halves {
+            Tensor::cat(&[new_a, new_b], D::Minus1)?
+        } else {
+            Tensor::stack(&[new_a, new_b], D::Minus1)?.reshape((n, heads, self.rope_dim))?
+        };
         if self.rope_dim == head_dim {
             Ok(out)
         } else {
@@ -211,19 +247,32 @@ mod tests {
             rms_norm_eps: 1e-5,
             context_length: 64,
             vocab_size: 10,
+            family: crate::config::Family::Llama,
+            attention_scale: 1.0 / (head_dim as f32).sqrt(),
+            sliding_window: None,
+            sliding_window_pattern: 1,
+            rope_freq_base_local: 10_000.0,
+            llama3_rope: None,
         }
     }
 
-    /// The rotation written out element by element, as llama.cpp's NORM mode defines it.
+    /// The rotation written out element by element, as llama.cpp's NORM mode (pairs
+    /// `2i, 2i + 1`) and NEOX mode (pairs `i, i + rope_dim / 2`) define it.
     fn naive(x: &[f32], pos: usize, cfg: &LlamaConfig, factors: Option<&[f32]>) -> Vec<f32> {
         let mut out = x.to_vec();
-        for i in 0..cfg.rope_dim / 2 {
+        let half = cfg.rope_dim / 2;
+        for i in 0..half {
             let theta = (pos as f64 * f64::from(cfg.rope_position_scale))
                 * f64::from(cfg.rope_freq_base).powf(-2.0 * i as f64 / cfg.rope_dim as f64)
                 / factors.map_or(1.0, |f| f64::from(f[i]));
-            let (a, b) = (f64::from(x[2 * i]), f64::from(x[2 * i + 1]));
-            out[2 * i] = (a * theta.cos() - b * theta.sin()) as f32;
-            out[2 * i + 1] = (a * theta.sin() + b * theta.cos()) as f32;
+            let (ia, ib) = if cfg.family.rope_halves() {
+                (i, i + half)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
+            let (a, b) = (f64::from(x[ia]), f64::from(x[ib]));
+            out[ia] = (a * theta.cos() - b * theta.sin()) as f32;
+            out[ib] = (a * theta.sin() + b * theta.cos()) as f32;
         }
         out
     }
@@ -259,6 +308,16 @@ mod tests {
     #[test]
     fn interleaved_pairs_match_the_definition() {
         check(&config(8, 8), None);
+    }
+
+    #[test]
+    fn neox_halves_match_the_definition() {
+        let mut cfg = config(8, 8);
+        cfg.family = crate::config::Family::Qwen2;
+        check(&cfg, None);
+        let mut cfg = config(8, 4);
+        cfg.family = crate::config::Family::Gemma3;
+        check(&cfg, Some(&[1.0, 3.0]));
     }
 
     #[test]

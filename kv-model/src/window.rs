@@ -38,7 +38,7 @@
 
 use candle_core::{DType, Tensor};
 use kv_attention::PagedCache;
-use kv_core::{AttentionBatch, CacheBackend, KvDType, SeqId};
+use kv_core::{CacheBackend, KvDType, SeqId};
 
 use crate::rope::Rope;
 use crate::{Logits, Model, ModelError, Result};
@@ -340,6 +340,17 @@ impl Model {
             });
         }
         self.check_tokens(tokens, 0)?;
+        if self.config().sliding_window.is_some() {
+            // Its local layers rotate with another RoPE base, and their own window would
+            // apply to cache positions, which eviction makes differ from text positions.
+            return Err(ModelError::Unsupported {
+                what: "StreamingLLM window",
+                detail: format!(
+                    "{} models have sliding-window layers of their own; use the full cache",
+                    self.config().architecture
+                ),
+            });
+        }
         let position = window.make_room(self.rope(), cache)?;
         let seq = window.seq;
         let start = cache.len(seq)?;
@@ -357,11 +368,11 @@ impl Model {
             .seq_attention(seq, n)
             .map_err(ModelError::from)
             .and_then(|seq_attn| {
-                let batch = AttentionBatch::new(vec![seq_attn], self.config().head_dim);
+                let batches = self.layer_batches(vec![seq_attn]);
                 self.run(tokens, &[(position, n)], logits, |layer, q, k, v| {
                     cache.write(layer, &slots, k, v)?;
                     window.capture(layer, start, k, v)?;
-                    Ok(cache.attend(layer, q, &batch)?)
+                    Ok(cache.attend(layer, q, self.batch_for(&batches, layer))?)
                 })
             });
         if result.is_err() {
@@ -509,7 +520,7 @@ mod tests {
     use crate::LlamaConfig;
     use candle_core::Device;
     use kv_backend_cpu::CpuBackend;
-    use kv_core::{ModelShape, StorageSpec};
+    use kv_core::{AttentionBatch, ModelShape, StorageSpec};
 
     const LAYERS: usize = 2;
     const Q_HEADS: usize = 4;
@@ -532,6 +543,12 @@ mod tests {
             // Shorter than the run: positions past it use angles computed on the spot.
             context_length: 32,
             vocab_size: 10,
+            family: crate::config::Family::Llama,
+            attention_scale: 1.0 / (D as f32).sqrt(),
+            sliding_window: None,
+            sliding_window_pattern: 1,
+            rope_freq_base_local: 10_000.0,
+            llama3_rope: None,
         }
     }
 
