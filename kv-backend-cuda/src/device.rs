@@ -23,11 +23,17 @@ use kv_core::{
 use crate::kernels::{self, KernelModule, MODULES, NVRTC_FLAGS};
 use crate::plan::{self, flags, Geometry, GpuLayout, ITEM_FIELDS};
 
+/// The first line of an error's message: candle appends a backtrace to its CUDA errors
+/// when `RUST_BACKTRACE` is set, which does not belong in a one-line reason.
+fn first_line(e: &dyn fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
 /// A driver or compiler error, as the backend reports it.
 fn cuda_err(what: &str) -> impl Fn(&dyn fmt::Display) -> KvError + '_ {
     move |e| KvError::BackendUnavailable {
         backend: "cuda",
-        reason: format!("{what}: {e}"),
+        reason: format!("{what}: {}", first_line(e)),
     }
 }
 
@@ -135,7 +141,7 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self> {
         let device = Device::new_cuda(ordinal).map_err(|e| KvError::BackendUnavailable {
             backend: "cuda",
-            reason: format!("cannot open CUDA device {ordinal}: {e}"),
+            reason: format!("cannot open CUDA device {ordinal}: {}", first_line(&e)),
         })?;
         let Device::Cuda(cuda) = device.clone() else {
             return Err(KvError::BackendUnavailable {
