@@ -224,6 +224,12 @@ impl CudaBackend {
         Ok(t.to_dtype(DType::F32)?.contiguous()?)
     }
 
+    /// A `[0, a, b]` f32 tensor on the device: a one-row allocation narrowed to none, since
+    /// the driver refuses zero-byte allocations.
+    fn empty(&self, (a, b): (usize, usize)) -> Result<Tensor> {
+        Ok(Tensor::zeros((1, a, b), DType::F32, &self.device)?.narrow(0, 0, 0)?)
+    }
+
     fn tensor_of(&self, data: CudaSlice<f32>, dims: (usize, usize, usize)) -> Tensor {
         let storage = CandleStorage::wrap_cuda_slice(data, self.cuda.clone());
         Tensor::from_storage(Storage::Cuda(storage), dims, BackpropOp::none(), false)
@@ -396,7 +402,7 @@ impl CacheBackend for CudaBackend {
         let (q_heads, d) = (shape.n_q_heads(), shape.head_dim());
         let total = batch.total_queries();
         if total == 0 {
-            return Ok(Tensor::zeros((0, q_heads, d), DType::F32, &self.device)?);
+            return self.empty((q_heads, d));
         }
         let p = plan::plan_attend(spec, batch)?;
         let q = Self::as_f32(q)?;
@@ -535,7 +541,7 @@ impl CacheBackend for CudaBackend {
         let (kvh, d) = (spec.shape.n_kv_heads(), spec.shape.head_dim());
         let n = slots.len();
         if n == 0 {
-            let z = Tensor::zeros((0, kvh, d), DType::F32, &self.device)?;
+            let z = self.empty((kvh, d))?;
             return Ok((z.clone(), z));
         }
         let blocks: Vec<u32> = slots
