@@ -9,9 +9,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
-use candle_core::cuda_backend::{CudaDevice, CudaFunc, CudaStorage as CandleStorage};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage as CandleStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Storage, Tensor};
 use kv_core::{
@@ -21,11 +23,17 @@ use kv_core::{
 use crate::kernels::{self, KernelModule, MODULES, NVRTC_FLAGS};
 use crate::plan::{self, flags, Geometry, GpuLayout, ITEM_FIELDS};
 
+/// The first line of an error's message: candle appends a backtrace to its CUDA errors
+/// when `RUST_BACKTRACE` is set, which does not belong in a one-line reason.
+fn first_line(e: &dyn fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
 /// A driver or compiler error, as the backend reports it.
 fn cuda_err(what: &str) -> impl Fn(&dyn fmt::Display) -> KvError + '_ {
     move |e| KvError::BackendUnavailable {
         backend: "cuda",
-        reason: format!("{what}: {e}"),
+        reason: format!("{what}: {}", first_line(e)),
     }
 }
 
@@ -80,17 +88,19 @@ fn ptx_for(arch: &'static str) -> Result<Arc<Vec<String>>> {
 
 /// The loaded kernels of one device.
 struct Functions {
-    write: CudaFunc,
-    read: CudaFunc,
-    copy: CudaFunc,
-    attend: CudaFunc,
-    merge: CudaFunc,
+    write: CudaFunction,
+    read: CudaFunction,
+    copy: CudaFunction,
+    attend: CudaFunction,
+    merge: CudaFunction,
 }
 
 /// A KV cache on an NVIDIA GPU: pools in device memory, attention in CUDA kernels.
 pub struct CudaBackend {
     device: Device,
     cuda: CudaDevice,
+    /// candle's stream for this device: kernels are ordered with candle's own work.
+    stream: Arc<CudaStream>,
     arch: &'static str,
     fns: Functions,
 }
@@ -131,7 +141,7 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self> {
         let device = Device::new_cuda(ordinal).map_err(|e| KvError::BackendUnavailable {
             backend: "cuda",
-            reason: format!("cannot open CUDA device {ordinal}: {e}"),
+            reason: format!("cannot open CUDA device {ordinal}: {}", first_line(&e)),
         })?;
         let Device::Cuda(cuda) = device.clone() else {
             return Err(KvError::BackendUnavailable {
@@ -153,9 +163,10 @@ impl CudaBackend {
             reason: format!("compute capability {major}.{minor} is older than 7.0 (Volta)"),
         })?;
         let ptx = ptx_for(arch)?;
-        let load = |module: usize, name: &str| -> Result<CudaFunc> {
+        let load = |module: usize, name: &str| -> Result<CudaFunction> {
             let m = &MODULES[module];
             cuda.get_or_load_custom_func(name, &format!("kv_backend_cuda_{}", m.name), &ptx[module])
+                .map(|f| f.into_cuda_function())
                 .map_err(|e| cuda_err("loading a kernel")(&e))
         };
         let fns = Functions {
@@ -165,9 +176,11 @@ impl CudaBackend {
             attend: load(2, "kv_attend")?,
             merge: load(2, "kv_merge")?,
         };
+        let stream = cuda.cuda_stream();
         Ok(Self {
             device,
             cuda,
+            stream,
             arch,
             fns,
         })
@@ -209,6 +222,12 @@ impl CudaBackend {
     /// `t` as a contiguous f32 tensor on this device (a copy only when needed).
     fn as_f32(t: &Tensor) -> Result<Tensor> {
         Ok(t.to_dtype(DType::F32)?.contiguous()?)
+    }
+
+    /// A `[0, a, b]` f32 tensor on the device: a one-row allocation narrowed to none, since
+    /// the driver refuses zero-byte allocations.
+    fn empty(&self, (a, b): (usize, usize)) -> Result<Tensor> {
+        Ok(Tensor::zeros((1, a, b), DType::F32, &self.device)?.narrow(0, 0, 0)?)
     }
 
     fn tensor_of(&self, data: CudaSlice<f32>, dims: (usize, usize, usize)) -> Tensor {
@@ -334,7 +353,7 @@ impl CacheBackend for CudaBackend {
         for dry_run in [1i32, 0] {
             with_f32(&k, |kd| {
                 with_f32(&v, |vd| {
-                    let mut b = self.fns.write.builder();
+                    let mut b = self.stream.launch_builder(&self.fns.write);
                     b.arg(&mut storage.pool)
                         .arg(kd)
                         .arg(vd)
@@ -383,7 +402,7 @@ impl CacheBackend for CudaBackend {
         let (q_heads, d) = (shape.n_q_heads(), shape.head_dim());
         let total = batch.total_queries();
         if total == 0 {
-            return Ok(Tensor::zeros((0, q_heads, d), DType::F32, &self.device)?);
+            return self.empty((q_heads, d));
         }
         let p = plan::plan_attend(spec, batch)?;
         let q = Self::as_f32(q)?;
@@ -434,7 +453,7 @@ impl CacheBackend for CudaBackend {
         let n_items = plan::to_u32("work items", p.items.len() / ITEM_FIELDS)?;
         let launch = cfg((n_items, 1, 1), plan::ATTEND_THREADS, p.shared_bytes)?;
         with_f32(&q, |qd| {
-            let mut b = self.fns.attend.builder();
+            let mut b = self.stream.launch_builder(&self.fns.attend);
             b.arg(&storage.pool)
                 .arg(qd)
                 .arg(&seqs)
@@ -466,7 +485,7 @@ impl CacheBackend for CudaBackend {
             Ok(())
         })?;
         let rows = plan::to_u32("output rows", total * q_heads)?;
-        let mut b = self.fns.merge.builder();
+        let mut b = self.stream.launch_builder(&self.fns.merge);
         b.arg(&partials)
             .arg(&merge)
             .arg(&mut out)
@@ -495,7 +514,7 @@ impl CacheBackend for CudaBackend {
         for batch in plan::copy_batches(moves)? {
             let n = plan::to_u32("moves", batch.len() / 2)?;
             let list = self.upload(&batch)?;
-            let mut b = self.fns.copy.builder();
+            let mut b = self.stream.launch_builder(&self.fns.copy);
             b.arg(&mut storage.pool)
                 .arg(&list)
                 .arg(&kv_heads)
@@ -522,7 +541,7 @@ impl CacheBackend for CudaBackend {
         let (kvh, d) = (spec.shape.n_kv_heads(), spec.shape.head_dim());
         let n = slots.len();
         if n == 0 {
-            let z = Tensor::zeros((0, kvh, d), DType::F32, &self.device)?;
+            let z = self.empty((kvh, d))?;
             return Ok((z.clone(), z));
         }
         let blocks: Vec<u32> = slots
@@ -553,7 +572,7 @@ impl CacheBackend for CudaBackend {
         let (k_fmt, v_fmt, rotate) = (l.k as i32, l.v as i32, i32::from(l.rotate_k));
         let hadamard = 1.0 / (d as f32).sqrt();
         let rows = plan::to_u32("read rows", n)?;
-        let mut b = self.fns.read.builder();
+        let mut b = self.stream.launch_builder(&self.fns.read);
         b.arg(&storage.pool)
             .arg(&mut k)
             .arg(&mut v)

@@ -20,7 +20,9 @@ commands:
   demo          fetch the model if absent, generate with and without the KV cache, compare
   test-all      everything a contributor must pass (fmt, clippy, tests, doc tests,
                 backend conformance, real-model tests in release, bench --quick,
-                fuzz: 60 s a target, KV_FUZZ_SECONDS to change it)
+                fuzz: 60 s a target, KV_FUZZ_SECONDS to change it; kv-backend-cuda with
+                --features cuda: NVRTC compiles every kernel, GPU tests skip without a GPU;
+                installs the CUDA 13.0 toolchain first when absent, see cuda-setup)
   fetch-model   download SmolLM2-135M-Instruct (GGUF) into the model directory
   fetch-vocab   download llama.cpp's tokenizer test vectors (ggml-vocab-*.gguf, .inp, .out)
                 and chat templates (the llama-cpp-python sdist, hash checked) into the
