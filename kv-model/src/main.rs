@@ -748,7 +748,9 @@ fn chat(args: ChatArgs) -> Result<()> {
             }
         }
         let mut stream = tokenizer.stream();
+        let mut started = false;
         let result = session.turn(line, |token| {
+            started = true;
             if let Some(piece) = stream.push(token)? {
                 out.write_all(piece.as_bytes())
                     .and_then(|()| out.flush())
@@ -756,10 +758,14 @@ fn chat(args: ChatArgs) -> Result<()> {
             }
             Ok(())
         });
-        let tail = stream.finish()?.unwrap_or_default();
-        writeln!(out, "{tail}")
-            .and_then(|()| out.flush())
-            .map_err(ModelError::Output)?;
+        // A reply, even one cut short, ends with a newline; a turn refused before its first
+        // token writes nothing.
+        if started {
+            let tail = stream.finish()?.unwrap_or_default();
+            writeln!(out, "{tail}")
+                .and_then(|()| out.flush())
+                .map_err(ModelError::Output)?;
+        }
         match result {
             Ok(turn) => eprintln!("{}", turn.report),
             // A failed turn leaves the conversation as it was: a person can go on.
@@ -1311,6 +1317,26 @@ fn memory_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chat_turns_are_read_a_line_at_a_time() {
+        let mut input = std::io::Cursor::new(b"first turn\n\nlast, no newline".to_vec());
+        assert_eq!(
+            read_turn(&mut input).unwrap().as_deref(),
+            Some("first turn\n")
+        );
+        assert_eq!(read_turn(&mut input).unwrap().as_deref(), Some("\n"));
+        assert_eq!(
+            read_turn(&mut input).unwrap().as_deref(),
+            Some("last, no newline")
+        );
+        assert_eq!(read_turn(&mut input).unwrap(), None);
+        let mut bad = std::io::Cursor::new(vec![b'a', 0xFF, b'\n']);
+        assert!(matches!(
+            read_turn(&mut bad),
+            Err(ModelError::InvalidArgument { .. })
+        ));
+    }
 
     #[test]
     fn llama2_7b_f16_at_4096_tokens_is_2_gib() {

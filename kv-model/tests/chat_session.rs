@@ -158,3 +158,26 @@ fn report_lines_parse() {
     );
     assert_eq!(parse_report("error: something"), None);
 }
+
+#[test]
+fn bad_chat_options_fail_before_the_model_loads() {
+    for (flags, needle) in [
+        (&["--max-tokens", "0"][..], "--max-tokens"),
+        (&["--context", "0"][..], "--context"),
+        (&["--block-size", "0"][..], "--block-size"),
+        (&["--temperature", "-1"][..], "temperature"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kv"))
+            .arg("chat")
+            .args(flags)
+            .args(["--model", "/nonexistent/model.gguf"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} succeeded");
+        assert!(stderr.contains(needle), "{flags:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{flags:?}: {stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}

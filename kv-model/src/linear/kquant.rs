@@ -182,9 +182,14 @@ fn k4_chunk(b: &[u8], c: usize, qh: Option<[u8; 32]>, qs: usize) -> Chunk {
     let q = array::<32>(b, qs + 32 * (c / 2));
     let shift = 4 * (c % 2);
     let mut codes = [0u8; 32];
-    for (l, (code, q)) in codes.iter_mut().zip(q).enumerate() {
-        let high = qh.map_or(0, |h| ((h[l] >> c) & 1) << 4);
-        *code = ((q >> shift) & 0x0F) | high;
+    for (code, q) in codes.iter_mut().zip(q) {
+        *code = (q >> shift) & 0x0F;
+    }
+    // A separate pass, so that each loop is one straight vectorizable body.
+    if let Some(qh) = qh {
+        for (code, h) in codes.iter_mut().zip(qh) {
+            *code |= ((h >> c) & 1) << 4;
+        }
     }
     Chunk {
         codes,
