@@ -324,7 +324,8 @@ enum Backend {
 /// [`kv_model::WeightFormat`] on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Weights {
-    /// The file's Q4_0/Q4_1/Q8_0 blocks with kv's own kernels (others expanded to f32).
+    /// The file's blocks with kv's own kernels (Q4_0/Q4_1/Q8_0, Q5_0/Q5_1, Q4_K/Q5_K/Q6_K;
+    /// others expanded to f32).
     Blocks,
     /// Expanded to f32 at load, candle's GEMM.
     F32,
