@@ -741,7 +741,7 @@ fn chat(args: ChatArgs) -> Result<()> {
             match line.trim() {
                 "/exit" | "/quit" => break,
                 "/reset" => {
-                    session.reset()?;
+                    session.reset();
                     eprintln!("(conversation cleared)");
                     continue;
                 }

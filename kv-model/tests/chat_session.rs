@@ -3,7 +3,8 @@
 //!
 //! A three-turn session read from standard input must reuse the earlier turns' cache
 //! (everything of the previous prompt is reused, only the new tokens are prefilled) and
-//! give, with greedy sampling, the replies that recomputing each turn from scratch gives.
+//! give, with greedy sampling, the replies that recomputing each turn from scratch gives;
+//! after a reset, a conversation repeating the first question reuses all of its prompt.
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
@@ -115,6 +116,17 @@ fn three_turn_stdin_session_reuses_earlier_turns_and_equals_recomputing() {
         }
     }
     assert_eq!(session.messages().len(), 2 * TURNS.len());
+
+    // A new conversation in the same session asking the first question again: its prompt
+    // is a prefix of what the cache holds, so all of it but the last token is reused, and
+    // the reply is the first one.
+    session.reset();
+    assert!(session.messages().is_empty());
+    let again = session.turn(TURNS[0], |_| Ok(())).unwrap();
+    assert_eq!(again.report.turn, 1);
+    assert_eq!(again.report.reused_tokens, prompt_lens[0] - 1);
+    assert_eq!(again.report.prefilled_tokens, 1);
+    assert_eq!(again.tokens, expected[0].1);
 
     // The binary, turns on standard input (not a terminal): replies on stdout, one line
     // each; per-turn reports on stderr.
