@@ -238,16 +238,13 @@ impl<'a, B: CacheBackend> ChatSession<'a, B> {
         self.capacity
     }
 
-    /// Forgets the conversation (the system turn stays) and empties the cache.
-    ///
-    /// # Errors
-    /// The cache's (none expected: the sequence exists).
-    pub fn reset(&mut self) -> Result<()> {
-        self.cache.truncate(self.seq, 0)?;
-        self.cached.clear();
+    /// Forgets the conversation (the system turn stays) and starts counting turns again.
+    /// The cache keeps its tokens: the next turn reuses what the new conversation shares
+    /// with the old one (the template's opening, the system turn) and truncates the rest.
+    pub fn reset(&mut self) {
         self.messages
             .truncate(usize::from(self.options.system.is_some()));
-        Ok(())
+        self.turns = 0;
     }
 
     /// Answers `user`: renders the conversation with it and the opening of the assistant's

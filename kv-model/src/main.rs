@@ -343,7 +343,8 @@ enum Backend {
 /// [`kv_model::WeightFormat`] on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Weights {
-    /// The file's Q4_0/Q4_1/Q8_0 blocks with kv's own kernels (others expanded to f32).
+    /// The file's blocks with kv's own kernels (Q4_0/Q4_1/Q8_0, Q5_0/Q5_1, Q4_K/Q5_K/Q6_K;
+    /// others expanded to f32).
     Blocks,
     /// Expanded to f32 at load, candle's GEMM.
     F32,
@@ -802,7 +803,7 @@ fn chat(args: ChatArgs) -> Result<()> {
             match line.trim() {
                 "/exit" | "/quit" => break,
                 "/reset" => {
-                    session.reset()?;
+                    session.reset();
                     eprintln!("(conversation cleared)");
                     continue;
                 }
@@ -810,7 +811,9 @@ fn chat(args: ChatArgs) -> Result<()> {
             }
         }
         let mut stream = tokenizer.stream();
+        let mut started = false;
         let result = session.turn(line, |token| {
+            started = true;
             if let Some(piece) = stream.push(token)? {
                 out.write_all(piece.as_bytes())
                     .and_then(|()| out.flush())
@@ -818,10 +821,14 @@ fn chat(args: ChatArgs) -> Result<()> {
             }
             Ok(())
         });
-        let tail = stream.finish()?.unwrap_or_default();
-        writeln!(out, "{tail}")
-            .and_then(|()| out.flush())
-            .map_err(ModelError::Output)?;
+        // A reply, even one cut short, ends with a newline; a turn refused before its first
+        // token writes nothing.
+        if started {
+            let tail = stream.finish()?.unwrap_or_default();
+            writeln!(out, "{tail}")
+                .and_then(|()| out.flush())
+                .map_err(ModelError::Output)?;
+        }
         match result {
             Ok(turn) => eprintln!("{}", turn.report),
             // A failed turn leaves the conversation as it was: a person can go on.
@@ -1453,6 +1460,26 @@ fn memory_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chat_turns_are_read_a_line_at_a_time() {
+        let mut input = std::io::Cursor::new(b"first turn\n\nlast, no newline".to_vec());
+        assert_eq!(
+            read_turn(&mut input).unwrap().as_deref(),
+            Some("first turn\n")
+        );
+        assert_eq!(read_turn(&mut input).unwrap().as_deref(), Some("\n"));
+        assert_eq!(
+            read_turn(&mut input).unwrap().as_deref(),
+            Some("last, no newline")
+        );
+        assert_eq!(read_turn(&mut input).unwrap(), None);
+        let mut bad = std::io::Cursor::new(vec![b'a', 0xFF, b'\n']);
+        assert!(matches!(
+            read_turn(&mut bad),
+            Err(ModelError::InvalidArgument { .. })
+        ));
+    }
 
     #[test]
     fn llama2_7b_f16_at_4096_tokens_is_2_gib() {

@@ -19,8 +19,8 @@ use crate::{LlamaConfig, ModelError, Result};
 
 /// How the projection weights are held in memory and multiplied.
 ///
-/// The default, [`WeightFormat::Blocks`], keeps the file's Q4_0/Q4_1/Q8_0 blocks and
-/// multiplies them with this crate's kernels, which dequantize the weights in registers
+/// The default, [`WeightFormat::Blocks`], keeps the file's Q4_0/Q4_1/Q8_0, Q5_0/Q5_1 and
+/// Q4_K/Q5_K/Q6_K blocks (referenced in the mapped file, not copied) and multiplies them with this crate's kernels, which dequantize the weights in registers
 /// exactly as candle's `dequantize` does and never round the activations. Measured on
 /// SmolLM2-135M Q4_1 (2 shared cores, CPU seconds per token so the load of other processes
 /// cancels out): a decode step took 15 ms of CPU against 41 ms with f32 weights (a step
@@ -43,9 +43,10 @@ use crate::{LlamaConfig, ModelError, Result};
 /// checked against, about 0.4 GiB more memory for SmolLM2.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// Keep Q4_0, Q4_1 and Q8_0 blocks and multiply with this crate's kernels (AVX2 or
-    /// portable), which dequantize in registers and never round activations; other block
-    /// types (K-quants) are expanded to f32, as are all weights on a non-CPU device.
+    /// Keep Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks and multiply with this
+    /// crate's kernels (AVX-512, AVX2 or portable), which dequantize in registers and never
+    /// round activations; other block types are expanded to f32, as are all weights on a
+    /// non-CPU device.
     #[default]
     Blocks,
     /// Expand every projection to f32 at load: exact activations, candle's GEMM, more memory.

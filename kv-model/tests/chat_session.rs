@@ -3,7 +3,8 @@
 //!
 //! A three-turn session read from standard input must reuse the earlier turns' cache
 //! (everything of the previous prompt is reused, only the new tokens are prefilled) and
-//! give, with greedy sampling, the replies that recomputing each turn from scratch gives.
+//! give, with greedy sampling, the replies that recomputing each turn from scratch gives;
+//! after a reset, a conversation repeating the first question reuses all of its prompt.
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
@@ -116,6 +117,17 @@ fn three_turn_stdin_session_reuses_earlier_turns_and_equals_recomputing() {
     }
     assert_eq!(session.messages().len(), 2 * TURNS.len());
 
+    // A new conversation in the same session asking the first question again: its prompt
+    // is a prefix of what the cache holds, so all of it but the last token is reused, and
+    // the reply is the first one.
+    session.reset();
+    assert!(session.messages().is_empty());
+    let again = session.turn(TURNS[0], |_| Ok(())).unwrap();
+    assert_eq!(again.report.turn, 1);
+    assert_eq!(again.report.reused_tokens, prompt_lens[0] - 1);
+    assert_eq!(again.report.prefilled_tokens, 1);
+    assert_eq!(again.tokens, expected[0].1);
+
     // The binary, turns on standard input (not a terminal): replies on stdout, one line
     // each; per-turn reports on stderr.
     let mut child = Command::new(env!("CARGO_BIN_EXE_kv"))
@@ -157,4 +169,27 @@ fn report_lines_parse() {
         Some((41, 18, 25))
     );
     assert_eq!(parse_report("error: something"), None);
+}
+
+#[test]
+fn bad_chat_options_fail_before_the_model_loads() {
+    for (flags, needle) in [
+        (&["--max-tokens", "0"][..], "--max-tokens"),
+        (&["--context", "0"][..], "--context"),
+        (&["--block-size", "0"][..], "--block-size"),
+        (&["--temperature", "-1"][..], "temperature"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kv"))
+            .arg("chat")
+            .args(flags)
+            .args(["--model", "/nonexistent/model.gguf"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} succeeded");
+        assert!(stderr.contains(needle), "{flags:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{flags:?}: {stderr}");
+        assert!(out.stdout.is_empty());
+    }
 }

@@ -54,17 +54,16 @@ impl KType {
     }
 }
 
-/// 32 weights of a block unpacked. With the block's two f16 fields `d` and `e`
-/// ([`Layout::header`]): `w[l] = codes[l] * (d * sc[l / 16]) (+ e * m[l / 16])`, every
-/// product exact (small integers times an f16).
+/// A block's integer multipliers per 16 weights, decoded once per block. With the block's
+/// two f16 fields `d` and `e` ([`Layout::header`]) and the signed codes of chunk `c`
+/// ([`Layout::codes`]): `w[32c + l] = code[l] * (d * sc[2c + l / 16]) (+ e * m[2c + l / 16])`,
+/// every product exact (small integers times an f16).
 #[derive(Clone, Copy)]
-struct Chunk {
-    /// Signed codes, as the bytes of `i8`.
-    codes: [u8; 32],
-    /// Integer scale multipliers of `d` per 16 weights.
-    sc: [f32; 2],
-    /// Integer minimum multipliers of `e` per 16 weights (signed: K-quants subtract).
-    m: [f32; 2],
+struct Scales {
+    /// Scale multipliers of `d`.
+    sc: [f32; 16],
+    /// Minimum multipliers of `e` (signed: K-quants subtract).
+    m: [f32; 16],
 }
 
 /// One block type's layout.
@@ -78,8 +77,10 @@ trait Layout {
     /// The block's f16 scale `d` and second f16 `e` (minimum or `dmin`; zero bytes if none),
     /// little-endian, as [`Simd::splat_f16_pair`] takes them.
     fn header(b: &[u8]) -> [u8; 4];
-    /// Chunk `c` (< `CHUNKS`) of block `b` (`BYTES` long).
-    fn chunk(b: &[u8], c: usize) -> Chunk;
+    /// The multipliers of block `b`.
+    fn scales(b: &[u8]) -> Scales;
+    /// The signed codes (bytes of `i8`) of chunk `c` (< `CHUNKS`) of block `b`.
+    fn codes(b: &[u8], c: usize) -> [u8; 32];
 }
 
 /// The f16 pair of `header` as f32.
@@ -146,12 +147,15 @@ impl Layout for Q5_0 {
         [d0, d1, 0, 0]
     }
     #[inline(always)]
-    fn chunk(b: &[u8], _: usize) -> Chunk {
-        Chunk {
-            codes: q5_codes(b, 2, 16),
-            sc: [1.0; 2],
-            m: [0.0; 2],
+    fn scales(_: &[u8]) -> Scales {
+        Scales {
+            sc: [1.0; 16],
+            m: [0.0; 16],
         }
+    }
+    #[inline(always)]
+    fn codes(b: &[u8], _: usize) -> [u8; 32] {
+        q5_codes(b, 2, 16)
     }
 }
 
@@ -164,33 +168,54 @@ impl Layout for Q5_1 {
         array::<4>(b, 0)
     }
     #[inline(always)]
-    fn chunk(b: &[u8], _: usize) -> Chunk {
-        Chunk {
-            codes: q5_codes(b, 4, 0),
-            sc: [1.0; 2],
-            m: [1.0; 2],
+    fn scales(_: &[u8]) -> Scales {
+        Scales {
+            sc: [1.0; 16],
+            m: [1.0; 16],
         }
     }
+    #[inline(always)]
+    fn codes(b: &[u8], _: usize) -> [u8; 32] {
+        q5_codes(b, 4, 0)
+    }
+}
+
+/// Q4_K and Q5_K's multipliers: chunk `c` has scale `d * sc` and minimum `-(dmin * m)`.
+#[inline(always)]
+fn k4_scales(b: &[u8]) -> Scales {
+    let packed = array::<12>(b, 4);
+    let mut s = Scales {
+        sc: [0.0; 16],
+        m: [0.0; 16],
+    };
+    for c in 0..8 {
+        let (sc, m) = scale_min_k4(c, &packed);
+        s.sc[2 * c] = f32::from(sc);
+        s.sc[2 * c + 1] = f32::from(sc);
+        s.m[2 * c] = -f32::from(m);
+        s.m[2 * c + 1] = -f32::from(m);
+    }
+    s
 }
 
 /// Q4_K and Q5_K: chunk `c` holds the low (even `c`) or high nibbles of bytes
 /// `32 * (c / 2)..` of the quants `qs`, with bit `c` of `qh[l]` as the fifth bit when `qh`
-/// is given; scale `d * sc`, minimum `-(dmin * m)`.
+/// is given.
 #[inline(always)]
-fn k4_chunk(b: &[u8], c: usize, qh: Option<[u8; 32]>, qs: usize) -> Chunk {
-    let (sc, m) = scale_min_k4(c, &array::<12>(b, 4));
+fn k4_codes(b: &[u8], c: usize, qh: Option<[u8; 32]>, qs: usize) -> [u8; 32] {
     let q = array::<32>(b, qs + 32 * (c / 2));
     let shift = 4 * (c % 2);
     let mut codes = [0u8; 32];
-    for (l, (code, q)) in codes.iter_mut().zip(q).enumerate() {
-        let high = qh.map_or(0, |h| ((h[l] >> c) & 1) << 4);
-        *code = ((q >> shift) & 0x0F) | high;
+    for (code, q) in codes.iter_mut().zip(q) {
+        *code = (q >> shift) & 0x0F;
     }
-    Chunk {
-        codes,
-        sc: [f32::from(sc); 2],
-        m: [-f32::from(m); 2],
+    // A separate pass, so that each loop is one straight vectorizable body.
+    if let Some(qh) = qh {
+        for (code, h) in codes.iter_mut().zip(qh) {
+            *code |= ((h >> c) & 1) << 4;
+        }
     }
+    codes
 }
 
 impl Layout for Q4K {
@@ -202,8 +227,12 @@ impl Layout for Q4K {
         array::<4>(b, 0)
     }
     #[inline(always)]
-    fn chunk(b: &[u8], c: usize) -> Chunk {
-        k4_chunk(b, c, None, 16)
+    fn scales(b: &[u8]) -> Scales {
+        k4_scales(b)
+    }
+    #[inline(always)]
+    fn codes(b: &[u8], c: usize) -> [u8; 32] {
+        k4_codes(b, c, None, 16)
     }
 }
 
@@ -216,8 +245,12 @@ impl Layout for Q5K {
         array::<4>(b, 0)
     }
     #[inline(always)]
-    fn chunk(b: &[u8], c: usize) -> Chunk {
-        k4_chunk(b, c, Some(array::<32>(b, 16)), 48)
+    fn scales(b: &[u8]) -> Scales {
+        k4_scales(b)
+    }
+    #[inline(always)]
+    fn codes(b: &[u8], c: usize) -> [u8; 32] {
+        k4_codes(b, c, Some(array::<32>(b, 16)), 48)
     }
 }
 
@@ -231,7 +264,16 @@ impl Layout for Q6K {
         [d0, d1, 0, 0]
     }
     #[inline(always)]
-    fn chunk(b: &[u8], c: usize) -> Chunk {
+    fn scales(b: &[u8]) -> Scales {
+        // Scale `j` (of 16, one per 16 weights in order) is the signed byte 192 + j.
+        let raw = array::<16>(b, 192);
+        Scales {
+            sc: raw.map(|x| f32::from(x as i8)),
+            m: [0.0; 16],
+        }
+    }
+    #[inline(always)]
+    fn codes(b: &[u8], c: usize) -> [u8; 32] {
         // Half `h` of the block (128 weights) reads ql[64h..], qh[32h..], scales[8h..];
         // its chunk k takes nibble k / 2 of ql[32 * (k % 2) + l] and bits 2k..2k+2 of qh[l].
         let (h, k) = (c / 4, c % 4);
@@ -243,33 +285,41 @@ impl Layout for Q6K {
             let q = ((ql >> nib_shift) & 0x0F) | (((qh >> high_shift) & 3) << 4);
             *code = q.wrapping_sub(32);
         }
-        let [s0, s1] = array::<2>(b, 192 + 8 * h + 2 * k);
-        Chunk {
-            codes,
-            sc: [f32::from(s0 as i8), f32::from(s1 as i8)],
-            m: [0.0; 2],
-        }
+        codes
     }
 }
 
 /// Chunk `c` of block `b` as 32 f32, portable (`d`, `e`: the block's [`Layout::header`]).
 #[inline(always)]
-fn chunk_scalar<L: Layout>(b: &[u8], c: usize, (d, e): (f32, f32), out: &mut [f32; 32]) {
-    let ch = L::chunk(b, c);
-    for (l, (o, &q)) in out.iter_mut().zip(&ch.codes).enumerate() {
-        let w = f32::from(q as i8) * (d * ch.sc[l / 16]);
+fn chunk_scalar<L: Layout>(
+    b: &[u8],
+    c: usize,
+    (d, e): (f32, f32),
+    sm: &Scales,
+    out: &mut [f32; 32],
+) {
+    let codes = L::codes(b, c);
+    for (l, (o, &q)) in out.iter_mut().zip(&codes).enumerate() {
+        let h = (2 * c + l / 16) % 16;
+        let w = f32::from(q as i8) * (d * sm.sc[h]);
         // The product is exact (see the module comment), so this rounds as `fma` does.
-        *o = if L::ASYM { w + e * ch.m[l / 16] } else { w };
+        *o = if L::ASYM { w + e * sm.m[h] } else { w };
     }
 }
 
 /// Chunk `c` of block `b` as 32 f32 in vectors (`d`, `e`: the block's header, broadcast).
 #[inline(always)]
-fn chunk_simd<S: Simd, L: Layout>(s: S, b: &[u8], c: usize, (d, e): (S::F32, S::F32)) -> S::X32 {
-    let ch = L::chunk(b, c);
-    let scale = [s.mul(d, s.splat(ch.sc[0])), s.mul(d, s.splat(ch.sc[1]))];
-    let min = [s.mul(e, s.splat(ch.m[0])), s.mul(e, s.splat(ch.m[1]))];
-    let mut x = s.codes32_i8(&ch.codes);
+fn chunk_simd<S: Simd, L: Layout>(
+    s: S,
+    b: &[u8],
+    c: usize,
+    (d, e): (S::F32, S::F32),
+    sm: &Scales,
+) -> S::X32 {
+    let (h0, h1) = ((2 * c) % 16, (2 * c + 1) % 16);
+    let scale = [s.mul(d, s.splat(sm.sc[h0])), s.mul(d, s.splat(sm.sc[h1]))];
+    let min = [s.mul(e, s.splat(sm.m[h0])), s.mul(e, s.splat(sm.m[h1]))];
+    let mut x = s.codes32_i8(&L::codes(b, c));
     for (i, v) in x.as_mut().iter_mut().enumerate() {
         let half = (i * S::LANES / 16) % 2;
         *v = if L::ASYM {
@@ -293,10 +343,10 @@ impl<L: Layout> Kernel for Dequantize<'_, L> {
     fn scalar(self) {
         let chunks = self.out.as_chunks_mut::<32>().0;
         for (bi, b) in self.row.chunks_exact(L::BYTES).enumerate() {
-            let de = f16_pair(L::header(b));
+            let (de, sm) = (f16_pair(L::header(b)), L::scales(b));
             for c in 0..L::CHUNKS {
                 if let Some(o) = chunks.get_mut(bi * L::CHUNKS + c) {
-                    chunk_scalar::<L>(b, c, de, o);
+                    chunk_scalar::<L>(b, c, de, &sm, o);
                 }
             }
         }
@@ -305,10 +355,10 @@ impl<L: Layout> Kernel for Dequantize<'_, L> {
     fn simd<S: Simd>(self, s: S) {
         let chunks = self.out.as_chunks_mut::<32>().0;
         for (bi, b) in self.row.chunks_exact(L::BYTES).enumerate() {
-            let de = s.splat_f16_pair(L::header(b));
+            let (de, sm) = (s.splat_f16_pair(L::header(b)), L::scales(b));
             for c in 0..L::CHUNKS {
                 if let Some(o) = chunks.get_mut(bi * L::CHUNKS + c) {
-                    s.store32(o, chunk_simd::<S, L>(s, b, c, de));
+                    s.store32(o, chunk_simd::<S, L>(s, b, c, de, &sm));
                 }
             }
         }
@@ -342,9 +392,9 @@ impl<L: Layout> Kernel for DotMatrix<'_, L> {
         {
             out.fill(0.0);
             for (bi, b) in row.chunks_exact(L::BYTES).enumerate() {
-                let de = f16_pair(L::header(b));
+                let (de, sm) = (f16_pair(L::header(b)), L::scales(b));
                 for c in 0..L::CHUNKS {
-                    chunk_scalar::<L>(b, c, de, &mut w);
+                    chunk_scalar::<L>(b, c, de, &sm, &mut w);
                     let at = (bi * L::CHUNKS + c) * 32;
                     for (i, o) in out.iter_mut().enumerate() {
                         let xs = &self.x[i * cols + at..][..32];
@@ -366,9 +416,9 @@ impl<L: Layout> Kernel for DotMatrix<'_, L> {
                 let mut acc = [s.zero32(); ROWS_PER_PASS];
                 let first = p * ROWS_PER_PASS;
                 for (bi, b) in row.chunks_exact(L::BYTES).enumerate() {
-                    let de = s.splat_f16_pair(L::header(b));
+                    let (de, sm) = (s.splat_f16_pair(L::header(b)), L::scales(b));
                     for c in 0..L::CHUNKS {
-                        let w = chunk_simd::<S, L>(s, b, c, de);
+                        let w = chunk_simd::<S, L>(s, b, c, de, &sm);
                         let at = (bi * L::CHUNKS + c) * 32;
                         for (i, a) in acc.iter_mut().take(out.len()).enumerate() {
                             let Some(xs) = self.x.get((first + i) * cols + at..) else {
