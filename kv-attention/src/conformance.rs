@@ -23,7 +23,9 @@
 //!   keys weigh visible tokens equally, values encode their position or KV head), so a
 //!   query that sees a token after its own, or a query head that reads another KV head
 //!   than `h / (q_heads / kv_heads)`, fails with a message that says so before the
-//!   attention cases run.
+//!   attention cases run;
+//! - **sliding window**: the same probe with [`AttentionBatch::window`] set: a query at `p`
+//!   sees exactly `p - W + 1 ..= p`, and a message names the positions it saw otherwise.
 //!
 //! A layout the backend does not support is skipped, with the reason in the [`Report`],
 //! after checking that `allocate` answers [`KvError::Unsupported`] for it.
@@ -131,6 +133,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::num::NonZeroUsize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use candle_core::{DType, Tensor};
@@ -310,6 +313,9 @@ pub fn check_with<B: CacheBackend>(
         guarded(|| check_head_mapping(backend, dtype))
             .map_err(|d| fail(Some(dtype), "head mapping", d))?;
         dr.checks.push("head mapping");
+        guarded(|| check_sliding_window(backend, dtype))
+            .map_err(|d| fail(Some(dtype), "sliding window", d))?;
+        dr.checks.push("sliding window");
 
         let stats = RefCell::new(AttnStats::default());
         for case in sweep_cases() {
@@ -1121,6 +1127,7 @@ fn mean_probe<B: CacheBackend>(
     rows: usize,
     value: impl Fn(usize, usize) -> f32,
     seq: &SeqAttention,
+    window: Option<NonZeroUsize>,
 ) -> Result<Vec<f32>, String> {
     let d = fit_head_dim(dtype, 64);
     let bs = fit_block(dtype, 4);
@@ -1149,7 +1156,8 @@ fn mean_probe<B: CacheBackend>(
         .map_err(|e| format!("writing the probe's K/V: {e}"))?;
     let n = seq.n_queries();
     let q = tensor(backend, vec![1.0; n * q_heads * d], (n, q_heads, d))?;
-    let batch = AttentionBatch::new(vec![seq.clone()], d);
+    let mut batch = AttentionBatch::new(vec![seq.clone()], d);
+    batch.window = window;
     let out = backend
         .attend(&storage, 0, &q, &batch)
         .map_err(|e| format!("attend failed: {e}"))?;
@@ -1175,7 +1183,7 @@ fn check_causal_mask<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
     for (kv_len, n_queries) in [(7, 7), (5, 1)] {
         let seq = SeqAttention::new(blocks.clone(), kv_len, n_queries).map_err(s)?;
         let d = fit_head_dim(dtype, 64);
-        let out = mean_probe(backend, dtype, (2, 2), 7, |t, _| t as f32, &seq)?;
+        let out = mean_probe(backend, dtype, (2, 2), 7, |t, _| t as f32, &seq, None)?;
         for (row, got) in out.chunks_exact(2 * d).enumerate() {
             let pos = kv_len - n_queries + row;
             let want = pos as f32 / 2.0;
@@ -1188,6 +1196,43 @@ fn check_causal_mask<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
                      and including its own position, none after it",
                     pos + 1
                 ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Under a sliding window of `W` tokens a query at `p` must see exactly the keys at
+/// `p - W + 1 ..= p`. As in the causal probe, values equal to their position make a
+/// query's output the mean of the positions it saw, `(first + p) / 2`, so the first
+/// position seen can be read back and named. Windows of 1 (only the own token), 3 (across
+/// blocks) and 20 (longer than the context: plain causal) over a prefill and a decode step.
+fn check_sliding_window<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(), String> {
+    let bs = fit_block(dtype, 4);
+    let blocks: Vec<BlockId> = [2, 0, 3, 1]
+        .into_iter()
+        .map(BlockId::new)
+        .take(11usize.div_ceil(bs) + 1)
+        .collect();
+    let d = fit_head_dim(dtype, 64);
+    for w in [1usize, 3, 20] {
+        let window = NonZeroUsize::new(w);
+        for (kv_len, n_queries) in [(11, 11), (9, 1)] {
+            let seq = SeqAttention::new(blocks.clone(), kv_len, n_queries).map_err(s)?;
+            let out = mean_probe(backend, dtype, (2, 1), 11, |t, _| t as f32, &seq, window)?;
+            for (row, got) in out.chunks_exact(2 * d).enumerate() {
+                let pos = kv_len - n_queries + row;
+                let first = (pos + 1).saturating_sub(w);
+                let want = (first + pos) as f32 / 2.0;
+                if let Some(&g) = got.iter().find(|&&g| !within((g - want).abs().into(), 0.1)) {
+                    let seen_from = 2.0 * g - pos as f32;
+                    return Err(format!(
+                        "with a window of {w} the query at position {pos} ({n_queries} \
+                         queries over {kv_len} tokens) averaged values as if it saw positions \
+                         {seen_from:.1}..={pos} (output {g}, expected {want}): a window of W \
+                         shows a query at p exactly the keys at p - W + 1 ..= p ({first}..={pos})"
+                    ));
+                }
             }
         }
     }
@@ -1207,6 +1252,7 @@ fn check_head_mapping<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<()
             1,
             |_, j| (j + 1) as f32,
             &seq,
+            None,
         )?;
         let group = q_heads / kv_heads;
         for (h, got) in out.chunks_exact(d).enumerate() {

@@ -23,6 +23,8 @@ enum Fault {
     CopyBackwards,
     /// `write` stores row by row, so a bad slot or value after good ones leaves them written.
     PartialWrite,
+    /// The sliding window is off by one: a query also sees the key just before its window.
+    WindowOffByOne,
 }
 
 struct Broken {
@@ -90,6 +92,11 @@ impl CacheBackend for Broken {
     ) -> Result<Tensor> {
         let bs = self.spec(storage).block_size;
         match self.fault {
+            Fault::WindowOffByOne => {
+                let mut wider = batch.clone();
+                wider.window = batch.window.and_then(|w| w.checked_add(1));
+                self.inner.attend(storage, layer, q, &wider)
+            }
             Fault::CausalOffByOne => {
                 let mut wider = batch.clone();
                 for seq in &mut wider.seqs {
@@ -158,7 +165,13 @@ fn the_plain_backend_conforms() {
     assert_eq!(report.dtypes[0].dtype, KvDType::F32);
     assert_eq!(report.skipped.len(), KvDType::ALL.len() - 1, "{report}");
     let checks = &report.dtypes[0].checks;
-    for check in ["copy_blocks", "errors", "causal mask", "head mapping"] {
+    for check in [
+        "copy_blocks",
+        "errors",
+        "causal mask",
+        "head mapping",
+        "sliding window",
+    ] {
         assert!(checks.contains(&check), "{check}: {report}");
     }
 }
@@ -198,4 +211,16 @@ fn a_partial_write_on_error_fails_and_is_named() {
     let f = failure_of(Fault::PartialWrite);
     assert_eq!(f.check, "errors", "{f}");
     assert!(f.detail.contains("failed but changed the storage"), "{f}");
+}
+
+#[test]
+fn a_window_off_by_one_fails_and_is_named() {
+    let f = failure_of(Fault::WindowOffByOne);
+    assert_eq!(f.check, "sliding window", "{f}");
+    // Window 1 at position 1 of the prefill: the query saw positions 0..=1, not 1..=1.
+    assert!(
+        f.detail.contains("window of 1 the query at position 1 ")
+            && f.detail.contains("saw positions 0.0..=1"),
+        "{f}"
+    );
 }

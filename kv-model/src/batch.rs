@@ -3,7 +3,7 @@
 //!
 //! [`Model::forward_batch`] runs the new tokens of several sequences of different lengths
 //! as one forward pass: their tokens are concatenated, each keeps its own RoPE positions,
-//! and every layer makes one attention call whose [`AttentionBatch`] holds one
+//! and every layer makes one attention call whose [`AttentionBatch`](kv_core::AttentionBatch) holds one
 //! [`kv_core::SeqAttention`] per sequence.
 //!
 //! [`Model::generate_batch`] schedules prompts over such passes:

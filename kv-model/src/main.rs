@@ -1323,10 +1323,13 @@ fn window_ppl(args: WindowPplArgs) -> Result<()> {
 }
 
 fn mem(args: MemArgs) -> Result<()> {
+    let mut config = None;
     let (name, shape) = match (&args.model, &args.preset) {
         (Some(path), _) => {
-            let config = LlamaConfig::from_gguf_file(path)?;
-            (path.display().to_string(), config.shape()?)
+            let c = LlamaConfig::from_gguf_file(path)?;
+            let shape = c.shape()?;
+            config = Some(c);
+            (path.display().to_string(), shape)
         }
         (None, Some(preset)) => (preset.clone(), ModelShape::preset(preset)?),
         (None, None) => {
@@ -1342,8 +1345,65 @@ fn mem(args: MemArgs) -> Result<()> {
         None => KvDType::ALL.to_vec(),
     };
     let mut out = std::io::stdout().lock();
-    let table = memory_table(&name, &shape, &dtypes, args.tokens)?;
+    let mut table = memory_table(&name, &shape, &dtypes, args.tokens)?;
+    if let Some(c) = &config {
+        table.push_str(&window_note(c, &shape, &dtypes, args.tokens)?);
+    }
     out.write_all(table.as_bytes()).map_err(ModelError::Output)
+}
+
+/// For a model with sliding-window layers (Gemma 3): what those layers need, and what a
+/// cache that freed their blocks older than the window would hold. kv's cache does not
+/// free them yet, which the note says.
+fn window_note(
+    config: &LlamaConfig,
+    shape: &ModelShape,
+    dtypes: &[KvDType],
+    tokens: usize,
+) -> Result<String> {
+    use std::fmt::Write as _;
+    let Some(window) = config.sliding_window else {
+        return Ok(String::new());
+    };
+    let layers = shape.n_layers();
+    let local = (0..layers)
+        .filter(|&l| config.layer_window(l).is_some())
+        .count() as u64;
+    let global = layers as u64 - local;
+    let held = tokens.min(window) as u64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "sliding window: {local} of {layers} layers attend only to the last {window} tokens;"
+    );
+    let _ = writeln!(
+        s,
+        "a cache freeing their older blocks would hold (kv's does not yet: it holds the size above):"
+    );
+    for &d in dtypes {
+        let per_token = memory::bytes_per_token(shape, d)? as u64;
+        let per_layer_token = per_token / layers as u64;
+        let overflow = || ModelError::InvalidArgument {
+            what: "--tokens",
+            expected: format!("a count whose {} cache fits in 2^64 bytes", d.name()),
+            got: tokens.to_string(),
+        };
+        let all = per_token.checked_mul(tokens as u64).ok_or_else(overflow)?;
+        let windowed = global
+            .checked_mul(tokens as u64)
+            .and_then(|g| local.checked_mul(held).and_then(|l| g.checked_add(l)))
+            .and_then(|t| t.checked_mul(per_layer_token))
+            .ok_or_else(overflow)?;
+        let _ = writeln!(
+            s,
+            "  {:<10} {:>12} instead of {:>12} ({:.1}x less)",
+            d.name(),
+            memory::format_bytes(windowed),
+            memory::format_bytes(all),
+            all as f64 / windowed.max(1) as f64
+        );
+    }
+    Ok(s)
 }
 
 fn attention_kind(shape: &ModelShape) -> String {
@@ -1479,6 +1539,39 @@ mod tests {
             read_turn(&mut bad),
             Err(ModelError::InvalidArgument { .. })
         ));
+    }
+
+    #[test]
+    fn window_note_counts_local_layers_at_their_window() {
+        use candle_core::quantized::gguf_file::Value;
+        let mut md = std::collections::HashMap::new();
+        md.insert(
+            "general.architecture".to_string(),
+            Value::String("gemma3".into()),
+        );
+        for (key, v) in [
+            ("block_count", 18),
+            ("embedding_length", 640),
+            ("feed_forward_length", 2048),
+            ("attention.head_count", 4),
+            ("attention.head_count_kv", 1),
+            ("attention.key_length", 256),
+            ("attention.sliding_window", 512),
+            ("context_length", 32768),
+            ("vocab_size", 262144),
+        ] {
+            md.insert(format!("gemma3.{key}"), Value::U32(v));
+        }
+        let c = LlamaConfig::from_metadata(&md).unwrap();
+        let note = window_note(&c, &c.shape().unwrap(), &[KvDType::F16], 32768).unwrap();
+        // 3 global layers x 32768 + 15 local x 512 tokens, 1 KiB per layer and token (K and
+        // V of one 256-element f16 head), against 18 x 32768.
+        let windowed = memory::format_bytes((3 * 32768 + 15 * 512) * 1024);
+        let all = memory::format_bytes(18 * 32768 * 1024);
+        assert!(note.contains("15 of 18 layers"), "{note}");
+        assert!(note.contains(&windowed) && note.contains(&all), "{note}");
+        assert!(note.contains("5.6x less"), "{note}");
+        assert!(note.contains("does not yet"), "{note}");
     }
 
     #[test]

