@@ -81,7 +81,7 @@ fn an_infinite_scale_in_an_int8_block_is_refused() {
 #[test]
 fn kivi_windows_travel_and_bad_flags_are_refused() {
     // 20 tokens of a 32-token key block: the keys are in the block's f16 window.
-    let (b, mut st) = storage(KvDType::Kivi { bits: KiviBits::B4 }, 20);
+    let (b, mut st) = storage(KvDType::kivi(KiviBits::B4), 20);
     let bytes = export(&b, &st, 0);
     b.import_block(&mut st, BlockId::new(1), &bytes)
         .expect("import");

@@ -263,7 +263,7 @@ const LAYOUTS: [KvDType; 3] = [
     KvDType::Int8 {
         group: QuantGroup::G32,
     },
-    KvDType::Kivi { bits: KiviBits::B4 },
+    KvDType::kivi(KiviBits::B4),
 ];
 
 proptest! {

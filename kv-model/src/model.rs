@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 use kv_attention::PagedCache;
 use kv_core::{AttentionBatch, CacheBackend, ModelShape, SeqAttention, SeqId};
 
-use crate::config::{one_line, read_header, Family};
+use crate::config::{one_line, Family};
 use crate::linear::{BlockMatrix, Embeddings, Linear, WeightType};
 use crate::mapped::GgufMap;
 use crate::rope::Rope;

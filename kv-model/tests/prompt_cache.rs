@@ -59,7 +59,7 @@ fn second_run_prefills_only_the_suffix_with_the_same_tokens() {
             block_size: 16,
         },
         CacheLayout {
-            dtype: KvDType::Kivi { bits: KiviBits::B4 },
+            dtype: KvDType::kivi(KiviBits::B4),
             block_size: 32,
         },
     ] {
