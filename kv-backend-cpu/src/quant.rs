@@ -868,7 +868,11 @@ impl QuantPools {
                             what: "imported block",
                             detail: format!(
                                 "window flag {other} at byte {at} ({} expected)",
-                                if self.residual > 0 { "0, 1 or 2" } else { "0 or 1" }
+                                if self.residual > 0 {
+                                    "0, 1 or 2"
+                                } else {
+                                    "0 or 1"
+                                }
                             ),
                         })
                     }
