@@ -16,9 +16,8 @@
 __device__ __forceinline__ u32 kivi_levels(u32 bits) { return (1u << bits) - 1u; }
 
 // Scale and minimum of channel `c` of a key block (`t_n` f16 rows of `head_dim`, token-major,
-// as the f16 window holds them), as kv-quant's asym_params: the f16 floor of the minimum,
-// then the f16 ceiling of (max - m) / L, in f64. False when one does not fit f16 (never
-// for finite f16 keys).
+// as the f16 window holds them), over its tokens as kv-quant's quantize_block. False when
+// one does not fit f16 (never for finite f16 keys).
 __device__ bool kivi_channel_params(const u16* rows, u32 t_n, u32 head_dim, u32 c, u32 levels,
                                     u16* s, u16* m) {
     float lo = INFINITY, hi = -INFINITY;
@@ -27,10 +26,7 @@ __device__ bool kivi_channel_params(const u16* rows, u32 t_n, u32 head_dim, u32 
         lo = fminf(lo, x);
         hi = fmaxf(hi, x);
     }
-    *m = f16_floor((double)lo + 0.0);
-    if (!f16_is_finite(*m)) return false;
-    *s = f16_ceil(((double)hi - f16_to_f64(*m)) / (double)levels + 0.0);
-    return f16_is_finite(*s);
+    return asym_params(lo, hi, levels, s, m);
 }
 
 // Quantizes code byte column `j` of one key block from its f16 keys `rows` into `out` (the
@@ -56,9 +52,7 @@ __device__ bool kivi_quantize_column(const u16* rows, u32 t_n, u32 head_dim, u32
         for (u32 k = 0; k < per; ++k) {
             const float sf = h2f(s[k]), mf = h2f(m[k]);
             const float x = h2f(rows[(u64)t * head_dim + j * per + k]);
-            u32 code = 0;
-            if (sf != 0.0f) code = (u32)fminf(fmaxf(rintf((x - mf) / sf), 0.0f), (float)levels);
-            byte |= code << (k * bits);
+            byte |= asym_code(x, sf, mf, levels) << (k * bits);
         }
         out[4u * head_dim + (u64)t * stride + j] = (u8)byte;
     }

@@ -105,6 +105,7 @@ mod tests {
                 "#include <stdio.h>\n#include <string.h>\n#include <stdbool.h>\n#include <math.h>\n\
                  #define KV_HOST_CHECK 1\n#define __device__ static\n#define __forceinline__ inline\n\
                  #define __fmul_rn(a, b) ((a) * (b))\n#define __fadd_rn(a, b) ((a) + (b))\n\
+                 #define __fsub_rn(a, b) ((a) - (b))\n#define __fdiv_rn(a, b) ((a) / (b))\n\
                  #undef INFINITY\n\
                  static long long __double_as_longlong(double d) {{ long long x; memcpy(&x, &d, 8); return x; }}\n\
                  static unsigned __float_as_uint(float f) {{ unsigned x; memcpy(&x, &f, 4); return x; }}\n\
@@ -402,6 +403,125 @@ mod tests {
                 .collect();
             let want_bits: Vec<u32> = want_f.iter().map(|v| v.to_bits()).collect();
             assert_eq!(got_f, want_bits, "block {n}: dequantized values differ");
+        }
+        assert_eq!(lines.next(), None);
+    }
+
+    /// The asymmetric helpers (`asym_params`, `asym_code`) and the row loader `load_elem`
+    /// of `common.cuh`, compiled for the host, against kv-quant's INT4 and INT2 rows: the
+    /// harness packs groups as `write.cu` does (codes low bits first) and must produce
+    /// kv-quant's bytes, and `load_elem` must read back kv-quant's dequantized values.
+    #[test]
+    fn host_check_of_the_asymmetric_rows() {
+        use kv_quant::{Group, Kernels, RowFormat};
+        let main = "int main(void) {\n\
+              int fmt; unsigned g, d;\n\
+              static float x[512]; static u8 row[1024];\n\
+              while (scanf(\"%d %u %u\", &fmt, &g, &d) == 3) {\n\
+                if (d > 512 || g == 0 || d % g) return 2;\n\
+                for (unsigned i = 0; i < d; ++i) {\n\
+                  unsigned u; if (scanf(\"%x\", &u) != 1) return 3; x[i] = __uint_as_float(u);\n\
+                }\n\
+                const u32 bits = asym_bits(fmt), levels = (1u << bits) - 1u, per = 8u / bits;\n\
+                const u32 gb = group_bytes(fmt, g);\n\
+                int ok = 1;\n\
+                memset(row, 0xaa, d / g * gb);\n\
+                for (u32 g0 = 0; g0 < d; g0 += g) {\n\
+                  float lo = INFINITY, hi = -INFINITY;\n\
+                  for (u32 i = 0; i < g; ++i) { lo = fminf(lo, x[g0 + i]); hi = fmaxf(hi, x[g0 + i]); }\n\
+                  u16 s, m; u8* out = row + g0 / g * gb;\n\
+                  if (!asym_params(lo, hi, levels, &s, &m)) { ok = 0; continue; }\n\
+                  store_u16(out, s); store_u16(out + 2, m);\n\
+                  for (u32 b = 0; b < g / per; ++b) {\n\
+                    u32 byte = 0;\n\
+                    for (u32 k = 0; k < per; ++k)\n\
+                      byte |= asym_code(x[g0 + per * b + k], h2f(s), h2f(m), levels) << (k * bits);\n\
+                    out[4 + b] = (u8)byte;\n\
+                  }\n\
+                }\n\
+                printf(\"%d\", ok);\n\
+                for (u32 i = 0; i < d / g * gb; ++i) printf(\" %02x\", row[i]);\n\
+                printf(\"\\n\");\n\
+                for (u32 i = 0; i < d; ++i)\n\
+                  printf(i ? \" %08x\" : \"%08x\", __float_as_uint(load_elem(row, fmt, g, i)));\n\
+                printf(\"\\n\");\n\
+              }\n  return 0;\n}\n";
+        let Some(harness) = HostHarness::build("asym", "", main) else {
+            return;
+        };
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut cases = Vec::new();
+        for case in 0..60 {
+            let (fmt, code) = if case % 2 == 0 {
+                (RowFormat::Int4 { group: Group::G32 }, 4)
+            } else {
+                (RowFormat::Int2 { group: Group::G32 }, 5)
+            };
+            let (fmt, g) = match case % 3 {
+                0 => (fmt, 32),
+                1 => (
+                    match fmt {
+                        RowFormat::Int4 { .. } => RowFormat::Int4 { group: Group::G64 },
+                        _ => RowFormat::Int2 { group: Group::G64 },
+                    },
+                    64,
+                ),
+                _ => (
+                    match fmt {
+                        RowFormat::Int4 { .. } => RowFormat::Int4 { group: Group::G128 },
+                        _ => RowFormat::Int2 { group: Group::G128 },
+                    },
+                    128,
+                ),
+            };
+            let d = 128;
+            let scale = [1e-3, 1.0, 300.0, 6e4][case / 15];
+            let row: Vec<f32> = (0..d)
+                .map(|i| match (case % 5, i % 9) {
+                    (0, 0) => 0.0,
+                    (1, _) => -0.0,
+                    _ => ((next() % 20_001) as f32 - 10_000.0) * 1e-4 * scale,
+                })
+                .collect();
+            cases.push((fmt, code, g, row));
+        }
+        let mut input = String::new();
+        for (_, code, g, row) in &cases {
+            input.push_str(&format!("{code} {g} {}\n", row.len()));
+            for v in row {
+                input.push_str(&format!("{:x} ", v.to_bits()));
+            }
+            input.push('\n');
+        }
+        let text = harness.run(&input);
+        let mut lines = text.lines();
+        let k = Kernels::best();
+        for (n, (fmt, _, _, row)) in cases.iter().enumerate() {
+            let mut want = vec![0u8; fmt.row_bytes(row.len()).expect("row bytes")];
+            k.quantize_row(*fmt, row, &mut want).expect("quantize");
+            let mut want_f = vec![0.0f32; row.len()];
+            k.dequantize_row(*fmt, &want, &mut want_f)
+                .expect("dequantize");
+            let mut fields = lines.next().expect("bytes line").split(' ');
+            assert_eq!(fields.next(), Some("1"), "case {n}: refused");
+            let got: Vec<u8> = fields
+                .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+                .collect();
+            assert_eq!(got, want, "case {n} ({fmt:?}): bytes differ");
+            let got_f: Vec<u32> = lines
+                .next()
+                .expect("values line")
+                .split(' ')
+                .map(|h| u32::from_str_radix(h, 16).expect("hex"))
+                .collect();
+            let want_bits: Vec<u32> = want_f.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got_f, want_bits, "case {n} ({fmt:?}): values differ");
         }
         assert_eq!(lines.next(), None);
     }

@@ -18,6 +18,9 @@ pub(crate) enum Fmt {
     Bf16 = 2,
     Int8 = 3,
     Int4 = 4,
+    /// KIVI2's values; no layout the backend accepts uses it yet.
+    #[allow(dead_code)]
+    Int2 = 5,
 }
 
 /// How a supported [`KvDType`] is stored by the kernels.
