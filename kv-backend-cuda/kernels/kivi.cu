@@ -70,7 +70,43 @@ __device__ __forceinline__ float kivi_load(const u8* block, u32 head_dim, u32 bi
     return __fadd_rn(m, __fmul_rn(s, (float)code));
 }
 
+// A window's f16 of a float key: clamped to f16's range, rounded to nearest even (the CPU
+// backend's encode_f16; only a dequantized key can exceed 65504, by half a step).
+__device__ __forceinline__ u16 kivi_window_f16(float x) {
+    return f2h_rn(fminf(fmaxf(x, -65504.0f), 65504.0f));
+}
+
 #ifndef KV_HOST_CHECK
+// Grid: (windows, kv_heads); block: 32 threads. Opens window `windows[i]` of `wins` with
+// the stored keys of key block (`key_blocks[2i]`, `key_blocks[2i + 1]`), dequantized and
+// in f16, so the slots a write leaves alone keep what they held.
+extern "C" __global__ void kv_kivi_window_open(
+    const u8* pool, u16* wins, const u32* windows, const u32* key_blocks,
+    u32 layer, u32 kv_heads, u32 num_blocks, u32 block_size, u32 head_dim, u32 row_bytes,
+    u32 block_tokens, u32 bits)
+{
+    const u32 i = blockIdx.x, head = blockIdx.y, lane = threadIdx.x;
+    const u8* block = pool + row_offset(layer, 0, head, key_blocks[2 * i],
+                                        key_blocks[2 * i + 1] * block_tokens, kv_heads,
+                                        num_blocks, block_size, row_bytes);
+    u16* rows = wins + ((u64)windows[i] * kv_heads + head) * block_tokens * head_dim;
+    for (u32 e = lane; e < block_tokens * head_dim; e += 32)
+        rows[e] = kivi_window_f16(kivi_load(block, head_dim, bits, e / head_dim, e % head_dim));
+}
+
+// Grid: (rows, kv_heads); block: 32 threads. Stores input key row `src[r]` ([rows,
+// kv_heads, head_dim] f32, already checked finite and below 65520 in magnitude) into slot
+// `slots[r]` of window `windows[r]` in f16.
+extern "C" __global__ void kv_kivi_window_store(
+    u16* wins, const float* k, const u32* src, const u32* windows, const u32* slots,
+    u32 kv_heads, u32 head_dim, u32 block_tokens)
+{
+    const u32 r = blockIdx.x, head = blockIdx.y, lane = threadIdx.x;
+    const float* in = k + ((u64)src[r] * kv_heads + head) * head_dim;
+    u16* row = wins + (((u64)windows[r] * kv_heads + head) * block_tokens + slots[r]) * head_dim;
+    for (u32 c = lane; c < head_dim; c += 32) row[c] = kivi_window_f16(in[c]);
+}
+
 // Grid: (key blocks, kv_heads); block: 32 threads. Quantizes key block i of `layer`, head
 // `blockIdx.y`: its keys are window `windows[i]` of `wins` ([window][kv_head][32][head_dim]
 // f16), its place is cache block `key_blocks[2i]`, key block `key_blocks[2i + 1]`. With

@@ -47,7 +47,12 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "kivi",
         body: include_str!("../kernels/kivi.cu"),
-        functions: &["kv_kivi_quantize", "kv_kivi_read"],
+        functions: &[
+            "kv_kivi_quantize",
+            "kv_kivi_read",
+            "kv_kivi_window_open",
+            "kv_kivi_window_store",
+        ],
     },
 ];
 
@@ -115,7 +120,9 @@ mod tests {
                    float m = rest >= 0x7c00 ? __uint_as_float(0x7f800000u | ((rest & 0x3ff) << 13))\n\
                                             : __uint_as_float(rest << 13) * __uint_as_float(0x77800000u);\n\
                    return __uint_as_float(__float_as_uint(m) | sign);\n}}\n\
-                 {COMMON}\n{module}\n{main}"
+                 {COMMON}\n\
+                 static u16 f2h_rn(float f) {{ return f64_to_f16_rn((double)f); }}\n\
+                 {module}\n{main}"
             );
             std::fs::write(&c, source).expect("write harness");
             let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
@@ -318,6 +325,9 @@ mod tests {
                 for (unsigned i = 0; i < 32 * d; ++i)\n\
                   printf(i ? \" %08x\" : \"%08x\", __float_as_uint(kivi_load(out, d, bits, i / d, i % d)));\n\
                 printf(\"\\n\");\n\
+                for (unsigned i = 0; i < 32 * d; ++i)\n\
+                  printf(i ? \" %04x\" : \"%04x\", kivi_window_f16(kivi_load(out, d, bits, i / d, i % d)));\n\
+                printf(\"\\n\");\n\
               }\n  return 0;\n}\n";
         let Some(harness) = HostHarness::build("kivi", module, main) else {
             return;
@@ -403,6 +413,19 @@ mod tests {
                 .collect();
             let want_bits: Vec<u32> = want_f.iter().map(|v| v.to_bits()).collect();
             assert_eq!(got_f, want_bits, "block {n}: dequantized values differ");
+            // The window a write reopens the block into: the CPU backend's f16 of each
+            // dequantized key, clamped to f16's range.
+            let got_w: Vec<u16> = lines
+                .next()
+                .expect("window line")
+                .split(' ')
+                .map(|h| u16::from_str_radix(h, 16).expect("hex"))
+                .collect();
+            let want_w: Vec<u16> = want_f
+                .iter()
+                .map(|v| f16::from_f32(v.clamp(-65504.0, 65504.0)).to_bits())
+                .collect();
+            assert_eq!(got_w, want_w, "block {n}: window f16 differs");
         }
         assert_eq!(lines.next(), None);
     }
