@@ -11,6 +11,8 @@
 //!   (the queries of the tokens that filled the block read it in f16) and the next write
 //!   after that frees it.
 //!
+//! `copy_blocks` copies a block's filling windows with it ([`plan_kivi_copy`]).
+//!
 //! Plain Rust, tested on the CPU. The device code does not use it yet: KIVI answers
 //! `Unsupported` on the GPU until the window pool and the attend path are wired to it.
 
@@ -113,6 +115,40 @@ pub(crate) fn plan_kivi_write(
     Ok(plan)
 }
 
+/// What `copy_blocks` does to a layer's windows, as the CPU backend: moves apply in order,
+/// and each gives every key block of the target the source's window if that one is still
+/// filling (a quantized block's window only serves the queries that filled it; the copy
+/// reads the block as stored), dropping the target's own.
+///
+/// Returns the windows after the moves and, in order, the window copies to run on the
+/// device: `(source key block, target key block)`, the target's window taking the source's
+/// rows and slot mask.
+pub(crate) fn plan_kivi_copy(
+    windows: &BTreeMap<KeyBlock, Window>,
+    moves: &[(u32, u32)],
+    key_blocks_per_block: u32,
+) -> (BTreeMap<KeyBlock, Window>, Vec<(KeyBlock, KeyBlock)>) {
+    let mut after = windows.clone();
+    let mut copies = Vec::new();
+    for &(from, to) in moves {
+        if from == to {
+            continue;
+        }
+        for kb in 0..key_blocks_per_block {
+            match after.get(&(from, kb)).copied() {
+                Some(w) if w.quantized_at.is_none() => {
+                    after.insert((to, kb), w);
+                    copies.push(((from, kb), (to, kb)));
+                }
+                _ => {
+                    after.remove(&(to, kb));
+                }
+            }
+        }
+    }
+    (after, copies)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +242,37 @@ mod tests {
         s.extend(slots(2, 3..4));
         let p = plan_kivi_write(&BTreeMap::new(), 0, &s, 32).expect("plan");
         assert_eq!(p.quantize, vec![(2, 0)]);
+    }
+
+    #[test]
+    fn copies_take_filling_windows_and_drop_the_targets() {
+        // Block 0: key block 0 quantized (window kept), key block 1 filling.
+        let p = plan_kivi_write(&BTreeMap::new(), 0, &slots(0, 0..40), 32).expect("plan");
+        // Block 5 has a filling window of its own that the copy replaces or drops.
+        let mut windows = p.windows;
+        windows.insert(
+            (5, 0),
+            Window {
+                filled: 1,
+                quantized_at: None,
+            },
+        );
+        let (after, copies) = plan_kivi_copy(&windows, &[(0, 5), (5, 5)], 2);
+        assert_eq!(copies, vec![((0, 1), (5, 1))]);
+        assert!(
+            !after.contains_key(&(5, 0)),
+            "a quantized window is not copied"
+        );
+        assert_eq!(after[&(5, 1)], windows[&(0, 1)]);
+        assert_eq!(
+            after[&(0, 0)],
+            windows[&(0, 0)],
+            "the source keeps its windows"
+        );
+        // Moves apply in order: a chain carries the window along.
+        let (after, copies) = plan_kivi_copy(&windows, &[(0, 6), (6, 7)], 2);
+        assert_eq!(copies, vec![((0, 1), (6, 1)), ((6, 1), (7, 1))]);
+        assert_eq!(after[&(7, 1)].filled, 0xff);
     }
 
     #[test]
