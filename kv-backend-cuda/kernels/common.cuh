@@ -19,6 +19,7 @@ typedef unsigned long long u64;
 #define FMT_BF16 2
 #define FMT_INT8 3
 #define FMT_INT4 4
+#define FMT_INT2 5
 
 // Error flags a write or attend kernel raises (plan.rs: flags).
 #define FLAG_K_NONFINITE 1u
@@ -115,9 +116,30 @@ __device__ __forceinline__ void store_u16(u8* p, u16 v) {
     p[1] = (u8)(v >> 8);
 }
 
+// Code bits of an asymmetric format (INT4 or INT2).
+__device__ __forceinline__ u32 asym_bits(int fmt) { return fmt == FMT_INT4 ? 4u : 2u; }
+
 // Bytes of one quantization group of `g` elements.
 __device__ __forceinline__ u32 group_bytes(int fmt, u32 g) {
-    return fmt == FMT_INT8 ? 2u + g : 4u + g / 2u;
+    return fmt == FMT_INT8 ? 2u + g : 4u + g / 8u * asym_bits(fmt);
+}
+
+// Scale and minimum of asymmetric codes over values in [lo, hi] with `levels` steps, as
+// kv-quant's asym_params: the f16 floor of the minimum, then the f16 ceiling of
+// (hi - m) / levels, in f64 (`+ 0.0` makes a -0.0 minimum +0.0). False when either does not
+// fit f16.
+__device__ bool asym_params(float lo, float hi, u32 levels, u16* s, u16* m) {
+    *m = f16_floor((double)lo + 0.0);
+    if (!f16_is_finite(*m)) return false;
+    *s = f16_ceil(((double)hi - f16_to_f64(*m)) / (double)levels + 0.0);
+    return f16_is_finite(*s);
+}
+
+// Asymmetric code of `x` for stored scale `sf` and minimum `mf` (as f32), as kv-quant's
+// asym_code: round half to even of (x - m) / s in f32, clamped to 0..=levels.
+__device__ __forceinline__ u32 asym_code(float x, float sf, float mf, u32 levels) {
+    if (sf == 0.0f) return 0;
+    return (u32)fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(x, mf), sf)), 0.0f), (float)levels);
 }
 
 // Element `d` of a stored row, dequantized exactly as kv-quant defines it
@@ -134,11 +156,13 @@ __device__ __forceinline__ float load_elem(const u8* row, int fmt, u32 g, u32 d)
         return __fmul_rn(s, (float)c);
     }
     default: {
-        const u8* grp = row + (u64)(d / g) * (4u + g / 2u);
+        // INT4 / INT2: scale, minimum, codes low bits first.
+        const u32 bits = asym_bits(fmt);
+        const u8* grp = row + (u64)(d / g) * group_bytes(fmt, g);
         float s = h2f(load_u16(grp));
         float m = h2f(load_u16(grp + 2));
         u32 i = d % g;
-        u32 c = (grp[4 + i / 2] >> ((i & 1u) * 4u)) & 0xfu;
+        u32 c = (grp[4 + i * bits / 8u] >> ((i * bits) % 8u)) & ((1u << bits) - 1u);
         return __fadd_rn(m, __fmul_rn(s, (float)c));
     }
     }

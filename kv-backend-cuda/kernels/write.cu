@@ -94,23 +94,21 @@ extern "C" __global__ void kv_write(
             }
             lo = warp_min(lo);
             hi = warp_max(hi);
-            u16 m = f16_floor((double)lo + 0.0);
-            if (!f16_is_finite(m)) { bad = range; break; }
-            u16 s = f16_ceil(((double)hi - f16_to_f64(m)) / 15.0 + 0.0);
-            if (!f16_is_finite(s)) { bad = range; break; }
+            const u32 bits = asym_bits(fmt), levels = (1u << bits) - 1u, per = 8u / bits;
+            u16 s, m;
+            if (!asym_params(lo, hi, levels, &s, &m)) { bad = range; break; }
             if (dry_run) continue;
             float sf = h2f(s), mf = h2f(m);
             if (lane == 0) {
                 store_u16(out, s);
                 store_u16(out + 2, m);
             }
-            for (u32 b = lane; b < group / 2; b += 32) {
-                u32 c0 = 0, c1 = 0;
-                if (sf != 0.0f) {
-                    c0 = (u32)fminf(fmaxf(rintf((xg[2 * b] - mf) / sf), 0.0f), 15.0f);
-                    c1 = (u32)fminf(fmaxf(rintf((xg[2 * b + 1] - mf) / sf), 0.0f), 15.0f);
-                }
-                out[4 + b] = (u8)(c0 | (c1 << 4));
+            // One code byte per lane step: `per` codes, low bits first.
+            for (u32 b = lane; b < group / per; b += 32) {
+                u32 byte = 0;
+                for (u32 k = 0; k < per; ++k)
+                    byte |= asym_code(xg[per * b + k], sf, mf, levels) << (k * bits);
+                out[4 + b] = (u8)byte;
             }
         }
     }

@@ -44,6 +44,16 @@ pub const MODULES: &[KernelModule] = &[
         body: include_str!("../kernels/attend.cu"),
         functions: &["kv_attend", "kv_merge"],
     },
+    KernelModule {
+        name: "kivi",
+        body: include_str!("../kernels/kivi.cu"),
+        functions: &[
+            "kv_kivi_quantize",
+            "kv_kivi_read",
+            "kv_kivi_window_open",
+            "kv_kivi_window_store",
+        ],
+    },
 ];
 
 /// NVRTC options of every compilation besides the architecture: IEEE division and square
@@ -78,6 +88,88 @@ pub fn arch_for(major: u32, minor: u32) -> Option<&'static str> {
 mod tests {
     use super::*;
 
+    /// `common.cuh` (and a module's scalar helpers) compiled with the host C compiler: the
+    /// device-only pieces replaced by plain C, `__global__` kernels left out
+    /// (`KV_HOST_CHECK`), and a `main` that reads stdin and prints results.
+    struct HostHarness {
+        dir: std::path::PathBuf,
+        exe: std::path::PathBuf,
+    }
+
+    impl HostHarness {
+        /// Builds the harness, or prints why it is skipped (no C compiler) and returns
+        /// `None`. A compiler that rejects the source fails the test.
+        fn build(name: &str, module: &str, main: &str) -> Option<Self> {
+            use std::process::Command;
+            let dir = std::env::temp_dir()
+                .join(format!("kv-cuda-host-check-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            let c = dir.join("check.c");
+            let exe = dir.join("check");
+            let source = format!(
+                "#include <stdio.h>\n#include <string.h>\n#include <stdbool.h>\n#include <math.h>\n\
+                 #define KV_HOST_CHECK 1\n#define __device__ static\n#define __forceinline__ inline\n\
+                 #define __fmul_rn(a, b) ((a) * (b))\n#define __fadd_rn(a, b) ((a) + (b))\n\
+                 #define __fsub_rn(a, b) ((a) - (b))\n#define __fdiv_rn(a, b) ((a) / (b))\n\
+                 #undef INFINITY\n\
+                 static long long __double_as_longlong(double d) {{ long long x; memcpy(&x, &d, 8); return x; }}\n\
+                 static unsigned __float_as_uint(float f) {{ unsigned x; memcpy(&x, &f, 4); return x; }}\n\
+                 static float __uint_as_float(unsigned u) {{ float f; memcpy(&f, &u, 4); return f; }}\n\
+                 float h2f(unsigned short h) {{\n\
+                   unsigned sign = (unsigned)(h & 0x8000) << 16, rest = h & 0x7fff;\n\
+                   float m = rest >= 0x7c00 ? __uint_as_float(0x7f800000u | ((rest & 0x3ff) << 13))\n\
+                                            : __uint_as_float(rest << 13) * __uint_as_float(0x77800000u);\n\
+                   return __uint_as_float(__float_as_uint(m) | sign);\n}}\n\
+                 {COMMON}\n\
+                 static u16 f2h_rn(float f) {{ return f64_to_f16_rn((double)f); }}\n\
+                 {module}\n{main}"
+            );
+            std::fs::write(&c, source).expect("write harness");
+            let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+            let built = Command::new(&cc)
+                .args(["-O1", "-std=c99", "-ffp-contract=off", "-o"])
+                .arg(&exe)
+                .arg(&c)
+                .arg("-lm")
+                .status();
+            match built {
+                Ok(st) if st.success() => Some(HostHarness { dir, exe }),
+                Ok(st) => panic!(
+                    "{cc} could not compile the {name} harness ({st}): {}",
+                    c.display()
+                ),
+                Err(e) => {
+                    println!("SKIPPED host check {name}: no C compiler ({cc}: {e})");
+                    None
+                }
+            }
+        }
+
+        /// Runs the harness on `input` and returns what it printed.
+        fn run(&self, input: &str) -> String {
+            use std::io::Write;
+            use std::process::{Command, Stdio};
+            let mut child = Command::new(&self.exe)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("run harness");
+            let mut stdin = child.stdin.take().expect("stdin");
+            let input = input.to_owned();
+            let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+            let out = child.wait_with_output().expect("harness output");
+            writer.join().expect("writer").expect("write input");
+            assert!(out.status.success(), "harness failed: {}", out.status);
+            String::from_utf8(out.stdout).expect("utf-8")
+        }
+    }
+
+    impl Drop for HostHarness {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     #[test]
     fn every_declared_kernel_is_defined_once() {
         for m in MODULES {
@@ -102,50 +194,15 @@ mod tests {
     #[test]
     fn host_check_of_the_rounding_helpers() {
         use half::{bf16, f16};
-        use std::io::Write;
-        use std::process::{Command, Stdio};
-        let dir = std::env::temp_dir().join(format!("kv-cuda-host-check-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let c = dir.join("check.c");
-        let exe = dir.join("check");
-        let harness = format!(
-            "#include <stdio.h>\n#include <string.h>\n#include <stdbool.h>\n\
-             #define KV_HOST_CHECK 1\n#define __device__ static\n#define __forceinline__ inline\n\
-             #define __fmul_rn(a, b) ((a) * (b))\n#define __fadd_rn(a, b) ((a) + (b))\n\
-             static long long __double_as_longlong(double d) {{ long long x; memcpy(&x, &d, 8); return x; }}\n\
-             static unsigned __float_as_uint(float f) {{ unsigned x; memcpy(&x, &f, 4); return x; }}\n\
-             static float __uint_as_float(unsigned u) {{ float f; memcpy(&f, &u, 4); return f; }}\n\
-             float h2f(unsigned short h) {{\n\
-               unsigned sign = (unsigned)(h & 0x8000) << 16, rest = h & 0x7fff;\n\
-               float m = rest >= 0x7c00 ? __uint_as_float(0x7f800000u | ((rest & 0x3ff) << 13))\n\
-                                        : __uint_as_float(rest << 13) * __uint_as_float(0x77800000u);\n\
-               return __uint_as_float(__float_as_uint(m) | sign);\n}}\n\
-             {COMMON}\n\
-             int main(void) {{\n\
+        let main = "int main(void) {\n\
                unsigned long long b;\n\
-               while (scanf(\"%llx\", &b) == 1) {{\n\
+               while (scanf(\"%llx\", &b) == 1) {\n\
                  double v; memcpy(&v, &b, 8); float f = (float)v;\n\
                  printf(\"%04x %04x %04x %04x\\n\", f64_to_f16_rn(v), f16_ceil(v), f16_floor(v), f2bf_rn(f));\n\
-               }}\n  return 0;\n}}\n"
-        );
-        std::fs::write(&c, harness).expect("write harness");
-        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-        let built = Command::new(&cc)
-            .args(["-O1", "-std=c99", "-o"])
-            .arg(&exe)
-            .arg(&c)
-            .status();
-        match built {
-            Ok(st) if st.success() => {}
-            Ok(st) => panic!(
-                "{cc} could not compile common.cuh's helpers ({st}): {}",
-                c.display()
-            ),
-            Err(e) => {
-                println!("SKIPPED host check of common.cuh: no C compiler ({cc}: {e})");
-                return;
-            }
-        }
+               }\n  return 0;\n}\n";
+        let Some(harness) = HostHarness::build("rounding", "", main) else {
+            return;
+        };
         // Values: every f16 (both signs), the midpoints and near-midpoints between
         // neighbours, and a spread of doubles from far below the subnormals to overflow.
         let mut values = Vec::new();
@@ -180,16 +237,7 @@ mod tests {
             .iter()
             .map(|v| format!("{:x}\n", v.to_bits()))
             .collect();
-        let mut child = Command::new(&exe)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("run harness");
-        let mut stdin = child.stdin.take().expect("stdin");
-        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-        let out = child.wait_with_output().expect("harness output");
-        writer.join().expect("writer").expect("write input");
-        let text = String::from_utf8(out.stdout).expect("utf-8");
+        let text = harness.run(&input);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), values.len());
         for (v, line) in values.iter().zip(lines) {
@@ -244,7 +292,261 @@ mod tests {
                 );
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The KIVI block quantizer and loader of `kivi.cu`, compiled for the host, against
+    /// kv-quant's `KiviKeyFormat` on blocks of f16 keys (as the window holds them): the
+    /// same bytes, and the same dequantized f32 bits.
+    #[test]
+    fn host_check_of_the_kivi_block_quantizer() {
+        use half::f16;
+        use kv_quant::{KiviBits, KiviKeyFormat};
+        let module = MODULES
+            .iter()
+            .find(|m| m.name == "kivi")
+            .expect("kivi module")
+            .body;
+        let main = "int main(void) {\n\
+              unsigned d, bits;\n\
+              static unsigned short rows[32 * 256];\n\
+              static u8 out[4 * 256 + 32 * 256];\n\
+              while (scanf(\"%u %u\", &d, &bits) == 2) {\n\
+                if (d > 256 || (bits != 2 && bits != 4)) return 2;\n\
+                for (unsigned i = 0; i < 32 * d; ++i) {\n\
+                  unsigned x; if (scanf(\"%x\", &x) != 1) return 3; rows[i] = (unsigned short)x;\n\
+                }\n\
+                unsigned cols = d / 8 * bits, n = 4 * d + 32 * cols;\n\
+                memset(out, 0xaa, n);\n\
+                int ok = 1;\n\
+                for (unsigned j = 0; j < cols; ++j) ok &= kivi_quantize_column(rows, 32, d, bits, j, out);\n\
+                printf(\"%d\", ok);\n\
+                for (unsigned i = 0; i < n; ++i) printf(\" %02x\", out[i]);\n\
+                printf(\"\\n\");\n\
+                for (unsigned i = 0; i < 32 * d; ++i)\n\
+                  printf(i ? \" %08x\" : \"%08x\", __float_as_uint(kivi_load(out, d, bits, i / d, i % d)));\n\
+                printf(\"\\n\");\n\
+                for (unsigned i = 0; i < 32 * d; ++i)\n\
+                  printf(i ? \" %04x\" : \"%04x\", kivi_window_f16(kivi_load(out, d, bits, i / d, i % d)));\n\
+                printf(\"\\n\");\n\
+              }\n  return 0;\n}\n";
+        let Some(harness) = HostHarness::build("kivi", module, main) else {
+            return;
+        };
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Blocks: (head_dim, bits, keys as f16 bits), with outlier channels, constant
+        // channels (scale 0), signed zeros, wide ranges and values near f16's limit.
+        let mut blocks: Vec<(usize, KiviBits, Vec<u16>)> = Vec::new();
+        for case in 0..48 {
+            let d = [32, 64, 128][case % 3];
+            let bits = if case % 2 == 0 {
+                KiviBits::B4
+            } else {
+                KiviBits::B2
+            };
+            let keys: Vec<u16> = (0..32 * d)
+                .map(|i| {
+                    let (t, c) = (i / d, i % d);
+                    let r = next();
+                    let v = match (case / 6, c % 7) {
+                        (_, 0) if case % 4 == 1 => 1.5,            // constant channel
+                        (_, 3) => 40.0 + (r % 1000) as f32 * 0.01, // outlier channel
+                        (0, _) => ((r % 2001) as f32 - 1000.0) * 1e-3,
+                        (1, _) => {
+                            if t % 2 == 0 {
+                                0.0
+                            } else {
+                                -0.0
+                            }
+                        }
+                        (2, _) => (r % 131_000) as f32 - 65_500.0,
+                        (3, _) => f16::from_bits((r as u16) & 0x7bff).to_f32(),
+                        (4, _) => -f16::from_bits((r as u16) & 0x7bff).to_f32(),
+                        _ => ((r % 17) as f32 - 8.0) * 0.125,
+                    };
+                    f16::from_f32(v).to_bits()
+                })
+                .collect();
+            blocks.push((d, bits, keys));
+        }
+        let mut input = String::new();
+        for (d, bits, keys) in &blocks {
+            input.push_str(&format!("{d} {}\n", bits.bits()));
+            for k in keys {
+                input.push_str(&format!("{k:x} "));
+            }
+            input.push('\n');
+        }
+        let text = harness.run(&input);
+        let mut lines = text.lines();
+        for (n, (d, bits, keys)) in blocks.iter().enumerate() {
+            let fmt = KiviKeyFormat::new(*bits, 32);
+            let f32_keys: Vec<f32> = keys.iter().map(|&k| f16::from_bits(k).to_f32()).collect();
+            let mut want = vec![0u8; fmt.block_bytes(*d).expect("block bytes")];
+            fmt.quantize_block(&f32_keys, *d, &mut want)
+                .expect("f16 keys quantize");
+            let mut want_f = vec![0.0f32; 32 * d];
+            fmt.dequantize_block(&want, *d, &mut want_f)
+                .expect("dequantize");
+            let bytes_line = lines.next().expect("bytes line");
+            let mut fields = bytes_line.split(' ');
+            assert_eq!(fields.next(), Some("1"), "block {n}: the kernel refused it");
+            let got: Vec<u8> = fields
+                .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+                .collect();
+            assert_eq!(
+                got,
+                want,
+                "block {n} (head_dim {d}, {} bits): bytes differ",
+                bits.bits()
+            );
+            let got_f: Vec<u32> = lines
+                .next()
+                .expect("values line")
+                .split(' ')
+                .map(|h| u32::from_str_radix(h, 16).expect("hex"))
+                .collect();
+            let want_bits: Vec<u32> = want_f.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got_f, want_bits, "block {n}: dequantized values differ");
+            // The window a write reopens the block into: the CPU backend's f16 of each
+            // dequantized key, clamped to f16's range.
+            let got_w: Vec<u16> = lines
+                .next()
+                .expect("window line")
+                .split(' ')
+                .map(|h| u16::from_str_radix(h, 16).expect("hex"))
+                .collect();
+            let want_w: Vec<u16> = want_f
+                .iter()
+                .map(|v| f16::from_f32(v.clamp(-65504.0, 65504.0)).to_bits())
+                .collect();
+            assert_eq!(got_w, want_w, "block {n}: window f16 differs");
+        }
+        assert_eq!(lines.next(), None);
+    }
+
+    /// The asymmetric helpers (`asym_params`, `asym_code`) and the row loader `load_elem`
+    /// of `common.cuh`, compiled for the host, against kv-quant's INT4 and INT2 rows: the
+    /// harness packs groups as `write.cu` does (codes low bits first) and must produce
+    /// kv-quant's bytes, and `load_elem` must read back kv-quant's dequantized values.
+    #[test]
+    fn host_check_of_the_asymmetric_rows() {
+        use kv_quant::{Group, Kernels, RowFormat};
+        let main = "int main(void) {\n\
+              int fmt; unsigned g, d;\n\
+              static float x[512]; static u8 row[1024];\n\
+              while (scanf(\"%d %u %u\", &fmt, &g, &d) == 3) {\n\
+                if (d > 512 || g == 0 || d % g) return 2;\n\
+                for (unsigned i = 0; i < d; ++i) {\n\
+                  unsigned u; if (scanf(\"%x\", &u) != 1) return 3; x[i] = __uint_as_float(u);\n\
+                }\n\
+                const u32 bits = asym_bits(fmt), levels = (1u << bits) - 1u, per = 8u / bits;\n\
+                const u32 gb = group_bytes(fmt, g);\n\
+                int ok = 1;\n\
+                memset(row, 0xaa, d / g * gb);\n\
+                for (u32 g0 = 0; g0 < d; g0 += g) {\n\
+                  float lo = INFINITY, hi = -INFINITY;\n\
+                  for (u32 i = 0; i < g; ++i) { lo = fminf(lo, x[g0 + i]); hi = fmaxf(hi, x[g0 + i]); }\n\
+                  u16 s, m; u8* out = row + g0 / g * gb;\n\
+                  if (!asym_params(lo, hi, levels, &s, &m)) { ok = 0; continue; }\n\
+                  store_u16(out, s); store_u16(out + 2, m);\n\
+                  for (u32 b = 0; b < g / per; ++b) {\n\
+                    u32 byte = 0;\n\
+                    for (u32 k = 0; k < per; ++k)\n\
+                      byte |= asym_code(x[g0 + per * b + k], h2f(s), h2f(m), levels) << (k * bits);\n\
+                    out[4 + b] = (u8)byte;\n\
+                  }\n\
+                }\n\
+                printf(\"%d\", ok);\n\
+                for (u32 i = 0; i < d / g * gb; ++i) printf(\" %02x\", row[i]);\n\
+                printf(\"\\n\");\n\
+                for (u32 i = 0; i < d; ++i)\n\
+                  printf(i ? \" %08x\" : \"%08x\", __float_as_uint(load_elem(row, fmt, g, i)));\n\
+                printf(\"\\n\");\n\
+              }\n  return 0;\n}\n";
+        let Some(harness) = HostHarness::build("asym", "", main) else {
+            return;
+        };
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut cases = Vec::new();
+        for case in 0..60 {
+            let (fmt, code) = if case % 2 == 0 {
+                (RowFormat::Int4 { group: Group::G32 }, 4)
+            } else {
+                (RowFormat::Int2 { group: Group::G32 }, 5)
+            };
+            let (fmt, g) = match case % 3 {
+                0 => (fmt, 32),
+                1 => (
+                    match fmt {
+                        RowFormat::Int4 { .. } => RowFormat::Int4 { group: Group::G64 },
+                        _ => RowFormat::Int2 { group: Group::G64 },
+                    },
+                    64,
+                ),
+                _ => (
+                    match fmt {
+                        RowFormat::Int4 { .. } => RowFormat::Int4 { group: Group::G128 },
+                        _ => RowFormat::Int2 { group: Group::G128 },
+                    },
+                    128,
+                ),
+            };
+            let d = 128;
+            let scale = [1e-3, 1.0, 300.0, 6e4][case / 15];
+            let row: Vec<f32> = (0..d)
+                .map(|i| match (case % 5, i % 9) {
+                    (0, 0) => 0.0,
+                    (1, _) => -0.0,
+                    _ => ((next() % 20_001) as f32 - 10_000.0) * 1e-4 * scale,
+                })
+                .collect();
+            cases.push((fmt, code, g, row));
+        }
+        let mut input = String::new();
+        for (_, code, g, row) in &cases {
+            input.push_str(&format!("{code} {g} {}\n", row.len()));
+            for v in row {
+                input.push_str(&format!("{:x} ", v.to_bits()));
+            }
+            input.push('\n');
+        }
+        let text = harness.run(&input);
+        let mut lines = text.lines();
+        let k = Kernels::best();
+        for (n, (fmt, _, _, row)) in cases.iter().enumerate() {
+            let mut want = vec![0u8; fmt.row_bytes(row.len()).expect("row bytes")];
+            k.quantize_row(*fmt, row, &mut want).expect("quantize");
+            let mut want_f = vec![0.0f32; row.len()];
+            k.dequantize_row(*fmt, &want, &mut want_f)
+                .expect("dequantize");
+            let mut fields = lines.next().expect("bytes line").split(' ');
+            assert_eq!(fields.next(), Some("1"), "case {n}: refused");
+            let got: Vec<u8> = fields
+                .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+                .collect();
+            assert_eq!(got, want, "case {n} ({fmt:?}): bytes differ");
+            let got_f: Vec<u32> = lines
+                .next()
+                .expect("values line")
+                .split(' ')
+                .map(|h| u32::from_str_radix(h, 16).expect("hex"))
+                .collect();
+            let want_bits: Vec<u32> = want_f.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got_f, want_bits, "case {n} ({fmt:?}): values differ");
+        }
+        assert_eq!(lines.next(), None);
     }
 
     /// The next f16 towards +infinity (`up`) or -infinity.

@@ -18,6 +18,9 @@ pub(crate) enum Fmt {
     Bf16 = 2,
     Int8 = 3,
     Int4 = 4,
+    /// KIVI2's values; no layout the backend accepts uses it yet.
+    #[allow(dead_code)]
+    Int2 = 5,
 }
 
 /// How a supported [`KvDType`] is stored by the kernels.
@@ -416,6 +419,37 @@ mod tests {
                     assert!(l.rotate_k && l.k == Fmt::Int4 && l.group as usize == group.size());
                 }
                 _ => assert!(!l.expect("row layout").rotate_k),
+            }
+        }
+    }
+
+    /// `kivi.cu` finds key block `kb` of a cache block where the row of its slot `32 kb`
+    /// would be: that holds because a KIVI key block is exactly 32 rows of
+    /// `KvDType::row_bytes`, which this checks against kv-quant's block size.
+    #[test]
+    fn a_kivi_key_block_is_32_rows() {
+        use kv_core::KiviBits;
+        use kv_quant::KiviKeyFormat;
+        for (bits, qbits) in [
+            (KiviBits::B4, kv_quant::KiviBits::B4),
+            (KiviBits::B2, kv_quant::KiviBits::B2),
+        ] {
+            let dtype = KvDType::Kivi { bits };
+            assert_eq!(dtype.block_tokens(), 32);
+            for d in (32..=256).step_by(32) {
+                let block = KiviKeyFormat::new(qbits, 32).block_bytes(d).expect("block");
+                assert_eq!(
+                    dtype.row_bytes(d).expect("row") * 32,
+                    block,
+                    "{dtype}, d {d}"
+                );
+                let s = spec(2, 2, d, dtype, 64, 3);
+                let g = Geometry::of(&s).expect("geometry");
+                // Key block 1 of cache block 2 starts right after key block 0's bytes.
+                assert_eq!(
+                    g.row_offset(1, 0, 1, 2, 32),
+                    g.row_offset(1, 0, 1, 2, 0) + block
+                );
             }
         }
     }

@@ -1,0 +1,287 @@
+//! Host bookkeeping of KIVI key blocks for the device write path: which 32-token key blocks
+//! have an f16 window, which slots of it were written, and which blocks a write completes.
+//!
+//! It follows the CPU backend's contract (kv-backend-cpu's `quant.rs`), so both backends
+//! quantize the same blocks from the same keys:
+//! - a write to a key block without a window opens one holding the block's stored keys,
+//!   dequantized, so the slots it leaves alone still read what they held;
+//! - a write to slot 0 of a key block starts it afresh (only that slot counts as written);
+//! - when every slot of a window has been written, the block is quantized from it
+//!   (`kivi.cu`: `kv_kivi_quantize`); the window is kept until the layer has been attended
+//!   (the queries of the tokens that filled the block read it in f16) and the next write
+//!   after that frees it.
+//!
+//! `copy_blocks` copies a block's filling windows with it ([`plan_kivi_copy`]).
+//!
+//! Plain Rust, tested on the CPU. The device code does not use it yet: KIVI answers
+//! `Unsupported` on the GPU until the window pool and the attend path are wired to it.
+
+use std::collections::BTreeMap;
+
+use kv_core::{KvError, Result, Slot};
+
+/// A key block: (cache block id, key block index inside it).
+pub(crate) type KeyBlock = (u32, u32);
+
+/// The state of one key block's window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Window {
+    /// Bit `j` set: slot `j` of the key block was written since it started filling.
+    pub filled: u64,
+    /// `Some(n)`: the block was quantized when the layer had been attended `n` times; the
+    /// window is freed by the first write after a later attend.
+    pub quantized_at: Option<u64>,
+}
+
+/// What one write of keys does to a layer's windows, in launch order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct KiviWrite {
+    /// Windows freed first (quantized blocks the layer's attention has read since).
+    pub free: Vec<KeyBlock>,
+    /// Key blocks that get a window, filled from their stored keys dequantized, before the
+    /// rows are stored.
+    pub open: Vec<KeyBlock>,
+    /// Key blocks quantized from their windows after the rows are stored, in order.
+    pub quantize: Vec<KeyBlock>,
+    /// The layer's windows once the write is done (committed by the caller only when
+    /// every launch succeeded: a refused write leaves them as they were).
+    pub windows: BTreeMap<KeyBlock, Window>,
+}
+
+/// Plans a write of keys to `slots` (already validated against the storage) of a layer
+/// whose windows are `windows` and that has been attended `attends` times, with
+/// `block_tokens` tokens per key block.
+///
+/// # Errors
+/// [`KvError::Unsupported`] for key blocks of more than 64 tokens (the slot mask is a
+/// `u64`); [`KvError::Overflow`] for a block id beyond `u32`.
+pub(crate) fn plan_kivi_write(
+    windows: &BTreeMap<KeyBlock, Window>,
+    attends: u64,
+    slots: &[Slot],
+    block_tokens: usize,
+) -> Result<KiviWrite> {
+    if block_tokens == 0 || block_tokens > 64 {
+        return Err(KvError::Unsupported {
+            backend: "cuda".into(),
+            what: format!("KIVI key blocks of {block_tokens} tokens (1 to 64 are tracked)"),
+        });
+    }
+    let full = if block_tokens == 64 {
+        u64::MAX
+    } else {
+        (1u64 << block_tokens) - 1
+    };
+    let mut plan = KiviWrite {
+        windows: windows.clone(),
+        ..KiviWrite::default()
+    };
+    plan.windows.retain(|&kb, w| match w.quantized_at {
+        Some(at) if attends > at => {
+            plan.free.push(kb);
+            false
+        }
+        _ => true,
+    });
+    let mut touched = Vec::new();
+    for s in slots {
+        let block = crate::plan::to_u32("block id", s.block.index())?;
+        let offset = s.offset as usize;
+        // `block_tokens` <= 64, so both fit u32 (the key block index is below the offset).
+        let (kb, j) = ((offset / block_tokens) as u32, offset % block_tokens);
+        let w = plan.windows.entry((block, kb)).or_insert_with(|| {
+            plan.open.push((block, kb));
+            Window::default()
+        });
+        // Its rows are the keys a quantized block was made from: writing makes it a
+        // filling window again.
+        w.quantized_at = None;
+        if j == 0 {
+            w.filled = 0;
+        }
+        w.filled |= 1u64 << j;
+        touched.push((block, kb));
+    }
+    touched.sort_unstable();
+    touched.dedup();
+    for kb in touched {
+        if let Some(w) = plan.windows.get_mut(&kb) {
+            if w.filled == full {
+                w.quantized_at = Some(attends);
+                plan.quantize.push(kb);
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// What `copy_blocks` does to a layer's windows, as the CPU backend: moves apply in order,
+/// and each gives every key block of the target the source's window if that one is still
+/// filling (a quantized block's window only serves the queries that filled it; the copy
+/// reads the block as stored), dropping the target's own.
+///
+/// Returns the windows after the moves and, in order, the window copies to run on the
+/// device: `(source key block, target key block)`, the target's window taking the source's
+/// rows and slot mask.
+pub(crate) fn plan_kivi_copy(
+    windows: &BTreeMap<KeyBlock, Window>,
+    moves: &[(u32, u32)],
+    key_blocks_per_block: u32,
+) -> (BTreeMap<KeyBlock, Window>, Vec<(KeyBlock, KeyBlock)>) {
+    let mut after = windows.clone();
+    let mut copies = Vec::new();
+    for &(from, to) in moves {
+        if from == to {
+            continue;
+        }
+        for kb in 0..key_blocks_per_block {
+            match after.get(&(from, kb)).copied() {
+                Some(w) if w.quantized_at.is_none() => {
+                    after.insert((to, kb), w);
+                    copies.push(((from, kb), (to, kb)));
+                }
+                _ => {
+                    after.remove(&(to, kb));
+                }
+            }
+        }
+    }
+    (after, copies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_core::BlockId;
+
+    fn slots(block: u32, offsets: std::ops::Range<u32>) -> Vec<Slot> {
+        offsets
+            .map(|offset| Slot {
+                block: BlockId::new(block),
+                offset,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_prefill_quantizes_its_full_key_blocks_and_keeps_their_windows() {
+        let p = plan_kivi_write(&BTreeMap::new(), 0, &slots(3, 0..40), 32).expect("plan");
+        assert_eq!(p.open, vec![(3, 0), (3, 1)]);
+        assert_eq!(p.quantize, vec![(3, 0)]);
+        assert!(p.free.is_empty());
+        assert_eq!(
+            p.windows[&(3, 0)],
+            Window {
+                filled: u64::from(u32::MAX),
+                quantized_at: Some(0)
+            }
+        );
+        assert_eq!(p.windows[&(3, 1)].filled, 0xff);
+        assert_eq!(p.windows[&(3, 1)].quantized_at, None);
+
+        // A write before any attend keeps the quantized block's window (its queries have
+        // not read it yet); the first write after an attend frees it.
+        let q = plan_kivi_write(&p.windows, 0, &slots(3, 40..41), 32).expect("plan");
+        assert!(q.free.is_empty() && q.windows.contains_key(&(3, 0)));
+        let q = plan_kivi_write(&p.windows, 1, &slots(3, 40..41), 32).expect("plan");
+        assert_eq!(q.free, vec![(3, 0)]);
+        assert!(!q.windows.contains_key(&(3, 0)));
+        assert_eq!(q.windows[&(3, 1)].filled, 0x1ff);
+        assert!(q.open.is_empty() && q.quantize.is_empty());
+    }
+
+    #[test]
+    fn decoding_one_token_at_a_time_quantizes_at_the_last_slot() {
+        let mut windows = BTreeMap::new();
+        for t in 0..32u32 {
+            let p = plan_kivi_write(&windows, u64::from(t), &slots(0, t..t + 1), 32).expect("plan");
+            assert_eq!(p.open.len(), usize::from(t == 0), "token {t}");
+            assert_eq!(p.quantize, if t == 31 { vec![(0, 0)] } else { vec![] });
+            windows = p.windows;
+        }
+        assert_eq!(windows[&(0, 0)].quantized_at, Some(31));
+    }
+
+    #[test]
+    fn rewriting_a_quantized_block_reopens_it_from_its_stored_keys() {
+        // Block 1's first key block was quantized and its window freed (a truncated
+        // sequence now grows again from slot 5).
+        let p = plan_kivi_write(&BTreeMap::new(), 7, &slots(1, 5..6), 32).expect("plan");
+        assert_eq!(p.open, vec![(1, 0)]);
+        assert_eq!(p.windows[&(1, 0)].filled, 1 << 5);
+        assert!(p.quantize.is_empty());
+        // Writing slot 0 starts the block afresh: slots 0..32 then complete it, even though
+        // slot 5 was written before.
+        let p = plan_kivi_write(&p.windows, 7, &slots(1, 0..32), 32).expect("plan");
+        assert!(p.open.is_empty());
+        assert_eq!(p.quantize, vec![(1, 0)]);
+        // Overwriting a key of a full block whose window is still kept (no attend since)
+        // quantizes it again from the window, the new key included, as the CPU backend does.
+        let kept = plan_kivi_write(&p.windows, 7, &slots(1, 9..10), 32).expect("plan");
+        assert!(kept.open.is_empty() && kept.free.is_empty());
+        assert_eq!(kept.quantize, vec![(1, 0)]);
+        assert_eq!(kept.windows[&(1, 0)].quantized_at, Some(7));
+        // After an attend the same write frees the window and reopens it from the block.
+        let later = plan_kivi_write(&p.windows, 8, &slots(1, 9..10), 32).expect("plan");
+        assert_eq!(
+            (later.free.clone(), later.open.clone()),
+            (vec![(1, 0)], vec![(1, 0)])
+        );
+        assert_eq!(later.windows[&(1, 0)].filled, 1 << 9);
+        assert!(later.quantize.is_empty());
+    }
+
+    #[test]
+    fn repeated_slots_and_unordered_writes() {
+        let mut s = slots(2, 0..32);
+        s.reverse(); // slot 0 last: it resets the mask, so the block is not complete
+        let p = plan_kivi_write(&BTreeMap::new(), 0, &s, 32).expect("plan");
+        assert_eq!(p.windows[&(2, 0)].filled, 1);
+        assert!(p.quantize.is_empty());
+        let mut s = slots(2, 0..32);
+        s.extend(slots(2, 3..4));
+        let p = plan_kivi_write(&BTreeMap::new(), 0, &s, 32).expect("plan");
+        assert_eq!(p.quantize, vec![(2, 0)]);
+    }
+
+    #[test]
+    fn copies_take_filling_windows_and_drop_the_targets() {
+        // Block 0: key block 0 quantized (window kept), key block 1 filling.
+        let p = plan_kivi_write(&BTreeMap::new(), 0, &slots(0, 0..40), 32).expect("plan");
+        // Block 5 has a filling window of its own that the copy replaces or drops.
+        let mut windows = p.windows;
+        windows.insert(
+            (5, 0),
+            Window {
+                filled: 1,
+                quantized_at: None,
+            },
+        );
+        let (after, copies) = plan_kivi_copy(&windows, &[(0, 5), (5, 5)], 2);
+        assert_eq!(copies, vec![((0, 1), (5, 1))]);
+        assert!(
+            !after.contains_key(&(5, 0)),
+            "a quantized window is not copied"
+        );
+        assert_eq!(after[&(5, 1)], windows[&(0, 1)]);
+        assert_eq!(
+            after[&(0, 0)],
+            windows[&(0, 0)],
+            "the source keeps its windows"
+        );
+        // Moves apply in order: a chain carries the window along.
+        let (after, copies) = plan_kivi_copy(&windows, &[(0, 6), (6, 7)], 2);
+        assert_eq!(copies, vec![((0, 1), (6, 1)), ((6, 1), (7, 1))]);
+        assert_eq!(after[&(7, 1)].filled, 0xff);
+    }
+
+    #[test]
+    fn key_blocks_beyond_the_mask_are_refused() {
+        for t in [0, 65] {
+            let e = plan_kivi_write(&BTreeMap::new(), 0, &slots(0, 0..1), t).unwrap_err();
+            assert!(matches!(e, KvError::Unsupported { .. }), "{e}");
+        }
+        let p = plan_kivi_write(&BTreeMap::new(), 0, &slots(0, 0..64), 64).expect("plan");
+        assert_eq!(p.quantize, vec![(0, 0)]);
+    }
+}
