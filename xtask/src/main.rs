@@ -6,6 +6,7 @@
 mod bench;
 mod fetch;
 mod fuzz;
+mod redis;
 mod vocab;
 
 use std::path::{Path, PathBuf};
@@ -42,6 +43,9 @@ commands:
                 cache_ops. Fails on a crash, printing the reproducer's path. Build cache:
                 ~/.cache/kv/fuzz-target; growing corpus: ~/.cache/kv/fuzz-corpus
     --make-seeds  rewrite the committed seed corpus (fuzz/seeds) and run nothing
+  redis         the redis-server the Redis tier's tests start: one on PATH, KV_REDIS_SERVER,
+                or Debian's pinned packages unpacked into ~/.cache/kv/redis (no root;
+                SHA-256 checked); prints its path
   help          this text
 
 environment:
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::Options::parse(&args[1..]).and_then(|o| bench::bench(&o)),
         Some("fuzz") => fuzz::Options::parse(&args[1..]).and_then(|o| fuzz::fuzz(&o)),
         Some("fetch-model") => fetch::ensure_model().map(|p| println!("model: {}", p.display())),
+        Some("redis") => redis::ensure_redis().map(|p| println!("redis-server: {}", p.display())),
         Some("fetch-vocab") => {
             vocab::ensure_vocab().map(|p| println!("vocabularies: {}", p.display()))
         }
@@ -180,6 +185,22 @@ fn test_all() -> Result<(), String> {
         "real-model tests (release, SmolLM2-135M) and llama.cpp's tokenizer vectors",
         real,
     )?;
+
+    // The Redis tier against a real redis-server, which the tests start on a free port.
+    let server = redis::ensure_redis()?;
+    let mut redis_tests = cargo();
+    redis_tests
+        .args([
+            "test",
+            "-p",
+            "kv-attention",
+            "--features",
+            "redis",
+            "--test",
+            "redis",
+        ])
+        .env("KV_REDIS_SERVER", &server);
+    run("Redis tier against a real redis-server", redis_tests)?;
 
     // The bench harness end to end at tiny sizes: proves it runs and writes its report;
     // no speed is asserted.
