@@ -571,100 +571,6 @@ impl<B: CacheBackend> std::fmt::Debug for TieredCache<B> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(i: u8) -> BlockKey {
-        BlockKey([i; 16])
-    }
-
-    fn temp_dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("kv-store-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        d
-    }
-
-    fn exercise(store: &mut dyn BlockStore) {
-        store.put(&key(1), &[1; 40]).expect("put");
-        store.put(&key(2), &[2; 40]).expect("put");
-        assert_eq!(store.get(&key(1)).expect("get"), Some(vec![1; 40]));
-        // Budget 100: a third value evicts the least recently used (2; 1 was just read).
-        store.put(&key(3), &[3; 40]).expect("put");
-        assert_eq!(
-            store
-                .contains_many(&[key(1), key(2), key(3)])
-                .expect("contains"),
-            [true, false, true]
-        );
-        assert!(matches!(
-            store.put(&key(4), &[4; 101]),
-            Err(StoreError::TooLarge { .. })
-        ));
-        assert!(
-            store.contains(&key(1)).expect("contains"),
-            "nothing evicted by a refusal"
-        );
-        assert!(store.delete(&key(1)).expect("delete"));
-        assert!(!store.delete(&key(1)).expect("delete"));
-        store
-            .put_many(&[(key(5), vec![5; 10]), (key(3), vec![9; 20])])
-            .expect("put_many");
-        assert_eq!(
-            store.get_many(&[key(3), key(5), key(6)]).expect("get_many"),
-            [Some(vec![9; 20]), Some(vec![5; 10]), None]
-        );
-    }
-
-    #[test]
-    fn host_store_keeps_its_budget() {
-        let mut host = HostStore::new(100);
-        exercise(&mut host);
-        assert_eq!(host.bytes(), 30);
-    }
-
-    #[test]
-    fn disk_store_keeps_its_budget_and_survives_reopening() {
-        let dir = temp_dir("disk");
-        let mut disk = DiskStore::open(&dir, 100).expect("open");
-        exercise(&mut disk);
-        assert_eq!(disk.bytes(), 30);
-        drop(disk);
-        // A crash mid-write leaves a temporary file: never read, removed on open.
-        fs::write(dir.join(format!(".{}.kvb.tmp-1-1", key(7))), b"half").expect("write");
-        let mut disk = DiskStore::open(&dir, 100).expect("reopen");
-        assert_eq!(disk.bytes(), 30);
-        assert_eq!(disk.get(&key(5)).expect("get"), Some(vec![5; 10]));
-        assert_eq!(fs::read_dir(&dir).expect("dir").count(), 2);
-        // Reopened with a smaller budget: the oldest values go.
-        drop(disk);
-        let disk = DiskStore::open(&dir, 20).expect("reopen");
-        assert!(disk.bytes() <= 20);
-        fs::remove_dir_all(&dir).expect("cleanup");
-    }
-
-    #[test]
-    fn a_disk_store_that_cannot_write_fails_cleanly() {
-        let dir = temp_dir("gone");
-        let mut disk = DiskStore::open(&dir, 100).expect("open");
-        disk.put(&key(1), b"kept").expect("put");
-        // The directory disappears (unmounted, deleted): the put fails with a typed
-        // error and the accounting does not change.
-        fs::remove_dir_all(&dir).expect("remove");
-        let err = disk.put(&key(2), b"lost").unwrap_err();
-        assert!(
-            matches!(err, StoreError::File(CacheFileError::Io { .. })),
-            "{err}"
-        );
-        assert_eq!(disk.bytes(), 4);
-        assert_eq!(
-            disk.get(&key(1)).expect("get"),
-            None,
-            "gone with its directory"
-        );
-    }
-}
-
 /// Blocks in Redis or Valkey (feature `redis`), shared by every engine that reaches the
 /// server: pipelined batches (one round trip for a batch of gets, puts or checks), a TTL on
 /// every value, keys `<prefix><block key in hex>`. The connection is made lazily with a
@@ -818,5 +724,99 @@ impl BlockStore for RedisStore {
         }
         let found: Vec<u64> = self.with(|c| pipe.query(c))?;
         Ok(found.into_iter().map(|n| n > 0).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u8) -> BlockKey {
+        BlockKey([i; 16])
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kv-store-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn exercise(store: &mut dyn BlockStore) {
+        store.put(&key(1), &[1; 40]).expect("put");
+        store.put(&key(2), &[2; 40]).expect("put");
+        assert_eq!(store.get(&key(1)).expect("get"), Some(vec![1; 40]));
+        // Budget 100: a third value evicts the least recently used (2; 1 was just read).
+        store.put(&key(3), &[3; 40]).expect("put");
+        assert_eq!(
+            store
+                .contains_many(&[key(1), key(2), key(3)])
+                .expect("contains"),
+            [true, false, true]
+        );
+        assert!(matches!(
+            store.put(&key(4), &[4; 101]),
+            Err(StoreError::TooLarge { .. })
+        ));
+        assert!(
+            store.contains(&key(1)).expect("contains"),
+            "nothing evicted by a refusal"
+        );
+        assert!(store.delete(&key(1)).expect("delete"));
+        assert!(!store.delete(&key(1)).expect("delete"));
+        store
+            .put_many(&[(key(5), vec![5; 10]), (key(3), vec![9; 20])])
+            .expect("put_many");
+        assert_eq!(
+            store.get_many(&[key(3), key(5), key(6)]).expect("get_many"),
+            [Some(vec![9; 20]), Some(vec![5; 10]), None]
+        );
+    }
+
+    #[test]
+    fn host_store_keeps_its_budget() {
+        let mut host = HostStore::new(100);
+        exercise(&mut host);
+        assert_eq!(host.bytes(), 30);
+    }
+
+    #[test]
+    fn disk_store_keeps_its_budget_and_survives_reopening() {
+        let dir = temp_dir("disk");
+        let mut disk = DiskStore::open(&dir, 100).expect("open");
+        exercise(&mut disk);
+        assert_eq!(disk.bytes(), 30);
+        drop(disk);
+        // A crash mid-write leaves a temporary file: never read, removed on open.
+        fs::write(dir.join(format!(".{}.kvb.tmp-1-1", key(7))), b"half").expect("write");
+        let mut disk = DiskStore::open(&dir, 100).expect("reopen");
+        assert_eq!(disk.bytes(), 30);
+        assert_eq!(disk.get(&key(5)).expect("get"), Some(vec![5; 10]));
+        assert_eq!(fs::read_dir(&dir).expect("dir").count(), 2);
+        // Reopened with a smaller budget: the oldest values go.
+        drop(disk);
+        let disk = DiskStore::open(&dir, 20).expect("reopen");
+        assert!(disk.bytes() <= 20);
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_disk_store_that_cannot_write_fails_cleanly() {
+        let dir = temp_dir("gone");
+        let mut disk = DiskStore::open(&dir, 100).expect("open");
+        disk.put(&key(1), b"kept").expect("put");
+        // The directory disappears (unmounted, deleted): the put fails with a typed
+        // error and the accounting does not change.
+        fs::remove_dir_all(&dir).expect("remove");
+        let err = disk.put(&key(2), b"lost").unwrap_err();
+        assert!(
+            matches!(err, StoreError::File(CacheFileError::Io { .. })),
+            "{err}"
+        );
+        assert_eq!(disk.bytes(), 4);
+        assert_eq!(
+            disk.get(&key(1)).expect("get"),
+            None,
+            "gone with its directory"
+        );
     }
 }
