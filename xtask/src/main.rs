@@ -201,6 +201,16 @@ fn test_all() -> Result<(), String> {
         ])
         .env("KV_REDIS_SERVER", &server);
     run("Redis tier against a real redis-server", redis_tests)?;
+    let mut redis_model = cargo();
+    redis_model
+        .args(["test", "--release", "-p", "kv-model", "--features", "redis"])
+        .args(["--test", "store_redis", "--", "--ignored"])
+        .env("KV_REDIS_SERVER", &server)
+        .env("KV_MODEL_PATH", &model);
+    run(
+        "engines sharing a prefix through Redis, and losing it (real model)",
+        redis_model,
+    )?;
 
     // The bench harness end to end at tiny sizes: proves it runs and writes its report;
     // no speed is asserted.
