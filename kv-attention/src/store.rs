@@ -488,10 +488,18 @@ impl<B: CacheBackend> TieredCache<B> {
             let k = first + i;
             let tokens = &prompt[k * bs..(k + 1) * bs];
             let imported = match cache_file::decode_value(&self.fingerprint, &key, &value) {
-                Ok(bytes) => self.cache.import_blocks(seq, tokens, &[bytes]).is_ok(),
-                Err(_) => false,
+                Ok(bytes) => self.cache.import_blocks(seq, tokens, &[bytes]),
+                Err(e) => Err(kv_core::KvError::InvalidArgument {
+                    what: "stored block",
+                    detail: e.to_string(),
+                }),
             };
-            if !imported {
+            if let Err(kv_core::KvError::CacheFull { .. }) = imported {
+                // No room on the device: the value is fine, the rest is prefilled.
+                self.stats.misses += (wanted.len() - i) as u64;
+                break;
+            }
+            if imported.is_err() {
                 // Never used: recomputed, and the bad value leaves its tier.
                 self.stats.rejected += 1;
                 if let Err(e) = self.tiers[tier].delete(&key) {
