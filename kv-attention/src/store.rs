@@ -488,10 +488,18 @@ impl<B: CacheBackend> TieredCache<B> {
             let k = first + i;
             let tokens = &prompt[k * bs..(k + 1) * bs];
             let imported = match cache_file::decode_value(&self.fingerprint, &key, &value) {
-                Ok(bytes) => self.cache.import_blocks(seq, tokens, &[bytes]).is_ok(),
-                Err(_) => false,
+                Ok(bytes) => self.cache.import_blocks(seq, tokens, &[bytes]),
+                Err(e) => Err(kv_core::KvError::InvalidArgument {
+                    what: "stored block",
+                    detail: e.to_string(),
+                }),
             };
-            if !imported {
+            if let Err(kv_core::KvError::CacheFull { .. }) = imported {
+                // No room on the device: the value is fine, the rest is prefilled.
+                self.stats.misses += (wanted.len() - i) as u64;
+                break;
+            }
+            if imported.is_err() {
                 // Never used: recomputed, and the bad value leaves its tier.
                 self.stats.rejected += 1;
                 if let Err(e) = self.tiers[tier].delete(&key) {
@@ -568,6 +576,162 @@ impl<B: CacheBackend> std::fmt::Debug for TieredCache<B> {
             )
             .field("stats", &self.stats)
             .finish()
+    }
+}
+
+/// Blocks in Redis or Valkey (feature `redis`), shared by every engine that reaches the
+/// server: pipelined batches (one round trip for a batch of gets, puts or checks), a TTL on
+/// every value, keys `<prefix><block key in hex>`. The connection is made lazily with a
+/// timeout and dropped on any error, so a server that comes back is used again; a server
+/// that is down answers [`StoreError::Unavailable`] at once (until the connect timeout).
+#[cfg(feature = "redis")]
+pub struct RedisStore {
+    client: redis::Client,
+    conn: Option<redis::Connection>,
+    prefix: String,
+    ttl_secs: u64,
+    timeout: std::time::Duration,
+    url: String,
+}
+
+#[cfg(feature = "redis")]
+impl RedisStore {
+    /// A store on the server at `url` (`redis://HOST:PORT`), values living `ttl_secs`
+    /// seconds (refreshed by each put), each operation bounded by `timeout`. Nothing is
+    /// connected yet: a server that is down makes each operation fail, not this call.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] for a URL the client does not accept.
+    pub fn new(url: &str, ttl_secs: u64, timeout: std::time::Duration) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| StoreError::Unavailable {
+            store: url.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            client,
+            conn: None,
+            prefix: "kv:block:".into(),
+            ttl_secs: ttl_secs.max(1),
+            timeout,
+            url: url.to_string(),
+        })
+    }
+
+    fn key(&self, key: &BlockKey) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// Runs `f` on a connection, connecting first if needed; any error drops the
+    /// connection.
+    fn with<T>(
+        &mut self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let unavailable = |url: &str, e: redis::RedisError| StoreError::Unavailable {
+            store: url.to_string(),
+            reason: e.to_string(),
+        };
+        if self.conn.is_none() {
+            let conn = self
+                .client
+                .get_connection_with_timeout(self.timeout)
+                .map_err(|e| unavailable(&self.url, e))?;
+            conn.set_read_timeout(Some(self.timeout))
+                .and_then(|()| conn.set_write_timeout(Some(self.timeout)))
+                .map_err(|e| unavailable(&self.url, e))?;
+            self.conn = Some(conn);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(StoreError::Unavailable {
+                store: self.url.clone(),
+                reason: "no connection".into(),
+            });
+        };
+        match f(conn) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.conn = None;
+                Err(unavailable(&self.url, e))
+            }
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.url)
+            .field("connected", &self.conn.is_some())
+            .field("ttl_secs", &self.ttl_secs)
+            .finish()
+    }
+}
+
+#[cfg(feature = "redis")]
+impl BlockStore for RedisStore {
+    fn name(&self) -> &str {
+        "redis"
+    }
+    fn get(&mut self, key: &BlockKey) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.get_many(std::slice::from_ref(key))?.pop().flatten())
+    }
+    fn put(&mut self, key: &BlockKey, value: &[u8]) -> Result<(), StoreError> {
+        self.put_many(&[(*key, value.to_vec())])
+    }
+    fn contains(&mut self, key: &BlockKey) -> Result<bool, StoreError> {
+        Ok(self
+            .contains_many(std::slice::from_ref(key))?
+            .pop()
+            .unwrap_or(false))
+    }
+    fn delete(&mut self, key: &BlockKey) -> Result<bool, StoreError> {
+        let k = self.key(key);
+        let n: u64 = self.with(|c| redis::cmd("DEL").arg(&k).query(c))?;
+        Ok(n > 0)
+    }
+    fn get_many(&mut self, keys: &[BlockKey]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("GET").arg(self.key(k));
+        }
+        let values: Vec<Option<Vec<u8>>> = self.with(|c| pipe.query(c))?;
+        if values.len() != keys.len() {
+            return Err(StoreError::Unavailable {
+                store: self.url.clone(),
+                reason: format!("{} answers to {} GETs", values.len(), keys.len()),
+            });
+        }
+        Ok(values)
+    }
+    fn put_many(&mut self, items: &[(BlockKey, Vec<u8>)]) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (k, v) in items {
+            pipe.cmd("SET")
+                .arg(self.key(k))
+                .arg(v.as_slice())
+                .arg("EX")
+                .arg(self.ttl_secs)
+                .ignore();
+        }
+        self.with(|c| pipe.query::<()>(c))
+    }
+    fn contains_many(&mut self, keys: &[BlockKey]) -> Result<Vec<bool>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("EXISTS").arg(self.key(k));
+        }
+        let found: Vec<u64> = self.with(|c| pipe.query(c))?;
+        Ok(found.into_iter().map(|n| n > 0).collect())
     }
 }
 

@@ -762,7 +762,9 @@ impl QuantPools {
         let non_finite = || KvError::NonFinite {
             what: "imported block",
         };
-        let mut parsed: Vec<(&[u8], &[u8], Vec<Option<Window>>)> = Vec::new();
+        // Per layer: its K bytes, its V bytes and its windows, all checked.
+        type Parsed<'a> = (&'a [u8], &'a [u8], Vec<Option<Window>>);
+        let mut parsed: Vec<Parsed<'_>> = Vec::new();
         let mut rest = bytes;
         let mut row = vec![0.0f32; d];
         let mut block_f32 = vec![0.0f32; self.kivi_tokens * d];

@@ -313,3 +313,38 @@ fn a_restart_restores_from_the_tier_instead_of_prefilling() {
     assert_eq!(third.stats().store_errors, 1);
     assert!(third.last_error().unwrap().contains("down"));
 }
+
+#[test]
+fn a_full_device_restores_what_fits_and_keeps_the_rest_in_the_tier() {
+    let fp = Fingerprint::of_parts(&[("model", b"full")]);
+    let shared = Shared::new();
+    let prompt: Vec<u32> = (0..25).collect();
+    let big = StorageSpec::new(shape(), KvDType::F16, BS, 12).unwrap();
+    let mut first = TieredCache::new(
+        PagedCache::with_prefix_cache(CpuBackend::new(), big, 1).unwrap(),
+        fp,
+        vec![Box::new(shared.clone())],
+    );
+    let (seq, _) = first.create_with_prefix(&prompt);
+    compute(first.cache_mut(), seq, &prompt, 0);
+    assert_eq!(first.save(seq).unwrap(), 6);
+    // A device of 3 blocks: 3 of the 6 saved blocks fit.
+    let small = StorageSpec::new(shape(), KvDType::F16, BS, 3).unwrap();
+    let mut second = TieredCache::new(
+        PagedCache::with_prefix_cache(CpuBackend::new(), small, 1).unwrap(),
+        fp,
+        vec![Box::new(shared.clone())],
+    );
+    let (_, reused) = second.create_with_prefix(&prompt);
+    assert_eq!(reused, 3 * BS);
+    assert_eq!(
+        second.stats().rejected,
+        0,
+        "a full device is not the values' fault"
+    );
+    assert_eq!(
+        shared.inner.lock().unwrap().len(),
+        6,
+        "nothing deleted from the tier"
+    );
+}

@@ -16,7 +16,7 @@
 //!   alternating within each round. No model needed.
 //!
 //! `cargo run --release -p kv-model --example bench -- [--quick] [--model FILE]
-//! [--threads N] [--sections attn,nocache,e2e]`. Set `RAYON_NUM_THREADS` to the same thread
+//! [--threads N] [--sections attn,nocache,e2e,store]`. Set `RAYON_NUM_THREADS` to the same thread
 //! count: candle's matmuls read it.
 
 use std::error::Error;
@@ -74,6 +74,8 @@ struct Sizes {
     /// blocks), f16 cache: prompt length and decode steps at depth 0.
     f32_prompt: usize,
     f32_decode: usize,
+    /// Tokens of the prefix saved to and restored from each block tier.
+    store_tokens: usize,
 }
 
 impl Sizes {
@@ -97,6 +99,7 @@ impl Sizes {
             rounds: 5,
             f32_prompt: 64,
             f32_decode: 8,
+            store_tokens: 4096,
         }
     }
 
@@ -117,6 +120,7 @@ impl Sizes {
             rounds: 1,
             f32_prompt: 8,
             f32_decode: 2,
+            store_tokens: 128,
         }
     }
 }
@@ -138,6 +142,7 @@ fn parse_args() -> Res<Args> {
             "nocache".into(),
             "e2e".into(),
             "weights".into(),
+            "store".into(),
         ],
     };
     let mut it = std::env::args().skip(1);
@@ -196,11 +201,12 @@ fn run(a: &Args) -> Res<()> {
     if on("weights") {
         rayon::scope(|_| weight_kernels(a.quick));
     }
-    if on("nocache") || on("e2e") {
+    if on("nocache") || on("e2e") || on("store") {
         // On a worker of rayon's global pool, as `kv` runs: the kernels' parallel loops then
         // share work with the calling thread instead of handing it over and sleeping.
         let sections = |_: &rayon::Scope<'_>| {
-            model_sections(a, &sizes, on("nocache"), on("e2e")).map_err(|e| e.to_string())
+            model_sections(a, &sizes, on("nocache"), on("e2e"), on("store"))
+                .map_err(|e| e.to_string())
         };
         rayon::scope(sections)?;
     }
@@ -208,7 +214,7 @@ fn run(a: &Args) -> Res<()> {
 }
 
 /// The sections that run the model: no cache against the cache, and end to end.
-fn model_sections(a: &Args, sizes: &Sizes, nocache: bool, e2e: bool) -> Res<()> {
+fn model_sections(a: &Args, sizes: &Sizes, nocache: bool, e2e: bool, store: bool) -> Res<()> {
     let path = a
         .model
         .clone()
@@ -222,6 +228,9 @@ fn model_sections(a: &Args, sizes: &Sizes, nocache: bool, e2e: bool) -> Res<()> 
     );
     if nocache {
         no_cache(sizes, &model)?;
+    }
+    if store {
+        store_tiers(sizes, &model)?;
     }
     if e2e {
         let layouts = LAYOUTS
@@ -413,6 +422,75 @@ fn best_prefill(
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(best)
+}
+
+/// A prefix of `store_tokens` tokens (f16 cache) prefilled, then saved to each tier (host
+/// memory, a disk directory) and restored from it into a fresh cache through
+/// `TieredCache`: seconds of each, and bytes moved per second. Best of two of each.
+fn store_tiers(sizes: &Sizes, model: &Model) -> Res<()> {
+    use kv_attention::cache_file::encode_value;
+    use kv_attention::store::{BlockStore, DiskStore, HostStore};
+    use kv_attention::TieredCache;
+    use kv_core::content::{chain_keys, Fingerprint};
+
+    let n = sizes.store_tokens;
+    let dtype = KvDType::F16;
+    let ids = token_ids(n + 1, model.config().vocab_size);
+    let fp = Fingerprint::of_parts(&[("bench", b"store section")]);
+    let mut cache = new_cache(model, dtype, n + 1)?;
+    let seq = cache.create_sequence();
+    let mut prefill = f64::INFINITY;
+    for _ in 0..2 {
+        cache.truncate(seq, 0)?;
+        let t = Instant::now();
+        fill(model, &mut cache, seq, &ids, n)?;
+        prefill = prefill.min(t.elapsed().as_secs_f64());
+    }
+    cache.commit(seq, &ids[..n])?;
+    let keys = chain_keys(&ids[..n], BLOCK, &fp, dtype);
+    let values: Vec<_> = keys
+        .iter()
+        .zip(cache.export_blocks(seq, keys.len())?)
+        .map(|(k, b)| (*k, encode_value(&fp, k, &b)))
+        .collect();
+    let bytes: u64 = values.iter().map(|(_, v)| v.len() as u64).sum();
+    drop(cache);
+    let dir = std::env::temp_dir().join(format!("kv-bench-store-{}", std::process::id()));
+    for tier in ["host", "disk"] {
+        let open = || -> Res<Box<dyn BlockStore>> {
+            Ok(match tier {
+                "host" => Box::new(HostStore::new(u64::MAX)),
+                _ => Box::new(DiskStore::open(&dir, u64::MAX)?),
+            })
+        };
+        let (mut save, mut restore) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..2 {
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut store = open()?;
+            let t = Instant::now();
+            store.put_many(&values)?;
+            save = save.min(t.elapsed().as_secs_f64());
+            if tier == "disk" {
+                store = open()?;
+            }
+            let mut tiered = TieredCache::new(new_cache(model, dtype, n + 1)?, fp, vec![store]);
+            let t = Instant::now();
+            let (_, reused) = tiered.create_with_prefix(&ids[..n + 1]);
+            restore = restore.min(t.elapsed().as_secs_f64());
+            if reused != n {
+                return Err(format!("the {tier} tier restored {reused} of {n} tokens").into());
+            }
+        }
+        println!(
+            "BENCH section=store tier={tier} layout={dtype} tokens={n} bytes={bytes} \
+             prefill_secs={prefill:.6} save_secs={save:.6} restore_secs={restore:.6} \
+             save_bytes_per_s={:.0} load_bytes_per_s={:.0}",
+            bytes as f64 / save,
+            bytes as f64 / restore
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

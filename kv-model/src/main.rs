@@ -288,13 +288,14 @@ struct GenerateArgs {
     /// file from another model or configuration is reported and not used).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["no_cache", "window"])]
     prompt_cache: Option<PathBuf>,
-    /// Block store tier: `host` (this process's memory) or `disk:DIR` (a directory of
-    /// content-addressed block files, shared by runs and processes). The prompt's blocks
+    /// Block store tier: `host` (this process's memory), `disk:DIR` (a directory of
+    /// content-addressed block files, shared by runs and processes) or
+    /// `redis://HOST:PORT` (shared by machines; needs the `redis` feature). The prompt's blocks
     /// found there are restored instead of prefilled; hits, bytes moved and prefill saved
     /// go to stderr.
     #[arg(
         long,
-        value_name = "host|disk:DIR",
+        value_name = "host|disk:DIR|redis://HOST:PORT",
         conflicts_with_all = ["no_cache", "window", "prompt_cache"]
     )]
     store: Option<String>,
@@ -896,10 +897,38 @@ fn open_store(spec: &str, mib: u64) -> Result<Box<dyn kv_attention::store::Block
         })?;
         return Ok(Box::new(store));
     }
+    if spec.starts_with("redis://") {
+        return redis_store(spec);
+    }
     Err(ModelError::InvalidArgument {
         what: "--store",
-        expected: "host or disk:DIR (a Redis tier is not built yet)".into(),
+        expected: "host, disk:DIR or redis://HOST:PORT".into(),
         got: kv_model::escape_controls(spec),
+    })
+}
+
+/// `--store redis://HOST:PORT`: values live a day; each operation waits at most 2 s, and a
+/// server that is down costs the run only the prefill it would have saved.
+#[cfg(feature = "redis")]
+fn redis_store(url: &str) -> Result<Box<dyn kv_attention::store::BlockStore>> {
+    let store =
+        kv_attention::store::RedisStore::new(url, 24 * 3600, std::time::Duration::from_secs(2))
+            .map_err(|e| ModelError::InvalidArgument {
+                what: "--store",
+                expected: "a Redis URL, redis://HOST:PORT".into(),
+                got: kv_model::escape_controls(&e.to_string()),
+            })?;
+    Ok(Box::new(store))
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis_store(url: &str) -> Result<Box<dyn kv_attention::store::BlockStore>> {
+    Err(ModelError::Unsupported {
+        what: "--store",
+        detail: format!(
+            "{}: this kv was built without Redis support (cargo build --features redis)",
+            kv_model::escape_controls(url)
+        ),
     })
 }
 

@@ -21,7 +21,9 @@ use crate::{
 };
 
 /// The fingerprint of `model` (loaded from the GGUF file at `path`) with `tokenizer`,
-/// cached in `layout` on the backend named `backend`: see the [module docs](self).
+/// cached in `layout` on the backend named `backend`: the configuration, every weight
+/// tensor's name, type, shape and offset, the vocabulary, the weight format, the layout,
+/// the block size and the backend. Saved blocks are used only under an equal fingerprint.
 ///
 /// # Errors
 /// What reading the file's header returns.

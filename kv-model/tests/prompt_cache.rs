@@ -8,10 +8,11 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use kv_attention::PagedCache;
 use kv_backend_cpu::CpuBackend;
 use kv_core::content::Fingerprint;
-use kv_core::{KiviBits, KvDType, QuantGroup};
-use kv_model::{CacheLayout, GenerateOptions, Model, Tokenizer};
+use kv_core::{KiviBits, KvDType, QuantGroup, StorageSpec};
+use kv_model::{CacheLayout, GenerateOptions, Logits, Model, Sampler, Tokenizer};
 
 const SYSTEM: &str = "You are a careful assistant. Answer in plain English, briefly, and \
     never invent facts. If a question is ambiguous, say so. Examples: Q: What is 2 + 2? \
@@ -85,7 +86,44 @@ fn second_run_prefills_only_the_suffix_with_the_same_tokens() {
                 )
                 .unwrap()
         };
+        // The exact reference of a run with the file: the cache states that wrote the
+        // file, replayed. Each step truncates the sequence to `from` tokens and prefills
+        // `prompt[from..]`, as the run that saved the blocks did and as the run that loads
+        // them does; then greedy decoding. Loaded K/V is bit for bit what was saved, so the
+        // tokens must be equal. (Against one prefill of the whole prompt, activations can
+        // round differently, since matrix kernels differ by row count, and a 4-bit layout
+        // can turn that into another greedy token.)
+        let replay = |steps: &[(&[u32], usize)]| -> Vec<u32> {
+            let longest = steps.iter().map(|(p, _)| p.len()).max().unwrap();
+            let blocks = (longest + options.max_tokens).div_ceil(bs);
+            let spec = StorageSpec::new(model.shape(), layout.dtype, bs, blocks).unwrap();
+            let mut cache = PagedCache::new(CpuBackend::new(), spec).unwrap();
+            let seq = cache.create_sequence();
+            let mut logits = None;
+            for &(p, from) in steps {
+                if cache.len(seq).unwrap() > from {
+                    cache.truncate(seq, from).unwrap();
+                }
+                logits = Some(
+                    model
+                        .forward(&p[from..], &mut cache, seq, Logits::Last)
+                        .unwrap(),
+                );
+            }
+            let mut logits = logits.unwrap();
+            let mut sampler = Sampler::new(options.sampling).unwrap();
+            let mut out = Vec::new();
+            while out.len() < options.max_tokens {
+                let l: Vec<f32> = logits.squeeze(0).unwrap().to_vec1().unwrap();
+                let t = sampler.sample(&l).unwrap();
+                out.push(t);
+                logits = model.forward(&[t], &mut cache, seq, Logits::Last).unwrap();
+            }
+            out
+        };
+        let (s2, s3) = (common / bs * bs, (b.len() - 1) / bs * bs);
         let (want_a, want_b) = (plain(&a), plain(&b));
+        let f16 = layout.dtype == KvDType::F16;
         // First run: nothing to load; the prompt's full blocks are saved.
         let (run, report) = cached(&a, fp);
         assert_eq!(run.tokens, want_a, "{layout:?}");
@@ -93,14 +131,22 @@ fn second_run_prefills_only_the_suffix_with_the_same_tokens() {
         assert_eq!(report.saved_tokens, a.len() / bs * bs);
         // Another question after the same system prompt: the shared full blocks load.
         let (run, report) = cached(&b, fp);
-        assert_eq!(run.tokens, want_b, "{layout:?}");
         assert_eq!(report.loaded_tokens, common / bs * bs, "{layout:?}");
+        assert_eq!(run.tokens, replay(&[(&a, 0), (&b, s2)]), "{layout:?}");
+        if f16 {
+            // And, for f16 on these prompts, the tokens of one whole prefill.
+            assert_eq!(run.tokens, want_b);
+        }
         assert!(report.loaded_bytes > 0);
         // The same prompt again (the file now holds b's blocks): all but the last token's
         // block of what b shares with a.
         let (run, report) = cached(&b, fp);
-        assert_eq!(run.tokens, want_b);
-        assert_eq!(report.loaded_tokens, (b.len() - 1) / bs * bs, "{layout:?}");
+        assert_eq!(report.loaded_tokens, s3, "{layout:?}");
+        assert_eq!(
+            run.tokens,
+            replay(&[(&a, 0), (&b, s2), (&b, s3)]),
+            "{layout:?}"
+        );
         assert_eq!(report.saved_tokens, 0, "nothing new to save");
         // Another model's fingerprint: refused, recomputed, same tokens.
         let other = Fingerprint::of_parts(&[("another model", b"")]);
@@ -123,8 +169,8 @@ fn second_run_prefills_only_the_suffix_with_the_same_tokens() {
         );
         // ...and the run saved a good file again over it.
         let (run, report) = cached(&b, fp);
-        assert_eq!(run.tokens, want_b);
-        assert_eq!(report.loaded_tokens, (b.len() - 1) / bs * bs);
+        assert_eq!(report.loaded_tokens, s3);
+        assert_eq!(run.tokens, replay(&[(&b, 0), (&b, s3)]));
         std::fs::remove_file(&file).unwrap();
     }
 }

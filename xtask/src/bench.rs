@@ -905,6 +905,57 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
         let _ = writeln!(w, "\nRatio: candle-nn's time over kv's.\n");
     }
 
+    // Block tiers: restoring a saved prefix against prefilling it.
+    let tiers: Vec<&Rec> = r.all(&[("section", "store")]).collect();
+    if !tiers.is_empty() {
+        let _ = writeln!(
+            w,
+            "## Restoring a prefix from a block tier (SmolLM2, f16 cache)\n"
+        );
+        let _ = writeln!(
+            w,
+            "A prefix is prefilled, its blocks saved to a tier (host memory; a directory on \
+             local disk, files written atomically), then restored into a fresh cache through \
+             `TieredCache` (read, checksum, import) instead of being prefilled again. Best of \
+             two of each. GB/s: bytes of stored values per second, against the memory-read \
+             probe of section 1 ({:.2} GB/s).\n",
+            limit / 1e9
+        );
+        let _ = writeln!(
+            w,
+            "| tier | tokens | MiB | prefill, ms | restore, ms | prefill / restore | save GB/s | restore GB/s | restore / probe |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for t in tiers {
+            let (Some(n), Some(b), Some(p), Some(rs), Some(sv), Some(ld)) = (
+                t.num("tokens"),
+                t.num("bytes"),
+                t.num("prefill_secs"),
+                t.num("restore_secs"),
+                t.num("save_bytes_per_s"),
+                t.num("load_bytes_per_s"),
+            ) else {
+                continue;
+            };
+            let _ = writeln!(
+                w,
+                "| {} | {n} | {:.1} | {:.1} | {:.2} | {:.1}x | {:.2} | {:.2} | {} |",
+                t.get("tier").unwrap_or("?"),
+                b / f64::from(1u32 << 20),
+                p * 1e3,
+                rs * 1e3,
+                p / rs,
+                sv / 1e9,
+                ld / 1e9,
+                if limit > 0.0 {
+                    format!("{:.0}%", 100.0 * ld / limit)
+                } else {
+                    "-".into()
+                }
+            );
+        }
+        let _ = writeln!(w);
+    }
+
     // Reference figures.
     let _ = writeln!(w, "## Reference: llama.cpp (NOT measured in this run)\n");
     let _ = writeln!(

@@ -8,6 +8,7 @@ mod cuda;
 mod fetch;
 mod fuzz;
 mod gemma;
+mod redis;
 mod vocab;
 
 use std::path::{Path, PathBuf};
@@ -55,6 +56,9 @@ commands:
                 ~/.cache/kv/cuda-target; cold: about 15 min on 2 cores)
   gpu-bundle    build the GPU test binary of kv-backend-cuda into .gpubin/ (gzipped) with a
                 run.sh for a GPU machine
+  redis         the redis-server the Redis tier's tests start: one on PATH, KV_REDIS_SERVER,
+                or Debian's pinned packages unpacked into ~/.cache/kv/redis (no root;
+                SHA-256 checked); prints its path
   help          this text
 
 environment:
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
                 "unknown model {other:?} (known: smollm2, the default; gemma3-270m)"
             )),
         },
+        Some("redis") => redis::ensure_redis().map(|p| println!("redis-server: {}", p.display())),
         Some("fetch-vocab") => {
             vocab::ensure_vocab().map(|p| println!("vocabularies: {}", p.display()))
         }
@@ -215,6 +220,32 @@ fn test_all() -> Result<(), String> {
     run(
         "real-model tests (release, SmolLM2-135M, Gemma 3 270M) and llama.cpp's tokenizer vectors",
         real,
+    )?;
+
+    // The Redis tier against a real redis-server, which the tests start on a free port.
+    let server = redis::ensure_redis()?;
+    let mut redis_tests = cargo();
+    redis_tests
+        .args([
+            "test",
+            "-p",
+            "kv-attention",
+            "--features",
+            "redis",
+            "--test",
+            "redis",
+        ])
+        .env("KV_REDIS_SERVER", &server);
+    run("Redis tier against a real redis-server", redis_tests)?;
+    let mut redis_model = cargo();
+    redis_model
+        .args(["test", "--release", "-p", "kv-model", "--features", "redis"])
+        .args(["--test", "store_redis", "--", "--ignored"])
+        .env("KV_REDIS_SERVER", &server)
+        .env("KV_MODEL_PATH", &model);
+    run(
+        "engines sharing a prefix through Redis, and losing it (real model)",
+        redis_model,
     )?;
 
     // The bench harness end to end at tiny sizes: proves it runs and writes its report;
