@@ -434,7 +434,7 @@ mod tests {
             (KiviBits::B4, kv_quant::KiviBits::B4),
             (KiviBits::B2, kv_quant::KiviBits::B2),
         ] {
-            let dtype = KvDType::Kivi { bits };
+            let dtype = KvDType::kivi(bits);
             assert_eq!(dtype.block_tokens(), 32);
             for d in (32..=256).step_by(32) {
                 let block = KiviKeyFormat::new(qbits, 32).block_bytes(d).expect("block");
