@@ -1169,3 +1169,35 @@ fn line_chart(
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The batched-decode section turns the bench's lines into one table row per line and
+    /// a plot; a run without them adds nothing.
+    #[test]
+    fn batch_report_tabulates_and_plots_the_batch_lines() {
+        let dir = std::env::temp_dir().join(format!("kv-xtask-batch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lines = "BENCH section=batch prefix=shared seqs=1 prompt=64 new=64 reused_tokens=0 prefill_tokens_per_s=150.0 decode_tokens_per_s=50.0 ratio_1=1.000\n\
+                     BENCH section=batch prefix=shared seqs=16 prompt=64 new=64 reused_tokens=480 prefill_tokens_per_s=160.0 decode_tokens_per_s=300.0 ratio_1=6.000\n\
+                     BENCH section=batch prefix=distinct seqs=1 prompt=64 new=64 reused_tokens=0 prefill_tokens_per_s=300.0 decode_tokens_per_s=55.0 ratio_1=1.000\n";
+        let r = Results { recs: parse(lines) };
+        let mut w = String::new();
+        batch_report(&r, &mut w, &dir).unwrap();
+        assert!(
+            w.contains("| shared | 16 | 300.0 | 6.00x | 160.0 | 480 |"),
+            "{w}"
+        );
+        assert!(
+            w.contains("| distinct | 1 | 55.0 | 1.00x | 300.0 | 0 |"),
+            "{w}"
+        );
+        assert!(dir.join("batch_decode.svg").is_file());
+        let mut empty = String::new();
+        batch_report(&Results { recs: Vec::new() }, &mut empty, &dir).unwrap();
+        assert!(empty.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
