@@ -14,9 +14,17 @@
 //!   kv keeps in blocks, on a 1536x576 matrix (SmolLM2's gate/up; 1536x768 where the block
 //!   is 256 weights), in weight bytes read per second and as a ratio to Q4_1's, the types
 //!   alternating within each round. No model needed.
+//! - `weight-rows` (not in the default list): one matmul of SmolLM2's decode shapes
+//!   (576x576, 1536x576, 576x1536; Q4_1 and Q8_0) at 1 to 128 activation rows, per path
+//!   (`auto`: what kv runs; `matvec`, `strips`, `panels`: each kernel where it applies), in
+//!   seconds per call and per row: the crossovers between the paths. No model needed.
+//! - `batch`: batched decode on the model: 1, 4, 16 and 64 sequences of 64-token prompts
+//!   (a shared 48-token prefix with the prefix cache, or all distinct), 64 new tokens
+//!   each; decode tokens/s over all sequences (prefill time taken out, prefill reported
+//!   apart) and the ratio to 1 sequence in the same run.
 //!
 //! `cargo run --release -p kv-model --example bench -- [--quick] [--model FILE]
-//! [--threads N] [--sections attn,nocache,e2e,store]`. Set `RAYON_NUM_THREADS` to the same thread
+//! [--threads N] [--sections attn,weights,weight-rows,nocache,e2e,store,batch]`. Set `RAYON_NUM_THREADS` to the same thread
 //! count: candle's matmuls read it.
 
 use std::error::Error;
@@ -143,6 +151,7 @@ fn parse_args() -> Res<Args> {
             "e2e".into(),
             "weights".into(),
             "store".into(),
+            "batch".into(),
         ],
     };
     let mut it = std::env::args().skip(1);
@@ -201,20 +210,40 @@ fn run(a: &Args) -> Res<()> {
     if on("weights") {
         rayon::scope(|_| weight_kernels(a.quick));
     }
-    if on("nocache") || on("e2e") || on("store") {
+    if on("weight-rows") {
+        rayon::scope(|_| weight_rows(a.quick));
+    }
+    if on("nocache") || on("e2e") || on("store") || on("batch") {
         // On a worker of rayon's global pool, as `kv` runs: the kernels' parallel loops then
         // share work with the calling thread instead of handing it over and sleeping.
         let sections = |_: &rayon::Scope<'_>| {
-            model_sections(a, &sizes, on("nocache"), on("e2e"), on("store"))
-                .map_err(|e| e.to_string())
+            model_sections(
+                a,
+                &sizes,
+                &ModelSections {
+                    nocache: on("nocache"),
+                    e2e: on("e2e"),
+                    store: on("store"),
+                    batch: on("batch"),
+                },
+            )
+            .map_err(|e| e.to_string())
         };
         rayon::scope(sections)?;
     }
     Ok(())
 }
 
-/// The sections that run the model: no cache against the cache, and end to end.
-fn model_sections(a: &Args, sizes: &Sizes, nocache: bool, e2e: bool, store: bool) -> Res<()> {
+/// Which of the sections that run the model to run.
+struct ModelSections {
+    nocache: bool,
+    e2e: bool,
+    store: bool,
+    batch: bool,
+}
+
+/// The sections that run the model: no cache against the cache, end to end, tiers, batches.
+fn model_sections(a: &Args, sizes: &Sizes, on: &ModelSections) -> Res<()> {
     let path = a
         .model
         .clone()
@@ -226,13 +255,16 @@ fn model_sections(a: &Args, sizes: &Sizes, nocache: bool, e2e: bool, store: bool
         "bench: model loaded (the file's blocks) in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    if nocache {
+    if on.nocache {
         no_cache(sizes, &model)?;
     }
-    if store {
+    if on.store {
         store_tiers(sizes, &model)?;
     }
-    if e2e {
+    if on.batch {
+        batched_decode(a.quick, &model)?;
+    }
+    if on.e2e {
         let layouts = LAYOUTS
             .iter()
             .map(|name| name.parse())
@@ -304,6 +336,95 @@ fn weight_kernels(quick: bool) {
             );
         }
     }
+}
+
+/// `weight-rows` section: SmolLM2's decode shapes at 1 to 128 activation rows, each path
+/// where it applies, paths and row counts interleaved per round, the median round.
+fn weight_rows(quick: bool) {
+    let (rounds, reps) = if quick { (1, 3) } else { (3, 20) };
+    let isa = kv_quant::Isa::best().name();
+    let shapes = [(576, 576), (1536, 576), (576, 1536)];
+    let ns = [1usize, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128];
+    for ty in ["q4_1", "q8_0"] {
+        for (rows, cols) in shapes {
+            for n in ns {
+                for path in ["auto", "matvec", "strips", "panels"] {
+                    let mut t: Vec<f64> = (0..rounds)
+                        .filter_map(|_| {
+                            kv_model::matmul_path_seconds(path, isa, ty, rows, cols, n, reps)
+                        })
+                        .collect();
+                    if t.is_empty() {
+                        continue;
+                    }
+                    t.sort_by(f64::total_cmp);
+                    let secs = t[t.len() / 2];
+                    println!(
+                        "BENCH section=weight-rows type={ty} isa={isa} rows={rows} cols={cols} n={n} path={path} rounds={rounds} secs={secs:.9} secs_per_row={:.9}",
+                        secs / n as f64
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `batch` section: batched greedy decode at 1, 4, 16 and 64 sequences, shared and
+/// distinct prompts, decode apart from prefill, ratio to 1 sequence in the same run.
+fn batched_decode(quick: bool, model: &Model) -> Res<()> {
+    use kv_model::BatchOptions;
+    let (prompt, new, shared) = if quick { (16, 8, 12) } else { (64, 64, 48) };
+    let sizes: &[usize] = if quick { &[1, 4] } else { &[1, 4, 16, 64] };
+    let vocab = model.config().vocab_size as u32;
+    for prefix in ["shared", "distinct"] {
+        let mut base = None;
+        for &seqs in sizes {
+            let prompts: Vec<Vec<u32>> = (0..seqs as u32)
+                .map(|s| {
+                    (0..prompt as u32)
+                        .map(|i| {
+                            let salt = if prefix == "shared" && (i as usize) < shared {
+                                0
+                            } else {
+                                s + 1
+                            };
+                            (i * 7919 + salt * 104_729 + 17) % vocab
+                        })
+                        .collect()
+                })
+                .collect();
+            let blocks = (seqs * (prompt + new)).div_ceil(BLOCK) + seqs + 1;
+            let spec = StorageSpec::new(model.shape(), KvDType::F16, BLOCK, blocks)?;
+            let mut cache = if prefix == "shared" {
+                PagedCache::with_prefix_cache(CpuBackend::new(), spec, 7)?
+            } else {
+                PagedCache::new(CpuBackend::new(), spec)?
+            };
+            let options = BatchOptions {
+                max_tokens: new,
+                max_batch: seqs,
+                ..BatchOptions::default()
+            };
+            let run = model.generate_batch(&mut cache, &prompts, &options)?;
+            let prefill: f64 = run
+                .sequences
+                .iter()
+                .map(|s| s.prefill_time.as_secs_f64())
+                .sum();
+            let decode_secs = (run.wall_time.as_secs_f64() - prefill).max(1e-9);
+            let tokens = run.generated_tokens();
+            let per_s = tokens as f64 / decode_secs;
+            let base = *base.get_or_insert(per_s);
+            println!(
+                "BENCH section=batch prefix={prefix} seqs={seqs} prompt={prompt} new={new} peak_batch={} reused_tokens={} prefill_secs={prefill:.6} prefill_tokens_per_s={:.3} decode_secs={decode_secs:.6} decode_tokens={tokens} decode_tokens_per_s={per_s:.3} ratio_1={:.3}",
+                run.peak_batch,
+                run.reused_tokens(),
+                run.prefill_tokens_per_s(),
+                per_s / base
+            );
+        }
+    }
+    Ok(())
 }
 
 fn attention(sizes: &Sizes, threads: usize) -> Res<()> {

@@ -12,6 +12,10 @@
 //!   dequantizes each block once for up to two activation rows; AVX-512F or AVX2+FMA+F16C
 //!   when the CPU has them, portable Rust otherwise (kv-quant's `Isa`: `KV_ISA` caps the level); rayon
 //!   threads split the output rows.
+//! - A batch of rows (a decode step of 9 to [`STRIPS_MAX_ROWS`] sequences): each task
+//!   dequantizes a strip of weight rows into L1 once and multiplies it with every
+//!   activation row in register tiles (`linear/strips.rs`, written once over kv-quant's
+//!   `Simd` width): the weights are read once per step for the whole batch.
 //! - Many rows (prefill): each task dequantizes a panel of weight rows into an f32 tile that
 //!   fits in L2 and multiplies all activation rows by it with the `gemm` crate (the GEMM
 //!   candle itself uses); tasks split the output columns.
@@ -23,6 +27,7 @@ mod avx2;
 mod avx512;
 mod kquant;
 mod scalar;
+mod strips;
 
 pub(crate) use kquant::KType;
 
@@ -41,6 +46,12 @@ pub(crate) const BLOCK: usize = 32;
 /// Activation rows up to which the matrix-vector kernel is used; from here on the panel
 /// GEMM, whose dequantization is shared by all rows.
 const MATVEC_MAX_ROWS: usize = 8;
+
+/// Activation rows up to which the strip kernel (`linear/strips.rs`) is used past
+/// [`MATVEC_MAX_ROWS`]; from here on the panel GEMM. Measured (`bench -- --sections
+/// weight-rows`, SmolLM2's decode shapes, one layer's projections summed): the strips
+/// ahead at 12 rows, even at 16, the panels ahead from 24 (`docs/measurements.md`).
+const STRIPS_MAX_ROWS: usize = 16;
 
 /// f32 weights per dequantized panel: 256 KiB, a quarter of this machine's L2, so the tile,
 /// the activation rows streaming past it and gemm's packed copies stay in cache.
@@ -197,6 +208,45 @@ impl Kernels {
         }
     }
 
+    /// [`Kernels::dot_matrix`] for a batch of activation rows: each strip of
+    /// [`strips::STRIP`] weight rows dequantized once (into this thread's buffer) and
+    /// multiplied with all `n` rows.
+    fn dot_strips(
+        self,
+        ty: WeightType,
+        rows: &[u8],
+        x: &[f32],
+        cols: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let row_bytes = ty.row_bytes(cols);
+        if row_bytes == 0 || n == 0 {
+            out.fill(0.0);
+            return;
+        }
+        STRIP_BUF.with_borrow_mut(|buf| {
+            buf.resize(strips::STRIP * cols, 0.0);
+            let strips = rows.chunks(strips::STRIP * row_bytes);
+            for (strip, o) in strips.zip(out.chunks_mut(strips::STRIP * n)) {
+                let sr = strip.len() / row_bytes;
+                for (r, w) in strip
+                    .chunks_exact(row_bytes)
+                    .zip(buf.chunks_exact_mut(cols))
+                {
+                    self.dequantize_row(ty, r, w);
+                }
+                self.isa.run(strips::StripDot {
+                    w: &buf[..sr * cols],
+                    x,
+                    cols,
+                    n,
+                    out: &mut o[..sr * n],
+                });
+            }
+        });
+    }
+
     /// `out[j * n + i] = dot(weight row j, x row i)` for the weight rows in `rows` (whole
     /// rows of `cols` weights of type `ty`) and `n` activation rows of `x`.
     fn dot_matrix(
@@ -303,6 +353,8 @@ impl OutPtr {
 thread_local! {
     /// Each rayon worker's dequantized panel, reused across calls.
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each rayon worker's dequantized strip of the batch kernel, reused across calls.
+    static STRIP_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 impl BlockMatrix {
@@ -370,11 +422,15 @@ impl BlockMatrix {
     /// # Panics
     /// If `x` or `out` is shorter than `n` rows (callers check shapes).
     pub(crate) fn matmul(&self, k: Kernels, x: &[f32], n: usize, out: &mut [f32]) {
+        self.matmul_with(k, Path::for_rows(n), x, n, out);
+    }
+
+    /// [`BlockMatrix::matmul`] by a given path (the benchmark compares them).
+    fn matmul_with(&self, k: Kernels, path: Path, x: &[f32], n: usize, out: &mut [f32]) {
         let (x, out) = (&x[..n * self.cols], &mut out[..n * self.rows]);
-        if n <= MATVEC_MAX_ROWS {
-            self.matvec(k, x, n, out);
-        } else {
-            self.matmul_panels(k, x, n, out);
+        match path {
+            Path::Rows(p) => self.matvec(k, p, x, n, out),
+            Path::Panels => self.matmul_panels(k, x, n, out),
         }
     }
 
@@ -384,13 +440,13 @@ impl BlockMatrix {
         self.rows.div_ceil(tasks).max(min)
     }
 
-    fn matvec(&self, k: Kernels, x: &[f32], n: usize, out: &mut [f32]) {
+    fn matvec(&self, k: Kernels, p: RowKernel, x: &[f32], n: usize, out: &mut [f32]) {
         if n == 1 {
-            matvec_parts(k, &mut [(self, out)], x, 1);
+            matvec_parts(k, p, &mut [(self, out)], x, 1);
             return;
         }
         let mut t = vec![0f32; self.rows * n];
-        matvec_parts(k, &mut [(self, &mut t)], x, n);
+        matvec_parts(k, p, &mut [(self, &mut t)], x, n);
         transpose_into(&t, n, out);
     }
 
@@ -443,14 +499,24 @@ impl BlockMatrix {
 /// `[m.rows, n]`: output-row-major, so that each weight row serves all `n` activation rows
 /// while its blocks are in L1. One parallel loop over the rows of all parts: a decode step
 /// pays one rayon dispatch for Q, K and V together, not three.
-fn matvec_parts(k: Kernels, parts: &mut [(&BlockMatrix, &mut [f32])], x: &[f32], n: usize) {
+fn matvec_parts(
+    k: Kernels,
+    p: RowKernel,
+    parts: &mut [(&BlockMatrix, &mut [f32])],
+    x: &[f32],
+    n: usize,
+) {
     if n == 0 {
         return;
     }
     let total: usize = parts.iter().map(|(m, _)| m.rows).sum();
     // A few tasks per thread for balance, not so many that the scheduling costs more than
     // the work (a decode step makes ~200 of these calls).
-    let chunk = total.div_ceil(rayon::current_num_threads() * 4).max(16);
+    let mut chunk = total.div_ceil(rayon::current_num_threads() * 4).max(16);
+    if p == RowKernel::Strips {
+        // Whole strips per task.
+        chunk = chunk.next_multiple_of(strips::STRIP);
+    }
     let mut tasks = Vec::new();
     for (m, out) in parts.iter_mut() {
         for (c, o) in out[..m.rows * n].chunks_mut(chunk * n).enumerate() {
@@ -460,8 +526,52 @@ fn matvec_parts(k: Kernels, parts: &mut [(&BlockMatrix, &mut [f32])], x: &[f32],
     tasks.into_par_iter().for_each(|(m, r0, o)| {
         let row_bytes = m.ty.row_bytes(m.cols);
         let rows = &m.data[r0 * row_bytes..][..o.len() / n * row_bytes];
-        k.dot_matrix(m.ty, rows, x, m.cols, n, o);
+        match p {
+            RowKernel::Matvec => k.dot_matrix(m.ty, rows, x, m.cols, n, o),
+            RowKernel::Strips => k.dot_strips(m.ty, rows, x, m.cols, n, o),
+        }
     });
+}
+
+/// The kernels that compute output-row-major results ([`matvec_parts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowKernel {
+    /// Up to [`MATVEC_MAX_ROWS`] activation rows per pass over a weight row.
+    Matvec,
+    /// Strips of weight rows dequantized once for any number of activation rows.
+    Strips,
+}
+
+/// How a [`BlockMatrix::matmul`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Output-row-major through [`matvec_parts`].
+    Rows(RowKernel),
+    /// Dequantized panels and the `gemm` crate.
+    Panels,
+}
+
+impl Path {
+    /// The path for `n` activation rows: measured crossovers.
+    fn for_rows(n: usize) -> Self {
+        if n <= MATVEC_MAX_ROWS {
+            Self::Rows(RowKernel::Matvec)
+        } else if n <= STRIPS_MAX_ROWS {
+            Self::Rows(RowKernel::Strips)
+        } else {
+            Self::Panels
+        }
+    }
+
+    fn from_name(name: &str, n: usize) -> Option<Self> {
+        match name {
+            "auto" => Some(Self::for_rows(n)),
+            "matvec" if n <= MATVEC_MAX_ROWS => Some(Self::Rows(RowKernel::Matvec)),
+            "strips" => Some(Self::Rows(RowKernel::Strips)),
+            "panels" => Some(Self::Panels),
+            _ => None,
+        }
+    }
 }
 
 /// `t` `[rows, n]` into `out` `[n, rows]`.
@@ -488,6 +598,23 @@ pub fn matmul_seconds(
     n: usize,
     reps: usize,
 ) -> Option<f64> {
+    matmul_path_seconds("auto", isa, ty, rows, cols, n, reps)
+}
+
+/// [`matmul_seconds`] by one path: `auto` (what `matmul` picks), `matvec` (up to 8
+/// rows), `strips` (the batch kernel) or `panels` (dequantized panels and gemm); `None`
+/// also for `matvec` past 8 rows. For the `bench` example's crossover measurement.
+#[doc(hidden)]
+pub fn matmul_path_seconds(
+    path: &str,
+    isa: &str,
+    ty: &str,
+    rows: usize,
+    cols: usize,
+    n: usize,
+    reps: usize,
+) -> Option<f64> {
+    let path = Path::from_name(path, n)?;
     let k = Kernels::new(Isa::from_name(isa)?)?;
     let ty = match ty {
         "q4_0" => WeightType::Block(BlockType::Q4_0),
@@ -530,11 +657,11 @@ pub fn matmul_seconds(
     let m = BlockMatrix::new(ty, rows, cols, data)?;
     let x: Vec<f32> = (0..n * cols).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
     let mut out = vec![0f32; n * rows];
-    m.matmul(k, &x, n, &mut out);
+    m.matmul_with(k, path, &x, n, &mut out);
     let mut times: Vec<f64> = (0..reps.max(1))
         .map(|_| {
             let t = std::time::Instant::now();
-            m.matmul(k, std::hint::black_box(&x), n, &mut out);
+            m.matmul_with(k, path, std::hint::black_box(&x), n, &mut out);
             t.elapsed().as_secs_f64()
         })
         .collect();
@@ -605,8 +732,8 @@ impl Linear {
     }
 
     /// `forward` of several projections of the same `x`, bit-identical to separate calls.
-    /// When all are blocks and `x` has few rows (decode), they run as one parallel
-    /// matrix-vector pass: one dispatch and one read of `x` instead of one per projection.
+    /// When all are blocks and `x` has up to [`STRIPS_MAX_ROWS`] rows (decode, one
+    /// sequence or a batch), they run as one parallel pass: one dispatch and one read of `x` instead of one per projection.
     pub(crate) fn forward_many(ls: &[&Self], x: &Tensor) -> Result<Vec<Tensor>> {
         let (n, cols) = x.dims2()?;
         let ms: Option<Vec<&BlockMatrix>> = ls
@@ -616,7 +743,10 @@ impl Linear {
                 _ => None,
             })
             .collect();
-        let Some(ms) = ms.filter(|_| n <= MATVEC_MAX_ROWS) else {
+        let Path::Rows(p) = Path::for_rows(n) else {
+            return ls.iter().map(|l| l.forward(x)).collect();
+        };
+        let Some(ms) = ms else {
             return ls.iter().map(|l| l.forward(x)).collect();
         };
         let k = Kernels::best();
@@ -627,7 +757,7 @@ impl Linear {
                 .copied()
                 .zip(outs.iter_mut().map(|o| &mut o[..]))
                 .collect();
-            matvec_parts(k, &mut parts, v, n);
+            matvec_parts(k, p, &mut parts, v, n);
         })?;
         ms.iter()
             .zip(outs)
@@ -818,7 +948,16 @@ mod tests {
             let (rows, cols) = (37, 256);
             let (q, w) = weight(&mut rng, ty, rows, cols);
             let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
-            for n in [1, 2, 3, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1, 33] {
+            for n in [
+                1,
+                2,
+                3,
+                MATVEC_MAX_ROWS,
+                MATVEC_MAX_ROWS + 1,
+                33,
+                STRIPS_MAX_ROWS,
+                STRIPS_MAX_ROWS + 1,
+            ] {
                 let x = random(&mut rng, n * cols);
                 for k in kernels() {
                     let mut out = vec![f32::NAN; n * rows];
@@ -871,8 +1010,70 @@ mod tests {
         }
     }
 
-    /// Projections run together give the bits of separate calls: at decode (one pass), and
-    /// past the matrix-vector range or with a non-block projection (separate calls).
+    /// The batch kernel at every level against its scalar reference (both over candle's
+    /// weights, so they differ only in summation order), with strips and register tiles cut
+    /// short at the edges (37 weight rows, odd row counts).
+    #[test]
+    fn strip_kernel_matches_its_scalar_reference() {
+        let mut rng = StdRng::seed_from_u64(8);
+        for ty in TYPES {
+            let (rows, cols) = (37, 256);
+            let (q, _) = weight(&mut rng, ty, rows, cols);
+            let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
+            let path = Path::Rows(RowKernel::Strips);
+            for n in [1, 3, 9, STRIPS_MAX_ROWS, 37] {
+                let x = random(&mut rng, n * cols);
+                let mut want = vec![f32::NAN; n * rows];
+                m.matmul_with(Kernels::best_up_to(Isa::Scalar), path, &x, n, &mut want);
+                for k in kernels() {
+                    let mut got = vec![f32::NAN; n * rows];
+                    m.matmul_with(k, path, &x, n, &mut got);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let xr = &x[i / rows * cols..][..cols];
+                        let mag: f32 = xr.iter().map(|v| v.abs()).sum::<f32>() + 1.0;
+                        let tol = cols as f32 * f32::EPSILON * mag * 8.0;
+                        assert!((g - w).abs() <= tol, "{ty:?} {k:?} n {n} [{i}]: {g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// In the batch kernel's range a row's result is the same bits in any batch of any
+    /// size and at any position, so a sequence's tokens cannot depend on its batch-mates.
+    #[test]
+    fn batch_rows_do_not_depend_on_their_batch() {
+        let mut rng = StdRng::seed_from_u64(9);
+        for ty in TYPES {
+            let (rows, cols) = (45, 256);
+            let (q, _) = weight(&mut rng, ty, rows, cols);
+            let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
+            let n = STRIPS_MAX_ROWS;
+            let x = random(&mut rng, n * cols);
+            for k in kernels() {
+                let mut all = vec![0f32; n * rows];
+                m.matmul(k, &x, n, &mut all);
+                let short = MATVEC_MAX_ROWS + 1;
+                for (start, len) in [(0, short), (n - short, short), (2, n - 3)] {
+                    let mut some = vec![0f32; len * rows];
+                    let xs = &x[start * cols..][..len * cols];
+                    m.matmul(k, xs, len, &mut some);
+                    let want = &all[start * rows..][..len * rows];
+                    assert!(
+                        some.iter()
+                            .zip(want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{ty:?} {k:?} rows {start}..{}",
+                        start + len
+                    );
+                }
+            }
+        }
+    }
+
+    /// Projections run together give the bits of separate calls: at decode of one sequence
+    /// or a batch (one pass), and past the batch range or with a non-block projection
+    /// (separate calls).
     #[test]
     fn forward_many_equals_separate_forwards_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(6);
@@ -898,7 +1099,7 @@ mod tests {
                 let t = Tensor::from_vec(w, (16, cols), &Device::Cpu).unwrap();
                 ls.push(Linear::Candle(QMatMul::Tensor(t)));
             }
-            for n in [1, 2, 3, MATVEC_MAX_ROWS + 1] {
+            for n in [1, 2, 3, MATVEC_MAX_ROWS + 1, STRIPS_MAX_ROWS + 1] {
                 let x =
                     Tensor::from_vec(random(&mut rng, n * cols), (n, cols), &Device::Cpu).unwrap();
                 let refs: Vec<&Linear> = ls.iter().collect();

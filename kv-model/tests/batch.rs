@@ -167,6 +167,48 @@ fn batched_generation_matches_each_prompt_alone() {
     assert_eq!(cache.manager().audit(), Ok(()));
 }
 
+/// 64 sequences in one batch: the projections run the panel GEMM rather than the
+/// one-sequence matrix-vector kernel, so the sums differ from a sequence run alone in
+/// order only; the greedy tokens must still be the same.
+#[test]
+#[ignore = "needs the model file; run with --ignored in release"]
+fn sixty_four_sequences_match_each_prompt_alone() {
+    let (model, _) = model();
+    let topics = [
+        "ships",
+        "harbours",
+        "compasses",
+        "knots",
+        "lighthouses",
+        "tides",
+        "sails",
+        "anchors",
+    ];
+    let prompts: Vec<Vec<u32>> = (0..64)
+        .map(|i| {
+            chat(&format!(
+                "{SHARED} Question {i}: tell me one fact about {}.",
+                topics[i % topics.len()]
+            ))
+        })
+        .collect();
+    let mut cache = prefix_cache(16, 64 * 8 + 16);
+    let options = BatchOptions {
+        max_tokens: TOKENS,
+        max_batch: 64,
+        ..BatchOptions::default()
+    };
+    let run = model
+        .generate_batch(&mut cache, &prompts, &options)
+        .unwrap();
+    assert_eq!(run.peak_batch, 64, "all 64 decoded in one pass");
+    assert_eq!(run.preemptions(), 0);
+    for (i, (prompt, seq)) in prompts.iter().zip(&run.sequences).enumerate() {
+        assert_eq!(seq.tokens, alone(prompt), "prompt {i}");
+    }
+    assert_eq!(cache.manager().audit(), Ok(()));
+}
+
 #[test]
 #[ignore = "needs the model file; run with --ignored in release"]
 fn a_small_cache_preempts_and_gives_the_same_tokens() {

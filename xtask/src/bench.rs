@@ -1033,9 +1033,72 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
         );
     }
 
+    batch_report(r, w, dir)?;
+
     let path = dir.join("report.md");
     std::fs::write(&path, md).map_err(|e| format!("writing {}: {e}", path.display()))?;
     Ok(path)
+}
+
+/// The batched-decode section (`section=batch` lines): decode tokens/s over all sequences
+/// at each batch size, prefill apart, the ratio to one sequence, and a plot.
+fn batch_report(r: &Results, w: &mut String, dir: &Path) -> Result<(), String> {
+    let recs: Vec<&Rec> = r.all(&[("section", "batch")]).collect();
+    let Some(first) = recs.first() else {
+        return Ok(());
+    };
+    let _ = writeln!(
+        w,
+        "\n## Batched decode on SmolLM2-135M\n\n{} sequences of {}-token prompts, {} new \
+         tokens each, greedy, f16 cache, all decoding in one batch (`Model::generate_batch`). \
+         `shared`: the prompts share a first 48 tokens, kept once by the prefix cache; \
+         `distinct`: no common prefix. Decode tokens/s: tokens generated over all \
+         sequences per second of the run less its prefill time; prefill apart. Ratio: to \
+         one sequence in this run. llama.cpp's batched bench is not run here (no build).\n",
+        recs.iter()
+            .filter_map(|x| x.get("seqs"))
+            .collect::<Vec<_>>()
+            .join("/"),
+        first.get("prompt").unwrap_or("?"),
+        first.get("new").unwrap_or("?"),
+    );
+    let _ = writeln!(
+        w,
+        "| prompts | sequences | decode tokens/s | x 1 sequence | prefill tokens/s | reused prompt tokens |\n|---|---:|---:|---:|---:|---:|"
+    );
+    let mut series = Vec::new();
+    for (i, prefix) in ["shared", "distinct"].iter().enumerate() {
+        let mut points = Vec::new();
+        for x in r.all(&[("section", "batch"), ("prefix", prefix)]) {
+            let (Some(seqs), Some(tps)) = (x.num("seqs"), x.num("decode_tokens_per_s")) else {
+                continue;
+            };
+            let _ = writeln!(
+                w,
+                "| {prefix} | {seqs} | {tps:.1} | {} | {} | {} |",
+                opt(x.num("ratio_1"), |v| format!("{v:.2}x")),
+                opt(x.num("prefill_tokens_per_s"), |v| format!("{v:.1}")),
+                x.get("reused_tokens").unwrap_or("?"),
+            );
+            points.push((seqs.log2(), tps));
+        }
+        series.push(Series {
+            name: format!("kv, {prefix} prompts"),
+            points,
+            color: COLORS[i],
+            dashed: i == 1,
+        });
+    }
+    line_chart(
+        &dir.join("batch_decode.svg"),
+        "Batched decode, SmolLM2-135M",
+        "sequences",
+        "decode tokens/s (all sequences)",
+        &series,
+        true,
+    )?;
+    let _ = writeln!(w, "\n![batched decode](batch_decode.svg)\n");
+    Ok(())
 }
 
 /// Copies the report, its SVG plots and `results.txt` from `out_dir` into `docs/bench/`,
@@ -1157,4 +1220,36 @@ fn line_chart(
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The batched-decode section turns the bench's lines into one table row per line and
+    /// a plot; a run without them adds nothing.
+    #[test]
+    fn batch_report_tabulates_and_plots_the_batch_lines() {
+        let dir = std::env::temp_dir().join(format!("kv-xtask-batch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lines = "BENCH section=batch prefix=shared seqs=1 prompt=64 new=64 reused_tokens=0 prefill_tokens_per_s=150.0 decode_tokens_per_s=50.0 ratio_1=1.000\n\
+                     BENCH section=batch prefix=shared seqs=16 prompt=64 new=64 reused_tokens=480 prefill_tokens_per_s=160.0 decode_tokens_per_s=300.0 ratio_1=6.000\n\
+                     BENCH section=batch prefix=distinct seqs=1 prompt=64 new=64 reused_tokens=0 prefill_tokens_per_s=300.0 decode_tokens_per_s=55.0 ratio_1=1.000\n";
+        let r = Results { recs: parse(lines) };
+        let mut w = String::new();
+        batch_report(&r, &mut w, &dir).unwrap();
+        assert!(
+            w.contains("| shared | 16 | 300.0 | 6.00x | 160.0 | 480 |"),
+            "{w}"
+        );
+        assert!(
+            w.contains("| distinct | 1 | 55.0 | 1.00x | 300.0 | 0 |"),
+            "{w}"
+        );
+        assert!(dir.join("batch_decode.svg").is_file());
+        let mut empty = String::new();
+        batch_report(&Results { recs: Vec::new() }, &mut empty, &dir).unwrap();
+        assert!(empty.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
