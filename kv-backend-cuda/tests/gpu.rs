@@ -201,18 +201,8 @@ fn tensors_from_the_cpu_are_refused() {
         .write(&mut storage, 0, &slot, &k, &k)
         .expect_err("cpu tensor");
     assert!(matches!(err, KvError::InvalidArgument { .. }), "{err}");
-    assert!(!backend.supports(KvDType::Kivi {
-        bits: kv_core::KiviBits::B4
-    }));
-    let kivi = StorageSpec::new(
-        shape,
-        KvDType::Kivi {
-            bits: kv_core::KiviBits::B4,
-        },
-        32,
-        2,
-    )
-    .expect("spec");
+    assert!(!backend.supports(KvDType::kivi(kv_core::KiviBits::B4)));
+    let kivi = StorageSpec::new(shape, KvDType::kivi(kv_core::KiviBits::B4), 32, 2).expect("spec");
     assert!(matches!(
         backend.allocate(&kivi),
         Err(KvError::Unsupported { .. })
