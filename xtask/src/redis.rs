@@ -8,11 +8,8 @@
 //! `KV_REDIS_SERVER`) is used as it is.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-use sha2::{Digest, Sha256};
 
 /// The packages, their pinned versions (Debian 12's redis 7.0) and their SHA-256.
 const DEBS: [(&str, &str, &str); 4] = [
@@ -104,7 +101,7 @@ pub(crate) fn ensure_redis() -> Result<PathBuf, String> {
                     .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
             })
             .ok_or_else(|| format!("apt-get download left no {package} package"))?;
-        let got = sha256(&deb)?;
+        let got = crate::fetch::file_sha256(&deb)?;
         if got != sha {
             return Err(format!(
                 "{} has SHA-256 {got}, expected {sha}: refusing it",
@@ -141,20 +138,4 @@ pub(crate) fn ensure_redis() -> Result<PathBuf, String> {
             wrapper.display()
         ))
     }
-}
-
-fn sha256(path: &Path) -> Result<String, String> {
-    let mut f = fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -2,10 +2,7 @@
 //! source tree, which the PyPI sdist of llama-cpp-python vendors (`vendor/llama.cpp`).
 
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-
-use sha2::{Digest, Sha256};
 
 const PACKAGE: &str = "llama-cpp-python==0.3.36";
 const SDIST: &str = "llama_cpp_python-0.3.36.tar.gz";
@@ -62,7 +59,7 @@ pub fn ensure_vocab() -> Result<PathBuf, String> {
             download.join(SDIST)
         }
     };
-    let digest = sha256_of(&sdist)?;
+    let digest = crate::fetch::file_sha256(&sdist)?;
     if digest != SDIST_SHA256 {
         return Err(format!(
             "{}: SHA-256 mismatch: expected {SDIST_SHA256}, got {digest}",
@@ -79,22 +76,6 @@ pub fn ensure_vocab() -> Result<PathBuf, String> {
         dir.display()
     );
     Ok(dir)
-}
-
-fn sha256_of(path: &Path) -> Result<String, String> {
-    let mut file = File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(crate::fetch::hex(hasher))
 }
 
 /// Where a member of the sdist goes under `dir`, if it is one we keep: the chosen
