@@ -240,22 +240,7 @@ impl Model {
         options: &GenerateOptions,
         on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<Generation> {
-        self.check_request(prompt, options)?;
-        if layout.block_size == 0 {
-            return Err(ModelError::InvalidArgument {
-                what: "block size",
-                expected: "at least 1 token".into(),
-                got: "0".into(),
-            });
-        }
-        // Both are within the context (check_request), so no overflow.
-        let capacity = prompt.len() + options.max_tokens;
-        let spec = StorageSpec::new(
-            self.shape(),
-            layout.dtype,
-            layout.block_size,
-            capacity.div_ceil(layout.block_size),
-        )?;
+        let spec = self.request_spec(layout, prompt, options)?;
         let mut cache = PagedCache::new(backend, spec)?;
         let seq = cache.create_sequence();
         let run = run_loop(prompt, options, on_token, |new, _| {
@@ -348,6 +333,32 @@ impl Model {
             self.forward_uncached(all, Logits::Last)
         })?;
         Ok(run.finish(CacheReport::None))
+    }
+
+    /// Checks a one-sequence request and sizes its cache: the prompt plus `max_tokens`, in
+    /// blocks of `layout.block_size`.
+    pub(crate) fn request_spec(
+        &self,
+        layout: CacheLayout,
+        prompt: &[u32],
+        options: &GenerateOptions,
+    ) -> Result<StorageSpec> {
+        self.check_request(prompt, options)?;
+        if layout.block_size == 0 {
+            return Err(ModelError::InvalidArgument {
+                what: "block size",
+                expected: "at least 1 token".into(),
+                got: "0".into(),
+            });
+        }
+        // Both are within the context (check_request), so no overflow.
+        let capacity = prompt.len() + options.max_tokens;
+        Ok(StorageSpec::new(
+            self.shape(),
+            layout.dtype,
+            layout.block_size,
+            capacity.div_ceil(layout.block_size),
+        )?)
     }
 
     pub(crate) fn check_request(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {

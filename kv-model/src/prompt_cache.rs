@@ -13,12 +13,10 @@ use std::path::Path;
 use kv_attention::cache_file::{self, BlockSet, CacheFile, Header};
 use kv_attention::PagedCache;
 use kv_core::content::{chain_keys, Fingerprint};
-use kv_core::{CacheBackend, StorageSpec};
+use kv_core::CacheBackend;
 
 use crate::generate::{run_loop, CacheReport};
-use crate::{
-    CacheLayout, GenerateOptions, Generation, Logits, Model, ModelError, Result, Tokenizer,
-};
+use crate::{CacheLayout, GenerateOptions, Generation, Logits, Model, Result, Tokenizer};
 
 /// The fingerprint of `model` (loaded from the GGUF file at `path`) with `tokenizer`,
 /// cached in `layout` on the backend named `backend`: the configuration, every weight
@@ -109,14 +107,7 @@ impl Model {
         options: &GenerateOptions,
         on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<(Generation, PromptCacheReport)> {
-        self.check_request(prompt, options)?;
-        if layout.block_size == 0 {
-            return Err(ModelError::InvalidArgument {
-                what: "block size",
-                expected: "at least 1 token".into(),
-                got: "0".into(),
-            });
-        }
+        let spec = self.request_spec(layout, prompt, options)?;
         if !backend.supports_block_bytes() {
             return Err(kv_core::KvError::Unsupported {
                 backend: backend.name().to_string(),
@@ -124,13 +115,6 @@ impl Model {
             }
             .into());
         }
-        let capacity = prompt.len() + options.max_tokens;
-        let spec = StorageSpec::new(
-            self.shape(),
-            layout.dtype,
-            layout.block_size,
-            capacity.div_ceil(layout.block_size),
-        )?;
         let mut cache = PagedCache::new(backend, spec)?;
         let header = Header {
             fingerprint,
@@ -273,21 +257,7 @@ impl Model {
         options: &GenerateOptions,
         on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<(Generation, StoreReport)> {
-        self.check_request(prompt, options)?;
-        if layout.block_size == 0 {
-            return Err(ModelError::InvalidArgument {
-                what: "block size",
-                expected: "at least 1 token".into(),
-                got: "0".into(),
-            });
-        }
-        let capacity = prompt.len() + options.max_tokens;
-        let spec = StorageSpec::new(
-            self.shape(),
-            layout.dtype,
-            layout.block_size,
-            capacity.div_ceil(layout.block_size),
-        )?;
+        let spec = self.request_spec(layout, prompt, options)?;
         // The device's own prefix index is empty in a fresh cache; its salt is unused.
         let cache = PagedCache::with_prefix_cache(backend, spec, 0)?;
         let mut tiered = kv_attention::TieredCache::new(cache, fingerprint, tiers);
