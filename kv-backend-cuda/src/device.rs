@@ -373,11 +373,10 @@ impl CacheBackend for CudaBackend {
                         .arg(&hadamard)
                         .arg(&dry_run)
                         .arg(&mut flag);
-                    // SAFETY: the argument list matches `kv_write` in kernels/write.cu one for
-                    // one in type and order; every row the grid touches is in the pool
-                    // (slots and layer validated, geometry from the spec the pool was sized
-                    // by) and every input index is below `rows x kv_heads x head_dim` of the
-                    // contiguous f32 K and V.
+                    // SAFETY: the arguments match `kv_write` (kernels/write.cu) in type and
+                    // order; every row the grid touches is in the pool (slots and layer
+                    // validated, geometry from the pool's spec); input indices stay below
+                    // `rows x kv_heads x head_dim` of the contiguous f32 K and V.
                     unsafe { b.launch(launch) }.map_err(|e| cuda_err("kv_write")(&e))?;
                     Ok(())
                 })
@@ -476,11 +475,10 @@ impl CacheBackend for CudaBackend {
                 .arg(&batch.scale)
                 .arg(&tile)
                 .arg(&max_rows);
-            // SAFETY: the argument list matches `kv_attend` in kernels/attend.cu; the plan
-            // was built from a batch validated against this storage (every block id below
-            // num_blocks, every sequence covered by its blocks), items index only its own
-            // tables, queries and partial rows, and the shared memory passed is what the
-            // plan sized for `max_rows` rows and `tile` keys.
+            // SAFETY: the arguments match `kv_attend` (kernels/attend.cu); the plan comes
+            // from a batch validated against this storage (block ids below num_blocks);
+            // items index only their own tables, queries and partial rows; the shared
+            // memory passed is what the plan sized for `max_rows` rows and `tile` keys.
             unsafe { b.launch(launch) }.map_err(|e| cuda_err("kv_attend")(&e))?;
             Ok(())
         })?;
