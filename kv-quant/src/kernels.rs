@@ -528,14 +528,7 @@ impl Kernels {
 
 kernel!(Quantize { format: RowFormat, x: &'a [f32], out: &'a mut [u8] } -> Result<()>;
     scalar => scalar::quantize(format, x, out);
-    // One quantizer at both levels: it runs once per token, off the hot path, and its
-    // bytes must match the scalar quantizer's anyway.
-    simd(s) => per_width!(
-        s,
-        crate::x86::avx2::quantize(format, x, out),
-        crate::x86::avx2::quantize(format, x, out),
-        else scalar::quantize(format, x, out)
-    );
+    simd(s) => crate::encode::quantize(s, format, x, out);
 );
 
 kernel!(Dequantize { format: RowFormat, row: &'a [u8], out: &'a mut [f32] } -> ();

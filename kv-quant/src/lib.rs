@@ -38,6 +38,7 @@
 //! ```
 #![deny(unsafe_code)]
 
+mod encode;
 mod error;
 mod format;
 mod hadamard;

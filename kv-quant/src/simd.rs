@@ -309,6 +309,74 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// 32 unsigned 2-bit codes (low bits first) as f32.
     fn codes32_u2(self, b: &[u8; 8]) -> Self::X32;
 
+    // -----------------------------------------------------------------------------------
+    // Added for kv-quant's quantizers, multi-head and KIVI kernels (helper simdq).
+    // Every operation is exact unless it says how it rounds.
+
+    /// `[u8; LANES]`: the bytes of `2 * LANES` 4-bit codes.
+    type Bytes: Copy;
+    /// `[u8; LANES / 2]`: the bytes of `2 * LANES` 2-bit codes.
+    type Quarters: Copy;
+    /// Whether [`Simd::pair_u4`] and [`Simd::codes32_u4_perm`] unpack 4-bit codes out of
+    /// element order (then data they meet must go through [`Simd::perm32`] /
+    /// [`Simd::perm2`]); when `false` those permutations are the identity and kernels may
+    /// skip them.
+    const U4_PERMUTED: bool;
+
+    /// The slice's whole `Bytes` and the rest.
+    fn bytes(b: &[u8]) -> (&[Self::Bytes], &[u8]);
+    /// The slice's whole `Quarters` and the rest.
+    fn quarters(b: &[u8]) -> (&[Self::Quarters], &[u8]);
+
+    /// `a - b`.
+    fn sub(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// `a / b`, correctly rounded (as scalar `/`).
+    fn div(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// Lane-wise maximum (for NaN-free inputs; which zero of `-0.0`/`+0.0` is unspecified).
+    fn max(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// Lane-wise minimum (as [`Simd::max`]).
+    fn min(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// `|a|` (the sign bit cleared).
+    fn abs(self, a: Self::F32) -> Self::F32;
+    /// Largest lane (NaN-free input).
+    fn max_lane(self, v: Self::F32) -> f32;
+    /// Smallest lane (NaN-free input).
+    fn min_lane(self, v: Self::F32) -> f32;
+    /// Each lane rounded to the nearest integer, ties to even (`f32::round_ties_even`),
+    /// then clamped to `[lo, hi]`: the quantizers' code arithmetic.
+    fn round_clamp(self, v: Self::F32, lo: Self::F32, hi: Self::F32) -> Self::F32;
+    /// 32 lanes holding integers in `-128..=127` as 32 bytes (two's complement), in order.
+    fn pack32_i8(self, v: Self::X32) -> [u8; 32];
+    /// The lanes as f16, rounded to nearest even (as `half::f16::from_f32`), little-endian.
+    /// Lanes must be finite and below f16's overflow threshold.
+    fn to_f16(self, v: Self::F32, out: &mut Self::Halves);
+    /// The lanes as bf16, rounded to nearest even (as `half::bf16::from_f32`),
+    /// little-endian. Lanes must be finite and below bf16's overflow threshold.
+    fn to_bf16(self, v: Self::F32, out: &mut Self::Halves);
+    /// The bytes' whole vectors of 16-bit floats and the rest, to write.
+    fn halves_mut(b: &mut [u8]) -> (&mut [Self::Halves], &mut [u8]);
+    /// Lane `i` = sum of the lanes of `a[i]`.
+    fn reduce8(self, a: &[Self::F32; 8]) -> [f32; 8];
+    /// Lane `i` = sum of the lanes of `a[i]`.
+    fn reduce16(self, a: &[Self::F32; 16]) -> [f32; 16];
+    /// `2 * LANES` signed 8-bit codes as f32, in element order.
+    fn pair_i8(self, b: &Self::Halves) -> [Self::F32; 2];
+    /// `2 * LANES` 4-bit codes (low nibble first) as f32, in the order of [`Simd::perm2`].
+    fn pair_u4(self, b: &Self::Bytes) -> [Self::F32; 2];
+    /// `2 * LANES` 2-bit codes (low bits first) as f32, in element order.
+    fn pair_u2(self, b: &Self::Quarters) -> [Self::F32; 2];
+    /// 32 4-bit codes as f32, in the order of [`Simd::perm32`] (cheaper to unpack than
+    /// [`Simd::codes32_u4`] where that order differs).
+    fn codes32_u4_perm(self, b: &[u8; 16]) -> Self::X32;
+    /// 32 elements in element order → the order [`Simd::codes32_u4_perm`] unpacks codes in.
+    fn perm32(self, v: Self::X32) -> Self::X32;
+    /// `2 * LANES` elements → the order [`Simd::pair_u4`] unpacks codes in.
+    fn perm2(self, v: [Self::F32; 2]) -> [Self::F32; 2];
+    /// The inverse of [`Simd::perm2`].
+    fn unperm2(self, v: [Self::F32; 2]) -> [Self::F32; 2];
+    // End of simdq's additions.
+    // -----------------------------------------------------------------------------------
+
     /// The level's tokens, for code not yet written over the width: `Some` at 512 bits.
     #[cfg(target_arch = "x86_64")]
     fn v512(self) -> Option<V512>;

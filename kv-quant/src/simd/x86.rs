@@ -219,6 +219,96 @@ pub fn reduce8_256(a: &[__m256; 8]) -> __m256 {
     _mm256_add_ps(lo, hi)
 }
 
+// ---- simdq additions: 256-bit helpers of the quantizers and multi-head kernels. ----
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn store_128i(b: &mut [u8; 16], v: __m128i) {
+    // SAFETY: `b` is 16 writable bytes; `storeu` has no alignment requirement.
+    unsafe { _mm_storeu_si128(b.as_mut_ptr().cast(), v) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn store_256i(b: &mut [u8; 32], v: __m256i) {
+    // SAFETY: `b` is 32 writable bytes; `storeu` has no alignment requirement.
+    unsafe { _mm256_storeu_si256(b.as_mut_ptr().cast(), v) }
+}
+
+/// Largest of the eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hmax_256(v: __m256) -> f32 {
+    let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// Smallest of the eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hmin_256(v: __m256) -> f32 {
+    let s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_min_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_min_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// Packs 4 x 8 i32 lanes (each in i8 range) into 32 bytes in lane order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pack_bytes_256(v: [__m256i; 4]) -> __m256i {
+    // The packs interleave 128-bit halves: dwords come out as a0-3 b0-3 c0-3 d0-3 |
+    // a4-7 b4-7 c4-7 d4-7; the permutation restores a, b, c, d order.
+    let ab = _mm256_packs_epi32(v[0], v[1]);
+    let cd = _mm256_packs_epi32(v[2], v[3]);
+    let bytes = _mm256_packs_epi16(ab, cd);
+    _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+/// The two halves of 16 byte codes widened to 2 x 8 f32 (`cvt` widens 8 bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn widen16_256(all: __m128i, cvt: impl Fn(__m128i) -> __m256i) -> [__m256; 2] {
+    [
+        _mm256_cvtepi32_ps(cvt(all)),
+        _mm256_cvtepi32_ps(cvt(_mm_unpackhi_epi64(all, all))),
+    ]
+}
+
+/// 16 4-bit codes (8 bytes, low nibble first) as 16 bytes in element order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn nibbles16(b: &[u8; 8]) -> __m128i {
+    let v = _mm_cvtsi64_si128(i64::from_le_bytes(*b));
+    let mask = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(v, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+    _mm_unpacklo_epi8(lo, hi)
+}
+
+/// 16 2-bit codes (4 bytes, low bits first) as 16 bytes in element order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn crumbs16(b: &[u8; 4]) -> __m128i {
+    let v = _mm_cvtsi32_si128(i32::from_le_bytes(*b));
+    let mask = _mm_set1_epi8(0x03);
+    let c0 = _mm_and_si128(v, mask);
+    let c1 = _mm_and_si128(_mm_srli_epi16::<2>(v), mask);
+    let c2 = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+    let c3 = _mm_and_si128(_mm_srli_epi16::<6>(v), mask);
+    _mm_unpacklo_epi16(_mm_unpacklo_epi8(c0, c1), _mm_unpacklo_epi8(c2, c3))
+}
+
+/// bf16 bits (round to nearest even) of 8 or 16 finite f32 in the low 16 bits of each
+/// 32-bit lane: add `0x7fff` plus the lowest kept bit, then shift.
+macro_rules! bf16_bits {
+    ($v:expr, $cast:ident, $srli:ident, $and:ident, $add:ident, $set1:ident) => {{
+        let bits = $cast($v);
+        let lsb = $and($srli::<16>(bits), $set1(1));
+        $srli::<16>($add($add(bits, $set1(0x7fff)), lsb))
+    }};
+}
+
 impl Simd for V256 {
     const LANES: usize = 8;
     const ISA: Isa = Isa::Avx2;
@@ -351,6 +441,134 @@ impl Simd for V256 {
             widen_256(a, b)
         })
     }
+    // ---- simdq additions. ----
+    type Bytes = [u8; 8];
+    type Quarters = [u8; 4];
+    const U4_PERMUTED: bool = false;
+
+    #[inline(always)]
+    fn bytes(b: &[u8]) -> (&[[u8; 8]], &[u8]) {
+        b.as_chunks()
+    }
+    #[inline(always)]
+    fn quarters(b: &[u8]) -> (&[[u8; 4]], &[u8]) {
+        b.as_chunks()
+    }
+    #[inline(always)]
+    fn sub(self, a: __m256, b: __m256) -> __m256 {
+        feat!(_mm256_sub_ps(a, b))
+    }
+    #[inline(always)]
+    fn div(self, a: __m256, b: __m256) -> __m256 {
+        feat!(_mm256_div_ps(a, b))
+    }
+    #[inline(always)]
+    fn max(self, a: __m256, b: __m256) -> __m256 {
+        feat!(_mm256_max_ps(a, b))
+    }
+    #[inline(always)]
+    fn min(self, a: __m256, b: __m256) -> __m256 {
+        feat!(_mm256_min_ps(a, b))
+    }
+    #[inline(always)]
+    fn abs(self, a: __m256) -> __m256 {
+        feat!(_mm256_and_ps(
+            a,
+            _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff))
+        ))
+    }
+    #[inline(always)]
+    fn max_lane(self, v: __m256) -> f32 {
+        feat!(hmax_256(v))
+    }
+    #[inline(always)]
+    fn min_lane(self, v: __m256) -> f32 {
+        feat!(hmin_256(v))
+    }
+    #[inline(always)]
+    fn round_clamp(self, v: __m256, lo: __m256, hi: __m256) -> __m256 {
+        feat!({
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            _mm256_min_ps(_mm256_max_ps(r, lo), hi)
+        })
+    }
+    #[inline(always)]
+    fn pack32_i8(self, v: [__m256; 4]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        feat!(store_256i(
+            &mut out,
+            pack_bytes_256(v.map(|x| _mm256_cvtps_epi32(x)))
+        ));
+        out
+    }
+    #[inline(always)]
+    fn to_f16(self, v: __m256, out: &mut [u8; 16]) {
+        feat!(store_128i(
+            out,
+            _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(v)
+        ));
+    }
+    #[inline(always)]
+    fn to_bf16(self, v: __m256, out: &mut [u8; 16]) {
+        feat!({
+            let r = bf16_bits!(
+                v,
+                _mm256_castps_si256,
+                _mm256_srli_epi32,
+                _mm256_and_si256,
+                _mm256_add_epi32,
+                _mm256_set1_epi32
+            );
+            let packed = _mm256_packus_epi32(r, r);
+            let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
+            store_128i(out, _mm256_castsi256_si128(ordered));
+        });
+    }
+    #[inline(always)]
+    fn halves_mut(b: &mut [u8]) -> (&mut [[u8; 16]], &mut [u8]) {
+        b.as_chunks_mut()
+    }
+    #[inline(always)]
+    fn reduce8(self, a: &[__m256; 8]) -> [f32; 8] {
+        let mut lanes = [0.0f32; 8];
+        feat!(store_256(&mut lanes, reduce8_256(a)));
+        lanes
+    }
+    #[inline(always)]
+    fn reduce16(self, a: &[__m256; 16]) -> [f32; 16] {
+        let (a8, _) = a.as_chunks::<8>();
+        let (lo, hi) = (self.reduce8(&a8[0]), self.reduce8(&a8[1]));
+        core::array::from_fn(|i| if i < 8 { lo[i] } else { hi[i - 8] })
+    }
+    #[inline(always)]
+    fn pair_i8(self, b: &[u8; 16]) -> [__m256; 2] {
+        feat!(widen16_256(load_128(b), |x| _mm256_cvtepi8_epi32(x)))
+    }
+    #[inline(always)]
+    fn pair_u4(self, b: &[u8; 8]) -> [__m256; 2] {
+        feat!(widen16_256(nibbles16(b), |x| _mm256_cvtepu8_epi32(x)))
+    }
+    #[inline(always)]
+    fn pair_u2(self, b: &[u8; 4]) -> [__m256; 2] {
+        feat!(widen16_256(crumbs16(b), |x| _mm256_cvtepu8_epi32(x)))
+    }
+    #[inline(always)]
+    fn codes32_u4_perm(self, b: &[u8; 16]) -> [__m256; 4] {
+        self.codes32_u4(b)
+    }
+    #[inline(always)]
+    fn perm32(self, v: [__m256; 4]) -> [__m256; 4] {
+        v
+    }
+    #[inline(always)]
+    fn perm2(self, v: [__m256; 2]) -> [__m256; 2] {
+        v
+    }
+    #[inline(always)]
+    fn unperm2(self, v: [__m256; 2]) -> [__m256; 2] {
+        v
+    }
+    // ---- End of simdq additions. ----
     #[inline(always)]
     fn v512(self) -> Option<V512> {
         None
@@ -497,6 +715,51 @@ pub fn reduce8_512(a: &[__m512; 8]) -> [f32; 8] {
     lanes
 }
 
+// ---- simdq additions: 512-bit helpers of the quantizers and multi-head kernels. ----
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn store_256i_512(b: &mut [u8; 32], v: __m256i) {
+    // SAFETY: `b` is 32 writable bytes; `storeu` has no alignment requirement.
+    unsafe { _mm256_storeu_si256(b.as_mut_ptr().cast(), v) }
+}
+
+/// 32 4-bit codes (16 bytes, low nibble first) → [even elements, odd elements]: one
+/// widening of the 16 bytes, a mask and a shift ([`split_even_odd`] puts other data in
+/// the same order).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn u4_split_512(b: &[u8; 16]) -> [__m512; 2] {
+    let wide = _mm512_cvtepu8_epi32(load_128(b));
+    let even = _mm512_and_si512(wide, _mm512_set1_epi32(0x0f));
+    let odd = _mm512_srli_epi32::<4>(wide);
+    [_mm512_cvtepi32_ps(even), _mm512_cvtepi32_ps(odd)]
+}
+
+/// 32 elements in order (`a` = 0..16, `b` = 16..32) → [even elements, odd elements].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn split_even_odd(a: __m512, b: __m512) -> [__m512; 2] {
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    [
+        _mm512_permutex2var_ps(a, even, b),
+        _mm512_permutex2var_ps(a, odd, b),
+    ]
+}
+
+/// The inverse of [`split_even_odd`]: [even, odd] → 32 elements in order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn merge_even_odd(even: __m512, odd: __m512) -> [__m512; 2] {
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    [
+        _mm512_permutex2var_ps(even, lo, odd),
+        _mm512_permutex2var_ps(even, hi, odd),
+    ]
+}
+
 impl Simd for V512 {
     const LANES: usize = 16;
     const ISA: Isa = Isa::Avx512;
@@ -628,6 +891,125 @@ impl Simd for V512 {
             widen_512(a, b)
         })
     }
+    // ---- simdq additions. ----
+    type Bytes = [u8; 16];
+    type Quarters = [u8; 8];
+    const U4_PERMUTED: bool = true;
+
+    #[inline(always)]
+    fn bytes(b: &[u8]) -> (&[[u8; 16]], &[u8]) {
+        b.as_chunks()
+    }
+    #[inline(always)]
+    fn quarters(b: &[u8]) -> (&[[u8; 8]], &[u8]) {
+        b.as_chunks()
+    }
+    #[inline(always)]
+    fn sub(self, a: __m512, b: __m512) -> __m512 {
+        feat!(_mm512_sub_ps(a, b))
+    }
+    #[inline(always)]
+    fn div(self, a: __m512, b: __m512) -> __m512 {
+        feat!(_mm512_div_ps(a, b))
+    }
+    #[inline(always)]
+    fn max(self, a: __m512, b: __m512) -> __m512 {
+        feat!(_mm512_max_ps(a, b))
+    }
+    #[inline(always)]
+    fn min(self, a: __m512, b: __m512) -> __m512 {
+        feat!(_mm512_min_ps(a, b))
+    }
+    #[inline(always)]
+    fn abs(self, a: __m512) -> __m512 {
+        feat!(_mm512_abs_ps(a))
+    }
+    #[inline(always)]
+    fn max_lane(self, v: __m512) -> f32 {
+        feat!(_mm512_reduce_max_ps(v))
+    }
+    #[inline(always)]
+    fn min_lane(self, v: __m512) -> f32 {
+        feat!(_mm512_reduce_min_ps(v))
+    }
+    #[inline(always)]
+    fn round_clamp(self, v: __m512, lo: __m512, hi: __m512) -> __m512 {
+        feat!({
+            let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            _mm512_min_ps(_mm512_max_ps(r, lo), hi)
+        })
+    }
+    #[inline(always)]
+    fn pack32_i8(self, v: [__m512; 2]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        feat!({
+            let b = v.map(|x| _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(x)));
+            store_256i_512(&mut out, _mm256_set_m128i(b[1], b[0]));
+        });
+        out
+    }
+    #[inline(always)]
+    fn to_f16(self, v: __m512, out: &mut [u8; 32]) {
+        feat!(store_256i_512(
+            out,
+            _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(v)
+        ));
+    }
+    #[inline(always)]
+    fn to_bf16(self, v: __m512, out: &mut [u8; 32]) {
+        feat!({
+            let r = bf16_bits!(
+                v,
+                _mm512_castps_si512,
+                _mm512_srli_epi32,
+                _mm512_and_si512,
+                _mm512_add_epi32,
+                _mm512_set1_epi32
+            );
+            store_256i_512(out, _mm512_cvtepi32_epi16(r));
+        });
+    }
+    #[inline(always)]
+    fn halves_mut(b: &mut [u8]) -> (&mut [[u8; 32]], &mut [u8]) {
+        b.as_chunks_mut()
+    }
+    #[inline(always)]
+    fn reduce8(self, a: &[__m512; 8]) -> [f32; 8] {
+        feat!(reduce8_512(a))
+    }
+    #[inline(always)]
+    fn reduce16(self, a: &[__m512; 16]) -> [f32; 16] {
+        feat!(reduce16_512(a))
+    }
+    #[inline(always)]
+    fn pair_i8(self, b: &[u8; 32]) -> [__m512; 2] {
+        feat!(i8_512(b))
+    }
+    #[inline(always)]
+    fn pair_u4(self, b: &[u8; 16]) -> [__m512; 2] {
+        feat!(u4_split_512(b))
+    }
+    #[inline(always)]
+    fn pair_u2(self, b: &[u8; 8]) -> [__m512; 2] {
+        self.codes32_u2(b)
+    }
+    #[inline(always)]
+    fn codes32_u4_perm(self, b: &[u8; 16]) -> [__m512; 2] {
+        feat!(u4_split_512(b))
+    }
+    #[inline(always)]
+    fn perm32(self, v: [__m512; 2]) -> [__m512; 2] {
+        feat!(split_even_odd(v[0], v[1]))
+    }
+    #[inline(always)]
+    fn perm2(self, v: [__m512; 2]) -> [__m512; 2] {
+        self.perm32(v)
+    }
+    #[inline(always)]
+    fn unperm2(self, v: [__m512; 2]) -> [__m512; 2] {
+        feat!(merge_even_odd(v[0], v[1]))
+    }
+    // ---- End of simdq additions. ----
     #[inline(always)]
     fn v512(self) -> Option<V512> {
         Some(self)
