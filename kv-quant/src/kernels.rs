@@ -6,7 +6,7 @@ use crate::error::{checked_len, expect_len, QuantError, Result};
 use crate::format::RowFormat;
 use crate::kivi::KiviKeyFormat;
 use crate::simd::{self, Isa, Simd};
-use crate::{rows, scalar};
+use crate::{heads, rows, scalar};
 
 /// Declares a kernel: a struct of its arguments and its [`simd::Kernel`] impl, whose two
 /// bodies see the arguments by name.
@@ -644,12 +644,10 @@ kernel!(DotHeads {
         dot_heads_scalar(format, head_dim, q, rows, rb, n, scores, stride)
     };
     // `n` is implied by `rows` and `rb` for the SIMD kernels.
-    simd(s) => per_width!(
-        s,
-        { let _ = n; crate::x86::avx2::dot_heads(format, head_dim, q, rows, rb, scores, stride, ahead) },
-        crate::x86::avx512::dot_heads(format, head_dim, q, rows, rb, scores, stride, ahead),
-        else dot_heads_scalar(format, head_dim, q, rows, rb, n, scores, stride)
-    );
+    simd(s) => {
+        let _ = n;
+        heads::dot_heads(s, format, head_dim, q, rows, rb, scores, stride, ahead)
+    };
 );
 
 kernel!(AxpyHeads {
@@ -660,12 +658,10 @@ kernel!(AxpyHeads {
         let _ = ahead;
         axpy_heads_scalar(format, head_dim, weights, stride, rows, rb, n, acc)
     };
-    simd(s) => per_width!(
-        s,
-        { let _ = n; crate::x86::avx2::axpy_heads(format, head_dim, weights, stride, rows, rb, acc, ahead) },
-        crate::x86::avx512::axpy_heads(format, head_dim, weights, stride, rows, rb, acc, ahead),
-        else axpy_heads_scalar(format, head_dim, weights, stride, rows, rb, n, acc)
-    );
+    simd(s) => {
+        let _ = n;
+        heads::axpy_heads(s, format, head_dim, weights, stride, rows, rb, acc, ahead)
+    };
 );
 
 kernel!(KiviScores { format: KiviKeyFormat, q: &'a [f32], block: &'a [u8], out: &'a mut [f32] } -> ();

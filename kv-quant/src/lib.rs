@@ -42,6 +42,7 @@ mod encode;
 mod error;
 mod format;
 mod hadamard;
+mod heads;
 #[allow(unsafe_code)] // calls into the per-width kernels of `x86`, with a level token
 mod kernels;
 pub mod kivi;

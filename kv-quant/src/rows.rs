@@ -16,30 +16,50 @@ use crate::scalar;
 use crate::simd::Simd;
 
 /// The codes of a quantized format: how 32 of them are stored and unpacked.
-trait Codes {
+pub(crate) trait Codes {
     /// Header bytes of a group: f16 scale (and f16 minimum when asymmetric).
     const HEADER: usize;
     /// Whether the header has a minimum (`x̂ = m + s * code`).
     const ASYM: bool;
     /// Bytes of 32 codes.
     type Bytes32: Copy;
+    /// Bytes of `2 * S::LANES` codes (a pair of vectors).
+    type Pair<S: Simd>: Copy;
     /// The whole 32-code chunks of `b`.
     fn chunks(b: &[u8]) -> &[Self::Bytes32];
     /// 32 codes as f32.
     fn unpack<S: Simd>(s: S, b: &Self::Bytes32) -> S::X32;
+    /// The whole pairs of vectors of codes of `b`.
+    fn pairs<S: Simd>(b: &[u8]) -> &[Self::Pair<S>];
+    /// `2 * S::LANES` codes as f32, in the order of [`Simd::perm2`] when
+    /// [`permuted`](Self::permuted), else in element order.
+    fn unpack_pair<S: Simd>(s: S, b: &Self::Pair<S>) -> [S::F32; 2];
+    /// Whether [`unpack_pair`](Self::unpack_pair) and [`unpack_perm`](Self::unpack_perm)
+    /// leave element order at width `S`.
+    #[inline(always)]
+    fn permuted<S: Simd>() -> bool {
+        false
+    }
+    /// 32 codes as f32, in the order of [`Simd::perm32`] when
+    /// [`permuted`](Self::permuted), else in element order.
+    #[inline(always)]
+    fn unpack_perm<S: Simd>(s: S, b: &Self::Bytes32) -> S::X32 {
+        Self::unpack(s, b)
+    }
 }
 
 /// INT8: symmetric, signed codes.
-struct I8;
+pub(crate) struct I8;
 /// INT4: asymmetric, 4-bit codes.
-struct U4;
+pub(crate) struct U4;
 /// INT2: asymmetric, 2-bit codes.
-struct U2;
+pub(crate) struct U2;
 
 impl Codes for I8 {
     const HEADER: usize = 2;
     const ASYM: bool = false;
     type Bytes32 = [u8; 32];
+    type Pair<S: Simd> = S::Halves;
     #[inline(always)]
     fn chunks(b: &[u8]) -> &[[u8; 32]] {
         b.as_chunks().0
@@ -48,12 +68,21 @@ impl Codes for I8 {
     fn unpack<S: Simd>(s: S, b: &[u8; 32]) -> S::X32 {
         s.codes32_i8(b)
     }
+    #[inline(always)]
+    fn pairs<S: Simd>(b: &[u8]) -> &[S::Halves] {
+        S::halves(b).0
+    }
+    #[inline(always)]
+    fn unpack_pair<S: Simd>(s: S, b: &S::Halves) -> [S::F32; 2] {
+        s.pair_i8(b)
+    }
 }
 
 impl Codes for U4 {
     const HEADER: usize = 4;
     const ASYM: bool = true;
     type Bytes32 = [u8; 16];
+    type Pair<S: Simd> = S::Bytes;
     #[inline(always)]
     fn chunks(b: &[u8]) -> &[[u8; 16]] {
         b.as_chunks().0
@@ -62,12 +91,29 @@ impl Codes for U4 {
     fn unpack<S: Simd>(s: S, b: &[u8; 16]) -> S::X32 {
         s.codes32_u4(b)
     }
+    #[inline(always)]
+    fn pairs<S: Simd>(b: &[u8]) -> &[S::Bytes] {
+        S::bytes(b).0
+    }
+    #[inline(always)]
+    fn unpack_pair<S: Simd>(s: S, b: &S::Bytes) -> [S::F32; 2] {
+        s.pair_u4(b)
+    }
+    #[inline(always)]
+    fn permuted<S: Simd>() -> bool {
+        S::U4_PERMUTED
+    }
+    #[inline(always)]
+    fn unpack_perm<S: Simd>(s: S, b: &[u8; 16]) -> S::X32 {
+        s.codes32_u4_perm(b)
+    }
 }
 
 impl Codes for U2 {
     const HEADER: usize = 4;
     const ASYM: bool = true;
     type Bytes32 = [u8; 8];
+    type Pair<S: Simd> = S::Quarters;
     #[inline(always)]
     fn chunks(b: &[u8]) -> &[[u8; 8]] {
         b.as_chunks().0
@@ -76,11 +122,19 @@ impl Codes for U2 {
     fn unpack<S: Simd>(s: S, b: &[u8; 8]) -> S::X32 {
         s.codes32_u2(b)
     }
+    #[inline(always)]
+    fn pairs<S: Simd>(b: &[u8]) -> &[S::Quarters] {
+        S::quarters(b).0
+    }
+    #[inline(always)]
+    fn unpack_pair<S: Simd>(s: S, b: &S::Quarters) -> [S::F32; 2] {
+        s.pair_u2(b)
+    }
 }
 
 /// Scale and minimum of a group (minimum 0 for the symmetric header), broadcast.
 #[inline(always)]
-fn params<S: Simd, C: Codes>(s: S, g: &[u8]) -> (S::F32, S::F32) {
+pub(crate) fn params<S: Simd, C: Codes>(s: S, g: &[u8]) -> (S::F32, S::F32) {
     let head = match g {
         [a, b, c, d, ..] => [*a, *b, *c, *d],
         // Every group has at least 4 bytes (2 of header and 32 codes); kept total.
@@ -92,7 +146,7 @@ fn params<S: Simd, C: Codes>(s: S, g: &[u8]) -> (S::F32, S::F32) {
 
 /// Bytes of a group of `group` elements.
 #[inline(always)]
-fn group_bytes<C: Codes>(group: usize) -> usize {
+pub(crate) fn group_bytes<C: Codes>(group: usize) -> usize {
     C::HEADER + group / 32 * core::mem::size_of::<C::Bytes32>()
 }
 
