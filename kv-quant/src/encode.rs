@@ -21,11 +21,15 @@ use crate::simd::Simd;
 const INF_BITS: u32 = 0x7f80_0000;
 
 /// The largest `|x|` bit pattern of `x` (0 when empty), compared as an integer so that
-/// NaN and infinities (`>= INF_BITS`) are found by the same pass. A fold the compiler
+/// NaN and infinities (`>= INF_BITS`) are found by the same pass. A loop the compiler
 /// vectorises at the level it is inlined into.
 #[inline(always)]
 fn max_abs_bits(x: &[f32]) -> u32 {
-    x.iter().fold(0, |m, v| m.max(v.to_bits() & 0x7fff_ffff))
+    let mut m = 0;
+    for v in x {
+        m = m.max(v.to_bits() & 0x7fff_ffff);
+    }
+    m
 }
 
 /// Quantizes (or converts) a row; identical bytes and errors to the scalar code.
@@ -70,12 +74,16 @@ fn quantize_i8<S: Simd>(
     x: &[f32],
     out: &mut [u8],
 ) -> Result<()> {
-    // Pass 1: validate; any problem goes to the scalar code for its error.
-    if max_abs_bits(x) >= INF_BITS
-        || x.chunks_exact(group)
-            .any(|xg| sym_scale(amax(s, xg)).is_none())
-    {
+    // Pass 1: validate; any problem goes to the scalar code for its error. (Plain loops:
+    // a closure passed to an iterator adapter may be compiled outside the level's
+    // features.)
+    if max_abs_bits(x) >= INF_BITS {
         return scalar::quantize(format, x, out);
+    }
+    for xg in x.chunks_exact(group) {
+        if sym_scale(amax(s, xg)).is_none() {
+            return scalar::quantize(format, x, out);
+        }
     }
     let (lo, hi) = (s.splat(-127.0), s.splat(127.0));
     for (xg, og) in x.chunks_exact(group).zip(out.chunks_exact_mut(2 + group)) {
@@ -116,8 +124,13 @@ fn quantize_asym<S: Simd>(
         let (lo, hi) = range(s, xg);
         asym_params(lo, hi, levels)
     };
-    if max_abs_bits(x) >= INF_BITS || x.chunks_exact(group).any(|xg| params(xg).is_none()) {
+    if max_abs_bits(x) >= INF_BITS {
         return scalar::quantize(format, x, out);
+    }
+    for xg in x.chunks_exact(group) {
+        if params(xg).is_none() {
+            return scalar::quantize(format, x, out);
+        }
     }
     let gbytes = 4 + group * bits / 8;
     let (zero, top) = (s.zero(), s.splat(levels));

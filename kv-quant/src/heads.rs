@@ -124,7 +124,7 @@ fn score_heads<
     let d = if D > 0 { D } else { d };
     let gbytes = group_bytes::<C>(group);
     let rb = if G > 0 && D > 0 { D / G * gbytes } else { rb };
-    debug_assert!(q.len() == H * d && d <= N.max(d) && rows.len() % rb == 0);
+    debug_assert!(q.len() == H * d && (N == 0 || d <= N) && rows.len() % rb == 0);
     let mut qperm = [[0.0f32; N]; H];
     if N > 0 {
         for (h, qp) in qperm.iter_mut().enumerate() {

@@ -6,7 +6,7 @@ use crate::error::{checked_len, expect_len, QuantError, Result};
 use crate::format::RowFormat;
 use crate::kivi::KiviKeyFormat;
 use crate::simd::{self, Isa, Simd};
-use crate::{heads, rows, scalar};
+use crate::{heads, kivi_kernels, rows, scalar};
 
 /// Declares a kernel: a struct of its arguments and its [`simd::Kernel`] impl, whose two
 /// bodies see the arguments by name.
@@ -31,32 +31,6 @@ macro_rules! kernel {
             }
         }
     };
-}
-
-/// Runs a kernel of the per-width `x86` modules: the AVX-512 version when `$s` is 512 bits
-/// wide, else the AVX2 one; never reached on other architectures (no `Simd` width there).
-macro_rules! per_width {
-    ($s:ident, $avx2:expr, $avx512:expr, else $portable:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            match $s.v512() {
-                // SAFETY: the token proves AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C; the public
-                // entry point checked every length the kernel's contract names.
-                Some(_) => unsafe { $avx512 },
-                // SAFETY: a `Simd` width on x86-64 proves AVX2, FMA and F16C (`v256`);
-                // lengths as above.
-                None => unsafe {
-                    let _ = $s.v256();
-                    $avx2
-                },
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = $s;
-            $portable
-        }
-    }};
 }
 
 /// The row kernels at one instruction-set level.
@@ -666,12 +640,7 @@ kernel!(AxpyHeads {
 
 kernel!(KiviScores { format: KiviKeyFormat, q: &'a [f32], block: &'a [u8], out: &'a mut [f32] } -> ();
     scalar => crate::kivi::scores_reference(format, q, block, out);
-    simd(s) => per_width!(
-        s,
-        crate::x86::avx2::kivi_scores(format.bits, q, block, out),
-        crate::x86::avx512::kivi_scores(format.bits, q, block, out),
-        else crate::kivi::scores_reference(format, q, block, out)
-    );
+    simd(s) => kivi_kernels::kivi_scores(s, format.bits, q, block, out);
 );
 
 kernel!(KiviScoresHeads {
@@ -679,12 +648,7 @@ kernel!(KiviScoresHeads {
     scores: &'a mut [f32], stride: usize,
 } -> ();
     scalar => kivi_heads_scalar(format, head_dim, q, block, n, scores, stride);
-    simd(s) => per_width!(
-        s,
-        crate::x86::avx2::kivi_scores_heads(format.bits, head_dim, q, block, n, scores, stride),
-        crate::x86::avx512::kivi_scores_heads(format.bits, head_dim, q, block, n, scores, stride),
-        else kivi_heads_scalar(format, head_dim, q, block, n, scores, stride)
-    );
+    simd(s) => kivi_kernels::kivi_scores_heads(s, format.bits, head_dim, q, block, n, scores, stride);
 );
 
 /// Checks the shape of a multi-head call: `per_head_len` is whole rows of `head_dim`,

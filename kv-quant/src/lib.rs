@@ -43,17 +43,14 @@ mod error;
 mod format;
 mod hadamard;
 mod heads;
-#[allow(unsafe_code)] // calls into the per-width kernels of `x86`, with a level token
 mod kernels;
 pub mod kivi;
+mod kivi_kernels;
 pub mod layout;
 mod rows;
 mod scalar;
 #[allow(unsafe_code)] // the level tokens and their target-feature entry points
 pub mod simd;
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)] // the SIMD kernels; see the module docs for the layering
-mod x86;
 
 pub use error::{QuantError, Result};
 pub use format::{Group, RowFormat};

@@ -24,15 +24,6 @@ impl V256 {
     pub fn new() -> Option<V256> {
         Isa::Avx2.is_available().then_some(V256(()))
     }
-
-    /// The token without asking, inside this crate's `#[target_feature]` kernels.
-    ///
-    /// # Safety
-    /// The CPU must have [`Isa::Avx2`]'s features (a caller's own contract says so).
-    #[inline(always)]
-    pub(crate) unsafe fn new_unchecked() -> V256 {
-        V256(())
-    }
 }
 
 impl V512 {
@@ -40,15 +31,6 @@ impl V512 {
     #[inline]
     pub fn new() -> Option<V512> {
         Isa::Avx512.is_available().then_some(V512(()))
-    }
-
-    /// The token without asking, inside this crate's `#[target_feature]` kernels.
-    ///
-    /// # Safety
-    /// The CPU must have [`Isa::Avx512`]'s features (a caller's own contract says so).
-    #[inline(always)]
-    pub(crate) unsafe fn new_unchecked() -> V512 {
-        V512(())
     }
 
     /// The AVX2 token: every CPU with AVX-512 here has AVX2's features.
