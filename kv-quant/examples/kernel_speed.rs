@@ -1,7 +1,8 @@
 //! Rough throughput of the read-path kernels at every instruction-set level this CPU has:
 //! nanoseconds per row for `dot` and `axpy` over a block of rows, and per token for KIVI
-//! block scores. A sanity check that the SIMD levels pay, not a benchmark suite: no
-//! statistics, no warm-up beyond one pass. Run it in release mode:
+//! block scores. A sanity check that the SIMD levels pay, not a benchmark suite: each
+//! number is the fastest of 5 timings (so that other work on a shared machine inflates it
+//! less than a mean would), no other statistics. Run it in release mode:
 //!
 //! ```text
 //! cargo run -p kv-quant --example kernel_speed --release
@@ -48,7 +49,7 @@ fn main() -> Result<(), QuantError> {
     let x = data(ROWS * HEAD_DIM, 1);
     let q = data(HEAD_DIM, 2);
     let weights = data(ROWS, 3);
-    println!("head_dim {HEAD_DIM}, {ROWS} rows, {PASSES} passes; ns per row");
+    println!("head_dim {HEAD_DIM}, {ROWS} rows, {PASSES} passes; ns per row (best of 5)");
     println!("{:<12} {:<8} {:>8} {:>8}", "format", "isa", "dot", "axpy");
     for format in [
         RowFormat::F32,
@@ -66,19 +67,17 @@ fn main() -> Result<(), QuantError> {
         for isa in Isa::available() {
             let k = Kernels::new(isa)?;
             let mut scores = vec![0.0f32; ROWS];
-            let start = Instant::now();
-            for _ in 0..PASSES {
+            let dot_ns = best_of(|| {
                 k.dot_many(format, black_box(&q), black_box(&rows), &mut scores)?;
                 black_box(&scores);
-            }
-            let dot_ns = start.elapsed().as_nanos() as f64 / (PASSES * ROWS) as f64;
+                Ok(())
+            })?;
             let mut acc = vec![0.0f32; HEAD_DIM];
-            let start = Instant::now();
-            for _ in 0..PASSES {
+            let axpy_ns = best_of(|| {
                 k.axpy_many(format, black_box(&weights), black_box(&rows), &mut acc)?;
                 black_box(&acc);
-            }
-            let axpy_ns = start.elapsed().as_nanos() as f64 / (PASSES * ROWS) as f64;
+                Ok(())
+            })?;
             println!(
                 "{:<12} {:<8} {:>8.1} {:>8.1}",
                 format.name(),
@@ -168,14 +167,13 @@ fn main() -> Result<(), QuantError> {
         for isa in Isa::available() {
             let k = Kernels::new(isa)?;
             let mut scores = vec![0.0f32; 32];
-            let start = Instant::now();
-            for _ in 0..PASSES {
+            let ns = best_of(|| {
                 for b in blocks.chunks_exact(bb) {
                     k.kivi_scores(fmt, black_box(&q), black_box(b), &mut scores)?;
                     black_box(&scores);
                 }
-            }
-            let ns = start.elapsed().as_nanos() as f64 / (PASSES * ROWS) as f64;
+                Ok(())
+            })?;
             let mut scores = vec![0.0f32; HEADS * 32];
             let heads_ns = best_of(|| {
                 for b in blocks.chunks_exact(bb) {
