@@ -124,7 +124,7 @@ fn score_heads<
     let d = if D > 0 { D } else { d };
     let gbytes = group_bytes::<C>(group);
     let rb = if G > 0 && D > 0 { D / G * gbytes } else { rb };
-    debug_assert!(q.len() == H * d && (N == 0 || d <= N) && rows.len() % rb == 0);
+    debug_assert!(q.len() == H * d && (N == 0 || d <= N) && rows.len().is_multiple_of(rb));
     let mut qperm = [[0.0f32; N]; H];
     if N > 0 {
         for (h, qp) in qperm.iter_mut().enumerate() {
@@ -279,7 +279,7 @@ fn accumulate_cols<S: Simd, C: Codes, const H: usize, const P: usize>(
     let n = rows.len() / rb;
     let pw = 2 * S::LANES;
     let pb = core::mem::size_of::<C::Pair<S>>();
-    debug_assert!(c0 + P * pw <= d && acc.len() % d == 0);
+    debug_assert!(c0 + P * pw <= d && acc.len().is_multiple_of(d));
     let wh: [&[f32]; H] = core::array::from_fn(|h| &w[h * stride..][..n]);
     // Per pair of vectors: where its group header and its codes start in a row.
     let at: [(usize, usize); P] = core::array::from_fn(|k| {
