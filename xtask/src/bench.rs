@@ -535,7 +535,7 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
     if !misses.is_empty() {
         let _ = writeln!(w, "Below it: {}.", misses.join(", "));
     }
-    if let Some(line) = kivi_window_line(&r) {
+    if let Some(line) = kivi_window_line(r) {
         let _ = writeln!(w, "\n{line}");
     }
     let _ = writeln!(w);
