@@ -717,6 +717,34 @@ fn filled<B: CacheBackend>(
     Ok(storage)
 }
 
+/// [`filled`], then block 1 of layer 0 rewritten from its first slot up to half its
+/// length, as a new sequence reusing it would: for a layout that quantizes over a block's
+/// tokens (KIVI keys) it is now a block being filled, with its window.
+fn filled_with_half_block<B: CacheBackend>(
+    backend: &B,
+    spec: &StorageSpec,
+    rng: &mut StdRng,
+) -> Result<B::Storage, String> {
+    let mut storage = filled(backend, spec, rng)?;
+    let half = (spec.block_size / 2).max(1);
+    let fresh: Vec<Slot> = (0..half as u32)
+        .map(|offset| Slot {
+            block: BlockId::new(1),
+            offset,
+        })
+        .collect();
+    let dims = (half, spec.shape.n_kv_heads(), spec.shape.head_dim());
+    let n = dims.0 * dims.1 * dims.2;
+    let (k, v) = (
+        tensor(backend, random(rng, n, 1.0), dims)?,
+        tensor(backend, random(rng, n, 1.0), dims)?,
+    );
+    backend
+        .write(&mut storage, 0, &fresh, &k, &v)
+        .map_err(|e| format!("rewriting half of block 1: {e}"))?;
+    Ok(storage)
+}
+
 fn check_unsupported<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(), String> {
     let shape = ModelShape::new(1, 2, 1, fit_head_dim(dtype, 64)).map_err(s)?;
     let spec = StorageSpec::new(shape, dtype, fit_block(dtype, 16), 2).map_err(s)?;
@@ -871,24 +899,7 @@ fn check_block_bytes<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
     let (kv_heads, d) = (2, fit_head_dim(dtype, 64));
     let shape = ModelShape::new(2, 4, kv_heads, d).map_err(s)?;
     let spec = StorageSpec::new(shape, dtype, fit_block(dtype, 4), 6).map_err(s)?;
-    let mut source = filled(backend, &spec, &mut rng)?;
-    // Half of block 1 rewritten: a block being filled, as in the copy_blocks check.
-    let half = (spec.block_size / 2).max(1);
-    let fresh: Vec<Slot> = (0..half as u32)
-        .map(|offset| Slot {
-            block: BlockId::new(1),
-            offset,
-        })
-        .collect();
-    let dims = (half, kv_heads, d);
-    let n = half * kv_heads * d;
-    let (k, v) = (
-        tensor(backend, random(&mut rng, n, 1.0), dims)?,
-        tensor(backend, random(&mut rng, n, 1.0), dims)?,
-    );
-    backend
-        .write(&mut source, 0, &fresh, &k, &v)
-        .map_err(|e| format!("rewriting half of block 1: {e}"))?;
+    let source = filled_with_half_block(backend, &spec, &mut rng)?;
     let nb = spec.num_blocks;
     let mut exports = Vec::new();
     for b in 0..nb {
@@ -988,26 +999,10 @@ fn check_copy_blocks<B: CacheBackend>(backend: &B, dtype: KvDType) -> Result<(),
     let shape = ModelShape::new(2, 4, kv_heads, d).map_err(s)?;
     let spec = StorageSpec::new(shape, dtype, fit_block(dtype, 4), 8).map_err(s)?;
     let bs = spec.block_size;
-    let mut storage = filled(backend, &spec, &mut rng)?;
-    // Block 1 of layer 0 is then rewritten from its first slot up to half its length, as a
-    // new sequence reusing it would: for a layout that quantizes over a block's tokens it is
-    // now partly filled, and the copies below are copy-on-write of a partial block.
+    // Block 1 of layer 0 partly filled: the copies below are copy-on-write of a partial
+    // block.
+    let mut storage = filled_with_half_block(backend, &spec, &mut rng)?;
     let half = (bs / 2).max(1);
-    let fresh: Vec<Slot> = (0..half as u32)
-        .map(|offset| Slot {
-            block: BlockId::new(1),
-            offset,
-        })
-        .collect();
-    let dims = (half, kv_heads, d);
-    let n = half * kv_heads * d;
-    let (k, v) = (
-        tensor(backend, random(&mut rng, n, 1.0), dims)?,
-        tensor(backend, random(&mut rng, n, 1.0), dims)?,
-    );
-    backend
-        .write(&mut storage, 0, &fresh, &k, &v)
-        .map_err(|e| format!("rewriting half of block 1: {e}"))?;
     let before = snapshot(backend, &storage)?;
     backend
         .copy_blocks(&mut storage, &[])

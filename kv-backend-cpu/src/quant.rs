@@ -16,7 +16,8 @@
 //! # The KIVI residual window
 //!
 //! A key block can only be quantized per channel once its 32 tokens are there. Until then
-//! its keys live in a *window*: 32 f16 rows per KV head ([`RowFormat::F16`] bytes), allocated
+//! its keys live in a *window*: 32 f16 rows per KV head (`half::f16`, read with the float
+//! path's multi-head kernels as an f16 cache is; exported as little-endian bytes), allocated
 //! when the block starts filling. The write that fills its last slot quantizes it; the
 //! window stays (marked quantized) until attention has read the layer, and the next write
 //! to the layer frees it. Which slots a window has seen is a bit mask:
@@ -40,6 +41,14 @@
 //! tokens that filled it (a prefill writes them all before attending) must not read keys
 //! quantized with scales that depend on later tokens. A prefill then gives what decoding the
 //! same tokens one by one gives (a test holds the two equal), and no query sees the future.
+//!
+//! With a residual `R` the window also holds the block's values in f16 and stays until the
+//! block is settled. A query at `p` reads the keys of the key blocks ending after `p - R`
+//! and the values after `p - R` from the windows, each f16 row read once for its GQA
+//! group's heads. A decode step's f16 values are the last rows it sees, so the quantized
+//! value pass stops before them (the window costs no quantized work); where a query reads
+//! f16 rows before quantized ones (a prefill, a prefix block without its window) their
+//! weights are zeroed for the quantized pass instead.
 //!
 //! # What may be written
 //!
@@ -137,23 +146,24 @@ fn internal(e: QuantError) -> KvError {
     }
 }
 
-/// f16 little-endian bytes of `src` into `dst` (`2 * src.len()` bytes). Values beyond f16
-/// saturate to ±65504 (only dequantized keys can get there, by half a step).
-fn encode_f16(src: &[f32], dst: &mut [u8]) {
-    for (x, out) in src.iter().zip(dst.chunks_exact_mut(2)) {
-        out.copy_from_slice(&f16::from_f32(x.clamp(-65504.0, 65504.0)).to_le_bytes());
+/// `src` rounded to f16 into `dst` (as many elements). Values beyond f16 saturate to
+/// ±65504 (only dequantized keys can get there, by half a step).
+fn encode_f16(src: &[f32], dst: &mut [f16]) {
+    for (x, out) in src.iter().zip(dst) {
+        *out = f16::from_f32(x.clamp(-65504.0, 65504.0));
     }
 }
 
 /// The f16 keys (and, with a residual, values) of a KIVI key block.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Window {
     /// Bit `j` set: slot `j` of the key block has been written since it started filling.
     filled: u64,
-    /// Keys, `[kv_heads][block_tokens][head_dim]` f16, little-endian.
-    rows: Vec<u8>,
+    /// Keys, `[kv_heads][block_tokens][head_dim]` f16: attention reads them with the
+    /// float path's multi-head kernels, like an f16 cache.
+    rows: Vec<f16>,
     /// Values in the same layout when the layout has a residual, else empty.
-    values: Vec<u8>,
+    values: Vec<f16>,
     /// The block is full and its quantized keys are in the pool. Without a residual the
     /// window is kept until attention has read the layer (and the next write frees it), so
     /// the queries of the tokens that filled the block read their own block in f16; with
@@ -300,6 +310,11 @@ impl QuantPools {
             + self.window_bytes_held()
     }
 
+    /// Elements (f16) of one window's keys, and of its values with a residual.
+    fn window_len(&self) -> usize {
+        self.window_bytes / 2
+    }
+
     /// Bytes of the windows allocated now (keys, and values with a residual).
     pub(crate) fn window_bytes_held(&self) -> u64 {
         let per = if self.residual > 0 { 2 } else { 1 } * self.window_bytes;
@@ -415,20 +430,19 @@ impl QuantPools {
         kb: usize,
     ) -> Result<()> {
         let (d, t_n, heads) = (self.kgeom.head_dim, self.kivi_tokens, self.kgeom.kv_heads);
-        let row16 = 2 * d;
         let mut block_f32 = vec![0.0f32; t_n * d];
-        let mut rows = vec![0u8; self.window_bytes];
+        let mut rows = vec![f16::ZERO; self.window_len()];
         let l = self.layer(layer)?;
         for h in 0..heads {
             let at = self.kivi_start(block, kb, h);
             format
                 .dequantize_block(&l.k[at..at + self.kivi_bytes], d, &mut block_f32)
                 .map_err(internal)?;
-            encode_f16(&block_f32, &mut rows[h * t_n * row16..][..t_n * row16]);
+            encode_f16(&block_f32, &mut rows[h * t_n * d..][..t_n * d]);
         }
         let mut values = Vec::new();
         if self.residual > 0 {
-            values = vec![0u8; self.window_bytes];
+            values = vec![f16::ZERO; self.window_len()];
             for h in 0..heads {
                 let at = self.vgeom.row_start(block, h, kb * t_n);
                 self.kernels
@@ -439,7 +453,7 @@ impl QuantPools {
                         &mut block_f32,
                     )
                     .map_err(internal)?;
-                encode_f16(&block_f32, &mut values[h * t_n * row16..][..t_n * row16]);
+                encode_f16(&block_f32, &mut values[h * t_n * d..][..t_n * d]);
             }
         }
         let w = block * self.key_blocks_per_block + kb;
@@ -467,8 +481,7 @@ impl QuantPools {
             self.key_blocks_per_block,
         );
         let heads = self.vgeom.kv_heads;
-        let row16 = 2 * d;
-        let mut incoming = vec![0u8; data.len() * 2];
+        let mut incoming = vec![f16::ZERO; data.len()];
         encode_f16(data, &mut incoming);
         for (t, slot) in slots.iter().enumerate() {
             let (block, offset) = (slot.block.index(), slot.offset as usize);
@@ -479,8 +492,8 @@ impl QuantPools {
             }
             if let Some(win) = self.layer_mut(layer)?.windows[w].as_mut() {
                 for h in 0..heads {
-                    let src = &incoming[(t * heads + h) * row16..][..row16];
-                    win.values[(h * t_n + j) * row16..][..row16].copy_from_slice(src);
+                    let src = &incoming[(t * heads + h) * d..][..d];
+                    win.values[(h * t_n + j) * d..][..d].copy_from_slice(src);
                 }
             }
         }
@@ -537,8 +550,7 @@ impl QuantPools {
     ) -> Result<()> {
         let g = self.kgeom;
         let (d, t_n, per) = (g.head_dim, self.kivi_tokens, self.key_blocks_per_block);
-        let row16 = 2 * d;
-        let mut incoming = vec![0u8; data.len() * 2];
+        let mut incoming = vec![f16::ZERO; data.len()];
         encode_f16(data, &mut incoming);
         let full: u64 = if t_n >= 64 {
             u64::MAX
@@ -573,8 +585,8 @@ impl QuantPools {
                     win.filled = 0;
                 }
                 for h in 0..g.kv_heads {
-                    let src = &incoming[(t * g.kv_heads + h) * row16..][..row16];
-                    win.rows[(h * t_n + j) * row16..][..row16].copy_from_slice(src);
+                    let src = &incoming[(t * g.kv_heads + h) * d..][..d];
+                    win.rows[(h * t_n + j) * d..][..d].copy_from_slice(src);
                 }
                 win.filled |= 1 << j;
             }
@@ -593,12 +605,7 @@ impl QuantPools {
             }
             let mut ok = true;
             for (h, out) in quantized.chunks_exact_mut(self.kivi_bytes).enumerate() {
-                let rows = &win.rows[h * t_n * row16..][..t_n * row16];
-                for (src, dst) in rows.chunks_exact(row16).zip(block_f32.chunks_exact_mut(d)) {
-                    self.kernels
-                        .dequantize_row(RowFormat::F16, src, dst)
-                        .map_err(internal)?;
-                }
+                kernels::decode_f16(&win.rows[h * t_n * d..][..t_n * d], &mut block_f32);
                 ok &= format.quantize_block(&block_f32, d, out).is_ok();
             }
             if !ok {
@@ -667,10 +674,7 @@ impl QuantPools {
                         // A full block reads as stored, quantized, whether or not its
                         // window is still kept for the queries that read it in f16.
                         if let Some(win) = window.filter(|w| !w.quantized) {
-                            let row = &win.rows[(h * t_n + j) * 2 * d..][..2 * d];
-                            self.kernels
-                                .dequantize_row(RowFormat::F16, row, k_out)
-                                .map_err(internal)?;
+                            kernels::decode_f16(&win.rows[(h * t_n + j) * d..][..d], k_out);
                         } else {
                             if decoded != Some((block, kb, h)) {
                                 let at = self.kivi_start(block, kb, h);
@@ -737,8 +741,9 @@ impl QuantPools {
                     Some(w) => {
                         out.push(if w.quantized { 2 } else { 1 });
                         out.extend_from_slice(&w.filled.to_le_bytes());
-                        out.extend_from_slice(&w.rows);
-                        out.extend_from_slice(&w.values);
+                        for x in w.rows.iter().chain(&w.values) {
+                            out.extend_from_slice(&x.to_le_bytes());
+                        }
                     }
                 }
             }
@@ -851,17 +856,20 @@ impl QuantPools {
                                 ),
                             });
                         }
-                        if rows
-                            .chunks_exact(2)
-                            .chain(values.chunks_exact(2))
-                            .any(|b| !f16::from_le_bytes([b[0], b[1]]).is_finite())
-                        {
+                        let parse = |bytes: &[u8]| -> Vec<f16> {
+                            bytes
+                                .chunks_exact(2)
+                                .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                                .collect()
+                        };
+                        let (rows, values) = (parse(rows), parse(values));
+                        if !rows.iter().chain(&values).all(|x| x.is_finite()) {
                             return Err(non_finite());
                         }
                         windows.push(Some(Window {
                             filled,
-                            rows: rows.to_vec(),
-                            values: values.to_vec(),
+                            rows,
+                            values,
                             quantized: flag == 2,
                         }));
                     }
@@ -1134,6 +1142,8 @@ fn run_task_in(
                 (true, KeyLayout::Kivi(_)) => {
                     kernels::prefetch(k_rows);
                     v_next = v_rows;
+                    // The f16 windows the next tile reads live apart from the pools.
+                    prefetch_windows(p, lp, h, t1, nt1, &block_at)?;
                 }
                 (false, _) => {
                     kernels::prefetch(k_rows);
@@ -1199,12 +1209,16 @@ fn run_task_in(
                         None => (seeing.start..seeing.start, seeing.clone()),
                     };
                     if let Some(win) = window.filter(|_| !in_f16.is_empty()) {
-                        let k = &win.rows[(h * t_n + j) * 2 * d..][..rows_here * 2 * d];
-                        for lane in in_f16 {
-                            let out = &mut scores[lane * TILE + col..][..rows_here];
-                            kern.dot_many(RowFormat::F16, &q[lane * d..(lane + 1) * d], k, out)
-                                .map_err(internal)?;
-                        }
+                        // Every f16 row read once for all these lanes, as an f16 cache is.
+                        kernels::score_rows(
+                            float_isa,
+                            &q[in_f16.start * d..in_f16.end * d],
+                            d,
+                            &win.rows[(h * t_n + j) * d..][..rows_here * d],
+                            &mut scores[in_f16.start * TILE + col..],
+                            TILE,
+                            &[],
+                        );
                     }
                     if !quantized.is_empty() {
                         let at = p.kivi_start(block, kb, h);
@@ -1269,16 +1283,35 @@ fn run_task_in(
             }
         }
 
+        // Rows from `t0 + quantized_rows` on are left out of the quantized value pass below.
+        let mut quantized_rows = rows;
         if p.residual > 0 && first_pos + 1 < t1 + p.residual {
-            // Some query reads some of this tile's values in f16: add those, and zero their
-            // weights for the quantized pass below.
+            // Some query reads some of this tile's values in f16: add those. A decode
+            // step's are the tile's last rows (those it sees): the quantized pass stops
+            // before them. Other rows read in f16 get their weights zeroed for it.
+            if fused {
+                quantized_rows = f16_values_from(p, lp, first_pos, t0, t1, &block_at)? - t0;
+            }
             window_values(
-                p, lp, scores, acc, group, n_q, first_pos, h, t0, t1, &block_at,
+                p,
+                lp,
+                scores,
+                acc,
+                group,
+                n_q,
+                first_pos,
+                h,
+                (t0, t1),
+                t0 + quantized_rows,
+                &block_at,
             )?;
         }
         let at = g.row_start(block, h, offset);
-        let v = &lp.v[at..at + rows * p.v_row];
+        let v = &lp.v[at..at + quantized_rows * p.v_row];
         if fused {
+            if quantized_rows == 0 {
+                kernels::prefetch(v_next);
+            }
             kern.axpy_heads_ahead(p.layout.values, d, scores, TILE, v, acc, v_next)
                 .map_err(internal)?;
         } else {
@@ -1305,10 +1338,67 @@ fn run_task_in(
     Ok(())
 }
 
+/// Asks for the f16 rows (keys, and values with a residual) of KV head `h` in the windows
+/// of the key blocks of the tile `t0..t1` to be cached: they are separate allocations, and
+/// at decode every one of them is read (a hint; no value changes).
+fn prefetch_windows(
+    p: &QuantPools,
+    lp: &QuantLayer,
+    h: usize,
+    t0: usize,
+    t1: usize,
+    block_at: &dyn Fn(usize) -> Result<usize>,
+) -> Result<()> {
+    let (d, t_n, bs) = (p.vgeom.head_dim, p.kivi_tokens, p.vgeom.block_size);
+    let mut t = t0 - t0 % t_n;
+    while t < t1 {
+        let offset = t % bs;
+        let w = block_at(t / bs)? * p.key_blocks_per_block + offset / t_n;
+        if let Some(win) = lp.windows[w].as_ref() {
+            kernels::prefetch(&win.rows[h * t_n * d..][..t_n * d]);
+            if !win.values.is_empty() {
+                kernels::prefetch(&win.values[h * t_n * d..][..t_n * d]);
+            }
+        }
+        t += t_n;
+    }
+    Ok(())
+}
+
+/// For one query at `pos` (a decode step) over the tile `t0..t1`: the first token `f` such
+/// that the query reads every value of `f..t1` that it sees (`..=pos`) in f16, so that the
+/// quantized value pass can stop at `f` (at most `t1`, at least `t0`).
+fn f16_values_from(
+    p: &QuantPools,
+    lp: &QuantLayer,
+    pos: usize,
+    t0: usize,
+    t1: usize,
+    block_at: &dyn Fn(usize) -> Result<usize>,
+) -> Result<usize> {
+    let (t_n, bs) = (p.kivi_tokens, p.vgeom.block_size);
+    // The values within the residual (`pos + 1 - R..`), where their blocks have windows.
+    let mut from = (pos + 1).saturating_sub(p.residual).clamp(t0, t1);
+    let mut t = from - from % t_n;
+    while t < t1 {
+        let (block, offset) = (block_at(t / bs)?, t % bs);
+        let end = (t - offset % t_n + t_n).min(t1);
+        let has_values = lp.windows[block * p.key_blocks_per_block + offset / t_n]
+            .as_ref()
+            .is_some_and(|w| !w.values.is_empty());
+        if !has_values {
+            from = from.max(end);
+        }
+        t = end;
+    }
+    Ok(from.min((pos + 1).max(t0)).min(t1))
+}
+
 /// The residual's values of the tile `t0..t1` (whole key blocks) of KV head `h`: a query at
 /// position `pos` reads the value of token `t` in f16 when `pos < t + residual` and the
-/// block still has its window. Adds those rows, weighted by `scores`, to `acc` and zeroes
-/// their weights, so that the tile's quantized pass adds only the others.
+/// block still has its window. Adds those rows, weighted by `scores`, to `acc`, and zeroes
+/// the weights of those before `keep_from`, so that the tile's quantized pass (which reads
+/// the rows before `keep_from`) adds only the others.
 #[allow(clippy::too_many_arguments)]
 fn window_values(
     p: &QuantPools,
@@ -1319,12 +1409,12 @@ fn window_values(
     n_q: usize,
     first_pos: usize,
     h: usize,
-    t0: usize,
-    t1: usize,
+    (t0, t1): (usize, usize),
+    keep_from: usize,
     block_at: &dyn Fn(usize) -> Result<usize>,
 ) -> Result<()> {
     let (d, t_n, bs) = (p.vgeom.head_dim, p.kivi_tokens, p.vgeom.block_size);
-    let row16 = 2 * d;
+    let isa = kernels::Isa::best();
     let mut t = t0;
     while t < t1 {
         let (block, offset) = (block_at(t / bs)?, t % bs);
@@ -1342,13 +1432,21 @@ fn window_values(
                 if lo >= hi {
                     continue;
                 }
-                let rows = &win.values[(h * t_n + j + lo - t) * row16..][..(hi - lo) * row16];
-                for lane in i * group..(i + 1) * group {
-                    let w = &mut scores[lane * TILE + lo - t0..][..hi - lo];
-                    p.kernels
-                        .axpy_many(RowFormat::F16, w, rows, &mut acc[lane * d..(lane + 1) * d])
-                        .map_err(internal)?;
-                    w.fill(0.0);
+                // Every f16 row read once for the query's lanes (its GQA group's heads).
+                let (l0, l1) = (i * group, (i + 1) * group);
+                kernels::accumulate_rows(
+                    isa,
+                    &scores[l0 * TILE + lo - t0..],
+                    TILE,
+                    d,
+                    &win.values[(h * t_n + j + lo - t) * d..][..(hi - lo) * d],
+                    &mut acc[l0 * d..l1 * d],
+                    &[],
+                );
+                if lo < keep_from {
+                    for lane in l0..l1 {
+                        scores[lane * TILE + lo - t0..][..keep_from.min(hi) - lo].fill(0.0);
+                    }
                 }
             }
         }

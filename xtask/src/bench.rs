@@ -535,6 +535,9 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
     if !misses.is_empty() {
         let _ = writeln!(w, "Below it: {}.", misses.join(", "));
     }
+    if let Some(line) = kivi_window_line(r) {
+        let _ = writeln!(w, "\n{line}");
+    }
     let _ = writeln!(w);
 
     // 2. Cache versus no cache.
@@ -1222,9 +1225,67 @@ fn line_chart(
     Ok(())
 }
 
+/// Issue 20's target line: what the KIVI residual window (`kivi2-r128`) costs a decode step
+/// at 4096 tokens, as a ratio to `kivi2` measured in the same (interleaved) run, per shape.
+/// `None` when the run has no such pair.
+fn kivi_window_line(r: &Results) -> Option<String> {
+    let ratios: Vec<String> = [
+        ("smollm2-135m", "SmolLM2-135M layer"),
+        ("llama-2-7b", "Llama-2-7B layer"),
+    ]
+    .iter()
+    .filter_map(|(shape, title)| {
+        let secs = |layout| {
+            r.one(
+                &[
+                    ("section", "attn"),
+                    ("shape", shape),
+                    ("layout", layout),
+                    ("tokens", "4096"),
+                ],
+                "secs",
+            )
+        };
+        let (with, without) = (secs("kivi2-r128")?, secs("kivi2")?);
+        Some(format!(
+            "{:.2}x on the {title} ({:.0} vs {:.0} us)",
+            with / without,
+            with * 1e6,
+            without * 1e6
+        ))
+    })
+    .collect();
+    (!ratios.is_empty()).then(|| {
+        format!(
+            "**Target: decode attention with the KIVI residual window at 4096 tokens is not \
+             slower than kivi2.** kivi2-r128 takes {} of kivi2's time (same run, interleaved \
+             rounds).",
+            ratios.join("; ")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The residual-window line compares kivi2-r128 with kivi2 at 4096 tokens per shape,
+    /// and is left out of a run without both.
+    #[test]
+    fn kivi_window_line_is_the_ratio_at_4096_tokens() {
+        let lines = "BENCH section=attn shape=smollm2-135m layout=kivi2 tokens=4096 secs=0.000200\n\
+                     BENCH section=attn shape=smollm2-135m layout=kivi2-r128 tokens=4096 secs=0.000190\n\
+                     BENCH section=attn shape=smollm2-135m layout=kivi2-r128 tokens=1024 secs=0.000100\n\
+                     BENCH section=attn shape=llama-2-7b layout=kivi2 tokens=4096 secs=0.004000\n";
+        let line = kivi_window_line(&Results { recs: parse(lines) }).unwrap();
+        assert!(
+            line.contains("0.95x on the SmolLM2-135M layer (190 vs 200 us)"),
+            "{line}"
+        );
+        assert!(!line.contains("Llama"), "{line}");
+        let none = "BENCH section=attn shape=llama-2-7b layout=kivi2 tokens=4096 secs=0.004\n";
+        assert!(kivi_window_line(&Results { recs: parse(none) }).is_none());
+    }
 
     /// The batched-decode section turns the bench's lines into one table row per line and
     /// a plot; a run without them adds nothing.
