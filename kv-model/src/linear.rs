@@ -200,11 +200,12 @@ impl Kernels {
         debug_assert_eq!(row.len() / ty.bytes() * ty.weights(), out.len());
         macro_rules! go {
             ($f:ty) => {
-                self.isa.run(matvec::Dequantize::<$f, { <$f as Format>::BYTES }> {
-                    row,
-                    out,
-                    format: PhantomData,
-                })
+                self.isa
+                    .run(matvec::Dequantize::<$f, { <$f as Format>::BYTES }> {
+                        row,
+                        out,
+                        format: PhantomData,
+                    })
             };
         }
         with_format!(ty, go)
@@ -265,15 +266,16 @@ impl Kernels {
         debug_assert_eq!(rows.len() / row_bytes * n, out.len(), "rows and out differ");
         macro_rules! go {
             ($f:ty) => {
-                self.isa.run(matvec::DotMatrix::<$f, { <$f as Format>::BYTES }> {
-                    rows,
-                    row_bytes,
-                    x,
-                    cols,
-                    n,
-                    out,
-                    format: PhantomData,
-                })
+                self.isa
+                    .run(matvec::DotMatrix::<$f, { <$f as Format>::BYTES }> {
+                        rows,
+                        row_bytes,
+                        x,
+                        cols,
+                        n,
+                        out,
+                        format: PhantomData,
+                    })
             };
         }
         with_format!(ty, go)

@@ -532,10 +532,10 @@ mod tests {
                 hi,
                 s.lookup32(s.lut32_affine(a, b), s.and_bytes32(loaded, 31)),
                 s.lookup32(s.lut32_centered(a), five),
-                s.i8_to_f32_32(s.sub_bytes32(s.or_bytes32(bits, s.and_bytes32(
-                    s.load_bytes32(&[0x81; 32]),
-                    0xFF,
-                )), 7)),
+                s.i8_to_f32_32(s.sub_bytes32(
+                    s.or_bytes32(bits, s.and_bytes32(s.load_bytes32(&[0x81; 32]), 0xFF)),
+                    7,
+                )),
             ];
             let mut out = Vec::new();
             for c in chunks {
@@ -562,7 +562,11 @@ mod tests {
             let mut bytes = [0u8; 32];
             bytes.iter_mut().for_each(|b| *b = next() as u8);
             let a = f32::from_bits(next() as u32 & 0x807f_ffff | 0x3f00_0000);
-            let b = if case % 3 == 0 { 0.0 } else { (next() % 1000) as f32 / -7.0 };
+            let b = if case % 3 == 0 {
+                0.0
+            } else {
+                (next() % 1000) as f32 / -7.0
+            };
             let ops = || CodeOps {
                 bytes,
                 a,

@@ -219,7 +219,12 @@ impl Q6K {
     #[inline(always)]
     fn at(c: usize) -> (usize, u32, usize, u32) {
         let (h, k) = (c / 4, c % 4);
-        (64 * h + 32 * (k % 2), 4 * (k / 2) as u32, 128 + 32 * h, 2 * k as u32)
+        (
+            64 * h + 32 * (k % 2),
+            4 * (k / 2) as u32,
+            128 + 32 * h,
+            2 * k as u32,
+        )
     }
 
     /// Scale `j` (of 16), a signed byte, as f32.

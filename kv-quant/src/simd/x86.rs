@@ -177,10 +177,7 @@ fn codes_256_of(t: Codes256, v: __m256i) -> [__m256; 4] {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn i8_bytes_256(v: __m256i) -> [__m256; 4] {
-    let (lo, hi) = (
-        _mm256_castsi256_si128(v),
-        _mm256_extracti128_si256::<1>(v),
-    );
+    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
     [
         lo,
         _mm_unpackhi_epi64(lo, lo),
@@ -197,8 +194,8 @@ fn i8_bytes_256(v: __m256i) -> [__m256; 4] {
 fn bits_to_bytes_256(bits: u32, value: u8) -> __m256i {
     let v = _mm256_set1_epi32(bits as i32);
     let pick = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
-        3, 3, 3,
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
     );
     let spread = _mm256_shuffle_epi8(v, pick);
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
@@ -790,12 +787,7 @@ impl Simd for V512 {
         })
     }
     #[inline(always)]
-    fn lookup16_nibbles(
-        self,
-        lo: __m512,
-        hi: __m512,
-        b: &[u8; 32],
-    ) -> ([__m512; 2], [__m512; 2]) {
+    fn lookup16_nibbles(self, lo: __m512, hi: __m512, b: &[u8; 32]) -> ([__m512; 2], [__m512; 2]) {
         let (b, _) = b.as_chunks::<16>();
         feat!({
             let q0 = _mm512_cvtepu8_epi32(load_128(&b[0]));
