@@ -9,7 +9,7 @@
 
 use kv_quant::simd::Simd;
 
-use super::matvec::{bytes, f16_at, Chunk, Format, CHUNK};
+use super::matvec::{bytes, f16_at, Chunk, Format, Sink, CHUNK};
 
 /// 18 bytes: f16 scale `d`, 16 bytes of nibbles; `w = (q - 8) * d`.
 pub(super) struct Q4_0;
@@ -35,10 +35,10 @@ impl Format for Q4_0 {
         nibbles(b, 2, out, |q| f32::from(q as i8 - 8) * d);
     }
     #[inline(always)]
-    fn block_simd<S: Simd>(s: S, b: &[u8], mut f: impl FnMut(usize, Chunk<S>)) {
+    fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
         let (d, _) = s.splat_f16_pair(*bytes::<4>(b, 0));
         let w = s.lookup16_split(s.lut16_centered(d), bytes::<16>(b, 2));
-        f(0, Chunk::weights(w));
+        sink.chunk(0, Chunk::weights(w));
     }
 }
 
@@ -50,10 +50,10 @@ impl Format for Q4_1 {
         nibbles(b, 4, out, |q| f32::from(q) * d + m);
     }
     #[inline(always)]
-    fn block_simd<S: Simd>(s: S, b: &[u8], mut f: impl FnMut(usize, Chunk<S>)) {
+    fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
         let (d, m) = s.splat_f16_pair(*bytes::<4>(b, 0));
         let w = s.lookup16_split(s.lut16_affine(d, m), bytes::<16>(b, 4));
-        f(0, Chunk::weights(w));
+        sink.chunk(0, Chunk::weights(w));
     }
 }
 
@@ -67,9 +67,9 @@ impl Format for Q8_0 {
         }
     }
     #[inline(always)]
-    fn block_simd<S: Simd>(s: S, b: &[u8], mut f: impl FnMut(usize, Chunk<S>)) {
+    fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
         let (d, _) = s.splat_f16_pair(*bytes::<4>(b, 0));
-        f(
+        sink.chunk(
             0,
             Chunk {
                 w: s.codes32_i8(bytes::<32>(b, 2)),

@@ -15,7 +15,7 @@
 
 use kv_quant::simd::Simd;
 
-use super::matvec::{bytes, f16_at, Chunk, Format, CHUNK};
+use super::matvec::{bytes, f16_at, Chunk, Format, Sink, CHUNK};
 
 /// The block types of this module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,7 +100,7 @@ impl<const MIN: bool> Format for Q5<MIN> {
         }
     }
     #[inline(always)]
-    fn block_simd<S: Simd>(s: S, b: &[u8], mut f: impl FnMut(usize, Chunk<S>)) {
+    fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
         let (d, m) = s.splat_f16_pair(*bytes::<4>(b, 0));
         let qh = u32::from_le_bytes(*bytes::<4>(b, Self::QH));
         let codes = s.or_bytes32(
@@ -112,7 +112,7 @@ impl<const MIN: bool> Format for Q5<MIN> {
         } else {
             s.lut32_centered(d)
         };
-        f(0, Chunk::weights(s.lookup32(t, codes)));
+        sink.chunk(0, Chunk::weights(s.lookup32(t, codes)));
     }
 }
 
@@ -139,6 +139,13 @@ impl<const FIFTH: bool> K4<FIFTH> {
     fn scale_min(b: &[u8], c: usize) -> (f32, f32) {
         let (sc, m) = scale_min_k4(c, bytes::<12>(b, 4));
         (f32::from(sc), -f32::from(m))
+    }
+
+    /// Chunk `c`'s `d * sc` and `dmin * -m` in vectors (exact products).
+    #[inline(always)]
+    fn table<S: Simd>(s: S, (d, dmin): (S::F32, S::F32), b: &[u8], c: usize) -> (S::F32, S::F32) {
+        let (sc, m) = Self::scale_min(b, c);
+        (s.mul(d, s.splat(sc)), s.mul(dmin, s.splat(m)))
     }
 
     /// The fifth bits of chunk `c` moved to bit 4 of each byte.
@@ -174,29 +181,28 @@ impl<const FIFTH: bool> Format for K4<FIFTH> {
         }
     }
     #[inline(always)]
-    fn block_simd<S: Simd>(s: S, b: &[u8], mut f: impl FnMut(usize, Chunk<S>)) {
+    fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
         // `d * sc` and `dmin * -m`: exact products, in vectors.
         let (d, dmin) = s.splat_f16_pair(*bytes::<4>(b, 0));
-        let table = |c: usize| {
-            let (sc, m) = Self::scale_min(b, c);
-            (s.mul(d, s.splat(sc)), s.mul(dmin, s.splat(m)))
-        };
         let qh = s.load_bytes32(bytes::<32>(b, Self::QH));
         for k in 0..4 {
             let (c0, c1) = (2 * k, 2 * k + 1);
-            let ((a0, m0), (a1, m1)) = (table(c0), table(c1));
+            let ((a0, m0), (a1, m1)) = (
+                Self::table(s, (d, dmin), b, c0),
+                Self::table(s, (d, dmin), b, c1),
+            );
             let qs = bytes::<32>(b, Self::QS + 32 * k);
             if FIFTH {
                 let q = s.load_bytes32(qs);
                 let lo = s.or_bytes32(s.and_bytes32(q, 0x0F), Self::fifth(s, qh, c0));
                 let hi = s.or_bytes32(s.shr_bytes32(q, 4), Self::fifth(s, qh, c1));
-                f(c0, Chunk::weights(s.lookup32(s.lut32_affine(a0, m0), lo)));
-                f(c1, Chunk::weights(s.lookup32(s.lut32_affine(a1, m1), hi)));
+                sink.chunk(c0, Chunk::weights(s.lookup32(s.lut32_affine(a0, m0), lo)));
+                sink.chunk(c1, Chunk::weights(s.lookup32(s.lut32_affine(a1, m1), hi)));
             } else {
                 let (lo, hi) =
                     s.lookup16_nibbles(s.lut16_affine(a0, m0), s.lut16_affine(a1, m1), qs);
-                f(c0, Chunk::weights(lo));
-                f(c1, Chunk::weights(hi));
+                sink.chunk(c0, Chunk::weights(lo));
+                sink.chunk(c1, Chunk::weights(hi));
             }
         }
     }
@@ -249,7 +255,7 @@ impl Format for Q6K {
         }
     }
     #[inline(always)]
-    fn block_simd<S: Simd>(s: S, b: &[u8], mut f: impl FnMut(usize, Chunk<S>)) {
+    fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
         let [d0, d1] = *bytes::<2>(b, 208);
         let (d, _) = s.splat_f16_pair([d0, d1, 0, 0]);
         for c in 0..8 {
@@ -276,7 +282,7 @@ impl Format for Q6K {
             for (i, v) in w.as_mut().iter_mut().enumerate() {
                 *v = s.mul(*v, scale[(i * S::LANES / 16) % 2]);
             }
-            f(c, Chunk::weights(w));
+            sink.chunk(c, Chunk::weights(w));
         }
     }
 }

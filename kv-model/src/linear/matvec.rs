@@ -59,8 +59,71 @@ pub(super) trait Format {
     const CHUNKS: usize;
     /// The block's `32 * CHUNKS` weights into `out`, portable: candle's values, bit for bit.
     fn block_scalar(b: &[u8], out: &mut [f32]);
-    /// The block's chunks, in order, to `f` (chunk index, chunk), at the width of `s`.
-    fn block_simd<S: Simd>(s: S, b: &[u8], f: impl FnMut(usize, Chunk<S>));
+    /// The block's chunks, in order, to `sink`, at the width of `s`.
+    fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>);
+}
+
+/// Where a block's decoded chunks go: a trait with an `#[inline(always)]` method rather
+/// than a closure, because a closure is a function of its own, neither always inlined nor
+/// compiled with the level's features, and a kernel whose inner loop calls one pays a call
+/// per chunk with every vector passed through memory (measured: 20x slower).
+pub(super) trait Sink<S: Simd> {
+    /// Chunk `c` of the block.
+    fn chunk(&mut self, c: usize, ch: Chunk<S>);
+}
+
+/// Stores each chunk's weights (a scaled chunk's weights times its scale: rounded once,
+/// as candle's product).
+struct Store<'a, S> {
+    s: S,
+    out: &'a mut [[f32; CHUNK]],
+}
+
+impl<S: Simd> Sink<S> for Store<'_, S> {
+    #[inline(always)]
+    fn chunk(&mut self, c: usize, ch: Chunk<S>) {
+        let s = self.s;
+        let w = match ch.scale {
+            Some(d) => scaled(s, ch.w, d),
+            None => ch.w,
+        };
+        if let Some(o) = self.out.get_mut(c) {
+            s.store32(o, w);
+        }
+    }
+}
+
+/// Each chunk's FMAs with one activation row's chunks of the block.
+struct Dot1<'a, S: Simd> {
+    s: S,
+    x: &'a [[f32; CHUNK]],
+    acc: &'a mut S::X32,
+}
+
+impl<S: Simd> Sink<S> for Dot1<'_, S> {
+    #[inline(always)]
+    fn chunk(&mut self, c: usize, ch: Chunk<S>) {
+        if let Some(x) = self.x.get(c) {
+            fma_chunk(self.s, &ch, x, self.acc);
+        }
+    }
+}
+
+/// Each chunk's FMAs with two activation rows' chunks of the block.
+struct Dot2<'a, S: Simd> {
+    s: S,
+    x: (&'a [[f32; CHUNK]], &'a [[f32; CHUNK]]),
+    acc: (&'a mut S::X32, &'a mut S::X32),
+}
+
+impl<S: Simd> Sink<S> for Dot2<'_, S> {
+    #[inline(always)]
+    fn chunk(&mut self, c: usize, ch: Chunk<S>) {
+        if let (Some(x0), Some(x1)) = (self.x.0.get(c), self.x.1.get(c)) {
+            fma_chunk(self.s, &ch, x0, self.acc.0);
+            fma_chunk(self.s, &ch, x1, self.acc.1);
+        }
+    }
 }
 
 /// `out[j * n + i] = dot(weight row j of rows, x row i)` for whole weight rows of `F`
@@ -100,16 +163,8 @@ impl<F: Format, const BYTES: usize> Kernel for Dequantize<'_, F, BYTES> {
         debug_assert_eq!(BYTES, F::BYTES);
         let blocks = self.row.as_chunks::<BYTES>().0;
         let out = self.out.as_chunks_mut::<CHUNK>().0;
-        for (b, o) in blocks.iter().zip(out.chunks_exact_mut(F::CHUNKS)) {
-            F::block_simd(s, b, |c, ch| {
-                let w = match ch.scale {
-                    Some(d) => scaled(s, ch.w, d),
-                    None => ch.w,
-                };
-                if let Some(o) = o.get_mut(c) {
-                    s.store32(o, w);
-                }
-            });
+        for (b, out) in blocks.iter().zip(out.chunks_exact_mut(F::CHUNKS)) {
+            F::block_simd(s, b, &mut Store { s, out });
         }
     }
 }
@@ -210,11 +265,7 @@ fn fma_chunk<S: Simd>(s: S, ch: &Chunk<S>, x: &[f32; CHUNK], acc: &mut S::X32) {
 /// The chunks of one block into `acc`, with the block's activations `x`.
 #[inline(always)]
 fn fma_block<S: Simd, F: Format>(s: S, b: &[u8], x: &[[f32; CHUNK]], acc: &mut S::X32) {
-    F::block_simd(s, b, |c, ch| {
-        if let Some(x) = x.get(c) {
-            fma_chunk(s, &ch, x, acc);
-        }
-    });
+    F::block_simd(s, b, &mut Dot1 { s, x, acc });
 }
 
 /// The chunks of one block into `acc0` and `acc1`, with two activation rows' `x0`, `x1`.
@@ -222,16 +273,19 @@ fn fma_block<S: Simd, F: Format>(s: S, b: &[u8], x: &[[f32; CHUNK]], acc: &mut S
 fn fma_block2<S: Simd, F: Format>(
     s: S,
     b: &[u8],
-    (x0, x1): (&[[f32; CHUNK]], &[[f32; CHUNK]]),
+    x: (&[[f32; CHUNK]], &[[f32; CHUNK]]),
     acc0: &mut S::X32,
     acc1: &mut S::X32,
 ) {
-    F::block_simd(s, b, |c, ch| {
-        if let (Some(x0), Some(x1)) = (x0.get(c), x1.get(c)) {
-            fma_chunk(s, &ch, x0, acc0);
-            fma_chunk(s, &ch, x1, acc1);
-        }
-    });
+    F::block_simd(
+        s,
+        b,
+        &mut Dot2 {
+            s,
+            x,
+            acc: (acc0, acc1),
+        },
+    );
 }
 
 /// The sum of a row's accumulator sets in a fixed order, then of the lanes: the same for

@@ -150,16 +150,22 @@ fn codes_256(t: Codes256, lo: __m128i, hi: __m128i) -> [__m256; 4] {
         ),
         None => (lo, hi),
     };
-    let quarters = [
-        lo,
-        _mm_unpackhi_epi64(lo, lo),
-        hi,
-        _mm_unpackhi_epi64(hi, hi),
-    ];
-    quarters.map(|q| match t.center {
+    [
+        code_256(t, lo),
+        code_256(t, _mm_unpackhi_epi64(lo, lo)),
+        code_256(t, hi),
+        code_256(t, _mm_unpackhi_epi64(hi, hi)),
+    ]
+}
+
+/// The low 8 byte codes of `q` (already less the center, if any) as weights of `t`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn code_256(t: Codes256, q: __m128i) -> __m256 {
+    match t.center {
         Some(_) => _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), t.a),
         None => _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), t.a, t.b),
-    })
+    }
 }
 
 /// [`codes_256`] of 32 byte codes in one register.
@@ -178,13 +184,13 @@ fn codes_256_of(t: Codes256, v: __m256i) -> [__m256; 4] {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn i8_bytes_256(v: __m256i) -> [__m256; 4] {
     let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let cvt = |q: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
     [
-        lo,
-        _mm_unpackhi_epi64(lo, lo),
-        hi,
-        _mm_unpackhi_epi64(hi, hi),
+        cvt(lo),
+        cvt(_mm_unpackhi_epi64(lo, lo)),
+        cvt(hi),
+        cvt(_mm_unpackhi_epi64(hi, hi)),
     ]
-    .map(|q| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)))
 }
 
 /// Byte `j` = `value` where bit `j` of `bits` is set (AVX2: each byte picks its source
@@ -526,8 +532,16 @@ impl Simd for V256 {
     }
     #[inline(always)]
     fn load32(self, a: &[f32; 32]) -> [__m256; 4] {
+        // Written out, not `array::from_fn`: a closure is a function of its own, compiled
+        // without the level's features and not always inlined (a kernel calling it pays a
+        // call per vector).
         let (a, _) = a.as_chunks::<8>();
-        core::array::from_fn(|i| self.load(&a[i]))
+        [
+            self.load(&a[0]),
+            self.load(&a[1]),
+            self.load(&a[2]),
+            self.load(&a[3]),
+        ]
     }
     #[inline(always)]
     fn store32(self, a: &mut [f32; 32], v: [__m256; 4]) {
@@ -539,17 +553,32 @@ impl Simd for V256 {
     #[inline(always)]
     fn load32_f32_bytes(self, b: &[u8; 128]) -> [__m256; 4] {
         let (b, _) = b.as_chunks::<32>();
-        core::array::from_fn(|i| feat!(f32_bytes_256(&b[i])))
+        feat!([
+            f32_bytes_256(&b[0]),
+            f32_bytes_256(&b[1]),
+            f32_bytes_256(&b[2]),
+            f32_bytes_256(&b[3]),
+        ])
     }
     #[inline(always)]
     fn load32_f16(self, b: &[u8; 64]) -> [__m256; 4] {
         let (b, _) = b.as_chunks::<16>();
-        core::array::from_fn(|i| self.load_f16(&b[i]))
+        [
+            self.load_f16(&b[0]),
+            self.load_f16(&b[1]),
+            self.load_f16(&b[2]),
+            self.load_f16(&b[3]),
+        ]
     }
     #[inline(always)]
     fn load32_bf16(self, b: &[u8; 64]) -> [__m256; 4] {
         let (b, _) = b.as_chunks::<16>();
-        core::array::from_fn(|i| self.load_bf16(&b[i]))
+        [
+            self.load_bf16(&b[0]),
+            self.load_bf16(&b[1]),
+            self.load_bf16(&b[2]),
+            self.load_bf16(&b[3]),
+        ]
     }
     #[inline(always)]
     fn codes32_i8(self, b: &[u8; 32]) -> [__m256; 4] {
