@@ -9,9 +9,10 @@
 //! summation order (see [`crate::WeightFormat`] for why that matters).
 //!
 //! - Few rows (decode, small batches): a matrix-vector kernel over output rows that
-//!   dequantizes each block once for up to two activation rows; AVX-512F or AVX2+FMA+F16C
-//!   when the CPU has them, portable Rust otherwise (kv-quant's `Isa`: `KV_ISA` caps the level); rayon
-//!   threads split the output rows.
+//!   dequantizes each block once for up to two activation rows (`linear/matvec.rs`, the
+//!   block types in `linear/blocks.rs` and `linear/kquant.rs`), written once over kv-quant's
+//!   `Simd` width and run at AVX-512 or AVX2 when the CPU has them, portable Rust otherwise
+//!   (kv-quant's `Isa`: `KV_ISA` caps the level); rayon threads split the output rows.
 //! - A batch of rows (a decode step of 9 to [`STRIPS_MAX_ROWS`] sequences): each task
 //!   dequantizes a strip of weight rows into L1 once and multiplies it with every
 //!   activation row in register tiles (`linear/strips.rs`, written once over kv-quant's
@@ -21,17 +22,16 @@
 //!   candle itself uses); tasks split the output columns.
 #![allow(unsafe_code)]
 
-#[cfg(target_arch = "x86_64")]
-mod avx2;
-#[cfg(target_arch = "x86_64")]
-mod avx512;
+mod blocks;
 mod kquant;
-mod scalar;
+mod matvec;
 mod strips;
 
 pub(crate) use kquant::KType;
+use matvec::Format;
 
 use std::cell::RefCell;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -40,7 +40,7 @@ use rayon::prelude::*;
 
 use crate::{ModelError, Result};
 
-/// Weights per block of the [`BlockType`]s (the per-width kernels' block).
+/// Weights per block of the [`BlockType`]s.
 pub(crate) const BLOCK: usize = 32;
 
 /// Activation rows up to which the matrix-vector kernel is used; from here on the panel
@@ -95,9 +95,8 @@ impl BlockType {
     }
 }
 
-/// Every GGUF block type with our own kernels: the three with per-width kernels
-/// (`linear/avx2.rs`, `linear/avx512.rs`), and those written once over kv-quant's `Simd`
-/// width (`linear/kquant.rs`).
+/// Every GGUF block type with our own kernels: the first three (`linear/blocks.rs`) and
+/// those with fifth or sixth bits or scales within a block (`linear/kquant.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum WeightType {
     /// Q4_0, Q4_1, Q8_0.
@@ -144,13 +143,30 @@ impl WeightType {
     }
 }
 
-/// An instruction-set level of the kernels, in increasing order.
+/// Runs `$body!(F)` with `F` the [`Format`] of the weight type `$ty`: the one place a
+/// runtime type becomes a compile-time one.
+macro_rules! with_format {
+    ($ty:expr, $body:ident) => {
+        match $ty {
+            WeightType::Block(BlockType::Q4_0) => $body!(blocks::Q4_0),
+            WeightType::Block(BlockType::Q4_1) => $body!(blocks::Q4_1),
+            WeightType::Block(BlockType::Q8_0) => $body!(blocks::Q8_0),
+            WeightType::K(KType::Q5_0) => $body!(kquant::Q5_0),
+            WeightType::K(KType::Q5_1) => $body!(kquant::Q5_1),
+            WeightType::K(KType::Q4K) => $body!(kquant::Q4K),
+            WeightType::K(KType::Q5K) => $body!(kquant::Q5K),
+            WeightType::K(KType::Q6K) => $body!(kquant::Q6K),
+        }
+    };
+}
+
 /// The workspace's one instruction-set level (detection and the `KV_ISA` switch live in
 /// kv-quant); kv-model's own matrix kernels exist for each level.
 pub(crate) use kv_quant::Isa;
 
 /// The kernels at one instruction-set level. Only made for a level this CPU runs
-/// ([`Kernels::new`] checks): the invariant that makes the SIMD calls sound.
+/// ([`Kernels::new`] checks), so that tests and benchmarks name the level that really ran
+/// ([`Isa::run`] itself falls back to a level the CPU has).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Kernels {
     isa: Isa,
@@ -178,34 +194,21 @@ impl Kernels {
             .unwrap_or(Self { isa: Isa::Scalar })
     }
 
-    fn dequantize_row(self, ty: WeightType, row: &[u8], out: &mut [f32]) {
-        let ty = match ty {
-            WeightType::Block(b) => b,
-            WeightType::K(k) => return kquant::dequantize_row(self.isa, k, row, out),
-        };
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: a `Kernels` with `Isa::Avx2` exists only after `Kernels::new` found
-            // AVX2, FMA and F16C on this CPU.
-            Isa::Avx2 => unsafe {
-                match ty {
-                    BlockType::Q4_0 => avx2::dequantize_row::<{ avx2::Q4_0 }, 18>(row, out),
-                    BlockType::Q4_1 => avx2::dequantize_row::<{ avx2::Q4_1 }, 20>(row, out),
-                    BlockType::Q8_0 => avx2::dequantize_row::<{ avx2::Q8_0 }, 34>(row, out),
-                }
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: a `Kernels` with `Isa::Avx512` exists only after `Kernels::new` found
-            // AVX-512F and F16C on this CPU.
-            Isa::Avx512 => unsafe {
-                match ty {
-                    BlockType::Q4_0 => avx512::dequantize_row::<{ avx2::Q4_0 }, 18>(row, out),
-                    BlockType::Q4_1 => avx512::dequantize_row::<{ avx2::Q4_1 }, 20>(row, out),
-                    BlockType::Q8_0 => avx512::dequantize_row::<{ avx2::Q8_0 }, 34>(row, out),
-                }
-            },
-            _ => scalar::dequantize_row(ty, row, out),
+    /// Weight rows `row` (whole blocks of `ty`, one row or several contiguous ones) as f32
+    /// into `out` (as many weights): one dispatch however many rows.
+    fn dequantize_rows(self, ty: WeightType, row: &[u8], out: &mut [f32]) {
+        debug_assert_eq!(row.len() / ty.bytes() * ty.weights(), out.len());
+        macro_rules! go {
+            ($f:ty) => {
+                self.isa
+                    .run(matvec::Dequantize::<$f, { <$f as Format>::BYTES }> {
+                        row,
+                        out,
+                        format: PhantomData,
+                    })
+            };
         }
+        with_format!(ty, go)
     }
 
     /// [`Kernels::dot_matrix`] for a batch of activation rows: each strip of
@@ -229,13 +232,9 @@ impl Kernels {
             buf.resize(strips::STRIP * cols, 0.0);
             let strips = rows.chunks(strips::STRIP * row_bytes);
             for (strip, o) in strips.zip(out.chunks_mut(strips::STRIP * n)) {
+                // Whole rows of blocks are contiguous: one call for the strip.
                 let sr = strip.len() / row_bytes;
-                for (r, w) in strip
-                    .chunks_exact(row_bytes)
-                    .zip(buf.chunks_exact_mut(cols))
-                {
-                    self.dequantize_row(ty, r, w);
-                }
+                self.dequantize_rows(ty, strip, &mut buf[..sr * cols]);
                 self.isa.run(strips::StripDot {
                     w: &buf[..sr * cols],
                     x,
@@ -258,51 +257,28 @@ impl Kernels {
         n: usize,
         out: &mut [f32],
     ) {
-        let ty = match ty {
-            WeightType::Block(b) => b,
-            WeightType::K(k) => return kquant::dot_matrix(self.isa, k, rows, x, cols, n, out),
-        };
-        let row_bytes = cols / BLOCK * ty.bytes();
+        let row_bytes = ty.row_bytes(cols);
         if row_bytes == 0 || n == 0 {
             out.fill(0.0);
             return;
         }
-        let (r, x, c, o) = (rows, x, cols, out);
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: a `Kernels` with `Isa::Avx2` exists only after `Kernels::new` found
-            // AVX2, FMA and F16C on this CPU.
-            Isa::Avx2 => unsafe {
-                match ty {
-                    BlockType::Q4_0 => {
-                        avx2::dot_matrix::<{ avx2::Q4_0 }, 18>(r, row_bytes, x, c, n, o)
-                    }
-                    BlockType::Q4_1 => {
-                        avx2::dot_matrix::<{ avx2::Q4_1 }, 20>(r, row_bytes, x, c, n, o)
-                    }
-                    BlockType::Q8_0 => {
-                        avx2::dot_matrix::<{ avx2::Q8_0 }, 34>(r, row_bytes, x, c, n, o)
-                    }
-                }
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: a `Kernels` with `Isa::Avx512` exists only after `Kernels::new` found
-            // AVX-512F and F16C on this CPU.
-            Isa::Avx512 => unsafe {
-                match ty {
-                    BlockType::Q4_0 => {
-                        avx512::dot_matrix::<{ avx2::Q4_0 }, 18>(r, row_bytes, x, c, n, o)
-                    }
-                    BlockType::Q4_1 => {
-                        avx512::dot_matrix::<{ avx2::Q4_1 }, 20>(r, row_bytes, x, c, n, o)
-                    }
-                    BlockType::Q8_0 => {
-                        avx512::dot_matrix::<{ avx2::Q8_0 }, 34>(r, row_bytes, x, c, n, o)
-                    }
-                }
-            },
-            _ => scalar::dot_matrix(ty, r, row_bytes, x, c, n, o),
+        debug_assert!(x.len() >= n * cols, "x holds n rows");
+        debug_assert_eq!(rows.len() / row_bytes * n, out.len(), "rows and out differ");
+        macro_rules! go {
+            ($f:ty) => {
+                self.isa
+                    .run(matvec::DotMatrix::<$f, { <$f as Format>::BYTES }> {
+                        rows,
+                        row_bytes,
+                        x,
+                        cols,
+                        n,
+                        out,
+                        format: PhantomData,
+                    })
+            };
         }
+        with_format!(ty, go)
     }
 }
 
@@ -414,7 +390,7 @@ impl BlockMatrix {
 
     /// Weight row `r` as f32, exactly as candle's `dequantize` gives it.
     pub(crate) fn dequantize_row(&self, k: Kernels, r: usize, out: &mut [f32]) {
-        k.dequantize_row(self.ty, self.row(r), &mut out[..self.cols]);
+        k.dequantize_rows(self.ty, self.row(r), &mut out[..self.cols]);
     }
 
     /// `out = x · selfᵀ` for `x` `[n, cols]` and `out` `[n, rows]`, both row-major f32.
@@ -460,9 +436,8 @@ impl BlockMatrix {
             let pr = panel.min(rows - r0);
             PANEL.with_borrow_mut(|tile| {
                 tile.resize(pr * cols, 0.0);
-                for (j, w) in tile.chunks_exact_mut(cols).enumerate() {
-                    self.dequantize_row(k, r0 + j, w);
-                }
+                let bytes = self.ty.row_bytes(cols);
+                k.dequantize_rows(self.ty, &self.data[r0 * bytes..][..pr * bytes], tile);
                 // SAFETY: gemm reads `x` as [n, cols] and the tile as [cols, pr] (strides
                 // cols), within their slices; it writes out[i * rows + r0 + j], i < n,
                 // j < pr: inside `out` ([n, rows]), columns no other task writes; `out`

@@ -375,6 +375,65 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// The inverse of [`Simd::perm2`].
     fn unperm2(self, v: [Self::F32; 2]) -> [Self::F32; 2];
     // End of simdq's additions.
+
+    // GGUF weight codes (added for kv-model's matrix kernels, issue 18). A 4- or 5-bit
+    // code stands for one of only 16 or 32 weights of its block (`i * a + b` or
+    // `(i - c) * a`). At 512 bits those weights are computed once per block into registers
+    // ([`Simd::Lut16`], [`Simd::Lut32`]) and each 16 codes are looked up with one lane
+    // permute; at 256 bits (no 16-lane permute) the same operations convert the codes to
+    // f32 and scale them. Either way a weight is rounded once, as `fma(i, a, b)` or
+    // `(i - c) * a` round it. [`Simd::Bytes32`] holds 32 codes or bit fields in registers
+    // for the bit operations that assemble 5- and 6-bit codes.
+
+    /// 32 bytes in registers (codes, bit fields).
+    type Bytes32: Copy;
+    /// The 16 weights a 4-bit code stands for, ready for lookups.
+    type Lut16: Copy;
+    /// The 32 weights a 5-bit code stands for, ready for lookups.
+    type Lut32: Copy;
+
+    /// Loads 32 bytes.
+    fn load_bytes32(self, b: &[u8; 32]) -> Self::Bytes32;
+    /// The nibbles of 16 bytes in GGUF's split order: byte `j` of the result is the low
+    /// nibble of `b[j]`, byte `16 + j` its high nibble.
+    fn split_nibbles32(self, b: &[u8; 16]) -> Self::Bytes32;
+    /// Byte `j` is `value` where bit `j` of `bits` is set, else 0.
+    fn bits_to_bytes32(self, bits: u32, value: u8) -> Self::Bytes32;
+    /// Per byte `v & mask`.
+    fn and_bytes32(self, v: Self::Bytes32, mask: u8) -> Self::Bytes32;
+    /// Per byte `a | b`.
+    fn or_bytes32(self, a: Self::Bytes32, b: Self::Bytes32) -> Self::Bytes32;
+    /// Per byte `v >> n` (logical; `n < 8`).
+    fn shr_bytes32(self, v: Self::Bytes32, n: u32) -> Self::Bytes32;
+    /// Per byte `v << n` (`n < 8`).
+    fn shl_bytes32(self, v: Self::Bytes32, n: u32) -> Self::Bytes32;
+    /// Per byte `v - k`, wrapping.
+    fn sub_bytes32(self, v: Self::Bytes32, k: u8) -> Self::Bytes32;
+    /// The 32 bytes as signed integers, as f32 (exact).
+    fn i8_to_f32_32(self, v: Self::Bytes32) -> Self::X32;
+
+    /// The table `fma(i, a, b)`, `i < 16` (lanes of `a` and `b` all equal).
+    fn lut16_affine(self, a: Self::F32, b: Self::F32) -> Self::Lut16;
+    /// The table `(i - 8) * a`, `i < 16`: a product, so `i = 8` gives `-0.0` when `a < 0`.
+    fn lut16_centered(self, a: Self::F32) -> Self::Lut16;
+    /// The table `fma(i, a, b)`, `i < 32`.
+    fn lut32_affine(self, a: Self::F32, b: Self::F32) -> Self::Lut32;
+    /// The table `(i - 16) * a`, `i < 32`.
+    fn lut32_centered(self, a: Self::F32) -> Self::Lut32;
+    /// `t[code]` for the 32 codes of `b` in GGUF's split order (see
+    /// [`Simd::split_nibbles32`]): the 4-bit blocks' decoding in the fewest operations.
+    fn lookup16_split(self, t: Self::Lut16, b: &[u8; 16]) -> Self::X32;
+    /// `(lo[b[j] & 15], hi[b[j] >> 4])` for the 32 bytes of `b`: the low nibbles through one
+    /// table, the high nibbles through another.
+    fn lookup16_nibbles(
+        self,
+        lo: Self::Lut16,
+        hi: Self::Lut16,
+        b: &[u8; 32],
+    ) -> (Self::X32, Self::X32);
+    /// `t[v[j]]` for the 32 bytes of `v` (each `< 32`).
+    fn lookup32(self, t: Self::Lut32, v: Self::Bytes32) -> Self::X32;
+    // End of the GGUF weight codes.
     // -----------------------------------------------------------------------------------
 
     /// The level's tokens, for code not yet written over the width: `Some` at 512 bits.
@@ -388,7 +447,7 @@ pub trait Simd: Copy + Send + Sync + 'static {
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
-pub use x86::{hsum_256, reduce16_512, reduce8_256, reduce8_512, V256, V512};
+pub use x86::{hsum_256, reduce16_512, reduce8_256, reduce8_512, Codes256, V256, V512};
 
 /// Data to prefetch while a kernel reads other data: what the caller reads next, requested
 /// a cache line at a time in step with the data read, so that the requests spread over the
@@ -472,3 +531,127 @@ impl<'a> Prefetch<'a> {
 unsafe impl Send for Prefetch<'_> {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for Prefetch<'_> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every GGUF weight-code operation of [`Simd`] on one input, results as bits in a
+    /// fixed order; [`Kernel::scalar`] is their definition in plain Rust.
+    struct CodeOps {
+        bytes: [u8; 32],
+        a: f32,
+        b: f32,
+        bits: u32,
+    }
+
+    /// `t[i]` of the affine and centered tables.
+    fn affine(i: u8, a: f32, b: f32) -> f32 {
+        f32::from(i).mul_add(a, b)
+    }
+    fn centered(i: u8, c: i8, a: f32) -> f32 {
+        f32::from(i as i8 - c) * a
+    }
+
+    impl Kernel for CodeOps {
+        type Output = Vec<u32>;
+        fn scalar(self) -> Vec<u32> {
+            let (a, b, v) = (self.a, self.b, self.bytes);
+            let split: Vec<u8> = (0..32)
+                .map(|j| {
+                    let q = v[j % 16];
+                    if j < 16 {
+                        q & 15
+                    } else {
+                        q >> 4
+                    }
+                })
+                .collect();
+            let mut out = Vec::new();
+            out.extend(split.iter().map(|&i| affine(i, a, b)));
+            out.extend(split.iter().map(|&i| centered(i, 8, a)));
+            out.extend(v.iter().map(|&q| affine(q & 15, a, b)));
+            out.extend(v.iter().map(|&q| centered(q >> 4, 8, a)));
+            out.extend(v.iter().map(|&q| affine(q & 31, a, b)));
+            out.extend(split.iter().enumerate().map(|(j, &q)| {
+                let high = if self.bits >> j & 1 == 1 { 16 } else { 0 };
+                centered(q | high, 16, a)
+            }));
+            out.extend(
+                v.iter()
+                    .map(|&q| f32::from((((q >> 3) << 2) | 0x81).wrapping_sub(7) as i8)),
+            );
+            out.into_iter().map(f32::to_bits).collect()
+        }
+        #[inline(always)]
+        fn simd<S: Simd>(self, s: S) -> Vec<u32> {
+            let (a, b) = (s.splat(self.a), s.splat(self.b));
+            let (v, (half, _)) = (self.bytes, self.bytes.split_first_chunk::<16>().unwrap());
+            let loaded = s.load_bytes32(&v);
+            let (lo, hi) = s.lookup16_nibbles(s.lut16_affine(a, b), s.lut16_centered(a), &v);
+            let five = s.or_bytes32(s.split_nibbles32(half), s.bits_to_bytes32(self.bits, 16));
+            let bits = s.shl_bytes32(s.shr_bytes32(loaded, 3), 2);
+            let chunks = [
+                s.lookup16_split(s.lut16_affine(a, b), half),
+                s.lookup16_split(s.lut16_centered(a), half),
+                lo,
+                hi,
+                s.lookup32(s.lut32_affine(a, b), s.and_bytes32(loaded, 31)),
+                s.lookup32(s.lut32_centered(a), five),
+                s.i8_to_f32_32(s.sub_bytes32(
+                    s.or_bytes32(bits, s.and_bytes32(s.load_bytes32(&[0x81; 32]), 0xFF)),
+                    7,
+                )),
+            ];
+            let mut out = Vec::new();
+            for c in chunks {
+                let mut x = [0f32; 32];
+                s.store32(&mut x, c);
+                out.extend(x.map(f32::to_bits));
+            }
+            out
+        }
+    }
+
+    /// Each level's GGUF weight-code operations equal their plain-Rust definition bit for
+    /// bit (negative scales included, where `-0.0` must survive), on pseudo-random inputs.
+    #[test]
+    fn weight_code_ops_equal_their_definition_at_every_level() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for case in 0..200 {
+            let mut bytes = [0u8; 32];
+            bytes.iter_mut().for_each(|b| *b = next() as u8);
+            let a = f32::from_bits(next() as u32 & 0x807f_ffff | 0x3f00_0000);
+            let b = if case % 3 == 0 {
+                0.0
+            } else {
+                (next() % 1000) as f32 / -7.0
+            };
+            let ops = || CodeOps {
+                bytes,
+                a,
+                b,
+                bits: next_bits(case, bytes),
+            };
+            let want = ops().scalar();
+            for isa in Isa::available() {
+                assert_eq!(isa.run(ops()), want, "{isa} case {case}");
+            }
+        }
+    }
+
+    /// A fifth-bit mask for case `case`: all clear, all set, or from the bytes.
+    fn next_bits(case: u32, b: [u8; 32]) -> u32 {
+        match case % 4 {
+            0 => 0,
+            1 => u32::MAX,
+            _ => u32::from_le_bytes([b[3], b[7], b[11], b[29]]),
+        }
+    }
+}

@@ -1,19 +1,21 @@
-//! Kernels for the GGUF block types that mix scales within a block or add a fifth or sixth
-//! bit: Q5_0, Q5_1 (32 weights) and the K-quants Q4_K, Q5_K, Q6_K (256-weight super-blocks),
-//! the types a Q4_K_M file mixes. Written once over kv-quant's width-generic [`Simd`] layer
-//! and run through [`Isa::run`], with the portable [`Kernel::scalar`] bodies as the
-//! reference the SIMD ones are tested against.
+//! The GGUF block types that add a fifth or sixth bit or mix scales within a block: Q5_0,
+//! Q5_1 (32 weights) and the K-quants Q4_K, Q5_K, Q6_K (256-weight super-blocks), the types
+//! a Q4_K_M file mixes. Each is a [`Format`] for the kernels of `linear/matvec.rs`.
 //!
-//! Every type is read as 32-weight chunks: a chunk's codes are rebuilt as signed bytes (the
-//! bit fiddling is plain Rust that the compiler vectorizes inside each level's entry point),
-//! widened with [`Simd::codes32_i8`] and scaled per 16 weights (Q6_K has a scale per 16;
-//! the others repeat theirs). Weights equal candle's `dequantize` bit for bit: every scale
-//! is an f16 times an integer of at most 8 bits, exact in f32, and a code of at most 6 bits
-//! times it is exact again, so `code * scale + min` rounds once however it is computed
-//! (fused or not) and the order of candle's products does not matter. The symmetric types
-//! multiply only (no `+ 0.0`, which would turn candle's `-0.0` into `+0.0`).
+//! Decoding follows the 4-bit blocks': a code of 4 or 5 bits stands for one of 16 or 32
+//! weights of its chunk (`code * scale + min`), computed once per chunk into a table that
+//! [`Simd::lookup16_nibbles`] / [`Simd::lookup32`] read with lane permutes at 512 bits (the
+//! 5-bit codes assembled in registers with [`Simd::Bytes32`]'s bit operations). Q6_K's
+//! 64 possible weights change every 16 weights, so its assembled codes are converted and
+//! scaled instead. Weights equal candle's `dequantize` bit for bit: every scale is an f16
+//! times an integer of at most 8 bits, exact in f32, and a code of at most 6 bits times it
+//! is exact again, so `code * scale + min` rounds once however it is computed (fused or
+//! not). The symmetric types multiply only (no `+ 0.0`, which would turn candle's `-0.0`
+//! into `+0.0`).
 
-use kv_quant::simd::{Isa, Kernel, Simd};
+use kv_quant::simd::Simd;
+
+use super::matvec::{bytes, f16_at, Chunk, Format, Sink, CHUNK};
 
 /// The block types of this module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,69 +56,6 @@ impl KType {
     }
 }
 
-/// A block's integer multipliers per 16 weights, decoded once per block. With the block's
-/// two f16 fields `d` and `e` ([`Layout::header`]) and the signed codes of chunk `c`
-/// ([`Layout::codes`]): `w[32c + l] = code[l] * (d * sc[2c + l / 16]) (+ e * m[2c + l / 16])`,
-/// every product exact (small integers times an f16).
-#[derive(Clone, Copy)]
-struct Scales {
-    /// Scale multipliers of `d`.
-    sc: [f32; 16],
-    /// Minimum multipliers of `e` (signed: K-quants subtract).
-    m: [f32; 16],
-}
-
-/// One block type's layout.
-trait Layout {
-    /// Bytes per block.
-    const BYTES: usize;
-    /// 32-weight chunks per block.
-    const CHUNKS: usize;
-    /// Whether weights add a minimum (`fma`) or are a plain product.
-    const ASYM: bool;
-    /// The block's f16 scale `d` and second f16 `e` (minimum or `dmin`; zero bytes if none),
-    /// little-endian, as [`Simd::splat_f16_pair`] takes them.
-    fn header(b: &[u8]) -> [u8; 4];
-    /// The multipliers of block `b`.
-    fn scales(b: &[u8]) -> Scales;
-    /// The signed codes (bytes of `i8`) of chunk `c` (< `CHUNKS`) of block `b`.
-    fn codes(b: &[u8], c: usize) -> [u8; 32];
-}
-
-/// The f16 pair of `header` as f32.
-#[inline(always)]
-fn f16_pair(h: [u8; 4]) -> (f32, f32) {
-    let f = |a: u8, b: u8| half::f16::from_bits(u16::from_le_bytes([a, b])).to_f32();
-    (f(h[0], h[1]), f(h[2], h[3]))
-}
-
-/// Bytes `at..at + N` of `b` as an array (zeros if `b` is short; callers pass whole blocks).
-#[inline(always)]
-fn array<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
-    b.get(at..)
-        .and_then(|r| r.first_chunk::<N>())
-        .copied()
-        .unwrap_or([0; N])
-}
-
-/// The fifth bits and nibbles of Q5_0/Q5_1 (`qh` at `at`, 16 nibble bytes after it) as
-/// codes 0..32 less `offset`: weight `j < 16` is byte `j`'s low nibble, `j + 16` its high
-/// nibble; the fifth bit of weight `j` is bit `j` of `qh`.
-#[inline(always)]
-fn q5_codes(b: &[u8], at: usize, offset: u8) -> [u8; 32] {
-    let qh = u32::from_le_bytes(array::<4>(b, at));
-    let qs = array::<16>(b, at + 4);
-    let mut codes = [0u8; 32];
-    let (lo, hi) = codes.split_at_mut(16);
-    for (j, ((l, h), q)) in lo.iter_mut().zip(hi.iter_mut()).zip(qs).enumerate() {
-        let bit_lo = ((qh >> j) & 1) as u8;
-        let bit_hi = ((qh >> (j + 16)) & 1) as u8;
-        *l = ((q & 0x0F) | (bit_lo << 4)).wrapping_sub(offset);
-        *h = ((q >> 4) | (bit_hi << 4)).wrapping_sub(offset);
-    }
-    codes
-}
-
 /// Q4_K/Q5_K's 6-bit scale and minimum of chunk `j` from the 12 packed bytes `q`
 /// (llama.cpp's `get_scale_min_k4`).
 #[inline(always)]
@@ -131,376 +70,221 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     }
 }
 
-struct Q5_0;
-struct Q5_1;
-struct Q4K;
-struct Q5K;
-struct Q6K;
+/// Q5_0 (`MIN = false`; 22 bytes: f16 `d`, 32 fifth bits, 16 bytes of nibbles;
+/// `w = (q - 16) * d`) and Q5_1 (`MIN = true`; 24 bytes: f16 `d`, f16 `m`, then the same;
+/// `w = q * d + m`).
+pub(super) struct Q5<const MIN: bool>;
 
-impl Layout for Q5_0 {
-    const BYTES: usize = 22;
+impl<const MIN: bool> Q5<MIN> {
+    /// Offset of the fifth bits (a little-endian `u32`, bit `j` for weight `j`), followed by
+    /// the nibbles in GGUF's split order.
+    const QH: usize = if MIN { 4 } else { 2 };
+}
+
+impl<const MIN: bool> Format for Q5<MIN> {
+    const BYTES: usize = if MIN { 24 } else { 22 };
     const CHUNKS: usize = 1;
-    const ASYM: bool = false;
-    #[inline(always)]
-    fn header(b: &[u8]) -> [u8; 4] {
-        let [d0, d1] = array::<2>(b, 0);
-        [d0, d1, 0, 0]
-    }
-    #[inline(always)]
-    fn scales(_: &[u8]) -> Scales {
-        Scales {
-            sc: [1.0; 16],
-            m: [0.0; 16],
+    fn block_scalar(b: &[u8], out: &mut [f32]) {
+        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+        let qh = u32::from_le_bytes(*bytes::<4>(b, Self::QH));
+        for (j, &q) in bytes::<16>(b, Self::QH + 4).iter().enumerate() {
+            let lo = (q & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
+            let hi = (q >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            for (at, code) in [(j, lo), (j + CHUNK / 2, hi)] {
+                out[at] = if MIN {
+                    f32::from(code) * d + m
+                } else {
+                    f32::from(code as i8 - 16) * d
+                };
+            }
         }
     }
     #[inline(always)]
-    fn codes(b: &[u8], _: usize) -> [u8; 32] {
-        q5_codes(b, 2, 16)
+    fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
+        let (d, m) = s.splat_f16_pair(*bytes::<4>(b, 0));
+        let qh = u32::from_le_bytes(*bytes::<4>(b, Self::QH));
+        let codes = s.or_bytes32(
+            s.split_nibbles32(bytes::<16>(b, Self::QH + 4)),
+            s.bits_to_bytes32(qh, 16),
+        );
+        let t = if MIN {
+            s.lut32_affine(d, m)
+        } else {
+            s.lut32_centered(d)
+        };
+        sink.chunk(0, Chunk::weights(s.lookup32(t, codes)));
     }
 }
 
-impl Layout for Q5_1 {
-    const BYTES: usize = 24;
-    const CHUNKS: usize = 1;
-    const ASYM: bool = true;
+/// Q5_0.
+pub(super) type Q5_0 = Q5<false>;
+/// Q5_1.
+pub(super) type Q5_1 = Q5<true>;
+
+/// Q4_K (`FIFTH = false`; 144 bytes) and Q5_K (`FIFTH = true`; 176 bytes): f16 `d` and
+/// `dmin`, 8 pairs of 6-bit scale `sc` and minimum `m` packed in 12 bytes, (Q5_K: 32
+/// bytes of fifth bits,) 128 bytes of nibbles; chunk `c` has `w = d * sc * q - dmin * m`.
+/// Chunk `c` holds the low (even `c`) or high nibbles of bytes `32 * (c / 2)..` of the
+/// nibbles, with bit `c` of the fifth-bit byte `l` as weight `l`'s fifth bit.
+pub(super) struct K4<const FIFTH: bool>;
+
+impl<const FIFTH: bool> K4<FIFTH> {
+    /// Offset of the fifth bits (Q5_K).
+    const QH: usize = 16;
+    /// Offset of the nibbles.
+    const QS: usize = if FIFTH { 48 } else { 16 };
+
+    /// Chunk `c`'s integer scale and (negated) minimum, as f32.
     #[inline(always)]
-    fn header(b: &[u8]) -> [u8; 4] {
-        array::<4>(b, 0)
+    fn scale_min(b: &[u8], c: usize) -> (f32, f32) {
+        let (sc, m) = scale_min_k4(c, bytes::<12>(b, 4));
+        (f32::from(sc), -f32::from(m))
     }
+
+    /// Chunk `c`'s `d * sc` and `dmin * -m` in vectors (exact products).
     #[inline(always)]
-    fn scales(_: &[u8]) -> Scales {
-        Scales {
-            sc: [1.0; 16],
-            m: [1.0; 16],
-        }
+    fn table<S: Simd>(s: S, (d, dmin): (S::F32, S::F32), b: &[u8], c: usize) -> (S::F32, S::F32) {
+        let (sc, m) = Self::scale_min(b, c);
+        (s.mul(d, s.splat(sc)), s.mul(dmin, s.splat(m)))
     }
+
+    /// The fifth bits of chunk `c` moved to bit 4 of each byte.
     #[inline(always)]
-    fn codes(b: &[u8], _: usize) -> [u8; 32] {
-        q5_codes(b, 4, 0)
+    fn fifth<S: Simd>(s: S, qh: S::Bytes32, c: usize) -> S::Bytes32 {
+        let at = if c >= 4 {
+            s.shr_bytes32(qh, (c - 4) as u32)
+        } else {
+            s.shl_bytes32(qh, (4 - c) as u32)
+        };
+        s.and_bytes32(at, 0x10)
     }
 }
 
-/// Q4_K and Q5_K's multipliers: chunk `c` has scale `d * sc` and minimum `-(dmin * m)`.
-#[inline(always)]
-fn k4_scales(b: &[u8]) -> Scales {
-    let packed = array::<12>(b, 4);
-    let mut s = Scales {
-        sc: [0.0; 16],
-        m: [0.0; 16],
-    };
-    for c in 0..8 {
-        let (sc, m) = scale_min_k4(c, &packed);
-        s.sc[2 * c] = f32::from(sc);
-        s.sc[2 * c + 1] = f32::from(sc);
-        s.m[2 * c] = -f32::from(m);
-        s.m[2 * c + 1] = -f32::from(m);
-    }
-    s
-}
-
-/// Q4_K and Q5_K: chunk `c` holds the low (even `c`) or high nibbles of bytes
-/// `32 * (c / 2)..` of the quants `qs`, with bit `c` of `qh[l]` as the fifth bit when `qh`
-/// is given.
-#[inline(always)]
-fn k4_codes(b: &[u8], c: usize, qh: Option<[u8; 32]>, qs: usize) -> [u8; 32] {
-    let q = array::<32>(b, qs + 32 * (c / 2));
-    let shift = 4 * (c % 2);
-    let mut codes = [0u8; 32];
-    for (code, q) in codes.iter_mut().zip(q) {
-        *code = (q >> shift) & 0x0F;
-    }
-    // A separate pass, so that each loop is one straight vectorizable body.
-    if let Some(qh) = qh {
-        for (code, h) in codes.iter_mut().zip(qh) {
-            *code |= ((h >> c) & 1) << 4;
-        }
-    }
-    codes
-}
-
-impl Layout for Q4K {
-    const BYTES: usize = 144;
+impl<const FIFTH: bool> Format for K4<FIFTH> {
+    const BYTES: usize = if FIFTH { 176 } else { 144 };
     const CHUNKS: usize = 8;
-    const ASYM: bool = true;
-    #[inline(always)]
-    fn header(b: &[u8]) -> [u8; 4] {
-        array::<4>(b, 0)
+    fn block_scalar(b: &[u8], out: &mut [f32]) {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let qh = bytes::<32>(b, Self::QH);
+        for (c, out) in out.chunks_exact_mut(CHUNK).enumerate().take(8) {
+            let (sc, m) = Self::scale_min(b, c);
+            let (scale, min) = (d * sc, dmin * m);
+            let qs = bytes::<32>(b, Self::QS + 32 * (c / 2));
+            for ((o, q), h) in out.iter_mut().zip(qs).zip(qh) {
+                let mut code = (q >> (4 * (c % 2))) & 0x0F;
+                if FIFTH {
+                    code |= ((h >> c) & 1) << 4;
+                }
+                // The product is exact (see the module comment): one rounding, as `fma`.
+                *o = f32::from(code) * scale + min;
+            }
+        }
     }
     #[inline(always)]
-    fn scales(b: &[u8]) -> Scales {
-        k4_scales(b)
-    }
-    #[inline(always)]
-    fn codes(b: &[u8], c: usize) -> [u8; 32] {
-        k4_codes(b, c, None, 16)
+    fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
+        // `d * sc` and `dmin * -m`: exact products, in vectors.
+        let (d, dmin) = s.splat_f16_pair(*bytes::<4>(b, 0));
+        let qh = s.load_bytes32(bytes::<32>(b, Self::QH));
+        for k in 0..4 {
+            let (c0, c1) = (2 * k, 2 * k + 1);
+            let ((a0, m0), (a1, m1)) = (
+                Self::table(s, (d, dmin), b, c0),
+                Self::table(s, (d, dmin), b, c1),
+            );
+            let qs = bytes::<32>(b, Self::QS + 32 * k);
+            if FIFTH {
+                let q = s.load_bytes32(qs);
+                let lo = s.or_bytes32(s.and_bytes32(q, 0x0F), Self::fifth(s, qh, c0));
+                let hi = s.or_bytes32(s.shr_bytes32(q, 4), Self::fifth(s, qh, c1));
+                sink.chunk(c0, Chunk::weights(s.lookup32(s.lut32_affine(a0, m0), lo)));
+                sink.chunk(c1, Chunk::weights(s.lookup32(s.lut32_affine(a1, m1), hi)));
+            } else {
+                let (lo, hi) =
+                    s.lookup16_nibbles(s.lut16_affine(a0, m0), s.lut16_affine(a1, m1), qs);
+                sink.chunk(c0, Chunk::weights(lo));
+                sink.chunk(c1, Chunk::weights(hi));
+            }
+        }
     }
 }
 
-impl Layout for Q5K {
-    const BYTES: usize = 176;
-    const CHUNKS: usize = 8;
-    const ASYM: bool = true;
+/// Q4_K.
+pub(super) type Q4K = K4<false>;
+/// Q5_K.
+pub(super) type Q5K = K4<true>;
+
+/// Q6_K: 210 bytes per 256 weights: 128 bytes of low nibbles `ql`, 64 of 2-bit high parts
+/// `qh`, 16 signed 8-bit scales (one per 16 weights), f16 `d`; `w = d * sc * (q - 32)`.
+/// Half `h` of the block (128 weights) reads `ql[64h..]`, `qh[32h..]`; its chunk `k` takes
+/// nibble `k / 2` of `ql[64h + 32 * (k % 2) + l]` and bits `2k..2k + 2` of `qh[32h + l]`.
+pub(super) struct Q6K;
+
+impl Q6K {
+    /// Chunk `c`'s low nibbles and high bits: (`ql` offset, nibble shift, `qh` offset,
+    /// high-bit shift).
     #[inline(always)]
-    fn header(b: &[u8]) -> [u8; 4] {
-        array::<4>(b, 0)
+    fn at(c: usize) -> (usize, u32, usize, u32) {
+        let (h, k) = (c / 4, c % 4);
+        (
+            64 * h + 32 * (k % 2),
+            4 * (k / 2) as u32,
+            128 + 32 * h,
+            2 * k as u32,
+        )
     }
+
+    /// Scale `j` (of 16), a signed byte, as f32.
     #[inline(always)]
-    fn scales(b: &[u8]) -> Scales {
-        k4_scales(b)
-    }
-    #[inline(always)]
-    fn codes(b: &[u8], c: usize) -> [u8; 32] {
-        k4_codes(b, c, Some(array::<32>(b, 16)), 48)
+    fn scale(b: &[u8], j: usize) -> f32 {
+        f32::from(bytes::<16>(b, 192)[j % 16] as i8)
     }
 }
 
-impl Layout for Q6K {
+impl Format for Q6K {
     const BYTES: usize = 210;
     const CHUNKS: usize = 8;
-    const ASYM: bool = false;
-    #[inline(always)]
-    fn header(b: &[u8]) -> [u8; 4] {
-        let [d0, d1] = array::<2>(b, 208);
-        [d0, d1, 0, 0]
-    }
-    #[inline(always)]
-    fn scales(b: &[u8]) -> Scales {
-        // Scale `j` (of 16, one per 16 weights in order) is the signed byte 192 + j.
-        let raw = array::<16>(b, 192);
-        Scales {
-            sc: raw.map(|x| f32::from(x as i8)),
-            m: [0.0; 16],
-        }
-    }
-    #[inline(always)]
-    fn codes(b: &[u8], c: usize) -> [u8; 32] {
-        // Half `h` of the block (128 weights) reads ql[64h..], qh[32h..], scales[8h..];
-        // its chunk k takes nibble k / 2 of ql[32 * (k % 2) + l] and bits 2k..2k+2 of qh[l].
-        let (h, k) = (c / 4, c % 4);
-        let ql = array::<32>(b, 64 * h + 32 * (k % 2));
-        let qh = array::<32>(b, 128 + 32 * h);
-        let (nib_shift, high_shift) = (4 * (k / 2), 2 * k);
-        let mut codes = [0u8; 32];
-        for ((code, ql), qh) in codes.iter_mut().zip(ql).zip(qh) {
-            let q = ((ql >> nib_shift) & 0x0F) | (((qh >> high_shift) & 3) << 4);
-            *code = q.wrapping_sub(32);
-        }
-        codes
-    }
-}
-
-/// Chunk `c` of block `b` as 32 f32, portable (`d`, `e`: the block's [`Layout::header`]).
-#[inline(always)]
-fn chunk_scalar<L: Layout>(
-    b: &[u8],
-    c: usize,
-    (d, e): (f32, f32),
-    sm: &Scales,
-    out: &mut [f32; 32],
-) {
-    let codes = L::codes(b, c);
-    for (l, (o, &q)) in out.iter_mut().zip(&codes).enumerate() {
-        let h = (2 * c + l / 16) % 16;
-        let w = f32::from(q as i8) * (d * sm.sc[h]);
-        // The product is exact (see the module comment), so this rounds as `fma` does.
-        *o = if L::ASYM { w + e * sm.m[h] } else { w };
-    }
-}
-
-/// Chunk `c` of block `b` as 32 f32 in vectors (`d`, `e`: the block's header, broadcast).
-#[inline(always)]
-fn chunk_simd<S: Simd, L: Layout>(
-    s: S,
-    b: &[u8],
-    c: usize,
-    (d, e): (S::F32, S::F32),
-    sm: &Scales,
-) -> S::X32 {
-    let (h0, h1) = ((2 * c) % 16, (2 * c + 1) % 16);
-    let scale = [s.mul(d, s.splat(sm.sc[h0])), s.mul(d, s.splat(sm.sc[h1]))];
-    let min = [s.mul(e, s.splat(sm.m[h0])), s.mul(e, s.splat(sm.m[h1]))];
-    let mut x = s.codes32_i8(&L::codes(b, c));
-    for (i, v) in x.as_mut().iter_mut().enumerate() {
-        let half = (i * S::LANES / 16) % 2;
-        *v = if L::ASYM {
-            s.fma(*v, scale[half], min[half])
-        } else {
-            s.mul(*v, scale[half])
-        };
-    }
-    x
-}
-
-/// Dequantizes a row of blocks (`out.len()` a multiple of the block's weights).
-struct Dequantize<'a, L> {
-    row: &'a [u8],
-    out: &'a mut [f32],
-    _layout: core::marker::PhantomData<L>,
-}
-
-impl<L: Layout> Kernel for Dequantize<'_, L> {
-    type Output = ();
-    fn scalar(self) {
-        let chunks = self.out.as_chunks_mut::<32>().0;
-        for (bi, b) in self.row.chunks_exact(L::BYTES).enumerate() {
-            let (de, sm) = (f16_pair(L::header(b)), L::scales(b));
-            for c in 0..L::CHUNKS {
-                if let Some(o) = chunks.get_mut(bi * L::CHUNKS + c) {
-                    chunk_scalar::<L>(b, c, de, &sm, o);
-                }
+    fn block_scalar(b: &[u8], out: &mut [f32]) {
+        let d = f16_at(b, 208);
+        for (c, out) in out.chunks_exact_mut(CHUNK).enumerate().take(8) {
+            let (ql, nib, qh, high) = Self::at(c);
+            let (ql, qh) = (bytes::<32>(b, ql), bytes::<32>(b, qh));
+            for (l, ((o, ql), qh)) in out.iter_mut().zip(ql).zip(qh).enumerate() {
+                let q = ((ql >> nib) & 0x0F) | (((qh >> high) & 3) << 4);
+                *o = d * Self::scale(b, 2 * c + l / 16) * f32::from(q as i8 - 32);
             }
         }
     }
     #[inline(always)]
-    fn simd<S: Simd>(self, s: S) {
-        let chunks = self.out.as_chunks_mut::<32>().0;
-        for (bi, b) in self.row.chunks_exact(L::BYTES).enumerate() {
-            let (de, sm) = (s.splat_f16_pair(L::header(b)), L::scales(b));
-            for c in 0..L::CHUNKS {
-                if let Some(o) = chunks.get_mut(bi * L::CHUNKS + c) {
-                    s.store32(o, chunk_simd::<S, L>(s, b, c, de, &sm));
-                }
+    fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
+        let [d0, d1] = *bytes::<2>(b, 208);
+        let (d, _) = s.splat_f16_pair([d0, d1, 0, 0]);
+        for c in 0..8 {
+            let (ql, nib, qh, high) = Self::at(c);
+            let (ql, qh) = (s.load_bytes32(bytes(b, ql)), s.load_bytes32(bytes(b, qh)));
+            let lo = if nib == 0 {
+                s.and_bytes32(ql, 0x0F)
+            } else {
+                s.shr_bytes32(ql, 4)
+            };
+            // Bits `high..high + 2` of `qh` to bits 4..6.
+            let hi = if high >= 4 {
+                s.shr_bytes32(qh, high - 4)
+            } else {
+                s.shl_bytes32(qh, 4 - high)
+            };
+            let code = s.sub_bytes32(s.or_bytes32(lo, s.and_bytes32(hi, 0x30)), 32);
+            // `d * sc`: exact.
+            let scale = [
+                s.mul(d, s.splat(Self::scale(b, 2 * c))),
+                s.mul(d, s.splat(Self::scale(b, 2 * c + 1))),
+            ];
+            let mut w = s.i8_to_f32_32(code);
+            for (i, v) in w.as_mut().iter_mut().enumerate() {
+                *v = s.mul(*v, scale[(i * S::LANES / 16) % 2]);
             }
+            sink.chunk(c, Chunk::weights(w));
         }
     }
-}
-
-/// Activation rows one pass over a weight row serves: each 32-weight chunk is unpacked once
-/// for up to this many rows (4 accumulators of 32 lanes).
-const ROWS_PER_PASS: usize = 4;
-
-/// `out[j * n + i] = dot(weight row j, x row i)` for the weight rows of `rows`.
-struct DotMatrix<'a, L> {
-    rows: &'a [u8],
-    row_bytes: usize,
-    x: &'a [f32],
-    cols: usize,
-    n: usize,
-    out: &'a mut [f32],
-    _layout: core::marker::PhantomData<L>,
-}
-
-impl<L: Layout> Kernel for DotMatrix<'_, L> {
-    type Output = ();
-    fn scalar(self) {
-        let (cols, n) = (self.cols, self.n);
-        let mut w = [0f32; 32];
-        for (row, out) in self
-            .rows
-            .chunks_exact(self.row_bytes)
-            .zip(self.out.chunks_exact_mut(n))
-        {
-            out.fill(0.0);
-            for (bi, b) in row.chunks_exact(L::BYTES).enumerate() {
-                let (de, sm) = (f16_pair(L::header(b)), L::scales(b));
-                for c in 0..L::CHUNKS {
-                    chunk_scalar::<L>(b, c, de, &sm, &mut w);
-                    let at = (bi * L::CHUNKS + c) * 32;
-                    for (i, o) in out.iter_mut().enumerate() {
-                        let xs = &self.x[i * cols + at..][..32];
-                        *o += w.iter().zip(xs).map(|(a, b)| a * b).sum::<f32>();
-                    }
-                }
-            }
-        }
-    }
-    #[inline(always)]
-    fn simd<S: Simd>(self, s: S) {
-        let (cols, n) = (self.cols, self.n);
-        for (row, out) in self
-            .rows
-            .chunks_exact(self.row_bytes)
-            .zip(self.out.chunks_exact_mut(n))
-        {
-            for (p, out) in out.chunks_mut(ROWS_PER_PASS).enumerate() {
-                let mut acc = [s.zero32(); ROWS_PER_PASS];
-                let first = p * ROWS_PER_PASS;
-                for (bi, b) in row.chunks_exact(L::BYTES).enumerate() {
-                    let (de, sm) = (s.splat_f16_pair(L::header(b)), L::scales(b));
-                    for c in 0..L::CHUNKS {
-                        let w = chunk_simd::<S, L>(s, b, c, de, &sm);
-                        let at = (bi * L::CHUNKS + c) * 32;
-                        for (i, a) in acc.iter_mut().take(out.len()).enumerate() {
-                            let Some(xs) = self.x.get((first + i) * cols + at..) else {
-                                continue;
-                            };
-                            let Some(xs) = xs.first_chunk::<32>() else {
-                                continue;
-                            };
-                            let xv = s.load32(xs);
-                            for ((a, x), w) in
-                                a.as_mut().iter_mut().zip(xv.as_ref()).zip(w.as_ref())
-                            {
-                                *a = s.fma(*x, *w, *a);
-                            }
-                        }
-                    }
-                }
-                for (o, a) in out.iter_mut().zip(acc) {
-                    *o = s.sum32(a);
-                }
-            }
-        }
-    }
-}
-
-/// Runs `$body` with `L` bound to the layout type of `$ty`.
-macro_rules! with_layout {
-    ($ty:expr, $body:ident!($($arg:tt)*)) => {
-        match $ty {
-            KType::Q5_0 => $body!(Q5_0, $($arg)*),
-            KType::Q5_1 => $body!(Q5_1, $($arg)*),
-            KType::Q4K => $body!(Q4K, $($arg)*),
-            KType::Q5K => $body!(Q5K, $($arg)*),
-            KType::Q6K => $body!(Q6K, $($arg)*),
-        }
-    };
-}
-
-/// Weight row `row` (whole blocks of `ty`) as f32 into `out` (as many weights), at `isa`.
-pub(crate) fn dequantize_row(isa: Isa, ty: KType, row: &[u8], out: &mut [f32]) {
-    macro_rules! go {
-        ($l:ty,) => {
-            isa.run(Dequantize::<$l> {
-                row,
-                out,
-                _layout: core::marker::PhantomData,
-            })
-        };
-    }
-    with_layout!(ty, go!())
-}
-
-/// `out[j * n + i] = dot(weight row j of rows, x row i)` (weight rows of `cols` weights,
-/// `n` activation rows), at `isa`.
-pub(crate) fn dot_matrix(
-    isa: Isa,
-    ty: KType,
-    rows: &[u8],
-    x: &[f32],
-    cols: usize,
-    n: usize,
-    out: &mut [f32],
-) {
-    let row_bytes = cols / ty.weights() * ty.bytes();
-    if row_bytes == 0 || n == 0 {
-        out.fill(0.0);
-        return;
-    }
-    macro_rules! go {
-        ($l:ty,) => {
-            isa.run(DotMatrix::<$l> {
-                rows,
-                row_bytes,
-                x,
-                cols,
-                n,
-                out,
-                _layout: core::marker::PhantomData,
-            })
-        };
-    }
-    with_layout!(ty, go!())
 }
 
 #[cfg(test)]

@@ -68,6 +68,164 @@ macro_rules! feat {
 }
 
 // ---------------------------------------------------------------------------------------
+// GGUF weight codes (added for kv-model's matrix kernels, issue 18): the byte operations
+// both widths share, and the 256-bit code-to-weight conversion.
+
+/// How the 256-bit level turns codes into weights (its [`Simd::Lut16`] and
+/// [`Simd::Lut32`]): with no 16-lane permute at 256 bits, each code is converted to f32 and
+/// scaled, `fma(i, a, b)` or `(i - c) * a`, which round exactly as the 512-bit tables do.
+#[derive(Debug, Clone, Copy)]
+pub struct Codes256 {
+    /// The scale `a`, in every lane.
+    a: __m256,
+    /// The offset `b`, in every lane (unused when centered).
+    b: __m256,
+    /// `Some(c)`: weights `(i - c) * a`; `None`: `fma(i, a, b)`.
+    center: Option<i8>,
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_256i_bytes(b: &[u8; 32]) -> __m256i {
+    // SAFETY: `b` is 32 readable bytes; `loadu` has no alignment requirement.
+    unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
+}
+
+/// Per byte `v >> n` (`n < 8`): a 16-bit shift, then the bits that crossed from the
+/// neighbouring byte cleared.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn shr_bytes(v: __m256i, n: u32) -> __m256i {
+    let n = n.min(7);
+    let shifted = _mm256_srl_epi16(v, _mm_cvtsi32_si128(n as i32));
+    _mm256_and_si256(shifted, _mm256_set1_epi8((0xFFu8 >> n) as i8))
+}
+
+/// Per byte `v << n` (`n < 8`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn shl_bytes(v: __m256i, n: u32) -> __m256i {
+    let n = n.min(7);
+    let shifted = _mm256_sll_epi16(v, _mm_cvtsi32_si128(n as i32));
+    _mm256_and_si256(shifted, _mm256_set1_epi8((0xFFu8 << n) as i8))
+}
+
+/// The nibbles of 16 bytes in GGUF's split order: low nibbles in the low 128 bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn split_nibbles(b: &[u8; 16]) -> __m256i {
+    let v = load_128(b);
+    let mask = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(v, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Two vectors of 16 byte codes (`lo`: codes 0..16, `hi`: 16..32) as 32 weights of `t`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn codes_256(t: Codes256, lo: __m128i, hi: __m128i) -> [__m256; 4] {
+    let (lo, hi) = match t.center {
+        Some(c) => (
+            _mm_sub_epi8(lo, _mm_set1_epi8(c)),
+            _mm_sub_epi8(hi, _mm_set1_epi8(c)),
+        ),
+        None => (lo, hi),
+    };
+    [
+        code_256(t, lo),
+        code_256(t, _mm_unpackhi_epi64(lo, lo)),
+        code_256(t, hi),
+        code_256(t, _mm_unpackhi_epi64(hi, hi)),
+    ]
+}
+
+/// The low 8 byte codes of `q` (already less the center, if any) as weights of `t`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn code_256(t: Codes256, q: __m128i) -> __m256 {
+    match t.center {
+        Some(_) => _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), t.a),
+        None => _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), t.a, t.b),
+    }
+}
+
+/// [`codes_256`] of 32 byte codes in one register.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn codes_256_of(t: Codes256, v: __m256i) -> [__m256; 4] {
+    codes_256(
+        t,
+        _mm256_castsi256_si128(v),
+        _mm256_extracti128_si256::<1>(v),
+    )
+}
+
+/// 32 signed bytes as 4 x 8 f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn i8_bytes_256(v: __m256i) -> [__m256; 4] {
+    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let cvt = |q: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+    [
+        cvt(lo),
+        cvt(_mm_unpackhi_epi64(lo, lo)),
+        cvt(hi),
+        cvt(_mm_unpackhi_epi64(hi, hi)),
+    ]
+}
+
+/// Byte `j` = `value` where bit `j` of `bits` is set (AVX2: each byte picks its source
+/// byte of `bits`, then tests its own bit).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bits_to_bytes_256(bits: u32, value: u8) -> __m256i {
+    let v = _mm256_set1_epi32(bits as i32);
+    let pick = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let spread = _mm256_shuffle_epi8(v, pick);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let hit = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    _mm256_and_si256(hit, _mm256_set1_epi8(value as i8))
+}
+
+/// The byte operations of [`Simd::Bytes32`], the same at both widths.
+macro_rules! bytes32_ops {
+    () => {
+        #[inline(always)]
+        fn load_bytes32(self, b: &[u8; 32]) -> __m256i {
+            feat!(load_256i_bytes(b))
+        }
+        #[inline(always)]
+        fn split_nibbles32(self, b: &[u8; 16]) -> __m256i {
+            feat!(split_nibbles(b))
+        }
+        #[inline(always)]
+        fn and_bytes32(self, v: __m256i, mask: u8) -> __m256i {
+            feat!(_mm256_and_si256(v, _mm256_set1_epi8(mask as i8)))
+        }
+        #[inline(always)]
+        fn or_bytes32(self, a: __m256i, b: __m256i) -> __m256i {
+            feat!(_mm256_or_si256(a, b))
+        }
+        #[inline(always)]
+        fn shr_bytes32(self, v: __m256i, n: u32) -> __m256i {
+            feat!(shr_bytes(v, n))
+        }
+        #[inline(always)]
+        fn shl_bytes32(self, v: __m256i, n: u32) -> __m256i {
+            feat!(shl_bytes(v, n))
+        }
+        #[inline(always)]
+        fn sub_bytes32(self, v: __m256i, k: u8) -> __m256i {
+            feat!(_mm256_sub_epi8(v, _mm256_set1_epi8(k as i8)))
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------
 // 256 bits.
 
 #[inline]
@@ -300,6 +458,72 @@ impl Simd for V256 {
     type Words = [u8; 32];
     type X32 = [__m256; 4];
 
+    type Bytes32 = __m256i;
+    type Lut16 = Codes256;
+    type Lut32 = Codes256;
+    bytes32_ops!();
+    #[inline(always)]
+    fn bits_to_bytes32(self, bits: u32, value: u8) -> __m256i {
+        feat!(bits_to_bytes_256(bits, value))
+    }
+    #[inline(always)]
+    fn i8_to_f32_32(self, v: __m256i) -> [__m256; 4] {
+        feat!(i8_bytes_256(v))
+    }
+    #[inline(always)]
+    fn lut16_affine(self, a: __m256, b: __m256) -> Codes256 {
+        Codes256 { a, b, center: None }
+    }
+    #[inline(always)]
+    fn lut16_centered(self, a: __m256) -> Codes256 {
+        Codes256 {
+            a,
+            b: self.zero(),
+            center: Some(8),
+        }
+    }
+    #[inline(always)]
+    fn lut32_affine(self, a: __m256, b: __m256) -> Codes256 {
+        Codes256 { a, b, center: None }
+    }
+    #[inline(always)]
+    fn lut32_centered(self, a: __m256) -> Codes256 {
+        Codes256 {
+            a,
+            b: self.zero(),
+            center: Some(16),
+        }
+    }
+    #[inline(always)]
+    fn lookup16_split(self, t: Codes256, b: &[u8; 16]) -> [__m256; 4] {
+        feat!({
+            let v = load_128(b);
+            let mask = _mm_set1_epi8(0x0f);
+            let lo = _mm_and_si128(v, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+            codes_256(t, lo, hi)
+        })
+    }
+    #[inline(always)]
+    fn lookup16_nibbles(
+        self,
+        lo: Codes256,
+        hi: Codes256,
+        b: &[u8; 32],
+    ) -> ([__m256; 4], [__m256; 4]) {
+        feat!({
+            let v = load_256i_bytes(b);
+            let mask = _mm256_set1_epi8(0x0f);
+            let l = _mm256_and_si256(v, mask);
+            let h = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+            (codes_256_of(lo, l), codes_256_of(hi, h))
+        })
+    }
+    #[inline(always)]
+    fn lookup32(self, t: Codes256, v: __m256i) -> [__m256; 4] {
+        feat!(codes_256_of(t, v))
+    }
+
     #[inline(always)]
     fn lanes(s: &[f32]) -> (&[[f32; 8]], &[f32]) {
         s.as_chunks()
@@ -380,8 +604,16 @@ impl Simd for V256 {
     }
     #[inline(always)]
     fn load32(self, a: &[f32; 32]) -> [__m256; 4] {
+        // Written out, not `array::from_fn`: a closure is a function of its own, compiled
+        // without the level's features and not always inlined (a kernel calling it pays a
+        // call per vector).
         let (a, _) = a.as_chunks::<8>();
-        core::array::from_fn(|i| self.load(&a[i]))
+        [
+            self.load(&a[0]),
+            self.load(&a[1]),
+            self.load(&a[2]),
+            self.load(&a[3]),
+        ]
     }
     #[inline(always)]
     fn store32(self, a: &mut [f32; 32], v: [__m256; 4]) {
@@ -393,17 +625,32 @@ impl Simd for V256 {
     #[inline(always)]
     fn load32_f32_bytes(self, b: &[u8; 128]) -> [__m256; 4] {
         let (b, _) = b.as_chunks::<32>();
-        core::array::from_fn(|i| feat!(f32_bytes_256(&b[i])))
+        feat!([
+            f32_bytes_256(&b[0]),
+            f32_bytes_256(&b[1]),
+            f32_bytes_256(&b[2]),
+            f32_bytes_256(&b[3]),
+        ])
     }
     #[inline(always)]
     fn load32_f16(self, b: &[u8; 64]) -> [__m256; 4] {
         let (b, _) = b.as_chunks::<16>();
-        core::array::from_fn(|i| self.load_f16(&b[i]))
+        [
+            self.load_f16(&b[0]),
+            self.load_f16(&b[1]),
+            self.load_f16(&b[2]),
+            self.load_f16(&b[3]),
+        ]
     }
     #[inline(always)]
     fn load32_bf16(self, b: &[u8; 64]) -> [__m256; 4] {
         let (b, _) = b.as_chunks::<16>();
-        core::array::from_fn(|i| self.load_bf16(&b[i]))
+        [
+            self.load_bf16(&b[0]),
+            self.load_bf16(&b[1]),
+            self.load_bf16(&b[2]),
+            self.load_bf16(&b[3]),
+        ]
     }
     #[inline(always)]
     fn codes32_i8(self, b: &[u8; 32]) -> [__m256; 4] {
@@ -742,6 +989,15 @@ fn merge_even_odd(even: __m512, odd: __m512) -> [__m512; 2] {
     ]
 }
 
+/// `[0.0, 1.0, ..., 15.0]`: the codes a 16-entry table is indexed by.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn iota_512() -> __m512 {
+    _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    )
+}
+
 impl Simd for V512 {
     const LANES: usize = 16;
     const ISA: Isa = Isa::Avx512;
@@ -750,6 +1006,87 @@ impl Simd for V512 {
     type Halves = [u8; 32];
     type Words = [u8; 64];
     type X32 = [__m512; 2];
+
+    type Bytes32 = __m256i;
+    type Lut16 = __m512;
+    type Lut32 = [__m512; 2];
+    bytes32_ops!();
+    #[inline(always)]
+    fn bits_to_bytes32(self, bits: u32, value: u8) -> __m256i {
+        feat!(_mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(value as i8)))
+    }
+    #[inline(always)]
+    fn i8_to_f32_32(self, v: __m256i) -> [__m512; 2] {
+        feat!([
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))),
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(v))),
+        ])
+    }
+    #[inline(always)]
+    fn lut16_affine(self, a: __m512, b: __m512) -> __m512 {
+        feat!(_mm512_fmadd_ps(iota_512(), a, b))
+    }
+    #[inline(always)]
+    fn lut16_centered(self, a: __m512) -> __m512 {
+        // A product like GGUF's reference `(i - 8) * a`: `i = 8` gives -0.0 when `a < 0`.
+        feat!(_mm512_mul_ps(
+            _mm512_sub_ps(iota_512(), _mm512_set1_ps(8.0)),
+            a
+        ))
+    }
+    #[inline(always)]
+    fn lut32_affine(self, a: __m512, b: __m512) -> [__m512; 2] {
+        feat!([
+            _mm512_fmadd_ps(iota_512(), a, b),
+            _mm512_fmadd_ps(_mm512_add_ps(iota_512(), _mm512_set1_ps(16.0)), a, b),
+        ])
+    }
+    #[inline(always)]
+    fn lut32_centered(self, a: __m512) -> [__m512; 2] {
+        feat!([
+            _mm512_mul_ps(_mm512_sub_ps(iota_512(), _mm512_set1_ps(16.0)), a),
+            _mm512_mul_ps(iota_512(), a),
+        ])
+    }
+    #[inline(always)]
+    fn lookup16_split(self, t: __m512, b: &[u8; 16]) -> [__m512; 2] {
+        // Byte j holds code j (low nibble) and code j + 16 (high nibble). The permute reads
+        // only an index's low 4 bits, so the low nibbles need no mask.
+        feat!({
+            let q = _mm512_cvtepu8_epi32(load_128(b));
+            [
+                _mm512_permutexvar_ps(q, t),
+                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), t),
+            ]
+        })
+    }
+    #[inline(always)]
+    fn lookup16_nibbles(self, lo: __m512, hi: __m512, b: &[u8; 32]) -> ([__m512; 2], [__m512; 2]) {
+        let (b, _) = b.as_chunks::<16>();
+        feat!({
+            let q0 = _mm512_cvtepu8_epi32(load_128(&b[0]));
+            let q1 = _mm512_cvtepu8_epi32(load_128(&b[1]));
+            (
+                [_mm512_permutexvar_ps(q0, lo), _mm512_permutexvar_ps(q1, lo)],
+                [
+                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q0), hi),
+                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q1), hi),
+                ],
+            )
+        })
+    }
+    #[inline(always)]
+    fn lookup32(self, t: [__m512; 2], v: __m256i) -> [__m512; 2] {
+        // The two-table permute reads an index's low 5 bits: 32 entries.
+        feat!([
+            _mm512_permutex2var_ps(t[0], _mm512_cvtepu8_epi32(_mm256_castsi256_si128(v)), t[1]),
+            _mm512_permutex2var_ps(
+                t[0],
+                _mm512_cvtepu8_epi32(_mm256_extracti128_si256::<1>(v)),
+                t[1]
+            ),
+        ])
+    }
 
     #[inline(always)]
     fn lanes(s: &[f32]) -> (&[[f32; 16]], &[f32]) {
