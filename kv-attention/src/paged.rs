@@ -398,16 +398,17 @@ impl<B: CacheBackend> PagedCache<B> {
     /// global group's blocks; with a sliding group, the prefix both groups hold).
     pub fn prefix_match(&self, prompt: &[u32], cache_salt: u64) -> PrefixMatch {
         let found = self.manager.prefix_match(prompt, cache_salt);
-        match &self.sliding {
-            Some(s) if s.manager.prefix_match(prompt, cache_salt).tokens < found.tokens => {
-                let common = s.manager.prefix_match(prompt, cache_salt).tokens;
-                let mut m = self.manager.prefix_match(&prompt[..common + 1], cache_salt);
-                m.blocks_needed =
-                    m.revived_blocks + (prompt.len() - m.tokens).div_ceil(self.spec.block_size);
-                m
-            }
-            _ => found,
+        let common = self.sliding.as_ref().map_or(found.tokens, |s| {
+            s.manager.prefix_match(prompt, cache_salt).tokens
+        });
+        if common >= found.tokens {
+            return found;
         }
+        // `common` is whole blocks below the prompt's length.
+        let mut m = self.manager.prefix_match(&prompt[..common + 1], cache_salt);
+        m.blocks_needed =
+            m.revived_blocks + (prompt.len() - m.tokens).div_ceil(self.spec.block_size);
+        m
     }
 
     /// Records the ids of `seq`'s next reserved tokens once their K/V is written in every
