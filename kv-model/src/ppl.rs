@@ -398,7 +398,8 @@ impl Model {
         batch: usize,
         mut on_pass: impl FnMut(usize),
     ) -> Result<Vec<f32>> {
-        let mut cache = PagedCache::new(backend, spec)?;
+        // Sliding-window layers free their blocks behind the window between passes.
+        let mut cache = self.new_cache(backend, spec, batch, true)?;
         let seq = cache.create_sequence();
         let last = chunk.len() - 1; // the last token is only a target
         let mut out = Vec::with_capacity((last - first) * self.config().vocab_size);
