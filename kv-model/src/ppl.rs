@@ -21,11 +21,12 @@
 //! Against the f16 cache (always run, as the reference) every other layout reports the
 //! change of perplexity, the mean KL divergence `KL(p_f16 || p_layout)` of the next-token
 //! distributions at the scored positions, and how often both put the same token first.
+//!
+//! [`PagedCache`]: kv_attention::PagedCache
 
 use std::fmt;
 
 use candle_core::Tensor;
-use kv_attention::PagedCache;
 use kv_core::{memory, CacheBackend, KvDType, StorageSpec};
 
 use crate::{Logits, Model, ModelError, Result};
