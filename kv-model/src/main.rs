@@ -1445,6 +1445,17 @@ fn window_note(
             .and_then(|g| local.checked_mul(held).and_then(|l| g.checked_add(l)))
             .and_then(|b| b.checked_mul(block))
             .ok_or_else(overflow)?;
+        if d.residual_tokens() > 0 {
+            // `Model::sliding_layers`: the f16 residual is settled per sequence, not per
+            // group, so these layouts keep every layer's tokens.
+            let _ = writeln!(
+                s,
+                "  {:<10} {:>12} (one group: layouts with an f16 residual keep every token)",
+                d.name(),
+                memory::format_bytes(all),
+            );
+            continue;
+        }
         let _ = writeln!(
             s,
             "  {:<10} {:>12} instead of {:>12} ({:.1}x less)",
@@ -1628,6 +1639,9 @@ mod tests {
         let windowed = memory::format_bytes((3 * 2049 + 15 * 33) * 16 * 1024);
         assert!(note.contains(&windowed), "{note}");
         assert!(!note.contains("not"), "{note}");
+        let residual: KvDType = "kivi4-r128".parse().unwrap();
+        let note = window_note(&c, &c.shape().unwrap(), &[residual], 32768, 16).unwrap();
+        assert!(note.contains("one group"), "{note}");
     }
 
     #[test]
