@@ -1319,6 +1319,40 @@ fn line_chart(
 mod tests {
     use super::*;
 
+    /// The Gemma section gives each measure in both modes and their ratio; a run without
+    /// its lines adds nothing.
+    #[test]
+    fn gemma_report_tabulates_both_modes_and_their_ratio() {
+        let lines = "BENCH section=gemma what=prefill free=false layout=f16 tokens=512 tokens_per_s=80.0\n\
+                     BENCH section=gemma what=prefill free=true layout=f16 tokens=512 tokens_per_s=40.0\n\
+                     BENCH section=gemma what=decode free=false layout=f16 depth=4096 tokens_per_s=9.0\n\
+                     BENCH section=gemma what=decode free=true layout=f16 depth=4096 tokens_per_s=9.9\n\
+                     BENCH section=gemma what=memory free=false layout=f16 tokens=4112 peak_reserved_bytes=4194304 allocated_bytes=4194304\n\
+                     BENCH section=gemma what=memory free=true layout=f16 tokens=4112 peak_reserved_bytes=1048576 allocated_bytes=2097152\n";
+        let r = Results { recs: parse(lines) };
+        let mut w = String::new();
+        gemma_report(&r, &mut w);
+        assert!(
+            w.contains("| prefill 512 tokens/s | 80.0 | 40.0 | 0.50x |"),
+            "{w}"
+        );
+        assert!(
+            w.contains("| decode tokens/s at depth 4096 | 9.0 | 9.9 | 1.10x |"),
+            "{w}"
+        );
+        assert!(
+            w.contains("| cache MiB reserved at the deepest point | 4.0 | 1.0 | 0.25x |"),
+            "{w}"
+        );
+        assert!(
+            w.contains("| cache MiB allocated (pools) | 4.0 | 2.0 | 0.50x |"),
+            "{w}"
+        );
+        let mut empty = String::new();
+        gemma_report(&Results { recs: Vec::new() }, &mut empty);
+        assert!(empty.is_empty());
+    }
+
     /// The batched-decode section turns the bench's lines into one table row per line and
     /// a plot; a run without them adds nothing.
     #[test]
