@@ -20,8 +20,10 @@ pub mod conformance;
 mod paged;
 pub mod reference;
 mod sequence;
+mod sliding;
 pub mod store;
 
-pub use paged::{CacheUsage, PagedCache};
+pub use paged::{CacheUsage, PagedCache, SlidingUsage};
 pub use sequence::SequenceCache;
+pub use sliding::SlidingLayers;
 pub use store::TieredCache;

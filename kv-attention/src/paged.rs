@@ -2,9 +2,11 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 use kv_core::{
-    memory, AttentionBatch, BlockId, CacheBackend, CacheManager, CacheStats, Preempted,
+    memory, AttentionBatch, BlockId, CacheBackend, CacheManager, CacheStats, KvError, Preempted,
     PrefixMatch, Result, SeqAttention, SeqId, Slot, StorageSpec,
 };
+
+use crate::sliding::{Place, Sliding, SlidingLayers};
 
 /// How much of a cache is in use, in tokens and bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +21,32 @@ pub struct CacheUsage {
     pub bytes_allocated: u64,
     /// Bytes one token takes, all layers, K and V.
     pub bytes_per_token: usize,
+    /// With a sliding-window group ([`PagedCache::with_sliding_window`]): what its layers
+    /// hold and what freeing their old blocks saves. The fields above then count both
+    /// groups: each group's tokens and blocks at its own bytes per token.
+    pub sliding: Option<SlidingUsage>,
+}
+
+/// What the sliding-window layers of a [`PagedCache`] hold ([`CacheUsage::sliding`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlidingUsage {
+    /// Layers in the group.
+    pub layers: usize,
+    /// Their window in tokens.
+    pub window: usize,
+    /// Tokens the group holds over all sequences (each sequence's last tokens).
+    pub tokens: usize,
+    /// Bytes of the group's blocks held.
+    pub bytes_reserved: u64,
+    /// Bytes of the group's pool.
+    pub bytes_allocated: u64,
+    /// Blocks of the group let go of as windows slid, since the cache was made.
+    pub freed_blocks: u64,
+    /// What the blocks held would take if these layers kept every token as the global
+    /// ones do (an all-global cache: the global group's blocks at every layer's bytes).
+    pub bytes_all_global: u64,
+    /// `bytes_all_global` minus what both groups hold: the saving.
+    pub bytes_saved: u64,
 }
 
 /// A backend's storage plus the bookkeeping that says where each sequence's tokens live.
@@ -65,6 +93,11 @@ pub struct PagedCache<B: CacheBackend> {
     /// Residual layouts only: per sequence, its earliest query that may not have attended
     /// yet and how many of its leading blocks are settled.
     residual: HashMap<SeqId, Residual>,
+    /// The global group's pools as allocated: `spec` with only the global layers when
+    /// there is a sliding group, `spec` itself otherwise.
+    global_spec: StorageSpec,
+    /// The sliding-window group, when the cache has one.
+    sliding: Option<Sliding<B::Storage>>,
 }
 
 /// A sequence's residual bookkeeping (see [`PagedCache`]'s docs).
@@ -95,6 +128,8 @@ impl<B: CacheBackend> PagedCache<B> {
             manager,
             spec,
             residual: HashMap::new(),
+            global_spec: spec,
+            sliding: None,
         })
     }
 
@@ -114,7 +149,182 @@ impl<B: CacheBackend> PagedCache<B> {
             manager,
             spec,
             residual: HashMap::new(),
+            global_spec: spec,
+            sliding: None,
         })
+    }
+
+    /// A cache of two groups (vLLM's hybrid allocator): the layers `sliding` marks attend
+    /// only to their last `W` tokens and keep them in a pool of their own
+    /// (`sliding.num_blocks()` blocks), whose sequences let go of every block wholly older
+    /// than the window as it slides; the other layers keep every token in a pool of
+    /// `spec.num_blocks` blocks. `spec` describes the model (every layer); `prefix_salt`
+    /// turns prefix reuse on, as in [`PagedCache::with_prefix_cache`].
+    ///
+    /// The caller's side does not change, with two rules: a sliding layer attends with the
+    /// batch [`PagedCache::sliding_seq_attention`] describes, windowed
+    /// ([`AttentionBatch::with_window`], at most `W`), and every reserved token is
+    /// attended before its sequence's next [`reserve`](Self::reserve) (blocks slide out at
+    /// that reserve). Writes take the slots `reserve` returned, for every layer.
+    ///
+    /// What cannot work with freed blocks is refused: a [`truncate`](Self::truncate) to a
+    /// length whose next query would read freed keys (truncating to 0 always works),
+    /// StreamingLLM's [`evict_window`](Self::evict_window), and saving or loading blocks
+    /// ([`export_blocks`](Self::export_blocks), [`import_blocks`](Self::import_blocks)).
+    /// A prompt reuses the prefix both groups hold
+    /// ([`create_with_prefix`](Self::create_with_prefix)): the sliding group indexes a
+    /// sequence's blocks only until it first slides, so a prefix whose window blocks were
+    /// freed (or evicted from the smaller pool) is recomputed from where the groups' hits
+    /// part.
+    ///
+    /// ```
+    /// use std::num::NonZeroUsize;
+    /// use kv_attention::{PagedCache, SlidingLayers};
+    /// # use kv_core::{KvDType, ModelShape, StorageSpec};
+    /// # fn demo<B: kv_core::CacheBackend>(backend: B) -> kv_core::Result<()> {
+    /// let shape = ModelShape::builder().layers(6).q_heads(4).kv_heads(1).head_dim(64).build()?;
+    /// let spec = StorageSpec::builder(shape, KvDType::F16).block_size(16).num_blocks(64).build()?;
+    /// let w = NonZeroUsize::new(32).unwrap();
+    /// let per_seq = SlidingLayers::blocks_per_sequence(w, 16, 1)?;
+    /// let sliding = SlidingLayers::new(w, (0..6).map(|l| l != 5).collect(), per_seq)?;
+    /// let mut cache = PagedCache::with_sliding_window(backend, spec, sliding, None)?;
+    /// let seq = cache.create_sequence();
+    /// for _ in 0..100 {
+    ///     let slots = cache.reserve(seq, 1)?; // write every layer's K/V here, then attend
+    /// #   let _ = slots;
+    /// }
+    /// assert_eq!(cache.len(seq)?, 100);
+    /// assert!(cache.sliding_len(seq)? <= 48); // the window, in whole blocks
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`KvError::InvalidArgument`] when `sliding` does not list every layer of
+    /// `spec.shape`, or for a layout with an f16 residual (`kivi4-r128`...);
+    /// [`KvError::Overflow`] for pools whose size does not fit a `u64`; what
+    /// [`CacheBackend::allocate`] returns.
+    pub fn with_sliding_window(
+        backend: B,
+        spec: StorageSpec,
+        sliding: SlidingLayers,
+        prefix_salt: Option<u64>,
+    ) -> Result<Self> {
+        spec.bytes()?;
+        let (global_spec, sliding_spec) = Sliding::<B::Storage>::split(&spec, &sliding)?;
+        let manager = |blocks| match prefix_salt {
+            Some(salt) => CacheManager::with_prefix_cache(spec.block_size, blocks, salt),
+            None => CacheManager::new(spec.block_size, blocks),
+        };
+        let global_manager = manager(spec.num_blocks)?;
+        let sliding_manager = manager(sliding.num_blocks())?;
+        let storage = backend.allocate(&global_spec)?;
+        let sliding_storage = backend.allocate(&sliding_spec)?;
+        Ok(Self {
+            backend,
+            storage,
+            manager: global_manager,
+            spec,
+            residual: HashMap::new(),
+            global_spec,
+            sliding: Some(Sliding {
+                places: Sliding::<B::Storage>::places(&sliding),
+                config: sliding,
+                spec: sliding_spec,
+                storage: sliding_storage,
+                manager: sliding_manager,
+                seqs: HashMap::new(),
+                slots: HashMap::new(),
+                reserved: HashMap::new(),
+                freed_blocks: 0,
+            }),
+        })
+    }
+
+    /// The sliding-window layers, when the cache has that group.
+    pub fn sliding_layers(&self) -> Option<&SlidingLayers> {
+        self.sliding.as_ref().map(|s| &s.config)
+    }
+
+    /// The sliding group's bookkeeping, when the cache has one (read-only).
+    pub fn sliding_manager(&self) -> Option<&CacheManager> {
+        self.sliding.as_ref().map(|s| &s.manager)
+    }
+
+    /// The sliding group's pools, when the cache has one.
+    pub fn sliding_storage(&self) -> Option<&B::Storage> {
+        self.sliding.as_ref().map(|s| &s.storage)
+    }
+
+    /// Tokens the sliding layers of `seq` hold: its length less the blocks freed as the
+    /// window slid (its length without a sliding group).
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`].
+    pub fn sliding_len(&self, seq: SeqId) -> Result<usize> {
+        match &self.sliding {
+            Some(s) => s.manager.len(s.seq(seq)?),
+            None => self.manager.len(seq),
+        }
+    }
+
+    /// The attention description of `seq`'s sliding layers with its last `n_queries`
+    /// tokens as queries: what a sliding layer attends with (windowed). Cache indices there
+    /// are positions less the tokens freed, for keys and queries alike, so the causal mask
+    /// and the window select exactly the keys they select by position.
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`]; [`KvError::InvalidArgument`] without a sliding group
+    /// or for a bad `n_queries`.
+    pub fn sliding_seq_attention(&self, seq: SeqId, n_queries: usize) -> Result<SeqAttention> {
+        let s = self
+            .sliding
+            .as_ref()
+            .ok_or_else(|| KvError::InvalidArgument {
+                what: "sliding attention",
+                detail: "this cache has no sliding-window group".into(),
+            })?;
+        s.manager.seq_attention(s.seq(seq)?, n_queries)
+    }
+
+    /// Where layer `layer`'s K/V lives (its own index without a sliding group).
+    fn place(&self, layer: usize) -> Place {
+        match &self.sliding {
+            Some(s) => s
+                .places
+                .get(layer)
+                .copied()
+                .unwrap_or(Place::Global(usize::MAX)),
+            None => Place::Global(layer),
+        }
+    }
+
+    /// Refuses what a cache with a sliding group cannot do.
+    fn refuse_sliding(&self, what: &str) -> Result<()> {
+        if self.sliding.is_some() {
+            return Err(KvError::Unsupported {
+                backend: self.backend.name().to_string(),
+                what: format!("{what} on a cache with a sliding-window group"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Registers the sliding sequence `local` for `seq` (no-op without a group).
+    fn pair(&mut self, seq: SeqId, local: Option<SeqId>) {
+        if let (Some(s), Some(local)) = (&mut self.sliding, local) {
+            s.seqs.insert(seq, local);
+        }
+    }
+
+    /// Drops `seq`'s sliding sequence and slot records.
+    fn unpair(&mut self, seq: SeqId) -> Result<()> {
+        if let Some(s) = &mut self.sliding {
+            let local = s.seq(seq)?;
+            s.forget_slots(seq);
+            s.manager.free(local)?;
+            s.seqs.remove(&seq);
+        }
+        Ok(())
     }
 
     /// The layout and size of the pools.
@@ -137,6 +347,8 @@ impl<B: CacheBackend> PagedCache<B> {
     /// Starts an empty sequence.
     pub fn create_sequence(&mut self) -> SeqId {
         let seq = self.manager.create_sequence();
+        let local = self.sliding.as_mut().map(|s| s.manager.create_sequence());
+        self.pair(seq, local);
         self.track(seq, 0);
         seq
     }
@@ -146,21 +358,57 @@ impl<B: CacheBackend> PagedCache<B> {
     /// write and commit only `prompt[reused..]`. See
     /// [`CacheManager::create_with_prefix_salted`].
     pub fn create_with_prefix(&mut self, prompt: &[u32]) -> (SeqId, usize) {
-        let (seq, reused) = self.manager.create_with_prefix(prompt);
-        self.track(seq, 0);
-        (seq, reused)
+        self.create_with_prefix_salted(prompt, 0)
     }
 
     /// [`PagedCache::create_with_prefix`] in the namespace `cache_salt` (tenant, adapter).
+    ///
+    /// With a sliding group, the prefix both groups hold is reused: the group that found
+    /// more is asked for that common prefix only (its lookup counters then count the
+    /// common prefix plus one token as the prompt).
     pub fn create_with_prefix_salted(&mut self, prompt: &[u32], cache_salt: u64) -> (SeqId, usize) {
-        let (seq, reused) = self.manager.create_with_prefix_salted(prompt, cache_salt);
+        let Some(s) = &mut self.sliding else {
+            let (seq, reused) = self.manager.create_with_prefix_salted(prompt, cache_salt);
+            self.track(seq, 0);
+            return (seq, reused);
+        };
+        let global = self.manager.prefix_match(prompt, cache_salt).tokens;
+        let local = s.manager.prefix_match(prompt, cache_salt).tokens;
+        let common = global.min(local);
+        // `common` is whole blocks and below the prompt's length: `..common + 1` reuses
+        // exactly `common` tokens.
+        let ask = |found: usize| {
+            if found > common {
+                &prompt[..common + 1]
+            } else {
+                prompt
+            }
+        };
+        let (local_seq, _) = s.manager.create_with_prefix_salted(ask(local), cache_salt);
+        let (seq, reused) = self
+            .manager
+            .create_with_prefix_salted(ask(global), cache_salt);
+        debug_assert_eq!(reused, common);
+        self.pair(seq, Some(local_seq));
         self.track(seq, 0);
         (seq, reused)
     }
 
-    /// What a prompt would reuse now and the free blocks admitting it would take.
+    /// What a prompt would reuse now and the free blocks admitting it would take (the
+    /// global group's blocks; with a sliding group, the prefix both groups hold).
     pub fn prefix_match(&self, prompt: &[u32], cache_salt: u64) -> PrefixMatch {
-        self.manager.prefix_match(prompt, cache_salt)
+        let found = self.manager.prefix_match(prompt, cache_salt);
+        let common = self.sliding.as_ref().map_or(found.tokens, |s| {
+            s.manager.prefix_match(prompt, cache_salt).tokens
+        });
+        if common >= found.tokens {
+            return found;
+        }
+        // `common` is whole blocks below the prompt's length.
+        let mut m = self.manager.prefix_match(&prompt[..common + 1], cache_salt);
+        m.blocks_needed =
+            m.revived_blocks + (prompt.len() - m.tokens).div_ceil(self.spec.block_size);
+        m
     }
 
     /// Records the ids of `seq`'s next reserved tokens once their K/V is written in every
@@ -170,7 +418,17 @@ impl<B: CacheBackend> PagedCache<B> {
     /// [`kv_core::KvError::UnknownSequence`], [`kv_core::KvError::OutOfRange`]; nothing
     /// changes on error.
     pub fn commit(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
-        self.manager.commit(seq, tokens)
+        let Some(s) = &mut self.sliding else {
+            return self.manager.commit(seq, tokens);
+        };
+        let local = s.seq(seq)?;
+        let before = self.manager.tokens(seq)?.len();
+        self.manager.commit(seq, tokens)?;
+        // The sliding sequence holds positions from `evicted` on; its committed ids are
+        // the global ones from there (the ids of freed tokens are dropped with them).
+        let evicted = s.manager.evicted_tokens(local)?;
+        let skip = evicted.saturating_sub(before).min(tokens.len());
+        s.manager.commit(local, &tokens[skip..])
     }
 
     /// Pauses `seq`, freeing its blocks, and returns its committed ids to resume it with
@@ -180,14 +438,24 @@ impl<B: CacheBackend> PagedCache<B> {
     /// [`kv_core::KvError::UnknownSequence`].
     pub fn preempt(&mut self, seq: SeqId) -> Result<Preempted> {
         self.settle_private(seq, 0)?;
+        if let Some(s) = &self.sliding {
+            s.seq(seq)?;
+        }
         let preempted = self.manager.preempt(seq)?;
+        self.unpair(seq)?;
         self.residual.remove(&seq);
         Ok(preempted)
     }
 
-    /// Block counts (used, shared, cached, empty) and prefix-cache counters.
+    /// Block counts (used, shared, cached, empty) and prefix-cache counters of the global
+    /// group (every layer without a sliding group).
     pub fn stats(&self) -> CacheStats {
         self.manager.stats()
+    }
+
+    /// [`PagedCache::stats`] of the sliding group, when the cache has one.
+    pub fn sliding_stats(&self) -> Option<CacheStats> {
+        self.sliding.as_ref().map(|s| s.manager.stats())
     }
 
     /// A new sequence sharing `seq`'s tokens (copy-on-write).
@@ -195,7 +463,21 @@ impl<B: CacheBackend> PagedCache<B> {
     /// # Errors
     /// [`kv_core::KvError::UnknownSequence`].
     pub fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
-        let child = self.manager.fork(seq)?;
+        let local = match &mut self.sliding {
+            Some(s) => Some(s.manager.fork(s.seq(seq)?)?),
+            None => None,
+        };
+        let child = match self.manager.fork(seq) {
+            Ok(child) => child,
+            Err(e) => {
+                if let (Some(s), Some(local)) = (&mut self.sliding, local) {
+                    // Cannot fail: `local` was just made.
+                    let _ = s.manager.free(local);
+                }
+                return Err(e);
+            }
+        };
+        self.pair(child, local);
         let settled = self.residual.get(&seq).map_or(0, |r| r.settled);
         self.track(child, settled);
         Ok(child)
@@ -218,6 +500,11 @@ impl<B: CacheBackend> PagedCache<B> {
     /// error, except that blocks no query still to come reads in f16 may have been settled.
     pub fn reserve(&mut self, seq: SeqId, n: usize) -> Result<Vec<Slot>> {
         let before = self.manager.len(seq)?;
+        if let Some(s) = &mut self.sliding {
+            // Blocks no query from `before` on reads leave first, making room.
+            let local = s.seq(seq)?;
+            s.slide(local, before)?;
+        }
         if self.has_residual() {
             let (plan, settled) = self.settle_plan(seq)?;
             if !plan.is_empty() {
@@ -229,6 +516,21 @@ impl<B: CacheBackend> PagedCache<B> {
         let reserved = self
             .manager
             .reserve_and_copy(seq, n, |copies| backend.copy_blocks(storage, copies))?;
+        if let Some(s) = &mut self.sliding {
+            let local = s.seq(seq)?;
+            let storage = &mut s.storage;
+            match s
+                .manager
+                .reserve_and_copy(local, n, |copies| backend.copy_blocks(storage, copies))
+            {
+                Ok(l) => s.record_slots(seq, &reserved.slots, &l.slots),
+                Err(e) => {
+                    // Cannot fail: `seq` exists and `before` is within its length.
+                    let _ = self.manager.truncate(seq, before);
+                    return Err(e);
+                }
+            }
+        }
         if let Some(r) = self.residual.get_mut(&seq) {
             r.horizon = before;
         }
@@ -342,6 +644,29 @@ impl<B: CacheBackend> PagedCache<B> {
             // The manager's error, before anything is settled.
             return self.manager.truncate(seq, len);
         }
+        if let Some(s) = &mut self.sliding {
+            let local = s.seq(seq)?;
+            let evicted = s.manager.evicted_tokens(local)?;
+            let first_read = (len + 1).saturating_sub(s.config.window().get());
+            if len == 0 && evicted > 0 {
+                // Start the sliding side afresh: nothing before position 0 is needed.
+                let fresh = s.manager.create_sequence();
+                s.manager.free(local)?;
+                s.seqs.insert(seq, fresh);
+            } else if evicted > first_read {
+                return Err(KvError::InvalidArgument {
+                    what: "truncate",
+                    detail: format!(
+                        "sequence {seq}'s sliding-window layers freed its first {evicted} \
+                         tokens; at length {len} the next query reads from position \
+                         {first_read}: recompute it in a new sequence"
+                    ),
+                });
+            } else {
+                s.manager.truncate(local, len - evicted)?;
+            }
+            s.forget_slots(seq);
+        }
         // The blocks it lets go of.
         self.settle_private(seq, len.div_ceil(self.spec.block_size))?;
         self.manager.truncate(seq, len)?;
@@ -369,6 +694,7 @@ impl<B: CacheBackend> PagedCache<B> {
         keep_blocks: usize,
         evict_blocks: usize,
     ) -> Result<()> {
+        self.refuse_sliding("StreamingLLM eviction")?;
         let (backend, storage) = (&self.backend, &mut self.storage);
         self.manager
             .evict_window_and_copy(seq, keep_blocks, evict_blocks, |copies| {
@@ -395,17 +721,44 @@ impl<B: CacheBackend> PagedCache<B> {
     /// [`kv_core::KvError::UnknownSequence`].
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
         self.settle_private(seq, 0)?;
+        if let Some(s) = &self.sliding {
+            s.seq(seq)?;
+        }
         self.manager.free(seq)?;
+        self.unpair(seq)?;
         self.residual.remove(&seq);
         Ok(())
     }
 
     /// Stores one layer's K/V (`[slots.len(), kv_heads, head_dim]`) into `slots`.
     ///
+    /// With a sliding group the slots are always those [`PagedCache::reserve`] returned
+    /// (from each sequence's last reserve); a sliding layer writes the same tokens into its
+    /// own group.
+    ///
     /// # Errors
-    /// What [`CacheBackend::write`] returns.
+    /// What [`CacheBackend::write`] returns; [`KvError::InvalidArgument`] for a sliding
+    /// layer and a slot no sequence's last reserve handed out; [`KvError::OutOfRange`] for
+    /// a layer past the model's with a sliding group.
     pub fn write(&mut self, layer: usize, slots: &[Slot], k: &Tensor, v: &Tensor) -> Result<()> {
-        self.backend.write(&mut self.storage, layer, slots, k, v)
+        match (self.place(layer), &mut self.sliding) {
+            (Place::Sliding(i), Some(s)) => {
+                let local = s.translate(slots)?;
+                self.backend.write(&mut s.storage, i, &local, k, v)
+            }
+            (Place::Global(usize::MAX), Some(_)) => Err(self.no_layer(layer)),
+            (Place::Global(i), _) | (Place::Sliding(i), None) => {
+                self.backend.write(&mut self.storage, i, slots, k, v)
+            }
+        }
+    }
+
+    fn no_layer(&self, layer: usize) -> KvError {
+        KvError::OutOfRange {
+            what: "layer",
+            index: layer,
+            len: self.spec.shape.n_layers(),
+        }
     }
 
     /// The attention description of `seq` with its last `n_queries` tokens as queries.
@@ -420,8 +773,31 @@ impl<B: CacheBackend> PagedCache<B> {
     ///
     /// # Errors
     /// What [`CacheBackend::attend`] returns.
+    ///
+    /// With a sliding group, a sliding layer attends with the batch of
+    /// [`PagedCache::sliding_seq_attention`] and a window of at most the group's:
+    /// [`KvError::InvalidArgument`] otherwise (its freed keys would be read).
     pub fn attend(&self, layer: usize, q: &Tensor, batch: &AttentionBatch) -> Result<Tensor> {
-        self.backend.attend(&self.storage, layer, q, batch)
+        match (self.place(layer), &self.sliding) {
+            (Place::Sliding(i), Some(s)) => {
+                let w = s.config.window();
+                if batch.window.is_none_or(|b| b > w) {
+                    return Err(KvError::InvalidArgument {
+                        what: "attention batch",
+                        detail: format!(
+                            "layer {layer} keeps only its last {w} tokens; its batch needs \
+                             a window of at most {w}, got {:?}",
+                            batch.window.map(|b| b.get())
+                        ),
+                    });
+                }
+                self.backend.attend(&s.storage, i, q, batch)
+            }
+            (Place::Global(usize::MAX), Some(_)) => Err(self.no_layer(layer)),
+            (Place::Global(i), _) | (Place::Sliding(i), None) => {
+                self.backend.attend(&self.storage, i, q, batch)
+            }
+        }
     }
 
     /// Tokens and bytes in use now.
@@ -434,13 +810,48 @@ impl<B: CacheBackend> PagedCache<B> {
         // The spec's size was checked at construction (it fits a u64), and every count
         // below is at most its capacity, so these products cannot overflow.
         let per_token = memory::bytes_per_token(&self.spec.shape, self.spec.dtype).unwrap_or(0);
-        let per_block = per_token as u64 * self.spec.block_size as u64;
+        let bs = self.spec.block_size as u64;
+        let per_block = per_token as u64 * bs;
+        let Some(s) = &self.sliding else {
+            return CacheUsage {
+                tokens,
+                bytes_used: per_token as u64 * tokens as u64,
+                bytes_reserved: per_block * self.manager.used_blocks() as u64,
+                bytes_allocated: per_block * self.spec.num_blocks as u64,
+                bytes_per_token: per_token,
+                sliding: None,
+            };
+        };
+        // Each group's pools were checked at construction in the same way.
+        let per_token_of = |spec: &StorageSpec| {
+            memory::bytes_per_token(&spec.shape, spec.dtype).unwrap_or(0) as u64
+        };
+        let (global, local) = (per_token_of(&self.global_spec), per_token_of(&s.spec));
+        let local_tokens: usize = s
+            .manager
+            .sequences()
+            .filter_map(|q| s.manager.len(q).ok())
+            .sum();
+        let global_reserved = global * bs * self.manager.used_blocks() as u64;
+        let local_reserved = local * bs * s.manager.used_blocks() as u64;
+        let all_global = per_block * self.manager.used_blocks() as u64;
         CacheUsage {
             tokens,
-            bytes_used: per_token as u64 * tokens as u64,
-            bytes_reserved: per_block * self.manager.used_blocks() as u64,
-            bytes_allocated: per_block * self.spec.num_blocks as u64,
+            bytes_used: global * tokens as u64 + local * local_tokens as u64,
+            bytes_reserved: global_reserved + local_reserved,
+            bytes_allocated: global * bs * self.spec.num_blocks as u64
+                + local * bs * s.spec.num_blocks as u64,
             bytes_per_token: per_token,
+            sliding: Some(SlidingUsage {
+                layers: s.config.sliding_layers(),
+                window: s.config.window().get(),
+                tokens: local_tokens,
+                bytes_reserved: local_reserved,
+                bytes_allocated: local * bs * s.spec.num_blocks as u64,
+                freed_blocks: s.freed_blocks,
+                bytes_all_global: all_global,
+                bytes_saved: all_global.saturating_sub(global_reserved + local_reserved),
+            }),
         }
     }
 }
@@ -454,6 +865,7 @@ impl<B: CacheBackend> PagedCache<B> {
     /// [`kv_core::KvError::UnknownSequence`]; [`kv_core::KvError::InvalidArgument`] when
     /// `seq` has fewer committed tokens; what the backend's export returns.
     pub fn export_blocks(&self, seq: SeqId, n_blocks: usize) -> Result<Vec<Vec<u8>>> {
+        self.refuse_sliding("saving blocks")?;
         let bs = self.spec.block_size;
         let committed = self.manager.tokens(seq)?.len();
         if n_blocks.checked_mul(bs).is_none_or(|n| n > committed) {
@@ -486,6 +898,7 @@ impl<B: CacheBackend> PagedCache<B> {
     /// [`kv_core::KvError::InvalidArgument`] for lengths that do not line up; what
     /// [`PagedCache::reserve`] and [`CacheBackend::import_block`] return.
     pub fn import_blocks(&mut self, seq: SeqId, tokens: &[u32], blocks: &[&[u8]]) -> Result<()> {
+        self.refuse_sliding("loading blocks")?;
         let bs = self.spec.block_size;
         let before = self.manager.len(seq)?;
         let committed = self.manager.tokens(seq)?.len();
@@ -525,6 +938,10 @@ impl<B: CacheBackend> std::fmt::Debug for PagedCache<B> {
             .field("backend", &self.backend.name())
             .field("spec", &self.spec)
             .field("manager", &self.manager)
+            .field(
+                "sliding",
+                &self.sliding.as_ref().map(|s| (&s.config, &s.manager)),
+            )
             .finish()
     }
 }
@@ -714,6 +1131,235 @@ mod tests {
             assert_eq!((paused.tokens.len(), paused.uncommitted), (6, 1));
             assert_eq!(c.manager().audit(), Ok(()));
         }
+        Ok(())
+    }
+
+    /// A 6-layer cache, layers 0-4 sliding through a 6-token window, blocks of 4.
+    fn sliding_cache(prefix: bool) -> Result<PagedCache<Recorder>> {
+        let spec = StorageSpec::new(ModelShape::new(6, 1, 1, 1)?, KvDType::F32, 4, 16)?;
+        let w = std::num::NonZeroUsize::new(6).unwrap_or(std::num::NonZeroUsize::MIN);
+        let sliding = SlidingLayers::new(w, (0..6).map(|l| l != 5).collect(), 12)?;
+        PagedCache::with_sliding_window(Recorder::new(), spec, sliding, prefix.then_some(9))
+    }
+
+    /// Writes token ids (as K) in every layer of `slots`.
+    fn write_all(c: &mut PagedCache<Recorder>, slots: &[Slot], tokens: &[u32]) -> Result<()> {
+        let k: Vec<f32> = tokens.iter().map(|&t| t as f32).collect();
+        let k = Tensor::from_vec(k, (tokens.len(), 1, 1), &Device::Cpu)?;
+        for layer in 0..6 {
+            c.write(layer, slots, &k, &k)?;
+        }
+        Ok(())
+    }
+
+    /// The values a sliding layer's query at the end of `seq` reads, with their positions
+    /// (its cache indices plus the tokens freed).
+    fn window_keys(c: &PagedCache<Recorder>, seq: SeqId) -> Result<Vec<(usize, f32)>> {
+        let attn = c.sliding_seq_attention(seq, 1)?;
+        let freed = c.len(seq)? - c.sliding_len(seq)?;
+        let batch = AttentionBatch::new(vec![attn.clone()], 1).with_window(
+            c.sliding_layers()
+                .map_or(std::num::NonZeroUsize::MIN, |s| s.window()),
+        );
+        let last = attn.kv_len() - 1;
+        let slots: Vec<Slot> = (batch.first_visible_key(last)..=last)
+            .filter_map(|i| attn.slot(i, 4))
+            .collect();
+        let storage = c
+            .sliding_storage()
+            .ok_or(KvError::UnknownSequence { id: seq })?;
+        let k: Vec<f32> = c
+            .backend()
+            .read(storage, 2, &slots)?
+            .0
+            .flatten_all()?
+            .to_vec1()?;
+        Ok((batch.first_visible_key(last)..=last)
+            .map(|i| i + freed)
+            .zip(k)
+            .collect())
+    }
+
+    fn audit(c: &PagedCache<Recorder>) {
+        assert_eq!(c.manager().audit(), Ok(()));
+        assert_eq!(c.sliding_manager().map(CacheManager::audit), Some(Ok(())));
+    }
+
+    #[test]
+    fn sliding_group_frees_blocks_behind_the_window_and_keeps_what_queries_read() -> Result<()> {
+        let mut c = sliding_cache(false)?;
+        let a = c.create_sequence();
+        // A prompt of 10 tokens at once: the sliding group holds all of it while it runs.
+        let prompt: Vec<u32> = (100..110).collect();
+        let slots = c.reserve(a, 10)?;
+        write_all(&mut c, &slots, &prompt)?;
+        assert_eq!(c.sliding_len(a)?, 10);
+        for t in 110..150u32 {
+            let slots = c.reserve(a, 1)?;
+            write_all(&mut c, &slots, &[t])?;
+            let len = c.len(a)?;
+            // At most floor((1 + 6 - 2) / 4) + 2 = 3 blocks stay.
+            assert!(c.sliding_len(a)? <= 12, "{} tokens held", c.sliding_len(a)?);
+            let held = c.sliding_stats().map_or(0, |s| s.used_blocks);
+            assert!(
+                held <= SlidingLayers::blocks_per_sequence(
+                    std::num::NonZeroUsize::new(6).unwrap_or(std::num::NonZeroUsize::MIN),
+                    4,
+                    1
+                )?
+            );
+            // The window is exactly the last 6 positions, each with its own token.
+            let want: Vec<(usize, f32)> = (len - 6..len).map(|p| (p, (100 + p) as f32)).collect();
+            assert_eq!(window_keys(&c, a)?, want);
+            audit(&c);
+        }
+        // The global layer kept everything.
+        assert_eq!(
+            read_global(&c, a)?,
+            (100..150).map(|t| t as f32).collect::<Vec<_>>()
+        );
+        let usage = c.usage();
+        let sliding = usage.sliding.ok_or(KvError::UnknownSequence { id: a })?;
+        let blocks = c.sliding_stats().map_or(0, |s| s.used_blocks) as u64;
+        // K and V, f32 of one element: 8 bytes a token and layer; 5 sliding layers.
+        assert_eq!(sliding.bytes_reserved, blocks * 4 * 5 * 8);
+        assert_eq!(sliding.bytes_all_global, 13 * 4 * 6 * 8);
+        assert_eq!(usage.bytes_reserved, 13 * 4 * 8 + blocks * 4 * 5 * 8);
+        assert_eq!(
+            sliding.bytes_saved,
+            sliding.bytes_all_global - usage.bytes_reserved
+        );
+        assert!(sliding.freed_blocks >= 9);
+        Ok(())
+    }
+
+    fn read_global(c: &PagedCache<Recorder>, seq: SeqId) -> Result<Vec<f32>> {
+        let table = c.manager().table(seq)?;
+        let slots: Vec<Slot> = (0..table.len()).filter_map(|i| table.slot(i, 4)).collect();
+        Ok(c.backend()
+            .read(c.storage(), 0, &slots)?
+            .0
+            .flatten_all()?
+            .to_vec1()?)
+    }
+
+    #[test]
+    fn sliding_group_forks_truncates_and_frees() -> Result<()> {
+        let mut c = sliding_cache(false)?;
+        let a = c.create_sequence();
+        for t in 0..20u32 {
+            let slots = c.reserve(a, 1)?;
+            write_all(&mut c, &slots, &[t])?;
+        }
+        let b = c.fork(a)?;
+        let (slots_a, slots_b) = (c.reserve(a, 1)?, c.reserve(b, 1)?);
+        write_all(&mut c, &slots_a, &[1000])?;
+        write_all(&mut c, &slots_b, &[2000])?;
+        let a_keys: Vec<f32> = window_keys(&c, a)?.into_iter().map(|(_, k)| k).collect();
+        let b_keys: Vec<f32> = window_keys(&c, b)?.into_iter().map(|(_, k)| k).collect();
+        assert_eq!(a_keys, [15., 16., 17., 18., 19., 1000.]);
+        assert_eq!(b_keys, [15., 16., 17., 18., 19., 2000.]);
+        audit(&c);
+
+        // Back one token: the query at 20 reads from 15, still held.
+        c.truncate(a, 20)?;
+        assert_eq!(c.len(a)?, 20);
+        // Back to 10: its query would read position 5, freed long ago. Nothing changes.
+        let before = (c.len(a)?, c.sliding_len(a)?);
+        assert!(matches!(
+            c.truncate(a, 10),
+            Err(KvError::InvalidArgument {
+                what: "truncate",
+                ..
+            })
+        ));
+        assert_eq!((c.len(a)?, c.sliding_len(a)?), before);
+        // A write naming a slot of no last reserve is refused.
+        assert!(matches!(
+            write_all(&mut c, &slots_a, &[1]),
+            Err(KvError::InvalidArgument { what: "slots", .. })
+        ));
+        // To 0 always works.
+        c.truncate(a, 0)?;
+        assert_eq!((c.len(a)?, c.sliding_len(a)?), (0, 0));
+        c.free(b)?;
+        c.free(a)?;
+        audit(&c);
+        assert_eq!(c.sliding_stats().map(|s| s.used_blocks), Some(0));
+        assert_eq!(c.stats().used_blocks, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn sliding_group_refuses_what_freed_blocks_break() -> Result<()> {
+        let mut c = sliding_cache(false)?;
+        let a = c.create_sequence();
+        let slots = c.reserve(a, 8)?;
+        write_all(&mut c, &slots, &[1, 2, 3, 4, 5, 6, 7, 8])?;
+        assert!(matches!(
+            c.evict_window(a, 0, 1),
+            Err(KvError::Unsupported { .. })
+        ));
+        assert!(matches!(
+            c.export_blocks(a, 1),
+            Err(KvError::Unsupported { .. })
+        ));
+        let q = Tensor::zeros((1, 1, 1), candle_core::DType::F32, &Device::Cpu)?;
+        let unwindowed = AttentionBatch::new(vec![c.sliding_seq_attention(a, 1)?], 1);
+        assert!(matches!(
+            c.attend(0, &q, &unwindowed),
+            Err(KvError::InvalidArgument {
+                what: "attention batch",
+                ..
+            })
+        ));
+        assert!(matches!(
+            c.write(6, &slots, &q, &q),
+            Err(KvError::OutOfRange { .. })
+        ));
+        let plain = cache(false)?;
+        assert!(plain.sliding_seq_attention(a, 1).is_err());
+        let spec = StorageSpec::new(ModelShape::new(2, 1, 1, 1)?, KvDType::F32, 4, 6)?;
+        let w = std::num::NonZeroUsize::MIN;
+        assert!(SlidingLayers::new(w, vec![true, true], 4).is_err());
+        let wrong = SlidingLayers::new(w, vec![true, false, false], 4)?;
+        assert!(PagedCache::with_sliding_window(Recorder::new(), spec, wrong, None).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn sliding_group_commits_ids_and_reuses_the_prefix_both_groups_hold() -> Result<()> {
+        let mut c = sliding_cache(true)?;
+        let prompt: Vec<u32> = (1..=9).collect();
+        let (a, reused) = c.create_with_prefix(&prompt);
+        assert_eq!(reused, 0);
+        let slots = c.reserve(a, 9)?;
+        write_all(&mut c, &slots, &prompt)?;
+        c.commit(a, &prompt)?; // both groups index blocks [1..4] and [5..8]
+        for t in 10..30u32 {
+            let slots = c.reserve(a, 1)?;
+            write_all(&mut c, &slots, &[t])?;
+            c.commit(a, &[t])?;
+            let freed = c.len(a)? - c.sliding_len(a)?;
+            let local = c.sliding_manager().map(|m| m.sequences().last());
+            let ids = match (c.sliding_manager(), local) {
+                (Some(m), Some(Some(l))) => m.tokens(l)?.to_vec(),
+                _ => Vec::new(),
+            };
+            assert_eq!(ids, c.manager().tokens(a)?[freed..]);
+        }
+        // The prompt's blocks are still indexed in both groups: reused.
+        let (b, reused) = c.create_with_prefix(&prompt);
+        assert_eq!(reused, 8);
+        assert_eq!(c.sliding_len(b)?, 8);
+        audit(&c);
+        // A longer prompt: the global group holds 28 of its tokens, the sliding group only
+        // the first 8 (a slid sequence stops indexing): the common prefix is reused.
+        let long: Vec<u32> = (1..=29).collect();
+        assert_eq!(c.prefix_match(&long, 0).tokens, 8);
+        c.free(a)?;
+        c.free(b)?;
+        audit(&c);
         Ok(())
     }
 }

@@ -136,6 +136,8 @@ impl Sizes {
 struct Args {
     quick: bool,
     model: Option<String>,
+    /// Gemma 3 270M for the `gemma` section (run only when given).
+    gemma: Option<String>,
     threads: usize,
     sections: Vec<String>,
 }
@@ -144,6 +146,7 @@ fn parse_args() -> Res<Args> {
     let mut a = Args {
         quick: false,
         model: None,
+        gemma: None,
         threads: 2,
         sections: vec![
             "attn".into(),
@@ -159,6 +162,7 @@ fn parse_args() -> Res<Args> {
         match flag.as_str() {
             "--quick" => a.quick = true,
             "--model" => a.model = Some(it.next().ok_or("--model needs a file")?),
+            "--gemma" => a.gemma = Some(it.next().ok_or("--gemma needs a file")?),
             "--threads" => {
                 let v = it.next().ok_or("--threads needs a number")?;
                 a.threads = v
@@ -230,6 +234,113 @@ fn run(a: &Args) -> Res<()> {
             .map_err(|e| e.to_string())
         };
         rayon::scope(sections)?;
+    }
+    if let Some(path) = &a.gemma {
+        rayon::scope(|_| gemma_window(a.quick, path).map_err(|e| e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Gemma 3 270M with its 15 sliding-window layers freeing their blocks behind the 512-token
+/// window (`free=true`) and with every layer keeping every token (`free=false`): prefill of
+/// 512 tokens (best of two, fresh caches), decode at depths 0/1024/4096 (interleaved
+/// rounds, each a fork of the filled sequence decoding `decode` tokens, median round), and
+/// the cache's bytes at the deepest point (reserved by both groups, the pools allocated).
+fn gemma_window(quick: bool, path: &str) -> Res<()> {
+    let model = Model::load(path)?;
+    let (prompt, depths, decode, rounds) = if quick {
+        (32, vec![0, 64, 600], 2, 1)
+    } else {
+        (512, vec![0, 1024, 4096], 16, 3)
+    };
+    let dtype = KvDType::F16;
+    let deepest = depths.iter().copied().max().unwrap_or(0).max(prompt);
+    let capacity = deepest + decode + 1;
+    let ids = token_ids(capacity, model.config().vocab_size);
+    let chunk = 512;
+    let make = |free: bool| -> Res<PagedCache<CpuBackend>> {
+        let spec = StorageSpec::new(model.shape(), dtype, BLOCK, capacity.div_ceil(BLOCK))?;
+        let cache = match model.sliding_layers(dtype, BLOCK, chunk, 2, spec.num_blocks)? {
+            Some(sliding) if free => {
+                PagedCache::with_sliding_window(CpuBackend::new(), spec, sliding, None)?
+            }
+            _ => PagedCache::new(CpuBackend::new(), spec)?,
+        };
+        Ok(cache)
+    };
+    // Prefill: fresh caches, the two modes alternating, the best of three each.
+    let mut best = [f64::INFINITY; 2];
+    for _ in 0..3 {
+        for (i, free) in [false, true].into_iter().enumerate() {
+            let mut cache = make(free)?;
+            let seq = cache.create_sequence();
+            let t = Instant::now();
+            let logits = model.forward(&ids[..prompt], &mut cache, seq, Logits::Last)?;
+            std::hint::black_box(argmax(&logits)?);
+            best[i] = best[i].min(t.elapsed().as_secs_f64());
+        }
+    }
+    for (free, best) in [false, true].into_iter().zip(best) {
+        println!(
+            "BENCH section=gemma what=prefill free={free} layout={dtype} tokens={prompt} secs={best:.6} tokens_per_s={:.3}",
+            prompt as f64 / best
+        );
+        eprintln!(
+            "bench: gemma3 free={free}: prefill {prompt} at {:.1} tokens/s",
+            prompt as f64 / best
+        );
+    }
+    let mut caches = Vec::new();
+    for free in [false, true] {
+        let mut cache = make(free)?;
+        let seq = cache.create_sequence();
+        caches.push((free, cache, seq));
+    }
+    let mut peak = vec![(0u64, 0u64, 0u64); caches.len()];
+    for &depth in &depths {
+        let mut secs = vec![Vec::new(); caches.len()];
+        for (_, cache, seq) in &mut caches {
+            let have = cache.len(*seq)?;
+            for part in ids[have..depth.max(1)].chunks(chunk) {
+                model.forward(part, cache, *seq, Logits::Last)?;
+            }
+        }
+        for _ in 0..rounds {
+            for (i, (_, cache, seq)) in caches.iter_mut().enumerate() {
+                let fork = cache.fork(*seq)?;
+                let mut token = ids[cache.len(fork)?];
+                let t = Instant::now();
+                for _ in 0..decode {
+                    token = argmax(&model.forward(&[token], cache, fork, Logits::Last)?)?;
+                }
+                secs[i].push(t.elapsed().as_secs_f64());
+                let u = cache.usage();
+                let all = u.sliding.map_or(u.bytes_reserved, |s| s.bytes_all_global);
+                peak[i] = (
+                    peak[i].0.max(u.bytes_reserved),
+                    peak[i].1.max(all),
+                    u.bytes_allocated,
+                );
+                cache.free(fork)?;
+            }
+        }
+        for ((free, _, _), secs) in caches.iter().zip(secs) {
+            let secs = median(secs);
+            println!(
+                "BENCH section=gemma what=decode free={free} layout={dtype} depth={depth} steps={decode} rounds={rounds} secs={secs:.6} tokens_per_s={:.3}",
+                decode as f64 / secs
+            );
+            eprintln!(
+                "bench: gemma3 free={free}: decode at depth {depth}: {:.1} tokens/s",
+                decode as f64 / secs
+            );
+        }
+    }
+    for ((free, _, _), (reserved, all, allocated)) in caches.iter().zip(peak) {
+        println!(
+            "BENCH section=gemma what=memory free={free} layout={dtype} tokens={} peak_reserved_bytes={reserved} all_global_bytes={all} allocated_bytes={allocated}",
+            deepest + decode
+        );
     }
     Ok(())
 }

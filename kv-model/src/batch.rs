@@ -304,11 +304,9 @@ impl Model {
             }
         }
         let result = result.and_then(|()| {
-            let seqs = items
-                .iter()
-                .map(|(seq, new)| cache.seq_attention(*seq, new.len()))
-                .collect::<kv_core::Result<Vec<_>>>()?;
-            let batches = self.layer_batches(seqs);
+            let seqs: Vec<(SeqId, usize)> =
+                items.iter().map(|(seq, new)| (*seq, new.len())).collect();
+            let batches = self.cache_batches(cache, &seqs)?;
             self.run(&tokens, &segments, logits, |layer, q, k, v| {
                 cache.write(layer, &slots, k, v)?;
                 Ok(cache.attend(layer, q, self.batch_for(&batches, layer))?)

@@ -181,15 +181,32 @@ impl fmt::Display for Summary {
         )?;
         match &self.cache {
             CacheReport::None => write!(f, "cache in use     0 B"),
-            CacheReport::Paged { usage, .. } => write!(
-                f,
-                "cache in use     {} for {} tokens ({} per token); {} reserved in blocks, {} allocated",
-                memory::format_bytes(usage.bytes_used),
-                usage.tokens,
-                memory::format_bytes(usage.bytes_per_token as u64),
-                memory::format_bytes(usage.bytes_reserved),
-                memory::format_bytes(usage.bytes_allocated),
-            ),
+            CacheReport::Paged { usage, .. } => {
+                write!(
+                    f,
+                    "cache in use     {} for {} tokens ({} per token); {} reserved in blocks, {} allocated",
+                    memory::format_bytes(usage.bytes_used),
+                    usage.tokens,
+                    memory::format_bytes(usage.bytes_per_token as u64),
+                    memory::format_bytes(usage.bytes_reserved),
+                    memory::format_bytes(usage.bytes_allocated),
+                )?;
+                if let Some(s) = &usage.sliding {
+                    write!(
+                        f,
+                        "\nsliding window   {} layers keep their last {} tokens ({} held, {} blocks freed): \
+                         {} reserved instead of {} with every layer global, {} saved",
+                        s.layers,
+                        s.window,
+                        s.tokens,
+                        s.freed_blocks,
+                        memory::format_bytes(usage.bytes_reserved),
+                        memory::format_bytes(s.bytes_all_global),
+                        memory::format_bytes(s.bytes_saved),
+                    )?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -241,10 +258,21 @@ impl Model {
         on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<Generation> {
         let spec = self.request_spec(layout, prompt, options)?;
-        let mut cache = PagedCache::new(backend, spec)?;
+        // With sliding-window layers the prompt runs in chunks, so their blocks behind the
+        // window are freed during the prefill too and their pool stays small.
+        let chunk = prompt.len().clamp(1, PREFILL_CHUNK);
+        let mut cache = self.new_cache(backend, spec, chunk, true)?;
         let seq = cache.create_sequence();
+        let sliding = cache.sliding_layers().is_some();
         let run = run_loop(prompt, options, on_token, |new, _| {
-            self.forward(new, &mut cache, seq, Logits::Last)
+            if !sliding {
+                return self.forward(new, &mut cache, seq, Logits::Last);
+            }
+            let mut last = None;
+            for part in new.chunks(chunk) {
+                last = Some(self.forward(part, &mut cache, seq, Logits::Last)?);
+            }
+            last.ok_or(ModelError::EmptyPrompt)
         })?;
         Ok(run.finish(CacheReport::Paged {
             backend: cache.backend().name().to_string(),

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kv_attention::SlidingLayers;
 use kv_backend_cpu::CpuBackend;
 use kv_backend_cuda::CudaBackend;
 use kv_core::{memory, KvDType, ModelShape};
@@ -384,6 +385,9 @@ struct MemArgs {
     /// Only this layout [default: all].
     #[arg(long)]
     dtype: Option<KvDType>,
+    /// Tokens per cache block (sliding-window layers free whole blocks).
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
 }
 
 fn main() -> ExitCode {
@@ -1376,19 +1380,28 @@ fn mem(args: MemArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut table = memory_table(&name, &shape, &dtypes, args.tokens)?;
     if let Some(c) = &config {
-        table.push_str(&window_note(c, &shape, &dtypes, args.tokens)?);
+        at_least_one("--block-size", args.block_size)?;
+        table.push_str(&window_note(
+            c,
+            &shape,
+            &dtypes,
+            args.tokens,
+            args.block_size,
+        )?);
     }
     out.write_all(table.as_bytes()).map_err(ModelError::Output)
 }
 
-/// For a model with sliding-window layers (Gemma 3): what those layers need, and what a
-/// cache that freed their blocks older than the window would hold. kv's cache does not
-/// free them yet, which the note says.
+/// For a model with sliding-window layers (Gemma 3): what kv's cache holds for one
+/// sequence decoded to `tokens` tokens, the sliding layers having freed their blocks behind
+/// the window ([`SlidingLayers::blocks_held`]), against every layer keeping every token, both
+/// in whole blocks as the cache reserves them (`CacheUsage::sliding` reports the same).
 fn window_note(
     config: &LlamaConfig,
     shape: &ModelShape,
     dtypes: &[KvDType],
     tokens: usize,
+    block_size: usize,
 ) -> Result<String> {
     use std::fmt::Write as _;
     let Some(window) = config.sliding_window else {
@@ -1399,15 +1412,18 @@ fn window_note(
         .filter(|&l| config.layer_window(l).is_some())
         .count() as u64;
     let global = layers as u64 - local;
-    let held = tokens.min(window) as u64;
+    let Some(w) = std::num::NonZeroUsize::new(window) else {
+        return Ok(String::new());
+    };
+    let blocks = tokens.div_ceil(block_size) as u64;
+    let held = SlidingLayers::blocks_held(w, block_size, tokens) as u64;
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "sliding window: {local} of {layers} layers attend only to the last {window} tokens;"
-    );
-    let _ = writeln!(
-        s,
-        "a cache freeing their older blocks would hold (kv's does not yet: it holds the size above):"
+        "sliding window: {local} of {layers} layers attend only to the last {window} tokens and \
+         free older blocks; one sequence of {tokens} tokens in blocks of {block_size}: \
+         {global} layers x {blocks} blocks + {local} layers x {held} blocks, against {layers} \
+         layers x {blocks} blocks all global:"
     );
     for &d in dtypes {
         let per_token = memory::bytes_per_token(shape, d)? as u64;
@@ -1417,12 +1433,29 @@ fn window_note(
             expected: format!("a count whose {} cache fits in 2^64 bytes", d.name()),
             got: tokens.to_string(),
         };
-        let all = per_token.checked_mul(tokens as u64).ok_or_else(overflow)?;
-        let windowed = global
-            .checked_mul(tokens as u64)
-            .and_then(|g| local.checked_mul(held).and_then(|l| g.checked_add(l)))
-            .and_then(|t| t.checked_mul(per_layer_token))
+        let block = per_layer_token
+            .checked_mul(block_size as u64)
             .ok_or_else(overflow)?;
+        let all = (layers as u64)
+            .checked_mul(blocks)
+            .and_then(|b| b.checked_mul(block))
+            .ok_or_else(overflow)?;
+        let windowed = global
+            .checked_mul(blocks)
+            .and_then(|g| local.checked_mul(held).and_then(|l| g.checked_add(l)))
+            .and_then(|b| b.checked_mul(block))
+            .ok_or_else(overflow)?;
+        if d.residual_tokens() > 0 {
+            // `Model::sliding_layers`: the f16 residual is settled per sequence, not per
+            // group, so these layouts keep every layer's tokens.
+            let _ = writeln!(
+                s,
+                "  {:<10} {:>12} (one group: layouts with an f16 residual keep every token)",
+                d.name(),
+                memory::format_bytes(all),
+            );
+            continue;
+        }
         let _ = writeln!(
             s,
             "  {:<10} {:>12} instead of {:>12} ({:.1}x less)",
@@ -1592,15 +1625,23 @@ mod tests {
             md.insert(format!("gemma3.{key}"), Value::U32(v));
         }
         let c = LlamaConfig::from_metadata(&md).unwrap();
-        let note = window_note(&c, &c.shape().unwrap(), &[KvDType::F16], 32768).unwrap();
-        // 3 global layers x 32768 + 15 local x 512 tokens, 1 KiB per layer and token (K and
-        // V of one 256-element f16 head), against 18 x 32768.
+        let note = window_note(&c, &c.shape().unwrap(), &[KvDType::F16], 32768, 16).unwrap();
+        // 3 global layers x 32768 + 15 local x 512 tokens (32 blocks: position 32256 starts
+        // one), 1 KiB per layer and token (K and V of one 256-element f16 head), against
+        // 18 x 32768.
         let windowed = memory::format_bytes((3 * 32768 + 15 * 512) * 1024);
         let all = memory::format_bytes(18 * 32768 * 1024);
         assert!(note.contains("15 of 18 layers"), "{note}");
         assert!(note.contains(&windowed) && note.contains(&all), "{note}");
         assert!(note.contains("5.6x less"), "{note}");
-        assert!(note.contains("does not yet"), "{note}");
+        // One token more starts a block the window reaches into: 33 blocks.
+        let note = window_note(&c, &c.shape().unwrap(), &[KvDType::F16], 32769, 16).unwrap();
+        let windowed = memory::format_bytes((3 * 2049 + 15 * 33) * 16 * 1024);
+        assert!(note.contains(&windowed), "{note}");
+        assert!(!note.contains("not"), "{note}");
+        let residual: KvDType = "kivi4-r128".parse().unwrap();
+        let note = window_note(&c, &c.shape().unwrap(), &[residual], 32768, 16).unwrap();
+        assert!(note.contains("one group"), "{note}");
     }
 
     #[test]

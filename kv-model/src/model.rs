@@ -8,8 +8,8 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor, D};
-use kv_attention::PagedCache;
-use kv_core::{AttentionBatch, CacheBackend, ModelShape, SeqAttention, SeqId};
+use kv_attention::{PagedCache, SlidingLayers};
+use kv_core::{AttentionBatch, CacheBackend, ModelShape, SeqAttention, SeqId, StorageSpec};
 
 use crate::config::{one_line, Family};
 use crate::linear::{BlockMatrix, Embeddings, Linear, WeightType};
@@ -452,16 +452,12 @@ impl Model {
         self.check_tokens(tokens, start)?;
         let n = tokens.len();
         let slots = cache.reserve(seq, n)?;
-        let result = cache
-            .seq_attention(seq, n)
-            .map_err(ModelError::from)
-            .and_then(|seq_attn| {
-                let batches = self.layer_batches(vec![seq_attn]);
-                self.run(tokens, &[(start, n)], logits, |layer, q, k, v| {
-                    cache.write(layer, &slots, k, v)?;
-                    Ok(cache.attend(layer, q, self.batch_for(&batches, layer))?)
-                })
-            });
+        let result = self.cache_batches(cache, &[(seq, n)]).and_then(|batches| {
+            self.run(tokens, &[(start, n)], logits, |layer, q, k, v| {
+                cache.write(layer, &slots, k, v)?;
+                Ok(cache.attend(layer, q, self.batch_for(&batches, layer))?)
+            })
+        });
         if result.is_err() {
             // Forget the half-written tokens so the sequence is as before the call. Cannot
             // fail: `seq` exists and `start` is within its length.
@@ -631,6 +627,98 @@ impl Model {
             .and_then(std::num::NonZeroUsize::new)
             .map(|w| global.clone().with_window(w));
         LayerBatches { global, local }
+    }
+
+    /// [`Model::layer_batches`] of `seqs` (each with its count of new tokens) in `cache`:
+    /// with a sliding-window group, the local layers' batch describes that group's
+    /// sequences (their freed blocks left out).
+    pub(crate) fn cache_batches<B: CacheBackend>(
+        &self,
+        cache: &PagedCache<B>,
+        seqs: &[(SeqId, usize)],
+    ) -> Result<LayerBatches> {
+        let global = seqs
+            .iter()
+            .map(|&(seq, n)| cache.seq_attention(seq, n))
+            .collect::<kv_core::Result<Vec<_>>>()?;
+        let mut batches = self.layer_batches(global);
+        if let (Some(local), Some(_)) = (&mut batches.local, cache.sliding_layers()) {
+            local.seqs = seqs
+                .iter()
+                .map(|&(seq, n)| cache.sliding_seq_attention(seq, n))
+                .collect::<kv_core::Result<Vec<_>>>()?;
+        }
+        Ok(batches)
+    }
+
+    /// The two cache groups of this model when it has sliding-window layers (Gemma 3's
+    /// local layers) and `layout` can be freed by window: which layers slide, and a pool
+    /// for `sequences` sequences that add at most `chunk` tokens a step, no larger than
+    /// `max_blocks` (the global pool: a sliding sequence never holds more). `None` for a
+    /// model without such layers or a layout with an f16 residual (kept in one group).
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidArgument`] for a zero block size, chunk or sequence count;
+    /// the pool size overflowing.
+    pub fn sliding_layers(
+        &self,
+        dtype: kv_core::KvDType,
+        block_size: usize,
+        chunk: usize,
+        sequences: usize,
+        max_blocks: usize,
+    ) -> Result<Option<SlidingLayers>> {
+        let c = &self.config;
+        let Some(window) = c.sliding_window.and_then(std::num::NonZeroUsize::new) else {
+            return Ok(None);
+        };
+        let sliding: Vec<bool> = (0..c.n_layers)
+            .map(|l| c.layer_window(l).is_some())
+            .collect();
+        if dtype.residual_tokens() > 0 || sliding.iter().all(|&s| s) || !sliding.contains(&true) {
+            return Ok(None);
+        }
+        if sequences == 0 {
+            return Err(ModelError::InvalidArgument {
+                what: "sequences",
+                expected: "at least 1".into(),
+                got: "0".into(),
+            });
+        }
+        let per_seq = SlidingLayers::blocks_per_sequence(window, block_size, chunk)?;
+        let blocks = per_seq
+            .checked_mul(sequences)
+            .ok_or(kv_core::KvError::Overflow {
+                what: "sliding blocks",
+                detail: format!("{per_seq} blocks times {sequences} sequences"),
+            })?
+            .min(max_blocks);
+        Ok(Some(SlidingLayers::new(window, sliding, blocks)?))
+    }
+
+    /// A cache of `spec` for this model: for a model with sliding-window layers, two
+    /// groups ([`PagedCache::with_sliding_window`]) whose local layers free their blocks
+    /// as the window slides, sized for one sequence adding at most `chunk` tokens a step;
+    /// otherwise (or with `free_window` false) one group holding every token, as before.
+    ///
+    /// # Errors
+    /// What [`Model::sliding_layers`] and the cache constructors return.
+    pub fn new_cache<B: CacheBackend>(
+        &self,
+        backend: B,
+        spec: StorageSpec,
+        chunk: usize,
+        free_window: bool,
+    ) -> Result<PagedCache<B>> {
+        let sliding = if free_window {
+            self.sliding_layers(spec.dtype, spec.block_size, chunk, 1, spec.num_blocks)?
+        } else {
+            None
+        };
+        Ok(match sliding {
+            Some(sliding) => PagedCache::with_sliding_window(backend, spec, sliding, None)?,
+            None => PagedCache::new(backend, spec)?,
+        })
     }
 
     /// The batch layer `layer` attends with.

@@ -21,11 +21,12 @@
 //! Against the f16 cache (always run, as the reference) every other layout reports the
 //! change of perplexity, the mean KL divergence `KL(p_f16 || p_layout)` of the next-token
 //! distributions at the scored positions, and how often both put the same token first.
+//!
+//! [`PagedCache`]: kv_attention::PagedCache
 
 use std::fmt;
 
 use candle_core::Tensor;
-use kv_attention::PagedCache;
 use kv_core::{memory, CacheBackend, KvDType, StorageSpec};
 
 use crate::{Logits, Model, ModelError, Result};
@@ -398,7 +399,8 @@ impl Model {
         batch: usize,
         mut on_pass: impl FnMut(usize),
     ) -> Result<Vec<f32>> {
-        let mut cache = PagedCache::new(backend, spec)?;
+        // Sliding-window layers free their blocks behind the window between passes.
+        let mut cache = self.new_cache(backend, spec, batch, true)?;
         let seq = cache.create_sequence();
         let last = chunk.len() - 1; // the last token is only a target
         let mut out = Vec::with_capacity((last - first) * self.config().vocab_size);

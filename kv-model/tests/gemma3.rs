@@ -129,3 +129,112 @@ fn cached_greedy_equals_recompute_past_the_window() {
         eprintln!("{dtype}: {steps} steps past the window, largest logit difference {worst:e}");
     }
 }
+
+/// The per-layer cache policy on the real file: a prompt longer than twice the window,
+/// prefilled in chunks and decoded with the local layers' blocks freed as the window slides,
+/// gives the tokens and logits of recomputing the whole text; the cache reports the bytes of
+/// 3 global layers holding every token and 15 local layers holding the blocks from
+/// position `len - 512` on, and less than an all-global cache would hold.
+#[test]
+#[ignore = "needs Gemma 3 270M: KV_GEMMA_PATH, release"]
+fn sliding_layers_free_their_blocks_and_greedy_still_equals_recompute() {
+    use kv_attention::PagedCache;
+    use kv_core::StorageSpec;
+
+    let (model, tokenizer) = model();
+    let sentence = "The lighthouse keeper wrote the weather in his log every evening, and \
+                    the ships that passed the point in the fog. ";
+    let mut prompt = tokenizer.encode(&sentence.repeat(60)).unwrap();
+    prompt.truncate(1100);
+    assert!(prompt.len() > 2 * 512);
+    let (bs, steps, chunk) = (16, 8, 256);
+    let spec = StorageSpec::new(
+        model.shape(),
+        KvDType::F32,
+        bs,
+        (prompt.len() + steps).div_ceil(bs),
+    )
+    .unwrap();
+    let mut cache = model
+        .new_cache(CpuBackend::new(), spec, chunk, true)
+        .unwrap();
+    let sliding = cache.sliding_layers().unwrap().clone();
+    assert_eq!((sliding.sliding_layers(), sliding.global_layers()), (15, 3));
+    // floor((256 + 510) / 16) + 2 blocks, far below the 70 of the whole text.
+    assert_eq!(sliding.num_blocks(), 49);
+    let seq = cache.create_sequence();
+    let mut logits = None;
+    for part in prompt.chunks(chunk) {
+        logits = Some(model.forward(part, &mut cache, seq, Logits::Last).unwrap());
+    }
+    // Chunks after the first two slid the window: blocks were freed during the prefill.
+    let freed_in_prefill = cache.usage().sliding.unwrap().freed_blocks;
+    assert!(freed_in_prefill > 0);
+    let mut tokens = Vec::new();
+    let mut step_logits = Vec::new();
+    for _ in 0..steps {
+        let row: Vec<f32> = logits
+            .take()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let next = argmax(&row);
+        step_logits.push(row);
+        tokens.push(next);
+        logits = Some(
+            model
+                .forward(&[next], &mut cache, seq, Logits::Last)
+                .unwrap(),
+        );
+    }
+    let mut all = prompt.clone();
+    all.extend(&tokens[..steps - 1]);
+    let reference: Vec<f32> = model
+        .forward_uncached(&all, Logits::All)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let vocab = model.config().vocab_size;
+    let mut worst = 0f32;
+    for (step, row) in step_logits.iter().enumerate() {
+        let want = &reference[(prompt.len() - 1 + step) * vocab..][..vocab];
+        assert_eq!(tokens[step], argmax(want), "step {step}");
+        worst = row
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(worst, f32::max);
+    }
+    assert!(worst < 1e-2, "logits differ by {worst}");
+
+    // The bytes, by the formula: one layer's K and V of one token is 2 x 256 f32 = 2 KiB.
+    let len = prompt.len() + steps;
+    assert_eq!(cache.len(seq).unwrap(), len);
+    let per_layer_block = 2 * 256 * 4 * bs as u64;
+    let global_blocks = len.div_ceil(bs) as u64;
+    let held = (len.div_ceil(bs) - (len - 512) / bs) as u64;
+    assert_eq!(cache.sliding_len(seq).unwrap(), len - (len - 512) / bs * bs);
+    let usage = cache.usage();
+    let s = usage.sliding.unwrap();
+    assert_eq!(s.bytes_reserved, 15 * held * per_layer_block);
+    assert_eq!(
+        usage.bytes_reserved,
+        (3 * global_blocks + 15 * held) * per_layer_block
+    );
+    assert_eq!(s.bytes_all_global, 18 * global_blocks * per_layer_block);
+    assert_eq!(s.bytes_saved, s.bytes_all_global - usage.bytes_reserved);
+    assert_eq!(s.freed_blocks, global_blocks - held);
+    eprintln!(
+        "{} tokens: {} reserved, {} all global ({} blocks freed, {freed_in_prefill} in the \
+         prefill); largest logit difference {worst:e}",
+        len, usage.bytes_reserved, s.bytes_all_global, s.freed_blocks
+    );
+
+    // The same run in one group keeps everything.
+    let plain = PagedCache::new(CpuBackend::new(), spec).unwrap();
+    assert!(plain.sliding_layers().is_none());
+}

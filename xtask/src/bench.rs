@@ -236,6 +236,16 @@ pub fn bench(o: &Options) -> Result<(), String> {
     if o.quick {
         cmd.arg("--quick");
     }
+    // Gemma 3 270M (sliding-window layers): fetched for a full run; a quick run uses it
+    // only when KV_GEMMA_PATH names it.
+    let gemma = match std::env::var_os("KV_GEMMA_PATH") {
+        Some(p) => Some(PathBuf::from(p)),
+        None if !o.quick => Some(crate::gemma::ensure_gemma()?),
+        None => None,
+    };
+    if let Some(g) = &gemma {
+        cmd.arg("--gemma").arg(g);
+    }
     let mut stdout = capture("measure kv (memory probe, attention, model)", cmd)?;
 
     let mut peer_build_s = None;
@@ -1037,6 +1047,7 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
     }
 
     batch_report(r, w, dir)?;
+    gemma_report(r, w);
 
     let path = dir.join("report.md");
     std::fs::write(&path, md).map_err(|e| format!("writing {}: {e}", path.display()))?;
@@ -1102,6 +1113,88 @@ fn batch_report(r: &Results, w: &mut String, dir: &Path) -> Result<(), String> {
     )?;
     let _ = writeln!(w, "\n![batched decode](batch_decode.svg)\n");
     Ok(())
+}
+
+/// The Gemma 3 section (`section=gemma` lines): its 15 sliding-window layers freeing
+/// their blocks behind the window against every layer keeping every token, in one run.
+fn gemma_report(r: &Results, w: &mut String) {
+    if r.find(&[("section", "gemma")]).is_none() {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "\n## Gemma 3 270M: sliding-window layers freeing their blocks\n\n\
+         f16 cache, blocks of 32 tokens. `free`: the 15 local layers keep only the blocks \
+         their 512-token window reads (`PagedCache::with_sliding_window`); `all`: every \
+         layer keeps every token. Decode: a fork of the sequence filled to the depth \
+         decodes, median of interleaved rounds. Ratio: free over all, same run.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| measure | all layers global | sliding layers free | ratio |\n|---|---:|---:|---:|"
+    );
+    let row = |w: &mut String, label: String, what: &[(&str, &str)], key: &str| {
+        let get = |free: &str| {
+            let mut pairs = what.to_vec();
+            pairs.push(("section", "gemma"));
+            pairs.push(("free", free));
+            r.one(&pairs, key)
+        };
+        let (all, free) = (get("false"), get("true"));
+        let ratio = all.zip(free).map(|(a, f)| f / a);
+        let _ = writeln!(
+            w,
+            "| {label} | {} | {} | {} |",
+            opt(all, |v| format!("{v:.1}")),
+            opt(free, |v| format!("{v:.1}")),
+            opt(ratio, |v| format!("{v:.2}x")),
+        );
+    };
+    if let Some(p) = r.find(&[("section", "gemma"), ("what", "prefill")]) {
+        let tokens = p.get("tokens").unwrap_or("?").to_string();
+        row(
+            w,
+            format!("prefill {tokens} tokens/s"),
+            &[("what", "prefill")],
+            "tokens_per_s",
+        );
+    }
+    let depths: Vec<String> = r
+        .all(&[("section", "gemma"), ("what", "decode"), ("free", "true")])
+        .filter_map(|x| x.get("depth").map(str::to_string))
+        .collect();
+    for d in &depths {
+        row(
+            w,
+            format!("decode tokens/s at depth {d}"),
+            &[("what", "decode"), ("depth", d)],
+            "tokens_per_s",
+        );
+    }
+    let mib = |v: f64| v / f64::from(1u32 << 20);
+    for (label, key) in [
+        (
+            "cache MiB reserved at the deepest point",
+            "peak_reserved_bytes",
+        ),
+        ("cache MiB allocated (pools)", "allocated_bytes"),
+    ] {
+        let get = |free: &str| {
+            r.one(
+                &[("section", "gemma"), ("what", "memory"), ("free", free)],
+                key,
+            )
+            .map(mib)
+        };
+        let (all, free) = (get("false"), get("true"));
+        let _ = writeln!(
+            w,
+            "| {label} | {} | {} | {} |",
+            opt(all, |v| format!("{v:.1}")),
+            opt(free, |v| format!("{v:.1}")),
+            opt(all.zip(free).map(|(a, f)| f / a), |v| format!("{v:.2}x")),
+        );
+    }
 }
 
 /// Copies the report, its SVG plots and `results.txt` from `out_dir` into `docs/bench/`,
@@ -1285,6 +1378,40 @@ mod tests {
         assert!(!line.contains("Llama"), "{line}");
         let none = "BENCH section=attn shape=llama-2-7b layout=kivi2 tokens=4096 secs=0.004\n";
         assert!(kivi_window_line(&Results { recs: parse(none) }).is_none());
+    }
+
+    /// The Gemma section gives each measure in both modes and their ratio; a run without
+    /// its lines adds nothing.
+    #[test]
+    fn gemma_report_tabulates_both_modes_and_their_ratio() {
+        let lines = "BENCH section=gemma what=prefill free=false layout=f16 tokens=512 tokens_per_s=80.0\n\
+                     BENCH section=gemma what=prefill free=true layout=f16 tokens=512 tokens_per_s=40.0\n\
+                     BENCH section=gemma what=decode free=false layout=f16 depth=4096 tokens_per_s=9.0\n\
+                     BENCH section=gemma what=decode free=true layout=f16 depth=4096 tokens_per_s=9.9\n\
+                     BENCH section=gemma what=memory free=false layout=f16 tokens=4112 peak_reserved_bytes=4194304 allocated_bytes=4194304\n\
+                     BENCH section=gemma what=memory free=true layout=f16 tokens=4112 peak_reserved_bytes=1048576 allocated_bytes=2097152\n";
+        let r = Results { recs: parse(lines) };
+        let mut w = String::new();
+        gemma_report(&r, &mut w);
+        assert!(
+            w.contains("| prefill 512 tokens/s | 80.0 | 40.0 | 0.50x |"),
+            "{w}"
+        );
+        assert!(
+            w.contains("| decode tokens/s at depth 4096 | 9.0 | 9.9 | 1.10x |"),
+            "{w}"
+        );
+        assert!(
+            w.contains("| cache MiB reserved at the deepest point | 4.0 | 1.0 | 0.25x |"),
+            "{w}"
+        );
+        assert!(
+            w.contains("| cache MiB allocated (pools) | 4.0 | 2.0 | 0.50x |"),
+            "{w}"
+        );
+        let mut empty = String::new();
+        gemma_report(&Results { recs: Vec::new() }, &mut empty);
+        assert!(empty.is_empty());
     }
 
     /// The batched-decode section turns the bench's lines into one table row per line and
