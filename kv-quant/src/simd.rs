@@ -309,6 +309,40 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// 32 unsigned 2-bit codes (low bits first) as f32.
     fn codes32_u2(self, b: &[u8; 8]) -> Self::X32;
 
+    // --- simdc (kv-backend-cpu attention kernels): begin -------------------------------
+    /// `a - b`.
+    fn sub(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// `c - a * b`, rounded once.
+    fn fnma(self, a: Self::F32, b: Self::F32, c: Self::F32) -> Self::F32;
+    /// Lane-wise minimum; where either lane is NaN, `b`'s lane (as `vminps` does), so
+    /// `min(bound, x)` keeps a NaN `x`.
+    fn min(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// Lane-wise maximum; where either lane is NaN, `b`'s lane (as `vmaxps` does), so
+    /// `max(x, acc)` skips a NaN `x` as `f32::max` does and `max(bound, x)` keeps it.
+    fn max(self, a: Self::F32, b: Self::F32) -> Self::F32;
+    /// Largest lane (NaN lanes skipped unless all are NaN).
+    fn max_lanes(self, v: Self::F32) -> f32;
+    /// Each lane rounded to the nearest integer, ties to even.
+    fn round(self, v: Self::F32) -> Self::F32;
+    /// `2^n` for lanes `n` holding integers in `-126..=127`, built in the exponent bits
+    /// (the scaling step of a polynomial `exp`).
+    fn pow2i(self, n: Self::F32) -> Self::F32;
+    /// `v` with the lanes where `x < low` (an ordered comparison: not where `x` is NaN)
+    /// set to zero.
+    fn zero_below(self, v: Self::F32, x: Self::F32, low: f32) -> Self::F32;
+    /// The first `min(a.len(), LANES)` elements of `a`, zero in the other lanes; elements
+    /// past the slice are not read (a masked load, for the ragged end of a row or tile).
+    fn load_first(self, a: &[f32]) -> Self::F32;
+    /// Stores the first `min(a.len(), LANES)` lanes of `v`; nothing past the slice is
+    /// written.
+    fn store_first(self, a: &mut [f32], v: Self::F32);
+    /// Lane `i` of the result is the sum of the lanes of `v[i]`: eight horizontal sums at
+    /// once (a transposing tree of adds, cheaper than eight [`Simd::sum`]s).
+    fn sums8(self, v: &[Self::F32; 8]) -> [f32; 8];
+    /// [`Simd::sums8`] for sixteen vectors.
+    fn sums16(self, v: &[Self::F32; 16]) -> [f32; 16];
+    // --- simdc: end ---------------------------------------------------------------------
+
     /// The level's tokens, for code not yet written over the width: `Some` at 512 bits.
     #[cfg(target_arch = "x86_64")]
     fn v512(self) -> Option<V512>;

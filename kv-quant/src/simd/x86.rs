@@ -219,6 +219,50 @@ pub fn reduce8_256(a: &[__m256; 8]) -> __m256 {
     _mm256_add_ps(lo, hi)
 }
 
+// --- simdc (kv-backend-cpu attention kernels): begin ---------------------------------
+
+/// All-ones in the lanes `0..n` of a 256-bit mask (`n < 8`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn first_256(n: usize) -> __m256i {
+    // `n < 8`, so the cast is exact.
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
+/// The first `a.len() < 8` elements of `a`, zero elsewhere.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_first_256(a: &[f32]) -> __m256 {
+    let m = first_256(a.len().min(7));
+    // SAFETY: the lanes of `m` are set only below `a.len()`, inside the slice; a masked
+    // load neither reads nor faults on the others.
+    unsafe { _mm256_maskload_ps(a.as_ptr(), m) }
+}
+
+/// Stores the first `a.len() < 8` lanes of `v`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn store_first_256(a: &mut [f32], v: __m256) {
+    let m = first_256(a.len().min(7));
+    // SAFETY: the lanes of `m` are set only below `a.len()`, inside the slice, borrowed
+    // exclusively; a masked store neither writes nor faults on the others.
+    unsafe { _mm256_maskstore_ps(a.as_mut_ptr(), m, v) }
+}
+
+/// Largest of the eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn max_lanes_256(v: __m256) -> f32 {
+    let h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps::<1>(h, h)))
+}
+
+// --- simdc: end -------------------------------------------------------------------------
+
 impl Simd for V256 {
     const LANES: usize = 8;
     const ISA: Isa = Isa::Avx2;
@@ -351,6 +395,73 @@ impl Simd for V256 {
             widen_256(a, b)
         })
     }
+    // --- simdc: begin
+    #[inline(always)]
+    fn sub(self, a: __m256, b: __m256) -> __m256 {
+        feat!(_mm256_sub_ps(a, b))
+    }
+    #[inline(always)]
+    fn fnma(self, a: __m256, b: __m256, c: __m256) -> __m256 {
+        feat!(_mm256_fnmadd_ps(a, b, c))
+    }
+    #[inline(always)]
+    fn min(self, a: __m256, b: __m256) -> __m256 {
+        feat!(_mm256_min_ps(a, b))
+    }
+    #[inline(always)]
+    fn max(self, a: __m256, b: __m256) -> __m256 {
+        feat!(_mm256_max_ps(a, b))
+    }
+    #[inline(always)]
+    fn max_lanes(self, v: __m256) -> f32 {
+        feat!(max_lanes_256(v))
+    }
+    #[inline(always)]
+    fn round(self, v: __m256) -> __m256 {
+        feat!(_mm256_round_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(v))
+    }
+    #[inline(always)]
+    fn pow2i(self, n: __m256) -> __m256 {
+        feat!(_mm256_castsi256_ps(_mm256_slli_epi32::<23>(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))
+        )))
+    }
+    #[inline(always)]
+    fn zero_below(self, v: __m256, x: __m256, low: f32) -> __m256 {
+        feat!(_mm256_andnot_ps(
+            _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(low)),
+            v
+        ))
+    }
+    #[inline(always)]
+    fn load_first(self, a: &[f32]) -> __m256 {
+        match a.first_chunk::<8>() {
+            Some(a) => self.load(a),
+            None => feat!(load_first_256(a)),
+        }
+    }
+    #[inline(always)]
+    fn store_first(self, a: &mut [f32], v: __m256) {
+        match a.first_chunk_mut::<8>() {
+            Some(a) => self.store(a, v),
+            None => feat!(store_first_256(a, v)),
+        }
+    }
+    #[inline(always)]
+    fn sums8(self, v: &[__m256; 8]) -> [f32; 8] {
+        let mut out = [0.0; 8];
+        feat!(store_256(&mut out, reduce8_256(v)));
+        out
+    }
+    #[inline(always)]
+    fn sums16(self, v: &[__m256; 16]) -> [f32; 16] {
+        let (v, _) = v.as_chunks::<8>();
+        let (lo, hi) = (self.sums8(&v[0]), self.sums8(&v[1]));
+        core::array::from_fn(|i| if i < 8 { lo[i] } else { hi[i - 8] })
+    }
+    // --- simdc: end
     #[inline(always)]
     fn v512(self) -> Option<V512> {
         None
@@ -497,6 +608,35 @@ pub fn reduce8_512(a: &[__m512; 8]) -> [f32; 8] {
     lanes
 }
 
+// --- simdc (kv-backend-cpu attention kernels): begin ---------------------------------
+
+/// The lanes `0..n` of a 16-lane mask (`n < 16`).
+#[inline]
+fn first_16(n: usize) -> __mmask16 {
+    // `n < 16`, so the mask fits.
+    ((1u32 << n.min(15)) - 1) as __mmask16
+}
+
+/// The first `a.len() < 16` elements of `a`, zero elsewhere.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn load_first_512(a: &[f32]) -> __m512 {
+    // SAFETY: the mask's lanes are set only below `a.len()`, inside the slice; a masked
+    // load neither reads nor faults on the others.
+    unsafe { _mm512_maskz_loadu_ps(first_16(a.len()), a.as_ptr()) }
+}
+
+/// Stores the first `a.len() < 16` lanes of `v`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn store_first_512(a: &mut [f32], v: __m512) {
+    // SAFETY: the mask's lanes are set only below `a.len()`, inside the slice, borrowed
+    // exclusively; a masked store neither writes nor faults on the others.
+    unsafe { _mm512_mask_storeu_ps(a.as_mut_ptr(), first_16(a.len()), v) }
+}
+
+// --- simdc: end -------------------------------------------------------------------------
+
 impl Simd for V512 {
     const LANES: usize = 16;
     const ISA: Isa = Isa::Avx512;
@@ -628,6 +768,72 @@ impl Simd for V512 {
             widen_512(a, b)
         })
     }
+    // --- simdc: begin
+    #[inline(always)]
+    fn sub(self, a: __m512, b: __m512) -> __m512 {
+        feat!(_mm512_sub_ps(a, b))
+    }
+    #[inline(always)]
+    fn fnma(self, a: __m512, b: __m512, c: __m512) -> __m512 {
+        feat!(_mm512_fnmadd_ps(a, b, c))
+    }
+    #[inline(always)]
+    fn min(self, a: __m512, b: __m512) -> __m512 {
+        feat!(_mm512_min_ps(a, b))
+    }
+    #[inline(always)]
+    fn max(self, a: __m512, b: __m512) -> __m512 {
+        feat!(_mm512_max_ps(a, b))
+    }
+    #[inline(always)]
+    fn max_lanes(self, v: __m512) -> f32 {
+        feat!(max_lanes_256(_mm256_max_ps(
+            _mm512_castps512_ps256(v),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+        )))
+    }
+    #[inline(always)]
+    fn round(self, v: __m512) -> __m512 {
+        feat!(_mm512_roundscale_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(v))
+    }
+    #[inline(always)]
+    fn pow2i(self, n: __m512) -> __m512 {
+        feat!(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(
+            _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127))
+        )))
+    }
+    #[inline(always)]
+    fn zero_below(self, v: __m512, x: __m512, low: f32) -> __m512 {
+        feat!(_mm512_maskz_mov_ps(
+            !_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(low)),
+            v
+        ))
+    }
+    #[inline(always)]
+    fn load_first(self, a: &[f32]) -> __m512 {
+        match a.first_chunk::<16>() {
+            Some(a) => self.load(a),
+            None => feat!(load_first_512(a)),
+        }
+    }
+    #[inline(always)]
+    fn store_first(self, a: &mut [f32], v: __m512) {
+        match a.first_chunk_mut::<16>() {
+            Some(a) => self.store(a, v),
+            None => feat!(store_first_512(a, v)),
+        }
+    }
+    #[inline(always)]
+    fn sums8(self, v: &[__m512; 8]) -> [f32; 8] {
+        feat!(reduce8_512(v))
+    }
+    #[inline(always)]
+    fn sums16(self, v: &[__m512; 16]) -> [f32; 16] {
+        feat!(reduce16_512(v))
+    }
+    // --- simdc: end
     #[inline(always)]
     fn v512(self) -> Option<V512> {
         Some(self)
