@@ -165,14 +165,22 @@ fn score_block<S: Simd, E: Elem, const H: usize, const R: usize>(
 ) {
     let nv = d / S::LANES;
     let dv = nv * S::LANES;
-    let qh: [&[f32]; H] = core::array::from_fn(|h| &q[h * d..][..d]);
-    let qv: [&[S::Lanes]; H] = core::array::from_fn(|h| &S::lanes(qh[h]).0[..nv]);
+    // Filled in loops, not `array::from_fn`, whose closure may stay out of line and hide
+    // the slices' lengths from the loops below (which then keep their bounds checks).
+    let mut qh: [&[f32]; H] = [&[]; H];
+    let mut qv: [&[S::Lanes]; H] = [&[]; H];
+    for h in 0..H {
+        qh[h] = &q[h * d..][..d];
+        qv[h] = &S::lanes(qh[h]).0[..nv];
+    }
     let mut blocks = rows.chunks_exact(R * d);
     let mut r0 = 0;
     for block in &mut blocks {
         pf.bytes(R * d * size_of::<E>());
-        let kv: [&[E::Vector<S>]; R] =
-            core::array::from_fn(|r| &E::vectors::<S>(&block[r * d..][..d])[..nv]);
+        let mut kv: [&[E::Vector<S>]; R] = [&[]; R];
+        for r in 0..R {
+            kv[r] = &E::vectors::<S>(&block[r * d..][..d])[..nv];
+        }
         let mut acc = [[s.zero(); H]; R];
         for c in 0..nv {
             let mut qc = [s.zero(); H];
@@ -352,7 +360,10 @@ fn accumulate_block<S: Simd, E: Elem, const H: usize, const V: usize>(
     pf: &mut Prefetch<'_>,
 ) {
     let n = rows.len() / d;
-    let wh: [&[f32]; H] = core::array::from_fn(|h| &w[h * stride..][..n]);
+    let mut wh: [&[f32]; H] = [&[]; H];
+    for h in 0..H {
+        wh[h] = &w[h * stride..][..n];
+    }
     let mut c = 0;
     while c + V * S::LANES <= d {
         accumulate_cols::<S, E, H, V>(s, &wh, d, rows, acc, c, pf, c == 0);
@@ -563,7 +574,10 @@ fn qk_block<S: Simd, const M: usize>(
     s_ld: usize,
 ) {
     let w = S::LANES;
-    let qr: [&[f32]; M] = core::array::from_fn(|i| &q[i * q_ld..][..d]);
+    let mut qr: [&[f32]; M] = [&[]; M];
+    for i in 0..M {
+        qr[i] = &q[i * q_ld..][..d];
+    }
     let mut j = 0;
     while j + 2 * w <= cols {
         let mut a0 = [s.zero(); M];
@@ -654,7 +668,10 @@ fn pv_block<S: Simd, const M: usize>(
     acc_ld: usize,
 ) {
     let w = S::LANES;
-    let pr: [&[f32]; M] = core::array::from_fn(|i| &p[i * p_ld..][..rows]);
+    let mut pr: [&[f32]; M] = [&[]; M];
+    for i in 0..M {
+        pr[i] = &p[i * p_ld..][..rows];
+    }
     let mut c = 0;
     while c + 2 * w <= cols {
         let mut a0 = [s.zero(); M];
