@@ -13,10 +13,9 @@
 //!   exp-and-sum of the online softmax; and, for prefill, the query-tile x key-tile
 //!   products over f32 tiles. [`Isa::Scalar`] runs the portable versions below, which
 //!   widen a row in chunks of 64 elements (with `half`'s slice conversions) and use
-//!   the row math; [`Isa::Avx2`] runs the versions in the `x86` module, which read f16 and
-//!   bf16 rows directly and widen them in registers; [`Isa::Avx512`] runs the decode
-//!   kernels (scores and weighted sums over stored rows) with 512-bit registers and masked
-//!   row tails, and the AVX2 versions of the others.
+//!   the row math; [`Isa::Avx2`] and [`Isa::Avx512`] run the versions in the `simd` module,
+//!   written once over the vector width on kv-quant's SIMD layer, which read f16 and bf16
+//!   rows directly and widen them in registers.
 //!
 //! The instruction set is chosen at run time ([`Isa::best`], from kv-quant's SIMD layer,
 //! which reads the workspace's one switch `KV_ISA`); a level the CPU lacks is never run,
@@ -42,6 +41,9 @@
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use kv_quant::simd::Simd;
+
+use crate::simd;
 
 /// Independent partial sums in [`dot_f32`]: they break the serial dependency on one
 /// accumulator so the compiler can keep several multiply-adds in flight (and vectorise),
@@ -120,19 +122,6 @@ pub fn decode_bf16(src: &[bf16], dst: &mut [f32]) {
 /// ([`kv_quant::simd`]) detects the CPU and reads the one switch, `KV_ISA`.
 pub use kv_quant::simd::Isa;
 
-/// The AVX2 kernels' token when `isa` is AVX2 or above and the CPU has it: the kernels
-/// without a 512-bit version run their AVX2 one at [`Isa::Avx512`].
-#[cfg(target_arch = "x86_64")]
-fn avx2(isa: Isa) -> Option<crate::x86::Avx2> {
-    (isa >= Isa::Avx2).then(crate::x86::Avx2::get).flatten()
-}
-
-/// The AVX-512 kernels' token when `isa` is AVX-512 and the CPU has it.
-#[cfg(target_arch = "x86_64")]
-fn avx512(isa: Isa) -> Option<crate::x86::Avx512> {
-    (isa == Isa::Avx512).then(crate::x86::Avx512::get).flatten()
-}
-
 /// Asks the CPU to start loading `data` into its caches (a hint; no value changes). The
 /// decode loop has the next tile's rows prefetched while it computes with the current one:
 /// a sequence's blocks may be scattered, and even over one contiguous head-major stream,
@@ -182,16 +171,52 @@ impl Widen for bf16 {
     }
 }
 
-/// A stored element type every kernel level reads directly.
-#[cfg(target_arch = "x86_64")]
-pub(crate) trait Elem: Widen + crate::x86::Load {}
-/// A stored element type every kernel level reads directly.
-#[cfg(not(target_arch = "x86_64"))]
-pub(crate) trait Elem: Widen {}
+/// A stored element type every kernel level reads directly: its whole vectors of
+/// `S::LANES` elements, and one widened to f32 in registers.
+pub(crate) trait Elem: Widen + bytemuck::Pod {
+    /// `S::LANES` elements as the SIMD layer loads them.
+    type Vector<S: Simd>: Copy;
+    /// The whole vectors at the start of `row` (the rest is left to a tail).
+    fn vectors<S: Simd>(row: &[Self]) -> &[Self::Vector<S>];
+    /// One vector widened to f32 (exact).
+    fn load<S: Simd>(s: S, v: &Self::Vector<S>) -> S::F32;
+}
 
-impl Elem for f32 {}
-impl Elem for f16 {}
-impl Elem for bf16 {}
+impl Elem for f32 {
+    type Vector<S: Simd> = S::Lanes;
+    #[inline(always)]
+    fn vectors<S: Simd>(row: &[f32]) -> &[S::Lanes] {
+        S::lanes(row).0
+    }
+    #[inline(always)]
+    fn load<S: Simd>(s: S, v: &S::Lanes) -> S::F32 {
+        s.load(v)
+    }
+}
+
+impl Elem for f16 {
+    type Vector<S: Simd> = S::Halves;
+    #[inline(always)]
+    fn vectors<S: Simd>(row: &[f16]) -> &[S::Halves] {
+        S::halves(bytemuck::cast_slice(row)).0
+    }
+    #[inline(always)]
+    fn load<S: Simd>(s: S, v: &S::Halves) -> S::F32 {
+        s.load_f16(v)
+    }
+}
+
+impl Elem for bf16 {
+    type Vector<S: Simd> = S::Halves;
+    #[inline(always)]
+    fn vectors<S: Simd>(row: &[bf16]) -> &[S::Halves] {
+        S::halves(bytemuck::cast_slice(row)).0
+    }
+    #[inline(always)]
+    fn load<S: Simd>(s: S, v: &S::Halves) -> S::F32 {
+        s.load_bf16(v)
+    }
+}
 
 /// Scores of query heads against stored rows: `scores[h * stride + r] = q[h] . rows[r]`,
 /// where `q` holds `q.len() / d` query rows of `d` and `rows` holds `rows.len() / d` stored
@@ -214,17 +239,14 @@ pub(crate) fn score_rows<E: Elem>(
     if !fits {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(t) = avx512(isa) {
-        return t.score_rows(q, d, rows, scores, stride, ahead);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(t) = avx2(isa) {
-        return t.score_rows(q, d, rows, scores, stride, ahead);
-    }
-    let _ = isa;
-    prefetch(ahead);
-    scalar_score_rows(q, d, rows, scores, stride)
+    isa.run(simd::ScoreRows {
+        q,
+        d,
+        rows,
+        scores,
+        stride,
+        ahead,
+    })
 }
 
 /// Weighted sum of stored rows into accumulators:
@@ -247,37 +269,34 @@ pub(crate) fn accumulate_rows<E: Elem>(
     if !fits {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(t) = avx512(isa) {
-        return t.accumulate_rows(w, stride, d, rows, acc, ahead);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(t) = avx2(isa) {
-        return t.accumulate_rows(w, stride, d, rows, acc, ahead);
-    }
-    let _ = isa;
-    prefetch(ahead);
-    scalar_accumulate_rows(w, stride, d, rows, acc)
+    isa.run(simd::AccumulateRows {
+        w,
+        stride,
+        d,
+        rows,
+        acc,
+        ahead,
+    })
 }
 
 /// Largest element (`-inf` for none; NaN elements are skipped, like `f32::max`).
 pub(crate) fn max(isa: Isa, s: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(t) = avx2(isa) {
-        return t.max(s);
-    }
-    let _ = isa;
+    isa.run(simd::Max(s))
+}
+
+/// Portable [`max`].
+pub(crate) fn max_scalar(s: &[f32]) -> f32 {
     s.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
-/// `s[i] = exp(s[i] - m)` for every element; returns the sum. The AVX2 level uses a
+/// `s[i] = exp(s[i] - m)` for every element; returns the sum. The SIMD levels use a
 /// polynomial `exp` accurate to a few ulp.
 pub(crate) fn exp_sum(isa: Isa, s: &mut [f32], m: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(t) = avx2(isa) {
-        return t.exp_sum(s, m);
-    }
-    let _ = isa;
+    isa.run(simd::ExpSum(s, m))
+}
+
+/// Portable [`exp_sum`].
+pub(crate) fn exp_sum_scalar(s: &mut [f32], m: f32) -> f32 {
     let mut sum = 0.0;
     for x in s {
         *x = (*x - m).exp();
@@ -307,17 +326,34 @@ pub(crate) fn qk_tile(
     if !fits {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(t) = avx512(isa) {
-        return t.qk_tile(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(t) = avx2(isa) {
-        return t.qk_tile(q, q_ld, lanes, d, kt, kt_ld, cols, s, s_ld);
-    }
-    let _ = isa;
+    isa.run(simd::QkTile {
+        q,
+        q_ld,
+        lanes,
+        d,
+        kt,
+        kt_ld,
+        cols,
+        s,
+        s_ld,
+    })
+}
+
+/// Portable [`qk_tile`].
+pub(crate) fn qk_tile_scalar(t: simd::QkTile<'_>) {
+    let simd::QkTile {
+        q,
+        q_ld,
+        lanes,
+        d,
+        kt,
+        kt_ld,
+        cols,
+        s,
+        s_ld,
+    } = t;
     for l in 0..lanes {
-        // In bounds: `qk_fits` above.
+        // In bounds: `qk_fits` in `qk_tile`.
         let (Some(qr), Some(sr)) = (
             q.get(l * q_ld..l * q_ld + d),
             s.get_mut(l * s_ld..l * s_ld + cols),
@@ -354,17 +390,34 @@ pub(crate) fn pv_tile(
     if !fits {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(t) = avx512(isa) {
-        return t.pv_tile(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(t) = avx2(isa) {
-        return t.pv_tile(p, p_ld, lanes, rows, v, v_ld, cols, acc, acc_ld);
-    }
-    let _ = isa;
+    isa.run(simd::PvTile {
+        p,
+        p_ld,
+        lanes,
+        rows,
+        v,
+        v_ld,
+        cols,
+        acc,
+        acc_ld,
+    })
+}
+
+/// Portable [`pv_tile`].
+pub(crate) fn pv_tile_scalar(t: simd::PvTile<'_>) {
+    let simd::PvTile {
+        p,
+        p_ld,
+        lanes,
+        rows,
+        v,
+        v_ld,
+        cols,
+        acc,
+        acc_ld,
+    } = t;
     for l in 0..lanes {
-        // In bounds: `pv_fits` above.
+        // In bounds: `pv_fits` in `pv_tile`.
         let (Some(pr), Some(ar)) = (
             p.get(l * p_ld..l * p_ld + rows),
             acc.get_mut(l * acc_ld..l * acc_ld + cols),
@@ -492,7 +545,13 @@ pub(crate) fn widen_rows_transposed<E: Widen>(
 
 /// Portable [`score_rows`]: each row is widened [`CHUNK`] elements at a time into a stack
 /// buffer and dotted with every head.
-fn scalar_score_rows<E: Widen>(q: &[f32], d: usize, rows: &[E], scores: &mut [f32], stride: usize) {
+pub(crate) fn scalar_score_rows<E: Widen>(
+    q: &[f32],
+    d: usize,
+    rows: &[E],
+    scores: &mut [f32],
+    stride: usize,
+) {
     if d == 0 {
         return;
     }
@@ -522,7 +581,7 @@ fn scalar_score_rows<E: Widen>(q: &[f32], d: usize, rows: &[E], scores: &mut [f3
 
 /// Portable [`accumulate_rows`]: each row is widened [`CHUNK`] elements at a time into a
 /// stack buffer and added into every head's accumulator with its weight.
-fn scalar_accumulate_rows<E: Widen>(
+pub(crate) fn scalar_accumulate_rows<E: Widen>(
     w: &[f32],
     stride: usize,
     d: usize,

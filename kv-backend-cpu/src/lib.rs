@@ -13,8 +13,8 @@
 //! group; prefill runs in query x key tiles. [`mod@bench`] holds the memory-read probe and a
 //! decode workload for benchmarks.
 //!
-//! `unsafe` code lives only in the x86 SIMD module, behind safe functions that check the
-//! CPU's features and every slice bound; the rest of the crate denies it.
+//! The crate has no `unsafe` code: its SIMD kernels are written once over the vector width
+//! on kv-quant's SIMD layer ([`kv_quant::simd`]), whose level tokens make them safe.
 //!
 //! A small cache, filled through `kv_attention::PagedCache`'s bookkeeping:
 //!
@@ -51,15 +51,14 @@
 //! assert_eq!(first[0][3], stored[0][1]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod attend;
 pub mod bench;
 pub mod kernels;
 mod quant;
+mod simd;
 mod storage;
-#[cfg(target_arch = "x86_64")]
-mod x86;
 
 use std::sync::Arc;
 

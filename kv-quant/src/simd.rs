@@ -332,9 +332,12 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn sub(self, a: Self::F32, b: Self::F32) -> Self::F32;
     /// `a / b`, correctly rounded (as scalar `/`).
     fn div(self, a: Self::F32, b: Self::F32) -> Self::F32;
-    /// Lane-wise maximum (for NaN-free inputs; which zero of `-0.0`/`+0.0` is unspecified).
+    /// Lane-wise maximum; where either lane is NaN, `b`'s lane (as `vmaxps` does), so
+    /// `max(x, acc)` skips a NaN `x` as `f32::max` does and `max(bound, x)` keeps it.
+    /// Which zero of `-0.0`/`+0.0` is unspecified.
     fn max(self, a: Self::F32, b: Self::F32) -> Self::F32;
-    /// Lane-wise minimum (as [`Simd::max`]).
+    /// Lane-wise minimum; where either lane is NaN, `b`'s lane (as `vminps` does), so
+    /// `min(bound, x)` keeps a NaN `x`.
     fn min(self, a: Self::F32, b: Self::F32) -> Self::F32;
     /// `|a|` (the sign bit cleared).
     fn abs(self, a: Self::F32) -> Self::F32;
@@ -375,6 +378,25 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// The inverse of [`Simd::perm2`].
     fn unperm2(self, v: [Self::F32; 2]) -> [Self::F32; 2];
     // End of simdq's additions.
+
+    // Added for kv-backend-cpu's attention kernels (helper simdc).
+    /// `c - a * b`, rounded once.
+    fn fnma(self, a: Self::F32, b: Self::F32, c: Self::F32) -> Self::F32;
+    /// Each lane rounded to the nearest integer, ties to even.
+    fn round(self, v: Self::F32) -> Self::F32;
+    /// `2^n` for lanes `n` holding integers in `-126..=127`, built in the exponent bits
+    /// (the scaling step of a polynomial `exp`).
+    fn pow2i(self, n: Self::F32) -> Self::F32;
+    /// `v` with the lanes where `x < low` (an ordered comparison: not where `x` is NaN)
+    /// set to zero.
+    fn zero_below(self, v: Self::F32, x: Self::F32, low: f32) -> Self::F32;
+    /// The first `min(a.len(), LANES)` elements of `a`, zero in the other lanes; elements
+    /// past the slice are not read (a masked load, for the ragged end of a row or tile).
+    fn load_first(self, a: &[f32]) -> Self::F32;
+    /// Stores the first `min(a.len(), LANES)` lanes of `v`; nothing past the slice is
+    /// written.
+    fn store_first(self, a: &mut [f32], v: Self::F32);
+    // End of simdc's additions.
 
     // GGUF weight codes (added for kv-model's matrix kernels, issue 18). A 4- or 5-bit
     // code stands for one of only 16 or 32 weights of its block (`i * a + b` or

@@ -449,6 +449,41 @@ macro_rules! bf16_bits {
     }};
 }
 
+// --- simdc (kv-backend-cpu attention kernels): begin ---------------------------------
+
+/// All-ones in the lanes `0..n` of a 256-bit mask (`n < 8`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn first_256(n: usize) -> __m256i {
+    // `n < 8`, so the cast is exact.
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
+/// The first `a.len() < 8` elements of `a`, zero elsewhere.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_first_256(a: &[f32]) -> __m256 {
+    let m = first_256(a.len().min(7));
+    // SAFETY: the lanes of `m` are set only below `a.len()`, inside the slice; a masked
+    // load neither reads nor faults on the others.
+    unsafe { _mm256_maskload_ps(a.as_ptr(), m) }
+}
+
+/// Stores the first `a.len() < 8` lanes of `v`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn store_first_256(a: &mut [f32], v: __m256) {
+    let m = first_256(a.len().min(7));
+    // SAFETY: the lanes of `m` are set only below `a.len()`, inside the slice, borrowed
+    // exclusively; a masked store neither writes nor faults on the others.
+    unsafe { _mm256_maskstore_ps(a.as_mut_ptr(), m, v) }
+}
+
+// --- simdc: end -------------------------------------------------------------------------
+
 impl Simd for V256 {
     const LANES: usize = 8;
     const ISA: Isa = Isa::Avx2;
@@ -798,6 +833,44 @@ impl Simd for V256 {
         v
     }
     // ---- End of simdq additions. ----
+    // ---- simdc additions. ----
+    #[inline(always)]
+    fn fnma(self, a: __m256, b: __m256, c: __m256) -> __m256 {
+        feat!(_mm256_fnmadd_ps(a, b, c))
+    }
+    #[inline(always)]
+    fn round(self, v: __m256) -> __m256 {
+        feat!(_mm256_round_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(v))
+    }
+    #[inline(always)]
+    fn pow2i(self, n: __m256) -> __m256 {
+        feat!(_mm256_castsi256_ps(_mm256_slli_epi32::<23>(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))
+        )))
+    }
+    #[inline(always)]
+    fn zero_below(self, v: __m256, x: __m256, low: f32) -> __m256 {
+        feat!(_mm256_andnot_ps(
+            _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(low)),
+            v
+        ))
+    }
+    #[inline(always)]
+    fn load_first(self, a: &[f32]) -> __m256 {
+        match a.first_chunk::<8>() {
+            Some(a) => self.load(a),
+            None => feat!(load_first_256(a)),
+        }
+    }
+    #[inline(always)]
+    fn store_first(self, a: &mut [f32], v: __m256) {
+        match a.first_chunk_mut::<8>() {
+            Some(a) => self.store(a, v),
+            None => feat!(store_first_256(a, v)),
+        }
+    }
     #[inline(always)]
     fn v512(self) -> Option<V512> {
         None
@@ -997,6 +1070,35 @@ fn iota_512() -> __m512 {
         0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
     )
 }
+
+// --- simdc (kv-backend-cpu attention kernels): begin ---------------------------------
+
+/// The lanes `0..n` of a 16-lane mask (`n < 16`).
+#[inline]
+fn first_16(n: usize) -> __mmask16 {
+    // `n < 16`, so the mask fits.
+    ((1u32 << n.min(15)) - 1) as __mmask16
+}
+
+/// The first `a.len() < 16` elements of `a`, zero elsewhere.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn load_first_512(a: &[f32]) -> __m512 {
+    // SAFETY: the mask's lanes are set only below `a.len()`, inside the slice; a masked
+    // load neither reads nor faults on the others.
+    unsafe { _mm512_maskz_loadu_ps(first_16(a.len()), a.as_ptr()) }
+}
+
+/// Stores the first `a.len() < 16` lanes of `v`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn store_first_512(a: &mut [f32], v: __m512) {
+    // SAFETY: the mask's lanes are set only below `a.len()`, inside the slice, borrowed
+    // exclusively; a masked store neither writes nor faults on the others.
+    unsafe { _mm512_mask_storeu_ps(a.as_mut_ptr(), first_16(a.len()), v) }
+}
+
+// --- simdc: end -------------------------------------------------------------------------
 
 impl Simd for V512 {
     const LANES: usize = 16;
@@ -1329,6 +1431,44 @@ impl Simd for V512 {
         feat!(merge_even_odd(v[0], v[1]))
     }
     // ---- End of simdq additions. ----
+    // ---- simdc additions. ----
+    #[inline(always)]
+    fn fnma(self, a: __m512, b: __m512, c: __m512) -> __m512 {
+        feat!(_mm512_fnmadd_ps(a, b, c))
+    }
+    #[inline(always)]
+    fn round(self, v: __m512) -> __m512 {
+        feat!(_mm512_roundscale_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(v))
+    }
+    #[inline(always)]
+    fn pow2i(self, n: __m512) -> __m512 {
+        feat!(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(
+            _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127))
+        )))
+    }
+    #[inline(always)]
+    fn zero_below(self, v: __m512, x: __m512, low: f32) -> __m512 {
+        feat!(_mm512_maskz_mov_ps(
+            !_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(low)),
+            v
+        ))
+    }
+    #[inline(always)]
+    fn load_first(self, a: &[f32]) -> __m512 {
+        match a.first_chunk::<16>() {
+            Some(a) => self.load(a),
+            None => feat!(load_first_512(a)),
+        }
+    }
+    #[inline(always)]
+    fn store_first(self, a: &mut [f32], v: __m512) {
+        match a.first_chunk_mut::<16>() {
+            Some(a) => self.store(a, v),
+            None => feat!(store_first_512(a, v)),
+        }
+    }
     #[inline(always)]
     fn v512(self) -> Option<V512> {
         Some(self)
