@@ -7,6 +7,7 @@
 // Tests unwrap: a panic is how they fail.
 #![allow(clippy::unwrap_used)]
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use kv_attention::redis_server::RedisServer;
