@@ -18,6 +18,9 @@ pub mod cache_file;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod paged;
+#[cfg(feature = "redis")]
+#[doc(hidden)]
+pub mod redis_server;
 pub mod reference;
 mod sequence;
 mod sliding;

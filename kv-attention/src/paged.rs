@@ -888,6 +888,17 @@ impl<B: CacheBackend> PagedCache<B> {
             .collect()
     }
 
+    /// The exported bytes of one block by id (a cached block about to be evicted, for
+    /// [`crate::TieredCache`] to copy down a tier).
+    ///
+    /// # Errors
+    /// What the backend's export returns (an id out of range among them).
+    pub fn export_block(&self, block: kv_core::BlockId) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.backend.export_block(&self.storage, block, &mut out)?;
+        Ok(out)
+    }
+
     /// Appends whole blocks to `seq` from exported bytes and commits their `tokens`, as if
     /// they had been computed and written here (they enter the prefix index). `seq`'s
     /// length must be a multiple of the block size with every token committed, and

@@ -20,9 +20,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use kv_core::content::{chain_keys, BlockKey, Fingerprint};
-use kv_core::{CacheBackend, SeqId};
+use kv_core::{BlockId, CacheBackend, Preempted, SeqId, Slot};
 
 use crate::cache_file::{self, CacheFileError};
 use crate::PagedCache;
@@ -44,6 +45,19 @@ pub enum StoreError {
     /// Reading or writing a file failed (a full disk: nothing half-written is visible).
     #[error(transparent)]
     File(#[from] CacheFileError),
+    /// The disk (or a size limit: a quota, `RLIMIT_FSIZE`) had no room for a value. The
+    /// value was not stored, nothing else was evicted, and no part of it is visible.
+    #[error("the {store} store has no room for a value of {size} bytes at {path}: {source}")]
+    Full {
+        /// The store's name.
+        store: String,
+        /// Bytes of the value.
+        size: u64,
+        /// The file that could not be written.
+        path: PathBuf,
+        /// The system's error (ENOSPC, EFBIG, EDQUOT).
+        source: std::io::Error,
+    },
     /// A directory operation failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -356,8 +370,17 @@ impl BlockStore for DiskStore {
                 budget: self.budget,
             });
         }
-        // Written first: a failed write (a full disk) evicts nothing and shows nothing.
-        cache_file::write_atomic(&self.path(key), value)?;
+        // Written first: a failed write (a full disk) evicts nothing and shows nothing
+        // (`write_atomic` removes its temporary file).
+        cache_file::write_atomic(&self.path(key), value).map_err(|e| match e {
+            CacheFileError::Io { path, source, .. } if is_no_room(&source) => StoreError::Full {
+                store: "disk".into(),
+                size,
+                path,
+                source,
+            },
+            e => e.into(),
+        })?;
         for victim in self.lru.victims(key, size, self.budget) {
             self.remove_file(&victim)?;
         }
@@ -370,6 +393,15 @@ impl BlockStore for DiskStore {
     fn delete(&mut self, key: &BlockKey) -> Result<bool, StoreError> {
         self.remove_file(key)
     }
+}
+
+/// Whether `e` says a file could not grow: no space, a file size limit, a quota.
+fn is_no_room(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::StorageFull | ErrorKind::FileTooLarge | ErrorKind::QuotaExceeded
+    )
 }
 
 /// What the tiers did for a [`TieredCache`].
@@ -390,11 +422,48 @@ pub struct TierStats {
     pub rejected: u64,
     /// Store operations that failed (a store down, a full disk); the cache went on.
     pub store_errors: u64,
+    /// Blocks copied down to the first tier when the device evicted them (or at
+    /// [`TieredCache::flush`]).
+    pub blocks_spilled: u64,
+    /// Blocks a tier was not asked for because prefilling them was estimated cheaper
+    /// (see [`TieredCache`]'s restore rule).
+    pub restores_skipped: u64,
+}
+
+/// A cached device block whose content address is known: noted when its sequence was freed
+/// or preempted, copied down a tier when the device evicts it.
+#[derive(Debug, Clone, Copy)]
+struct Noted {
+    /// The chain hash the device's prefix index held it under then; a different one now
+    /// means the block was evicted and reused.
+    hash: u128,
+    key: BlockKey,
 }
 
 /// A [`PagedCache`] backed by tiers: on a prefix miss in device memory it restores the
 /// following full blocks from the first tier that has them before anything is prefilled,
 /// and [`TieredCache::save`] writes a sequence's full blocks to every tier.
+///
+/// # Writing down
+/// Blocks reach the tiers three ways: [`save`](Self::save) (write-through, every tier);
+/// eviction: a sequence freed or preempted through [`free`](Self::free) or
+/// [`preempt`](Self::preempt) leaves its full blocks cached on the device, and when an
+/// allocation through [`reserve`](Self::reserve) (or [`make_room`](Self::make_room) before
+/// one) is about to evict them they are copied down to the *first* tier (write-back); and
+/// [`flush`](Self::flush), which copies down every such block still on the device. A
+/// preempted sequence resumes with [`create_with_prefix`](Self::create_with_prefix) on its
+/// tokens: what the device still caches is reused, what was evicted comes back from the
+/// tier, the rest is recomputed.
+///
+/// # The restore rule
+/// A run of `n` blocks is read from tier `t` only when reading is estimated cheaper than
+/// prefilling: `n * block_bytes / read_rate(t) <= n * block_size / prefill_rate`, where
+/// `read_rate(t)` is the tier's measured bytes per second over the reads that returned
+/// values so far (round trips included) and `prefill_rate` the caller's measured prefill
+/// tokens per second ([`set_prefill_rate`](Self::set_prefill_rate)). Until both are known the
+/// blocks are read (that is how the rate gets measured). On a CPU, prefill costs
+/// milliseconds per token and every tier wins; a fast GPU with a slow shared store is where
+/// recomputing wins. Skipped blocks are counted in [`TierStats::restores_skipped`].
 pub struct TieredCache<B: CacheBackend> {
     cache: PagedCache<B>,
     fingerprint: Fingerprint,
@@ -402,6 +471,14 @@ pub struct TieredCache<B: CacheBackend> {
     stats: TierStats,
     /// The last store error, for reports.
     last_error: Option<String>,
+    /// Cached device blocks with known keys, by block id.
+    noted: HashMap<BlockId, Noted>,
+    /// The caller's measured prefill rate, tokens per second.
+    prefill_tokens_per_s: Option<f64>,
+    /// Per tier: bytes returned by reads that returned values, and their seconds.
+    reads: Vec<(u64, f64)>,
+    /// Per tier: a read rate given in advance, used until one is measured.
+    rate_hints: Vec<Option<f64>>,
 }
 
 impl<B: CacheBackend> TieredCache<B> {
@@ -412,13 +489,60 @@ impl<B: CacheBackend> TieredCache<B> {
         fingerprint: Fingerprint,
         tiers: Vec<Box<dyn BlockStore>>,
     ) -> Self {
+        let reads = vec![(0, 0.0); tiers.len()];
         Self {
             cache,
             fingerprint,
             tiers,
             stats: TierStats::default(),
             last_error: None,
+            noted: HashMap::new(),
+            prefill_tokens_per_s: None,
+            rate_hints: vec![None; reads.len()],
+            reads,
         }
+    }
+
+    /// Gives the restore rule this engine's prefill rate (tokens per second, measured by the
+    /// caller); a value that is not finite and positive is ignored.
+    pub fn set_prefill_rate(&mut self, tokens_per_s: f64) {
+        if tokens_per_s.is_finite() && tokens_per_s > 0.0 {
+            self.prefill_tokens_per_s = Some(tokens_per_s);
+        }
+    }
+
+    /// Gives the restore rule a read rate for tier `tier` known in advance (bytes per second,
+    /// from `cargo xtask bench` for instance), used until the tier's own reads have been
+    /// measured. An unknown tier or a value that is not finite and positive is ignored.
+    pub fn set_tier_read_rate(&mut self, tier: usize, bytes_per_s: f64) {
+        if let Some(hint) = self.rate_hints.get_mut(tier) {
+            if bytes_per_s.is_finite() && bytes_per_s > 0.0 {
+                *hint = Some(bytes_per_s);
+            }
+        }
+    }
+
+    /// Tier `tier`'s read rate in bytes per second: measured over its reads that returned
+    /// values, else the one given by [`set_tier_read_rate`](Self::set_tier_read_rate).
+    pub fn tier_read_rate(&self, tier: usize) -> Option<f64> {
+        let &(bytes, secs) = self.reads.get(tier)?;
+        if bytes > 0 && secs > 0.0 {
+            Some(bytes as f64 / secs)
+        } else {
+            self.rate_hints.get(tier).copied().flatten()
+        }
+    }
+
+    /// Whether reading `n` blocks from `tier` is estimated no dearer than prefilling them.
+    fn worth_reading(&self, tier: usize, n: usize) -> bool {
+        let (Some(prefill), Some(read)) = (self.prefill_tokens_per_s, self.tier_read_rate(tier))
+        else {
+            return true;
+        };
+        let bs = self.cache.spec().block_size;
+        let block_bytes = self.cache.usage().bytes_per_token as f64 * bs as f64;
+        let n = n as f64;
+        n * block_bytes / read <= n * bs as f64 / prefill
     }
     /// The device cache.
     pub fn cache(&self) -> &PagedCache<B> {
@@ -469,9 +593,19 @@ impl<B: CacheBackend> TieredCache<B> {
             if missing.is_empty() {
                 break;
             }
+            if !self.worth_reading(t, missing.len()) {
+                self.stats.restores_skipped += missing.len() as u64;
+                continue;
+            }
             let ask: Vec<BlockKey> = missing.iter().map(|&i| wanted[i]).collect();
+            let start = Instant::now();
             match self.tiers[t].get_many(&ask) {
                 Ok(values) => {
+                    let bytes: u64 = values.iter().flatten().map(|v| v.len() as u64).sum();
+                    if bytes > 0 {
+                        self.reads[t].0 += bytes;
+                        self.reads[t].1 += start.elapsed().as_secs_f64();
+                    }
                     for (&i, v) in missing.iter().zip(values) {
                         found[i] = v.map(|v| (t, v));
                     }
@@ -487,6 +621,8 @@ impl<B: CacheBackend> TieredCache<B> {
             };
             let k = first + i;
             let tokens = &prompt[k * bs..(k + 1) * bs];
+            // The import takes one block: what that evicts goes down first.
+            self.make_room(1);
             let imported = match cache_file::decode_value(&self.fingerprint, &key, &value) {
                 Ok(bytes) => self.cache.import_blocks(seq, tokens, &[bytes]),
                 Err(e) => Err(kv_core::KvError::InvalidArgument {
@@ -563,6 +699,149 @@ impl<B: CacheBackend> TieredCache<B> {
             }
         }
         Ok(written)
+    }
+}
+
+/// Writing blocks down when the device lets go of them.
+impl<B: CacheBackend> TieredCache<B> {
+    /// Notes the content addresses of `seq`'s committed full blocks that the device's prefix
+    /// index holds, so they can be copied down when evicted. A sequence whose middle was
+    /// evicted ([`PagedCache::evict_window`]) holds no plain prefix and is not noted.
+    fn note(&mut self, seq: SeqId) -> kv_core::Result<()> {
+        let manager = self.cache.manager();
+        // Forget blocks evicted (or reused) since they were noted.
+        self.noted
+            .retain(|&b, n| manager.indexed_hash(b) == Some(n.hash));
+        if self.tiers.is_empty() || manager.evicted_tokens(seq)? > 0 {
+            return Ok(());
+        }
+        let tokens = manager.tokens(seq)?;
+        let bs = self.cache.spec().block_size;
+        let keys = self.keys(tokens);
+        let table = manager.table(seq)?;
+        for ((&block, key), ids) in table.blocks().iter().zip(keys).zip(tokens.chunks(bs)) {
+            // The index must hold this block for exactly these tokens.
+            if manager.indexed_tokens(block) != Some(ids) {
+                continue;
+            }
+            if let Some(hash) = manager.indexed_hash(block) {
+                self.noted.insert(block, Noted { hash, key });
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees `seq` ([`PagedCache::free`]); its full blocks stay cached on the device and
+    /// are copied down to the first tier when evicted.
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::UnknownSequence`].
+    pub fn free(&mut self, seq: SeqId) -> kv_core::Result<()> {
+        self.note(seq)?;
+        self.cache.free(seq)
+    }
+
+    /// Preempts `seq` ([`PagedCache::preempt`]); its full blocks stay cached on the device
+    /// and are copied down to the first tier when evicted, so resuming it with
+    /// [`create_with_prefix`](Self::create_with_prefix) restores rather than recomputes
+    /// them (see the restore rule in the type's docs).
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::UnknownSequence`].
+    pub fn preempt(&mut self, seq: SeqId) -> kv_core::Result<Preempted> {
+        self.note(seq)?;
+        self.cache.preempt(seq)
+    }
+
+    /// Copies down to the first tier the noted blocks that an allocation of `n_blocks`
+    /// blocks would evict now ([`kv_core::CacheManager::eviction_victims`]); call it before
+    /// reserving directly on [`cache_mut`](Self::cache_mut). Returns the blocks written.
+    /// Store failures are counted, not returned.
+    pub fn make_room(&mut self, n_blocks: usize) -> usize {
+        if self.tiers.is_empty() {
+            return 0;
+        }
+        let victims = self.cache.manager().eviction_victims(n_blocks);
+        self.spill(&victims)
+    }
+
+    /// [`PagedCache::reserve`] after [`make_room`](Self::make_room) for what it allocates.
+    ///
+    /// # Errors
+    /// What [`PagedCache::reserve`] returns.
+    pub fn reserve(&mut self, seq: SeqId, n: usize) -> kv_core::Result<Vec<Slot>> {
+        let needed = self.cache.manager().blocks_needed(seq, n)?;
+        self.make_room(needed);
+        self.cache.reserve(seq, n)
+    }
+
+    /// Copies down to the first tier every noted block still cached on the device (a run
+    /// that ends: another process, or this one after a restart, restores them). Returns the
+    /// blocks written.
+    pub fn flush(&mut self) -> usize {
+        let mut blocks: Vec<BlockId> = self.noted.keys().copied().collect();
+        blocks.sort();
+        self.spill(&blocks)
+    }
+
+    /// Writes `blocks` (those noted and still holding their prefix) to the first tier,
+    /// skipping values it has.
+    fn spill(&mut self, blocks: &[BlockId]) -> usize {
+        let mut items: Vec<(BlockKey, BlockId)> = Vec::new();
+        for b in blocks {
+            let Some(noted) = self.noted.remove(b) else {
+                continue;
+            };
+            if self.cache.manager().indexed_hash(*b) == Some(noted.hash) {
+                items.push((noted.key, *b));
+            }
+        }
+        let Some(tier) = self.tiers.first_mut() else {
+            return 0;
+        };
+        if items.is_empty() {
+            return 0;
+        }
+        let keys: Vec<BlockKey> = items.iter().map(|(k, _)| *k).collect();
+        let have = match tier.contains_many(&keys) {
+            Ok(h) => h,
+            Err(e) => {
+                self.store_error(e);
+                return 0;
+            }
+        };
+        let mut values = Vec::new();
+        for ((key, block), have) in items.into_iter().zip(have) {
+            if have {
+                continue;
+            }
+            match self.cache.export_block(block) {
+                Ok(bytes) => values.push((
+                    key,
+                    cache_file::encode_value(&self.fingerprint, &key, &bytes),
+                )),
+                Err(e) => {
+                    // A backend without export: nothing to write down, ever.
+                    self.last_error = Some(e.to_string());
+                    return 0;
+                }
+            }
+        }
+        let bytes: u64 = values.iter().map(|(_, v)| v.len() as u64).sum();
+        let Some(tier) = self.tiers.first_mut() else {
+            return 0;
+        };
+        match tier.put_many(&values) {
+            Ok(()) => {
+                self.stats.blocks_spilled += values.len() as u64;
+                self.stats.bytes_saved += bytes;
+                values.len()
+            }
+            Err(e) => {
+                self.store_error(e);
+                0
+            }
+        }
     }
 }
 

@@ -6,117 +6,24 @@
 // Tests unwrap: a panic is how they fail.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kv_attention::cache_file;
+use kv_attention::redis_server::RedisServer;
 use kv_attention::store::{BlockStore, RedisStore, StoreError};
 use kv_core::content::{BlockKey, Fingerprint};
-
-/// A running redis-server, killed (and its directory removed) on drop.
-struct Server {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Server {
-    fn start() -> Self {
-        let bin = std::env::var_os("KV_REDIS_SERVER")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("redis-server"));
-        // A free port: bound by the system, then released for the server.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("kv-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self::spawn(bin, port, dir)
-    }
-
-    fn spawn(bin: PathBuf, port: u16, dir: PathBuf) -> Self {
-        let child = Command::new(&bin)
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "yes",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {} ({e}): run `cargo xtask redis` and set KV_REDIS_SERVER",
-                    bin.display()
-                )
-            });
-        let server = Self {
-            child: Some(child),
-            port,
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts a new server on the same port (as a restarted service would be).
-    fn restart(mut self) -> Self {
-        self.kill();
-        let bin = std::env::var_os("KV_REDIS_SERVER")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("redis-server"));
-        let (port, dir) = (self.port, self.dir.clone());
-        std::mem::forget(self);
-        Self::spawn(bin, port, dir)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn key(i: u8) -> BlockKey {
     BlockKey([i; 16])
 }
 
-fn store(server: &Server) -> RedisStore {
+fn store(server: &RedisServer) -> RedisStore {
     RedisStore::new(&server.url(), 60, Duration::from_secs(2)).unwrap()
 }
 
 #[test]
 fn get_put_contains_delete_and_batches() {
-    let server = Server::start();
+    let server = RedisServer::start().unwrap();
     let mut s = store(&server);
     assert_eq!(s.get(&key(1)).unwrap(), None);
     s.put(&key(1), b"one").unwrap();
@@ -151,7 +58,7 @@ fn get_put_contains_delete_and_batches() {
 
 #[test]
 fn a_store_down_at_start_fails_fast_and_recovers() {
-    let server = Server::start();
+    let server = RedisServer::start().unwrap();
     let url = server.url();
     drop(server); // nothing listens there now
     let mut s = RedisStore::new(&url, 60, Duration::from_millis(500)).unwrap();
@@ -169,7 +76,7 @@ fn a_store_down_at_start_fails_fast_and_recovers() {
 
 #[test]
 fn a_server_killed_mid_run_errors_then_reconnects() {
-    let mut server = Server::start();
+    let mut server = RedisServer::start().unwrap();
     let mut s = store(&server);
     s.put(&key(1), b"before").unwrap();
     server.kill();
@@ -181,7 +88,7 @@ fn a_server_killed_mid_run_errors_then_reconnects() {
         s.contains(&key(1)),
         Err(StoreError::Unavailable { .. })
     ));
-    let server = server.restart();
+    server.restart().unwrap();
     // A fresh server (nothing persisted): the store reconnects and works again.
     assert_eq!(s.get(&key(1)).unwrap(), None);
     s.put(&key(2), b"after").unwrap();
@@ -191,7 +98,7 @@ fn a_server_killed_mid_run_errors_then_reconnects() {
 
 #[test]
 fn values_keep_their_checksum_and_fingerprint_through_redis() {
-    let server = Server::start();
+    let server = RedisServer::start().unwrap();
     let mut s = store(&server);
     let fp = Fingerprint::of_parts(&[("model", b"a")]);
     let value = cache_file::encode_value(&fp, &key(3), b"block bytes");

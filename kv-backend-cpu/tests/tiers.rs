@@ -206,7 +206,7 @@ fn run_ops(dtype: KvDType, ops: &[Op]) -> Result<(), TestCaseError> {
                 let before = tiered.stats();
                 let (seq, reused) = tiered.create_with_prefix(&prompt);
                 prop_assert!(reused % bs == 0 && reused <= (prompt.len() - 1) / bs * bs);
-                compute(tiered.cache_mut(), seq, &prompt, reused);
+                compute_tiered(&mut tiered, seq, &prompt, reused);
                 // Bit for bit what computing the whole prompt stores.
                 let mut fresh = PagedCache::new(CpuBackend::new(), spec).unwrap();
                 let fseq = fresh.create_sequence();
@@ -217,8 +217,11 @@ fn run_ops(dtype: KvDType, ops: &[Op]) -> Result<(), TestCaseError> {
                     after.tokens_loaded - before.tokens_loaded,
                     (after.hits - before.hits) * bs as u64
                 );
-                tiered.save(seq).unwrap();
-                tiered.cache_mut().free(seq).unwrap();
+                // Saved now, or (when the device evicts it) written down later.
+                if suffix.len() % 2 == 0 {
+                    tiered.save(seq).unwrap();
+                }
+                tiered.free(seq).unwrap();
                 prop_assert!(tiered.cache().manager().audit().is_ok());
             }
             Op::Restart => tiered = new_cache(),
@@ -347,4 +350,127 @@ fn a_full_device_restores_what_fits_and_keeps_the_rest_in_the_tier() {
         6,
         "nothing deleted from the tier"
     );
+}
+
+/// Reserves `prompt[from..]` through the tiers (copying down what the device evicts for it),
+/// then computes it as [`compute`] does.
+fn compute_tiered(
+    tiered: &mut TieredCache<CpuBackend>,
+    seq: kv_core::SeqId,
+    prompt: &[u32],
+    from: usize,
+) {
+    let needed = tiered
+        .cache()
+        .manager()
+        .blocks_needed(seq, prompt.len() - from)
+        .unwrap();
+    tiered.make_room(needed);
+    compute(tiered.cache_mut(), seq, prompt, from);
+}
+
+/// What computing `prompt` from scratch stores.
+fn fresh_contents(spec: StorageSpec, prompt: &[u32]) -> Vec<u32> {
+    let mut fresh = PagedCache::new(CpuBackend::new(), spec).unwrap();
+    let seq = fresh.create_sequence();
+    compute(&mut fresh, seq, prompt, 0);
+    contents(&fresh, seq)
+}
+
+#[test]
+fn evicted_and_preempted_blocks_go_down_a_tier_and_come_back() {
+    // A device of 6 blocks of 4 tokens; nothing is saved explicitly.
+    let spec = StorageSpec::new(shape(), KvDType::F16, BS, 6).unwrap();
+    let fp = Fingerprint::of_parts(&[("model", b"evict")]);
+    let shared = Shared::new();
+    let mut tiered = TieredCache::new(
+        PagedCache::with_prefix_cache(CpuBackend::new(), spec, 1).unwrap(),
+        fp,
+        vec![Box::new(shared.clone())],
+    );
+    // A: 4 full blocks and one token, preempted (its blocks stay cached on the device).
+    let a: Vec<u32> = (0..17).collect();
+    let (seq_a, _) = tiered.create_with_prefix(&a);
+    compute_tiered(&mut tiered, seq_a, &a, 0);
+    let paused = tiered.preempt(seq_a).unwrap();
+    assert_eq!(paused.tokens, a);
+    assert_eq!(tiered.cache().stats().cached_blocks, 4);
+    assert_eq!(shared.inner.lock().unwrap().len(), 0, "nothing written yet");
+    // B takes 5 blocks: 2 empty ones and 3 of A's, which go down to the tier first.
+    let b: Vec<u32> = (100..117).collect();
+    let (seq_b, reused) = tiered.create_with_prefix(&b);
+    assert_eq!(reused, 0);
+    compute_tiered(&mut tiered, seq_b, &b, 0);
+    assert_eq!(tiered.stats().blocks_spilled, 3);
+    assert_eq!(shared.inner.lock().unwrap().len(), 3);
+    assert_eq!(tiered.cache().stats().evicted_blocks, 3);
+    tiered.free(seq_b).unwrap();
+    // A resumes: the block still cached on the device is reused, the three evicted ones
+    // come back from the tier instead of being recomputed, and the K/V equals computing A
+    // from scratch, bit for bit.
+    let before = tiered.stats();
+    let (seq_a, reused) = tiered.create_with_prefix(&paused.tokens);
+    assert_eq!(reused, 4 * BS);
+    assert_eq!(tiered.stats().hits - before.hits, 3);
+    compute_tiered(&mut tiered, seq_a, &a, reused);
+    assert_eq!(contents(tiered.cache(), seq_a), fresh_contents(spec, &a));
+    tiered.free(seq_a).unwrap();
+    // At the end of a run, flush writes down what is still cached and not in the tier.
+    let flushed = tiered.flush();
+    assert!(flushed > 0);
+    let s = tiered.stats();
+    assert_eq!(shared.inner.lock().unwrap().len() as u64, s.blocks_spilled);
+    // Nothing was lost: every full block of A and B is on the device or in the tier, and
+    // after the flush in the tier.
+    let mut store = shared.inner.lock().unwrap();
+    for key in tiered.keys(&a).iter().chain(&tiered.keys(&b)) {
+        assert!(store.contains(key).unwrap());
+    }
+    drop(store);
+    assert_eq!(tiered.flush(), 0, "nothing left to write");
+    assert!(tiered.cache().manager().audit().is_ok());
+}
+
+#[test]
+fn a_restore_dearer_than_prefill_is_skipped() {
+    let spec = StorageSpec::new(shape(), KvDType::F16, BS, 12).unwrap();
+    let fp = Fingerprint::of_parts(&[("model", b"rule")]);
+    let shared = Shared::new();
+    let prompt: Vec<u32> = (0..13).collect();
+    let new = || {
+        TieredCache::new(
+            PagedCache::with_prefix_cache(CpuBackend::new(), spec, 1).unwrap(),
+            fp,
+            vec![Box::new(shared.clone()) as Box<dyn BlockStore>],
+        )
+    };
+    let mut first = new();
+    let (seq, _) = first.create_with_prefix(&prompt);
+    compute(first.cache_mut(), seq, &prompt, 0);
+    assert_eq!(first.save(seq).unwrap(), 3);
+    // One byte per second against a million tokens per second: prefilling wins.
+    let mut slow_store = new();
+    slow_store.set_tier_read_rate(0, 1.0);
+    slow_store.set_prefill_rate(1e6);
+    let (_, reused) = slow_store.create_with_prefix(&prompt);
+    assert_eq!(reused, 0);
+    let s = slow_store.stats();
+    assert_eq!((s.hits, s.restores_skipped, s.misses), (0, 3, 3));
+    // A megabyte per second against one token per second: reading wins, and the tier's
+    // rate is then measured from the read.
+    let mut slow_prefill = new();
+    slow_prefill.set_tier_read_rate(0, 1e6);
+    slow_prefill.set_prefill_rate(1.0);
+    let (_, reused) = slow_prefill.create_with_prefix(&prompt);
+    assert_eq!(reused, 12);
+    assert_eq!(slow_prefill.stats().restores_skipped, 0);
+    assert_ne!(
+        slow_prefill.tier_read_rate(0),
+        Some(1e6),
+        "measured, not the hint"
+    );
+    // Without a prefill rate the rule cannot compare: the blocks are read.
+    let mut unknown = new();
+    unknown.set_tier_read_rate(0, 1.0);
+    assert_eq!(unknown.create_with_prefix(&prompt).1, 12);
 }

@@ -287,6 +287,35 @@ impl CacheManager {
     pub fn indexed_tokens(&self, block: BlockId) -> Option<&[u32]> {
         self.prefix.as_ref()?.tokens(block)
     }
+    /// The chain hash `block` is indexed under (its whole prefix and the salt), `None` when
+    /// it is not indexed. It stays the same while the block stays indexed, so a caller that
+    /// noted it can tell later whether the block still holds the same prefix or was evicted
+    /// and reused (a tiered cache checks this before copying a block down).
+    pub fn indexed_hash(&self, block: BlockId) -> Option<u128> {
+        self.prefix.as_ref()?.hash_of(block)
+    }
+    /// The cached blocks an allocation of `n` blocks would evict now, in the order it would
+    /// evict them (least recently used first): none while the empty pool has `n` blocks.
+    /// A tiered cache copies them down before the allocation overwrites them.
+    ///
+    /// ```
+    /// use kv_core::CacheManager;
+    /// let mut cache = CacheManager::with_prefix_cache(2, 3, 0)?;
+    /// let seq = cache.create_sequence();
+    /// cache.reserve(seq, 4)?;
+    /// cache.commit(seq, &[1, 2, 3, 4])?;
+    /// cache.free(seq)?; // two blocks cached, one empty
+    /// assert!(cache.eviction_victims(1).is_empty());
+    /// assert_eq!(cache.eviction_victims(2).len(), 1);
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    pub fn eviction_victims(&self, n: usize) -> Vec<BlockId> {
+        let short = n.saturating_sub(self.allocator.free_count());
+        match &self.prefix {
+            Some(index) if short > 0 => index.cached_oldest_first().take(short).collect(),
+            _ => Vec::new(),
+        }
+    }
     /// Ids of live sequences, in creation order.
     pub fn sequences(&self) -> impl Iterator<Item = SeqId> + '_ {
         self.sequences.keys().copied()

@@ -183,6 +183,16 @@ impl PrefixIndex {
         self.lru.values().next().copied()
     }
 
+    /// Cached blocks, least recently used first: the order allocations evict them in.
+    pub(crate) fn cached_oldest_first(&self) -> impl Iterator<Item = BlockId> + '_ {
+        self.lru.values().copied()
+    }
+
+    /// The chain hash an indexed block is indexed under.
+    pub(crate) fn hash_of(&self, block: BlockId) -> Option<ChainHash> {
+        self.entry(block).map(|e| e.hash)
+    }
+
     /// Blocks only the index holds.
     pub(crate) fn cached_len(&self) -> usize {
         self.lru.len()

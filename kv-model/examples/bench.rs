@@ -370,7 +370,7 @@ fn model_sections(a: &Args, sizes: &Sizes, on: &ModelSections) -> Res<()> {
         no_cache(sizes, &model)?;
     }
     if on.store {
-        store_tiers(sizes, &model)?;
+        store_tiers(sizes, &model, a.threads)?;
     }
     if on.batch {
         batched_decode(a.quick, &model)?;
@@ -657,9 +657,11 @@ fn best_prefill(
 }
 
 /// A prefix of `store_tokens` tokens (f16 cache) prefilled, then saved to each tier (host
-/// memory, a disk directory) and restored from it into a fresh cache through
-/// `TieredCache`: seconds of each, and bytes moved per second. Best of two of each.
-fn store_tiers(sizes: &Sizes, model: &Model) -> Res<()> {
+/// memory, a disk directory, and with the `redis` feature a `redis-server` started here)
+/// and restored from it into a fresh cache through `TieredCache`: seconds of each, and
+/// bytes moved per second, with the memory-read probe measured in the same run. Best of
+/// two of each.
+fn store_tiers(sizes: &Sizes, model: &Model, threads: usize) -> Res<()> {
     use kv_attention::cache_file::encode_value;
     use kv_attention::store::{BlockStore, DiskStore, HostStore};
     use kv_attention::TieredCache;
@@ -687,17 +689,44 @@ fn store_tiers(sizes: &Sizes, model: &Model) -> Res<()> {
         .collect();
     let bytes: u64 = values.iter().map(|(_, v)| v.len() as u64).sum();
     drop(cache);
+    let probe = memory_read_probe(sizes.probe_bytes, threads)?;
+    println!(
+        "BENCH section=probe when=store buffer_bytes={} threads={threads} bytes_per_s={probe:.0}",
+        sizes.probe_bytes
+    );
     let dir = std::env::temp_dir().join(format!("kv-bench-store-{}", std::process::id()));
-    for tier in ["host", "disk"] {
+    #[cfg(feature = "redis")]
+    let mut redis = Some(kv_attention::redis_server::RedisServer::start()?);
+    // A restart keeps the port: the URL stays.
+    #[cfg(feature = "redis")]
+    let redis_url = redis.as_ref().map(|r| r.url()).unwrap_or_default();
+    let tiers: &[&str] = if cfg!(feature = "redis") {
+        &["host", "disk", "redis"]
+    } else {
+        &["host", "disk"]
+    };
+    for &tier in tiers {
         let open = || -> Res<Box<dyn BlockStore>> {
             Ok(match tier {
                 "host" => Box::new(HostStore::new(u64::MAX)),
+                #[cfg(feature = "redis")]
+                "redis" => Box::new(kv_attention::store::RedisStore::new(
+                    &redis_url,
+                    600,
+                    std::time::Duration::from_secs(10),
+                )?),
                 _ => Box::new(DiskStore::open(&dir, u64::MAX)?),
             })
         };
         let (mut save, mut restore) = (f64::INFINITY, f64::INFINITY);
         for _ in 0..2 {
             let _ = std::fs::remove_dir_all(&dir);
+            #[cfg(feature = "redis")]
+            if tier == "redis" {
+                if let Some(r) = redis.as_mut() {
+                    r.restart()?; // empty again
+                }
+            }
             let mut store = open()?;
             let t = Instant::now();
             store.put_many(&values)?;
@@ -716,9 +745,19 @@ fn store_tiers(sizes: &Sizes, model: &Model) -> Res<()> {
         println!(
             "BENCH section=store tier={tier} layout={dtype} tokens={n} bytes={bytes} \
              prefill_secs={prefill:.6} save_secs={save:.6} restore_secs={restore:.6} \
-             save_bytes_per_s={:.0} load_bytes_per_s={:.0}",
+             save_bytes_per_s={:.0} load_bytes_per_s={:.0} probe_bytes_per_s={probe:.0}",
             bytes as f64 / save,
             bytes as f64 / restore
+        );
+        eprintln!(
+            "bench: {tier} tier: restore {:.3} s vs prefill {:.3} s ({:.1}x); load {:.2} GB/s \
+             = {:.1}% of the memory probe's {:.2} GB/s",
+            restore,
+            prefill,
+            prefill / restore,
+            bytes as f64 / restore / 1e9,
+            100.0 * bytes as f64 / restore / probe,
+            probe / 1e9
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -22,7 +22,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use kv_attention::PagedCache;
+use kv_attention::{PagedCache, TieredCache};
 use kv_core::{CacheBackend, CacheStats, KvError, SeqId};
 
 use crate::generate::rate;
@@ -64,6 +64,9 @@ pub struct SeqOutcome {
     pub prefilled_tokens: usize,
     /// Time of those prefill passes.
     pub prefill_time: Duration,
+    /// Time to first token: from its first admission to its first token (its first
+    /// prefill pass and the sampling).
+    pub first_token: Duration,
     /// Times it was paused to make room.
     pub preemptions: usize,
     /// When it was first admitted, from the start of the run.
@@ -359,13 +362,54 @@ impl Model {
         prompts: &[Vec<u32>],
         options: &BatchOptions,
     ) -> Result<BatchRun> {
+        self.run_batch(cache, prompts, options)
+    }
+
+    /// [`Model::generate_batch`] over a cache backed by block tiers
+    /// ([`kv_attention::store`]): a prompt's full blocks the device lacks are restored from
+    /// the tiers (counted as reused), a prompt's full blocks are written to the tiers
+    /// lacking them once prefilled ([`TieredCache::save`], so engines running beside this
+    /// one find them), blocks the device evicts to make room and the blocks
+    /// of preempted sequences are copied down to the first tier, and a preempted sequence
+    /// resumes from the device and the tiers before anything is recomputed (the restore
+    /// rule of [`TieredCache`] decides, fed with the prefill rate measured in this run). At
+    /// the end every full block still cached on the device is written down
+    /// ([`TieredCache::flush`]), so a later run or another engine sharing the tier restores
+    /// it. What the tiers did: [`TieredCache::stats`].
+    ///
+    /// # Errors
+    /// As [`Model::generate_batch`]; a failing tier is not an error (it costs the prefill it
+    /// would have saved).
+    pub fn generate_batch_with_store<B: CacheBackend>(
+        &self,
+        cache: &mut TieredCache<B>,
+        prompts: &[Vec<u32>],
+        options: &BatchOptions,
+    ) -> Result<BatchRun> {
+        let mut pool = Tiered {
+            cache,
+            prefilled: (0, Duration::ZERO),
+        };
+        let run = self.run_batch(&mut pool, prompts, options)?;
+        if pool.cache.cache().backend().supports_block_bytes() {
+            pool.cache.flush();
+        }
+        Ok(run)
+    }
+
+    fn run_batch<B: CacheBackend, P: Pool<B>>(
+        &self,
+        pool: &mut P,
+        prompts: &[Vec<u32>],
+        options: &BatchOptions,
+    ) -> Result<BatchRun> {
         self.check_batch(prompts, options)?;
         let mut running: Vec<(usize, SeqId)> = Vec::new();
-        let result = self.schedule(cache, prompts, options, &mut running);
+        let result = self.schedule(pool, prompts, options, &mut running);
         if result.is_err() {
             for &(_, seq) in &running {
                 // Cleanup on the error path: the sequence exists, freeing cannot fail.
-                let _ = cache.free(seq);
+                let _ = pool.release(seq);
             }
         }
         result
@@ -404,9 +448,9 @@ impl Model {
 
     /// The scheduler behind [`Model::generate_batch`]; `running` (prompt index, sequence),
     /// oldest first, is the caller's so it can free what is left on error.
-    fn schedule<B: CacheBackend>(
+    fn schedule<B: CacheBackend, P: Pool<B>>(
         &self,
-        cache: &mut PagedCache<B>,
+        pool: &mut P,
         prompts: &[Vec<u32>],
         options: &BatchOptions,
         running: &mut Vec<(usize, SeqId)>,
@@ -427,6 +471,7 @@ impl Model {
                     reused_tokens: 0,
                     prefilled_tokens: 0,
                     prefill_time: Duration::ZERO,
+                    first_token: Duration::ZERO,
                     preemptions: 0,
                     started: Duration::ZERO,
                     finished: Duration::ZERO,
@@ -441,8 +486,8 @@ impl Model {
             peak_batch: 0,
             peak_used_blocks: 0,
             peak_shared_blocks: 0,
-            stats: cache.stats(),
-            block_size: cache.spec().block_size,
+            stats: pool.paged().stats(),
+            block_size: pool.paged().spec().block_size,
         };
         // Records a token; true when the sequence is finished.
         let push = |entry: &mut Entry<'_>, token: u32| -> bool {
@@ -465,12 +510,13 @@ impl Model {
             while running.len() < options.max_batch {
                 let Some(&i) = queue.front() else { break };
                 let context = entries[i].context();
+                let cache = pool.paged();
                 let need = cache.prefix_match(&context, 0).blocks_needed;
                 if !running.is_empty() && need + running.len() > cache.manager().free_blocks() {
                     break;
                 }
                 queue.pop_front();
-                let (seq, reused) = cache.create_with_prefix(&context);
+                let (seq, reused) = pool.admit(&context);
                 let entry = &mut entries[i];
                 if !entry.admitted {
                     entry.admitted = true;
@@ -479,11 +525,12 @@ impl Model {
                 }
                 let new = &context[reused..];
                 let t0 = Instant::now();
-                let logits = match self.forward_batch(&[(seq, new)], cache, Logits::Last) {
+                pool.before_pass(&[(seq, new.len())]);
+                let logits = match self.forward_batch(&[(seq, new)], pool.paged(), Logits::Last) {
                     Ok(l) => l,
                     Err(e) => {
                         // The sequence is empty of new work; it exists, so freeing succeeds.
-                        let _ = cache.free(seq);
+                        let _ = pool.release(seq);
                         if is_cache_full(&e) && !running.is_empty() {
                             queue.push_front(i);
                             break;
@@ -491,17 +538,22 @@ impl Model {
                         return Err(e);
                     }
                 };
-                cache.commit(seq, new)?;
+                pool.paged().commit(seq, new)?;
                 let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
                 let token = sampler.sample(&row)?;
-                entry.out.prefill_time += t0.elapsed();
+                let took = t0.elapsed();
+                if entry.out.first_token.is_zero() {
+                    entry.out.first_token = took;
+                }
+                entry.out.prefill_time += took;
                 entry.out.prefilled_tokens += new.len();
+                pool.prefilled(seq, new.len(), took);
                 if push(entry, token) {
-                    cache.free(seq)?;
+                    pool.release(seq)?;
                 } else {
                     running.push((i, seq));
                 }
-                track(&mut run, cache, 0);
+                track(&mut run, pool.paged(), 0);
             }
             if running.is_empty() {
                 continue;
@@ -518,11 +570,13 @@ impl Model {
                     .zip(&inputs)
                     .map(|(&(_, seq), t)| (seq, &t[..]))
                     .collect();
-                match self.forward_batch(&items, cache, Logits::Last) {
+                let sizes: Vec<(SeqId, usize)> = items.iter().map(|&(s, _)| (s, 1)).collect();
+                pool.before_pass(&sizes);
+                match self.forward_batch(&items, pool.paged(), Logits::Last) {
                     Ok(l) => break l,
                     Err(e) if is_cache_full(&e) && running.len() > 1 => {
                         if let Some((i, seq)) = running.pop() {
-                            cache.preempt(seq)?;
+                            pool.pause(seq)?;
                             entries[i].out.preemptions += 1;
                             queue.push_front(i);
                         }
@@ -531,16 +585,16 @@ impl Model {
                 }
             };
             run.decode_steps += 1;
-            track(&mut run, cache, running.len());
+            track(&mut run, pool.paged(), running.len());
             let rows: Vec<Vec<f32>> = logits.to_vec2()?;
             let mut still = Vec::with_capacity(running.len());
             for (&(i, seq), row) in running.iter().zip(&rows) {
                 let entry = &mut entries[i];
                 let input = *entry.out.tokens.last().unwrap_or(&0);
-                cache.commit(seq, &[input])?;
+                pool.paged().commit(seq, &[input])?;
                 let token = sampler.sample(row)?;
                 if push(entry, token) {
-                    cache.free(seq)?;
+                    pool.release(seq)?;
                 } else {
                     still.push((i, seq));
                 }
@@ -548,7 +602,7 @@ impl Model {
             *running = still;
         }
         run.wall_time = begin.elapsed();
-        run.stats = cache.stats();
+        run.stats = pool.paged().stats();
         run.sequences = entries.into_iter().map(|e| e.out).collect();
         Ok(run)
     }
@@ -560,4 +614,73 @@ fn track<B: CacheBackend>(run: &mut BatchRun, cache: &PagedCache<B>, batch: usiz
     run.peak_batch = run.peak_batch.max(batch);
     run.peak_used_blocks = run.peak_used_blocks.max(stats.used_blocks);
     run.peak_shared_blocks = run.peak_shared_blocks.max(stats.shared_blocks);
+}
+
+/// The cache a batch runs on: a [`PagedCache`], or one backed by tiers that writes blocks
+/// down before the device evicts them and restores them on admission.
+trait Pool<B: CacheBackend> {
+    fn paged(&mut self) -> &mut PagedCache<B>;
+    /// Starts a sequence for `context`, reusing what the caches hold.
+    fn admit(&mut self, context: &[u32]) -> (SeqId, usize);
+    fn release(&mut self, seq: SeqId) -> kv_core::Result<()>;
+    fn pause(&mut self, seq: SeqId) -> kv_core::Result<()>;
+    /// Called before a pass that appends these tokens to these sequences.
+    fn before_pass(&mut self, appends: &[(SeqId, usize)]);
+    /// `seq`'s prefill of `tokens` (now committed) took `time`.
+    fn prefilled(&mut self, seq: SeqId, tokens: usize, time: Duration);
+}
+
+impl<B: CacheBackend> Pool<B> for PagedCache<B> {
+    fn paged(&mut self) -> &mut PagedCache<B> {
+        self
+    }
+    fn admit(&mut self, context: &[u32]) -> (SeqId, usize) {
+        self.create_with_prefix(context)
+    }
+    fn release(&mut self, seq: SeqId) -> kv_core::Result<()> {
+        self.free(seq)
+    }
+    fn pause(&mut self, seq: SeqId) -> kv_core::Result<()> {
+        self.preempt(seq).map(|_| ())
+    }
+    fn before_pass(&mut self, _: &[(SeqId, usize)]) {}
+    fn prefilled(&mut self, _: SeqId, _: usize, _: Duration) {}
+}
+
+/// A [`TieredCache`] and the prefill measured so far (tokens, time) for its restore rule.
+struct Tiered<'a, B: CacheBackend> {
+    cache: &'a mut TieredCache<B>,
+    prefilled: (usize, Duration),
+}
+
+impl<B: CacheBackend> Pool<B> for Tiered<'_, B> {
+    fn paged(&mut self) -> &mut PagedCache<B> {
+        self.cache.cache_mut()
+    }
+    fn admit(&mut self, context: &[u32]) -> (SeqId, usize) {
+        self.cache.create_with_prefix(context)
+    }
+    fn release(&mut self, seq: SeqId) -> kv_core::Result<()> {
+        self.cache.free(seq)
+    }
+    fn pause(&mut self, seq: SeqId) -> kv_core::Result<()> {
+        self.cache.preempt(seq).map(|_| ())
+    }
+    fn before_pass(&mut self, appends: &[(SeqId, usize)]) {
+        // An unknown sequence makes the pass itself fail; nothing to write down then.
+        if let Ok(n) = self.cache.cache().manager().blocks_needed_batch(appends) {
+            self.cache.make_room(n);
+        }
+    }
+    fn prefilled(&mut self, seq: SeqId, tokens: usize, time: Duration) {
+        self.prefilled.0 += tokens;
+        self.prefilled.1 += time;
+        self.cache
+            .set_prefill_rate(rate(self.prefilled.0, self.prefilled.1));
+        // Write-through of the prompt's blocks, so that engines running now beside this
+        // one find them (a store failure is counted by the cache, not returned).
+        if self.cache.cache().backend().supports_block_bytes() {
+            let _ = self.cache.save(seq);
+        }
+    }
 }

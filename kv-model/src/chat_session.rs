@@ -9,9 +9,12 @@
 //! truncated there and recomputed, never trusted past it.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kv_attention::cache_file::{self, BlockSet, CacheFile, Header};
 use kv_attention::PagedCache;
+use kv_core::content::{chain_keys, Fingerprint};
 use kv_core::{CacheBackend, SeqId, StorageSpec};
 
 use crate::generate::{CacheLayout, StopReason, INITIAL_TOKENS};
@@ -300,6 +303,8 @@ impl<'a, B: CacheBackend> ChatSession<'a, B> {
             // The forward pass appended `new` to the cache: mirror it before anything else
             // can fail.
             self.cached.extend_from_slice(&new);
+            // Their ids are the cache's too (what `save` exports is checked against them).
+            self.cache.commit(self.seq, &new)?;
             let logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
             let token = self.sampler.sample(&logits)?;
             if tokens.is_empty() {
@@ -340,6 +345,184 @@ impl<'a, B: CacheBackend> ChatSession<'a, B> {
             },
             reply,
             tokens,
+        })
+    }
+}
+
+/// The format tag of a saved conversation file.
+const SAVED_FORMAT: &str = "kv-chat-v1";
+
+/// The K/V file saved beside conversation file `path`: `path` with `.kvc` appended.
+pub fn saved_kv_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".kvc");
+    PathBuf::from(name)
+}
+
+/// What [`ChatSession::save`] wrote or [`ChatSession::resume`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedChat {
+    /// Messages of the conversation (the system turn included).
+    pub messages: usize,
+    /// Tokens whose K/V the file holds (the full blocks of the cached tokens).
+    pub tokens: usize,
+}
+
+/// Saving and resuming a conversation.
+impl<B: CacheBackend> ChatSession<'_, B> {
+    /// The cache file header of this session's cache under `fingerprint`.
+    fn header(&self, fingerprint: Fingerprint) -> Header {
+        let spec = self.cache.spec();
+        Header {
+            fingerprint,
+            backend: self.cache.backend().name().to_string(),
+            dtype: spec.dtype,
+            block_size: spec.block_size,
+            shape: spec.shape,
+        }
+    }
+
+    /// Saves the conversation to `path` (its messages and turn count, JSON) and the K/V of
+    /// the full blocks of its cached tokens to [`saved_kv_path`]`(path)`, a cache file
+    /// ([`kv_attention::cache_file`]) under `fingerprint` (see [`crate::model_fingerprint`]).
+    /// Both are written atomically, the K/V first: a reader sees whole files.
+    ///
+    /// # Errors
+    /// [`ModelError::SavedChat`] when a file cannot be written (nothing half-written is
+    /// visible); the backend's export errors.
+    pub fn save(&self, path: &Path, fingerprint: Fingerprint) -> Result<SavedChat> {
+        let header = self.header(fingerprint);
+        let bs = header.block_size;
+        let n_blocks = self.cached.len() / bs;
+        let blocks = self.cache.export_blocks(self.seq, n_blocks)?;
+        let tokens = &self.cached[..n_blocks * bs];
+        let keys = chain_keys(tokens, bs, &fingerprint, header.dtype);
+        let set = BlockSet {
+            header,
+            tokens: tokens.to_vec(),
+            blocks: keys.into_iter().zip(blocks).collect(),
+        };
+        let kv_path = saved_kv_path(path);
+        cache_file::write_file(&kv_path, &set).map_err(|source| ModelError::SavedChat {
+            path: kv_path,
+            source,
+        })?;
+        let messages: Vec<serde_json::Value> = self
+            .messages
+            .iter()
+            .map(|m| serde_json::json!({ "role": m.role, "content": m.content }))
+            .collect();
+        let doc = serde_json::json!({
+            "format": SAVED_FORMAT,
+            "fingerprint": fingerprint.to_string(),
+            "turns": self.turns,
+            "messages": messages,
+        });
+        let text =
+            serde_json::to_string_pretty(&doc).map_err(|e| ModelError::SavedChatInvalid {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
+        cache_file::write_atomic(path, text.as_bytes()).map_err(|source| {
+            ModelError::SavedChat {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        Ok(SavedChat {
+            messages: self.messages.len(),
+            tokens: n_blocks * bs,
+        })
+    }
+
+    /// Continues the conversation saved at `path` by [`ChatSession::save`]: its messages
+    /// replace this session's, and the saved K/V replaces its cache, so the next turn
+    /// prefills only what follows (as if the session had never stopped). Use a session
+    /// made with the same options; the saved system turn, if any, is the one kept.
+    ///
+    /// Everything is checked before anything changes: on error the conversation is as
+    /// before, and only a failing backend import (after every check) leaves the cache empty
+    /// (the next turn then prefills everything).
+    ///
+    /// # Errors
+    /// [`ModelError::SavedChat`] for a K/V file saved by another model, layout, block size
+    /// or backend ([`kv_attention::cache_file::CacheFileError::Mismatch`]), damaged or
+    /// unreadable; [`ModelError::SavedChatInvalid`] for a conversation file that is not one,
+    /// or one saved under another fingerprint; the cache's errors (a saved conversation
+    /// longer than this session's capacity).
+    pub fn resume(&mut self, path: &Path, fingerprint: Fingerprint) -> Result<SavedChat> {
+        let invalid = |detail: String| ModelError::SavedChatInvalid {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let text = crate::read_text(path)?;
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if doc["format"] != SAVED_FORMAT {
+            return Err(invalid(format!("not a {SAVED_FORMAT} conversation")));
+        }
+        if doc["fingerprint"] != fingerprint.to_string().as_str() {
+            return Err(invalid(format!(
+                "saved for the model and cache configuration {}, this one is {fingerprint}",
+                doc["fingerprint"]
+            )));
+        }
+        let turns = doc["turns"]
+            .as_u64()
+            .and_then(|t| usize::try_from(t).ok())
+            .ok_or_else(|| invalid("no turn count".into()))?;
+        let mut messages = Vec::new();
+        for m in doc["messages"]
+            .as_array()
+            .ok_or_else(|| invalid("no messages".into()))?
+        {
+            match (m["role"].as_str(), m["content"].as_str()) {
+                (Some(role), Some(content)) => messages.push(ChatMessage::new(role, content)),
+                _ => return Err(invalid("a message without a role or content".into())),
+            }
+        }
+        let kv_path = saved_kv_path(path);
+        let header = self.header(fingerprint);
+        let file = CacheFile::open(&kv_path, &header).map_err(|source| ModelError::SavedChat {
+            path: kv_path.clone(),
+            source,
+        })?;
+        let tokens = file.tokens().to_vec();
+        if tokens.len() >= self.capacity {
+            return Err(ModelError::ConversationFull {
+                needed: tokens.len() + 1,
+                capacity: self.capacity,
+            });
+        }
+        let keys = chain_keys(&tokens, header.block_size, &fingerprint, header.dtype);
+        let mut blocks = Vec::with_capacity(file.len());
+        for (i, want) in keys.iter().enumerate() {
+            let (key, bytes) = file.block(i).map_err(|source| ModelError::SavedChat {
+                path: kv_path.clone(),
+                source,
+            })?;
+            if key != *want {
+                return Err(ModelError::SavedChat {
+                    path: kv_path,
+                    source: cache_file::CacheFileError::Malformed {
+                        what: "block table",
+                        detail: format!("block {i} is keyed {key}, its tokens give {want}"),
+                    },
+                });
+            }
+            blocks.push(bytes);
+        }
+        // Everything checked: replace the cache's content. Only the backend's import can
+        // fail now; the cache is then empty, which costs the next turn a full prefill.
+        self.cache.truncate(self.seq, 0)?;
+        self.cached.clear();
+        self.cache.import_blocks(self.seq, &tokens, &blocks)?;
+        self.cached = tokens;
+        self.messages = messages;
+        self.turns = turns;
+        Ok(SavedChat {
+            messages: self.messages.len(),
+            tokens: self.cached.len(),
         })
     }
 }

@@ -184,6 +184,26 @@ pub enum ModelError {
     /// Logits with NaN or infinity: the model produced garbage.
     #[error("the model produced non-finite logits (NaN or infinity)")]
     NonFiniteLogits,
+    /// The K/V file of a saved conversation (`kv chat --resume`) cannot be used: saved by
+    /// another model, layout, block size or backend
+    /// ([`CacheFileError::Mismatch`](kv_attention::cache_file::CacheFileError::Mismatch)),
+    /// damaged, or unreadable. Nothing was loaded.
+    #[error("saved conversation {}: {source}", path.display())]
+    SavedChat {
+        /// The K/V file.
+        path: PathBuf,
+        /// What the cache file reader found.
+        source: kv_attention::cache_file::CacheFileError,
+    },
+    /// The conversation file of a saved conversation is not one `kv chat --save` wrote (or
+    /// was saved for another model). Nothing was loaded.
+    #[error("saved conversation {}: {detail}", path.display())]
+    SavedChatInvalid {
+        /// The conversation file.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
     /// An error from the cache (layout, capacity, backend).
     #[error("cache: {0}")]
     Cache(#[from] KvError),

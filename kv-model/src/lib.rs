@@ -75,7 +75,9 @@ use std::path::{Path, PathBuf};
 
 pub use batch::{BatchOptions, BatchRun, SeqOutcome};
 pub use chat::{ChatMessage, ChatTemplate};
-pub use chat_session::{reusable_prefix, ChatOptions, ChatSession, ChatTurn, TurnReport};
+pub use chat_session::{
+    reusable_prefix, saved_kv_path, ChatOptions, ChatSession, ChatTurn, SavedChat, TurnReport,
+};
 pub use config::{Family, Llama3Rope, LlamaConfig, MetadataLimits, SUPPORTED_ARCHITECTURES};
 pub use error::{ModelError, Result};
 pub use escape::escape_controls;

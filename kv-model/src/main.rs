@@ -82,6 +82,37 @@ enum Command {
     Chat(ChatArgs),
 }
 
+/// How tokens are picked: the options `kv generate` and `kv chat` share.
+#[derive(Debug, Args)]
+struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Sample only among the K most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities sum to P.
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f32>,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    /// The checked configuration.
+    fn config(&self) -> Result<SamplingConfig> {
+        let sampling = SamplingConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        };
+        sampling.validate()?;
+        Ok(sampling)
+    }
+}
+
 #[derive(Debug, Args)]
 struct ChatArgs {
     /// GGUF model file [default: $KV_MODEL_DIR or ~/.cache/kv/models, SmolLM2-135M-Instruct]
@@ -103,18 +134,8 @@ struct ChatArgs {
     /// Tokens per cache block [default: 16, or 32 for the KIVI layouts].
     #[arg(long, allow_negative_numbers = true)]
     block_size: Option<usize>,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    temperature: f32,
-    /// Sample only among the K most likely tokens.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Sample only among the most likely tokens whose probabilities sum to P.
-    #[arg(long, allow_negative_numbers = true)]
-    top_p: Option<f32>,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Chat template to use instead of the file's own: a built-in (chatml, llama2, llama3,
     /// gemma) or a Jinja file.
     #[arg(long, value_name = "NAME|FILE")]
@@ -122,6 +143,15 @@ struct ChatArgs {
     /// How the model's projection weights are held (see `kv generate --help`).
     #[arg(long, value_enum, default_value_t = Weights::Blocks)]
     weights: Weights,
+    /// Continue the conversation saved in FILE (by --save): its messages and the K/V of
+    /// its tokens are loaded, so the next turn prefills only what is new. A file saved by
+    /// another model, layout, block size or backend is refused.
+    #[arg(long, value_name = "FILE")]
+    resume: Option<PathBuf>,
+    /// Save the conversation to FILE (messages, JSON) and FILE.kvc (the K/V of its tokens)
+    /// after every turn, atomically.
+    #[arg(long, value_name = "FILE")]
+    save: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -177,6 +207,19 @@ struct BatchArgs {
     /// Also generate each prompt alone, one after another, and print batched/sequential.
     #[arg(long)]
     compare: bool,
+    /// Block store tier (as `kv generate --store`): prompts' blocks found there are
+    /// restored instead of prefilled, blocks the cache evicts and those of preempted
+    /// sequences are written there, and what is still cached at the end is written too.
+    #[arg(long, value_name = "host|disk:DIR|redis://HOST:PORT")]
+    store: Option<String>,
+    /// Byte budget of --store, in MiB (least recently used blocks go first).
+    #[arg(long, default_value_t = 1024)]
+    store_mib: u64,
+    /// Also write the run's numbers as JSON to this file (per sequence: prompt, reused and
+    /// prefilled tokens, time to first token; with --store, what the tier did), for
+    /// scripts such as `cargo xtask fleet`.
+    #[arg(long, value_name = "FILE")]
+    summary_json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -236,18 +279,8 @@ struct GenerateArgs {
     /// quantized per 32 tokens].
     #[arg(long, allow_negative_numbers = true)]
     block_size: Option<usize>,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    temperature: f32,
-    /// Sample only among the K most likely tokens.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Sample only among the most likely tokens whose probabilities sum to P.
-    #[arg(long, allow_negative_numbers = true)]
-    top_p: Option<f32>,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Use the prompt as is, without the chat template.
     #[arg(long)]
     raw: bool,
@@ -541,13 +574,7 @@ fn prompt_text(prompt: Option<String>) -> Result<String> {
 
 fn generate(mut args: GenerateArgs) -> Result<()> {
     let prompt_text = prompt_text(args.prompt.take())?;
-    let sampling = SamplingConfig {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
-    };
-    sampling.validate()?;
+    let sampling = args.sampling.config()?;
     at_least_one("--max-tokens", args.max_tokens)?;
     if let Some(bs) = args.block_size {
         at_least_one("--block-size", bs)?;
@@ -725,13 +752,7 @@ const CHAT_CONTEXT: usize = 4096;
 
 fn chat(args: ChatArgs) -> Result<()> {
     use std::io::IsTerminal;
-    let sampling = SamplingConfig {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
-    };
-    sampling.validate()?;
+    let sampling = args.sampling.config()?;
     at_least_one("--max-tokens", args.max_tokens)?;
     if let Some(bs) = args.block_size {
         at_least_one("--block-size", bs)?;
@@ -789,6 +810,21 @@ fn chat(args: ChatArgs) -> Result<()> {
         layout,
         options,
     )?;
+    let fingerprint = match (&args.save, &args.resume) {
+        (None, None) => None,
+        _ => Some(kv_model::model_fingerprint(
+            &path, &model, &tokenizer, layout, "cpu",
+        )?),
+    };
+    if let (Some(file), Some(fp)) = (&args.resume, fingerprint) {
+        let loaded = session.resume(file, fp)?;
+        eprintln!(
+            "(resumed {}: {} messages, {} tokens of K/V restored)",
+            kv_model::escape_controls(&file.display().to_string()),
+            loaded.messages,
+            loaded.tokens
+        );
+    }
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     let mut input = stdin.lock();
@@ -835,7 +871,12 @@ fn chat(args: ChatArgs) -> Result<()> {
                 .map_err(ModelError::Output)?;
         }
         match result {
-            Ok(turn) => eprintln!("{}", turn.report),
+            Ok(turn) => {
+                eprintln!("{}", turn.report);
+                if let (Some(file), Some(fp)) = (&args.save, fingerprint) {
+                    session.save(file, fp)?;
+                }
+            }
             // A failed turn leaves the conversation as it was: a person can go on.
             Err(e) if interactive => {
                 eprintln!("error: {}", kv_model::escape_controls(&e.to_string()));
@@ -877,6 +918,32 @@ fn read_turn(input: &mut impl std::io::BufRead) -> Result<Option<String>> {
             expected: "UTF-8 text".into(),
             got: "invalid UTF-8".into(),
         })
+}
+
+/// What a `--store` tier did in a `kv batch` run, for the report.
+fn store_line(spec: &str, s: &kv_attention::store::TierStats, last_error: Option<&str>) -> String {
+    let mut line = format!(
+        "store {}       {} block hits ({} tokens restored: prefill saved), {} misses; \
+         {} bytes loaded, {} bytes written ({} blocks written down on eviction or at the end); \
+         {} restores skipped as dearer than prefill, {} values rejected, {} store errors",
+        kv_model::escape_controls(spec),
+        s.hits,
+        s.tokens_loaded,
+        s.misses,
+        s.bytes_loaded,
+        s.bytes_saved,
+        s.blocks_spilled,
+        s.restores_skipped,
+        s.rejected,
+        s.store_errors
+    );
+    if let Some(e) = last_error {
+        line.push_str(&format!(
+            "\nstore error (the run went on without it): {}",
+            kv_model::escape_controls(e)
+        ));
+    }
+    line
 }
 
 /// The tier `--store` names: `host` or `disk:DIR`.
@@ -1109,8 +1176,68 @@ fn batch(args: BatchArgs) -> Result<()> {
         }
         None => StorageSpec::new(model.shape(), args.dtype, args.block_size, blocks)?,
     };
-    let mut cache = PagedCache::with_prefix_cache(CpuBackend::new(), spec, 0x6b76)?;
-    let run = model.generate_batch(&mut cache, &prompts, &options)?;
+    let cache = PagedCache::with_prefix_cache(CpuBackend::new(), spec, 0x6b76)?;
+    let (run, tiers, tier_stats) = match args.store.as_deref() {
+        None => {
+            let mut cache = cache;
+            (
+                model.generate_batch(&mut cache, &prompts, &options)?,
+                None,
+                None,
+            )
+        }
+        Some(store) => {
+            let tier = open_store(store, args.store_mib)?;
+            let layout = CacheLayout {
+                dtype: args.dtype,
+                block_size: args.block_size,
+            };
+            let fingerprint =
+                kv_model::model_fingerprint(&path, &model, &tokenizer, layout, "cpu")?;
+            let mut tiered = kv_attention::TieredCache::new(cache, fingerprint, vec![tier]);
+            let run = model.generate_batch_with_store(&mut tiered, &prompts, &options)?;
+            let line = store_line(store, &tiered.stats(), tiered.last_error());
+            (run, Some(line), Some(tiered.stats()))
+        }
+    };
+    if let Some(path) = &args.summary_json {
+        let sequences: Vec<serde_json::Value> = run
+            .sequences
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "prompt_tokens": s.prompt_tokens,
+                    "reused_tokens": s.reused_tokens,
+                    "prefilled_tokens": s.prefilled_tokens,
+                    "generated_tokens": s.tokens.len(),
+                    "first_token_ms": s.first_token.as_secs_f64() * 1e3,
+                })
+            })
+            .collect();
+        let store = tier_stats.map(|t| {
+            serde_json::json!({
+                "hits": t.hits,
+                "misses": t.misses,
+                "tokens_loaded": t.tokens_loaded,
+                "bytes_loaded": t.bytes_loaded,
+                "bytes_saved": t.bytes_saved,
+                "blocks_spilled": t.blocks_spilled,
+                "restores_skipped": t.restores_skipped,
+                "rejected": t.rejected,
+                "store_errors": t.store_errors,
+            })
+        });
+        let json = serde_json::json!({
+            "wall_ms": run.wall_time.as_secs_f64() * 1e3,
+            "generated_tokens": run.generated_tokens(),
+            "sequences": sequences,
+            "store": store,
+        });
+        std::fs::write(path, format!("{json}\n")).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
     let mut out = std::io::stdout().lock();
     let w = |out: &mut std::io::StdoutLock<'_>, s: String| {
         writeln!(out, "{s}").map_err(ModelError::Output)
@@ -1123,6 +1250,9 @@ fn batch(args: BatchArgs) -> Result<()> {
         )?;
     }
     w(&mut out, format!("\n{run}"))?;
+    if let Some(line) = tiers {
+        w(&mut out, line)?;
+    }
     if args.compare {
         let layout = CacheLayout {
             dtype: args.dtype,

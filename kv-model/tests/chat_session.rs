@@ -193,3 +193,94 @@ fn bad_chat_options_fail_before_the_model_loads() {
         assert!(out.stdout.is_empty());
     }
 }
+
+#[test]
+#[ignore = "needs the real model (cargo xtask fetch-model); run in release"]
+fn a_saved_conversation_resumes_with_its_cache_and_the_same_replies() {
+    use kv_attention::cache_file::CacheFileError;
+    use kv_core::KvDType;
+    use kv_model::ModelError;
+
+    let path = kv_model::default_model_path();
+    let (model, tokenizer) = kv_model::load(&path).unwrap();
+    let template = tokenizer.chat_template().unwrap();
+    let layout = CacheLayout::default();
+    let fp = kv_model::model_fingerprint(&path, &model, &tokenizer, layout, "cpu").unwrap();
+    let options = ChatOptions {
+        max_tokens: MAX_TOKENS,
+        sampling: SamplingConfig::greedy(),
+        stop_tokens: tokenizer.stop_tokens().to_vec(),
+        ..ChatOptions::default()
+    };
+    let session = |layout: CacheLayout| {
+        ChatSession::new(
+            &model,
+            &tokenizer,
+            template,
+            CpuBackend::new(),
+            layout,
+            options.clone(),
+        )
+        .unwrap()
+    };
+    // The oracle: three turns without a stop.
+    let mut straight = session(layout);
+    let replies: Vec<Vec<u32>> = TURNS
+        .iter()
+        .map(|t| straight.turn(t, |_| Ok(())).unwrap().tokens)
+        .collect();
+
+    let dir = std::env::temp_dir().join(format!("kv-chat-save-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("conversation.json");
+    let mut first = session(layout);
+    for t in &TURNS[..2] {
+        first.turn(t, |_| Ok(())).unwrap();
+    }
+    let saved = first.save(&file, fp).unwrap();
+    assert_eq!(saved.messages, 4);
+    assert!(saved.tokens > 0 && saved.tokens <= first.cached_tokens().len());
+    drop(first);
+
+    // Another session (as another process would) resumes: the third turn prefills only
+    // what is new and replies as the uninterrupted conversation did.
+    let mut resumed = session(layout);
+    let loaded = resumed.resume(&file, fp).unwrap();
+    assert_eq!(loaded, saved);
+    assert_eq!(resumed.messages().len(), 4);
+    let third = resumed.turn(TURNS[2], |_| Ok(())).unwrap();
+    assert_eq!(third.tokens, replies[2]);
+    assert_eq!(third.report.turn, 3);
+    assert!(
+        third.report.reused_tokens >= saved.tokens,
+        "{:?}",
+        third.report
+    );
+
+    // Another model's fingerprint: a typed error, the session untouched.
+    let mut other = session(layout);
+    let foreign = kv_core::content::Fingerprint::of_parts(&[("another model", b"")]);
+    let err = other.resume(&file, foreign).unwrap_err();
+    assert!(matches!(err, ModelError::SavedChatInvalid { .. }), "{err}");
+    assert!(other.messages().is_empty() && other.cached_tokens().is_empty());
+    // Another layout under the same fingerprint value: the K/V file's header refuses it.
+    let mut int8 = session(CacheLayout {
+        dtype: KvDType::Int8 {
+            group: kv_core::QuantGroup::G32,
+        },
+        block_size: layout.block_size,
+    });
+    let err = int8.resume(&file, fp).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::SavedChat {
+                source: CacheFileError::Mismatch { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(int8.messages().is_empty() && int8.cached_tokens().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -25,17 +25,19 @@ fn model_path() -> PathBuf {
     }
 }
 
-fn temp_file(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kv-prompt-cache-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join(format!("{tag}.kvc"));
-    let _ = std::fs::remove_file(&f);
-    f
+/// What the tests share: the model, 12 greedy tokens, and two prompts sharing the system
+/// prompt (`common` tokens).
+struct Setup {
+    path: PathBuf,
+    model: Model,
+    tokenizer: Tokenizer,
+    options: GenerateOptions,
+    a: Vec<u32>,
+    b: Vec<u32>,
+    common: usize,
 }
 
-#[test]
-#[ignore = "needs the real model: KV_MODEL_PATH, release"]
-fn second_run_prefills_only_the_suffix_with_the_same_tokens() {
+fn setup() -> Setup {
     let path = model_path();
     let model = Model::load(&path).unwrap();
     let tokenizer = Tokenizer::from_gguf_file(&path).unwrap();
@@ -51,6 +53,37 @@ fn second_run_prefills_only_the_suffix_with_the_same_tokens() {
         .unwrap();
     let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
     assert!(common > 48, "the prompts share {common} tokens");
+    Setup {
+        path,
+        model,
+        tokenizer,
+        options,
+        a,
+        b,
+        common,
+    }
+}
+
+fn temp_file(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kv-prompt-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join(format!("{tag}.kvc"));
+    let _ = std::fs::remove_file(&f);
+    f
+}
+
+#[test]
+#[ignore = "needs the real model: KV_MODEL_PATH, release"]
+fn second_run_prefills_only_the_suffix_with_the_same_tokens() {
+    let Setup {
+        path,
+        model,
+        tokenizer,
+        options,
+        a,
+        b,
+        common,
+    } = setup();
     for layout in [
         CacheLayout::default(),
         CacheLayout {
@@ -222,25 +255,20 @@ fn kv_generate_prompt_cache_reports_the_loaded_tokens() {
 #[ignore = "needs the real model: KV_MODEL_PATH, release"]
 fn a_disk_store_restores_the_shared_prefix_with_the_same_tokens() {
     use kv_attention::store::{BlockStore, DiskStore};
-    let path = model_path();
-    let model = Model::load(&path).unwrap();
-    let tokenizer = Tokenizer::from_gguf_file(&path).unwrap();
-    let options = GenerateOptions {
-        max_tokens: 12,
-        ..GenerateOptions::default()
-    };
+    let Setup {
+        path,
+        model,
+        tokenizer,
+        options,
+        a,
+        b,
+        common,
+    } = setup();
     let layout = CacheLayout::default();
     let bs = layout.block_size;
     let fp = kv_model::model_fingerprint(&path, &model, &tokenizer, layout, "cpu").unwrap();
     let dir = std::env::temp_dir().join(format!("kv-disk-store-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let a = tokenizer
-        .encode(&format!("{SYSTEM} Q: What is the capital of France? A:"))
-        .unwrap();
-    let b = tokenizer
-        .encode(&format!("{SYSTEM} Q: Name a large ocean. A:"))
-        .unwrap();
-    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
     let want_b = model
         .generate(CpuBackend::new(), layout, &b, &options, |_| Ok(()))
         .unwrap()
@@ -278,5 +306,68 @@ fn a_disk_store_restores_the_shared_prefix_with_the_same_tokens() {
     let (gen, third) = run(&b);
     assert_eq!(gen.tokens, want_b);
     assert_eq!((third.reused_tokens, third.stats.rejected), (0, 1));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[ignore = "needs the real model: KV_MODEL_PATH, release"]
+fn kv_batch_store_restores_a_later_runs_prefixes_with_the_same_tokens() {
+    let dir = std::env::temp_dir().join(format!("kv-batch-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts = dir.join("prompts.txt");
+    let questions: Vec<String> = ["capital of France", "largest planet", "author of Hamlet"]
+        .iter()
+        .map(|q| format!("{SYSTEM} Q: What is the {q}? A:"))
+        .collect();
+    std::fs::write(&prompts, questions.join("\n")).unwrap();
+    let store = format!("disk:{}", dir.join("blocks").display());
+    // A cache of 12 blocks cannot hold three prompts: blocks are evicted (and written
+    // down) and sequences preempted on the way.
+    let run = |store: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kv"));
+        cmd.args(["batch", "--max-tokens", "8", "--blocks", "12", "--prompts"])
+            .arg(&prompts)
+            .arg("--model")
+            .arg(model_path());
+        if let Some(s) = store {
+            cmd.args(["--store", s]);
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let replies: Vec<String> = stdout
+            .lines()
+            .filter(|l| l.trim_start().starts_with("->"))
+            .map(str::to_string)
+            .collect();
+        let store_line = stdout
+            .lines()
+            .find(|l| l.starts_with("store "))
+            .map(str::to_string);
+        (replies, store_line)
+    };
+    let (plain, none) = run(None);
+    assert_eq!(plain.len(), 3);
+    assert!(none.is_none());
+    let (first, line1) = run(Some(&store));
+    let line1 = line1.unwrap();
+    assert_eq!(first, plain, "same greedy tokens with the store");
+    assert!(line1.contains("bytes written"), "{line1}");
+    // The second run restores the system prompt's blocks the first one wrote down.
+    let (second, line2) = run(Some(&store));
+    let line2 = line2.unwrap();
+    assert_eq!(second, plain);
+    let hits: u64 = line2
+        .split_once(" block hits")
+        .and_then(|(head, _)| head.rsplit(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(hits > 0, "{line2}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -7,63 +7,13 @@
 // Tests unwrap: a panic is how they fail.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use kv_attention::redis_server::RedisServer;
 use kv_attention::store::{BlockStore, RedisStore};
 use kv_backend_cpu::CpuBackend;
 use kv_model::{CacheLayout, GenerateOptions, Model, Tokenizer};
-
-/// A redis-server on 127.0.0.1, killed on drop.
-struct Server {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Server {
-    fn start() -> Self {
-        let bin = std::env::var_os("KV_REDIS_SERVER")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("redis-server"));
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("kv-model-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new(&bin)
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {} ({e}): cargo xtask redis", bin.display()));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, port, dir }
-    }
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 #[test]
 #[ignore = "needs the real model (KV_MODEL_PATH, release) and a redis-server"]
@@ -104,7 +54,7 @@ fn engines_share_a_prefix_through_redis_and_survive_its_loss() {
     };
     // The store down at start: recompute, same tokens, the error counted.
     let gone = {
-        let s = Server::start();
+        let s = RedisServer::start().unwrap();
         s.url()
     };
     let (g, r) = run(&gone);
@@ -112,7 +62,7 @@ fn engines_share_a_prefix_through_redis_and_survive_its_loss() {
     assert_eq!(r.reused_tokens, 0);
     assert!(r.stats.store_errors > 0 && r.last_error.is_some());
     // Engine 1 fills the store, engine 2 restores the prefix from it.
-    let server = Server::start();
+    let server = RedisServer::start().unwrap();
     let (g, r) = run(&server.url());
     assert_eq!(g.tokens, want);
     assert!(r.stats.bytes_saved > 0 && r.stats.store_errors == 0);

@@ -356,7 +356,7 @@ struct Meta {
     elapsed_s: f64,
 }
 
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -6,6 +6,7 @@
 mod bench;
 mod cuda;
 mod fetch;
+mod fleet;
 mod fuzz;
 mod gemma;
 mod redis;
@@ -59,6 +60,11 @@ commands:
   redis         the redis-server the Redis tier's tests start: one on PATH, KV_REDIS_SERVER,
                 or Debian's pinned packages unpacked into ~/.cache/kv/redis (no root;
                 SHA-256 checked); prints its path
+  fleet [--engines N] [--prompts N] [--max-tokens N] [--seconds N]
+                N `kv batch` engines (default 4) at once, without a store and then sharing
+                one redis-server (started here, see redis), prompts sharing system prompts
+                and few-shot prefixes; writes target/kv-fleet/report.md and fleet.svg:
+                prefill tokens saved, time to first token, store traffic
   help          this text
 
 environment:
@@ -90,6 +96,7 @@ fn main() -> ExitCode {
                 "unknown model {other:?} (known: smollm2, the default; gemma3-270m)"
             )),
         },
+        Some("fleet") => fleet::Options::parse(&args[1..]).and_then(|o| fleet::fleet(&o)),
         Some("redis") => redis::ensure_redis().map(|p| println!("redis-server: {}", p.display())),
         Some("fetch-vocab") => {
             vocab::ensure_vocab().map(|p| println!("vocabularies: {}", p.display()))
