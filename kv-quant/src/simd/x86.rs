@@ -58,7 +58,7 @@ pub(super) unsafe fn run_512<K: Kernel>(t: V512, k: K) -> K::Output {
     k.simd(t)
 }
 
-/// `unsafe { $e }` inside a token's method: the token proves the CPU has the features.
+/// Runs `$e` as an unsafe block inside a token's method: the token proves the CPU has the features.
 macro_rules! feat {
     ($e:expr) => {
         // SAFETY: `self` is a token, which exists only on a CPU with its level's features
