@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage as CandleStorage};
@@ -21,7 +21,7 @@ use kv_core::{
 };
 
 use crate::kernels::{self, KernelModule, MODULES, NVRTC_FLAGS};
-use crate::plan::{self, flags, Geometry, GpuLayout, ITEM_FIELDS};
+use crate::plan::{self, flags, Geometry, GpuLayout, RowArgs, ITEM_FIELDS};
 
 /// The first line of an error's message: candle appends a backtrace to its CUDA errors
 /// when `RUST_BACKTRACE` is set, which does not belong in a one-line reason.
@@ -255,6 +255,22 @@ fn with_f32<R>(
     }
 }
 
+/// Pushes the row arguments onto a launch of `kv_write`, `kv_read` or `kv_attend`, which
+/// take them in this order after their buffers.
+fn push_row_args<'a>(b: &mut LaunchArgs<'a>, a: &'a RowArgs) {
+    b.arg(&a.layer)
+        .arg(&a.kv_heads)
+        .arg(&a.num_blocks)
+        .arg(&a.block_size)
+        .arg(&a.head_dim)
+        .arg(&a.row_bytes)
+        .arg(&a.k_fmt)
+        .arg(&a.v_fmt)
+        .arg(&a.group)
+        .arg(&a.rotate)
+        .arg(&a.hadamard);
+}
+
 fn cfg(grid: (u32, u32, u32), threads: u32, shared: usize) -> Result<LaunchConfig> {
     let too_big = |what: &'static str, n: u64, max: u64| KvError::Overflow {
         what,
@@ -335,21 +351,11 @@ impl CacheBackend for CudaBackend {
             self.upload(&offsets)?,
         );
         let mut flag = self.cuda.alloc_zeros::<u32>(1)?;
-        let g = storage.geom;
-        let shape = storage.spec.shape;
-        let l = storage.layout;
-        let (layer, kv_heads, num_blocks, block_size, head_dim, row_bytes) = (
-            plan::to_u32("layer", layer)?,
-            plan::to_u32("kv heads", g.kv_heads)?,
-            plan::to_u32("block count", g.num_blocks)?,
-            plan::to_u32("block size", g.block_size)?,
-            plan::to_u32("head dim", shape.head_dim())?,
-            plan::to_u32("row bytes", g.row_bytes)?,
-        );
-        let hadamard = 1.0 / (shape.head_dim() as f32).sqrt();
-        let launch = cfg((rows, kv_heads, 2), 32, shape.head_dim() * 4)?;
-        let (k_fmt, v_fmt, rotate) = (l.k as i32, l.v as i32, i32::from(l.rotate_k));
-        // A dry run checks every value and stores nothing; only then the storing run.
+        let d = storage.spec.shape.head_dim();
+        let args = RowArgs::new(&storage.geom, storage.layout, d, layer)?;
+        let launch = cfg((rows, args.kv_heads, 2), 32, d * 4)?;
+        // A dry run checks every value and stores nothing; only then the storing run, with
+        // the same arguments.
         for dry_run in [1i32, 0] {
             with_f32(&k, |kd| {
                 with_f32(&v, |vd| {
@@ -359,20 +365,9 @@ impl CacheBackend for CudaBackend {
                         .arg(vd)
                         .arg(&src)
                         .arg(&blocks)
-                        .arg(&offsets)
-                        .arg(&layer)
-                        .arg(&kv_heads)
-                        .arg(&num_blocks)
-                        .arg(&block_size)
-                        .arg(&head_dim)
-                        .arg(&row_bytes)
-                        .arg(&k_fmt)
-                        .arg(&v_fmt)
-                        .arg(&l.group)
-                        .arg(&rotate)
-                        .arg(&hadamard)
-                        .arg(&dry_run)
-                        .arg(&mut flag);
+                        .arg(&offsets);
+                    push_row_args(&mut b, &args);
+                    b.arg(&dry_run).arg(&mut flag);
                     // SAFETY: the arguments match `kv_write` (kernels/write.cu) in type and
                     // order; every row the grid touches is in the pool (slots and layer
                     // validated, geometry from the pool's spec); input indices stay below
@@ -415,36 +410,13 @@ impl CacheBackend for CudaBackend {
             what: "partial row",
             detail: format!("head_dim {d} + 2"),
         })?;
-        let partial_len = p
-            .partial_rows
-            .checked_mul(width)
-            .ok_or_else(|| KvError::Overflow {
-                what: "partial results",
-                detail: format!("{} rows of {width} floats", p.partial_rows),
-            })?;
+        let partial_len = plan::product("partial results", &[p.partial_rows, width])?;
         let mut partials = self.cuda.alloc_zeros::<f32>(partial_len)?;
-        let out_len = total
-            .checked_mul(q_heads)
-            .and_then(|n| n.checked_mul(d))
-            .ok_or_else(|| KvError::Overflow {
-                what: "attention output",
-                detail: format!("{total} x {q_heads} x {d}"),
-            })?;
+        let out_len = plan::product("attention output", &[total, q_heads, d])?;
         let mut out = self.cuda.alloc_zeros::<f32>(out_len)?;
         let mut flag = self.cuda.alloc_zeros::<u32>(1)?;
-        let g = storage.geom;
-        let l = storage.layout;
-        let (layer, kv_heads, num_blocks, block_size, head_dim, row_bytes, q_heads_u) = (
-            plan::to_u32("layer", layer)?,
-            plan::to_u32("kv heads", g.kv_heads)?,
-            plan::to_u32("block count", g.num_blocks)?,
-            plan::to_u32("block size", g.block_size)?,
-            plan::to_u32("head dim", d)?,
-            plan::to_u32("row bytes", g.row_bytes)?,
-            plan::to_u32("query heads", q_heads)?,
-        );
-        let (k_fmt, v_fmt, rotate) = (l.k as i32, l.v as i32, i32::from(l.rotate_k));
-        let hadamard = 1.0 / (d as f32).sqrt();
+        let args = RowArgs::new(&storage.geom, storage.layout, d, layer)?;
+        let q_heads_u = plan::to_u32("query heads", q_heads)?;
         let (tile, max_rows) = (
             plan::to_u32("tile", p.tile)?,
             plan::to_u32("rows", p.max_rows)?,
@@ -459,19 +431,9 @@ impl CacheBackend for CudaBackend {
                 .arg(&tables)
                 .arg(&items)
                 .arg(&mut partials)
-                .arg(&mut flag)
-                .arg(&layer)
-                .arg(&kv_heads)
-                .arg(&num_blocks)
-                .arg(&block_size)
-                .arg(&head_dim)
-                .arg(&row_bytes)
-                .arg(&k_fmt)
-                .arg(&v_fmt)
-                .arg(&l.group)
-                .arg(&rotate)
-                .arg(&hadamard)
-                .arg(&q_heads_u)
+                .arg(&mut flag);
+            push_row_args(&mut b, &args);
+            b.arg(&q_heads_u)
                 .arg(&batch.scale)
                 .arg(&tile)
                 .arg(&max_rows);
@@ -488,7 +450,7 @@ impl CacheBackend for CudaBackend {
             .arg(&merge)
             .arg(&mut out)
             .arg(&q_heads_u)
-            .arg(&head_dim);
+            .arg(&args.head_dim);
         // SAFETY: matches `kv_merge`; the merge table has 3 entries per output row and
         // names only partial rows the plan allocated.
         unsafe { b.launch(cfg((rows, 1, 1), 128, 0)?) }.map_err(|e| cuda_err("kv_merge")(&e))?;
@@ -548,48 +510,21 @@ impl CacheBackend for CudaBackend {
             .collect::<Result<_>>()?;
         let offsets: Vec<u32> = slots.iter().map(|s| s.offset).collect();
         let (blocks, offsets) = (self.upload(&blocks)?, self.upload(&offsets)?);
-        let len = n
-            .checked_mul(kvh)
-            .and_then(|x| x.checked_mul(d))
-            .ok_or_else(|| KvError::Overflow {
-                what: "read",
-                detail: format!("{n} x {kvh} x {d}"),
-            })?;
+        let len = plan::product("read", &[n, kvh, d])?;
         let mut k = self.cuda.alloc_zeros::<f32>(len)?;
         let mut v = self.cuda.alloc_zeros::<f32>(len)?;
-        let g = storage.geom;
-        let l = storage.layout;
-        let (layer, kv_heads, num_blocks, block_size, head_dim, row_bytes) = (
-            plan::to_u32("layer", layer)?,
-            plan::to_u32("kv heads", g.kv_heads)?,
-            plan::to_u32("block count", g.num_blocks)?,
-            plan::to_u32("block size", g.block_size)?,
-            plan::to_u32("head dim", d)?,
-            plan::to_u32("row bytes", g.row_bytes)?,
-        );
-        let (k_fmt, v_fmt, rotate) = (l.k as i32, l.v as i32, i32::from(l.rotate_k));
-        let hadamard = 1.0 / (d as f32).sqrt();
+        let args = RowArgs::new(&storage.geom, storage.layout, d, layer)?;
         let rows = plan::to_u32("read rows", n)?;
         let mut b = self.stream.launch_builder(&self.fns.read);
         b.arg(&storage.pool)
             .arg(&mut k)
             .arg(&mut v)
             .arg(&blocks)
-            .arg(&offsets)
-            .arg(&layer)
-            .arg(&kv_heads)
-            .arg(&num_blocks)
-            .arg(&block_size)
-            .arg(&head_dim)
-            .arg(&row_bytes)
-            .arg(&k_fmt)
-            .arg(&v_fmt)
-            .arg(&l.group)
-            .arg(&rotate)
-            .arg(&hadamard);
+            .arg(&offsets);
+        push_row_args(&mut b, &args);
         // SAFETY: matches `kv_read`; slots and layer were validated against the spec the
         // pool was sized by, and the outputs hold `n x kv_heads x head_dim` floats.
-        unsafe { b.launch(cfg((rows, kv_heads, 2), 32, d * 4)?) }
+        unsafe { b.launch(cfg((rows, args.kv_heads, 2), 32, d * 4)?) }
             .map_err(|e| cuda_err("kv_read")(&e))?;
         Ok((
             self.tensor_of(k, (n, kvh, d)),

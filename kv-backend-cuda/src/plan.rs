@@ -60,6 +60,59 @@ impl GpuLayout {
     }
 }
 
+/// The scalar arguments every row kernel (`kv_write`, `kv_read`, `kv_attend`) takes after
+/// its buffers, in the kernels' order: where a layer's rows are in the pool and how they
+/// are stored. Computed once per call, with every conversion to the kernels' 32-bit
+/// integers checked, so the launches cannot disagree on them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RowArgs {
+    pub layer: u32,
+    pub kv_heads: u32,
+    pub num_blocks: u32,
+    pub block_size: u32,
+    pub head_dim: u32,
+    pub row_bytes: u32,
+    /// [`Fmt`] of K rows, as the kernels number it.
+    pub k_fmt: i32,
+    /// [`Fmt`] of V rows.
+    pub v_fmt: i32,
+    /// Elements per quantization group (0 for the float formats).
+    pub group: u32,
+    /// 1 when keys are stored rotated by the normalized Hadamard transform.
+    pub rotate: i32,
+    /// The normalized Hadamard transform's factor, `1 / sqrt(head_dim)`.
+    pub hadamard: f32,
+}
+
+impl RowArgs {
+    /// The arguments for `layer` of a pool of geometry `g` storing `layout` rows of
+    /// `head_dim` elements.
+    ///
+    /// # Errors
+    /// [`KvError::Overflow`] when a count does not fit `u32`.
+    pub(crate) fn new(
+        g: &Geometry,
+        layout: GpuLayout,
+        head_dim: usize,
+        layer: usize,
+    ) -> Result<Self> {
+        Ok(RowArgs {
+            layer: to_u32("layer", layer)?,
+            kv_heads: to_u32("kv heads", g.kv_heads)?,
+            num_blocks: to_u32("block count", g.num_blocks)?,
+            block_size: to_u32("block size", g.block_size)?,
+            head_dim: to_u32("head dim", head_dim)?,
+            row_bytes: to_u32("row bytes", g.row_bytes)?,
+            k_fmt: layout.k as i32,
+            v_fmt: layout.v as i32,
+            group: layout.group,
+            rotate: i32::from(layout.rotate_k),
+            // Head dims are far below 2^24, so the f32 of one is exact.
+            hadamard: 1.0 / (head_dim as f32).sqrt(),
+        })
+    }
+}
+
 /// Error flags the kernels raise (`kernels/common.cuh`: `FLAG_*`).
 pub(crate) mod flags {
     pub const K_NONFINITE: u32 = 1;
@@ -98,6 +151,17 @@ pub(crate) fn to_u32(what: &'static str, n: usize) -> Result<u32> {
         what,
         detail: format!("{n} does not fit the kernels' 32-bit indices"),
     })
+}
+
+/// The product of `dims` (an element count of a buffer), or the overflow error naming
+/// `what` and the dims.
+pub(crate) fn product(what: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| KvError::Overflow {
+            what,
+            detail: format!("{dims:?} multiplied is more than usize::MAX"),
+        })
 }
 
 fn mul(what: &'static str, a: usize, b: usize) -> Result<usize> {
@@ -421,6 +485,60 @@ mod tests {
                 _ => assert!(!l.expect("row layout").rotate_k),
             }
         }
+    }
+
+    #[test]
+    fn products_are_checked() {
+        assert_eq!(product("x", &[3, 4, 5]).expect("fits"), 60);
+        assert_eq!(product("x", &[]).expect("empty"), 1);
+        assert_eq!(product("x", &[usize::MAX, 0]).expect("zero"), 0);
+        let e = product("attention output", &[usize::MAX, 2, 1]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KvError::Overflow {
+                    what: "attention output",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn row_args_follow_the_pool_and_the_layout() {
+        let s = spec(8, 2, 128, "int4h-g64".parse().expect("dtype"), 16, 5);
+        let g = Geometry::of(&s).expect("geometry");
+        let l = GpuLayout::of(s.dtype).expect("layout");
+        let a = RowArgs::new(&g, l, 128, 1).expect("args");
+        assert_eq!(
+            (a.layer, a.kv_heads, a.num_blocks, a.block_size, a.head_dim),
+            (1, 2, 5, 16, 128)
+        );
+        assert_eq!(a.row_bytes as usize, s.dtype.row_bytes(128).expect("row"));
+        assert_eq!((a.k_fmt, a.v_fmt), (Fmt::Int4 as i32, Fmt::Int4 as i32));
+        assert_eq!((a.group, a.rotate), (64, 1));
+        assert_eq!(a.hadamard, 1.0 / 128f32.sqrt());
+        let f = RowArgs::new(&g, GpuLayout::of(KvDType::F16).expect("f16"), 128, 0).expect("args");
+        assert_eq!((f.k_fmt, f.group, f.rotate), (Fmt::F16 as i32, 0, 0));
+        // A count beyond the kernels' 32-bit integers is refused, naming it.
+        let big = Geometry {
+            num_blocks: u32::MAX as usize + 1,
+            ..g
+        };
+        let e = RowArgs::new(&big, l, 128, 0).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KvError::Overflow {
+                    what: "block count",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = RowArgs::new(&g, l, 128, u32::MAX as usize + 1).unwrap_err();
+        assert!(matches!(e, KvError::Overflow { what: "layer", .. }), "{e}");
     }
 
     /// `kivi.cu` finds key block `kb` of a cache block where the row of its slot `32 kb`
