@@ -170,6 +170,37 @@ mod tests {
         }
     }
 
+    /// A deterministic xorshift64 stream from `seed`: the same test inputs on every run.
+    fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed;
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
+    /// The space-separated hex fields of one line the harness printed.
+    fn hex<T>(
+        line: Option<&str>,
+        parse: fn(&str, u32) -> Result<T, std::num::ParseIntError>,
+    ) -> Vec<T> {
+        line.expect("a line of harness output")
+            .split(' ')
+            .map(|h| parse(h, 16).expect("hex"))
+            .collect()
+    }
+
+    /// The bytes of a line `ok b0 b1 ...` the quantizing harnesses print, failing `case` when
+    /// the C code refused its input (`ok` is 0).
+    fn accepted_bytes(line: Option<&str>, case: &str) -> Vec<u8> {
+        let line = line.expect("a bytes line");
+        let (ok, bytes) = line.split_once(' ').unwrap_or((line, ""));
+        assert_eq!(ok, "1", "{case}: the C code refused it");
+        hex(Some(bytes), u8::from_str_radix)
+    }
+
     #[test]
     fn every_declared_kernel_is_defined_once() {
         for m in MODULES {
@@ -220,11 +251,9 @@ mod tests {
                 values.push(-v);
             }
         }
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = random();
             let e = (x >> 53) % 80;
             values.push(f64::from_bits(
                 x & 0x800f_ffff_ffff_ffff | ((1023 - 40 + e) << 52),
@@ -241,10 +270,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), values.len());
         for (v, line) in values.iter().zip(lines) {
-            let got: Vec<u16> = line
-                .split(' ')
-                .map(|h| u16::from_str_radix(h, 16).expect("hex"))
-                .collect();
+            let got = hex(Some(line), u16::from_str_radix);
             // `half` converts an f64 through f32 (two roundings: 2^-25 + one ulp becomes
             // the tie 2^-25 and rounds to 0), so it gives one of the two neighbours, not
             // always the nearest. The directed roundings by definition, from either one:
@@ -332,13 +358,7 @@ mod tests {
         let Some(harness) = HostHarness::build("kivi", module, main) else {
             return;
         };
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         // Blocks: (head_dim, bits, keys as f16 bits), with outlier channels, constant
         // channels (scale 0), signed zeros, wide ranges and values near f16's limit.
         let mut blocks: Vec<(usize, KiviBits, Vec<u16>)> = Vec::new();
@@ -393,34 +413,19 @@ mod tests {
             let mut want_f = vec![0.0f32; 32 * d];
             fmt.dequantize_block(&want, *d, &mut want_f)
                 .expect("dequantize");
-            let bytes_line = lines.next().expect("bytes line");
-            let mut fields = bytes_line.split(' ');
-            assert_eq!(fields.next(), Some("1"), "block {n}: the kernel refused it");
-            let got: Vec<u8> = fields
-                .map(|h| u8::from_str_radix(h, 16).expect("hex"))
-                .collect();
+            let got = accepted_bytes(lines.next(), &format!("block {n}"));
             assert_eq!(
                 got,
                 want,
                 "block {n} (head_dim {d}, {} bits): bytes differ",
                 bits.bits()
             );
-            let got_f: Vec<u32> = lines
-                .next()
-                .expect("values line")
-                .split(' ')
-                .map(|h| u32::from_str_radix(h, 16).expect("hex"))
-                .collect();
+            let got_f = hex(lines.next(), u32::from_str_radix);
             let want_bits: Vec<u32> = want_f.iter().map(|v| v.to_bits()).collect();
             assert_eq!(got_f, want_bits, "block {n}: dequantized values differ");
             // The window a write reopens the block into: the CPU backend's f16 of each
             // dequantized key, clamped to f16's range.
-            let got_w: Vec<u16> = lines
-                .next()
-                .expect("window line")
-                .split(' ')
-                .map(|h| u16::from_str_radix(h, 16).expect("hex"))
-                .collect();
+            let got_w = hex(lines.next(), u16::from_str_radix);
             let want_w: Vec<u16> = want_f
                 .iter()
                 .map(|v| f16::from_f32(v.clamp(-65504.0, 65504.0)).to_bits())
@@ -472,13 +477,7 @@ mod tests {
         let Some(harness) = HostHarness::build("asym", "", main) else {
             return;
         };
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let mut cases = Vec::new();
         for case in 0..60 {
             let (fmt, code) = if case % 2 == 0 {
@@ -531,18 +530,9 @@ mod tests {
             let mut want_f = vec![0.0f32; row.len()];
             k.dequantize_row(*fmt, &want, &mut want_f)
                 .expect("dequantize");
-            let mut fields = lines.next().expect("bytes line").split(' ');
-            assert_eq!(fields.next(), Some("1"), "case {n}: refused");
-            let got: Vec<u8> = fields
-                .map(|h| u8::from_str_radix(h, 16).expect("hex"))
-                .collect();
+            let got = accepted_bytes(lines.next(), &format!("case {n}"));
             assert_eq!(got, want, "case {n} ({fmt:?}): bytes differ");
-            let got_f: Vec<u32> = lines
-                .next()
-                .expect("values line")
-                .split(' ')
-                .map(|h| u32::from_str_radix(h, 16).expect("hex"))
-                .collect();
+            let got_f = hex(lines.next(), u32::from_str_radix);
             let want_bits: Vec<u32> = want_f.iter().map(|v| v.to_bits()).collect();
             assert_eq!(got_f, want_bits, "case {n} ({fmt:?}): values differ");
         }
