@@ -13,6 +13,10 @@
 //!
 //! `copy_blocks` copies a block's filling windows with it ([`plan_kivi_copy`]).
 //!
+//! [`pack_kivi_write`] turns a planned write into the lists the window kernels of `kivi.cu`
+//! take, with each open key block's window in a per-layer device window pool
+//! ([`WindowSlots`]).
+//!
 //! Plain Rust, tested on the CPU. The device code does not use it yet: KIVI answers
 //! `Unsupported` on the GPU until the window pool and the attend path are wired to it.
 
@@ -149,6 +153,116 @@ pub(crate) fn plan_kivi_copy(
     (after, copies)
 }
 
+/// Which window of a layer's device window pool each open key block holds. The pool has
+/// `capacity` windows of `[kv_head][block_tokens][head_dim]` f16 (`kivi.cu`'s `wins`); a
+/// window index is what the window kernels take.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct WindowSlots {
+    /// The window each open key block holds.
+    pub of: BTreeMap<KeyBlock, u32>,
+    /// Windows of the pool no key block holds, the lowest handed out first.
+    free: Vec<u32>,
+    /// Windows in the pool.
+    pub capacity: u32,
+}
+
+impl WindowSlots {
+    /// An empty assignment over a pool of `capacity` windows.
+    pub(crate) fn new(capacity: u32) -> Self {
+        WindowSlots {
+            of: BTreeMap::new(),
+            free: (0..capacity).rev().collect(),
+            capacity,
+        }
+    }
+}
+
+/// The device launches of one planned KIVI key write, as the kernels of `kivi.cu` take their
+/// lists, and the window assignment once they have run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct KiviLaunches {
+    /// `kv_kivi_window_open`: the window of each opened key block ...
+    pub open_windows: Vec<u32>,
+    /// ... and its (cache block, key block) pair, flattened.
+    pub open_blocks: Vec<u32>,
+    /// `kv_kivi_window_store`, per stored key row: its input row, window and slot in the
+    /// window.
+    pub store_src: Vec<u32>,
+    pub store_windows: Vec<u32>,
+    pub store_slots: Vec<u32>,
+    /// `kv_kivi_quantize`: the window of each completed key block and its (cache block,
+    /// key block) pair, flattened.
+    pub quantize_windows: Vec<u32>,
+    pub quantize_blocks: Vec<u32>,
+    /// The assignment after the write, committed by the caller only when every launch
+    /// succeeded.
+    pub slots: WindowSlots,
+}
+
+/// Packs the launches of `plan` (from [`plan_kivi_write`] for the same `slots`) given the
+/// layer's window assignment `assigned`: frees the windows of `plan.free`, gives each key
+/// block of `plan.open` the lowest free window, then lists the key rows to store (for a slot
+/// written twice, the last row, as `plan::write_rows`) and the blocks to quantize.
+///
+/// # Errors
+/// [`KvError::Unsupported`] when the pool has no free window for a key block to open;
+/// [`KvError::InvalidArgument`] when `plan` names a key block `assigned` does not hold (a
+/// plan made for other windows). Nothing is changed either way.
+pub(crate) fn pack_kivi_write(
+    assigned: &WindowSlots,
+    plan: &KiviWrite,
+    slots: &[Slot],
+    block_tokens: usize,
+) -> Result<KiviLaunches> {
+    let mut out = KiviLaunches {
+        slots: assigned.clone(),
+        ..KiviLaunches::default()
+    };
+    let pool = &mut out.slots;
+    for kb in &plan.free {
+        if let Some(w) = pool.of.remove(kb) {
+            pool.free.push(w);
+        }
+    }
+    // Lowest first, so a pool that is reused stays compact and the order is deterministic.
+    pool.free.sort_unstable_by(|a, b| b.cmp(a));
+    for &kb in &plan.open {
+        let w = pool.free.pop().ok_or_else(|| KvError::Unsupported {
+            backend: "cuda".into(),
+            what: format!(
+                "more than {} KIVI key blocks filling at once in one layer (the window pool \
+                 is full)",
+                pool.capacity
+            ),
+        })?;
+        pool.of.insert(kb, w);
+        out.open_windows.push(w);
+        out.open_blocks.extend([kb.0, kb.1]);
+    }
+    let window_of = |kb: KeyBlock, of: &BTreeMap<KeyBlock, u32>| {
+        of.get(&kb)
+            .copied()
+            .ok_or_else(|| KvError::InvalidArgument {
+                what: "kivi write plan",
+                detail: format!("key block {kb:?} has no window (a plan for other windows)"),
+            })
+    };
+    let (src, blocks, offsets) = crate::plan::write_rows(slots)?;
+    for ((&r, &b), &o) in src.iter().zip(&blocks).zip(&offsets) {
+        let o = o as usize;
+        // `block_tokens` <= 64 (the plan checked it), so both fit u32.
+        let kb = (b, (o / block_tokens) as u32);
+        out.store_windows.push(window_of(kb, &pool.of)?);
+        out.store_src.push(r);
+        out.store_slots.push((o % block_tokens) as u32);
+    }
+    for &kb in &plan.quantize {
+        out.quantize_windows.push(window_of(kb, &pool.of)?);
+        out.quantize_blocks.extend([kb.0, kb.1]);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +387,58 @@ mod tests {
         let (after, copies) = plan_kivi_copy(&windows, &[(0, 6), (6, 7)], 2);
         assert_eq!(copies, vec![((0, 1), (6, 1)), ((6, 1), (7, 1))]);
         assert_eq!(after[&(7, 1)].filled, 0xff);
+    }
+
+    #[test]
+    fn launches_take_the_lowest_free_windows_and_reuse_freed_ones() {
+        let s = slots(3, 0..40);
+        let p = plan_kivi_write(&BTreeMap::new(), 0, &s, 32).expect("plan");
+        let l = pack_kivi_write(&WindowSlots::new(4), &p, &s, 32).expect("pack");
+        assert_eq!(l.open_windows, vec![0, 1]);
+        assert_eq!(l.open_blocks, vec![3, 0, 3, 1]);
+        assert_eq!(l.store_src, (0..40).collect::<Vec<u32>>());
+        let want_windows: Vec<u32> = (0..40).map(|i| u32::from(i >= 32)).collect();
+        assert_eq!(l.store_windows, want_windows);
+        assert_eq!(l.store_slots, (0..40).map(|i| i % 32).collect::<Vec<u32>>());
+        assert_eq!(
+            (l.quantize_windows.clone(), l.quantize_blocks.clone()),
+            (vec![0], vec![3, 0])
+        );
+        // After an attend, the next write frees key block (3, 0)'s window; block 4's first
+        // key block opens into it.
+        let s2 = slots(4, 0..1);
+        let p2 = plan_kivi_write(&p.windows, 1, &s2, 32).expect("plan");
+        let l2 = pack_kivi_write(&l.slots, &p2, &s2, 32).expect("pack");
+        assert_eq!(l2.open_windows, vec![0]);
+        assert_eq!(l2.slots.of.get(&(3, 0)), None);
+        assert_eq!(l2.slots.of.get(&(3, 1)), Some(&1));
+        assert_eq!(l2.slots.of.get(&(4, 0)), Some(&0));
+    }
+
+    #[test]
+    fn repeated_slots_store_their_last_row_once() {
+        let mut s = slots(0, 0..2);
+        s.push(Slot {
+            block: BlockId::new(0),
+            offset: 0,
+        });
+        let p = plan_kivi_write(&BTreeMap::new(), 0, &s, 32).expect("plan");
+        let l = pack_kivi_write(&WindowSlots::new(1), &p, &s, 32).expect("pack");
+        assert_eq!(l.store_src, vec![1, 2]);
+        assert_eq!(l.store_slots, vec![1, 0]);
+    }
+
+    #[test]
+    fn a_full_window_pool_and_a_stale_plan_are_refused() {
+        let s = slots(1, 0..64);
+        let p = plan_kivi_write(&BTreeMap::new(), 0, &s, 32).expect("plan");
+        let before = WindowSlots::new(1);
+        let e = pack_kivi_write(&before, &p, &s, 32).unwrap_err();
+        assert!(matches!(e, KvError::Unsupported { .. }), "{e}");
+        // A plan whose key blocks the assignment does not hold (made for other windows).
+        let p2 = plan_kivi_write(&p.windows, 0, &slots(1, 5..6), 32).expect("plan");
+        let e = pack_kivi_write(&WindowSlots::new(2), &p2, &slots(1, 5..6), 32).unwrap_err();
+        assert!(matches!(e, KvError::InvalidArgument { .. }), "{e}");
     }
 
     #[test]
