@@ -24,8 +24,13 @@
 //!   (chains) run in order. **read** dequantizes into f32.
 //!
 //! Without the `cuda` feature the crate builds everywhere and [`CudaBackend::new`] returns
-//! [`KvError::BackendUnavailable`] saying how to get the real one. Not yet run on a GPU:
-//! the kernels are compiled by NVRTC in CI and the GPU tests skip without a device.
+//! [`KvError::BackendUnavailable`] saying how to get the real one.
+//!
+//! **Not yet run on a GPU**: no GPU was available while it was written. The kernels are
+//! compiled by NVRTC in CI, the host-side planning and the kernels' scalar helpers are
+//! tested on the CPU, and the GPU tests (`tests/gpu.rs`: the conformance suite for every
+//! layout) and the bench (`examples/gpu_attention_bench.rs`, decode attention GB/s against a
+//! device-to-device copy probe) print `SKIPPED` without a device.
 //!
 //! ```
 //! use kv_core::CacheBackend;
