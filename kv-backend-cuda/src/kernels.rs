@@ -539,6 +539,81 @@ mod tests {
         assert_eq!(lines.next(), None);
     }
 
+    /// `row_offset` of `common.cuh` (where every kernel finds a row, and `kivi.cu` a key
+    /// block) compiled for the host, against the Rust geometry the pool is sized by
+    /// (`plan::Geometry::row_offset`): the same byte offset for every coordinate, including
+    /// pools past 4 GiB where the 32-bit arguments' products must be widened first.
+    #[test]
+    fn host_check_of_row_offsets() {
+        use crate::plan::Geometry;
+        let main = "int main(void) {\n\
+              unsigned a[9];\n\
+              while (scanf(\"%u %u %u %u %u %u %u %u %u\", &a[0], &a[1], &a[2], &a[3], &a[4],\n\
+                           &a[5], &a[6], &a[7], &a[8]) == 9)\n\
+                printf(\"%llu\\n\", (unsigned long long)row_offset(a[0], a[1], a[2], a[3], a[4],\n\
+                                                                a[5], a[6], a[7], a[8]));\n\
+              return 0;\n}\n";
+        let Some(harness) = HostHarness::build("offsets", "", main) else {
+            return;
+        };
+        let mut random = xorshift(0x5851_f42d_4c95_7f2d);
+        let mut cases = Vec::new();
+        // (layers, kv_heads, num_blocks, block_size, row_bytes): small pools, the Llama-2-7B
+        // layer shapes, and pools far past 4 GiB.
+        for (layers, kv_heads, num_blocks, block_size, row_bytes) in [
+            (1, 1, 1, 1, 2),
+            (2, 3, 7, 16, 128),
+            (32, 32, 4096, 32, 256),
+            (80, 8, 200_000, 32, 136),
+            (1, 64, 1_000_000, 64, 520),
+        ] {
+            let g = Geometry {
+                layers,
+                kv_heads,
+                num_blocks,
+                block_size,
+                row_bytes,
+            };
+            for i in 0..200u64 {
+                let pick = |n: usize, r: u64| match i % 4 {
+                    0 => 0,
+                    1 => n - 1,
+                    _ => (r % n as u64) as usize,
+                };
+                let c = (
+                    pick(layers, random()),
+                    pick(2, random()),
+                    pick(kv_heads, random()),
+                    pick(num_blocks, random()),
+                    pick(block_size, random()),
+                );
+                cases.push((g, c));
+            }
+        }
+        let input: String = cases
+            .iter()
+            .map(|(g, (l, w, h, b, s))| {
+                format!(
+                    "{l} {w} {h} {b} {s} {} {} {} {}\n",
+                    g.kv_heads, g.num_blocks, g.block_size, g.row_bytes
+                )
+            })
+            .collect();
+        let text = harness.run(&input);
+        let got: Vec<u64> = text.lines().map(|l| l.parse().expect("offset")).collect();
+        assert_eq!(got.len(), cases.len());
+        let mut past_4g = 0;
+        for ((g, (l, w, h, b, s)), got) in cases.iter().zip(got) {
+            let want = g.row_offset(*l, *w, *h, *b, *s) as u64;
+            assert_eq!(got, want, "{g:?} at ({l}, {w}, {h}, {b}, {s})");
+            past_4g += usize::from(want > u64::from(u32::MAX));
+        }
+        assert!(
+            past_4g > 100,
+            "the large pools reach past 4 GiB ({past_4g} cases)"
+        );
+    }
+
     /// The next f16 towards +infinity (`up`) or -infinity.
     fn next(h: half::f16, up: bool) -> half::f16 {
         let b = h.to_bits();
