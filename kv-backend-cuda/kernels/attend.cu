@@ -15,13 +15,46 @@
 #define SEQ_FIELDS 4   // table offset, kv_len, n_queries, first query row
 #define ITEM_FIELDS 9  // seq, kv head, first head, heads, first query, queries, key start, key end, partial row
 #define THREADS 128
+#define KIVI_TOKENS 32u  // tokens of a KIVI key block (kv_core's KvDType::block_tokens)
+
+// Element `d` of the KIVI key in slot `off` of cache block `blk`, KV head `kvh`, as every
+// query but those inside a quantized block's window reads it: from the f16 window while
+// the key block fills, else dequantized from the quantized block. `win_table` has one
+// entry per key block of the layer (block * block_size / 32 + key block).
+__device__ __forceinline__ float kivi_key(
+    const u8* pool, const u16* wins, const u32* win_table, u32 layer, u32 kvh, u32 blk,
+    u32 off, u32 d, u32 kv_heads, u32 num_blocks, u32 block_size, u32 D, u32 row_bytes,
+    u32 bits)
+{
+    const u32 j = off % KIVI_TOKENS;
+    const u32 e = win_table[(u64)blk * (block_size / KIVI_TOKENS) + off / KIVI_TOKENS];
+    if (e != KIVI_NO_WINDOW && !(e & KIVI_QUANTIZED))
+        return h2f(wins[(((u64)e * kv_heads + kvh) * KIVI_TOKENS + j) * D + d]);
+    const u8* block = pool + row_offset(layer, 0, kvh, blk, off - j, kv_heads, num_blocks,
+                                        block_size, row_bytes);
+    return kivi_load(block, D, bits, j, d);
+}
+
+// The f16 window row of sequence key `key` when its key block is quantized but keeps its
+// window (for the queries inside the block), else null.
+__device__ __forceinline__ const u16* kivi_kept_row(
+    const u16* wins, const u32* win_table, u32 kvh, const u32* table, u32 key, u32 kv_heads,
+    u32 block_size, u32 D)
+{
+    const u32 blk = table[key / block_size], off = key % block_size;
+    const u32 e = win_table[(u64)blk * (block_size / KIVI_TOKENS) + off / KIVI_TOKENS];
+    if (e == KIVI_NO_WINDOW || !(e & KIVI_QUANTIZED)) return 0;
+    const u32 w = e & ~KIVI_QUANTIZED;
+    return wins + (((u64)w * kv_heads + kvh) * KIVI_TOKENS + off % KIVI_TOKENS) * D;
+}
 
 extern "C" __global__ void kv_attend(
     const u8* pool, const float* q, const u32* seqs, const u32* tables, const u32* items,
     float* partials, u32* flags,
     u32 layer, u32 kv_heads, u32 num_blocks, u32 block_size, u32 head_dim, u32 row_bytes,
     int k_fmt, int v_fmt, u32 group, int rotate_k, float hadamard_scale,
-    u32 q_heads, float scale, u32 tile, u32 max_rows)
+    u32 q_heads, float scale, u32 tile, u32 max_rows,
+    const u16* wins, const u32* win_table, u32 kivi_bits)
 {
     extern __shared__ float sm[];
     const u32 D = head_dim;
@@ -76,7 +109,10 @@ extern "C" __global__ void kv_attend(
                                                block_size, row_bytes);
             const u8* vrow = pool + row_offset(layer, 1, kvh, blk, off, kv_heads, num_blocks,
                                                block_size, row_bytes);
-            ks[i] = load_elem(krow, k_fmt, group, d);
+            ks[i] = k_fmt == FMT_KIVI ? kivi_key(pool, wins, win_table, layer, kvh, blk, off, d,
+                                                 kv_heads, num_blocks, block_size, D,
+                                                 row_bytes, kivi_bits)
+                                      : load_elem(krow, k_fmt, group, d);
             vs[i] = load_elem(vrow, v_fmt, group, d);
         }
         __syncthreads();
@@ -87,8 +123,19 @@ extern "C" __global__ void kv_attend(
             if (t0 + t <= pos) {
                 const float* qr = qs + r * D;
                 const float* kr = ks + t * D;
+                // KIVI: a query reads the keys of its own key block in f16 from the
+                // block's window, also once the block is quantized (the tile holds the
+                // quantized keys then, which later queries read).
+                const u16* wr = k_fmt == FMT_KIVI && (t0 + t) / KIVI_TOKENS == pos / KIVI_TOKENS
+                                    ? kivi_kept_row(wins, win_table, kvh, table, t0 + t,
+                                                    kv_heads, block_size, D)
+                                    : 0;
                 float dot = 0.0f;
-                for (u32 d = 0; d < D; ++d) dot = fmaf(qr[d], kr[d], dot);
+                if (wr) {
+                    for (u32 d = 0; d < D; ++d) dot = fmaf(qr[d], h2f(wr[d]), dot);
+                } else {
+                    for (u32 d = 0; d < D; ++d) dot = fmaf(qr[d], kr[d], dot);
+                }
                 s = dot * scale;
             }
             sc[r * tile + t] = s;

@@ -20,6 +20,12 @@ typedef unsigned long long u64;
 #define FMT_INT8 3
 #define FMT_INT4 4
 #define FMT_INT2 5
+// KIVI keys: no rows, 32-token key blocks quantized per channel (kivi.cu), f16 windows.
+#define FMT_KIVI 6
+// A KIVI window table entry: no window, or the window index with this bit set once the
+// key block was quantized (the window then serves only the queries inside the block).
+#define KIVI_NO_WINDOW 0xffffffffu
+#define KIVI_QUANTIZED 0x80000000u
 
 // Error flags a write or attend kernel raises (plan.rs: flags).
 #define FLAG_K_NONFINITE 1u
@@ -197,3 +203,19 @@ __device__ __forceinline__ u64 row_offset(u32 layer, u32 which, u32 head, u32 bl
         for (u32 p_ = (lane); p_ < (n); p_ += (lanes)) (x)[p_] = __fmul_rn((x)[p_], (scale)); \
         sync;                                                                              \
     } while (0)
+
+// KIVI key blocks (kivi.cu has their layout), read by attend.cu too.
+
+// Largest code of `bits`-bit KIVI codes.
+__device__ __forceinline__ u32 kivi_levels(u32 bits) { return (1u << bits) - 1u; }
+
+// Key `t`, channel `c` of a quantized block, dequantized as kv-quant does (`m + s * code`,
+// one product and one sum in f32, unfused).
+__device__ __forceinline__ float kivi_load(const u8* block, u32 head_dim, u32 bits, u32 t,
+                                           u32 c) {
+    const float s = h2f(load_u16(block + 2u * c));
+    const float m = h2f(load_u16(block + 2u * head_dim + 2u * c));
+    const u8 byte = block[4u * head_dim + (u64)t * (head_dim / 8u * bits) + c * bits / 8u];
+    const u32 code = (byte >> ((c * bits) % 8u)) & kivi_levels(bits);
+    return __fadd_rn(m, __fmul_rn(s, (float)code));
+}

@@ -10,10 +10,7 @@
 //
 // Work is split by *code byte column*: column j holds channels j * 8 / b .. (j + 1) * 8 / b
 // of every token, so the thread that owns a column writes whole bytes and no two threads
-// share one.
-
-// Largest code of `bits`-bit KIVI codes.
-__device__ __forceinline__ u32 kivi_levels(u32 bits) { return (1u << bits) - 1u; }
+// share one. kivi_levels and kivi_load are in common.cuh (attend.cu reads key blocks).
 
 // Scale and minimum of channel `c` of a key block (`t_n` f16 rows of `head_dim`, token-major,
 // as the f16 window holds them), over its tokens as kv-quant's quantize_block. False when
@@ -59,16 +56,6 @@ __device__ bool kivi_quantize_column(const u16* rows, u32 t_n, u32 head_dim, u32
     return true;
 }
 
-// Key `t`, channel `c` of a quantized block, dequantized as kv-quant does (`m + s * code`,
-// one product and one sum in f32, unfused).
-__device__ __forceinline__ float kivi_load(const u8* block, u32 head_dim, u32 bits, u32 t,
-                                           u32 c) {
-    const float s = h2f(load_u16(block + 2u * c));
-    const float m = h2f(load_u16(block + 2u * head_dim + 2u * c));
-    const u8 byte = block[4u * head_dim + (u64)t * (head_dim / 8u * bits) + c * bits / 8u];
-    const u32 code = (byte >> ((c * bits) % 8u)) & kivi_levels(bits);
-    return __fadd_rn(m, __fmul_rn(s, (float)code));
-}
 
 // A window's f16 of a float key: clamped to f16's range, rounded to nearest even (the CPU
 // backend's encode_f16; only a dequantized key can exceed 65504, by half a step).
@@ -130,18 +117,34 @@ extern "C" __global__ void kv_kivi_quantize(
     }
 }
 
-// Grid: (slots, kv_heads); block: 32 threads. Dequantizes the keys of quantized KIVI
-// blocks into f32 rows [slots, kv_heads, head_dim] of `k_out` (for read).
+// Grid: (slots, kv_heads); block: 32 threads. K rows [slots, kv_heads, head_dim] f32 of
+// `k_out` (for read): from window `slot_windows[r]` of `wins` in f16 where the slot's key
+// block is still filling, else dequantized from its quantized block (KIVI_NO_WINDOW).
 extern "C" __global__ void kv_kivi_read(
-    const u8* pool, float* k_out, const u32* slot_blocks, const u32* slot_offsets,
+    const u8* pool, const u16* wins, float* k_out, const u32* slot_blocks,
+    const u32* slot_offsets, const u32* slot_windows,
     u32 layer, u32 kv_heads, u32 num_blocks, u32 block_size, u32 head_dim, u32 row_bytes,
     u32 block_tokens, u32 bits)
 {
     const u32 r = blockIdx.x, head = blockIdx.y, lane = threadIdx.x;
-    const u32 slot = slot_offsets[r], t = slot % block_tokens;
+    const u32 slot = slot_offsets[r], t = slot % block_tokens, w = slot_windows[r];
+    float* out = k_out + ((u64)r * kv_heads + head) * head_dim;
+    if (w != KIVI_NO_WINDOW) {
+        const u16* row = wins + (((u64)w * kv_heads + head) * block_tokens + t) * head_dim;
+        for (u32 c = lane; c < head_dim; c += 32) out[c] = h2f(row[c]);
+        return;
+    }
     const u8* block = pool + row_offset(layer, 0, head, slot_blocks[r], slot - t, kv_heads,
                                         num_blocks, block_size, row_bytes);
-    float* out = k_out + ((u64)r * kv_heads + head) * head_dim;
     for (u32 c = lane; c < head_dim; c += 32) out[c] = kivi_load(block, head_dim, bits, t, c);
+}
+
+// Grid: (ceil(elems / 256)); block: 256 threads. Copies window `from` of `wins` over window
+// `to` (`elems` f16 each): copy_blocks giving a copied block its source's filling window.
+// One launch per copy, in order, so a chain of moves sees each copy done.
+extern "C" __global__ void kv_kivi_window_copy(u16* wins, u32 from, u32 to, u32 elems)
+{
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < elems) wins[(u64)to * elems + i] = wins[(u64)from * elems + i];
 }
 #endif

@@ -12,6 +12,8 @@ extern "C" __global__ void kv_read(
     extern __shared__ float x[];
     const u32 r = blockIdx.x, head = blockIdx.y, which = blockIdx.z, lane = threadIdx.x;
     const int fmt = which == 0 ? k_fmt : v_fmt;
+    // KIVI keys are read by kv_kivi_read.
+    if (fmt == FMT_KIVI) return;
     const u8* row = pool + row_offset(layer, which, head, slot_blocks[r], slot_offsets[r],
                                       kv_heads, num_blocks, block_size, row_bytes);
     for (u32 d = lane; d < head_dim; d += 32) x[d] = load_elem(row, fmt, group, d);

@@ -55,6 +55,8 @@ extern "C" __global__ void kv_write(
         if (lane == 0) atomicOr(flags, bad);
         return;
     }
+    // KIVI keys were checked as f16 values (what a window holds); kivi.cu stores them.
+    if (fmt == FMT_KIVI) return;
     if (which == 0 && rotate_k) HADAMARD(x, head_dim, lane, 32u, hadamard_scale, __syncwarp());
 
     u8* row = pool + row_offset(layer, which, head, slot_blocks[r], slot_offsets[r], kv_heads,

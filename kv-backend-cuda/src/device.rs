@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::cudarc::driver::{
@@ -21,6 +22,7 @@ use kv_core::{
 };
 
 use crate::kernels::{self, KernelModule, MODULES, NVRTC_FLAGS};
+use crate::kivi::{self, KiviLayer, NO_WINDOW};
 use crate::plan::{self, flags, Geometry, GpuLayout, RowArgs, ITEM_FIELDS};
 
 /// The first line of an error's message: candle appends a backtrace to its CUDA errors
@@ -93,6 +95,11 @@ struct Functions {
     copy: CudaFunction,
     attend: CudaFunction,
     merge: CudaFunction,
+    kivi_open: CudaFunction,
+    kivi_store: CudaFunction,
+    kivi_quantize: CudaFunction,
+    kivi_read: CudaFunction,
+    kivi_copy: CudaFunction,
 }
 
 /// A KV cache on an NVIDIA GPU: pools in device memory, attention in CUDA kernels.
@@ -103,6 +110,10 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     arch: &'static str,
     fns: Functions,
+    /// A one-element window pool and window table for the attend launches of the row
+    /// layouts, which take them but never read them.
+    no_wins: CudaSlice<u16>,
+    no_table: CudaSlice<u32>,
 }
 
 impl fmt::Debug for CudaBackend {
@@ -120,6 +131,34 @@ pub struct CudaStorage {
     geom: Geometry,
     layout: GpuLayout,
     pool: CudaSlice<u8>,
+    /// KIVI layouts: each layer's key block windows.
+    kivi: Option<KiviState>,
+}
+
+/// Tokens of a KIVI key block (`KvDType::block_tokens`; `attend.cu`'s `KIVI_TOKENS`).
+const KIVI_TOKENS: usize = 32;
+
+/// The KIVI windows of a storage: per layer, the host state and a device pool of f16
+/// windows, `[window][kv_head][32][head_dim]`, grown as key blocks open.
+struct KiviState {
+    /// Key blocks per cache block (`block_size / 32`).
+    per_block: u32,
+    /// f16 elements of one window (`kv_heads x 32 x head_dim`).
+    window_elems: usize,
+    layers: Vec<KiviDeviceLayer>,
+}
+
+#[derive(Default)]
+struct KiviDeviceLayer {
+    host: KiviLayer,
+    /// The window pool (`None` until the first key block opens).
+    wins: Option<CudaSlice<u16>>,
+    /// Windows the pool holds.
+    pool_windows: u32,
+    /// Attention calls on this layer: a quantized block's window serves the queries of the
+    /// tokens that filled it and is freed by the first write after the next attend. Atomic
+    /// because `attend` takes the storage by shared reference.
+    attends: AtomicU64,
 }
 
 impl fmt::Debug for CudaStorage {
@@ -175,14 +214,23 @@ impl CudaBackend {
             copy: load(1, "kv_copy_blocks")?,
             attend: load(2, "kv_attend")?,
             merge: load(2, "kv_merge")?,
+            kivi_open: load(3, "kv_kivi_window_open")?,
+            kivi_store: load(3, "kv_kivi_window_store")?,
+            kivi_quantize: load(3, "kv_kivi_quantize")?,
+            kivi_read: load(3, "kv_kivi_read")?,
+            kivi_copy: load(3, "kv_kivi_window_copy")?,
         };
         let stream = cuda.cuda_stream();
+        let no_wins = cuda.alloc_zeros::<u16>(1)?;
+        let no_table = cuda.clone_htod(&[NO_WINDOW])?;
         Ok(Self {
             device,
             cuda,
             stream,
             arch,
             fns,
+            no_wins,
+            no_table,
         })
     }
 
@@ -219,6 +267,170 @@ impl CudaBackend {
         Ok(host.first().copied().unwrap_or(0))
     }
 
+    /// Grows `layer`'s window pool to hold `want` windows of `elems` f16 (at least doubling,
+    /// at most `max` windows, the storage's key blocks), keeping the windows it holds.
+    fn ensure_windows(
+        &self,
+        layer: &mut KiviDeviceLayer,
+        want: u32,
+        elems: usize,
+        max: u32,
+    ) -> Result<()> {
+        if want <= layer.pool_windows {
+            return Ok(());
+        }
+        let windows = want
+            .max(layer.pool_windows.saturating_mul(2))
+            .min(max.max(want));
+        let len = plan::product("KIVI window pool", &[windows as usize, elems])?;
+        let mut grown = self.cuda.alloc_zeros::<u16>(len)?;
+        if let Some(old) = &layer.wins {
+            let mut head =
+                grown
+                    .try_slice_mut(0..old.len())
+                    .ok_or_else(|| KvError::InvalidArgument {
+                        what: "KIVI window pool",
+                        detail: format!("{} elements do not fit {len}", old.len()),
+                    })?;
+            self.stream
+                .memcpy_dtod(old, &mut head)
+                .map_err(|e| cuda_err("copying the KIVI windows")(&e))?;
+        }
+        layer.wins = Some(grown);
+        layer.pool_windows = windows;
+        Ok(())
+    }
+
+    /// Plans a KIVI key write to `slots` of `layer` (validated) and grows the layer's window
+    /// pool for it; changes nothing the layer reads, so a failure leaves the storage as it
+    /// was.
+    fn kivi_prepare(
+        &self,
+        storage: &mut CudaStorage,
+        layer: usize,
+        slots: &[Slot],
+    ) -> Result<PendingKivi> {
+        let max = plan::to_u32(
+            "KIVI key blocks",
+            plan::product(
+                "KIVI key blocks",
+                &[
+                    storage.spec.num_blocks,
+                    storage.spec.block_size / KIVI_TOKENS,
+                ],
+            )?,
+        )?;
+        let st = kivi_state(&mut storage.kivi)?;
+        let elems = st.window_elems;
+        let l = kivi_layer(&mut st.layers, layer)?;
+        let attends = l.attends.load(Ordering::Acquire);
+        let planned = kivi::plan_kivi_write(&l.host.windows, attends, slots, KIVI_TOKENS)?;
+        let launches = kivi::pack_kivi_write(&l.host.slots, &planned, slots, KIVI_TOKENS)?;
+        self.ensure_windows(l, launches.slots.capacity, elems, max)?;
+        Ok(PendingKivi {
+            windows: planned.windows,
+            launches,
+        })
+    }
+
+    /// Runs a prepared KIVI key write: opens the windows of the key blocks it starts in,
+    /// stores its keys into them in f16, quantizes the blocks it completes, then commits
+    /// the layer's window state.
+    fn kivi_store(
+        &self,
+        storage: &mut CudaStorage,
+        layer: usize,
+        k: &Tensor,
+        pending: PendingKivi,
+    ) -> Result<()> {
+        let g = storage.geom;
+        let d = storage.spec.shape.head_dim();
+        let args = RowArgs::new(&g, storage.layout, d, layer)?;
+        let bits = storage.layout.kivi_bits;
+        let tokens = plan::to_u32("KIVI block tokens", KIVI_TOKENS)?;
+        let st = kivi_state(&mut storage.kivi)?;
+        let l = kivi_layer(&mut st.layers, layer)?;
+        let PendingKivi { windows, launches } = pending;
+        let wins = l.wins.as_mut().ok_or_else(|| KvError::InvalidArgument {
+            what: "KIVI window pool",
+            detail: "a write with keys but no window pool".into(),
+        })?;
+        let n_open = plan::to_u32("KIVI windows opened", launches.open_windows.len())?;
+        if n_open > 0 {
+            let (w, b) = (
+                self.upload(&launches.open_windows)?,
+                self.upload(&launches.open_blocks)?,
+            );
+            let mut lb = self.stream.launch_builder(&self.fns.kivi_open);
+            lb.arg(&storage.pool).arg(&mut *wins).arg(&w).arg(&b);
+            push_kivi_args(&mut lb, &args, &tokens, &bits);
+            // SAFETY: matches `kv_kivi_window_open` (kernels/kivi.cu); the key blocks are in
+            // validated cache blocks of this layer, and every window index is below the
+            // pool's window count (grown by kivi_prepare for this assignment).
+            unsafe { lb.launch(cfg((n_open, args.kv_heads, 1), 32, 0)?) }
+                .map_err(|e| cuda_err("kv_kivi_window_open")(&e))?;
+        }
+        let n_store = plan::to_u32("KIVI keys stored", launches.store_src.len())?;
+        if n_store > 0 {
+            let (src, w, sl) = (
+                self.upload(&launches.store_src)?,
+                self.upload(&launches.store_windows)?,
+                self.upload(&launches.store_slots)?,
+            );
+            with_f32(k, |kd| {
+                let mut lb = self.stream.launch_builder(&self.fns.kivi_store);
+                lb.arg(&mut *wins)
+                    .arg(kd)
+                    .arg(&src)
+                    .arg(&w)
+                    .arg(&sl)
+                    .arg(&args.kv_heads)
+                    .arg(&args.head_dim)
+                    .arg(&tokens);
+                // SAFETY: matches `kv_kivi_window_store`; source rows index the write's
+                // contiguous f32 K (`rows x kv_heads x head_dim`), windows are in the pool
+                // and slots below 32.
+                unsafe { lb.launch(cfg((n_store, args.kv_heads, 1), 32, 0)?) }
+                    .map_err(|e| cuda_err("kv_kivi_window_store")(&e))?;
+                Ok(())
+            })?;
+        }
+        let n_quant = plan::to_u32("KIVI blocks quantized", launches.quantize_windows.len())?;
+        let mut flag = None;
+        if n_quant > 0 {
+            let (w, b) = (
+                self.upload(&launches.quantize_windows)?,
+                self.upload(&launches.quantize_blocks)?,
+            );
+            let mut f = self.cuda.alloc_zeros::<u32>(1)?;
+            let mut lb = self.stream.launch_builder(&self.fns.kivi_quantize);
+            lb.arg(&mut storage.pool).arg(&*wins).arg(&w).arg(&b);
+            push_kivi_args(&mut lb, &args, &tokens, &bits);
+            lb.arg(&mut f);
+            // SAFETY: matches `kv_kivi_quantize`; each key block is written by its own
+            // thread block (a plan lists a key block once), inside the layer's K range of
+            // a validated cache block; windows are in the pool.
+            unsafe { lb.launch(cfg((n_quant, args.kv_heads, 1), 32, 0)?) }
+                .map_err(|e| cuda_err("kv_kivi_quantize")(&e))?;
+            flag = Some(f);
+        }
+        l.host = KiviLayer {
+            windows,
+            slots: launches.slots,
+        };
+        if let Some(f) = flag {
+            if self.flags_of(&f)? != 0 {
+                // The keys were checked to be f16 values, whose channel parameters always
+                // fit f16: this is a kernel fault, not bad input.
+                return Err(KvError::BackendUnavailable {
+                    backend: "cuda",
+                    reason: "kv_kivi_quantize: a key block's scale did not fit f16".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// `t` as a contiguous f32 tensor on this device (a copy only when needed).
     fn as_f32(t: &Tensor) -> Result<Tensor> {
         Ok(t.to_dtype(DType::F32)?.contiguous()?)
@@ -253,6 +465,43 @@ fn with_f32<R>(
             detail: "not on a CUDA device".into(),
         }),
     }
+}
+
+/// A planned KIVI key write: the layer's windows once done and the launches that do it.
+struct PendingKivi {
+    windows: std::collections::BTreeMap<kivi::KeyBlock, kivi::Window>,
+    launches: kivi::KiviLaunches,
+}
+
+/// The KIVI state of a storage whose layout is KIVI.
+fn kivi_state(kivi: &mut Option<KiviState>) -> Result<&mut KiviState> {
+    kivi.as_mut().ok_or_else(|| KvError::InvalidArgument {
+        what: "storage",
+        detail: "not a KIVI layout".into(),
+    })
+}
+
+/// Layer `layer` (validated) of a KIVI state.
+fn kivi_layer(layers: &mut [KiviDeviceLayer], layer: usize) -> Result<&mut KiviDeviceLayer> {
+    let len = layers.len();
+    layers.get_mut(layer).ok_or(KvError::OutOfRange {
+        what: "layer",
+        index: layer,
+        len,
+    })
+}
+
+/// Pushes the pool arguments of the KIVI block kernels (`kv_kivi_window_open`,
+/// `kv_kivi_quantize`, `kv_kivi_read`), in their order after their buffers.
+fn push_kivi_args<'a>(b: &mut LaunchArgs<'a>, a: &'a RowArgs, tokens: &'a u32, bits: &'a u32) {
+    b.arg(&a.layer)
+        .arg(&a.kv_heads)
+        .arg(&a.num_blocks)
+        .arg(&a.block_size)
+        .arg(&a.head_dim)
+        .arg(&a.row_bytes)
+        .arg(tokens)
+        .arg(bits);
 }
 
 /// Pushes the row arguments onto a launch of `kv_write`, `kv_read` or `kv_attend`, which
@@ -318,11 +567,28 @@ impl CacheBackend for CudaBackend {
         plan::to_u32("block size", spec.block_size)?;
         plan::to_u32("row bytes", geom.row_bytes)?;
         let pool = self.cuda.alloc_zeros::<u8>(geom.total_bytes()?)?;
+        let kivi = if layout.kivi_bits > 0 {
+            // kv-core only builds KIVI specs whose block size is a multiple of 32.
+            let per_block = plan::to_u32("KIVI key blocks", spec.block_size / KIVI_TOKENS)?;
+            Some(KiviState {
+                per_block,
+                window_elems: plan::product(
+                    "KIVI window",
+                    &[geom.kv_heads, KIVI_TOKENS, spec.shape.head_dim()],
+                )?,
+                layers: (0..geom.layers)
+                    .map(|_| KiviDeviceLayer::default())
+                    .collect(),
+            })
+        } else {
+            None
+        };
         Ok(CudaStorage {
             spec: *spec,
             geom,
             layout,
             pool,
+            kivi,
         })
     }
 
@@ -354,20 +620,18 @@ impl CacheBackend for CudaBackend {
         let d = storage.spec.shape.head_dim();
         let args = RowArgs::new(&storage.geom, storage.layout, d, layer)?;
         let launch = cfg((rows, args.kv_heads, 2), 32, d * 4)?;
-        // A dry run checks every value and stores nothing; only then the storing run, with
-        // the same arguments.
-        for dry_run in [1i32, 0] {
+        let run = |pool: &mut CudaSlice<u8>, flag: &mut CudaSlice<u32>, dry_run: i32| {
             with_f32(&k, |kd| {
                 with_f32(&v, |vd| {
                     let mut b = self.stream.launch_builder(&self.fns.write);
-                    b.arg(&mut storage.pool)
+                    b.arg(pool)
                         .arg(kd)
                         .arg(vd)
                         .arg(&src)
                         .arg(&blocks)
                         .arg(&offsets);
                     push_row_args(&mut b, &args);
-                    b.arg(&dry_run).arg(&mut flag);
+                    b.arg(&dry_run).arg(flag);
                     // SAFETY: the arguments match `kv_write` (kernels/write.cu) in type and
                     // order; every row the grid touches is in the pool (slots and layer
                     // validated, geometry from the pool's spec); input indices stay below
@@ -375,10 +639,20 @@ impl CacheBackend for CudaBackend {
                     unsafe { b.launch(launch) }.map_err(|e| cuda_err("kv_write")(&e))?;
                     Ok(())
                 })
-            })?;
-            if dry_run == 1 {
-                plan::write_error(self.flags_of(&flag)?, storage.spec.dtype)?;
-            }
+            })
+        };
+        // A dry run checks every value and stores nothing; only then the storing run, with
+        // the same arguments (KIVI keys were checked as f16 values; the window kernels
+        // store them).
+        run(&mut storage.pool, &mut flag, 1)?;
+        plan::write_error(self.flags_of(&flag)?, storage.spec.dtype)?;
+        let kivi = match storage.kivi {
+            Some(_) => Some(self.kivi_prepare(storage, layer, slots)?),
+            None => None,
+        };
+        run(&mut storage.pool, &mut flag, 0)?;
+        if let Some(pending) = kivi {
+            self.kivi_store(storage, layer, &k, pending)?;
         }
         Ok(())
     }
@@ -423,6 +697,26 @@ impl CacheBackend for CudaBackend {
         );
         let n_items = plan::to_u32("work items", p.items.len() / ITEM_FIELDS)?;
         let launch = cfg((n_items, 1, 1), plan::ATTEND_THREADS, p.shared_bytes)?;
+        // KIVI: the layer's windows and the table of which key block holds which.
+        let kivi_layer = match &storage.kivi {
+            Some(st) => {
+                let l = st.layers.get(layer).ok_or(KvError::OutOfRange {
+                    what: "layer",
+                    index: layer,
+                    len: st.layers.len(),
+                })?;
+                Some((
+                    l,
+                    self.upload(&l.host.table(spec.num_blocks, st.per_block)?)?,
+                ))
+            }
+            None => None,
+        };
+        let (wins, table) = match &kivi_layer {
+            Some((l, table)) => (l.wins.as_ref().unwrap_or(&self.no_wins), table),
+            None => (&self.no_wins, &self.no_table),
+        };
+        let kivi_bits = storage.layout.kivi_bits;
         with_f32(&q, |qd| {
             let mut b = self.stream.launch_builder(&self.fns.attend);
             b.arg(&storage.pool)
@@ -436,11 +730,16 @@ impl CacheBackend for CudaBackend {
             b.arg(&q_heads_u)
                 .arg(&batch.scale)
                 .arg(&tile)
-                .arg(&max_rows);
+                .arg(&max_rows)
+                .arg(wins)
+                .arg(table)
+                .arg(&kivi_bits);
             // SAFETY: the arguments match `kv_attend` (kernels/attend.cu); the plan comes
             // from a batch validated against this storage (block ids below num_blocks);
             // items index only their own tables, queries and partial rows; the shared
             // memory passed is what the plan sized for `max_rows` rows and `tile` keys.
+            // KIVI: the window table has an entry per key block of the layer, naming only
+            // windows of its pool (row layouts never read the one-element stand-ins).
             unsafe { b.launch(launch) }.map_err(|e| cuda_err("kv_attend")(&e))?;
             Ok(())
         })?;
@@ -457,11 +756,47 @@ impl CacheBackend for CudaBackend {
         if self.flags_of(&flag)? & flags::Q_NONFINITE != 0 {
             return Err(KvError::NonFinite { what: "q" });
         }
+        if let Some((l, _)) = kivi_layer {
+            // The queries of the tokens that filled a block have read its window now.
+            l.attends.fetch_add(1, Ordering::AcqRel);
+        }
         Ok(self.tensor_of(out, (total, q_heads, d)))
     }
 
     fn copy_blocks(&self, storage: &mut CudaStorage, moves: &[(BlockId, BlockId)]) -> Result<()> {
         validate::moves(&storage.spec, moves)?;
+        // KIVI: every layer's windows after the moves, planned (and the pools grown)
+        // before anything is copied.
+        let kivi_plans = match &mut storage.kivi {
+            Some(st) => {
+                let pairs: Vec<(u32, u32)> = moves
+                    .iter()
+                    .map(|(f, t)| {
+                        Ok((
+                            plan::to_u32("block id", f.index())?,
+                            plan::to_u32("block id", t.index())?,
+                        ))
+                    })
+                    .collect::<Result<_>>()?;
+                let max = plan::to_u32(
+                    "KIVI key blocks",
+                    plan::product(
+                        "KIVI key blocks",
+                        &[storage.spec.num_blocks, st.per_block as usize],
+                    )?,
+                )?;
+                let mut plans = Vec::with_capacity(st.layers.len());
+                for l in &st.layers {
+                    plans.push(l.host.plan_copy(&pairs, st.per_block)?);
+                }
+                let elems = st.window_elems;
+                for (l, (after, _)) in st.layers.iter_mut().zip(&plans) {
+                    self.ensure_windows(l, after.slots.capacity, elems, max)?;
+                }
+                Some(plans)
+            }
+            None => None,
+        };
         let g = storage.geom;
         let ranges = plan::to_u32("storage ranges", g.ranges()?)?;
         let (kv_heads, num_blocks, block_size, row_bytes) = (
@@ -485,6 +820,38 @@ impl CacheBackend for CudaBackend {
             // num_blocks and `ranges` is the pool's number of (layer, K/V, head) ranges.
             unsafe { b.launch(cfg((n, ranges, 1), 256, 0)?) }
                 .map_err(|e| cuda_err("kv_copy_blocks")(&e))?;
+        }
+        if let (Some(plans), Some(st)) = (kivi_plans, storage.kivi.as_mut()) {
+            let elems = plan::to_u32("KIVI window", st.window_elems)?;
+            let grid = elems.div_ceil(256);
+            for (l, (after, copies)) in st.layers.iter_mut().zip(plans) {
+                if let Some(wins) = l.wins.as_mut() {
+                    for (from, to) in copies {
+                        let mut b = self.stream.launch_builder(&self.fns.kivi_copy);
+                        b.arg(&mut *wins).arg(&from).arg(&to).arg(&elems);
+                        // SAFETY: matches `kv_kivi_window_copy`; both windows are below the
+                        // pool's window count (grown above for this plan), each `elems`
+                        // long. Launched one by one, in the moves' order.
+                        unsafe { b.launch(cfg((grid, 1, 1), 256, 0)?) }
+                            .map_err(|e| cuda_err("kv_kivi_window_copy")(&e))?;
+                    }
+                }
+                l.host = after;
+            }
+        }
+        Ok(())
+    }
+
+    fn settle_blocks(&self, storage: &mut CudaStorage, blocks: &[BlockId]) -> Result<()> {
+        validate::blocks(&storage.spec, blocks)?;
+        if let Some(st) = &mut storage.kivi {
+            let ids: Vec<u32> = blocks
+                .iter()
+                .map(|b| plan::to_u32("block id", b.index()))
+                .collect::<Result<_>>()?;
+            for l in &mut st.layers {
+                l.host.settle(&ids, st.per_block);
+            }
         }
         Ok(())
     }
@@ -526,6 +893,34 @@ impl CacheBackend for CudaBackend {
         // pool was sized by, and the outputs hold `n x kv_heads x head_dim` floats.
         unsafe { b.launch(cfg((rows, args.kv_heads, 2), 32, d * 4)?) }
             .map_err(|e| cuda_err("kv_read")(&e))?;
+        if let Some(st) = &storage.kivi {
+            // KIVI keys: from a filling block's window, else from the quantized block.
+            let l = st.layers.get(layer).ok_or(KvError::OutOfRange {
+                what: "layer",
+                index: layer,
+                len: st.layers.len(),
+            })?;
+            let windows: Vec<u32> = slots
+                .iter()
+                .map(|s| l.host.read_window(s, KIVI_TOKENS))
+                .collect::<Result<_>>()?;
+            let windows = self.upload(&windows)?;
+            let tokens = plan::to_u32("KIVI block tokens", KIVI_TOKENS)?;
+            let bits = storage.layout.kivi_bits;
+            let mut b = self.stream.launch_builder(&self.fns.kivi_read);
+            b.arg(&storage.pool)
+                .arg(l.wins.as_ref().unwrap_or(&self.no_wins))
+                .arg(&mut k)
+                .arg(&blocks)
+                .arg(&offsets)
+                .arg(&windows);
+            push_kivi_args(&mut b, &args, &tokens, &bits);
+            // SAFETY: matches `kv_kivi_read` (kernels/kivi.cu); slots were validated, a
+            // window index names a window of this layer's pool (only a key block holding
+            // one gets an index), and `k` holds `n x kv_heads x head_dim` floats.
+            unsafe { b.launch(cfg((rows, args.kv_heads, 1), 32, 0)?) }
+                .map_err(|e| cuda_err("kv_kivi_read")(&e))?;
+        }
         Ok((
             self.tensor_of(k, (n, kvh, d)),
             self.tensor_of(v, (n, kvh, d)),

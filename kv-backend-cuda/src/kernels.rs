@@ -50,6 +50,7 @@ pub const MODULES: &[KernelModule] = &[
         functions: &[
             "kv_kivi_quantize",
             "kv_kivi_read",
+            "kv_kivi_window_copy",
             "kv_kivi_window_open",
             "kv_kivi_window_store",
         ],

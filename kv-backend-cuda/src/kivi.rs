@@ -17,8 +17,11 @@
 //! take, with each open key block's window in a per-layer device window pool
 //! ([`WindowSlots`]).
 //!
-//! Plain Rust, tested on the CPU. The device code does not use it yet: KIVI answers
-//! `Unsupported` on the GPU until the window pool and the attend path are wired to it.
+//! [`KiviLayer`] is one layer's state as `device.rs` keeps it: the window states and their
+//! places in the layer's device window pool, the table the attend kernel reads them by,
+//! `copy_blocks`' window copies and `settle_blocks`.
+//!
+//! Plain Rust, tested on the CPU.
 
 use std::collections::BTreeMap;
 
@@ -167,13 +170,169 @@ pub(crate) struct WindowSlots {
 }
 
 impl WindowSlots {
-    /// An empty assignment over a pool of `capacity` windows.
+    /// An empty assignment over a pool of `capacity` windows (the device starts from the
+    /// empty pool, `default`, and grows it).
+    #[cfg(test)]
     pub(crate) fn new(capacity: u32) -> Self {
         WindowSlots {
             of: BTreeMap::new(),
             free: (0..capacity).rev().collect(),
             capacity,
         }
+    }
+
+    /// The lowest free window, or a new one past the end (the pool grows by one; the
+    /// device grows its allocation before the launches that use it). Every key block
+    /// holds at most one window, so the pool never outgrows the storage's key blocks.
+    fn take(&mut self) -> Result<u32> {
+        if let Some(w) = self.free.pop() {
+            return Ok(w);
+        }
+        let w = self.capacity;
+        self.capacity = w.checked_add(1).ok_or_else(|| KvError::Overflow {
+            what: "KIVI windows",
+            detail: format!("{w} windows + 1"),
+        })?;
+        Ok(w)
+    }
+
+    /// Returns the window of `kb` (if it holds one) to the free list, lowest first.
+    fn release(&mut self, kb: &KeyBlock) {
+        if let Some(w) = self.of.remove(kb) {
+            self.free.push(w);
+            self.free.sort_unstable_by(|a, b| b.cmp(a));
+        }
+    }
+}
+
+/// The host state of one layer's KIVI key blocks: which have windows and where.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct KiviLayer {
+    /// The windows' states.
+    pub windows: BTreeMap<KeyBlock, Window>,
+    /// Which window of the layer's device pool each holds.
+    pub slots: WindowSlots,
+}
+
+/// Table entry of a key block without a window (`common.cuh`: `KIVI_NO_WINDOW`).
+pub(crate) const NO_WINDOW: u32 = u32::MAX;
+/// Set in a table entry when the key block is quantized and keeps its window only for the
+/// queries inside it (`common.cuh`: `KIVI_QUANTIZED`).
+pub(crate) const QUANTIZED: u32 = 1 << 31;
+
+impl KiviLayer {
+    /// The window table the attend kernel takes: one entry per key block of the layer,
+    /// `block * key_blocks_per_block + key block`: [`NO_WINDOW`], or the window index, with
+    /// [`QUANTIZED`] set for a quantized block's kept window.
+    ///
+    /// # Errors
+    /// [`KvError::Overflow`] when the table's size overflows or a window index reaches the
+    /// flag bit.
+    pub(crate) fn table(&self, num_blocks: usize, key_blocks_per_block: u32) -> Result<Vec<u32>> {
+        let len = crate::plan::product(
+            "KIVI window table",
+            &[num_blocks, key_blocks_per_block as usize],
+        )?;
+        let mut table = vec![NO_WINDOW; len];
+        for (&(block, kb), w) in &self.windows {
+            let Some(&index) = self.slots.of.get(&(block, kb)) else {
+                continue;
+            };
+            if index >= QUANTIZED {
+                return Err(KvError::Overflow {
+                    what: "KIVI windows",
+                    detail: format!("window {index} reaches the table's flag bit"),
+                });
+            }
+            let at = block as usize * key_blocks_per_block as usize + kb as usize;
+            if let Some(e) = table.get_mut(at) {
+                *e = if w.quantized_at.is_some() {
+                    index | QUANTIZED
+                } else {
+                    index
+                };
+            }
+        }
+        Ok(table)
+    }
+
+    /// The window `read` takes a slot's key from: the window of its key block while that
+    /// one is still filling, else [`NO_WINDOW`] (a full block reads as stored, quantized,
+    /// as on the CPU backend).
+    pub(crate) fn read_window(&self, slot: &Slot, block_tokens: usize) -> Result<u32> {
+        let block = crate::plan::to_u32("block id", slot.block.index())?;
+        let kb = crate::plan::to_u32("key block", slot.offset as usize / block_tokens)?;
+        Ok(match self.windows.get(&(block, kb)) {
+            Some(w) if w.quantized_at.is_none() => self
+                .slots
+                .of
+                .get(&(block, kb))
+                .copied()
+                .unwrap_or(NO_WINDOW),
+            _ => NO_WINDOW,
+        })
+    }
+
+    /// Drops the windows of the quantized key blocks of `blocks` (every token of them is
+    /// behind every query to come: `settle_blocks`); a block still filling keeps its window.
+    pub(crate) fn settle(&mut self, blocks: &[u32], key_blocks_per_block: u32) {
+        for &block in blocks {
+            for kb in 0..key_blocks_per_block {
+                if self
+                    .windows
+                    .get(&(block, kb))
+                    .is_some_and(|w| w.quantized_at.is_some())
+                {
+                    self.windows.remove(&(block, kb));
+                    self.slots.release(&(block, kb));
+                }
+            }
+        }
+    }
+
+    /// `copy_blocks` for this layer's windows, as the CPU backend ([`plan_kivi_copy`]):
+    /// returns the layer after the moves and the window copies to launch in order,
+    /// `(from window, to window)`. A target key block that gets a window keeps its own
+    /// window index if it had one, else takes the lowest free one (growing the pool); one
+    /// that loses its window gives it back.
+    ///
+    /// # Errors
+    /// [`KvError::Overflow`] when the window count overflows `u32`.
+    pub(crate) fn plan_copy(
+        &self,
+        moves: &[(u32, u32)],
+        key_blocks_per_block: u32,
+    ) -> Result<(KiviLayer, Vec<(u32, u32)>)> {
+        let mut after = self.clone();
+        let mut copies = Vec::new();
+        for &(from, to) in moves {
+            let (windows, kb_copies) =
+                plan_kivi_copy(&after.windows, &[(from, to)], key_blocks_per_block);
+            for kb in 0..key_blocks_per_block {
+                if !windows.contains_key(&(to, kb)) {
+                    after.slots.release(&(to, kb));
+                }
+            }
+            for (src, dst) in kb_copies {
+                let Some(&w_src) = after.slots.of.get(&src) else {
+                    return Err(KvError::InvalidArgument {
+                        what: "kivi copy plan",
+                        detail: format!("key block {src:?} has a window state but no window"),
+                    });
+                };
+                let w_dst = match after.slots.of.get(&dst) {
+                    Some(&w) => w,
+                    None => {
+                        let w = after.slots.take()?;
+                        after.slots.of.insert(dst, w);
+                        w
+                    }
+                };
+                copies.push((w_src, w_dst));
+            }
+            after.windows = windows;
+        }
+        Ok((after, copies))
     }
 }
 
@@ -201,13 +360,14 @@ pub(crate) struct KiviLaunches {
 
 /// Packs the launches of `plan` (from [`plan_kivi_write`] for the same `slots`) given the
 /// layer's window assignment `assigned`: frees the windows of `plan.free`, gives each key
-/// block of `plan.open` the lowest free window, then lists the key rows to store (for a slot
-/// written twice, the last row, as `plan::write_rows`) and the blocks to quantize.
+/// block of `plan.open` the lowest free window (growing the pool when none is free), then
+/// lists the key rows to store (for a slot written twice, the last row, as
+/// `plan::write_rows`) and the blocks to quantize.
 ///
 /// # Errors
-/// [`KvError::Unsupported`] when the pool has no free window for a key block to open;
 /// [`KvError::InvalidArgument`] when `plan` names a key block `assigned` does not hold (a
-/// plan made for other windows). Nothing is changed either way.
+/// plan made for other windows); [`KvError::Overflow`] past `u32` windows. Nothing is
+/// changed either way.
 pub(crate) fn pack_kivi_write(
     assigned: &WindowSlots,
     plan: &KiviWrite,
@@ -227,14 +387,7 @@ pub(crate) fn pack_kivi_write(
     // Lowest first, so a pool that is reused stays compact and the order is deterministic.
     pool.free.sort_unstable_by(|a, b| b.cmp(a));
     for &kb in &plan.open {
-        let w = pool.free.pop().ok_or_else(|| KvError::Unsupported {
-            backend: "cuda".into(),
-            what: format!(
-                "more than {} KIVI key blocks filling at once in one layer (the window pool \
-                 is full)",
-                pool.capacity
-            ),
-        })?;
+        let w = pool.take()?;
         pool.of.insert(kb, w);
         out.open_windows.push(w);
         out.open_blocks.extend([kb.0, kb.1]);
@@ -429,16 +582,104 @@ mod tests {
     }
 
     #[test]
-    fn a_full_window_pool_and_a_stale_plan_are_refused() {
+    fn a_full_window_pool_grows_and_a_stale_plan_is_refused() {
         let s = slots(1, 0..64);
         let p = plan_kivi_write(&BTreeMap::new(), 0, &s, 32).expect("plan");
-        let before = WindowSlots::new(1);
-        let e = pack_kivi_write(&before, &p, &s, 32).unwrap_err();
-        assert!(matches!(e, KvError::Unsupported { .. }), "{e}");
+        let l = pack_kivi_write(&WindowSlots::new(1), &p, &s, 32).expect("pack");
+        assert_eq!(l.open_windows, vec![0, 1]);
+        assert_eq!(l.slots.capacity, 2);
         // A plan whose key blocks the assignment does not hold (made for other windows).
         let p2 = plan_kivi_write(&p.windows, 0, &slots(1, 5..6), 32).expect("plan");
         let e = pack_kivi_write(&WindowSlots::new(2), &p2, &slots(1, 5..6), 32).unwrap_err();
         assert!(matches!(e, KvError::InvalidArgument { .. }), "{e}");
+    }
+
+    /// One layer after writing `s` into an empty layer (no attend yet).
+    fn layer_after(s: &[Slot]) -> KiviLayer {
+        let p = plan_kivi_write(&BTreeMap::new(), 0, s, 32).expect("plan");
+        let l = pack_kivi_write(&WindowSlots::default(), &p, s, 32).expect("pack");
+        KiviLayer {
+            windows: p.windows,
+            slots: l.slots,
+        }
+    }
+
+    #[test]
+    fn the_window_table_marks_kept_windows_of_quantized_blocks() {
+        // Block 2: key block 0 quantized (window 0 kept), key block 1 filling (window 1).
+        let layer = layer_after(&slots(2, 0..40));
+        let t = layer.table(4, 2).expect("table");
+        assert_eq!(t.len(), 8);
+        assert_eq!(t[4], QUANTIZED);
+        assert_eq!(t[5], 1);
+        assert!(t
+            .iter()
+            .enumerate()
+            .all(|(i, &e)| i == 4 || i == 5 || e == NO_WINDOW));
+        // read takes a filling block's keys from its window, a full one's as stored.
+        let at = |offset| Slot {
+            block: BlockId::new(2),
+            offset,
+        };
+        assert_eq!(layer.read_window(&at(3), 32).expect("read"), NO_WINDOW);
+        assert_eq!(layer.read_window(&at(35), 32).expect("read"), 1);
+        assert_eq!(
+            layer
+                .read_window(
+                    &Slot {
+                        block: BlockId::new(0),
+                        offset: 0
+                    },
+                    32
+                )
+                .expect("read"),
+            NO_WINDOW
+        );
+    }
+
+    #[test]
+    fn settling_drops_the_quantized_blocks_windows_only() {
+        let mut layer = layer_after(&slots(2, 0..40));
+        layer.settle(&[0, 2], 2);
+        assert!(!layer.windows.contains_key(&(2, 0)));
+        assert!(!layer.slots.of.contains_key(&(2, 0)));
+        assert_eq!(layer.slots.of.get(&(2, 1)), Some(&1));
+        // The freed window is the next one handed out.
+        let s = slots(3, 0..1);
+        let p = plan_kivi_write(&layer.windows, 0, &s, 32).expect("plan");
+        let l = pack_kivi_write(&layer.slots, &p, &s, 32).expect("pack");
+        assert_eq!(l.open_windows, vec![0]);
+        assert_eq!(l.slots.capacity, 2);
+    }
+
+    #[test]
+    fn copies_give_targets_windows_and_take_them_back() {
+        // Block 0: key block 0 quantized (window 0), key block 1 filling (window 1).
+        let layer = layer_after(&slots(0, 0..40));
+        let (after, copies) = layer.plan_copy(&[(0, 5), (5, 6)], 2).expect("copy");
+        // Only the filling window is copied, into new windows, along the chain in order.
+        assert_eq!(copies, vec![(1, 2), (2, 3)]);
+        assert_eq!(after.slots.of.get(&(5, 1)), Some(&2));
+        assert_eq!(after.slots.of.get(&(6, 1)), Some(&3));
+        assert_eq!(after.windows[&(6, 1)], layer.windows[&(0, 1)]);
+        assert!(!after.windows.contains_key(&(5, 0)));
+        // Copying a block without windows over block 5 gives its window back; the next
+        // copy reuses it.
+        let (after, copies) = after.plan_copy(&[(3, 5), (0, 7)], 2).expect("copy");
+        assert!(!after.slots.of.contains_key(&(5, 1)));
+        assert_eq!(copies, vec![(1, 2)]);
+        assert_eq!(after.slots.of.get(&(7, 1)), Some(&2));
+        // A target with its own window keeps its index.
+        let (again, copies) = after.plan_copy(&[(0, 7)], 2).expect("copy");
+        assert_eq!(copies, vec![(1, 2)]);
+        assert_eq!(again.slots, after.slots);
+        // Windows and their places stay in step.
+        for l in [&after, &again] {
+            assert_eq!(
+                l.windows.keys().collect::<Vec<_>>(),
+                l.slots.of.keys().collect::<Vec<_>>()
+            );
+        }
     }
 
     #[test]

@@ -7,9 +7,13 @@
 //! head-major per layer as the CPU backend's: `[layer][K, V][kv_head][block][slot][row]`,
 //! rows in kv-quant's byte formats. Layouts: f32, f16, bf16, `int8-gG`, `int4-gG` and
 //! `int4h-gG` (quantized on write, in the kernel, to the bytes kv-quant's quantizer
-//! writes); KIVI is not done yet and answers [`CacheBackend::supports`] `false` and
-//! [`KvError::Unsupported`] (its key-block quantizer and loader kernels are written and
-//! checked against kv-quant; the f16 windows and the attention path are not).
+//! writes), and KIVI `kivi4` / `kivi2`: keys in 32-token key blocks quantized per channel
+//! once full, kept meanwhile in f16 windows (a per-layer device pool, tracked on the host
+//! as the CPU backend tracks its windows); a query reads its own key block in f16 and
+//! earlier ones quantized, so a prefill computes what decoding token by token does. The
+//! residual KIVI layouts (`kivi*-rR`) are not done yet and answer
+//! [`CacheBackend::supports`] `false` and [`KvError::Unsupported`]. Block export and
+//! import (`supports_block_bytes`) are not implemented for any layout.
 //!
 //! - **write**: every check that does not depend on the values on the host
 //!   (`kv_core::validate`), then a dry run of the write kernel that checks the values
@@ -36,8 +40,9 @@
 //! use kv_core::CacheBackend;
 //! match kv_backend_cuda::CudaBackend::new(0) {
 //!     Ok(backend) => {
-//!         // Every row layout but KIVI.
+//!         // Every layout but the residual KIVI ones.
 //!         assert!(backend.supports("int4-g32".parse()?));
+//!         assert!(backend.supports("kivi4".parse()?));
 //!         println!("using {}", backend.name());
 //!     }
 //!     Err(e) => println!("no CUDA: {e}"),
@@ -51,8 +56,8 @@ pub mod kernels;
 // Without `cuda` only the tests use the host-side plan: it is tested on every machine.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod plan;
-// The KIVI write path's bookkeeping: tested on the CPU, not yet used by the device code.
-#[allow(dead_code)]
+// The KIVI windows' bookkeeping, host-side: tested on every machine.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod kivi;
 
 #[cfg(feature = "cuda")]

@@ -18,9 +18,11 @@ pub(crate) enum Fmt {
     Bf16 = 2,
     Int8 = 3,
     Int4 = 4,
-    /// KIVI2's values; no layout the backend accepts uses it yet.
-    #[allow(dead_code)]
+    /// KIVI2's values.
     Int2 = 5,
+    /// KIVI keys: no rows but 32-token key blocks quantized per channel, with f16 windows
+    /// while they fill (`kernels/kivi.cu`); the row kernels leave them alone.
+    Kivi = 6,
 }
 
 /// How a supported [`KvDType`] is stored by the kernels.
@@ -34,10 +36,13 @@ pub(crate) struct GpuLayout {
     pub group: u32,
     /// Keys rotated by the normalized Hadamard transform before they are stored.
     pub rotate_k: bool,
+    /// Code width of KIVI key blocks (2 or 4), 0 for the row layouts.
+    pub kivi_bits: u32,
 }
 
 impl GpuLayout {
-    /// The kernels' layout of `dtype`, or `None` for a layout they do not store (KIVI).
+    /// The kernels' layout of `dtype`, or `None` for a layout they do not store (KIVI
+    /// with a residual window, `kivi*-rR`).
     pub(crate) fn of(dtype: KvDType) -> Option<Self> {
         let g = |g: QuantGroup| g.size() as u32;
         let same = |f: Fmt, group: u32, rotate_k: bool| GpuLayout {
@@ -45,6 +50,7 @@ impl GpuLayout {
             v: f,
             group,
             rotate_k,
+            kivi_bits: 0,
         };
         match dtype {
             KvDType::F32 => Some(same(Fmt::F32, 0, false)),
@@ -54,7 +60,21 @@ impl GpuLayout {
             KvDType::Int4 { group } => Some(same(Fmt::Int4, g(group), false)),
             KvDType::Int4Hadamard { group } => Some(same(Fmt::Int4, g(group), true)),
             // KIVI's keys are quantized per channel over 32-token blocks with an f16 window
-            // while a block fills; the kernels do not do that yet.
+            // while a block fills; values are rows in groups of 32. The residual windows
+            // (f16 values and keys of the last R tokens) are not on the device yet.
+            KvDType::Kivi { bits, .. } if dtype.residual_tokens() == 0 => {
+                let (v, kivi_bits) = match bits {
+                    kv_core::KiviBits::B4 => (Fmt::Int4, 4),
+                    kv_core::KiviBits::B2 => (Fmt::Int2, 2),
+                };
+                Some(GpuLayout {
+                    k: Fmt::Kivi,
+                    v,
+                    group: 32,
+                    rotate_k: false,
+                    kivi_bits,
+                })
+            }
             _ => None,
         }
     }
@@ -473,11 +493,20 @@ mod tests {
     }
 
     #[test]
-    fn layouts_cover_the_row_formats_and_refuse_kivi() {
+    fn layouts_cover_the_row_formats_and_kivi_without_a_residual() {
         for &dtype in KvDType::ALL {
             let l = GpuLayout::of(dtype);
             match dtype {
-                KvDType::Kivi { .. } => assert_eq!(l, None),
+                KvDType::Kivi { .. } if dtype.residual_tokens() > 0 => assert_eq!(l, None),
+                KvDType::Kivi { bits, .. } => {
+                    let l = l.expect("kivi");
+                    let (v, b) = match bits {
+                        kv_core::KiviBits::B4 => (Fmt::Int4, 4),
+                        kv_core::KiviBits::B2 => (Fmt::Int2, 2),
+                    };
+                    assert_eq!((l.k, l.v, l.group, l.kivi_bits), (Fmt::Kivi, v, 32, b));
+                    assert_eq!(bits.bits(), b as usize);
+                }
                 KvDType::Int4Hadamard { group } => {
                     let l = l.expect("int4h");
                     assert!(l.rotate_k && l.k == Fmt::Int4 && l.group as usize == group.size());

@@ -74,33 +74,42 @@ fn conformance_on_gpu() {
         Err(failure) => panic!("{failure}"),
     };
     println!("{report}");
-    // Every layout of KvDType::ALL is accounted for: the row layouts ran the whole suite;
-    // KIVI (kivi4, kivi2 and every `kivi*-rR` window) is not on the GPU yet, so the suite
-    // checked that it answers supports() == false and a typed Unsupported, and skipped it.
+    // Every layout of KvDType::ALL is accounted for: the row layouts and kivi4/kivi2 ran
+    // the whole suite; the residual KIVI layouts (`kivi*-rR`) are not on the GPU yet, so
+    // the suite checked that they answer supports() == false and a typed Unsupported, and
+    // skipped them.
     let ran: Vec<KvDType> = report.dtypes.iter().map(|d| d.dtype).collect();
     let skipped: Vec<KvDType> = report.skipped.iter().map(|s| s.dtype).collect();
-    let (kivi, rows): (Vec<KvDType>, Vec<KvDType>) = KvDType::ALL
+    let (residual, rest): (Vec<KvDType>, Vec<KvDType>) = KvDType::ALL
         .iter()
         .copied()
-        .partition(|d| matches!(d, KvDType::Kivi { .. }));
-    assert_eq!(ran, rows, "{report}");
-    assert_eq!(skipped, kivi, "{report}");
+        .partition(|d| d.residual_tokens() > 0);
+    assert_eq!(ran, rest, "{report}");
+    assert_eq!(skipped, residual, "{report}");
     assert!(
-        kivi.iter().any(|d| d.residual_tokens() > 0),
+        rest.iter().any(|d| matches!(d, KvDType::Kivi { .. })),
+        "kivi4 and kivi2 ran"
+    );
+    assert!(
+        !residual.is_empty(),
         "the residual-window layouts are in KvDType::ALL"
     );
 }
 
-/// Each KIVI layout, windowed or not, is refused the same typed way on every path that
-/// takes a layout, with the layout named: never a wrong result.
+/// Each residual KIVI layout (`kivi*-rR`) is refused the same typed way on every path
+/// that takes a layout, with the layout named: never a wrong result.
 #[test]
-fn kivi_layouts_are_refused_by_name() {
-    let Some(backend) = gpu("kivi_layouts_are_refused_by_name") else {
+fn residual_kivi_layouts_are_refused_by_name() {
+    let Some(backend) = gpu("residual_kivi_layouts_are_refused_by_name") else {
         return;
     };
     let shape = ModelShape::new(1, 4, 2, 64).expect("shape");
     for &dtype in KvDType::ALL {
-        if !matches!(dtype, KvDType::Kivi { .. }) {
+        if dtype.residual_tokens() == 0 {
+            assert!(
+                backend.supports(dtype),
+                "{dtype}: every layout without a residual is on the GPU"
+            );
             continue;
         }
         assert!(!backend.supports(dtype), "{dtype}");
@@ -234,10 +243,83 @@ fn tensors_from_the_cpu_are_refused() {
         .write(&mut storage, 0, &slot, &k, &k)
         .expect_err("cpu tensor");
     assert!(matches!(err, KvError::InvalidArgument { .. }), "{err}");
-    assert!(!backend.supports(KvDType::kivi(kv_core::KiviBits::B4)));
-    let kivi = StorageSpec::new(shape, KvDType::kivi(kv_core::KiviBits::B4), 32, 2).expect("spec");
+    let residual = KvDType::ALL
+        .iter()
+        .copied()
+        .find(|d| d.residual_tokens() > 0)
+        .expect("a residual layout");
+    assert!(!backend.supports(residual));
+    let spec = StorageSpec::new(shape, residual, 32, 2).expect("spec");
     assert!(matches!(
-        backend.allocate(&kivi),
+        backend.allocate(&spec),
         Err(KvError::Unsupported { .. })
     ));
+}
+
+/// KIVI on the device stores kv-quant's key blocks: a write of 40 tokens quantizes the
+/// first 32-token key block from the f16-rounded keys, byte for byte as kv-quant's
+/// `KiviKeyFormat::quantize_block`, and keeps the other 8 in the f16 window, where `read`
+/// finds them; a NaN refuses the write and changes nothing.
+#[test]
+fn kivi_key_blocks_are_kv_quants_bytes() {
+    let Some(backend) = gpu("kivi_key_blocks_are_kv_quants_bytes") else {
+        return;
+    };
+    let (kv_heads, d, block_size, num_blocks) = (2usize, 64usize, 64usize, 2usize);
+    let shape = ModelShape::new(1, 4, kv_heads, d).expect("shape");
+    for (bits, qbits) in [
+        (kv_core::KiviBits::B4, kv_quant::KiviBits::B4),
+        (kv_core::KiviBits::B2, kv_quant::KiviBits::B2),
+    ] {
+        let dtype = KvDType::kivi(bits);
+        let format = kv_quant::KiviKeyFormat::new(qbits, 32);
+        let spec = StorageSpec::new(shape, dtype, block_size, num_blocks).expect("spec");
+        let mut storage = backend.allocate(&spec).expect("allocate");
+        let n = 40;
+        let (k, v) = (rows(n * kv_heads, d, 3), rows(n * kv_heads, d, 4));
+        let slots: Vec<Slot> = (0..n as u32)
+            .map(|offset| Slot {
+                block: BlockId::new(1),
+                offset,
+            })
+            .collect();
+        let dev = backend.device();
+        let kt = Tensor::from_slice(&k, (n, kv_heads, d), dev).expect("k");
+        let vt = Tensor::from_slice(&v, (n, kv_heads, d), dev).expect("v");
+        backend
+            .write(&mut storage, 0, &slots, &kt, &vt)
+            .expect("write");
+        let bytes = backend.storage_bytes(&storage).expect("bytes");
+        let rb = dtype.row_bytes(d).expect("row bytes");
+        let block_bytes = format.block_bytes(d).expect("block bytes");
+        let f16 = |x: f32| half::f16::from_f32(x).to_f32();
+        for h in 0..kv_heads {
+            let keys: Vec<f32> = (0..32)
+                .flat_map(|t| k[(t * kv_heads + h) * d..][..d].iter().map(|&x| f16(x)))
+                .collect();
+            let mut want = vec![0u8; block_bytes];
+            format
+                .quantize_block(&keys, d, &mut want)
+                .expect("quantize");
+            let at = (h * num_blocks + 1) * block_size * rb;
+            assert_eq!(&bytes[at..at + block_bytes], &want[..], "{dtype}: head {h}");
+        }
+        // The filling key block reads its f16 keys.
+        let (kr, _) = backend.read(&storage, 0, &slots[32..]).expect("read");
+        let kr: Vec<f32> = kr.flatten_all().expect("flat").to_vec1().expect("host");
+        let want: Vec<f32> = k[32 * kv_heads * d..].iter().map(|&x| f16(x)).collect();
+        assert_eq!(kr, want, "{dtype}: window keys");
+        let mut bad = k.clone();
+        bad[5] = f32::NAN;
+        let bt = Tensor::from_slice(&bad, (n, kv_heads, d), dev).expect("k");
+        let err = backend
+            .write(&mut storage, 0, &slots, &bt, &vt)
+            .expect_err("NaN");
+        assert!(matches!(err, KvError::NonFinite { what: "k" }), "{err}");
+        assert_eq!(
+            backend.storage_bytes(&storage).expect("bytes"),
+            bytes,
+            "{dtype}"
+        );
+    }
 }
