@@ -48,6 +48,7 @@ __device__ __forceinline__ const u16* kivi_kept_row(
     return wins + (((u64)w * kv_heads + kvh) * KIVI_TOKENS + off % KIVI_TOKENS) * D;
 }
 
+#ifndef KV_HOST_CHECK
 extern "C" __global__ void kv_attend(
     const u8* pool, const float* q, const u32* seqs, const u32* tables, const u32* items,
     float* partials, u32* flags,
@@ -203,3 +204,4 @@ extern "C" __global__ void kv_merge(
         out[o * head_dim + d] = l > 0.0f ? a / l : 0.0f;
     }
 }
+#endif

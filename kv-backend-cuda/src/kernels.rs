@@ -436,6 +436,156 @@ mod tests {
         assert_eq!(lines.next(), None);
     }
 
+    /// The KIVI key readers of `attend.cu`, compiled for the host, on a pool laid out as the
+    /// device's (`plan::Geometry`) with key blocks quantized by kv-quant, three windows
+    /// and a window table: `kivi_key` reads a filling block's key from its window in f16
+    /// and every other key (a quantized block, kept window or not) as kv-quant dequantizes
+    /// it; `kivi_kept_row` names the window row only for a quantized block's kept window.
+    #[test]
+    fn host_check_of_the_kivi_attend_readers() {
+        use crate::kivi::{NO_WINDOW, QUANTIZED};
+        use crate::plan::Geometry;
+        use half::f16;
+        use kv_quant::{KiviBits, KiviKeyFormat};
+        let module = MODULES
+            .iter()
+            .find(|m| m.name == "attend")
+            .expect("attend module")
+            .body;
+        let main = "int main(void) {\n\
+              unsigned kvh_n, nb, bs, d, rb, bits, pool_n, wins_n, table_n;\n\
+              while (scanf(\"%u %u %u %u %u %u %u %u %u\", &kvh_n, &nb, &bs, &d, &rb, &bits,\n\
+                           &pool_n, &wins_n, &table_n) == 9) {\n\
+                static u8 pool[1 << 17]; static u16 wins[1 << 15]; static u32 table[64];\n\
+                static u32 blocks[64];\n\
+                if (pool_n > sizeof pool || wins_n > 1 << 15 || table_n > 64 || nb > 64) return 2;\n\
+                for (unsigned i = 0; i < pool_n; ++i) { unsigned x; if (scanf(\"%x\", &x) != 1) return 3; pool[i] = (u8)x; }\n\
+                for (unsigned i = 0; i < wins_n; ++i) { unsigned x; if (scanf(\"%x\", &x) != 1) return 3; wins[i] = (u16)x; }\n\
+                for (unsigned i = 0; i < table_n; ++i) { unsigned x; if (scanf(\"%x\", &x) != 1) return 3; table[i] = x; }\n\
+                for (unsigned b = 0; b < nb; ++b) blocks[b] = b;\n\
+                for (unsigned h = 0; h < kvh_n; ++h)\n\
+                  for (unsigned b = 0; b < nb; ++b)\n\
+                    for (unsigned o = 0; o < bs; ++o) {\n\
+                      const u16* row = kivi_kept_row(wins, table, h, blocks, b * bs + o, kvh_n, bs, d);\n\
+                      printf(\"%lld\", row ? (long long)(row - wins) : -1LL);\n\
+                      for (unsigned c = 0; c < d; ++c)\n\
+                        printf(\" %08x\", __float_as_uint(kivi_key(pool, wins, table, 1, h, b, o, c, kvh_n,\n\
+                                                                   nb, bs, d, rb, bits)));\n\
+                      printf(\"\\n\");\n\
+                    }\n\
+              }\n  return 0;\n}\n";
+        let Some(harness) = HostHarness::build("kivi-attend", module, main) else {
+            return;
+        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+        let (layers, kv_heads, num_blocks, block_size, d) =
+            (2usize, 2usize, 3usize, 64usize, 32usize);
+        let per = block_size / 32;
+        for (bits, dtype) in [
+            (KiviBits::B4, kv_core::KvDType::kivi(kv_core::KiviBits::B4)),
+            (KiviBits::B2, kv_core::KvDType::kivi(kv_core::KiviBits::B2)),
+        ] {
+            let fmt = KiviKeyFormat::new(bits, 32);
+            let row_bytes = dtype.row_bytes(d).expect("row bytes");
+            let g = Geometry {
+                layers,
+                kv_heads,
+                num_blocks,
+                block_size,
+                row_bytes,
+            };
+            let mut pool = vec![0u8; g.total_bytes().expect("size")];
+            let block_bytes = fmt.block_bytes(d).expect("block bytes");
+            // Every key block of layer 1 quantized by kv-quant from f16 keys; the
+            // dequantized keys are what a reader of the block must get.
+            let mut dequantized = vec![vec![0.0f32; 32 * d]; kv_heads * num_blocks * per];
+            for h in 0..kv_heads {
+                for b in 0..num_blocks {
+                    for kb in 0..per {
+                        let keys: Vec<f32> = (0..32 * d)
+                            .map(|_| {
+                                f16::from_f32(((next() % 2001) as f32 - 1000.0) * 1e-2).to_f32()
+                            })
+                            .collect();
+                        let at = g.row_offset(1, 0, h, b, kb * 32);
+                        fmt.quantize_block(&keys, d, &mut pool[at..at + block_bytes])
+                            .expect("quantize");
+                        let i = (h * num_blocks + b) * per + kb;
+                        fmt.dequantize_block(&pool[at..at + block_bytes], d, &mut dequantized[i])
+                            .expect("dequantize");
+                    }
+                }
+            }
+            let window_elems = kv_heads * 32 * d;
+            let wins: Vec<u16> = (0..3 * window_elems)
+                .map(|_| f16::from_f32(((next() % 2001) as f32 - 1000.0) * 1e-3).to_bits())
+                .collect();
+            // Key blocks: (0,0) filling in window 2; (1,1) quantized, window 0 kept;
+            // (2,0) filling in window 1; the rest without windows.
+            let mut table = vec![NO_WINDOW; num_blocks * per];
+            table[0] = 2;
+            table[per + 1] = QUANTIZED;
+            table[2 * per] = 1;
+            let mut input = format!(
+                "{kv_heads} {num_blocks} {block_size} {d} {row_bytes} {} {} {} {}\n",
+                bits.bits(),
+                pool.len(),
+                wins.len(),
+                table.len()
+            );
+            for x in &pool {
+                input.push_str(&format!("{x:x} "));
+            }
+            for x in &wins {
+                input.push_str(&format!("{x:x} "));
+            }
+            for x in &table {
+                input.push_str(&format!("{x:x} "));
+            }
+            input.push('\n');
+            let text = harness.run(&input);
+            let mut lines = text.lines();
+            for h in 0..kv_heads {
+                for b in 0..num_blocks {
+                    for o in 0..block_size {
+                        let (kb, j) = (o / 32, o % 32);
+                        let e = table[b * per + kb];
+                        let window_row = |w: u32| ((w as usize * kv_heads + h) * 32 + j) * d;
+                        let line = lines.next().expect("a line per key");
+                        let (kept, keys) = line.split_once(' ').expect("fields");
+                        let want_kept = if e != NO_WINDOW && e & QUANTIZED != 0 {
+                            window_row(e & !QUANTIZED) as i64
+                        } else {
+                            -1
+                        };
+                        assert_eq!(
+                            kept.parse::<i64>().expect("int"),
+                            want_kept,
+                            "{dtype} {h} {b} {o}"
+                        );
+                        let want: Vec<u32> = if e != NO_WINDOW && e & QUANTIZED == 0 {
+                            wins[window_row(e)..][..d]
+                                .iter()
+                                .map(|&x| f16::from_bits(x).to_f32().to_bits())
+                                .collect()
+                        } else {
+                            dequantized[(h * num_blocks + b) * per + kb][j * d..][..d]
+                                .iter()
+                                .map(|x| x.to_bits())
+                                .collect()
+                        };
+                        assert_eq!(
+                            hex(Some(keys), u32::from_str_radix),
+                            want,
+                            "{dtype} {h} {b} {o}"
+                        );
+                    }
+                }
+            }
+            assert_eq!(lines.next(), None);
+        }
+    }
+
     /// The asymmetric helpers (`asym_params`, `asym_code`) and the row loader `load_elem`
     /// of `common.cuh`, compiled for the host, against kv-quant's INT4 and INT2 rows: the
     /// harness packs groups as `write.cu` does (codes low bits first) and must produce
