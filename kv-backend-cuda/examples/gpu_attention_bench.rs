@@ -114,7 +114,17 @@ fn copy_probe(cuda: &CudaDevice) -> Result<f64, BoxError> {
 
 /// Fills every slot of every block of `storage` with normal K and V rows, in writes of
 /// `FILL_ROWS` rows (the same rows each time: the bytes read do not depend on the values).
-fn fill(backend: &CudaBackend, storage: &mut CudaStorage, blocks: usize) -> Result<(), BoxError> {
+///
+/// KIVI keeps an f16 window for each key block a write fills until attention has read the
+/// layer; with no attend during the fill, each write's full blocks are settled instead
+/// (no query to come reads them in f16), all but each sequence's last block (of
+/// `per_seq`), whose window the decode query inside it reads as in generation.
+fn fill(
+    backend: &CudaBackend,
+    storage: &mut CudaStorage,
+    blocks: usize,
+    per_seq: usize,
+) -> Result<(), BoxError> {
     let shape = backend.spec(storage).shape;
     let (kvh, d) = (shape.n_kv_heads(), shape.head_dim());
     let dev = backend.device();
@@ -132,6 +142,11 @@ fn fill(backend: &CudaBackend, storage: &mut CudaStorage, blocks: usize) -> Resu
             .collect();
         let (kn, vn) = (k.narrow(0, 0, n)?, v.narrow(0, 0, n)?);
         backend.write(storage, 0, &slots, &kn, &vn)?;
+        let settled: Vec<BlockId> = (at / BLOCK..(at + n) / BLOCK)
+            .filter(|b| b % per_seq != per_seq - 1)
+            .map(|b| BlockId::new(u32::try_from(b).unwrap()))
+            .collect();
+        backend.settle_blocks(storage, &settled)?;
         at += n;
     }
     Ok(())
@@ -154,7 +169,7 @@ fn decode_step(
         .ok_or("block count overflows usize")?;
     let spec = StorageSpec::new(shape, dtype, BLOCK, blocks)?;
     let mut storage = backend.allocate(&spec)?;
-    fill(backend, &mut storage, blocks)?;
+    fill(backend, &mut storage, blocks, per_seq)?;
     let batch = AttentionBatch::new(
         (0..seqs)
             .map(|s| {
