@@ -36,14 +36,15 @@ __device__ __forceinline__ float kivi_key(
 }
 
 // The f16 window row of sequence key `key` when its key block is quantized but keeps its
-// window (for the queries inside the block), else null.
+// window (for the queries inside the block and, with a residual, R tokens past it), else
+// null. With `any` set, the row of a filling window too (a residual's values).
 __device__ __forceinline__ const u16* kivi_kept_row(
     const u16* wins, const u32* win_table, u32 kvh, const u32* table, u32 key, u32 kv_heads,
-    u32 block_size, u32 D)
+    u32 block_size, u32 D, bool any)
 {
     const u32 blk = table[key / block_size], off = key % block_size;
     const u32 e = win_table[(u64)blk * (block_size / KIVI_TOKENS) + off / KIVI_TOKENS];
-    if (e == KIVI_NO_WINDOW || !(e & KIVI_QUANTIZED)) return 0;
+    if (e == KIVI_NO_WINDOW || !(any || (e & KIVI_QUANTIZED))) return 0;
     const u32 w = e & ~KIVI_QUANTIZED;
     return wins + (((u64)w * kv_heads + kvh) * KIVI_TOKENS + off % KIVI_TOKENS) * D;
 }
@@ -55,7 +56,7 @@ extern "C" __global__ void kv_attend(
     u32 layer, u32 kv_heads, u32 num_blocks, u32 block_size, u32 head_dim, u32 row_bytes,
     int k_fmt, int v_fmt, u32 group, int rotate_k, float hadamard_scale,
     u32 q_heads, float scale, u32 tile, u32 max_rows,
-    const u16* wins, const u32* win_table, u32 kivi_bits)
+    const u16* wins, const u32* win_table, u32 kivi_bits, const u16* wins_v, u32 residual)
 {
     extern __shared__ float sm[];
     const u32 D = head_dim;
@@ -124,12 +125,14 @@ extern "C" __global__ void kv_attend(
             if (t0 + t <= pos) {
                 const float* qr = qs + r * D;
                 const float* kr = ks + t * D;
-                // KIVI: a query reads the keys of its own key block in f16 from the
-                // block's window, also once the block is quantized (the tile holds the
-                // quantized keys then, which later queries read).
-                const u16* wr = k_fmt == FMT_KIVI && (t0 + t) / KIVI_TOKENS == pos / KIVI_TOKENS
+                // KIVI: a query reads the keys of its own key block (and with a residual
+                // R, of a block ending after pos - R) in f16 from the block's window, also
+                // once the block is quantized (the tile holds the quantized keys then,
+                // which the other queries read).
+                const u32 block_end = (t0 + t) / KIVI_TOKENS * KIVI_TOKENS + KIVI_TOKENS;
+                const u16* wr = k_fmt == FMT_KIVI && pos < block_end + residual
                                     ? kivi_kept_row(wins, win_table, kvh, table, t0 + t,
-                                                    kv_heads, block_size, D)
+                                                    kv_heads, block_size, D, false)
                                     : 0;
                 float dot = 0.0f;
                 if (wr) {
@@ -167,7 +170,19 @@ extern "C" __global__ void kv_attend(
         for (u32 i = tid; i < rows * D; i += THREADS) {
             u32 r = i / D, d = i % D;
             float a = acc[i] * alpha[r];
-            for (u32 t = 0; t < n; ++t) a = fmaf(sc[r * tile + t], vs[t * D + d], a);
+            // Residual KIVI: the values of the last R tokens a query sees (`t + R > pos`)
+            // come from their block's window in f16 while it has one.
+            const u32 pos = first_pos + r / nheads;
+            const u32 f16_from = residual > 0 && pos + 1 > residual ? pos + 1 - residual : 0;
+            for (u32 t = 0; t < n; ++t) {
+                float vv = vs[t * D + d];
+                if (residual > 0 && t0 + t >= f16_from && t0 + t <= pos) {
+                    const u16* vr = kivi_kept_row(wins_v, win_table, kvh, table, t0 + t,
+                                                  kv_heads, block_size, D, true);
+                    if (vr) vv = h2f(vr[d]);
+                }
+                a = fmaf(sc[r * tile + t], vv, a);
+            }
             acc[i] = a;
         }
         __syncthreads();

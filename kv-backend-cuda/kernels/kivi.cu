@@ -81,9 +81,29 @@ extern "C" __global__ void kv_kivi_window_open(
         rows[e] = kivi_window_f16(kivi_load(block, head_dim, bits, e / head_dim, e % head_dim));
 }
 
+// Grid: (windows, kv_heads); block: 32 threads. Residual layouts (`kivi*-rR`): opens the
+// value half of window `windows[i]` (`wins_v`, shaped as `wins`) with the stored value rows
+// (`v_fmt` rows in groups of `group`) of key block (`key_blocks[2i]`, `key_blocks[2i + 1]`),
+// dequantized and in f16, as the key half is opened.
+extern "C" __global__ void kv_kivi_window_open_values(
+    const u8* pool, u16* wins_v, const u32* windows, const u32* key_blocks,
+    u32 layer, u32 kv_heads, u32 num_blocks, u32 block_size, u32 head_dim, u32 row_bytes,
+    u32 block_tokens, int v_fmt, u32 group)
+{
+    const u32 i = blockIdx.x, head = blockIdx.y, lane = threadIdx.x;
+    const u32 block = key_blocks[2 * i], first = key_blocks[2 * i + 1] * block_tokens;
+    u16* rows = wins_v + ((u64)windows[i] * kv_heads + head) * block_tokens * head_dim;
+    for (u32 e = lane; e < block_tokens * head_dim; e += 32) {
+        const u8* row = pool + row_offset(layer, 1, head, block, first + e / head_dim, kv_heads,
+                                          num_blocks, block_size, row_bytes);
+        rows[e] = kivi_window_f16(load_elem(row, v_fmt, group, e % head_dim));
+    }
+}
+
 // Grid: (rows, kv_heads); block: 32 threads. Stores input key row `src[r]` ([rows,
 // kv_heads, head_dim] f32, already checked finite and below 65520 in magnitude) into slot
-// `slots[r]` of window `windows[r]` in f16.
+// `slots[r]` of window `windows[r]` in f16. Residual layouts store value rows into the
+// value windows with it too.
 extern "C" __global__ void kv_kivi_window_store(
     u16* wins, const float* k, const u32* src, const u32* windows, const u32* slots,
     u32 kv_heads, u32 head_dim, u32 block_tokens)

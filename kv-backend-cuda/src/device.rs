@@ -96,6 +96,7 @@ struct Functions {
     attend: CudaFunction,
     merge: CudaFunction,
     kivi_open: CudaFunction,
+    kivi_open_values: CudaFunction,
     kivi_store: CudaFunction,
     kivi_quantize: CudaFunction,
     kivi_read: CudaFunction,
@@ -143,6 +144,9 @@ const KIVI_TOKENS: usize = 32;
 struct KiviState {
     /// Key blocks per cache block (`block_size / 32`).
     per_block: u32,
+    /// The residual R (`kivi*-rR`), 0 without: windows then also hold the values, and
+    /// stay until their block is settled.
+    residual: u32,
     /// f16 elements of one window (`kv_heads x 32 x head_dim`).
     window_elems: usize,
     layers: Vec<KiviDeviceLayer>,
@@ -153,6 +157,8 @@ struct KiviDeviceLayer {
     host: KiviLayer,
     /// The window pool (`None` until the first key block opens).
     wins: Option<CudaSlice<u16>>,
+    /// Residual layouts: the windows' values, shaped and indexed as `wins`.
+    wins_v: Option<CudaSlice<u16>>,
     /// Windows the pool holds.
     pool_windows: u32,
     /// Attention calls on this layer: a quantized block's window serves the queries of the
@@ -215,6 +221,7 @@ impl CudaBackend {
             attend: load(2, "kv_attend")?,
             merge: load(2, "kv_merge")?,
             kivi_open: load(3, "kv_kivi_window_open")?,
+            kivi_open_values: load(3, "kv_kivi_window_open_values")?,
             kivi_store: load(3, "kv_kivi_window_store")?,
             kivi_quantize: load(3, "kv_kivi_quantize")?,
             kivi_read: load(3, "kv_kivi_read")?,
@@ -267,14 +274,16 @@ impl CudaBackend {
         Ok(host.first().copied().unwrap_or(0))
     }
 
-    /// Grows `layer`'s window pool to hold `want` windows of `elems` f16 (at least doubling,
-    /// at most `max` windows, the storage's key blocks), keeping the windows it holds.
+    /// Grows `layer`'s window pool (and with `values` its value windows) to hold `want`
+    /// windows of `elems` f16 (at least doubling, at most `max` windows, the storage's key
+    /// blocks), keeping the windows it holds.
     fn ensure_windows(
         &self,
         layer: &mut KiviDeviceLayer,
         want: u32,
         elems: usize,
         max: u32,
+        values: bool,
     ) -> Result<()> {
         if want <= layer.pool_windows {
             return Ok(());
@@ -283,20 +292,33 @@ impl CudaBackend {
             .max(layer.pool_windows.saturating_mul(2))
             .min(max.max(want));
         let len = plan::product("KIVI window pool", &[windows as usize, elems])?;
-        let mut grown = self.cuda.alloc_zeros::<u16>(len)?;
-        if let Some(old) = &layer.wins {
-            let mut head =
-                grown
-                    .try_slice_mut(0..old.len())
-                    .ok_or_else(|| KvError::InvalidArgument {
-                        what: "KIVI window pool",
-                        detail: format!("{} elements do not fit {len}", old.len()),
-                    })?;
-            self.stream
-                .memcpy_dtod(old, &mut head)
-                .map_err(|e| cuda_err("copying the KIVI windows")(&e))?;
+        let grow = |old: &Option<CudaSlice<u16>>| -> Result<CudaSlice<u16>> {
+            let mut grown = self.cuda.alloc_zeros::<u16>(len)?;
+            if let Some(old) = old {
+                let mut head =
+                    grown
+                        .try_slice_mut(0..old.len())
+                        .ok_or_else(|| KvError::InvalidArgument {
+                            what: "KIVI window pool",
+                            detail: format!("{} elements do not fit {len}", old.len()),
+                        })?;
+                self.stream
+                    .memcpy_dtod(old, &mut head)
+                    .map_err(|e| cuda_err("copying the KIVI windows")(&e))?;
+            }
+            Ok(grown)
+        };
+        // Both pools are grown before either is replaced: a failure changes nothing.
+        let keys = grow(&layer.wins)?;
+        let vals = if values {
+            Some(grow(&layer.wins_v)?)
+        } else {
+            None
+        };
+        layer.wins = Some(keys);
+        if vals.is_some() {
+            layer.wins_v = vals;
         }
-        layer.wins = Some(grown);
         layer.pool_windows = windows;
         Ok(())
     }
@@ -321,12 +343,13 @@ impl CudaBackend {
             )?,
         )?;
         let st = kivi_state(&mut storage.kivi)?;
-        let elems = st.window_elems;
+        let (elems, residual) = (st.window_elems, st.residual > 0);
         let l = kivi_layer(&mut st.layers, layer)?;
         let attends = l.attends.load(Ordering::Acquire);
-        let planned = kivi::plan_kivi_write(&l.host.windows, attends, slots, KIVI_TOKENS)?;
+        let planned =
+            kivi::plan_kivi_write_in(&l.host.windows, attends, slots, KIVI_TOKENS, residual)?;
         let launches = kivi::pack_kivi_write(&l.host.slots, &planned, slots, KIVI_TOKENS)?;
-        self.ensure_windows(l, launches.slots.capacity, elems, max)?;
+        self.ensure_windows(l, launches.slots.capacity, elems, max, residual)?;
         Ok(PendingKivi {
             windows: planned.windows,
             launches,
@@ -340,7 +363,7 @@ impl CudaBackend {
         &self,
         storage: &mut CudaStorage,
         layer: usize,
-        k: &Tensor,
+        (k, v): (&Tensor, &Tensor),
         pending: PendingKivi,
     ) -> Result<()> {
         let g = storage.geom;
@@ -355,6 +378,18 @@ impl CudaBackend {
             what: "KIVI window pool",
             detail: "a write with keys but no window pool".into(),
         })?;
+        // Residual layouts: the value windows, indexed as the key windows.
+        let mut wins_v = match (st.residual > 0, l.wins_v.as_mut()) {
+            (false, _) => None,
+            (true, Some(w)) => Some(w),
+            (true, None) => {
+                return Err(KvError::InvalidArgument {
+                    what: "KIVI window pool",
+                    detail: "a residual layout's write with no value windows".into(),
+                })
+            }
+        };
+        let (v_fmt, group) = (args.v_fmt, args.group);
         let n_open = plan::to_u32("KIVI windows opened", launches.open_windows.len())?;
         if n_open > 0 {
             let (w, b) = (
@@ -369,6 +404,27 @@ impl CudaBackend {
             // pool's window count (grown by kivi_prepare for this assignment).
             unsafe { lb.launch(cfg((n_open, args.kv_heads, 1), 32, 0)?) }
                 .map_err(|e| cuda_err("kv_kivi_window_open")(&e))?;
+            if let Some(wv) = wins_v.as_mut() {
+                let mut lb = self.stream.launch_builder(&self.fns.kivi_open_values);
+                lb.arg(&storage.pool)
+                    .arg(&mut **wv)
+                    .arg(&w)
+                    .arg(&b)
+                    .arg(&args.layer)
+                    .arg(&args.kv_heads)
+                    .arg(&args.num_blocks)
+                    .arg(&args.block_size)
+                    .arg(&args.head_dim)
+                    .arg(&args.row_bytes)
+                    .arg(&tokens)
+                    .arg(&v_fmt)
+                    .arg(&group);
+                // SAFETY: matches `kv_kivi_window_open_values`; as the key windows above:
+                // validated cache blocks of this layer, windows below the value pool's
+                // count (grown with the key pool), V rows of the layer's `v_fmt`.
+                unsafe { lb.launch(cfg((n_open, args.kv_heads, 1), 32, 0)?) }
+                    .map_err(|e| cuda_err("kv_kivi_window_open_values")(&e))?;
+            }
         }
         let n_store = plan::to_u32("KIVI keys stored", launches.store_src.len())?;
         if n_store > 0 {
@@ -394,6 +450,24 @@ impl CudaBackend {
                     .map_err(|e| cuda_err("kv_kivi_window_store")(&e))?;
                 Ok(())
             })?;
+            if let Some(wv) = wins_v.as_mut() {
+                with_f32(v, |vd| {
+                    let mut lb = self.stream.launch_builder(&self.fns.kivi_store);
+                    lb.arg(&mut **wv)
+                        .arg(vd)
+                        .arg(&src)
+                        .arg(&w)
+                        .arg(&sl)
+                        .arg(&args.kv_heads)
+                        .arg(&args.head_dim)
+                        .arg(&tokens);
+                    // SAFETY: as the key rows above, into the value windows (the same
+                    // shape and count) from the write's contiguous f32 V.
+                    unsafe { lb.launch(cfg((n_store, args.kv_heads, 1), 32, 0)?) }
+                        .map_err(|e| cuda_err("kv_kivi_window_store")(&e))?;
+                    Ok(())
+                })?;
+            }
         }
         let n_quant = plan::to_u32("KIVI blocks quantized", launches.quantize_windows.len())?;
         let mut flag = None;
@@ -572,6 +646,7 @@ impl CacheBackend for CudaBackend {
             let per_block = plan::to_u32("KIVI key blocks", spec.block_size / KIVI_TOKENS)?;
             Some(KiviState {
                 per_block,
+                residual: layout.residual,
                 window_elems: plan::product(
                     "KIVI window",
                     &[geom.kv_heads, KIVI_TOKENS, spec.shape.head_dim()],
@@ -652,7 +727,7 @@ impl CacheBackend for CudaBackend {
         };
         run(&mut storage.pool, &mut flag, 0)?;
         if let Some(pending) = kivi {
-            self.kivi_store(storage, layer, &k, pending)?;
+            self.kivi_store(storage, layer, (&k, &v), pending)?;
         }
         Ok(())
     }
@@ -712,11 +787,15 @@ impl CacheBackend for CudaBackend {
             }
             None => None,
         };
-        let (wins, table) = match &kivi_layer {
-            Some((l, table)) => (l.wins.as_ref().unwrap_or(&self.no_wins), table),
-            None => (&self.no_wins, &self.no_table),
+        let (wins, wins_v, table) = match &kivi_layer {
+            Some((l, table)) => (
+                l.wins.as_ref().unwrap_or(&self.no_wins),
+                l.wins_v.as_ref().unwrap_or(&self.no_wins),
+                table,
+            ),
+            None => (&self.no_wins, &self.no_wins, &self.no_table),
         };
-        let kivi_bits = storage.layout.kivi_bits;
+        let (kivi_bits, residual) = (storage.layout.kivi_bits, storage.layout.residual);
         with_f32(&q, |qd| {
             let mut b = self.stream.launch_builder(&self.fns.attend);
             b.arg(&storage.pool)
@@ -733,13 +812,16 @@ impl CacheBackend for CudaBackend {
                 .arg(&max_rows)
                 .arg(wins)
                 .arg(table)
-                .arg(&kivi_bits);
+                .arg(&kivi_bits)
+                .arg(wins_v)
+                .arg(&residual);
             // SAFETY: the arguments match `kv_attend` (kernels/attend.cu); the plan comes
             // from a batch validated against this storage (block ids below num_blocks);
             // items index only their own tables, queries and partial rows; the shared
             // memory passed is what the plan sized for `max_rows` rows and `tile` keys.
             // KIVI: the window table has an entry per key block of the layer, naming only
-            // windows of its pool (row layouts never read the one-element stand-ins).
+            // windows of its pools (a residual layout has value windows for each; row
+            // layouts and R = 0 never read the one-element stand-ins).
             unsafe { b.launch(launch) }.map_err(|e| cuda_err("kv_attend")(&e))?;
             Ok(())
         })?;
@@ -787,11 +869,11 @@ impl CacheBackend for CudaBackend {
                 )?;
                 let mut plans = Vec::with_capacity(st.layers.len());
                 for l in &st.layers {
-                    plans.push(l.host.plan_copy(&pairs, st.per_block)?);
+                    plans.push(l.host.plan_copy(&pairs, st.per_block, st.residual > 0)?);
                 }
                 let elems = st.window_elems;
                 for (l, (after, _)) in st.layers.iter_mut().zip(&plans) {
-                    self.ensure_windows(l, after.slots.capacity, elems, max)?;
+                    self.ensure_windows(l, after.slots.capacity, elems, max, st.residual > 0)?;
                 }
                 Some(plans)
             }
@@ -825,8 +907,9 @@ impl CacheBackend for CudaBackend {
             let elems = plan::to_u32("KIVI window", st.window_elems)?;
             let grid = elems.div_ceil(256);
             for (l, (after, copies)) in st.layers.iter_mut().zip(plans) {
-                if let Some(wins) = l.wins.as_mut() {
-                    for (from, to) in copies {
+                // The key windows, and a residual layout's value windows, alike.
+                for wins in [l.wins.as_mut(), l.wins_v.as_mut()].into_iter().flatten() {
+                    for &(from, to) in &copies {
                         let mut b = self.stream.launch_builder(&self.fns.kivi_copy);
                         b.arg(&mut *wins).arg(&from).arg(&to).arg(&elems);
                         // SAFETY: matches `kv_kivi_window_copy`; both windows are below the

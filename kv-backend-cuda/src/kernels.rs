@@ -52,6 +52,7 @@ pub const MODULES: &[KernelModule] = &[
             "kv_kivi_read",
             "kv_kivi_window_copy",
             "kv_kivi_window_open",
+            "kv_kivi_window_open_values",
             "kv_kivi_window_store",
         ],
     },
@@ -440,7 +441,8 @@ mod tests {
     /// device's (`plan::Geometry`) with key blocks quantized by kv-quant, three windows
     /// and a window table: `kivi_key` reads a filling block's key from its window in f16
     /// and every other key (a quantized block, kept window or not) as kv-quant dequantizes
-    /// it; `kivi_kept_row` names the window row only for a quantized block's kept window.
+    /// it; `kivi_kept_row` names the window row only for a quantized block's kept window
+    /// (keys), or for any window (a residual's values).
     #[test]
     fn host_check_of_the_kivi_attend_readers() {
         use crate::kivi::{NO_WINDOW, QUANTIZED};
@@ -466,8 +468,9 @@ mod tests {
                 for (unsigned h = 0; h < kvh_n; ++h)\n\
                   for (unsigned b = 0; b < nb; ++b)\n\
                     for (unsigned o = 0; o < bs; ++o) {\n\
-                      const u16* row = kivi_kept_row(wins, table, h, blocks, b * bs + o, kvh_n, bs, d);\n\
-                      printf(\"%lld\", row ? (long long)(row - wins) : -1LL);\n\
+                      const u16* row = kivi_kept_row(wins, table, h, blocks, b * bs + o, kvh_n, bs, d, false);\n\
+                      const u16* any = kivi_kept_row(wins, table, h, blocks, b * bs + o, kvh_n, bs, d, true);\n\
+                      printf(\"%lld %lld\", row ? (long long)(row - wins) : -1LL, any ? (long long)(any - wins) : -1LL);\n\
                       for (unsigned c = 0; c < d; ++c)\n\
                         printf(\" %08x\", __float_as_uint(kivi_key(pool, wins, table, 1, h, b, o, c, kvh_n,\n\
                                                                    nb, bs, d, rb, bits)));\n\
@@ -552,7 +555,18 @@ mod tests {
                         let e = table[b * per + kb];
                         let window_row = |w: u32| ((w as usize * kv_heads + h) * 32 + j) * d;
                         let line = lines.next().expect("a line per key");
-                        let (kept, keys) = line.split_once(' ').expect("fields");
+                        let (kept, rest) = line.split_once(' ').expect("fields");
+                        let (any, keys) = rest.split_once(' ').expect("fields");
+                        let want_any = if e != NO_WINDOW {
+                            window_row(e & !QUANTIZED) as i64
+                        } else {
+                            -1
+                        };
+                        assert_eq!(
+                            any.parse::<i64>().expect("int"),
+                            want_any,
+                            "{dtype} {h} {b} {o}"
+                        );
                         let want_kept = if e != NO_WINDOW && e & QUANTIZED != 0 {
                             window_row(e & !QUANTIZED) as i64
                         } else {

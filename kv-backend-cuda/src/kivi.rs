@@ -55,18 +55,32 @@ pub(crate) struct KiviWrite {
     pub windows: BTreeMap<KeyBlock, Window>,
 }
 
-/// Plans a write of keys to `slots` (already validated against the storage) of a layer
-/// whose windows are `windows` and that has been attended `attends` times, with
-/// `block_tokens` tokens per key block.
-///
-/// # Errors
-/// [`KvError::Unsupported`] for key blocks of more than 64 tokens (the slot mask is a
-/// `u64`); [`KvError::Overflow`] for a block id beyond `u32`.
+/// [`plan_kivi_write_in`] for a layout without a residual.
+#[cfg(test)]
 pub(crate) fn plan_kivi_write(
     windows: &BTreeMap<KeyBlock, Window>,
     attends: u64,
     slots: &[Slot],
     block_tokens: usize,
+) -> Result<KiviWrite> {
+    plan_kivi_write_in(windows, attends, slots, block_tokens, false)
+}
+
+/// Plans a write of keys to `slots` (already validated against the storage) of a layer
+/// whose windows are `windows` and that has been attended `attends` times, with
+/// `block_tokens` tokens per key block. With `residual` (`kivi*-rR`) a quantized block's
+/// window serves the queries within R tokens of it and stays until the block is settled;
+/// without, the first write after an attend frees it.
+///
+/// # Errors
+/// [`KvError::Unsupported`] for key blocks of more than 64 tokens (the slot mask is a
+/// `u64`); [`KvError::Overflow`] for a block id beyond `u32`.
+pub(crate) fn plan_kivi_write_in(
+    windows: &BTreeMap<KeyBlock, Window>,
+    attends: u64,
+    slots: &[Slot],
+    block_tokens: usize,
+    residual: bool,
 ) -> Result<KiviWrite> {
     if block_tokens == 0 || block_tokens > 64 {
         return Err(KvError::Unsupported {
@@ -84,7 +98,7 @@ pub(crate) fn plan_kivi_write(
         ..KiviWrite::default()
     };
     plan.windows.retain(|&kb, w| match w.quantized_at {
-        Some(at) if attends > at => {
+        Some(at) if attends > at && !residual => {
             plan.free.push(kb);
             false
         }
@@ -125,7 +139,8 @@ pub(crate) fn plan_kivi_write(
 /// What `copy_blocks` does to a layer's windows, as the CPU backend: moves apply in order,
 /// and each gives every key block of the target the source's window if that one is still
 /// filling (a quantized block's window only serves the queries that filled it; the copy
-/// reads the block as stored), dropping the target's own.
+/// reads the block as stored) or, with `keep_quantized` (a residual layout, whose windows
+/// serve every query within R tokens), if it has one at all, dropping the target's own.
 ///
 /// Returns the windows after the moves and, in order, the window copies to run on the
 /// device: `(source key block, target key block)`, the target's window taking the source's
@@ -134,6 +149,7 @@ pub(crate) fn plan_kivi_copy(
     windows: &BTreeMap<KeyBlock, Window>,
     moves: &[(u32, u32)],
     key_blocks_per_block: u32,
+    keep_quantized: bool,
 ) -> (BTreeMap<KeyBlock, Window>, Vec<(KeyBlock, KeyBlock)>) {
     let mut after = windows.clone();
     let mut copies = Vec::new();
@@ -143,7 +159,7 @@ pub(crate) fn plan_kivi_copy(
         }
         for kb in 0..key_blocks_per_block {
             match after.get(&(from, kb)).copied() {
-                Some(w) if w.quantized_at.is_none() => {
+                Some(w) if w.quantized_at.is_none() || keep_quantized => {
                     after.insert((to, kb), w);
                     copies.push(((from, kb), (to, kb)));
                 }
@@ -302,12 +318,17 @@ impl KiviLayer {
         &self,
         moves: &[(u32, u32)],
         key_blocks_per_block: u32,
+        keep_quantized: bool,
     ) -> Result<(KiviLayer, Vec<(u32, u32)>)> {
         let mut after = self.clone();
         let mut copies = Vec::new();
         for &(from, to) in moves {
-            let (windows, kb_copies) =
-                plan_kivi_copy(&after.windows, &[(from, to)], key_blocks_per_block);
+            let (windows, kb_copies) = plan_kivi_copy(
+                &after.windows,
+                &[(from, to)],
+                key_blocks_per_block,
+                keep_quantized,
+            );
             for kb in 0..key_blocks_per_block {
                 if !windows.contains_key(&(to, kb)) {
                     after.slots.release(&(to, kb));
@@ -524,7 +545,7 @@ mod tests {
                 quantized_at: None,
             },
         );
-        let (after, copies) = plan_kivi_copy(&windows, &[(0, 5), (5, 5)], 2);
+        let (after, copies) = plan_kivi_copy(&windows, &[(0, 5), (5, 5)], 2, false);
         assert_eq!(copies, vec![((0, 1), (5, 1))]);
         assert!(
             !after.contains_key(&(5, 0)),
@@ -537,7 +558,7 @@ mod tests {
             "the source keeps its windows"
         );
         // Moves apply in order: a chain carries the window along.
-        let (after, copies) = plan_kivi_copy(&windows, &[(0, 6), (6, 7)], 2);
+        let (after, copies) = plan_kivi_copy(&windows, &[(0, 6), (6, 7)], 2, false);
         assert_eq!(copies, vec![((0, 1), (6, 1)), ((6, 1), (7, 1))]);
         assert_eq!(after[&(7, 1)].filled, 0xff);
     }
@@ -656,7 +677,7 @@ mod tests {
     fn copies_give_targets_windows_and_take_them_back() {
         // Block 0: key block 0 quantized (window 0), key block 1 filling (window 1).
         let layer = layer_after(&slots(0, 0..40));
-        let (after, copies) = layer.plan_copy(&[(0, 5), (5, 6)], 2).expect("copy");
+        let (after, copies) = layer.plan_copy(&[(0, 5), (5, 6)], 2, false).expect("copy");
         // Only the filling window is copied, into new windows, along the chain in order.
         assert_eq!(copies, vec![(1, 2), (2, 3)]);
         assert_eq!(after.slots.of.get(&(5, 1)), Some(&2));
@@ -665,12 +686,12 @@ mod tests {
         assert!(!after.windows.contains_key(&(5, 0)));
         // Copying a block without windows over block 5 gives its window back; the next
         // copy reuses it.
-        let (after, copies) = after.plan_copy(&[(3, 5), (0, 7)], 2).expect("copy");
+        let (after, copies) = after.plan_copy(&[(3, 5), (0, 7)], 2, false).expect("copy");
         assert!(!after.slots.of.contains_key(&(5, 1)));
         assert_eq!(copies, vec![(1, 2)]);
         assert_eq!(after.slots.of.get(&(7, 1)), Some(&2));
         // A target with its own window keeps its index.
-        let (again, copies) = after.plan_copy(&[(0, 7)], 2).expect("copy");
+        let (again, copies) = after.plan_copy(&[(0, 7)], 2, false).expect("copy");
         assert_eq!(copies, vec![(1, 2)]);
         assert_eq!(again.slots, after.slots);
         // Windows and their places stay in step.
@@ -680,6 +701,28 @@ mod tests {
                 l.slots.of.keys().collect::<Vec<_>>()
             );
         }
+    }
+
+    #[test]
+    fn residual_windows_stay_until_settled_and_travel_with_copies() {
+        let s = slots(0, 0..40);
+        let p = plan_kivi_write_in(&BTreeMap::new(), 0, &s, 32, true).expect("plan");
+        assert_eq!(p.quantize, vec![(0, 0)]);
+        // Attends do not free a residual window: only settle_blocks does.
+        let q = plan_kivi_write_in(&p.windows, 5, &slots(0, 40..41), 32, true).expect("plan");
+        assert!(q.free.is_empty());
+        assert_eq!(q.windows[&(0, 0)].quantized_at, Some(0));
+        let l = pack_kivi_write(&WindowSlots::default(), &p, &s, 32).expect("pack");
+        let mut layer = KiviLayer {
+            windows: p.windows,
+            slots: l.slots,
+        };
+        // A copy takes the quantized block's window along too.
+        let (after, copies) = layer.plan_copy(&[(0, 3)], 2, true).expect("copy");
+        assert_eq!(copies, vec![(0, 2), (1, 3)]);
+        assert_eq!(after.windows[&(3, 0)], layer.windows[&(0, 0)]);
+        layer.settle(&[0], 2);
+        assert_eq!(layer.windows.keys().collect::<Vec<_>>(), vec![&(0, 1)]);
     }
 
     #[test]

@@ -7,12 +7,12 @@
 //! head-major per layer as the CPU backend's: `[layer][K, V][kv_head][block][slot][row]`,
 //! rows in kv-quant's byte formats. Layouts: f32, f16, bf16, `int8-gG`, `int4-gG` and
 //! `int4h-gG` (quantized on write, in the kernel, to the bytes kv-quant's quantizer
-//! writes), and KIVI `kivi4` / `kivi2`: keys in 32-token key blocks quantized per channel
-//! once full, kept meanwhile in f16 windows (a per-layer device pool, tracked on the host
-//! as the CPU backend tracks its windows); a query reads its own key block in f16 and
-//! earlier ones quantized, so a prefill computes what decoding token by token does. The
-//! residual KIVI layouts (`kivi*-rR`) are not done yet and answer
-//! [`CacheBackend::supports`] `false` and [`KvError::Unsupported`]. Block export and
+//! writes), and KIVI (`kivi4`, `kivi2` and the residual `kivi*-rR`): keys in 32-token key
+//! blocks quantized per channel once full, kept meanwhile in f16 windows (a per-layer
+//! device pool, tracked on the host as the CPU backend tracks its windows); a query reads
+//! its own key block in f16 and earlier ones quantized (with a residual R, also the keys
+//! of blocks ending within R and the values of the last R tokens in f16, until the blocks
+//! are settled), so a prefill computes what decoding token by token does. Block export and
 //! import (`supports_block_bytes`) are not implemented for any layout.
 //!
 //! - **write**: every check that does not depend on the values on the host
@@ -40,7 +40,7 @@
 //! use kv_core::CacheBackend;
 //! match kv_backend_cuda::CudaBackend::new(0) {
 //!     Ok(backend) => {
-//!         // Every layout but the residual KIVI ones.
+//!         // Every layout of kv-core, KIVI included.
 //!         assert!(backend.supports("int4-g32".parse()?));
 //!         assert!(backend.supports("kivi4".parse()?));
 //!         println!("using {}", backend.name());

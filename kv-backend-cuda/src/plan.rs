@@ -38,11 +38,14 @@ pub(crate) struct GpuLayout {
     pub rotate_k: bool,
     /// Code width of KIVI key blocks (2 or 4), 0 for the row layouts.
     pub kivi_bits: u32,
+    /// KIVI's residual R (`kivi*-rR`): tokens within R of a query are read in f16; 0 for
+    /// the other layouts.
+    pub residual: u32,
 }
 
 impl GpuLayout {
-    /// The kernels' layout of `dtype`, or `None` for a layout they do not store (KIVI
-    /// with a residual window, `kivi*-rR`).
+    /// The kernels' layout of `dtype`, or `None` for a layout they do not store (none of
+    /// kv-core's today; `KvDType` may grow).
     pub(crate) fn of(dtype: KvDType) -> Option<Self> {
         let g = |g: QuantGroup| g.size() as u32;
         let same = |f: Fmt, group: u32, rotate_k: bool| GpuLayout {
@@ -51,6 +54,7 @@ impl GpuLayout {
             group,
             rotate_k,
             kivi_bits: 0,
+            residual: 0,
         };
         match dtype {
             KvDType::F32 => Some(same(Fmt::F32, 0, false)),
@@ -60,9 +64,9 @@ impl GpuLayout {
             KvDType::Int4 { group } => Some(same(Fmt::Int4, g(group), false)),
             KvDType::Int4Hadamard { group } => Some(same(Fmt::Int4, g(group), true)),
             // KIVI's keys are quantized per channel over 32-token blocks with an f16 window
-            // while a block fills; values are rows in groups of 32. The residual windows
-            // (f16 values and keys of the last R tokens) are not on the device yet.
-            KvDType::Kivi { bits, .. } if dtype.residual_tokens() == 0 => {
+            // while a block fills (and, with a residual, until settled, with the block's
+            // values in f16 too); values are rows in groups of 32.
+            KvDType::Kivi { bits, .. } => {
                 let (v, kivi_bits) = match bits {
                     kv_core::KiviBits::B4 => (Fmt::Int4, 4),
                     kv_core::KiviBits::B2 => (Fmt::Int2, 2),
@@ -73,6 +77,7 @@ impl GpuLayout {
                     group: 32,
                     rotate_k: false,
                     kivi_bits,
+                    residual: u32::try_from(dtype.residual_tokens()).ok()?,
                 })
             }
             _ => None,
@@ -493,11 +498,10 @@ mod tests {
     }
 
     #[test]
-    fn layouts_cover_the_row_formats_and_kivi_without_a_residual() {
+    fn layouts_cover_the_row_formats_and_kivi() {
         for &dtype in KvDType::ALL {
             let l = GpuLayout::of(dtype);
             match dtype {
-                KvDType::Kivi { .. } if dtype.residual_tokens() > 0 => assert_eq!(l, None),
                 KvDType::Kivi { bits, .. } => {
                     let l = l.expect("kivi");
                     let (v, b) = match bits {
@@ -506,6 +510,7 @@ mod tests {
                     };
                     assert_eq!((l.k, l.v, l.group, l.kivi_bits), (Fmt::Kivi, v, 32, b));
                     assert_eq!(bits.bits(), b as usize);
+                    assert_eq!(l.residual as usize, dtype.residual_tokens());
                 }
                 KvDType::Int4Hadamard { group } => {
                     let l = l.expect("int4h");
