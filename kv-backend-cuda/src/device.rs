@@ -745,6 +745,10 @@ impl CacheBackend for CudaBackend {
         let (q_heads, d) = (shape.n_q_heads(), shape.head_dim());
         let total = batch.total_queries();
         if total == 0 {
+            // An attend all the same, as the CPU backend counts it (KIVI windows).
+            if let Some(l) = storage.kivi.as_ref().and_then(|st| st.layers.get(layer)) {
+                l.attends.fetch_add(1, Ordering::AcqRel);
+            }
             return self.empty((q_heads, d));
         }
         let p = plan::plan_attend(spec, batch)?;
