@@ -21,6 +21,7 @@ use kv_core::{
     validate, AttentionBatch, BlockId, CacheBackend, KvDType, KvError, Result, Slot, StorageSpec,
 };
 
+use crate::blocks::{self, BlockShape, BlockWindow};
 use crate::kernels::{self, KernelModule, MODULES, NVRTC_FLAGS};
 use crate::kivi::{self, KiviLayer, NO_WINDOW};
 use crate::plan::{self, flags, Geometry, GpuLayout, RowArgs, ITEM_FIELDS};
@@ -505,6 +506,44 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The sizes of one block's export for `storage`.
+    fn block_shape(storage: &CudaStorage) -> BlockShape {
+        let g = storage.geom;
+        BlockShape {
+            layers: g.layers,
+            kv_heads: g.kv_heads,
+            head_dim: storage.spec.shape.head_dim(),
+            block_size: g.block_size,
+            row_bytes: g.row_bytes,
+            key_blocks: storage.kivi.as_ref().map_or(0, |st| st.per_block as usize),
+            window_elems: storage.kivi.as_ref().map_or(0, |st| st.window_elems),
+            residual: storage.layout.residual > 0,
+        }
+    }
+
+    /// Window `w` (of `elems` f16) of `pool`, copied to the host.
+    fn window_to_host(
+        &self,
+        pool: Option<&CudaSlice<u16>>,
+        w: u32,
+        elems: usize,
+    ) -> Result<Vec<u16>> {
+        let pool = pool.ok_or_else(|| KvError::InvalidArgument {
+            what: "KIVI window pool",
+            detail: "a window without a pool".into(),
+        })?;
+        let start = plan::product("window", &[w as usize, elems])?;
+        let view =
+            pool.try_slice(start..start + elems)
+                .ok_or_else(|| KvError::InvalidArgument {
+                    what: "KIVI window pool",
+                    detail: format!("window {w} is past the pool"),
+                })?;
+        self.stream
+            .clone_dtoh(&view)
+            .map_err(|e| cuda_err("copying a KIVI window")(&e))
+    }
+
     /// `t` as a contiguous f32 tensor on this device (a copy only when needed).
     fn as_f32(t: &Tensor) -> Result<Tensor> {
         Ok(t.to_dtype(DType::F32)?.contiguous()?)
@@ -921,6 +960,151 @@ impl CacheBackend for CudaBackend {
                         // long. Launched one by one, in the moves' order.
                         unsafe { b.launch(cfg((grid, 1, 1), 256, 0)?) }
                             .map_err(|e| cuda_err("kv_kivi_window_copy")(&e))?;
+                    }
+                }
+                l.host = after;
+            }
+        }
+        Ok(())
+    }
+
+    fn supports_block_bytes(&self) -> bool {
+        true
+    }
+
+    fn export_block(&self, storage: &CudaStorage, block: BlockId, out: &mut Vec<u8>) -> Result<()> {
+        validate::blocks(&storage.spec, &[block])?;
+        let g = storage.geom;
+        let part = plan::product("block export", &[g.block_size, g.row_bytes])?;
+        let mut bytes = Vec::new();
+        let b = block.index();
+        for layer in 0..g.layers {
+            for which in 0..2 {
+                for h in 0..g.kv_heads {
+                    let at = g.row_offset(layer, which, h, b, 0);
+                    let view = storage.pool.try_slice(at..at + part).ok_or_else(|| {
+                        KvError::InvalidArgument {
+                            what: "block export",
+                            detail: format!("bytes {at}.. are past the pool"),
+                        }
+                    })?;
+                    let host = self
+                        .stream
+                        .clone_dtoh(&view)
+                        .map_err(|e| cuda_err("copying a block")(&e))?;
+                    bytes.extend_from_slice(&host);
+                }
+            }
+            if let Some(st) = &storage.kivi {
+                let l = st.layers.get(layer).ok_or(KvError::OutOfRange {
+                    what: "layer",
+                    index: layer,
+                    len: st.layers.len(),
+                })?;
+                let id = plan::to_u32("block id", b)?;
+                for kb in 0..st.per_block {
+                    let state = l.host.windows.get(&(id, kb)).copied();
+                    let index = l.host.slots.of.get(&(id, kb)).copied();
+                    match (state, index) {
+                        // Without a residual a quantized block's window only serves the
+                        // queries that filled it: the export reads as stored, as a copy.
+                        (Some(w), Some(index)) if w.quantized_at.is_none() || st.residual > 0 => {
+                            let keys =
+                                self.window_to_host(l.wins.as_ref(), index, st.window_elems)?;
+                            let values = if st.residual > 0 {
+                                self.window_to_host(l.wins_v.as_ref(), index, st.window_elems)?
+                            } else {
+                                Vec::new()
+                            };
+                            blocks::push_window(
+                                &mut bytes,
+                                Some(&BlockWindow {
+                                    filled: w.filled,
+                                    quantized: w.quantized_at.is_some(),
+                                    keys,
+                                    values,
+                                }),
+                            );
+                        }
+                        _ => blocks::push_window(&mut bytes, None),
+                    }
+                }
+            }
+        }
+        out.extend_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn import_block(&self, storage: &mut CudaStorage, block: BlockId, bytes: &[u8]) -> Result<()> {
+        validate::blocks(&storage.spec, &[block])?;
+        let shape = Self::block_shape(storage);
+        let parsed = blocks::parse(&shape, storage.layout, bytes)?;
+        let g = storage.geom;
+        let b = block.index();
+        let id = plan::to_u32("block id", b)?;
+        // Every layer's windows planned and the pools grown before anything is stored.
+        let mut plans = Vec::new();
+        if let Some(st) = storage.kivi.as_mut() {
+            let max = plan::to_u32(
+                "KIVI key blocks",
+                plan::product(
+                    "KIVI key blocks",
+                    &[storage.spec.num_blocks, st.per_block as usize],
+                )?,
+            )?;
+            let (elems, residual) = (st.window_elems, st.residual > 0);
+            for (l, p) in st.layers.iter_mut().zip(&parsed) {
+                let states: Vec<Option<(u64, bool)>> = p
+                    .windows
+                    .iter()
+                    .map(|w| w.as_ref().map(|w| (w.filled, w.quantized)))
+                    .collect();
+                let attends = l.attends.load(Ordering::Acquire);
+                let (after, fills) = l.host.plan_import(id, &states, attends)?;
+                self.ensure_windows(l, after.slots.capacity, elems, max, residual)?;
+                plans.push((after, fills));
+            }
+        }
+        let part = plan::product("block import", &[g.block_size, g.row_bytes])?;
+        for (layer, p) in parsed.iter().enumerate() {
+            for (which, src) in [(0usize, p.k), (1, p.v)] {
+                for (h, head) in src.chunks_exact(part).enumerate() {
+                    let at = g.row_offset(layer, which, h, b, 0);
+                    let mut view = storage.pool.try_slice_mut(at..at + part).ok_or_else(|| {
+                        KvError::InvalidArgument {
+                            what: "block import",
+                            detail: format!("bytes {at}.. are past the pool"),
+                        }
+                    })?;
+                    self.stream
+                        .memcpy_htod(head, &mut view)
+                        .map_err(|e| cuda_err("storing a block")(&e))?;
+                }
+            }
+        }
+        if let Some(st) = storage.kivi.as_mut() {
+            let elems = st.window_elems;
+            for ((l, p), (after, fills)) in st.layers.iter_mut().zip(&parsed).zip(plans) {
+                for (kb, index) in fills {
+                    let Some(Some(w)) = p.windows.get(kb as usize) else {
+                        continue;
+                    };
+                    let start = plan::product("window", &[index as usize, elems])?;
+                    for (pool, data) in [(l.wins.as_mut(), &w.keys), (l.wins_v.as_mut(), &w.values)]
+                    {
+                        let (Some(pool), false) = (pool, data.is_empty()) else {
+                            continue;
+                        };
+                        let mut view =
+                            pool.try_slice_mut(start..start + elems).ok_or_else(|| {
+                                KvError::InvalidArgument {
+                                    what: "KIVI window pool",
+                                    detail: format!("window {index} is past the pool"),
+                                }
+                            })?;
+                        self.stream
+                            .memcpy_htod(data.as_slice(), &mut view)
+                            .map_err(|e| cuda_err("storing a KIVI window")(&e))?;
                     }
                 }
                 l.host = after;

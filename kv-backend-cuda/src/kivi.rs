@@ -306,6 +306,41 @@ impl KiviLayer {
         }
     }
 
+    /// `import_block` for this layer: the windows of cache block `block`'s key blocks
+    /// replaced by `windows` (one per key block: its slot mask and whether its block is
+    /// quantized, or `None`), a quantized one as if quantized at attend count `attends`.
+    /// Returns the layer after and, per imported window, its key block and window index.
+    ///
+    /// # Errors
+    /// [`KvError::Overflow`] when the window count overflows `u32`.
+    pub(crate) fn plan_import(
+        &self,
+        block: u32,
+        windows: &[Option<(u64, bool)>],
+        attends: u64,
+    ) -> Result<(KiviLayer, Vec<(u32, u32)>)> {
+        let mut after = self.clone();
+        let mut fills = Vec::new();
+        for (kb, w) in windows.iter().enumerate() {
+            let kb = crate::plan::to_u32("key block", kb)?;
+            after.windows.remove(&(block, kb));
+            after.slots.release(&(block, kb));
+            if let Some((filled, quantized)) = *w {
+                let index = after.slots.take()?;
+                after.slots.of.insert((block, kb), index);
+                after.windows.insert(
+                    (block, kb),
+                    Window {
+                        filled,
+                        quantized_at: quantized.then_some(attends),
+                    },
+                );
+                fills.push((kb, index));
+            }
+        }
+        Ok((after, fills))
+    }
+
     /// `copy_blocks` for this layer's windows, as the CPU backend ([`plan_kivi_copy`]):
     /// returns the layer after the moves and the window copies to launch in order,
     /// `(from window, to window)`. A target key block that gets a window keeps its own
@@ -723,6 +758,28 @@ mod tests {
         assert_eq!(after.windows[&(3, 0)], layer.windows[&(0, 0)]);
         layer.settle(&[0], 2);
         assert_eq!(layer.windows.keys().collect::<Vec<_>>(), vec![&(0, 1)]);
+    }
+
+    #[test]
+    fn imports_replace_the_blocks_windows() {
+        // Block 0: key block 0 quantized (window 0), key block 1 filling (window 1).
+        let layer = layer_after(&slots(0, 0..40));
+        let (after, fills) = layer
+            .plan_import(0, &[None, Some((0b101, false))], 3)
+            .expect("import");
+        // Both old windows go back; the import's one takes the lowest.
+        assert_eq!(fills, vec![(1, 0)]);
+        assert_eq!(after.windows.keys().collect::<Vec<_>>(), vec![&(0, 1)]);
+        assert_eq!(after.windows[&(0, 1)].filled, 0b101);
+        let (after, fills) = after
+            .plan_import(4, &[Some((u64::from(u32::MAX), true)), None], 3)
+            .expect("import");
+        assert_eq!(fills, vec![(0, 1)]);
+        assert_eq!(after.windows[&(4, 0)].quantized_at, Some(3));
+        assert_eq!(
+            after.windows.keys().collect::<Vec<_>>(),
+            after.slots.of.keys().collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -12,8 +12,11 @@
 //! device pool, tracked on the host as the CPU backend tracks its windows); a query reads
 //! its own key block in f16 and earlier ones quantized (with a residual R, also the keys
 //! of blocks ending within R and the values of the last R tokens in f16, until the blocks
-//! are settled), so a prefill computes what decoding token by token does. Block export and
-//! import (`supports_block_bytes`) are not implemented for any layout.
+//! are settled), so a prefill computes what decoding token by token does.
+//! - **export_block / import_block**: a block's bytes as stored, every layer, and KIVI's
+//!   windows, in the CPU backend's order; an import is parsed and checked on the host
+//!   (lengths, window flags and masks, every row decoding to finite values) before any
+//!   byte is stored.
 //!
 //! - **write**: every check that does not depend on the values on the host
 //!   (`kv_core::validate`), then a dry run of the write kernel that checks the values
@@ -59,6 +62,9 @@ mod plan;
 // The KIVI windows' bookkeeping, host-side: tested on every machine.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod kivi;
+// Block export and import bytes, host-side: tested on every machine.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod blocks;
 
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)] // kernel launches; each has a SAFETY comment

@@ -242,8 +242,8 @@ impl Geometry {
     }
 
     /// Byte offset of a row; the kernels' `row_offset` computes the same (in u64).
-    /// Arguments are in range (checked by `kv_core::validate`).
-    #[cfg(test)]
+    /// Arguments are in range (checked by `kv_core::validate`), so the offset is below
+    /// [`Geometry::total_bytes`], which `Geometry::of` checked to fit `usize`.
     pub(crate) fn row_offset(
         &self,
         layer: usize,

@@ -79,6 +79,11 @@ fn conformance_on_gpu() {
     let ran: Vec<KvDType> = report.dtypes.iter().map(|d| d.dtype).collect();
     assert_eq!(ran, KvDType::ALL, "{report}");
     assert!(report.skipped.is_empty(), "{report}");
+    // Block export and import ran for every layout.
+    assert!(backend.supports_block_bytes());
+    for d in &report.dtypes {
+        assert!(d.checks.contains(&"block bytes"), "{}: {report}", d.dtype);
+    }
     assert!(
         KvDType::ALL.iter().any(|d| d.residual_tokens() > 0),
         "the residual-window layouts are in KvDType::ALL"
