@@ -4,10 +4,11 @@
 //!
 //! Decoding follows the 4-bit blocks': a code of 4 or 5 bits stands for one of 16 or 32
 //! weights of its chunk (`code * scale + min`), computed once per chunk into a table that
-//! [`Simd::lookup16_nibbles`] / [`Simd::lookup32`] read with lane permutes at 512 bits (the
-//! 5-bit codes assembled in registers with [`Simd::Bytes32`]'s bit operations). Q6_K's
-//! 64 possible weights change every 16 weights, so its assembled codes are converted and
-//! scaled instead. Weights equal candle's `dequantize` bit for bit: every scale is an f16
+//! [`Simd::lookup16_nibbles`] / [`Simd::lookup32`] / [`Simd::lookup32_split`] read with
+//! lane permutes at 512 bits (Q5_K's 5-bit codes assembled in registers with
+//! [`Simd::Bytes32`]'s bit operations). Q6_K's 64 possible weights change every 16
+//! weights, so its assembled codes are converted and scaled instead. The K-quants' scales
+//! (and minimums) are unpacked and multiplied once per super-block, not per chunk. Weights equal candle's `dequantize` bit for bit: every scale is an f16
 //! times an integer of at most 8 bits, exact in f32, and a code of at most 6 bits times it
 //! is exact again, so `code * scale + min` rounds once however it is computed (fused or
 //! not). The symmetric types multiply only (no `+ 0.0`, which would turn candle's `-0.0`
@@ -139,16 +140,13 @@ impl<const MIN: bool> Format for Q5<MIN> {
     fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
         let (d, m) = s.splat_f16_pair(*bytes::<4>(b, 0));
         let qh = u32::from_le_bytes(*bytes::<4>(b, Self::QH));
-        let codes = s.or_bytes32(
-            s.split_nibbles32(bytes::<16>(b, Self::QH + 4)),
-            s.bits_to_bytes32(qh, 16),
-        );
         let t = if MIN {
             s.lut32_affine(d, m)
         } else {
             s.lut32_centered(d)
         };
-        sink.chunk(0, Chunk::weights(s.lookup32(t, codes)));
+        let w = s.lookup32_split(t, bytes::<16>(b, Self::QH + 4), qh);
+        sink.chunk(0, Chunk::weights(w));
     }
 }
 
