@@ -455,6 +455,17 @@ pub trait Simd: Copy + Send + Sync + 'static {
     ) -> (Self::X32, Self::X32);
     /// `t[v[j]]` for the 32 bytes of `v` (each `< 32`).
     fn lookup32(self, t: Self::Lut32, v: Self::Bytes32) -> Self::X32;
+    /// `t[code]` for the 32 5-bit codes of a Q5_0/Q5_1 block: the nibbles of `b` in GGUF's
+    /// split order (see [`Simd::split_nibbles32`]), bit `j` of `high` code `j`'s fifth bit.
+    /// Here the codes are assembled in bytes; 512 bits set the fifth bits in the widened
+    /// indices under a mask register instead (fewer operations; added for issue 15).
+    #[inline(always)]
+    fn lookup32_split(self, t: Self::Lut32, b: &[u8; 16], high: u32) -> Self::X32 {
+        self.lookup32(
+            t,
+            self.or_bytes32(self.split_nibbles32(b), self.bits_to_bytes32(high, 16)),
+        )
+    }
     // End of the GGUF weight codes.
     // -----------------------------------------------------------------------------------
 
@@ -599,6 +610,10 @@ mod tests {
                 let high = if self.bits >> j & 1 == 1 { 16 } else { 0 };
                 centered(q | high, 16, a)
             }));
+            out.extend(split.iter().enumerate().map(|(j, &q)| {
+                let high = if self.bits >> j & 1 == 1 { 16 } else { 0 };
+                affine(q | high, a, b)
+            }));
             out.extend(
                 v.iter()
                     .map(|&q| f32::from((((q >> 3) << 2) | 0x81).wrapping_sub(7) as i8)),
@@ -620,6 +635,7 @@ mod tests {
                 hi,
                 s.lookup32(s.lut32_affine(a, b), s.and_bytes32(loaded, 31)),
                 s.lookup32(s.lut32_centered(a), five),
+                s.lookup32_split(s.lut32_affine(a, b), half, self.bits),
                 s.i8_to_f32_32(s.sub_bytes32(
                     s.or_bytes32(bits, s.and_bytes32(s.load_bytes32(&[0x81; 32]), 0xFF)),
                     7,

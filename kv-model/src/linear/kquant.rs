@@ -4,10 +4,11 @@
 //!
 //! Decoding follows the 4-bit blocks': a code of 4 or 5 bits stands for one of 16 or 32
 //! weights of its chunk (`code * scale + min`), computed once per chunk into a table that
-//! [`Simd::lookup16_nibbles`] / [`Simd::lookup32`] read with lane permutes at 512 bits (the
-//! 5-bit codes assembled in registers with [`Simd::Bytes32`]'s bit operations). Q6_K's
-//! 64 possible weights change every 16 weights, so its assembled codes are converted and
-//! scaled instead. Weights equal candle's `dequantize` bit for bit: every scale is an f16
+//! [`Simd::lookup16_nibbles`] / [`Simd::lookup32`] / [`Simd::lookup32_split`] read with
+//! lane permutes at 512 bits (Q5_K's 5-bit codes assembled in registers with
+//! [`Simd::Bytes32`]'s bit operations). Q6_K's 64 possible weights change every 16
+//! weights, so its assembled codes are converted and scaled instead. The K-quants' scales
+//! (and minimums) are unpacked and multiplied once per super-block, not per chunk. Weights equal candle's `dequantize` bit for bit: every scale is an f16
 //! times an integer of at most 8 bits, exact in f32, and a code of at most 6 bits times it
 //! is exact again, so `code * scale + min` rounds once however it is computed (fused or
 //! not). The symmetric types multiply only (no `+ 0.0`, which would turn candle's `-0.0`
@@ -70,6 +71,42 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     }
 }
 
+/// Makes the compiler read a super-block's table of scales back from memory: each chunk's
+/// scale then is one broadcast from memory (a load), where the compiler would otherwise
+/// take it out of the vector it stored with two lane shuffles (seen in the profile).
+/// Measured faster for Q6_K (16 scales, two per chunk), slower for Q4_K/Q5_K.
+#[inline(always)]
+fn memory_operands(t: &mut [f32; 32]) {
+    core::hint::black_box(t);
+}
+
+/// All 8 of Q4_K/Q5_K's 6-bit scales (bytes 0..8) and minimums (bytes 16..24) of the 12
+/// packed bytes `q` at once, in 32-bit words: [`scale_min_k4`] for every chunk.
+#[inline(always)]
+fn scales_mins_k4(q: &[u8; 12]) -> [u8; 32] {
+    const LOW6: u32 = 0x3F3F_3F3F;
+    const LOW4: u32 = 0x0F0F_0F0F;
+    const LOW2: u32 = 0x0303_0303;
+    let (w0, w1, w2) = (
+        u32::from_le_bytes(*bytes::<4>(q, 0)),
+        u32::from_le_bytes(*bytes::<4>(q, 4)),
+        u32::from_le_bytes(*bytes::<4>(q, 8)),
+    );
+    // Chunks 0..4: the low 6 bits of bytes j and j + 4. Chunks 4..8: a nibble of byte
+    // j + 4 and the top 2 bits of byte j - 4 (scale) or j (minimum).
+    let words = [
+        w0 & LOW6,
+        (w2 & LOW4) | (((w0 >> 6) & LOW2) << 4),
+        w1 & LOW6,
+        ((w2 >> 4) & LOW4) | (((w1 >> 6) & LOW2) << 4),
+    ];
+    let mut out = [0u8; 32];
+    for (at, w) in [0, 4, 16, 20].into_iter().zip(words) {
+        out[at..at + 4].copy_from_slice(&w.to_le_bytes());
+    }
+    out
+}
+
 /// Q5_0 (`MIN = false`; 22 bytes: f16 `d`, 32 fifth bits, 16 bytes of nibbles;
 /// `w = (q - 16) * d`) and Q5_1 (`MIN = true`; 24 bytes: f16 `d`, f16 `m`, then the same;
 /// `w = q * d + m`).
@@ -103,16 +140,13 @@ impl<const MIN: bool> Format for Q5<MIN> {
     fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
         let (d, m) = s.splat_f16_pair(*bytes::<4>(b, 0));
         let qh = u32::from_le_bytes(*bytes::<4>(b, Self::QH));
-        let codes = s.or_bytes32(
-            s.split_nibbles32(bytes::<16>(b, Self::QH + 4)),
-            s.bits_to_bytes32(qh, 16),
-        );
         let t = if MIN {
             s.lut32_affine(d, m)
         } else {
             s.lut32_centered(d)
         };
-        sink.chunk(0, Chunk::weights(s.lookup32(t, codes)));
+        let w = s.lookup32_split(t, bytes::<16>(b, Self::QH + 4), qh);
+        sink.chunk(0, Chunk::weights(w));
     }
 }
 
@@ -141,11 +175,22 @@ impl<const FIFTH: bool> K4<FIFTH> {
         (f32::from(sc), -f32::from(m))
     }
 
-    /// Chunk `c`'s `d * sc` and `dmin * -m` in vectors (exact products).
+    /// Every chunk's `d * sc` (`t[c]`) and `dmin * -m` (`t[16 + c]`), computed once per
+    /// super-block: the 8 scale/minimum pairs unpacked with word-wide bit operations, then
+    /// converted and multiplied in vectors (exact products, the values the scalar twin
+    /// computes). The chunks then broadcast their pair from `t`.
     #[inline(always)]
-    fn table<S: Simd>(s: S, (d, dmin): (S::F32, S::F32), b: &[u8], c: usize) -> (S::F32, S::F32) {
-        let (sc, m) = Self::scale_min(b, c);
-        (s.mul(d, s.splat(sc)), s.mul(dmin, s.splat(m)))
+    fn tables<S: Simd>(s: S, b: &[u8], t: &mut [f32; 32]) {
+        let (d, dmin) = s.splat_f16_pair(*bytes::<4>(b, 0));
+        let ndmin = s.mul(dmin, s.splat(-1.0));
+        let mut v = s.codes32_i8(&scales_mins_k4(bytes::<12>(b, 4)));
+        for (i, v) in v.as_mut().iter_mut().enumerate() {
+            // Lanes 0..16 hold the scales (8 of them), 16..32 the minimums.
+            *v = s.mul(*v, if i * S::LANES < 16 { d } else { ndmin });
+        }
+        // (Read back with lane shuffles, as the compiler chooses: measured faster here
+        // than [`memory_operands`]' broadcasts from memory, unlike Q6_K's.)
+        s.store32(t, v);
     }
 
     /// The fifth bits of chunk `c` moved to bit 4 of each byte.
@@ -182,14 +227,15 @@ impl<const FIFTH: bool> Format for K4<FIFTH> {
     }
     #[inline(always)]
     fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
-        // `d * sc` and `dmin * -m`: exact products, in vectors.
-        let (d, dmin) = s.splat_f16_pair(*bytes::<4>(b, 0));
+        // `d * sc` and `dmin * -m` of every chunk, once per super-block.
+        let mut t = [0f32; 32];
+        Self::tables(s, b, &mut t);
         let qh = s.load_bytes32(bytes::<32>(b, Self::QH));
         for k in 0..4 {
             let (c0, c1) = (2 * k, 2 * k + 1);
             let ((a0, m0), (a1, m1)) = (
-                Self::table(s, (d, dmin), b, c0),
-                Self::table(s, (d, dmin), b, c1),
+                (s.splat(t[c0]), s.splat(t[16 + c0])),
+                (s.splat(t[c1]), s.splat(t[16 + c1])),
             );
             let qs = bytes::<32>(b, Self::QS + 32 * k);
             if FIFTH {
@@ -256,8 +302,19 @@ impl Format for Q6K {
     }
     #[inline(always)]
     fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
+        // `d * sc` of all 16 scales once per super-block (exact products), each chunk
+        // then broadcasting its two.
         let [d0, d1] = *bytes::<2>(b, 208);
         let (d, _) = s.splat_f16_pair([d0, d1, 0, 0]);
+        let mut sc = [0u8; 32];
+        sc[..16].copy_from_slice(bytes::<16>(b, 192));
+        let mut t = [0f32; 32];
+        let mut v = s.codes32_i8(&sc);
+        for v in v.as_mut() {
+            *v = s.mul(*v, d);
+        }
+        s.store32(&mut t, v);
+        memory_operands(&mut t);
         for c in 0..8 {
             let (ql, nib, qh, high) = Self::at(c);
             let (ql, qh) = (s.load_bytes32(bytes(b, ql)), s.load_bytes32(bytes(b, qh)));
@@ -273,11 +330,7 @@ impl Format for Q6K {
                 s.shl_bytes32(qh, 4 - high)
             };
             let code = s.sub_bytes32(s.or_bytes32(lo, s.and_bytes32(hi, 0x30)), 32);
-            // `d * sc`: exact.
-            let scale = [
-                s.mul(d, s.splat(Self::scale(b, 2 * c))),
-                s.mul(d, s.splat(Self::scale(b, 2 * c + 1))),
-            ];
+            let scale = [s.splat(t[2 * c]), s.splat(t[2 * c + 1])];
             let mut w = s.i8_to_f32_32(code);
             for (i, v) in w.as_mut().iter_mut().enumerate() {
                 *v = s.mul(*v, scale[(i * S::LANES / 16) % 2]);
@@ -319,5 +372,28 @@ mod tests {
         q[9] = 0x7C; // chunk 5: scale nibble 0xC, minimum nibble 0x7
         assert_eq!(scale_min_k4(1, &q), (5, 9));
         assert_eq!(scale_min_k4(5, &q), (0x3C, 0x27));
+    }
+
+    #[test]
+    fn scales_mins_k4_unpacks_all_pairs_as_scale_min_k4() {
+        // 2000 pseudo-random packings (xorshift), every chunk of each.
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..2000 {
+            let q: [u8; 12] = core::array::from_fn(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            });
+            let all = scales_mins_k4(&q);
+            for j in 0..8 {
+                assert_eq!(
+                    (all[j], all[16 + j]),
+                    scale_min_k4(j, &q),
+                    "chunk {j} of {q:?}"
+                );
+            }
+            assert!(all[8..16].iter().chain(&all[24..]).all(|&b| b == 0));
+        }
     }
 }

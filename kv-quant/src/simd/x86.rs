@@ -1178,6 +1178,25 @@ impl Simd for V512 {
         })
     }
     #[inline(always)]
+    fn lookup32_split(self, t: [__m512; 2], b: &[u8; 16], high: u32) -> [__m512; 2] {
+        // Byte j holds code j's low 4 bits (low nibble) and code j + 16's (high nibble);
+        // the fifth bits are OR-ed into the widened indices under a mask.
+        feat!({
+            let q = _mm512_cvtepu8_epi32(load_128(b));
+            let (lo, hi) = (
+                _mm512_and_si512(q, _mm512_set1_epi32(15)),
+                _mm512_srli_epi32::<4>(q),
+            );
+            let five = _mm512_set1_epi32(16);
+            let lo = _mm512_mask_or_epi32(lo, high as __mmask16, lo, five);
+            let hi = _mm512_mask_or_epi32(hi, (high >> 16) as __mmask16, hi, five);
+            [
+                _mm512_permutex2var_ps(t[0], lo, t[1]),
+                _mm512_permutex2var_ps(t[0], hi, t[1]),
+            ]
+        })
+    }
+    #[inline(always)]
     fn lookup32(self, t: [__m512; 2], v: __m256i) -> [__m512; 2] {
         // The two-table permute reads an index's low 5 bits: 32 entries.
         feat!([
