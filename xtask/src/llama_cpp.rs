@@ -1075,4 +1075,26 @@ mod tests {
         report(&Results::of(""), &mut none, false);
         assert!(none.contains("Not measured in this run"));
     }
+
+    #[test]
+    fn the_llama_cpp_options_parse() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let o =
+            crate::bench::Options::parse(&args(&["--llama-cpp", "/b", "--quick"])).expect("parses");
+        assert_eq!(o.llama_cpp, Some(Some(PathBuf::from("/b"))));
+        let o = crate::bench::Options::parse(&args(&["--llama-cpp", "--quick"])).expect("parses");
+        assert_eq!(o.llama_cpp, Some(None));
+        assert!(o.quick);
+        let o = crate::bench::Options::parse(&args(&["--no-llama-cpp"])).expect("parses");
+        assert!(o.no_llama_cpp && o.llama_cpp.is_none());
+
+        let p =
+            PplOptions::parse(&args(&["--model", "m.gguf", "--ctx", "512,2048"])).expect("parses");
+        assert_eq!(p.runs, vec![(PathBuf::from("m.gguf"), vec![512, 2048])]);
+        assert!(PplOptions::parse(&args(&["--ctx", "512"])).is_err());
+        assert!(PplOptions::parse(&args(&["--model", "m", "--ctx", "2"])).is_err());
+        assert!(PplOptions::parse(&args(&["--threads", "0"])).is_err());
+        assert!(PplOptions::parse(&args(&["--text"])).is_err());
+        assert!(PplOptions::parse(&[]).expect("defaults").runs.is_empty());
+    }
 }
