@@ -1897,9 +1897,12 @@ mod tests {
                     .collect();
                 assert_eq!(a.dtype, want);
                 assert_eq!((a.batch, a.block_size, a.chunks), (64, 32, None));
+                assert!(!a.bos_first);
             }
             _ => panic!("parsed the wrong command"),
         }
+        let cli = Cli::try_parse_from(["kv", "ppl", "--text", "t", "--bos-first"]).unwrap();
+        assert!(matches!(cli.command, Command::Ppl(a) if a.bos_first));
         assert!(Cli::try_parse_from(["kv", "ppl", "--text", "t", "--dtype", "int3"]).is_err());
         assert!(Cli::try_parse_from(["kv", "ppl", "--ctx", "512"]).is_err());
         // Generation takes every layout; KIVI gets 32-token blocks unless told otherwise.

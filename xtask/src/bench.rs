@@ -342,6 +342,10 @@ pub fn bench(o: &Options) -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
     let _ = writeln!(stdout, "BENCH section=meta commit={}", git_commit());
+    // The weights a decode step reads, for the share of the physical limit.
+    if let Ok(bytes) = crate::llama_cpp::gguf_tensor_bytes(&model) {
+        let _ = writeln!(stdout, "BENCH section=model weight_bytes={bytes}");
+    }
     if let Some(s) = peer_build_s {
         let _ = writeln!(stdout, "BENCH section=peer-build secs={s:.1}");
     }

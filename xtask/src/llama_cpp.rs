@@ -545,6 +545,114 @@ pub fn parse_kv_ppl(out: &str) -> Result<(usize, usize, f64), String> {
     Ok((tokens, chunks, ppl))
 }
 
+/// The bytes of a GGUF file's tensor data (the file less its header, metadata and tensor
+/// table): the weights a decode step reads when the output projection is the tied embedding,
+/// as in SmolLM2 and Gemma 3. Walks the header without allocating by its counts.
+pub fn gguf_tensor_bytes(path: &Path) -> Result<u64, String> {
+    use std::io::{BufReader, Read, Seek};
+    let err = |e: std::io::Error| format!("{}: reading the GGUF header: {e}", path.display());
+    let file = File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let len = file.metadata().map_err(err)?.len();
+    let mut f = BufReader::new(file);
+    let mut b8 = [0u8; 8];
+    let u32_ = |f: &mut BufReader<File>| -> Result<u32, String> {
+        let mut b = [0u8; 4];
+        f.read_exact(&mut b).map_err(err)?;
+        Ok(u32::from_le_bytes(b))
+    };
+    let mut magic = [0u8; 4];
+    f.read_exact(&mut magic).map_err(err)?;
+    if &magic != b"GGUF" {
+        return Err(format!("{}: not a GGUF file", path.display()));
+    }
+    let version = u32_(&mut f)?;
+    if version < 2 {
+        return Err(format!(
+            "{}: GGUF version {version} (need 2 or 3)",
+            path.display()
+        ));
+    }
+    let mut u64_ = |f: &mut BufReader<File>| -> Result<u64, String> {
+        f.read_exact(&mut b8).map_err(err)?;
+        Ok(u64::from_le_bytes(b8))
+    };
+    let tensors = u64_(&mut f)?;
+    let kvs = u64_(&mut f)?;
+    let skip = |f: &mut BufReader<File>, n: u64| -> Result<(), String> {
+        let n =
+            i64::try_from(n).map_err(|_| format!("{}: length {n} overflows", path.display()))?;
+        f.seek_relative(n).map_err(err)
+    };
+    // Fixed sizes of the scalar value types, by GGUF type id.
+    let scalar = |t: u32| match t {
+        0 | 1 | 7 => Some(1u64),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    };
+    let mut alignment = 32u64;
+    for _ in 0..kvs {
+        let key_len = u64_(&mut f)?;
+        let mut key = [0u8; 17];
+        let is_alignment = key_len == 17;
+        if is_alignment {
+            f.read_exact(&mut key).map_err(err)?;
+        } else {
+            skip(&mut f, key_len)?;
+        }
+        let ty = u32_(&mut f)?;
+        match (ty, scalar(ty)) {
+            (_, Some(n)) => {
+                if is_alignment && &key == b"general.alignment" && ty == 4 {
+                    alignment = u64::from(u32_(&mut f)?);
+                } else {
+                    skip(&mut f, n)?;
+                }
+            }
+            (8, None) => {
+                let n = u64_(&mut f)?;
+                skip(&mut f, n)?;
+            }
+            (9, None) => {
+                let et = u32_(&mut f)?;
+                let count = u64_(&mut f)?;
+                match (et, scalar(et)) {
+                    (_, Some(n)) => skip(
+                        &mut f,
+                        count.checked_mul(n).ok_or("GGUF array size overflows")?,
+                    )?,
+                    (8, None) => {
+                        for _ in 0..count {
+                            let n = u64_(&mut f)?;
+                            skip(&mut f, n)?;
+                        }
+                    }
+                    _ => return Err(format!("{}: GGUF array of type {et}", path.display())),
+                }
+            }
+            _ => return Err(format!("{}: GGUF value type {ty}", path.display())),
+        }
+    }
+    for _ in 0..tensors {
+        let name = u64_(&mut f)?;
+        skip(&mut f, name)?;
+        let dims = u32_(&mut f)?;
+        skip(&mut f, u64::from(dims) * 8 + 4 + 8)?;
+    }
+    let at = f.stream_position().map_err(err)?;
+    if alignment == 0 {
+        return Err(format!("{}: general.alignment is 0", path.display()));
+    }
+    let data = at.div_ceil(alignment) * alignment;
+    len.checked_sub(data).ok_or_else(|| {
+        format!(
+            "{}: the GGUF header runs past the file's end",
+            path.display()
+        )
+    })
+}
+
 /// SmolLM2-135M's layer count: the bench's attention points time one layer, a step reads 30.
 const SMOLLM2_LAYERS: f64 = 30.0;
 
@@ -609,12 +717,21 @@ fn best_llama(
 /// same threads), kv / llama.cpp, and both as a share of the physical limit.
 pub fn report(r: &Results, w: &mut String, quick: bool) {
     let _ = writeln!(w, "## llama.cpp, measured in this run\n");
+    let probe = r
+        .all(&[("section", "probe")])
+        .filter(|p| p.get("when") != Some("store"))
+        .filter_map(|p| p.num("bytes_per_s"))
+        .fold(0.0, f64::max);
+    let weights = r
+        .one(&[("section", "model")], "weight_bytes")
+        .or_else(|| r.find(&[("section", "llama-bench")])?.num("model_bytes"));
     let Some(meta) = r.find(&[("section", "llama-cpp")]) else {
         let _ = writeln!(
             w,
             "Not measured in this run: no llama.cpp build (`cargo xtask llama-cpp` builds \
              one into ~/.cache/kv/llama-cpp; `cargo xtask bench --llama-cpp [DIR]`).\n"
         );
+        limit_table(r, w, weights, probe);
         return;
     };
     let tests: Vec<&Rec> = r.all(&[("section", "llama-bench")]).collect();
@@ -653,12 +770,6 @@ pub fn report(r: &Results, w: &mut String, quick: bool) {
             None
         }
     };
-    let probe = r
-        .all(&[("section", "probe")])
-        .filter(|p| p.get("when") != Some("store"))
-        .filter_map(|p| p.num("bytes_per_s"))
-        .fold(0.0, f64::max);
-    let weights = tests.iter().find_map(|x| x.num("model_bytes"));
     let _ = writeln!(
         w,
         "llama.cpp {} (built by `cargo xtask llama-cpp` from the llama-cpp-python 0.3.36 \
@@ -746,6 +857,41 @@ pub fn report(r: &Results, w: &mut String, quick: bool) {
             w,
             "\n(Quick mode: tiny prompts and depths on both sides; the numbers mean little.)"
         );
+    }
+    let _ = writeln!(w);
+}
+
+/// kv's decode as a share of the physical limit when llama.cpp was not measured.
+fn limit_table(r: &Results, w: &mut String, weights: Option<f64>, probe: f64) {
+    let Some(wb) = weights.filter(|_| probe > 0.0) else {
+        return;
+    };
+    let _ = writeln!(
+        w,
+        "kv's decode as a share of the physical limit: tokens/s times the bytes a step must \
+         read (the GGUF's {:.1} MiB of tensors plus 30 layers' K/V at that depth) over the \
+         memory probe ({:.2} GB/s).\n\n| layout | depth | decode tokens/s | % limit |\n|---|---:|---:|---:|",
+        wb / f64::from(1u32 << 20),
+        probe / 1e9
+    );
+    for layout in ["f16", "int8-g32", "int4-g32"] {
+        let per_token = kv_bytes_per_token(r, layout);
+        for d in r.all(&[
+            ("section", "decode"),
+            ("layout", layout),
+            ("weights", "blocks"),
+        ]) {
+            let (Some(depth), Some(tps), Some(p)) =
+                (d.num("depth"), d.num("tokens_per_s"), per_token)
+            else {
+                continue;
+            };
+            let _ = writeln!(
+                w,
+                "| {layout} | {depth} | {tps:.1} | {:.0}% |",
+                100.0 * limit_share(tps, wb, p, depth, probe)
+            );
+        }
     }
     let _ = writeln!(w);
 }
@@ -1096,5 +1242,47 @@ mod tests {
         assert!(PplOptions::parse(&args(&["--threads", "0"])).is_err());
         assert!(PplOptions::parse(&args(&["--text"])).is_err());
         assert!(PplOptions::parse(&[]).expect("defaults").runs.is_empty());
+    }
+
+    #[test]
+    fn gguf_tensor_bytes_skips_the_header_and_honours_the_alignment() {
+        let mut g = Vec::new();
+        g.extend_from_slice(b"GGUF");
+        g.extend_from_slice(&3u32.to_le_bytes());
+        g.extend_from_slice(&1u64.to_le_bytes()); // tensors
+        g.extend_from_slice(&2u64.to_le_bytes()); // key/values
+        let key = |g: &mut Vec<u8>, k: &str| {
+            g.extend_from_slice(&(k.len() as u64).to_le_bytes());
+            g.extend_from_slice(k.as_bytes());
+        };
+        key(&mut g, "general.alignment");
+        g.extend_from_slice(&4u32.to_le_bytes());
+        g.extend_from_slice(&64u32.to_le_bytes());
+        key(&mut g, "tokenizer.ggml.tokens");
+        g.extend_from_slice(&9u32.to_le_bytes());
+        g.extend_from_slice(&8u32.to_le_bytes());
+        g.extend_from_slice(&2u64.to_le_bytes());
+        key(&mut g, "a");
+        key(&mut g, "bcd");
+        key(&mut g, "token_embd.weight");
+        g.extend_from_slice(&2u32.to_le_bytes());
+        g.extend_from_slice(&4u64.to_le_bytes());
+        g.extend_from_slice(&25u64.to_le_bytes());
+        g.extend_from_slice(&0u32.to_le_bytes());
+        g.extend_from_slice(&0u64.to_le_bytes());
+        let header = g.len();
+        g.resize(header.div_ceil(64) * 64, 0);
+        g.extend_from_slice(&[7u8; 400]);
+        let path = std::env::temp_dir().join(format!("kv-xtask-gguf-{}.gguf", std::process::id()));
+        std::fs::write(&path, &g).expect("writes");
+        let got = gguf_tensor_bytes(&path);
+        std::fs::write(&path, &g[..header - 3]).expect("writes");
+        let truncated = gguf_tensor_bytes(&path);
+        std::fs::write(&path, b"GGML").expect("writes");
+        let not_gguf = gguf_tensor_bytes(&path);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(got, Ok(400));
+        assert!(truncated.is_err());
+        assert!(not_gguf.is_err());
     }
 }
