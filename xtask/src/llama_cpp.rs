@@ -521,6 +521,13 @@ pub fn parse_llama_perplexity(log: &str) -> Result<(f64, f64), String> {
     Ok((num(ppl)?, num(err)?))
 }
 
+/// The chunk count llama-perplexity logs (`calculating perplexity over 14 chunks, ...`).
+pub fn llama_chunks(log: &str) -> Option<usize> {
+    log.lines()
+        .find_map(|l| l.split_once("calculating perplexity over "))
+        .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+}
+
 /// `kv ppl`'s output: the token and chunk counts, and the f16 row's perplexity.
 pub fn parse_kv_ppl(out: &str) -> Result<(usize, usize, f64), String> {
     let counts = out
@@ -1016,7 +1023,7 @@ pub fn ppl_peer(o: &PplOptions) -> Result<(), String> {
          ppl --dtype f16 --bos-first` (f16 cache, the file's weight blocks); llama.cpp: \
          `llama-perplexity -c CTX -b CTX` (f16 cache). Both cut the text's tokens, BOS first \
          when the vocabulary adds it, into chunks of CTX tokens and score the second half of \
-         each.\n\n| model | ctx | chunks | kv tokens | kv ppl | llama.cpp ppl (+/-) | kv / llama.cpp - 1 |\n|---|---:|---:|---:|---:|---:|---:|\n",
+         each.\n\n| model | ctx | chunks kv / llama.cpp | kv tokens | kv ppl | llama.cpp ppl (+/-) | kv / llama.cpp - 1 |\n|---|---:|---:|---:|---:|---:|---:|\n",
         text.file_name().map_or_else(|| text.display().to_string(), |n| n.to_string_lossy().into_owned())
     );
     for (model, ctxs) in &runs {
@@ -1062,8 +1069,17 @@ pub fn ppl_peer(o: &PplOptions) -> Result<(), String> {
                 return Err(format!("llama-perplexity failed ({}):\n{log}", out.status));
             }
             let (l_ppl, l_err) = parse_llama_perplexity(&log)?;
+            let l_chunks = llama_chunks(&log);
+            if l_chunks != Some(chunks) {
+                println!(
+                    "ppl-peer: kv scored {chunks} chunks, llama-perplexity {}: the token \
+                     streams differ (tokenization?)",
+                    l_chunks.map_or_else(|| "an unknown number of".into(), |c| c.to_string())
+                );
+            }
             let line = format!(
-                "| {name} | {ctx} | {chunks} | {tokens} | {kv_ppl:.4} | {l_ppl:.4} (+/- {l_err:.4}) | {:+.2}% |\n",
+                "| {name} | {ctx} | {chunks} / {} | {tokens} | {kv_ppl:.4} | {l_ppl:.4} (+/- {l_err:.4}) | {:+.2}% |\n",
+                l_chunks.map_or_else(|| "?".into(), |c| c.to_string()),
                 100.0 * (kv_ppl / l_ppl - 1.0)
             );
             print!("{line}");
@@ -1156,6 +1172,9 @@ mod tests {
         let log = "[1]17.2,[2]18.0,\nFinal estimate: PPL = 18.3512 +/- 0.51234\n";
         assert_eq!(parse_llama_perplexity(log), Ok((18.3512, 0.51234)));
         assert!(parse_llama_perplexity("no estimate").is_err());
+        let log = "perplexity: calculating perplexity over 14 chunks, n_ctx=512, batch_size=512, n_seq=1\n";
+        assert_eq!(llama_chunks(log), Some(14));
+        assert_eq!(llama_chunks("nothing"), None);
         let kv = "m.gguf on t.txt, Blocks weights, BOS not added\n\
             8102 tokens, 15 chunks of 512 (each scored on its second half: 255 tokens), cache blocks of 32, 64 tokens per forward pass\n\
             layout     bytes/token     window  perplexity    vs f16    mean KL    top-1  verdict\n\
