@@ -935,6 +935,8 @@ pub struct PplOptions {
     pub text: Option<PathBuf>,
     pub threads: usize,
     pub llama_cpp: Option<PathBuf>,
+    /// Score only the first N chunks on both sides (`--chunks`).
+    pub chunks: Option<usize>,
 }
 
 impl PplOptions {
@@ -945,6 +947,7 @@ impl PplOptions {
             text: None,
             threads: 2,
             llama_cpp: None,
+            chunks: None,
         };
         let (mut model, mut ctx) = (None, Vec::new());
         let mut it = args.iter();
@@ -954,6 +957,13 @@ impl PplOptions {
                 "--model" => model = Some(PathBuf::from(value()?)),
                 "--text" => o.text = Some(PathBuf::from(value()?)),
                 "--llama-cpp" => o.llama_cpp = Some(PathBuf::from(value()?)),
+                "--chunks" => {
+                    let v = value()?;
+                    o.chunks =
+                        Some(v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                            format!("--chunks {v:?}: expected a positive number")
+                        })?);
+                }
                 "--ctx" => {
                     for c in value()?.split(',') {
                         ctx.push(c.parse::<usize>().ok().filter(|&c| c >= 4).ok_or_else(|| {
@@ -1046,6 +1056,9 @@ pub fn ppl_peer(o: &PplOptions) -> Result<(), String> {
             .arg(model)
             .arg("--text")
             .arg(&text);
+            if let Some(n) = o.chunks {
+                cmd.args(["--chunks", &n.to_string()]);
+            }
             let out = capture(&format!("kv ppl, {name}, ctx {ctx}"), cmd)?;
             print!("{out}");
             let (tokens, chunks, kv_ppl) = parse_kv_ppl(&out)?;
@@ -1055,6 +1068,9 @@ pub fn ppl_peer(o: &PplOptions) -> Result<(), String> {
                 .arg("-f")
                 .arg(&text)
                 .args(["-c", &c, "-b", &c, "-t", &threads, "-tb", &threads]);
+            if let Some(n) = o.chunks {
+                cmd.args(["--chunks", &n.to_string()]);
+            }
             let out = cmd
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -1260,6 +1276,13 @@ mod tests {
         assert!(PplOptions::parse(&args(&["--model", "m", "--ctx", "2"])).is_err());
         assert!(PplOptions::parse(&args(&["--threads", "0"])).is_err());
         assert!(PplOptions::parse(&args(&["--text"])).is_err());
+        assert!(PplOptions::parse(&args(&["--chunks", "0"])).is_err());
+        assert_eq!(
+            PplOptions::parse(&args(&["--chunks", "3"]))
+                .expect("parses")
+                .chunks,
+            Some(3)
+        );
         assert!(PplOptions::parse(&[]).expect("defaults").runs.is_empty());
     }
 

@@ -54,7 +54,7 @@ commands:
                 hash checked; cmake and ninja from PyPI pinned by hash) CPU only, native,
                 into ~/.cache/kv/llama-cpp/<commit>/ (KV_LLAMA_CPP_DIR); reused when present.
                 Cold: ~12 min on an idle 2-core machine
-  ppl-peer [--model M --ctx C[,C]] [--text F] [--threads N] [--llama-cpp DIR]
+  ppl-peer [--model M --ctx C[,C]] [--text F] [--chunks N] [--threads N] [--llama-cpp DIR]
                 `kv ppl --dtype f16 --bos-first` against llama-perplexity on the same GGUF
                 and text (default: SmolLM2 at ctx 512, Gemma 3 270M at 512 and 2048, on
                 ../shared/corpus/gpl-3.txt); writes target/kv-bench/ppl-peer.md
