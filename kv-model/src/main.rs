@@ -254,6 +254,12 @@ struct PplArgs {
     /// How the model's projection weights are held (see `kv generate --help`).
     #[arg(long, value_enum, default_value_t = Weights::Blocks)]
     weights: Weights,
+    /// Put BOS before the whole text's tokens and then cut the chunks, as llama.cpp's
+    /// perplexity tool does (it tokenizes the text with BOS), so both score the very same
+    /// tokens. Without it the chunks start at the text's first token. Changes nothing when
+    /// the vocabulary adds no BOS (SmolLM2's); Gemma's does.
+    #[arg(long)]
+    bos_first: bool,
 }
 
 #[derive(Debug, Args)]
@@ -1315,7 +1321,10 @@ fn ppl(args: PplArgs) -> Result<()> {
     let text = kv_model::read_text(&args.text)?;
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
     let (model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
-    let tokens = tokenizer.encode(&text)?;
+    let mut tokens = tokenizer.encode(&text)?;
+    if let (true, Some(bos)) = (args.bos_first, tokenizer.bos_to_add()) {
+        tokens.insert(0, bos);
+    }
     let options = kv_model::ppl::PerplexityOptions {
         ctx: args.ctx,
         layouts: args.dtype,
@@ -1888,9 +1897,12 @@ mod tests {
                     .collect();
                 assert_eq!(a.dtype, want);
                 assert_eq!((a.batch, a.block_size, a.chunks), (64, 32, None));
+                assert!(!a.bos_first);
             }
             _ => panic!("parsed the wrong command"),
         }
+        let cli = Cli::try_parse_from(["kv", "ppl", "--text", "t", "--bos-first"]).unwrap();
+        assert!(matches!(cli.command, Command::Ppl(a) if a.bos_first));
         assert!(Cli::try_parse_from(["kv", "ppl", "--text", "t", "--dtype", "int3"]).is_err());
         assert!(Cli::try_parse_from(["kv", "ppl", "--ctx", "512"]).is_err());
         // Generation takes every layout; KIVI gets 32-token blocks unless told otherwise.

@@ -3,9 +3,9 @@
 //!
 //! xtask links neither the model nor candle: the numbers come from
 //! `kv-model/examples/bench.rs` (kv) and `xtask/candle-peer` (candle-transformers and
-//! candle-nn, a crate outside the workspace so CI never compiles it). Every claim in the
-//! report is a ratio of two numbers measured in this run, except llama.cpp's, which are
-//! reference figures measured elsewhere and labelled so.
+//! candle-nn, a crate outside the workspace so CI never compiles it), and llama.cpp's
+//! llama-bench and llama-batched-bench when a build is present (see `llama_cpp`). Every
+//! claim in the report is a ratio of two numbers measured in this run.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -29,6 +29,12 @@ pub struct Options {
     /// Copy the report, its plots and raw lines into `docs/bench/`, the measurements the
     /// README quotes (so docs are regenerated from bench output, never hand-copied).
     pub publish: bool,
+    /// llama.cpp as a peer: `None` measures the cached build if there is one,
+    /// `Some(None)` (`--llama-cpp`) builds it first when absent, `Some(Some(dir))` uses
+    /// the binaries in `dir`.
+    pub llama_cpp: Option<Option<PathBuf>>,
+    /// `--no-llama-cpp`: never measure llama.cpp.
+    pub no_llama_cpp: bool,
 }
 
 impl Options {
@@ -41,6 +47,8 @@ impl Options {
             threads: 2,
             report_only: false,
             publish: false,
+            llama_cpp: None,
+            no_llama_cpp: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -50,6 +58,14 @@ impl Options {
                 "--no-peer" => o.peer = false,
                 "--report-only" => o.report_only = true,
                 "--publish" => o.publish = true,
+                "--no-llama-cpp" => o.no_llama_cpp = true,
+                "--llama-cpp" => {
+                    let dir = it.clone().next().filter(|d| !d.starts_with("--"));
+                    if dir.is_some() {
+                        it.next();
+                    }
+                    o.llama_cpp = Some(dir.map(PathBuf::from));
+                }
                 "--threads" => {
                     let v = it.next().ok_or("--threads needs a number")?;
                     o.threads =
@@ -91,45 +107,20 @@ const COLORS: [RGBColor; 10] = [
     RGBColor(0, 0, 0),
 ];
 
-/// llama.cpp's figures quoted in the issue (SmolLM2-135M Q4_1, 2 threads, measured
-/// elsewhere): (cache type, our closest layout, prefill 512 at depths 0 and 4096, decode
-/// at depths 0, 1024, 4096), each as (low, high).
-type Range = (f64, f64);
-const LLAMA_CPP: [(&str, &str, [Range; 2], [Range; 3]); 3] = [
-    (
-        "f16",
-        "f16",
-        [(258.0, 290.0), (114.0, 122.0)],
-        [(95.0, 130.0), (73.0, 86.0), (42.0, 43.0)],
-    ),
-    (
-        "q8_0",
-        "int8-g32",
-        [(245.0, 245.0), (44.0, 44.0)],
-        [(125.0, 125.0), (76.0, 76.0), (32.0, 32.0)],
-    ),
-    (
-        "q4_0",
-        "int4-g32",
-        [(176.0, 176.0), (25.0, 25.0)],
-        [(112.0, 112.0), (57.0, 57.0), (23.0, 23.0)],
-    ),
-];
-
 /// One `BENCH key=value ...` line.
-struct Rec {
+pub(crate) struct Rec {
     fields: Vec<(String, String)>,
 }
 
 impl Rec {
-    fn get(&self, key: &str) -> Option<&str> {
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
         self.fields
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
     }
 
-    fn num(&self, key: &str) -> Option<f64> {
+    pub(crate) fn num(&self, key: &str) -> Option<f64> {
         self.get(key)?.parse().ok()
     }
 
@@ -152,20 +143,30 @@ fn parse(stdout: &str) -> Vec<Rec> {
         .collect()
 }
 
-struct Results {
+pub(crate) struct Results {
     recs: Vec<Rec>,
 }
 
 impl Results {
-    fn all<'a>(&'a self, pairs: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Rec> {
+    /// The `BENCH` lines of `stdout`.
+    pub(crate) fn of(stdout: &str) -> Self {
+        Self {
+            recs: parse(stdout),
+        }
+    }
+
+    pub(crate) fn all<'a>(
+        &'a self,
+        pairs: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a Rec> {
         self.recs.iter().filter(move |r| r.is(pairs))
     }
 
-    fn find(&self, pairs: &[(&str, &str)]) -> Option<&Rec> {
+    pub(crate) fn find(&self, pairs: &[(&str, &str)]) -> Option<&Rec> {
         self.recs.iter().find(|r| r.is(pairs))
     }
 
-    fn one(&self, pairs: &[(&str, &str)], key: &str) -> Option<f64> {
+    pub(crate) fn one(&self, pairs: &[(&str, &str)], key: &str) -> Option<f64> {
         self.find(pairs)?.num(key)
     }
 }
@@ -310,6 +311,30 @@ pub fn bench(o: &Options) -> Result<(), String> {
         }
     }
 
+    // llama.cpp on the same file and threads, batched in kv's batch shape.
+    let llama = match (&o.llama_cpp, o.no_llama_cpp) {
+        (_, true) => None,
+        (None, false) => crate::llama_cpp::installed(),
+        (Some(None), false) => Some(crate::llama_cpp::ensure_build()?),
+        (Some(Some(dir)), false) => Some(crate::llama_cpp::check_dir(dir)?),
+    };
+    match &llama {
+        Some(bin) => {
+            let shape = crate::llama_cpp::BatchShape::of(&Results::of(&stdout));
+            stdout.push_str(&crate::llama_cpp::measure(
+                bin,
+                &model,
+                o.threads,
+                o.quick,
+                shape.as_ref(),
+            )?);
+        }
+        None => println!(
+            "\n==> llama.cpp: not measured (no build in ~/.cache/kv/llama-cpp; \
+             `cargo xtask llama-cpp` or `--llama-cpp [DIR]`)"
+        ),
+    }
+
     // What the report needs to be written again with --report-only.
     let _ = writeln!(
         stdout,
@@ -317,6 +342,10 @@ pub fn bench(o: &Options) -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
     let _ = writeln!(stdout, "BENCH section=meta commit={}", git_commit());
+    // The weights a decode step reads, for the share of the physical limit.
+    if let Ok(bytes) = crate::llama_cpp::gguf_tensor_bytes(&model) {
+        let _ = writeln!(stdout, "BENCH section=model weight_bytes={bytes}");
+    }
     if let Some(s) = peer_build_s {
         let _ = writeln!(stdout, "BENCH section=peer-build secs={s:.1}");
     }
@@ -420,8 +449,8 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
     );
     let _ = writeln!(
         w,
-        "Every comparison below is a ratio of two numbers measured in this run, except \
-         llama.cpp's, which are reference figures measured elsewhere (see the last section).\n"
+        "Every comparison below is a ratio of two numbers measured in this run (llama.cpp's \
+         included, when a build was present).\n"
     );
 
     // 1. Probe and attention.
@@ -969,82 +998,7 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
         let _ = writeln!(w);
     }
 
-    // Reference figures.
-    let _ = writeln!(w, "## Reference: llama.cpp (NOT measured in this run)\n");
-    let _ = writeln!(
-        w,
-        "Figures quoted in the issue for llama.cpp on the same model and 2 threads (tokens/s, \
-         cache type as named; q8_0/q4_0 set beside kv's int8-g32/int4-g32). They were \
-         measured elsewhere, on another day: a ratio against them is a rough guide, not a \
-         result of this run. Ratio: kv (better of the two weight formats) over llama.cpp's \
-         range. llama.cpp's depth 4096 is compared with kv's deepest depth here.\n"
-    );
-    let _ = writeln!(
-        w,
-        "| llama.cpp cache | figure | llama.cpp (reference) | kv layout | kv (this run) | kv / llama.cpp |\n|---|---|---:|---|---:|---:|"
-    );
-    let range = |(lo, hi): Range| {
-        if lo == hi {
-            format!("{lo:.0}")
-        } else {
-            format!("{lo:.0}-{hi:.0}")
-        }
-    };
-    let ratio_range = |ours: Option<f64>, (lo, hi): Range| match ours {
-        Some(o) if lo == hi => format!("{:.2}x", o / lo),
-        Some(o) => format!("{:.2}-{:.2}x", o / hi, o / lo),
-        None => "-".into(),
-    };
-    let best_of = |sec: &str, layout: &str, depth: Option<String>| {
-        r.all(&[("section", sec), ("layout", layout)])
-            .filter(|x| depth.as_deref().is_none_or(|d| x.get("depth") == Some(d)))
-            .filter_map(|x| x.num("tokens_per_s"))
-            .fold(None, |acc: Option<f64>, v| {
-                Some(acc.map_or(v, |a| a.max(v)))
-            })
-    };
-    let deepest = depths.last().copied();
-    for (cache, ours, prefill, decode) in LLAMA_CPP {
-        let at_depth = best_of("prefill-depth", ours, None);
-        for (label, p, o) in [
-            (
-                "prefill 512 @ d0",
-                prefill[0],
-                best_of("prefill", ours, None),
-            ),
-            ("prefill 512 @ d4096", prefill[1], at_depth),
-        ] {
-            let _ = writeln!(
-                w,
-                "| {cache} | {label} | {} | {ours} | {} | {} |",
-                range(p),
-                opt(o, |x| format!("{x:.1}")),
-                ratio_range(o, p)
-            );
-        }
-        for (i, label) in ["d0", "d1024", "d4096"].iter().enumerate() {
-            let depth = match i {
-                0 => Some(0),
-                1 => Some(1024),
-                _ => deepest.filter(|&d| d > 1024),
-            };
-            let o = depth.and_then(|d| best_of("decode", ours, Some(d.to_string())));
-            let _ = writeln!(
-                w,
-                "| {cache} | decode {label} | {} | {ours} | {} | {} |",
-                range(decode[i]),
-                opt(o, |x| format!("{x:.1}")),
-                ratio_range(o, decode[i])
-            );
-        }
-    }
-    if m.quick {
-        let _ = writeln!(
-            w,
-            "\n(Quick mode: kv's depths and prompt are tiny, so these rows compare unlike \
-             things; run the full bench.)"
-        );
-    }
+    crate::llama_cpp::report(r, w, m.quick);
 
     batch_report(r, w, dir)?;
     gemma_report(r, w);
@@ -1061,6 +1015,7 @@ fn batch_report(r: &Results, w: &mut String, dir: &Path) -> Result<(), String> {
     let Some(first) = recs.first() else {
         return Ok(());
     };
+    let llama = crate::llama_cpp::batch_points(r);
     let _ = writeln!(
         w,
         "\n## Batched decode on SmolLM2-135M\n\n{} sequences of {}-token prompts, {} new \
@@ -1068,13 +1023,20 @@ fn batch_report(r: &Results, w: &mut String, dir: &Path) -> Result<(), String> {
          `shared`: the prompts share a first 48 tokens, kept once by the prefix cache; \
          `distinct`: no common prefix. Decode tokens/s: tokens generated over all \
          sequences per second of the run less its prefill time; prefill apart. Ratio: to \
-         one sequence in this run. llama.cpp's batched bench is not run here (no build).\n",
+         one sequence in this run. {}\n",
         recs.iter()
             .filter_map(|x| x.get("seqs"))
             .collect::<Vec<_>>()
             .join("/"),
         first.get("prompt").unwrap_or("?"),
         first.get("new").unwrap_or("?"),
+        if llama.is_empty() {
+            "llama.cpp's batched bench: not measured in this run (no build)."
+        } else {
+            "llama.cpp: `llama-batched-bench` in the same shape (its prompts are distinct, \
+             each prefilled; `S_TG`, decode over all sequences, prefill apart), same GGUF \
+             and threads, in this run; `kv / llama.cpp` sets kv's distinct prompts beside it."
+        },
     );
     let _ = writeln!(
         w,
@@ -1101,6 +1063,38 @@ fn batch_report(r: &Results, w: &mut String, dir: &Path) -> Result<(), String> {
             points,
             color: COLORS[i],
             dashed: i == 1,
+        });
+    }
+    let llama_one = llama.iter().find(|p| p.0 == 1.0).map(|p| p.1);
+    for &(seqs, tps, prefill) in &llama {
+        let _ = writeln!(
+            w,
+            "| llama.cpp (distinct) | {seqs} | {tps:.1} | {} | {prefill:.1} | - |",
+            opt(llama_one, |one| format!("{:.2}x", tps / one)),
+        );
+    }
+    if !llama.is_empty() {
+        let _ = writeln!(
+            w,
+            "\n| sequences | kv distinct / llama.cpp decode |\n|---:|---:|"
+        );
+        for &(seqs, tps, _) in &llama {
+            let s = format!("{seqs}");
+            let kv = r.one(
+                &[("section", "batch"), ("prefix", "distinct"), ("seqs", &s)],
+                "decode_tokens_per_s",
+            );
+            let _ = writeln!(
+                w,
+                "| {seqs} | {} |",
+                opt(kv, |k| format!("{:.2}x", k / tps))
+            );
+        }
+        series.push(Series {
+            name: "llama.cpp (llama-batched-bench)".into(),
+            points: llama.iter().map(|p| (p.0.log2(), p.1)).collect(),
+            color: COLORS[9],
+            dashed: true,
         });
     }
     line_chart(

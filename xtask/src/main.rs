@@ -9,6 +9,7 @@ mod fetch;
 mod fleet;
 mod fuzz;
 mod gemma;
+mod llama_cpp;
 mod redis;
 mod vocab;
 
@@ -44,6 +45,19 @@ commands:
     --threads N threads for kv and candle (default 2)
     --report-only  measure nothing: rewrite the report from target/kv-bench/results.txt
     --publish   copy the report, plots and raw lines into docs/bench/ (what the README quotes)
+    --llama-cpp [DIR]  measure llama.cpp in the same run (llama-bench: decode at depths
+                0/1024/4096 and pp512 with f16/q8_0/q4_0 caches; llama-batched-bench in the
+                batch section's shape) with the binaries in DIR, or the cached build (built
+                first when absent, see llama-cpp). Without the flag the cached build is
+                measured when present;  --no-llama-cpp  never
+  llama-cpp     build llama.cpp (the commit vendored by the llama-cpp-python 0.3.36 sdist,
+                hash checked; cmake and ninja from PyPI pinned by hash) CPU only, native,
+                into ~/.cache/kv/llama-cpp/<commit>/ (KV_LLAMA_CPP_DIR); reused when present.
+                Cold: ~12 min on an idle 2-core machine
+  ppl-peer [--model M --ctx C[,C]] [--text F] [--chunks N] [--threads N] [--llama-cpp DIR]
+                `kv ppl --dtype f16 --bos-first` against llama-perplexity on the same GGUF
+                and text (default: SmolLM2 at ctx 512, Gemma 3 270M at 512 and 2048, on
+                ../shared/corpus/gpl-3.txt); writes target/kv-bench/ppl-peer.md
   fuzz [--seconds N] [TARGET...]
                 build the cargo-fuzz targets in fuzz/ (nightly; installs cargo-fuzz if
                 absent) and run each for N seconds (default 60): gguf, tokenizer,
@@ -96,6 +110,12 @@ fn main() -> ExitCode {
                 "unknown model {other:?} (known: smollm2, the default; gemma3-270m)"
             )),
         },
+        Some("llama-cpp") => {
+            llama_cpp::ensure_build().map(|p| println!("llama.cpp binaries: {}", p.display()))
+        }
+        Some("ppl-peer") => {
+            llama_cpp::PplOptions::parse(&args[1..]).and_then(|o| llama_cpp::ppl_peer(&o))
+        }
         Some("fleet") => fleet::Options::parse(&args[1..]).and_then(|o| fleet::fleet(&o)),
         Some("redis") => redis::ensure_redis().map(|p| println!("redis-server: {}", p.display())),
         Some("fetch-vocab") => {

@@ -4,10 +4,11 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-const PACKAGE: &str = "llama-cpp-python==0.3.36";
-const SDIST: &str = "llama_cpp_python-0.3.36.tar.gz";
+pub(crate) const PACKAGE: &str = "llama-cpp-python==0.3.36";
+pub(crate) const SDIST: &str = "llama_cpp_python-0.3.36.tar.gz";
 /// SHA-256 of the sdist (llama.cpp commit 0c1e57098bba), checked before anything is used.
-const SDIST_SHA256: &str = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e";
+pub(crate) const SDIST_SHA256: &str =
+    "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e";
 /// Where llama.cpp's `models/` directory sits inside the sdist.
 const MODELS: &str = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/";
 /// Vocabularies whose `ggml-vocab-NAME.gguf` and `.inp`/`.out` vectors are extracted.
