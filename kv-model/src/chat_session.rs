@@ -313,7 +313,14 @@ impl<'a, B: CacheBackend> ChatSession<'a, B> {
         loop {
             let started = Instant::now();
             let mut last = None;
-            for part in new.chunks(PREFILL_CHUNK) {
+            // Chunks only with window layers (their pool is sized for one); otherwise one
+            // pass, as before.
+            let chunk = if self.cache.sliding_layers().is_some() {
+                PREFILL_CHUNK
+            } else {
+                new.len().max(1)
+            };
+            for part in new.chunks(chunk) {
                 let logits = self
                     .model
                     .forward(part, &mut self.cache, self.seq, Logits::Last)?;
@@ -530,25 +537,15 @@ impl<B: CacheBackend> ChatSession<'_, B> {
         let keys = chain_keys(&tokens, header.block_size, &fingerprint, header.dtype);
         // The global blocks, then the sliding group's last blocks (see `save`).
         let n_blocks = keys.len();
-        let sliding = file
-            .len()
-            .checked_sub(n_blocks)
-            .ok_or_else(|| ModelError::SavedChat {
-                path: kv_path.clone(),
-                source: cache_file::CacheFileError::Malformed {
-                    what: "block table",
-                    detail: format!("{} blocks for {} tokens", file.len(), tokens.len()),
-                },
-            })?;
-        let sliding_first = n_blocks
-            .checked_sub(sliding)
-            .ok_or_else(|| ModelError::SavedChat {
-                path: kv_path.clone(),
-                source: cache_file::CacheFileError::Malformed {
-                    what: "block table",
-                    detail: format!("{} blocks for {} tokens", file.len(), tokens.len()),
-                },
-            })?;
+        let malformed = || ModelError::SavedChat {
+            path: kv_path.clone(),
+            source: cache_file::CacheFileError::Malformed {
+                what: "block table",
+                detail: format!("{} blocks for {} tokens", file.len(), tokens.len()),
+            },
+        };
+        let sliding = file.len().checked_sub(n_blocks).ok_or_else(malformed)?;
+        let sliding_first = n_blocks.checked_sub(sliding).ok_or_else(malformed)?;
         self.cache.check_groups(n_blocks, sliding_first, sliding)?;
         let want_keys = keys.iter().chain(&keys[sliding_first..]);
         let mut blocks = Vec::with_capacity(file.len());
