@@ -26,7 +26,7 @@ mod sequence;
 mod sliding;
 pub mod store;
 
-pub use paged::{CacheUsage, PagedCache, SlidingUsage};
+pub use paged::{CacheUsage, GroupBlocks, PagedCache, SlidingUsage};
 pub use sequence::SequenceCache;
 pub use sliding::SlidingLayers;
 pub use store::TieredCache;

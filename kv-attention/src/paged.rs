@@ -171,11 +171,12 @@ impl<B: CacheBackend> PagedCache<B> {
     /// length whose next query would read freed keys (truncating to 0 always works),
     /// StreamingLLM's [`evict_window`](Self::evict_window), and saving or loading blocks
     /// ([`export_blocks`](Self::export_blocks), [`import_blocks`](Self::import_blocks)).
-    /// A prompt reuses the prefix both groups hold
-    /// ([`create_with_prefix`](Self::create_with_prefix)): the sliding group indexes a
-    /// sequence's blocks only until it first slides, so a prefix whose window blocks were
-    /// freed (or evicted from the smaller pool) is recomputed from where the groups' hits
-    /// part.
+    /// A prompt reuses the most full blocks whose keys both groups still hold for its
+    /// first new query ([`create_with_prefix`](Self::create_with_prefix)): the global
+    /// group's from position 0, the sliding group's only from the window's start on. The
+    /// sliding group indexes a sequence's blocks only until it first slides, so a prefix
+    /// whose window blocks were freed (or evicted from the smaller pool) is recomputed
+    /// from the last block that rule allows.
     ///
     /// ```
     /// use std::num::NonZeroUsize;
@@ -363,43 +364,53 @@ impl<B: CacheBackend> PagedCache<B> {
 
     /// [`PagedCache::create_with_prefix`] in the namespace `cache_salt` (tenant, adapter).
     ///
-    /// With a sliding group, the prefix both groups hold is reused: the group that found
-    /// more is asked for that common prefix only (its lookup counters then count the
-    /// common prefix plus one token as the prompt).
+    /// With a sliding group, the rule is: reuse the most full blocks `n` such that the
+    /// global group's index holds blocks `0..n` and the sliding group's holds the blocks a
+    /// query at `n * block_size` reads (from `n * block_size + 1 - W` on,
+    /// [`CacheManager::window_prefix_match`]); the sliding sequence then starts with the
+    /// blocks before those freed. The rest is computed, so the result is that of no reuse.
+    /// The global group is asked for that prefix only (its lookup counters then count it
+    /// plus one token as the prompt).
     pub fn create_with_prefix_salted(&mut self, prompt: &[u32], cache_salt: u64) -> (SeqId, usize) {
         let Some(s) = &mut self.sliding else {
             let (seq, reused) = self.manager.create_with_prefix_salted(prompt, cache_salt);
             self.track(seq, 0);
             return (seq, reused);
         };
-        let global = self.manager.prefix_match(prompt, cache_salt).tokens;
-        let local = s.manager.prefix_match(prompt, cache_salt).tokens;
-        let common = global.min(local);
-        // `common` is whole blocks and below the prompt's length: `..common + 1` reuses
-        // exactly `common` tokens.
-        let ask = |found: usize| {
-            if found > common {
-                &prompt[..common + 1]
-            } else {
-                prompt
-            }
-        };
-        let (local_seq, _) = s.manager.create_with_prefix_salted(ask(local), cache_salt);
-        let (seq, reused) = self
+        let bs = self.spec.block_size;
+        let window = s.config.window().get();
+        let global = self.manager.prefix_match(prompt, cache_salt).blocks;
+        let (n, _) = s
             .manager
-            .create_with_prefix_salted(ask(global), cache_salt);
-        debug_assert_eq!(reused, common);
+            .window_prefix_match(prompt, cache_salt, window, global);
+        let (local_seq, _) = s
+            .manager
+            .create_with_window_prefix(prompt, cache_salt, window, n);
+        // `n <= global` blocks, below the prompt's length: `..n * bs + 1` reuses exactly
+        // `n` blocks.
+        let ask = if n < global {
+            &prompt[..n * bs + 1]
+        } else {
+            prompt
+        };
+        let (seq, reused) = self.manager.create_with_prefix_salted(ask, cache_salt);
+        debug_assert_eq!(reused, n * bs);
         self.pair(seq, Some(local_seq));
         self.track(seq, 0);
         (seq, reused)
     }
 
     /// What a prompt would reuse now and the free blocks admitting it would take (the
-    /// global group's blocks; with a sliding group, the prefix both groups hold).
+    /// global group's blocks; with a sliding group, by the rule of
+    /// [`PagedCache::create_with_prefix_salted`]).
     pub fn prefix_match(&self, prompt: &[u32], cache_salt: u64) -> PrefixMatch {
         let found = self.manager.prefix_match(prompt, cache_salt);
         let common = self.sliding.as_ref().map_or(found.tokens, |s| {
-            s.manager.prefix_match(prompt, cache_salt).tokens
+            let window = s.config.window().get();
+            s.manager
+                .window_prefix_match(prompt, cache_salt, window, found.blocks)
+                .0
+                * self.spec.block_size
         });
         if common >= found.tokens {
             return found;
@@ -632,6 +643,24 @@ impl<B: CacheBackend> PagedCache<B> {
             return Ok(());
         }
         self.backend.settle_blocks(&mut self.storage, &plan)
+    }
+
+    /// Whether [`PagedCache::truncate`] to `len` can keep `seq`'s tokens before `len`:
+    /// always without a sliding group or for `len == 0`; with one, only while the sliding
+    /// layers still hold every key a query at `len` reads (from `len + 1 - W` on).
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`].
+    pub fn can_truncate(&self, seq: SeqId, len: usize) -> Result<bool> {
+        let total = self.manager.len(seq)?;
+        let Some(s) = &self.sliding else {
+            return Ok(len <= total);
+        };
+        let evicted = s.manager.evicted_tokens(s.seq(seq)?)?;
+        let first_read = len
+            .saturating_add(1)
+            .saturating_sub(s.config.window().get());
+        Ok(len <= total && (len == 0 || evicted <= first_read))
     }
 
     /// Forgets `seq`'s tokens from `len` on (a block shared with others or the prefix
@@ -892,8 +921,11 @@ impl<B: CacheBackend> PagedCache<B> {
     /// [`crate::TieredCache`] to copy down a tier).
     ///
     /// # Errors
-    /// What the backend's export returns (an id out of range among them).
+    /// [`kv_core::KvError::Unsupported`] on a cache with a sliding-window group (a global
+    /// block holds only the global layers; [`PagedCache::export_groups`] saves both); what
+    /// the backend's export returns (an id out of range among them).
     pub fn export_block(&self, block: kv_core::BlockId) -> Result<Vec<u8>> {
+        self.refuse_sliding("saving blocks")?;
         let mut out = Vec::new();
         self.backend.export_block(&self.storage, block, &mut out)?;
         Ok(out)
@@ -940,6 +972,233 @@ impl<B: CacheBackend> PagedCache<B> {
             let _ = self.manager.truncate(seq, before);
         }
         result
+    }
+}
+
+/// A sequence's saved K/V in both groups of a [`PagedCache`]
+/// ([`PagedCache::export_groups`]): every full block of the global group, and the full
+/// blocks the sliding group still holds, which start at block `sliding_first` (the ones
+/// before it were freed as the window slid). Without a sliding group, `sliding` is empty
+/// and `sliding_first` is the number of global blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupBlocks {
+    /// Exported bytes of blocks `0..n` of the global group (every layer without a sliding
+    /// group).
+    pub global: Vec<Vec<u8>>,
+    /// Index of the first block `sliding` holds (in blocks from position 0).
+    pub sliding_first: usize,
+    /// Exported bytes of blocks `sliding_first..n` of the sliding group.
+    pub sliding: Vec<Vec<u8>>,
+}
+
+impl<B: CacheBackend> PagedCache<B> {
+    /// The first full block the sliding layers must hold for a sequence of `n_blocks` full
+    /// blocks to go on: the block holding the first key its next query reads
+    /// (`n * block_size + 1 - W`). 0 without a sliding group.
+    fn window_first_block(&self, n_blocks: usize) -> usize {
+        let bs = self.spec.block_size;
+        self.sliding.as_ref().map_or(0, |s| {
+            n_blocks
+                .saturating_mul(bs)
+                .saturating_add(1)
+                .saturating_sub(s.config.window().get())
+                / bs
+        })
+    }
+
+    /// The blocks of the first `n_blocks` full blocks of `seq`'s committed tokens in each
+    /// group: what [`PagedCache::import_groups`] restores exactly. With a sliding group, the
+    /// sliding layers' blocks from the first one they still hold (never more than the
+    /// window needs is lost: a query after the `n_blocks` blocks reads only those).
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::UnknownSequence`]; [`kv_core::KvError::InvalidArgument`] when
+    /// `seq` has fewer committed tokens, or when its sliding layers already freed keys a
+    /// query after `n_blocks` blocks reads (a length it has gone past by more than the
+    /// window allows); what the backend's export returns.
+    pub fn export_groups(&self, seq: SeqId, n_blocks: usize) -> Result<GroupBlocks> {
+        let Some(s) = &self.sliding else {
+            return Ok(GroupBlocks {
+                global: self.export_blocks(seq, n_blocks)?,
+                sliding_first: n_blocks,
+                sliding: Vec::new(),
+            });
+        };
+        let bs = self.spec.block_size;
+        let committed = self.manager.tokens(seq)?.len();
+        if n_blocks.checked_mul(bs).is_none_or(|n| n > committed) {
+            return Err(KvError::InvalidArgument {
+                what: "exported blocks",
+                detail: format!(
+                    "{n_blocks} blocks of {bs} tokens asked, sequence {seq} has {committed} \
+                     committed tokens"
+                ),
+            });
+        }
+        let local = s.seq(seq)?;
+        let first = s.manager.evicted_tokens(local)? / bs;
+        if first > self.window_first_block(n_blocks) {
+            return Err(KvError::InvalidArgument {
+                what: "exported blocks",
+                detail: format!(
+                    "sequence {seq}'s sliding-window layers freed its first {first} blocks; \
+                     a query after {n_blocks} blocks reads keys from block {}",
+                    self.window_first_block(n_blocks)
+                ),
+            });
+        }
+        let export = |storage: &B::Storage, blocks: &[BlockId]| -> Result<Vec<Vec<u8>>> {
+            blocks
+                .iter()
+                .map(|&b| {
+                    let mut out = Vec::new();
+                    self.backend.export_block(storage, b, &mut out)?;
+                    Ok(out)
+                })
+                .collect()
+        };
+        let global = export(
+            &self.storage,
+            &self.manager.table(seq)?.blocks()[..n_blocks],
+        )?;
+        // `first <= n_blocks` (checked above), and the twin holds every block from `first`
+        // through the sequence's end, so its first `n_blocks - first` blocks exist.
+        let sliding = export(
+            &s.storage,
+            &s.manager.table(local)?.blocks()[..n_blocks - first],
+        )?;
+        Ok(GroupBlocks {
+            global,
+            sliding_first: first,
+            sliding,
+        })
+    }
+
+    /// Checks that blocks shaped as [`PagedCache::export_groups`] returns them can be
+    /// imported: `n_blocks` global blocks, the sliding group's `sliding` blocks from block
+    /// `sliding_first` to the end and covering what the next query reads (none, and
+    /// `sliding_first == n_blocks`, without a sliding group).
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::InvalidArgument`] naming what does not line up.
+    pub fn check_groups(
+        &self,
+        n_blocks: usize,
+        sliding_first: usize,
+        sliding: usize,
+    ) -> Result<()> {
+        let bad = |detail: String| {
+            Err(KvError::InvalidArgument {
+                what: "imported groups",
+                detail,
+            })
+        };
+        match &self.sliding {
+            None if sliding != 0 || sliding_first != n_blocks => bad(format!(
+                "{sliding} sliding-window blocks for a cache without a sliding-window group"
+            )),
+            None => Ok(()),
+            Some(_) if sliding_first.checked_add(sliding) != Some(n_blocks) => bad(format!(
+                "sliding-window blocks {sliding_first}..{} do not end at block {n_blocks}",
+                sliding_first.saturating_add(sliding)
+            )),
+            Some(_) if sliding_first > self.window_first_block(n_blocks) => bad(format!(
+                "the sliding-window blocks start at block {sliding_first}; a query after \
+                 {n_blocks} blocks reads keys from block {}",
+                self.window_first_block(n_blocks)
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Fills the empty sequence `seq` from exported blocks of both groups (what
+    /// [`PagedCache::export_groups`] returned) and commits `tokens` (full blocks), so it
+    /// continues exactly as the exported sequence did: the sliding layers hold the same
+    /// blocks, after the same freed ones. All or nothing: on error `seq` is empty again.
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::InvalidArgument`] when `seq` is not empty or the counts do not
+    /// line up ([`PagedCache::check_groups`]); what [`PagedCache::reserve`] and
+    /// [`CacheBackend::import_block`] return (a block of another size among them).
+    pub fn import_groups(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        global: &[&[u8]],
+        sliding_first: usize,
+        sliding: &[&[u8]],
+    ) -> Result<()> {
+        if self.sliding.is_none() {
+            self.check_groups(global.len(), sliding_first, sliding.len())?;
+            return self.import_blocks(seq, tokens, global);
+        }
+        let bs = self.spec.block_size;
+        let n = global.len();
+        self.check_groups(n, sliding_first, sliding.len())?;
+        let len = self.manager.len(seq)?;
+        if len != 0 || n.checked_mul(bs) != Some(tokens.len()) {
+            return Err(KvError::InvalidArgument {
+                what: "imported groups",
+                detail: format!(
+                    "{} tokens for {n} blocks of {bs} into a sequence of {len} tokens (it \
+                     must be empty)",
+                    tokens.len()
+                ),
+            });
+        }
+        let result = self.fill_groups(seq, tokens, global, sliding_first, sliding);
+        if result.is_err() {
+            // Cannot fail: `seq` exists, and 0 is within its length.
+            let _ = self.truncate(seq, 0);
+        }
+        result
+    }
+
+    /// [`PagedCache::import_groups`] once checked (a two-group cache, `seq` empty).
+    fn fill_groups(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        global: &[&[u8]],
+        sliding_first: usize,
+        sliding: &[&[u8]],
+    ) -> Result<()> {
+        let bs = self.spec.block_size;
+        let (backend, storage) = (&self.backend, &mut self.storage);
+        let reserved = self
+            .manager
+            .reserve_and_copy(seq, tokens.len(), |c| backend.copy_blocks(storage, c))?;
+        for (i, bytes) in global.iter().enumerate() {
+            backend.import_block(storage, reserved.slots[i * bs].block, bytes)?;
+        }
+        let s = self
+            .sliding
+            .as_mut()
+            .ok_or(KvError::UnknownSequence { id: seq })?;
+        if s.manager.len(s.seq(seq)?)? != 0 || s.manager.evicted_tokens(s.seq(seq)?)? != 0 {
+            // A twin that slid before (the sequence was truncated to 0 and kept it): start
+            // afresh.
+            let fresh = s.manager.create_sequence();
+            s.manager.free(s.seq(seq)?)?;
+            s.seqs.insert(seq, fresh);
+        }
+        let local = s.seq(seq)?;
+        // The freed leading blocks: reserved and let go of one at a time (nothing is
+        // committed yet, so each goes back to the free list at once).
+        for _ in 0..sliding_first {
+            s.manager.reserve(local, bs)?;
+            s.manager.evict_window(local, 0, 1)?;
+        }
+        let storage = &mut s.storage;
+        let held = s.manager.reserve_and_copy(local, sliding.len() * bs, |c| {
+            backend.copy_blocks(storage, c)
+        })?;
+        for (i, bytes) in sliding.iter().enumerate() {
+            backend.import_block(storage, held.slots[i * bs].block, bytes)?;
+        }
+        s.forget_slots(seq);
+        self.manager.commit(seq, tokens)?;
+        s.manager.commit(local, &tokens[sliding_first * bs..])
     }
 }
 
@@ -1054,6 +1313,36 @@ mod tests {
             let k: Vec<f32> = slots.iter().map(|slot| s.k[layer][slot.flat(bs)]).collect();
             let k = Tensor::from_vec(k, (slots.len(), 1, 1), &self.device)?;
             Ok((k.clone(), k))
+        }
+        fn export_block(&self, s: &Rows, block: BlockId, out: &mut Vec<u8>) -> Result<()> {
+            let bs = s.spec.block_size;
+            for layer in &s.k {
+                for v in &layer[block.index() * bs..][..bs] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Ok(())
+        }
+        fn import_block(&self, s: &mut Rows, block: BlockId, bytes: &[u8]) -> Result<()> {
+            let bs = s.spec.block_size;
+            if bytes.len() != s.k.len() * bs * 4 {
+                return Err(KvError::InvalidArgument {
+                    what: "block bytes",
+                    detail: format!("{} bytes", bytes.len()),
+                });
+            }
+            for (l, layer) in s.k.iter_mut().enumerate() {
+                for (i, v) in layer[block.index() * bs..][..bs].iter_mut().enumerate() {
+                    let at = (l * bs + i) * 4;
+                    *v = f32::from_le_bytes([
+                        bytes[at],
+                        bytes[at + 1],
+                        bytes[at + 2],
+                        bytes[at + 3],
+                    ]);
+                }
+            }
+            Ok(())
         }
     }
 
@@ -1244,6 +1533,68 @@ mod tests {
         Ok(())
     }
 
+    #[test]
+    fn both_groups_export_and_import_so_a_sequence_continues_identically() -> Result<()> {
+        let mut c = sliding_cache(false)?;
+        let a = c.create_sequence();
+        for t in 0..40u32 {
+            let slots = c.reserve(a, 1)?;
+            write_all(&mut c, &slots, &[t])?;
+            c.commit(a, &[t])?;
+        }
+        let tokens: Vec<u32> = (0..40).collect();
+        // Back to 37 the next query reads from 32, still held; back to 36 it reads 31, freed.
+        assert!(c.can_truncate(a, 37)? && c.can_truncate(a, 0)?);
+        assert!(!c.can_truncate(a, 36)? && !c.can_truncate(a, 41)?);
+        // A query at 40 reads from 35 (block 8); the twin freed blocks 0..8.
+        let saved = c.export_groups(a, 10)?;
+        assert_eq!((saved.global.len(), saved.sliding_first), (10, 8));
+        assert_eq!(saved.sliding.len(), 2);
+        // Nine blocks would need block 7, freed: a typed error, not a short window.
+        assert!(matches!(
+            c.export_groups(a, 9),
+            Err(KvError::InvalidArgument { .. })
+        ));
+
+        let mut d = sliding_cache(false)?;
+        let b = d.create_sequence();
+        let global: Vec<&[u8]> = saved.global.iter().map(Vec::as_slice).collect();
+        let sliding: Vec<&[u8]> = saved.sliding.iter().map(Vec::as_slice).collect();
+        // Blocks that would leave the window short, or a second copy: refused, `b` empty.
+        assert!(d
+            .import_groups(b, &tokens, &global, 9, &sliding[1..])
+            .is_err());
+        assert!(d.import_groups(b, &tokens, &global, 7, &sliding).is_err());
+        assert_eq!((d.len(b)?, d.sliding_len(b)?), (0, 0));
+        d.import_groups(b, &tokens, &global, saved.sliding_first, &sliding)?;
+        assert!(matches!(
+            d.import_groups(b, &tokens, &global, 8, &sliding),
+            Err(KvError::InvalidArgument { .. })
+        ));
+        assert_eq!((d.len(b)?, d.sliding_len(b)?), (40, 8));
+        assert_eq!(d.manager().tokens(b)?, tokens.as_slice());
+        audit(&d);
+        // Both go on the same way: the same keys in the window and the global layer.
+        for t in 40..60u32 {
+            for (cache, seq) in [(&mut c, a), (&mut d, b)] {
+                let slots = cache.reserve(seq, 1)?;
+                write_all(cache, &slots, &[t])?;
+                cache.commit(seq, &[t])?;
+            }
+            assert_eq!(window_keys(&c, a)?, window_keys(&d, b)?);
+            audit(&d);
+        }
+        assert_eq!(read_global(&c, a)?, read_global(&d, b)?);
+
+        // A one-group cache takes no sliding blocks.
+        let mut one = cache(false)?;
+        let e = one.create_sequence();
+        assert!(one
+            .import_groups(e, &tokens[..4], &[&[0u8; 32]], 0, &[&[0u8; 32]])
+            .is_err());
+        Ok(())
+    }
+
     fn read_global(c: &PagedCache<Recorder>, seq: SeqId) -> Result<Vec<f32>> {
         let table = c.manager().table(seq)?;
         let slots: Vec<Slot> = (0..table.len()).filter_map(|i| table.slot(i, 4)).collect();
@@ -1369,6 +1720,54 @@ mod tests {
         let long: Vec<u32> = (1..=29).collect();
         assert_eq!(c.prefix_match(&long, 0).tokens, 8);
         c.free(a)?;
+        c.free(b)?;
+        audit(&c);
+        Ok(())
+    }
+
+    #[test]
+    fn sliding_group_reuses_a_prefix_whose_early_window_blocks_are_gone() -> Result<()> {
+        let mut c = sliding_cache(true)?;
+        // Position p holds token p + 1: a prompt of 17 prefilled at once (both groups
+        // index blocks 0..4), decoded to 30 tokens (the twin lets blocks 0..4 go: they stay
+        // cached in its index), then freed.
+        let prompt: Vec<u32> = (1..=17).collect();
+        let (a, _) = c.create_with_prefix(&prompt);
+        let slots = c.reserve(a, 17)?;
+        write_all(&mut c, &slots, &prompt)?;
+        c.commit(a, &prompt)?;
+        for t in 18..=30u32 {
+            let slots = c.reserve(a, 1)?;
+            write_all(&mut c, &slots, &[t])?;
+            c.commit(a, &[t])?;
+        }
+        c.free(a)?;
+        // An unrelated prompt of 36 tokens takes the sliding pool's 8 free blocks and one
+        // cached block: the least recently used, block 0 of the first prompt.
+        let other: Vec<u32> = (1000..1036).collect();
+        let (x, _) = c.create_with_prefix(&other);
+        let slots = c.reserve(x, 36)?;
+        write_all(&mut c, &slots, &other)?;
+        c.free(x)?;
+        let sliding_found = c
+            .sliding_manager()
+            .map_or(0, |m| m.prefix_match(&prompt, 0).tokens);
+        assert_eq!(sliding_found, 0, "block 0 left the sliding index");
+        // The first query after 16 tokens reads positions 11.. (blocks 2 and 3): held, so
+        // 16 tokens are reused and the twin starts with blocks 0 and 1 freed.
+        assert_eq!(c.prefix_match(&prompt, 0).tokens, 16);
+        let (b, reused) = c.create_with_prefix(&prompt);
+        assert_eq!((reused, c.len(b)?, c.sliding_len(b)?), (16, 16, 8));
+        let slots = c.reserve(b, 1)?;
+        write_all(&mut c, &slots, &[17])?;
+        c.commit(b, &[17])?;
+        let want: Vec<(usize, f32)> = (11..17).map(|p| (p, (p + 1) as f32)).collect();
+        assert_eq!(window_keys(&c, b)?, want);
+        assert_eq!(
+            read_global(&c, b)?,
+            (1..=17).map(|t| t as f32).collect::<Vec<_>>()
+        );
+        audit(&c);
         c.free(b)?;
         audit(&c);
         Ok(())

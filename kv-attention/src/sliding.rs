@@ -247,10 +247,14 @@ impl<S> Sliding<S> {
         if committed > 0 && committed < drop * bs {
             drop = committed / bs;
         }
-        if drop > 0 {
-            // No sinks: nothing is copied.
-            self.manager.evict_window(local, 0, drop)?;
-            self.freed_blocks += drop as u64;
+        // One block at a time, front first (no sinks: nothing is copied): an indexed block
+        // let go of waits in the prefix index's LRU queue, and this order makes the oldest
+        // positions leave it first. A later prompt needs only the blocks its first query's
+        // window reads (`PagedCache::create_with_prefix_salted`), the last ones of its
+        // prefix, so those are kept longest.
+        for _ in 0..drop {
+            self.manager.evict_window(local, 0, 1)?;
+            self.freed_blocks += 1;
         }
         Ok(())
     }

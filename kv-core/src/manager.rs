@@ -922,6 +922,106 @@ impl CacheManager {
         }
     }
 
+    /// For a sequence that keeps only its last `window` tokens' keys (a sliding-window
+    /// group): the most full blocks `n` (at most `max_blocks`, never covering `prompt`'s last
+    /// token) whose blocks from `first = (n * block_size + 1 - window) / block_size` on are
+    /// all indexed. A query at position `n * block_size` reads keys from
+    /// `n * block_size + 1 - window` on, so blocks before `first` need not be held. Returns
+    /// `(n, first)`; `(0, 0)` without the prefix cache. Changes nothing.
+    ///
+    /// ```
+    /// use kv_core::CacheManager;
+    /// let mut m = CacheManager::with_prefix_cache(4, 8, 0)?;
+    /// let seq = m.create_sequence();
+    /// m.reserve(seq, 12)?;
+    /// m.commit(seq, &(0..12).collect::<Vec<u32>>())?;
+    /// m.free(seq)?;
+    /// // Three blocks indexed; a 6-token window reads from block 1 at position 12.
+    /// let prompt: Vec<u32> = (0..14).collect();
+    /// assert_eq!(m.window_prefix_match(&prompt, 0, 6, usize::MAX), (3, 1));
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    pub fn window_prefix_match(
+        &self,
+        prompt: &[u32],
+        cache_salt: u64,
+        window: usize,
+        max_blocks: usize,
+    ) -> (usize, usize) {
+        match self.window_blocks(prompt, cache_salt, window, max_blocks) {
+            Some((n, first, _, _)) => (n, first),
+            None => (0, 0),
+        }
+    }
+
+    /// The blocks behind [`CacheManager::window_prefix_match`]: `(n, first, blocks
+    /// first..n, hashes of blocks 0..n)`; `None` when nothing is reusable.
+    fn window_blocks(
+        &self,
+        prompt: &[u32],
+        cache_salt: u64,
+        window: usize,
+        max_blocks: usize,
+    ) -> Option<(usize, usize, Vec<BlockId>, Vec<ChainHash>)> {
+        let index = self.prefix.as_ref()?;
+        let bs = self.block_size;
+        let reusable = (prompt.len().saturating_sub(1) / bs).min(max_blocks);
+        // Every block's chain hash follows from the tokens; which of them the index holds.
+        let mut hashes: Vec<ChainHash> = Vec::with_capacity(reusable);
+        let mut found: Vec<Option<BlockId>> = Vec::with_capacity(reusable);
+        for chunk in prompt.chunks_exact(bs).take(reusable) {
+            let parent = hashes.last().copied();
+            let hash = index.hash(parent, cache_salt, chunk);
+            found.push(index.lookup(hash, parent, chunk));
+            hashes.push(hash);
+        }
+        (1..=reusable).rev().find_map(|n| {
+            let first = (n * bs + 1).saturating_sub(window) / bs;
+            let blocks: Option<Vec<BlockId>> = found[first..n].iter().copied().collect();
+            blocks.map(|b| (n, first, b, hashes[..n].to_vec()))
+        })
+    }
+
+    /// Starts a sequence keeping only its last `window` tokens' keys (a sliding-window
+    /// group's), reusing what [`CacheManager::window_prefix_match`] finds for `prompt` (at
+    /// most `max_blocks` blocks): it holds blocks `first..n`, as if the ones before had been
+    /// dropped by [`CacheManager::evict_window`] (its cache indices are positions less
+    /// `first * block_size`). Returns it with the tokens reused (`n * block_size`); with
+    /// `first == 0` it is [`CacheManager::create_with_prefix_salted`]'s sequence.
+    pub fn create_with_window_prefix(
+        &mut self,
+        prompt: &[u32],
+        cache_salt: u64,
+        window: usize,
+        max_blocks: usize,
+    ) -> (SeqId, usize) {
+        let bs = self.block_size;
+        let found = match self.window_blocks(prompt, cache_salt, window, max_blocks) {
+            // A failing retain is unreachable while the index holds what it lists; it falls
+            // back to no reuse.
+            Some(f) if self.retain(&f.2).is_ok() => Some(f),
+            _ => None,
+        };
+        let (n, first, blocks, hashes) = found.unwrap_or((0, 0, Vec::new(), Vec::new()));
+        let reused = n * bs;
+        if self.prefix.is_some() {
+            self.counters.prefix_query_tokens += prompt.len() as u64;
+            self.counters.prefix_hit_tokens += reused as u64;
+        }
+        let mut table = BlockTable::default();
+        *table.blocks_mut() = blocks;
+        table.set_len(reused - first * bs);
+        let id = self.insert_sequence(Sequence {
+            table,
+            tokens: prompt[first * bs..reused].to_vec(),
+            // A windowed sequence stops feeding the index (see `Sequence::evicted`).
+            hashes: if first == 0 { hashes } else { Vec::new() },
+            cache_salt,
+            evicted: first * bs,
+        });
+        (id, reused)
+    }
+
     /// The indexed blocks (and their hashes) holding the longest reusable prefix of
     /// `prompt`, never covering its last token.
     fn match_prefix(&self, prompt: &[u32], cache_salt: u64) -> (Vec<BlockId>, Vec<ChainHash>) {

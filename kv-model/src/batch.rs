@@ -22,8 +22,8 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use kv_attention::{PagedCache, TieredCache};
-use kv_core::{CacheBackend, CacheStats, KvError, SeqId};
+use kv_attention::{CacheUsage, PagedCache, TieredCache};
+use kv_core::{CacheBackend, CacheStats, KvError, SeqId, StorageSpec};
 
 use crate::generate::rate;
 use crate::{Logits, Model, ModelError, Result, Sampler, SamplingConfig, StopReason};
@@ -104,6 +104,9 @@ pub struct BatchRun {
     pub stats: CacheStats,
     /// Tokens per block of the cache.
     pub block_size: usize,
+    /// With sliding-window layers ([`Model::new_batch_cache`]): the cache's usage at the
+    /// pass where freeing the window layers' old blocks saved the most bytes.
+    pub window: Option<CacheUsage>,
 }
 
 impl BatchRun {
@@ -194,7 +197,11 @@ impl fmt::Display for BatchRun {
             self.prefill_time_saved().as_secs_f64(),
             self.prefill_tokens_per_s()
         )?;
-        write!(f, "preemptions      {}", self.preemptions())
+        write!(f, "preemptions      {}", self.preemptions())?;
+        if let Some(line) = self.window.as_ref().and_then(crate::window_saving) {
+            write!(f, "\n{line} (at the peak)")?;
+        }
+        Ok(())
     }
 }
 
@@ -322,6 +329,39 @@ impl Model {
             }
         }
         result
+    }
+
+    /// A prefix-caching cache of `spec` (salt `cache_salt`) for [`Model::generate_batch`]:
+    /// for a model with sliding-window layers (Gemma 3), two groups
+    /// ([`PagedCache::with_sliding_window`]) whose window layers free their blocks as each
+    /// sequence's window slides, their pool sized for `max_batch` sequences while one
+    /// prefills `longest` tokens at once (the longest prompt plus `max_tokens`: a preempted
+    /// sequence prefills what it generated too); otherwise one group, as
+    /// [`PagedCache::with_prefix_cache`] makes. `kv batch` uses it (not with `--store`:
+    /// tier blocks hold every layer of a block, which a window group frees).
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidArgument`] for zero `max_batch`; the cache's errors (a zero
+    /// `longest`, sizes that overflow, a layout the backend does not store).
+    pub fn new_batch_cache<B: CacheBackend>(
+        &self,
+        backend: B,
+        spec: StorageSpec,
+        longest: usize,
+        max_batch: usize,
+        cache_salt: u64,
+    ) -> Result<PagedCache<B>> {
+        let sliding = self.sliding_layers(
+            spec.dtype,
+            spec.block_size,
+            longest,
+            max_batch,
+            spec.num_blocks,
+        )?;
+        Ok(match sliding {
+            Some(s) => PagedCache::with_sliding_window(backend, spec, s, Some(cache_salt))?,
+            None => PagedCache::with_prefix_cache(backend, spec, cache_salt)?,
+        })
     }
 
     /// Generates greedily from every prompt with continuous batching over `cache` (see the
@@ -488,6 +528,7 @@ impl Model {
             peak_shared_blocks: 0,
             stats: pool.paged().stats(),
             block_size: pool.paged().spec().block_size,
+            window: None,
         };
         // Records a token; true when the sequence is finished.
         let push = |entry: &mut Entry<'_>, token: u32| -> bool {
@@ -614,6 +655,11 @@ fn track<B: CacheBackend>(run: &mut BatchRun, cache: &PagedCache<B>, batch: usiz
     run.peak_batch = run.peak_batch.max(batch);
     run.peak_used_blocks = run.peak_used_blocks.max(stats.used_blocks);
     run.peak_shared_blocks = run.peak_shared_blocks.max(stats.shared_blocks);
+    let usage = cache.usage();
+    let saved = |u: &CacheUsage| u.sliding.map_or(0, |s| s.bytes_saved);
+    if usage.sliding.is_some() && run.window.as_ref().is_none_or(|w| saved(&usage) > saved(w)) {
+        run.window = Some(usage);
+    }
 }
 
 /// The cache a batch runs on: a [`PagedCache`], or one backed by tiers that writes blocks

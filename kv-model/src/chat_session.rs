@@ -17,7 +17,7 @@ use kv_attention::PagedCache;
 use kv_core::content::{chain_keys, Fingerprint};
 use kv_core::{CacheBackend, SeqId, StorageSpec};
 
-use crate::generate::{CacheLayout, StopReason, INITIAL_TOKENS};
+use crate::generate::{CacheLayout, StopReason, INITIAL_TOKENS, PREFILL_CHUNK};
 use crate::{
     ChatMessage, ChatTemplate, Logits, Model, ModelError, Result, Sampler, SamplingConfig,
     Tokenizer,
@@ -204,7 +204,10 @@ impl<'a, B: CacheBackend> ChatSession<'a, B> {
             layout.block_size,
             capacity.div_ceil(layout.block_size),
         )?;
-        let mut cache = PagedCache::new(backend, spec)?;
+        // With sliding-window layers (Gemma 3) the conversation keeps two cache groups, as
+        // `kv generate` does: the local layers free their blocks behind the window; prompts
+        // run in chunks of at most `PREFILL_CHUNK` tokens so their pool stays that small.
+        let mut cache = model.new_cache(backend, spec, PREFILL_CHUNK, true)?;
         let seq = cache.create_sequence();
         let messages = options
             .system
@@ -234,6 +237,12 @@ impl<'a, B: CacheBackend> ChatSession<'a, B> {
     /// The tokens whose K/V the cache holds.
     pub fn cached_tokens(&self) -> &[u32] {
         &self.cached
+    }
+
+    /// What the session's cache holds now; with sliding-window layers, what they saved
+    /// ([`crate::window_saving`] prints it).
+    pub fn cache_usage(&self) -> kv_attention::CacheUsage {
+        self.cache.usage()
     }
 
     /// Most tokens the conversation may hold.
@@ -287,7 +296,13 @@ impl<'a, B: CacheBackend> ChatSession<'a, B> {
         // The last reply token is sampled but never run, so the cache holds at most
         // `capacity - 1` tokens after a reply of this length.
         let max_new = self.options.max_tokens.min(self.capacity - prompt.len());
-        let reused = reusable_prefix(&self.cached, &prompt);
+        let mut reused = reusable_prefix(&self.cached, &prompt);
+        if !self.cache.can_truncate(self.seq, reused)? {
+            // The sliding-window layers freed keys the first new query would read (the
+            // conversation changed more than a window back): recompute it all rather than
+            // attend to a window with a hole.
+            reused = 0;
+        }
         self.cache.truncate(self.seq, reused)?;
         self.cached.truncate(reused);
 
@@ -297,14 +312,27 @@ impl<'a, B: CacheBackend> ChatSession<'a, B> {
         let mut new: Vec<u32> = prompt[reused..].to_vec();
         loop {
             let started = Instant::now();
-            let logits = self
-                .model
-                .forward(&new, &mut self.cache, self.seq, Logits::Last)?;
-            // The forward pass appended `new` to the cache: mirror it before anything else
-            // can fail.
-            self.cached.extend_from_slice(&new);
-            // Their ids are the cache's too (what `save` exports is checked against them).
-            self.cache.commit(self.seq, &new)?;
+            let mut last = None;
+            // Chunks only with window layers (their pool is sized for one); otherwise one
+            // pass, as before.
+            let chunk = if self.cache.sliding_layers().is_some() {
+                PREFILL_CHUNK
+            } else {
+                new.len().max(1)
+            };
+            for part in new.chunks(chunk) {
+                let logits = self
+                    .model
+                    .forward(part, &mut self.cache, self.seq, Logits::Last)?;
+                // The forward pass appended `part` to the cache: mirror it before anything
+                // else can fail.
+                self.cached.extend_from_slice(part);
+                // Their ids are the cache's too (what `save` exports is checked against
+                // them).
+                self.cache.commit(self.seq, part)?;
+                last = Some(logits);
+            }
+            let logits = last.ok_or(ModelError::EmptyPrompt)?;
             let logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
             let token = self.sampler.sample(&logits)?;
             if tokens.is_empty() {
@@ -385,22 +413,34 @@ impl<B: CacheBackend> ChatSession<'_, B> {
     /// Saves the conversation to `path` (its messages and turn count, JSON) and the K/V of
     /// the full blocks of its cached tokens to [`saved_kv_path`]`(path)`, a cache file
     /// ([`kv_attention::cache_file`]) under `fingerprint` (see [`crate::model_fingerprint`]).
-    /// Both are written atomically, the K/V first: a reader sees whole files.
+    /// Both are written atomically, the K/V first: a reader sees whole files. With
+    /// sliding-window layers the file holds both cache groups
+    /// ([`PagedCache::export_groups`]): every full block of the global layers, then the
+    /// blocks the window layers still hold (the last ones, keyed as those positions), so a
+    /// resumed session holds exactly what this one held and continues identically.
     ///
     /// # Errors
     /// [`ModelError::SavedChat`] when a file cannot be written (nothing half-written is
-    /// visible); the backend's export errors.
+    /// visible); the backend's export errors; [`ModelError::Cache`] (`InvalidArgument`)
+    /// when the window layers already freed keys the cached tokens' full blocks would need
+    /// (a window not a multiple of the block size can leave that window short).
     pub fn save(&self, path: &Path, fingerprint: Fingerprint) -> Result<SavedChat> {
         let header = self.header(fingerprint);
         let bs = header.block_size;
         let n_blocks = self.cached.len() / bs;
-        let blocks = self.cache.export_blocks(self.seq, n_blocks)?;
+        let groups = self.cache.export_groups(self.seq, n_blocks)?;
         let tokens = &self.cached[..n_blocks * bs];
         let keys = chain_keys(tokens, bs, &fingerprint, header.dtype);
+        // The global blocks, then the sliding group's (the last blocks, under the same keys).
+        let sliding_keys = keys[groups.sliding_first..].to_vec();
         let set = BlockSet {
             header,
             tokens: tokens.to_vec(),
-            blocks: keys.into_iter().zip(blocks).collect(),
+            blocks: keys
+                .into_iter()
+                .zip(groups.global)
+                .chain(sliding_keys.into_iter().zip(groups.sliding))
+                .collect(),
         };
         let kv_path = saved_kv_path(path);
         cache_file::write_file(&kv_path, &set).map_err(|source| ModelError::SavedChat {
@@ -495,8 +535,21 @@ impl<B: CacheBackend> ChatSession<'_, B> {
             });
         }
         let keys = chain_keys(&tokens, header.block_size, &fingerprint, header.dtype);
+        // The global blocks, then the sliding group's last blocks (see `save`).
+        let n_blocks = keys.len();
+        let malformed = || ModelError::SavedChat {
+            path: kv_path.clone(),
+            source: cache_file::CacheFileError::Malformed {
+                what: "block table",
+                detail: format!("{} blocks for {} tokens", file.len(), tokens.len()),
+            },
+        };
+        let sliding = file.len().checked_sub(n_blocks).ok_or_else(malformed)?;
+        let sliding_first = n_blocks.checked_sub(sliding).ok_or_else(malformed)?;
+        self.cache.check_groups(n_blocks, sliding_first, sliding)?;
+        let want_keys = keys.iter().chain(&keys[sliding_first..]);
         let mut blocks = Vec::with_capacity(file.len());
-        for (i, want) in keys.iter().enumerate() {
+        for (i, want) in want_keys.enumerate() {
             let (key, bytes) = file.block(i).map_err(|source| ModelError::SavedChat {
                 path: kv_path.clone(),
                 source,
@@ -516,7 +569,9 @@ impl<B: CacheBackend> ChatSession<'_, B> {
         // fail now; the cache is then empty, which costs the next turn a full prefill.
         self.cache.truncate(self.seq, 0)?;
         self.cached.clear();
-        self.cache.import_blocks(self.seq, &tokens, &blocks)?;
+        let (global, sliding) = blocks.split_at(n_blocks);
+        self.cache
+            .import_groups(self.seq, &tokens, global, sliding_first, sliding)?;
         self.cached = tokens;
         self.messages = messages;
         self.turns = turns;

@@ -191,19 +191,8 @@ impl fmt::Display for Summary {
                     memory::format_bytes(usage.bytes_reserved),
                     memory::format_bytes(usage.bytes_allocated),
                 )?;
-                if let Some(s) = &usage.sliding {
-                    write!(
-                        f,
-                        "\nsliding window   {} layers keep their last {} tokens ({} held, {} blocks freed): \
-                         {} reserved instead of {} with every layer global, {} saved",
-                        s.layers,
-                        s.window,
-                        s.tokens,
-                        s.freed_blocks,
-                        memory::format_bytes(usage.bytes_reserved),
-                        memory::format_bytes(s.bytes_all_global),
-                        memory::format_bytes(s.bytes_saved),
-                    )?;
+                if let Some(line) = window_saving(usage) {
+                    write!(f, "\n{line}")?;
                 }
                 Ok(())
             }
@@ -416,7 +405,33 @@ impl Model {
 pub(crate) const INITIAL_TOKENS: usize = 1024;
 
 /// Largest prompt chunk of a windowed run: bounds the cache a chunk adds to the window.
-const PREFILL_CHUNK: usize = 256;
+pub(crate) const PREFILL_CHUNK: usize = 256;
+
+/// What a cache's sliding-window layers saved, as `kv generate`, `kv chat` and `kv batch`
+/// print it; `None` for a cache without a sliding-window group.
+///
+/// ```
+/// use kv_attention::CacheUsage;
+/// let usage = CacheUsage {
+///     tokens: 0, bytes_used: 0, bytes_reserved: 0, bytes_allocated: 0,
+///     bytes_per_token: 0, sliding: None,
+/// };
+/// assert_eq!(kv_model::window_saving(&usage), None);
+/// ```
+pub fn window_saving(usage: &CacheUsage) -> Option<String> {
+    let s = usage.sliding.as_ref()?;
+    Some(format!(
+        "sliding window   {} layers keep their last {} tokens ({} held, {} blocks freed): \
+         {} reserved instead of {} with every layer global, {} saved",
+        s.layers,
+        s.window,
+        s.tokens,
+        s.freed_blocks,
+        memory::format_bytes(usage.bytes_reserved),
+        memory::format_bytes(s.bytes_all_global),
+        memory::format_bytes(s.bytes_saved),
+    ))
+}
 
 /// What every generation needs, whatever its cache: a prompt, tokens to make, valid
 /// sampling.

@@ -82,7 +82,9 @@ pub use config::{Family, Llama3Rope, LlamaConfig, MetadataLimits, SUPPORTED_ARCH
 pub use error::{ModelError, Result};
 pub use escape::escape_controls;
 pub use files::{open_regular, read_text, MAX_TEXT_BYTES};
-pub use generate::{CacheLayout, CacheReport, GenerateOptions, Generation, StopReason, Summary};
+pub use generate::{
+    window_saving, CacheLayout, CacheReport, GenerateOptions, Generation, StopReason, Summary,
+};
 pub use gguf_check::{
     check_gguf_bytes, check_gguf_file, GgufSummary, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_ARRAY_LEN,
     MAX_METADATA, MAX_NAME_BYTES, MAX_STRING_BYTES, MAX_TENSORS, MAX_TENSOR_DIMS,

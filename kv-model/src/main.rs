@@ -879,6 +879,9 @@ fn chat(args: ChatArgs) -> Result<()> {
         match result {
             Ok(turn) => {
                 eprintln!("{}", turn.report);
+                if let Some(line) = kv_model::window_saving(&session.cache_usage()) {
+                    eprintln!("{line}");
+                }
                 if let (Some(file), Some(fp)) = (&args.save, fingerprint) {
                     session.save(file, fp)?;
                 }
@@ -1182,10 +1185,17 @@ fn batch(args: BatchArgs) -> Result<()> {
         }
         None => StorageSpec::new(model.shape(), args.dtype, args.block_size, blocks)?,
     };
-    let cache = PagedCache::with_prefix_cache(CpuBackend::new(), spec, 0x6b76)?;
     let (run, tiers, tier_stats) = match args.store.as_deref() {
         None => {
-            let mut cache = cache;
+            // With sliding-window layers, two cache groups: the window layers free their
+            // blocks as each sequence slides (not with --store: tier blocks hold every layer).
+            let longest = prompts
+                .iter()
+                .map(|p| p.len().saturating_add(args.max_tokens))
+                .max()
+                .unwrap_or(1);
+            let mut cache =
+                model.new_batch_cache(CpuBackend::new(), spec, longest, args.max_batch, 0x6b76)?;
             (
                 model.generate_batch(&mut cache, &prompts, &options)?,
                 None,
@@ -1200,6 +1210,7 @@ fn batch(args: BatchArgs) -> Result<()> {
             };
             let fingerprint =
                 kv_model::model_fingerprint(&path, &model, &tokenizer, layout, "cpu")?;
+            let cache = PagedCache::with_prefix_cache(CpuBackend::new(), spec, 0x6b76)?;
             let mut tiered = kv_attention::TieredCache::new(cache, fingerprint, vec![tier]);
             let run = model.generate_batch_with_store(&mut tiered, &prompts, &options)?;
             let line = store_line(store, &tiered.stats(), tiered.last_error());

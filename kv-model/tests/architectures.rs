@@ -486,3 +486,68 @@ fn unsupported_architectures_name_the_supported_ones() {
     }
     assert!(!msg.contains('\n'));
 }
+
+/// `kv batch`'s cache on a model with window layers ([`Model::new_batch_cache`]): two
+/// groups, the window layers' blocks freed as each sequence slides, and every sequence's
+/// tokens those of generating it alone; a second run on the same cache, reusing what the
+/// prefix index still holds in both groups, gives the same tokens again.
+#[test]
+fn gemma3_batch_on_two_groups_equals_each_alone_and_reuse_changes_nothing() {
+    use kv_model::{BatchOptions, CacheLayout, GenerateOptions};
+    let model = load(&gemma_spec(), "gemma3-batch-groups.gguf");
+    let shared: Vec<u32> = (0..13).map(|i| (i * 7 % VOCAB) as u32).collect();
+    let prompts: Vec<Vec<u32>> = vec![
+        shared.iter().copied().chain([3, 9]).collect(),
+        shared.iter().copied().chain([5]).collect(),
+        (0..6).map(|i| (i * 3 % VOCAB) as u32 + 1).collect(),
+    ];
+    let options = BatchOptions {
+        max_tokens: 20,
+        stop_tokens: Vec::new(),
+        max_batch: 3,
+    };
+    let spec = StorageSpec::new(model.shape(), KvDType::F32, 4, 40).unwrap();
+    let mut cache = model
+        .new_batch_cache(CpuBackend::new(), spec, 15 + 20, 3, 5)
+        .unwrap();
+    assert!(cache.sliding_layers().is_some());
+    let first = model
+        .generate_batch(&mut cache, &prompts, &options)
+        .unwrap();
+    let layout = CacheLayout {
+        dtype: KvDType::F32,
+        block_size: 4,
+    };
+    for (i, prompt) in prompts.iter().enumerate() {
+        let alone = model
+            .generate(
+                CpuBackend::new(),
+                layout,
+                prompt,
+                &GenerateOptions {
+                    max_tokens: 20,
+                    ..GenerateOptions::default()
+                },
+                |_| Ok(()),
+            )
+            .unwrap();
+        assert_eq!(first.sequences[i].tokens, alone.tokens, "sequence {i}");
+    }
+    let window = first.window.unwrap().sliding.unwrap();
+    assert!(
+        window.freed_blocks > 0 && window.bytes_saved > 0,
+        "{window:?}"
+    );
+    assert!(first.to_string().contains("sliding window"));
+    let again = model
+        .generate_batch(&mut cache, &prompts, &options)
+        .unwrap();
+    for (a, b) in first.sequences.iter().zip(&again.sequences) {
+        assert_eq!(a.tokens, b.tokens);
+    }
+    assert_eq!(cache.manager().audit(), Ok(()));
+    assert_eq!(
+        cache.sliding_manager().map(kv_core::CacheManager::audit),
+        Some(Ok(()))
+    );
+}
