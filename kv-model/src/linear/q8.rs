@@ -268,18 +268,38 @@ fn dots<S: Simd, F: IntFormat, const BYTES: usize, const V: bool, const R: usize
     });
     let mut acc = [[s.zero_f32x8(); 2]; R];
     let mut min = [[0f32; 2]; R];
-    for (bi, b) in blocks.iter().enumerate() {
+    // One block into set `SET` of every row's accumulators (a constant index, so the
+    // accumulators stay in registers).
+    #[inline(always)]
+    fn block<S: Simd, F: IntFormat, const V: bool, const R: usize, const SET: usize>(
+        s: S,
+        b: &[u8],
+        bi: usize,
+        x: &[Row<'_>; R],
+        acc: &mut [[S::F32x8; 2]; R],
+        min: &mut [[f32; 2]; R],
+    ) {
         let (w, d, m) = F::codes_simd(s, b);
         let u = if F::SIGNED { s.abs_bytes32(w) } else { w };
-        let odd = bi & 1;
-        for r in 0..R {
-            let a = s.load_bytes32(&x[r].q[bi]);
+        for ((x, acc), min) in x.iter().zip(acc.iter_mut()).zip(min.iter_mut()) {
+            let (Some(q), Some(&e), Some(&sum)) = (x.q.get(bi), x.d.get(bi), x.s.get(bi)) else {
+                continue;
+            };
+            let a = s.load_bytes32(q);
             let a = if F::SIGNED { s.sign_bytes32(a, w) } else { a };
-            acc[r][odd] = s.dot_bytes32::<V>(u, a, d * x[r].d[bi], acc[r][odd]);
+            acc[SET] = s.dot_bytes32::<V>(u, a, d * e, acc[SET]);
             if !F::SIGNED {
-                min[r][odd] += m * x[r].s[bi];
+                min[SET] += m * sum;
             }
         }
+    }
+    let (pairs, rest) = blocks.as_chunks::<2>();
+    for (p, b) in pairs.iter().enumerate() {
+        block::<S, F, V, R, 0>(s, &b[0], 2 * p, &x, &mut acc, &mut min);
+        block::<S, F, V, R, 1>(s, &b[1], 2 * p + 1, &x, &mut acc, &mut min);
+    }
+    if let [b] = rest {
+        block::<S, F, V, R, 0>(s, b, 2 * pairs.len(), &x, &mut acc, &mut min);
     }
     core::array::from_fn(|r| {
         let [even, odd] = acc[r];
