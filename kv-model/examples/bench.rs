@@ -9,7 +9,8 @@
 //!   sequence (no cache) and with the cache (one token through the model).
 //! - `prefill`, `decode`, `prefill-depth`: end to end on the model per layout: prompt
 //!   tokens/s into an empty cache, decode tokens/s at several depths (tokens already in
-//!   the cache), and prompt tokens/s on top of a long cached context.
+//!   the cache), and prompt tokens/s on top of a long cached context; again with
+//!   activations rounded to 8 bits (`weights=blocks-q8`, f16 cache: the named option).
 //! - `weights`: the decode matrix-vector kernel (one activation row) of each GGUF block type
 //!   kv keeps in blocks, on a 1536x576 matrix (SmolLM2's gate/up; 1536x768 where the block
 //!   is 256 weights), in weight bytes read per second and as a ratio to Q4_1's, the types
@@ -21,7 +22,8 @@
 //! - `batch`: batched decode on the model: 1, 4, 16 and 64 sequences of 64-token prompts
 //!   (a shared 48-token prefix with the prefix cache, or all distinct), 64 new tokens
 //!   each; decode tokens/s over all sequences (prefill time taken out, prefill reported
-//!   apart) and the ratio to 1 sequence in the same run.
+//!   apart) and the ratio to 1 sequence in the same run; with exact activations and
+//!   rounded to 8 bits (`activations=exact|q8`).
 //!
 //! `cargo run --release -p kv-model --example bench -- [--quick] [--model FILE]
 //! [--threads N] [--sections attn,weights,weight-rows,nocache,e2e,store,batch]`. Set `RAYON_NUM_THREADS` to the same thread
@@ -36,7 +38,7 @@ use kv_backend_cpu::bench::{memory_read_probe, token_ids, DecodeBench, BENCH_MIN
 use kv_backend_cpu::CpuBackend;
 use kv_core::candle::{Device, Tensor, D};
 use kv_core::{KvDType, ModelShape, StorageSpec};
-use kv_model::{Logits, Model, WeightFormat};
+use kv_model::{Activations, Logits, Model, WeightFormat};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -361,7 +363,7 @@ fn model_sections(a: &Args, sizes: &Sizes, on: &ModelSections) -> Res<()> {
         .map(Into::into)
         .unwrap_or_else(kv_model::default_model_path);
     let started = Instant::now();
-    let model = Model::load(&path)?;
+    let mut model = Model::load(&path)?;
     eprintln!(
         "bench: model loaded (the file's blocks) in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -373,7 +375,11 @@ fn model_sections(a: &Args, sizes: &Sizes, on: &ModelSections) -> Res<()> {
         store_tiers(sizes, &model, a.threads)?;
     }
     if on.batch {
+        // Exact activations, then rounded to 8 bits (the named option), in one run.
         batched_decode(a.quick, &model)?;
+        model.set_activations(Activations::Q8);
+        batched_decode(a.quick, &model)?;
+        model.set_activations(Activations::Exact);
     }
     if on.e2e {
         let layouts = LAYOUTS
@@ -381,6 +387,9 @@ fn model_sections(a: &Args, sizes: &Sizes, on: &ModelSections) -> Res<()> {
             .map(|name| name.parse())
             .collect::<Result<Vec<KvDType>, _>>()?;
         end_to_end(sizes, &model, "blocks", &layouts)?;
+        // The same blocks with activations rounded to 8 bits (the named option), f16 cache.
+        model.set_activations(Activations::Q8);
+        end_to_end(sizes, &model, "blocks-q8", &[KvDType::F16])?;
         drop(model);
         // The f32 expansion (kv's default before its own block kernels) for comparison
         // with the peer's f32 mode: a short prompt and depth 0 only.
@@ -526,8 +535,12 @@ fn batched_decode(quick: bool, model: &Model) -> Res<()> {
             let tokens = run.generated_tokens();
             let per_s = tokens as f64 / decode_secs;
             let base = *base.get_or_insert(per_s);
+            let act = match model.activations() {
+                Activations::Exact => "exact",
+                Activations::Q8 => "q8",
+            };
             println!(
-                "BENCH section=batch prefix={prefix} seqs={seqs} prompt={prompt} new={new} peak_batch={} reused_tokens={} prefill_secs={prefill:.6} prefill_tokens_per_s={:.3} decode_secs={decode_secs:.6} decode_tokens={tokens} decode_tokens_per_s={per_s:.3} ratio_1={:.3}",
+                "BENCH section=batch prefix={prefix} activations={act} seqs={seqs} prompt={prompt} new={new} peak_batch={} reused_tokens={} prefill_secs={prefill:.6} prefill_tokens_per_s={:.3} decode_secs={decode_secs:.6} decode_tokens={tokens} decode_tokens_per_s={per_s:.3} ratio_1={:.3}",
                 run.peak_batch,
                 run.reused_tokens(),
                 run.prefill_tokens_per_s(),

@@ -92,7 +92,7 @@ pub use gguf_check::{
 };
 #[doc(hidden)]
 pub use linear::{matmul_path_seconds, matmul_seconds};
-pub use model::{Logits, Model, WeightFormat};
+pub use model::{Activations, Logits, Model, WeightFormat};
 pub use prompt_cache::{model_fingerprint, PromptCacheReport, StoreReport};
 pub use sampler::{Sampler, SamplingConfig};
 pub use tokenizer::{TextStream, Tokenizer};

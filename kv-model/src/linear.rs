@@ -25,6 +25,7 @@
 mod blocks;
 mod kquant;
 mod matvec;
+mod q8;
 mod strips;
 
 pub(crate) use kquant::KType;
@@ -38,7 +39,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::{ModelError, Result};
+use crate::{Activations, ModelError, Result};
 
 /// Weights per block of the [`BlockType`]s.
 pub(crate) const BLOCK: usize = 32;
@@ -685,12 +686,16 @@ impl Embeddings {
 }
 
 impl Linear {
-    /// `x · Wᵀ` for `x` `[n, cols]` f32: `[n, rows]` f32.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x · Wᵀ` for `x` `[n, cols]` f32: `[n, rows]` f32, the activations rounded to 8 bits
+    /// first when `act` says so and the weights have an integer kernel (`linear/q8.rs`).
+    pub(crate) fn forward(&self, x: &Tensor, act: Activations) -> Result<Tensor> {
         let w = match self {
             Self::Candle(m) => return Ok(m.forward(x)?),
             Self::Blocks(w) => w,
         };
+        if act == Activations::Q8 && q8::supports(w.ty) {
+            return Self::forward_q8(&[w], x).map(|mut v| v.remove(0));
+        }
         let (n, cols) = x.dims2()?;
         if cols != w.cols {
             return Err(candle_core::Error::ShapeMismatchBinaryOp {
@@ -709,7 +714,7 @@ impl Linear {
     /// `forward` of several projections of the same `x`, bit-identical to separate calls.
     /// When all are blocks and `x` has up to [`STRIPS_MAX_ROWS`] rows (decode, one
     /// sequence or a batch), they run as one parallel pass: one dispatch and one read of `x` instead of one per projection.
-    pub(crate) fn forward_many(ls: &[&Self], x: &Tensor) -> Result<Vec<Tensor>> {
+    pub(crate) fn forward_many(ls: &[&Self], x: &Tensor, act: Activations) -> Result<Vec<Tensor>> {
         let (n, cols) = x.dims2()?;
         let ms: Option<Vec<&BlockMatrix>> = ls
             .iter()
@@ -718,11 +723,16 @@ impl Linear {
                 _ => None,
             })
             .collect();
+        if let Some(ms) = &ms {
+            if act == Activations::Q8 && ms.iter().all(|m| q8::supports(m.ty)) {
+                return Self::forward_q8(ms, x);
+            }
+        }
         let Path::Rows(p) = Path::for_rows(n) else {
-            return ls.iter().map(|l| l.forward(x)).collect();
+            return ls.iter().map(|l| l.forward(x, act)).collect();
         };
         let Some(ms) = ms else {
-            return ls.iter().map(|l| l.forward(x)).collect();
+            return ls.iter().map(|l| l.forward(x, act)).collect();
         };
         let k = Kernels::best();
         let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * n]).collect();
@@ -734,6 +744,49 @@ impl Linear {
                 .collect();
             matvec_parts(k, p, &mut parts, v, n);
         })?;
+        ms.iter()
+            .zip(outs)
+            .map(|(m, t)| {
+                let out = if n == 1 {
+                    t
+                } else {
+                    let mut out = vec![0f32; t.len()];
+                    transpose_into(&t, n, &mut out);
+                    out
+                };
+                Ok(Tensor::from_vec(out, (n, m.rows), x.device())?)
+            })
+            .collect()
+    }
+}
+
+impl Linear {
+    /// `x · mᵀ` for each of `ms` (all of `q8::supports`' types, all with `x`'s columns),
+    /// `x` `[n, cols]` rounded to 8 bits once for all: one parallel pass at any row count,
+    /// so that every row is computed the same way in prefill and decode.
+    fn forward_q8(ms: &[&BlockMatrix], x: &Tensor) -> Result<Vec<Tensor>> {
+        let (n, cols) = x.dims2()?;
+        if let Some(m) = ms.iter().find(|m| m.cols != cols) {
+            return Err(candle_core::Error::ShapeMismatchBinaryOp {
+                lhs: x.shape().clone(),
+                rhs: (m.rows, m.cols).into(),
+                op: "linear",
+            }
+            .into());
+        }
+        let mut q = None;
+        with_f32(x, |v| q = Some(q8::Q8Rows::quantize(v, n, cols)))?;
+        let Some(q) = q else {
+            return Err(candle_core::Error::Msg("activations not read".into()).into());
+        };
+        let k = Kernels::best();
+        let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * n]).collect();
+        let mut parts: Vec<(&BlockMatrix, &mut [f32])> = ms
+            .iter()
+            .copied()
+            .zip(outs.iter_mut().map(|o| &mut o[..]))
+            .collect();
+        q8::q8_parts(k, &mut parts, &q, n);
         ms.iter()
             .zip(outs)
             .map(|(m, t)| {
@@ -1049,6 +1102,102 @@ mod tests {
     /// Projections run together give the bits of separate calls: at decode of one sequence
     /// or a batch (one pass), and past the batch range or with a non-block projection
     /// (separate calls).
+    /// Int8 activations: every level, with and without VNNI, within float summation error
+    /// of the exact product of candle's weights and the rounded activations (f64), and the
+    /// rounded product within the rounding's error of the exact-activation product.
+    #[test]
+    fn q8_kernels_match_the_f64_product_of_the_rounded_activations() {
+        let mut rng = StdRng::seed_from_u64(19);
+        for ty in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (rows, cols, n) = (37, 320, 7);
+            let (q, w) = weight(&mut rng, ty, rows, cols);
+            let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
+            let mut x = random(&mut rng, n * cols);
+            x[3] = 0.0;
+            x[cols..cols + 32].fill(0.0); // a block of zeros: scale 0
+            let xq = q8::Q8Rows::quantize(&x, n, cols);
+            let xd = xq.dequantize();
+            for k in kernels() {
+                for vnni in [false, q8::uses_vnni(k)] {
+                    let mut got = vec![0f32; rows * n];
+                    q8::dot_rows(k, vnni, m.ty, &m.data, cols, &xq, n, &mut got);
+                    for (j, wr) in w.chunks_exact(cols).enumerate() {
+                        for i in 0..n {
+                            let (xr, xe) = (&xd[i * cols..][..cols], &x[i * cols..][..cols]);
+                            let want: f64 = wr
+                                .iter()
+                                .zip(xr)
+                                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                                .sum();
+                            let exact: f64 = wr
+                                .iter()
+                                .zip(xe)
+                                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                                .sum();
+                            let mag: f64 = wr
+                                .iter()
+                                .zip(xr)
+                                .map(|(&a, &b)| f64::from((a * b).abs()))
+                                .sum();
+                            let g = f64::from(got[j * n + i]);
+                            assert!(
+                                (g - want).abs() <= 1e-5 * mag + 1e-6,
+                                "{ty:?} {k:?} vnni {vnni} ({j}, {i}): {g} vs {want}"
+                            );
+                            // Each activation moves by at most half a step (amax / 254).
+                            let step: f64 = xe
+                                .chunks_exact(32)
+                                .zip(wr.chunks_exact(32))
+                                .map(|(xb, wb)| {
+                                    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                                    f64::from(amax) / 254.0
+                                        * wb.iter().map(|v| f64::from(v.abs())).sum::<f64>()
+                                })
+                                .sum();
+                            assert!(
+                                (g - exact).abs() <= step * 1.01 + 1e-5 * mag + 1e-6,
+                                "{ty:?} ({j}, {i}): {g} vs exact {exact}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Int8 activations: a row's result does not depend on its batch, bit for bit, at every
+    /// level and batch size (groups of four and the rows left over).
+    #[test]
+    fn q8_rows_do_not_depend_on_their_batch() {
+        let mut rng = StdRng::seed_from_u64(21);
+        for ty in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (rows, cols) = (70, 128);
+            let (q, _) = weight(&mut rng, ty, rows, cols);
+            let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
+            let n = 19;
+            let x = random(&mut rng, n * cols);
+            for k in kernels() {
+                let run = |x: &[f32], n: usize| {
+                    let xq = q8::Q8Rows::quantize(x, n, cols);
+                    let mut out = vec![0f32; rows * n];
+                    q8::q8_parts(k, &mut [(&m, &mut out[..])], &xq, n);
+                    out
+                };
+                let all = run(&x, n);
+                for i in 0..n {
+                    let one = run(&x[i * cols..][..cols], 1);
+                    for j in 0..rows {
+                        assert_eq!(
+                            one[j].to_bits(),
+                            all[j * n + i].to_bits(),
+                            "{ty:?} {k:?} row {i} out {j}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn forward_many_equals_separate_forwards_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(6);
@@ -1068,8 +1217,13 @@ mod tests {
             let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
             v.iter().map(|f| f.to_bits()).collect()
         };
-        for candle in [false, true] {
-            if candle {
+        for (candle, act) in [
+            (false, Activations::Exact),
+            (false, Activations::Q8),
+            (true, Activations::Exact),
+            (true, Activations::Q8),
+        ] {
+            if candle && !ls.iter().any(|l| matches!(l, Linear::Candle(_))) {
                 let (_, w) = weight(&mut rng, GgmlDType::Q8_0, 16, cols);
                 let t = Tensor::from_vec(w, (16, cols), &Device::Cpu).unwrap();
                 ls.push(Linear::Candle(QMatMul::Tensor(t)));
@@ -1078,17 +1232,20 @@ mod tests {
                 let x =
                     Tensor::from_vec(random(&mut rng, n * cols), (n, cols), &Device::Cpu).unwrap();
                 let refs: Vec<&Linear> = ls.iter().collect();
-                let many = Linear::forward_many(&refs, &x).unwrap();
+                let many = Linear::forward_many(&refs, &x, act).unwrap();
                 assert_eq!(many.len(), ls.len());
                 for (l, got) in ls.iter().zip(&many) {
-                    let want = l.forward(&x).unwrap();
+                    let want = l.forward(&x, act).unwrap();
                     assert_eq!(got.dims(), want.dims());
-                    assert_eq!(bits(got), bits(&want), "n {n} candle {candle}");
+                    assert_eq!(bits(got), bits(&want), "n {n} candle {candle} {act:?}");
                 }
             }
         }
         let bad = Tensor::zeros((1, cols + 32), DType::F32, &Device::Cpu).unwrap();
-        assert!(Linear::forward_many(&[&ls[0], &ls[1]], &bad).is_err());
+        for act in [Activations::Exact, Activations::Q8] {
+            assert!(Linear::forward_many(&[&ls[0], &ls[1]], &bad, act).is_err());
+            assert!(ls[0].forward(&bad, act).is_err());
+        }
     }
 
     #[test]
@@ -1162,14 +1319,14 @@ mod tests {
         let theirs = Linear::Candle(QMatMul::Tensor(f32w));
         let x = Tensor::from_vec(random(&mut rng, n * cols), (n, cols), &Device::Cpu).unwrap();
         let a: Vec<f32> = ours
-            .forward(&x)
+            .forward(&x, Activations::Exact)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()
             .unwrap();
         let b: Vec<f32> = theirs
-            .forward(&x)
+            .forward(&x, Activations::Exact)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -1180,11 +1337,11 @@ mod tests {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
         }
         let bad = Tensor::zeros((n, cols + 32), DType::F32, &Device::Cpu).unwrap();
-        assert!(ours.forward(&bad).is_err());
+        assert!(ours.forward(&bad, Activations::Exact).is_err());
         // A non-contiguous input (a transposed view) is copied, not misread.
         let xt = x.t().unwrap().contiguous().unwrap().t().unwrap();
         let c: Vec<f32> = ours
-            .forward(&xt)
+            .forward(&xt, Activations::Exact)
             .unwrap()
             .flatten_all()
             .unwrap()

@@ -15,8 +15,8 @@ use kv_backend_cpu::CpuBackend;
 use kv_backend_cuda::CudaBackend;
 use kv_core::{memory, KvDType, ModelShape};
 use kv_model::{
-    CacheLayout, ChatOptions, ChatSession, ChatTemplate, GenerateOptions, Generation, LlamaConfig,
-    ModelError, Result, SamplingConfig, Tokenizer, WeightFormat, WindowConfig,
+    Activations, CacheLayout, ChatOptions, ChatSession, ChatTemplate, GenerateOptions, Generation,
+    LlamaConfig, ModelError, Result, SamplingConfig, Tokenizer, WeightFormat, WindowConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -143,6 +143,11 @@ struct ChatArgs {
     /// How the model's projection weights are held (see `kv generate --help`).
     #[arg(long, value_enum, default_value_t = Weights::Blocks)]
     weights: Weights,
+    /// How activations meet the block weights: exact f32 (the default), or q8: rounded to
+    /// 8 bits per block of 32 with integer dot products (faster, less accurate; Q4_0, Q4_1
+    /// and Q8_0 weights only, see docs/measurements.md).
+    #[arg(long, value_enum, default_value_t = Acts::Exact)]
+    activations: Acts,
     /// Continue the conversation saved in FILE (by --save): its messages and the K/V of
     /// its tokens are loaded, so the next turn prefills only what is new. A file saved by
     /// another model, layout, block size or backend is refused.
@@ -220,6 +225,11 @@ struct BatchArgs {
     /// scripts such as `cargo xtask fleet`.
     #[arg(long, value_name = "FILE")]
     summary_json: Option<PathBuf>,
+    /// How activations meet the block weights: exact f32 (the default), or q8: rounded to
+    /// 8 bits per block of 32 with integer dot products (faster, less accurate; Q4_0, Q4_1
+    /// and Q8_0 weights only, see docs/measurements.md).
+    #[arg(long, value_enum, default_value_t = Acts::Exact)]
+    activations: Acts,
 }
 
 #[derive(Debug, Args)]
@@ -260,6 +270,11 @@ struct PplArgs {
     /// the vocabulary adds no BOS (SmolLM2's); Gemma's does.
     #[arg(long)]
     bos_first: bool,
+    /// How activations meet the block weights: exact f32 (the default), or q8: rounded to
+    /// 8 bits per block of 32 with integer dot products (faster, less accurate; Q4_0, Q4_1
+    /// and Q8_0 weights only, see docs/measurements.md).
+    #[arg(long, value_enum, default_value_t = Acts::Exact)]
+    activations: Acts,
 }
 
 #[derive(Debug, Args)]
@@ -299,6 +314,11 @@ struct GenerateArgs {
     /// matmul (activations rounded to 8 bits).
     #[arg(long, value_enum, default_value_t = Weights::Blocks)]
     weights: Weights,
+    /// How activations meet the block weights: exact f32 (the default), or q8: rounded to
+    /// 8 bits per block of 32 with integer dot products (faster, less accurate; Q4_0, Q4_1
+    /// and Q8_0 weights only, see docs/measurements.md).
+    #[arg(long, value_enum, default_value_t = Acts::Exact)]
+    activations: Acts,
     /// Where the cache lives.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
@@ -391,6 +411,24 @@ enum Weights {
     F32,
     /// The file's quantized blocks with candle's quantized matmul.
     Quantized,
+}
+
+/// [`kv_model::Activations`] on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Acts {
+    /// f32 activations, never rounded.
+    Exact,
+    /// Rounded to 8 bits per block of 32, integer dot products.
+    Q8,
+}
+
+impl From<Acts> for Activations {
+    fn from(a: Acts) -> Self {
+        match a {
+            Acts::Exact => Activations::Exact,
+            Acts::Q8 => Activations::Q8,
+        }
+    }
 }
 
 impl From<Weights> for WeightFormat {
@@ -615,7 +653,8 @@ fn generate(mut args: GenerateArgs) -> Result<()> {
         (false, Backend::Cuda) => Some(Chosen::Cuda(CudaBackend::new(0)?)),
     };
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
-    let (model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
+    let (mut model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
+    model.set_activations(args.activations.into());
     let context = model.config().context_length;
     if window.is_none() && args.max_tokens > context {
         return Err(ModelError::ContextOverflow {
@@ -767,7 +806,8 @@ fn chat(args: ChatArgs) -> Result<()> {
         at_least_one("--context", c)?;
     }
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
-    let (model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
+    let (mut model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
+    model.set_activations(args.activations.into());
     let model_context = model.config().context_length;
     if let Some(c) = args.context.filter(|&c| c > model_context) {
         return Err(ModelError::ContextOverflow {
@@ -1110,7 +1150,8 @@ fn batch(args: BatchArgs) -> Result<()> {
         return Err(ModelError::EmptyPrompt);
     }
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
-    let (model, tokenizer) = kv_model::load(&path)?;
+    let (mut model, tokenizer) = kv_model::load(&path)?;
+    model.set_activations(args.activations.into());
     let template = tokenizer
         .chat_template()
         .ok_or_else(|| ModelError::Unsupported {
@@ -1331,7 +1372,8 @@ fn ppl(args: PplArgs) -> Result<()> {
     }
     let text = kv_model::read_text(&args.text)?;
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
-    let (model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
+    let (mut model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
+    model.set_activations(args.activations.into());
     let mut tokens = tokenizer.encode(&text)?;
     if let (true, Some(bos)) = (args.bos_first, tokenizer.bos_to_add()) {
         tokens.insert(0, bos);
@@ -1365,10 +1407,11 @@ fn ppl(args: PplArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{} on {}, {:?} weights, BOS {}",
+        "{} on {}, {:?} weights, {:?} activations, BOS {}",
         path.display(),
         args.text.display(),
         args.weights,
+        args.activations,
         if tokenizer.bos_to_add().is_some() {
             "first in every chunk"
         } else {

@@ -56,6 +56,28 @@ pub enum WeightFormat {
     Quantized,
 }
 
+/// How the activations meet the block weights of [`WeightFormat::Blocks`]: a named option
+/// ([`Model::set_activations`], `kv ... --activations q8`), exact by default.
+///
+/// [`Activations::Q8`] rounds each activation row to 8 bits per block of 32 values (one
+/// f32 scale per block, round to nearest) before the Q4_0, Q4_1 and Q8_0 projections and
+/// multiplies with integer dot products (AVX-512 VNNI where the CPU has it), as llama.cpp
+/// does: fewer instructions per weight, so decode, and above all batched decode, can run
+/// closer to the memory limit. It costs accuracy (perplexity and greedy agreement against
+/// exact: `docs/measurements.md`), so it is not the default. Every row is rounded the same
+/// way in prefill and decode, alone or in a batch, so cached and uncached runs still agree
+/// with each other, and a sequence's greedy tokens do not depend on its batch. Weights of
+/// other types (Q5_0/Q5_1, K-quants, f32) keep exact activations under either setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// f32 activations, never rounded: block results equal the f32 weights' up to
+    /// summation order.
+    #[default]
+    Exact,
+    /// Activations rounded to 8 bits per block of 32 (Q4_0, Q4_1 and Q8_0 weights).
+    Q8,
+}
+
 /// Which rows of logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -132,6 +154,8 @@ pub struct Model {
     /// `output.weight` (tied embeddings).
     output: Linear,
     weights: WeightFormat,
+    /// How activations meet block weights.
+    activations: Activations,
     rope: Rope,
     /// The sliding-window layers' RoPE (their own base), for a model that has them.
     rope_local: Option<Rope>,
@@ -388,6 +412,7 @@ impl Model {
             norm,
             output,
             weights: format,
+            activations: Activations::Exact,
             rope,
             rope_local,
         })
@@ -406,6 +431,26 @@ impl Model {
     /// How the projection weights are held.
     pub fn weight_format(&self) -> WeightFormat {
         self.weights
+    }
+
+    /// How activations meet block weights (see [`Activations`]).
+    pub fn activations(&self) -> Activations {
+        self.activations
+    }
+
+    /// Sets how activations meet block weights from the next forward pass on; a cache
+    /// filled under one setting should not be continued under the other (its K/V were
+    /// computed with the other rounding).
+    ///
+    /// ```no_run
+    /// use kv_model::{Activations, Model};
+    /// let mut model = Model::load("SmolLM2-135M-Instruct.Q4_1.gguf")?;
+    /// model.set_activations(Activations::Q8);
+    /// assert_eq!(model.activations(), Activations::Q8);
+    /// # Ok::<(), kv_model::ModelError>(())
+    /// ```
+    pub fn set_activations(&mut self, activations: Activations) {
+        self.activations = activations;
     }
 
     /// Where the weights live; caches must use a backend on the same device.
@@ -536,7 +581,7 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, eps)?;
             let [mut q, mut k, mut v]: [Tensor; 3] =
-                Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &h)?
+                Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &h, self.activations)?
                     .try_into()
                     .map_err(|_| candle_core::Error::Msg("one tensor per projection".into()))?;
             if let Some([bq, bk, bv]) = &layer.qkv_bias {
@@ -572,21 +617,22 @@ impl Model {
                 .to_dtype(DType::F32)?
                 .reshape((n, c.n_heads * c.head_dim))?
                 .contiguous()?;
-            let mut out = layer.wo.forward(&attn)?;
+            let mut out = layer.wo.forward(&attn, self.activations)?;
             if let Some([post_attn, _]) = &layer.post_norms {
                 out = rms_norm(&out, post_attn, eps)?;
             }
             x = (x + out)?;
 
             let h = rms_norm(&x, &layer.ffn_norm, eps)?;
-            let [gate, up]: [Tensor; 2] = Linear::forward_many(&[&layer.w_gate, &layer.w_up], &h)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("one tensor per projection".into()))?;
+            let [gate, up]: [Tensor; 2] =
+                Linear::forward_many(&[&layer.w_gate, &layer.w_up], &h, self.activations)?
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("one tensor per projection".into()))?;
             let act = match c.family {
                 Family::Gemma3 => gelu_tanh_gated(&gate, &up)?,
                 _ => swiglu(&gate, &up)?,
             };
-            let mut out = layer.w_down.forward(&act)?;
+            let mut out = layer.w_down.forward(&act, self.activations)?;
             if let Some([_, post_ffn]) = &layer.post_norms {
                 out = rms_norm(&out, post_ffn, eps)?;
             }
@@ -606,7 +652,7 @@ impl Model {
             Logits::All => x,
         };
         let x = rms_norm(&x, &self.norm, eps)?;
-        self.output.forward(&x)
+        self.output.forward(&x, self.activations)
     }
 }
 

@@ -469,6 +469,35 @@ pub trait Simd: Copy + Send + Sync + 'static {
     // End of the GGUF weight codes.
     // -----------------------------------------------------------------------------------
 
+    // Integer dot products (int8 activations, issue 19): 32 unsigned bytes against 32
+    // signed bytes, summed exactly in i32 per group of 4, then scaled into 8 f32 lanes at
+    // every width. With `VNNI` one `vpdpbusd` (AVX-512 VNNI, asked of the CPU with
+    // [`vnni_available`]); without it `maddubs` + `madd`, which is exact only while every
+    // pair sum fits an i16: `u <= 128` and `-127 <= x <= 127`, what the callers give.
+
+    /// Eight f32 lanes at every width: the accumulators of [`Simd::dot_bytes32`].
+    type F32x8: Copy;
+    /// Eight zero lanes.
+    fn zero_f32x8(self) -> Self::F32x8;
+    /// The sum of the eight lanes, in the order [`Simd::sum`] uses at 256 bits.
+    fn sum_f32x8(self, v: Self::F32x8) -> f32;
+    /// Per byte `|v|` of a signed byte, as unsigned (`-128` gives 128).
+    fn abs_bytes32(self, v: Self::Bytes32) -> Self::Bytes32;
+    /// Per signed byte: `x` where `of > 0`, `-x` where `of < 0`, 0 where `of == 0`.
+    fn sign_bytes32(self, x: Self::Bytes32, of: Self::Bytes32) -> Self::Bytes32;
+    /// `acc + scale * p`, lane `k` of `p` the exact `Σ u[4k + j] * x[4k + j]` (`j < 4`) of
+    /// unsigned `u <= 128` and signed `-127 <= x <= 127` ([`dot_bytes32_scalar`] is the
+    /// portable twin). `VNNI` must be true only where [`vnni_available`] says so.
+    fn dot_bytes32<const VNNI: bool>(
+        self,
+        u: Self::Bytes32,
+        x: Self::Bytes32,
+        scale: f32,
+        acc: Self::F32x8,
+    ) -> Self::F32x8;
+    // End of the integer dot products.
+    // -----------------------------------------------------------------------------------
+
     /// The level's tokens, for code not yet written over the width: `Some` at 512 bits.
     #[cfg(target_arch = "x86_64")]
     fn v512(self) -> Option<V512>;
@@ -481,6 +510,55 @@ pub trait Simd: Copy + Send + Sync + 'static {
 mod x86;
 #[cfg(target_arch = "x86_64")]
 pub use x86::{hsum_256, reduce16_512, reduce8_256, reduce8_512, Codes256, V256, V512};
+
+/// The eight group sums of [`Simd::dot_bytes32`], portable: lane `k` is
+/// `Σ u[4k + j] * x[4k + j]` for `j < 4`, exact in i32 for any bytes.
+///
+/// ```
+/// use kv_quant::simd::dot_bytes32_scalar;
+/// let u = [2u8; 32];
+/// let x = [-3i8; 32];
+/// assert_eq!(dot_bytes32_scalar(&u, &x), [-24; 8]);
+/// ```
+pub fn dot_bytes32_scalar(u: &[u8; 32], x: &[i8; 32]) -> [i32; 8] {
+    let mut out = [0i32; 8];
+    for ((o, u), x) in out.iter_mut().zip(u.chunks_exact(4)).zip(x.chunks_exact(4)) {
+        *o = u
+            .iter()
+            .zip(x)
+            .map(|(&u, &x)| i32::from(u) * i32::from(x))
+            .sum();
+    }
+    out
+}
+
+/// Whether [`Simd::dot_bytes32`] may run with `VNNI` (one `vpdpbusd` per call): this CPU
+/// has AVX-512 VNNI and VL (Intel Ice Lake and later server parts, AMD Zen 4), and
+/// `KV_VNNI` is not `0` (the switch that measures the `maddubs` path on such a CPU).
+/// Detected once.
+pub fn vnni_available() -> bool {
+    static VNNI: AtomicU8 = AtomicU8::new(u8::MAX);
+    match VNNI.load(Ordering::Relaxed) {
+        0 => false,
+        1 => true,
+        _ => {
+            let off = std::env::var("KV_VNNI").is_ok_and(|v| v.trim() == "0");
+            let has = !off && Isa::Avx512.is_available() && vnni_detected();
+            VNNI.store(u8::from(has), Ordering::Relaxed);
+            has
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn vnni_detected() -> bool {
+    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vnni_detected() -> bool {
+    false
+}
 
 /// Data to prefetch while a kernel reads other data: what the caller reads next, requested
 /// a cache line at a time in step with the data read, so that the requests spread over the
@@ -648,6 +726,100 @@ mod tests {
                 out.extend(x.map(f32::to_bits));
             }
             out
+        }
+    }
+
+    /// The integer dot operations of [`Simd`] on one input: each group sum of
+    /// `dot_bytes32(u, x)` alone (the other groups' `u` zeroed), then the whole
+    /// `dot(|w|, sign(x, w))` (a signed-by-signed dot product), all as f32 bits.
+    struct IntDotOps {
+        u: [u8; 32],
+        x: [i8; 32],
+        w: [i8; 32],
+        vnni: bool,
+    }
+
+    impl IntDotOps {
+        fn groups(&self) -> impl Iterator<Item = [u8; 32]> + '_ {
+            (0..8).map(|k| core::array::from_fn(|j| if j / 4 == k { self.u[j] } else { 0 }))
+        }
+    }
+
+    impl Kernel for IntDotOps {
+        type Output = Vec<u32>;
+        fn scalar(self) -> Vec<u32> {
+            let mut out: Vec<f32> = dot_bytes32_scalar(&self.u, &self.x)
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            let ww: i32 = self
+                .w
+                .iter()
+                .zip(&self.x)
+                .map(|(&w, &x)| i32::from(w) * i32::from(x))
+                .sum();
+            out.push(ww as f32 * 0.5);
+            out.into_iter().map(f32::to_bits).collect()
+        }
+        #[inline(always)]
+        fn simd<S: Simd>(self, s: S) -> Vec<u32> {
+            let go = |u: S::Bytes32, x: S::Bytes32, scale: f32| {
+                let acc = if self.vnni {
+                    s.dot_bytes32::<true>(u, x, scale, s.zero_f32x8())
+                } else {
+                    s.dot_bytes32::<false>(u, x, scale, s.zero_f32x8())
+                };
+                s.sum_f32x8(acc).to_bits()
+            };
+            let x = s.load_bytes32(&self.x.map(|v| v as u8));
+            let mut out: Vec<u32> = self
+                .groups()
+                .map(|u| go(s.load_bytes32(&u), x, 1.0))
+                .collect();
+            let w = s.load_bytes32(&self.w.map(|v| v as u8));
+            out.push(go(s.abs_bytes32(w), s.sign_bytes32(x, w), 0.5));
+            out
+        }
+    }
+
+    /// Each level's integer dot products equal the exact integer sums, with and without
+    /// VNNI, at the extremes of their range (`u = 128`, `x = ±127`, `w = -128`) and on
+    /// pseudo-random bytes.
+    #[test]
+    fn integer_dot_ops_equal_their_definition_at_every_level() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut cases = vec![
+            ([128u8; 32], [127i8; 32], [-128i8; 32]),
+            ([128; 32], [-127; 32], [127; 32]),
+        ];
+        for _ in 0..200 {
+            let u = core::array::from_fn(|_| (next() % 129) as u8);
+            let x = core::array::from_fn(|_| (next() % 255) as i8 as i16 as i8);
+            let x = x.map(|v: i8| v.max(-127));
+            let w = core::array::from_fn(|_| next() as u8 as i8);
+            cases.push((u, x, w));
+        }
+        let vnni = [false, vnni_available()];
+        for (u, x, w) in cases {
+            let want = IntDotOps {
+                u,
+                x,
+                w,
+                vnni: false,
+            }
+            .scalar();
+            for isa in Isa::available() {
+                for &v in &vnni {
+                    let got = isa.run(IntDotOps { u, x, w, vnni: v });
+                    assert_eq!(got, want, "{isa} vnni {v}: u {u:?} x {x:?} w {w:?}");
+                }
+            }
         }
     }
 

@@ -674,7 +674,9 @@ fn write_report(r: &Results, m: &Meta, dir: &Path) -> Result<PathBuf, String> {
          from an empty cache). The deepest point ends its steps at position 4096, \
          candle-transformers' longest sequence, so the peer runs at the same depths. \
          Weights: kv's `blocks` keeps the file's Q4_1/Q8_0 blocks and multiplies with kv's \
-         own kernels (the default; activations stay f32), `f32` expands them at load; the \
+         own kernels (the default; activations stay f32), `blocks-q8` the same blocks with \
+         activations rounded to 8 bits and integer dot products (`--activations q8`, a \
+         named option that costs accuracy), `f32` expands them at load; the \
          peer's `quantized` is candle's quantized matmul on the same blocks (its default), \
          its `f32` is `CANDLE_DEQUANTIZE_ALL=1`. llama.cpp's figures are with the file's \
          blocks.\n"
@@ -1040,29 +1042,42 @@ fn batch_report(r: &Results, w: &mut String, dir: &Path) -> Result<(), String> {
     );
     let _ = writeln!(
         w,
-        "| prompts | sequences | decode tokens/s | x 1 sequence | prefill tokens/s | reused prompt tokens |\n|---|---:|---:|---:|---:|---:|"
+        "Activations: `exact` (f32, the default) or `q8` (rounded to 8 bits per block of 32, \
+         integer dot products: `--activations q8`, a named option); ratios are to one \
+         sequence with the same activations.\n\n\
+         | prompts | activations | sequences | decode tokens/s | x 1 sequence | prefill tokens/s | reused prompt tokens |\n|---|---|---:|---:|---:|---:|---:|"
     );
     let mut series = Vec::new();
-    for (i, prefix) in ["shared", "distinct"].iter().enumerate() {
+    let pairs = ["shared", "distinct"]
+        .into_iter()
+        .flat_map(|p| ["exact", "q8"].map(|a| (p, a)));
+    for (i, (prefix, act)) in pairs.enumerate() {
         let mut points = Vec::new();
-        for x in r.all(&[("section", "batch"), ("prefix", prefix)]) {
+        // Runs from before the option have no `activations` field: exact.
+        for x in r
+            .all(&[("section", "batch"), ("prefix", prefix)])
+            .filter(|x| x.get("activations").unwrap_or("exact") == act)
+        {
             let (Some(seqs), Some(tps)) = (x.num("seqs"), x.num("decode_tokens_per_s")) else {
                 continue;
             };
             let _ = writeln!(
                 w,
-                "| {prefix} | {seqs} | {tps:.1} | {} | {} | {} |",
+                "| {prefix} | {act} | {seqs} | {tps:.1} | {} | {} | {} |",
                 opt(x.num("ratio_1"), |v| format!("{v:.2}x")),
                 opt(x.num("prefill_tokens_per_s"), |v| format!("{v:.1}")),
                 x.get("reused_tokens").unwrap_or("?"),
             );
             points.push((seqs.log2(), tps));
         }
+        if points.is_empty() {
+            continue;
+        }
         series.push(Series {
-            name: format!("kv, {prefix} prompts"),
+            name: format!("kv, {prefix} prompts, {act} activations"),
             points,
-            color: COLORS[i],
-            dashed: i == 1,
+            color: COLORS[i % 9],
+            dashed: prefix == "distinct",
         });
     }
     let llama_one = llama.iter().find(|p| p.0 == 1.0).map(|p| p.1);
@@ -1416,16 +1431,21 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let lines = "BENCH section=batch prefix=shared seqs=1 prompt=64 new=64 reused_tokens=0 prefill_tokens_per_s=150.0 decode_tokens_per_s=50.0 ratio_1=1.000\n\
                      BENCH section=batch prefix=shared seqs=16 prompt=64 new=64 reused_tokens=480 prefill_tokens_per_s=160.0 decode_tokens_per_s=300.0 ratio_1=6.000\n\
-                     BENCH section=batch prefix=distinct seqs=1 prompt=64 new=64 reused_tokens=0 prefill_tokens_per_s=300.0 decode_tokens_per_s=55.0 ratio_1=1.000\n";
+                     BENCH section=batch prefix=distinct seqs=1 prompt=64 new=64 reused_tokens=0 prefill_tokens_per_s=300.0 decode_tokens_per_s=55.0 ratio_1=1.000\n\
+                     BENCH section=batch prefix=shared activations=q8 seqs=16 prompt=64 new=64 reused_tokens=480 prefill_tokens_per_s=170.0 decode_tokens_per_s=420.0 ratio_1=7.000\n";
         let r = Results { recs: parse(lines) };
         let mut w = String::new();
         batch_report(&r, &mut w, &dir).unwrap();
         assert!(
-            w.contains("| shared | 16 | 300.0 | 6.00x | 160.0 | 480 |"),
+            w.contains("| shared | exact | 16 | 300.0 | 6.00x | 160.0 | 480 |"),
             "{w}"
         );
         assert!(
-            w.contains("| distinct | 1 | 55.0 | 1.00x | 300.0 | 0 |"),
+            w.contains("| distinct | exact | 1 | 55.0 | 1.00x | 300.0 | 0 |"),
+            "{w}"
+        );
+        assert!(
+            w.contains("| shared | q8 | 16 | 420.0 | 7.00x | 170.0 | 480 |"),
             "{w}"
         );
         assert!(dir.join("batch_decode.svg").is_file());

@@ -225,6 +225,65 @@ macro_rules! bytes32_ops {
     };
 }
 
+/// `acc + scale * p`, `p` the i32 sums of 4 products of `u` (unsigned) by `x` (signed):
+/// [`Simd::dot_bytes32`] at both widths.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_bytes_256<const VNNI: bool>(u: __m256i, x: __m256i, scale: f32, acc: __m256) -> __m256 {
+    let p = if VNNI {
+        let mut p = _mm256_setzero_si256();
+        // SAFETY: the caller passes `VNNI` only where `vnni_available` found AVX-512 VNNI
+        // and VL (the EVEX encoding of `vpdpbusd` on ymm registers); registers only, no
+        // memory or stack.
+        unsafe {
+            core::arch::asm!(
+                "{{evex}} vpdpbusd {p}, {u}, {x}",
+                p = inout(ymm_reg) p,
+                u = in(ymm_reg) u,
+                x = in(ymm_reg) x,
+                options(pure, nomem, nostack),
+            );
+        }
+        p
+    } else {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
+    };
+    _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc)
+}
+
+/// The integer dot products of [`Simd`], the same at both widths (8 lanes).
+macro_rules! int_dot_ops {
+    () => {
+        type F32x8 = __m256;
+        #[inline(always)]
+        fn zero_f32x8(self) -> __m256 {
+            feat!(_mm256_setzero_ps())
+        }
+        #[inline(always)]
+        fn sum_f32x8(self, v: __m256) -> f32 {
+            feat!(hsum_256(v))
+        }
+        #[inline(always)]
+        fn abs_bytes32(self, v: __m256i) -> __m256i {
+            feat!(_mm256_abs_epi8(v))
+        }
+        #[inline(always)]
+        fn sign_bytes32(self, x: __m256i, of: __m256i) -> __m256i {
+            feat!(_mm256_sign_epi8(x, of))
+        }
+        #[inline(always)]
+        fn dot_bytes32<const VNNI: bool>(
+            self,
+            u: __m256i,
+            x: __m256i,
+            scale: f32,
+            acc: __m256,
+        ) -> __m256 {
+            feat!(dot_bytes_256::<VNNI>(u, x, scale, acc))
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------
 // 256 bits.
 
@@ -497,6 +556,7 @@ impl Simd for V256 {
     type Lut16 = Codes256;
     type Lut32 = Codes256;
     bytes32_ops!();
+    int_dot_ops!();
     #[inline(always)]
     fn bits_to_bytes32(self, bits: u32, value: u8) -> __m256i {
         feat!(bits_to_bytes_256(bits, value))
@@ -1113,6 +1173,7 @@ impl Simd for V512 {
     type Lut16 = __m512;
     type Lut32 = [__m512; 2];
     bytes32_ops!();
+    int_dot_ops!();
     #[inline(always)]
     fn bits_to_bytes32(self, bits: u32, value: u8) -> __m256i {
         feat!(_mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(value as i8)))
