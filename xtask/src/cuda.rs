@@ -503,8 +503,20 @@ pub fn gpu_bundle() -> Result<(), String> {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let exe = executable(&stdout, item.name)
             .ok_or_else(|| format!("cargo named no executable for {}", item.name))?;
+        // The release profile keeps debug info (about half of a CUDA binary's 118 MB):
+        // the bundle carries a copy without it.
+        let stripped = dir.join(item.file());
+        let mut strip = Command::new("strip");
+        strip
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&stripped)
+            .arg(&exe);
+        crate::run("strip the debug info of the bundled copy", strip)?;
         let gz = dir.join(format!("{}.gz", item.file()));
-        gzip(Path::new(&exe), &gz)?;
+        gzip(&stripped, &gz)?;
+        std::fs::remove_file(&stripped)
+            .map_err(|e| format!("removing {}: {e}", stripped.display()))?;
         included.push(item);
     }
     let run = dir.join("run.sh");
