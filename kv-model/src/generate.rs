@@ -503,8 +503,15 @@ pub(crate) fn run_loop(
     let mut last;
     loop {
         let started = Instant::now();
-        let logits: Vec<f32> = step(new, &sequence)?.squeeze(0)?.to_vec1()?;
-        let token = sampler.sample(&logits)?;
+        let out = step(new, &sequence)?;
+        // Greedy on a GPU: the argmax is taken there and one id comes back, not the logits.
+        let (token, logits) =
+            if !out.device().is_cpu() && sampler.config().is_greedy() && !options.keep_logits {
+                (crate::greedy_token(&out)?, Vec::new())
+            } else {
+                let logits: Vec<f32> = out.squeeze(0)?.to_vec1()?;
+                (sampler.sample(&logits)?, logits)
+            };
         let took = started.elapsed();
         if run.tokens.is_empty() {
             run.prefill_time = took;

@@ -56,6 +56,7 @@ pub mod batch;
 mod chat;
 mod chat_session;
 mod config;
+mod device;
 mod error;
 mod escape;
 mod files;
@@ -79,6 +80,9 @@ pub use chat_session::{
     reusable_prefix, saved_kv_path, ChatOptions, ChatSession, ChatTurn, SavedChat, TurnReport,
 };
 pub use config::{Family, Llama3Rope, LlamaConfig, MetadataLimits, SUPPORTED_ARCHITECTURES};
+#[cfg(feature = "cuda")]
+pub use device::cuda_backend;
+pub use device::{device_weight_format, greedy_token, load_on};
 pub use error::{ModelError, Result};
 pub use escape::escape_controls;
 pub use files::{open_regular, read_text, MAX_TEXT_BYTES};

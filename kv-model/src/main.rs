@@ -230,6 +230,9 @@ struct BatchArgs {
     /// and Q8_0 weights only, see docs/measurements.md).
     #[arg(long, value_enum, default_value_t = Acts::Exact)]
     activations: Acts,
+    /// Where the model and the cache run (cuda: not with --store or --compare).
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
 }
 
 #[derive(Debug, Args)]
@@ -275,6 +278,9 @@ struct PplArgs {
     /// and Q8_0 weights only, see docs/measurements.md).
     #[arg(long, value_enum, default_value_t = Acts::Exact)]
     activations: Acts,
+    /// Where the model and the cache run.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
 }
 
 #[derive(Debug, Args)]
@@ -397,7 +403,8 @@ struct WindowPplArgs {
 enum Backend {
     /// Host memory, CPU attention.
     Cpu,
-    /// NVIDIA GPU (not implemented yet: reports itself unavailable).
+    /// NVIDIA GPU 0: weights, activations and cache in device memory (build with
+    /// `--features cuda`; without it, or without a GPU, a one-line error says so).
     Cuda,
 }
 
@@ -445,6 +452,19 @@ impl From<Weights> for WeightFormat {
 enum Chosen {
     Cpu(CpuBackend),
     Cuda(CudaBackend),
+}
+
+/// The device the model runs on for `backend`, and the CUDA backend when that is the
+/// choice (its typed error when no GPU can be had: without the `cuda` feature, without a
+/// driver, without a device).
+fn open_backend(backend: Backend) -> Result<(candle_core::Device, Option<CudaBackend>)> {
+    Ok(match backend {
+        Backend::Cpu => (candle_core::Device::Cpu, None),
+        Backend::Cuda => {
+            let b = CudaBackend::new(0)?;
+            (kv_core::CacheBackend::device(&b).clone(), Some(b))
+        }
+    })
 }
 
 #[derive(Debug, Args)]
@@ -646,14 +666,16 @@ fn generate(mut args: GenerateArgs) -> Result<()> {
             got: "--no-cache".into(),
         });
     }
-    // Before the model loads, so an unavailable backend fails fast.
-    let backend = match (args.no_cache, args.backend) {
+    // Before the model loads, so an unavailable backend fails fast. The model goes where
+    // the backend's tensors live (with --no-cache too: the GPU then runs it uncached).
+    let (device, cuda) = open_backend(args.backend)?;
+    let backend = match (args.no_cache, cuda) {
         (true, _) => None,
-        (false, Backend::Cpu) => Some(Chosen::Cpu(CpuBackend::new())),
-        (false, Backend::Cuda) => Some(Chosen::Cuda(CudaBackend::new(0)?)),
+        (false, None) => Some(Chosen::Cpu(CpuBackend::new())),
+        (false, Some(b)) => Some(Chosen::Cuda(b)),
     };
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
-    let (mut model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
+    let (mut model, tokenizer) = kv_model::load_on(&path, &device, args.weights.into())?;
     model.set_activations(args.activations.into());
     let context = model.config().context_length;
     if window.is_none() && args.max_tokens > context {
@@ -1149,8 +1171,16 @@ fn batch(args: BatchArgs) -> Result<()> {
     if lines.is_empty() {
         return Err(ModelError::EmptyPrompt);
     }
+    let (device, cuda) = open_backend(args.backend)?;
+    if cuda.is_some() && (args.store.is_some() || args.compare) {
+        return Err(ModelError::Unsupported {
+            what: "option with --backend cuda",
+            detail: "--store and --compare run on the CPU backend only".into(),
+        });
+    }
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
-    let (mut model, tokenizer) = kv_model::load(&path)?;
+    let (mut model, tokenizer) =
+        kv_model::load_on(&path, &device, kv_model::WeightFormat::Blocks)?;
     model.set_activations(args.activations.into());
     let template = tokenizer
         .chat_template()
@@ -1226,15 +1256,24 @@ fn batch(args: BatchArgs) -> Result<()> {
         }
         None => StorageSpec::new(model.shape(), args.dtype, args.block_size, blocks)?,
     };
-    let (run, tiers, tier_stats) = match args.store.as_deref() {
-        None => {
-            // With sliding-window layers, two cache groups: the window layers free their
-            // blocks as each sequence slides (not with --store: tier blocks hold every layer).
-            let longest = prompts
-                .iter()
-                .map(|p| p.len().saturating_add(args.max_tokens))
-                .max()
-                .unwrap_or(1);
+    // With sliding-window layers, two cache groups: the window layers free their blocks as
+    // each sequence slides (not with --store: tier blocks hold every layer).
+    let longest = prompts
+        .iter()
+        .map(|p| p.len().saturating_add(args.max_tokens))
+        .max()
+        .unwrap_or(1);
+    let (run, tiers, tier_stats) = match (cuda, args.store.as_deref()) {
+        (Some(backend), _) => {
+            let mut cache =
+                model.new_batch_cache(backend, spec, longest, args.max_batch, 0x6b76)?;
+            (
+                model.generate_batch(&mut cache, &prompts, &options)?,
+                None,
+                None,
+            )
+        }
+        (None, None) => {
             let mut cache =
                 model.new_batch_cache(CpuBackend::new(), spec, longest, args.max_batch, 0x6b76)?;
             (
@@ -1243,7 +1282,7 @@ fn batch(args: BatchArgs) -> Result<()> {
                 None,
             )
         }
-        Some(store) => {
+        (None, Some(store)) => {
             let tier = open_store(store, args.store_mib)?;
             let layout = CacheLayout {
                 dtype: args.dtype,
@@ -1371,8 +1410,9 @@ fn ppl(args: PplArgs) -> Result<()> {
         at_least_one("--chunks", c)?;
     }
     let text = kv_model::read_text(&args.text)?;
+    let (device, cuda) = open_backend(args.backend)?;
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
-    let (mut model, tokenizer) = kv_model::load_with(&path, args.weights.into())?;
+    let (mut model, tokenizer) = kv_model::load_on(&path, &device, args.weights.into())?;
     model.set_activations(args.activations.into());
     let mut tokens = tokenizer.encode(&text)?;
     if let (true, Some(bos)) = (args.bos_first, tokenizer.bos_to_add()) {
@@ -1392,17 +1432,16 @@ fn ppl(args: PplArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let report = model.perplexity(
-        &CpuBackend::new(),
-        &tokens,
-        tokenizer.bos_to_add(),
-        &options,
-        |p| {
-            bar.set_length(p.total as u64);
-            bar.set_position(p.done as u64);
-            bar.set_message(format!("chunk {}/{} {}", p.chunk + 1, p.chunks, p.layout));
-        },
-    )?;
+    let progress = |p: &kv_model::ppl::PerplexityProgress| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.done as u64);
+        bar.set_message(format!("chunk {}/{} {}", p.chunk + 1, p.chunks, p.layout));
+    };
+    let bos = tokenizer.bos_to_add();
+    let report = match &cuda {
+        None => model.perplexity(&CpuBackend::new(), &tokens, bos, &options, progress)?,
+        Some(b) => model.perplexity(b, &tokens, bos, &options, progress)?,
+    };
     bar.finish_and_clear();
     let mut out = std::io::stdout().lock();
     writeln!(

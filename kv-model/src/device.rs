@@ -1,0 +1,204 @@
+//! The model on a device other than the CPU (an NVIDIA GPU with the `cuda` feature).
+//!
+//! The decoder itself is [`Model::run`](crate::Model): every step of it is a candle op, and
+//! the CPU-only shortcuts (one-pass RMSNorm and SwiGLU, this crate's block kernels) each
+//! have a device branch, so on `Device::Cuda` the weights, activations, norms, RoPE tables
+//! and residual stream stay in device memory. What this module adds:
+//! - [`load_on`]: the model on a device, GGUF weights kept as the file's quantized blocks
+//!   in device memory (candle's `QMatMul` on CUDA) unless `--weights f32` asks for them
+//!   expanded;
+//! - [`greedy_token`]: greedy sampling on the device, so a decode step copies one token id
+//!   (and two floats that prove the logits finite) to the host instead of the vocabulary's
+//!   logits;
+//! - with `cuda`, [`cuda_backend`]: the GPU as a cache backend, or a typed error naming why
+//!   not.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::{LlamaConfig, Model, ModelError, Result, Tokenizer, WeightFormat};
+
+/// The weight format a model on `device` is loaded with: on the CPU, `format` as given; on
+/// another device, [`WeightFormat::Blocks`] (this crate's CPU kernels) becomes
+/// [`WeightFormat::Quantized`]: the file's blocks in device memory, multiplied by candle's
+/// quantized kernels for that device.
+///
+/// ```
+/// use candle_core::Device;
+/// use kv_model::{device_weight_format, WeightFormat};
+/// assert_eq!(device_weight_format(&Device::Cpu, WeightFormat::Blocks), WeightFormat::Blocks);
+/// ```
+pub fn device_weight_format(device: &Device, format: WeightFormat) -> WeightFormat {
+    match format {
+        WeightFormat::Blocks if !device.is_cpu() => WeightFormat::Quantized,
+        other => other,
+    }
+}
+
+/// [`crate::load_with`] onto `device`, with the format [`device_weight_format`] picks.
+///
+/// ```no_run
+/// let device = candle_core::Device::Cpu;
+/// let (model, _tokenizer) =
+///     kv_model::load_on(kv_model::default_model_path(), &device, kv_model::WeightFormat::Blocks)?;
+/// assert!(model.device().is_cpu());
+/// # Ok::<(), kv_model::ModelError>(())
+/// ```
+///
+/// # Errors
+/// As [`crate::load`], and candle's errors from the device (out of memory).
+pub fn load_on(
+    path: impl AsRef<Path>,
+    device: &Device,
+    format: WeightFormat,
+) -> Result<(Model, Tokenizer)> {
+    let path = path.as_ref();
+    let (content, map) = crate::mapped::GgufMap::open(path)?;
+    LlamaConfig::from_metadata(&content.metadata)?;
+    let tokenizer = Tokenizer::from_metadata(&content.metadata)?;
+    let format = device_weight_format(device, format);
+    let model = Model::from_content(&content, &map, path, device, format)?;
+    Ok((model, tokenizer))
+}
+
+/// The greedy token of `logits` (`[1, vocab]` or `[vocab]`, any device), computed where
+/// the logits are: argmax, maximum and the count of NaNs in one small tensor, one copy of
+/// three floats to the host.
+///
+/// Same answer as a greedy [`crate::Sampler`] on the host values, ties aside (the device's
+/// argmax may pick another of equal logits), and the same errors.
+///
+/// # Errors
+/// [`ModelError::NonFiniteLogits`] when a logit is NaN or `+inf`;
+/// [`ModelError::InvalidArgument`] for no logits or all `-inf`.
+pub fn greedy_token(logits: &Tensor) -> Result<u32> {
+    let row = logits.flatten_all()?.to_dtype(DType::F32)?;
+    let n = row.dim(0)?;
+    if n == 0 {
+        return Err(ModelError::InvalidArgument {
+            what: "logits",
+            expected: "at least one value".into(),
+            got: "none".into(),
+        });
+    }
+    let best = row.argmax_keepdim(D::Minus1)?;
+    let max = row.max_keepdim(D::Minus1)?;
+    // NaN is the one value unequal to itself: counted exactly, whatever max does with it.
+    let nans = row.ne(&row)?.to_dtype(DType::F32)?.sum_keepdim(D::Minus1)?;
+    // Token ids below 2^24 are exact in f32: one copy; a larger vocabulary reads the id apart.
+    let (best, max, nans) = if n < (1 << 24) {
+        let v = Tensor::cat(&[best.to_dtype(DType::F32)?, max, nans], 0)?.to_vec1::<f32>()?;
+        (v[0] as u32, v[1], v[2])
+    } else {
+        let v = Tensor::cat(&[max, nans], 0)?.to_vec1::<f32>()?;
+        (best.to_vec1::<u32>()?[0], v[0], v[1])
+    };
+    if nans > 0.0 || max == f32::INFINITY {
+        return Err(ModelError::NonFiniteLogits);
+    }
+    if max == f32::NEG_INFINITY {
+        return Err(ModelError::InvalidArgument {
+            what: "logits",
+            expected: "at least one finite value".into(),
+            got: format!("{n} values, none finite"),
+        });
+    }
+    Ok(best)
+}
+
+/// The GPU `ordinal` as a cache backend (its [`CacheBackend::device`] is where the model
+/// must be loaded), or [`ModelError::Cache`] with [`kv_core::KvError::BackendUnavailable`]
+/// saying why not (no driver, no device): never a panic.
+///
+/// [`CacheBackend::device`]: kv_core::CacheBackend::device
+///
+/// ```no_run
+/// use kv_core::CacheBackend;
+/// let backend = kv_model::cuda_backend(0)?;
+/// let (model, _tok) = kv_model::load_on(
+///     kv_model::default_model_path(),
+///     backend.device(),
+///     kv_model::WeightFormat::Blocks,
+/// )?;
+/// # let _ = model;
+/// # Ok::<(), kv_model::ModelError>(())
+/// ```
+///
+/// # Errors
+/// As above.
+#[cfg(feature = "cuda")]
+pub fn cuda_backend(ordinal: usize) -> Result<kv_backend_cuda::CudaBackend> {
+    Ok(kv_backend_cuda::CudaBackend::new(ordinal)?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::{Sampler, SamplingConfig};
+
+    fn host_greedy(v: &[f32]) -> Result<u32> {
+        Sampler::new(SamplingConfig::default())?.sample(v)
+    }
+
+    #[test]
+    fn greedy_on_the_device_agrees_with_the_sampler() {
+        let cases: Vec<Vec<f32>> = vec![
+            vec![0.5, -1.0, 3.0, 2.9],
+            vec![-2.0],
+            vec![f32::NEG_INFINITY, -7.0, f32::NEG_INFINITY],
+            (0..1000)
+                .map(|i| ((i * 7919) % 1013) as f32 * 0.01)
+                .collect(),
+            vec![f32::MAX, -f32::MAX, 1.0],
+        ];
+        for v in cases {
+            let t = Tensor::new(v.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            assert_eq!(greedy_token(&t).unwrap(), host_greedy(&v).unwrap(), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn non_finite_logits_are_refused_as_the_sampler_refuses_them() {
+        for v in [
+            vec![0.0, f32::NAN, 1.0],
+            vec![f32::INFINITY, 1.0],
+            vec![f32::NAN],
+        ] {
+            let t = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+            assert!(
+                matches!(greedy_token(&t), Err(ModelError::NonFiniteLogits)),
+                "{v:?}"
+            );
+            assert!(
+                matches!(host_greedy(&v), Err(ModelError::NonFiniteLogits)),
+                "{v:?}"
+            );
+        }
+        let t = Tensor::new(&[f32::NEG_INFINITY; 3], &Device::Cpu).unwrap();
+        assert!(matches!(
+            greedy_token(&t),
+            Err(ModelError::InvalidArgument { .. })
+        ));
+        let t = Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            greedy_token(&t),
+            Err(ModelError::InvalidArgument { .. })
+        ));
+    }
+
+    #[test]
+    fn blocks_become_the_devices_quantized_kernels_off_the_cpu() {
+        for f in [
+            WeightFormat::Blocks,
+            WeightFormat::F32,
+            WeightFormat::Quantized,
+        ] {
+            assert_eq!(device_weight_format(&Device::Cpu, f), f);
+        }
+    }
+}
