@@ -1179,8 +1179,7 @@ fn batch(args: BatchArgs) -> Result<()> {
         });
     }
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
-    let (mut model, tokenizer) =
-        kv_model::load_on(&path, &device, kv_model::WeightFormat::Blocks)?;
+    let (mut model, tokenizer) = kv_model::load_on(&path, &device, kv_model::WeightFormat::Blocks)?;
     model.set_activations(args.activations.into());
     let template = tokenizer
         .chat_template()
