@@ -437,7 +437,7 @@ const BUNDLE: &[Bundled] = &[
 ];
 
 impl Bundled {
-    /// The file name in `.gpubin/` (gzipped) and, without `.gz`, of the unpacked binary.
+    /// The file name in `.gpubin/` (xz-compressed) and, without `.xz`, of the unpacked binary.
     fn file(&self) -> String {
         let kind = match self.kind {
             Kind::Test => "test",
@@ -458,7 +458,7 @@ impl Bundled {
     }
 }
 
-/// `cargo xtask gpu-bundle`: `.gpubin/` (git-ignored) with the gzipped GPU binaries of
+/// `cargo xtask gpu-bundle`: `.gpubin/` (git-ignored) with the xz-compressed GPU binaries of
 /// [`BUNDLE`] and a `run.sh` that runs them all on the GPU machine with that machine's
 /// CUDA 13 libraries, writes each one's log to `$OUT` and prints one summary.
 pub fn gpu_bundle() -> Result<(), String> {
@@ -466,6 +466,8 @@ pub fn gpu_bundle() -> Result<(), String> {
     let dir = crate::root().join(".gpubin");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let xz_py = dir.join("xz.py");
+    std::fs::write(&xz_py, XZ_PY).map_err(|e| format!("writing {}: {e}", xz_py.display()))?;
     let mut included = Vec::new();
     for item in BUNDLE {
         if !item.source().is_file() {
@@ -513,8 +515,8 @@ pub fn gpu_bundle() -> Result<(), String> {
             .arg(&stripped)
             .arg(&exe);
         crate::run("strip the debug info of the bundled copy", strip)?;
-        let gz = dir.join(format!("{}.gz", item.file()));
-        gzip(&stripped, &gz)?;
+        let xz = dir.join(format!("{}.xz", item.file()));
+        compress(&dir, &stripped, &xz)?;
         std::fs::remove_file(&stripped)
             .map_err(|e| format!("removing {}: {e}", stripped.display()))?;
         included.push(item);
@@ -552,18 +554,28 @@ pub fn gpu_bundle() -> Result<(), String> {
     Ok(())
 }
 
-fn gzip(from: &Path, to: &Path) -> Result<(), String> {
-    let input =
-        std::fs::File::open(from).map_err(|e| format!("opening {}: {e}", from.display()))?;
-    let output =
-        std::fs::File::create(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
-    let mut enc = flate2::write::GzEncoder::new(output, flate2::Compression::best());
-    std::io::copy(&mut std::io::BufReader::new(input), &mut enc)
-        .map_err(|e| format!("compressing {}: {e}", from.display()))?;
-    enc.finish()
-        .map_err(|e| format!("writing {}: {e}", to.display()))?;
-    Ok(())
+/// xz at its highest preset through Python's standard `lzma` (Python is on both machines:
+/// pip installs the toolchain here, PyTorch's interpreter is on the GPU machine): smaller
+/// than gzip on these binaries, whose embedded PTX is text, so that all of them fit the
+/// 64 MiB the GPU machine receives. `xz.py` (written into the bundle first) does both ways.
+fn compress(dir: &Path, from: &Path, to: &Path) -> Result<(), String> {
+    let mut py = Command::new("python3");
+    py.arg(dir.join("xz.py")).arg("c").arg(from).arg(to);
+    crate::run("xz-compress the bundled copy", py)
 }
+
+/// `python3 xz.py c|d SRC DST`: compresses or unpacks SRC into DST.
+const XZ_PY: &str = "\
+import lzma, shutil, sys
+
+mode, src, dst = sys.argv[1:4]
+if mode == 'c':
+    i, o = open(src, 'rb'), lzma.open(dst, 'wb', preset=9 | lzma.PRESET_EXTREME)
+else:
+    i, o = lzma.open(src, 'rb'), open(dst, 'wb')
+with i, o:
+    shutil.copyfileobj(i, o, 1 << 20)
+";
 
 /// The executable of target `name` (a test or an example) in cargo's JSON messages.
 fn executable(messages: &str, name: &str) -> Option<String> {
@@ -599,7 +611,7 @@ fn run_script(items: &[&Bundled]) -> String {
          failed=0\n\
          run_one() {{\n\
          \x20 local name=$1 limit=$2; shift 2\n\
-         \x20 gunzip -c \"$here/$name.gz\" > \"$here/bin/$name\" && chmod +x \"$here/bin/$name\"\n\
+         \x20 python3 \"$here/xz.py\" d \"$here/$name.xz\" \"$here/bin/$name\" && chmod +x \"$here/bin/$name\"\n\
          \x20 ldd \"$here/bin/$name\" > \"$OUT/$name.ldd\" 2>&1; grep 'not found' \"$OUT/$name.ldd\"\n\
          \x20 local t0=$(date +%s)\n\
          \x20 echo \"==> $name $*\"\n\

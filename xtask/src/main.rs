@@ -70,7 +70,7 @@ commands:
                 --build also builds kv-backend-cuda --features cuda (release, into
                 ~/.cache/kv/cuda-target; cold: about 15 min on 2 cores)
   gpu-bundle    build the GPU binaries (kv-backend-cuda's and kv-model's GPU tests, the
-                GPU benches; the table BUNDLE in xtask/src/cuda.rs) into .gpubin/ (gzipped)
+                GPU benches; the table BUNDLE in xtask/src/cuda.rs) into .gpubin/ (xz-compressed)
                 with one run.sh for a GPU machine (logs and a summary in $OUT)
   redis         the redis-server the Redis tier's tests start: one on PATH, KV_REDIS_SERVER,
                 or Debian's pinned packages unpacked into ~/.cache/kv/redis (no root;
