@@ -172,7 +172,7 @@ impl Results {
 }
 
 /// Runs a built program, streaming its stderr, and returns its stdout.
-fn capture(step: &str, mut cmd: Command) -> Result<String, String> {
+pub(crate) fn capture(step: &str, mut cmd: Command) -> Result<String, String> {
     println!("\n==> {step}");
     let started = Instant::now();
     let out = cmd

@@ -309,76 +309,58 @@ fn run_logged(step: &str, cmd: Command) -> Result<(), String> {
 /// why; on a GPU they run the conformance suite.
 pub fn test_all_step() -> Result<(), String> {
     let tc = setup()?;
-    let mut test = cargo_with(&tc);
-    test.args([
-        "test",
-        "--release",
-        "-p",
-        "kv-backend-cuda",
-        "--features",
-        "cuda",
-        "--",
-        "--test-threads=1",
-    ]);
     run_logged(
         "kv-backend-cuda --features cuda: NVRTC compiles every kernel; GPU tests (skip without a GPU)",
-        test,
+        with_feature(&tc, "test", "kv-backend-cuda", &[], &["--test-threads=1"]),
     )?;
     // The device code is only compiled with the feature: lint it there too (same profile
     // and target dir, so candle's kernels are not rebuilt).
-    let mut clippy = cargo_with(&tc);
-    clippy.args([
-        "clippy",
-        "--release",
-        "-p",
-        "kv-backend-cuda",
-        "--features",
-        "cuda",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]);
     crate::run(
         "lints of kv-backend-cuda --features cuda (clippy, warnings denied)",
-        clippy,
+        lints(&tc, "kv-backend-cuda"),
     )?;
     // kv-model's device path: its unit tests and GPU tests (which skip without a GPU,
     // saying so) and its lints, on the same warm target directory.
-    let mut test = cargo_with(&tc);
-    test.args([
-        "test",
-        "--release",
-        "-p",
-        "kv-model",
-        "--features",
-        "cuda",
-        "--lib",
-        "--test",
-        "gpu",
-        "--",
-        "--test-threads=1",
-    ]);
     run_logged(
         "kv-model --features cuda: unit tests and GPU tests (skip without a GPU)",
-        test,
+        with_feature(
+            &tc,
+            "test",
+            "kv-model",
+            &["--lib", "--test", "gpu"],
+            &["--test-threads=1"],
+        ),
     )?;
-    let mut clippy = cargo_with(&tc);
-    clippy.args([
-        "clippy",
-        "--release",
-        "-p",
-        "kv-model",
-        "--features",
-        "cuda",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]);
     crate::run(
         "lints of kv-model --features cuda (clippy, warnings denied)",
-        clippy,
+        lints(&tc, "kv-model"),
+    )
+}
+
+/// `cargo VERB --release -p PACKAGE --features cuda TARGETS -- ARGS` with the toolchain.
+fn with_feature(
+    tc: &Toolchain,
+    verb: &str,
+    package: &str,
+    targets: &[&str],
+    args: &[&str],
+) -> Command {
+    let mut cmd = cargo_with(tc);
+    cmd.args([verb, "--release", "-p", package, "--features", "cuda"])
+        .args(targets)
+        .arg("--")
+        .args(args);
+    cmd
+}
+
+/// Clippy on every target of `package` with the feature, warnings denied.
+fn lints(tc: &Toolchain, package: &str) -> Command {
+    with_feature(
+        tc,
+        "clippy",
+        package,
+        &["--all-targets"],
+        &["-D", "warnings"],
     )
 }
 

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::bench::{Rec, Results};
+use crate::bench::{capture, Rec, Results};
 
 /// The llama.cpp commit the sdist vendors (`vendor/llama.cpp`).
 pub const COMMIT: &str = "0c1e57098bba";
@@ -188,23 +188,9 @@ fn source_destination(member: &str, src: &Path) -> Option<PathBuf> {
 
 /// Unpacks llama.cpp's tree from the gzipped tar `sdist` into `src`.
 fn extract_source(sdist: &Path, src: &Path) -> Result<(), String> {
-    let file = File::open(sdist).map_err(|e| format!("opening {}: {e}", sdist.display()))?;
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
-    let entries = archive
-        .entries()
-        .map_err(|e| format!("reading {}: {e}", sdist.display()))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| format!("reading {}: {e}", sdist.display()))?;
-        if !entry.header().entry_type().is_file() {
-            continue;
-        }
-        let member = entry
-            .path()
-            .map_err(|e| format!("reading {}: {e}", sdist.display()))?
-            .to_string_lossy()
-            .into_owned();
-        let Some(to) = source_destination(&member, src) else {
-            continue;
+    crate::vocab::for_each_file(sdist, |member, entry| {
+        let Some(to) = source_destination(member, src) else {
+            return Ok(());
         };
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent)
@@ -213,26 +199,12 @@ fn extract_source(sdist: &Path, src: &Path) -> Result<(), String> {
         entry
             .unpack(&to)
             .map_err(|e| format!("extracting {member}: {e}"))?;
-    }
+        Ok(())
+    })?;
     if !src.join("CMakeLists.txt").is_file() {
         return Err(format!("{} holds no {SRC_PREFIX}", sdist.display()));
     }
     Ok(())
-}
-
-/// Runs a llama.cpp program, its log on our stderr, and returns its stdout.
-fn capture(step: &str, mut cmd: Command) -> Result<String, String> {
-    println!("\n==> {step}");
-    let started = std::time::Instant::now();
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("{step}: could not start: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("{step} failed ({})", out.status));
-    }
-    println!("<== {step}: ok ({:.0} s)", started.elapsed().as_secs_f64());
-    String::from_utf8(out.stdout).map_err(|e| format!("{step}: output is not UTF-8: {e}"))
 }
 
 /// The batched run to mirror: kv's prompt and new tokens per sequence, and its batch sizes.

@@ -94,13 +94,17 @@ fn destination(member: &str, dir: &Path) -> Option<PathBuf> {
     wanted.then(|| dir.join(rest))
 }
 
-/// Extracts the wanted members of the gzipped tar `sdist` into `dir`; returns how many.
-fn extract(sdist: &Path, dir: &Path) -> Result<usize, String> {
+/// A file in a gzipped tar sdist, as [`for_each_file`] hands it over.
+pub(crate) type SdistEntry<'a> = tar::Entry<'a, flate2::read::GzDecoder<File>>;
+
+/// Calls `each` with the path and contents of every regular file in the gzipped tar
+/// `sdist` (llama.cpp's tree and test files ship in the same one).
+pub(crate) fn for_each_file(
+    sdist: &Path,
+    mut each: impl FnMut(&str, &mut SdistEntry<'_>) -> Result<(), String>,
+) -> Result<(), String> {
     let file = File::open(sdist).map_err(|e| format!("opening {}: {e}", sdist.display()))?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
-    std::fs::create_dir_all(dir.join("templates"))
-        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let mut count = 0;
     let entries = archive
         .entries()
         .map_err(|e| format!("reading {}: {e}", sdist.display()))?;
@@ -114,16 +118,28 @@ fn extract(sdist: &Path, dir: &Path) -> Result<usize, String> {
             .map_err(|e| format!("reading {}: {e}", sdist.display()))?
             .to_string_lossy()
             .into_owned();
-        let Some(to) = destination(&member, dir) else {
-            continue;
+        each(&member, &mut entry)?;
+    }
+    Ok(())
+}
+
+/// Extracts the wanted members of the gzipped tar `sdist` into `dir`; returns how many.
+fn extract(sdist: &Path, dir: &Path) -> Result<usize, String> {
+    std::fs::create_dir_all(dir.join("templates"))
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let mut count = 0;
+    for_each_file(sdist, |member, entry| {
+        let Some(to) = destination(member, dir) else {
+            return Ok(());
         };
         let partial = to.with_extension("partial");
         let mut out =
             File::create(&partial).map_err(|e| format!("creating {}: {e}", partial.display()))?;
-        std::io::copy(&mut entry, &mut out).map_err(|e| format!("extracting {member}: {e}"))?;
+        std::io::copy(entry, &mut out).map_err(|e| format!("extracting {member}: {e}"))?;
         std::fs::rename(&partial, &to).map_err(|e| format!("moving into {}: {e}", to.display()))?;
         count += 1;
-    }
+        Ok(())
+    })?;
     // Three files per vocabulary.
     let missing: Vec<String> = VOCABS
         .iter()
