@@ -434,40 +434,31 @@ impl CudaBackend {
                 self.upload(&launches.store_windows)?,
                 self.upload(&launches.store_slots)?,
             );
-            with_f32(k, |kd| {
-                let mut lb = self.stream.launch_builder(&self.fns.kivi_store);
-                lb.arg(&mut *wins)
-                    .arg(kd)
-                    .arg(&src)
-                    .arg(&w)
-                    .arg(&sl)
-                    .arg(&args.kv_heads)
-                    .arg(&args.head_dim)
-                    .arg(&tokens);
-                // SAFETY: matches `kv_kivi_window_store`; source rows index the write's
-                // contiguous f32 K (`rows x kv_heads x head_dim`), windows are in the pool
-                // and slots below 32.
-                unsafe { lb.launch(cfg((n_store, args.kv_heads, 1), 32, 0)?) }
-                    .map_err(|e| cuda_err("kv_kivi_window_store")(&e))?;
-                Ok(())
-            })?;
-            if let Some(wv) = wins_v.as_mut() {
-                with_f32(v, |vd| {
+            // One launch per pool: the key windows from K, the value windows (residual
+            // layouts) from V, the same rows and slots.
+            let store = |pool: &mut CudaSlice<u16>, rows: &Tensor| {
+                with_f32(rows, |rd| {
                     let mut lb = self.stream.launch_builder(&self.fns.kivi_store);
-                    lb.arg(&mut **wv)
-                        .arg(vd)
+                    lb.arg(pool)
+                        .arg(rd)
                         .arg(&src)
                         .arg(&w)
                         .arg(&sl)
                         .arg(&args.kv_heads)
                         .arg(&args.head_dim)
                         .arg(&tokens);
-                    // SAFETY: as the key rows above, into the value windows (the same
-                    // shape and count) from the write's contiguous f32 V.
+                    // SAFETY: matches `kv_kivi_window_store`; source rows index the
+                    // write's contiguous f32 rows (`rows x kv_heads x head_dim`), windows
+                    // are in the pool (key and value pools have the same shape and count)
+                    // and slots below 32.
                     unsafe { lb.launch(cfg((n_store, args.kv_heads, 1), 32, 0)?) }
                         .map_err(|e| cuda_err("kv_kivi_window_store")(&e))?;
                     Ok(())
-                })?;
+                })
+            };
+            store(wins, k)?;
+            if let Some(wv) = wins_v.as_mut() {
+                store(wv, v)?;
             }
         }
         let n_quant = plan::to_u32("KIVI blocks quantized", launches.quantize_windows.len())?;
