@@ -580,8 +580,12 @@ impl Model {
                     }
                 };
                 pool.paged().commit(seq, new)?;
-                let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-                let token = sampler.sample(&row)?;
+                // On a GPU the argmax is taken there: one id comes back, not the logits.
+                let token = if logits.device().is_cpu() {
+                    sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?)?
+                } else {
+                    crate::greedy_token(&logits)?
+                };
                 let took = t0.elapsed();
                 if entry.out.first_token.is_zero() {
                     entry.out.first_token = took;
@@ -627,13 +631,19 @@ impl Model {
             };
             run.decode_steps += 1;
             track(&mut run, pool.paged(), running.len());
-            let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+            let tokens: Vec<u32> = if logits.device().is_cpu() {
+                let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+                rows.iter()
+                    .map(|row| sampler.sample(row))
+                    .collect::<Result<_>>()?
+            } else {
+                crate::greedy_rows(&logits)?
+            };
             let mut still = Vec::with_capacity(running.len());
-            for (&(i, seq), row) in running.iter().zip(&rows) {
+            for (&(i, seq), &token) in running.iter().zip(&tokens) {
                 let entry = &mut entries[i];
                 let input = *entry.out.tokens.last().unwrap_or(&0);
                 pool.paged().commit(seq, &[input])?;
-                let token = sampler.sample(row)?;
                 if push(entry, token) {
                     pool.release(seq)?;
                 } else {

@@ -73,8 +73,19 @@ pub fn load_on(
 /// [`ModelError::NonFiniteLogits`] when a logit is NaN or `+inf`;
 /// [`ModelError::InvalidArgument`] for no logits or all `-inf`.
 pub fn greedy_token(logits: &Tensor) -> Result<u32> {
-    let row = logits.flatten_all()?.to_dtype(DType::F32)?;
-    let n = row.dim(0)?;
+    let row = logits.flatten_all()?;
+    let tokens = greedy_rows(&row.unsqueeze(0)?)?;
+    Ok(tokens[0])
+}
+
+/// [`greedy_token`] of every row of `logits` (`[rows, vocab]`, any device): one copy of
+/// three floats per row, as a batch's decode step needs.
+///
+/// # Errors
+/// As [`greedy_token`], for the first row at fault.
+pub fn greedy_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    let rows = logits.to_dtype(DType::F32)?;
+    let (n_rows, n) = rows.dims2()?;
     if n == 0 {
         return Err(ModelError::InvalidArgument {
             what: "logits",
@@ -82,29 +93,37 @@ pub fn greedy_token(logits: &Tensor) -> Result<u32> {
             got: "none".into(),
         });
     }
-    let best = row.argmax_keepdim(D::Minus1)?;
-    let max = row.max_keepdim(D::Minus1)?;
+    let best = rows.argmax_keepdim(D::Minus1)?;
+    let max = rows.max_keepdim(D::Minus1)?;
     // NaN is the one value unequal to itself: counted exactly, whatever max does with it.
-    let nans = row.ne(&row)?.to_dtype(DType::F32)?.sum_keepdim(D::Minus1)?;
-    // Token ids below 2^24 are exact in f32: one copy; a larger vocabulary reads the id apart.
-    let (best, max, nans) = if n < (1 << 24) {
-        let v = Tensor::cat(&[best.to_dtype(DType::F32)?, max, nans], 0)?.to_vec1::<f32>()?;
-        (v[0] as u32, v[1], v[2])
+    let nans = rows
+        .ne(&rows)?
+        .to_dtype(DType::F32)?
+        .sum_keepdim(D::Minus1)?;
+    // Token ids below 2^24 are exact in f32: one copy; a larger vocabulary reads the ids apart.
+    let (ids, stats) = if n < (1 << 24) {
+        let v = Tensor::cat(&[best.to_dtype(DType::F32)?, max, nans], 1)?.to_vec2::<f32>()?;
+        let ids = v.iter().map(|r| r[0] as u32).collect::<Vec<_>>();
+        (ids, v.into_iter().map(|r| (r[1], r[2])).collect::<Vec<_>>())
     } else {
-        let v = Tensor::cat(&[max, nans], 0)?.to_vec1::<f32>()?;
-        (best.to_vec1::<u32>()?[0], v[0], v[1])
+        let v = Tensor::cat(&[max, nans], 1)?.to_vec2::<f32>()?;
+        let ids = best.flatten_all()?.to_vec1::<u32>()?;
+        (ids, v.into_iter().map(|r| (r[0], r[1])).collect())
     };
-    if nans > 0.0 || max == f32::INFINITY {
-        return Err(ModelError::NonFiniteLogits);
+    debug_assert_eq!(ids.len(), n_rows);
+    for &(max, nans) in &stats {
+        if nans > 0.0 || max == f32::INFINITY {
+            return Err(ModelError::NonFiniteLogits);
+        }
+        if max == f32::NEG_INFINITY {
+            return Err(ModelError::InvalidArgument {
+                what: "logits",
+                expected: "at least one finite value".into(),
+                got: format!("{n} values, none finite"),
+            });
+        }
     }
-    if max == f32::NEG_INFINITY {
-        return Err(ModelError::InvalidArgument {
-            what: "logits",
-            expected: "at least one finite value".into(),
-            got: format!("{n} values, none finite"),
-        });
-    }
-    Ok(best)
+    Ok(ids)
 }
 
 /// The GPU `ordinal` as a cache backend (its [`CacheBackend::device`] is where the model
@@ -160,6 +179,20 @@ mod tests {
                 .unwrap();
             assert_eq!(greedy_token(&t).unwrap(), host_greedy(&v).unwrap(), "{v:?}");
         }
+    }
+
+    #[test]
+    fn greedy_rows_equal_each_rows_greedy_token() {
+        let v: Vec<f32> = (0..3 * 257)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 3.0)
+            .collect();
+        let t = Tensor::from_vec(v.clone(), (3, 257), &Device::Cpu).unwrap();
+        let want: Vec<u32> = v.chunks(257).map(|r| host_greedy(r).unwrap()).collect();
+        assert_eq!(greedy_rows(&t).unwrap(), want);
+        let mut bad = v;
+        bad[2 * 257 + 5] = f32::NAN;
+        let t = Tensor::from_vec(bad, (3, 257), &Device::Cpu).unwrap();
+        assert!(matches!(greedy_rows(&t), Err(ModelError::NonFiniteLogits)));
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub use chat_session::{
 pub use config::{Family, Llama3Rope, LlamaConfig, MetadataLimits, SUPPORTED_ARCHITECTURES};
 #[cfg(feature = "cuda")]
 pub use device::cuda_backend;
-pub use device::{device_weight_format, greedy_token, load_on};
+pub use device::{device_weight_format, greedy_rows, greedy_token, load_on};
 pub use error::{ModelError, Result};
 pub use escape::escape_controls;
 pub use files::{open_regular, read_text, MAX_TEXT_BYTES};
