@@ -449,6 +449,8 @@ impl From<Weights> for WeightFormat {
 }
 
 /// A backend made from [`Backend`].
+// One per process, chosen once: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Chosen {
     Cpu(CpuBackend),
     Cuda(CudaBackend),
