@@ -309,59 +309,44 @@ fn run_logged(step: &str, cmd: Command) -> Result<(), String> {
 /// why; on a GPU they run the conformance suite.
 pub fn test_all_step() -> Result<(), String> {
     let tc = setup()?;
+    // Both crates in one cargo command: one feature resolution, so candle's CUDA kernels
+    // (nvcc, ~15 minutes cold) are built once for both.
     run_logged(
-        "kv-backend-cuda --features cuda: NVRTC compiles every kernel; GPU tests (skip without a GPU)",
-        with_feature(&tc, "test", "kv-backend-cuda", &[], &["--test-threads=1"]),
-    )?;
-    // The device code is only compiled with the feature: lint it there too (same profile
-    // and target dir, so candle's kernels are not rebuilt).
-    crate::run(
-        "lints of kv-backend-cuda --features cuda (clippy, warnings denied)",
-        lints(&tc, "kv-backend-cuda"),
-    )?;
-    // kv-model's device path: its unit tests and GPU tests (which skip without a GPU,
-    // saying so) and its lints, on the same warm target directory.
-    run_logged(
-        "kv-model --features cuda: unit tests and GPU tests (skip without a GPU)",
+        "kv-backend-cuda and kv-model --features cuda: NVRTC compiles every kernel; unit and \
+         GPU tests (the GPU ones skip without a GPU)",
         with_feature(
             &tc,
             "test",
-            "kv-model",
             &["--lib", "--test", "gpu"],
             &["--test-threads=1"],
         ),
     )?;
+    // The device code is only compiled with the feature: lint it there too (same profile
+    // and target dir, so candle's kernels are not rebuilt).
     crate::run(
-        "lints of kv-model --features cuda (clippy, warnings denied)",
-        lints(&tc, "kv-model"),
+        "lints of kv-backend-cuda and kv-model --features cuda (clippy, warnings denied)",
+        with_feature(&tc, "clippy", &["--all-targets"], &["-D", "warnings"]),
     )
 }
 
-/// `cargo VERB --release -p PACKAGE --features cuda TARGETS -- ARGS` with the toolchain.
-fn with_feature(
-    tc: &Toolchain,
-    verb: &str,
-    package: &str,
-    targets: &[&str],
-    args: &[&str],
-) -> Command {
+/// `cargo VERB --release` on kv-backend-cuda and kv-model with their `cuda` features,
+/// `TARGETS -- ARGS`, with the toolchain.
+fn with_feature(tc: &Toolchain, verb: &str, targets: &[&str], args: &[&str]) -> Command {
     let mut cmd = cargo_with(tc);
-    cmd.args([verb, "--release", "-p", package, "--features", "cuda"])
-        .args(targets)
-        .arg("--")
-        .args(args);
+    cmd.args([
+        verb,
+        "--release",
+        "-p",
+        "kv-backend-cuda",
+        "-p",
+        "kv-model",
+        "--features",
+        "kv-backend-cuda/cuda,kv-model/cuda",
+    ])
+    .args(targets)
+    .arg("--")
+    .args(args);
     cmd
-}
-
-/// Clippy on every target of `package` with the feature, warnings denied.
-fn lints(tc: &Toolchain, package: &str) -> Command {
-    with_feature(
-        tc,
-        "clippy",
-        package,
-        &["--all-targets"],
-        &["-D", "warnings"],
-    )
 }
 
 /// What a bundled binary is to cargo.
