@@ -387,6 +387,14 @@ pub fn saved_kv_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Where [`ChatSession::save`] puts the blocks the sliding-window layers hold, beside
+/// `path` (`FILE.window.kvc`; none for a model without window layers).
+pub fn saved_window_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".window.kvc");
+    PathBuf::from(name)
+}
+
 /// What [`ChatSession::save`] wrote or [`ChatSession::resume`] read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SavedChat {
@@ -431,16 +439,30 @@ impl<B: CacheBackend> ChatSession<'_, B> {
         let groups = self.cache.export_groups(self.seq, n_blocks)?;
         let tokens = &self.cached[..n_blocks * bs];
         let keys = chain_keys(tokens, bs, &fingerprint, header.dtype);
-        // The global blocks, then the sliding group's (the last blocks, under the same keys).
-        let sliding_keys = keys[groups.sliding_first..].to_vec();
+        // The sliding group's blocks (the last ones, under the same keys) go to a file of
+        // their own, so each file holds a whole number of blocks for its tokens.
+        let window_path = saved_window_path(path);
+        if groups.sliding.is_empty() {
+            // A window file of an earlier save would not match this one.
+            let _ = std::fs::remove_file(&window_path);
+        } else {
+            let first = groups.sliding_first;
+            let window = BlockSet {
+                header: header.clone(),
+                tokens: tokens[first * bs..].to_vec(),
+                blocks: keys[first..].iter().copied().zip(groups.sliding).collect(),
+            };
+            cache_file::write_file(&window_path, &window).map_err(|source| {
+                ModelError::SavedChat {
+                    path: window_path.clone(),
+                    source,
+                }
+            })?;
+        }
         let set = BlockSet {
             header,
             tokens: tokens.to_vec(),
-            blocks: keys
-                .into_iter()
-                .zip(groups.global)
-                .chain(sliding_keys.into_iter().zip(groups.sliding))
-                .collect(),
+            blocks: keys.into_iter().zip(groups.global).collect(),
         };
         let kv_path = saved_kv_path(path);
         cache_file::write_file(&kv_path, &set).map_err(|source| ModelError::SavedChat {
@@ -535,33 +557,67 @@ impl<B: CacheBackend> ChatSession<'_, B> {
             });
         }
         let keys = chain_keys(&tokens, header.block_size, &fingerprint, header.dtype);
-        // The global blocks, then the sliding group's last blocks (see `save`).
+        // The global blocks, then the sliding group's last blocks from their own file
+        // (see `save`).
         let n_blocks = keys.len();
-        let malformed = || ModelError::SavedChat {
-            path: kv_path.clone(),
+        let malformed = |path: &Path, detail: String| ModelError::SavedChat {
+            path: path.to_path_buf(),
             source: cache_file::CacheFileError::Malformed {
                 what: "block table",
-                detail: format!("{} blocks for {} tokens", file.len(), tokens.len()),
+                detail,
             },
         };
-        let sliding = file.len().checked_sub(n_blocks).ok_or_else(malformed)?;
-        let sliding_first = n_blocks.checked_sub(sliding).ok_or_else(malformed)?;
+        if file.len() != n_blocks {
+            return Err(malformed(
+                &kv_path,
+                format!("{} blocks for {} tokens", file.len(), tokens.len()),
+            ));
+        }
+        let window_path = saved_window_path(path);
+        let window = if window_path.is_file() {
+            Some(CacheFile::open(&window_path, &header).map_err(|source| {
+                ModelError::SavedChat {
+                    path: window_path.clone(),
+                    source,
+                }
+            })?)
+        } else {
+            None
+        };
+        let sliding = window.as_ref().map_or(0, CacheFile::len);
+        let sliding_first = n_blocks.checked_sub(sliding).ok_or_else(|| {
+            malformed(
+                &window_path,
+                format!("{sliding} window blocks for {n_blocks} blocks"),
+            )
+        })?;
+        if let Some(w) = &window {
+            if w.tokens() != &tokens[sliding_first * header.block_size..] {
+                return Err(malformed(
+                    &window_path,
+                    "its tokens are not the conversation's last ones".into(),
+                ));
+            }
+        }
         self.cache.check_groups(n_blocks, sliding_first, sliding)?;
+        let from_window = window
+            .iter()
+            .flat_map(|w| (0..w.len()).map(move |i| (w, i)));
+        let mut blocks = Vec::with_capacity(n_blocks + sliding);
+        let sources = (0..n_blocks)
+            .map(|i| (&file, i, &kv_path))
+            .chain(from_window.map(|(w, i)| (w, i, &window_path)));
         let want_keys = keys.iter().chain(&keys[sliding_first..]);
-        let mut blocks = Vec::with_capacity(file.len());
-        for (i, want) in want_keys.enumerate() {
-            let (key, bytes) = file.block(i).map_err(|source| ModelError::SavedChat {
-                path: kv_path.clone(),
+        for ((f, i, at), want) in sources.zip(want_keys) {
+            let (key, bytes) = f.block(i).map_err(|source| ModelError::SavedChat {
+                path: at.clone(),
                 source,
             })?;
             if key != *want {
-                return Err(ModelError::SavedChat {
-                    path: kv_path,
-                    source: cache_file::CacheFileError::Malformed {
-                        what: "block table",
-                        detail: format!("block {i} is keyed {key}, its tokens give {want}"),
-                    },
-                });
+                return Err(malformed(
+                    at,
+                    format!("block {i} is keyed {key}, its tokens give {want}"),
+                ));
             }
             blocks.push(bytes);
         }

@@ -77,7 +77,8 @@ use std::path::{Path, PathBuf};
 pub use batch::{BatchOptions, BatchRun, SeqOutcome};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use chat_session::{
-    reusable_prefix, saved_kv_path, ChatOptions, ChatSession, ChatTurn, SavedChat, TurnReport,
+    reusable_prefix, saved_kv_path, saved_window_path, ChatOptions, ChatSession, ChatTurn,
+    SavedChat, TurnReport,
 };
 pub use config::{Family, Llama3Rope, LlamaConfig, MetadataLimits, SUPPORTED_ARCHITECTURES};
 #[cfg(feature = "cuda")]
