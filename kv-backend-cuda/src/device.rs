@@ -849,13 +849,14 @@ impl CacheBackend for CudaBackend {
                 .arg(&kivi_bits)
                 .arg(wins_v)
                 .arg(&residual);
-            // SAFETY: the arguments match `kv_attend` (kernels/attend.cu); the plan comes
-            // from a batch validated against this storage (block ids below num_blocks);
-            // items index only their own tables, queries and partial rows; the shared
-            // memory passed is what the plan sized for `max_rows` rows and `tile` keys.
-            // KIVI: the window table has an entry per key block of the layer, naming only
-            // windows of its pools (a residual layout has value windows for each; row
+            // The plan comes from a batch validated against this storage (block ids below
+            // num_blocks); items index only their own tables, queries and partial rows; the
+            // shared memory passed is what the plan sized for `max_rows` rows and `tile`
+            // keys. KIVI: the window table has an entry per key block of the layer, naming
+            // only windows of its pools (a residual layout has value windows for each; row
             // layouts and R = 0 never read the one-element stand-ins).
+            // SAFETY: the arguments match `kv_attend` (kernels/attend.cu), and every index
+            // and size the kernel reads is in bounds, as said above.
             unsafe { b.launch(launch) }.map_err(|e| cuda_err("kv_attend")(&e))?;
             Ok(())
         })?;
