@@ -744,20 +744,30 @@ impl Linear {
                 .collect();
             matvec_parts(k, p, &mut parts, v, n);
         })?;
-        ms.iter()
-            .zip(outs)
-            .map(|(m, t)| {
-                let out = if n == 1 {
-                    t
-                } else {
-                    let mut out = vec![0f32; t.len()];
-                    transpose_into(&t, n, &mut out);
-                    out
-                };
-                Ok(Tensor::from_vec(out, (n, m.rows), x.device())?)
-            })
-            .collect()
+        row_major(&ms, outs, n, x.device())
     }
+}
+
+/// Each matrix's output (`[rows, n]`, as the kernels write it) as an `[n, rows]` tensor.
+fn row_major(
+    ms: &[&BlockMatrix],
+    outs: Vec<Vec<f32>>,
+    n: usize,
+    device: &candle_core::Device,
+) -> Result<Vec<Tensor>> {
+    ms.iter()
+        .zip(outs)
+        .map(|(m, t)| {
+            let out = if n == 1 {
+                t
+            } else {
+                let mut out = vec![0f32; t.len()];
+                transpose_into(&t, n, &mut out);
+                out
+            };
+            Ok(Tensor::from_vec(out, (n, m.rows), device)?)
+        })
+        .collect()
 }
 
 impl Linear {
@@ -787,19 +797,7 @@ impl Linear {
             .zip(outs.iter_mut().map(|o| &mut o[..]))
             .collect();
         q8::q8_parts(k, &mut parts, &q, n);
-        ms.iter()
-            .zip(outs)
-            .map(|(m, t)| {
-                let out = if n == 1 {
-                    t
-                } else {
-                    let mut out = vec![0f32; t.len()];
-                    transpose_into(&t, n, &mut out);
-                    out
-                };
-                Ok(Tensor::from_vec(out, (n, m.rows), x.device())?)
-            })
-            .collect()
+        row_major(ms, outs, n, x.device())
     }
 }
 
