@@ -155,6 +155,35 @@ pub fn ensure_build() -> Result<PathBuf, String> {
     Ok(bin)
 }
 
+/// `name` (a program the bench does not need, such as llama-simple) beside the others in
+/// `bin`, built into the cached build tree when `bin` is that tree's and it is absent.
+pub(crate) fn ensure_program(bin: &Path, name: &str) -> Result<PathBuf, String> {
+    let path = bin.join(name);
+    if path.is_file() {
+        return Ok(path);
+    }
+    let build = commit_dir().join("build");
+    if bin != build.join("bin") {
+        return Err(format!(
+            "{}: no {name} there (build it with llama.cpp's cmake target {name})",
+            bin.display()
+        ));
+    }
+    let mut compile = Command::new(
+        cache_root()
+            .join("tools")
+            .join("cmake")
+            .join("data")
+            .join("bin")
+            .join("cmake"),
+    );
+    compile.arg("--build").arg(&build).args(["--target", name]);
+    crate::run(&format!("build llama.cpp's {name}"), compile)?;
+    path.is_file()
+        .then_some(path)
+        .ok_or_else(|| format!("building {name} left no {}", bin.join(name).display()))
+}
+
 /// The verified sdist: `$KV_LLAMA_SDIST` or downloaded by pip into `dir/download`.
 fn sdist(dir: &Path) -> Result<PathBuf, String> {
     let path = match std::env::var_os("KV_LLAMA_SDIST") {
@@ -1014,57 +1043,14 @@ pub fn ppl_peer(o: &PplOptions) -> Result<(), String> {
             |n| n.to_string_lossy().into_owned(),
         );
         for ctx in ctxs {
-            let c = ctx.to_string();
-            let mut cmd = Command::new(&kv);
-            cmd.args([
-                "--threads",
-                &threads,
-                "ppl",
-                "--dtype",
-                "f16",
-                "--bos-first",
-            ])
-            .args(["--ctx", &c, "--model"])
-            .arg(model)
-            .arg("--text")
-            .arg(&text);
-            if let Some(n) = o.chunks {
-                cmd.args(["--chunks", &n.to_string()]);
-            }
-            let out = capture(&format!("kv ppl, {name}, ctx {ctx}"), cmd)?;
-            print!("{out}");
-            let (tokens, chunks, kv_ppl) = parse_kv_ppl(&out)?;
-            let mut cmd = Command::new(bin.join("llama-perplexity"));
-            cmd.arg("-m")
-                .arg(model)
-                .arg("-f")
-                .arg(&text)
-                .args(["-c", &c, "-b", &c, "-t", &threads, "-tb", &threads]);
-            if let Some(n) = o.chunks {
-                cmd.args(["--chunks", &n.to_string()]);
-            }
-            let out = cmd
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .output()
-                .map_err(|e| format!("llama-perplexity: could not start: {e}"))?;
-            let log = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            if !out.status.success() {
-                return Err(format!("llama-perplexity failed ({}):\n{log}", out.status));
-            }
-            let (l_ppl, l_err) = parse_llama_perplexity(&log)?;
-            let l_chunks = llama_chunks(&log);
-            if l_chunks != Some(chunks) {
-                println!(
-                    "ppl-peer: kv scored {chunks} chunks, llama-perplexity {}: the token \
-                     streams differ (tokenization?)",
-                    l_chunks.map_or_else(|| "an unknown number of".into(), |c| c.to_string())
-                );
-            }
+            let PplPair {
+                tokens,
+                chunks,
+                kv_ppl,
+                l_ppl,
+                l_err,
+                l_chunks,
+            } = ppl_pair(&kv, &bin, model, &text, *ctx, o.threads, o.chunks)?;
             let line = format!(
                 "| {name} | {ctx} | {chunks} / {} | {tokens} | {kv_ppl:.4} | {l_ppl:.4} (+/- {l_err:.4}) | {:+.2}% |\n",
                 l_chunks.map_or_else(|| "?".into(), |c| c.to_string()),
@@ -1080,6 +1066,95 @@ pub fn ppl_peer(o: &PplOptions) -> Result<(), String> {
     std::fs::write(&path, &md).map_err(|e| format!("writing {}: {e}", path.display()))?;
     println!("\n{md}\nppl-peer: {}", path.display());
     Ok(())
+}
+
+/// Both engines' perplexity of one model, text and context (see [`ppl_pair`]).
+pub(crate) struct PplPair {
+    /// kv's token count, chunk count and perplexity.
+    pub tokens: usize,
+    pub chunks: usize,
+    pub kv_ppl: f64,
+    /// llama-perplexity's estimate, its +/- and the chunk count it logged.
+    pub l_ppl: f64,
+    pub l_err: f64,
+    pub l_chunks: Option<usize>,
+}
+
+/// `kv ppl --dtype f16 --bos-first` (the binary `kv`) and llama-perplexity (in `bin`) on
+/// the same model, text and context, the first `chunks` chunks when given; warns when the
+/// chunk counts differ (the token streams then differ).
+pub(crate) fn ppl_pair(
+    kv: &Path,
+    bin: &Path,
+    model: &Path,
+    text: &Path,
+    ctx: usize,
+    threads: usize,
+    first_chunks: Option<usize>,
+) -> Result<PplPair, String> {
+    let name = model.file_name().map_or_else(
+        || model.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let (c, threads) = (ctx.to_string(), threads.to_string());
+    let mut cmd = Command::new(kv);
+    cmd.args([
+        "--threads",
+        &threads,
+        "ppl",
+        "--dtype",
+        "f16",
+        "--bos-first",
+    ])
+    .args(["--ctx", &c, "--model"])
+    .arg(model)
+    .arg("--text")
+    .arg(text);
+    if let Some(n) = first_chunks {
+        cmd.args(["--chunks", &n.to_string()]);
+    }
+    let out = capture(&format!("kv ppl, {name}, ctx {ctx}"), cmd)?;
+    print!("{out}");
+    let (tokens, chunks, kv_ppl) = parse_kv_ppl(&out)?;
+    let mut cmd = Command::new(bin.join("llama-perplexity"));
+    cmd.arg("-m")
+        .arg(model)
+        .arg("-f")
+        .arg(text)
+        .args(["-c", &c, "-b", &c, "-t", &threads, "-tb", &threads]);
+    if let Some(n) = first_chunks {
+        cmd.args(["--chunks", &n.to_string()]);
+    }
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("llama-perplexity: could not start: {e}"))?;
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        return Err(format!("llama-perplexity failed ({}):\n{log}", out.status));
+    }
+    let (l_ppl, l_err) = parse_llama_perplexity(&log)?;
+    let l_chunks = llama_chunks(&log);
+    if l_chunks != Some(chunks) {
+        println!(
+            "ppl-peer: kv scored {chunks} chunks, llama-perplexity {}: the token \
+             streams differ (tokenization?)",
+            l_chunks.map_or_else(|| "an unknown number of".into(), |c| c.to_string())
+        );
+    }
+    Ok(PplPair {
+        tokens,
+        chunks,
+        kv_ppl,
+        l_ppl,
+        l_err,
+        l_chunks,
+    })
 }
 
 #[cfg(test)]

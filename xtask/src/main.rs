@@ -3,6 +3,7 @@
 //! A plain binary with few dependencies (rust-analyzer's xtask pattern): it fetches the
 //! model, drives `cargo` and the `kv` binary, and never links the heavy crates itself.
 
+mod arch_peer;
 mod bench;
 mod cuda;
 mod fetch;
@@ -58,6 +59,13 @@ commands:
                 `kv ppl --dtype f16 --bos-first` against llama-perplexity on the same GGUF
                 and text (default: SmolLM2 at ctx 512, Gemma 3 270M at 512 and 2048, on
                 ../shared/corpus/gpl-3.txt); writes target/kv-bench/ppl-peer.md
+  arch-peer [--arch A,..] [--types f32,f16,q8_0] [--tokens N] [--ctx C] [--chunks N]
+            [--threads N] [--text F] [--llama-cpp DIR]
+                synthetic llama/llama3/qwen2/qwen3 models (kv-model's arch_model example,
+                real llama.cpp vocabularies; into ~/.cache/kv/arch-peer, KV_ARCH_PEER_DIR)
+                run by llama.cpp and kv: greedy continuations (llama-simple, built when
+                absent) must be identical, perplexity within 1%; writes
+                target/kv-bench/arch-peer.md
   fuzz [--seconds N] [TARGET...]
                 build the cargo-fuzz targets in fuzz/ (nightly; installs cargo-fuzz if
                 absent) and run each for N seconds (default 60): gguf, tokenizer,
@@ -116,6 +124,9 @@ fn main() -> ExitCode {
         }
         Some("ppl-peer") => {
             llama_cpp::PplOptions::parse(&args[1..]).and_then(|o| llama_cpp::ppl_peer(&o))
+        }
+        Some("arch-peer") => {
+            arch_peer::Options::parse(&args[1..]).and_then(|o| arch_peer::arch_peer(&o))
         }
         Some("fleet") => fleet::Options::parse(&args[1..]).and_then(|o| fleet::fleet(&o)),
         Some("redis") => redis::ensure_redis().map(|p| println!("redis-server: {}", p.display())),
