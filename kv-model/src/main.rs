@@ -1415,7 +1415,8 @@ fn ppl(args: PplArgs) -> Result<()> {
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
     let (mut model, tokenizer) = kv_model::load_on(&path, &device, args.weights.into())?;
     model.set_activations(args.activations.into());
-    let mut tokens = tokenizer.encode(&text)?;
+    // The text's own tokens (`encode` would prepend BOS already, and --bos-first twice).
+    let mut tokens = tokenizer.encode_with(&text, false, true)?;
     if let (true, Some(bos)) = (args.bos_first, tokenizer.bos_to_add()) {
         tokens.insert(0, bos);
     }

@@ -38,6 +38,22 @@ const TOKEN_TYPE_BYTE: usize = 6;
 /// The tokenizer models GGUF files name in `tokenizer.ggml.model` that kv implements.
 const SUPPORTED_MODELS: &str = "\"llama\" (SentencePiece BPE), \"gpt2\" (byte-level BPE)";
 
+/// The byte-level pre-tokenizers for which llama.cpp prepends BOS when the file has no
+/// `tokenizer.ggml.add_bos_token` (llama-vocab.cpp: the Llama 3 family, tekken, chameleon).
+const BPE_PRE_WITH_BOS: &[&str] = &[
+    "llama3",
+    "llama-v3",
+    "llama-bpe",
+    "falcon3",
+    "falcon-h1",
+    "pixtral",
+    "midm-2.0",
+    "lfm2",
+    "jina-v5-nano",
+    "tekken",
+    "chameleon",
+];
+
 /// The byte-level pre-tokenizers, by the names GGUF files give in `tokenizer.ggml.pre`
 /// (llama.cpp's names; several names share one rule set).
 const SUPPORTED_PRE: &str = "default, gpt2, gpt-2, phi-2, mpt, olmo, jais, trillion, \
@@ -242,7 +258,15 @@ impl Tokenizer {
                 id("tokenizer.ggml.bos_token_id")?,
                 id("tokenizer.ggml.eos_token_id")?,
                 unknown,
-                flag("tokenizer.ggml.add_bos_token", false)?,
+                // llama.cpp's default for byte-level BPE: BOS only for the pre-tokenizers
+                // of the Llama 3 family and a few others (llama-vocab.cpp), unless the
+                // file says.
+                flag(
+                    "tokenizer.ggml.add_bos_token",
+                    md.get("tokenizer.ggml.pre")
+                        .and_then(|_| string(md, "tokenizer.ggml.pre").ok())
+                        .is_some_and(|pre| BPE_PRE_WITH_BOS.contains(&pre)),
+                )?,
             )
         };
         let add_eos = flag("tokenizer.ggml.add_eos_token", false)?;

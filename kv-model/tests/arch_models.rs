@@ -118,12 +118,23 @@ fn greedy_with_the_cache_equals_without_and_the_models_are_confident() {
                 cached.push(next);
                 row = rows(model.forward(&[next], &mut c, seq, Logits::Last).unwrap());
             }
-            assert_eq!(cached, plain[PROMPT.len()..], "{name} {dtype}: greedy differs");
+            let want = &plain[PROMPT.len()..];
+            match cached.iter().zip(want).position(|(a, b)| a != b) {
+                None => {}
+                // An f16 cache rounds K/V to 11 bits: it may flip a near tie, never more.
+                Some(i) if dtype == KvDType::F16 && margins[i] < 0.02 => {}
+                Some(i) => panic!(
+                    "{name} {dtype}: greedy differs at step {i} (uncached top-1 margin {}): \
+                     {cached:?} vs {want:?}",
+                    margins[i]
+                ),
+            }
         }
         // Confident: the median step's top-1 leads by far more than rounding moves a logit,
         // and the continuation is not one token repeated.
-        margins.sort_by(f32::total_cmp);
-        let median = margins[STEPS / 2];
+        let mut sorted = margins.clone();
+        sorted.sort_by(f32::total_cmp);
+        let median = sorted[STEPS / 2];
         assert!(median > 0.5, "{name}: median top-1 margin {median} (flat model)");
         let out = &plain[PROMPT.len()..];
         assert!(out.iter().any(|&t| t != out[0]), "{name}: degenerate {out:?}");

@@ -7,7 +7,7 @@
 //! --temperature 0 --raw`) and score the same chunks of a text (`kv ppl --dtype f16
 //! --bos-first`, llama-perplexity).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use crate::llama_cpp::{check_dir, ensure_build, ensure_program, ppl_pair, PplPair, COMMIT};
@@ -160,24 +160,21 @@ pub fn arch_peer(o: &Options) -> Result<(), String> {
     if !text.is_file() {
         return Err(format!("{}: no such text file (--text FILE)", text.display()));
     }
+    // One dev-profile build (dependencies and kernels at opt-level 3) for kv and the
+    // writer: the tests build the same artifacts, and a correctness check needs no release.
     let mut build = crate::cargo();
-    build.args(["build", "--release", "-p", "kv-model", "--bin", "kv"]);
-    crate::run("build kv (release)", build)?;
-    let mut build = crate::cargo();
-    build.args(["build", "-p", "kv-model", "--example", "arch_model"]);
-    crate::run("build the model writer (kv-model example arch_model)", build)?;
+    build.args(["build", "-p", "kv-model", "--bin", "kv", "--example", "arch_model"]);
+    crate::run("build kv and the model writer (kv-model example arch_model)", build)?;
+    let debug = crate::root().join("target").join("debug");
+    let (kv, writer) = (debug.join("kv"), debug.join("examples").join("arch_model"));
     let target = crate::root().join("target");
-    let (kv, writer) = (
-        target.join("release").join("kv"),
-        target.join("debug").join("examples").join("arch_model"),
-    );
     let dir = crate::fetch::cache_dir("KV_ARCH_PEER_DIR", "arch-peer");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let threads = o.threads.to_string();
     let mut md = format!(
         "# Architectures: kv against llama.cpp {COMMIT} on synthetic models\n\n\
          Greedy: `{PROMPT}` continued for {} tokens by llama-simple and `kv generate \
-         --temperature 0 --raw` (f16 cache). Perplexity: `{}`, ctx {}, first {} chunks, `kv ppl \
+         --temperature 0 --raw --dtype f16` (Q8_0 models: `--activations q8` in kv, as llama.cpp rounds activations for Q8_0 weights). Perplexity: `{}`, ctx {}, first {} chunks, `kv ppl \
          --dtype f16 --bos-first` and `llama-perplexity -c {} -b {}`; {threads} threads.\n\n\
          | model | vocabulary | greedy kv vs llama.cpp | kv ppl | llama.cpp ppl (+/-) | kv / llama.cpp - 1 |\n\
          |---|---|---|---:|---:|---:|\n",
@@ -200,6 +197,9 @@ pub fn arch_peer(o: &Options) -> Result<(), String> {
             write.args([arch, ty]).arg(vocab.join(vocab_file)).arg(&model);
             output(&format!("write {}", model.display()), write)?;
             let name = format!("{arch} {ty}");
+            // llama.cpp rounds activations to 8 bits (q8_0 blocks) to meet Q8_0 weights:
+            // kv's `--activations q8` does the same.
+            let act: &[&str] = if ty == "q8_0" { &["--activations", "q8"] } else { &[] };
             let n = o.tokens.to_string();
             let mut cmd = Command::new(&simple);
             cmd.arg("-m").arg(&model).args(["-n", &n, PROMPT]);
@@ -211,7 +211,8 @@ pub fn arch_peer(o: &Options) -> Result<(), String> {
             cmd.args(["--threads", &threads, "generate", "--model"])
                 .arg(&model)
                 .args(["--prompt", PROMPT, "--raw", "--temperature", "0"])
-                .args(["--max-tokens", &n, "--dtype", "f16"]);
+                .args(["--max-tokens", &n, "--dtype", "f16"])
+                .args(act);
             let (kv_out, _) = output(&format!("kv generate, {name}"), cmd)?;
             let kv_text = kv_out.strip_suffix('\n').unwrap_or(&kv_out);
             let greedy = match compare(kv_text, &llama) {
@@ -229,7 +230,7 @@ pub fn arch_peer(o: &Options) -> Result<(), String> {
                 chunks,
                 l_chunks,
                 ..
-            } = ppl_pair(&kv, &bin, &model, &text, o.ctx, o.threads, Some(o.chunks))?;
+            } = ppl_pair(&kv, &bin, &model, &text, o.ctx, o.threads, Some(o.chunks), act)?;
             let rel = 100.0 * (kv_ppl / l_ppl - 1.0);
             if rel.abs() > 1.0 || l_chunks != Some(chunks) {
                 failures.push(format!("{name}: perplexity {rel:+.2}%"));

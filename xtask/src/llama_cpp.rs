@@ -522,6 +522,17 @@ pub fn parse_llama_perplexity(log: &str) -> Result<(f64, f64), String> {
     Ok((num(ppl)?, num(err)?))
 }
 
+/// The last running estimate llama-perplexity printed (`[1]12.3,[2]11.9,...`).
+pub fn llama_running_ppl(log: &str) -> Option<f64> {
+    log.split('[')
+        .filter_map(|part| {
+            let (n, rest) = part.split_once(']')?;
+            n.parse::<usize>().ok()?;
+            rest.split(',').next()?.trim().parse::<f64>().ok()
+        })
+        .last()
+}
+
 /// The chunk count llama-perplexity logs (`calculating perplexity over 14 chunks, ...`).
 pub fn llama_chunks(log: &str) -> Option<usize> {
     log.lines()
@@ -1050,7 +1061,7 @@ pub fn ppl_peer(o: &PplOptions) -> Result<(), String> {
                 l_ppl,
                 l_err,
                 l_chunks,
-            } = ppl_pair(&kv, &bin, model, &text, *ctx, o.threads, o.chunks)?;
+            } = ppl_pair(&kv, &bin, model, &text, *ctx, o.threads, o.chunks, &[])?;
             let line = format!(
                 "| {name} | {ctx} | {chunks} / {} | {tokens} | {kv_ppl:.4} | {l_ppl:.4} (+/- {l_err:.4}) | {:+.2}% |\n",
                 l_chunks.map_or_else(|| "?".into(), |c| c.to_string()),
@@ -1081,8 +1092,9 @@ pub(crate) struct PplPair {
 }
 
 /// `kv ppl --dtype f16 --bos-first` (the binary `kv`) and llama-perplexity (in `bin`) on
-/// the same model, text and context, the first `chunks` chunks when given; warns when the
-/// chunk counts differ (the token streams then differ).
+/// the same model, text and context, the first `chunks` chunks when given, `kv_args` added
+/// to kv's; warns when the chunk counts differ (the token streams then differ).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn ppl_pair(
     kv: &Path,
     bin: &Path,
@@ -1091,6 +1103,7 @@ pub(crate) fn ppl_pair(
     ctx: usize,
     threads: usize,
     first_chunks: Option<usize>,
+    kv_args: &[&str],
 ) -> Result<PplPair, String> {
     let name = model.file_name().map_or_else(
         || model.display().to_string(),
@@ -1106,6 +1119,7 @@ pub(crate) fn ppl_pair(
         "f16",
         "--bos-first",
     ])
+    .args(kv_args)
     .args(["--ctx", &c, "--model"])
     .arg(model)
     .arg("--text")
@@ -1138,7 +1152,12 @@ pub(crate) fn ppl_pair(
     if !out.status.success() {
         return Err(format!("llama-perplexity failed ({}):\n{log}", out.status));
     }
-    let (l_ppl, l_err) = parse_llama_perplexity(&log)?;
+    // Its last log line is sometimes lost at exit (the logger's thread races it): the
+    // final estimate is then the last running one, without its +/-.
+    let (l_ppl, l_err) = match parse_llama_perplexity(&log) {
+        Ok(v) => v,
+        Err(e) => llama_running_ppl(&log).map(|p| (p, f64::NAN)).ok_or(e)?,
+    };
     let l_chunks = llama_chunks(&log);
     if l_chunks != Some(chunks) {
         println!(
@@ -1236,6 +1255,8 @@ mod tests {
         assert_eq!(parse_llama_perplexity(log), Ok((18.3512, 0.51234)));
         assert!(parse_llama_perplexity("no estimate").is_err());
         let log = "perplexity: calculating perplexity over 14 chunks, n_ctx=512, batch_size=512, n_seq=1\n";
+        assert_eq!(llama_running_ppl("x\n[1]12.5,[2]11.25,\n[log] y"), Some(11.25));
+        assert_eq!(llama_running_ppl("no estimate"), None);
         assert_eq!(llama_chunks(log), Some(14));
         assert_eq!(llama_chunks("nothing"), None);
         let kv = "m.gguf on t.txt, Blocks weights, BOS not added\n\
