@@ -88,8 +88,17 @@ fn prefill_equals_token_by_token_decode() {
                 .zip(want)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f32::max);
-            assert!(diff < 2e-3, "{} {tn}: position {i} differs by {diff}", arch.name());
-            assert_eq!(argmax(&one), argmax(want), "{} {tn}: position {i}", arch.name());
+            assert!(
+                diff < 2e-3,
+                "{} {tn}: position {i} differs by {diff}",
+                arch.name()
+            );
+            assert_eq!(
+                argmax(&one),
+                argmax(want),
+                "{} {tn}: position {i}",
+                arch.name()
+            );
         }
     }
 }
@@ -135,8 +144,14 @@ fn greedy_with_the_cache_equals_without_and_the_models_are_confident() {
         let mut sorted = margins.clone();
         sorted.sort_by(f32::total_cmp);
         let median = sorted[STEPS / 2];
-        assert!(median > 0.5, "{name}: median top-1 margin {median} (flat model)");
+        assert!(
+            median > 0.5,
+            "{name}: median top-1 margin {median} (flat model)"
+        );
         let out = &plain[PROMPT.len()..];
-        assert!(out.iter().any(|&t| t != out[0]), "{name}: degenerate {out:?}");
+        assert!(
+            out.iter().any(|&t| t != out[0]),
+            "{name}: degenerate {out:?}"
+        );
     }
 }

@@ -158,13 +158,27 @@ pub fn arch_peer(o: &Options) -> Result<(), String> {
             .join("gpl-3.txt")
     });
     if !text.is_file() {
-        return Err(format!("{}: no such text file (--text FILE)", text.display()));
+        return Err(format!(
+            "{}: no such text file (--text FILE)",
+            text.display()
+        ));
     }
     // One dev-profile build (dependencies and kernels at opt-level 3) for kv and the
     // writer: the tests build the same artifacts, and a correctness check needs no release.
     let mut build = crate::cargo();
-    build.args(["build", "-p", "kv-model", "--bin", "kv", "--example", "arch_model"]);
-    crate::run("build kv and the model writer (kv-model example arch_model)", build)?;
+    build.args([
+        "build",
+        "-p",
+        "kv-model",
+        "--bin",
+        "kv",
+        "--example",
+        "arch_model",
+    ]);
+    crate::run(
+        "build kv and the model writer (kv-model example arch_model)",
+        build,
+    )?;
     let debug = crate::root().join("target").join("debug");
     let (kv, writer) = (debug.join("kv"), debug.join("examples").join("arch_model"));
     let target = crate::root().join("target");
@@ -194,12 +208,19 @@ pub fn arch_peer(o: &Options) -> Result<(), String> {
         for ty in &o.types {
             let model = dir.join(format!("{arch}-{ty}.gguf"));
             let mut write = Command::new(&writer);
-            write.args([arch, ty]).arg(vocab.join(vocab_file)).arg(&model);
+            write
+                .args([arch, ty])
+                .arg(vocab.join(vocab_file))
+                .arg(&model);
             output(&format!("write {}", model.display()), write)?;
             let name = format!("{arch} {ty}");
             // llama.cpp rounds activations to 8 bits (q8_0 blocks) to meet Q8_0 weights:
             // kv's `--activations q8` does the same.
-            let act: &[&str] = if ty == "q8_0" { &["--activations", "q8"] } else { &[] };
+            let act: &[&str] = if ty == "q8_0" {
+                &["--activations", "q8"]
+            } else {
+                &[]
+            };
             let n = o.tokens.to_string();
             let mut cmd = Command::new(&simple);
             cmd.arg("-m").arg(&model).args(["-n", &n, PROMPT]);
@@ -230,7 +251,16 @@ pub fn arch_peer(o: &Options) -> Result<(), String> {
                 chunks,
                 l_chunks,
                 ..
-            } = ppl_pair(&kv, &bin, &model, &text, o.ctx, o.threads, Some(o.chunks), act)?;
+            } = ppl_pair(
+                &kv,
+                &bin,
+                &model,
+                &text,
+                o.ctx,
+                o.threads,
+                Some(o.chunks),
+                act,
+            )?;
             let rel = 100.0 * (kv_ppl / l_ppl - 1.0);
             if rel.abs() > 1.0 || l_chunks != Some(chunks) {
                 failures.push(format!("{name}: perplexity {rel:+.2}%"));
@@ -277,7 +307,10 @@ mod tests {
             compare("abXd", "abYd"),
             Greedy::Differ(2, "Xd".into(), "Yd".into())
         );
-        assert_eq!(compare("ab", "abc"), Greedy::Differ(2, String::new(), "c".into()));
+        assert_eq!(
+            compare("ab", "abc"),
+            Greedy::Differ(2, String::new(), "c".into())
+        );
     }
 
     #[test]
@@ -287,6 +320,9 @@ mod tests {
         assert!(a(&["--types", "q4_k"]).is_err());
         assert!(a(&["--ctx", "2"]).is_err());
         let o = a(&["--arch", "qwen3", "--types", "f32", "--tokens", "5"]).unwrap();
-        assert_eq!((o.archs, o.types, o.tokens), (vec!["qwen3".to_string()], vec!["f32".to_string()], 5));
+        assert_eq!(
+            (o.archs, o.types, o.tokens),
+            (vec!["qwen3".to_string()], vec!["f32".to_string()], 5)
+        );
     }
 }

@@ -522,17 +522,6 @@ pub fn parse_llama_perplexity(log: &str) -> Result<(f64, f64), String> {
     Ok((num(ppl)?, num(err)?))
 }
 
-/// The last running estimate llama-perplexity printed (`[1]12.3,[2]11.9,...`).
-pub fn llama_running_ppl(log: &str) -> Option<f64> {
-    log.split('[')
-        .filter_map(|part| {
-            let (n, rest) = part.split_once(']')?;
-            n.parse::<usize>().ok()?;
-            rest.split(',').next()?.trim().parse::<f64>().ok()
-        })
-        .last()
-}
-
 /// The chunk count llama-perplexity logs (`calculating perplexity over 14 chunks, ...`).
 pub fn llama_chunks(log: &str) -> Option<usize> {
     log.lines()
@@ -1130,33 +1119,38 @@ pub(crate) fn ppl_pair(
     let out = capture(&format!("kv ppl, {name}, ctx {ctx}"), cmd)?;
     print!("{out}");
     let (tokens, chunks, kv_ppl) = parse_kv_ppl(&out)?;
-    let mut cmd = Command::new(bin.join("llama-perplexity"));
-    cmd.arg("-m")
-        .arg(model)
-        .arg("-f")
-        .arg(text)
-        .args(["-c", &c, "-b", &c, "-t", &threads, "-tb", &threads]);
-    if let Some(n) = first_chunks {
-        cmd.args(["--chunks", &n.to_string()]);
-    }
-    let out = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| format!("llama-perplexity: could not start: {e}"))?;
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        return Err(format!("llama-perplexity failed ({}):\n{log}", out.status));
-    }
-    // Its last log line is sometimes lost at exit (the logger's thread races it): the
-    // final estimate is then the last running one, without its +/-.
-    let (l_ppl, l_err) = match parse_llama_perplexity(&log) {
-        Ok(v) => v,
-        Err(e) => llama_running_ppl(&log).map(|p| (p, f64::NAN)).ok_or(e)?,
+    // Its last log lines are sometimes lost at exit (the logger's thread races it): run it
+    // again, up to three times, until the final estimate is there.
+    let mut attempt = 0;
+    let (log, l_ppl, l_err) = loop {
+        attempt += 1;
+        let mut cmd = Command::new(bin.join("llama-perplexity"));
+        cmd.arg("-m")
+            .arg(model)
+            .arg("-f")
+            .arg(text)
+            .args(["-c", &c, "-b", &c, "-t", &threads, "-tb", &threads]);
+        if let Some(n) = first_chunks {
+            cmd.args(["--chunks", &n.to_string()]);
+        }
+        let out = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| format!("llama-perplexity: could not start: {e}"))?;
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            return Err(format!("llama-perplexity failed ({}):\n{log}", out.status));
+        }
+        match parse_llama_perplexity(&log) {
+            Ok((p, e)) => break (log, p, e),
+            Err(e) if attempt >= 3 => return Err(e),
+            Err(_) => println!("llama-perplexity: no final estimate in its log; again"),
+        }
     };
     let l_chunks = llama_chunks(&log);
     if l_chunks != Some(chunks) {
@@ -1255,8 +1249,6 @@ mod tests {
         assert_eq!(parse_llama_perplexity(log), Ok((18.3512, 0.51234)));
         assert!(parse_llama_perplexity("no estimate").is_err());
         let log = "perplexity: calculating perplexity over 14 chunks, n_ctx=512, batch_size=512, n_seq=1\n";
-        assert_eq!(llama_running_ppl("x\n[1]12.5,[2]11.25,\n[log] y"), Some(11.25));
-        assert_eq!(llama_running_ppl("no estimate"), None);
         assert_eq!(llama_chunks(log), Some(14));
         assert_eq!(llama_chunks("nothing"), None);
         let kv = "m.gguf on t.txt, Blocks weights, BOS not added\n\

@@ -668,19 +668,31 @@ pub fn arch_model(arch: Arch, vocab: &[(String, Val)], ty: u32, seed: u64) -> Gg
     let (qd, kvd) = (ARCH_HEADS * hd, ARCH_KV_HEADS * hd);
     let mut kvs: Vec<(String, Val)> = vec![
         ("general.architecture".into(), Val::str(a)),
-        ("general.name".into(), Val::str(&format!("kv synthetic {}", arch.name()))),
+        (
+            "general.name".into(),
+            Val::str(&format!("kv synthetic {}", arch.name())),
+        ),
         ("general.alignment".into(), Val::u32(ALIGN as u32)),
         (format!("{a}.block_count"), Val::u32(ARCH_LAYERS as u32)),
         (format!("{a}.context_length"), Val::u32(ARCH_CONTEXT)),
         (format!("{a}.embedding_length"), Val::u32(h as u32)),
         (format!("{a}.feed_forward_length"), Val::u32(ff as u32)),
-        (format!("{a}.attention.head_count"), Val::u32(ARCH_HEADS as u32)),
-        (format!("{a}.attention.head_count_kv"), Val::u32(ARCH_KV_HEADS as u32)),
+        (
+            format!("{a}.attention.head_count"),
+            Val::u32(ARCH_HEADS as u32),
+        ),
+        (
+            format!("{a}.attention.head_count_kv"),
+            Val::u32(ARCH_KV_HEADS as u32),
+        ),
         (format!("{a}.attention.key_length"), Val::u32(hd as u32)),
         (format!("{a}.attention.value_length"), Val::u32(hd as u32)),
         (format!("{a}.rope.dimension_count"), Val::u32(hd as u32)),
         (format!("{a}.rope.freq_base"), Val::f32(arch.rope_base())),
-        (format!("{a}.attention.layer_norm_rms_epsilon"), Val::f32(1e-6)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Val::f32(1e-6),
+        ),
         (format!("{a}.vocab_size"), Val::u32(n_vocab as u32)),
     ];
     kvs.extend(vocab.iter().cloned());
@@ -718,10 +730,22 @@ pub fn arch_model(arch: Arch, vocab: &[(String, Val)], ty: u32, seed: u64) -> Gg
         let n = |t: &str| format!("blk.{l}.{t}");
         tensors.push(tensor(&n("attn_norm.weight"), vec![h], F32, 1.0, 0.2));
         // Queries scaled so scores spread: attention picks positions.
-        tensors.push(tensor(&n("attn_q.weight"), vec![h, qd], ty, 0.0, 3.0 * s(h)));
+        tensors.push(tensor(
+            &n("attn_q.weight"),
+            vec![h, qd],
+            ty,
+            0.0,
+            3.0 * s(h),
+        ));
         tensors.push(tensor(&n("attn_k.weight"), vec![h, kvd], ty, 0.0, s(h)));
         tensors.push(tensor(&n("attn_v.weight"), vec![h, kvd], ty, 0.0, s(h)));
-        tensors.push(tensor(&n("attn_output.weight"), vec![qd, h], ty, 0.0, s(qd)));
+        tensors.push(tensor(
+            &n("attn_output.weight"),
+            vec![qd, h],
+            ty,
+            0.0,
+            s(qd),
+        ));
         match arch {
             Arch::Qwen2 => {
                 tensors.push(tensor(&n("attn_q.bias"), vec![qd], F32, 0.0, 1.0));
