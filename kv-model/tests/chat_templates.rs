@@ -172,9 +172,9 @@ fn rendered_llama3_prompt_tokenizes_to_special_tokens_with_one_bos() {
     let (bos, eos) = tokenizer.special_texts();
     assert_eq!(bos, "<|begin_of_text|>");
     let t = template("meta-llama-Llama-3.1-8B-Instruct", bos, eos);
-    let ids = tokenizer
-        .encode_with(&render(&t, &with_system()), true, true)
-        .unwrap();
+    // `encode`, as chat and generate tokenize a rendered prompt: the vocabulary adds BOS
+    // (llama-bpe, as in llama.cpp) unless the template already wrote it.
+    let ids = tokenizer.encode(&render(&t, &with_system())).unwrap();
     let id = |s: &str| tokenizer.token_to_id(s).unwrap();
     assert_eq!(ids[0], id("<|begin_of_text|>"));
     assert_eq!(

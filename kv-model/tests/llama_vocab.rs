@@ -121,14 +121,24 @@ fn special_tokens_and_bos_follow_the_file() {
     let bpe = Tokenizer::from_gguf_file(dir.join("ggml-vocab-llama-bpe.gguf")).unwrap();
     let bos = bpe.token_to_id("<|begin_of_text|>").unwrap();
     // This file has a BOS id but no add_bos_token key: llama.cpp's default for byte-level
-    // BPE is not to add it.
+    // BPE is not to add it, except for the Llama 3 family's pre-tokenizers (llama-bpe
+    // here; llama-vocab.cpp), as its llama-tokenize shows on a model with this metadata.
     assert_eq!(bpe.bos(), Some(bos));
-    assert_eq!(bpe.bos_to_add(), None);
+    assert_eq!(bpe.bos_to_add(), Some(bos));
+    // llama_tokenize with add_special adds BOS even before a written one; `encode` (what
+    // chat and generate use) does not double it.
     assert_eq!(
         bpe.encode_with("<|begin_of_text|>Hello world", true, true)
             .unwrap(),
+        vec![bos, bos, 9906, 1917]
+    );
+    assert_eq!(
+        bpe.encode("<|begin_of_text|>Hello world").unwrap(),
         vec![bos, 9906, 1917]
     );
+    assert_eq!(bpe.encode("Hello world").unwrap(), vec![bos, 9906, 1917]);
+    let qwen = Tokenizer::from_gguf_file(dir.join("ggml-vocab-qwen2.gguf")).unwrap();
+    assert_eq!(qwen.bos_to_add(), None);
     assert_eq!(
         bpe.decode(&bpe.encode("Hello, wörld! 12345").unwrap())
             .unwrap(),
