@@ -405,7 +405,10 @@ fn device_sampling_follows_the_distribution() {
     assert_eq!(inside, draws, "tokens outside the kept {keep}");
     let df = (keep - 1) as f64;
     println!("{test}: {keep} tokens kept, chi-square {chi2:.1} (df {df})");
-    assert!(chi2 < df + 6.0 * (2.0 * df).sqrt(), "chi-square {chi2} df {df}");
+    assert!(
+        chi2 < df + 6.0 * (2.0 * df).sqrt(),
+        "chi-square {chi2} df {df}"
+    );
 }
 
 /// NaN, `+inf` and all `-inf` are refused on the device with the host sampler's errors,
