@@ -168,7 +168,7 @@ pub fn check_draws(draws: &[f64], rows: usize) -> Result<(), KvError> {
             got: draws.len().to_string(),
         });
     }
-    if let Some(u) = draws.iter().find(|u| !(**u >= 0.0 && **u < 1.0)) {
+    if let Some(u) = draws.iter().find(|u| !(0.0..1.0).contains(*u)) {
         return Err(KvError::InvalidArgument {
             what: "draw",
             detail: format!("{u} (in [0, 1))"),

@@ -142,11 +142,14 @@ impl Sampler {
             return self.sample(&row.to_vec1::<f32>()?);
         }
         let tokens = self.sample_rows(&row.unsqueeze(0)?)?;
-        tokens.first().copied().ok_or(ModelError::InvalidArgument {
-            what: "logits",
-            expected: "one row".into(),
-            got: "none".into(),
-        })
+        tokens
+            .first()
+            .copied()
+            .ok_or_else(|| ModelError::InvalidArgument {
+                what: "logits",
+                expected: "one row".into(),
+                got: "none".into(),
+            })
     }
 
     /// The next token of every row of `logits` (`[rows, vocab]`), in row order: one draw per
@@ -388,6 +391,46 @@ mod tests {
         assert_eq!(c[2], 0, "{c:?}");
         let share = c[0] as f64 / 2_000.0;
         assert!((share - 0.625).abs() < 0.04, "renormalised share {share}");
+    }
+
+    #[test]
+    fn draws_tensors_and_rows_pick_what_sample_picks() {
+        let config = SamplingConfig {
+            temperature: 0.9,
+            top_k: Some(20),
+            top_p: Some(0.8),
+            seed: 9,
+        };
+        let rows: Vec<Vec<f32>> = (0..6)
+            .map(|r| {
+                (0..100)
+                    .map(|i| ((i * 37 + r * 11) % 23) as f32 * 0.2)
+                    .collect()
+            })
+            .collect();
+        let mut plain = Sampler::new(config).unwrap();
+        let want: Vec<u32> = rows.iter().map(|r| plain.sample(r).unwrap()).collect();
+        // The same draws, made apart and given back.
+        let mut draws = Sampler::new(config).unwrap();
+        let fixed = Sampler::new(config).unwrap();
+        let by_draw: Vec<u32> = rows
+            .iter()
+            .map(|r| fixed.sample_with_draw(r, draws.draw()).unwrap())
+            .collect();
+        assert_eq!(by_draw, want);
+        // A [rows, vocab] tensor (one draw per row, in order), and one row at a time.
+        let flat: Vec<f32> = rows.concat();
+        let t = Tensor::from_vec(flat, (6, 100), &candle_core::Device::Cpu).unwrap();
+        assert_eq!(Sampler::new(config).unwrap().sample_rows(&t).unwrap(), want);
+        let mut one = Sampler::new(config).unwrap();
+        let each: Vec<u32> = (0..6)
+            .map(|r| one.sample_tensor(&t.get(r).unwrap()).unwrap())
+            .collect();
+        assert_eq!(each, want);
+        // Draws outside [0, 1) are refused.
+        for u in [1.0, -0.5, f64::NAN] {
+            assert!(fixed.sample_with_draw(&rows[0], u).is_err(), "{u}");
+        }
     }
 
     #[test]
