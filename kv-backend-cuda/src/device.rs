@@ -25,6 +25,7 @@ use crate::blocks::{self, BlockShape, BlockWindow};
 use crate::kernels::{self, KernelModule, MODULES, NVRTC_FLAGS};
 use crate::kivi::{self, KiviLayer, NO_WINDOW};
 use crate::plan::{self, flags, Geometry, GpuLayout, RowArgs, ITEM_FIELDS};
+use crate::sample::{self, RowSample, SampleParams, SamplePlan};
 
 /// The first line of an error's message: candle appends a backtrace to its CUDA errors
 /// when `RUST_BACKTRACE` is set, which does not belong in a one-line reason.
@@ -1189,4 +1190,89 @@ impl CacheBackend for CudaBackend {
             self.tensor_of(v, (n, kvh, d)),
         ))
     }
+}
+
+/// Samples every row of `logits` (`[rows, vocab]`, on a CUDA device) in one `kv_sample`
+/// launch, one draw `u` in `[0, 1)` per row: one status and one token id per row are copied
+/// back, never the logits. The distribution is kv-model's host sampler's (see
+/// [`crate::sample`]); the kernel is compiled with the backend's others (once per
+/// architecture and process) and loaded once per device.
+///
+/// # Errors
+/// What [`SamplePlan::new`] and [`sample::check_draws`] refuse, checked before anything
+/// runs; [`KvError::InvalidArgument`] for logits not on a CUDA device;
+/// [`KvError::BackendUnavailable`] when the kernel cannot be compiled or launched. A row
+/// with NaN, `+inf` or no finite logit is not an error here: its [`RowSample`] says so.
+pub fn sample_rows(
+    logits: &Tensor,
+    params: &SampleParams,
+    draws: &[f64],
+) -> Result<Vec<RowSample>> {
+    let (rows, vocab) = logits.dims2()?;
+    let plan = SamplePlan::new(params, rows, vocab)?;
+    sample::check_draws(draws, rows)?;
+    let Device::Cuda(cuda) = logits.device() else {
+        return Err(KvError::InvalidArgument {
+            what: "logits",
+            detail: "not on a CUDA device".into(),
+        });
+    };
+    let (major, minor) = cuda
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(|e| cuda_err("compute capability")(&e))?;
+    let arch = kernels::arch_for(
+        u32::try_from(major).unwrap_or(0),
+        u32::try_from(minor).unwrap_or(0),
+    )
+    .ok_or_else(|| KvError::BackendUnavailable {
+        backend: "cuda",
+        reason: format!("compute capability {major}.{minor} is older than 7.0 (Volta)"),
+    })?;
+    let index = MODULES
+        .iter()
+        .position(|m| m.name == "sample")
+        .ok_or_else(|| KvError::BackendUnavailable {
+            backend: "cuda",
+            reason: "no sample kernel module".into(),
+        })?;
+    let ptx = ptx_for(arch)?;
+    let func = cuda
+        .get_or_load_custom_func("kv_sample", "kv_backend_cuda_sample", &ptx[index])
+        .map_err(|e| cuda_err("loading kv_sample")(&e))?
+        .into_cuda_function();
+    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let draws_d = cuda.clone_htod(draws)?;
+    let mut out = cuda.alloc_zeros::<u32>(2 * rows)?;
+    let stream = cuda.cuda_stream();
+    let (n, stride) = (plan.vocab, u64::from(plan.vocab));
+    let (temperature, top_p) = (
+        f32::from_bits(plan.temperature_bits),
+        f32::from_bits(plan.top_p_bits),
+    );
+    with_f32(&logits, |x| {
+        let mut b = stream.launch_builder(&func);
+        b.arg(x)
+            .arg(&n)
+            .arg(&stride)
+            .arg(&temperature)
+            .arg(&plan.top_k)
+            .arg(&top_p)
+            .arg(&plan.shift)
+            .arg(&draws_d)
+            .arg(&mut out);
+        // `logits` is a contiguous [rows, vocab] f32 tensor (rows blocks read rows x vocab
+        // floats from its first element); `draws_d` holds one f64 per row and `out` two u32
+        // per row; the plan checked rows and vocab against the kernel's limits.
+        // SAFETY: the arguments match `kv_sample` (kernels/sample.cu) in order and type.
+        unsafe { b.launch(cfg((plan.rows, 1, 1), sample::THREADS, 0)?) }
+            .map_err(|e| cuda_err("kv_sample")(&e))?;
+        Ok(())
+    })?;
+    let pairs = cuda.clone_dtoh(&out)?;
+    pairs
+        .chunks_exact(2)
+        .map(|p| RowSample::decode(p[0], p[1]))
+        .collect()
 }

@@ -56,6 +56,11 @@ pub const MODULES: &[KernelModule] = &[
             "kv_kivi_window_store",
         ],
     },
+    KernelModule {
+        name: "sample",
+        body: include_str!("../kernels/sample.cu"),
+        functions: &["kv_sample"],
+    },
 ];
 
 /// NVRTC options of every compilation besides the architecture: IEEE division and square
@@ -789,6 +794,199 @@ mod tests {
             (false, true, false) | (false, false, true) => b - 1,
         };
         half::f16::from_bits(bits)
+    }
+
+    /// kv-model's host `Sampler` for a given draw `u` (its `sample` after the draw), written
+    /// out here because kv-model depends on this crate: the order "larger logit first, lower
+    /// id on ties", top-k, f64 masses exp((l - max) / t), the nucleus over the normalised
+    /// probabilities, then the first token whose cumulative probability exceeds u.
+    fn host_sample(logits: &[f32], t: f32, k: Option<usize>, p: Option<f32>, u: f64) -> u32 {
+        let mut c: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if let Some(k) = k {
+            c.truncate(k);
+        }
+        let max = f64::from(c[0].1);
+        let mut probs: Vec<f64> = c
+            .iter()
+            .map(|&(_, l)| ((f64::from(l) - max) / f64::from(t)).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+        if let Some(top_p) = p {
+            let mut cumulative = 0.0;
+            let mut keep = probs.len();
+            for (i, x) in probs.iter().enumerate() {
+                cumulative += x;
+                if cumulative >= f64::from(top_p) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut u = u * total;
+        for (i, x) in probs.iter().enumerate() {
+            if u < *x {
+                return c[i].0;
+            }
+            u -= x;
+        }
+        c[probs.len() - 1].0
+    }
+
+    /// `sample.cu`'s whole row algorithm (top-k, nucleus and draw as weighted radix selects
+    /// over fixed-point masses) run with one "thread" by the host C compiler, against the host
+    /// sampler for the same draw on random rows: ties, -inf, every cut.
+    #[test]
+    fn host_check_of_the_sampler() {
+        let module = MODULES
+            .iter()
+            .find(|m| m.name == "sample")
+            .expect("sample module")
+            .body;
+        // Input: one row per case, "n temperature_bits top_k top_p_bits shift u_bits" then the
+        // n logits' bits; output: "status token".
+        let main = r#"
+int main(void) {
+    unsigned n, tb, k, pb, shift; unsigned long long ub;
+    static float row[1 << 16];
+    SampleShared sh;
+    u32 out[2];
+    while (scanf("%u %x %u %x %u %llx", &n, &tb, &k, &pb, &shift, &ub) == 6) {
+        for (unsigned i = 0; i < n; i++) { unsigned b; if (scanf("%x", &b) != 1) return 2; row[i] = __uint_as_float(b); }
+        double u; memcpy(&u, &ub, 8);
+        sample_row(row, n, __uint_as_float(tb), k, __uint_as_float(pb), shift, u, out, &sh, 0, 1);
+        printf("%u %u\n", out[0], out[1]);
+    }
+    return 0;
+}
+"#;
+        let Some(harness) = HostHarness::build("sample", module, main) else {
+            return;
+        };
+        use crate::sample::{SampleParams, SamplePlan};
+        let mut next = xorshift(0x0123_4567_89ab_cdef);
+        let mut unit = || (next() >> 11) as f64 / (1u64 << 53) as f64;
+        struct Case {
+            logits: Vec<f32>,
+            params: SampleParams,
+            u: f64,
+        }
+        let mut cases = Vec::new();
+        for case in 0..3000usize {
+            let n = [1usize, 2, 3, 7, 64, 300, 1000, 5000][case % 8];
+            let style = (case / 8) % 5;
+            let logits: Vec<f32> = (0..n)
+                .map(|i| {
+                    let r = unit();
+                    match style {
+                        // Spread values.
+                        0 => (r * 20.0 - 10.0) as f32,
+                        // Few distinct values: many ties, ordered by id.
+                        1 => (r * 6.0).floor() as f32 * 0.5,
+                        // Some -inf ("never"), signed zeros.
+                        2 if i % 3 == 1 => f32::NEG_INFINITY,
+                        2 if i % 5 == 0 => -0.0,
+                        2 => (r * 4.0) as f32,
+                        // A peaked row: one dominant token.
+                        3 if i == n / 2 => 30.0,
+                        3 => (r * 2.0) as f32,
+                        // Large magnitudes.
+                        _ => ((r - 0.5) * 2e4) as f32,
+                    }
+                })
+                .collect();
+            let temperature = [0.3f32, 0.7, 1.0, 1.5, 5.0][case % 5];
+            let top_k = [None, Some(1), Some(5), Some(40), Some(n + 3)][(case / 5) % 5];
+            let top_p = [None, Some(0.5f32), Some(0.9), Some(1.0)][(case / 25) % 4];
+            cases.push(Case {
+                logits,
+                params: SampleParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                },
+                u: unit(),
+            });
+        }
+        let mut input = String::new();
+        for c in &cases {
+            let plan = SamplePlan::new(&c.params, 1, c.logits.len()).expect("plan");
+            input += &format!(
+                "{} {:x} {} {:x} {} {:x}",
+                plan.vocab,
+                plan.temperature_bits,
+                plan.top_k,
+                plan.top_p_bits,
+                plan.shift,
+                c.u.to_bits()
+            );
+            for l in &c.logits {
+                input += &format!(" {:x}", l.to_bits());
+            }
+            input.push('\n');
+        }
+        let out = harness.run(&input);
+        let mut lines = out.lines();
+        let (mut near, mut exact) = (0, 0);
+        for (i, c) in cases.iter().enumerate() {
+            let got: Vec<u32> = lines
+                .next()
+                .expect("a line per case")
+                .split(' ')
+                .map(|v| v.parse().expect("decimal"))
+                .collect();
+            let SampleParams {
+                temperature: t,
+                top_k: k,
+                top_p: p,
+            } = c.params;
+            let all_neg_inf = c.logits.iter().all(|l| *l == f32::NEG_INFINITY);
+            if all_neg_inf {
+                assert_eq!(got, [2, 0], "case {i}");
+                continue;
+            }
+            assert_eq!(got[0], 0, "case {i}: status");
+            let want = host_sample(&c.logits, t, k, p, c.u);
+            if got[1] == want {
+                exact += 1;
+                continue;
+            }
+            // The one allowed difference: u within rounding of a bucket's edge (the kernel's
+            // masses are fixed point, the host's f64 sums run in another order).
+            let nudged = [c.u - 1e-7, c.u + 1e-7]
+                .iter()
+                .filter(|u| (0.0..1.0).contains(*u))
+                .any(|&u| host_sample(&c.logits, t, k, p, u) == got[1]);
+            assert!(
+                nudged,
+                "case {i}: kernel {} vs host {want} (n {}, {:?}, u {})",
+                got[1],
+                c.logits.len(),
+                c.params,
+                c.u
+            );
+            near += 1;
+        }
+        println!("sampler host check: {exact} exact, {near} at a bucket edge");
+        assert!(
+            near * 100 <= cases.len(),
+            "{near} edge cases of {}",
+            cases.len()
+        );
+
+        // Errors, as the host sampler's: NaN or +inf anywhere, all -inf.
+        let errors = "3 3f800000 0 0 60 0 0 7fc00000 3f800000\n\
+                      2 3f800000 0 0 61 0 7f800000 0\n\
+                      2 3f800000 1 3f000000 61 0 ff800000 ff800000\n";
+        assert_eq!(harness.run(errors), "1 0\n1 0\n2 0\n");
     }
 
     #[test]

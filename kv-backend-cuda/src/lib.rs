@@ -56,6 +56,7 @@
 #![cfg_attr(feature = "cuda", deny(unsafe_code))]
 
 pub mod kernels;
+pub mod sample;
 // Without `cuda` only the tests use the host-side plan: it is tested on every machine.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod plan;
@@ -70,7 +71,7 @@ mod blocks;
 #[allow(unsafe_code)] // kernel launches; each has a SAFETY comment
 mod device;
 #[cfg(feature = "cuda")]
-pub use device::{compile_module, CudaBackend, CudaStorage};
+pub use device::{compile_module, sample_rows, CudaBackend, CudaStorage};
 
 #[cfg(not(feature = "cuda"))]
 mod stub;

@@ -333,8 +333,8 @@ impl<'a, B: CacheBackend> ChatSession<'a, B> {
                 last = Some(logits);
             }
             let logits = last.ok_or(ModelError::EmptyPrompt)?;
-            let logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-            let token = self.sampler.sample(&logits)?;
+            // On a GPU the token is picked there and one id comes back, not the logits.
+            let token = self.sampler.sample_tensor(&logits)?;
             if tokens.is_empty() {
                 prefill_time = started.elapsed();
             } else {

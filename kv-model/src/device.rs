@@ -9,7 +9,8 @@
 //!   expanded;
 //! - [`greedy_token`]: greedy sampling on the device, so a decode step copies one token id
 //!   (and two floats that prove the logits finite) to the host instead of the vocabulary's
-//!   logits;
+//!   logits; with temperature, [`crate::Sampler::sample_rows`] samples there too (feature
+//!   `cuda`: kv-backend-cuda's `kv_sample` kernel), copying back a status and a token;
 //! - with `cuda`, [`cuda_backend`]: the GPU as a cache backend, or a typed error naming why
 //!   not.
 
@@ -124,6 +125,44 @@ pub fn greedy_rows(logits: &Tensor) -> Result<Vec<u32>> {
         }
     }
     Ok(ids)
+}
+
+/// Samples every row of `logits` (`[rows, vocab]` on a CUDA device) with `config`'s
+/// temperature, top-k and top-p and one draw per row, in one kernel launch
+/// (`kv_backend_cuda::sample_rows`): a status and a token come back per row, and the
+/// statuses become the host [`crate::Sampler`]'s errors. [`crate::Sampler::sample_rows`] is
+/// the entry point that makes the draws.
+///
+/// # Errors
+/// [`ModelError::NonFiniteLogits`] for a row with NaN or `+inf`,
+/// [`ModelError::InvalidArgument`] for a row with no finite logit or a greedy `config`, and
+/// [`ModelError::Cache`] for what the kernel's checks refuse (wrong draw count, vocabulary
+/// over 2^24) or a device failure.
+#[cfg(feature = "cuda")]
+pub(crate) fn sample_rows_with(
+    logits: &Tensor,
+    config: &crate::SamplingConfig,
+    draws: &[f64],
+) -> Result<Vec<u32>> {
+    use kv_backend_cuda::sample::{RowSample, SampleParams};
+    let params = SampleParams {
+        temperature: config.temperature,
+        top_k: config.top_k,
+        top_p: config.top_p,
+    };
+    let n = logits.dim(D::Minus1)?;
+    kv_backend_cuda::sample_rows(logits, &params, draws)?
+        .into_iter()
+        .map(|row| match row {
+            RowSample::Token(t) => Ok(t),
+            RowSample::NonFinite => Err(ModelError::NonFiniteLogits),
+            RowSample::NoFinite => Err(ModelError::InvalidArgument {
+                what: "logits",
+                expected: "at least one finite value".into(),
+                got: format!("{n} values, none finite"),
+            }),
+        })
+        .collect()
 }
 
 /// The GPU `ordinal` as a cache backend (its [`CacheBackend::device`] is where the model

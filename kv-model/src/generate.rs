@@ -504,14 +504,14 @@ pub(crate) fn run_loop(
     loop {
         let started = Instant::now();
         let out = step(new, &sequence)?;
-        // Greedy on a GPU: the argmax is taken there and one id comes back, not the logits.
-        let (token, logits) =
-            if !out.device().is_cpu() && sampler.config().is_greedy() && !options.keep_logits {
-                (crate::greedy_token(&out)?, Vec::new())
-            } else {
-                let logits: Vec<f32> = out.squeeze(0)?.to_vec1()?;
-                (sampler.sample(&logits)?, logits)
-            };
+        // On a GPU the token is picked there (argmax, or the sampling kernel) and one id
+        // comes back, not the logits.
+        let (token, logits) = if !out.device().is_cpu() && !options.keep_logits {
+            (sampler.sample_tensor(&out)?, Vec::new())
+        } else {
+            let logits: Vec<f32> = out.squeeze(0)?.to_vec1()?;
+            (sampler.sample(&logits)?, logits)
+        };
         let took = started.elapsed();
         if run.tokens.is_empty() {
             run.prefill_time = took;

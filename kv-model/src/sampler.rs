@@ -1,6 +1,7 @@
 //! Choosing the next token from logits: greedy, or sampling with temperature, top-k and
 //! top-p from a seeded generator so runs are reproducible.
 
+use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -111,6 +112,83 @@ impl Sampler {
         &self.config
     }
 
+    /// The next uniform draw in `[0, 1)` from the seeded generator: what [`Sampler::sample`]
+    /// draws once per sampled token (and device sampling sends with its launch), so the same
+    /// seed means the same draws on the CPU and the GPU.
+    pub fn draw(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    /// The next token for `logits` (`[vocab]` or `[1, vocab]`) where they are: on the CPU,
+    /// [`Sampler::sample`] of the values; on a CUDA device (feature `cuda`), greedy takes the
+    /// argmax there ([`crate::greedy_token`]) and sampling runs there too
+    /// ([`Sampler::sample_rows`]), so one token id comes back instead of the logits.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use kv_model::{Sampler, SamplingConfig};
+    /// let logits = Tensor::new(&[[0.1f32, 2.0, -1.0]], &Device::Cpu)?;
+    /// let mut greedy = Sampler::new(SamplingConfig::greedy())?;
+    /// assert_eq!(greedy.sample_tensor(&logits)?, 1);
+    /// # Ok::<(), kv_model::ModelError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Sampler::sample`] (the device's checks answer with the same errors), and
+    /// candle's errors reading the tensor.
+    pub fn sample_tensor(&mut self, logits: &Tensor) -> Result<u32> {
+        let row = logits.flatten_all()?;
+        if row.device().is_cpu() {
+            return self.sample(&row.to_vec1::<f32>()?);
+        }
+        let tokens = self.sample_rows(&row.unsqueeze(0)?)?;
+        tokens
+            .first()
+            .copied()
+            .ok_or_else(|| ModelError::InvalidArgument {
+                what: "logits",
+                expected: "one row".into(),
+                got: "none".into(),
+            })
+    }
+
+    /// The next token of every row of `logits` (`[rows, vocab]`), in row order: one draw per
+    /// row from this sampler's generator. On the CPU each row goes through
+    /// [`Sampler::sample`]; on a CUDA device (feature `cuda`) greedy is
+    /// [`crate::greedy_rows`] and sampling is one launch of kv-backend-cuda's `kv_sample` for
+    /// all rows, copying back a status and a token per row. Other devices copy the rows.
+    ///
+    /// On the device the tokens follow the host's distribution exactly; for the same draw
+    /// the token is the host's unless the draw falls within about 1e-8 (relative) of the
+    /// edge between two tokens' cumulative probabilities (the device sums fixed-point masses,
+    /// the host f64 in sorted order), or a top-p cut as close to its edge. A row the device
+    /// refuses has still used its draw (the host draws after its checks).
+    ///
+    /// # Errors
+    /// As [`Sampler::sample`], for the first row at fault.
+    pub fn sample_rows(&mut self, logits: &Tensor) -> Result<Vec<u32>> {
+        let (_, vocab) = logits.dims2()?;
+        if vocab == 0 {
+            return Err(ModelError::InvalidArgument {
+                what: "logits",
+                expected: "at least one finite value".into(),
+                got: "0 values, none finite".into(),
+            });
+        }
+        if logits.device().is_cuda() {
+            if self.config.is_greedy() {
+                return crate::greedy_rows(logits);
+            }
+            #[cfg(feature = "cuda")]
+            {
+                let draws: Vec<f64> = (0..logits.dim(0)?).map(|_| self.draw()).collect();
+                return crate::device::sample_rows_with(logits, &self.config, &draws);
+            }
+        }
+        let values: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+        values.iter().map(|row| self.sample(row)).collect()
+    }
+
     /// The next token for `logits` (one per vocabulary entry).
     ///
     /// # Errors
@@ -128,6 +206,51 @@ impl Sampler {
         if self.config.is_greedy() {
             return Ok(best as u32);
         }
+        let u = self.draw();
+        Ok(self.pick(logits, u))
+    }
+
+    /// The token [`Sampler::sample`] picks from `logits` when its draw is `u` (in `[0, 1)`),
+    /// without touching the generator: for checking another sampler (the device's) draw by
+    /// draw.
+    ///
+    /// ```
+    /// use kv_model::{Sampler, SamplingConfig};
+    /// let config = SamplingConfig { temperature: 1.0, top_k: None, top_p: None, seed: 3 };
+    /// let logits = [0.0f32, 3f32.ln()]; // probabilities 0.25 and 0.75
+    /// let s = Sampler::new(config)?;
+    /// assert_eq!(s.sample_with_draw(&logits, 0.2)?, 1);
+    /// assert_eq!(s.sample_with_draw(&logits, 0.8)?, 0);
+    /// # Ok::<(), kv_model::ModelError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Sampler::sample`]; [`ModelError::InvalidArgument`] for `u` outside `[0, 1)`.
+    pub fn sample_with_draw(&self, logits: &[f32], u: f64) -> Result<u32> {
+        if !(0.0..1.0).contains(&u) {
+            return Err(ModelError::InvalidArgument {
+                what: "draw",
+                expected: "a number in [0, 1)".into(),
+                got: u.to_string(),
+            });
+        }
+        if logits.iter().any(|l| l.is_nan() || *l == f32::INFINITY) {
+            return Err(ModelError::NonFiniteLogits);
+        }
+        let best = argmax(logits).ok_or_else(|| ModelError::InvalidArgument {
+            what: "logits",
+            expected: "at least one finite value".into(),
+            got: format!("{} values, none finite", logits.len()),
+        })?;
+        if self.config.is_greedy() {
+            return Ok(best as u32);
+        }
+        Ok(self.pick(logits, u))
+    }
+
+    /// Sampling proper, for checked logits (finite or `-inf`, at least one finite) and a
+    /// draw `u` in `[0, 1)`.
+    fn pick(&self, logits: &[f32], u: f64) -> u32 {
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
@@ -166,15 +289,15 @@ impl Sampler {
             probs.truncate(keep);
         }
         let total: f64 = probs.iter().sum();
-        let mut u = self.rng.random::<f64>() * total;
+        let mut u = u * total;
         for (i, p) in probs.iter().enumerate() {
             if u < *p {
-                return Ok(candidates[i].0);
+                return candidates[i].0;
             }
             u -= p;
         }
         // Rounding left `u` just past the last bucket.
-        Ok(candidates[probs.len() - 1].0)
+        candidates[probs.len() - 1].0
     }
 }
 
@@ -268,6 +391,46 @@ mod tests {
         assert_eq!(c[2], 0, "{c:?}");
         let share = c[0] as f64 / 2_000.0;
         assert!((share - 0.625).abs() < 0.04, "renormalised share {share}");
+    }
+
+    #[test]
+    fn draws_tensors_and_rows_pick_what_sample_picks() {
+        let config = SamplingConfig {
+            temperature: 0.9,
+            top_k: Some(20),
+            top_p: Some(0.8),
+            seed: 9,
+        };
+        let rows: Vec<Vec<f32>> = (0..6)
+            .map(|r| {
+                (0..100)
+                    .map(|i| ((i * 37 + r * 11) % 23) as f32 * 0.2)
+                    .collect()
+            })
+            .collect();
+        let mut plain = Sampler::new(config).unwrap();
+        let want: Vec<u32> = rows.iter().map(|r| plain.sample(r).unwrap()).collect();
+        // The same draws, made apart and given back.
+        let mut draws = Sampler::new(config).unwrap();
+        let fixed = Sampler::new(config).unwrap();
+        let by_draw: Vec<u32> = rows
+            .iter()
+            .map(|r| fixed.sample_with_draw(r, draws.draw()).unwrap())
+            .collect();
+        assert_eq!(by_draw, want);
+        // A [rows, vocab] tensor (one draw per row, in order), and one row at a time.
+        let flat: Vec<f32> = rows.concat();
+        let t = Tensor::from_vec(flat, (6, 100), &candle_core::Device::Cpu).unwrap();
+        assert_eq!(Sampler::new(config).unwrap().sample_rows(&t).unwrap(), want);
+        let mut one = Sampler::new(config).unwrap();
+        let each: Vec<u32> = (0..6)
+            .map(|r| one.sample_tensor(&t.get(r).unwrap()).unwrap())
+            .collect();
+        assert_eq!(each, want);
+        // Draws outside [0, 1) are refused.
+        for u in [1.0, -0.5, f64::NAN] {
+            assert!(fixed.sample_with_draw(&rows[0], u).is_err(), "{u}");
+        }
     }
 
     #[test]

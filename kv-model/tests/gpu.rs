@@ -249,3 +249,200 @@ fn a_missing_gpu_is_a_typed_error() {
         other => panic!("expected BackendUnavailable, got {other:?}"),
     }
 }
+
+/// A deterministic xorshift64 stream mapped to `[0, 1)`: the same rows on every run.
+fn uniform(seed: u64) -> impl FnMut() -> f64 {
+    let mut x = seed;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Device sampling (`Sampler::sample_rows`, one launch per batch of rows) against the host
+/// sampler, draw by draw: the same seed gives the same draws, and each row's token must be
+/// the host's for that draw. The one difference allowed is a draw within 1e-7 of the edge
+/// between two tokens (the device sums fixed-point masses, the host f64 in sorted order): the
+/// host must then give the device's token for the draw moved by 1e-7, and such rows must be
+/// under 1%.
+#[test]
+fn device_sampling_picks_the_host_token_for_the_same_draw() {
+    let test = "device_sampling_picks_the_host_token_for_the_same_draw";
+    let Some(backend) = gpu(test) else {
+        return;
+    };
+    let mut next = uniform(0x5eed_1234_abcd_0001);
+    let (mut exact, mut edge) = (0usize, 0usize);
+    for (case, &vocab) in [7usize, 1000, 49_152, 262_144].iter().enumerate() {
+        for (j, config) in [
+            (1.0f32, None, None),
+            (0.7, Some(40), None),
+            (0.8, None, Some(0.95f32)),
+            (1.3, Some(50), Some(0.9)),
+            (0.5, Some(1), None),
+            (2.0, Some(vocab + 1), Some(1.0)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let config = kv_model::SamplingConfig {
+                temperature: config.0,
+                top_k: config.1,
+                top_p: config.2,
+                seed: (case * 10 + j) as u64,
+            };
+            let rows = 16;
+            // Spread logits; every fourth row has many ties (few distinct values) and -inf.
+            let data: Vec<f32> = (0..rows * vocab)
+                .map(|i| {
+                    let r = next();
+                    if (i / vocab) % 4 == 3 {
+                        if i % 7 == 0 {
+                            f32::NEG_INFINITY
+                        } else {
+                            (r * 8.0).floor() as f32
+                        }
+                    } else {
+                        (r * 16.0 - 8.0) as f32
+                    }
+                })
+                .collect();
+            let t = Tensor::from_vec(data.clone(), (rows, vocab), backend.device()).unwrap();
+            let mut device = kv_model::Sampler::new(config).unwrap();
+            let got = device.sample_rows(&t).unwrap();
+            let mut draws = kv_model::Sampler::new(config).unwrap();
+            let host = kv_model::Sampler::new(config).unwrap();
+            for (r, row) in data.chunks(vocab).enumerate() {
+                let u = draws.draw();
+                let want = host.sample_with_draw(row, u).unwrap();
+                if got[r] == want {
+                    exact += 1;
+                    continue;
+                }
+                let near = [u - 1e-7, u + 1e-7]
+                    .into_iter()
+                    .filter(|u| (0.0..1.0).contains(u))
+                    .any(|u| host.sample_with_draw(row, u).unwrap() == got[r]);
+                assert!(
+                    near,
+                    "vocab {vocab} {config:?} row {r}: device {} host {want} (u {u})",
+                    got[r]
+                );
+                edge += 1;
+            }
+        }
+    }
+    println!("{test}: {exact} rows exact, {edge} at a bucket edge");
+    assert!(edge * 100 <= exact + edge, "{edge} edge rows");
+}
+
+/// The device's tokens follow the host's distribution: 20 000 draws on one row (temperature,
+/// top-k and top-p all cutting), counted per token, against the probabilities the host
+/// sampler's formula gives; Pearson's chi-square must stay under df + 6 sqrt(2 df) (a false
+/// alarm about once in a million runs), and no token outside the kept set may appear.
+#[test]
+fn device_sampling_follows_the_distribution() {
+    let test = "device_sampling_follows_the_distribution";
+    let Some(backend) = gpu(test) else {
+        return;
+    };
+    let vocab = 5000;
+    let mut next = uniform(77);
+    let row: Vec<f32> = (0..vocab).map(|_| (next() * 6.0) as f32).collect();
+    let config = kv_model::SamplingConfig {
+        temperature: 0.8,
+        top_k: Some(60),
+        top_p: Some(0.9),
+        seed: 5,
+    };
+    // The host's probabilities: order, top-k, softmax, nucleus, renormalised.
+    let mut order: Vec<usize> = (0..vocab).collect();
+    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    order.truncate(60);
+    let max = f64::from(row[order[0]]);
+    let mut p: Vec<f64> = order
+        .iter()
+        .map(|&i| ((f64::from(row[i]) - max) / 0.8).exp())
+        .collect();
+    let total: f64 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= total);
+    let mut cum = 0.0;
+    let keep = p
+        .iter()
+        .position(|x| {
+            cum += x;
+            cum >= 0.9
+        })
+        .map_or(p.len(), |i| i + 1);
+    p.truncate(keep);
+    let total: f64 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= total);
+
+    let rows = 2000;
+    let batch = Tensor::new(row.as_slice(), backend.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .repeat((rows, 1))
+        .unwrap();
+    let mut sampler = kv_model::Sampler::new(config).unwrap();
+    let mut counts = vec![0usize; vocab];
+    let draws = 10 * rows;
+    for _ in 0..10 {
+        for t in sampler.sample_rows(&batch).unwrap() {
+            counts[t as usize] += 1;
+        }
+    }
+    let mut chi2 = 0.0;
+    for (k, &i) in order[..keep].iter().enumerate() {
+        let expected = p[k] * draws as f64;
+        let d = counts[i] as f64 - expected;
+        chi2 += d * d / expected;
+    }
+    let inside: usize = order[..keep].iter().map(|&i| counts[i]).sum();
+    assert_eq!(inside, draws, "tokens outside the kept {keep}");
+    let df = (keep - 1) as f64;
+    println!("{test}: {keep} tokens kept, chi-square {chi2:.1} (df {df})");
+    assert!(
+        chi2 < df + 6.0 * (2.0 * df).sqrt(),
+        "chi-square {chi2} df {df}"
+    );
+}
+
+/// NaN, `+inf` and all `-inf` are refused on the device with the host sampler's errors,
+/// whichever row of a batch holds them.
+#[test]
+fn device_sampling_refuses_what_the_host_refuses() {
+    let test = "device_sampling_refuses_what_the_host_refuses";
+    let Some(backend) = gpu(test) else {
+        return;
+    };
+    let config = kv_model::SamplingConfig {
+        temperature: 1.0,
+        top_k: Some(3),
+        top_p: Some(0.9),
+        seed: 1,
+    };
+    let good = [0.5f32, 1.0, -2.0, 0.0];
+    for (bad, nonfinite) in [
+        ([0.5f32, f32::NAN, 1.0, 0.0], true),
+        ([f32::INFINITY, 0.0, 1.0, 0.0], true),
+        ([f32::NEG_INFINITY; 4], false),
+    ] {
+        let mut host = kv_model::Sampler::new(config).unwrap();
+        let host_err = host.sample(&bad).unwrap_err();
+        let rows: Vec<f32> = good.iter().chain(bad.iter()).copied().collect();
+        let t = Tensor::from_vec(rows, (2, 4), backend.device()).unwrap();
+        let mut device = kv_model::Sampler::new(config).unwrap();
+        let err = device.sample_rows(&t).unwrap_err();
+        if nonfinite {
+            assert!(matches!(host_err, ModelError::NonFiniteLogits));
+            assert!(matches!(err, ModelError::NonFiniteLogits), "{err}");
+        } else {
+            assert!(matches!(host_err, ModelError::InvalidArgument { .. }));
+            assert!(matches!(err, ModelError::InvalidArgument { .. }), "{err}");
+        }
+    }
+}
