@@ -82,12 +82,6 @@ use crate::storage::{zeroed, Geometry, Which};
 /// Most key rows of a tile (the float path's tile size).
 const TILE: usize = 64;
 
-/// Keys before a decode step's first f16 key block over whose tiles the requests for the
-/// step's f16 window rows are spread ([`prefetch_window_share`]): the quantized pass is
-/// bound by unpacking, not by memory, so the window's rows (8x the bytes of 2-bit rows)
-/// arrive while it computes instead of stalling the window's tiles.
-const WINDOW_AHEAD: usize = 512;
-
 /// How keys are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum KeyLayout {
@@ -1116,34 +1110,10 @@ fn run_task_in(
         }
         Ok((block, t % g.block_size, end))
     };
-    // Decode over KIVI keys: the f16 rows the query reads (from key `window_from` on) are
-    // requested a share per tile over the keys `ramp_from..window_from` before them, the
-    // same keys whichever task reads them. Where no keys come before (a short or sliding
-    // window sequence), each tile asks for the next one's window rows instead.
-    let (ramp_from, window_from) = match p.layout.keys {
-        KeyLayout::Kivi(_) if fused => {
-            let t_n = p.kivi_tokens;
-            let from = window_start(p, first_pos);
-            let visible = task.first_visible(first_pos) / t_n * t_n;
-            (from.saturating_sub(WINDOW_AHEAD).max(visible), from)
-        }
-        _ => (0, 0),
-    };
     let mut t0 = task.k0;
     while t0 < task.k1 {
         let (block, offset, t1) = tile_at(t0)?;
         let rows = t1 - t0;
-        if ramp_from < window_from {
-            prefetch_window_share(
-                p,
-                lp,
-                h,
-                first_pos,
-                (ramp_from, window_from),
-                (t0, t1),
-                &block_at,
-            )?;
-        }
         // The next tile's rows lie in another run (or block) of the pools, too far ahead
         // for the hardware prefetchers: ask for them while this tile computes. Decode
         // spreads the requests over the kernels' rows (`*_heads_ahead`), which keeps them
@@ -1172,11 +1142,8 @@ fn run_task_in(
                 (true, KeyLayout::Kivi(_)) => {
                     kernels::prefetch(k_rows);
                     v_next = v_rows;
-                    // The f16 windows the next tile reads live apart from the pools
-                    // (asked for over the tiles before them where there were some).
-                    if ramp_from >= window_from {
-                        prefetch_windows(p, lp, h, t1, nt1, &block_at)?;
-                    }
+                    // The f16 windows the next tile reads live apart from the pools.
+                    prefetch_windows(p, lp, h, t1, nt1, &block_at)?;
                 }
                 (false, _) => {
                     kernels::prefetch(k_rows);
@@ -1394,105 +1361,6 @@ fn prefetch_windows(
             }
         }
         t += t_n;
-    }
-    Ok(())
-}
-
-/// The first token of the first key block whose keys a query at `pos` reads in f16 where
-/// the block has a window: the blocks ending within the residual of it (`block_end + R >
-/// pos`), so at least its own.
-fn window_start(p: &QuantPools, pos: usize) -> usize {
-    let t_n = p.kivi_tokens;
-    (pos + 1).saturating_sub(t_n + p.residual).div_ceil(t_n) * t_n
-}
-
-/// Decode, one query at `pos`: asks for the tile `t0..t1`'s share of the f16 rows of KV
-/// head `h` that the query will read from the windows (keys `window_from..=pos`, values
-/// of the residual), spread evenly over the keys `ramp_from..window_from` (a hint; no value
-/// changes, and blocks without a window are skipped).
-fn prefetch_window_share(
-    p: &QuantPools,
-    lp: &QuantLayer,
-    h: usize,
-    pos: usize,
-    (ramp_from, window_from): (usize, usize),
-    (t0, t1): (usize, usize),
-    block_at: &dyn Fn(usize) -> Result<usize>,
-) -> Result<()> {
-    let (a, b) = (
-        t0.clamp(ramp_from, window_from),
-        t1.clamp(ramp_from, window_from),
-    );
-    if a >= b {
-        return Ok(());
-    }
-    // The rows in reading order: keys, then the residual's values.
-    let end = pos + 1;
-    let keys = end.saturating_sub(window_from);
-    let values_from = end.saturating_sub(p.residual).max(window_from);
-    let values = if p.residual > 0 { end - values_from } else { 0 };
-    let (r0, r1) = share(keys + values, (ramp_from, window_from), (a, b));
-    if r0 < keys {
-        let from = window_from + r0;
-        prefetch_window_rows(
-            p,
-            lp,
-            h,
-            (from, window_from + r1.min(keys)),
-            false,
-            block_at,
-        )?;
-    }
-    if r1 > keys {
-        let from = values_from + r0.saturating_sub(keys);
-        prefetch_window_rows(p, lp, h, (from, values_from + (r1 - keys)), true, block_at)?;
-    }
-    Ok(())
-}
-
-/// The rows `r0..r1` of `total` that the keys `a..b` of `ramp_from..window_from` ask for:
-/// in proportion, so that tiles covering the keys ask for every row exactly once.
-fn share(
-    total: usize,
-    (ramp_from, window_from): (usize, usize),
-    (a, b): (usize, usize),
-) -> (usize, usize) {
-    if ramp_from >= window_from {
-        return (0, 0);
-    }
-    let span = window_from - ramp_from;
-    let at = |t: usize| -> usize {
-        // Widened: `total * (t - ramp_from)` cannot overflow.
-        (total as u128 * (t.clamp(ramp_from, window_from) - ramp_from) as u128 / span as u128)
-            as usize
-    };
-    (at(a), at(b))
-}
-
-/// Asks for the f16 keys (`values`: values) of KV head `h` of the tokens `t0..t1` from the
-/// windows of their key blocks, where they have one (a hint; no value changes).
-fn prefetch_window_rows(
-    p: &QuantPools,
-    lp: &QuantLayer,
-    h: usize,
-    (t0, t1): (usize, usize),
-    values: bool,
-    block_at: &dyn Fn(usize) -> Result<usize>,
-) -> Result<()> {
-    let (d, t_n, bs) = (p.vgeom.head_dim, p.kivi_tokens, p.vgeom.block_size);
-    let mut t = t0;
-    while t < t1 {
-        let offset = t % bs;
-        let (kb, j) = (offset / t_n, offset % t_n);
-        let n = (t1 - t).min(t_n - j);
-        if let Some(win) = lp.windows[block_at(t / bs)? * p.key_blocks_per_block + kb].as_ref() {
-            let rows = if values { &win.values } else { &win.rows };
-            kernels::prefetch(
-                rows.get((h * t_n + j) * d..(h * t_n + j + n) * d)
-                    .unwrap_or(&[]),
-            );
-        }
-        t += n;
     }
     Ok(())
 }
@@ -1806,32 +1674,6 @@ mod tests {
                 .expect("flat")
         };
         assert_eq!(flat(kp), flat(kd));
-    }
-
-    #[test]
-    fn window_prefetch_shares_cover_every_row_once() {
-        for (total, ramp, tiles) in [
-            (
-                288,
-                (3424, 3936),
-                vec![3424, 3456, 3520, 3584, 3648, 3712, 3776, 3840, 3904, 3936],
-            ),
-            (160, (0, 32), vec![0, 32]),
-            (7, (64, 576), vec![64, 100, 101, 300, 576]),
-            (0, (0, 512), vec![0, 256, 512]),
-        ] {
-            let mut next = 0;
-            for w in tiles.windows(2) {
-                let (r0, r1) = share(total, ramp, (w[0], w[1]));
-                assert_eq!(r0, next, "{total} rows, keys {}..{}", w[0], w[1]);
-                assert!(r1 >= r0 && r1 <= total);
-                next = r1;
-            }
-            assert_eq!(next, total, "{total} rows over {ramp:?}");
-            // Keys outside the ramp ask for nothing more.
-            assert_eq!(share(total, ramp, (ramp.1, ramp.1 + 64)), (total, total));
-            assert_eq!(share(total, ramp, (0, ramp.0)), (0, 0));
-        }
     }
 
     /// With a residual, a query reads the keys of the blocks ending within `R` tokens and
