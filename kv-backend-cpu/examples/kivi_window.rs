@@ -7,7 +7,10 @@
 //! back, so that a load change falls on both layouts of a pair alike. A step that another
 //! process interrupts only gets slower, so the low quantiles are the machine's own speed:
 //! prints each layout's best, 10th percentile and median step, and for each pair the ratio
-//! of those (and the median of the per-round ratios).
+//! of those (and the median of the per-round ratios). On Linux the same figures follow for
+//! the thread's CPU time per step (`CLOCK_THREAD_CPUTIME_ID`), which leaves out the time
+//! the step waited while other processes ran on its core (one thread only: a pool's
+//! threads are not counted).
 //!
 //! ```text
 //! cargo run --release -p kv-backend-cpu --example kivi_window [-- TOKENS [THREADS [ROUNDS]]]
@@ -66,49 +69,83 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             backend.attend(&storage, 0, &q, &batch)?; // warm up
             stores.push(storage);
         }
-        // times[layout][round]: seconds per step.
+        // times[layout][round]: seconds per step; cpu[layout][round]: the thread's CPU
+        // seconds per step.
         let mut times = vec![Vec::with_capacity(rounds); stores.len()];
+        let mut cpu = vec![Vec::with_capacity(rounds); stores.len()];
         for _ in 0..rounds {
-            for (storage, t) in stores.iter().zip(&mut times) {
-                let start = Instant::now();
+            for ((storage, t), c) in stores.iter().zip(&mut times).zip(&mut cpu) {
+                let (start, cpu_start) = (Instant::now(), thread_cpu());
                 std::hint::black_box(backend.attend(storage, 0, &q, &batch)?);
                 t.push(start.elapsed().as_secs_f64());
+                if let (Some(a), Some(b)) = (cpu_start, thread_cpu()) {
+                    c.push(b - a);
+                }
             }
         }
-        let sorted: Vec<Vec<f64>> = times
-            .iter()
-            .map(|t| {
-                let mut s = t.clone();
-                s.sort_by(f64::total_cmp);
-                s
-            })
-            .collect();
-        for (layout, s) in layouts.iter().zip(&sorted) {
-            println!(
-                "  {layout:<11} best {:>8.1}  p10 {:>8.1}  median {:>8.1} us/step",
-                s[0] * 1e6,
-                quantile(s, 0.1) * 1e6,
-                quantile(s, 0.5) * 1e6
-            );
-        }
-        for (i, (a, b)) in PAIRS.iter().enumerate() {
-            let (with, without) = (&sorted[2 * i + 1], &sorted[2 * i]);
-            let mut ratios: Vec<f64> = times[2 * i + 1]
-                .iter()
-                .zip(&times[2 * i])
-                .map(|(w, wo)| w / wo)
-                .collect();
-            ratios.sort_by(f64::total_cmp);
-            println!(
-                "  {b} / {a}: best {:.3}x  p10 {:.3}x  median {:.3}x  per-round median {:.3}x",
-                with[0] / without[0],
-                quantile(with, 0.1) / quantile(without, 0.1),
-                quantile(with, 0.5) / quantile(without, 0.5),
-                quantile(&ratios, 0.5),
-            );
+        report(&layouts, &times, "wall");
+        if threads == 1 && cpu.iter().all(|c| c.len() == rounds) {
+            report(&layouts, &cpu, "thread CPU");
         }
     }
     Ok(())
+}
+
+/// Prints each layout's best, 10th percentile and median of `times[layout][round]`
+/// (seconds), and the ratios of each pair.
+fn report(layouts: &[&str], times: &[Vec<f64>], what: &str) {
+    println!("  {what} time:");
+    let sorted: Vec<Vec<f64>> = times
+        .iter()
+        .map(|t| {
+            let mut s = t.clone();
+            s.sort_by(f64::total_cmp);
+            s
+        })
+        .collect();
+    for (layout, s) in layouts.iter().zip(&sorted) {
+        println!(
+            "  {layout:<11} best {:>8.1}  p10 {:>8.1}  median {:>8.1} us/step",
+            s[0] * 1e6,
+            quantile(s, 0.1) * 1e6,
+            quantile(s, 0.5) * 1e6
+        );
+    }
+    for (i, (a, b)) in PAIRS.iter().enumerate() {
+        let (with, without) = (&sorted[2 * i + 1], &sorted[2 * i]);
+        let mut ratios: Vec<f64> = times[2 * i + 1]
+            .iter()
+            .zip(&times[2 * i])
+            .map(|(w, wo)| w / wo)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "  {b} / {a}: best {:.3}x  p10 {:.3}x  median {:.3}x  per-round median {:.3}x",
+            with[0] / without[0],
+            quantile(with, 0.1) / quantile(without, 0.1),
+            quantile(with, 0.5) / quantile(without, 0.5),
+            quantile(&ratios, 0.5),
+        );
+    }
+}
+
+/// The calling thread's CPU time in seconds (Linux; `None` elsewhere or on failure).
+fn thread_cpu() -> Option<f64> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec for the call to fill; the clock id is
+        // a constant Linux defines.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        (rc == 0).then_some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
 }
 
 /// The `p` quantile of sorted `s` (nearest rank).
