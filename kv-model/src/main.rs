@@ -1160,7 +1160,6 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
 }
 
 fn batch(args: BatchArgs) -> Result<()> {
-    use kv_attention::PagedCache;
     use kv_core::StorageSpec;
     at_least_one("--max-tokens", args.max_tokens)?;
     at_least_one("--block-size", args.block_size)?;
