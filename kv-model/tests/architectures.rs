@@ -725,3 +725,56 @@ fn gemma3_store_on_two_groups_restores_only_what_the_window_reads() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `kv batch --store` on a window model: two cache groups with a disk tier give every
+/// sequence the tokens of the batch without a tier; a second cache over the same directory
+/// restores blocks of both groups and gives the same tokens again.
+#[test]
+fn gemma3_batch_with_store_on_two_groups_equals_without() {
+    use kv_attention::TieredCache;
+    use kv_core::content::Fingerprint;
+    use kv_model::BatchOptions;
+    let model = load(&gemma_spec(), "gemma3-batch-store.gguf");
+    let shared: Vec<u32> = (0..17).map(|i| (i * 7 % (VOCAB - 1)) as u32 + 1).collect();
+    let prompts: Vec<Vec<u32>> = vec![
+        shared.iter().copied().chain([3, 9]).collect(),
+        shared.iter().copied().chain([5]).collect(),
+    ];
+    let options = BatchOptions {
+        max_tokens: 10,
+        stop_tokens: Vec::new(),
+        max_batch: 2,
+    };
+    let spec = StorageSpec::new(model.shape(), KvDType::F32, 4, 40).unwrap();
+    let cache = || {
+        model
+            .new_batch_cache(CpuBackend::new(), spec, 19 + 10, 2, 5)
+            .unwrap()
+    };
+    let plain = model
+        .generate_batch(&mut cache(), &prompts, &options)
+        .unwrap();
+    let dir = tier_dir("gemma3-batch-store");
+    let fp = Fingerprint::of_parts(&[("test", b"gemma3 batch store")]);
+    for round in 0..2 {
+        let mut tiered = TieredCache::new(cache(), fp, vec![disk(&dir)]);
+        assert!(tiered.cache().sliding_layers().is_some());
+        let run = model
+            .generate_batch_with_store(&mut tiered, &prompts, &options)
+            .unwrap();
+        for (a, b) in run.sequences.iter().zip(&plain.sequences) {
+            assert_eq!(a.tokens, b.tokens, "round {round}");
+        }
+        let stats = tiered.stats();
+        assert_eq!(stats.rejected, 0, "{stats:?}");
+        if round == 0 {
+            assert!(stats.window_bytes_saved > 0, "{stats:?}");
+        } else {
+            assert!(
+                stats.hits > 0 && stats.window_blocks_loaded > 0,
+                "{stats:?}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
