@@ -1047,6 +1047,19 @@ impl<B: CacheBackend> PagedCache<B> {
                 ),
             });
         }
+        self.export_from(seq, n_blocks, first)
+    }
+
+    /// Blocks `0..n_blocks` of the global group and `first..n_blocks` of the sliding one
+    /// (`first` at least the first block the twin holds, at most `n_blocks`, and
+    /// `n_blocks` full blocks committed: the callers check).
+    fn export_from(&self, seq: SeqId, n_blocks: usize, first: usize) -> Result<GroupBlocks> {
+        let s = self
+            .sliding
+            .as_ref()
+            .ok_or(KvError::UnknownSequence { id: seq })?;
+        let local = s.seq(seq)?;
+        let held = s.manager.evicted_tokens(local)? / self.spec.block_size;
         let export = |storage: &B::Storage, blocks: &[BlockId]| -> Result<Vec<Vec<u8>>> {
             blocks
                 .iter()
@@ -1061,17 +1074,55 @@ impl<B: CacheBackend> PagedCache<B> {
             &self.storage,
             &self.manager.table(seq)?.blocks()[..n_blocks],
         )?;
-        // `first <= n_blocks` (checked above), and the twin holds every block from `first`
-        // through the sequence's end, so its first `n_blocks - first` blocks exist.
-        let sliding = export(
-            &s.storage,
-            &s.manager.table(local)?.blocks()[..n_blocks - first],
-        )?;
+        // `held <= first <= n_blocks`, and the twin holds every block from `held` through
+        // the sequence's end, so its blocks `first - held..n_blocks - held` exist.
+        let table = s.manager.table(local)?;
+        let sliding = export(&s.storage, &table.blocks()[first - held..n_blocks - held])?;
         Ok(GroupBlocks {
             global,
             sliding_first: first,
             sliding,
         })
+    }
+
+    /// Like [`PagedCache::export_groups`], for a sequence that may have gone past
+    /// `n_blocks`: the global group's blocks `0..n_blocks` and the sliding group's blocks
+    /// it still holds among them (from its first held block, or none), without the check
+    /// that they cover what a query after `n_blocks` reads. What the tiers store: a
+    /// restore of a prefix of `m <= n_blocks` blocks uses them when they cover
+    /// `window_first_block(m)..m` ([`crate::TieredCache`]).
+    ///
+    /// # Errors
+    /// [`kv_core::KvError::UnknownSequence`]; [`kv_core::KvError::Unsupported`] on a cache
+    /// without a sliding group ([`PagedCache::export_blocks`] serves those);
+    /// [`kv_core::KvError::InvalidArgument`] when `seq` has fewer committed tokens; what
+    /// the backend's export returns.
+    pub fn export_held_groups(&self, seq: SeqId, n_blocks: usize) -> Result<GroupBlocks> {
+        let Some(s) = &self.sliding else {
+            return Err(KvError::Unsupported {
+                backend: self.backend.name().to_string(),
+                what: "exporting held groups on a cache without a sliding-window group".into(),
+            });
+        };
+        let bs = self.spec.block_size;
+        let committed = self.manager.tokens(seq)?.len();
+        if n_blocks.checked_mul(bs).is_none_or(|n| n > committed) {
+            return Err(KvError::InvalidArgument {
+                what: "exported blocks",
+                detail: format!(
+                    "{n_blocks} blocks of {bs} tokens asked, sequence {seq} has {committed} \
+                     committed tokens"
+                ),
+            });
+        }
+        let held = s.manager.evicted_tokens(s.seq(seq)?)? / bs;
+        self.export_from(seq, n_blocks, held.min(n_blocks))
+    }
+
+    /// The first full block a sliding layer reads for a query after `n_blocks` full
+    /// blocks (`(n * block_size + 1 - W) / block_size`); 0 without a sliding group.
+    pub fn window_first_block_after(&self, n_blocks: usize) -> usize {
+        self.window_first_block(n_blocks)
     }
 
     /// Checks that blocks shaped as [`PagedCache::export_groups`] returns them can be

@@ -428,6 +428,12 @@ pub struct TierStats {
     /// Blocks a tier was not asked for because prefilling them was estimated cheaper
     /// (see [`TieredCache`]'s restore rule).
     pub restores_skipped: u64,
+    /// On a cache with a sliding-window group: sliding-group blocks restored (each beside
+    /// the global blocks counted in `hits`; [`TieredCache`]'s "Two cache groups").
+    pub window_blocks_loaded: u64,
+    /// On a cache with a sliding-window group: bytes of `bytes_saved` that hold
+    /// sliding-group blocks.
+    pub window_bytes_saved: u64,
 }
 
 /// A cached device block whose content address is known: noted when its sequence was freed
@@ -464,9 +470,26 @@ struct Noted {
 /// blocks are read (that is how the rate gets measured). On a CPU, prefill costs
 /// milliseconds per token and every tier wins; a fast GPU with a slow shared store is where
 /// recomputing wins. Skipped blocks are counted in [`TierStats::restores_skipped`].
+///
+/// # Two cache groups
+/// On a cache with a sliding-window group ([`PagedCache::with_sliding_window`]) a block of
+/// each group is its own value, under its own key: the chain keys of the block's tokens
+/// with a fingerprint of the model's and the group's ([`TieredCache::group_fingerprints`]:
+/// the group, the window and which layers slide), so a value of one group never passes as
+/// one of the other, of another window or of a one-group cache. [`save`](Self::save)
+/// writes every full global block and the sliding blocks the sequence still holds. A
+/// restore of `n` blocks needs the global blocks `0..n` and the sliding blocks a query
+/// after them reads (`PagedCache::window_first_block_after(n)..n`): the longest such `n`
+/// beyond what the device reuses is imported into a new sequence in one
+/// [`PagedCache::import_groups`] (all or nothing: a value that fails leaves the device's
+/// own reuse as it was, and every value of that restore leaves its tier). Write-back on
+/// eviction ([`free`](Self::free), [`flush`](Self::flush)) covers one-group caches only;
+/// a two-group cache's blocks reach the tiers through `save`.
 pub struct TieredCache<B: CacheBackend> {
     cache: PagedCache<B>,
     fingerprint: Fingerprint,
+    /// The global and sliding groups' fingerprints on a two-group cache.
+    groups: Option<(Fingerprint, Fingerprint)>,
     tiers: Vec<Box<dyn BlockStore>>,
     stats: TierStats,
     /// The last store error, for reports.
@@ -490,9 +513,11 @@ impl<B: CacheBackend> TieredCache<B> {
         tiers: Vec<Box<dyn BlockStore>>,
     ) -> Self {
         let reads = vec![(0, 0.0); tiers.len()];
+        let groups = Self::group_fingerprints(&cache, &fingerprint);
         Self {
             cache,
             fingerprint,
+            groups,
             tiers,
             stats: TierStats::default(),
             last_error: None,
@@ -501,6 +526,27 @@ impl<B: CacheBackend> TieredCache<B> {
             rate_hints: vec![None; reads.len()],
             reads,
         }
+    }
+
+    /// The fingerprints a two-group `cache` keys its global and sliding blocks under in
+    /// the tiers: `fingerprint` with the group's name, the window and the layers that
+    /// slide; `None` for a cache of one group (its blocks use `fingerprint` itself).
+    pub fn group_fingerprints(
+        cache: &PagedCache<B>,
+        fingerprint: &Fingerprint,
+    ) -> Option<(Fingerprint, Fingerprint)> {
+        let s = cache.sliding_layers()?;
+        let window = (s.window().get() as u64).to_le_bytes();
+        let layers: Vec<u8> = (0..s.layers()).map(|l| u8::from(s.is_sliding(l))).collect();
+        let of = |group: &str| {
+            Fingerprint::of_parts(&[
+                ("model", &fingerprint.0),
+                ("cache group", group.as_bytes()),
+                ("window", &window),
+                ("sliding layers", &layers),
+            ])
+        };
+        Some((of("global"), of("sliding")))
     }
 
     /// Gives the restore rule this engine's prefill rate (tokens per second, measured by the
@@ -566,27 +612,21 @@ impl<B: CacheBackend> TieredCache<B> {
         self.last_error = Some(e.to_string());
     }
 
-    /// The content addresses of `tokens`' full blocks.
+    /// The content addresses of `tokens`' full blocks (of the global group's blocks on a
+    /// two-group cache).
     pub fn keys(&self, tokens: &[u32]) -> Vec<BlockKey> {
-        let spec = self.cache.spec();
-        chain_keys(tokens, spec.block_size, &self.fingerprint, spec.dtype)
+        let fingerprint = self.groups.as_ref().map_or(&self.fingerprint, |g| &g.0);
+        self.keys_under(fingerprint, tokens)
     }
 
-    /// Starts a sequence for `prompt`: reuses the device's cached prefix, then restores
-    /// the following full blocks from the tiers (never the block of the last prompt
-    /// token, whose logits are needed). Returns the sequence and the tokens reused or
-    /// restored: compute, write and commit only `prompt[reused..]`.
-    pub fn create_with_prefix(&mut self, prompt: &[u32]) -> (SeqId, usize) {
-        let (seq, mut reused) = self.cache.create_with_prefix(prompt);
-        let bs = self.cache.spec().block_size;
-        let usable = prompt.len().saturating_sub(1) / bs;
-        let first = reused / bs;
-        if first >= usable || self.tiers.is_empty() || reused % bs != 0 {
-            return (seq, reused);
-        }
-        let keys = self.keys(&prompt[..usable * bs]);
-        let wanted = &keys[first..];
-        // Each tier is asked (one batch) for the blocks no earlier tier had.
+    fn keys_under(&self, fingerprint: &Fingerprint, tokens: &[u32]) -> Vec<BlockKey> {
+        let spec = self.cache.spec();
+        chain_keys(tokens, spec.block_size, fingerprint, spec.dtype)
+    }
+
+    /// Asks the tiers in order for `wanted` (one batch per tier, each for what no earlier
+    /// tier had, subject to the restore rule): per key, the tier that had it and its value.
+    fn fetch(&mut self, wanted: &[BlockKey]) -> Vec<Option<(usize, Vec<u8>)>> {
         let mut found: Vec<Option<(usize, Vec<u8>)>> = vec![None; wanted.len()];
         for t in 0..self.tiers.len() {
             let missing: Vec<usize> = (0..wanted.len()).filter(|&i| found[i].is_none()).collect();
@@ -613,6 +653,27 @@ impl<B: CacheBackend> TieredCache<B> {
                 Err(e) => self.store_error(e),
             }
         }
+        found
+    }
+
+    /// Starts a sequence for `prompt`: reuses the device's cached prefix, then restores
+    /// the following full blocks from the tiers (never the block of the last prompt
+    /// token, whose logits are needed). Returns the sequence and the tokens reused or
+    /// restored: compute, write and commit only `prompt[reused..]`.
+    pub fn create_with_prefix(&mut self, prompt: &[u32]) -> (SeqId, usize) {
+        let (seq, mut reused) = self.cache.create_with_prefix(prompt);
+        let bs = self.cache.spec().block_size;
+        let usable = prompt.len().saturating_sub(1) / bs;
+        let first = reused / bs;
+        if first >= usable || self.tiers.is_empty() || reused % bs != 0 {
+            return (seq, reused);
+        }
+        if let Some(groups) = self.groups {
+            return self.restore_groups(prompt, seq, reused, usable, groups);
+        }
+        let keys = self.keys(&prompt[..usable * bs]);
+        let wanted = &keys[first..];
+        let found = self.fetch(wanted);
         for (i, hit) in found.into_iter().enumerate() {
             let key = wanted[i];
             let Some((tier, value)) = hit else {
@@ -660,6 +721,9 @@ impl<B: CacheBackend> TieredCache<B> {
     /// # Errors
     /// [`kv_core::KvError::UnknownSequence`]; what the backend's export returns.
     pub fn save(&mut self, seq: SeqId) -> kv_core::Result<usize> {
+        if let Some(groups) = self.groups {
+            return self.save_groups(seq, groups);
+        }
         let tokens = self.cache.manager().tokens(seq)?.to_vec();
         let keys = self.keys(&tokens);
         if keys.is_empty() || self.tiers.is_empty() {
@@ -702,6 +766,188 @@ impl<B: CacheBackend> TieredCache<B> {
     }
 }
 
+/// The two cache groups' restore and save (see "Two cache groups" in the type's docs).
+impl<B: CacheBackend> TieredCache<B> {
+    /// [`create_with_prefix`](Self::create_with_prefix) on a two-group cache, after the
+    /// device reused `reused` tokens into `seq` (fewer than `usable` full blocks).
+    fn restore_groups(
+        &mut self,
+        prompt: &[u32],
+        seq: SeqId,
+        reused: usize,
+        usable: usize,
+        (global_fp, sliding_fp): (Fingerprint, Fingerprint),
+    ) -> (SeqId, usize) {
+        let bs = self.cache.spec().block_size;
+        let have = reused / bs;
+        let global_keys = self.keys_under(&global_fp, &prompt[..usable * bs]);
+        let global = self.fetch(&global_keys);
+        let n_global = global.iter().take_while(|v| v.is_some()).count();
+        let miss = |this: &mut Self| this.stats.misses += (usable - have) as u64;
+        if n_global <= have {
+            miss(self);
+            return (seq, reused);
+        }
+        let lo = self.cache.window_first_block_after(n_global);
+        let sliding_keys = self.keys_under(&sliding_fp, &prompt[..n_global * bs]);
+        let sliding = self.fetch(&sliding_keys[lo..]);
+        // The longest prefix whose global blocks and the sliding blocks its next query
+        // reads were all found.
+        let restorable = (have + 1..=n_global).rev().find_map(|n| {
+            let from = self.cache.window_first_block_after(n);
+            let covered = from >= lo && sliding[from - lo..n - lo].iter().all(Option::is_some);
+            covered.then_some((n, from))
+        });
+        let Some((n, from)) = restorable else {
+            miss(self);
+            return (seq, reused);
+        };
+        // (tier, key, value) of every value this restore uses, global blocks first.
+        let used: Vec<(usize, BlockKey, Vec<u8>)> = global
+            .into_iter()
+            .zip(&global_keys)
+            .take(n)
+            .chain(
+                sliding
+                    .into_iter()
+                    .zip(&sliding_keys[lo..])
+                    .skip(from - lo)
+                    .take(n - from),
+            )
+            .filter_map(|(v, &k)| v.map(|(t, v)| (t, k, v)))
+            .collect();
+        let fresh = self.cache.create_sequence();
+        let imported = self.import_used(fresh, &prompt[..n * bs], &used, n, from, global_fp);
+        match imported {
+            Ok(()) => {
+                // The device's own reuse is replaced by the restore: its blocks stay cached.
+                // Cannot fail: `seq` was just created.
+                let _ = self.cache.free(seq);
+                self.stats.hits += n as u64;
+                self.stats.window_blocks_loaded += (n - from) as u64;
+                self.stats.bytes_loaded += used.iter().map(|(_, _, v)| v.len() as u64).sum::<u64>();
+                self.stats.tokens_loaded += ((n - have) * bs) as u64;
+                self.stats.misses += (usable - n) as u64;
+                (fresh, n * bs)
+            }
+            Err(e) => {
+                // `import_groups` left `fresh` empty. Cannot fail: it exists.
+                let _ = self.cache.free(fresh);
+                if !matches!(e, kv_core::KvError::CacheFull { .. }) {
+                    // Never used: recomputed, and every value of the restore leaves its tier
+                    // (which one was bad is not known when a backend refuses a block).
+                    self.stats.rejected += used.len() as u64;
+                    self.last_error = Some(e.to_string());
+                    for (t, key, _) in &used {
+                        if let Err(e) = self.tiers[*t].delete(key) {
+                            self.store_error(e);
+                        }
+                    }
+                }
+                miss(self);
+                (seq, reused)
+            }
+        }
+    }
+
+    /// Decodes `used` (global blocks `0..n`, then sliding blocks `from..n`) and imports
+    /// them into the empty sequence `fresh` in one [`PagedCache::import_groups`].
+    fn import_used(
+        &mut self,
+        fresh: SeqId,
+        tokens: &[u32],
+        used: &[(usize, BlockKey, Vec<u8>)],
+        n: usize,
+        from: usize,
+        global_fp: Fingerprint,
+    ) -> kv_core::Result<()> {
+        let sliding_fp = self.groups.map_or(global_fp, |g| g.1);
+        let mut bytes: Vec<&[u8]> = Vec::with_capacity(used.len());
+        for (i, (_, key, value)) in used.iter().enumerate() {
+            let fp = if i < n { &global_fp } else { &sliding_fp };
+            let b = cache_file::decode_value(fp, key, value).map_err(|e| {
+                kv_core::KvError::InvalidArgument {
+                    what: "stored block",
+                    detail: e.to_string(),
+                }
+            })?;
+            bytes.push(b);
+        }
+        let (global, sliding) = bytes.split_at(n.min(bytes.len()));
+        self.cache
+            .import_groups(fresh, tokens, global, from, sliding)
+    }
+
+    /// [`save`](Self::save) on a two-group cache: the global blocks of every full committed
+    /// block and the sliding blocks `seq` still holds among them, each under its group's
+    /// key, to every tier lacking them.
+    fn save_groups(
+        &mut self,
+        seq: SeqId,
+        (global_fp, sliding_fp): (Fingerprint, Fingerprint),
+    ) -> kv_core::Result<usize> {
+        let bs = self.cache.spec().block_size;
+        let tokens = self.cache.manager().tokens(seq)?.to_vec();
+        let n = tokens.len() / bs;
+        if n == 0 || self.tiers.is_empty() {
+            return Ok(0);
+        }
+        let freed = self.cache.len(seq)? - self.cache.sliding_len(seq)?;
+        let held_from = (freed / bs).min(n);
+        let global_keys = self.keys_under(&global_fp, &tokens);
+        let sliding_keys = self.keys_under(&sliding_fp, &tokens);
+        let keys: Vec<BlockKey> = global_keys
+            .iter()
+            .chain(&sliding_keys[held_from..])
+            .copied()
+            .collect();
+        let mut groups: Option<Vec<Vec<u8>>> = None;
+        let mut written = 0;
+        for t in 0..self.tiers.len() {
+            let have = match self.tiers[t].contains_many(&keys) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.store_error(e);
+                    continue;
+                }
+            };
+            if have.iter().all(|&h| h) {
+                continue;
+            }
+            let blocks = match &groups {
+                Some(b) => b,
+                None => {
+                    let g = self.cache.export_held_groups(seq, n)?;
+                    groups.insert(g.global.into_iter().chain(g.sliding).collect())
+                }
+            };
+            let mut window_bytes = 0;
+            let mut items = Vec::new();
+            for (i, ((key, block), &h)) in keys.iter().zip(blocks).zip(&have).enumerate() {
+                if h {
+                    continue;
+                }
+                let fp = if i < n { &global_fp } else { &sliding_fp };
+                let value = cache_file::encode_value(fp, key, block);
+                if i >= n {
+                    window_bytes += value.len() as u64;
+                }
+                items.push((*key, value));
+            }
+            let bytes: u64 = items.iter().map(|(_, v)| v.len() as u64).sum();
+            match self.tiers[t].put_many(&items) {
+                Ok(()) => {
+                    written += items.len();
+                    self.stats.bytes_saved += bytes;
+                    self.stats.window_bytes_saved += window_bytes;
+                }
+                Err(e) => self.store_error(e),
+            }
+        }
+        Ok(written)
+    }
+}
+
 /// Writing blocks down when the device lets go of them.
 impl<B: CacheBackend> TieredCache<B> {
     /// Notes the content addresses of `seq`'s committed full blocks that the device's prefix
@@ -712,7 +958,9 @@ impl<B: CacheBackend> TieredCache<B> {
         // Forget blocks evicted (or reused) since they were noted.
         self.noted
             .retain(|&b, n| manager.indexed_hash(b) == Some(n.hash));
-        if self.tiers.is_empty() || manager.evicted_tokens(seq)? > 0 {
+        // A two-group cache's global block alone restores nothing: its blocks reach the
+        // tiers through `save`.
+        if self.tiers.is_empty() || self.groups.is_some() || manager.evicted_tokens(seq)? > 0 {
             return Ok(());
         }
         let tokens = manager.tokens(seq)?;

@@ -337,8 +337,8 @@ impl Model {
     /// sequence's window slides, their pool sized for `max_batch` sequences while one
     /// prefills `longest` tokens at once (the longest prompt plus `max_tokens`: a preempted
     /// sequence prefills what it generated too); otherwise one group, as
-    /// [`PagedCache::with_prefix_cache`] makes. `kv batch` uses it (not with `--store`:
-    /// tier blocks hold every layer of a block, which a window group frees).
+    /// [`PagedCache::with_prefix_cache`] makes. `kv batch` uses it, with `--store` too
+    /// ([`TieredCache`] keeps each group's blocks under keys of their own).
     ///
     /// # Errors
     /// [`ModelError::InvalidArgument`] for zero `max_batch`; the cache's errors (a zero

@@ -1160,7 +1160,6 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
 }
 
 fn batch(args: BatchArgs) -> Result<()> {
-    use kv_attention::PagedCache;
     use kv_core::StorageSpec;
     at_least_one("--max-tokens", args.max_tokens)?;
     at_least_one("--block-size", args.block_size)?;
@@ -1258,7 +1257,7 @@ fn batch(args: BatchArgs) -> Result<()> {
         None => StorageSpec::new(model.shape(), args.dtype, args.block_size, blocks)?,
     };
     // With sliding-window layers, two cache groups: the window layers free their blocks as
-    // each sequence slides (not with --store: tier blocks hold every layer).
+    // each sequence slides (with --store too: the tiers keep each group's blocks).
     let longest = prompts
         .iter()
         .map(|p| p.len().saturating_add(args.max_tokens))
@@ -1291,7 +1290,8 @@ fn batch(args: BatchArgs) -> Result<()> {
             };
             let fingerprint =
                 kv_model::model_fingerprint(&path, &model, &tokenizer, layout, "cpu")?;
-            let cache = PagedCache::with_prefix_cache(CpuBackend::new(), spec, 0x6b76)?;
+            let cache =
+                model.new_batch_cache(CpuBackend::new(), spec, longest, args.max_batch, 0x6b76)?;
             let mut tiered = kv_attention::TieredCache::new(cache, fingerprint, vec![tier]);
             let run = model.generate_batch_with_store(&mut tiered, &prompts, &options)?;
             let line = store_line(store, &tiered.stats(), tiered.last_error());

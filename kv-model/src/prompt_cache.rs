@@ -15,8 +15,10 @@ use kv_attention::PagedCache;
 use kv_core::content::{chain_keys, Fingerprint};
 use kv_core::CacheBackend;
 
-use crate::generate::{run_loop, CacheReport};
-use crate::{CacheLayout, GenerateOptions, Generation, Logits, Model, Result, Tokenizer};
+use crate::generate::{run_loop, CacheReport, PREFILL_CHUNK};
+use crate::{
+    CacheLayout, GenerateOptions, Generation, Logits, Model, ModelError, Result, Tokenizer,
+};
 
 /// The fingerprint of `model` (loaded from the GGUF file at `path`) with `tokenizer`,
 /// cached in `layout` on the backend named `backend`: the configuration, every weight
@@ -240,9 +242,11 @@ pub struct StoreReport {
 impl Model {
     /// [`Model::generate`] with block tiers ([`kv_attention::store`]): the prompt's full
     /// blocks found in a tier (keyed by content address under `fingerprint`) are restored
-    /// instead of prefilled, and at the end the prompt's full blocks are written to every
-    /// tier that lacks them. A tier that fails or holds bad values costs only the prefill it
-    /// would have saved: the same tokens come out.
+    /// instead of prefilled, and once the prompt is prefilled its full blocks are written to
+    /// every tier that lacks them. A model with sliding-window layers runs on two cache
+    /// groups here as in [`Model::generate`]; the tiers keep each group's blocks apart
+    /// ([`kv_attention::TieredCache`]'s "Two cache groups"). A tier that fails or holds bad
+    /// values costs only the prefill it would have saved: the same tokens come out.
     ///
     /// # Errors
     /// What [`Model::generate`] returns.
@@ -258,27 +262,37 @@ impl Model {
         on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<(Generation, StoreReport)> {
         let spec = self.request_spec(layout, prompt, options)?;
-        // The device's own prefix index is empty in a fresh cache; its salt is unused.
-        let cache = PagedCache::with_prefix_cache(backend, spec, 0)?;
+        // The device's own prefix index is empty in a fresh cache; its salt is unused. With
+        // sliding-window layers, two groups (the tiers store each group's blocks) and the
+        // prompt in chunks, as `Model::generate` runs it.
+        let chunk = prompt.len().clamp(1, PREFILL_CHUNK);
+        let cache = self.new_batch_cache(backend, spec, chunk, 1, 0)?;
+        let sliding = cache.sliding_layers().is_some();
         let mut tiered = kv_attention::TieredCache::new(cache, fingerprint, tiers);
         let (seq, reused) = tiered.create_with_prefix(prompt);
         let mut first = true;
         let run = run_loop(prompt, options, on_token, |new, _| {
             let new = if first { &new[reused..] } else { new };
-            let logits = self.forward(new, tiered.cache_mut(), seq, Logits::Last)?;
+            let logits = if sliding {
+                let mut last = None;
+                for part in new.chunks(chunk) {
+                    last = Some(self.forward(part, tiered.cache_mut(), seq, Logits::Last)?);
+                }
+                last.ok_or(ModelError::EmptyPrompt)?
+            } else {
+                self.forward(new, tiered.cache_mut(), seq, Logits::Last)?
+            };
             if first {
                 tiered.cache_mut().commit(seq, new)?;
                 first = false;
+                // Only the prompt is committed, so only its blocks are saved; saved now,
+                // before decoding slides the window past the sliding blocks a restore needs.
+                if tiered.cache().backend().supports_block_bytes() {
+                    tiered.save(seq)?;
+                }
             }
             Ok(logits)
         })?;
-        // Only the prompt is committed, so only its blocks are saved.
-        let cache = tiered.cache();
-        let committed = cache.manager().tokens(seq)?.len();
-        debug_assert_eq!(committed, prompt.len());
-        if tiered.cache().backend().supports_block_bytes() {
-            tiered.save(seq)?;
-        }
         let report = StoreReport {
             stats: tiered.stats(),
             reused_tokens: reused,

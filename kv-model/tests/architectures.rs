@@ -551,3 +551,230 @@ fn gemma3_batch_on_two_groups_equals_each_alone_and_reuse_changes_nothing() {
         Some(Ok(()))
     );
 }
+
+/// A fresh directory for a disk tier.
+fn tier_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kv-arch-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn disk(dir: &Path) -> Box<dyn kv_attention::store::BlockStore> {
+    Box::new(kv_attention::store::DiskStore::open(dir, 1 << 30).unwrap())
+}
+
+/// `--store` on a window model: two cache groups whose blocks the disk tier keeps apart.
+/// A run with the tier equals one without (tokens and every step's logits); a second
+/// cache over the same directory (another process, as far as the tier knows) restores the
+/// global blocks and the window blocks the first new query reads, and prefills only the
+/// tail; hostile values (a block of the other group under a global key, a block of the
+/// wrong size) are typed rejections that leave the cache as it was, and the tokens stay.
+#[test]
+fn gemma3_store_on_two_groups_restores_only_what_the_window_reads() {
+    use kv_attention::cache_file::{decode_value, encode_value};
+    use kv_attention::store::BlockStore;
+    use kv_attention::TieredCache;
+    use kv_core::content::{chain_keys, Fingerprint};
+    use kv_model::{CacheLayout, GenerateOptions};
+
+    let model = load(&gemma_spec(), "gemma3-store.gguf");
+    let layout = CacheLayout {
+        dtype: KvDType::F32,
+        block_size: 4,
+    };
+    let prompt: Vec<u32> = (0..23).map(|i| (i * 7 % (VOCAB - 1)) as u32 + 1).collect();
+    let options = GenerateOptions {
+        max_tokens: 12,
+        ..GenerateOptions::default()
+    };
+    let plain = model
+        .generate(CpuBackend::new(), layout, &prompt, &options, |_| Ok(()))
+        .unwrap();
+    let fp = Fingerprint::of_parts(&[("test", b"gemma3 store")]);
+    let dir = tier_dir("gemma3-store");
+    let run = |dir: &Path| {
+        model
+            .generate_with_store(
+                CpuBackend::new(),
+                layout,
+                fp,
+                vec![disk(dir)],
+                &prompt,
+                &options,
+                |_| Ok(()),
+            )
+            .unwrap()
+    };
+    let same = |g: &kv_model::Generation, what: &str| {
+        assert_eq!(g.tokens, plain.tokens, "{what}");
+        assert_eq!(g.logits.len(), plain.logits.len(), "{what}");
+        for (a, b) in g.logits.iter().zip(&plain.logits) {
+            let d = max_abs_diff(a, b);
+            assert!(d < 1e-4, "{what}: logits differ by {d}");
+        }
+    };
+    let (first, r1) = run(&dir);
+    same(&first, "first run");
+    assert_eq!(r1.reused_tokens, 0);
+    assert!(
+        r1.stats.window_bytes_saved > 0 && r1.stats.bytes_saved > r1.stats.window_bytes_saved,
+        "{:?}",
+        r1.stats
+    );
+    // 22 tokens before the last give 5 full blocks; a query after 20 tokens reads keys
+    // from 16 on (window 5): the global blocks 0..5 and the window block 4.
+    let (second, r2) = run(&dir);
+    same(&second, "restored run");
+    assert_eq!(r2.reused_tokens, 20, "{:?}", r2.stats);
+    assert_eq!((r2.stats.hits, r2.stats.window_blocks_loaded), (5, 1));
+    assert_eq!(r2.stats.rejected, 0);
+
+    // Hostile values, checked on a cache directly: it must be left as it was.
+    let spec = StorageSpec::new(model.shape(), KvDType::F32, 4, 16).unwrap();
+    let new_tiered = |dir: &Path| {
+        let cache = model
+            .new_batch_cache(CpuBackend::new(), spec, 8, 1, 0)
+            .unwrap();
+        TieredCache::new(cache, fp, vec![disk(dir)])
+    };
+    let probe = new_tiered(&dir);
+    let (global_fp, sliding_fp) =
+        TieredCache::group_fingerprints(probe.cache(), &fp).expect("two groups");
+    drop(probe);
+    let usable = &prompt[..20];
+    let global_keys = chain_keys(usable, 4, &global_fp, KvDType::F32);
+    let sliding_keys = chain_keys(usable, 4, &sliding_fp, KvDType::F32);
+    let mut store = kv_attention::store::DiskStore::open(&dir, 1 << 30).unwrap();
+    let window_value = store
+        .get(&sliding_keys[4])
+        .unwrap()
+        .expect("window block saved");
+    let window_bytes = decode_value(&sliding_fp, &sliding_keys[4], &window_value)
+        .unwrap()
+        .to_vec();
+    let global_value = store
+        .get(&global_keys[0])
+        .unwrap()
+        .expect("global block saved");
+    let global_bytes = decode_value(&global_fp, &global_keys[0], &global_value)
+        .unwrap()
+        .to_vec();
+    assert_ne!(
+        global_bytes.len(),
+        window_bytes.len(),
+        "groups differ in size"
+    );
+    let hostile: [(&str, usize, Vec<u8>); 2] = [
+        ("window block as global block 0", 0, window_bytes.clone()),
+        (
+            "short window block",
+            4,
+            window_bytes[..window_bytes.len() - 4].to_vec(),
+        ),
+    ];
+    for (what, block, bytes) in hostile {
+        let (fp_used, key) = if block == 0 {
+            (&global_fp, global_keys[0])
+        } else {
+            (&sliding_fp, sliding_keys[4])
+        };
+        let mut store = kv_attention::store::DiskStore::open(&dir, 1 << 30).unwrap();
+        store
+            .put(&key, &encode_value(fp_used, &key, &bytes))
+            .unwrap();
+        drop(store);
+        let mut tiered = new_tiered(&dir);
+        let (seq, reused) = tiered.create_with_prefix(&prompt);
+        assert_eq!(reused, 0, "{what}");
+        assert_eq!(tiered.cache().len(seq).unwrap(), 0, "{what}");
+        // Nothing held or indexed in either group: only the empty sequence exists.
+        for s in [
+            tiered.cache().stats(),
+            tiered.cache().sliding_stats().unwrap(),
+        ] {
+            assert_eq!(
+                (
+                    s.used_blocks,
+                    s.cached_blocks,
+                    s.indexed_blocks,
+                    s.sequences
+                ),
+                (0, 0, 0, 1),
+                "{what}: {s:?}"
+            );
+        }
+        assert_eq!(tiered.cache().manager().audit(), Ok(()), "{what}");
+        assert_eq!(
+            tiered
+                .cache()
+                .sliding_manager()
+                .map(kv_core::CacheManager::audit),
+            Some(Ok(())),
+            "{what}"
+        );
+        let stats = tiered.stats();
+        assert!(stats.rejected > 0, "{what}: {stats:?}");
+        assert!(tiered.last_error().is_some(), "{what}");
+        drop(tiered);
+        // The rejected values left the tier; a run then prefills and gives the same tokens.
+        let mut store = kv_attention::store::DiskStore::open(&dir, 1 << 30).unwrap();
+        assert!(!store.contains(&key).unwrap(), "{what}");
+        drop(store);
+        let (again, _) = run(&dir);
+        same(&again, what);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `kv batch --store` on a window model: two cache groups with a disk tier give every
+/// sequence the tokens of the batch without a tier; a second cache over the same directory
+/// restores blocks of both groups and gives the same tokens again.
+#[test]
+fn gemma3_batch_with_store_on_two_groups_equals_without() {
+    use kv_attention::TieredCache;
+    use kv_core::content::Fingerprint;
+    use kv_model::BatchOptions;
+    let model = load(&gemma_spec(), "gemma3-batch-store.gguf");
+    let shared: Vec<u32> = (0..17).map(|i| (i * 7 % (VOCAB - 1)) as u32 + 1).collect();
+    let prompts: Vec<Vec<u32>> = vec![
+        shared.iter().copied().chain([3, 9]).collect(),
+        shared.iter().copied().chain([5]).collect(),
+    ];
+    let options = BatchOptions {
+        max_tokens: 10,
+        stop_tokens: Vec::new(),
+        max_batch: 2,
+    };
+    let spec = StorageSpec::new(model.shape(), KvDType::F32, 4, 40).unwrap();
+    let cache = || {
+        model
+            .new_batch_cache(CpuBackend::new(), spec, 19 + 10, 2, 5)
+            .unwrap()
+    };
+    let plain = model
+        .generate_batch(&mut cache(), &prompts, &options)
+        .unwrap();
+    let dir = tier_dir("gemma3-batch-store");
+    let fp = Fingerprint::of_parts(&[("test", b"gemma3 batch store")]);
+    for round in 0..2 {
+        let mut tiered = TieredCache::new(cache(), fp, vec![disk(&dir)]);
+        assert!(tiered.cache().sliding_layers().is_some());
+        let run = model
+            .generate_batch_with_store(&mut tiered, &prompts, &options)
+            .unwrap();
+        for (a, b) in run.sequences.iter().zip(&plain.sequences) {
+            assert_eq!(a.tokens, b.tokens, "round {round}");
+        }
+        let stats = tiered.stats();
+        assert_eq!(stats.rejected, 0, "{stats:?}");
+        if round == 0 {
+            assert!(stats.window_bytes_saved > 0, "{stats:?}");
+        } else {
+            assert!(
+                stats.hits > 0 && stats.window_blocks_loaded > 0,
+                "{stats:?}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
