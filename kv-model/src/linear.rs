@@ -639,7 +639,7 @@ pub fn matmul_path_seconds(
     let m = BlockMatrix::new(ty, rows, cols, data)?;
     let x: Vec<f32> = (0..n * cols).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
     let mut out = vec![0f32; n * rows];
-    let mut call = |x: &[f32], out: &mut [f32]| {
+    let call = |x: &[f32], out: &mut [f32]| {
         if q8 {
             let xq = q8::Q8Rows::quantize(x, n, cols);
             q8::q8_parts(k, &mut [(&m, out)], &xq, n);
