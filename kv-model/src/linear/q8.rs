@@ -267,16 +267,16 @@ fn tiles<S: Simd, F: IntFormat, const BYTES: usize, const V: bool>(s: S, k: DotQ
                 .0
         });
         tile.clear();
-        for b in 0..nb {
+        tile.extend((0..nb).map(|b| {
             let c: [(S::Bytes32, f32, f32); WROWS] =
                 core::array::from_fn(|j| F::codes_simd(s, &src[j][b]));
-            tile.push(Decoded {
+            Decoded {
                 u: c.map(|c| if F::SIGNED { s.abs_bytes32(c.0) } else { c.0 }),
                 w: c.map(|c| c.0),
                 d: s.load_f32x8(&c.map(|c| c.1)),
                 m: s.load_f32x8(&c.map(|c| c.2)),
-            });
-        }
+            }
+        }));
         let mut put = |i: usize, v: S::F32x8| {
             let mut lanes = [0f32; WROWS];
             s.store_f32x8(&mut lanes, v);
