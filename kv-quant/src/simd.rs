@@ -477,43 +477,6 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn lookup32_split_centered_dot(self, a: Self::F32, b: &[u8; 16], high: u32) -> Self::X32 {
         self.lookup32_split(self.lut32_centered(a), b, high)
     }
-    /// `(a_lo * code_lo, a_hi * code_hi)` for the 64 5-bit codes of a Q5_K chunk pair:
-    /// the low (`code_lo`) and high (`code_hi`) nibbles of the 32 bytes of `b`, with
-    /// bit `c` (low) and bit `c + 1` (high) of byte `j` of `h` as code `j`'s fifth bit
-    /// (`c < 7`). For dot products: `a_lo`, `a_hi` must have at most 17 significant bits
-    /// (an f16 times a 6-bit integer) and a zero weight may have either sign. Here the
-    /// codes are assembled in bytes and looked up in 32-entry tables; 512 bits look the
-    /// nibbles up in 16-entry tables and add `16 a` where a fifth bit is set (a byte test
-    /// into a mask register): `a lo + 16 a = a (lo + 16)` exactly (issue 15).
-    #[inline(always)]
-    fn lookup16_nibbles_fifth(
-        self,
-        a_lo: Self::F32,
-        a_hi: Self::F32,
-        b: &[u8; 32],
-        h: Self::Bytes32,
-        c: u32,
-    ) -> (Self::X32, Self::X32) {
-        let (c0, c1) = (c & 7, (c + 1) & 7);
-        let f0 = if c0 >= 4 {
-            self.shr_bytes32(h, c0 - 4)
-        } else {
-            self.shl_bytes32(h, 4 - c0)
-        };
-        let f1 = if c1 >= 4 {
-            self.shr_bytes32(h, c1 - 4)
-        } else {
-            self.shl_bytes32(h, 4 - c1)
-        };
-        let q = self.load_bytes32(b);
-        let lo = self.or_bytes32(self.and_bytes32(q, 0x0F), self.and_bytes32(f0, 0x10));
-        let hi = self.or_bytes32(self.shr_bytes32(q, 4), self.and_bytes32(f1, 0x10));
-        let z = self.zero();
-        (
-            self.lookup32(self.lut32_affine(a_lo, z), lo),
-            self.lookup32(self.lut32_affine(a_hi, z), hi),
-        )
-    }
     // End of the GGUF weight codes.
     // -----------------------------------------------------------------------------------
 
@@ -957,76 +920,6 @@ mod tests {
                 bytes: *bytes.first_chunk().unwrap_or(&[0; 16]),
                 a,
                 bits: next_bits(case, bytes),
-            };
-            let want = ops().scalar();
-            for isa in Isa::available() {
-                let got = isa.run(ops());
-                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(g == w, "{isa} case {case} weight {j}: {g} vs {w}");
-                }
-            }
-        }
-    }
-
-    /// [`Simd::lookup16_nibbles_fifth`] on one input: its scalar twin is the product
-    /// `a * code` of the assembled 5-bit codes.
-    struct NibblesFifth {
-        bytes: [u8; 32],
-        high: [u8; 32],
-        a: (f32, f32),
-        c: u32,
-    }
-
-    impl Kernel for NibblesFifth {
-        type Output = Vec<f32>;
-        fn scalar(self) -> Vec<f32> {
-            let code = |j: usize, nib: u32, bit: u32| {
-                let q = (self.bytes[j] >> nib) & 15;
-                f32::from(q | (((self.high[j] >> bit) & 1) << 4))
-            };
-            let lo = (0..32).map(|j| code(j, 0, self.c) * self.a.0);
-            let hi = (0..32).map(|j| code(j, 4, self.c + 1) * self.a.1);
-            lo.chain(hi).collect()
-        }
-        fn simd<S: Simd>(self, s: S) -> Vec<f32> {
-            let h = s.load_bytes32(&self.high);
-            let (a0, a1) = (s.splat(self.a.0), s.splat(self.a.1));
-            let (lo, hi) = s.lookup16_nibbles_fifth(a0, a1, &self.bytes, h, self.c);
-            let mut out = [[0f32; 32]; 2];
-            s.store32(&mut out[0], lo);
-            s.store32(&mut out[1], hi);
-            out.concat()
-        }
-    }
-
-    /// The Q5_K dot-product lookup equals the product of the assembled codes at every
-    /// level for every chunk pair and scales of 17 significant bits (an f16 times a
-    /// 6-bit integer, either sign, zero included), up to the sign of a zero weight.
-    #[test]
-    fn nibbles_fifth_lookup_equals_the_product_up_to_zero_sign() {
-        let mut state = 0x6a09_e667_f3bc_c908u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let mut scale = || loop {
-            let h = half::f16::from_bits(next() as u16);
-            if h.is_finite() {
-                break h.to_f32() * (next() % 64) as f32;
-            }
-        };
-        for case in 0..400u32 {
-            let (mut bytes, mut high) = ([0u8; 32], [0u8; 32]);
-            bytes.iter_mut().for_each(|b| *b = next() as u8);
-            high.iter_mut().for_each(|b| *b = next() as u8);
-            let a = (scale(), scale());
-            let ops = || NibblesFifth {
-                bytes,
-                high,
-                a,
-                c: 2 * (case % 4),
             };
             let want = ops().scalar();
             for isa in Isa::available() {

@@ -1258,49 +1258,6 @@ impl Simd for V512 {
         })
     }
     #[inline(always)]
-    fn lookup16_nibbles_fifth(
-        self,
-        a_lo: __m512,
-        a_hi: __m512,
-        b: &[u8; 32],
-        h: __m256i,
-        c: u32,
-    ) -> ([__m512; 2], [__m512; 2]) {
-        // 16-entry tables `i * a` (the permute reads an index's low 4 bits), then `+ 16 a`
-        // under the masks of the bytes of `h` whose bit `c` (`c + 1`) is set.
-        let (b, _) = b.as_chunks::<16>();
-        feat!({
-            let (t_lo, t_hi) = (
-                _mm512_mul_ps(iota_512(), a_lo),
-                _mm512_mul_ps(iota_512(), a_hi),
-            );
-            let sixteen = _mm512_set1_ps(16.0);
-            let (add_lo, add_hi) = (_mm512_mul_ps(a_lo, sixteen), _mm512_mul_ps(a_hi, sixteen));
-            let m_lo = _mm256_test_epi8_mask(h, _mm256_set1_epi8((1u8 << (c & 7)) as i8));
-            let m_hi = _mm256_test_epi8_mask(h, _mm256_set1_epi8((1u8 << ((c + 1) & 7)) as i8));
-            let q0 = _mm512_cvtepu8_epi32(load_128(&b[0]));
-            let q1 = _mm512_cvtepu8_epi32(load_128(&b[1]));
-            let (l0, l1) = (
-                _mm512_permutexvar_ps(q0, t_lo),
-                _mm512_permutexvar_ps(q1, t_lo),
-            );
-            let (h0, h1) = (
-                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q0), t_hi),
-                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q1), t_hi),
-            );
-            (
-                [
-                    _mm512_mask_add_ps(l0, m_lo as __mmask16, l0, add_lo),
-                    _mm512_mask_add_ps(l1, (m_lo >> 16) as __mmask16, l1, add_lo),
-                ],
-                [
-                    _mm512_mask_add_ps(h0, m_hi as __mmask16, h0, add_hi),
-                    _mm512_mask_add_ps(h1, (m_hi >> 16) as __mmask16, h1, add_hi),
-                ],
-            )
-        })
-    }
-    #[inline(always)]
     fn lookup32_split_centered_dot(self, a: __m512, b: &[u8; 16], high: u32) -> [__m512; 2] {
         // `(lo - 16) * a` from 16 entries (the permute reads an index's low 4 bits, so the
         // low nibbles need no mask), then `+ 16 a` under the fifth-bit masks.
