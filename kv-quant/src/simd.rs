@@ -466,6 +466,17 @@ pub trait Simd: Copy + Send + Sync + 'static {
             self.or_bytes32(self.split_nibbles32(b), self.bits_to_bytes32(high, 16)),
         )
     }
+    /// `(code - 16) * a` for the 32 5-bit codes of a Q5_0 block (laid out as for
+    /// [`Simd::lookup32_split`]), for dot products: `a` must have at most 11 significant
+    /// bits (an f16 value), and a zero weight may come out `+0.0` where the product is
+    /// `-0.0` (a zero term's sign cannot change a sum that is not zero). Here the lookup
+    /// of [`Simd::lut32_centered`]; 512 bits look the low 4 bits up in a 16-entry table
+    /// (one-table permutes) and add `16 a` where the fifth bit is set, under a mask:
+    /// `(lo - 16) a + 16 a = lo a` exactly, since every term is exact in f32 (issue 15).
+    #[inline(always)]
+    fn lookup32_split_centered_dot(self, a: Self::F32, b: &[u8; 16], high: u32) -> Self::X32 {
+        self.lookup32_split(self.lut32_centered(a), b, high)
+    }
     // End of the GGUF weight codes.
     // -----------------------------------------------------------------------------------
 
@@ -966,6 +977,70 @@ mod tests {
             let want = ops().scalar();
             for isa in Isa::available() {
                 assert_eq!(isa.run(ops()), want, "{isa} case {case}");
+            }
+        }
+    }
+
+    /// [`Simd::lookup32_split_centered_dot`] on one input: its scalar twin is the plain
+    /// product `(code - 16) * a`.
+    struct CenteredDot {
+        bytes: [u8; 16],
+        a: f32,
+        bits: u32,
+    }
+
+    impl Kernel for CenteredDot {
+        type Output = Vec<f32>;
+        fn scalar(self) -> Vec<f32> {
+            (0..32)
+                .map(|j| {
+                    let q = self.bytes[j % 16];
+                    let q = if j < 16 { q & 15 } else { q >> 4 };
+                    let high = if self.bits >> j & 1 == 1 { 16 } else { 0 };
+                    centered(q | high, 16, self.a)
+                })
+                .collect()
+        }
+        fn simd<S: Simd>(self, s: S) -> Vec<f32> {
+            let mut out = [0f32; 32];
+            let w = s.lookup32_split_centered_dot(s.splat(self.a), &self.bytes, self.bits);
+            s.store32(&mut out, w);
+            out.to_vec()
+        }
+    }
+
+    /// The Q5_0 dot-product lookup equals the product at every level for f16 scales of
+    /// either sign (zero included), up to the sign of a zero weight.
+    #[test]
+    fn centered_dot_lookup_equals_the_product_up_to_zero_sign() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for case in 0..400u32 {
+            let mut bytes = [0u8; 32];
+            bytes.iter_mut().for_each(|b| *b = next() as u8);
+            // Any finite f16 (subnormals, both signs, zero), as f32.
+            let a = loop {
+                let h = half::f16::from_bits(next() as u16);
+                if h.is_finite() {
+                    break h.to_f32();
+                }
+            };
+            let ops = || CenteredDot {
+                bytes: *bytes.first_chunk().unwrap_or(&[0; 16]),
+                a,
+                bits: next_bits(case, bytes),
+            };
+            let want = ops().scalar();
+            for isa in Isa::available() {
+                let got = isa.run(ops());
+                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(g == w, "{isa} case {case} weight {j}: {g} vs {w}");
+                }
             }
         }
     }

@@ -13,6 +13,14 @@
 //! is exact again, so `code * scale + min` rounds once however it is computed (fused or
 //! not). The symmetric types multiply only (no `+ 0.0`, which would turn candle's `-0.0`
 //! into `+0.0`).
+//!
+//! Dot products (the matrix-vector kernel's sinks, [`Sink::sums_products`]) take two
+//! shortcuts: Q4_K leaves each chunk's minimum out and gives the block's 8 minimums to
+//! the sink once ([`Sink::mins`], with activation sums computed once per call:
+//! `Σ (a q + m) x = Σ a q x + m Σ x`, a different rounding of the same sum), and Q5_0
+//! looks a 5-bit code's low 4 bits up in a 16-entry table and adds `16 d` under the
+//! fifth-bit mask (exact, but `+0.0` where candle's product is `-0.0`, which no sum can
+//! see). Dequantization keeps candle's bits.
 
 use kv_quant::simd::Simd;
 
@@ -140,12 +148,15 @@ impl<const MIN: bool> Format for Q5<MIN> {
     fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
         let (d, m) = s.splat_f16_pair(*bytes::<4>(b, 0));
         let qh = u32::from_le_bytes(*bytes::<4>(b, Self::QH));
-        let t = if MIN {
-            s.lut32_affine(d, m)
+        let q = bytes::<16>(b, Self::QH + 4);
+        let w = if MIN {
+            s.lookup32_split(s.lut32_affine(d, m), q, qh)
+        } else if sink.sums_products() {
+            // A dot product: a zero weight's sign does not matter (one-table lookups).
+            s.lookup32_split_centered_dot(d, q, qh)
         } else {
-            s.lut32_centered(d)
+            s.lookup32_split(s.lut32_centered(d), q, qh)
         };
-        let w = s.lookup32_split(t, bytes::<16>(b, Self::QH + 4), qh);
         sink.chunk(0, Chunk::weights(w));
     }
 }
@@ -178,9 +189,10 @@ impl<const FIFTH: bool> K4<FIFTH> {
     /// Every chunk's `d * sc` (`t[c]`) and `dmin * -m` (`t[16 + c]`), computed once per
     /// super-block: the 8 scale/minimum pairs unpacked with word-wide bit operations, then
     /// converted and multiplied in vectors (exact products, the values the scalar twin
-    /// computes). The chunks then broadcast their pair from `t`.
+    /// computes). The chunks then broadcast their pair from `t`. Returns the minimums'
+    /// vector (lane `c` chunk `c`'s `dmin * -m`, zeros after) for [`Sink::mins`].
     #[inline(always)]
-    fn tables<S: Simd>(s: S, b: &[u8], t: &mut [f32; 32]) {
+    fn tables<S: Simd>(s: S, b: &[u8], t: &mut [f32; 32]) -> S::F32 {
         let (d, dmin) = s.splat_f16_pair(*bytes::<4>(b, 0));
         let ndmin = s.mul(dmin, s.splat(-1.0));
         let mut v = s.codes32_i8(&scales_mins_k4(bytes::<12>(b, 4)));
@@ -191,6 +203,7 @@ impl<const FIFTH: bool> K4<FIFTH> {
         // (Read back with lane shuffles, as the compiler chooses: measured faster here
         // than [`memory_operands`]' broadcasts from memory, unlike Q6_K's.)
         s.store32(t, v);
+        v.as_ref().get(16 / S::LANES).copied().unwrap_or(s.zero())
     }
 
     /// The fifth bits of chunk `c` moved to bit 4 of each byte.
@@ -208,6 +221,9 @@ impl<const FIFTH: bool> K4<FIFTH> {
 impl<const FIFTH: bool> Format for K4<FIFTH> {
     const BYTES: usize = if FIFTH { 176 } else { 144 };
     const CHUNKS: usize = 8;
+    // Q4_K only: measured, folding made Q5_K slower (0.73 -> 0.71 of Q4_1's bytes/s),
+    // with its fifth bits assembled in bytes or added under masks alike.
+    const MIN_SUMS: bool = !FIFTH;
     fn block_scalar(b: &[u8], out: &mut [f32]) {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let qh = bytes::<32>(b, Self::QH);
@@ -227,16 +243,25 @@ impl<const FIFTH: bool> Format for K4<FIFTH> {
     }
     #[inline(always)]
     fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
-        // `d * sc` and `dmin * -m` of every chunk, once per super-block.
+        // `d * sc` and `dmin * -m` of every chunk, once per super-block. A dot product
+        // takes the minimums once per block (`Σ (a q + m) x = Σ a q x + m Σ x`, the sums
+        // precomputed per call), so its chunks look up `a q` alone: fewer live vectors.
         let mut t = [0f32; 32];
-        Self::tables(s, b, &mut t);
+        let mins = Self::tables(s, b, &mut t);
+        let fold = sink.takes_mins();
+        if fold {
+            sink.mins(mins);
+        }
         let qh = s.load_bytes32(bytes::<32>(b, Self::QH));
         for k in 0..4 {
             let (c0, c1) = (2 * k, 2 * k + 1);
-            let ((a0, m0), (a1, m1)) = (
-                (s.splat(t[c0]), s.splat(t[16 + c0])),
-                (s.splat(t[c1]), s.splat(t[16 + c1])),
-            );
+            // (No closure here: it would be compiled without the level's features.)
+            let (m0, m1) = if fold {
+                (s.zero(), s.zero())
+            } else {
+                (s.splat(t[16 + c0]), s.splat(t[16 + c1]))
+            };
+            let (a0, a1) = (s.splat(t[c0]), s.splat(t[c1]));
             let qs = bytes::<32>(b, Self::QS + 32 * k);
             if FIFTH {
                 let q = s.load_bytes32(qs);

@@ -61,7 +61,17 @@ pub(super) trait Format {
     fn block_scalar(b: &[u8], out: &mut [f32]);
     /// The block's chunks, in order, to `sink`, at the width of `s`.
     fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>);
+    /// Whether the block's weights are `scale * code + min` with a min per chunk that
+    /// [`Format::block_simd`] gives a sink which [`Sink::takes_mins`] separately
+    /// ([`Sink::mins`]): the dot kernels then precompute each activation chunk's sum once
+    /// per call (shared by every weight row) and pay the minimums once per block, not
+    /// per weight (issue 15's K-quants).
+    const MIN_SUMS: bool = false;
 }
+
+/// Floats of activation sums per block when [`Format::MIN_SUMS`]: one per chunk (at most
+/// 8), zeros after, as wide as one 512-bit vector so every width loads it whole.
+pub(super) const SUMS: usize = 16;
 
 /// Where a block's decoded chunks go: a trait with an `#[inline(always)]` method rather
 /// than a closure, because a closure is a function of its own, neither always inlined nor
@@ -70,6 +80,23 @@ pub(super) trait Format {
 pub(super) trait Sink<S: Simd> {
     /// Chunk `c` of the block.
     fn chunk(&mut self, c: usize, ch: Chunk<S>);
+    /// Whether the sink adds the block's minimums itself ([`Sink::mins`]): then the
+    /// chunks a [`Format::MIN_SUMS`] format gives leave their minimum out. A dot product
+    /// does (`Σ (a q + m) x = Σ a q x + m Σ x`); storing weights does not.
+    #[inline(always)]
+    fn takes_mins(&self) -> bool {
+        false
+    }
+    /// The block's minimums, lane `c` chunk `c`'s (lanes past the block's chunks zero);
+    /// given once per block, only when [`Sink::takes_mins`].
+    #[inline(always)]
+    fn mins(&mut self, _m: S::F32) {}
+    /// Whether the sink only sums the weights' products with activations, so that a zero
+    /// weight's sign cannot matter (a dot product; storing weights keeps candle's bits).
+    #[inline(always)]
+    fn sums_products(&self) -> bool {
+        false
+    }
 }
 
 /// Stores each chunk's weights (a scaled chunk's weights times its scale: rounded once,
@@ -93,11 +120,15 @@ impl<S: Simd> Sink<S> for Store<'_, S> {
     }
 }
 
-/// Each chunk's FMAs with one activation row's chunks of the block.
+/// Each chunk's FMAs with one activation row's chunks of the block (and, for a
+/// [`Format::MIN_SUMS`] format, its minimums with the chunks' sums `sums`).
 struct Dot1<'a, S: Simd> {
     s: S,
     x: &'a [[f32; CHUNK]],
+    sums: &'a [f32; SUMS],
     acc: &'a mut S::X32,
+    /// [`Format::MIN_SUMS`] (a constant once inlined).
+    mins: bool,
 }
 
 impl<S: Simd> Sink<S> for Dot1<'_, S> {
@@ -107,13 +138,37 @@ impl<S: Simd> Sink<S> for Dot1<'_, S> {
             fma_chunk(self.s, &ch, x, self.acc);
         }
     }
+    #[inline(always)]
+    fn takes_mins(&self) -> bool {
+        self.mins
+    }
+    #[inline(always)]
+    fn sums_products(&self) -> bool {
+        true
+    }
+    #[inline(always)]
+    fn mins(&mut self, m: S::F32) {
+        fma_mins(self.s, m, self.sums, self.acc);
+    }
 }
 
-/// Each chunk's FMAs with two activation rows' chunks of the block.
+/// `acc[0] += m * sums`, lane by lane: a block's minimum terms (see [`Sink::mins`]).
+#[inline(always)]
+fn fma_mins<S: Simd>(s: S, m: S::F32, sums: &[f32; SUMS], acc: &mut S::X32) {
+    if let (Some(v), Some(a)) = (S::lanes(sums).0.first(), acc.as_mut().first_mut()) {
+        *a = s.fma(m, s.load(v), *a);
+    }
+}
+
+/// Each chunk's FMAs with two activation rows' chunks of the block (minimums as
+/// [`Dot1`]'s).
 struct Dot2<'a, S: Simd> {
     s: S,
     x: (&'a [[f32; CHUNK]], &'a [[f32; CHUNK]]),
+    sums: (&'a [f32; SUMS], &'a [f32; SUMS]),
     acc: (&'a mut S::X32, &'a mut S::X32),
+    /// [`Format::MIN_SUMS`].
+    mins: bool,
 }
 
 impl<S: Simd> Sink<S> for Dot2<'_, S> {
@@ -123,6 +178,19 @@ impl<S: Simd> Sink<S> for Dot2<'_, S> {
             fma_chunk(self.s, &ch, x0, self.acc.0);
             fma_chunk(self.s, &ch, x1, self.acc.1);
         }
+    }
+    #[inline(always)]
+    fn takes_mins(&self) -> bool {
+        self.mins
+    }
+    #[inline(always)]
+    fn sums_products(&self) -> bool {
+        true
+    }
+    #[inline(always)]
+    fn mins(&mut self, m: S::F32) {
+        fma_mins(self.s, m, self.sums.0, self.acc.0);
+        fma_mins(self.s, m, self.sums.1, self.acc.1);
     }
 }
 
@@ -209,6 +277,18 @@ impl<F: Format, const BYTES: usize> Kernel for DotMatrix<'_, F, BYTES> {
         debug_assert!(self.x.len() >= self.n * self.cols, "x holds n rows");
         let (cols, n) = (self.cols, self.n);
         let xrow = |i: usize| self.x[i * cols..][..cols].as_chunks::<CHUNK>().0;
+        // Each activation row's chunk sums, `blocks` per row, when the format folds its
+        // minimums (computed once here for every weight row of the call).
+        let blocks = cols / (CHUNK * F::CHUNKS);
+        let sums = if F::MIN_SUMS {
+            chunk_sums::<S, F>(s, self.x, cols, n)
+        } else {
+            Vec::new()
+        };
+        let srow = |i: usize| {
+            sums.get(i * blocks..)
+                .map_or(&[][..], |r| &r[..blocks.min(r.len())])
+        };
         for (row, out) in self
             .rows
             .chunks_exact(self.row_bytes)
@@ -218,13 +298,14 @@ impl<F: Format, const BYTES: usize> Kernel for DotMatrix<'_, F, BYTES> {
             let mut pairs = out.chunks_exact_mut(2);
             let mut i = 0;
             for o in &mut pairs {
-                let (a, b) = dot2::<S, F, BYTES>(s, blocks, xrow(i), xrow(i + 1));
+                let (a, b) =
+                    dot2::<S, F, BYTES>(s, blocks, (xrow(i), xrow(i + 1)), (srow(i), srow(i + 1)));
                 o[0] = a;
                 o[1] = b;
                 i += 2;
             }
             if let [o] = pairs.into_remainder() {
-                *o = dot1::<S, F, BYTES>(s, blocks, xrow(i));
+                *o = dot1::<S, F, BYTES>(s, blocks, xrow(i), srow(i));
             }
         }
     }
@@ -236,6 +317,38 @@ impl<F: Format, const BYTES: usize> Kernel for DotMatrix<'_, F, BYTES> {
 #[inline(always)]
 const fn two_sets<S: Simd>() -> bool {
     S::LANES >= 16
+}
+
+/// Each of the `n` activation rows' chunk sums, per block of `F` ([`SUMS`] floats: the
+/// block's chunks' sums, then zeros), for [`Format::MIN_SUMS`] formats.
+#[inline(always)]
+fn chunk_sums<S: Simd, F: Format>(s: S, x: &[f32], cols: usize, n: usize) -> Vec<[f32; SUMS]> {
+    let per_block = F::CHUNKS.min(SUMS);
+    let blocks = cols / (CHUNK * F::CHUNKS);
+    let mut sums = vec![[0f32; SUMS]; blocks * n];
+    for (sums, x) in sums
+        .chunks_exact_mut(blocks.max(1))
+        .zip(x.chunks_exact(cols.max(1)))
+    {
+        let chunks = x.as_chunks::<CHUNK>().0;
+        for (sum, x) in sums.iter_mut().zip(chunks.chunks_exact(F::CHUNKS)) {
+            for (o, x) in sum[..per_block].iter_mut().zip(x) {
+                *o = s.sum32(s.load32(x));
+            }
+        }
+    }
+    sums
+}
+
+/// The activation sums of block `bi` of a row (zeros when the format has none).
+#[inline(always)]
+fn block_sums<F: Format>(sums: &[[f32; SUMS]], bi: usize) -> &[f32; SUMS] {
+    const ZERO: [f32; SUMS] = [0.0; SUMS];
+    if F::MIN_SUMS {
+        sums.get(bi).unwrap_or(&ZERO)
+    } else {
+        &ZERO
+    }
 }
 
 /// One chunk's FMAs into `acc` (a scaled chunk: its sum times the scale, into the first
@@ -262,10 +375,27 @@ fn fma_chunk<S: Simd>(s: S, ch: &Chunk<S>, x: &[f32; CHUNK], acc: &mut S::X32) {
     }
 }
 
-/// The chunks of one block into `acc`, with the block's activations `x`.
+/// The chunks of one block into `acc`, with the block's activations `x` (and their chunk
+/// sums `sums`).
 #[inline(always)]
-fn fma_block<S: Simd, F: Format>(s: S, b: &[u8], x: &[[f32; CHUNK]], acc: &mut S::X32) {
-    F::block_simd(s, b, &mut Dot1 { s, x, acc });
+fn fma_block<S: Simd, F: Format>(
+    s: S,
+    b: &[u8],
+    x: &[[f32; CHUNK]],
+    sums: &[f32; SUMS],
+    acc: &mut S::X32,
+) {
+    F::block_simd(
+        s,
+        b,
+        &mut Dot1 {
+            s,
+            x,
+            sums,
+            acc,
+            mins: F::MIN_SUMS,
+        },
+    );
 }
 
 /// The chunks of one block into `acc0` and `acc1`, with two activation rows' `x0`, `x1`.
@@ -274,6 +404,7 @@ fn fma_block2<S: Simd, F: Format>(
     s: S,
     b: &[u8],
     x: (&[[f32; CHUNK]], &[[f32; CHUNK]]),
+    sums: (&[f32; SUMS], &[f32; SUMS]),
     acc0: &mut S::X32,
     acc1: &mut S::X32,
 ) {
@@ -283,7 +414,9 @@ fn fma_block2<S: Simd, F: Format>(
         &mut Dot2 {
             s,
             x,
+            sums,
             acc: (acc0, acc1),
+            mins: F::MIN_SUMS,
         },
     );
 }
@@ -309,19 +442,25 @@ fn dot1<S: Simd, F: Format, const BYTES: usize>(
     s: S,
     blocks: &[[u8; BYTES]],
     x: &[[f32; CHUNK]],
+    sums: &[[f32; SUMS]],
 ) -> f32 {
     let (mut even, mut odd) = (s.zero32(), s.zero32());
     let (pairs, rest) = blocks.as_chunks::<2>();
     let xs = x.chunks_exact(2 * F::CHUNKS);
     let last = xs.remainder();
-    for (b, x) in pairs.iter().zip(xs) {
+    for (p, (b, x)) in pairs.iter().zip(xs).enumerate() {
         let (x0, x1) = x.split_at(F::CHUNKS);
-        fma_block::<S, F>(s, &b[0], x0, &mut even);
+        let (s0, s1) = (
+            block_sums::<F>(sums, 2 * p),
+            block_sums::<F>(sums, 2 * p + 1),
+        );
+        fma_block::<S, F>(s, &b[0], x0, s0, &mut even);
         let acc = if two_sets::<S>() { &mut odd } else { &mut even };
-        fma_block::<S, F>(s, &b[1], x1, acc);
+        fma_block::<S, F>(s, &b[1], x1, s1, acc);
     }
     if let [b] = rest {
-        fma_block::<S, F>(s, b, last, &mut even);
+        let s0 = block_sums::<F>(sums, 2 * pairs.len());
+        fma_block::<S, F>(s, b, last, s0, &mut even);
     }
     reduce(s, even, odd)
 }
@@ -332,8 +471,8 @@ fn dot1<S: Simd, F: Format, const BYTES: usize>(
 fn dot2<S: Simd, F: Format, const BYTES: usize>(
     s: S,
     blocks: &[[u8; BYTES]],
-    x0: &[[f32; CHUNK]],
-    x1: &[[f32; CHUNK]],
+    (x0, x1): (&[[f32; CHUNK]], &[[f32; CHUNK]]),
+    (sums0, sums1): (&[[f32; SUMS]], &[[f32; SUMS]]),
 ) -> (f32, f32) {
     let (mut even0, mut odd0) = (s.zero32(), s.zero32());
     let (mut even1, mut odd1) = (s.zero32(), s.zero32());
@@ -343,18 +482,23 @@ fn dot2<S: Simd, F: Format, const BYTES: usize>(
         x1.chunks_exact(2 * F::CHUNKS),
     );
     let (last0, last1) = (xs0.remainder(), xs1.remainder());
-    for ((b, x0), x1) in pairs.iter().zip(xs0).zip(xs1) {
+    for (p, ((b, x0), x1)) in pairs.iter().zip(xs0).zip(xs1).enumerate() {
         let ((x00, x01), (x10, x11)) = (x0.split_at(F::CHUNKS), x1.split_at(F::CHUNKS));
-        fma_block2::<S, F>(s, &b[0], (x00, x10), &mut even0, &mut even1);
+        let (e, o) = (2 * p, 2 * p + 1);
+        let se = (block_sums::<F>(sums0, e), block_sums::<F>(sums1, e));
+        let so = (block_sums::<F>(sums0, o), block_sums::<F>(sums1, o));
+        fma_block2::<S, F>(s, &b[0], (x00, x10), se, &mut even0, &mut even1);
         let (a0, a1) = if two_sets::<S>() {
             (&mut odd0, &mut odd1)
         } else {
             (&mut even0, &mut even1)
         };
-        fma_block2::<S, F>(s, &b[1], (x01, x11), a0, a1);
+        fma_block2::<S, F>(s, &b[1], (x01, x11), so, a0, a1);
     }
     if let [b] = rest {
-        fma_block2::<S, F>(s, b, (last0, last1), &mut even0, &mut even1);
+        let l = 2 * pairs.len();
+        let sl = (block_sums::<F>(sums0, l), block_sums::<F>(sums1, l));
+        fma_block2::<S, F>(s, b, (last0, last1), sl, &mut even0, &mut even1);
     }
     (reduce(s, even0, odd0), reduce(s, even1, odd1))
 }

@@ -1334,6 +1334,24 @@ impl Simd for V512 {
         })
     }
     #[inline(always)]
+    fn lookup32_split_centered_dot(self, a: __m512, b: &[u8; 16], high: u32) -> [__m512; 2] {
+        // `(lo - 16) * a` from 16 entries (the permute reads an index's low 4 bits, so the
+        // low nibbles need no mask), then `+ 16 a` under the fifth-bit masks.
+        feat!({
+            let t = _mm512_mul_ps(_mm512_sub_ps(iota_512(), _mm512_set1_ps(16.0)), a);
+            let a16 = _mm512_mul_ps(a, _mm512_set1_ps(16.0));
+            let q = _mm512_cvtepu8_epi32(load_128(b));
+            let (lo, hi) = (
+                _mm512_permutexvar_ps(q, t),
+                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(q), t),
+            );
+            [
+                _mm512_mask_add_ps(lo, high as __mmask16, lo, a16),
+                _mm512_mask_add_ps(hi, (high >> 16) as __mmask16, hi, a16),
+            ]
+        })
+    }
+    #[inline(always)]
     fn lookup32(self, t: [__m512; 2], v: __m256i) -> [__m512; 2] {
         // The two-table permute reads an index's low 5 bits: 32 entries.
         feat!([
