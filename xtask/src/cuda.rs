@@ -577,10 +577,18 @@ pub fn gpu_bundle() -> Result<(), String> {
             e.file_name().to_string_lossy()
         );
     }
+    let limits: u32 = included
+        .iter()
+        .flat_map(|b| b.runs)
+        .map(|r| r.timeout_s)
+        .sum();
     println!(
         "    {:>8.1} MiB  in all (the GPU machine receives at most 64 MiB with the tree)\n\
+         run.sh: {} runs, at most {} s with unpacking\n\
          on the GPU machine: run(command=\"bash .gpubin/run.sh\", carry=[\".gpubin\"])",
-        total as f64 / (1 << 20) as f64
+        total as f64 / (1 << 20) as f64,
+        included.iter().map(|b| b.runs.len()).sum::<usize>(),
+        limits + RUN_SH_OVERHEAD_S
     );
     if total > 48 << 20 {
         return Err(format!(
