@@ -356,18 +356,35 @@ enum Kind {
     Test,
     /// An example (`examples/NAME.rs`): `cargo build --example NAME`.
     Example,
+    /// The binary of `xtask/candle-peer` (outside the workspace: `--manifest-path`).
+    Peer,
 }
 
-/// One binary of the GPU bundle.
+/// One run of a bundled binary in `run.sh`.
+struct Run {
+    /// Its name in the summary.
+    label: &'static str,
+    /// Its arguments; `$OUT` is the folder for logs and results, `$here/tmp` for scratch
+    /// files that do not come back (the model).
+    args: &'static str,
+    /// Seconds `run.sh` gives it (all runs together stay under 8 minutes).
+    timeout_s: u32,
+}
+
+/// One binary of the GPU bundle and its runs.
 struct Bundled {
     package: &'static str,
     kind: Kind,
     name: &'static str,
-    /// Its arguments in `run.sh`; `$OUT` is the folder for logs and results.
-    args: &'static str,
-    /// Seconds `run.sh` gives it (all of them together stay under 8 minutes).
-    timeout_s: u32,
+    runs: &'static [Run],
 }
+
+/// The synthetic SmolLM2-shape Q4_1 model kv's bench and the candle peer both run on,
+/// written by `gpu_model_bench --write-model` (outside `$OUT`: it would not come back).
+const BUNDLE_MODEL: &str = "$here/tmp/smollm2-shape-q4_1.gguf";
+
+/// The end-to-end schedule kv's bench and the peer share: depths, prompt and decode lengths.
+const E2E_ARGS: &str = "--depths 0,1024,4096 --decode 64";
 
 /// The binaries of `cargo xtask gpu-bundle`, in the order `run.sh` runs them. An example
 /// whose source is not in the tree (yet) is left out with a note: add a line here when a
@@ -377,52 +394,113 @@ const BUNDLE: &[Bundled] = &[
         package: "kv-backend-cuda",
         kind: Kind::Test,
         name: "gpu",
-        args: "--include-ignored --test-threads=1 --nocapture",
-        timeout_s: 120,
+        runs: &[Run {
+            label: "kv-backend-cuda gpu tests",
+            args: "--include-ignored --test-threads=1 --nocapture",
+            timeout_s: 110,
+        }],
     },
     Bundled {
         package: "kv-model",
         kind: Kind::Test,
         name: "gpu",
-        args: "--test-threads=1 --nocapture",
-        timeout_s: 150,
+        runs: &[Run {
+            label: "kv-model gpu tests",
+            args: "--test-threads=1 --nocapture",
+            timeout_s: 125,
+        }],
     },
     Bundled {
         package: "kv-backend-cuda",
         kind: Kind::Example,
         name: "gpu_attention_bench",
-        args: "",
-        timeout_s: 90,
+        runs: &[Run {
+            label: "decode attention bench",
+            args: "",
+            timeout_s: 80,
+        }],
     },
     Bundled {
         package: "kv-model",
         kind: Kind::Example,
         name: "gpu_model_bench",
-        args: "--dir \"$OUT\" --depths 0,1024,4096 --json \"$OUT/gpu_model_bench.json\"",
-        timeout_s: 90,
+        runs: &[
+            Run {
+                label: "write the synthetic model",
+                args: "--write-model \"$model\"",
+                timeout_s: 20,
+            },
+            Run {
+                label: "kv end to end",
+                args: "--model \"$model\" --prefill 256 $e2e --json \"$OUT/kv_e2e.json\"",
+                timeout_s: 75,
+            },
+        ],
+    },
+    Bundled {
+        package: "candle-peer",
+        kind: Kind::Peer,
+        name: "candle-peer",
+        runs: &[Run {
+            label: "candle peer end to end",
+            args: "--device cuda --skip-kvcache --end-at-depth --model \"$model\" --prompt 256 \
+                   $e2e --json \"$OUT/candle_e2e.json\"",
+            timeout_s: 45,
+        }],
     },
 ];
+
+/// Seconds `run.sh` allows for what is not a bundled run (unpacking, the summary).
+const RUN_SH_OVERHEAD_S: u32 = 20;
 
 impl Bundled {
     /// The file name in `.gpubin/` (xz-compressed) and, without `.xz`, of the unpacked binary.
     fn file(&self) -> String {
-        let kind = match self.kind {
-            Kind::Test => "test",
-            Kind::Example => "example",
-        };
-        format!("{}-{kind}-{}", self.package, self.name)
+        match self.kind {
+            Kind::Test => format!("{}-test-{}", self.package, self.name),
+            Kind::Example => format!("{}-example-{}", self.package, self.name),
+            Kind::Peer => self.name.to_string(),
+        }
     }
 
     fn source(&self) -> PathBuf {
-        let dir = match self.kind {
-            Kind::Test => "tests",
-            Kind::Example => "examples",
-        };
-        crate::root()
-            .join(self.package)
-            .join(dir)
-            .join(format!("{}.rs", self.name))
+        let root = crate::root();
+        match self.kind {
+            Kind::Test => root.join(self.package).join("tests"),
+            Kind::Example => root.join(self.package).join("examples"),
+            Kind::Peer => return peer_manifest().with_file_name("src").join("main.rs"),
+        }
+        .join(format!("{}.rs", self.name))
     }
+
+    /// `cargo build` (or `test --no-run`) of this binary with the CUDA toolchain.
+    fn build(&self, tc: &Toolchain) -> Command {
+        let mut build = cargo_with(tc);
+        match self.kind {
+            Kind::Test => build.args(["test", "--release", "-p", self.package]),
+            Kind::Example => build.args(["build", "--release", "-p", self.package]),
+            Kind::Peer => build
+                .args(["build", "--release", "--manifest-path"])
+                .arg(peer_manifest()),
+        };
+        build.args(["--features", "cuda"]);
+        match self.kind {
+            Kind::Test => build.args(["--test", self.name, "--no-run"]),
+            Kind::Example => build.args(["--example", self.name]),
+            Kind::Peer => &mut build,
+        };
+        build.arg("--message-format=json");
+        build
+    }
+}
+
+/// The candle peer's manifest (its own workspace, its own Cargo.lock with the workspace's
+/// versions, so a CUDA build shares candle's CUDA artifacts where features agree).
+fn peer_manifest() -> PathBuf {
+    crate::root()
+        .join("xtask")
+        .join("candle-peer")
+        .join("Cargo.toml")
 }
 
 /// `cargo xtask gpu-bundle`: `.gpubin/` (git-ignored) with the xz-compressed GPU binaries of
@@ -433,8 +511,10 @@ pub fn gpu_bundle() -> Result<(), String> {
     let dir = crate::root().join(".gpubin");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let xz_py = dir.join("xz.py");
-    std::fs::write(&xz_py, XZ_PY).map_err(|e| format!("writing {}: {e}", xz_py.display()))?;
+    for (name, text) in [("xz.py", XZ_PY), ("compare.py", COMPARE_PY)] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
     let mut included = Vec::new();
     for item in BUNDLE {
         if !item.source().is_file() {
@@ -444,17 +524,7 @@ pub fn gpu_bundle() -> Result<(), String> {
             );
             continue;
         }
-        let mut build = cargo_with(&tc);
-        match item.kind {
-            Kind::Test => build.args(["test", "--release", "-p", item.package]),
-            Kind::Example => build.args(["build", "--release", "-p", item.package]),
-        };
-        build.args(["--features", "cuda"]);
-        match item.kind {
-            Kind::Test => build.args(["--test", item.name, "--no-run"]),
-            Kind::Example => build.args(["--example", item.name]),
-        };
-        build.arg("--message-format=json");
+        let mut build = item.build(&tc);
         println!(
             "\n==> build {} {:?} {} (release, cuda)",
             item.package, item.kind, item.name
@@ -507,10 +577,18 @@ pub fn gpu_bundle() -> Result<(), String> {
             e.file_name().to_string_lossy()
         );
     }
+    let limits: u32 = included
+        .iter()
+        .flat_map(|b| b.runs)
+        .map(|r| r.timeout_s)
+        .sum();
     println!(
         "    {:>8.1} MiB  in all (the GPU machine receives at most 64 MiB with the tree)\n\
+         run.sh: {} runs, at most {} s with unpacking\n\
          on the GPU machine: run(command=\"bash .gpubin/run.sh\", carry=[\".gpubin\"])",
-        total as f64 / (1 << 20) as f64
+        total as f64 / (1 << 20) as f64,
+        included.iter().map(|b| b.runs.len()).sum::<usize>(),
+        limits + RUN_SH_OVERHEAD_S
     );
     if total > 48 << 20 {
         return Err(format!(
@@ -556,8 +634,68 @@ fn executable(messages: &str, name: &str) -> Option<String> {
         })
 }
 
-/// `run.sh`: unpack and run every bundled binary with its time limit, its log in `$OUT`,
-/// and one summary at the end (exit status 1 when any failed, timed out or skipped).
+/// `python3 compare.py KV_JSON PEER_JSON`: one table of kv's and the candle peer's
+/// end-to-end tokens/s per depth (the JSON of `gpu_model_bench --json` and
+/// `candle-peer --json`), the ratios, and whether decode at depth 4096 is at least twice
+/// the peer's. Exit status 1 when a file is missing or the two runs differ in schedule.
+const COMPARE_PY: &str = r#"import json, sys
+
+TARGET_DEPTH, TARGET_RATIO = 4096, 2.0
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"{path}: not measured ({e})")
+        return None
+
+kv, peer = load(sys.argv[1]), load(sys.argv[2])
+if kv is None or peer is None:
+    print("kv vs candle: no comparison (a run above did not finish)")
+    sys.exit(1)
+same = all(kv.get(k) == peer.get(k) for k in ("prefill", "decode", "model"))
+if not same:
+    print("kv vs candle: the two runs differ in model or schedule:",
+          {k: (kv.get(k), peer.get(k)) for k in ("prefill", "decode", "model")})
+    sys.exit(1)
+rows = lambda j: {r["depth"]: r for r in j.get("rows", [])}
+k, p = rows(kv), rows(peer)
+print(f"kv ({kv.get('device')}, {kv.get('weights')} weights, {kv.get('dtype')} cache) vs "
+      f"candle-transformers quantized Llama ({peer.get('device')}, {peer.get('weights')} weights), "
+      f"tokens/s; prefill {kv['prefill']} tokens and decode {kv['decode']} steps, each ending at the depth")
+print(f"| {'depth':>5} | {'decode kv':>10} | {'candle':>10} | {'ratio':>6} "
+      f"| {'prefill kv':>10} | {'candle':>10} | {'ratio':>6} |")
+print("|------:|-----------:|-----------:|-------:|-----------:|-----------:|-------:|")
+def ratio(a, b):
+    return a / b if a and b else None
+def cell(x, fmt):
+    return format(x, fmt) if x is not None else "-".rjust(int(fmt.split(".")[0]))
+target = None
+for depth in sorted(set(k) | set(p)):
+    a, b = k.get(depth, {}), p.get(depth, {})
+    dk, dp = a.get("decode_tokens_per_s"), b.get("decode_tokens_per_s")
+    pk, pp = a.get("prefill_tokens_per_s"), b.get("prefill_tokens_per_s")
+    rd, rp = ratio(dk, dp), ratio(pk, pp)
+    if depth == TARGET_DEPTH:
+        target = rd
+    print(f"| {depth:>5} | {cell(dk, '10.1f')} | {cell(dp, '10.1f')} | {cell(rd, '5.2f')}x "
+          f"| {cell(pk, '10.1f')} | {cell(pp, '10.1f')} | {cell(rp, '5.2f')}x |"
+          .replace(" -x |", "  - |"))
+if target is None:
+    print(f"target: decode at depth {TARGET_DEPTH} >= {TARGET_RATIO:g}x the candle peer: NOT MEASURED")
+    sys.exit(1)
+verdict = "MET" if target >= TARGET_RATIO else "NOT MET"
+print(f"target: decode at depth {TARGET_DEPTH} >= {TARGET_RATIO:g}x the candle peer: {verdict} ({target:.2f}x)")
+"#;
+
+/// The file names of the two end-to-end JSONs in `$OUT` (the runs' `--json`).
+const E2E_JSON: [&str; 2] = ["kv_e2e.json", "candle_e2e.json"];
+
+/// `run.sh`: unpack and run every bundled binary's runs with their time limits, one log per
+/// binary in `$OUT`, then one summary with the kv vs candle table (exit status 1 when any
+/// run failed, timed out or skipped). `$OUT` gets at most 8 files (the most that come back
+/// from the GPU machine): a log per binary, two JSONs and `summary.txt`.
 fn run_script(items: &[&Bundled]) -> String {
     let mut s = format!(
         "#!/usr/bin/env bash\n\
@@ -566,48 +704,62 @@ fn run_script(items: &[&Bundled]) -> String {
          set -uo pipefail\n\
          here=\"$(cd \"$(dirname \"$0\")\" && pwd)\"\n\
          OUT=\"${{OUT:-$here/out}}\"\n\
-         mkdir -p \"$OUT\" \"$here/bin\"\n\
+         mkdir -p \"$OUT\" \"$here/bin\" \"$here/tmp\"\n\
+         rm -f \"$OUT\"/*.log \"$OUT\"/*.json \"$OUT/summary.txt\"\n\
          CU_LIB=\"${{KV_CUDA_LIB:-{GPU_LIB_DIR}}}\"\n\
          export LD_LIBRARY_PATH=\"$CU_LIB:/usr/local/nvidia/lib64:${{LD_LIBRARY_PATH:-}}\"\n\
          # A GPU test that finds no device fails here instead of skipping.\n\
          export KV_REQUIRE_GPU=1\n\
+         model=\"{BUNDLE_MODEL}\"\n\
+         e2e=\"{E2E_ARGS}\"\n\
          started=$(date +%s)\n\
          {{ nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv; \
-         git -C \"$here/..\" rev-parse HEAD 2>/dev/null; }} 2>&1 | tee \"$OUT/machine.txt\"\n\
+         git -C \"$here/..\" rev-parse HEAD 2>/dev/null; }} 2>&1 | tee \"$OUT/summary.txt\"\n\
          summary=()\n\
          failed=0\n\
+         # run_one FILE LABEL LIMIT ARGS...: unpacks FILE once, runs it, appends to its log.\n\
          run_one() {{\n\
-         \x20 local name=$1 limit=$2; shift 2\n\
-         \x20 python3 \"$here/xz.py\" d \"$here/$name.xz\" \"$here/bin/$name\" && chmod +x \"$here/bin/$name\"\n\
-         \x20 ldd \"$here/bin/$name\" > \"$OUT/$name.ldd\" 2>&1; grep 'not found' \"$OUT/$name.ldd\"\n\
+         \x20 local name=$1 label=$2 limit=$3; shift 3\n\
+         \x20 local log=\"$OUT/$name.log\" run=\"$here/tmp/run.log\"\n\
+         \x20 if [ ! -x \"$here/bin/$name\" ]; then\n\
+         \x20   python3 \"$here/xz.py\" d \"$here/$name.xz\" \"$here/bin/$name\" && chmod +x \"$here/bin/$name\"\n\
+         \x20   ldd \"$here/bin/$name\" >> \"$log\" 2>&1; grep 'not found' \"$log\"\n\
+         \x20 fi\n\
          \x20 local t0=$(date +%s)\n\
-         \x20 echo \"==> $name $*\"\n\
-         \x20 timeout \"$limit\" \"$here/bin/$name\" \"$@\" > \"$OUT/$name.log\" 2>&1\n\
+         \x20 echo \"==> $label: $name $*\" | tee -a \"$log\"\n\
+         \x20 timeout \"$limit\" \"$here/bin/$name\" \"$@\" > \"$run\" 2>&1\n\
          \x20 local rc=$? t=$(( $(date +%s) - t0 ))\n\
-         \x20 local skipped=$(grep -c SKIPPED \"$OUT/$name.log\")\n\
+         \x20 cat \"$run\" >> \"$log\"\n\
+         \x20 local skipped=$(grep -c SKIPPED \"$run\")\n\
          \x20 local status=ok\n\
          \x20 if [ $rc -eq 124 ]; then status=\"TIMED OUT after ${{limit}} s\"; failed=1;\n\
          \x20 elif [ $rc -ne 0 ]; then status=\"FAILED (exit $rc)\"; failed=1; fi\n\
          \x20 if [ \"$skipped\" -gt 0 ]; then status=\"$status, $skipped SKIPPED\"; failed=1; fi\n\
-         \x20 summary+=(\"$name: $status in ${{t}} s\")\n\
-         \x20 tail -n 40 \"$OUT/$name.log\"\n\
+         \x20 summary+=(\"$label: $status in ${{t}} s\")\n\
+         \x20 tail -n 40 \"$run\"\n\
          }}\n"
     );
     for item in items {
-        s.push_str(&format!(
-            "run_one {} {} {}\n",
-            item.file(),
-            item.timeout_s,
-            item.args
-        ));
+        for run in item.runs {
+            s.push_str(&format!(
+                "run_one {} '{}' {} {}\n",
+                item.file(),
+                run.label,
+                run.timeout_s,
+                run.args
+            ));
+        }
     }
-    s.push_str(
+    let [kv_json, peer_json] = E2E_JSON;
+    s.push_str(&format!(
         "echo\n\
-         echo \"==== summary ($(( $(date +%s) - started )) s; logs in $OUT)\"\n\
-         printf '%s\\n' \"${summary[@]}\" | tee \"$OUT/summary.txt\"\n\
-         grep -h -E '^test result|^depth|tokens/s|GB/s' \"$OUT\"/*.log | tee -a \"$OUT/summary.txt\"\n\
-         exit $failed\n",
-    );
+         echo \"==== summary ($(( $(date +%s) - started )) s; logs in $OUT)\" | tee -a \"$OUT/summary.txt\"\n\
+         printf '%s\\n' \"${{summary[@]}}\" | tee -a \"$OUT/summary.txt\"\n\
+         grep -h -E '^test result|GB/s' \"$OUT\"/*.log | tee -a \"$OUT/summary.txt\"\n\
+         echo | tee -a \"$OUT/summary.txt\"\n\
+         python3 \"$here/compare.py\" \"$OUT/{kv_json}\" \"$OUT/{peer_json}\" 2>&1 | tee -a \"$OUT/summary.txt\"\n\
+         exit $failed\n"
+    ));
     s
 }
 
@@ -638,18 +790,122 @@ mod tests {
 
     #[test]
     fn the_bundle_fits_the_time_limit_and_names_each_binary_once() {
-        let total: u32 = BUNDLE.iter().map(|b| b.timeout_s).sum();
+        let runs: u32 = BUNDLE
+            .iter()
+            .flat_map(|b| b.runs)
+            .map(|r| r.timeout_s)
+            .sum();
+        let total = runs + RUN_SH_OVERHEAD_S;
         assert!(total < 8 * 60, "{total} s");
         let mut files: Vec<String> = BUNDLE.iter().map(Bundled::file).collect();
         files.sort();
         files.dedup();
         assert_eq!(files.len(), BUNDLE.len());
+        // What comes back from the GPU machine: at most 8 files in $OUT.
+        assert!(BUNDLE.len() + E2E_JSON.len() < 8);
         let items: Vec<&Bundled> = BUNDLE.iter().collect();
         let script = run_script(&items);
         for b in BUNDLE {
-            assert!(script.contains(&format!("run_one {} {}", b.file(), b.timeout_s)));
+            for r in b.runs {
+                let line = format!("run_one {} '{}' {} ", b.file(), r.label, r.timeout_s);
+                assert!(script.contains(&line), "{line}");
+            }
         }
         assert!(script.contains("KV_REQUIRE_GPU=1"));
+        for json in E2E_JSON {
+            assert!(script.contains(&format!("$OUT/{json}")), "{json}");
+        }
+    }
+
+    #[test]
+    fn kv_and_the_peer_run_the_same_model_and_schedule() {
+        let args = |name: &str| -> Vec<&str> {
+            BUNDLE
+                .iter()
+                .filter(|b| b.name == name)
+                .flat_map(|b| b.runs)
+                .map(|r| r.args)
+                .filter(|a| a.contains("--json"))
+                .collect()
+        };
+        let (kv, peer) = (args("gpu_model_bench"), args("candle-peer"));
+        assert_eq!((kv.len(), peer.len()), (1, 1));
+        for a in [kv[0], peer[0]] {
+            assert!(a.contains("--model \"$model\""), "{a}");
+            assert!(a.contains("$e2e"), "{a}");
+        }
+        // kv's --prefill and the peer's --prompt are the same length.
+        assert!(kv[0].contains("--prefill 256") && peer[0].contains("--prompt 256"));
+        assert!(peer[0].contains("--device cuda") && peer[0].contains("--end-at-depth"));
+        let writes = BUNDLE
+            .iter()
+            .flat_map(|b| b.runs)
+            .filter(|r| r.args.contains("--write-model \"$model\""))
+            .count();
+        assert_eq!(writes, 1);
+    }
+
+    /// Runs compare.py on two JSON files in a scratch folder; returns (status, stdout).
+    fn compare(kv: &str, peer: &str) -> (i32, String) {
+        let dir = std::env::temp_dir().join(format!("kv-compare-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (script, a, b) = (
+            dir.join("compare.py"),
+            dir.join("kv.json"),
+            dir.join("peer.json"),
+        );
+        std::fs::write(&script, COMPARE_PY).unwrap();
+        std::fs::write(&a, kv).unwrap();
+        if !peer.is_empty() {
+            std::fs::write(&b, peer).unwrap();
+        }
+        let out = Command::new("python3")
+            .arg(&script)
+            .arg(&a)
+            .arg(&b)
+            .output()
+            .expect("python3 (cuda-setup needs it too)");
+        let _ = std::fs::remove_dir_all(&dir);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    #[test]
+    fn compare_prints_the_ratios_and_the_decode_target() {
+        let head = r#""model":"m.gguf","prefill":256,"decode":64,"device":"cuda:0""#;
+        let kv = format!(
+            r#"{{"impl":"kv",{head},"rows":[{{"depth":0,"prefill_tokens_per_s":9000,"decode_tokens_per_s":500}},{{"depth":4096,"prefill_tokens_per_s":6000,"decode_tokens_per_s":450}}]}}"#
+        );
+        let peer = |decode: f64| {
+            format!(
+                r#"{{"impl":"candle-transformers",{head},"rows":[{{"depth":0,"prefill_tokens_per_s":3000,"decode_tokens_per_s":250}},{{"depth":4096,"prefill_tokens_per_s":2000,"decode_tokens_per_s":{decode}}}]}}"#
+            )
+        };
+        let (rc, out) = compare(&kv, &peer(180.0));
+        assert_eq!(rc, 0, "{out}");
+        assert!(
+            out.contains("|  4096 |      450.0 |      180.0 |  2.50x |"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "|     0 |      500.0 |      250.0 |  2.00x |     9000.0 |     3000.0 |  3.00x |"
+            ),
+            "{out}"
+        );
+        assert!(out.contains(": MET (2.50x)"), "{out}");
+        let (rc, out) = compare(&kv, &peer(300.0));
+        assert_eq!(rc, 0, "{out}");
+        assert!(out.contains(": NOT MET (1.50x)"), "{out}");
+        // A missing peer file and a schedule mismatch are no comparison.
+        let (rc, out) = compare(&kv, "");
+        assert_eq!(rc, 1, "{out}");
+        assert!(out.contains("not measured"), "{out}");
+        let (rc, out) = compare(&kv, &peer(180.0).replace("\"decode\":64", "\"decode\":32"));
+        assert_eq!(rc, 1, "{out}");
+        assert!(out.contains("differ"), "{out}");
     }
 
     #[test]
