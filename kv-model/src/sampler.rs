@@ -175,12 +175,12 @@ impl Sampler {
                 got: "0 values, none finite".into(),
             });
         }
-        if logits.device().is_cuda() {
-            if self.config.is_greedy() {
-                return crate::greedy_rows(logits);
-            }
-            #[cfg(feature = "cuda")]
-            {
+        if logits.device().is_cuda() && self.config.is_greedy() {
+            return crate::greedy_rows(logits);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            if logits.device().is_cuda() {
                 let draws: Vec<f64> = (0..logits.dim(0)?).map(|_| self.draw()).collect();
                 return crate::device::sample_rows_with(logits, &self.config, &draws);
             }
