@@ -10,6 +10,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::gguf::{self, Arch};
 use kv_attention::PagedCache;
@@ -19,13 +20,20 @@ use kv_model::{Logits, Model};
 
 const PROMPT: [u32; 9] = [40, 301, 77, 5, 260, 118, 77, 42, 199];
 
+/// The model in a file of its own: tests run in parallel threads of one process, and one
+/// must never read a file another is still writing.
 fn load(arch: Arch, ty: u32) -> Model {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!("kv-arch-models-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path: PathBuf = dir.join(format!("{}-{ty}.gguf", arch.name()));
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path: PathBuf = dir.join(format!("{}-{ty}-{n}.gguf", arch.name()));
     let g = gguf::arch_model(arch, &gguf::byte_vocab_kvs(512), ty, 7);
     gguf::write_gguf(&g, &path).unwrap();
-    Model::load(&path).unwrap_or_else(|e| panic!("{}: {e}", arch.name()))
+    let model = Model::load(&path).unwrap_or_else(|e| panic!("{}: {e}", arch.name()));
+    // The model holds what it needs (mapped or read): the file can go.
+    std::fs::remove_file(&path).unwrap();
+    model
 }
 
 fn rows(t: candle_core::Tensor) -> Vec<f32> {
