@@ -579,9 +579,7 @@ pub fn matmul_seconds(
 
 /// [`matmul_seconds`] by one path: `auto` (what `matmul` picks), `matvec` (up to 8
 /// rows), `strips` (the batch kernel) or `panels` (dequantized panels and gemm); `None`
-/// also for `matvec` past 8 rows; or `q8` (activations rounded to 8 bits, then the integer
-/// kernels of [`Activations::Q8`], rounding included; Q4_0, Q4_1 and Q8_0 only). For the
-/// `bench` example's crossover measurement.
+/// also for `matvec` past 8 rows. For the `bench` example's crossover measurement.
 #[doc(hidden)]
 pub fn matmul_path_seconds(
     path: &str,
@@ -592,8 +590,7 @@ pub fn matmul_path_seconds(
     n: usize,
     reps: usize,
 ) -> Option<f64> {
-    let q8 = path == "q8";
-    let path = Path::from_name(if q8 { "auto" } else { path }, n)?;
+    let path = Path::from_name(path, n)?;
     let k = Kernels::new(Isa::from_name(isa)?)?;
     let ty = match ty {
         "q4_0" => WeightType::Block(BlockType::Q4_0),
@@ -633,25 +630,14 @@ pub fn matmul_path_seconds(
             b[at..at + 2].copy_from_slice(&scale);
         }
     }
-    if q8 && !q8::supports(ty) {
-        return None;
-    }
     let m = BlockMatrix::new(ty, rows, cols, data)?;
     let x: Vec<f32> = (0..n * cols).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
     let mut out = vec![0f32; n * rows];
-    let call = |x: &[f32], out: &mut [f32]| {
-        if q8 {
-            let xq = q8::Q8Rows::quantize(x, n, cols);
-            q8::q8_parts(k, &mut [(&m, out)], &xq, n);
-        } else {
-            m.matmul_with(k, path, x, n, out);
-        }
-    };
-    call(&x, &mut out);
+    m.matmul_with(k, path, &x, n, &mut out);
     let mut times: Vec<f64> = (0..reps.max(1))
         .map(|_| {
             let t = std::time::Instant::now();
-            call(std::hint::black_box(&x), &mut out);
+            m.matmul_with(k, path, std::hint::black_box(&x), n, &mut out);
             t.elapsed().as_secs_f64()
         })
         .collect();
@@ -1204,35 +1190,6 @@ mod tests {
                             all[j * n + i].to_bits(),
                             "{ty:?} {k:?} row {i} out {j}"
                         );
-                    }
-                }
-            }
-        }
-    }
-
-    /// Int8 activations: every SIMD level, with and without VNNI, gives the scalar
-    /// reference's bits (the same sums in the same order), across weight-row tiles cut
-    /// short, activation rows past the groups of four, and odd block counts.
-    #[test]
-    fn q8_simd_tiles_equal_the_scalar_reference_bit_for_bit() {
-        let mut rng = StdRng::seed_from_u64(2021);
-        for ty in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            for (rows, cols, n) in [(37, 288, 7), (8, 64, 1), (19, 320, 9)] {
-                let (q, _) = weight(&mut rng, ty, rows, cols);
-                let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
-                let xq = q8::Q8Rows::quantize(&random(&mut rng, n * cols), n, cols);
-                let run = |k: Kernels, vnni: bool| {
-                    let mut out = vec![0f32; rows * n];
-                    q8::dot_rows(k, vnni, m.ty, &m.data, cols, &xq, n, &mut out);
-                    out.into_iter().map(f32::to_bits).collect::<Vec<_>>()
-                };
-                let Some(scalar) = Kernels::new(Isa::Scalar) else {
-                    panic!("the scalar level always exists");
-                };
-                let want = run(scalar, false);
-                for k in kernels() {
-                    for vnni in [false, q8::uses_vnni(k)] {
-                        assert_eq!(run(k, vnni), want, "{ty:?} {k:?} vnni {vnni} {rows}x{cols}");
                     }
                 }
             }

@@ -506,28 +506,6 @@ pub trait Simd: Copy + Send + Sync + 'static {
         scale: f32,
         acc: Self::F32x8,
     ) -> Self::F32x8;
-    /// The i32 group sums of [`Simd::dot_bytes32`] themselves, unscaled (same operands,
-    /// same `VNNI` rule): many-row kernels sum them exactly before converting.
-    fn dot_bytes32_i32<const VNNI: bool>(self, u: Self::Bytes32, x: Self::Bytes32)
-        -> Self::Bytes32;
-    /// Lane `k`: the wrapping sum of the eight i32 lanes of `p[k]`, so eight integer dot
-    /// products end side by side in one register.
-    fn sum_i32x8_each(self, p: [Self::Bytes32; 8]) -> Self::Bytes32;
-    /// Per lane `acc + f32(p) * scale` with one rounding (`p` i32 lanes, converted exactly
-    /// below 2^24), as `f32(p).mul_add(scale, acc)`.
-    fn fma_i32x8(self, p: Self::Bytes32, scale: Self::F32x8, acc: Self::F32x8) -> Self::F32x8;
-    /// Eight f32 into an accumulator's lanes.
-    fn load_f32x8(self, a: &[f32; 8]) -> Self::F32x8;
-    /// The eight lanes into memory.
-    fn store_f32x8(self, a: &mut [f32; 8], v: Self::F32x8);
-    /// `x` in the eight lanes.
-    fn splat_f32x8(self, x: f32) -> Self::F32x8;
-    /// Per lane `a + b`.
-    fn add_f32x8(self, a: Self::F32x8, b: Self::F32x8) -> Self::F32x8;
-    /// Per lane `a * b`.
-    fn mul_f32x8(self, a: Self::F32x8, b: Self::F32x8) -> Self::F32x8;
-    /// Per lane `a * b + c` with one rounding (`a.mul_add(b, c)`).
-    fn fma_f32x8(self, a: Self::F32x8, b: Self::F32x8, c: Self::F32x8) -> Self::F32x8;
     // End of the integer dot products.
     // -----------------------------------------------------------------------------------
 
@@ -851,98 +829,6 @@ mod tests {
                 for &v in &vnni {
                     let got = isa.run(IntDotOps { u, x, w, vnni: v });
                     assert_eq!(got, want, "{isa} vnni {v}: u {u:?} x {x:?} w {w:?}");
-                }
-            }
-        }
-    }
-
-    /// The many-row integer operations on one input: eight unscaled dot products of `u[k]`
-    /// by `x`, summed into lanes, scaled and accumulated, as f32 bits.
-    struct TileOps {
-        u: [[u8; 32]; 8],
-        x: [i8; 32],
-        scale: [f32; 8],
-        acc: [f32; 8],
-        vnni: bool,
-    }
-
-    impl Kernel for TileOps {
-        type Output = [u32; 8];
-        fn scalar(self) -> [u32; 8] {
-            core::array::from_fn(|k| {
-                let t: i32 = dot_bytes32_scalar(&self.u[k], &self.x).iter().sum();
-                let r = (t as f32).mul_add(self.scale[k] * 0.75, self.acc[k]);
-                (self.scale[k].mul_add(1.5, r) + self.acc[k]).to_bits()
-            })
-        }
-        #[inline(always)]
-        fn simd<S: Simd>(self, s: S) -> [u32; 8] {
-            let x = s.load_bytes32(&self.x.map(|v| v as u8));
-            let p = self.u.map(|u| {
-                if self.vnni {
-                    s.dot_bytes32_i32::<true>(s.load_bytes32(&u), x)
-                } else {
-                    s.dot_bytes32_i32::<false>(s.load_bytes32(&u), x)
-                }
-            });
-            let (scale, acc) = (s.load_f32x8(&self.scale), s.load_f32x8(&self.acc));
-            let r = s.fma_i32x8(
-                s.sum_i32x8_each(p),
-                s.mul_f32x8(scale, s.splat_f32x8(0.75)),
-                acc,
-            );
-            let mut out = [0f32; 8];
-            s.store_f32x8(
-                &mut out,
-                s.add_f32x8(s.fma_f32x8(scale, s.splat_f32x8(1.5), r), acc),
-            );
-            out.map(f32::to_bits)
-        }
-    }
-
-    /// Each level's many-row integer operations equal their definition bit for bit, with
-    /// and without VNNI, at the extremes (`u = 128`, `x = ±127`) and on pseudo-random bytes.
-    #[test]
-    fn tile_ops_equal_their_definition_at_every_level() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        for case in 0..100 {
-            let u = core::array::from_fn(|_| {
-                core::array::from_fn(|_| if case == 0 { 128 } else { (next() % 129) as u8 })
-            });
-            let x = core::array::from_fn(|_| {
-                let v = (next() % 255) as i16 - 127;
-                if case == 0 {
-                    -127
-                } else {
-                    v as i8
-                }
-            });
-            let scale = core::array::from_fn(|_| (next() % 2001) as f32 / 997.0 - 1.0);
-            let acc = core::array::from_fn(|_| (next() % 4001) as f32 / 3.0 - 666.0);
-            let want = TileOps {
-                u,
-                x,
-                scale,
-                acc,
-                vnni: false,
-            }
-            .scalar();
-            for isa in Isa::available() {
-                for v in [false, vnni_available()] {
-                    let got = isa.run(TileOps {
-                        u,
-                        x,
-                        scale,
-                        acc,
-                        vnni: v,
-                    });
-                    assert_eq!(got, want, "{isa} vnni {v} case {case}");
                 }
             }
         }

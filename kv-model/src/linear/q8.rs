@@ -10,20 +10,11 @@
 //! once per activation block. Q8_0's signed codes go in as `|q|` against `a` with `q`'s
 //! sign.
 //!
-//! The kernel works on tiles of 8 weight rows: each tile's blocks are decoded once (4-bit
-//! nibbles split into bytes, the 8 rows' scales gathered into the lanes of one register)
-//! and reused by every activation row, 4 at a time. Per block and activation row, the 8
-//! integer dot products (`vpdpbusd` or `maddubs`, 8 partial sums each) are summed exactly
-//! into the 8 lanes of one register (`hadd`s), so the scaling costs one conversion, one
-//! multiply and two `fma`s for 8 outputs rather than per output: the same code serves one
-//! activation row (decode) and hundreds (prefill).
-//!
 //! Every activation row is rounded the same way whatever its batch (prefill, decode, one
-//! sequence or many), and each output is one lane with its own operations in block order
-//! (`acc = f32(Σ q·a).mul_add(d·e, acc)`, the minimums likewise, then their sum), whatever
-//! the tile or the group of rows: a row's result does not depend on its batch, so cached
-//! and uncached runs still agree with each other (not with exact activations), and every
-//! level gives the bits of [`Kernel::scalar`], the portable reference.
+//! sequence or many), and each row's sums see the same operations in the same order in
+//! every group of rows: a row's result does not depend on its batch, so cached and uncached
+//! runs still agree with each other (not with exact activations). [`Kernel::scalar`] is
+//! the portable reference.
 
 use core::marker::PhantomData;
 
@@ -33,11 +24,8 @@ use rayon::prelude::*;
 use super::matvec::{bytes, f16_at};
 use super::{BlockMatrix, BlockType, Kernels, WeightType, BLOCK};
 
-/// Activation rows per pass over a decoded tile of weight rows.
+/// Activation rows per pass over a weight row: each weight block decoded once for them.
 const GROUP: usize = 4;
-
-/// Weight rows per tile: their block sums end side by side in one register's lanes.
-const WROWS: usize = 8;
 
 /// Activation rows rounded to 8 bits per block of [`BLOCK`] values.
 #[derive(Debug, Clone, PartialEq)]
@@ -199,8 +187,6 @@ pub(super) struct DotQ8<'a, F, const BYTES: usize> {
 impl<F: IntFormat, const BYTES: usize> Kernel for DotQ8<'_, F, BYTES> {
     type Output = ();
 
-    /// The reference: per output, block by block, `acc = f32(Σ q·a).mul_add(d·e, acc)` and
-    /// `min = m.mul_add(e·Σ a, min)`, then `acc + min`; the SIMD tiles give the same bits.
     fn scalar(self) {
         let n = self.n;
         for (row, out) in self
@@ -218,10 +204,8 @@ impl<F: IntFormat, const BYTES: usize> Kernel for DotQ8<'_, F, BYTES> {
                         .zip(q)
                         .map(|(&c, &a)| c * i32::from(a as i8))
                         .sum();
-                    acc = (dot as f32).mul_add(d * e, acc);
-                    if !F::SIGNED {
-                        min = m.mul_add(s, min);
-                    }
+                    acc += (d * e) * dot as f32;
+                    min += m * s;
                 }
                 *o = acc + min;
             }
@@ -231,115 +215,97 @@ impl<F: IntFormat, const BYTES: usize> Kernel for DotQ8<'_, F, BYTES> {
     #[inline(always)]
     fn simd<S: Simd>(self, s: S) {
         if self.vnni {
-            tiles::<S, F, BYTES, true>(s, self);
+            rows_simd::<S, F, BYTES, true>(s, self);
         } else {
-            tiles::<S, F, BYTES, false>(s, self);
+            rows_simd::<S, F, BYTES, false>(s, self);
         }
     }
 }
 
-/// One weight block of [`WROWS`] rows, decoded once for every activation row: the codes
-/// (`|q|` for signed formats), the signed codes (signed formats only), and the rows'
-/// scales `d` and minimums `m` in lanes.
-struct Decoded<S: Simd> {
-    u: [S::Bytes32; WROWS],
-    w: [S::Bytes32; WROWS],
-    d: S::F32x8,
-    m: S::F32x8,
-}
-
-/// [`DotQ8`]'s SIMD body: weight rows in tiles of [`WROWS`], each tile's blocks decoded
-/// once into `tile` (nibbles split, scales gathered into lanes), then every activation
-/// row, [`GROUP`] at a time, against the whole tile (see [`dots`]).
+/// [`DotQ8`]'s SIMD body: per weight row, the activation rows in groups of [`GROUP`].
 #[inline(always)]
-fn tiles<S: Simd, F: IntFormat, const BYTES: usize, const V: bool>(s: S, k: DotQ8<'_, F, BYTES>) {
+fn rows_simd<S: Simd, F: IntFormat, const BYTES: usize, const V: bool>(
+    s: S,
+    k: DotQ8<'_, F, BYTES>,
+) {
     debug_assert_eq!(BYTES, F::BYTES);
-    let (n, row_bytes) = (k.n, k.row_bytes);
-    let rows = k.rows.len() / row_bytes;
-    let nb = row_bytes / BYTES;
-    let mut tile: Vec<Decoded<S>> = Vec::with_capacity(nb);
-    for r0 in (0..rows).step_by(WROWS) {
-        let live = (rows - r0).min(WROWS);
-        // Lanes past the last row repeat it; their results are dropped.
-        let src: [&[[u8; BYTES]]; WROWS] = core::array::from_fn(|j| {
-            k.rows[(r0 + j.min(live - 1)) * row_bytes..][..row_bytes]
-                .as_chunks::<BYTES>()
-                .0
-        });
-        tile.clear();
-        tile.extend((0..nb).map(|b| {
-            let c: [(S::Bytes32, f32, f32); WROWS] =
-                core::array::from_fn(|j| F::codes_simd(s, &src[j][b]));
-            Decoded {
-                u: c.map(|c| if F::SIGNED { s.abs_bytes32(c.0) } else { c.0 }),
-                w: c.map(|c| c.0),
-                d: s.load_f32x8(&c.map(|c| c.1)),
-                m: s.load_f32x8(&c.map(|c| c.2)),
-            }
-        }));
-        let mut put = |i: usize, v: S::F32x8| {
-            let mut lanes = [0f32; WROWS];
-            s.store_f32x8(&mut lanes, v);
-            for (j, &v) in lanes[..live].iter().enumerate() {
-                k.out[(r0 + j) * n + i] = v;
-            }
-        };
+    let n = k.n;
+    for (row, out) in k
+        .rows
+        .chunks_exact(k.row_bytes)
+        .zip(k.out.chunks_exact_mut(n))
+    {
+        let blocks = row.as_chunks::<BYTES>().0;
+        let mut groups = out.chunks_exact_mut(GROUP);
         let mut i = 0;
-        while i + GROUP <= n {
+        for o in &mut groups {
             let x: [Row<'_>; GROUP] = core::array::from_fn(|r| k.x.row(i + r));
-            for (r, v) in dots::<S, F, V, GROUP>(s, &tile, x).into_iter().enumerate() {
-                put(i + r, v);
-            }
+            o.copy_from_slice(&dots::<S, F, BYTES, V, GROUP>(s, blocks, x));
             i += GROUP;
         }
-        for i in i..n {
-            let [v] = dots::<S, F, V, 1>(s, &tile, [k.x.row(i)]);
-            put(i, v);
+        for o in groups.into_remainder() {
+            *o = dots::<S, F, BYTES, V, 1>(s, blocks, [k.x.row(i)])[0];
+            i += 1;
         }
     }
 }
 
-/// The dot products of a decoded tile of [`WROWS`] weight rows with `R` activation rows,
-/// lane `j` of result `r` the output of weight row `j` and activation row `r`. Per block and
-/// activation row: eight integer dot products summed exactly into one register's lanes,
-/// then one conversion and `fma` with the scales `d·e`, and one `fma` of the minimums by
-/// `e·Σ a`; each output in its own lane and order, whatever `R` and the tile.
+/// The dot products of one weight row with `R` activation rows, each weight block decoded
+/// once for all. Each row's sums: even blocks into one accumulator, odd into another (two
+/// chains in flight), the minimum terms likewise, then `even + odd` lanes summed plus the
+/// minimum terms: the same operations in the same order for every `R`.
 #[inline(always)]
-fn dots<S: Simd, F: IntFormat, const V: bool, const R: usize>(
+fn dots<S: Simd, F: IntFormat, const BYTES: usize, const V: bool, const R: usize>(
     s: S,
-    tile: &[Decoded<S>],
+    blocks: &[[u8; BYTES]],
     x: [Row<'_>; R],
-) -> [S::F32x8; R] {
-    let nb = tile.len();
+) -> [f32; R] {
+    let nb = blocks.len();
     let x = x.map(|r| Row {
         q: &r.q[..nb],
         d: &r.d[..nb],
         s: &r.s[..nb],
     });
-    let mut acc = [s.zero_f32x8(); R];
-    let mut min = [s.zero_f32x8(); R];
-    for (bi, t) in tile.iter().enumerate() {
+    let mut acc = [[s.zero_f32x8(); 2]; R];
+    let mut min = [[0f32; 2]; R];
+    // One block into set `SET` of every row's accumulators (a constant index, so the
+    // accumulators stay in registers).
+    #[inline(always)]
+    fn block<S: Simd, F: IntFormat, const V: bool, const R: usize, const SET: usize>(
+        s: S,
+        b: &[u8],
+        bi: usize,
+        x: &[Row<'_>; R],
+        acc: &mut [[S::F32x8; 2]; R],
+        min: &mut [[f32; 2]; R],
+    ) {
+        let (w, d, m) = F::codes_simd(s, b);
+        let u = if F::SIGNED { s.abs_bytes32(w) } else { w };
         for ((x, acc), min) in x.iter().zip(acc.iter_mut()).zip(min.iter_mut()) {
             let (Some(q), Some(&e), Some(&sum)) = (x.q.get(bi), x.d.get(bi), x.s.get(bi)) else {
                 continue;
             };
             let a = s.load_bytes32(q);
-            let p: [S::Bytes32; WROWS] = core::array::from_fn(|j| {
-                let a = if F::SIGNED {
-                    s.sign_bytes32(a, t.w[j])
-                } else {
-                    a
-                };
-                s.dot_bytes32_i32::<V>(t.u[j], a)
-            });
-            let scale = s.mul_f32x8(t.d, s.splat_f32x8(e));
-            *acc = s.fma_i32x8(s.sum_i32x8_each(p), scale, *acc);
+            let a = if F::SIGNED { s.sign_bytes32(a, w) } else { a };
+            acc[SET] = s.dot_bytes32::<V>(u, a, d * e, acc[SET]);
             if !F::SIGNED {
-                *min = s.fma_f32x8(t.m, s.splat_f32x8(sum), *min);
+                min[SET] += m * sum;
             }
         }
     }
-    core::array::from_fn(|r| s.add_f32x8(acc[r], min[r]))
+    let (pairs, rest) = blocks.as_chunks::<2>();
+    for (p, b) in pairs.iter().enumerate() {
+        block::<S, F, V, R, 0>(s, &b[0], 2 * p, &x, &mut acc, &mut min);
+        block::<S, F, V, R, 1>(s, &b[1], 2 * p + 1, &x, &mut acc, &mut min);
+    }
+    if let [b] = rest {
+        block::<S, F, V, R, 0>(s, b, 2 * pairs.len(), &x, &mut acc, &mut min);
+    }
+    core::array::from_fn(|r| {
+        let [even, odd] = acc[r];
+        let [me, mo] = min[r];
+        s.sum_f32x8(even) + s.sum_f32x8(odd) + (me + mo)
+    })
 }
 
 /// Whether kernels at `k` use `vpdpbusd`: at the AVX-512 level, where the CPU has VNNI.
@@ -398,11 +364,7 @@ pub(super) fn q8_parts(k: Kernels, parts: &mut [(&BlockMatrix, &mut [f32])], x: 
     }
     let vnni = uses_vnni(k);
     let total: usize = parts.iter().map(|(m, _)| m.rows).sum();
-    // Whole tiles of `WROWS` weight rows per task where the matrix allows.
-    let chunk = total
-        .div_ceil(rayon::current_num_threads() * 4)
-        .max(16)
-        .next_multiple_of(WROWS);
+    let chunk = total.div_ceil(rayon::current_num_threads() * 4).max(16);
     let mut tasks = Vec::new();
     for (m, out) in parts.iter_mut() {
         for (c, o) in out[..m.rows * n].chunks_mut(chunk * n).enumerate() {

@@ -251,46 +251,6 @@ fn dot_bytes_256<const VNNI: bool>(u: __m256i, x: __m256i, scale: f32, acc: __m2
     _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc)
 }
 
-/// The i32 group sums of `u` (unsigned) by `x` (signed): [`Simd::dot_bytes32_i32`].
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn dot_bytes_i32_256<const VNNI: bool>(u: __m256i, x: __m256i) -> __m256i {
-    if VNNI {
-        let mut p = _mm256_setzero_si256();
-        // SAFETY: as in `dot_bytes_256`: `VNNI` only where `vnni_available` found AVX-512
-        // VNNI and VL; registers only.
-        unsafe {
-            core::arch::asm!(
-                "{{evex}} vpdpbusd {p}, {u}, {x}",
-                p = inout(ymm_reg) p,
-                u = in(ymm_reg) u,
-                x = in(ymm_reg) x,
-                options(pure, nomem, nostack),
-            );
-        }
-        p
-    } else {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
-    }
-}
-
-/// Lane `k`: the sum of `p[k]`'s lanes ([`Simd::sum_i32x8_each`]): pairwise `hadd`s, then
-/// each 128-bit half's sums added across the halves.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn sum_i32x8_each_256(p: [__m256i; 8]) -> __m256i {
-    let h01 = _mm256_hadd_epi32(p[0], p[1]);
-    let h23 = _mm256_hadd_epi32(p[2], p[3]);
-    let h45 = _mm256_hadd_epi32(p[4], p[5]);
-    let h67 = _mm256_hadd_epi32(p[6], p[7]);
-    // Low half: rows 0-3's sums over lanes 0-3, high half: over lanes 4-7 (q1: rows 4-7).
-    let q0 = _mm256_hadd_epi32(h01, h23);
-    let q1 = _mm256_hadd_epi32(h45, h67);
-    let cross = _mm256_permute2x128_si256::<0x21>(q0, q1);
-    let straight = _mm256_blend_epi32::<0xF0>(q0, q1);
-    _mm256_add_epi32(cross, straight)
-}
-
 /// The integer dot products of [`Simd`], the same at both widths (8 lanes).
 macro_rules! int_dot_ops {
     () => {
@@ -320,42 +280,6 @@ macro_rules! int_dot_ops {
             acc: __m256,
         ) -> __m256 {
             feat!(dot_bytes_256::<VNNI>(u, x, scale, acc))
-        }
-        #[inline(always)]
-        fn dot_bytes32_i32<const VNNI: bool>(self, u: __m256i, x: __m256i) -> __m256i {
-            feat!(dot_bytes_i32_256::<VNNI>(u, x))
-        }
-        #[inline(always)]
-        fn sum_i32x8_each(self, p: [__m256i; 8]) -> __m256i {
-            feat!(sum_i32x8_each_256(p))
-        }
-        #[inline(always)]
-        fn fma_i32x8(self, p: __m256i, scale: __m256, acc: __m256) -> __m256 {
-            feat!(_mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc))
-        }
-        #[inline(always)]
-        fn load_f32x8(self, a: &[f32; 8]) -> __m256 {
-            feat!(load_256(a))
-        }
-        #[inline(always)]
-        fn store_f32x8(self, a: &mut [f32; 8], v: __m256) {
-            feat!(store_256(a, v))
-        }
-        #[inline(always)]
-        fn splat_f32x8(self, x: f32) -> __m256 {
-            feat!(_mm256_set1_ps(x))
-        }
-        #[inline(always)]
-        fn add_f32x8(self, a: __m256, b: __m256) -> __m256 {
-            feat!(_mm256_add_ps(a, b))
-        }
-        #[inline(always)]
-        fn mul_f32x8(self, a: __m256, b: __m256) -> __m256 {
-            feat!(_mm256_mul_ps(a, b))
-        }
-        #[inline(always)]
-        fn fma_f32x8(self, a: __m256, b: __m256, c: __m256) -> __m256 {
-            feat!(_mm256_fmadd_ps(a, b, c))
         }
     };
 }
