@@ -195,14 +195,7 @@ impl Sampler {
     /// [`ModelError::NonFiniteLogits`] for NaN or `+inf` (`-inf` means "never");
     /// [`ModelError::InvalidArgument`] for no logits or all `-inf`.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
-        if logits.iter().any(|l| l.is_nan() || *l == f32::INFINITY) {
-            return Err(ModelError::NonFiniteLogits);
-        }
-        let best = argmax(logits).ok_or_else(|| ModelError::InvalidArgument {
-            what: "logits",
-            expected: "at least one finite value".into(),
-            got: format!("{} values, none finite", logits.len()),
-        })?;
+        let best = checked_argmax(logits)?;
         if self.config.is_greedy() {
             return Ok(best as u32);
         }
@@ -234,14 +227,7 @@ impl Sampler {
                 got: u.to_string(),
             });
         }
-        if logits.iter().any(|l| l.is_nan() || *l == f32::INFINITY) {
-            return Err(ModelError::NonFiniteLogits);
-        }
-        let best = argmax(logits).ok_or_else(|| ModelError::InvalidArgument {
-            what: "logits",
-            expected: "at least one finite value".into(),
-            got: format!("{} values, none finite", logits.len()),
-        })?;
+        let best = checked_argmax(logits)?;
         if self.config.is_greedy() {
             return Ok(best as u32);
         }
@@ -299,6 +285,18 @@ impl Sampler {
         // Rounding left `u` just past the last bucket.
         candidates[probs.len() - 1].0
     }
+}
+
+/// The greedy token of `logits`, after the checks every sampling path makes first.
+fn checked_argmax(logits: &[f32]) -> Result<usize> {
+    if logits.iter().any(|l| l.is_nan() || *l == f32::INFINITY) {
+        return Err(ModelError::NonFiniteLogits);
+    }
+    argmax(logits).ok_or_else(|| ModelError::InvalidArgument {
+        what: "logits",
+        expected: "at least one finite value".into(),
+        got: format!("{} values, none finite", logits.len()),
+    })
 }
 
 /// Index of the largest finite value, the lowest index on ties.
