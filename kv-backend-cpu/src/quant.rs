@@ -48,7 +48,8 @@
 //! group's heads. A decode step's f16 values are the last rows it sees, so the quantized
 //! value pass stops before them (the window costs no quantized work); where a query reads
 //! f16 rows before quantized ones (a prefill, a prefix block without its window) their
-//! weights are zeroed for the quantized pass instead.
+//! weights are zeroed for the quantized pass instead. The window rows a decode task reads
+//! are asked for by its earlier tiles, a key block's K or V rows each (`WindowQueue`).
 //!
 //! # What may be written
 //!
