@@ -1679,6 +1679,22 @@ mod tests {
         }
     }
 
+    /// A tile asks the queue for rows past itself: rows of key blocks before `after` are
+    /// passed over (the tile reads them itself), the others come in order, then nothing.
+    #[test]
+    fn window_queue_hands_out_later_rows_in_order() {
+        let rows: Vec<f16> = (0..6).map(|i| f16::from_f32(i as f32)).collect();
+        let mut q = WindowQueue::default();
+        for (i, t) in [32usize, 32, 64, 64, 96, 96].into_iter().enumerate() {
+            q.rows[i] = (t, &rows[i..i + 1]);
+        }
+        q.len = 6;
+        assert_eq!(q.take(64), &rows[2..3]);
+        assert_eq!(q.take(64), &rows[3..4]);
+        assert_eq!(q.take(128), &[] as &[f16]);
+        assert_eq!(q.take(0), &[] as &[f16]);
+    }
+
     fn pools(dtype: KvDType, block_size: usize) -> QuantPools {
         let shape = ModelShape::new(2, 4, 2, 64).expect("shape");
         let spec = StorageSpec::new(shape, dtype, block_size, 4).expect("spec");
