@@ -48,7 +48,8 @@
 //! group's heads. A decode step's f16 values are the last rows it sees, so the quantized
 //! value pass stops before them (the window costs no quantized work); where a query reads
 //! f16 rows before quantized ones (a prefill, a prefix block without its window) their
-//! weights are zeroed for the quantized pass instead.
+//! weights are zeroed for the quantized pass instead. The window rows a decode task reads
+//! are asked for by its earlier tiles, a key block's K or V rows each (`WindowQueue`).
 //!
 //! # What may be written
 //!
@@ -1083,7 +1084,7 @@ fn run_task_in(
     let block_at = |index: usize| -> Result<usize> {
         Ok(blocks
             .get(index)
-            .ok_or(KvError::OutOfRange {
+            .ok_or_else(|| KvError::OutOfRange {
                 what: "block of sequence",
                 index,
                 len: blocks.len(),
@@ -1110,6 +1111,14 @@ fn run_task_in(
         }
         Ok((block, t % g.block_size, end))
     };
+    // KIVI decode: the residual's f16 window rows that the query reads in this task, for
+    // the tiles before them to ask for (see `WindowQueue`).
+    let kivi_decode = fused && matches!(p.layout.keys, KeyLayout::Kivi(_));
+    let mut queue = WindowQueue::default();
+    if kivi_decode {
+        queue.fill(p, lp, h, first_pos, (task.k0, task.k1), &block_at)?;
+    }
+    let mut next = [Ahead::default(); AHEAD_BLOCKS];
     let mut t0 = task.k0;
     while t0 < task.k1 {
         let (block, offset, t1) = tile_at(t0)?;
@@ -1121,7 +1130,10 @@ fn run_task_in(
         // kernels ran left the first touch of a row waiting on memory); KIVI key blocks and
         // prefill tiles get theirs at once.
         let (mut k_next, mut v_next): (&[u8], &[u8]) = (&[], &[]);
-        if t1 < task.k1 {
+        'ahead: {
+            if t1 >= task.k1 {
+                break 'ahead;
+            }
             let (nb, no, nt1) = tile_at(t1)?;
             let v_at = g.row_start(nb, h, no);
             let v_rows = lp.v.get(v_at..v_at + (nt1 - t1) * p.v_row).unwrap_or(&[]);
@@ -1140,10 +1152,33 @@ fn run_task_in(
             match (fused, p.layout.keys) {
                 (true, KeyLayout::Rows { .. }) => (k_next, v_next) = (k_rows, v_rows),
                 (true, KeyLayout::Kivi(_)) => {
-                    kernels::prefetch(k_rows);
-                    v_next = v_rows;
-                    // The f16 windows the next tile reads live apart from the pools.
-                    prefetch_windows(p, lp, h, t1, nt1, &block_at)?;
+                    // The tile's blocks have consecutive ids, so its key blocks' windows
+                    // are consecutive entries (as its key blocks are one range of the pool).
+                    let w0 = nb * p.key_blocks_per_block + no / p.kivi_tokens;
+                    let windowed = lp
+                        .windows
+                        .get(w0..w0 + (nt1 - t1).div_ceil(p.kivi_tokens))
+                        .is_none_or(|w| w.iter().any(Option::is_some));
+                    if !windowed {
+                        // Most tiles: every key and value in the pools. This runs once a
+                        // tile, whose kernels take about a microsecond: kept to the least.
+                        kernels::prefetch(k_rows);
+                        v_next = v_rows;
+                        break 'ahead;
+                    }
+                    // Only what the query reads: not the pools' key blocks and values it
+                    // reads from the windows (the residual), nor windows it does not read.
+                    let values_from =
+                        decode_ahead(p, lp, h, first_pos, (t1, nt1), &block_at, &mut next)?;
+                    v_next = v_rows.get(..(values_from - t1) * p.v_row).unwrap_or(&[]);
+                    for (i, n) in next.iter().enumerate() {
+                        kernels::prefetch(n.k);
+                        // The queue's rows are asked for by the tiles before them.
+                        if t1 + i * p.kivi_tokens < queue.from {
+                            kernels::prefetch(n.k16);
+                            kernels::prefetch(n.v16);
+                        }
+                    }
                 }
                 (false, _) => {
                     kernels::prefetch(k_rows);
@@ -1217,7 +1252,7 @@ fn run_task_in(
                             &win.rows[(h * t_n + j) * d..][..rows_here * d],
                             &mut scores[in_f16.start * TILE + col..],
                             TILE,
-                            &[],
+                            queue.take(t1),
                         );
                     }
                     if !quantized.is_empty() {
@@ -1303,16 +1338,28 @@ fn run_task_in(
                 h,
                 (t0, t1),
                 t0 + quantized_rows,
+                &mut queue,
                 &block_at,
             )?;
         }
         let at = g.row_start(block, h, offset);
         let v = &lp.v[at..at + quantized_rows * p.v_row];
         if fused {
-            if quantized_rows == 0 {
+            // Where the residual's rows come later in the task, they are what the value
+            // pass asks for as it reads (3 to 5 times a tile's pool rows: asked for at once,
+            // or in the last tiles only, they would leave the kernels waiting on memory);
+            // the next tile's pool rows, fewer, are asked for at once instead.
+            let mut ahead = v_next;
+            if quantized_rows > 0 {
+                let rows16 = queue.take(t1);
+                if !rows16.is_empty() {
+                    kernels::prefetch(v_next);
+                    ahead = bytemuck::cast_slice(rows16);
+                }
+            } else {
                 kernels::prefetch(v_next);
             }
-            kern.axpy_heads_ahead(p.layout.values, d, scores, TILE, v, acc, v_next)
+            kern.axpy_heads_ahead(p.layout.values, d, scores, TILE, v, acc, ahead)
                 .map_err(internal)?;
         } else {
             // Several lanes add each row: dequantize the tile once; the weights of keys a
@@ -1338,31 +1385,162 @@ fn run_task_in(
     Ok(())
 }
 
-/// Asks for the f16 rows (keys, and values with a residual) of KV head `h` in the windows
-/// of the key blocks of the tile `t0..t1` to be cached: they are separate allocations, and
-/// at decode every one of them is read (a hint; no value changes).
-fn prefetch_windows(
+/// Key blocks of a tile that [`decode_ahead`] describes: a tile holds at most [`TILE`]
+/// tokens, two 32-token key blocks.
+const AHEAD_BLOCKS: usize = TILE / 32;
+
+/// What a decode query reads of one key block of a tile, for the tile before it to ask for
+/// while it computes: the block's quantized keys (`k`) or its window's f16 keys (`k16`),
+/// and the f16 values it reads from the window (`v16`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Ahead<'a> {
+    k: &'a [u8],
+    k16: &'a [f16],
+    v16: &'a [f16],
+}
+
+/// For a decode query at `pos` over the tile `t0..t1` of KV head `h` (which starts at a key
+/// block): fills `out[i]` with what it reads of the key block at `t0 + i * 32` (empty past
+/// the tile), and returns [`f16_values_from`]: the pool's value rows it reads are those
+/// before it. Only a hint for prefetching: no value depends on it.
+fn decode_ahead<'a>(
     p: &QuantPools,
-    lp: &QuantLayer,
+    lp: &'a QuantLayer,
     h: usize,
-    t0: usize,
-    t1: usize,
+    pos: usize,
+    (t0, t1): (usize, usize),
     block_at: &dyn Fn(usize) -> Result<usize>,
-) -> Result<()> {
+    out: &mut [Ahead<'a>; AHEAD_BLOCKS],
+) -> Result<usize> {
+    let values_from = if p.residual > 0 {
+        f16_values_from(p, lp, pos, t0, t1, block_at)?
+    } else {
+        t1
+    };
+    for (i, a) in out.iter_mut().enumerate() {
+        let t = t0 + i * p.kivi_tokens;
+        *a = if t < t1 {
+            ahead_of(p, lp, h, pos, (t, t1), values_from, block_at)?
+        } else {
+            Ahead::default()
+        };
+    }
+    Ok(values_from)
+}
+
+/// What a decode query at `pos` reads of the key block of KV head `h` starting at `t`
+/// (tokens `t..t1` of it), as `run_task_in` reads it, given the first token whose value it
+/// reads in f16 (`values_from`, see [`f16_values_from`]).
+fn ahead_of<'a>(
+    p: &QuantPools,
+    lp: &'a QuantLayer,
+    h: usize,
+    pos: usize,
+    (t, t1): (usize, usize),
+    values_from: usize,
+    block_at: &dyn Fn(usize) -> Result<usize>,
+) -> Result<Ahead<'a>> {
     let (d, t_n, bs) = (p.vgeom.head_dim, p.kivi_tokens, p.vgeom.block_size);
-    let mut t = t0 - t0 % t_n;
-    while t < t1 {
-        let offset = t % bs;
-        let w = block_at(t / bs)? * p.key_blocks_per_block + offset / t_n;
-        if let Some(win) = lp.windows[w].as_ref() {
-            kernels::prefetch(&win.rows[h * t_n * d..][..t_n * d]);
-            if !win.values.is_empty() {
-                kernels::prefetch(&win.values[h * t_n * d..][..t_n * d]);
+    let mut a = Ahead::default();
+    let (block, offset) = (block_at(t / bs)?, t % bs);
+    let (kb, j) = (offset / t_n, offset % t_n);
+    let window = lp
+        .windows
+        .get(block * p.key_blocks_per_block + kb)
+        .and_then(Option::as_ref);
+    // Keys from the window while the block fills and while the query is within the
+    // residual after it; else the quantized block.
+    match window {
+        Some(w) if !w.quantized || t - j + t_n + p.residual > pos => {
+            a.k16 = w.rows.get(h * t_n * d..(h + 1) * t_n * d).unwrap_or(&[]);
+        }
+        _ => {
+            let at = p.kivi_start(block, kb, h);
+            a.k = lp.k.get(at..at + p.kivi_bytes).unwrap_or(&[]);
+        }
+    }
+    if let Some(w) = window.filter(|w| !w.values.is_empty()) {
+        let (lo, hi) = (j + values_from.max(t) - t, (j + t1 - t).min(t_n));
+        if lo < hi {
+            a.v16 = w
+                .values
+                .get((h * t_n + lo) * d..(h * t_n + hi) * d)
+                .unwrap_or(&[]);
+        }
+    }
+    Ok(a)
+}
+
+/// Most rows a [`WindowQueue`] holds: the keys and values of the key blocks that the
+/// longest residual (256 tokens) and the block being filled span.
+const QUEUE_LEN: usize = 2 * (256 / 32 + 2);
+
+/// The f16 window rows (keys or values of one key block of one KV head) that a decode
+/// query reads in one task, in the order it reads them, each with the token its key block
+/// starts at. Windows hold 3 to 5 times the bytes a token of the pools does: asked for all
+/// at once in the tile before them, as the pools' rows are, they left the step waiting on
+/// memory (the residual cost 2 to 5% of a Llama-2-7B layer's step at 4096 tokens). The
+/// task's earlier tiles, which compute more than they read, each ask for one of them
+/// instead, a share per row read of a kernel ([`WindowQueue::take`]).
+#[derive(Debug, Default)]
+struct WindowQueue<'a> {
+    rows: [(usize, &'a [f16]); QUEUE_LEN],
+    len: usize,
+    next: usize,
+    /// The first token of the first key block the queue looks at: the windows the query
+    /// reads from here on are in it (up to [`QUEUE_LEN`] rows).
+    from: usize,
+}
+
+impl<'a> WindowQueue<'a> {
+    /// The windows that the decode query at `pos` reads in the task `k0..k1` (of whole key
+    /// blocks from `k0`) of KV head `h`: those of the key blocks that end after `pos - R -
+    /// 32`, the residual's (where a filling block's window lies before, the tile before it
+    /// asks for it).
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &mut self,
+        p: &QuantPools,
+        lp: &'a QuantLayer,
+        h: usize,
+        pos: usize,
+        (k0, k1): (usize, usize),
+        block_at: &dyn Fn(usize) -> Result<usize>,
+    ) -> Result<()> {
+        let t_n = p.kivi_tokens;
+        let start = (pos + 1).saturating_sub(p.residual + t_n).max(k0);
+        self.from = k0 + (start - k0) / t_n * t_n;
+        if self.from >= k1 {
+            return Ok(());
+        }
+        let values_from = if p.residual > 0 {
+            f16_values_from(p, lp, pos, self.from, k1, block_at)?
+        } else {
+            k1
+        };
+        for t in (self.from..k1).step_by(t_n) {
+            let a = ahead_of(p, lp, h, pos, (t, k1), values_from, block_at)?;
+            for rows in [a.k16, a.v16] {
+                if !rows.is_empty() && self.len < QUEUE_LEN {
+                    self.rows[self.len] = (t, rows);
+                    self.len += 1;
+                }
             }
         }
-        t += t_n;
+        Ok(())
     }
-    Ok(())
+
+    /// The next rows of a key block from `after` on (empty when none is left); rows before
+    /// it are passed over (the tile asking reads them itself).
+    fn take(&mut self, after: usize) -> &'a [f16] {
+        while let Some(&(t, rows)) = self.rows[..self.len].get(self.next) {
+            self.next += 1;
+            if t >= after {
+                return rows;
+            }
+        }
+        &[]
+    }
 }
 
 /// For one query at `pos` (a decode step) over the tile `t0..t1`: the first token `f` such
@@ -1398,7 +1576,8 @@ fn f16_values_from(
 /// position `pos` reads the value of token `t` in f16 when `pos < t + residual` and the
 /// block still has its window. Adds those rows, weighted by `scores`, to `acc`, and zeroes
 /// the weights of those before `keep_from`, so that the tile's quantized pass (which reads
-/// the rows before `keep_from`) adds only the others.
+/// the rows before `keep_from`) adds only the others. Each key block's rows ask for the
+/// next rows of `queue` past the tile (at decode) as they are read.
 #[allow(clippy::too_many_arguments)]
 fn window_values(
     p: &QuantPools,
@@ -1411,6 +1590,7 @@ fn window_values(
     h: usize,
     (t0, t1): (usize, usize),
     keep_from: usize,
+    queue: &mut WindowQueue<'_>,
     block_at: &dyn Fn(usize) -> Result<usize>,
 ) -> Result<()> {
     let (d, t_n, bs) = (p.vgeom.head_dim, p.kivi_tokens, p.vgeom.block_size);
@@ -1441,7 +1621,7 @@ fn window_values(
                     d,
                     &win.values[(h * t_n + j + lo - t) * d..][..(hi - lo) * d],
                     &mut acc[l0 * d..l1 * d],
-                    &[],
+                    queue.take(t1),
                 );
                 if lo < keep_from {
                     for lane in l0..l1 {
@@ -1497,6 +1677,22 @@ mod tests {
                 assert_eq!(core, quant, "{dtype} head_dim {d}");
             }
         }
+    }
+
+    /// A tile asks the queue for rows past itself: rows of key blocks before `after` are
+    /// passed over (the tile reads them itself), the others come in order, then nothing.
+    #[test]
+    fn window_queue_hands_out_later_rows_in_order() {
+        let rows: Vec<f16> = (0..6).map(|i| f16::from_f32(i as f32)).collect();
+        let mut q = WindowQueue::default();
+        for (i, t) in [32usize, 32, 64, 64, 96, 96].into_iter().enumerate() {
+            q.rows[i] = (t, &rows[i..i + 1]);
+        }
+        q.len = 6;
+        assert_eq!(q.take(64), &rows[2..3]);
+        assert_eq!(q.take(64), &rows[3..4]);
+        assert_eq!(q.take(128), &[] as &[f16]);
+        assert_eq!(q.take(0), &[] as &[f16]);
     }
 
     fn pools(dtype: KvDType, block_size: usize) -> QuantPools {
