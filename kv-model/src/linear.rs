@@ -590,6 +590,37 @@ pub fn matmul_path_seconds(
     n: usize,
     reps: usize,
 ) -> Option<f64> {
+    timed_matmul(path, isa, ty, (rows, cols), n, reps, 0)
+}
+
+/// [`matmul_seconds`] with the weights streamed from memory, as a model's decode reads
+/// them: copies of the matrix (distinct memory) totalling at least `min_bytes` (set it
+/// past the last-level cache) are multiplied in turn, `reps` calls cycling through them,
+/// so no call finds its weights in cache; the median of the calls. The activations stay
+/// in cache, as a decode step's do. For the `bench` example's `weights` section.
+#[doc(hidden)]
+pub fn matmul_seconds_from_memory(
+    isa: &str,
+    ty: &str,
+    rows: usize,
+    cols: usize,
+    reps: usize,
+    min_bytes: usize,
+) -> Option<f64> {
+    timed_matmul("auto", isa, ty, (rows, cols), 1, reps, min_bytes)
+}
+
+/// The timing behind [`matmul_path_seconds`] and [`matmul_seconds_from_memory`]:
+/// `min_bytes` 0 times one matrix (in cache after the warm-up), more cycles copies.
+fn timed_matmul(
+    path: &str,
+    isa: &str,
+    ty: &str,
+    (rows, cols): (usize, usize),
+    n: usize,
+    reps: usize,
+    min_bytes: usize,
+) -> Option<f64> {
     let path = Path::from_name(path, n)?;
     let k = Kernels::new(Isa::from_name(isa)?)?;
     let ty = match ty {
@@ -608,8 +639,9 @@ pub fn matmul_path_seconds(
     }
     // Deterministic bytes; each block's f16 scale(s) set to small normal values.
     let blocks = rows.checked_mul(cols / ty.weights())?;
+    let bytes = blocks.checked_mul(ty.bytes())?;
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut data: Vec<u8> = (0..blocks.checked_mul(ty.bytes())?)
+    let mut data: Vec<u8> = (0..bytes)
         .map(|_| {
             state = state
                 .wrapping_mul(6_364_136_223_846_793_005)
@@ -630,12 +662,20 @@ pub fn matmul_path_seconds(
             b[at..at + 2].copy_from_slice(&scale);
         }
     }
-    let m = BlockMatrix::new(ty, rows, cols, data)?;
+    let copies = min_bytes.div_ceil(bytes.max(1)).max(1);
+    let ms: Vec<BlockMatrix> = (0..copies)
+        .map(|_| BlockMatrix::new(ty, rows, cols, data.clone()))
+        .collect::<Option<_>>()?;
     let x: Vec<f32> = (0..n * cols).map(|i| (i % 17) as f32 * 0.1 - 0.8).collect();
     let mut out = vec![0f32; n * rows];
-    m.matmul_with(k, path, &x, n, &mut out);
+    // One warm-up call per copy (page faults, the last copies then in cache: the cycle
+    // below starts with the first, long evicted).
+    for m in &ms {
+        m.matmul_with(k, path, &x, n, &mut out);
+    }
     let mut times: Vec<f64> = (0..reps.max(1))
-        .map(|_| {
+        .map(|i| {
+            let m = &ms[i % ms.len()];
             let t = std::time::Instant::now();
             m.matmul_with(k, path, std::hint::black_box(&x), n, &mut out);
             t.elapsed().as_secs_f64()
@@ -876,6 +916,9 @@ mod tests {
         assert!(matmul_seconds("scalar", "q2_k", 16, 64, 1, 1).is_none());
         assert!(matmul_seconds("scalar", "q4_k", 16, 64, 1, 1).is_none());
         assert!(matmul_seconds("scalar", "q4_k", 4, 256, 1, 1).is_some());
+        // From memory: 4 copies of a 4x256 Q4_K matrix (576 bytes each) for 2000 bytes.
+        assert!(matmul_seconds_from_memory("scalar", "q4_k", 4, 256, 3, 2000).is_some());
+        assert!(matmul_seconds_from_memory("scalar", "q4_k", 4, 64, 3, 2000).is_none());
     }
 
     #[test]
