@@ -14,7 +14,9 @@
 //! - `weights`: the decode matrix-vector kernel (one activation row) of each GGUF block type
 //!   kv keeps in blocks, on a 1536x576 matrix (SmolLM2's gate/up; 1536x768 where the block
 //!   is 256 weights), in weight bytes read per second and as a ratio to Q4_1's, the types
-//!   alternating within each round. No model needed.
+//!   alternating within each round; once in cache (`section=weights`: one matrix called
+//!   repeatedly) and once streamed from DRAM (`section=weights-memory`: copies totalling
+//!   64 MiB called in turn, as a decode step reads its weights). No model needed.
 //! - `weight-rows` (not in the default list): one matmul of SmolLM2's decode shapes
 //!   (576x576, 1536x576, 576x1536; Q4_1 and Q8_0) at 1 to 128 activation rows, per path
 //!   (`auto`: what kv runs; `matvec`, `strips`, `panels`: each kernel where it applies), in
@@ -421,39 +423,55 @@ const WEIGHT_TYPES: [(&str, usize, usize); 8] = [
     ("q6_k", 210, 256),
 ];
 
+/// Bytes of weights the `weights-memory` lines stream per type: twice this machine's 32 MiB
+/// L3 (and past any desktop's), so every call reads its matrix from DRAM.
+const FROM_MEMORY_BYTES: usize = 64 << 20;
+
 /// `weights` section: each type's decode kernel at the workspace's SIMD level, types
-/// interleaved per round, the median round per type.
+/// interleaved per round, the median round per type; on rayon's pool (`--threads`). Twice:
+/// one matrix called repeatedly (in cache: the kernel's arithmetic, `section=weights`),
+/// and copies of it totalling [`FROM_MEMORY_BYTES`] called in turn (streamed from DRAM,
+/// as a model's decode reads its weights: `section=weights-memory`).
 fn weight_kernels(quick: bool) {
     let (rounds, reps) = if quick { (1, 5) } else { (5, 100) };
     let rows = 1536;
     let isa = kv_quant::Isa::best().name();
-    let mut secs: Vec<Vec<f64>> = vec![Vec::new(); WEIGHT_TYPES.len()];
-    for _ in 0..rounds {
-        for ((ty, _, block), s) in WEIGHT_TYPES.iter().zip(&mut secs) {
-            let cols = if *block == 256 { 768 } else { 576 };
-            if let Some(t) = kv_model::matmul_seconds(isa, ty, rows, cols, 1, reps) {
-                s.push(t);
+    let cols_of = |block: usize| if block == 256 { 768 } else { 576 };
+    for (section, min_bytes) in [("weights", 0), ("weights-memory", FROM_MEMORY_BYTES)] {
+        let min_bytes = if quick { min_bytes / 8 } else { min_bytes };
+        let mut secs: Vec<Vec<f64>> = vec![Vec::new(); WEIGHT_TYPES.len()];
+        for _ in 0..rounds {
+            for ((ty, _, block), s) in WEIGHT_TYPES.iter().zip(&mut secs) {
+                let cols = cols_of(*block);
+                let t = if min_bytes == 0 {
+                    kv_model::matmul_seconds(isa, ty, rows, cols, 1, reps)
+                } else {
+                    kv_model::matmul_seconds_from_memory(isa, ty, rows, cols, reps, min_bytes)
+                };
+                if let Some(t) = t {
+                    s.push(t);
+                }
             }
         }
-    }
-    let bytes_per_s = |i: usize| -> Option<(f64, f64, usize)> {
-        let (_, bytes, block) = WEIGHT_TYPES[i];
-        let cols = if block == 256 { 768 } else { 576 };
-        let mut s = secs[i].clone();
-        s.sort_by(f64::total_cmp);
-        let t = *s.get(s.len() / 2)?;
-        let total = rows * cols / block * bytes;
-        Some((total as f64 / t, t, cols))
-    };
-    let Some((base, _, _)) = bytes_per_s(0) else {
-        return;
-    };
-    for (i, (ty, _, _)) in WEIGHT_TYPES.iter().enumerate() {
-        if let Some((bps, t, cols)) = bytes_per_s(i) {
-            println!(
-                "BENCH section=weights type={ty} isa={isa} rows={rows} cols={cols} rounds={rounds} secs={t:.9} bytes_per_s={bps:.0} ratio_q4_1={:.3}",
-                bps / base
-            );
+        let bytes_per_s = |i: usize| -> Option<(f64, f64, usize)> {
+            let (_, bytes, block) = WEIGHT_TYPES[i];
+            let cols = cols_of(block);
+            let mut s = secs[i].clone();
+            s.sort_by(f64::total_cmp);
+            let t = *s.get(s.len() / 2)?;
+            let total = rows * cols / block * bytes;
+            Some((total as f64 / t, t, cols))
+        };
+        let Some((base, _, _)) = bytes_per_s(0) else {
+            return;
+        };
+        for (i, (ty, _, _)) in WEIGHT_TYPES.iter().enumerate() {
+            if let Some((bps, t, cols)) = bytes_per_s(i) {
+                println!(
+                    "BENCH section={section} type={ty} isa={isa} rows={rows} cols={cols} rounds={rounds} secs={t:.9} bytes_per_s={bps:.0} ratio_q4_1={:.3}",
+                    bps / base
+                );
+            }
         }
     }
 }

@@ -96,7 +96,7 @@ pub use gguf_check::{
     MAX_TENSOR_ELEMENTS,
 };
 #[doc(hidden)]
-pub use linear::{matmul_path_seconds, matmul_seconds};
+pub use linear::{matmul_path_seconds, matmul_seconds, matmul_seconds_from_memory};
 pub use model::{Activations, Logits, Model, WeightFormat};
 pub use prompt_cache::{model_fingerprint, PromptCacheReport, StoreReport};
 pub use sampler::{Sampler, SamplingConfig};

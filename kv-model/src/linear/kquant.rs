@@ -15,12 +15,12 @@
 //! into `+0.0`).
 //!
 //! Dot products (the matrix-vector kernel's sinks, [`Sink::sums_products`]) take two
-//! shortcuts: Q4_K leaves each chunk's minimum out and gives the block's 8 minimums to
-//! the sink once ([`Sink::mins`], with activation sums computed once per call:
-//! `Σ (a q + m) x = Σ a q x + m Σ x`, a different rounding of the same sum), and Q5_0
-//! looks a 5-bit code's low 4 bits up in a 16-entry table and adds `16 d` under the
-//! fifth-bit mask (exact, but `+0.0` where candle's product is `-0.0`, which no sum can
-//! see). Dequantization keeps candle's bits.
+//! shortcuts: Q4_K and Q5_K leave each chunk's minimum out and give the block's 8
+//! minimums to the sink once ([`Sink::mins`], with activation sums computed once per
+//! call: `Σ (a q + m) x = Σ a q x + m Σ x`, a different rounding of the same sum), and
+//! Q5_0 and Q5_K look a 5-bit code's low 4 bits up in a 16-entry table and add `16 d`
+//! (`16 d sc`) under the fifth-bit mask (exact, but `+0.0` where candle's product is
+//! `-0.0`, which no sum can see). Dequantization keeps candle's bits.
 
 use kv_quant::simd::Simd;
 
@@ -221,9 +221,9 @@ impl<const FIFTH: bool> K4<FIFTH> {
 impl<const FIFTH: bool> Format for K4<FIFTH> {
     const BYTES: usize = if FIFTH { 176 } else { 144 };
     const CHUNKS: usize = 8;
-    // Q4_K only: measured, folding made Q5_K slower (0.73 -> 0.71 of Q4_1's bytes/s),
-    // with its fifth bits assembled in bytes or added under masks alike.
-    const MIN_SUMS: bool = !FIFTH;
+    // Q5_K too: its dot chunks then look their low 4 bits up in 16-entry tables and add
+    // `16 d sc` under its fifth bits ([`Simd::add_where_bit32`]).
+    const MIN_SUMS: bool = true;
     fn block_scalar(b: &[u8], out: &mut [f32]) {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let qh = bytes::<32>(b, Self::QH);
@@ -263,7 +263,17 @@ impl<const FIFTH: bool> Format for K4<FIFTH> {
             };
             let (a0, a1) = (s.splat(t[c0]), s.splat(t[c1]));
             let qs = bytes::<32>(b, Self::QS + 32 * k);
-            if FIFTH {
+            if FIFTH && fold {
+                // `q a = (q & 15) a + 16 a` where the fifth bit is set: both terms exact
+                // (`a` is an f16 times a 6-bit integer), so the sum is too.
+                let (lo, hi) =
+                    s.lookup16_nibbles(s.lut16_affine(a0, m0), s.lut16_affine(a1, m1), qs);
+                let sixteen = s.splat(16.0);
+                let lo = s.add_where_bit32(lo, qh, c0 as u32, s.mul(a0, sixteen));
+                let hi = s.add_where_bit32(hi, qh, c1 as u32, s.mul(a1, sixteen));
+                sink.chunk(c0, Chunk::weights(lo));
+                sink.chunk(c1, Chunk::weights(hi));
+            } else if FIFTH {
                 let q = s.load_bytes32(qs);
                 let lo = s.or_bytes32(s.and_bytes32(q, 0x0F), Self::fifth(s, qh, c0));
                 let hi = s.or_bytes32(s.shr_bytes32(q, 4), Self::fifth(s, qh, c1));

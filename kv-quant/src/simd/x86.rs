@@ -1276,6 +1276,17 @@ impl Simd for V512 {
         })
     }
     #[inline(always)]
+    fn add_where_bit32(self, w: [__m512; 2], v: __m256i, bit: u32, a: __m512) -> [__m512; 2] {
+        // One byte test gives the 32 lanes' mask; each half adds under its 16 bits.
+        feat!({
+            let k = _mm256_test_epi8_mask(v, _mm256_set1_epi8((1u8 << (bit % 8)) as i8));
+            [
+                _mm512_mask_add_ps(w[0], k as __mmask16, w[0], a),
+                _mm512_mask_add_ps(w[1], (k >> 16) as __mmask16, w[1], a),
+            ]
+        })
+    }
+    #[inline(always)]
     fn lookup32(self, t: [__m512; 2], v: __m256i) -> [__m512; 2] {
         // The two-table permute reads an index's low 5 bits: 32 entries.
         feat!([
