@@ -291,6 +291,9 @@ pub(crate) struct BlockMatrix {
     rows: usize,
     cols: usize,
     data: Bytes,
+    /// The interleaved copy for int8 activations (`linear/q8.rs`), made at the first q8
+    /// product: exact activations never pay for it.
+    q8: std::sync::OnceLock<Option<q8::Packed>>,
 }
 
 /// A weight matrix's block bytes: its own copy, or a range of the mapped model file.
@@ -335,6 +338,23 @@ thread_local! {
 }
 
 impl BlockMatrix {
+    /// The interleaved copy of this matrix for the int8 kernel at `k` (`linear/q8.rs`),
+    /// made at the first call: `None` for types without an integer kernel. As large as
+    /// the matrix's blocks (plus padding to whole row groups).
+    fn q8_packed(&self, k: Kernels) -> Option<&q8::Packed> {
+        self.q8
+            .get_or_init(|| {
+                q8::Packed::new(
+                    self.ty,
+                    self.rows,
+                    self.cols,
+                    &self.data,
+                    q8::lanes_for(k.isa),
+                )
+            })
+            .as_ref()
+    }
+
     /// `data` as `rows` rows of `cols` weights of type `ty`; `None` if `cols` is not a
     /// multiple of the block's weights or `data` is not exactly that many blocks.
     pub(crate) fn new(ty: WeightType, rows: usize, cols: usize, data: Vec<u8>) -> Option<Self> {
@@ -343,6 +363,7 @@ impl BlockMatrix {
             rows,
             cols,
             data: Bytes::Owned(data),
+            q8: std::sync::OnceLock::new(),
         })
     }
 
@@ -363,6 +384,7 @@ impl BlockMatrix {
             rows,
             cols,
             data: Bytes::Mapped(map, range),
+            q8: std::sync::OnceLock::new(),
         })
     }
 
@@ -880,8 +902,12 @@ impl Linear {
             return Err(candle_core::Error::Msg("activations not read".into()).into());
         };
         let k = Kernels::best();
+        let packed: Option<Vec<&q8::Packed>> = ms.iter().map(|m| m.q8_packed(k)).collect();
+        let Some(packed) = packed else {
+            return Err(candle_core::Error::Msg("no int8 kernel for these weights".into()).into());
+        };
         let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * n]).collect();
-        let mut parts: Vec<(&BlockMatrix, &mut [f32])> = ms
+        let mut parts: Vec<(&q8::Packed, &mut [f32])> = packed
             .iter()
             .copied()
             .zip(outs.iter_mut().map(|o| &mut o[..]))
@@ -1211,7 +1237,9 @@ mod tests {
             for k in kernels() {
                 for vnni in [false, q8::uses_vnni(k)] {
                     let mut got = vec![0f32; rows * n];
-                    q8::dot_rows(k, vnni, m.ty, &m.data, cols, &xq, n, &mut got);
+                    let p =
+                        q8::Packed::new(m.ty, rows, cols, &m.data, q8::lanes_for(k.isa)).unwrap();
+                    q8::dot_groups(k, vnni, &p, 0, &xq, n, &mut got);
                     for (j, wr) in w.chunks_exact(cols).enumerate() {
                         for i in 0..n {
                             let (xr, xe) = (&xd[i * cols..][..cols], &x[i * cols..][..cols]);
@@ -1257,7 +1285,10 @@ mod tests {
     }
 
     /// Int8 activations: a row's result does not depend on its batch, bit for bit, at every
-    /// level and batch size (groups of four and the rows left over).
+    /// level and batch size (1, 7, 19 and 64 rows: groups of four and the rows left over),
+    /// and the levels agree bit for bit with the portable kernel, with and without VNNI,
+    /// whatever the row-group size it was packed with (16, 8 or 5 lanes; 70 rows leave a
+    /// padded group).
     #[test]
     fn q8_rows_do_not_depend_on_their_batch() {
         let mut rng = StdRng::seed_from_u64(21);
@@ -1265,24 +1296,46 @@ mod tests {
             let (rows, cols) = (70, 128);
             let (q, _) = weight(&mut rng, ty, rows, cols);
             let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
-            let n = 19;
+            let n = 64;
             let x = random(&mut rng, n * cols);
+            let scalar = Kernels::new(Isa::Scalar).unwrap();
+            let run = |k: Kernels, lanes: usize, vnni: bool, x: &[f32], n: usize| {
+                let p = q8::Packed::new(m.ty, rows, cols, &m.data, lanes).unwrap();
+                let xq = q8::Q8Rows::quantize(x, n, cols);
+                let mut out = vec![0f32; rows * n];
+                if vnni {
+                    q8::dot_groups(k, true, &p, 0, &xq, n, &mut out);
+                } else {
+                    q8::q8_parts(k, &mut [(&p, &mut out[..])], &xq, n);
+                }
+                out.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+            };
+            let want = run(scalar, 8, false, &x, n);
+            for lanes in [16, 5] {
+                assert_eq!(
+                    run(scalar, lanes, false, &x, n),
+                    want,
+                    "{ty:?} lanes {lanes}"
+                );
+            }
             for k in kernels() {
-                let run = |x: &[f32], n: usize| {
-                    let xq = q8::Q8Rows::quantize(x, n, cols);
-                    let mut out = vec![0f32; rows * n];
-                    q8::q8_parts(k, &mut [(&m, &mut out[..])], &xq, n);
-                    out
-                };
-                let all = run(&x, n);
-                for i in 0..n {
-                    let one = run(&x[i * cols..][..cols], 1);
-                    for j in 0..rows {
-                        assert_eq!(
-                            one[j].to_bits(),
-                            all[j * n + i].to_bits(),
-                            "{ty:?} {k:?} row {i} out {j}"
-                        );
+                let lanes = q8::lanes_for(k.isa);
+                for vnni in [false, q8::uses_vnni(k)] {
+                    assert_eq!(run(k, lanes, vnni, &x, n), want, "{ty:?} {k:?} vnni {vnni}");
+                }
+                for b in [1, 7, 19] {
+                    for i0 in [0, n - b] {
+                        let part = run(k, lanes, false, &x[i0 * cols..][..b * cols], b);
+                        for i in 0..b {
+                            for j in 0..rows {
+                                assert_eq!(
+                                    part[j * b + i],
+                                    want[j * n + i0 + i],
+                                    "{ty:?} {k:?} batch {b} row {} out {j}",
+                                    i0 + i
+                                );
+                            }
+                        }
                     }
                 }
             }

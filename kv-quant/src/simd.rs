@@ -525,6 +525,35 @@ pub trait Simd: Copy + Send + Sync + 'static {
     // End of the integer dot products.
     // -----------------------------------------------------------------------------------
 
+    // Interleaved integer dot products (issue 21): weights stored so that one i32 lane
+    // holds 4 consecutive codes of one output row, the activation's 4 bytes broadcast to
+    // every lane. Each lane then accumulates its own row's dot product, so no horizontal
+    // sum is needed at any row count ([`dot_bcast_scalar`] is the portable twin, for any
+    // lane count).
+
+    /// As many i32 lanes as [`Simd::F32`] has f32 lanes (8 or 16).
+    type I32: Copy;
+    /// All lanes 0.
+    fn zero_i32(self) -> Self::I32;
+    /// The lanes from their little-endian bytes (4 per lane).
+    fn load_i32_bytes(self, b: &Self::Words) -> Self::I32;
+    /// Per lane `a + b` (wrapping).
+    fn add_i32(self, a: Self::I32, b: Self::I32) -> Self::I32;
+    /// Per lane, the i32 as f32 (exact below 2^24 in magnitude).
+    fn i32_to_f32(self, v: Self::I32) -> Self::F32;
+    /// Per byte `(v & 15, v >> 4)`: the low and high nibbles of every byte.
+    fn nibbles_i32(self, v: Self::I32) -> (Self::I32, Self::I32);
+    /// Per lane `acc + Σ u[4k + j] * x[j]` (`j < 4`), `u`'s bytes unsigned, `x`'s signed
+    /// and the same in every lane. Exact if `u <= 128` and `-127 <= x`, the range where
+    /// `maddubs` (used without `VNNI`) cannot saturate. `VNNI` must be true only where
+    /// [`vnni_available`] says so.
+    fn dot_bcast_u8<const VNNI: bool>(self, acc: Self::I32, u: Self::I32, x: [u8; 4]) -> Self::I32;
+    /// Per lane `acc + Σ w[4k + j] * x[j]`, both signed, `x` the same in every lane: `|w|`
+    /// against `x` with `w`'s sign, exact if `-127 <= x` (any `w`).
+    fn dot_bcast_i8<const VNNI: bool>(self, acc: Self::I32, w: Self::I32, x: [u8; 4]) -> Self::I32;
+    // End of the interleaved integer dot products.
+    // -----------------------------------------------------------------------------------
+
     /// The level's tokens, for code not yet written over the width: `Some` at 512 bits.
     #[cfg(target_arch = "x86_64")]
     fn v512(self) -> Option<V512>;
@@ -557,6 +586,38 @@ pub fn dot_bytes32_scalar(u: &[u8; 32], x: &[i8; 32]) -> [i32; 8] {
             .sum();
     }
     out
+}
+
+/// The portable twin of [`Simd::dot_bcast_u8`] (`SIGNED` false) and
+/// [`Simd::dot_bcast_i8`] (`SIGNED` true) for any number of lanes: lane `k` of `acc` gains
+/// `Σ w[4k + j] * x[j]`, `w`'s bytes read as unsigned or signed, `x`'s as signed. Exact
+/// in i32 (wrapping only past ±2^31).
+///
+/// ```
+/// use kv_quant::simd::dot_bcast_scalar;
+/// let mut acc = [1i32, 2];
+/// let w = [1u8, 2, 3, 4, 255, 0, 0, 0];
+/// dot_bcast_scalar::<false>(&mut acc, &w, [1, 1, 1, 0xff]);
+/// assert_eq!(acc, [1 + 1 + 2 + 3 - 4, 2 + 255]);
+/// dot_bcast_scalar::<true>(&mut acc, &w, [1, 0, 0, 0]);
+/// assert_eq!(acc, [1 + 1 + 2 + 3 - 4 + 1, 2 + 255 - 1]);
+/// ```
+pub fn dot_bcast_scalar<const SIGNED: bool>(acc: &mut [i32], w: &[u8], x: [u8; 4]) {
+    for (a, w) in acc.iter_mut().zip(w.chunks_exact(4)) {
+        let dot: i32 = w
+            .iter()
+            .zip(x)
+            .map(|(&w, x)| {
+                let w = if SIGNED {
+                    i32::from(w as i8)
+                } else {
+                    i32::from(w)
+                };
+                w * i32::from(x as i8)
+            })
+            .sum();
+        *a = a.wrapping_add(dot);
+    }
 }
 
 /// Whether [`Simd::dot_bytes32`] may run with `VNNI` (one `vpdpbusd` per call): this CPU
@@ -845,6 +906,154 @@ mod tests {
                 for &v in &vnni {
                     let got = isa.run(IntDotOps { u, x, w, vnni: v });
                     assert_eq!(got, want, "{isa} vnni {v}: u {u:?} x {x:?} w {w:?}");
+                }
+            }
+        }
+    }
+
+    /// The interleaved dot operations on 16 lanes' worth of bytes (a level uses its
+    /// first `LANES * 4`), as f32 bits: `u8` and `i8` dots from a nonzero start, the
+    /// nibbles' bytes one by one (dots against unit vectors), and a sum of two.
+    struct BcastOps {
+        w: [u8; 64],
+        x: [u8; 4],
+        acc: [i32; 16],
+        vnni: bool,
+    }
+
+    impl Kernel for BcastOps {
+        type Output = Vec<u32>;
+        fn scalar(self) -> Vec<u32> {
+            let lanes = 16;
+            let w = &self.w[..4 * lanes];
+            let mut out = Vec::new();
+            let mut push = |v: &[i32]| out.extend(v.iter().map(|&v| (v as f32).to_bits()));
+            let mut a = self.acc[..lanes].to_vec();
+            dot_bcast_scalar::<false>(&mut a, w, self.x);
+            push(&a);
+            let mut a = self.acc[..lanes].to_vec();
+            dot_bcast_scalar::<true>(&mut a, w, self.x);
+            push(&a);
+            for shift in [0, 4] {
+                let nib: Vec<u8> = w.iter().map(|&b| (b >> shift) & 15).collect();
+                for j in 0..4 {
+                    let mut e = [0u8; 4];
+                    e[j] = 1;
+                    let mut a = vec![0; lanes];
+                    dot_bcast_scalar::<false>(&mut a, &nib, e);
+                    push(&a);
+                }
+            }
+            let mut a = vec![0; lanes];
+            dot_bcast_scalar::<false>(&mut a, w, [1, 0, 0, 0]);
+            for (a, b) in a.iter_mut().zip(&self.acc) {
+                *a += b;
+            }
+            push(&a);
+            out
+        }
+        #[inline(always)]
+        fn simd<S: Simd>(self, s: S) -> Vec<u32> {
+            let l = S::LANES;
+            let (w, _) = S::words(&self.w[..4 * l]);
+            let w = s.load_i32_bytes(&w[0]);
+            let mut acc_bytes = [0u8; 64];
+            for (b, a) in acc_bytes.chunks_exact_mut(4).zip(&self.acc) {
+                b.copy_from_slice(&a.to_le_bytes());
+            }
+            let acc = s.load_i32_bytes(&S::words(&acc_bytes[..4 * l]).0[0]);
+            let mut out = Vec::new();
+            let mut push = |v: S::I32| {
+                let mut f = [0f32; 16];
+                s.store(&mut S::lanes_mut(&mut f[..l]).0[0], s.i32_to_f32(v));
+                out.extend(f[..l].iter().map(|v| v.to_bits()));
+            };
+            let (u, i) = if self.vnni {
+                (
+                    s.dot_bcast_u8::<true>(acc, w, self.x),
+                    s.dot_bcast_i8::<true>(acc, w, self.x),
+                )
+            } else {
+                (
+                    s.dot_bcast_u8::<false>(acc, w, self.x),
+                    s.dot_bcast_i8::<false>(acc, w, self.x),
+                )
+            };
+            push(u);
+            push(i);
+            let (lo, hi) = s.nibbles_i32(w);
+            for v in [lo, hi] {
+                for j in 0..4 {
+                    let mut e = [0u8; 4];
+                    e[j] = 1;
+                    push(s.dot_bcast_u8::<false>(s.zero_i32(), v, e));
+                }
+            }
+            push(s.add_i32(s.dot_bcast_u8::<false>(s.zero_i32(), w, [1, 0, 0, 0]), acc));
+            out
+        }
+    }
+
+    /// Each level's interleaved dot operations equal their portable twin on every lane,
+    /// with and without VNNI. Unsigned codes stay within `maddubs`' exact range (`<= 128`)
+    /// for the `u8` dot; the signed dot takes any byte (`-128` included); `x` is at its
+    /// extremes (`±127`) and random.
+    #[test]
+    fn interleaved_dot_ops_equal_their_definition_at_every_level() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let vnni = if vnni_available() {
+            vec![false, true]
+        } else {
+            vec![false]
+        };
+        for t in 0..64 {
+            let mut w: [u8; 64] = core::array::from_fn(|_| next() as u8);
+            let x: [u8; 4] = match t {
+                0 => [127; 4],
+                1 => [(-127i8) as u8; 4],
+                _ => core::array::from_fn(|_| (next() as u8).max(0x81)),
+            };
+            if t == 2 {
+                w = [0x80; 64];
+            }
+            let acc: [i32; 16] = core::array::from_fn(|_| (next() % 20001) as i32 - 10000);
+            // The `u8` dot without VNNI needs codes <= 128: check it on such bytes; the
+            // other results (signed dot, nibbles) on the raw bytes.
+            for w in [w, w.map(|b| b.min(128))] {
+                let want = BcastOps {
+                    w,
+                    x,
+                    acc,
+                    vnni: false,
+                }
+                .scalar();
+                for isa in Isa::available() {
+                    if isa == Isa::Scalar {
+                        continue;
+                    }
+                    for &v in &vnni {
+                        let lanes = if isa == Isa::Avx512 { 16 } else { 8 };
+                        let got = isa.run(BcastOps { w, x, acc, vnni: v });
+                        // The level's lanes against the first as many of the twin's 16.
+                        let per = got.len() / 11;
+                        assert_eq!(per, lanes);
+                        for k in 0..11 {
+                            if k == 0 && !v && w.iter().any(|&b| b > 128) {
+                                continue;
+                            }
+                            assert_eq!(
+                                got[k * per..][..per],
+                                want[k * 16..][..per],
+                                "{isa} vnni {v} result {k}: w {w:?} x {x:?}"
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -1,30 +1,38 @@
 //! Int8 activations ([`crate::Activations::Q8`], a named option; the default keeps them
 //! exact): each activation row rounded to 8 bits per block of 32 values, one f32 scale per
 //! block, and multiplied with Q4_0, Q4_1 and Q8_0 weight blocks by integer dot products
-//! (kv-quant's [`Simd::dot_bytes32`]: AVX-512 VNNI's `vpdpbusd` where the CPU has it,
-//! `maddubs` otherwise), as llama.cpp and candle's quantized matmul do.
+//! (AVX-512 VNNI's `vpdpbusd` where the CPU has it, `maddubs` otherwise), as llama.cpp and
+//! candle's quantized matmul do.
 //!
 //! A weight block of 32 codes `q` with scale `d` (and minimum `m` for Q4_1, `-8d` for
 //! Q4_0) against an activation block of 32 bytes `a` with scale `e`:
 //! `Σ (q·d + m)·(a·e) = (d·e)·Σ q·a + m·(e·Σ a)`, the integer sum exact, `e·Σ a` computed
-//! once per activation block. Q8_0's signed codes go in as `|q|` against `a` with `q`'s
-//! sign.
+//! once per activation block.
+//!
+//! **Interleaved weights (issue 21).** At first use a matrix is repacked ([`Packed`]) into
+//! groups of `L` output rows, `L` the SIMD width in i32 lanes (16 at AVX-512, 8 at AVX2):
+//! for each block of 32 columns, one 32-bit lane holds 4 consecutive codes of one row, so
+//! that broadcasting 4 activation bytes to every lane and one `vpdpbusd` adds 4 products
+//! to each of `L` rows at once. After a block's 8 such steps every lane holds its row's
+//! integer dot for the block: no horizontal sum at any row count, which is what made the
+//! per-row kernel slow for batches (and a tiled one slow for one row). A weight block is
+//! loaded and unpacked once for up to [`GROUP`] activation rows.
 //!
 //! Every activation row is rounded the same way whatever its batch (prefill, decode, one
-//! sequence or many), and each row's sums see the same operations in the same order in
-//! every group of rows: a row's result does not depend on its batch, so cached and uncached
-//! runs still agree with each other (not with exact activations). [`Kernel::scalar`] is
-//! the portable reference.
+//! sequence or many), and each output lane accumulates its blocks in column order with the
+//! same operations (`acc = fma(Σ q·a, d·e, acc)`, `min = fma(m, e·Σ a, min)`, then
+//! `acc + min`) at every row count, every `L` and every ISA level: a row's result does not
+//! depend on its batch, so cached and uncached runs still agree with each other (not with
+//! exact activations). [`Kernel::scalar`] is the portable reference, bit-exact with the
+//! SIMD levels.
 
-use core::marker::PhantomData;
-
-use kv_quant::simd::{vnni_available, Isa, Kernel, Simd};
+use kv_quant::simd::{dot_bcast_scalar, vnni_available, Isa, Kernel, Simd};
 use rayon::prelude::*;
 
 use super::matvec::{bytes, f16_at};
-use super::{BlockMatrix, BlockType, Kernels, WeightType, BLOCK};
+use super::{BlockType, Kernels, WeightType, BLOCK};
 
-/// Activation rows per pass over a weight row: each weight block decoded once for them.
+/// Activation rows per pass over a row group: each weight block unpacked once for them.
 const GROUP: usize = 4;
 
 /// Activation rows rounded to 8 bits per block of [`BLOCK`] values.
@@ -100,69 +108,6 @@ struct Row<'a> {
     s: &'a [f32],
 }
 
-/// A weight block type with an integer kernel.
-pub(super) trait IntFormat {
-    /// Bytes per block of 32 weights.
-    const BYTES: usize;
-    /// Whether codes are signed (Q8_0): they go in as `|q|`, the activations with their sign.
-    const SIGNED: bool;
-    /// The block's 32 integer codes (`w = code·d + m`), `d` and `m`: the portable decode.
-    fn codes(b: &[u8]) -> ([i32; BLOCK], f32, f32);
-    /// The block's codes in registers (unsigned, or signed for [`IntFormat::SIGNED`]), `d`
-    /// and `m`.
-    fn codes_simd<S: Simd>(s: S, b: &[u8]) -> (S::Bytes32, f32, f32);
-}
-
-/// The nibble codes of a 4-bit block at `at`, in GGUF's split order.
-fn nibble_codes(b: &[u8], at: usize) -> [i32; BLOCK] {
-    let q = bytes::<16>(b, at);
-    core::array::from_fn(|j| i32::from(if j < 16 { q[j] & 15 } else { q[j - 16] >> 4 }))
-}
-
-impl IntFormat for super::blocks::Q4_0 {
-    const BYTES: usize = 18;
-    const SIGNED: bool = false;
-    fn codes(b: &[u8]) -> ([i32; BLOCK], f32, f32) {
-        let d = f16_at(b, 0);
-        (nibble_codes(b, 2), d, -8.0 * d)
-    }
-    #[inline(always)]
-    fn codes_simd<S: Simd>(s: S, b: &[u8]) -> (S::Bytes32, f32, f32) {
-        let d = f16_at(b, 0);
-        (s.split_nibbles32(bytes::<16>(b, 2)), d, -8.0 * d)
-    }
-}
-
-impl IntFormat for super::blocks::Q4_1 {
-    const BYTES: usize = 20;
-    const SIGNED: bool = false;
-    fn codes(b: &[u8]) -> ([i32; BLOCK], f32, f32) {
-        (nibble_codes(b, 4), f16_at(b, 0), f16_at(b, 2))
-    }
-    #[inline(always)]
-    fn codes_simd<S: Simd>(s: S, b: &[u8]) -> (S::Bytes32, f32, f32) {
-        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-        (s.split_nibbles32(bytes::<16>(b, 4)), d, m)
-    }
-}
-
-impl IntFormat for super::blocks::Q8_0 {
-    const BYTES: usize = 34;
-    const SIGNED: bool = true;
-    fn codes(b: &[u8]) -> ([i32; BLOCK], f32, f32) {
-        let q = bytes::<32>(b, 2);
-        (
-            core::array::from_fn(|j| i32::from(q[j] as i8)),
-            f16_at(b, 0),
-            0.0,
-        )
-    }
-    #[inline(always)]
-    fn codes_simd<S: Simd>(s: S, b: &[u8]) -> (S::Bytes32, f32, f32) {
-        (s.load_bytes32(bytes::<32>(b, 2)), f16_at(b, 0), 0.0)
-    }
-}
-
 /// Whether weights of `ty` have an integer kernel (others run with exact activations).
 pub(super) fn supports(ty: WeightType) -> bool {
     matches!(
@@ -171,140 +116,288 @@ pub(super) fn supports(ty: WeightType) -> bool {
     )
 }
 
-/// `out[j * n + i] = dot(weight row j, x row i)` for whole weight rows of `F` blocks and
-/// the `n` rounded activation rows of `x`.
-pub(super) struct DotQ8<'a, F, const BYTES: usize> {
-    pub(super) rows: &'a [u8],
-    pub(super) row_bytes: usize,
-    pub(super) x: &'a Q8Rows,
-    pub(super) n: usize,
-    pub(super) out: &'a mut [f32],
-    /// Whether to use `vpdpbusd` ([`vnni_available`]).
-    pub(super) vnni: bool,
-    pub(super) format: PhantomData<F>,
+/// [`Packed::format`] of Q4_0 (a const parameter of the kernel).
+const Q4_0: u8 = 0;
+/// [`Packed::format`] of Q4_1.
+const Q4_1: u8 = 1;
+/// [`Packed::format`] of Q8_0.
+const Q8_0: u8 = 2;
+
+/// The i32 lanes per vector at `isa`: the row-group size [`Packed`] uses there (any size
+/// works for the portable kernel; 8 keeps padding small).
+pub(super) fn lanes_for(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 16,
+        _ => 8,
+    }
 }
 
-impl<F: IntFormat, const BYTES: usize> Kernel for DotQ8<'_, F, BYTES> {
+/// A Q4_0, Q4_1 or Q8_0 matrix repacked for the interleaved kernel: groups of
+/// [`Packed::lanes`] output rows (the last padded with zero rows), and for each group and
+/// block of 32 columns, `chunks` registers of `4 · lanes` bytes where lane `r` holds 4
+/// codes of row `r`, then the rows' f16 scales (and Q4_1's minimums) side by side.
+///
+/// For the 4-bit formats, chunk `c` lane `r` is row `r`'s packed bytes `4c..4c+4` as the
+/// file stores them: their low nibbles are codes `4c..4c+4`, their high nibbles codes
+/// `16+4c..16+4c+4` (GGUF's split order), so the same 16 bytes per row and block as the
+/// file, unpacked with one mask and one shift per chunk. Q8_0 keeps its 32 signed codes
+/// in 8 chunks. The copy is as large as the matrix's blocks in the file (plus padding to a
+/// multiple of `lanes` rows); only q8 mode makes it.
+#[derive(Debug, Clone)]
+pub(crate) struct Packed {
+    /// [`Q4_0`], [`Q4_1`] or [`Q8_0`].
+    format: u8,
+    /// Rows per group: lanes per vector of the level it was packed for.
+    lanes: usize,
+    /// The matrix's rows (outputs).
+    rows: usize,
+    /// Blocks per row (`cols / 32`).
+    nb: usize,
+    /// `[groups, nb, chunks, lanes, 4]` code bytes.
+    codes: Vec<u8>,
+    /// `[groups, nb, lanes]` f16 scales.
+    d: Vec<u8>,
+    /// Q4_1: `[groups, nb, lanes]` f16 minimums; empty otherwise.
+    m: Vec<u8>,
+}
+
+impl Packed {
+    /// Code registers per block: 4 for the 4-bit formats (two nibbles a byte), 8 for Q8_0.
+    fn chunks(&self) -> usize {
+        if self.format == Q8_0 {
+            8
+        } else {
+            4
+        }
+    }
+
+    /// Row groups.
+    fn groups(&self) -> usize {
+        self.rows.div_ceil(self.lanes)
+    }
+
+    /// The `[rows, cols]` matrix of `ty` (one of [`supports`]) in `data` (`rows` rows of
+    /// `ty.row_bytes(cols)`, as [`super::BlockMatrix`] checked) in groups of `lanes` rows.
+    /// `None` for any other type or too short data.
+    pub(super) fn new(
+        ty: WeightType,
+        rows: usize,
+        cols: usize,
+        data: &[u8],
+        lanes: usize,
+    ) -> Option<Self> {
+        let (format, bytes, at) = match ty {
+            WeightType::Block(BlockType::Q4_0) => (Q4_0, 18, 2),
+            WeightType::Block(BlockType::Q4_1) => (Q4_1, 20, 4),
+            WeightType::Block(BlockType::Q8_0) => (Q8_0, 34, 2),
+            _ => return None,
+        };
+        let nb = cols / BLOCK;
+        let row_bytes = nb * bytes;
+        if lanes == 0 || !cols.is_multiple_of(BLOCK) || data.len() < rows.checked_mul(row_bytes)? {
+            return None;
+        }
+        let mut p = Self {
+            format,
+            lanes,
+            rows,
+            nb,
+            codes: Vec::new(),
+            d: Vec::new(),
+            m: Vec::new(),
+        };
+        let chunks = p.chunks();
+        let slots = p.groups().checked_mul(nb)?.checked_mul(lanes)?;
+        p.codes = vec![0; slots.checked_mul(4 * chunks)?];
+        p.d = vec![0; slots * 2];
+        if format == Q4_1 {
+            p.m = vec![0; slots * 2];
+        }
+        for (row, src) in data[..rows * row_bytes].chunks_exact(row_bytes).enumerate() {
+            let (g, r) = (row / lanes, row % lanes);
+            for (b, blk) in src.chunks_exact(bytes).enumerate() {
+                let gb = g * nb + b;
+                let slot = gb * lanes + r;
+                p.d[2 * slot..][..2].copy_from_slice(&blk[..2]);
+                if format == Q4_1 {
+                    p.m[2 * slot..][..2].copy_from_slice(&blk[2..4]);
+                }
+                for c in 0..chunks {
+                    let to = ((gb * chunks + c) * lanes + r) * 4;
+                    p.codes[to..][..4].copy_from_slice(&blk[at + 4 * c..][..4]);
+                }
+            }
+        }
+        Some(p)
+    }
+}
+
+/// `out[j * n + i] = dot(weight row g0·L + j, x row i)` for the rows of [`Packed`] from
+/// group `g0` on (`out.len() / n` of them, whole groups but the matrix's last) and the
+/// `n` rounded activation rows of `x`. `F` is [`Packed::format`].
+struct PackedDot<'a, const F: u8> {
+    p: &'a Packed,
+    g0: usize,
+    x: &'a Q8Rows,
+    n: usize,
+    out: &'a mut [f32],
+    /// Whether to use `vpdpbusd` ([`vnni_available`]).
+    vnni: bool,
+}
+
+impl<const F: u8> Kernel for PackedDot<'_, F> {
     type Output = ();
 
     fn scalar(self) {
-        let n = self.n;
-        for (row, out) in self
-            .rows
-            .chunks_exact(self.row_bytes)
-            .zip(self.out.chunks_exact_mut(n))
-        {
+        let (p, n) = (self.p, self.n);
+        let (l, nb, chunks) = (p.lanes, p.nb, p.chunks());
+        for (j, out) in self.out.chunks_exact_mut(n).enumerate() {
+            let (g, r) = (self.g0 + j / l, j % l);
             for (i, o) in out.iter_mut().enumerate() {
                 let x = self.x.row(i);
                 let (mut acc, mut min) = (0f32, 0f32);
-                for (((b, q), &e), &s) in row.chunks_exact(F::BYTES).zip(x.q).zip(x.d).zip(x.s) {
-                    let (codes, d, m) = F::codes(b);
-                    let dot: i32 = codes
-                        .iter()
-                        .zip(q)
-                        .map(|(&c, &a)| c * i32::from(a as i8))
-                        .sum();
-                    acc += (d * e) * dot as f32;
-                    min += m * s;
+                for b in 0..nb {
+                    let gb = g * nb + b;
+                    let slot = gb * l + r;
+                    let d = f16_at(&p.d, 2 * slot);
+                    let a = &x.q[b];
+                    let quad = |k: usize| -> [u8; 4] { core::array::from_fn(|t| a[4 * k + t]) };
+                    let mut isum = [0i32];
+                    for c in 0..chunks {
+                        let w: [u8; 4] = *bytes::<4>(&p.codes, ((gb * chunks + c) * l + r) * 4);
+                        if F == Q8_0 {
+                            dot_bcast_scalar::<true>(&mut isum, &w, quad(c));
+                        } else {
+                            dot_bcast_scalar::<false>(&mut isum, &w.map(|v| v & 15), quad(c));
+                            dot_bcast_scalar::<false>(&mut isum, &w.map(|v| v >> 4), quad(c + 4));
+                        }
+                    }
+                    acc = (isum[0] as f32).mul_add(d * x.d[b], acc);
+                    let m = match F {
+                        Q4_1 => f16_at(&p.m, 2 * slot),
+                        _ => -8.0 * d,
+                    };
+                    if F != Q8_0 {
+                        min = m.mul_add(x.s[b], min);
+                    }
                 }
-                *o = acc + min;
+                *o = if F == Q8_0 { acc } else { acc + min };
             }
         }
     }
 
     #[inline(always)]
     fn simd<S: Simd>(self, s: S) {
+        if S::LANES != self.p.lanes {
+            // Packed for another level (a test's choice): the portable kernel.
+            return self.scalar();
+        }
         if self.vnni {
-            rows_simd::<S, F, BYTES, true>(s, self);
+            groups_simd::<S, F, true>(s, self);
         } else {
-            rows_simd::<S, F, BYTES, false>(s, self);
+            groups_simd::<S, F, false>(s, self);
         }
     }
 }
 
-/// [`DotQ8`]'s SIMD body: per weight row, the activation rows in groups of [`GROUP`].
+/// [`PackedDot`]'s SIMD body: per row group, the activation rows in groups of [`GROUP`].
 #[inline(always)]
-fn rows_simd<S: Simd, F: IntFormat, const BYTES: usize, const V: bool>(
-    s: S,
-    k: DotQ8<'_, F, BYTES>,
-) {
-    debug_assert_eq!(BYTES, F::BYTES);
-    let n = k.n;
-    for (row, out) in k
-        .rows
-        .chunks_exact(k.row_bytes)
-        .zip(k.out.chunks_exact_mut(n))
-    {
-        let blocks = row.as_chunks::<BYTES>().0;
-        let mut groups = out.chunks_exact_mut(GROUP);
+fn groups_simd<S: Simd, const F: u8, const V: bool>(s: S, k: PackedDot<'_, F>) {
+    let (p, n, l) = (k.p, k.n, S::LANES);
+    let (nb, chunks) = (p.nb, p.chunks());
+    let codes = S::words(&p.codes).0;
+    let d = S::halves(&p.d).0;
+    let m = S::halves(&p.m).0;
+    let here = k.out.len() / n;
+    let mut buf = [0f32; 16];
+    for gl in 0..here.div_ceil(l) {
+        let g = k.g0 + gl;
+        let w = &codes[g * nb * chunks..][..nb * chunks];
+        let dg = &d[g * nb..][..nb];
+        let mg = if F == Q4_1 {
+            &m[g * nb..][..nb]
+        } else {
+            &[][..]
+        };
+        let rows = (here - gl * l).min(l);
+        let out = &mut k.out[gl * l * n..][..rows * n];
+        let mut emit = |i: usize, v: S::F32| {
+            s.store(&mut S::lanes_mut(&mut buf[..l]).0[0], v);
+            for (r, &v) in buf[..rows].iter().enumerate() {
+                out[r * n + i] = v;
+            }
+        };
         let mut i = 0;
-        for o in &mut groups {
+        while i + GROUP <= n {
             let x: [Row<'_>; GROUP] = core::array::from_fn(|r| k.x.row(i + r));
-            o.copy_from_slice(&dots::<S, F, BYTES, V, GROUP>(s, blocks, x));
+            let v = dots::<S, F, V, GROUP>(s, w, dg, mg, x);
+            for (r, v) in v.into_iter().enumerate() {
+                emit(i + r, v);
+            }
             i += GROUP;
         }
-        for o in groups.into_remainder() {
-            *o = dots::<S, F, BYTES, V, 1>(s, blocks, [k.x.row(i)])[0];
+        while i < n {
+            let [v] = dots::<S, F, V, 1>(s, w, dg, mg, [k.x.row(i)]);
+            emit(i, v);
             i += 1;
         }
     }
 }
 
-/// The dot products of one weight row with `R` activation rows, each weight block decoded
-/// once for all. Each row's sums: even blocks into one accumulator, odd into another (two
-/// chains in flight), the minimum terms likewise, then `even + odd` lanes summed plus the
-/// minimum terms: the same operations in the same order for every `R`.
+/// One row group's dot products with `R` activation rows, lane `r` row `r`'s: each block's
+/// codes loaded and unpacked once for all `R`.
 #[inline(always)]
-fn dots<S: Simd, F: IntFormat, const BYTES: usize, const V: bool, const R: usize>(
+fn dots<S: Simd, const F: u8, const V: bool, const R: usize>(
     s: S,
-    blocks: &[[u8; BYTES]],
+    w: &[S::Words],
+    d: &[S::Halves],
+    m: &[S::Halves],
     x: [Row<'_>; R],
-) -> [f32; R] {
-    let nb = blocks.len();
-    let x = x.map(|r| Row {
-        q: &r.q[..nb],
-        d: &r.d[..nb],
-        s: &r.s[..nb],
-    });
-    let mut acc = [[s.zero_f32x8(); 2]; R];
-    let mut min = [[0f32; 2]; R];
-    // One block into set `SET` of every row's accumulators (a constant index, so the
-    // accumulators stay in registers).
-    #[inline(always)]
-    fn block<S: Simd, F: IntFormat, const V: bool, const R: usize, const SET: usize>(
-        s: S,
-        b: &[u8],
-        bi: usize,
-        x: &[Row<'_>; R],
-        acc: &mut [[S::F32x8; 2]; R],
-        min: &mut [[f32; 2]; R],
-    ) {
-        let (w, d, m) = F::codes_simd(s, b);
-        let u = if F::SIGNED { s.abs_bytes32(w) } else { w };
-        for ((x, acc), min) in x.iter().zip(acc.iter_mut()).zip(min.iter_mut()) {
-            let (Some(q), Some(&e), Some(&sum)) = (x.q.get(bi), x.d.get(bi), x.s.get(bi)) else {
-                continue;
-            };
-            let a = s.load_bytes32(q);
-            let a = if F::SIGNED { s.sign_bytes32(a, w) } else { a };
-            acc[SET] = s.dot_bytes32::<V>(u, a, d * e, acc[SET]);
-            if !F::SIGNED {
-                min[SET] += m * sum;
+) -> [S::F32; R] {
+    let mut acc = [s.zero(); R];
+    let mut min = [s.zero(); R];
+    let quad = |a: &[u8; BLOCK], k: usize| -> [u8; 4] { core::array::from_fn(|t| a[4 * k + t]) };
+    for (b, dh) in d.iter().enumerate() {
+        let db = s.load_f16(dh);
+        let mb = match F {
+            Q4_1 => s.load_f16(&m[b]),
+            Q4_0 => s.mul(db, s.splat(-8.0)),
+            _ => db,
+        };
+        if F == Q8_0 {
+            let c: [S::I32; 8] = core::array::from_fn(|c| s.load_i32_bytes(&w[b * 8 + c]));
+            for (r, x) in x.iter().enumerate() {
+                let a = &x.q[b];
+                let (mut p0, mut p1) = (s.zero_i32(), s.zero_i32());
+                for t in 0..4 {
+                    p0 = s.dot_bcast_i8::<V>(p0, c[t], quad(a, t));
+                    p1 = s.dot_bcast_i8::<V>(p1, c[t + 4], quad(a, t + 4));
+                }
+                let sum = s.i32_to_f32(s.add_i32(p0, p1));
+                acc[r] = s.fma(sum, s.mul(db, s.splat(x.d[b])), acc[r]);
+            }
+        } else {
+            let c: [(S::I32, S::I32); 4] =
+                core::array::from_fn(|c| s.nibbles_i32(s.load_i32_bytes(&w[b * 4 + c])));
+            for (r, x) in x.iter().enumerate() {
+                let a = &x.q[b];
+                let (mut p0, mut p1) = (s.zero_i32(), s.zero_i32());
+                for (t, &(lo, hi)) in c.iter().enumerate() {
+                    p0 = s.dot_bcast_u8::<V>(p0, lo, quad(a, t));
+                    p1 = s.dot_bcast_u8::<V>(p1, hi, quad(a, t + 4));
+                }
+                let sum = s.i32_to_f32(s.add_i32(p0, p1));
+                acc[r] = s.fma(sum, s.mul(db, s.splat(x.d[b])), acc[r]);
+                min[r] = s.fma(mb, s.splat(x.s[b]), min[r]);
             }
         }
     }
-    let (pairs, rest) = blocks.as_chunks::<2>();
-    for (p, b) in pairs.iter().enumerate() {
-        block::<S, F, V, R, 0>(s, &b[0], 2 * p, &x, &mut acc, &mut min);
-        block::<S, F, V, R, 1>(s, &b[1], 2 * p + 1, &x, &mut acc, &mut min);
-    }
-    if let [b] = rest {
-        block::<S, F, V, R, 0>(s, b, 2 * pairs.len(), &x, &mut acc, &mut min);
-    }
     core::array::from_fn(|r| {
-        let [even, odd] = acc[r];
-        let [me, mo] = min[r];
-        s.sum_f32x8(even) + s.sum_f32x8(odd) + (me + mo)
+        if F == Q8_0 {
+            acc[r]
+        } else {
+            s.add(acc[r], min[r])
+        }
     })
 }
 
@@ -313,68 +406,63 @@ pub(super) fn uses_vnni(k: Kernels) -> bool {
     k.isa == Isa::Avx512 && vnni_available()
 }
 
-/// [`DotQ8`] for the weight rows `rows` of type `ty` (one of [`supports`]), with
-/// `vpdpbusd` if `vnni` (only where [`vnni_available`]).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn dot_rows(
+/// `out[j * n + i]`: weight row `g0 · p.lanes + j` of `p` against activation row `i`, for
+/// `out.len() / n` rows from group `g0` on, with `vpdpbusd` if `vnni` (only where
+/// [`vnni_available`]).
+pub(super) fn dot_groups(
     k: Kernels,
     vnni: bool,
-    ty: WeightType,
-    rows: &[u8],
-    cols: usize,
+    p: &Packed,
+    g0: usize,
     x: &Q8Rows,
     n: usize,
     out: &mut [f32],
 ) {
-    use super::blocks::{Q4_0, Q4_1, Q8_0};
-    debug_assert!(supports(ty) && (!vnni || vnni_available()));
-    let row_bytes = ty.row_bytes(cols);
-    if row_bytes == 0 || n == 0 {
+    debug_assert!(!vnni || vnni_available());
+    if n == 0 || p.nb == 0 {
         out.fill(0.0);
         return;
     }
     macro_rules! go {
-        ($f:ty) => {
-            k.isa.run(DotQ8::<$f, { <$f as IntFormat>::BYTES }> {
-                rows,
-                row_bytes,
+        ($f:expr) => {
+            k.isa.run(PackedDot::<{ $f }> {
+                p,
+                g0,
                 x,
                 n,
                 out,
                 vnni,
-                format: PhantomData,
             })
         };
     }
-    match ty {
-        WeightType::Block(BlockType::Q4_0) => go!(Q4_0),
-        WeightType::Block(BlockType::Q4_1) => go!(Q4_1),
-        WeightType::Block(BlockType::Q8_0) => go!(Q8_0),
-        // Callers check `supports`; nothing else reaches here.
-        _ => out.fill(f32::NAN),
+    match p.format {
+        Q4_0 => go!(Q4_0),
+        Q4_1 => go!(Q4_1),
+        _ => go!(Q8_0),
     }
 }
 
-/// `x · mᵀ` for each `(m, out)` of `parts` (all of [`supports`]'s types, all with `x`'s
-/// `cols`), into `out` as `[m.rows, n]`: one parallel loop over the rows of all parts, as
-/// `matvec_parts` does for exact activations.
-pub(super) fn q8_parts(k: Kernels, parts: &mut [(&BlockMatrix, &mut [f32])], x: &Q8Rows, n: usize) {
+/// `x · mᵀ` for each `(m, out)` of `parts` (all with `x`'s cols), into `out` as
+/// `[m.rows, n]`: one parallel loop over the row groups of all parts, as `matvec_parts`
+/// does for exact activations.
+pub(super) fn q8_parts(k: Kernels, parts: &mut [(&Packed, &mut [f32])], x: &Q8Rows, n: usize) {
     if n == 0 {
         return;
     }
     let vnni = uses_vnni(k);
-    let total: usize = parts.iter().map(|(m, _)| m.rows).sum();
-    let chunk = total.div_ceil(rayon::current_num_threads() * 4).max(16);
+    let total: usize = parts.iter().map(|(p, _)| p.groups()).sum();
+    let chunk = total.div_ceil(rayon::current_num_threads() * 4).max(1);
     let mut tasks = Vec::new();
-    for (m, out) in parts.iter_mut() {
-        for (c, o) in out[..m.rows * n].chunks_mut(chunk * n).enumerate() {
-            tasks.push((*m, c * chunk, o));
+    for (p, out) in parts.iter_mut() {
+        for (c, o) in out[..p.rows * n]
+            .chunks_mut(chunk * p.lanes * n)
+            .enumerate()
+        {
+            tasks.push((*p, c * chunk, o));
         }
     }
-    tasks.into_par_iter().for_each(|(m, r0, o)| {
-        let row_bytes = m.ty.row_bytes(m.cols);
-        let rows = &m.data[r0 * row_bytes..][..o.len() / n * row_bytes];
-        dot_rows(k, vnni, m.ty, rows, m.cols, x, n, o);
+    tasks.into_par_iter().for_each(|(p, g0, o)| {
+        dot_groups(k, vnni, p, g0, x, n, o);
     });
 }
 

@@ -251,6 +251,78 @@ fn dot_bytes_256<const VNNI: bool>(u: __m256i, x: __m256i, scale: f32, acc: __m2
     _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc)
 }
 
+/// `acc + Σ u·x` per lane of 4 bytes, `u` unsigned, `x` signed: [`Simd::dot_bcast_u8`]
+/// at 256 bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_256<const VNNI: bool>(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
+    if VNNI {
+        let mut p = acc;
+        // SAFETY: the caller passes `VNNI` only where `vnni_available` found AVX-512 VNNI
+        // and VL (the EVEX encoding of `vpdpbusd` on ymm registers); registers only.
+        unsafe {
+            core::arch::asm!(
+                "{{evex}} vpdpbusd {p}, {u}, {x}",
+                p = inout(ymm_reg) p,
+                u = in(ymm_reg) u,
+                x = in(ymm_reg) x,
+                options(pure, nomem, nostack),
+            );
+        }
+        p
+    } else {
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+        _mm256_add_epi32(acc, p)
+    }
+}
+
+/// `acc + Σ u·x` per lane of 4 bytes, `u` unsigned, `x` signed: [`Simd::dot_bcast_u8`]
+/// at 512 bits.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn dot4_512<const VNNI: bool>(acc: __m512i, u: __m512i, x: __m512i) -> __m512i {
+    if VNNI {
+        let mut p = acc;
+        // SAFETY: the caller passes `VNNI` only where `vnni_available` found AVX-512 VNNI
+        // (`vpdpbusd` on zmm registers); registers only.
+        unsafe {
+            core::arch::asm!(
+                "vpdpbusd {p}, {u}, {x}",
+                p = inout(zmm_reg) p,
+                u = in(zmm_reg) u,
+                x = in(zmm_reg) x,
+                options(pure, nomem, nostack),
+            );
+        }
+        p
+    } else {
+        let p = _mm512_madd_epi16(_mm512_maddubs_epi16(u, x), _mm512_set1_epi16(1));
+        _mm512_add_epi32(acc, p)
+    }
+}
+
+/// `x` negated in the bytes where `w < 0` (AVX-512 has no `vpsignb`; where `w == 0` the
+/// byte is kept, which the product with `|w| = 0` ignores).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn sign_512(x: __m512i, w: __m512i) -> __m512i {
+    _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_256i_words(b: &[u8; 32]) -> __m256i {
+    // SAFETY: `b` is 32 readable bytes; `loadu` has no alignment requirement.
+    unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn load_512i_words(b: &[u8; 64]) -> __m512i {
+    // SAFETY: `b` is 64 readable bytes; `loadu` has no alignment requirement.
+    unsafe { _mm512_loadu_si512(b.as_ptr().cast()) }
+}
+
 /// The integer dot products of [`Simd`], the same at both widths (8 lanes).
 macro_rules! int_dot_ops {
     () => {
@@ -557,6 +629,48 @@ impl Simd for V256 {
     type Lut32 = Codes256;
     bytes32_ops!();
     int_dot_ops!();
+    type I32 = __m256i;
+    #[inline(always)]
+    fn zero_i32(self) -> __m256i {
+        feat!(_mm256_setzero_si256())
+    }
+    #[inline(always)]
+    fn load_i32_bytes(self, b: &[u8; 32]) -> __m256i {
+        feat!(load_256i_words(b))
+    }
+    #[inline(always)]
+    fn add_i32(self, a: __m256i, b: __m256i) -> __m256i {
+        feat!(_mm256_add_epi32(a, b))
+    }
+    #[inline(always)]
+    fn i32_to_f32(self, v: __m256i) -> __m256 {
+        feat!(_mm256_cvtepi32_ps(v))
+    }
+    #[inline(always)]
+    fn nibbles_i32(self, v: __m256i) -> (__m256i, __m256i) {
+        feat!({
+            let m = _mm256_set1_epi8(15);
+            (
+                _mm256_and_si256(v, m),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v), m),
+            )
+        })
+    }
+    #[inline(always)]
+    fn dot_bcast_u8<const VNNI: bool>(self, acc: __m256i, u: __m256i, x: [u8; 4]) -> __m256i {
+        feat!(dot4_256::<VNNI>(
+            acc,
+            u,
+            _mm256_set1_epi32(i32::from_le_bytes(x))
+        ))
+    }
+    #[inline(always)]
+    fn dot_bcast_i8<const VNNI: bool>(self, acc: __m256i, w: __m256i, x: [u8; 4]) -> __m256i {
+        feat!({
+            let x = _mm256_sign_epi8(_mm256_set1_epi32(i32::from_le_bytes(x)), w);
+            dot4_256::<VNNI>(acc, _mm256_abs_epi8(w), x)
+        })
+    }
     #[inline(always)]
     fn bits_to_bytes32(self, bits: u32, value: u8) -> __m256i {
         feat!(bits_to_bytes_256(bits, value))
@@ -1174,6 +1288,48 @@ impl Simd for V512 {
     type Lut32 = [__m512; 2];
     bytes32_ops!();
     int_dot_ops!();
+    type I32 = __m512i;
+    #[inline(always)]
+    fn zero_i32(self) -> __m512i {
+        feat!(_mm512_setzero_si512())
+    }
+    #[inline(always)]
+    fn load_i32_bytes(self, b: &[u8; 64]) -> __m512i {
+        feat!(load_512i_words(b))
+    }
+    #[inline(always)]
+    fn add_i32(self, a: __m512i, b: __m512i) -> __m512i {
+        feat!(_mm512_add_epi32(a, b))
+    }
+    #[inline(always)]
+    fn i32_to_f32(self, v: __m512i) -> __m512 {
+        feat!(_mm512_cvtepi32_ps(v))
+    }
+    #[inline(always)]
+    fn nibbles_i32(self, v: __m512i) -> (__m512i, __m512i) {
+        feat!({
+            let m = _mm512_set1_epi8(15);
+            (
+                _mm512_and_si512(v, m),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(v), m),
+            )
+        })
+    }
+    #[inline(always)]
+    fn dot_bcast_u8<const VNNI: bool>(self, acc: __m512i, u: __m512i, x: [u8; 4]) -> __m512i {
+        feat!(dot4_512::<VNNI>(
+            acc,
+            u,
+            _mm512_set1_epi32(i32::from_le_bytes(x))
+        ))
+    }
+    #[inline(always)]
+    fn dot_bcast_i8<const VNNI: bool>(self, acc: __m512i, w: __m512i, x: [u8; 4]) -> __m512i {
+        feat!({
+            let x = sign_512(_mm512_set1_epi32(i32::from_le_bytes(x)), w);
+            dot4_512::<VNNI>(acc, _mm512_abs_epi8(w), x)
+        })
+    }
     #[inline(always)]
     fn bits_to_bytes32(self, bits: u32, value: u8) -> __m256i {
         feat!(_mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(value as i8)))
