@@ -174,9 +174,11 @@ impl<B: CacheBackend> PagedCache<B> {
     /// A prompt reuses the most full blocks whose keys both groups still hold for its
     /// first new query ([`create_with_prefix`](Self::create_with_prefix)): the global
     /// group's from position 0, the sliding group's only from the window's start on. The
-    /// sliding group indexes a sequence's blocks only until it first slides, so a prefix
-    /// whose window blocks were freed (or evicted from the smaller pool) is recomputed
-    /// from the last block that rule allows.
+    /// sliding group keeps each sequence's hash chain across the blocks it lets go of
+    /// ([`kv_core::CacheManager::drop_front`]), so the blocks it still holds (or that wait
+    /// in its LRU queue) stay findable after the window slid; a prefix whose window blocks
+    /// were evicted from the smaller pool is recomputed from the last block that rule
+    /// allows.
     ///
     /// ```
     /// use std::num::NonZeroUsize;
@@ -433,13 +435,10 @@ impl<B: CacheBackend> PagedCache<B> {
             return self.manager.commit(seq, tokens);
         };
         let local = s.seq(seq)?;
-        let before = self.manager.tokens(seq)?.len();
         self.manager.commit(seq, tokens)?;
-        // The sliding sequence holds positions from `evicted` on; its committed ids are
-        // the global ones from there (the ids of freed tokens are dropped with them).
-        let evicted = s.manager.evicted_tokens(local)?;
-        let skip = evicted.saturating_sub(before).min(tokens.len());
-        s.manager.commit(local, &tokens[skip..])
+        // The sliding sequence has committed as many ids as the global one (in text order,
+        // those of tokens it already let go of included: they carry its hash chain on).
+        s.manager.commit(local, tokens)
     }
 
     /// Pauses `seq`, freeing its blocks, and returns its committed ids to resume it with
@@ -1238,7 +1237,7 @@ impl<B: CacheBackend> PagedCache<B> {
         // committed yet, so each goes back to the free list at once).
         for _ in 0..sliding_first {
             s.manager.reserve(local, bs)?;
-            s.manager.evict_window(local, 0, 1)?;
+            s.manager.drop_front(local, 1)?;
         }
         let storage = &mut s.storage;
         let held = s.manager.reserve_and_copy(local, sliding.len() * bs, |c| {
@@ -1249,7 +1248,7 @@ impl<B: CacheBackend> PagedCache<B> {
         }
         s.forget_slots(seq);
         self.manager.commit(seq, tokens)?;
-        s.manager.commit(local, &tokens[sliding_first * bs..])
+        s.manager.commit(local, tokens)
     }
 }
 
@@ -1766,12 +1765,27 @@ mod tests {
         assert_eq!(reused, 8);
         assert_eq!(c.sliding_len(b)?, 8);
         audit(&c);
-        // A longer prompt: the global group holds 28 of its tokens, the sliding group only
-        // the first 8 (a slid sequence stops indexing): the common prefix is reused.
+        // A longer prompt: the global group holds 28 of its tokens, and the sliding group
+        // the blocks a query at 28 reads (20..28: it kept indexing after its window slid,
+        // the chain going on across the blocks it let go of): all 28 are reused.
         let long: Vec<u32> = (1..=29).collect();
-        assert_eq!(c.prefix_match(&long, 0).tokens, 8);
+        assert_eq!(c.prefix_match(&long, 0).tokens, 28);
+        let (d, reused) = c.create_with_prefix(&long);
+        assert_eq!((reused, c.len(d)?, c.sliding_len(d)?), (28, 28, 8));
+        // It reads the same keys as the sequence that computed them.
+        let slots = c.reserve(d, 1)?;
+        write_all(&mut c, &slots, &[29])?;
+        c.commit(d, &[29])?;
+        let want: Vec<(usize, f32)> = (23..29).map(|p| (p, (p + 1) as f32)).collect();
+        assert_eq!(window_keys(&c, d)?, want);
+        assert_eq!(
+            read_global(&c, d)?,
+            (1..=29).map(|t| t as f32).collect::<Vec<_>>()
+        );
+        audit(&c);
         c.free(a)?;
         c.free(b)?;
+        c.free(d)?;
         audit(&c);
         Ok(())
     }
@@ -1793,11 +1807,13 @@ mod tests {
             c.commit(a, &[t])?;
         }
         c.free(a)?;
-        // An unrelated prompt of 36 tokens takes the sliding pool's 8 free blocks and one
-        // cached block: the least recently used, block 0 of the first prompt.
-        let other: Vec<u32> = (1000..1036).collect();
+        // The twin indexed blocks 0..=6 (the decoded tokens' too), all cached once `a` is
+        // freed: 5 blocks of its pool are empty. An unrelated prompt of 24 tokens takes
+        // them and one cached block: the least recently used, block 0 of the first prompt.
+        assert_eq!(c.sliding_manager().map(CacheManager::cached_blocks), Some(7));
+        let other: Vec<u32> = (1000..1024).collect();
         let (x, _) = c.create_with_prefix(&other);
-        let slots = c.reserve(x, 36)?;
+        let slots = c.reserve(x, 24)?;
         write_all(&mut c, &slots, &other)?;
         c.free(x)?;
         let sliding_found = c
@@ -1818,6 +1834,44 @@ mod tests {
             read_global(&c, b)?,
             (1..=17).map(|t| t as f32).collect::<Vec<_>>()
         );
+        audit(&c);
+        c.free(b)?;
+        audit(&c);
+        Ok(())
+    }
+
+    #[test]
+    fn sliding_group_indexes_a_prompt_run_in_chunks_and_committed_at_the_end() -> Result<()> {
+        let mut c = sliding_cache(true)?;
+        // 21 tokens in chunks of 4, committed once at the end: by then the twin let go of
+        // blocks 0..3 before their ids were known.
+        let prompt: Vec<u32> = (1..=21).collect();
+        let (a, _) = c.create_with_prefix(&prompt);
+        for part in prompt.chunks(4) {
+            let slots = c.reserve(a, part.len())?;
+            write_all(&mut c, &slots, part)?;
+        }
+        assert_eq!(c.len(a)? - c.sliding_len(a)?, 12);
+        c.commit(a, &prompt)?;
+        audit(&c);
+        c.free(a)?;
+        // The same 20 tokens and another: a query at 20 reads 15.. (blocks 3 and 4), which
+        // the twin indexed under their whole prefix, so all 20 are reused.
+        let mut other: Vec<u32> = (1..=20).collect();
+        other.push(99);
+        assert_eq!(c.prefix_match(&other, 0).tokens, 20);
+        let (b, reused) = c.create_with_prefix(&other);
+        assert_eq!((reused, c.sliding_len(b)?), (20, 8));
+        let slots = c.reserve(b, 1)?;
+        write_all(&mut c, &slots, &[99])?;
+        c.commit(b, &[99])?;
+        let mut want: Vec<(usize, f32)> = (15..20).map(|p| (p, (p + 1) as f32)).collect();
+        want.push((20, 99.0));
+        assert_eq!(window_keys(&c, b)?, want);
+        // A prompt that differs in a token the twin let go of shares no block with it.
+        let mut changed = other.clone();
+        changed[2] = 77;
+        assert_eq!(c.prefix_match(&changed, 0).tokens, 0);
         audit(&c);
         c.free(b)?;
         audit(&c);
