@@ -974,6 +974,14 @@ impl<B: CacheBackend> PagedCache<B> {
     }
 }
 
+/// One of the two cache groups of a [`PagedCache`] with a sliding-window group (a
+/// one-group cache has only the global one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Group {
+    Global,
+    Sliding,
+}
+
 /// A sequence's saved K/V in both groups of a [`PagedCache`]
 /// ([`PagedCache::export_groups`]): every full block of the global group, and the full
 /// blocks the sliding group still holds, which start at block `sliding_first` (the ones
@@ -1116,6 +1124,67 @@ impl<B: CacheBackend> PagedCache<B> {
         }
         let held = s.manager.evicted_tokens(s.seq(seq)?)? / bs;
         self.export_from(seq, n_blocks, held.min(n_blocks))
+    }
+
+    /// The bookkeeping of `group` (`None` for the sliding group of a one-group cache).
+    pub(crate) fn group_manager(&self, group: Group) -> Option<&CacheManager> {
+        match group {
+            Group::Global => Some(&self.manager),
+            Group::Sliding => self.sliding_manager(),
+        }
+    }
+
+    /// The blocks `seq`'s sliding twin holds and the text block the first of them holds
+    /// (`None` without a sliding group).
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`].
+    pub(crate) fn sliding_table(&self, seq: SeqId) -> Result<Option<(usize, Vec<BlockId>)>> {
+        let Some(s) = &self.sliding else {
+            return Ok(None);
+        };
+        let local = s.seq(seq)?;
+        let first = s.manager.evicted_tokens(local)? / self.spec.block_size;
+        Ok(Some((first, s.manager.table(local)?.blocks().to_vec())))
+    }
+
+    /// The bytes of `block` of `group`, whatever the cache's groups: what the tiers write
+    /// down when that group's pool is about to evict it.
+    ///
+    /// # Errors
+    /// [`KvError::InvalidArgument`] for the sliding group of a one-group cache; what the
+    /// backend's export returns.
+    pub(crate) fn export_group_block(&self, group: Group, block: BlockId) -> Result<Vec<u8>> {
+        let storage = match (group, &self.sliding) {
+            (Group::Global, _) => &self.storage,
+            (Group::Sliding, Some(s)) => &s.storage,
+            (Group::Sliding, None) => {
+                return Err(KvError::InvalidArgument {
+                    what: "exported block",
+                    detail: "a one-group cache has no sliding-window group".into(),
+                })
+            }
+        };
+        let mut out = Vec::new();
+        self.backend.export_block(storage, block, &mut out)?;
+        Ok(out)
+    }
+
+    /// The sliding group's blocks that reserving `appends` could allocate: an upper bound,
+    /// counted before each twin lets go of the blocks behind its window (0 without a
+    /// sliding group).
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`]; the manager's errors.
+    pub(crate) fn sliding_blocks_needed_batch(&self, appends: &[(SeqId, usize)]) -> Result<usize> {
+        let Some(s) = &self.sliding else {
+            return Ok(0);
+        };
+        let locals = appends
+            .iter()
+            .map(|&(seq, n)| Ok((s.seq(seq)?, n)))
+            .collect::<Result<Vec<_>>>()?;
+        s.manager.blocks_needed_batch(&locals)
     }
 
     /// The first full block a sliding layer reads for a query after `n_blocks` full
@@ -1810,7 +1879,10 @@ mod tests {
         // The twin indexed blocks 0..=6 (the decoded tokens' too), all cached once `a` is
         // freed: 5 blocks of its pool are empty. An unrelated prompt of 24 tokens takes
         // them and one cached block: the least recently used, block 0 of the first prompt.
-        assert_eq!(c.sliding_manager().map(CacheManager::cached_blocks), Some(7));
+        assert_eq!(
+            c.sliding_manager().map(CacheManager::cached_blocks),
+            Some(7)
+        );
         let other: Vec<u32> = (1000..1024).collect();
         let (x, _) = c.create_with_prefix(&other);
         let slots = c.reserve(x, 24)?;
@@ -1875,6 +1947,52 @@ mod tests {
         audit(&c);
         c.free(b)?;
         audit(&c);
+        Ok(())
+    }
+
+    #[test]
+    fn a_tiered_two_group_cache_writes_evicted_blocks_of_both_groups_down() -> Result<()> {
+        use crate::store::HostStore;
+        use crate::TieredCache;
+        use kv_core::content::Fingerprint;
+        let fp = Fingerprint::of_parts(&[("test", b"two groups evicted")]);
+        let tier = Box::new(HostStore::new(1 << 20));
+        let mut t = TieredCache::new(sliding_cache(true)?, fp, vec![tier]);
+        let prompt: Vec<u32> = (1..=21).collect();
+        let (a, reused) = t.create_with_prefix(&prompt);
+        assert_eq!(reused, 0);
+        let slots = t.reserve(a, 21)?;
+        write_all(t.cache_mut(), &slots, &prompt)?;
+        t.cache_mut().commit(a, &prompt)?;
+        t.free(a)?;
+        assert_eq!(t.stats().blocks_spilled, 0);
+        // 48 unrelated tokens at once: the global pool evicts one of the prompt's 5 cached
+        // blocks, the sliding pool all 5 of its own; each goes down first, under its
+        // group's key.
+        let other: Vec<u32> = (1000..1048).collect();
+        let (x, _) = t.create_with_prefix(&other);
+        let slots = t.reserve(x, 48)?;
+        write_all(t.cache_mut(), &slots, &other)?;
+        let stats = t.stats();
+        assert_eq!(stats.blocks_spilled, 6, "{stats:?}");
+        assert!(stats.window_bytes_saved > 0 && stats.bytes_saved > stats.window_bytes_saved);
+        t.free(x)?;
+        // The global blocks still cached go down at the end of a run; then the prompt
+        // comes back from the tier in both groups: 20 tokens.
+        assert_eq!(t.flush(), 4);
+        let (b, reused) = t.create_with_prefix(&prompt);
+        assert_eq!(reused, 20, "{:?}", t.stats());
+        assert_eq!(t.stats().window_blocks_loaded, 2);
+        let slots = t.reserve(b, 1)?;
+        write_all(t.cache_mut(), &slots, &[21])?;
+        t.cache_mut().commit(b, &[21])?;
+        let want: Vec<(usize, f32)> = (15..21).map(|p| (p, (p + 1) as f32)).collect();
+        assert_eq!(window_keys(t.cache(), b)?, want);
+        assert_eq!(
+            read_global(t.cache(), b)?,
+            (1..=21).map(|t| t as f32).collect::<Vec<_>>()
+        );
+        audit(t.cache());
         Ok(())
     }
 }
