@@ -905,8 +905,9 @@ impl CacheManager {
         Ok(copies)
     }
 
-    /// Tokens [`CacheManager::evict_window`] has dropped from `seq` so far: the position of
-    /// a token in the text is its cache index plus this (for tokens after the sinks).
+    /// Tokens [`CacheManager::evict_window`] and [`CacheManager::drop_front`] have dropped
+    /// from `seq` so far: the position of a token in the text is its cache index plus this
+    /// (for tokens after the sinks).
     ///
     /// # Errors
     /// [`KvError::UnknownSequence`].
