@@ -174,9 +174,11 @@ impl<B: CacheBackend> PagedCache<B> {
     /// A prompt reuses the most full blocks whose keys both groups still hold for its
     /// first new query ([`create_with_prefix`](Self::create_with_prefix)): the global
     /// group's from position 0, the sliding group's only from the window's start on. The
-    /// sliding group indexes a sequence's blocks only until it first slides, so a prefix
-    /// whose window blocks were freed (or evicted from the smaller pool) is recomputed
-    /// from the last block that rule allows.
+    /// sliding group keeps each sequence's hash chain across the blocks it lets go of
+    /// ([`kv_core::CacheManager::drop_front`]), so the blocks it still holds (or that wait
+    /// in its LRU queue) stay findable after the window slid; a prefix whose window blocks
+    /// were evicted from the smaller pool is recomputed from the last block that rule
+    /// allows.
     ///
     /// ```
     /// use std::num::NonZeroUsize;
@@ -433,13 +435,10 @@ impl<B: CacheBackend> PagedCache<B> {
             return self.manager.commit(seq, tokens);
         };
         let local = s.seq(seq)?;
-        let before = self.manager.tokens(seq)?.len();
         self.manager.commit(seq, tokens)?;
-        // The sliding sequence holds positions from `evicted` on; its committed ids are
-        // the global ones from there (the ids of freed tokens are dropped with them).
-        let evicted = s.manager.evicted_tokens(local)?;
-        let skip = evicted.saturating_sub(before).min(tokens.len());
-        s.manager.commit(local, &tokens[skip..])
+        // The sliding sequence has committed as many ids as the global one (in text order,
+        // those of tokens it already let go of included: they carry its hash chain on).
+        s.manager.commit(local, tokens)
     }
 
     /// Pauses `seq`, freeing its blocks, and returns its committed ids to resume it with
@@ -975,6 +974,14 @@ impl<B: CacheBackend> PagedCache<B> {
     }
 }
 
+/// One of the two cache groups of a [`PagedCache`] with a sliding-window group (a
+/// one-group cache has only the global one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Group {
+    Global,
+    Sliding,
+}
+
 /// A sequence's saved K/V in both groups of a [`PagedCache`]
 /// ([`PagedCache::export_groups`]): every full block of the global group, and the full
 /// blocks the sliding group still holds, which start at block `sliding_first` (the ones
@@ -1119,6 +1126,67 @@ impl<B: CacheBackend> PagedCache<B> {
         self.export_from(seq, n_blocks, held.min(n_blocks))
     }
 
+    /// The bookkeeping of `group` (`None` for the sliding group of a one-group cache).
+    pub(crate) fn group_manager(&self, group: Group) -> Option<&CacheManager> {
+        match group {
+            Group::Global => Some(&self.manager),
+            Group::Sliding => self.sliding_manager(),
+        }
+    }
+
+    /// The blocks `seq`'s sliding twin holds and the text block the first of them holds
+    /// (`None` without a sliding group).
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`].
+    pub(crate) fn sliding_table(&self, seq: SeqId) -> Result<Option<(usize, Vec<BlockId>)>> {
+        let Some(s) = &self.sliding else {
+            return Ok(None);
+        };
+        let local = s.seq(seq)?;
+        let first = s.manager.evicted_tokens(local)? / self.spec.block_size;
+        Ok(Some((first, s.manager.table(local)?.blocks().to_vec())))
+    }
+
+    /// The bytes of `block` of `group`, whatever the cache's groups: what the tiers write
+    /// down when that group's pool is about to evict it.
+    ///
+    /// # Errors
+    /// [`KvError::InvalidArgument`] for the sliding group of a one-group cache; what the
+    /// backend's export returns.
+    pub(crate) fn export_group_block(&self, group: Group, block: BlockId) -> Result<Vec<u8>> {
+        let storage = match (group, &self.sliding) {
+            (Group::Global, _) => &self.storage,
+            (Group::Sliding, Some(s)) => &s.storage,
+            (Group::Sliding, None) => {
+                return Err(KvError::InvalidArgument {
+                    what: "exported block",
+                    detail: "a one-group cache has no sliding-window group".into(),
+                })
+            }
+        };
+        let mut out = Vec::new();
+        self.backend.export_block(storage, block, &mut out)?;
+        Ok(out)
+    }
+
+    /// The sliding group's blocks that reserving `appends` could allocate: an upper bound,
+    /// counted before each twin lets go of the blocks behind its window (0 without a
+    /// sliding group).
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`]; the manager's errors.
+    pub(crate) fn sliding_blocks_needed_batch(&self, appends: &[(SeqId, usize)]) -> Result<usize> {
+        let Some(s) = &self.sliding else {
+            return Ok(0);
+        };
+        let locals = appends
+            .iter()
+            .map(|&(seq, n)| Ok((s.seq(seq)?, n)))
+            .collect::<Result<Vec<_>>>()?;
+        s.manager.blocks_needed_batch(&locals)
+    }
+
     /// The first full block a sliding layer reads for a query after `n_blocks` full
     /// blocks (`(n * block_size + 1 - W) / block_size`); 0 without a sliding group.
     pub fn window_first_block_after(&self, n_blocks: usize) -> usize {
@@ -1238,7 +1306,7 @@ impl<B: CacheBackend> PagedCache<B> {
         // committed yet, so each goes back to the free list at once).
         for _ in 0..sliding_first {
             s.manager.reserve(local, bs)?;
-            s.manager.evict_window(local, 0, 1)?;
+            s.manager.drop_front(local, 1)?;
         }
         let storage = &mut s.storage;
         let held = s.manager.reserve_and_copy(local, sliding.len() * bs, |c| {
@@ -1249,7 +1317,7 @@ impl<B: CacheBackend> PagedCache<B> {
         }
         s.forget_slots(seq);
         self.manager.commit(seq, tokens)?;
-        s.manager.commit(local, &tokens[sliding_first * bs..])
+        s.manager.commit(local, tokens)
     }
 }
 
@@ -1766,12 +1834,27 @@ mod tests {
         assert_eq!(reused, 8);
         assert_eq!(c.sliding_len(b)?, 8);
         audit(&c);
-        // A longer prompt: the global group holds 28 of its tokens, the sliding group only
-        // the first 8 (a slid sequence stops indexing): the common prefix is reused.
+        // A longer prompt: the global group holds 28 of its tokens, and the sliding group
+        // the blocks a query at 28 reads (20..28: it kept indexing after its window slid,
+        // the chain going on across the blocks it let go of): all 28 are reused.
         let long: Vec<u32> = (1..=29).collect();
-        assert_eq!(c.prefix_match(&long, 0).tokens, 8);
+        assert_eq!(c.prefix_match(&long, 0).tokens, 28);
+        let (d, reused) = c.create_with_prefix(&long);
+        assert_eq!((reused, c.len(d)?, c.sliding_len(d)?), (28, 28, 8));
+        // It reads the same keys as the sequence that computed them.
+        let slots = c.reserve(d, 1)?;
+        write_all(&mut c, &slots, &[29])?;
+        c.commit(d, &[29])?;
+        let want: Vec<(usize, f32)> = (23..29).map(|p| (p, (p + 1) as f32)).collect();
+        assert_eq!(window_keys(&c, d)?, want);
+        assert_eq!(
+            read_global(&c, d)?,
+            (1..=29).map(|t| t as f32).collect::<Vec<_>>()
+        );
+        audit(&c);
         c.free(a)?;
         c.free(b)?;
+        c.free(d)?;
         audit(&c);
         Ok(())
     }
@@ -1793,11 +1876,16 @@ mod tests {
             c.commit(a, &[t])?;
         }
         c.free(a)?;
-        // An unrelated prompt of 36 tokens takes the sliding pool's 8 free blocks and one
-        // cached block: the least recently used, block 0 of the first prompt.
-        let other: Vec<u32> = (1000..1036).collect();
+        // The twin indexed blocks 0..=6 (the decoded tokens' too), all cached once `a` is
+        // freed: 5 blocks of its pool are empty. An unrelated prompt of 24 tokens takes
+        // them and one cached block: the least recently used, block 0 of the first prompt.
+        assert_eq!(
+            c.sliding_manager().map(CacheManager::cached_blocks),
+            Some(7)
+        );
+        let other: Vec<u32> = (1000..1024).collect();
         let (x, _) = c.create_with_prefix(&other);
-        let slots = c.reserve(x, 36)?;
+        let slots = c.reserve(x, 24)?;
         write_all(&mut c, &slots, &other)?;
         c.free(x)?;
         let sliding_found = c
@@ -1821,6 +1909,90 @@ mod tests {
         audit(&c);
         c.free(b)?;
         audit(&c);
+        Ok(())
+    }
+
+    #[test]
+    fn sliding_group_indexes_a_prompt_run_in_chunks_and_committed_at_the_end() -> Result<()> {
+        let mut c = sliding_cache(true)?;
+        // 21 tokens in chunks of 4, committed once at the end: by then the twin let go of
+        // blocks 0..3 before their ids were known.
+        let prompt: Vec<u32> = (1..=21).collect();
+        let (a, _) = c.create_with_prefix(&prompt);
+        for part in prompt.chunks(4) {
+            let slots = c.reserve(a, part.len())?;
+            write_all(&mut c, &slots, part)?;
+        }
+        assert_eq!(c.len(a)? - c.sliding_len(a)?, 12);
+        c.commit(a, &prompt)?;
+        audit(&c);
+        c.free(a)?;
+        // The same 20 tokens and another: a query at 20 reads 15.. (blocks 3 and 4), which
+        // the twin indexed under their whole prefix, so all 20 are reused.
+        let mut other: Vec<u32> = (1..=20).collect();
+        other.push(99);
+        assert_eq!(c.prefix_match(&other, 0).tokens, 20);
+        let (b, reused) = c.create_with_prefix(&other);
+        assert_eq!((reused, c.sliding_len(b)?), (20, 8));
+        let slots = c.reserve(b, 1)?;
+        write_all(&mut c, &slots, &[99])?;
+        c.commit(b, &[99])?;
+        let mut want: Vec<(usize, f32)> = (15..20).map(|p| (p, (p + 1) as f32)).collect();
+        want.push((20, 99.0));
+        assert_eq!(window_keys(&c, b)?, want);
+        // A prompt that differs in a token the twin let go of shares no block with it.
+        let mut changed = other.clone();
+        changed[2] = 77;
+        assert_eq!(c.prefix_match(&changed, 0).tokens, 0);
+        audit(&c);
+        c.free(b)?;
+        audit(&c);
+        Ok(())
+    }
+
+    #[test]
+    fn a_tiered_two_group_cache_writes_evicted_blocks_of_both_groups_down() -> Result<()> {
+        use crate::store::HostStore;
+        use crate::TieredCache;
+        use kv_core::content::Fingerprint;
+        let fp = Fingerprint::of_parts(&[("test", b"two groups evicted")]);
+        let tier = Box::new(HostStore::new(1 << 20));
+        let mut t = TieredCache::new(sliding_cache(true)?, fp, vec![tier]);
+        let prompt: Vec<u32> = (1..=21).collect();
+        let (a, reused) = t.create_with_prefix(&prompt);
+        assert_eq!(reused, 0);
+        let slots = t.reserve(a, 21)?;
+        write_all(t.cache_mut(), &slots, &prompt)?;
+        t.cache_mut().commit(a, &prompt)?;
+        t.free(a)?;
+        assert_eq!(t.stats().blocks_spilled, 0);
+        // 48 unrelated tokens at once: the global pool evicts one of the prompt's 5 cached
+        // blocks, the sliding pool all 5 of its own; each goes down first, under its
+        // group's key.
+        let other: Vec<u32> = (1000..1048).collect();
+        let (x, _) = t.create_with_prefix(&other);
+        let slots = t.reserve(x, 48)?;
+        write_all(t.cache_mut(), &slots, &other)?;
+        let stats = t.stats();
+        assert_eq!(stats.blocks_spilled, 6, "{stats:?}");
+        assert!(stats.window_bytes_saved > 0 && stats.bytes_saved > stats.window_bytes_saved);
+        t.free(x)?;
+        // The global blocks still cached go down at the end of a run; then the prompt
+        // comes back from the tier in both groups: 20 tokens.
+        assert_eq!(t.flush(), 4);
+        let (b, reused) = t.create_with_prefix(&prompt);
+        assert_eq!(reused, 20, "{:?}", t.stats());
+        assert_eq!(t.stats().window_blocks_loaded, 2);
+        let slots = t.reserve(b, 1)?;
+        write_all(t.cache_mut(), &slots, &[21])?;
+        t.cache_mut().commit(b, &[21])?;
+        let want: Vec<(usize, f32)> = (15..21).map(|p| (p, (p + 1) as f32)).collect();
+        assert_eq!(window_keys(t.cache(), b)?, want);
+        assert_eq!(
+            read_global(t.cache(), b)?,
+            (1..=21).map(|t| t as f32).collect::<Vec<_>>()
+        );
+        audit(t.cache());
         Ok(())
     }
 }

@@ -4,8 +4,8 @@
 //! (vLLM's hybrid allocator has the same two groups).
 //!
 //! Positions stay exact without any backend change: a sliding sequence drops whole leading
-//! blocks ([`CacheManager::evict_window`] with no sinks), so its cache indices are its
-//! positions minus the tokens dropped, the same shift for queries and keys. Causality
+//! blocks ([`CacheManager::drop_front`]), so its cache indices are its positions minus the
+//! tokens dropped, the same shift for queries and keys. Causality
 //! (`key <= query`) and the window (`query - key < W`) compare differences, which the shift
 //! leaves alone, and RoPE was applied by the model with the true positions before the write.
 
@@ -236,24 +236,21 @@ impl<S> Sliding<S> {
     }
 
     /// Lets `local` go of its blocks wholly before the first key a query at position
-    /// `next` reads (`next + 1 - W`). Committed ids must not end inside what is dropped
-    /// (the manager's rule), so while some are, only the fully committed blocks go.
+    /// `next` reads (`next + 1 - W`), committed or not: the manager keeps the hash chain
+    /// across them ([`CacheManager::drop_front`]), so the blocks held stay indexable and
+    /// a later prompt sharing the prefix finds them.
     pub(crate) fn slide(&mut self, local: SeqId, next: usize) -> Result<()> {
         let bs = self.spec.block_size;
         let evicted = self.manager.evicted_tokens(local)?;
         let first_read = (next + 1).saturating_sub(self.config.window.get());
-        let mut drop = (first_read / bs).saturating_sub(evicted / bs);
-        let committed = self.manager.tokens(local)?.len();
-        if committed > 0 && committed < drop * bs {
-            drop = committed / bs;
-        }
-        // One block at a time, front first (no sinks: nothing is copied): an indexed block
-        // let go of waits in the prefix index's LRU queue, and this order makes the oldest
-        // positions leave it first. A later prompt needs only the blocks its first query's
-        // window reads (`PagedCache::create_with_prefix_salted`), the last ones of its
-        // prefix, so those are kept longest.
+        let drop = (first_read / bs).saturating_sub(evicted / bs);
+        // One block at a time, front first: an indexed block let go of waits in the prefix
+        // index's LRU queue, and this order makes the oldest positions leave it first. A
+        // later prompt needs only the blocks its first query's window reads
+        // (`PagedCache::create_with_prefix_salted`), the last ones of its prefix, so those
+        // are kept longest.
         for _ in 0..drop {
-            self.manager.evict_window(local, 0, 1)?;
+            self.manager.drop_front(local, 1)?;
             self.freed_blocks += 1;
         }
         Ok(())

@@ -26,6 +26,7 @@ use kv_core::content::{chain_keys, BlockKey, Fingerprint};
 use kv_core::{BlockId, CacheBackend, Preempted, SeqId, Slot};
 
 use crate::cache_file::{self, CacheFileError};
+use crate::paged::Group;
 use crate::PagedCache;
 
 /// Why a store operation failed. The store is unchanged by a failed `put` or `delete`.
@@ -483,8 +484,12 @@ struct Noted {
 /// beyond what the device reuses is imported into a new sequence in one
 /// [`PagedCache::import_groups`] (all or nothing: a value that fails leaves the device's
 /// own reuse as it was, and every value of that restore leaves its tier). Write-back on
-/// eviction ([`free`](Self::free), [`flush`](Self::flush)) covers one-group caches only;
-/// a two-group cache's blocks reach the tiers through `save`.
+/// eviction covers both groups: [`free`](Self::free) and [`preempt`](Self::preempt) note
+/// the full blocks each group's index holds for the sequence (the sliding group's: those
+/// its window still holds), each under its group's key, and
+/// [`make_room_for`](Self::make_room_for) (which [`reserve`](Self::reserve) calls) copies
+/// down the noted blocks that either group's pool is about to evict, as
+/// [`flush`](Self::flush) copies down all of them.
 pub struct TieredCache<B: CacheBackend> {
     cache: PagedCache<B>,
     fingerprint: Fingerprint,
@@ -494,8 +499,8 @@ pub struct TieredCache<B: CacheBackend> {
     stats: TierStats,
     /// The last store error, for reports.
     last_error: Option<String>,
-    /// Cached device blocks with known keys, by block id.
-    noted: HashMap<BlockId, Noted>,
+    /// Cached device blocks with known keys, by group and block id.
+    noted: HashMap<(Group, BlockId), Noted>,
     /// The caller's measured prefill rate, tokens per second.
     prefill_tokens_per_s: Option<f64>,
     /// Per tier: bytes returned by reads that returned values, and their seconds.
@@ -816,6 +821,9 @@ impl<B: CacheBackend> TieredCache<B> {
             )
             .filter_map(|(v, &k)| v.map(|(t, v)| (t, k, v)))
             .collect();
+        // The import takes `n` global blocks and up to `n - from + 1` sliding ones at a
+        // time: what that evicts goes down first.
+        self.make_room_in(n, n - from + 1);
         let fresh = self.cache.create_sequence();
         let imported = self.import_used(fresh, &prompt[..n * bs], &used, n, from, global_fp);
         match imported {
@@ -951,32 +959,59 @@ impl<B: CacheBackend> TieredCache<B> {
 /// Writing blocks down when the device lets go of them.
 impl<B: CacheBackend> TieredCache<B> {
     /// Notes the content addresses of `seq`'s committed full blocks that the device's prefix
-    /// index holds, so they can be copied down when evicted. A sequence whose middle was
-    /// evicted ([`PagedCache::evict_window`]) holds no plain prefix and is not noted.
+    /// index holds, so they can be copied down when evicted: on a two-group cache, the
+    /// global blocks and the sliding blocks the twin still holds, each under its group's
+    /// keys. A sequence whose middle was evicted ([`PagedCache::evict_window`]) holds no
+    /// plain prefix and is not noted.
     fn note(&mut self, seq: SeqId) -> kv_core::Result<()> {
-        let manager = self.cache.manager();
+        let cache = &self.cache;
         // Forget blocks evicted (or reused) since they were noted.
-        self.noted
-            .retain(|&b, n| manager.indexed_hash(b) == Some(n.hash));
-        // A two-group cache's global block alone restores nothing: its blocks reach the
-        // tiers through `save`.
-        if self.tiers.is_empty() || self.groups.is_some() || manager.evicted_tokens(seq)? > 0 {
+        self.noted.retain(|&(group, b), n| {
+            cache.group_manager(group).and_then(|m| m.indexed_hash(b)) == Some(n.hash)
+        });
+        let manager = self.cache.manager();
+        if self.tiers.is_empty() || manager.evicted_tokens(seq)? > 0 {
             return Ok(());
         }
-        let tokens = manager.tokens(seq)?;
-        let bs = self.cache.spec().block_size;
-        let keys = self.keys(tokens);
-        let table = manager.table(seq)?;
-        for ((&block, key), ids) in table.blocks().iter().zip(keys).zip(tokens.chunks(bs)) {
-            // The index must hold this block for exactly these tokens.
-            if manager.indexed_tokens(block) != Some(ids) {
-                continue;
-            }
-            if let Some(hash) = manager.indexed_hash(block) {
-                self.noted.insert(block, Noted { hash, key });
-            }
+        let tokens = manager.tokens(seq)?.to_vec();
+        let global = manager.table(seq)?.blocks().to_vec();
+        let keys = self.keys(&tokens);
+        let mut noted = self.indexed(Group::Global, &global, 0, &tokens, &keys);
+        if let (Some((_, sliding_fp)), Some((first, blocks))) =
+            (self.groups, self.cache.sliding_table(seq)?)
+        {
+            let keys = self.keys_under(&sliding_fp, &tokens);
+            noted.extend(self.indexed(Group::Sliding, &blocks, first, &tokens, &keys));
         }
+        self.noted.extend(noted);
         Ok(())
+    }
+
+    /// Of `blocks` of `group` (holding the text's blocks from block `first` on), those its
+    /// index holds for exactly the tokens `keys` name, with their notes.
+    fn indexed(
+        &self,
+        group: Group,
+        blocks: &[BlockId],
+        first: usize,
+        tokens: &[u32],
+        keys: &[BlockKey],
+    ) -> Vec<((Group, BlockId), Noted)> {
+        let Some(manager) = self.cache.group_manager(group) else {
+            return Vec::new();
+        };
+        let bs = self.cache.spec().block_size;
+        let chunks = tokens.chunks_exact(bs).zip(keys).skip(first);
+        blocks
+            .iter()
+            .zip(chunks)
+            // The index must hold this block for exactly these tokens.
+            .filter(|&(&block, (ids, _))| manager.indexed_tokens(block) == Some(ids))
+            .filter_map(|(&block, (_, &key))| {
+                let hash = manager.indexed_hash(block)?;
+                Some(((group, block), Noted { hash, key }))
+            })
+            .collect()
     }
 
     /// Frees `seq` ([`PagedCache::free`]); its full blocks stay cached on the device and
@@ -1002,24 +1037,60 @@ impl<B: CacheBackend> TieredCache<B> {
     }
 
     /// Copies down to the first tier the noted blocks that an allocation of `n_blocks`
-    /// blocks would evict now ([`kv_core::CacheManager::eviction_victims`]); call it before
-    /// reserving directly on [`cache_mut`](Self::cache_mut). Returns the blocks written.
-    /// Store failures are counted, not returned.
+    /// blocks of the global group would evict now
+    /// ([`kv_core::CacheManager::eviction_victims`]); call it before reserving directly on
+    /// [`cache_mut`](Self::cache_mut) (on a two-group cache,
+    /// [`make_room_for`](Self::make_room_for) covers both groups). Returns the blocks
+    /// written. Store failures are counted, not returned.
     pub fn make_room(&mut self, n_blocks: usize) -> usize {
+        self.make_room_in(n_blocks, 0)
+    }
+
+    /// [`make_room`](Self::make_room) for what reserving `appends` (sequence, tokens)
+    /// allocates in each group: on a two-group cache the sliding group's pool too, counted
+    /// before the windows slide (an upper bound: a block copied down early stays on the
+    /// device as well). Returns the blocks written; an unknown sequence writes nothing
+    /// (the reserve itself then fails).
+    pub fn make_room_for(&mut self, appends: &[(SeqId, usize)]) -> usize {
+        let global = self.cache.manager().blocks_needed_batch(appends);
+        let sliding = self.cache.sliding_blocks_needed_batch(appends);
+        match (global, sliding) {
+            (Ok(g), Ok(s)) => self.make_room_in(g, s),
+            _ => 0,
+        }
+    }
+
+    /// Copies down the noted blocks that allocating `global` blocks of the global group
+    /// and `sliding` of the sliding one would evict.
+    fn make_room_in(&mut self, global: usize, sliding: usize) -> usize {
         if self.tiers.is_empty() {
             return 0;
         }
-        let victims = self.cache.manager().eviction_victims(n_blocks);
+        let mut victims: Vec<(Group, BlockId)> = self
+            .cache
+            .manager()
+            .eviction_victims(global)
+            .into_iter()
+            .map(|b| (Group::Global, b))
+            .collect();
+        if let Some(m) = self.cache.sliding_manager() {
+            victims.extend(
+                m.eviction_victims(sliding)
+                    .into_iter()
+                    .map(|b| (Group::Sliding, b)),
+            );
+        }
         self.spill(&victims)
     }
 
-    /// [`PagedCache::reserve`] after [`make_room`](Self::make_room) for what it allocates.
+    /// [`PagedCache::reserve`] after [`make_room_for`](Self::make_room_for) for what it
+    /// allocates.
     ///
     /// # Errors
     /// What [`PagedCache::reserve`] returns.
     pub fn reserve(&mut self, seq: SeqId, n: usize) -> kv_core::Result<Vec<Slot>> {
-        let needed = self.cache.manager().blocks_needed(seq, n)?;
-        self.make_room(needed);
+        self.cache.manager().blocks_needed(seq, n)?;
+        self.make_room_for(&[(seq, n)]);
         self.cache.reserve(seq, n)
     }
 
@@ -1027,21 +1098,25 @@ impl<B: CacheBackend> TieredCache<B> {
     /// that ends: another process, or this one after a restart, restores them). Returns the
     /// blocks written.
     pub fn flush(&mut self) -> usize {
-        let mut blocks: Vec<BlockId> = self.noted.keys().copied().collect();
+        let mut blocks: Vec<(Group, BlockId)> = self.noted.keys().copied().collect();
         blocks.sort();
         self.spill(&blocks)
     }
 
     /// Writes `blocks` (those noted and still holding their prefix) to the first tier,
-    /// skipping values it has.
-    fn spill(&mut self, blocks: &[BlockId]) -> usize {
-        let mut items: Vec<(BlockKey, BlockId)> = Vec::new();
-        for b in blocks {
-            let Some(noted) = self.noted.remove(b) else {
+    /// skipping values it has, each encoded under its group's fingerprint.
+    fn spill(&mut self, blocks: &[(Group, BlockId)]) -> usize {
+        let mut items: Vec<(BlockKey, (Group, BlockId))> = Vec::new();
+        for &(group, b) in blocks {
+            let Some(noted) = self.noted.remove(&(group, b)) else {
                 continue;
             };
-            if self.cache.manager().indexed_hash(*b) == Some(noted.hash) {
-                items.push((noted.key, *b));
+            let hash = self
+                .cache
+                .group_manager(group)
+                .and_then(|m| m.indexed_hash(b));
+            if hash == Some(noted.hash) {
+                items.push((noted.key, (group, b)));
             }
         }
         let Some(tier) = self.tiers.first_mut() else {
@@ -1059,15 +1134,24 @@ impl<B: CacheBackend> TieredCache<B> {
             }
         };
         let mut values = Vec::new();
-        for ((key, block), have) in items.into_iter().zip(have) {
+        let mut window_bytes = 0;
+        for ((key, (group, block)), have) in items.into_iter().zip(have) {
             if have {
                 continue;
             }
-            match self.cache.export_block(block) {
-                Ok(bytes) => values.push((
-                    key,
-                    cache_file::encode_value(&self.fingerprint, &key, &bytes),
-                )),
+            let fingerprint = match (group, self.groups) {
+                (_, None) => self.fingerprint,
+                (Group::Global, Some((global, _))) => global,
+                (Group::Sliding, Some((_, sliding))) => sliding,
+            };
+            match self.cache.export_group_block(group, block) {
+                Ok(bytes) => {
+                    let value = cache_file::encode_value(&fingerprint, &key, &bytes);
+                    if group == Group::Sliding {
+                        window_bytes += value.len() as u64;
+                    }
+                    values.push((key, value));
+                }
                 Err(e) => {
                     // A backend without export: nothing to write down, ever.
                     self.last_error = Some(e.to_string());
@@ -1083,6 +1167,7 @@ impl<B: CacheBackend> TieredCache<B> {
             Ok(()) => {
                 self.stats.blocks_spilled += values.len() as u64;
                 self.stats.bytes_saved += bytes;
+                self.stats.window_bytes_saved += window_bytes;
                 values.len()
             }
             Err(e) => {

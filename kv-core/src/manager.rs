@@ -122,14 +122,29 @@ struct Sequence {
     table: BlockTable,
     /// Ids of the first tokens, whose K/V the caller said is written; at most `table.len()`.
     tokens: Vec<u32>,
-    /// Chain hash of each full block of `tokens` (only with the prefix cache on).
+    /// Chain hash of each full block of the text whose ids were committed, from position
+    /// 0 on: the blocks dropped by [`CacheManager::drop_front`] included, so the chain goes
+    /// on past them (only with the prefix cache on, and empty once
+    /// [`CacheManager::evict_window`] ran).
     hashes: Vec<ChainHash>,
     /// The prefix-cache namespace this sequence reads and indexes in.
     cache_salt: u64,
-    /// Tokens dropped from the middle by [`CacheManager::evict_window`]. Once that happened
-    /// the blocks no longer hold the K/V of a plain prefix, so the sequence stops feeding
-    /// the prefix index (`hashes` stays empty).
+    /// Tokens dropped from the front ([`CacheManager::drop_front`]) or the middle
+    /// ([`CacheManager::evict_window`]): the text position of cache index `i` (after any
+    /// sinks) is `i + evicted`.
     evicted: usize,
+    /// Whether [`CacheManager::evict_window`] ran. Its blocks then hold K/V computed over
+    /// tokens that are no longer in front of them, so the sequence stops feeding the prefix
+    /// index (`hashes` stays empty). [`CacheManager::drop_front`] alone keeps the blocks
+    /// held exact, and the chain going.
+    streamed: bool,
+    /// Tokens [`CacheManager::drop_front`] dropped before their ids were committed: the
+    /// first `unseen` ids the next commits give are theirs (they extend the hash chain
+    /// only). While it is non-zero `tokens` is empty.
+    unseen: usize,
+    /// Ids of the last dropped block whose other ids are still `unseen`, waiting to be
+    /// hashed (fewer than a block; only while the chain is kept).
+    pending: Vec<u32>,
 }
 
 /// The bookkeeping of a paged cache: sequences, their block tables, the shared allocator
@@ -561,9 +576,15 @@ impl CacheManager {
     /// never feeds the index. When a block with the same prefix is already indexed (two
     /// requests computed it at once) this one is left out of the index.
     ///
+    /// Ids come in text order. After [`CacheManager::drop_front`] dropped blocks whose ids
+    /// were not committed yet, the first ids given are still theirs: they are not stored,
+    /// but they extend the hash chain, so the blocks held after them are indexed under
+    /// their whole prefix. (After [`CacheManager::evict_window`] the ids are those of the
+    /// tokens held, in cache order, and nothing is indexed.)
+    ///
     /// # Errors
     /// [`KvError::UnknownSequence`]; [`KvError::OutOfRange`] when more tokens are committed
-    /// than are reserved. Nothing changes on error.
+    /// than are reserved (or were dropped uncommitted). Nothing changes on error.
     pub fn commit(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
         let Self {
             sequences,
@@ -576,28 +597,45 @@ impl CacheManager {
         let s = sequences
             .get_mut(&seq)
             .ok_or(KvError::UnknownSequence { id: seq })?;
-        let end = s.tokens.len().saturating_add(tokens.len());
+        let (dropped, held) = tokens.split_at(tokens.len().min(s.unseen));
+        let end = s.tokens.len().saturating_add(held.len());
         if end > s.table.len() {
             return Err(KvError::OutOfRange {
                 what: "committed tokens",
-                index: end,
-                len: s.table.len(),
+                index: s.evicted - s.unseen + end,
+                len: s.evicted + s.table.len(),
             });
         }
-        s.tokens.extend_from_slice(tokens);
+        s.unseen -= dropped.len();
+        s.tokens.extend_from_slice(held);
         let Some(index) = prefix else {
             return Ok(());
         };
-        if s.evicted > 0 {
-            // A windowed sequence's blocks are not a plain prefix any more.
+        if s.streamed {
+            // A StreamingLLM sequence's blocks are not a plain prefix any more.
             return Ok(());
         }
-        for k in s.hashes.len()..s.tokens.len() / bs {
+        for &id in dropped {
+            s.pending.push(id);
+            if s.pending.len() == bs {
+                let hash = index.hash(s.hashes.last().copied(), s.cache_salt, &s.pending);
+                s.hashes.push(hash);
+                s.pending.clear();
+            }
+        }
+        if s.unseen > 0 || s.hashes.len() * bs < s.evicted {
+            // Still inside the dropped ids (or their chain was never known).
+            return Ok(());
+        }
+        // Text block `k` is held at table index `k - first`, its ids at `k * bs - evicted`.
+        let first = s.evicted / bs;
+        for k in s.hashes.len()..(s.evicted + s.tokens.len()) / bs {
             let parent = k.checked_sub(1).map(|j| s.hashes[j]);
-            let chunk = &s.tokens[k * bs..(k + 1) * bs];
+            let at = k * bs - s.evicted;
+            let chunk = &s.tokens[at..at + bs];
             let hash = index.hash(parent, s.cache_salt, chunk);
             s.hashes.push(hash);
-            let Some(&block) = s.table.blocks().get(k) else {
+            let Some(&block) = s.table.blocks().get(k - first) else {
                 continue;
             };
             if index.block_of(hash).is_none() && !index.is_indexed(block) {
@@ -638,7 +676,7 @@ impl CacheManager {
         let dropped = s.table.blocks_mut().split_off(keep);
         s.table.set_len(len);
         s.tokens.truncate(len);
-        s.hashes.truncate(len / bs);
+        s.hashes.truncate((s.evicted + len) / bs);
         let tail = (!len.is_multiple_of(bs)).then(|| s.table.blocks()[keep - 1]);
         self.release(&dropped)?;
         if let Some(tail) = tail {
@@ -681,7 +719,8 @@ impl CacheManager {
     /// # Errors
     /// [`KvError::UnknownSequence`]; [`KvError::OutOfRange`] when the dropped blocks are
     /// not all full blocks of `seq`; [`KvError::InvalidArgument`] when committed ids end
-    /// inside the dropped blocks (the ids of the kept tokens after them would be lost);
+    /// inside the dropped blocks (the ids of the kept tokens after them would be lost) or
+    /// when ids of tokens [`CacheManager::drop_front`] dropped are still to be committed;
     /// [`KvError::CacheFull`] when copying shared front blocks needs more free blocks.
     /// Nothing changes on error. Evicting 0 blocks changes nothing.
     pub fn evict_window(
@@ -715,6 +754,15 @@ impl CacheManager {
         if evict_blocks == 0 {
             return Ok(Vec::new());
         }
+        if s.unseen > 0 {
+            return Err(KvError::InvalidArgument {
+                what: "window eviction",
+                detail: format!(
+                    "the ids of {} tokens dropped from the front are still to be committed",
+                    s.unseen
+                ),
+            });
+        }
         let front: Vec<BlockId> = s.table.blocks()[..keep_blocks].to_vec();
         // Front blocks other sequences hold are copied; those only the index shares leave it.
         let shared: Vec<usize> = (0..keep_blocks)
@@ -746,6 +794,8 @@ impl CacheManager {
             s.tokens.drain(keep_blocks * bs..end * bs);
         }
         s.hashes.clear();
+        s.pending.clear();
+        s.streamed = true;
         s.evicted += evict_blocks * bs;
         let private_front: Vec<BlockId> = s.table.blocks()[..keep_blocks].to_vec();
         let released: Vec<BlockId> = copies.iter().map(|&(from, _)| from).collect();
@@ -757,6 +807,76 @@ impl CacheManager {
             }
         }
         Ok(copies)
+    }
+
+    /// A sliding-window layer's eviction: drops the first `blocks` full blocks of `seq`,
+    /// whose keys no query to come reads (the model's own window excludes them). Unlike
+    /// [`CacheManager::evict_window`] nothing is recomputed over a shortened context, so the
+    /// blocks held still hold exactly the K/V of their tokens after the whole prefix: the
+    /// sequence keeps its hash chain (the dropped blocks' hashes included) and its full
+    /// blocks committed later enter the prefix index as before, while the dropped ones
+    /// that were indexed wait in the index's LRU queue. A later prompt sharing the prefix
+    /// finds them with [`CacheManager::window_prefix_match`].
+    ///
+    /// Blocks may go before their ids are committed (a prompt run in chunks and committed
+    /// at the end): the next [`CacheManager::commit`] then starts with those ids, in text
+    /// order. Cache index `i` is text position `i + evicted_tokens()`.
+    ///
+    /// ```
+    /// use kv_core::CacheManager;
+    /// let mut m = CacheManager::with_prefix_cache(2, 8, 0)?;
+    /// let seq = m.create_sequence();
+    /// m.reserve(seq, 6)?;
+    /// m.drop_front(seq, 2)?; // positions 0..4 leave the window before the commit
+    /// m.commit(seq, &[1, 2, 3, 4, 5, 6])?; // every id, dropped ones first
+    /// assert_eq!(m.tokens(seq)?, &[5, 6]); // the ids held
+    /// m.free(seq)?;
+    /// // Block 2 (positions 4..6) is indexed under its whole prefix: a 2-token window
+    /// // reading from position 5 on finds it.
+    /// assert_eq!(m.window_prefix_match(&[1, 2, 3, 4, 5, 6, 7], 0, 2, 3), (3, 2));
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`KvError::UnknownSequence`]; [`KvError::OutOfRange`] when `seq` has fewer than
+    /// `blocks` full blocks. Nothing changes on error; dropping 0 blocks changes nothing.
+    pub fn drop_front(&mut self, seq: SeqId, blocks: usize) -> Result<()> {
+        let bs = self.block_size;
+        let chain = self.prefix.is_some();
+        let s = self
+            .sequences
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence { id: seq })?;
+        let full = s.table.len() / bs;
+        if blocks > full {
+            return Err(KvError::OutOfRange {
+                what: "dropped block",
+                index: blocks,
+                len: full,
+            });
+        }
+        if blocks == 0 {
+            return Ok(());
+        }
+        let gone = blocks * bs;
+        let dropped: Vec<BlockId> = s.table.blocks_mut().drain(..blocks).collect();
+        let len = s.table.len();
+        s.table.set_len(len - gone);
+        let committed = s.tokens.len();
+        if committed >= gone {
+            s.tokens.drain(..gone);
+        } else {
+            // Committed ids end inside the dropped tokens: those of the last partly
+            // committed block wait for the rest (its full blocks are hashed already).
+            if chain && !s.streamed {
+                s.pending
+                    .extend_from_slice(&s.tokens[committed / bs * bs..committed]);
+            }
+            s.unseen += gone - committed;
+            s.tokens.clear();
+        }
+        s.evicted += gone;
+        self.release(&dropped)
     }
 
     /// [`CacheManager::evict_window`], then `copy` runs the block copies on the backend;
@@ -785,8 +905,9 @@ impl CacheManager {
         Ok(copies)
     }
 
-    /// Tokens [`CacheManager::evict_window`] has dropped from `seq` so far: the position of
-    /// a token in the text is its cache index plus this (for tokens after the sinks).
+    /// Tokens [`CacheManager::evict_window`] and [`CacheManager::drop_front`] have dropped
+    /// from `seq` so far: the position of a token in the text is its cache index plus this
+    /// (for tokens after the sinks).
     ///
     /// # Errors
     /// [`KvError::UnknownSequence`].
@@ -900,7 +1021,7 @@ impl CacheManager {
             tokens: prompt[..reused].to_vec(),
             hashes,
             cache_salt,
-            evicted: 0,
+            ..Sequence::default()
         });
         (id, reused)
     }
@@ -985,8 +1106,9 @@ impl CacheManager {
     /// Starts a sequence keeping only its last `window` tokens' keys (a sliding-window
     /// group's), reusing what [`CacheManager::window_prefix_match`] finds for `prompt` (at
     /// most `max_blocks` blocks): it holds blocks `first..n`, as if the ones before had been
-    /// dropped by [`CacheManager::evict_window`] (its cache indices are positions less
-    /// `first * block_size`). Returns it with the tokens reused (`n * block_size`); with
+    /// dropped by [`CacheManager::drop_front`] (its cache indices are positions less
+    /// `first * block_size`), and keeps the hash chain of all `n`, so what it commits
+    /// after is indexed too. Returns it with the tokens reused (`n * block_size`); with
     /// `first == 0` it is [`CacheManager::create_with_prefix_salted`]'s sequence.
     pub fn create_with_window_prefix(
         &mut self,
@@ -1014,10 +1136,10 @@ impl CacheManager {
         let id = self.insert_sequence(Sequence {
             table,
             tokens: prompt[first * bs..reused].to_vec(),
-            // A windowed sequence stops feeding the index (see `Sequence::evicted`).
-            hashes: if first == 0 { hashes } else { Vec::new() },
+            hashes,
             cache_salt,
             evicted: first * bs,
+            ..Sequence::default()
         });
         (id, reused)
     }
@@ -1109,6 +1231,44 @@ impl CacheManager {
         Ok(())
     }
 
+    /// The hash chain of a sequence that kept it (no StreamingLLM eviction): one hash per
+    /// full block of the text committed so far (dropped blocks included), the ids of a
+    /// partly committed dropped block pending, and the hashes of the blocks held matching
+    /// their ids.
+    fn audit_chain(
+        &self,
+        index: &PrefixIndex,
+        id: SeqId,
+        s: &Sequence,
+    ) -> std::result::Result<(), String> {
+        let bs = self.block_size;
+        let text = s.evicted - s.unseen + s.tokens.len();
+        if s.hashes.len() != text / bs {
+            return Err(format!(
+                "sequence {id} has {} block hashes for {} committed blocks",
+                s.hashes.len(),
+                text / bs
+            ));
+        }
+        let pending = if s.unseen > 0 { text % bs } else { 0 };
+        if s.pending.len() != pending {
+            return Err(format!(
+                "sequence {id} has {} pending ids, {pending} expected",
+                s.pending.len()
+            ));
+        }
+        // The held committed ids start at text position `evicted`.
+        let first = s.evicted / bs;
+        for (j, chunk) in s.tokens.chunks_exact(bs).enumerate() {
+            let k = first + j;
+            let parent = k.checked_sub(1).map(|p| s.hashes[p]);
+            if index.hash(parent, s.cache_salt, chunk) != s.hashes[k] {
+                return Err(format!("sequence {id} has a stale block hash"));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every invariant of the bookkeeping and describes the first one broken:
     /// the allocator's free list holds exactly the blocks without holders; each block's
     /// reference count equals the sequence tables listing it plus one if indexed; cached
@@ -1151,35 +1311,52 @@ impl CacheManager {
                     None => return Err(format!("sequence {id} lists block {b} out of range")),
                 }
             }
+            if s.unseen > 0 && !s.tokens.is_empty() {
+                return Err(format!(
+                    "sequence {id} holds committed ids while {} dropped ones are unseen",
+                    s.unseen
+                ));
+            }
+            if s.unseen > s.evicted {
+                return Err(format!(
+                    "sequence {id} has {} unseen ids of {} dropped tokens",
+                    s.unseen, s.evicted
+                ));
+            }
             match &self.prefix {
-                None if !s.hashes.is_empty() => {
+                None if !s.hashes.is_empty() || !s.pending.is_empty() => {
                     return Err(format!("sequence {id} has hashes without a prefix cache"))
                 }
                 None => {}
-                Some(_) if s.evicted > 0 && !s.hashes.is_empty() => {
+                Some(_) if s.streamed && !(s.hashes.is_empty() && s.pending.is_empty()) => {
                     return Err(format!("windowed sequence {id} still has block hashes"))
                 }
-                Some(_) if s.evicted > 0 => {}
-                Some(index) => {
-                    let full = s.tokens.len() / self.block_size;
-                    if s.hashes.len() != full {
-                        return Err(format!(
-                            "sequence {id} has {} block hashes for {full} committed blocks",
-                            s.hashes.len()
-                        ));
-                    }
-                    let mut parent = None;
-                    for (chunk, &h) in s.tokens.chunks_exact(self.block_size).zip(&s.hashes) {
-                        if index.hash(parent, s.cache_salt, chunk) != h {
-                            return Err(format!("sequence {id} has a stale block hash"));
-                        }
-                        parent = Some(h);
-                    }
-                }
+                Some(_) if s.streamed => {}
+                Some(index) => self.audit_chain(index, id, s)?,
             }
         }
         if let Some(index) = &self.prefix {
             index.audit(self.block_size)?;
+            for (&id, s) in &self.sequences {
+                if s.streamed {
+                    continue;
+                }
+                // Each held full block the index holds is indexed under its own chain hash:
+                // an index hit reads exactly the K/V of the prefix the hash names.
+                let first = s.evicted / self.block_size;
+                for (i, &b) in s.table.blocks().iter().enumerate() {
+                    let Some(h) = index.hash_of(b) else {
+                        continue;
+                    };
+                    if let Some(&mine) = s.hashes.get(first + i) {
+                        if mine != h {
+                            return Err(format!(
+                                "sequence {id} holds block {b} indexed under another prefix"
+                            ));
+                        }
+                    }
+                }
+            }
             for b in index.indexed_blocks() {
                 holders[b.index()] += 1;
                 let only_index = self.allocator.ref_count(b) == 1;
@@ -1480,6 +1657,126 @@ mod tests {
             Err(KvError::CacheFull { needed: 1, free: 0 })
         ));
         assert_eq!(m, before);
+        Ok(())
+    }
+
+    #[test]
+    fn drop_front_keeps_the_hash_chain_going() -> Result<()> {
+        let mut m = CacheManager::with_prefix_cache(2, 16, 0)?;
+        let a = m.create_sequence();
+        m.reserve(a, 4)?;
+        m.commit(a, &[1, 2, 3, 4])?;
+        m.drop_front(a, 1)?;
+        // The dropped block waits in the LRU queue, still indexed; one block is held.
+        assert!(m.is_indexed(BlockId::new(0)) && m.ref_count(BlockId::new(0)) == 1);
+        assert_eq!((m.evicted_tokens(a)?, m.tokens(a)?), (2, &[3u32, 4][..]));
+        m.reserve(a, 4)?;
+        m.commit(a, &[5, 6, 7, 8])?;
+        assert_eq!(m.audit(), Ok(()));
+        // Blocks committed after the drop are indexed under their whole prefix.
+        let held = m.table(a)?.blocks().to_vec();
+        assert_eq!(m.indexed_tokens(held[2]), Some(&[7u32, 8][..]));
+        m.free(a)?;
+        let prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9];
+        assert_eq!(m.prefix_match(&prompt, 0).tokens, 8);
+        assert_eq!(m.window_prefix_match(&prompt, 0, 3, usize::MAX), (4, 3));
+        // Another first block: another chain, nothing found.
+        assert_eq!(m.prefix_match(&[0, 2, 3, 4, 5, 6, 7, 8, 9], 0).tokens, 0);
+        assert_eq!(
+            m.window_prefix_match(&[0, 2, 3, 4, 5, 6, 7, 8, 9], 0, 3, 9),
+            (0, 0)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn ids_of_blocks_dropped_before_their_commit_still_chain() -> Result<()> {
+        let mut m = CacheManager::with_prefix_cache(2, 8, 0)?;
+        let a = m.create_sequence();
+        m.reserve(a, 7)?; // blocks 0..4, the last one half full
+        m.drop_front(a, 3)?; // nothing committed yet
+        assert_eq!((m.len(a)?, m.evicted_tokens(a)?), (1, 6));
+        assert_eq!(m.free_blocks(), 7);
+        // A commit ending inside the dropped ids: they wait, nothing is held.
+        m.commit(a, &[1, 2, 3])?;
+        assert_eq!(m.audit(), Ok(()));
+        assert!(m.tokens(a)?.is_empty());
+        // One more id than dropped and held: refused, nothing changes.
+        let before = m.clone();
+        assert!(matches!(
+            m.commit(a, &[4, 5, 6, 7, 0]),
+            Err(KvError::OutOfRange { .. })
+        ));
+        assert_eq!(m, before);
+        m.commit(a, &[4, 5, 6, 7])?;
+        assert_eq!(m.tokens(a)?, &[7]);
+        m.reserve(a, 1)?;
+        m.commit(a, &[8])?;
+        assert_eq!(m.audit(), Ok(()));
+        let block = m.table(a)?.blocks()[0];
+        assert_eq!(m.indexed_tokens(block), Some(&[7u32, 8][..]));
+        // Only the held block is indexed: a window of 2 at position 8 reads block 3 alone.
+        assert_eq!(m.stats().indexed_blocks, 1);
+        let prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9];
+        assert_eq!(m.window_prefix_match(&prompt, 0, 2, usize::MAX), (4, 3));
+        assert_eq!(m.window_prefix_match(&prompt, 0, 4, usize::MAX), (0, 0));
+        let (b, reused) = m.create_with_window_prefix(&prompt, 0, 2, usize::MAX);
+        assert_eq!(
+            (reused, m.evicted_tokens(b)?, m.tokens(b)?),
+            (8, 6, &[7u32, 8][..])
+        );
+        // The reused sequence goes on indexing: its next full block joins the chain.
+        m.reserve(b, 2)?;
+        m.commit(b, &[9, 10])?;
+        assert_eq!(m.stats().indexed_blocks, 2);
+        assert_eq!(m.audit(), Ok(()));
+        Ok(())
+    }
+
+    #[test]
+    fn drop_front_errors_change_nothing_and_streaming_stops_the_chain() -> Result<()> {
+        let mut m = CacheManager::with_prefix_cache(2, 8, 0)?;
+        let a = m.create_sequence();
+        m.reserve(a, 5)?;
+        let before = m.clone();
+        assert!(matches!(
+            m.drop_front(a, 3),
+            Err(KvError::OutOfRange {
+                index: 3,
+                len: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            m.drop_front(SeqId(9), 1),
+            Err(KvError::UnknownSequence { .. })
+        ));
+        m.drop_front(a, 0)?;
+        assert_eq!(m, before);
+        m.drop_front(a, 1)?;
+        // StreamingLLM's eviction cannot follow while dropped ids are to come.
+        let before = m.clone();
+        assert!(matches!(
+            m.evict_window(a, 0, 1),
+            Err(KvError::InvalidArgument { .. })
+        ));
+        assert_eq!(m, before);
+        m.commit(a, &[1, 2, 3, 4])?;
+        m.evict_window(a, 0, 1)?;
+        // From then on nothing of it is indexed.
+        let indexed = m.stats().indexed_blocks;
+        m.reserve(a, 3)?;
+        m.commit(a, &[5, 6, 7, 8])?;
+        assert_eq!(m.stats().indexed_blocks, indexed);
+        assert_eq!(m.audit(), Ok(()));
+        // Without a prefix cache the dropped ids are skipped all the same.
+        let mut m = CacheManager::new(2, 8)?;
+        let a = m.create_sequence();
+        m.reserve(a, 5)?;
+        m.drop_front(a, 2)?;
+        m.commit(a, &[1, 2, 3, 4, 5])?;
+        assert_eq!(m.tokens(a)?, &[5]);
+        assert_eq!(m.audit(), Ok(()));
         Ok(())
     }
 }

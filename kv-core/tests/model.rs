@@ -1,7 +1,9 @@
 //! Model-based property tests of `CacheManager`: random programs of create, append (with
 //! token ids), commit, fork, truncate, free, prefix-hit create, preempt/resume and batched
-//! decode steps and sliding-window evictions (sinks rewritten in place), checked after every
-//! step against a plain model of what each sequence holds.
+//! decode steps, sliding-window evictions (sinks rewritten in place), front drops of a
+//! sliding-window layer (`drop_front`, committed or not) and window prefix hits
+//! (`create_with_window_prefix`), checked after every step against a plain model of what
+//! each sequence holds.
 //!
 //! After every step: `free + used == total`; reference counts equal the holders (sequence
 //! tables plus the index) derived from the public view; the manager's own audit passes;
@@ -63,6 +65,18 @@ enum Op {
         keep: usize,
         count: usize,
     },
+    DropFront {
+        seq: usize,
+        count: usize,
+    },
+    CreateWindow {
+        source: usize,
+        take: usize,
+        extra: Vec<u32>,
+        salt: u64,
+        window: usize,
+        fill: bool,
+    },
 }
 
 /// A small alphabet so prompts share prefixes often.
@@ -88,7 +102,13 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (seq(), any::<bool>(), token())
             .prop_map(|(seq, resume, next)| Op::Preempt { seq, resume, next }),
         2 => (tokens(1..4), often()).prop_map(|(tokens, commit)| Op::Step { tokens, commit }),
-        1 => (0u8..7, seq()).prop_map(|(kind, seq)| Op::Bad { kind, seq }),
+        1 => (0u8..8, seq()).prop_map(|(kind, seq)| Op::Bad { kind, seq }),
+        3 => (seq(), 0usize..4).prop_map(|(seq, count)| Op::DropFront { seq, count }),
+        3 => (seq(), seq(), tokens(0..7), 0u64..2, 1usize..10, often()).prop_map(
+            |(source, take, extra, salt, window, fill)| Op::CreateWindow {
+                source, take, extra, salt, window, fill
+            }
+        ),
         3 => (seq(), 0usize..3, 0usize..4)
             .prop_map(|(seq, keep, count)| Op::Evict { seq, keep, count }),
     ]
@@ -104,6 +124,9 @@ struct ModelSeq {
     salt: u64,
     history: Vec<u32>,
     expect: Vec<Kv>,
+    /// Ids of tokens `drop_front` dropped before they were committed: the next commit
+    /// gives them first.
+    unseen: Vec<u32>,
 }
 
 impl ModelSeq {
@@ -116,7 +139,13 @@ impl ModelSeq {
             expect: (0..prompt.len())
                 .map(|i| (salt, prompt[..=i].to_vec()))
                 .collect(),
+            unseen: Vec::new(),
         }
+    }
+
+    /// The ids committed so far in text order (those dropped from the middle included).
+    fn committed_text(&self) -> &[u32] {
+        &self.history[..self.history.len() - (self.tokens.len() - self.committed)]
     }
 }
 
@@ -233,9 +262,11 @@ impl Harness {
 
     fn commit(&mut self, seq: SeqId) -> Check {
         let s = self.seqs.get_mut(&seq).ok_or("model lost a sequence")?;
-        self.m.commit(seq, &s.tokens[s.committed..]).map_err(kv)?;
+        let ids = [&s.unseen[..], &s.tokens[s.committed..]].concat();
+        self.m.commit(seq, &ids).map_err(kv)?;
         s.committed = s.tokens.len();
-        let done = s.tokens.clone();
+        s.unseen.clear();
+        let done = s.committed_text().to_vec();
         self.remember(&done);
         Ok(())
     }
@@ -336,7 +367,7 @@ impl Harness {
                 if let Some(seq) = self.pick(seq) {
                     self.m.free(seq).map_err(kv)?;
                     let s = self.seqs.remove(&seq).ok_or("model lost a sequence")?;
-                    self.remember(&s.tokens[..s.committed]);
+                    self.remember(s.committed_text());
                 }
             }
             Op::Preempt { seq, resume, next } => {
@@ -385,6 +416,93 @@ impl Harness {
                     self.evict(seq, keep, count)?;
                 }
             }
+            Op::DropFront { seq, count } => {
+                if let Some(seq) = self.pick(seq) {
+                    self.drop_front(seq, count)?;
+                }
+            }
+            Op::CreateWindow {
+                source,
+                take,
+                extra,
+                salt,
+                window,
+                fill,
+            } => {
+                let mut prompt = if self.history.is_empty() {
+                    vec![]
+                } else {
+                    let h = &self.history[source % self.history.len()];
+                    h[..take % (h.len() + 1)].to_vec()
+                };
+                prompt.extend(extra);
+                self.create_window(&prompt, salt, window, fill)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the first `count` full blocks as a sliding-window layer does: the blocks held
+    /// keep their K/V, and ids not committed yet come with the next commit.
+    fn drop_front(&mut self, seq: SeqId, count: usize) -> Check {
+        let bs = self.m.block_size();
+        let s = self.seqs.get_mut(&seq).ok_or("model lost a sequence")?;
+        let count = count.min(s.tokens.len() / bs);
+        let hi = count * bs;
+        let free = self.m.free_blocks();
+        let freed = self.m.table(seq).map_err(kv)?.blocks()[..count]
+            .iter()
+            .filter(|&&b| self.m.ref_count(b) == 1 + u32::from(self.m.is_indexed(b)))
+            .count();
+        self.m.drop_front(seq, count).map_err(kv)?;
+        if self.m.free_blocks() != free + freed {
+            return Err(format!(
+                "dropping {count} blocks moved free blocks {free} -> {}",
+                self.m.free_blocks()
+            ));
+        }
+        if s.committed >= hi {
+            s.committed -= hi;
+        } else {
+            s.unseen.extend_from_slice(&s.tokens[s.committed..hi]);
+            s.committed = 0;
+        }
+        s.tokens.drain(..hi);
+        s.expect.drain(..hi);
+        Ok(())
+    }
+
+    /// Creates a sequence keeping only a `window`-token window from `prompt` through the
+    /// prefix cache, checking the hit against `window_prefix_match`, then (if `fill`)
+    /// reserves, writes and commits the rest of the prompt.
+    fn create_window(&mut self, prompt: &[u32], salt: u64, window: usize, fill: bool) -> Check {
+        let bs = self.m.block_size();
+        let (n, first) = self.m.window_prefix_match(prompt, salt, window, usize::MAX);
+        let (seq, reused) = self
+            .m
+            .create_with_window_prefix(prompt, salt, window, usize::MAX);
+        if reused != n * bs || (reused > 0 && reused >= prompt.len()) {
+            return Err(format!(
+                "reused {reused} of {}, window_prefix_match said ({n}, {first})",
+                prompt.len()
+            ));
+        }
+        if !self.prefix_on && reused != 0 {
+            return Err("reuse without a prefix cache".into());
+        }
+        let lo = first * bs;
+        if self.m.evicted_tokens(seq).map_err(kv)? != lo.min(reused) {
+            return Err("a window hit starts at the wrong block".into());
+        }
+        let held = &prompt[lo.min(reused)..reused];
+        let mut s = ModelSeq::new(held, salt);
+        s.history = prompt[..reused].to_vec();
+        s.expect = (lo.min(reused)..reused)
+            .map(|i| (salt, prompt[..=i].to_vec()))
+            .collect();
+        self.seqs.insert(seq, s);
+        if fill {
+            self.reserve(seq, &prompt[reused..], true)?;
         }
         Ok(())
     }
@@ -406,18 +524,15 @@ impl Harness {
             .filter(|&&b| self.m.ref_count(b) == 1 + u32::from(self.m.is_indexed(b)))
             .count();
         let before = self.m.clone();
+        let refused = (s.committed > lo && s.committed < hi) || (count > 0 && !s.unseen.is_empty());
         let copies = match self.m.evict_window(seq, keep, count) {
             Ok(c) => c,
-            Err(KvError::InvalidArgument { .. })
-                if s.committed > lo && s.committed < hi && self.m == before =>
-            {
-                return Ok(())
-            }
+            Err(KvError::InvalidArgument { .. }) if refused && self.m == before => return Ok(()),
             Err(KvError::CacheFull { .. }) if self.m == before => return Ok(()),
             Err(e) => return Err(format!("evict_window({keep}, {count}): {e}")),
         };
-        if s.committed > lo && s.committed < hi {
-            return Err("eviction inside the committed ids succeeded".into());
+        if refused {
+            return Err("eviction inside the committed or unseen ids succeeded".into());
         }
         if self.m.free_blocks() + copies.len() != free + freed {
             return Err(format!(
@@ -464,7 +579,7 @@ impl Harness {
             (1, Some(s)) => self.m.truncate(s, self.seqs[&s].tokens.len() + 1),
             (2, Some(s)) => {
                 let m = &self.seqs[&s];
-                let too_many = vec![0; m.tokens.len() - m.committed + 1];
+                let too_many = vec![0; m.unseen.len() + m.tokens.len() - m.committed + 1];
                 self.m.commit(s, &too_many)
             }
             (3, _) => self.m.free(unknown),
@@ -473,6 +588,10 @@ impl Harness {
             (6, Some(s)) => {
                 let full = self.seqs[&s].tokens.len() / self.m.block_size();
                 self.m.evict_window(s, full, 1).map(|_| ())
+            }
+            (7, Some(s)) => {
+                let full = self.seqs[&s].tokens.len() / self.m.block_size();
+                self.m.drop_front(s, full + 1)
             }
             _ => return Ok(()),
         };
@@ -547,6 +666,61 @@ proptest! {
     ) {
         run(block_size, num_blocks, prefix_on, &ops).map_err(TestCaseError::fail)?;
     }
+}
+
+/// A sliding-window layer's program: a prompt committed, its front dropped, more tokens
+/// dropped before their commit, then a window hit on the whole text and a plain one.
+#[test]
+fn scripted_window_program_matches_model() -> Result<(), String> {
+    let ops = vec![
+        Op::CreatePrefix {
+            source: 0,
+            take: 0,
+            extra: vec![1, 2, 1, 2, 0, 1, 2],
+            salt: 0,
+            fill: true,
+        },
+        Op::DropFront { seq: 0, count: 1 },
+        Op::Append {
+            seq: 0,
+            tokens: vec![0, 0, 1, 2, 2],
+            commit: false,
+        },
+        Op::DropFront { seq: 0, count: 3 },
+        Op::Commit { seq: 0 },
+        Op::Bad { kind: 7, seq: 0 },
+        Op::Free { seq: 0 },
+        Op::CreateWindow {
+            source: 1,
+            take: 100,
+            extra: vec![1],
+            salt: 0,
+            window: 3,
+            fill: true,
+        },
+        Op::DropFront { seq: 0, count: 2 },
+        Op::Step {
+            tokens: vec![2, 0],
+            commit: true,
+        },
+        Op::CreatePrefix {
+            source: 1,
+            take: 9,
+            extra: vec![0],
+            salt: 0,
+            fill: true,
+        },
+        Op::Evict {
+            seq: 0,
+            keep: 1,
+            count: 1,
+        },
+    ];
+    for (bs, nb) in [(1, 16), (2, 10), (3, 8), (4, 6)] {
+        run(bs, nb, true, &ops)?;
+        run(bs, nb, false, &ops)?;
+    }
+    Ok(())
 }
 
 /// A fixed program that exercises the paths random programs reach only sometimes, so a

@@ -723,10 +723,9 @@ impl<B: CacheBackend> Pool<B> for Tiered<'_, B> {
         self.cache.preempt(seq).map(|_| ())
     }
     fn before_pass(&mut self, appends: &[(SeqId, usize)]) {
-        // An unknown sequence makes the pass itself fail; nothing to write down then.
-        if let Ok(n) = self.cache.cache().manager().blocks_needed_batch(appends) {
-            self.cache.make_room(n);
-        }
+        // Both groups' victims on a window model. An unknown sequence makes the pass
+        // itself fail; nothing is written down then.
+        self.cache.make_room_for(appends);
     }
     fn prefilled(&mut self, seq: SeqId, tokens: usize, time: Duration) {
         self.prefilled.0 += tokens;

@@ -552,6 +552,65 @@ fn gemma3_batch_on_two_groups_equals_each_alone_and_reuse_changes_nothing() {
     );
 }
 
+/// A follow-up prompt in `kv batch` (a conversation sent again with the reply and a new
+/// turn) on a window model: the first run's sequence slid its window while decoding, and
+/// its window layers kept indexing what it committed after that (the hash chain goes on
+/// across the blocks they let go of). So the second run reuses the whole first sequence,
+/// prompt and reply, not only the prompt, and gives the tokens of generating alone.
+#[test]
+fn gemma3_batch_reuses_a_prefix_whose_window_slid_while_decoding() {
+    use kv_model::{BatchOptions, CacheLayout, GenerateOptions};
+    let model = load(&gemma_spec(), "gemma3-batch-slid.gguf");
+    let first: Vec<u32> = (0..13).map(|i| (i * 5 % (VOCAB - 1)) as u32 + 1).collect();
+    let options = BatchOptions {
+        max_tokens: 20,
+        stop_tokens: Vec::new(),
+        max_batch: 1,
+    };
+    let spec = StorageSpec::new(model.shape(), KvDType::F32, 4, 40).unwrap();
+    let mut cache = model
+        .new_batch_cache(CpuBackend::new(), spec, 34 + 20, 1, 5)
+        .unwrap();
+    let run = model
+        .generate_batch(&mut cache, std::slice::from_ref(&first), &options)
+        .unwrap();
+    let reply = &run.sequences[0].tokens;
+    // The 13 prompt tokens and 19 of the reply were written: 32 tokens, 8 full blocks.
+    let follow_up: Vec<u32> = first
+        .iter()
+        .chain(&reply[..19])
+        .copied()
+        .chain([7, 2])
+        .collect();
+    let again = model
+        .generate_batch(&mut cache, std::slice::from_ref(&follow_up), &options)
+        .unwrap();
+    // A query at 32 reads keys from 28 on (window 5): block 7, which the first sequence
+    // committed long after its window first slid. Before, only the prompt's 12 were reused.
+    assert_eq!(again.sequences[0].reused_tokens, 32, "{again}");
+    let alone = model
+        .generate(
+            CpuBackend::new(),
+            CacheLayout {
+                dtype: KvDType::F32,
+                block_size: 4,
+            },
+            &follow_up,
+            &GenerateOptions {
+                max_tokens: 20,
+                ..GenerateOptions::default()
+            },
+            |_| Ok(()),
+        )
+        .unwrap();
+    assert_eq!(again.sequences[0].tokens, alone.tokens);
+    assert_eq!(cache.manager().audit(), Ok(()));
+    assert_eq!(
+        cache.sliding_manager().map(kv_core::CacheManager::audit),
+        Some(Ok(()))
+    );
+}
+
 /// A fresh directory for a disk tier.
 fn tier_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kv-arch-{name}-{}", std::process::id()));
@@ -727,7 +786,8 @@ fn gemma3_store_on_two_groups_restores_only_what_the_window_reads() {
 }
 
 /// `kv batch --store` on a window model: two cache groups with a disk tier give every
-/// sequence the tokens of the batch without a tier; a second cache over the same directory
+/// sequence the tokens of the batch without a tier, and the blocks still cached at the end
+/// (the decoded ones too) are written down; a second cache over the same directory
 /// restores blocks of both groups and gives the same tokens again.
 #[test]
 fn gemma3_batch_with_store_on_two_groups_equals_without() {
@@ -769,6 +829,8 @@ fn gemma3_batch_with_store_on_two_groups_equals_without() {
         assert_eq!(stats.rejected, 0, "{stats:?}");
         if round == 0 {
             assert!(stats.window_bytes_saved > 0, "{stats:?}");
+            // The decoded tokens' blocks (of both groups) go down at the end of the run.
+            assert!(stats.blocks_spilled > 0, "{stats:?}");
         } else {
             assert!(
                 stats.hits > 0 && stats.window_blocks_loaded > 0,

@@ -220,3 +220,107 @@ fn batch_with_window_layers_equals_each_alone() {
     let window = run.window.unwrap().sliding.unwrap();
     assert!(window.freed_blocks > 0 && window.bytes_saved > 0);
 }
+
+/// The window layers' prefix reuse after their window slid, on the real model (numbers in
+/// docs/measurements.md, "winprefix"): a follow-up prompt (the first sequence, prompt and
+/// reply, then a new turn) in a second `kv batch` run on the same cache, and sequences
+/// preempted under memory pressure and resumed. Prints what was reused and prefilled; the
+/// follow-up's tokens must equal generating it alone.
+#[test]
+#[ignore = "needs Gemma 3 270M: KV_GEMMA_PATH, release"]
+fn batch_reuses_what_was_decoded_after_the_window_slid() {
+    let (model, tokenizer) = model();
+    let template = template();
+    let story = |i: usize| {
+        let town = ["mill", "harbor", "market"][i % 3];
+        let text = format!(
+            "The {town} opens at dawn, and the keeper counts the carts of goods that the \
+             farmers bring from the hills. "
+        )
+        .repeat(24);
+        format!("{text} In one paragraph: what happens at the {town}?")
+    };
+    let encode = |user: &str| {
+        let messages = vec![ChatMessage::new("user", user)];
+        tokenizer
+            .encode(&template.render_messages(&messages, true).unwrap())
+            .unwrap()
+    };
+    let first = encode(&story(0));
+    let options = BatchOptions {
+        max_tokens: 96,
+        stop_tokens: Vec::new(),
+        max_batch: 1,
+    };
+    let spec = StorageSpec::new(model.shape(), LAYOUT.dtype, LAYOUT.block_size, 160).unwrap();
+    let mut cache = model
+        .new_batch_cache(CpuBackend::new(), spec, first.len() + 2 * 96 + 16, 1, 7)
+        .unwrap();
+    let run = model
+        .generate_batch(&mut cache, std::slice::from_ref(&first), &options)
+        .unwrap();
+    let reply = &run.sequences[0].tokens;
+    // The first sequence as written (prompt, then every reply token but the last), then
+    // a new turn.
+    let mut follow_up: Vec<u32> = first
+        .iter()
+        .chain(&reply[..reply.len() - 1])
+        .copied()
+        .collect();
+    follow_up.extend(tokenizer.encode("\nAnd what happens after that?").unwrap());
+    let again = model
+        .generate_batch(&mut cache, std::slice::from_ref(&follow_up), &options)
+        .unwrap();
+    let s = &again.sequences[0];
+    eprintln!(
+        "MEASURE follow-up: first prompt {} + reply {}, follow-up {} tokens: reused {}, \
+         prefilled {}",
+        first.len(),
+        reply.len(),
+        s.prompt_tokens,
+        s.reused_tokens,
+        s.prefilled_tokens
+    );
+    let alone = model
+        .generate(
+            CpuBackend::new(),
+            LAYOUT,
+            &follow_up,
+            &GenerateOptions {
+                max_tokens: 96,
+                ..GenerateOptions::default()
+            },
+            |_| Ok(()),
+        )
+        .unwrap();
+    assert_eq!(s.tokens, alone.tokens);
+
+    // Three prompts decoding together in a cache too small for all of them to finish: the
+    // newest is preempted and resumed with what it decoded.
+    let prompts: Vec<Vec<u32>> = (0..3).map(|i| encode(&story(i))).collect();
+    let longest = prompts.iter().map(Vec::len).max().unwrap() + 96;
+    let need: usize = prompts.iter().map(|p| p.len().div_ceil(16)).sum();
+    let spec = StorageSpec::new(model.shape(), LAYOUT.dtype, LAYOUT.block_size, need + 6).unwrap();
+    let mut cache = model
+        .new_batch_cache(CpuBackend::new(), spec, longest, 3, 9)
+        .unwrap();
+    let options = BatchOptions {
+        max_batch: 3,
+        ..options
+    };
+    let run = model
+        .generate_batch(&mut cache, &prompts, &options)
+        .unwrap();
+    eprintln!("{run}");
+    let prefilled: usize = run.sequences.iter().map(|s| s.prefilled_tokens).sum();
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    eprintln!(
+        "MEASURE preemption: {} preemptions, prompts {prompt_tokens} tokens, prefilled {prefilled}",
+        run.preemptions()
+    );
+    assert_eq!(cache.manager().audit(), Ok(()));
+    assert_eq!(
+        cache.sliding_manager().map(kv_core::CacheManager::audit),
+        Some(Ok(()))
+    );
+}
