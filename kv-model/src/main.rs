@@ -814,8 +814,9 @@ fn generate(mut args: GenerateArgs) -> Result<()> {
 enum Template<'t> {
     /// `tokenizer.chat_template` of the file.
     Own(&'t ChatTemplate),
-    /// A built-in or a Jinja file named by `--chat-template`.
-    Chosen(ChatTemplate),
+    /// A built-in or a Jinja file named by `--chat-template` (boxed: a compiled template
+    /// is hundreds of bytes, the borrowed one a pointer).
+    Chosen(Box<ChatTemplate>),
 }
 
 impl std::ops::Deref for Template<'_> {
@@ -824,7 +825,7 @@ impl std::ops::Deref for Template<'_> {
     fn deref(&self) -> &ChatTemplate {
         match self {
             Template::Own(t) => t,
-            Template::Chosen(t) => t,
+            Template::Chosen(t) => t.as_ref(),
         }
     }
 }
@@ -857,9 +858,9 @@ fn chosen_template<'t>(
 ) -> Result<Template<'t>> {
     if let Some(name) = chat_template {
         let (bos, eos) = tokenizer.special_texts();
-        return Ok(Template::Chosen(ChatTemplate::builtin_or_file(
+        return Ok(Template::Chosen(Box::new(ChatTemplate::builtin_or_file(
             name, bos, eos,
-        )?));
+        )?)));
     }
     tokenizer
         .chat_template()
