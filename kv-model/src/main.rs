@@ -113,6 +113,21 @@ impl SamplingArgs {
     }
 }
 
+/// How a command that takes prompts wraps them: `--raw`, or `--chat-template NAME|FILE`,
+/// or else the model file's own template (shared by `generate` and `batch`, so both read
+/// and behave the same; see [`prompt_format`]).
+#[derive(Debug, Args)]
+struct TemplateArgs {
+    /// Use the prompt text as is, without a chat template (for base models, and for files
+    /// without `tokenizer.chat_template`, as some Gemma GGUFs).
+    #[arg(long)]
+    raw: bool,
+    /// Chat template to use instead of the file's own: a built-in (chatml, llama2, llama3,
+    /// gemma) or a Jinja file.
+    #[arg(long, value_name = "NAME|FILE", conflicts_with = "raw")]
+    chat_template: Option<String>,
+}
+
 #[derive(Debug, Args)]
 struct ChatArgs {
     /// GGUF model file [default: $KV_MODEL_DIR or ~/.cache/kv/models, SmolLM2-135M-Instruct]
@@ -186,9 +201,11 @@ struct BatchArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Text file with one prompt per line (blank lines skipped), each wrapped in the
-    /// model's chat template.
+    /// model's chat template unless --raw.
     #[arg(long)]
     prompts: PathBuf,
+    #[command(flatten)]
+    template: TemplateArgs,
     /// Most tokens to generate per prompt.
     #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     max_tokens: usize,
@@ -308,13 +325,8 @@ struct GenerateArgs {
     block_size: Option<usize>,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Use the prompt as is, without the chat template.
-    #[arg(long)]
-    raw: bool,
-    /// Chat template to use instead of the file's own: a built-in (chatml, llama2, llama3,
-    /// gemma) or a Jinja file.
-    #[arg(long, value_name = "NAME|FILE", conflicts_with = "raw")]
-    chat_template: Option<String>,
+    #[command(flatten)]
+    template: TemplateArgs,
     /// How the model's projection weights are held: the file's blocks with kv's kernels
     /// (fastest, exact activations), f32 (exact, 4 bytes per weight) or candle's quantized
     /// matmul (activations rounded to 8 bits).
@@ -687,25 +699,7 @@ fn generate(mut args: GenerateArgs) -> Result<()> {
             context,
         });
     }
-    let text = if args.raw {
-        prompt_text
-    } else if let Some(name) = &args.chat_template {
-        let (bos, eos) = tokenizer.special_texts();
-        ChatTemplate::builtin_or_file(name, bos, eos)?.render(&prompt_text)?
-    } else {
-        let template = tokenizer
-            .chat_template()
-            .ok_or_else(|| ModelError::Unsupported {
-                what: "chat template",
-                detail: format!(
-                    "{} has none; pass --chat-template NAME|FILE (built-ins: {}) or --raw \
-                     to use the prompt as is",
-                    path.display(),
-                    ChatTemplate::builtin_names().join(", ")
-                ),
-            })?;
-        template.render(&prompt_text)?
-    };
+    let text = prompt_format(&tokenizer, &path, &args.template)?.render(prompt_text)?;
     let prompt = tokenizer.encode(&text)?;
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
@@ -816,6 +810,89 @@ fn generate(mut args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// A chat template chosen on the command line, or the model file's own.
+enum Template<'t> {
+    /// `tokenizer.chat_template` of the file.
+    Own(&'t ChatTemplate),
+    /// A built-in or a Jinja file named by `--chat-template` (boxed: a compiled template
+    /// is hundreds of bytes, the borrowed one a pointer).
+    Chosen(Box<ChatTemplate>),
+}
+
+impl std::ops::Deref for Template<'_> {
+    type Target = ChatTemplate;
+
+    fn deref(&self) -> &ChatTemplate {
+        match self {
+            Template::Own(t) => t,
+            Template::Chosen(t) => t.as_ref(),
+        }
+    }
+}
+
+/// How prompts become the model's text: as is, or through a chat template.
+enum PromptFormat<'t> {
+    Raw,
+    Template(Template<'t>),
+}
+
+impl PromptFormat<'_> {
+    /// The text the model sees for one user prompt.
+    fn render(&self, prompt: String) -> Result<String> {
+        match self {
+            PromptFormat::Raw => Ok(prompt),
+            PromptFormat::Template(t) => t.render(&prompt),
+        }
+    }
+}
+
+/// The one place a command picks its chat template: `--chat-template NAME|FILE` when given
+/// (a built-in, else a Jinja file), else the file's own; a file without one is the typed
+/// error naming the options. `or_else` ends that error's hint with the command's other
+/// ways out (`generate` and `batch` add `--raw`; `chat` has none).
+fn chosen_template<'t>(
+    tokenizer: &'t Tokenizer,
+    model: &Path,
+    chat_template: Option<&str>,
+    or_else: &str,
+) -> Result<Template<'t>> {
+    if let Some(name) = chat_template {
+        let (bos, eos) = tokenizer.special_texts();
+        return Ok(Template::Chosen(Box::new(ChatTemplate::builtin_or_file(
+            name, bos, eos,
+        )?)));
+    }
+    tokenizer
+        .chat_template()
+        .map(Template::Own)
+        .ok_or_else(|| ModelError::Unsupported {
+            what: "chat template",
+            detail: format!(
+                "{} has none; pass --chat-template NAME|FILE (built-ins: {}){or_else}",
+                model.display(),
+                ChatTemplate::builtin_names().join(", ")
+            ),
+        })
+}
+
+/// [`chosen_template`] for the commands with `--raw` (`generate`, `batch`).
+fn prompt_format<'t>(
+    tokenizer: &'t Tokenizer,
+    model: &Path,
+    args: &TemplateArgs,
+) -> Result<PromptFormat<'t>> {
+    if args.raw {
+        return Ok(PromptFormat::Raw);
+    }
+    let template = chosen_template(
+        tokenizer,
+        model,
+        args.chat_template.as_deref(),
+        " or --raw to use the prompt text as is",
+    )?;
+    Ok(PromptFormat::Template(template))
+}
+
 /// Default of `kv chat --context`: the most tokens a session holds when not told.
 const CHAT_CONTEXT: usize = 4096;
 
@@ -840,24 +917,8 @@ fn chat(args: ChatArgs) -> Result<()> {
             context: model_context,
         });
     }
-    let own;
-    let template = match &args.chat_template {
-        Some(name) => {
-            let (bos, eos) = tokenizer.special_texts();
-            own = ChatTemplate::builtin_or_file(name, bos, eos)?;
-            &own
-        }
-        None => tokenizer
-            .chat_template()
-            .ok_or_else(|| ModelError::Unsupported {
-                what: "chat template",
-                detail: format!(
-                    "{} has none; pass --chat-template NAME|FILE (built-ins: {})",
-                    path.display(),
-                    ChatTemplate::builtin_names().join(", ")
-                ),
-            })?,
-    };
+    // A conversation needs a template: chat has no --raw.
+    let template = chosen_template(&tokenizer, &path, args.chat_template.as_deref(), "")?;
     let layout = CacheLayout {
         dtype: args.dtype,
         block_size: args.block_size.unwrap_or_else(|| {
@@ -875,7 +936,7 @@ fn chat(args: ChatArgs) -> Result<()> {
     let mut session = ChatSession::new(
         &model,
         &tokenizer,
-        template,
+        &template,
         CpuBackend::new(),
         layout,
         options,
@@ -1182,15 +1243,10 @@ fn batch(args: BatchArgs) -> Result<()> {
     let path = args.model.unwrap_or_else(kv_model::default_model_path);
     let (mut model, tokenizer) = kv_model::load_on(&path, &device, kv_model::WeightFormat::Blocks)?;
     model.set_activations(args.activations.into());
-    let template = tokenizer
-        .chat_template()
-        .ok_or_else(|| ModelError::Unsupported {
-            what: "chat template",
-            detail: format!("{} has no chat template", path.display()),
-        })?;
+    let format = prompt_format(&tokenizer, &path, &args.template)?;
     let prompts = lines
         .iter()
-        .map(|l| tokenizer.encode(&template.render(l)?))
+        .map(|l| tokenizer.encode(&format.render((*l).to_owned())?))
         .collect::<Result<Vec<_>>>()?;
     let options = kv_model::BatchOptions {
         max_tokens: args.max_tokens,
@@ -1915,7 +1971,7 @@ mod tests {
             Command::Generate(a) => {
                 assert_eq!(a.dtype, KvDType::BF16);
                 assert_eq!(a.block_size, Some(1));
-                assert!(a.no_cache && !a.raw);
+                assert!(a.no_cache && !a.template.raw);
                 assert_eq!(a.max_tokens, 128);
             }
             _ => panic!("parsed the wrong command"),
@@ -1934,6 +1990,36 @@ mod tests {
         ])
         .is_err());
         assert!(Cli::try_parse_from(["kv", "mem", "--tokens", "5", "--preset", "gpt-5"]).is_err());
+    }
+
+    #[test]
+    fn batch_and_generate_take_the_same_template_options() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.command);
+        let template = |c| match c {
+            Command::Batch(a) => a.template,
+            Command::Generate(a) => a.template,
+            other => panic!("parsed the wrong command: {other:?}"),
+        };
+        for cmd in [
+            ["kv", "batch", "--prompts", "p.txt"],
+            ["kv", "generate", "--prompt", "x"],
+        ] {
+            let t = template(parse(&cmd).unwrap());
+            assert!(!t.raw && t.chat_template.is_none(), "{cmd:?}");
+            let t = template(parse(&[&cmd[..], &["--raw"]].concat()).unwrap());
+            assert!(t.raw && t.chat_template.is_none(), "{cmd:?}");
+            let with = [&cmd[..], &["--chat-template", "t.jinja"]].concat();
+            let t = template(parse(&with).unwrap());
+            assert_eq!(t.chat_template.as_deref(), Some("t.jinja"));
+            assert!(!t.raw);
+            let both = [&cmd[..], &["--raw", "--chat-template", "gemma"]].concat();
+            let e = parse(&both).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{cmd:?}"
+            );
+        }
     }
 
     #[test]
