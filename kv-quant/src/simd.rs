@@ -350,6 +350,12 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn round_clamp(self, v: Self::F32, lo: Self::F32, hi: Self::F32) -> Self::F32;
     /// 32 lanes holding integers in `-128..=127` as 32 bytes (two's complement), in order.
     fn pack32_i8(self, v: Self::X32) -> [u8; 32];
+    /// Each of 32 lanes `v` as the signed byte `round(v * inv)` (`v * inv` rounded to f32
+    /// first, then to the nearest integer with ties away from zero, as `f32::round`),
+    /// clamped to `-127..=127`, NaN giving 0; and the sum of those bytes. Bit-identical to
+    /// its portable twin [`round32_i8_scalar`] for every input: the activation rounding
+    /// of kv-model's int8 mode (issue 19).
+    fn round32_i8(self, x: Self::X32, inv: f32) -> ([u8; 32], i32);
     /// The lanes as f16, rounded to nearest even (as `half::f16::from_f32`), little-endian.
     /// Lanes must be finite and below f16's overflow threshold.
     fn to_f16(self, v: Self::F32, out: &mut Self::Halves);
@@ -586,6 +592,32 @@ pub fn dot_bytes32_scalar(u: &[u8; 32], x: &[i8; 32]) -> [i32; 8] {
             .sum();
     }
     out
+}
+
+/// The portable twin of [`Simd::round32_i8`]: each `x` as the byte
+/// `round(x * inv)` (ties away from zero) clamped to ±127, NaN as 0, and the bytes' sum.
+///
+/// ```
+/// use kv_quant::simd::round32_i8_scalar;
+/// let mut x = [0f32; 32];
+/// x[0] = 2.5;
+/// x[1] = -0.5;
+/// x[2] = 1e9;
+/// x[3] = f32::NAN;
+/// let (q, sum) = round32_i8_scalar(&x, 1.0);
+/// assert_eq!([q[0], q[1], q[2], q[3]], [3, (-1i8) as u8, 127, 0]);
+/// assert_eq!(sum, 3 - 1 + 127);
+/// ```
+pub fn round32_i8_scalar(x: &[f32; 32], inv: f32) -> ([u8; 32], i32) {
+    let mut out = [0u8; 32];
+    let mut sum = 0i32;
+    for (q, &v) in out.iter_mut().zip(x) {
+        // `as` saturates and maps NaN to 0; the clamp keeps ±127 for `maddubs`.
+        let a = ((v * inv).round() as i32).clamp(-127, 127);
+        sum += a;
+        *q = a as i8 as u8;
+    }
+    (out, sum)
 }
 
 /// The portable twin of [`Simd::dot_bcast_u8`] (`SIGNED` false) and
@@ -1230,6 +1262,120 @@ mod tests {
             0 => 0,
             1 => u32::MAX,
             _ => u32::from_le_bytes([b[3], b[7], b[11], b[29]]),
+        }
+    }
+
+    /// [`Simd::round32_i8`] on blocks, against [`round32_i8_scalar`].
+    struct RoundOps<'a>(&'a [([f32; 32], f32)]);
+
+    impl Kernel for RoundOps<'_> {
+        type Output = Vec<([u8; 32], i32)>;
+        fn scalar(self) -> Self::Output {
+            self.0
+                .iter()
+                .map(|(x, inv)| round32_i8_scalar(x, *inv))
+                .collect()
+        }
+        #[inline(always)]
+        fn simd<S: Simd>(self, s: S) -> Self::Output {
+            self.0
+                .iter()
+                .map(|(x, inv)| s.round32_i8(s.load32(x), *inv))
+                .collect()
+        }
+    }
+
+    /// Every level rounds to the same bytes and sum as the portable twin, bit for bit: on
+    /// random blocks scaled as kv-model scales them and by random factors, and on the
+    /// edges of round-half-away-from-zero (ties at every code, the floats either side of
+    /// 0.5, which `+0.5` then truncate would get wrong), NaN, ±inf, ±0, huge values,
+    /// subnormals, and factors 0, huge and infinite.
+    #[test]
+    fn round32_i8_equals_its_portable_twin_at_every_level() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let half = 0.5f32;
+        let edges = [
+            0.0,
+            -0.0,
+            half,
+            -half,
+            f32::from_bits(half.to_bits() - 1),
+            -f32::from_bits(half.to_bits() - 1),
+            f32::from_bits(half.to_bits() + 1),
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            126.5,
+            -126.5,
+            127.49999,
+            127.5,
+            -127.5,
+            128.0,
+            -128.5,
+            8_388_607.5,
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            -f32::from_bits(0x0004_0000),
+            1e30,
+            -1e-30,
+            63.5,
+            -0.25,
+        ];
+        let mut blocks: Vec<([f32; 32], f32)> = Vec::new();
+        for inv in [1.0, 0.0, 2.0, 0.5, 1e30, f32::INFINITY, f32::from_bits(1)] {
+            blocks.push((edges, inv));
+        }
+        // Every tie from -128.5 to 127.5, and its neighbours.
+        for k in -129..128 {
+            let t = k as f32 + 0.5;
+            let x = core::array::from_fn(|j| match j % 3 {
+                0 => t,
+                1 => f32::from_bits(t.to_bits() - 1),
+                _ => f32::from_bits(t.to_bits() + 1),
+            });
+            blocks.push((x, 1.0));
+        }
+        for case in 0..2000 {
+            let exp = (0x2000_0000 + (next() as u32 % 0x3000_0000)) & 0x7f80_0000;
+            let mut x: [f32; 32] = core::array::from_fn(|_| {
+                let b = next() as u32;
+                f32::from_bits(b & 0x807f_ffff | exp)
+            });
+            if case % 5 == 0 {
+                x[(next() % 32) as usize] = edges[(next() % edges.len() as u64) as usize];
+            }
+            let inv = if case % 3 == 0 {
+                f32::from_bits((next() as u32 & 0x007f_ffff) | 0x3f00_0000) * 300.0
+            } else {
+                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let e = amax / 127.0;
+                if e > 0.0 {
+                    1.0 / e
+                } else {
+                    0.0
+                }
+            };
+            blocks.push((x, inv));
+        }
+        let want = RoundOps(&blocks).scalar();
+        for isa in Isa::available() {
+            let got = isa.run(RoundOps(&blocks));
+            for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g, w, "{isa} block {b}: {:?} x {}", blocks[b].0, blocks[b].1);
+            }
         }
     }
 }

@@ -536,6 +536,41 @@ fn pack_bytes_256(v: [__m256i; 4]) -> __m256i {
     _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
+/// [`Simd::round32_i8`] at 256 bits: per lane `t = v * inv` clamped to ±127 (NaN lanes
+/// masked to 0 at the end), truncated, plus the sign where the dropped fraction is at least
+/// 0.5 (exact: `c - trunc(c)` is representable), so ties go away from zero as
+/// `f32::round` rounds them.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn round32_i8_256(x: [__m256; 4], inv: f32) -> ([u8; 32], i32) {
+    let inv = _mm256_set1_ps(inv);
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let (half, one, sign) = (
+        _mm256_set1_ps(0.5),
+        _mm256_set1_ps(1.0),
+        _mm256_set1_ps(-0.0),
+    );
+    let mut q = [_mm256_setzero_si256(); 4];
+    for (q, &v) in q.iter_mut().zip(&x) {
+        let t = _mm256_mul_ps(v, inv);
+        // `max` gives its second operand for a NaN lane: -127 here, masked off below.
+        let c = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(c);
+        let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(c, r));
+        let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half);
+        let step = _mm256_and_ps(up, _mm256_or_ps(_mm256_and_ps(c, sign), one));
+        let ord = _mm256_cmp_ps::<_CMP_ORD_Q>(t, t);
+        *q = _mm256_cvtps_epi32(_mm256_and_ps(_mm256_add_ps(r, step), ord));
+    }
+    let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    let mut out = [0u8; 32];
+    store_256i(&mut out, pack_bytes_256(q));
+    (out, _mm_cvtsi128_si32(s))
+}
+
 /// The two halves of 16 byte codes widened to 2 x 8 f32 (`cvt` widens 8 bytes).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -931,6 +966,10 @@ impl Simd for V256 {
         })
     }
     #[inline(always)]
+    fn round32_i8(self, x: [__m256; 4], inv: f32) -> ([u8; 32], i32) {
+        feat!(round32_i8_256(x, inv))
+    }
+    #[inline(always)]
     fn pack32_i8(self, v: [__m256; 4]) -> [u8; 32] {
         let mut out = [0u8; 32];
         feat!(store_256i(
@@ -1198,6 +1237,36 @@ pub fn reduce8_512(a: &[__m512; 8]) -> [f32; 8] {
 fn store_256i_512(b: &mut [u8; 32], v: __m256i) {
     // SAFETY: `b` is 32 writable bytes; `storeu` has no alignment requirement.
     unsafe { _mm256_storeu_si256(b.as_mut_ptr().cast(), v) }
+}
+
+/// [`Simd::round32_i8`] at 512 bits, the method of [`round32_i8_256`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn round32_i8_512(x: [__m512; 2], inv: f32) -> ([u8; 32], i32) {
+    let inv = _mm512_set1_ps(inv);
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let (half, one, sign) = (
+        _mm512_set1_ps(0.5),
+        _mm512_set1_ps(1.0),
+        _mm512_set1_ps(-0.0),
+    );
+    let mut q = [_mm512_setzero_si512(); 2];
+    for (q, &v) in q.iter_mut().zip(&x) {
+        let t = _mm512_mul_ps(v, inv);
+        // `max` gives its second operand for a NaN lane: -127 here, masked off below.
+        let c = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+        let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(c);
+        let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(c, r)), half);
+        let step = _mm512_or_ps(_mm512_and_ps(c, sign), one);
+        let r = _mm512_mask_add_ps(r, up, r, step);
+        let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(t, t);
+        *q = _mm512_maskz_mov_epi32(ord, _mm512_cvtps_epi32(r));
+    }
+    let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+    let b = [_mm512_cvtepi32_epi8(q[0]), _mm512_cvtepi32_epi8(q[1])];
+    let mut out = [0u8; 32];
+    store_256i_512(&mut out, _mm256_set_m128i(b[1], b[0]));
+    (out, sum)
 }
 
 /// 32 4-bit codes (16 bytes, low nibble first) → [even elements, odd elements]: one
@@ -1624,6 +1693,10 @@ impl Simd for V512 {
             let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
             _mm512_min_ps(_mm512_max_ps(r, lo), hi)
         })
+    }
+    #[inline(always)]
+    fn round32_i8(self, x: [__m512; 2], inv: f32) -> ([u8; 32], i32) {
+        feat!(round32_i8_512(x, inv))
     }
     #[inline(always)]
     fn pack32_i8(self, v: [__m512; 2]) -> [u8; 32] {
