@@ -767,6 +767,17 @@ unsafe impl Sync for Prefetch<'_> {}
 mod tests {
     use super::*;
 
+    /// A xorshift64 generator from `state` (nonzero): the tests' pseudo-random inputs,
+    /// the same sequence on every run.
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
     /// Every GGUF weight-code operation of [`Simd`] on one input, results as bits in a
     /// fixed order; [`Kernel::scalar`] is their definition in plain Rust.
     struct CodeOps {
@@ -907,13 +918,7 @@ mod tests {
     /// pseudo-random bytes.
     #[test]
     fn integer_dot_ops_equal_their_definition_at_every_level() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         let mut cases = vec![
             ([128u8; 32], [127i8; 32], [-128i8; 32]),
             ([128; 32], [-127; 32], [127; 32]),
@@ -1032,13 +1037,7 @@ mod tests {
     /// extremes (`±127`) and random.
     #[test]
     fn interleaved_dot_ops_equal_their_definition_at_every_level() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         let vnni = if vnni_available() {
             vec![false, true]
         } else {
@@ -1095,13 +1094,7 @@ mod tests {
     /// bit (negative scales included, where `-0.0` must survive), on pseudo-random inputs.
     #[test]
     fn weight_code_ops_equal_their_definition_at_every_level() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         for case in 0..200 {
             let mut bytes = [0u8; 32];
             bytes.iter_mut().for_each(|b| *b = next() as u8);
@@ -1156,13 +1149,7 @@ mod tests {
     /// either sign (zero included), up to the sign of a zero weight.
     #[test]
     fn centered_dot_lookup_equals_the_product_up_to_zero_sign() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         for case in 0..400u32 {
             let mut bytes = [0u8; 32];
             bytes.iter_mut().for_each(|b| *b = next() as u8);
@@ -1227,13 +1214,7 @@ mod tests {
     /// among the inputs).
     #[test]
     fn add_where_bit_equals_its_definition_at_every_level() {
-        let mut state = 0x0123_4567_89ab_cdefu64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x0123_4567_89ab_cdefu64);
         for case in 0..200 {
             let w: [f32; 32] = core::array::from_fn(|j| match (case + j) % 5 {
                 0 => 0.0,
@@ -1292,13 +1273,7 @@ mod tests {
     /// subnormals, and factors 0, huge and infinite.
     #[test]
     fn round32_i8_equals_its_portable_twin_at_every_level() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         let half = 0.5f32;
         let edges = [
             0.0,
