@@ -273,6 +273,19 @@ impl Harness {
 
     /// Creates a sequence from `prompt` through the prefix cache, checking the hit, then
     /// (if `fill`) reserves, writes and commits the rest of the prompt.
+    /// A prompt that starts with `take` (wrapped) ids of the `source`-th (wrapped) earlier
+    /// prompt, then `extra`: so that the index has prefixes to find.
+    fn prompt_from(&self, source: usize, take: usize, extra: Vec<u32>) -> Vec<u32> {
+        let mut prompt = if self.history.is_empty() {
+            vec![]
+        } else {
+            let h = &self.history[source % self.history.len()];
+            h[..take % (h.len() + 1)].to_vec()
+        };
+        prompt.extend(extra);
+        prompt
+    }
+
     fn create_prefix(&mut self, prompt: &[u32], salt: u64, fill: bool) -> Check {
         let bs = self.m.block_size();
         let predicted = self.m.prefix_match(prompt, salt);
@@ -321,13 +334,7 @@ impl Harness {
                 salt,
                 fill,
             } => {
-                let mut prompt = if self.history.is_empty() {
-                    vec![]
-                } else {
-                    let h = &self.history[source % self.history.len()];
-                    h[..take % (h.len() + 1)].to_vec()
-                };
-                prompt.extend(extra);
+                let prompt = self.prompt_from(source, take, extra);
                 self.create_prefix(&prompt, salt, fill)?;
             }
             Op::Append {
@@ -429,13 +436,7 @@ impl Harness {
                 window,
                 fill,
             } => {
-                let mut prompt = if self.history.is_empty() {
-                    vec![]
-                } else {
-                    let h = &self.history[source % self.history.len()];
-                    h[..take % (h.len() + 1)].to_vec()
-                };
-                prompt.extend(extra);
+                let prompt = self.prompt_from(source, take, extra);
                 self.create_window(&prompt, salt, window, fill)?;
             }
         }
