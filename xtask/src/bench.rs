@@ -1026,10 +1026,15 @@ fn batch_report(r: &Results, w: &mut String, dir: &Path) -> Result<(), String> {
          `distinct`: no common prefix. Decode tokens/s: tokens generated over all \
          sequences per second of the run less its prefill time; prefill apart. Ratio: to \
          one sequence in this run. {}\n",
-        recs.iter()
-            .filter_map(|x| x.get("seqs"))
-            .collect::<Vec<_>>()
-            .join("/"),
+        {
+            let mut seqs: Vec<&str> = Vec::new();
+            for s in recs.iter().filter_map(|x| x.get("seqs")) {
+                if !seqs.contains(&s) {
+                    seqs.push(s);
+                }
+            }
+            seqs.join("/")
+        },
         first.get("prompt").unwrap_or("?"),
         first.get("new").unwrap_or("?"),
         if llama.is_empty() {
@@ -1037,7 +1042,10 @@ fn batch_report(r: &Results, w: &mut String, dir: &Path) -> Result<(), String> {
         } else {
             "llama.cpp: `llama-batched-bench` in the same shape (its prompts are distinct, \
              each prefilled; `S_TG`, decode over all sequences, prefill apart), same GGUF \
-             and threads, in this run; `kv / llama.cpp` sets kv's distinct prompts beside it."
+             and threads, in this run; `kv / llama.cpp` sets kv's distinct prompts beside it, \
+             with each kind of activations: llama.cpp rounds activations to 8 bits for its \
+             quantized matrix products (`q8_1` against Q4_1 weights, `q8_0` against Q8_0), so \
+             kv's `q8` is the like-for-like comparison and `exact` is kv's default."
         },
     );
     let _ = writeln!(
@@ -1091,18 +1099,20 @@ fn batch_report(r: &Results, w: &mut String, dir: &Path) -> Result<(), String> {
     if !llama.is_empty() {
         let _ = writeln!(
             w,
-            "\n| sequences | kv distinct / llama.cpp decode |\n|---:|---:|"
+            "\n| sequences | kv exact / llama.cpp decode | kv q8 / llama.cpp decode |\n|---:|---:|---:|"
         );
         for &(seqs, tps, _) in &llama {
             let s = format!("{seqs}");
-            let kv = r.one(
-                &[("section", "batch"), ("prefix", "distinct"), ("seqs", &s)],
-                "decode_tokens_per_s",
-            );
+            let kv = |act: &str| {
+                r.all(&[("section", "batch"), ("prefix", "distinct"), ("seqs", &s)])
+                    .find(|x| x.get("activations").unwrap_or("exact") == act)
+                    .and_then(|x| x.num("decode_tokens_per_s"))
+            };
             let _ = writeln!(
                 w,
-                "| {seqs} | {} |",
-                opt(kv, |k| format!("{:.2}x", k / tps))
+                "| {seqs} | {} | {} |",
+                opt(kv("exact"), |k| format!("{:.2}x", k / tps)),
+                opt(kv("q8"), |k| format!("{:.2}x", k / tps)),
             );
         }
         series.push(Series {
