@@ -1993,6 +1993,13 @@ mod tests {
             (1..=21).map(|t| t as f32).collect::<Vec<_>>()
         );
         audit(t.cache());
+        // A second prompt with the same prefix, while `b` runs: the restored blocks of both
+        // groups are shared on the device, not restored again.
+        let hits = t.stats().hits;
+        let (c2, reused) = t.create_with_prefix(&prompt);
+        assert_eq!(reused, 20, "{:?}", t.stats());
+        assert_eq!(t.stats().hits, hits, "restored again: {:?}", t.stats());
+        t.free(c2)?;
         Ok(())
     }
 }
