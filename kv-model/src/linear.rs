@@ -29,7 +29,10 @@ mod q8;
 mod strips;
 
 pub(crate) use kquant::KType;
-use matvec::Format;
+use matvec::{Format, XChunk};
+
+/// One 256-weight block's reordered activations ([`matvec::Format::word_order`]).
+type XChunk8 = [XChunk; 8];
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
@@ -249,11 +252,42 @@ impl Kernels {
 
     /// `out[j * n + i] = dot(weight row j, x row i)` for the weight rows in `rows` (whole
     /// rows of `cols` weights of type `ty`) and `n` activation rows of `x`.
+    /// Which activation order `ty`'s dot products read (0: natural; see
+    /// [`matvec::Format::WORD_ORDER`]).
+    fn word_order(self, ty: WeightType) -> u8 {
+        macro_rules! go {
+            ($f:ty) => {
+                <$f as Format>::WORD_ORDER
+            };
+        }
+        with_format!(ty, go)
+    }
+
+    /// The `n` rows of `x` in `ty`'s activation order at this level, for
+    /// [`Kernels::dot_matrix`] (empty where it reads them in natural order).
+    fn reorder(self, ty: WeightType, x: &[f32], cols: usize, n: usize) -> Vec<XChunk8> {
+        macro_rules! go {
+            ($f:ty) => {
+                self.isa.run(matvec::Reorder::<$f> {
+                    x,
+                    cols,
+                    n,
+                    format: PhantomData,
+                })
+            };
+        }
+        with_format!(ty, go)
+    }
+
+    /// `xr`: `x` already in `ty`'s activation order ([`Kernels::reorder`]), if the caller
+    /// made it once for several calls.
+    #[allow(clippy::too_many_arguments)]
     fn dot_matrix(
         self,
         ty: WeightType,
         rows: &[u8],
         x: &[f32],
+        xr: Option<&[XChunk8]>,
         cols: usize,
         n: usize,
         out: &mut [f32],
@@ -275,6 +309,7 @@ impl Kernels {
                         cols,
                         n,
                         out,
+                        xr,
                         format: PhantomData,
                     })
             };
@@ -555,6 +590,19 @@ fn matvec_parts(
         // Whole strips per task.
         chunk = chunk.next_multiple_of(strips::STRIP);
     }
+    // Activations in the order a K-quant kernel reads them, once per call for every
+    // task (and every part) that reads that order: a gather of `cols` floats per row,
+    // which per task cost up to a third of a small matrix's time.
+    let mut orders: Vec<(u8, Vec<XChunk8>)> = Vec::new();
+    if p == RowKernel::Matvec {
+        for (m, _) in parts.iter() {
+            let id = k.word_order(m.ty);
+            if id != 0 && !orders.iter().any(|(o, _)| *o == id) {
+                orders.push((id, k.reorder(m.ty, x, m.cols, n)));
+            }
+        }
+    }
+    let orders = &orders;
     let mut tasks = Vec::new();
     for (m, out) in parts.iter_mut() {
         for (c, o) in out[..m.rows * n].chunks_mut(chunk * n).enumerate() {
@@ -564,8 +612,13 @@ fn matvec_parts(
     tasks.into_par_iter().for_each(|(m, r0, o)| {
         let row_bytes = m.ty.row_bytes(m.cols);
         let rows = &m.data[r0 * row_bytes..][..o.len() / n * row_bytes];
+        let id = k.word_order(m.ty);
+        let xr = orders
+            .iter()
+            .find(|(o, _)| *o == id && id != 0)
+            .map(|(_, xr)| &xr[..]);
         match p {
-            RowKernel::Matvec => k.dot_matrix(m.ty, rows, x, m.cols, n, o),
+            RowKernel::Matvec => k.dot_matrix(m.ty, rows, x, xr, m.cols, n, o),
             RowKernel::Strips => k.dot_strips(m.ty, rows, x, m.cols, n, o),
         }
     });
@@ -1090,7 +1143,7 @@ mod tests {
     fn matmul_matches_f64_reference_within_summation_error() {
         let mut rng = StdRng::seed_from_u64(2);
         for ty in TYPES {
-            let (rows, cols) = (37, 256);
+            let (rows, cols) = (37, 512);
             let (q, w) = weight(&mut rng, ty, rows, cols);
             let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
             for n in [
@@ -1132,7 +1185,7 @@ mod tests {
     fn matvec_rows_do_not_depend_on_their_batch() {
         let mut rng = StdRng::seed_from_u64(3);
         for ty in TYPES {
-            let (rows, cols) = (40, 256);
+            let (rows, cols) = (40, 512);
             let (q, _) = weight(&mut rng, ty, rows, cols);
             let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
             let n = 5;

@@ -560,6 +560,37 @@ pub trait Simd: Copy + Send + Sync + 'static {
     // End of the interleaved integer dot products.
     // -----------------------------------------------------------------------------------
 
+    // Codes read straight out of 32-bit words (issue 15, K-quant dot products): a block's
+    // packed codes loaded as i32 lanes (four bytes, eight nibbles per lane) give one vector
+    // of codes per shift and mask, converted to f32, with no widening load, no lookup and
+    // no lane shuffle per code vector; the caller orders its activations to match. The
+    // only shuffle left is [`Simd::permute_f32`], once per group of code vectors.
+
+    /// Lane `i` is the little-endian word `i % 8` of `b` (at 512 bits the 32 bytes twice).
+    fn load_i32_bytes32(self, b: &[u8; 32]) -> Self::I32;
+    /// Per lane `v >> n[i]` (logical, `n[i] < 32`), from the first `LANES` entries of `n`.
+    fn shr_i32_lanes(self, v: Self::I32, n: &[u32; 16]) -> Self::I32;
+    /// Per lane `(v >> at) & mask` as f32 (logical, `at < 32`, `mask < 2^24`: exact).
+    fn field_f32(self, v: Self::I32, at: u32, mask: u32) -> Self::F32;
+    /// Per lane `(v >> at) & 15` as f32: [`Simd::field_f32`] with mask 15, where 512 bits
+    /// look the nibble up (a 16-lane permute of the table `0.0..16.0`, which reads only an
+    /// index's low 4 bits: no mask) instead of masking and converting it: one operation
+    /// fewer per vector of codes, on the shuffle unit rather than the others.
+    #[inline(always)]
+    fn nibble_f32(self, v: Self::I32, at: u32) -> Self::F32 {
+        self.field_f32(v, at, 15)
+    }
+    /// Per lane `((lo >> lo_at) & 15) | (((hi >> hi_at) & 3) << 4)` as f32 (`lo_at`,
+    /// `hi_at < 32`): a 6-bit code from a nibble and a 2-bit field (Q6_K).
+    fn field6_f32(self, lo: Self::I32, lo_at: u32, hi: Self::I32, hi_at: u32) -> Self::F32;
+    /// Per lane `w + a` where bit `bit` (`< 32`) of `v` is set, else `w` (at 256 bits
+    /// `w + 0.0` there, so a `-0.0` may come out `+0.0`, which no sum can see).
+    fn add_where_bit_f32(self, w: Self::F32, v: Self::I32, bit: u32, a: Self::F32) -> Self::F32;
+    /// Lane `i` is lane `idx[i] % LANES` of `v` (the first `LANES` entries of `idx`).
+    fn permute_f32(self, v: Self::F32, idx: &[u32; 16]) -> Self::F32;
+    // End of the codes in words.
+    // -----------------------------------------------------------------------------------
+
     /// The level's tokens, for code not yet written over the width: `Some` at 512 bits.
     #[cfg(target_arch = "x86_64")]
     fn v512(self) -> Option<V512>;
@@ -1087,6 +1118,137 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Every operation on codes in 32-bit words on one input, results as f32 bits in a
+    /// fixed order; [`WordOps::definition`] is their definition in plain Rust.
+    struct WordOps {
+        v: [u8; 64],
+        hi: [u8; 32],
+        n: [u32; 16],
+        w: [f32; 16],
+        a: f32,
+        idx: [u32; 16],
+    }
+
+    /// The word shifts and bits every case tries.
+    const FIELD_AT: [u32; 10] = [0, 4, 8, 12, 16, 20, 24, 28, 3, 17];
+    const FIELD6_HI_AT: [u32; 7] = [0, 2, 4, 6, 8, 14, 30];
+    const BITS: [u32; 5] = [0, 1, 5, 13, 31];
+
+    impl WordOps {
+        /// The results for `lanes` lanes, in plain Rust.
+        fn definition(&self, lanes: usize) -> Vec<u32> {
+            let word =
+                |b: &[u8], i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap());
+            let v: Vec<u32> = (0..lanes).map(|i| word(&self.v, i)).collect();
+            let h: Vec<u32> = (0..lanes).map(|i| word(&self.hi, i % 8)).collect();
+            let mut out = Vec::new();
+            let mut fields = |x: &[u32]| {
+                out.extend(x.iter().map(|&x| ((x & 0xFF_FFFF) as f32).to_bits()));
+                out.extend(x.iter().map(|&x| ((x >> 24) as f32).to_bits()));
+            };
+            fields(&h);
+            let shifted: Vec<u32> = v.iter().zip(&self.n).map(|(&v, &n)| v >> n).collect();
+            fields(&shifted);
+            for at in FIELD_AT {
+                for mask in [15, 0x1F, 0xFF] {
+                    out.extend(v.iter().map(|&v| (((v >> at) & mask) as f32).to_bits()));
+                }
+            }
+            for at in FIELD_AT {
+                out.extend(v.iter().map(|&v| (((v >> at) & 15) as f32).to_bits()));
+            }
+            for lo_at in FIELD_AT {
+                for hi_at in FIELD6_HI_AT {
+                    out.extend(v.iter().zip(&h).map(|(&lo, &hi)| {
+                        ((((lo >> lo_at) & 15) | (((hi >> hi_at) & 3) << 4)) as f32).to_bits()
+                    }));
+                }
+            }
+            for bit in BITS {
+                out.extend(
+                    v.iter()
+                        .zip(&self.w)
+                        .map(|(&v, &w)| (if v >> bit & 1 == 1 { w + self.a } else { w }).to_bits()),
+                );
+            }
+            out.extend(
+                self.idx[..lanes]
+                    .iter()
+                    .map(|&i| self.w[i as usize % lanes].to_bits()),
+            );
+            out
+        }
+    }
+
+    impl Kernel for WordOps {
+        type Output = Vec<u32>;
+        fn scalar(self) -> Vec<u32> {
+            self.definition(16)
+        }
+        #[inline(always)]
+        fn simd<S: Simd>(self, s: S) -> Vec<u32> {
+            let l = S::LANES;
+            let v = s.load_i32_bytes(&S::words(&self.v[..4 * l]).0[0]);
+            let h = s.load_i32_bytes32(&self.hi);
+            let w = s.load(&S::lanes(&self.w[..l]).0[0]);
+            let mut out = Vec::new();
+            let mut push = |x: S::F32| {
+                let mut f = [0f32; 16];
+                s.store(&mut S::lanes_mut(&mut f[..l]).0[0], x);
+                out.extend(f[..l].iter().map(|v| v.to_bits()));
+            };
+            for x in [h, s.shr_i32_lanes(v, &self.n)] {
+                push(s.field_f32(x, 0, 0xFF_FFFF));
+                push(s.field_f32(x, 24, 0xFF));
+            }
+            for at in FIELD_AT {
+                for mask in [15, 0x1F, 0xFF] {
+                    push(s.field_f32(v, at, mask));
+                }
+            }
+            for at in FIELD_AT {
+                push(s.nibble_f32(v, at));
+            }
+            for lo_at in FIELD_AT {
+                for hi_at in FIELD6_HI_AT {
+                    push(s.field6_f32(v, lo_at, h, hi_at));
+                }
+            }
+            for bit in BITS {
+                push(s.add_where_bit_f32(w, v, bit, s.splat(self.a)));
+            }
+            push(s.permute_f32(w, &self.idx));
+            out
+        }
+    }
+
+    /// Each level's operations on codes in words equal their definition bit for bit, on
+    /// pseudo-random words (all shifts the K-quant kernels use, and odd ones).
+    #[test]
+    fn word_code_ops_equal_their_definition_at_every_level() {
+        let mut next = xorshift(0x51_7cc1_b727_220au64);
+        for _ in 0..200 {
+            let o = WordOps {
+                v: core::array::from_fn(|_| next() as u8),
+                hi: core::array::from_fn(|_| next() as u8),
+                n: core::array::from_fn(|_| (next() % 32) as u32),
+                w: core::array::from_fn(|_| (next() % 2001) as f32 / 64.0 - 15.0),
+                a: (next() % 257) as f32 / 8.0 - 16.0,
+                idx: core::array::from_fn(|_| (next() % 64) as u32),
+            };
+            for isa in Isa::available() {
+                if isa == Isa::Scalar {
+                    continue;
+                }
+                let lanes = if isa == Isa::Avx512 { 16 } else { 8 };
+                let want = o.definition(lanes);
+                let got = isa.run(WordOps { ..o });
+                assert_eq!(got, want, "{isa}");
+            }
+            assert_eq!(WordOps { ..o }.scalar(), o.definition(16));
         }
     }
 

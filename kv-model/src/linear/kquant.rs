@@ -21,10 +21,24 @@
 //! Q5_0 and Q5_K look a 5-bit code's low 4 bits up in a 16-entry table and add `16 d`
 //! (`16 d sc`) under the fifth-bit mask (exact, but `+0.0` where candle's product is
 //! `-0.0`, which no sum can see). Dequantization keeps candle's bits.
+//!
+//! The matrix-vector kernel does not take Q4_K, Q5_K or Q6_K chunk by chunk at all
+//! ([`Format::WORDS`]): their `dot_words` load the packed nibbles as 32-bit lanes, take one
+//! vector of codes per shift ([`Simd::nibble_f32`], [`Simd::field6_f32`]; Q5_K's fifth
+//! bits added as 16 under a mask, [`Simd::add_where_bit_f32`]) and multiply it with
+//! activations reordered once per call to match ([`Format::word_order`]); each vector's
+//! partial sum is then scaled once by its chunks' scales ([`Simd::permute_f32`]), and
+//! the minimums (Q6_K's `-32 d sc`) go against per-call activation sums. Measured
+//! against the chunk-by-chunk kernels in docs/measurements.md ("K-quant kernels: codes
+//! straight from words").
 
 use kv_quant::simd::Simd;
 
-use super::matvec::{bytes, f16_at, Chunk, Format, Sink, CHUNK};
+use core::marker::PhantomData;
+
+use super::matvec::{
+    bytes, f16_at, fma_sums, slot, xvec, Chunk, Format, Sink, XChunk, CHUNK, SUMS,
+};
 
 /// The block types of this module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +127,98 @@ fn scales_mins_k4(q: &[u8; 12]) -> [u8; 32] {
         out[at..at + 4].copy_from_slice(&w.to_le_bytes());
     }
     out
+}
+
+/// Where the codes of a 256-weight block come out when its 128 bytes of packed nibbles
+/// are loaded `4 * lanes` bytes at a time as i32 lanes (load `z`) and vector `j` (`< 8`)
+/// of that load is [`Simd::field_f32`] at bit `4 j`: lane `i` holds nibble `j % 2` of byte
+/// `4 lanes z + 4 i + j / 2` of the 128. Returns (load `z`, byte, nibble) for place `k`
+/// of the reordered activations ([`Format::word_order`]).
+const fn word_place(lanes: usize, k: usize) -> (usize, usize, usize) {
+    let (v, i) = (k / lanes, k % lanes);
+    let (z, j) = (v / 8, v % 8);
+    (z, 4 * lanes * z + 4 * i + j / 2, j % 2)
+}
+
+/// Per-lane constants of the [`Format::dot_words`] kernels at `S::LANES` lanes, by load
+/// `z` of a block's nibbles (at most 4 loads: 128 bytes, 32 at a time at 256 bits).
+struct WordLanes<S>(PhantomData<S>);
+
+impl<S: Simd> WordLanes<S> {
+    /// Q4_K/Q5_K: the 32-byte nibble group (pair of chunks) of lane `i` of load `z`.
+    const fn k4_pair(z: usize, i: usize) -> usize {
+        (4 * S::LANES * z + 4 * i) / 32
+    }
+    /// Q4_K/Q5_K: lane `i` of load `z`, nibble `n`, belongs to chunk `2 pair + n`: the
+    /// lane of that chunk's scale in the block's scale vector.
+    const K4_SCALE: [[[u32; 16]; 2]; 4] = {
+        let mut t = [[[0u32; 16]; 2]; 4];
+        let mut z = 0;
+        while z < 4 {
+            let mut i = 0;
+            while i < 16 {
+                let pair = Self::k4_pair(z, i) as u32;
+                t[z][0][i] = 2 * pair;
+                t[z][1][i] = 2 * pair + 1;
+                i += 1;
+            }
+            z += 1;
+        }
+        t
+    };
+    /// Q5_K: the fifth bits' words shifted right by `2 pair` per lane, so that bit
+    /// `8 (j / 2) + j % 2` is the fifth bit of vector `j`'s lane (bit `c` of byte `l` is
+    /// weight `l`'s of chunk `c`).
+    const K4_SHIFT: [[u32; 16]; 4] = {
+        let mut t = [[0u32; 16]; 4];
+        let mut z = 0;
+        while z < 4 {
+            let mut i = 0;
+            while i < 16 {
+                t[z][i] = 2 * Self::k4_pair(z, i) as u32;
+                i += 1;
+            }
+            z += 1;
+        }
+        t
+    };
+    /// Q6_K: bit `k % 2` of lane `i`'s chunk `k` within its half (the 32-byte half of
+    /// the 64 bytes of `ql` the lane reads), times 2: the shift that brings its 2 high
+    /// bits of `qh` to bit `8 (j / 2) + 4 (j % 2)` of vector `j`.
+    const Q6_SHIFT: [[u32; 16]; 4] = {
+        let mut t = [[0u32; 16]; 4];
+        let mut z = 0;
+        while z < 4 {
+            let mut i = 0;
+            while i < 16 {
+                t[z][i] = 2 * (((4 * S::LANES * z + 4 * i) % 64) / 32) as u32;
+                i += 1;
+            }
+            z += 1;
+        }
+        t
+    };
+    /// Q6_K: lane `i` of load `z`, nibble `n`: its 16-weight scale group modulo the lane
+    /// count (within the scale vector [`Q6K::dot_words`] picks for the load).
+    const Q6_SCALE: [[[u32; 16]; 2]; 4] = {
+        let mut t = [[[0u32; 16]; 2]; 4];
+        let mut z = 0;
+        while z < 4 {
+            let mut i = 0;
+            while i < 16 {
+                let q = 4 * S::LANES * z + 4 * i;
+                let (h, p, l16) = (q / 64, (q % 64) / 32, (q % 32) / 16);
+                let mut n = 0;
+                while n < 2 {
+                    t[z][n][i] = ((8 * h + 4 * n + 2 * p + l16) % S::LANES) as u32;
+                    n += 1;
+                }
+                i += 1;
+            }
+            z += 1;
+        }
+        t
+    };
 }
 
 /// Q5_0 (`MIN = false`; 22 bytes: f16 `d`, 32 fifth bits, 16 bytes of nibbles;
@@ -206,6 +312,18 @@ impl<const FIFTH: bool> K4<FIFTH> {
         v.as_ref().get(16 / S::LANES).copied().unwrap_or(s.zero())
     }
 
+    /// The block's `d * sc` (lane `c` chunk `c`'s) and `dmin * -m` vectors (lanes past 8
+    /// zero): [`Self::tables`] without the store, for [`Format::dot_words`].
+    #[inline(always)]
+    fn scales_mins<S: Simd>(s: S, b: &[u8]) -> (S::F32, S::F32) {
+        let (d, dmin) = s.splat_f16_pair(*bytes::<4>(b, 0));
+        let v = s.codes32_i8(&scales_mins_k4(bytes::<12>(b, 4)));
+        let v = v.as_ref();
+        let sc = v.first().copied().unwrap_or(s.zero());
+        let m = v.get(16 / S::LANES).copied().unwrap_or(s.zero());
+        (s.mul(sc, d), s.mul(m, s.mul(dmin, s.splat(-1.0))))
+    }
+
     /// The fifth bits of chunk `c` moved to bit 4 of each byte.
     #[inline(always)]
     fn fifth<S: Simd>(s: S, qh: S::Bytes32, c: usize) -> S::Bytes32 {
@@ -224,6 +342,60 @@ impl<const FIFTH: bool> Format for K4<FIFTH> {
     // Q5_K too: its dot chunks then look their low 4 bits up in 16-entry tables and add
     // `16 d sc` under its fifth bits ([`Simd::add_where_bit32`]).
     const MIN_SUMS: bool = true;
+    const WORDS: bool = true;
+    const WORD_ORDER: u8 = 1;
+    fn word_order(lanes: usize, k: usize) -> usize {
+        // Byte `l` of nibble group `pair` holds weight `l` of chunks `2 pair` (low
+        // nibble) and `2 pair + 1`.
+        let (_, byte, n) = word_place(lanes, k);
+        64 * (byte / 32) + 32 * n + byte % 32
+    }
+    #[inline(always)]
+    fn dot_words<S: Simd, const N: usize>(
+        s: S,
+        b: &[u8],
+        x: [&[XChunk; 8]; N],
+        sums: [&[f32; SUMS]; N],
+        acc: &mut [[S::X32; 2]; N],
+    ) {
+        // `Σ (a_c q - m_c) x = Σ_c a_c Σ q x - Σ_c m_c Σ x`: the codes' dot products per
+        // vector of 16 (8) codes, which holds 2 chunks' (1 chunk's) lanes, scaled once
+        // by a vector of those chunks' scales; the minimums against the sums. Q5_K adds
+        // 16 where the fifth bit is set (exact).
+        let (sc, mins) = Self::scales_mins(s, b);
+        for r in 0..N {
+            fma_sums(s, &[mins], sums[r], &mut acc[r]);
+        }
+        let (words, _) = S::words(bytes::<128>(b, Self::QS));
+        let qh = s.load_i32_bytes32(bytes::<32>(b, Self::QH));
+        let sixteen = s.splat(16.0);
+        for (z, w) in words.iter().enumerate() {
+            let v = s.load_i32_bytes(w);
+            let h = if FIFTH {
+                s.shr_i32_lanes(qh, &WordLanes::<S>::K4_SHIFT[z % 4])
+            } else {
+                qh
+            };
+            for n in 0..2 {
+                let mut t = [s.zero(); N];
+                for q in 0..4 {
+                    let j = 2 * q + n;
+                    let mut c = s.nibble_f32(v, 4 * j as u32);
+                    if FIFTH {
+                        c = s.add_where_bit_f32(c, h, (8 * q + n) as u32, sixteen);
+                    }
+                    for r in 0..N {
+                        t[r] = s.fma(c, xvec(s, x[r], 8 * z + j), t[r]);
+                    }
+                }
+                let scale = s.permute_f32(sc, &WordLanes::<S>::K4_SCALE[z % 4][n]);
+                for r in 0..N {
+                    let a = slot::<S>(&mut acc[r], 2 * z + n);
+                    *a = s.fma(t[r], scale, *a);
+                }
+            }
+        }
+    }
     fn block_scalar(b: &[u8], out: &mut [f32]) {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let qh = bytes::<32>(b, Self::QH);
@@ -324,6 +496,70 @@ impl Q6K {
 impl Format for Q6K {
     const BYTES: usize = 210;
     const CHUNKS: usize = 8;
+    const WORDS: bool = true;
+    const SUM_WEIGHTS: usize = 16;
+    const WORD_ORDER: u8 = 2;
+    fn word_order(lanes: usize, k: usize) -> usize {
+        // Byte `l` of the 32-byte quarter `2 h + p` of `ql` holds weight `l` of chunks
+        // `4 h + p` (low nibble) and `4 h + p + 2` (high).
+        let (_, byte, n) = word_place(lanes, k);
+        let (h, p, l) = (byte / 64, (byte % 64) / 32, byte % 32);
+        128 * h + 32 * (2 * n + p) + l
+    }
+    #[inline(always)]
+    fn dot_words<S: Simd, const N: usize>(
+        s: S,
+        b: &[u8],
+        x: [&[XChunk; 8]; N],
+        sums: [&[f32; SUMS]; N],
+        acc: &mut [[S::X32; 2]; N],
+    ) {
+        // `Σ a_g (q - 32) x = Σ_g a_g Σ q x - 32 Σ_g a_g Σ x`, `g` the 16-weight scale
+        // groups: the 6-bit codes' dot products per vector (lanes of 4 groups), scaled
+        // once by those groups' scales; the offsets against the groups' sums (exact
+        // `-32 a_g`).
+        let [d0, d1] = *bytes::<2>(b, 208);
+        let (d, _) = s.splat_f16_pair([d0, d1, 0, 0]);
+        let mut sc = [0u8; 32];
+        sc[..16].copy_from_slice(bytes::<16>(b, 192));
+        let v = s.codes32_i8(&sc);
+        let v = v.as_ref();
+        let scv = [
+            s.mul(v.first().copied().unwrap_or(s.zero()), d),
+            s.mul(v.get(1).copied().unwrap_or(s.zero()), d),
+        ];
+        let groups = (SUMS / S::LANES).clamp(1, 2);
+        let m32 = s.splat(-32.0);
+        let offs = [s.mul(scv[0], m32), s.mul(scv[1], m32)];
+        for r in 0..N {
+            fma_sums(s, &offs[..groups], sums[r], &mut acc[r]);
+        }
+        let (words, _) = S::words(bytes::<128>(b, 0));
+        for (z, w) in words.iter().enumerate() {
+            let v = s.load_i32_bytes(w);
+            let half = (4 * S::LANES * z) / 64;
+            let qh = s.shr_i32_lanes(
+                s.load_i32_bytes32(bytes::<32>(b, 128 + 32 * (half % 2))),
+                &WordLanes::<S>::Q6_SHIFT[z % 4],
+            );
+            let scales = scv[(8 * half / S::LANES) % 2];
+            for n in 0..2 {
+                let mut t = [s.zero(); N];
+                for q in 0..4 {
+                    let j = 2 * q + n;
+                    let c = s.field6_f32(v, 4 * j as u32, qh, (8 * q + 4 * n) as u32);
+                    for r in 0..N {
+                        t[r] = s.fma(c, xvec(s, x[r], 8 * z + j), t[r]);
+                    }
+                }
+                let scale = s.permute_f32(scales, &WordLanes::<S>::Q6_SCALE[z % 4][n]);
+                for r in 0..N {
+                    let a = slot::<S>(&mut acc[r], 2 * z + n);
+                    *a = s.fma(t[r], scale, *a);
+                }
+            }
+        }
+    }
     fn block_scalar(b: &[u8], out: &mut [f32]) {
         let d = f16_at(b, 208);
         for (c, out) in out.chunks_exact_mut(CHUNK).enumerate().take(8) {

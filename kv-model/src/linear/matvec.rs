@@ -67,6 +67,82 @@ pub(super) trait Format {
     /// per call (shared by every weight row) and pay the minimums once per block, not
     /// per weight (issue 15's K-quants).
     const MIN_SUMS: bool = false;
+    /// Whether dot products read the block's codes straight from 32-bit words
+    /// ([`Format::dot_words`], with [`Simd::field_f32`]'s shift, mask and conversion per
+    /// vector of codes) against activations reordered once per call into the order those
+    /// words give ([`Format::word_order`]), instead of [`Format::block_simd`]'s chunks:
+    /// no widening load, lookup or scale broadcast per chunk (issue 15's K-quants, whose
+    /// chunk-by-chunk decoding was bound by those shuffles). 256-weight blocks only.
+    const WORDS: bool = false;
+    /// Which [`Format::word_order`] a [`Format::WORDS`] format has (0: none): formats with
+    /// the same nonzero id share one reordering of the activations per call.
+    const WORD_ORDER: u8 = 0;
+    /// Weights per activation sum ([`chunk_sums`]), when [`Format::MIN_SUMS`] or
+    /// [`Format::WORDS`]: a chunk's 32, or 16 where a block's scales change every 16.
+    const SUM_WEIGHTS: usize = CHUNK;
+    /// The weight of the block (`< 256`) whose activation [`Format::dot_words`] expects at
+    /// place `k` of the block's reordered activations, at `lanes` f32 lanes per vector
+    /// (vector `k / lanes`, lane `k % lanes`). A [`Format::WORDS`] format's order.
+    fn word_order(_lanes: usize, k: usize) -> usize {
+        k
+    }
+    /// `acc[r] += block · x[r]` for `N` activation rows, `x[r]` the block's 256
+    /// activations in [`Format::word_order`] and `sums[r]` their sums per
+    /// [`Format::SUM_WEIGHTS`] (in natural order), into the accumulator slots of
+    /// [`slot`]. Called only for a [`Format::WORDS`] format, which must define it; the
+    /// default adds nothing.
+    #[inline(always)]
+    fn dot_words<S: Simd, const N: usize>(
+        _s: S,
+        _b: &[u8],
+        _x: [&[XChunk; 8]; N],
+        _sums: [&[f32; SUMS]; N],
+        _acc: &mut [[S::X32; 2]; N],
+    ) {
+        debug_assert!(!Self::WORDS, "a WORDS format defines dot_words");
+    }
+}
+
+/// 32 activations on a 64-byte boundary: a block's activations reordered for
+/// [`Format::dot_words`] (every 512-bit load of them within one cache line).
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+pub(super) struct XChunk(pub(super) [f32; CHUNK]);
+
+/// Vector `v` (of `CHUNK * 8 / LANES`) of a block's reordered activations.
+#[inline(always)]
+pub(super) fn xvec<S: Simd>(s: S, x: &[XChunk; 8], v: usize) -> S::F32 {
+    let per = CHUNK / S::LANES;
+    let (lanes, _) = S::lanes(&x[(v / per) % 8].0);
+    match lanes.get(v % per) {
+        Some(l) => s.load(l),
+        None => s.zero(),
+    }
+}
+
+/// Accumulator slot `k` of a row's sets: the sets' vectors in turn (only the first set
+/// at 256 bits, where [`reduce`] reads one). [`Format::dot_words`] gives each of its
+/// independent partial sums of a block a fixed slot, the same for any number of rows.
+#[inline(always)]
+pub(super) fn slot<S: Simd>(acc: &mut [S::X32; 2], k: usize) -> &mut S::F32 {
+    let per = CHUNK / S::LANES;
+    let sets = if two_sets::<S>() { 2 } else { 1 };
+    let k = k % (per * sets);
+    let set = &mut acc[(k / per) % 2];
+    let v = set.as_mut();
+    let n = v.len();
+    &mut v[(k % per) % n]
+}
+
+/// `acc += Σ_k mins[k] * sums[k]`, vector by vector (a block's folded minimums or
+/// offsets against its activation sums), into slot 0.
+#[inline(always)]
+pub(super) fn fma_sums<S: Simd>(s: S, mins: &[S::F32], sums: &[f32; SUMS], acc: &mut [S::X32; 2]) {
+    let (v, _) = S::lanes(sums);
+    for (m, x) in mins.iter().zip(v) {
+        let a = slot::<S>(acc, 0);
+        *a = s.fma(*m, s.load(x), *a);
+    }
 }
 
 /// Floats of activation sums per block when [`Format::MIN_SUMS`]: one per chunk (at most
@@ -228,7 +304,36 @@ pub(super) struct DotMatrix<'a, F, const BYTES: usize> {
     pub(super) cols: usize,
     pub(super) n: usize,
     pub(super) out: &'a mut [f32],
+    /// The `n` rows of `x` reordered for a [`Format::WORDS`] format ([`Reorder`]), when
+    /// the caller made them once for several calls; made here otherwise.
+    pub(super) xr: Option<&'a [[XChunk; 8]]>,
     pub(super) format: PhantomData<F>,
+}
+
+/// The `n` activation rows (`cols` each) of `x` in [`Format::word_order`] at the level's
+/// width, for [`DotMatrix::xr`]: empty for a format without one, or at the scalar level.
+pub(super) struct Reorder<'a, F> {
+    pub(super) x: &'a [f32],
+    pub(super) cols: usize,
+    pub(super) n: usize,
+    pub(super) format: PhantomData<F>,
+}
+
+impl<F: Format> Kernel for Reorder<'_, F> {
+    type Output = Vec<[XChunk; 8]>;
+
+    fn scalar(self) -> Self::Output {
+        Vec::new()
+    }
+
+    #[inline(always)]
+    fn simd<S: Simd>(self, _s: S) -> Self::Output {
+        if F::WORDS && F::CHUNKS == 8 {
+            reorder::<S, F>(self.x, self.cols, self.n)
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 /// Weight row `row` (whole blocks of `F`) as f32 into `out`.
@@ -305,7 +410,7 @@ impl<F: Format, const BYTES: usize> Kernel for DotMatrix<'_, F, BYTES> {
         // Each activation row's chunk sums, `blocks` per row, when the format folds its
         // minimums (computed once here for every weight row of the call).
         let blocks = cols / (CHUNK * F::CHUNKS);
-        let sums = if F::MIN_SUMS {
+        let sums = if F::MIN_SUMS || F::WORDS {
             chunk_sums::<S, F>(s, self.x, cols, n)
         } else {
             Vec::new()
@@ -314,6 +419,44 @@ impl<F: Format, const BYTES: usize> Kernel for DotMatrix<'_, F, BYTES> {
             sums.get(i * blocks..)
                 .map_or(&[][..], |r| &r[..blocks.min(r.len())])
         };
+        if F::WORDS && F::CHUNKS == 8 {
+            let own;
+            let xr = match self.xr {
+                Some(xr) if xr.len() >= blocks * n => xr,
+                _ => {
+                    own = reorder::<S, F>(self.x, cols, n);
+                    &own[..]
+                }
+            };
+            let xrow = |i: usize| {
+                xr.get(i * blocks..)
+                    .map_or(&[][..], |r| &r[..blocks.min(r.len())])
+            };
+            for (row, out) in self
+                .rows
+                .chunks_exact(self.row_bytes)
+                .zip(self.out.chunks_exact_mut(n))
+            {
+                let blocks = row.as_chunks::<BYTES>().0;
+                let mut pairs = out.chunks_exact_mut(2);
+                let mut i = 0;
+                for o in &mut pairs {
+                    let [a, b] = dot_words::<S, F, BYTES, 2>(
+                        s,
+                        blocks,
+                        [xrow(i), xrow(i + 1)],
+                        [srow(i), srow(i + 1)],
+                    );
+                    o[0] = a;
+                    o[1] = b;
+                    i += 2;
+                }
+                if let [o] = pairs.into_remainder() {
+                    [*o] = dot_words::<S, F, BYTES, 1>(s, blocks, [xrow(i)], [srow(i)]);
+                }
+            }
+            return;
+        }
         for (row, out) in self
             .rows
             .chunks_exact(self.row_bytes)
@@ -348,7 +491,6 @@ const fn two_sets<S: Simd>() -> bool {
 /// block's chunks' sums, then zeros), for [`Format::MIN_SUMS`] formats.
 #[inline(always)]
 fn chunk_sums<S: Simd, F: Format>(s: S, x: &[f32], cols: usize, n: usize) -> Vec<[f32; SUMS]> {
-    let per_block = F::CHUNKS.min(SUMS);
     let blocks = cols / (CHUNK * F::CHUNKS);
     let mut sums = vec![[0f32; SUMS]; blocks * n];
     for (sums, x) in sums
@@ -357,8 +499,21 @@ fn chunk_sums<S: Simd, F: Format>(s: S, x: &[f32], cols: usize, n: usize) -> Vec
     {
         let chunks = x.as_chunks::<CHUNK>().0;
         for (sum, x) in sums.iter_mut().zip(chunks.chunks_exact(F::CHUNKS)) {
-            for (o, x) in sum[..per_block].iter_mut().zip(x) {
-                *o = s.sum32(s.load32(x));
+            if F::SUM_WEIGHTS == CHUNK {
+                for (o, x) in sum.iter_mut().zip(x) {
+                    *o = s.sum32(s.load32(x));
+                }
+            } else {
+                // Groups of `SUM_WEIGHTS`: each the sum of its vectors, then of the lanes.
+                let x = x.as_flattened();
+                for (o, g) in sum.iter_mut().zip(x.chunks_exact(F::SUM_WEIGHTS.max(1))) {
+                    let (v, rest) = S::lanes(g);
+                    let mut acc = s.zero();
+                    for v in v {
+                        acc = s.add(acc, s.load(v));
+                    }
+                    *o = s.sum(acc) + rest.iter().sum::<f32>();
+                }
             }
         }
     }
@@ -447,6 +602,56 @@ fn fma_block2<S: Simd, F: Format>(
             mins: F::MIN_SUMS,
         },
     );
+}
+
+/// Each of the `n` activation rows (`cols` each) in [`Format::word_order`], block by
+/// block: 8 [`XChunk`]s per block. Done once per call and shared by every weight row of
+/// it (a gather of `cols` floats per row against `cols` weights per weight row).
+fn reorder<S: Simd, F: Format>(x: &[f32], cols: usize, n: usize) -> Vec<[XChunk; 8]> {
+    const W: usize = CHUNK * 8;
+    let order: [usize; W] = core::array::from_fn(|k| F::word_order(S::LANES, k) % W);
+    let blocks = cols / W;
+    let mut xr = vec![[XChunk([0.0; CHUNK]); 8]; blocks * n];
+    for (xr, x) in xr
+        .chunks_exact_mut(blocks.max(1))
+        .zip(x.chunks_exact(cols.max(1)))
+    {
+        for (xb, x) in xr.iter_mut().zip(x.as_chunks::<W>().0) {
+            for (k, &w) in order.iter().enumerate() {
+                xb[k / CHUNK].0[k % CHUNK] = x[w];
+            }
+        }
+    }
+    xr
+}
+
+/// `dot(row, x[r])` for `N` activation rows (reordered, with their sums), each block's
+/// codes read once for all of them ([`Format::dot_words`]); a row's sums in the same
+/// order for any `N`.
+#[inline(always)]
+fn dot_words<S: Simd, F: Format, const BYTES: usize, const N: usize>(
+    s: S,
+    blocks: &[[u8; BYTES]],
+    x: [&[[XChunk; 8]]; N],
+    sums: [&[[f32; SUMS]]; N],
+) -> [f32; N] {
+    const ZX: [XChunk; 8] = [XChunk([0.0; CHUNK]); 8];
+    const ZS: [f32; SUMS] = [0.0; SUMS];
+    let mut acc = [[s.zero32(), s.zero32()]; N];
+    for (bi, b) in blocks.iter().enumerate() {
+        let mut xb = [&ZX; N];
+        let mut sb = [&ZS; N];
+        for r in 0..N {
+            xb[r] = x[r].get(bi).unwrap_or(&ZX);
+            sb[r] = sums[r].get(bi).unwrap_or(&ZS);
+        }
+        F::dot_words::<S, N>(s, b, xb, sb, &mut acc);
+    }
+    let mut out = [0f32; N];
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = reduce(s, a);
+    }
+    out
 }
 
 /// The sum of a row's accumulator sets in a fixed order, then of the lanes: the same for

@@ -323,6 +323,45 @@ fn load_512i_words(b: &[u8; 64]) -> __m512i {
     unsafe { _mm512_loadu_si512(b.as_ptr().cast()) }
 }
 
+/// The first 8 of 16 words.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_256i_u32(n: &[u32; 16]) -> __m256i {
+    // SAFETY: `n` is 64 readable bytes, of which 32 are read; `loadu` has no alignment
+    // requirement.
+    unsafe { _mm256_loadu_si256(n.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn load_512i_u32(n: &[u32; 16]) -> __m512i {
+    // SAFETY: `n` is 64 readable bytes; `loadu` has no alignment requirement.
+    unsafe { _mm512_loadu_si512(n.as_ptr().cast()) }
+}
+
+/// The 2-bit field of `hi` at bit `at` moved to bits 4..6 (other bits cleared).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn field2_to_4_256(hi: __m256i, at: u32) -> __m256i {
+    let moved = if at >= 4 {
+        _mm256_srl_epi32(hi, _mm_cvtsi32_si128((at - 4) as i32))
+    } else {
+        _mm256_sll_epi32(hi, _mm_cvtsi32_si128((4 - at) as i32))
+    };
+    _mm256_and_si256(moved, _mm256_set1_epi32(0x30))
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn field2_to_4_512(hi: __m512i, at: u32) -> __m512i {
+    let moved = if at >= 4 {
+        _mm512_srl_epi32(hi, _mm_cvtsi32_si128((at - 4) as i32))
+    } else {
+        _mm512_sll_epi32(hi, _mm_cvtsi32_si128((4 - at) as i32))
+    };
+    _mm512_and_si512(moved, _mm512_set1_epi32(0x30))
+}
+
 /// The integer dot products of [`Simd`], the same at both widths (8 lanes).
 macro_rules! int_dot_ops {
     () => {
@@ -690,6 +729,44 @@ impl Simd for V256 {
                 _mm256_and_si256(_mm256_srli_epi16::<4>(v), m),
             )
         })
+    }
+    #[inline(always)]
+    fn load_i32_bytes32(self, b: &[u8; 32]) -> __m256i {
+        feat!(load_256i_words(b))
+    }
+    #[inline(always)]
+    fn shr_i32_lanes(self, v: __m256i, n: &[u32; 16]) -> __m256i {
+        feat!(_mm256_srlv_epi32(v, load_256i_u32(n)))
+    }
+    #[inline(always)]
+    fn field_f32(self, v: __m256i, at: u32, mask: u32) -> __m256 {
+        feat!(_mm256_cvtepi32_ps(_mm256_and_si256(
+            _mm256_srl_epi32(v, _mm_cvtsi32_si128(at as i32)),
+            _mm256_set1_epi32(mask as i32)
+        )))
+    }
+    #[inline(always)]
+    fn field6_f32(self, lo: __m256i, lo_at: u32, hi: __m256i, hi_at: u32) -> __m256 {
+        feat!({
+            let lo = _mm256_and_si256(
+                _mm256_srl_epi32(lo, _mm_cvtsi32_si128(lo_at as i32)),
+                _mm256_set1_epi32(15),
+            );
+            _mm256_cvtepi32_ps(_mm256_or_si256(lo, field2_to_4_256(hi, hi_at)))
+        })
+    }
+    #[inline(always)]
+    fn add_where_bit_f32(self, w: __m256, v: __m256i, bit: u32, a: __m256) -> __m256 {
+        // The bit's lanes as all-ones, `a` kept there, zero elsewhere, added.
+        feat!({
+            let b = _mm256_set1_epi32((1u32 << (bit % 32)) as i32);
+            let m = _mm256_cmpeq_epi32(_mm256_and_si256(v, b), b);
+            _mm256_add_ps(w, _mm256_and_ps(_mm256_castsi256_ps(m), a))
+        })
+    }
+    #[inline(always)]
+    fn permute_f32(self, v: __m256, idx: &[u32; 16]) -> __m256 {
+        feat!(_mm256_permutevar8x32_ps(v, load_256i_u32(idx)))
     }
     #[inline(always)]
     fn dot_bcast_u8<const VNNI: bool>(self, acc: __m256i, u: __m256i, x: [u8; 4]) -> __m256i {
@@ -1383,6 +1460,52 @@ impl Simd for V512 {
                 _mm512_and_si512(_mm512_srli_epi16::<4>(v), m),
             )
         })
+    }
+    #[inline(always)]
+    fn load_i32_bytes32(self, b: &[u8; 32]) -> __m512i {
+        feat!(_mm512_broadcast_i64x4(load_256i_words(b)))
+    }
+    #[inline(always)]
+    fn shr_i32_lanes(self, v: __m512i, n: &[u32; 16]) -> __m512i {
+        feat!(_mm512_srlv_epi32(v, load_512i_u32(n)))
+    }
+    #[inline(always)]
+    fn field_f32(self, v: __m512i, at: u32, mask: u32) -> __m512 {
+        feat!(_mm512_cvtepi32_ps(_mm512_and_si512(
+            _mm512_srl_epi32(v, _mm_cvtsi32_si128(at as i32)),
+            _mm512_set1_epi32(mask as i32)
+        )))
+    }
+    #[inline(always)]
+    fn nibble_f32(self, v: __m512i, at: u32) -> __m512 {
+        // The permute reads an index's low 4 bits: the table `i as f32` is the conversion.
+        feat!(_mm512_permutexvar_ps(
+            _mm512_srl_epi32(v, _mm_cvtsi32_si128(at as i32)),
+            iota_512()
+        ))
+    }
+    #[inline(always)]
+    fn field6_f32(self, lo: __m512i, lo_at: u32, hi: __m512i, hi_at: u32) -> __m512 {
+        // (The and / or pair becomes one `vpternlogd`.)
+        feat!({
+            let lo = _mm512_and_si512(
+                _mm512_srl_epi32(lo, _mm_cvtsi32_si128(lo_at as i32)),
+                _mm512_set1_epi32(15),
+            );
+            _mm512_cvtepi32_ps(_mm512_or_si512(lo, field2_to_4_512(hi, hi_at)))
+        })
+    }
+    #[inline(always)]
+    fn add_where_bit_f32(self, w: __m512, v: __m512i, bit: u32, a: __m512) -> __m512 {
+        // One test gives the lanes' mask, one masked add.
+        feat!({
+            let k = _mm512_test_epi32_mask(v, _mm512_set1_epi32((1u32 << (bit % 32)) as i32));
+            _mm512_mask_add_ps(w, k, w, a)
+        })
+    }
+    #[inline(always)]
+    fn permute_f32(self, v: __m512, idx: &[u32; 16]) -> __m512 {
+        feat!(_mm512_permutexvar_ps(load_512i_u32(idx), v))
     }
     #[inline(always)]
     fn dot_bcast_u8<const VNNI: bool>(self, acc: __m512i, u: __m512i, x: [u8; 4]) -> __m512i {
