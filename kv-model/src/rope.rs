@@ -213,16 +213,20 @@ impl Rope {
             .into());
         }
         let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-        let (ia, ib): (fn(usize, usize) -> usize, fn(usize, usize) -> usize) = if self.halves {
-            (|i, _| i, |i, half| i + half)
-        } else {
-            (|i, _| 2 * i, |i, _| 2 * i + 1)
+        let halves = self.halves;
+        // (a, b) of pair `i`: the two halves (NeoX), or interleaved elements.
+        let pair = |i: usize| {
+            if halves {
+                (i, i + half)
+            } else {
+                (2 * i, 2 * i + 1)
+            }
         };
         for (t, rows) in v.chunks_exact_mut(heads * head_dim).enumerate() {
             let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
             for row in rows.chunks_exact_mut(head_dim) {
                 for i in 0..half {
-                    let (pa, pb) = (ia(i, half), ib(i, half));
+                    let (pa, pb) = pair(i);
                     let (a, b) = (row[pa], row[pb]);
                     // The products rounded before the sum, as the tensor operations do.
                     let (ac, bs, as_, bc) = (a * c[i], b * s[i], a * s[i], b * c[i]);
