@@ -1119,6 +1119,40 @@ mod tests {
         }
     }
 
+    /// The fused residual add and norm give the bits of the add and the norm apart, and
+    /// refuse a weight of the wrong width as the norm does.
+    #[test]
+    fn add_rms_norm_equals_the_add_then_the_norm_bit_for_bit() {
+        let dev = Device::Cpu;
+        let (n, h) = (3, 40);
+        let gen = |seed: usize| -> Vec<f32> {
+            (0..n * h)
+                .map(|i| (((i + seed) * 7919 % 211) as f32 - 105.0) / 13.0)
+                .collect()
+        };
+        let x = Tensor::from_vec(gen(1), (n, h), &dev).unwrap();
+        let out = Tensor::from_vec(gen(2), (n, h), &dev).unwrap();
+        let w: Vec<f32> = (0..h).map(|i| 0.5 + i as f32 / 17.0).collect();
+        let w = Tensor::from_vec(w, h, &dev).unwrap();
+        let (sum, normed) = add_rms_norm(&x, &out, &w, 1e-6).unwrap();
+        let want_sum = (&x + &out).unwrap();
+        let want_normed = rms_norm(&want_sum, &w, 1e-6).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&sum), bits(&want_sum));
+        assert_eq!(bits(&normed), bits(&want_normed));
+        let short = Tensor::from_vec(vec![1f32; h - 1], h - 1, &dev).unwrap();
+        assert!(add_rms_norm(&x, &out, &short, 1e-6).is_err());
+        assert!(rms_norm(&x, &short, 1e-6).is_err());
+    }
+
     #[test]
     fn rms_norm_matches_definition() {
         let dev = Device::Cpu;
