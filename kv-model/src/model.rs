@@ -578,8 +578,13 @@ impl Model {
             // Gemma scales its embeddings by sqrt(width) (in f32, as llama.cpp does).
             x = (x * f64::from((c.hidden_size as f32).sqrt()))?;
         }
+        // Each layer's input norm; from the second layer on made together with the
+        // residual add that ends the layer before (`add_rms_norm`).
+        let mut h = match self.layers.first() {
+            Some(first) => rms_norm(&x, &first.attn_norm, eps)?,
+            None => x.clone(),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.attn_norm, eps)?;
             let [mut q, mut k, mut v]: [Tensor; 3] =
                 Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &h, self.activations)?
                     .try_into()
@@ -621,11 +626,10 @@ impl Model {
             if let Some([post_attn, _]) = &layer.post_norms {
                 out = rms_norm(&out, post_attn, eps)?;
             }
-            x = (x + out)?;
-
-            let h = rms_norm(&x, &layer.ffn_norm, eps)?;
+            let (sum, normed) = add_rms_norm(&x, &out, &layer.ffn_norm, eps)?;
+            x = sum;
             let [gate, up]: [Tensor; 2] =
-                Linear::forward_many(&[&layer.w_gate, &layer.w_up], &h, self.activations)?
+                Linear::forward_many(&[&layer.w_gate, &layer.w_up], &normed, self.activations)?
                     .try_into()
                     .map_err(|_| candle_core::Error::Msg("one tensor per projection".into()))?;
             let act = match c.family {
@@ -636,7 +640,10 @@ impl Model {
             if let Some([_, post_ffn]) = &layer.post_norms {
                 out = rms_norm(&out, post_ffn, eps)?;
             }
-            x = (x + out)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (x, h) = add_rms_norm(&x, &out, &next.attn_norm, eps)?,
+                None => x = (x + out)?,
+            }
         }
         let x = match logits {
             Logits::Last if segments.len() == 1 => x.narrow(0, n - 1, 1)?,
@@ -845,7 +852,8 @@ fn all_finite(t: &QTensor) -> Result<bool> {
 /// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension.
 ///
 /// One pass per row on the CPU: as seven candle ops it made seven tensors per call, and a
-/// decode step makes 61 calls.
+/// decode step makes 61 calls. `x` and `weight` are read in place; the result is the one
+/// allocation.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if !x.device().is_cpu() {
         let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -853,24 +861,83 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         return Ok(x.broadcast_mul(&inv)?.broadcast_mul(weight)?);
     }
     let h = x.dim(D::Minus1)?;
-    let w = weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    if w.len() != h {
-        return Err(candle_core::Error::ShapeMismatchBinaryOp {
-            lhs: x.shape().clone(),
-            rhs: weight.shape().clone(),
-            op: "rms_norm",
-        }
-        .into());
+    let v = host_f32(weight, |w| {
+        check_norm_weight(x, weight, w, h)?;
+        host_f32(x, |x| {
+            let mut v = x.to_vec();
+            norm_rows(&mut v, w, eps);
+            v
+        })
+    })??;
+    Ok(Tensor::from_vec(v, x.shape(), x.device())?)
+}
+
+/// The residual add `x + out` and the RMSNorm of its result in one pass on the CPU:
+/// `(x + out, rms_norm(x + out))`, bit for bit what the two operations give (the sum is
+/// rounded once per element, the norm is [`rms_norm`]'s loop). Every layer ends two
+/// residual adds each followed by a norm; as separate operations each add was a candle
+/// tensor of its own and the norm copied it again.
+fn add_rms_norm(x: &Tensor, out: &Tensor, weight: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    if !x.device().is_cpu() || x.shape() != out.shape() || x.dtype() != out.dtype() {
+        let x = (x + out)?;
+        let h = rms_norm(&x, weight, eps)?;
+        return Ok((x, h));
     }
-    let mut v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let h = x.dim(D::Minus1)?;
+    let (sum, normed) = host_f32(weight, |w| {
+        check_norm_weight(x, weight, w, h)?;
+        host_f32(x, |xs| {
+            host_f32(out, |os| {
+                let sum: Vec<f32> = xs.iter().zip(os).map(|(a, b)| a + b).collect();
+                let mut normed = sum.clone();
+                norm_rows(&mut normed, w, eps);
+                (sum, normed)
+            })
+        })?
+    })??;
+    Ok((
+        Tensor::from_vec(sum, x.shape(), x.device())?,
+        Tensor::from_vec(normed, x.shape(), x.device())?,
+    ))
+}
+
+/// A norm weight of `h` elements for `x`, or the shape error candle's ops would give.
+fn check_norm_weight(x: &Tensor, weight: &Tensor, w: &[f32], h: usize) -> Result<()> {
+    if w.len() == h {
+        return Ok(());
+    }
+    Err(candle_core::Error::ShapeMismatchBinaryOp {
+        lhs: x.shape().clone(),
+        rhs: weight.shape().clone(),
+        op: "rms_norm",
+    }
+    .into())
+}
+
+/// Each row of `w.len()` elements of `v` scaled by `1 / sqrt(mean(row^2) + eps)` and `w`.
+fn norm_rows(v: &mut [f32], w: &[f32], eps: f64) {
+    let h = w.len().max(1);
     for row in v.chunks_exact_mut(h) {
         let mean_sq = row.iter().map(|a| a * a).sum::<f32>() / h as f32;
         let inv = 1.0 / (mean_sq + eps as f32).sqrt();
-        for (a, w) in row.iter_mut().zip(&w) {
+        for (a, w) in row.iter_mut().zip(w) {
             *a = *a * inv * w;
         }
     }
-    Ok(Tensor::from_vec(v, x.shape(), x.device())?)
+}
+
+/// Calls `f` with `t`'s elements as contiguous host f32, copying only when they are not
+/// already (another dtype, a strided view).
+fn host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        return Ok(f(&v[a..b]));
+    }
+    drop(storage);
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// SwiGLU's `silu(gate) * up` in one pass on the CPU (three candle ops otherwise).
@@ -879,10 +946,11 @@ fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return Ok((gate.silu()? * up)?);
     }
     let mut g = gate.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let u = up.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    for (g, u) in g.iter_mut().zip(&u) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+    host_f32(up, |u| {
+        for (g, u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    })?;
     Ok(Tensor::from_vec(g, gate.shape(), gate.device())?)
 }
 
@@ -893,12 +961,13 @@ fn gelu_tanh_gated(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return Ok((gate.gelu()? * up)?);
     }
     let mut g = gate.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let u = up.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let c = (2.0f32 / std::f32::consts::PI).sqrt();
-    for (g, u) in g.iter_mut().zip(&u) {
-        let x = *g;
-        *g = 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh()) * u;
-    }
+    host_f32(up, |u| {
+        for (g, u) in g.iter_mut().zip(u) {
+            let x = *g;
+            *g = 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh()) * u;
+        }
+    })?;
     Ok(Tensor::from_vec(g, gate.shape(), gate.device())?)
 }
 
@@ -1048,6 +1117,40 @@ mod tests {
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
         }
+    }
+
+    /// The fused residual add and norm give the bits of the add and the norm apart, and
+    /// refuse a weight of the wrong width as the norm does.
+    #[test]
+    fn add_rms_norm_equals_the_add_then_the_norm_bit_for_bit() {
+        let dev = Device::Cpu;
+        let (n, h) = (3, 40);
+        let gen = |seed: usize| -> Vec<f32> {
+            (0..n * h)
+                .map(|i| (((i + seed) * 7919 % 211) as f32 - 105.0) / 13.0)
+                .collect()
+        };
+        let x = Tensor::from_vec(gen(1), (n, h), &dev).unwrap();
+        let out = Tensor::from_vec(gen(2), (n, h), &dev).unwrap();
+        let w: Vec<f32> = (0..h).map(|i| 0.5 + i as f32 / 17.0).collect();
+        let w = Tensor::from_vec(w, h, &dev).unwrap();
+        let (sum, normed) = add_rms_norm(&x, &out, &w, 1e-6).unwrap();
+        let want_sum = (&x + &out).unwrap();
+        let want_normed = rms_norm(&want_sum, &w, 1e-6).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&sum), bits(&want_sum));
+        assert_eq!(bits(&normed), bits(&want_normed));
+        let short = Tensor::from_vec(vec![1f32; h - 1], h - 1, &dev).unwrap();
+        assert!(add_rms_norm(&x, &out, &short, 1e-6).is_err());
+        assert!(rms_norm(&x, &short, 1e-6).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::{LlamaConfig, ModelError, Result};
 
@@ -182,7 +182,64 @@ impl Rope {
     }
 
     /// Rotates row `t` of `x` by the angles in row `t` of `cos`/`sin` (`[tokens, half]`).
+    ///
+    /// On the CPU one loop over the elements ([`Rope::rotate_host`]); elsewhere the
+    /// tensor operations of [`Rope::rotate_ops`]. Both compute `a cos - b sin` and
+    /// `a sin + b cos` with each product rounded once, so they agree bit for bit.
     fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            self.rotate_host(x, cos, sin)
+        } else {
+            self.rotate_ops(x, cos, sin)
+        }
+    }
+
+    /// [`Rope::rotate`] as plain loops over host memory: a decode step rotates Q and K of
+    /// every layer, and as a dozen tensor operations (each a new tensor, the pairs
+    /// gathered by strided copies) that was ~5% of a SmolLM2 decode step's CPU time on
+    /// the thread the other threads wait for (`perf`, `docs/measurements.md`).
+    fn rotate_host(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (n, heads, head_dim) = x.dims3()?;
+        let half = self.rope_dim / 2;
+        let cos = cos.flatten_all()?.to_vec1::<f32>()?;
+        let sin = sin.flatten_all()?.to_vec1::<f32>()?;
+        if cos.len() != n * half || sin.len() != n * half || self.rope_dim > head_dim {
+            return Err(candle_core::Error::Msg(format!(
+                "rope: {} angles for {n} tokens of {half} pairs, rope_dim {} of head_dim \
+                 {head_dim}",
+                cos.len(),
+                self.rope_dim
+            ))
+            .into());
+        }
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        let halves = self.halves;
+        // (a, b) of pair `i`: the two halves (NeoX), or interleaved elements.
+        let pair = |i: usize| {
+            if halves {
+                (i, i + half)
+            } else {
+                (2 * i, 2 * i + 1)
+            }
+        };
+        for (t, rows) in v.chunks_exact_mut(heads * head_dim).enumerate() {
+            let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+            for row in rows.chunks_exact_mut(head_dim) {
+                for i in 0..half {
+                    let (pa, pb) = pair(i);
+                    let (a, b) = (row[pa], row[pb]);
+                    // The products rounded before the sum, as the tensor operations do.
+                    let (ac, bs, as_, bc) = (a * c[i], b * s[i], a * s[i], b * c[i]);
+                    row[pa] = ac - bs;
+                    row[pb] = as_ + bc;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(v, (n, heads, head_dim), x.device())?)
+    }
+
+    /// [`Rope::rotate`] as tensor operations: any device.
+    fn rotate_ops(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (n, heads, head_dim) = x.dims3()?;
         let half = self.rope_dim / 2;
         let cos = cos.reshape((n, 1, half))?;
@@ -302,6 +359,49 @@ mod tests {
                     assert!((g - w).abs() < 1e-5, "token {t} head {h}: {g} vs {w}");
                 }
             }
+        }
+    }
+
+    /// The host loop and the tensor operations agree bit for bit (interleaved, halves,
+    /// partial rotation, several tokens at once).
+    #[test]
+    fn host_rotation_equals_the_tensor_operations_bit_for_bit() {
+        let mut neox = config(16, 16);
+        neox.family = crate::config::Family::Qwen2;
+        let mut partial = config(16, 8);
+        partial.family = crate::config::Family::Gemma3;
+        for cfg in [config(16, 16), neox, partial, config(16, 12)] {
+            let dev = Device::Cpu;
+            let rope = Rope::new(&cfg, None, &dev).unwrap();
+            let (n, heads, d) = (7, 3, cfg.head_dim);
+            let data: Vec<f32> = (0..n * heads * d)
+                .map(|i| ((i * 7919 % 113) as f32 - 56.0) / 9.0)
+                .collect();
+            let x = Tensor::from_vec(data, (n, heads, d), &dev).unwrap();
+            let (cos, sin) = rope.rows(40, 40 + n).unwrap();
+            let host = rope.rotate_host(&x, &cos, &sin).unwrap();
+            let ops = rope.rotate_ops(&x, &cos, &sin).unwrap();
+            let host: Vec<u32> = host
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let ops: Vec<u32> = ops
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(
+                host, ops,
+                "rope_dim {} halves {}",
+                cfg.rope_dim, rope.halves
+            );
         }
     }
 
