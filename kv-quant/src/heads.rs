@@ -19,7 +19,7 @@
 //! length gives a wrong result, never an out-of-bounds access.
 
 use crate::format::RowFormat;
-use crate::rows::{self, group_bytes, params, Codes, I8, U2, U4};
+use crate::rows::{self, dequant, group_bytes, params, Codes, I8, U2, U4};
 use crate::simd::{Prefetch, Simd};
 
 /// Heads one pass over a run of rows serves; more heads take further passes.
@@ -28,16 +28,6 @@ const HEAD_BLOCK: usize = 4;
 /// Longest rows whose 4-bit scores use permuted codes: the permuted queries live in a
 /// stack buffer filled on every call, so it stays small.
 pub(crate) const SPLIT_MAX: usize = 128;
-
-/// `x̂` of unpacked codes: `fma(c, s, m)`, or `c * s` for the symmetric header.
-#[inline(always)]
-fn dequant<S: Simd, C: Codes>(s: S, c: S::F32, sv: S::F32, mv: S::F32) -> S::F32 {
-    if C::ASYM {
-        s.fma(c, sv, mv)
-    } else {
-        s.mul(c, sv)
-    }
-}
 
 /// `scores[h * stride + r] = q_h · x̂_r` for `H` heads and the `R` rows of `rows` (each
 /// `rb` bytes): the `R * H` dot products accumulated side by side and reduced together.
@@ -62,14 +52,15 @@ fn score_block<S: Simd, C: Codes, const H: usize, const R: usize>(
         for (gi, rg) in row.chunks_exact(gbytes).enumerate() {
             let (sv, mv) = params::<S, C>(s, rg);
             for (j, c32) in C::chunks(&rg[C::HEADER..]).iter().enumerate() {
-                let mut x = if perm {
-                    C::unpack_perm(s, c32)
+                let x = if perm {
+                    C::dequant_perm(s, c32, sv, mv)
                 } else {
-                    C::unpack(s, c32)
+                    let mut x = C::unpack(s, c32);
+                    for v in x.as_mut() {
+                        *v = dequant::<S, C>(s, *v, sv, mv);
+                    }
+                    x
                 };
-                for v in x.as_mut() {
-                    *v = dequant::<S, C>(s, *v, sv, mv);
-                }
                 let at = gi * group / 32 + j;
                 for h in 0..H {
                     let qv = s.load32(&qh[h][at]);
@@ -300,11 +291,7 @@ fn accumulate_cols<S: Simd, C: Codes, const H: usize, const P: usize>(
         let wb: [S::F32; H] = core::array::from_fn(|h| s.splat(wh[h][r]));
         for (k, &(g, c)) in at.iter().enumerate() {
             let (sv, mv) = params::<S, C>(s, &row[g..]);
-            let [x0, x1] = C::unpack_pair(s, &C::pairs::<S>(&row[c..])[0]);
-            let x = [
-                dequant::<S, C>(s, x0, sv, mv),
-                dequant::<S, C>(s, x1, sv, mv),
-            ];
+            let x = C::dequant_pair(s, &C::pairs::<S>(&row[c..])[0], sv, mv);
             for h in 0..H {
                 a[h][k][0] = s.fma(wb[h], x[0], a[h][k][0]);
                 a[h][k][1] = s.fma(wb[h], x[1], a[h][k][1]);

@@ -46,6 +46,41 @@ pub(crate) trait Codes {
     fn unpack_perm<S: Simd>(s: S, b: &Self::Bytes32) -> S::X32 {
         Self::unpack(s, b)
     }
+    /// [`unpack_perm`](Self::unpack_perm) dequantized with the group's scale `sv` and
+    /// minimum `mv`: `fma(c, s, m)`, or `c * s` for the symmetric header.
+    #[inline(always)]
+    fn dequant_perm<S: Simd>(s: S, b: &Self::Bytes32, sv: S::F32, mv: S::F32) -> S::X32 {
+        let mut x = Self::unpack_perm(s, b);
+        for v in x.as_mut() {
+            *v = dequant::<S, Self>(s, *v, sv, mv);
+        }
+        x
+    }
+    /// [`unpack_pair`](Self::unpack_pair) dequantized as in
+    /// [`dequant_perm`](Self::dequant_perm).
+    #[inline(always)]
+    fn dequant_pair<S: Simd>(s: S, b: &Self::Pair<S>, sv: S::F32, mv: S::F32) -> [S::F32; 2] {
+        let [x0, x1] = Self::unpack_pair(s, b);
+        [
+            dequant::<S, Self>(s, x0, sv, mv),
+            dequant::<S, Self>(s, x1, sv, mv),
+        ]
+    }
+}
+
+/// `x̂` of unpacked codes: `fma(c, s, m)`, or `c * s` for the symmetric header.
+#[inline(always)]
+pub(crate) fn dequant<S: Simd, C: Codes + ?Sized>(
+    s: S,
+    c: S::F32,
+    sv: S::F32,
+    mv: S::F32,
+) -> S::F32 {
+    if C::ASYM {
+        s.fma(c, sv, mv)
+    } else {
+        s.mul(c, sv)
+    }
 }
 
 /// INT8: symmetric, signed codes.
@@ -106,6 +141,16 @@ impl Codes for U4 {
     #[inline(always)]
     fn unpack_perm<S: Simd>(s: S, b: &[u8; 16]) -> S::X32 {
         s.codes32_u4_perm(b)
+    }
+    // A 4-bit code stands for one of 16 values of its group: computed once into a table
+    // (one fma) and looked up, bit for bit the values the default computes per code.
+    #[inline(always)]
+    fn dequant_perm<S: Simd>(s: S, b: &[u8; 16], sv: S::F32, mv: S::F32) -> S::X32 {
+        s.lookup16_u4_perm(s.lut16_affine(sv, mv), b)
+    }
+    #[inline(always)]
+    fn dequant_pair<S: Simd>(s: S, b: &S::Bytes, sv: S::F32, mv: S::F32) -> [S::F32; 2] {
+        s.lookup16_pair_u4(s.lut16_affine(sv, mv), b)
     }
 }
 

@@ -461,6 +461,15 @@ pub trait Simd: Copy + Send + Sync + 'static {
     ) -> (Self::X32, Self::X32);
     /// `t[v[j]]` for the 32 bytes of `v` (each `< 32`).
     fn lookup32(self, t: Self::Lut32, v: Self::Bytes32) -> Self::X32;
+    /// `t[code]` for the 32 4-bit codes of a row group's 16 bytes (low nibble first, kv's
+    /// row layouts), in the order of [`Simd::codes32_u4_perm`]: with `t` from
+    /// [`Simd::lut16_affine`]`(s, m)` the dequantized values `fma(code, s, m)`, bit for bit,
+    /// in fewer operations than unpacking and scaling (at 512 bits one widening, one shift
+    /// and two permutes for 32 values; added for issue 19's decode attention).
+    fn lookup16_u4_perm(self, t: Self::Lut16, b: &[u8; 16]) -> Self::X32;
+    /// `t[code]` for the `2 * LANES` 4-bit codes of `b` (low nibble first), in the order of
+    /// [`Simd::pair_u4`]: as [`Simd::lookup16_u4_perm`], a pair of vectors at a time.
+    fn lookup16_pair_u4(self, t: Self::Lut16, b: &Self::Bytes) -> [Self::F32; 2];
     /// `t[code]` for the 32 5-bit codes of a Q5_0/Q5_1 block: the nibbles of `b` in GGUF's
     /// split order (see [`Simd::split_nibbles32`]), bit `j` of `high` code `j`'s fifth bit.
     /// Here the codes are assembled in bytes; 512 bits set the fifth bits in the widened
@@ -1275,6 +1284,79 @@ mod tests {
             let want = ops().scalar();
             for isa in Isa::available() {
                 assert_eq!(isa.run(ops()), want, "{isa} case {case}");
+            }
+        }
+    }
+
+    /// [`Simd::lookup16_u4_perm`] and [`Simd::lookup16_pair_u4`] on one row group's 16
+    /// bytes, as f32 bits, beside the definition in the same order: `fma(code, a, b)` per
+    /// element in element order, then [`Simd::perm32`] / [`Simd::perm2`].
+    struct RowNibbles {
+        bytes: [u8; 16],
+        a: f32,
+        b: f32,
+    }
+
+    impl RowNibbles {
+        /// `fma(code_i, a, b)` for the 32 codes, low nibble first, in element order.
+        fn reference(&self) -> [f32; 32] {
+            core::array::from_fn(|i| {
+                let code = self.bytes[i / 2] >> (4 * (i % 2)) & 15;
+                f32::from(code).mul_add(self.a, self.b)
+            })
+        }
+    }
+
+    impl Kernel for RowNibbles {
+        /// (got, want): the lookups' bits, the definition's bits.
+        type Output = (Vec<u32>, Vec<u32>);
+        fn scalar(self) -> Self::Output {
+            let want: Vec<u32> = self.reference().iter().map(|x| x.to_bits()).collect();
+            (want.clone(), want)
+        }
+        #[inline(always)]
+        fn simd<S: Simd>(self, s: S) -> Self::Output {
+            let reference = self.reference();
+            let t = s.lut16_affine(s.splat(self.a), s.splat(self.b));
+            let mut got = [0f32; 32];
+            s.store32(&mut got, s.lookup16_u4_perm(t, &self.bytes));
+            let mut want = [0f32; 32];
+            s.store32(&mut want, s.perm32(s.load32(&reference)));
+            let (mut got, mut want) = (got.to_vec(), want.to_vec());
+            // The first `2 * LANES` codes as a pair of vectors.
+            let pair = s.lookup16_pair_u4(t, &S::bytes(&self.bytes).0[0]);
+            let (l, _) = S::lanes(&reference[..2 * S::LANES]);
+            let perm = s.perm2([s.load(&l[0]), s.load(&l[1])]);
+            let mut v = vec![0f32; 2 * S::LANES];
+            let mut w = vec![0f32; 2 * S::LANES];
+            {
+                let (lv, _) = S::lanes_mut(&mut v);
+                let (lw, _) = S::lanes_mut(&mut w);
+                for k in 0..2 {
+                    s.store(&mut lv[k], pair[k]);
+                    s.store(&mut lw[k], perm[k]);
+                }
+            }
+            got.extend(v);
+            want.extend(w);
+            let bits = |x: Vec<f32>| x.into_iter().map(f32::to_bits).collect();
+            (bits(got), bits(want))
+        }
+    }
+
+    /// The 4-bit row lookups give each level's dequantized values bit for bit, in the order
+    /// the decode kernels read them (negative scales and minima included).
+    #[test]
+    fn row_nibble_lookups_equal_fma_of_each_code_at_every_level() {
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
+        for case in 0..200 {
+            let mut bytes = [0u8; 16];
+            bytes.iter_mut().for_each(|b| *b = next() as u8);
+            let a = f32::from_bits(next() as u32 & 0x807f_ffff | 0x3c00_0000);
+            let b = (next() % 2000) as f32 / -7.0 + 100.0;
+            for isa in Isa::available() {
+                let (got, want) = isa.run(RowNibbles { bytes, a, b });
+                assert_eq!(got, want, "{isa} case {case}");
             }
         }
     }

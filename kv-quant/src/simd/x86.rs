@@ -816,6 +816,25 @@ impl Simd for V256 {
         }
     }
     #[inline(always)]
+    fn lookup16_u4_perm(self, t: Codes256, b: &[u8; 16]) -> [__m256; 4] {
+        // At 256 bits the permuted order is element order ([`Simd::U4_PERMUTED`] is false).
+        feat!({
+            let (lo, hi) = nibbles(b);
+            codes_256(t, lo, hi)
+        })
+    }
+    #[inline(always)]
+    fn lookup16_pair_u4(self, t: Codes256, b: &[u8; 8]) -> [__m256; 2] {
+        feat!({
+            let v = nibbles16(b);
+            let v = match t.center {
+                Some(c) => _mm_sub_epi8(v, _mm_set1_epi8(c)),
+                None => v,
+            };
+            [code_256(t, v), code_256(t, _mm_unpackhi_epi64(v, v))]
+        })
+    }
+    #[inline(always)]
     fn lookup16_split(self, t: Codes256, b: &[u8; 16]) -> [__m256; 4] {
         feat!({
             let v = load_128(b);
@@ -1558,6 +1577,17 @@ impl Simd for V512 {
             _mm512_mul_ps(_mm512_sub_ps(iota_512(), _mm512_set1_ps(16.0)), a),
             _mm512_mul_ps(iota_512(), a),
         ])
+    }
+    #[inline(always)]
+    fn lookup16_u4_perm(self, t: __m512, b: &[u8; 16]) -> [__m512; 2] {
+        // Byte j holds elements 2j (low nibble) and 2j + 1 (high nibble): the split order
+        // of the nibbles is [`u4_split_512`]'s [even, odd], the permuted order here.
+        self.lookup16_split(t, b)
+    }
+    #[inline(always)]
+    fn lookup16_pair_u4(self, t: __m512, b: &[u8; 16]) -> [__m512; 2] {
+        // [`Simd::pair_u4`] is [`u4_split_512`] too at this width.
+        self.lookup16_split(t, b)
     }
     #[inline(always)]
     fn lookup16_split(self, t: __m512, b: &[u8; 16]) -> [__m512; 2] {
