@@ -200,7 +200,7 @@ pub(crate) fn dot_heads<S: Simd>(
     while h0 < heads {
         let hb = (heads - h0).min(HEAD_BLOCK);
         // The first block of heads reads every row: it prefetches the next ones.
-        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[][..] });
+        let mut pf = Prefetch::spread(if h0 == 0 { ahead } else { &[][..] }, rows.len());
         let qb = &q[h0 * d..(h0 + hb) * d];
         let sb = &mut scores[h0 * stride..];
         // `wide`: 3 heads take 4 rows at a time (12 sums reduced together), which pays
@@ -378,7 +378,7 @@ pub(crate) fn axpy_heads<S: Simd>(
     let mut h0 = 0;
     while h0 < heads {
         let hb = (heads - h0).min(HEAD_BLOCK);
-        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[][..] });
+        let mut pf = Prefetch::spread(if h0 == 0 { ahead } else { &[][..] }, rows.len());
         let wb = &w[h0 * stride..];
         let ab = &mut acc[h0 * d..(h0 + hb) * d];
         macro_rules! blocks {

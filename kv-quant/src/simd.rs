@@ -692,6 +692,9 @@ fn vnni_detected() -> bool {
 /// pf.bytes(256); // lines 0..4 requested
 /// pf.bytes(4096); // the rest; asking past the end is fine
 /// Prefetch::all(&next); // every line at once
+/// // 1 KiB to ask for while 256 bytes are read: 4 bytes asked for per byte read.
+/// let mut pf = Prefetch::spread(&next, 256);
+/// pf.bytes(64); // lines 0..4 requested
 /// ```
 #[derive(Debug)]
 pub struct Prefetch<'a> {
@@ -701,8 +704,14 @@ pub struct Prefetch<'a> {
     len: usize,
     /// Offset of the next line to request (after the first, a line boundary).
     next: usize,
+    /// Bytes requested per byte [`Prefetch::bytes`] is told of, in 1/65536ths (at least
+    /// one: see [`Prefetch::spread`]).
+    scale: usize,
     _data: PhantomData<&'a [u8]>,
 }
+
+/// `Prefetch::scale`'s fixed point: 16 fraction bits.
+const SCALE_BITS: u32 = 16;
 
 impl<'a> Prefetch<'a> {
     /// Prefetches from `ahead` (empty for nothing).
@@ -712,8 +721,24 @@ impl<'a> Prefetch<'a> {
             start: ahead.as_ptr().cast(),
             len: size_of_val(ahead),
             next: 0,
+            scale: 1 << SCALE_BITS,
             _data: PhantomData,
         }
+    }
+
+    /// Prefetches from `ahead` while the kernel reads `over` bytes, all of it by the time
+    /// they are read: where `ahead` is longer than `over`, each byte read asks for
+    /// proportionally more (a kernel reading 2 KiB of 4-bit codes can ask for an 8 KiB
+    /// block of f16 rows); where it is shorter, one byte per byte read, as
+    /// [`Prefetch::new`]. `over == 0` asks for everything at the first request.
+    #[inline]
+    pub fn spread<T>(ahead: &'a [T], over: usize) -> Self {
+        let mut pf = Self::new(ahead);
+        if pf.len > over {
+            let scaled = ((pf.len as u128) << SCALE_BITS).div_ceil(over.max(1) as u128);
+            pf.scale = usize::try_from(scaled).unwrap_or(usize::MAX);
+        }
+        pf
     }
 
     /// Nothing to prefetch.
@@ -729,10 +754,16 @@ impl<'a> Prefetch<'a> {
         pf.bytes(pf.len);
     }
 
-    /// Requests the lines of the next `bytes` bytes not yet requested, into L2.
+    /// Requests the lines of the next `bytes` bytes not yet requested, into L2 (scaled up
+    /// where the data was given with [`Prefetch::spread`]).
     #[inline(always)]
     pub fn bytes(&mut self, bytes: usize) {
         const LINE: usize = 64;
+        let bytes = if self.scale == 1 << SCALE_BITS {
+            bytes
+        } else {
+            bytes.saturating_mul(self.scale) >> SCALE_BITS
+        };
         let end = self.next.saturating_add(bytes).min(self.len);
         #[cfg(target_arch = "x86_64")]
         {
