@@ -49,7 +49,8 @@
 //! value pass stops before them (the window costs no quantized work); where a query reads
 //! f16 rows before quantized ones (a prefill, a prefix block without its window) their
 //! weights are zeroed for the quantized pass instead. The window rows a decode task reads
-//! are asked for by its earlier tiles, a key block's K or V rows each (`WindowQueue`).
+//! are asked for by its earlier tiles' kernels, a key block's K or V rows per kernel call,
+//! score and value passes alike (`WindowQueue`).
 //!
 //! # What may be written
 //!
@@ -1266,14 +1267,17 @@ fn run_task_in(
                         let k = &lp.k[at..at + p.kivi_bytes];
                         if j == 0 && col + t_n <= TILE {
                             // The whole key block in this tile: every quantized lane at
-                            // once, each token's codes unpacked once for all of them.
-                            kern.kivi_scores_heads(
+                            // once, each token's codes unpacked once for all of them. At
+                            // decode it asks for the next of the task's window rows as it
+                            // reads the codes (the value pass asks for another).
+                            kern.kivi_scores_heads_ahead(
                                 format,
                                 d,
                                 &q[quantized.start * d..quantized.end * d],
                                 k,
                                 &mut scores[quantized.start * TILE + col..],
                                 TILE,
+                                bytemuck::cast_slice(queue.take(t1)),
                             )
                             .map_err(internal)?;
                         } else {
@@ -1496,8 +1500,11 @@ const QUEUE_LEN: usize = 2 * (256 / 32 + 2);
 /// starts at. Windows hold 3 to 5 times the bytes a token of the pools does: asked for all
 /// at once in the tile before them, as the pools' rows are, they left the step waiting on
 /// memory (the residual cost 2 to 5% of a Llama-2-7B layer's step at 4096 tokens). The
-/// task's earlier tiles, which compute more than they read, each ask for one of them
-/// instead, a share per row read of a kernel ([`WindowQueue::take`]).
+/// task's earlier tiles, which compute more than they read, ask for them instead, one per
+/// kernel call (each quantized key block's scores and the tile's values), spread over the
+/// bytes the kernel reads ([`WindowQueue::take`]): with the score kernels asking too, a
+/// Llama-2-7B window is asked for within the task's first three tiles rather than in the
+/// tiles just before it.
 #[derive(Debug, Default)]
 struct WindowQueue<'a> {
     rows: [(usize, &'a [f16]); QUEUE_LEN],
