@@ -143,6 +143,7 @@ fn score_heads<
         qh.as_chunks::<32>().0
     });
     let n = rows.len() / rb;
+    let (step_r, step_1) = (pf.share(R * rb), pf.share(rb));
     let mut r0 = 0;
     while r0 + R <= n {
         score_block::<S, C, H, R>(
@@ -157,7 +158,7 @@ fn score_heads<
             stride,
         );
         r0 += R;
-        pf.bytes(R * rb);
+        pf.bytes(step_r);
     }
     while r0 < n {
         score_block::<S, C, H, 1>(
@@ -172,7 +173,7 @@ fn score_heads<
             stride,
         );
         r0 += 1;
-        pf.bytes(rb);
+        pf.bytes(step_1);
     }
 }
 
@@ -295,8 +296,9 @@ fn accumulate_cols<S: Simd, C: Codes, const H: usize, const P: usize>(
             *ak = if C::permuted::<S>() { s.perm2(v) } else { v };
         }
     }
+    let step = pf.share(rb);
     for (r, row) in rows.chunks_exact(rb).enumerate() {
-        pf.bytes(rb);
+        pf.bytes(step);
         let wb: [S::F32; H] = core::array::from_fn(|h| s.splat(wh[h][r]));
         for (k, &(g, c)) in at.iter().enumerate() {
             let (sv, mv) = params::<S, C>(s, &row[g..]);

@@ -167,16 +167,17 @@ fn kivi_heads<S: Simd, C: Codes, const H: usize, const R: usize, const N: usize>
         *b = scale_query::<S, C>(s, &q[h * d..][..d], scales, mins, &mut qs[..d]);
     }
     let qs32: [&[[f32; 32]]; H] = core::array::from_fn(|h| qs[h][..d].as_chunks::<32>().0);
+    let (step_r, step_1) = (pf.share(R * tcb), pf.share(tcb));
     let mut t0 = 0;
     while t0 + R <= tokens {
         kivi_tokens::<S, C, H, R>(s, &qs32, &bias, codes, tcb, t0, out, stride);
         t0 += R;
-        pf.bytes(R * tcb);
+        pf.bytes(step_r);
     }
     while t0 < tokens {
         kivi_tokens::<S, C, H, 1>(s, &qs32, &bias, codes, tcb, t0, out, stride);
         t0 += 1;
-        pf.bytes(tcb);
+        pf.bytes(step_1);
     }
 }
 

@@ -694,7 +694,8 @@ fn vnni_detected() -> bool {
 /// Prefetch::all(&next); // every line at once
 /// // 1 KiB to ask for while 256 bytes are read: 4 bytes asked for per byte read.
 /// let mut pf = Prefetch::spread(&next, 256);
-/// pf.bytes(64); // lines 0..4 requested
+/// let step = pf.share(64); // 256: what to ask for per 64 bytes read
+/// pf.bytes(step); // lines 0..4 requested
 /// ```
 #[derive(Debug)]
 pub struct Prefetch<'a> {
@@ -704,8 +705,8 @@ pub struct Prefetch<'a> {
     len: usize,
     /// Offset of the next line to request (after the first, a line boundary).
     next: usize,
-    /// Bytes requested per byte [`Prefetch::bytes`] is told of, in 1/65536ths (at least
-    /// one: see [`Prefetch::spread`]).
+    /// Bytes to request per byte read, in 1/65536ths (at least one: see
+    /// [`Prefetch::spread`] and [`Prefetch::share`]).
     scale: usize,
     _data: PhantomData<&'a [u8]>,
 }
@@ -727,10 +728,11 @@ impl<'a> Prefetch<'a> {
     }
 
     /// Prefetches from `ahead` while the kernel reads `over` bytes, all of it by the time
-    /// they are read: where `ahead` is longer than `over`, each byte read asks for
-    /// proportionally more (a kernel reading 2 KiB of 4-bit codes can ask for an 8 KiB
-    /// block of f16 rows); where it is shorter, one byte per byte read, as
-    /// [`Prefetch::new`]. `over == 0` asks for everything at the first request.
+    /// they are read, when the kernel asks for [`Prefetch::share`] of what it reads: where
+    /// `ahead` is longer than `over`, each byte read asks for proportionally more (a kernel
+    /// reading 2 KiB of 4-bit codes can ask for an 8 KiB block of f16 rows); where it is
+    /// shorter, one byte per byte read, as [`Prefetch::new`]. `over == 0` asks for
+    /// everything at the first request.
     #[inline]
     pub fn spread<T>(ahead: &'a [T], over: usize) -> Self {
         let mut pf = Self::new(ahead);
@@ -754,16 +756,22 @@ impl<'a> Prefetch<'a> {
         pf.bytes(pf.len);
     }
 
-    /// Requests the lines of the next `bytes` bytes not yet requested, into L2 (scaled up
-    /// where the data was given with [`Prefetch::spread`]).
+    /// How many bytes to ask for (with [`Prefetch::bytes`]) per `read` bytes the kernel
+    /// reads: `read` itself, or more for data given with [`Prefetch::spread`]. Worked out
+    /// once before a kernel's loop, so the loop costs what it did without `spread`.
+    #[inline(always)]
+    pub fn share(&self, read: usize) -> usize {
+        if self.scale == 1 << SCALE_BITS {
+            read
+        } else {
+            read.saturating_mul(self.scale) >> SCALE_BITS
+        }
+    }
+
+    /// Requests the lines of the next `bytes` bytes not yet requested, into L2.
     #[inline(always)]
     pub fn bytes(&mut self, bytes: usize) {
         const LINE: usize = 64;
-        let bytes = if self.scale == 1 << SCALE_BITS {
-            bytes
-        } else {
-            bytes.saturating_mul(self.scale) >> SCALE_BITS
-        };
         let end = self.next.saturating_add(bytes).min(self.len);
         #[cfg(target_arch = "x86_64")]
         {
