@@ -768,6 +768,13 @@ impl<'a> Prefetch<'a> {
         }
     }
 
+    /// Whether every line has been requested (or there was nothing to request): a kernel
+    /// can run its loop without the requests then.
+    #[inline(always)]
+    pub fn is_done(&self) -> bool {
+        self.next >= self.len
+    }
+
     /// Requests the lines of the next `bytes` bytes not yet requested, into L2.
     #[inline(always)]
     pub fn bytes(&mut self, bytes: usize) {
