@@ -49,7 +49,8 @@
 //! value pass stops before them (the window costs no quantized work); where a query reads
 //! f16 rows before quantized ones (a prefill, a prefix block without its window) their
 //! weights are zeroed for the quantized pass instead. The window rows a decode task reads
-//! are asked for by its earlier tiles, a key block's K or V rows each (`WindowQueue`).
+//! are asked for by its earlier tiles' kernels, a key block's K or V rows per kernel call,
+//! score and value passes alike (`WindowQueue`).
 //!
 //! # What may be written
 //!
@@ -1114,9 +1115,16 @@ fn run_task_in(
     // KIVI decode: the residual's f16 window rows that the query reads in this task, for
     // the tiles before them to ask for (see `WindowQueue`).
     let kivi_decode = fused && matches!(p.layout.keys, KeyLayout::Kivi(_));
+    let decode = DecodeQuery {
+        p,
+        lp,
+        h,
+        pos: first_pos,
+        block_at: &block_at,
+    };
     let mut queue = WindowQueue::default();
     if kivi_decode {
-        queue.fill(p, lp, h, first_pos, (task.k0, task.k1), &block_at)?;
+        queue.fill(&decode, (task.k0, task.k1))?;
     }
     let mut next = [Ahead::default(); AHEAD_BLOCKS];
     let mut t0 = task.k0;
@@ -1168,8 +1176,7 @@ fn run_task_in(
                     }
                     // Only what the query reads: not the pools' key blocks and values it
                     // reads from the windows (the residual), nor windows it does not read.
-                    let values_from =
-                        decode_ahead(p, lp, h, first_pos, (t1, nt1), &block_at, &mut next)?;
+                    let values_from = decode.ahead((t1, nt1), &mut next)?;
                     v_next = v_rows.get(..(values_from - t1) * p.v_row).unwrap_or(&[]);
                     for (i, n) in next.iter().enumerate() {
                         kernels::prefetch(n.k);
@@ -1260,14 +1267,17 @@ fn run_task_in(
                         let k = &lp.k[at..at + p.kivi_bytes];
                         if j == 0 && col + t_n <= TILE {
                             // The whole key block in this tile: every quantized lane at
-                            // once, each token's codes unpacked once for all of them.
-                            kern.kivi_scores_heads(
+                            // once, each token's codes unpacked once for all of them. At
+                            // decode it asks for the next of the task's window rows as it
+                            // reads the codes (the value pass asks for another).
+                            kern.kivi_scores_heads_ahead(
                                 format,
                                 d,
                                 &q[quantized.start * d..quantized.end * d],
                                 k,
                                 &mut scores[quantized.start * TILE + col..],
                                 TILE,
+                                bytemuck::cast_slice(queue.take(t1)),
                             )
                             .map_err(internal)?;
                         } else {
@@ -1385,8 +1395,8 @@ fn run_task_in(
     Ok(())
 }
 
-/// Key blocks of a tile that [`decode_ahead`] describes: a tile holds at most [`TILE`]
-/// tokens, two 32-token key blocks.
+/// Key blocks of a tile that [`DecodeQuery::ahead`] describes: a tile holds at most
+/// [`TILE`] tokens, two 32-token key blocks.
 const AHEAD_BLOCKS: usize = TILE / 32;
 
 /// What a decode query reads of one key block of a tile, for the tile before it to ask for
@@ -1399,76 +1409,86 @@ struct Ahead<'a> {
     v16: &'a [f16],
 }
 
-/// For a decode query at `pos` over the tile `t0..t1` of KV head `h` (which starts at a key
-/// block): fills `out[i]` with what it reads of the key block at `t0 + i * 32` (empty past
-/// the tile), and returns [`f16_values_from`]: the pool's value rows it reads are those
-/// before it. Only a hint for prefetching: no value depends on it.
-fn decode_ahead<'a>(
-    p: &QuantPools,
+/// One decode query of a task, as the prefetch hints see it: the pools and layer it reads,
+/// its KV head `h`, its position `pos`, and the sequence's block table (`block_at`: the
+/// cache block of a sequence block). [`DecodeQuery::ahead`] (the next tile's rows) and
+/// [`WindowQueue::fill`] (the task's window rows) describe the same reads, so they share
+/// it. Only hints come from it: no value depends on it.
+#[derive(Clone, Copy)]
+struct DecodeQuery<'a, 'b> {
+    p: &'a QuantPools,
     lp: &'a QuantLayer,
     h: usize,
     pos: usize,
-    (t0, t1): (usize, usize),
-    block_at: &dyn Fn(usize) -> Result<usize>,
-    out: &mut [Ahead<'a>; AHEAD_BLOCKS],
-) -> Result<usize> {
-    let values_from = if p.residual > 0 {
-        f16_values_from(p, lp, pos, t0, t1, block_at)?
-    } else {
-        t1
-    };
-    for (i, a) in out.iter_mut().enumerate() {
-        let t = t0 + i * p.kivi_tokens;
-        *a = if t < t1 {
-            ahead_of(p, lp, h, pos, (t, t1), values_from, block_at)?
-        } else {
-            Ahead::default()
-        };
-    }
-    Ok(values_from)
+    block_at: &'b dyn Fn(usize) -> Result<usize>,
 }
 
-/// What a decode query at `pos` reads of the key block of KV head `h` starting at `t`
-/// (tokens `t..t1` of it), as `run_task_in` reads it, given the first token whose value it
-/// reads in f16 (`values_from`, see [`f16_values_from`]).
-fn ahead_of<'a>(
-    p: &QuantPools,
-    lp: &'a QuantLayer,
-    h: usize,
-    pos: usize,
-    (t, t1): (usize, usize),
-    values_from: usize,
-    block_at: &dyn Fn(usize) -> Result<usize>,
-) -> Result<Ahead<'a>> {
-    let (d, t_n, bs) = (p.vgeom.head_dim, p.kivi_tokens, p.vgeom.block_size);
-    let mut a = Ahead::default();
-    let (block, offset) = (block_at(t / bs)?, t % bs);
-    let (kb, j) = (offset / t_n, offset % t_n);
-    let window = lp
-        .windows
-        .get(block * p.key_blocks_per_block + kb)
-        .and_then(Option::as_ref);
-    // Keys from the window while the block fills and while the query is within the
-    // residual after it; else the quantized block.
-    match window {
-        Some(w) if !w.quantized || t - j + t_n + p.residual > pos => {
-            a.k16 = w.rows.get(h * t_n * d..(h + 1) * t_n * d).unwrap_or(&[]);
-        }
-        _ => {
-            let at = p.kivi_start(block, kb, h);
-            a.k = lp.k.get(at..at + p.kivi_bytes).unwrap_or(&[]);
+impl<'a> DecodeQuery<'a, '_> {
+    /// [`f16_values_from`] over `t0..t1`, `t1` without a residual (every value read from
+    /// the pool).
+    fn values_from(&self, (t0, t1): (usize, usize)) -> Result<usize> {
+        if self.p.residual > 0 {
+            f16_values_from(self.p, self.lp, self.pos, t0, t1, self.block_at)
+        } else {
+            Ok(t1)
         }
     }
-    if let Some(w) = window.filter(|w| !w.values.is_empty()) {
-        let (lo, hi) = (j + values_from.max(t) - t, (j + t1 - t).min(t_n));
-        if lo < hi {
-            a.v16 = w
-                .values
-                .get((h * t_n + lo) * d..(h * t_n + hi) * d)
-                .unwrap_or(&[]);
+
+    /// Over the tile `t0..t1` (which starts at a key block): fills `out[i]` with what the
+    /// query reads of the key block at `t0 + i * 32` (empty past the tile), and returns
+    /// [`Self::values_from`]: the pool's value rows it reads are those before it.
+    fn ahead(
+        &self,
+        (t0, t1): (usize, usize),
+        out: &mut [Ahead<'a>; AHEAD_BLOCKS],
+    ) -> Result<usize> {
+        let values_from = self.values_from((t0, t1))?;
+        for (i, a) in out.iter_mut().enumerate() {
+            let t = t0 + i * self.p.kivi_tokens;
+            *a = if t < t1 {
+                self.ahead_of((t, t1), values_from)?
+            } else {
+                Ahead::default()
+            };
         }
+        Ok(values_from)
     }
-    Ok(a)
+
+    /// What the query reads of the key block of its KV head starting at `t` (tokens
+    /// `t..t1` of it), as `run_task_in` reads it, given the first token whose value it reads
+    /// in f16 (`values_from`, see [`f16_values_from`]).
+    fn ahead_of(&self, (t, t1): (usize, usize), values_from: usize) -> Result<Ahead<'a>> {
+        let (p, lp, h) = (self.p, self.lp, self.h);
+        let (d, t_n, bs) = (p.vgeom.head_dim, p.kivi_tokens, p.vgeom.block_size);
+        let mut a = Ahead::default();
+        let (block, offset) = ((self.block_at)(t / bs)?, t % bs);
+        let (kb, j) = (offset / t_n, offset % t_n);
+        let window = lp
+            .windows
+            .get(block * p.key_blocks_per_block + kb)
+            .and_then(Option::as_ref);
+        // Keys from the window while the block fills and while the query is within the
+        // residual after it; else the quantized block.
+        match window {
+            Some(w) if !w.quantized || t - j + t_n + p.residual > self.pos => {
+                a.k16 = w.rows.get(h * t_n * d..(h + 1) * t_n * d).unwrap_or(&[]);
+            }
+            _ => {
+                let at = p.kivi_start(block, kb, h);
+                a.k = lp.k.get(at..at + p.kivi_bytes).unwrap_or(&[]);
+            }
+        }
+        if let Some(w) = window.filter(|w| !w.values.is_empty()) {
+            let (lo, hi) = (j + values_from.max(t) - t, (j + t1 - t).min(t_n));
+            if lo < hi {
+                a.v16 = w
+                    .values
+                    .get((h * t_n + lo) * d..(h * t_n + hi) * d)
+                    .unwrap_or(&[]);
+            }
+        }
+        Ok(a)
+    }
 }
 
 /// Most rows a [`WindowQueue`] holds: the keys and values of the key blocks that the
@@ -1480,8 +1500,11 @@ const QUEUE_LEN: usize = 2 * (256 / 32 + 2);
 /// starts at. Windows hold 3 to 5 times the bytes a token of the pools does: asked for all
 /// at once in the tile before them, as the pools' rows are, they left the step waiting on
 /// memory (the residual cost 2 to 5% of a Llama-2-7B layer's step at 4096 tokens). The
-/// task's earlier tiles, which compute more than they read, each ask for one of them
-/// instead, a share per row read of a kernel ([`WindowQueue::take`]).
+/// task's earlier tiles, which compute more than they read, ask for them instead, one per
+/// kernel call (each quantized key block's scores and the tile's values), spread over the
+/// bytes the kernel reads ([`WindowQueue::take`]): with the score kernels asking too, a
+/// Llama-2-7B window is asked for within the task's first three tiles rather than in the
+/// tiles just before it.
 #[derive(Debug, Default)]
 struct WindowQueue<'a> {
     rows: [(usize, &'a [f16]); QUEUE_LEN],
@@ -1493,33 +1516,20 @@ struct WindowQueue<'a> {
 }
 
 impl<'a> WindowQueue<'a> {
-    /// The windows that the decode query at `pos` reads in the task `k0..k1` (of whole key
-    /// blocks from `k0`) of KV head `h`: those of the key blocks that end after `pos - R -
-    /// 32`, the residual's (where a filling block's window lies before, the tile before it
-    /// asks for it).
-    #[allow(clippy::too_many_arguments)]
-    fn fill(
-        &mut self,
-        p: &QuantPools,
-        lp: &'a QuantLayer,
-        h: usize,
-        pos: usize,
-        (k0, k1): (usize, usize),
-        block_at: &dyn Fn(usize) -> Result<usize>,
-    ) -> Result<()> {
-        let t_n = p.kivi_tokens;
-        let start = (pos + 1).saturating_sub(p.residual + t_n).max(k0);
+    /// The windows that the decode query `dq` reads in the task `k0..k1` (of whole key
+    /// blocks from `k0`): those of the key blocks that end after `pos - R - 32`, the
+    /// residual's (where a filling block's window lies before, the tile before it asks for
+    /// it).
+    fn fill(&mut self, dq: &DecodeQuery<'a, '_>, (k0, k1): (usize, usize)) -> Result<()> {
+        let t_n = dq.p.kivi_tokens;
+        let start = (dq.pos + 1).saturating_sub(dq.p.residual + t_n).max(k0);
         self.from = k0 + (start - k0) / t_n * t_n;
         if self.from >= k1 {
             return Ok(());
         }
-        let values_from = if p.residual > 0 {
-            f16_values_from(p, lp, pos, self.from, k1, block_at)?
-        } else {
-            k1
-        };
+        let values_from = dq.values_from((self.from, k1))?;
         for t in (self.from..k1).step_by(t_n) {
-            let a = ahead_of(p, lp, h, pos, (t, k1), values_from, block_at)?;
+            let a = dq.ahead_of((t, k1), values_from)?;
             for rows in [a.k16, a.v16] {
                 if !rows.is_empty() && self.len < QUEUE_LEN {
                     self.rows[self.len] = (t, rows);

@@ -134,6 +134,7 @@ fn score_heads<
         qh.as_chunks::<32>().0
     });
     let n = rows.len() / rb;
+    let (step_r, step_1) = (pf.share(R * rb), pf.share(rb));
     let mut r0 = 0;
     while r0 + R <= n {
         score_block::<S, C, H, R>(
@@ -148,7 +149,7 @@ fn score_heads<
             stride,
         );
         r0 += R;
-        pf.bytes(R * rb);
+        pf.bytes(step_r);
     }
     while r0 < n {
         score_block::<S, C, H, 1>(
@@ -163,7 +164,7 @@ fn score_heads<
             stride,
         );
         r0 += 1;
-        pf.bytes(rb);
+        pf.bytes(step_1);
     }
 }
 
@@ -191,7 +192,7 @@ pub(crate) fn dot_heads<S: Simd>(
     while h0 < heads {
         let hb = (heads - h0).min(HEAD_BLOCK);
         // The first block of heads reads every row: it prefetches the next ones.
-        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[][..] });
+        let mut pf = Prefetch::spread(if h0 == 0 { ahead } else { &[][..] }, rows.len());
         let qb = &q[h0 * d..(h0 + hb) * d];
         let sb = &mut scores[h0 * stride..];
         // `wide`: 3 heads take 4 rows at a time (12 sums reduced together), which pays
@@ -286,8 +287,9 @@ fn accumulate_cols<S: Simd, C: Codes, const H: usize, const P: usize>(
             *ak = if C::permuted::<S>() { s.perm2(v) } else { v };
         }
     }
+    let step = pf.share(rb);
     for (r, row) in rows.chunks_exact(rb).enumerate() {
-        pf.bytes(rb);
+        pf.bytes(step);
         let wb: [S::F32; H] = core::array::from_fn(|h| s.splat(wh[h][r]));
         for (k, &(g, c)) in at.iter().enumerate() {
             let (sv, mv) = params::<S, C>(s, &row[g..]);
@@ -365,7 +367,7 @@ pub(crate) fn axpy_heads<S: Simd>(
     let mut h0 = 0;
     while h0 < heads {
         let hb = (heads - h0).min(HEAD_BLOCK);
-        let mut pf = Prefetch::new(if h0 == 0 { ahead } else { &[][..] });
+        let mut pf = Prefetch::spread(if h0 == 0 { ahead } else { &[][..] }, rows.len());
         let wb = &w[h0 * stride..];
         let ab = &mut acc[h0 * d..(h0 + hb) * d];
         macro_rules! blocks {

@@ -473,6 +473,46 @@ impl Kernels {
         scores: &mut [f32],
         stride: usize,
     ) -> Result<()> {
+        self.kivi_scores_heads_ahead(format, head_dim, q, block, scores, stride, &[])
+    }
+
+    /// [`kivi_scores_heads`](Self::kivi_scores_heads), prefetching `ahead` (into L2) spread
+    /// over the tokens' codes as they are read, all of it by the last token: a decode step
+    /// scoring a quantized key block asks this way for bytes it reads later (f16 rows of a
+    /// residual window, several times the block's size) without a burst of requests
+    /// between calls. Any bytes will do (an empty slice for none); they do not change the
+    /// result.
+    ///
+    /// ```
+    /// use kv_quant::{Kernels, KiviBits, KiviKeyFormat};
+    /// let k = Kernels::best();
+    /// let fmt = KiviKeyFormat::new(KiviBits::B4, 32);
+    /// let keys: Vec<f32> = (0..32 * 32).map(|i| (i % 7) as f32).collect();
+    /// let mut block = vec![0u8; fmt.block_bytes(32)?];
+    /// fmt.quantize_block(&keys, 32, &mut block)?;
+    /// let later = vec![0u8; 8192]; // what the caller reads next
+    /// let q = [1.0f32; 32];
+    /// let mut scores = [0.0f32; 32];
+    /// k.kivi_scores_heads_ahead(fmt, 32, &q, &block, &mut scores, 32, &later)?;
+    /// let mut plain = [0.0f32; 32];
+    /// k.kivi_scores_heads(fmt, 32, &q, &block, &mut plain, 32)?;
+    /// assert_eq!(scores, plain); // the same scores, only asked for `later` besides
+    /// # Ok::<(), kv_quant::QuantError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`kivi_scores_heads`](Self::kivi_scores_heads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn kivi_scores_heads_ahead(
+        &self,
+        format: KiviKeyFormat,
+        head_dim: usize,
+        q: &[f32],
+        block: &[u8],
+        scores: &mut [f32],
+        stride: usize,
+        ahead: &[u8],
+    ) -> Result<()> {
         format.check_block(head_dim, block.len())?;
         let (heads, n) = (q.len() / head_dim, format.block_tokens);
         expect_len("q", heads * head_dim, q.len())?;
@@ -495,6 +535,7 @@ impl Kernels {
             n,
             scores,
             stride,
+            ahead,
         });
         Ok(())
     }
@@ -645,10 +686,16 @@ kernel!(KiviScores { format: KiviKeyFormat, q: &'a [f32], block: &'a [u8], out: 
 
 kernel!(KiviScoresHeads {
     format: KiviKeyFormat, head_dim: usize, q: &'a [f32], block: &'a [u8], n: usize,
-    scores: &'a mut [f32], stride: usize,
+    scores: &'a mut [f32], stride: usize, ahead: &'a [u8],
 } -> ();
-    scalar => kivi_heads_scalar(format, head_dim, q, block, n, scores, stride);
-    simd(s) => kivi_kernels::kivi_scores_heads(s, format.bits, head_dim, q, block, n, scores, stride);
+    // The portable kernels leave prefetching to the hardware.
+    scalar => {
+        let _ = ahead;
+        kivi_heads_scalar(format, head_dim, q, block, n, scores, stride)
+    };
+    simd(s) => kivi_kernels::kivi_scores_heads(
+        s, format.bits, head_dim, q, block, n, scores, stride, ahead,
+    );
 );
 
 /// Checks the shape of a multi-head call: `per_head_len` is whole rows of `head_dim`,

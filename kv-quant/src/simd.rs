@@ -732,6 +732,10 @@ fn vnni_detected() -> bool {
 /// pf.bytes(256); // lines 0..4 requested
 /// pf.bytes(4096); // the rest; asking past the end is fine
 /// Prefetch::all(&next); // every line at once
+/// // 1 KiB to ask for while 256 bytes are read: 4 bytes asked for per byte read.
+/// let mut pf = Prefetch::spread(&next, 256);
+/// let step = pf.share(64); // 256: what to ask for per 64 bytes read
+/// pf.bytes(step); // lines 0..4 requested
 /// ```
 #[derive(Debug)]
 pub struct Prefetch<'a> {
@@ -741,8 +745,14 @@ pub struct Prefetch<'a> {
     len: usize,
     /// Offset of the next line to request (after the first, a line boundary).
     next: usize,
+    /// Bytes to request per byte read, in 1/65536ths (at least one: see
+    /// [`Prefetch::spread`] and [`Prefetch::share`]).
+    scale: usize,
     _data: PhantomData<&'a [u8]>,
 }
+
+/// `Prefetch::scale`'s fixed point: 16 fraction bits.
+const SCALE_BITS: u32 = 16;
 
 impl<'a> Prefetch<'a> {
     /// Prefetches from `ahead` (empty for nothing).
@@ -752,8 +762,25 @@ impl<'a> Prefetch<'a> {
             start: ahead.as_ptr().cast(),
             len: size_of_val(ahead),
             next: 0,
+            scale: 1 << SCALE_BITS,
             _data: PhantomData,
         }
+    }
+
+    /// Prefetches from `ahead` while the kernel reads `over` bytes, all of it by the time
+    /// they are read, when the kernel asks for [`Prefetch::share`] of what it reads: where
+    /// `ahead` is longer than `over`, each byte read asks for proportionally more (a kernel
+    /// reading 2 KiB of 4-bit codes can ask for an 8 KiB block of f16 rows); where it is
+    /// shorter, one byte per byte read, as [`Prefetch::new`]. `over == 0` asks for
+    /// everything at the first request.
+    #[inline]
+    pub fn spread<T>(ahead: &'a [T], over: usize) -> Self {
+        let mut pf = Self::new(ahead);
+        if pf.len > over {
+            let scaled = ((pf.len as u128) << SCALE_BITS).div_ceil(over.max(1) as u128);
+            pf.scale = usize::try_from(scaled).unwrap_or(usize::MAX);
+        }
+        pf
     }
 
     /// Nothing to prefetch.
@@ -767,6 +794,25 @@ impl<'a> Prefetch<'a> {
     pub fn all<T>(data: &[T]) {
         let mut pf = Prefetch::new(data);
         pf.bytes(pf.len);
+    }
+
+    /// How many bytes to ask for (with [`Prefetch::bytes`]) per `read` bytes the kernel
+    /// reads: `read` itself, or more for data given with [`Prefetch::spread`]. Worked out
+    /// once before a kernel's loop, so the loop costs what it did without `spread`.
+    #[inline(always)]
+    pub fn share(&self, read: usize) -> usize {
+        if self.scale == 1 << SCALE_BITS {
+            read
+        } else {
+            read.saturating_mul(self.scale) >> SCALE_BITS
+        }
+    }
+
+    /// Whether every line has been requested (or there was nothing to request): a kernel
+    /// can run its loop without the requests then.
+    #[inline(always)]
+    pub fn is_done(&self) -> bool {
+        self.next >= self.len
     }
 
     /// Requests the lines of the next `bytes` bytes not yet requested, into L2.

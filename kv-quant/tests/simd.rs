@@ -475,7 +475,7 @@ fn several_heads_score_every_compiled_shape() {
 
 /// Prefetching the next rows changes no result: the `_ahead` kernels equal the plain ones
 /// bit for bit at every level, whatever `ahead` holds (none, fewer or more bytes than the
-/// rows read, starting mid-line).
+/// rows read, starting mid-line), KIVI key blocks too.
 #[test]
 fn prefetching_ahead_changes_no_result() {
     use kv_quant::Group;
@@ -513,6 +513,31 @@ fn prefetching_ahead_changes_no_result() {
                     k.axpy_heads_ahead(fmt, d, &w, rows, block, &mut acc, ahead)
                         .expect("valid");
                     assert_eq!(acc, want_acc, "{fmt} d {d} at {}", k.isa());
+                }
+            }
+        }
+    }
+    // KIVI key blocks, with `ahead` far longer than the codes read (a window's f16 rows).
+    for bits in [KiviBits::B2, KiviBits::B4] {
+        for (d, heads, tokens) in [(64, 3, 32), (128, 1, 32), (128, 6, 19), (640, 2, 32)] {
+            let fmt = KiviKeyFormat::new(bits, tokens);
+            let keys: Vec<f32> = (0..tokens * d).map(|_| rng.normal()).collect();
+            let mut block = vec![0u8; fmt.block_bytes(d).expect("valid")];
+            fmt.quantize_block(&keys, d, &mut block).expect("storable");
+            let q: Vec<f32> = (0..heads * d).map(|_| rng.normal()).collect();
+            let later: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
+            for k in Isa::available()
+                .into_iter()
+                .filter_map(|i| Kernels::new(i).ok())
+            {
+                let mut want = vec![0.0f32; heads * tokens];
+                k.kivi_scores_heads(fmt, d, &q, &block, &mut want, tokens)
+                    .expect("valid");
+                for ahead in [&later[..0], &later[3..77], &later[1..], &block[..]] {
+                    let mut got = vec![0.0f32; heads * tokens];
+                    k.kivi_scores_heads_ahead(fmt, d, &q, &block, &mut got, tokens, ahead)
+                        .expect("valid");
+                    assert_eq!(got, want, "kivi {bits:?} d {d} at {}", k.isa());
                 }
             }
         }
