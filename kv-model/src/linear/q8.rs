@@ -396,8 +396,9 @@ fn emit<S: Simd>(s: S, out: &mut [f32], v: S::F32) {
 /// Runs `$body` once for each `$r` in `0..$n` (`$n` at most 8, a constant), with `$r` a
 /// literal in each copy: the activation rows of [`dots`] unrolled, so their accumulators
 /// are registers (a loop over them, not unrolled by the compiler, kept them on the stack:
-/// one store and one reload per row and block, 12% of a 16-sequence profile on the
-/// accumulator store alone).
+/// one store and one reload per row and block, 12% of the kernel's samples in a
+/// 16-sequence profile on the accumulator store alone). [`dots`] checks `R <= 8` at
+/// compile time.
 macro_rules! each_row {
     ($n:expr, $r:ident => $body:block) => {{
         each_row!(@ $n, $r, $body, 0 1 2 3 4 5 6 7)
@@ -422,6 +423,7 @@ fn dots<S: Simd, const F: u8, const V: bool, const R: usize>(
     m: &[S::Halves],
     x: [Row<'_>; R],
 ) -> [S::F32; R] {
+    const { assert!(R <= 8, "each_row! unrolls at most 8 rows") };
     let mut acc = [s.zero(); R];
     let mut min = [s.zero(); R];
     let quad = |a: &[u8; BLOCK], k: usize| -> [u8; 4] { core::array::from_fn(|t| a[4 * k + t]) };
