@@ -19,8 +19,10 @@
 //!   64 MiB called in turn, as a decode step reads its weights). No model needed.
 //! - `weight-rows` (not in the default list): one matmul of SmolLM2's decode shapes
 //!   (576x576, 1536x576, 576x1536; Q4_1 and Q8_0) at 1 to 128 activation rows, per path
-//!   (`auto`: what kv runs; `matvec`, `strips`, `panels`: each kernel where it applies), in
-//!   seconds per call and per row: the crossovers between the paths. No model needed.
+//!   (`auto`: what kv runs with exact activations; `matvec`, `strips`, `panels`: each
+//!   kernel; `q8`: activations rounded to 8 bits and the interleaved integer kernel,
+//!   rounding and transposition included), in seconds per call and per row: the
+//!   crossovers between the paths. No model needed.
 //! - `batch`: batched decode on the model: 1, 4, 16 and 64 sequences of 64-token prompts
 //!   (a shared 48-token prefix with the prefix cache, or all distinct), 64 new tokens
 //!   each; decode tokens/s over all sequences (prefill time taken out, prefill reported
@@ -486,7 +488,7 @@ fn weight_rows(quick: bool) {
     for ty in ["q4_1", "q8_0"] {
         for (rows, cols) in shapes {
             for n in ns {
-                for path in ["auto", "matvec", "strips", "panels"] {
+                for path in ["auto", "matvec", "strips", "panels", "q8"] {
                     let mut t: Vec<f64> = (0..rounds)
                         .filter_map(|_| {
                             kv_model::matmul_path_seconds(path, isa, ty, rows, cols, n, reps)

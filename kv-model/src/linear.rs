@@ -8,12 +8,13 @@
 //! exactly as candle's `dequantize` does, and the result equals the f32 path up to
 //! summation order (see [`crate::WeightFormat`] for why that matters).
 //!
-//! - Few rows (decode, small batches): a matrix-vector kernel over output rows that
-//!   dequantizes each block once for up to two activation rows (`linear/matvec.rs`, the
-//!   block types in `linear/blocks.rs` and `linear/kquant.rs`), written once over kv-quant's
-//!   `Simd` width and run at AVX-512 or AVX2 when the CPU has them, portable Rust otherwise
-//!   (kv-quant's `Isa`: `KV_ISA` caps the level); rayon threads split the output rows.
-//! - A batch of rows (a decode step of 9 to [`STRIPS_MAX_ROWS`] sequences): each task
+//! - Few rows (decode of up to [`MATVEC_MAX_ROWS`] sequences): a matrix-vector kernel over
+//!   output rows that dequantizes each block once for up to two activation rows
+//!   (`linear/matvec.rs`, the block types in `linear/blocks.rs` and `linear/kquant.rs`),
+//!   written once over kv-quant's `Simd` width and run at AVX-512 or AVX2 when the CPU has
+//!   them, portable Rust otherwise (kv-quant's `Isa`: `KV_ISA` caps the level); rayon
+//!   threads split the output rows. A row's result is the same bits at any row count.
+//! - A batch of rows (a decode step of 17 to [`STRIPS_MAX_ROWS`] sequences): each task
 //!   dequantizes a strip of weight rows into L1 once and multiplies it with every
 //!   activation row in register tiles (`linear/strips.rs`, written once over kv-quant's
 //!   `Simd` width): the weights are read once per step for the whole batch.
@@ -47,15 +48,24 @@ use crate::{Activations, ModelError, Result};
 /// Weights per block of the [`BlockType`]s.
 pub(crate) const BLOCK: usize = 32;
 
-/// Activation rows up to which the matrix-vector kernel is used; from here on the panel
-/// GEMM, whose dequantization is shared by all rows.
-const MATVEC_MAX_ROWS: usize = 8;
+/// Activation rows up to which the matrix-vector kernel is used; from here on the strip
+/// kernel (`linear/strips.rs`) up to [`STRIPS_MAX_ROWS`].
+///
+/// Measured on an AMD EPYC (AVX-512, 2 threads, `bench --sections weight-rows`, one
+/// layer's projections of SmolLM2 summed, microseconds per activation row, Q4_1): matvec
+/// 58-70 at 2 to 16 rows against the strips' 80-97, so the matrix-vector kernel (each
+/// block decoded once per pair of rows) up to 16; past 16 its activation rows no longer
+/// stay in L1 (98 at 24 rows) and the strips (78) lead (`docs/measurements.md`, branch
+/// `batch22`; an earlier machine had the strips ahead from 9 rows, and batched decode at
+/// 16 sequences fell below 4 sequences here with that choice).
+const MATVEC_MAX_ROWS: usize = 16;
 
-/// Activation rows up to which the strip kernel (`linear/strips.rs`) is used past
-/// [`MATVEC_MAX_ROWS`]; from here on the panel GEMM. Measured (`bench -- --sections
-/// weight-rows`, SmolLM2's decode shapes, one layer's projections summed): the strips
-/// ahead at 12 rows, even at 16, the panels ahead from 24 (`docs/measurements.md`).
-const STRIPS_MAX_ROWS: usize = 16;
+/// Activation rows up to which the strip kernel is used past [`MATVEC_MAX_ROWS`] (and
+/// projections of one input run as one parallel pass, [`Linear::forward_many`]); from
+/// here on the panel GEMM, whose dequantization is shared by all rows. Measured as
+/// [`MATVEC_MAX_ROWS`]: strips 78 against panels 83-87 at 24 and 32 rows, panels 64-67
+/// against 77-79 from 48.
+const STRIPS_MAX_ROWS: usize = 32;
 
 /// f32 weights per dequantized panel: 256 KiB, a quarter of this machine's L2, so the tile,
 /// the activation rows streaming past it and gemm's packed copies stay in cache.
@@ -352,8 +362,9 @@ impl std::ops::Deref for Bytes {
 /// A raw pointer into the output that rayon tasks share; each task writes its own columns.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: the pointer is only used by `BlockMatrix::matmul_panels`, whose tasks write
-// disjoint column ranges of one live buffer that outlives the parallel loop.
+// SAFETY: the pointer is only used by `BlockMatrix::matmul_panels` and `q8::q8_parts`,
+// whose tasks write disjoint column ranges of one live buffer that outlives the parallel
+// loop.
 unsafe impl Send for OutPtr {}
 // SAFETY: as for `Send`: no two tasks touch the same element.
 unsafe impl Sync for OutPtr {}
@@ -465,7 +476,20 @@ impl BlockMatrix {
         match path {
             Path::Rows(p) => self.matvec(k, p, x, n, out),
             Path::Panels => self.matmul_panels(k, x, n, out),
+            Path::Q8 => self.matmul_q8(k, x, n, out),
         }
+    }
+
+    /// `out = x · selfᵀ` with `x` rounded to 8 bits, as [`Linear::forward`] in q8 mode
+    /// computes it (rounding included); zeros for a type without an
+    /// integer kernel (the benchmark, its one caller, asks only for types with one).
+    fn matmul_q8(&self, k: Kernels, x: &[f32], n: usize, out: &mut [f32]) {
+        let Some(p) = self.q8_packed(k) else {
+            out.fill(0.0);
+            return;
+        };
+        let q = q8::Q8Rows::quantize(x, n, self.cols);
+        q8::q8_parts(k, &mut [(p, out)], &q, n);
     }
 
     /// Output rows per rayon task: a few tasks per thread for balance.
@@ -640,6 +664,8 @@ enum Path {
     Rows(RowKernel),
     /// Dequantized panels and the `gemm` crate.
     Panels,
+    /// Int8 activations and the interleaved kernel (`linear/q8.rs`): only by name.
+    Q8,
 }
 
 impl Path {
@@ -657,20 +683,39 @@ impl Path {
     fn from_name(name: &str, n: usize) -> Option<Self> {
         match name {
             "auto" => Some(Self::for_rows(n)),
-            "matvec" if n <= MATVEC_MAX_ROWS => Some(Self::Rows(RowKernel::Matvec)),
+            "matvec" => Some(Self::Rows(RowKernel::Matvec)),
             "strips" => Some(Self::Rows(RowKernel::Strips)),
             "panels" => Some(Self::Panels),
+            "q8" => Some(Self::Q8),
             _ => None,
         }
     }
 }
 
-/// `t` `[rows, n]` into `out` `[n, rows]`.
+/// Output rows per tile of [`transpose_into`]: a tile's `[TILE, n]` source (16 KiB at 64
+/// rows) stays in L1 while each of its `n` destination rows gets `TILE` contiguous floats
+/// (4 cache lines).
+const TILE: usize = 64;
+
+/// `t` `[rows, n]` into `out` `[n, rows]`, in tiles of [`TILE`] rows.
+///
+/// Element by element, a row of `t` scatters over `n` destination rows `rows * 4` bytes
+/// apart: for the output head (49152 rows) every store touched another page, and a
+/// profile of a 64-sequence q8 decode (`perf record`, `kv batch`) had 38% of its samples
+/// in this loop, 14% at 16 sequences. Tiled, each destination row is written in runs of
+/// [`TILE`] floats.
 fn transpose_into(t: &[f32], n: usize, out: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
     let rows = t.len() / n;
-    for (r, col) in t.chunks_exact(n).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            out[i * rows + r] = *v;
+    for (b, tile) in t.chunks(TILE * n).enumerate() {
+        let r0 = b * TILE;
+        let len = tile.len() / n;
+        for (i, dst) in out.chunks_exact_mut(rows).take(n).enumerate() {
+            for (o, src) in dst[r0..r0 + len].iter_mut().zip(tile.chunks_exact(n)) {
+                *o = src[i];
+            }
         }
     }
 }
@@ -692,9 +737,11 @@ pub fn matmul_seconds(
     matmul_path_seconds("auto", isa, ty, rows, cols, n, reps)
 }
 
-/// [`matmul_seconds`] by one path: `auto` (what `matmul` picks), `matvec` (up to 8
-/// rows), `strips` (the batch kernel) or `panels` (dequantized panels and gemm); `None`
-/// also for `matvec` past 8 rows. For the `bench` example's crossover measurement.
+/// [`matmul_seconds`] by one path: `auto` (what `matmul` picks), `matvec` (the
+/// matrix-vector kernel), `strips` (the strip kernel), `panels` (dequantized panels and
+/// gemm) or `q8` (activations rounded to 8 bits, the interleaved integer kernel; `None`
+/// for a type without one), at any row count. For the `bench` example's crossover
+/// measurement.
 #[doc(hidden)]
 pub fn matmul_path_seconds(
     path: &str,
@@ -749,7 +796,7 @@ fn timed_matmul(
         "q6_k" => WeightType::K(KType::Q6K),
         _ => return None,
     };
-    if !cols.is_multiple_of(ty.weights()) {
+    if !cols.is_multiple_of(ty.weights()) || (path == Path::Q8 && !q8::supports(ty)) {
         return None;
     }
     // Deterministic bytes; each block's f16 scale(s) set to small normal values.
@@ -966,7 +1013,10 @@ impl Linear {
             .zip(outs.iter_mut().map(|o| &mut o[..]))
             .collect();
         q8::q8_parts(k, &mut parts, &q, n);
-        row_major(ms, outs, n, x.device())
+        ms.iter()
+            .zip(outs)
+            .map(|(m, o)| Ok(Tensor::from_vec(o, (n, m.rows), x.device())?))
+            .collect()
     }
 }
 
@@ -1150,9 +1200,10 @@ mod tests {
                 1,
                 2,
                 3,
+                8,
+                9,
                 MATVEC_MAX_ROWS,
                 MATVEC_MAX_ROWS + 1,
-                33,
                 STRIPS_MAX_ROWS,
                 STRIPS_MAX_ROWS + 1,
             ] {
@@ -1179,8 +1230,9 @@ mod tests {
         }
     }
 
-    /// A row's result is the same bits whether it is decoded alone or in a small batch, so
-    /// batching sequences cannot change what one of them generates.
+    /// A row's result is the same bits whether it is decoded alone or in a batch of up to
+    /// [`MATVEC_MAX_ROWS`] (odd and even positions: rows go through the kernel in pairs),
+    /// so batching sequences cannot change what one of them generates.
     #[test]
     fn matvec_rows_do_not_depend_on_their_batch() {
         let mut rng = StdRng::seed_from_u64(3);
@@ -1188,7 +1240,7 @@ mod tests {
             let (rows, cols) = (40, 512);
             let (q, _) = weight(&mut rng, ty, rows, cols);
             let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
-            let n = 5;
+            let n = MATVEC_MAX_ROWS;
             let x = random(&mut rng, n * cols);
             for k in kernels() {
                 let mut all = vec![0f32; n * rows];
@@ -1219,7 +1271,7 @@ mod tests {
             let (q, _) = weight(&mut rng, ty, rows, cols);
             let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
             let path = Path::Rows(RowKernel::Strips);
-            for n in [1, 3, 9, STRIPS_MAX_ROWS, 37] {
+            for n in [1, 3, 9, 16, 37] {
                 let x = random(&mut rng, n * cols);
                 let mut want = vec![f32::NAN; n * rows];
                 m.matmul_with(Kernels::best_up_to(Isa::Scalar), path, &x, n, &mut want);
@@ -1237,25 +1289,26 @@ mod tests {
         }
     }
 
-    /// In the batch kernel's range a row's result is the same bits in any batch of any
+    /// In the strip kernel's range a row's result is the same bits in any batch of any
     /// size and at any position, so a sequence's tokens cannot depend on its batch-mates.
     #[test]
-    fn batch_rows_do_not_depend_on_their_batch() {
+    fn strip_rows_do_not_depend_on_their_batch() {
         let mut rng = StdRng::seed_from_u64(9);
+        let path = Path::Rows(RowKernel::Strips);
         for ty in TYPES {
             let (rows, cols) = (45, 256);
             let (q, _) = weight(&mut rng, ty, rows, cols);
             let m = BlockMatrix::from_qtensor(&q).unwrap().unwrap();
-            let n = STRIPS_MAX_ROWS;
+            let n = 16;
             let x = random(&mut rng, n * cols);
             for k in kernels() {
                 let mut all = vec![0f32; n * rows];
-                m.matmul(k, &x, n, &mut all);
-                let short = MATVEC_MAX_ROWS + 1;
-                for (start, len) in [(0, short), (n - short, short), (2, n - 3)] {
+                m.matmul_with(k, path, &x, n, &mut all);
+                let short = 9;
+                for (start, len) in [(0, short), (n - short, short), (2, n - 3), (5, 1)] {
                     let mut some = vec![0f32; len * rows];
                     let xs = &x[start * cols..][..len * cols];
-                    m.matmul(k, xs, len, &mut some);
+                    m.matmul_with(k, path, xs, len, &mut some);
                     let want = &all[start * rows..][..len * rows];
                     assert!(
                         some.iter()
@@ -1311,7 +1364,7 @@ mod tests {
                                 .zip(xr)
                                 .map(|(&a, &b)| f64::from((a * b).abs()))
                                 .sum();
-                            let g = f64::from(got[j * n + i]);
+                            let g = f64::from(got[i * rows + j]);
                             assert!(
                                 (g - want).abs() <= 1e-5 * mag + 1e-6,
                                 "{ty:?} {k:?} vnni {vnni} ({j}, {i}): {g} vs {want}"
@@ -1382,8 +1435,8 @@ mod tests {
                         for i in 0..b {
                             for j in 0..rows {
                                 assert_eq!(
-                                    part[j * b + i],
-                                    want[j * n + i0 + i],
+                                    part[i * rows + j],
+                                    want[(i0 + i) * rows + j],
                                     "{ty:?} {k:?} batch {b} row {} out {j}",
                                     i0 + i
                                 );
@@ -1425,7 +1478,7 @@ mod tests {
                 let t = Tensor::from_vec(w, (16, cols), &Device::Cpu).unwrap();
                 ls.push(Linear::Candle(QMatMul::Tensor(t)));
             }
-            for n in [1, 2, 3, MATVEC_MAX_ROWS + 1, STRIPS_MAX_ROWS + 1] {
+            for n in [1, 2, 3, 9, MATVEC_MAX_ROWS + 1, STRIPS_MAX_ROWS + 1] {
                 let x =
                     Tensor::from_vec(random(&mut rng, n * cols), (n, cols), &Device::Cpu).unwrap();
                 let refs: Vec<&Linear> = ls.iter().collect();
