@@ -381,22 +381,11 @@ mod tests {
             let (cos, sin) = rope.rows(40, 40 + n).unwrap();
             let host = rope.rotate_host(&x, &cos, &sin).unwrap();
             let ops = rope.rotate_ops(&x, &cos, &sin).unwrap();
-            let host: Vec<u32> = host
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect();
-            let ops: Vec<u32> = ops
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|v| v.to_bits()).collect()
+            };
+            let (host, ops) = (bits(&host), bits(&ops));
             assert_eq!(
                 host, ops,
                 "rope_dim {} halves {}",
