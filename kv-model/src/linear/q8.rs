@@ -551,11 +551,10 @@ pub(super) fn q8_parts(k: Kernels, parts: &mut [(&Packed, &mut [f32])], x: &Q8Ro
             buf.resize(n * here, 0.0);
             dot_groups(k, vnni, p, g0, x, n, &mut buf[..n * here]);
             for (i, row) in buf[..n * here].chunks_exact(here).enumerate() {
-                // SAFETY: `dst` is the start of this part's output, checked above to hold
-                // `n * p.rows` floats, alive and not otherwise used until the parallel loop
-                // ends. This writes `here` floats at `i * p.rows + r0` (`i < n`, `r0 + here
-                // <= p.rows`): inside it, and the columns `r0..r0 + here` belong to this task
-                // alone (the tasks' row groups are disjoint).
+                // SAFETY: `dst` holds `n * p.rows` floats (checked above), alive and unused
+                // elsewhere until the loop ends; this writes `here` floats at `i * p.rows +
+                // r0` (`i < n`, `r0 + here <= p.rows`), columns no other task writes (the
+                // tasks' row groups are disjoint).
                 unsafe {
                     core::ptr::copy_nonoverlapping(
                         row.as_ptr(),
