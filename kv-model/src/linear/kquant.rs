@@ -166,22 +166,6 @@ impl<S: Simd> WordLanes<S> {
         }
         t
     };
-    /// Q5_K: the fifth bits' words shifted right by `2 pair` per lane, so that bit
-    /// `8 (j / 2) + j % 2` is the fifth bit of vector `j`'s lane (bit `c` of byte `l` is
-    /// weight `l`'s of chunk `c`).
-    const K4_SHIFT: [[u32; 16]; 4] = {
-        let mut t = [[0u32; 16]; 4];
-        let mut z = 0;
-        while z < 4 {
-            let mut i = 0;
-            while i < 16 {
-                t[z][i] = 2 * Self::k4_pair(z, i) as u32;
-                i += 1;
-            }
-            z += 1;
-        }
-        t
-    };
     /// Q6_K: bit `k % 2` of lane `i`'s chunk `k` within its half (the 32-byte half of
     /// the 64 bytes of `ql` the lane reads), times 2: the shift that brings its 2 high
     /// bits of `qh` to bit `8 (j / 2) + 4 (j % 2)` of vector `j`.
@@ -372,7 +356,10 @@ impl<const FIFTH: bool> Format for K4<FIFTH> {
         for (z, w) in words.iter().enumerate() {
             let v = s.load_i32_bytes(w);
             let h = if FIFTH {
-                s.shr_i32_lanes(qh, &WordLanes::<S>::K4_SHIFT[z % 4])
+                // The fifth bits' words shifted right by `2 pair` per lane (the scale lanes
+                // of nibble 0), so that bit `8 (j / 2) + j % 2` is the fifth bit of vector
+                // `j`'s lane (bit `c` of byte `l` is weight `l`'s of chunk `c`).
+                s.shr_i32_lanes(qh, &WordLanes::<S>::K4_SCALE[z % 4][0])
             } else {
                 qh
             };
