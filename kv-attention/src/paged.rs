@@ -1319,6 +1319,111 @@ impl<B: CacheBackend> PagedCache<B> {
         self.manager.commit(seq, tokens)?;
         s.manager.commit(local, tokens)
     }
+
+    /// Brings stored blocks into the groups' prefix indexes, held by no sequence: cached,
+    /// as a finished sequence's blocks are, so every prompt that reuses them shares one
+    /// copy (a tier's restore on a two-group cache, where one prompt may need only the
+    /// window blocks another prompt's restore did not bring). Each run `(group, first,
+    /// blocks)` holds the exported bytes of that group's blocks `first..` of `text` (all
+    /// within `text`'s whole blocks). All or nothing: on an error nothing is indexed, and
+    /// the error comes with the run and block that failed. A block the index already
+    /// holds is imported and let go of again.
+    pub(crate) fn stage_blocks(
+        &mut self,
+        text: &[u32],
+        runs: &[(Group, usize, Vec<&[u8]>)],
+    ) -> std::result::Result<(), (usize, usize, KvError)> {
+        let bs = self.spec.block_size;
+        let Self {
+            backend,
+            manager,
+            storage,
+            sliding,
+            ..
+        } = self;
+        let mut held: Vec<(Group, SeqId)> = Vec::with_capacity(runs.len());
+        let mut failure = None;
+        for (r, (group, first, blocks)) in runs.iter().enumerate() {
+            let (manager, storage) = match (group, sliding.as_mut()) {
+                (Group::Global, _) => (&mut *manager, &mut *storage),
+                (Group::Sliding, Some(s)) => (&mut s.manager, &mut s.storage),
+                (Group::Sliding, None) => {
+                    let detail = "a one-group cache has no sliding-window group".into();
+                    failure = Some((
+                        r,
+                        0,
+                        KvError::InvalidArgument {
+                            what: "staged blocks",
+                            detail,
+                        },
+                    ));
+                    break;
+                }
+            };
+            let end = first
+                .checked_add(blocks.len())
+                .and_then(|b| b.checked_mul(bs));
+            if end.is_none_or(|e| e > text.len()) {
+                let detail = format!(
+                    "blocks {first}..{} of {bs} beyond a text of {} tokens",
+                    first.saturating_add(blocks.len()),
+                    text.len()
+                );
+                failure = Some((
+                    r,
+                    0,
+                    KvError::InvalidArgument {
+                        what: "staged blocks",
+                        detail,
+                    },
+                ));
+                break;
+            }
+            let seq = match manager.create_after(&text[..first * bs], 0) {
+                Ok(seq) => seq,
+                Err(e) => {
+                    failure = Some((r, 0, e));
+                    break;
+                }
+            };
+            held.push((*group, seq));
+            let slots = match manager
+                .reserve_and_copy(seq, blocks.len() * bs, |c| backend.copy_blocks(storage, c))
+            {
+                Ok(reserved) => reserved.slots,
+                Err(e) => {
+                    failure = Some((r, 0, e));
+                    break;
+                }
+            };
+            if let Some((i, e)) = blocks.iter().enumerate().find_map(|(i, bytes)| {
+                backend
+                    .import_block(storage, slots[i * bs].block, bytes)
+                    .err()
+                    .map(|e| (i, e))
+            }) {
+                failure = Some((r, i, e));
+                break;
+            }
+        }
+        for (r, &(group, seq)) in held.iter().enumerate() {
+            let manager = match (group, sliding.as_mut()) {
+                (Group::Sliding, Some(s)) => &mut s.manager,
+                _ => &mut *manager,
+            };
+            if failure.is_none() {
+                let (_, first, blocks) = &runs[r];
+                if let Err(e) = manager.commit(seq, &text[first * bs..(first + blocks.len()) * bs])
+                {
+                    failure = Some((r, 0, e));
+                }
+            }
+            // Cannot fail: `seq` was just created. Committed blocks stay cached, the others
+            // go back to the free list.
+            let _ = manager.free(seq);
+        }
+        failure.map_or(Ok(()), Err)
+    }
 }
 
 impl<B: CacheBackend> std::fmt::Debug for PagedCache<B> {

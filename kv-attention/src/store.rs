@@ -405,6 +405,10 @@ fn is_no_room(e: &std::io::Error) -> bool {
     )
 }
 
+/// A run of consecutive stored blocks of one cache group a restore brings in: the group,
+/// its first block, and the tier, key and value of each.
+type StagedRun = (Group, usize, Vec<(usize, BlockKey, Vec<u8>)>);
+
 /// What the tiers did for a [`TieredCache`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TierStats {
@@ -480,10 +484,12 @@ struct Noted {
 /// one of the other, of another window or of a one-group cache. [`save`](Self::save)
 /// writes every full global block and the sliding blocks the sequence still holds. A
 /// restore of `n` blocks needs the global blocks `0..n` and the sliding blocks a query
-/// after them reads (`PagedCache::window_first_block_after(n)..n`): the longest such `n`
-/// beyond what the device reuses is imported into a new sequence in one
-/// [`PagedCache::import_groups`] (all or nothing: a value that fails leaves the device's
-/// own reuse as it was, and every value of that restore leaves its tier). Write-back on
+/// after them reads (`PagedCache::window_first_block_after(n)..n`): for the longest such
+/// `n` beyond what the device reuses, the blocks the device lacks are read and brought
+/// into its prefix indexes, held by no sequence, and the prompt then reuses them as any
+/// cached prefix. So the prompts of a batch share what one of them restored, and a prompt
+/// whose window starts a block earlier reads only that window block (a value that fails
+/// stops the restore there and leaves its tier; what came before it stays cached). Write-back on
 /// eviction covers both groups: [`free`](Self::free) and [`preempt`](Self::preempt) note
 /// the full blocks each group's index holds for the sequence (the sliding group's: those
 /// its window still holds), each under its group's key, and
@@ -666,15 +672,15 @@ impl<B: CacheBackend> TieredCache<B> {
     /// token, whose logits are needed). Returns the sequence and the tokens reused or
     /// restored: compute, write and commit only `prompt[reused..]`.
     pub fn create_with_prefix(&mut self, prompt: &[u32]) -> (SeqId, usize) {
+        if let Some(groups) = self.groups {
+            return self.create_with_groups(prompt, groups);
+        }
         let (seq, mut reused) = self.cache.create_with_prefix(prompt);
         let bs = self.cache.spec().block_size;
         let usable = prompt.len().saturating_sub(1) / bs;
         let first = reused / bs;
         if first >= usable || self.tiers.is_empty() || reused % bs != 0 {
             return (seq, reused);
-        }
-        if let Some(groups) = self.groups {
-            return self.restore_groups(prompt, seq, reused, usable, groups);
         }
         let keys = self.keys(&prompt[..usable * bs]);
         let wanted = &keys[first..];
@@ -773,117 +779,172 @@ impl<B: CacheBackend> TieredCache<B> {
 
 /// The two cache groups' restore and save (see "Two cache groups" in the type's docs).
 impl<B: CacheBackend> TieredCache<B> {
-    /// [`create_with_prefix`](Self::create_with_prefix) on a two-group cache, after the
-    /// device reused `reused` tokens into `seq` (fewer than `usable` full blocks).
-    fn restore_groups(
+    /// [`create_with_prefix`](Self::create_with_prefix) on a two-group cache: the stored
+    /// blocks the device lacks for the longest restorable prefix are brought into the
+    /// device's prefix indexes first ([`stage_groups`](Self::stage_groups)), then the prompt
+    /// reuses them like any cached prefix, so the prompts of a batch share them.
+    fn create_with_groups(
         &mut self,
         prompt: &[u32],
-        seq: SeqId,
-        reused: usize,
-        usable: usize,
-        (global_fp, sliding_fp): (Fingerprint, Fingerprint),
+        fingerprints: (Fingerprint, Fingerprint),
     ) -> (SeqId, usize) {
         let bs = self.cache.spec().block_size;
-        let have = reused / bs;
-        let global_keys = self.keys_under(&global_fp, &prompt[..usable * bs]);
-        let global = self.fetch(&global_keys);
-        let n_global = global.iter().take_while(|v| v.is_some()).count();
-        let miss = |this: &mut Self| this.stats.misses += (usable - have) as u64;
+        let usable = prompt.len().saturating_sub(1) / bs;
+        let have = self.cache.prefix_match(prompt, 0).tokens / bs;
+        let restore = have < usable && !self.tiers.is_empty();
+        if restore {
+            self.stage_groups(&prompt[..usable * bs], have, fingerprints);
+        }
+        let (seq, reused) = self.cache.create_with_prefix(prompt);
+        if restore {
+            self.stats.tokens_loaded += reused.saturating_sub(have * bs) as u64;
+            self.stats.misses += usable.saturating_sub(reused / bs) as u64;
+        }
+        (seq, reused)
+    }
+
+    /// Brings into the device's prefix indexes the stored blocks of both groups that the
+    /// longest prefix of `text` (whole blocks) beyond the `have` the device reuses needs
+    /// and the device lacks: the global blocks `0..n` and the sliding blocks a query after
+    /// them reads (`PagedCache::window_first_block_after(n)..n`). A block the device
+    /// already holds (another prompt's restore brought it, or it is still cached) is not
+    /// read again. A value that fails stops the staging there and leaves its tier.
+    fn stage_groups(
+        &mut self,
+        text: &[u32],
+        have: usize,
+        (global_fp, sliding_fp): (Fingerprint, Fingerprint),
+    ) {
+        let bs = self.cache.spec().block_size;
+        let usable = text.len() / bs;
+        let on_device = self.cache.manager().indexed_blocks_of(text, 0);
+        let global_keys = self.keys_under(&global_fp, text);
+        let global = self.fetch_missing(&global_keys, &on_device, 0..usable);
+        let n_global = (0..usable)
+            .take_while(|&k| on_device[k] || global[k].is_some())
+            .count();
         if n_global <= have {
-            miss(self);
-            return (seq, reused);
+            return;
         }
         let lo = self.cache.window_first_block_after(n_global);
-        let sliding_keys = self.keys_under(&sliding_fp, &prompt[..n_global * bs]);
-        let sliding = self.fetch(&sliding_keys[lo..]);
+        let window_text = &text[..n_global * bs];
+        let window_on_device = self
+            .cache
+            .sliding_manager()
+            .map_or_else(Vec::new, |m| m.indexed_blocks_of(window_text, 0));
+        let held = |k: usize| window_on_device.get(k).copied().unwrap_or(false);
+        let sliding_keys = self.keys_under(&sliding_fp, window_text);
+        let sliding = self.fetch_missing(&sliding_keys, &window_on_device, lo..n_global);
         // The longest prefix whose global blocks and the sliding blocks its next query
-        // reads were all found.
+        // reads are all on the device or found.
         let restorable = (have + 1..=n_global).rev().find_map(|n| {
             let from = self.cache.window_first_block_after(n);
-            let covered = from >= lo && sliding[from - lo..n - lo].iter().all(Option::is_some);
+            let covered = from >= lo && (from..n).all(|k| held(k) || sliding[k].is_some());
             covered.then_some((n, from))
         });
         let Some((n, from)) = restorable else {
-            miss(self);
-            return (seq, reused);
+            return;
         };
-        // (tier, key, value) of every value this restore uses, global blocks first.
-        let used: Vec<(usize, BlockKey, Vec<u8>)> = global
-            .into_iter()
-            .zip(&global_keys)
-            .take(n)
-            .chain(
-                sliding
-                    .into_iter()
-                    .zip(&sliding_keys[lo..])
-                    .skip(from - lo)
-                    .take(n - from),
-            )
-            .filter_map(|(v, &k)| v.map(|(t, v)| (t, k, v)))
-            .collect();
-        // The import takes `n` global blocks and up to `n - from + 1` sliding ones at a
-        // time: what that evicts goes down first.
-        self.make_room_in(n, n - from + 1);
-        let fresh = self.cache.create_sequence();
-        let imported = self.import_used(fresh, &prompt[..n * bs], &used, n, from, global_fp);
-        match imported {
-            Ok(()) => {
-                // The device's own reuse is replaced by the restore: its blocks stay cached.
-                // Cannot fail: `seq` was just created.
-                let _ = self.cache.free(seq);
-                self.stats.hits += n as u64;
-                self.stats.window_blocks_loaded += (n - from) as u64;
-                self.stats.bytes_loaded += used.iter().map(|(_, _, v)| v.len() as u64).sum::<u64>();
-                self.stats.tokens_loaded += ((n - have) * bs) as u64;
-                self.stats.misses += (usable - n) as u64;
-                (fresh, n * bs)
-            }
-            Err(e) => {
-                // `import_groups` left `fresh` empty. Cannot fail: it exists.
-                let _ = self.cache.free(fresh);
-                if !matches!(e, kv_core::KvError::CacheFull { .. }) {
-                    // Never used: recomputed, and every value of the restore leaves its tier
-                    // (which one was bad is not known when a backend refuses a block).
-                    self.stats.rejected += used.len() as u64;
-                    self.last_error = Some(e.to_string());
-                    for (t, key, _) in &used {
-                        if let Err(e) = self.tiers[*t].delete(key) {
-                            self.store_error(e);
-                        }
+        let count = |v: &[Option<(usize, Vec<u8>)>], r: std::ops::Range<usize>| {
+            v[r].iter().filter(|x| x.is_some()).count()
+        };
+        self.make_room_in(count(&global, 0..n), count(&sliding, from..n));
+        // Runs of consecutive found blocks, each group's in order.
+        let mut runs: Vec<StagedRun> = Vec::new();
+        for (group, keys, values, range) in [
+            (Group::Global, &global_keys, global, 0..n),
+            (Group::Sliding, &sliding_keys, sliding, from..n),
+        ] {
+            for (k, value) in values.into_iter().enumerate() {
+                let Some((tier, value)) = value.filter(|_| range.contains(&k)) else {
+                    continue;
+                };
+                match runs.last_mut() {
+                    Some((g, first, run)) if *g == group && *first + run.len() == k => {
+                        run.push((tier, keys[k], value));
                     }
+                    _ => runs.push((group, k, vec![(tier, keys[k], value)])),
                 }
-                miss(self);
-                (seq, reused)
             }
         }
+        self.stage_runs(&text[..n * bs], &runs, (global_fp, sliding_fp));
     }
 
-    /// Decodes `used` (global blocks `0..n`, then sliding blocks `from..n`) and imports
-    /// them into the empty sequence `fresh` in one [`PagedCache::import_groups`].
-    fn import_used(
+    /// Per block `k` in `range` of `keys` that `on_device` does not hold: what the tiers
+    /// have of it (`None` elsewhere, all `keys.len()` long).
+    fn fetch_missing(
         &mut self,
-        fresh: SeqId,
-        tokens: &[u32],
-        used: &[(usize, BlockKey, Vec<u8>)],
-        n: usize,
-        from: usize,
-        global_fp: Fingerprint,
-    ) -> kv_core::Result<()> {
-        let sliding_fp = self.groups.map_or(global_fp, |g| g.1);
-        let mut bytes: Vec<&[u8]> = Vec::with_capacity(used.len());
-        for (i, (_, key, value)) in used.iter().enumerate() {
-            let fp = if i < n { &global_fp } else { &sliding_fp };
-            let b = cache_file::decode_value(fp, key, value).map_err(|e| {
-                kv_core::KvError::InvalidArgument {
-                    what: "stored block",
-                    detail: e.to_string(),
-                }
-            })?;
-            bytes.push(b);
+        keys: &[BlockKey],
+        on_device: &[bool],
+        range: std::ops::Range<usize>,
+    ) -> Vec<Option<(usize, Vec<u8>)>> {
+        let wanted: Vec<usize> = range
+            .filter(|&k| !on_device.get(k).copied().unwrap_or(false))
+            .collect();
+        let asked: Vec<BlockKey> = wanted.iter().map(|&k| keys[k]).collect();
+        let mut by_block = vec![None; keys.len()];
+        for (k, value) in wanted.into_iter().zip(self.fetch(&asked)) {
+            by_block[k] = value;
         }
-        let (global, sliding) = bytes.split_at(n.min(bytes.len()));
-        self.cache
-            .import_groups(fresh, tokens, global, from, sliding)
+        by_block
+    }
+
+    /// Decodes the values of `runs` and stages them all in one [`PagedCache::stage_blocks`]
+    /// (all or nothing), counting them. A value that does not decode or that the backend
+    /// refuses leaves its tier, and nothing is staged.
+    fn stage_runs(
+        &mut self,
+        text: &[u32],
+        runs: &[StagedRun],
+        (global_fp, sliding_fp): (Fingerprint, Fingerprint),
+    ) {
+        let mut decoded: Vec<(Group, usize, Vec<&[u8]>)> = Vec::with_capacity(runs.len());
+        let mut bad = None;
+        'runs: for (r, (group, first, values)) in runs.iter().enumerate() {
+            let fp = match group {
+                Group::Global => &global_fp,
+                Group::Sliding => &sliding_fp,
+            };
+            let mut bytes = Vec::with_capacity(values.len());
+            for (i, (_, key, value)) in values.iter().enumerate() {
+                match cache_file::decode_value(fp, key, value) {
+                    Ok(b) => bytes.push(b),
+                    Err(e) => {
+                        bad = Some((r, i, e.to_string()));
+                        break 'runs;
+                    }
+                }
+            }
+            decoded.push((*group, *first, bytes));
+        }
+        if bad.is_none() {
+            match self.cache.stage_blocks(text, &decoded) {
+                Ok(()) => {
+                    for (group, _, values) in runs {
+                        let n = values.len() as u64;
+                        match group {
+                            Group::Global => self.stats.hits += n,
+                            Group::Sliding => self.stats.window_blocks_loaded += n,
+                        }
+                        let bytes: u64 = values.iter().map(|(_, _, v)| v.len() as u64).sum();
+                        self.stats.bytes_loaded += bytes;
+                    }
+                }
+                // No room on the device: the values are fine, the rest is prefilled.
+                Err((_, _, kv_core::KvError::CacheFull { .. })) => {}
+                Err((r, i, e)) => bad = Some((r, i, e.to_string())),
+            }
+        }
+        if let Some((r, i, error)) = bad {
+            // Never used: recomputed, and the bad value leaves its tier.
+            self.stats.rejected += 1;
+            self.last_error = Some(error);
+            if let Some((tier, key, _)) = runs.get(r).and_then(|run| run.2.get(i)) {
+                if let Err(e) = self.tiers[*tier].delete(key) {
+                    self.store_error(e);
+                }
+            }
+        }
     }
 
     /// [`save`](Self::save) on a two-group cache: the global blocks of every full committed

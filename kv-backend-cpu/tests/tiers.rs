@@ -474,3 +474,60 @@ fn a_restore_dearer_than_prefill_is_skipped() {
     unknown.set_tier_read_rate(0, 1.0);
     assert_eq!(unknown.create_with_prefix(&prompt).1, 12);
 }
+
+/// A two-group cache (layer 0 slides over 6 tokens, layer 1 is global) of 32 blocks per
+/// group, backed by `shared`.
+fn two_group_tiered(shared: &Shared) -> TieredCache<CpuBackend> {
+    let spec = StorageSpec::new(shape(), KvDType::F16, BS, 32).unwrap();
+    let window = std::num::NonZeroUsize::new(6).unwrap();
+    let sliding = kv_attention::SlidingLayers::new(window, vec![true, false], 32).unwrap();
+    let cache = PagedCache::with_sliding_window(CpuBackend::new(), spec, sliding, Some(1)).unwrap();
+    let fp = Fingerprint::of_parts(&[("model", b"two groups")]);
+    TieredCache::new(cache, fp, vec![Box::new(shared.clone())])
+}
+
+/// The prompts of a batch on a two-group cache restore each stored block once: the second
+/// prompt shares the global blocks the first one's restore brought and reads from the tier
+/// only the window blocks its shorter prefix needs (its window starts before the first
+/// prompt's), as a one-group cache shares them.
+#[test]
+fn prompts_of_a_batch_share_what_a_two_group_restore_brought() {
+    let shared = Shared::new();
+    let a: Vec<u32> = (0..33).collect();
+    let b: Vec<u32> = (0..24).chain([999]).collect();
+    let mut first = two_group_tiered(&shared);
+    for p in [&a, &b] {
+        let (seq, reused) = first.create_with_prefix(p);
+        compute(first.cache_mut(), seq, p, reused);
+        first.save(seq).unwrap();
+        first.free(seq).unwrap();
+    }
+    // B alone on a fresh device: what its restore reads.
+    let mut alone = two_group_tiered(&shared);
+    let (_, reused_alone) = alone.create_with_prefix(&b);
+    let s_alone = alone.stats();
+    assert_eq!(reused_alone, 24, "{s_alone:?}");
+    // A then B on a fresh device: B reuses as much, reading no global block again.
+    let mut batch = two_group_tiered(&shared);
+    let (seq_a, reused_a) = batch.create_with_prefix(&a);
+    assert_eq!(reused_a, 32, "{:?}", batch.stats());
+    let after_a = batch.stats();
+    let used_a = batch.cache().stats().used_blocks;
+    let (seq_b, reused_b) = batch.create_with_prefix(&b);
+    let s = batch.stats();
+    assert_eq!(reused_b, reused_alone, "{s:?}");
+    assert_eq!(s.hits, after_a.hits, "global blocks restored again: {s:?}");
+    assert!(
+        s.window_blocks_loaded - after_a.window_blocks_loaded <= s_alone.window_blocks_loaded,
+        "{s:?}"
+    );
+    assert_eq!(
+        batch.cache().stats().used_blocks,
+        used_a,
+        "B's prefix is A's blocks"
+    );
+    // Both go on from what they restored as if computed.
+    compute(batch.cache_mut(), seq_a, &a, reused_a);
+    compute(batch.cache_mut(), seq_b, &b, reused_b);
+    assert!(batch.cache().manager().audit().is_ok());
+}

@@ -1103,6 +1103,91 @@ impl CacheManager {
         })
     }
 
+    /// Which full blocks of `prompt` the prefix index holds, block by block from position
+    /// 0 (whether or not the blocks before them are held: a sliding-window group keeps only
+    /// the blocks its window reads). Empty without a prefix cache.
+    ///
+    /// ```
+    /// use kv_core::CacheManager;
+    /// let mut m = CacheManager::with_prefix_cache(4, 8, 0)?;
+    /// // Only the second block of the text 1..=8 is indexed (see `create_after`).
+    /// let seq = m.create_after(&[1, 2, 3, 4], 0)?;
+    /// m.reserve(seq, 4)?;
+    /// m.commit(seq, &[5, 6, 7, 8])?;
+    /// assert_eq!(m.indexed_blocks_of(&[1, 2, 3, 4, 5, 6, 7, 8, 9], 0), [false, true]);
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    pub fn indexed_blocks_of(&self, prompt: &[u32], cache_salt: u64) -> Vec<bool> {
+        let Some(index) = &self.prefix else {
+            return Vec::new();
+        };
+        let mut parent = None;
+        prompt
+            .chunks_exact(self.block_size)
+            .map(|chunk| {
+                let hash = index.hash(parent, cache_salt, chunk);
+                let held = index.lookup(hash, parent, chunk).is_some();
+                parent = Some(hash);
+                held
+            })
+            .collect()
+    }
+
+    /// Starts an empty sequence placed after `prefix` (whole blocks) without holding any of
+    /// its blocks: it keeps their hash chain, so the blocks it reserves and commits next
+    /// are indexed as the continuation of `prefix`. This is how stored blocks come back
+    /// into the prefix index (a tier's restore): reserve, import, commit, free; the blocks
+    /// stay cached for the prompts that reuse them, shared by all of them. Counts no prefix
+    /// lookup.
+    ///
+    /// ```
+    /// use kv_core::CacheManager;
+    /// let mut m = CacheManager::with_prefix_cache(4, 8, 0)?;
+    /// let prompt: Vec<u32> = (0..13).collect();
+    /// // Blocks 1 and 2 come from elsewhere; block 0 is not on this device.
+    /// let seq = m.create_after(&prompt[..4], 0)?;
+    /// m.reserve(seq, 8)?;
+    /// m.commit(seq, &prompt[4..12])?;
+    /// m.free(seq)?;
+    /// assert_eq!(m.cached_blocks(), 2);
+    /// assert_eq!(m.prefix_match(&prompt, 0).tokens, 0); // block 0 is missing
+    /// // A 4-token window after block 2 reads block 2 only: all of it is reusable.
+    /// assert_eq!(m.window_prefix_match(&prompt, 0, 4, usize::MAX), (3, 2));
+    /// # Ok::<(), kv_core::KvError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`KvError::InvalidArgument`] without a prefix cache, or when `prefix` is not whole
+    /// blocks.
+    pub fn create_after(&mut self, prefix: &[u32], cache_salt: u64) -> Result<SeqId> {
+        let bs = self.block_size;
+        let Some(index) = &self.prefix else {
+            return Err(KvError::InvalidArgument {
+                what: "sequence after a prefix",
+                detail: "the cache has no prefix index to chain blocks in".into(),
+            });
+        };
+        if !prefix.len().is_multiple_of(bs) {
+            return Err(KvError::InvalidArgument {
+                what: "sequence after a prefix",
+                detail: format!(
+                    "a prefix of {} tokens is not whole blocks of {bs}",
+                    prefix.len()
+                ),
+            });
+        }
+        let mut hashes: Vec<ChainHash> = Vec::with_capacity(prefix.len() / bs);
+        for chunk in prefix.chunks_exact(bs) {
+            hashes.push(index.hash(hashes.last().copied(), cache_salt, chunk));
+        }
+        Ok(self.insert_sequence(Sequence {
+            hashes,
+            cache_salt,
+            evicted: prefix.len(),
+            ..Sequence::default()
+        }))
+    }
+
     /// Starts a sequence keeping only its last `window` tokens' keys (a sliding-window
     /// group's), reusing what [`CacheManager::window_prefix_match`] finds for `prompt` (at
     /// most `max_blocks` blocks): it holds blocks `first..n`, as if the ones before had been
