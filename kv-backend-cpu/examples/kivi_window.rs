@@ -1,30 +1,38 @@
 //! What a KIVI residual window costs a decode step: `kivi2-r128` against `kivi2` and
-//! `kivi4-r128` against `kivi4`, one query over `tokens` cached tokens of one layer
-//! (SmolLM2's and Llama-2-7B's shapes), set up as `quant_decode` does (blocks of 32, the
-//! blocks the query is `R` past settled).
+//! `kivi4-r128` against `kivi4`, one query over `tokens` cached tokens of a layer
+//! (SmolLM2's and Llama-2-7B's shapes), each layout's cache built by
+//! [`DecodeBench`](kv_backend_cpu::bench::DecodeBench) as the bench's attention section
+//! builds it (blocks of 32, the blocks the query is `R` past settled as a decoding
+//! `PagedCache` settles them).
 //!
-//! Made for a loaded machine: many rounds, each timing one step of every layout back to
-//! back, so that a load change falls on both layouts of a pair alike. A step that another
-//! process interrupts only gets slower, so the low quantiles are the machine's own speed:
-//! prints each layout's best, 10th percentile and median step, and for each pair the ratio
-//! of those (and the median of the per-round ratios). On Linux the same figures follow for
-//! the thread's CPU time per step (`CLOCK_THREAD_CPUTIME_ID`), which leaves out the time
-//! the step waited while other processes ran on its core (one thread only: a pool's
-//! threads are not counted).
+//! `MIB` is the K/V each layout holds, over identical layers that successive steps cycle
+//! through (default 96, the bench's [`BENCH_MIN_CACHE_BYTES`]): a model's decode step reads
+//! a layer's K/V once and then the other layers' and the weights, so every step reads from
+//! memory. `MIB` = 0 keeps one layer per layout (this example before 2026-12-08): the
+//! four layouts then total ~72 MiB on the Llama-2 layer, and a step may find part of its
+//! layer in the last-level cache.
+//!
+//! Made for a loaded machine: many rounds, each timing `STEPS` steps (default 1) of every
+//! layout back to back, so that a load change falls on both layouts of a pair alike. A step
+//! that another process interrupts only gets slower, so the low quantiles are the
+//! machine's own speed: prints each layout's best, 10th percentile and median step, and for
+//! each pair the ratio of those (and the median of the per-round ratios). On Linux the same
+//! figures follow for the thread's CPU time per step (`CLOCK_THREAD_CPUTIME_ID`), which
+//! leaves out the time the step waited while other processes ran on its core (one thread
+//! only: a pool's threads are not counted). Steps run on the backend's pool
+//! ([`DecodeBench::install`](kv_backend_cpu::bench::DecodeBench::install)), as a model's
+//! decode loop runs them.
 //!
 //! ```text
-//! cargo run --release -p kv-backend-cpu --example kivi_window [-- TOKENS [THREADS [ROUNDS]]]
+//! cargo run --release -p kv-backend-cpu --example kivi_window [-- TOKENS [THREADS [ROUNDS [MIB [STEPS]]]]]
 //! ```
 #![allow(clippy::unwrap_used)]
 
 use std::time::Instant;
 
-use kv_backend_cpu::CpuBackend;
-use kv_core::candle::{Device, Tensor};
-use kv_core::StorageSpec;
-use kv_core::{AttentionBatch, BlockId, CacheBackend, KvDType, ModelShape, SeqAttention, Slot};
+use kv_backend_cpu::bench::{DecodeBench, BENCH_MIN_CACHE_BYTES};
+use kv_core::{KvDType, ModelShape};
 
-const BLOCK: usize = 32;
 /// Layouts, in pairs: (without a window, with one).
 const PAIRS: [(&str, &str); 2] = [("kivi2", "kivi2-r128"), ("kivi4", "kivi4-r128")];
 
@@ -33,53 +41,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tokens: usize = args.next().map_or(Ok(4096), |a| a.parse())?;
     let threads: usize = args.next().map_or(Ok(1), |a| a.parse())?;
     let rounds: usize = args.next().map_or(Ok(200), |a| a.parse())?;
-    let backend = CpuBackend::with_threads(threads)?;
+    let min_bytes: u64 = args.next().map_or(Ok(BENCH_MIN_CACHE_BYTES), |a| {
+        a.parse::<u64>().map(|m| m << 20)
+    })?;
+    let steps: usize = args.next().map_or(Ok(1), |a| a.parse())?;
+    if rounds == 0 || steps == 0 {
+        return Err("ROUNDS and STEPS must be at least 1".into());
+    }
     for (name, shape) in [
         ("smollm2-135m layer", ModelShape::new(1, 9, 3, 64)?),
         ("llama-2-7b layer", ModelShape::new(1, 32, 32, 128)?),
     ] {
-        println!("{name}, {tokens} tokens, {threads} thread(s), {rounds} rounds of one step each:");
-        let (kvh, d) = (shape.n_kv_heads(), shape.head_dim());
-        let k = Tensor::randn(0f32, 1.0, (tokens, kvh, d), &Device::Cpu)?;
-        let v = Tensor::randn(0f32, 1.0, (tokens, kvh, d), &Device::Cpu)?;
-        let q = Tensor::randn(0f32, 1.0, (1, shape.n_q_heads(), d), &Device::Cpu)?;
-        let blocks = tokens.div_ceil(BLOCK);
-        let slots: Vec<Slot> = (0..tokens)
-            .map(|t| Slot {
-                block: BlockId::new((t / BLOCK) as u32),
-                offset: (t % BLOCK) as u32,
-            })
-            .collect();
-        let table: Vec<BlockId> = (0..blocks as u32).map(BlockId::new).collect();
-        let batch = AttentionBatch::new(vec![SeqAttention::new(table.clone(), tokens, 1)?], d);
         let layouts: Vec<&str> = PAIRS.iter().flat_map(|&(a, b)| [a, b]).collect();
-        let mut stores = Vec::new();
+        let mut benches = Vec::new();
         for layout in &layouts {
             let dtype: KvDType = layout.parse()?;
-            let spec = StorageSpec::new(shape, dtype, BLOCK, blocks)?;
-            let mut storage = backend.allocate(&spec)?;
-            backend.write(&mut storage, 0, &slots, &k, &v)?;
-            // Blocks the query is `R` past hold no f16 copies (a decoding `PagedCache`
-            // settles them).
-            let past = tokens
-                .saturating_sub(1)
-                .saturating_sub(dtype.residual_tokens())
-                / BLOCK;
-            backend.settle_blocks(&mut storage, &table[..past])?;
-            backend.attend(&storage, 0, &q, &batch)?; // warm up
-            stores.push(storage);
+            let bench = DecodeBench::with_min_bytes(shape, dtype, tokens, 1, threads, min_bytes)?;
+            bench.time_steps(bench.layers())?; // warm up: every layer once
+            benches.push(bench);
         }
+        println!(
+            "{name}, {tokens} tokens, {threads} thread(s), {} layer(s) per layout, {rounds} rounds of {steps} step(s) each:",
+            benches[0].layers()
+        );
         // times[layout][round]: seconds per step; cpu[layout][round]: the thread's CPU
         // seconds per step.
-        let mut times = vec![Vec::with_capacity(rounds); stores.len()];
-        let mut cpu = vec![Vec::with_capacity(rounds); stores.len()];
+        let mut times = vec![Vec::with_capacity(rounds); benches.len()];
+        let mut cpu = vec![Vec::with_capacity(rounds); benches.len()];
         for _ in 0..rounds {
-            for ((storage, t), c) in stores.iter().zip(&mut times).zip(&mut cpu) {
-                let (start, cpu_start) = (Instant::now(), thread_cpu());
-                std::hint::black_box(backend.attend(storage, 0, &q, &batch)?);
-                t.push(start.elapsed().as_secs_f64());
-                if let (Some(a), Some(b)) = (cpu_start, thread_cpu()) {
-                    c.push(b - a);
+            for ((bench, t), c) in benches.iter().zip(&mut times).zip(&mut cpu) {
+                let (wall, thread) = bench.install(|| {
+                    let (start, cpu_start) = (Instant::now(), thread_cpu());
+                    for _ in 0..steps {
+                        std::hint::black_box(bench.step()?);
+                    }
+                    let wall = start.elapsed().as_secs_f64();
+                    let thread = cpu_start.zip(thread_cpu()).map(|(a, b)| b - a);
+                    Ok::<_, kv_core::KvError>((wall, thread))
+                })?;
+                t.push(wall / steps as f64);
+                if let Some(thread) = thread {
+                    c.push(thread / steps as f64);
                 }
             }
         }
