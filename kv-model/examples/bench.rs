@@ -876,8 +876,10 @@ impl RoundProbe {
         Ok(Self { probe, threads })
     }
 
-    /// Bytes per second: the median of [`ROUND_PROBE_PASSES`] passes.
-    fn measure(&self) -> f64 {
+    /// Bytes per second (the median of [`ROUND_PROBE_PASSES`] passes), and the process's
+    /// CPU seconds per byte read over all passes (`None` where that clock is missing).
+    fn measure(&self) -> (f64, Option<f64>) {
+        let cpu = process_cpu();
         let times: Vec<f64> = (0..ROUND_PROBE_PASSES)
             .map(|_| {
                 let t = Instant::now();
@@ -885,7 +887,34 @@ impl RoundProbe {
                 t.elapsed().as_secs_f64().max(f64::MIN_POSITIVE)
             })
             .collect();
-        self.probe.bytes() as f64 / median(times)
+        let bytes = (self.probe.bytes() * ROUND_PROBE_PASSES) as f64;
+        let cpu_per_byte = cpu
+            .zip(process_cpu())
+            .map(|(a, b)| (b - a).max(f64::MIN_POSITIVE) / bytes);
+        (self.probe.bytes() as f64 / median(times), cpu_per_byte)
+    }
+}
+
+/// CPU seconds used so far by all of this process's threads (Linux; `None` elsewhere or on
+/// failure). On a loaded machine the probe's and decode's threads are descheduled for
+/// different shares of their wall time; per CPU second both count only the time they ran,
+/// which on an idle machine is their wall time times the threads. Time rayon's workers spin
+/// waiting for work counts against decode: a share taken this way errs low.
+fn process_cpu() -> Option<f64> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec for the call to fill; the clock id is
+        // a constant Linux defines.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        (rc == 0).then_some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
     }
 }
 
@@ -941,8 +970,14 @@ fn end_to_end(
         }
         let mut rounds = vec![Vec::with_capacity(sizes.rounds); caches.len()];
         let mut probes = vec![Vec::with_capacity(sizes.rounds); caches.len()];
+        // Per round, tokens per CPU second over probe bytes per CPU second (see `process_cpu`).
+        let mut cpu_shares = vec![Vec::with_capacity(sizes.rounds); caches.len()];
         for _ in 0..sizes.rounds {
-            for (((_, cache, seq), secs), bw) in caches.iter_mut().zip(&mut rounds).zip(&mut probes)
+            for ((((_, cache, seq), secs), bw), cpu_share) in caches
+                .iter_mut()
+                .zip(&mut rounds)
+                .zip(&mut probes)
+                .zip(&mut cpu_shares)
             {
                 // Back to the depth; the step at position `depth` reads token ids[depth]
                 // (at depth 0 that first token goes in untimed, from an empty cache).
@@ -952,15 +987,28 @@ fn end_to_end(
                     let logits = model.forward(&ids[..1], cache, *seq, Logits::Last)?;
                     token = argmax(&logits)?;
                 }
-                bw.push(probe.measure());
-                let t = Instant::now();
+                let (round_bw, probe_cpu_per_byte) = probe.measure();
+                bw.push(round_bw);
+                let (t, cpu) = (Instant::now(), process_cpu());
                 for _ in 0..sizes.decode {
                     token = argmax(&model.forward(&[token], cache, *seq, Logits::Last)?)?;
                 }
                 secs.push(t.elapsed().as_secs_f64().max(f64::MIN_POSITIVE));
+                if let (Some(a), Some(b), Some(p)) = (cpu, process_cpu(), probe_cpu_per_byte) {
+                    // Tokens per decode CPU second over GB per probe CPU second.
+                    let decode_cpu = (b - a).max(f64::MIN_POSITIVE);
+                    cpu_share.push(sizes.decode as f64 / decode_cpu * p * 1e9);
+                }
             }
         }
-        for (((dtype, _, _), secs), bw) in caches.iter().zip(rounds).zip(probes) {
+        for ((((dtype, _, _), secs), bw), cpu_share) in
+            caches.iter().zip(rounds).zip(probes).zip(cpu_shares)
+        {
+            let cpu_field = if cpu_share.is_empty() {
+                String::new()
+            } else {
+                format!(" cpu_tokens_per_probe_gb={:.6}", median(cpu_share))
+            };
             let per_gb = median(
                 secs.iter()
                     .zip(&bw)
@@ -971,14 +1019,14 @@ fn end_to_end(
             let bw_max = bw.iter().copied().fold(0.0, f64::max);
             let bw = median(bw);
             println!(
-                "BENCH section=decode layout={dtype} weights={weights} depth={depth} steps={} rounds={} secs={secs:.6} tokens_per_s={:.3} probe_bytes_per_s={bw:.0} probe_max_bytes_per_s={bw_max:.0} tokens_per_probe_gb={per_gb:.6}",
+                "BENCH section=decode layout={dtype} weights={weights} depth={depth} steps={} rounds={} secs={secs:.6} tokens_per_s={:.3} probe_bytes_per_s={bw:.0} probe_max_bytes_per_s={bw_max:.0} tokens_per_probe_gb={per_gb:.6}{cpu_field}",
                 sizes.decode,
                 sizes.rounds,
                 sizes.decode as f64 / secs
             );
             eprintln!(
                 "bench: {dtype} ({weights} weights): decode at depth {depth}: {:.1} tokens/s \
-                 (probe in the same rounds: median {:.1} GB/s, max {:.1}; {per_gb:.2} tokens/s per GB/s)",
+                 (probe in the same rounds: median {:.1} GB/s, max {:.1}; {per_gb:.2} tokens/s per GB/s{cpu_field})",
                 sizes.decode as f64 / secs,
                 bw / 1e9,
                 bw_max / 1e9

@@ -702,17 +702,19 @@ pub fn limit_share(
 }
 
 /// The share of the physical limit a kv decode line reaches against the probe read in its
-/// own rounds: the line's `tokens_per_probe_gb` (the median over rounds of tokens/s per GB/s
-/// of the probe read just before that round's steps) times the bytes a step reads. This
-/// VM's bandwidth moves by half from second to second, so this is the yardstick; `None`
-/// for lines of a bench that predates the per-round probe.
+/// own rounds: the line's `key` (`tokens_per_probe_gb`: the median over rounds of tokens/s
+/// per GB/s of the probe read just before that round's steps; `cpu_tokens_per_probe_gb`:
+/// the same per CPU second of each, which leaves out time other processes took the cores)
+/// times the bytes a step reads. This VM's bandwidth moves by half from second to second,
+/// so this is the yardstick; `None` for lines of a bench that predates the per-round probe.
 pub(crate) fn round_share(
     decode: &Rec,
+    key: &str,
     weights: f64,
     kv_per_token_layer: f64,
     depth: f64,
 ) -> Option<f64> {
-    let per_gb = decode.num("tokens_per_probe_gb")?;
+    let per_gb = decode.num(key)?;
     Some(per_gb * (weights + SMOLLM2_LAYERS * depth * kv_per_token_layer) / 1e9)
 }
 
@@ -820,7 +822,9 @@ pub fn report(r: &Results, w: &mut String, quick: bool) {
          memory-probe bandwidth: the share of the physical limit reached. kv's `rounds` \
          column divides each decode round by the probe read just before it (same threads, \
          same buffer far above the L3) and takes the median over rounds: this VM's bandwidth \
-         moves by half between seconds. The `max` columns divide by the run's highest probe \
+         moves by half between seconds; `rounds, CPU` does the same per CPU second of each \
+         (the time they ran: on a loaded machine other processes take the cores for \
+         different shares of each; rayon's spinning counts against kv). The `max` columns divide by the run's highest probe \
          reading ({:.2} GB/s) instead: the strictest figure, and the only one for llama.cpp, \
          whose runs have no probe beside them. Single numbers move 10-20% on a shared \
          machine; the ratios come from one run.\n",
@@ -838,7 +842,7 @@ pub fn report(r: &Results, w: &mut String, quick: bool) {
     );
     let _ = writeln!(
         w,
-        "| llama.cpp cache | test | llama.cpp tokens/s (fa) | kv layout | kv tokens/s | kv / llama.cpp | % limit llama.cpp (max) | % limit kv (rounds) | % limit kv (max) |\n|---|---|---:|---|---:|---:|---:|---:|---:|"
+        "| llama.cpp cache | test | llama.cpp tokens/s (fa) | kv layout | kv tokens/s | kv / llama.cpp | % limit llama.cpp (max) | % limit kv (rounds) | % limit kv (rounds, CPU) | % limit kv (max) |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|"
     );
     let f16_kv = kv_bytes_per_token(r, "f16");
     for (cache, layout) in [("f16", "f16"), ("q8_0", "int8-g32"), ("q4_0", "int4-g32")] {
@@ -862,7 +866,7 @@ pub fn report(r: &Results, w: &mut String, quick: bool) {
                 if prefill_kv.is_some() || ld == 0 {
                     let _ = writeln!(
                         w,
-                        "| {cache} | pp{prompt} @ d{ld} | {l:.1} ({fa}) | {layout} | {} | {} | | | |",
+                        "| {cache} | pp{prompt} @ d{ld} | {l:.1} ({fa}) | {layout} | {} | {} | | | | |",
                         fmt1(prefill_kv),
                         ratio(prefill_kv, Some(l)),
                     );
@@ -874,8 +878,8 @@ pub fn report(r: &Results, w: &mut String, quick: bool) {
             let kv_line = r.find(&[("section", "decode"), key[0], key[1], ("depth", &kds)]);
             let kv = kv_line.and_then(|d| d.num("tokens_per_s"));
             let kv_per_token = kv_bytes_per_token(r, layout);
-            let kv_rounds = match (kv_line, weights, kv_per_token) {
-                (Some(d), Some(wb), Some(p)) => round_share(d, wb, p, kd as f64),
+            let kv_rounds = |key: &str| match (kv_line, weights, kv_per_token) {
+                (Some(d), Some(wb), Some(p)) => round_share(d, key, wb, p, kd as f64),
                 _ => None,
             };
             let share = |tps: Option<f64>, per_token: Option<f64>, depth: usize| match (
@@ -889,11 +893,12 @@ pub fn report(r: &Results, w: &mut String, quick: bool) {
             let llama_per_token = f16_kv.zip(llama_cache_ratio(cache)).map(|(b, q)| b * q);
             let _ = writeln!(
                 w,
-                "| {cache} | tg{gen} @ d{ld} | {l:.1} ({fa}) | {layout} (d{kd}) | {} | {} | {} | {} | {} |",
+                "| {cache} | tg{gen} @ d{ld} | {l:.1} ({fa}) | {layout} (d{kd}) | {} | {} | {} | {} | {} | {} |",
                 fmt1(kv),
                 ratio(kv, Some(l)),
                 share(Some(l), llama_per_token, ld),
-                pct(kv_rounds),
+                pct(kv_rounds("tokens_per_probe_gb")),
+                pct(kv_rounds("cpu_tokens_per_probe_gb")),
                 share(kv, kv_per_token, kd),
             );
         }
@@ -917,8 +922,10 @@ fn limit_table(r: &Results, w: &mut String, weights: Option<f64>, probe: f64) {
         "kv's decode as a share of the physical limit: tokens/s times the bytes a step must \
          read (the GGUF's {:.1} MiB of tensors plus 30 layers' K/V at that depth) over the \
          memory probe: `rounds`, each decode round over the probe read just before it (median \
-         over rounds; this VM's bandwidth moves by half between seconds); `max`, over the \
-         run's highest probe reading ({:.2} GB/s), the strictest figure.\n\n| layout | depth | decode tokens/s | % limit (rounds) | % limit (max) |\n|---|---:|---:|---:|---:|",
+         over rounds; this VM's bandwidth moves by half between seconds); `rounds, CPU`, the \
+         same per CPU second of each (what other processes on a loaded machine take is left \
+         out); `max`, over the run's highest probe reading ({:.2} GB/s), the strictest \
+         figure.\n\n| layout | depth | decode tokens/s | % limit (rounds) | % limit (rounds, CPU) | % limit (max) |\n|---|---:|---:|---:|---:|---:|",
         wb / f64::from(1u32 << 20),
         probe / 1e9
     );
@@ -936,8 +943,9 @@ fn limit_table(r: &Results, w: &mut String, weights: Option<f64>, probe: f64) {
             };
             let _ = writeln!(
                 w,
-                "| {layout} | {depth} | {tps:.1} | {} | {:.0}% |",
-                pct(round_share(d, wb, p, depth)),
+                "| {layout} | {depth} | {tps:.1} | {} | {} | {:.0}% |",
+                pct(round_share(d, "tokens_per_probe_gb", wb, p, depth)),
+                pct(round_share(d, "cpu_tokens_per_probe_gb", wb, p, depth)),
                 100.0 * limit_share(tps, wb, p, depth, probe)
             );
         }
@@ -1323,7 +1331,7 @@ mod tests {
              BENCH section=attn shape=smollm2-135m layout=f16 tokens=1000 steps=1 rounds=1 secs=1 kv_bytes=768000 bytes_per_s=1\n\
              BENCH section=prefill layout=f16 weights=blocks tokens=512 secs=1 tokens_per_s=500.0\n\
              BENCH section=prefill-depth layout=f16 weights=blocks depth=4064 tokens=512 secs=1 tokens_per_s=250.0\n\
-             BENCH section=decode layout=f16 weights=blocks depth=0 steps=1 rounds=1 secs=1 tokens_per_s=80.0 probe_bytes_per_s=8000000000 probe_max_bytes_per_s=20000000000 tokens_per_probe_gb=10.0\n\
+             BENCH section=decode layout=f16 weights=blocks depth=0 steps=1 rounds=1 secs=1 tokens_per_s=80.0 probe_bytes_per_s=8000000000 probe_max_bytes_per_s=20000000000 tokens_per_probe_gb=10.0 cpu_tokens_per_probe_gb=5.0\n\
              BENCH section=decode layout=f16 weights=blocks depth=4064 steps=1 rounds=1 secs=1 tokens_per_s=45.0\n\
              BENCH section=llama-cpp commit=0c1e57098bba bin=/b\n\
              BENCH section=llama-bench cache=f16 fa=0 prompt=512 gen=0 depth=0 tokens_per_s=300.000 stddev=1 model_bytes=100000000\n\
@@ -1336,16 +1344,16 @@ mod tests {
         report(&r, &mut w, false);
         // Prefill: best of fa (300 with fa 0) against kv's 500.
         assert!(
-            w.contains("| f16 | pp512 @ d0 | 300.0 (0) | f16 | 500.0 | 1.67x | | |"),
+            w.contains("| f16 | pp512 @ d0 | 300.0 (0) | f16 | 500.0 | 1.67x | | | | |"),
             "{w}"
         );
         // The run's highest probe is a decode round's (2e10, above the attention section's
         // 1e10). Decode at depth 0: 80 / 100; against that probe llama.cpp 100 * 1e8 / 2e10 =
         // 50%, kv 80 * 1e8 / 2e10 = 40%; against its own rounds kv 10 tokens/s per GB/s
-        // times 1e8 bytes = 100%.
+        // times 1e8 bytes = 100%, per CPU second 5 * 1e8 / 1e9 = 50%.
         assert!(
             w.contains(
-                "| f16 | tg64 @ d0 | 100.0 (0) | f16 (d0) | 80.0 | 0.80x | 50% | 100% | 40% |"
+                "| f16 | tg64 @ d0 | 100.0 (0) | f16 (d0) | 80.0 | 0.80x | 50% | 100% | 50% | 40% |"
             ),
             "{w}"
         );
@@ -1354,7 +1362,7 @@ mod tests {
         // 45 * (1e8 + 30 * 4064 * 768) / 2e10 = 43.6%.
         assert!(
             w.contains(
-                "| f16 | tg64 @ d4096 | 30.0 (0) | f16 (d4064) | 45.0 | 1.50x | 29% | - | 44% |"
+                "| f16 | tg64 @ d4096 | 30.0 (0) | f16 (d4064) | 45.0 | 1.50x | 29% | - | - | 44% |"
             ),
             "{w}"
         );
@@ -1374,7 +1382,8 @@ mod tests {
         report(&kv_only, &mut w, false);
         // Rounds: 20 * 1e8 / 1e9 = 200% (a probe reading below what decode reached is
         // shown as it is); max: the section's 1e10 is the highest, 80 * 1e8 / 1e10 = 80%.
-        assert!(w.contains("| f16 | 0 | 80.0 | 200% | 80% |"), "{w}");
+        // No CPU-time field on this line: `-`.
+        assert!(w.contains("| f16 | 0 | 80.0 | 200% | - | 80% |"), "{w}");
     }
 
     #[test]
