@@ -14,7 +14,8 @@
 //!   Each decode round reads the memory probe just before its steps (same threads, same
 //!   buffer size as `probe`), so the share of the physical limit is taken per round
 //!   (`tokens_per_probe_gb`: the median over rounds of tokens/s per GB/s of that round's
-//!   probe) rather than against a probe read minutes apart.
+//!   probe; `cpu_tokens_per_probe_gb`: the same per CPU second of each, which a loaded
+//!   machine's other processes do not move) rather than against a probe read minutes apart.
 //! - `weights`: the decode matrix-vector kernel (one activation row) of each GGUF block type
 //!   kv keeps in blocks, on a 1536x576 matrix (SmolLM2's gate/up; 1536x768 where the block
 //!   is 256 weights), in weight bytes read per second and as a ratio to Q4_1's, the types
