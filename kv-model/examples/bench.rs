@@ -11,6 +11,11 @@
 //!   tokens/s into an empty cache, decode tokens/s at several depths (tokens already in
 //!   the cache), and prompt tokens/s on top of a long cached context; again with
 //!   activations rounded to 8 bits (`weights=blocks-q8`, f16 cache: the named option).
+//!   Each decode round reads the memory probe just before its steps (same threads, same
+//!   buffer size as `probe`), so the share of the physical limit is taken per round
+//!   (`tokens_per_probe_gb`: the median over rounds of tokens/s per GB/s of that round's
+//!   probe; `cpu_tokens_per_probe_gb`: the same per CPU second of each, which a loaded
+//!   machine's other processes do not move) rather than against a probe read minutes apart.
 //! - `weights`: the decode matrix-vector kernel (one activation row) of each GGUF block type
 //!   kv keeps in blocks, on a 1536x576 matrix (SmolLM2's gate/up; 1536x768 where the block
 //!   is 256 weights), in weight bytes read per second and as a ratio to Q4_1's, the types
@@ -38,7 +43,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use kv_attention::PagedCache;
-use kv_backend_cpu::bench::{memory_read_probe, token_ids, DecodeBench, BENCH_MIN_CACHE_BYTES};
+use kv_backend_cpu::bench::{
+    memory_read_probe, token_ids, DecodeBench, MemoryProbe, BENCH_MIN_CACHE_BYTES,
+};
 use kv_backend_cpu::CpuBackend;
 use kv_core::candle::{Device, Tensor, D};
 use kv_core::{KvDType, ModelShape, StorageSpec};
@@ -386,14 +393,15 @@ fn model_sections(a: &Args, sizes: &Sizes, on: &ModelSections) -> Res<()> {
         model.set_activations(Activations::Exact);
     }
     if on.e2e {
+        let probe = RoundProbe::new(sizes.probe_bytes, a.threads)?;
         let layouts = LAYOUTS
             .iter()
             .map(|name| name.parse())
             .collect::<Result<Vec<KvDType>, _>>()?;
-        end_to_end(sizes, &model, "blocks", &layouts)?;
+        end_to_end(sizes, &model, &probe, "blocks", &layouts)?;
         // The same blocks with activations rounded to 8 bits (the named option), f16 cache.
         model.set_activations(Activations::Q8);
-        end_to_end(sizes, &model, "blocks-q8", &[KvDType::F16])?;
+        end_to_end(sizes, &model, &probe, "blocks-q8", &[KvDType::F16])?;
         drop(model);
         // The f32 expansion (kv's default before its own block kernels) for comparison
         // with the peer's f32 mode: a short prompt and depth 0 only.
@@ -408,7 +416,7 @@ fn model_sections(a: &Args, sizes: &Sizes, on: &ModelSections) -> Res<()> {
             nocache_n: Vec::new(),
             ..*sizes
         };
-        end_to_end(&short, &model, "f32", &[KvDType::F16])?;
+        end_to_end(&short, &model, &probe, "f32", &[KvDType::F16])?;
     }
     Ok(())
 }
@@ -847,12 +855,85 @@ fn no_cache(sizes: &Sizes, model: &Model) -> Res<()> {
     Ok(())
 }
 
+/// Timed passes of the memory probe before each end-to-end decode round (their median is the
+/// round's probe): three 512 MiB passes take ~40 ms against ~100 ms of decode steps.
+const ROUND_PROBE_PASSES: usize = 3;
+
+/// The memory-read probe read in the same rounds as end-to-end decode. This VM's bandwidth
+/// moves by half from one second to the next, so a decode rate divided by a probe read
+/// minutes earlier says more about the VM than about kv. The buffer is allocated once
+/// (sizes' `probe_bytes`, far larger than the L3) and read whole by the same thread count
+/// as the model's kernels, as `memory_read_probe` does: still a strict limit.
+struct RoundProbe {
+    probe: MemoryProbe,
+    threads: usize,
+}
+
+impl RoundProbe {
+    fn new(bytes: usize, threads: usize) -> Res<Self> {
+        let probe = MemoryProbe::new(bytes)?;
+        // Untimed first pass: the pages are written already; this warms the TLB and threads.
+        std::hint::black_box(probe.read(threads));
+        Ok(Self { probe, threads })
+    }
+
+    /// Bytes per second (the median of [`ROUND_PROBE_PASSES`] passes), and the process's
+    /// CPU seconds per byte read over all passes (`None` where that clock is missing).
+    fn measure(&self) -> (f64, Option<f64>) {
+        let cpu = process_cpu();
+        let times: Vec<f64> = (0..ROUND_PROBE_PASSES)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(self.probe.read(self.threads));
+                t.elapsed().as_secs_f64().max(f64::MIN_POSITIVE)
+            })
+            .collect();
+        let bytes = (self.probe.bytes() * ROUND_PROBE_PASSES) as f64;
+        let cpu_per_byte = cpu
+            .zip(process_cpu())
+            .map(|(a, b)| (b - a).max(f64::MIN_POSITIVE) / bytes);
+        (self.probe.bytes() as f64 / median(times), cpu_per_byte)
+    }
+}
+
+/// CPU seconds used so far by all of this process's threads (Linux; `None` elsewhere or on
+/// failure). On a loaded machine the probe's and decode's threads are descheduled for
+/// different shares of their wall time; per CPU second both count only the time they ran,
+/// which on an idle machine is their wall time times the threads. Time rayon's workers spin
+/// waiting for work counts against decode: a share taken this way errs low.
+fn process_cpu() -> Option<f64> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec for the call to fill; the clock id is
+        // a constant Linux defines.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        (rc == 0).then_some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
 /// End to end on `model` for each of `layouts`: prefill tokens/s (best of 2), then decode
 /// tokens/s at each depth. Decode interleaves the layouts in rounds at each depth (every
 /// layout's cache filled to the depth first), and each reports its median round: load from
 /// other processes comes and goes over seconds, and interleaving spreads it over all
-/// layouts alike, so their ratios hold where single runs of 32 steps moved 10-20%.
-fn end_to_end(sizes: &Sizes, model: &Model, weights: &str, layouts: &[KvDType]) -> Res<()> {
+/// layouts alike, so their ratios hold where single runs of 32 steps moved 10-20%. Each
+/// layout's round starts with a `probe` reading; the decode line reports those readings
+/// (median, max) and the median over rounds of that round's tokens/s per GB/s of its probe
+/// (`tokens_per_probe_gb`): times the bytes a step reads, the share of the physical limit.
+fn end_to_end(
+    sizes: &Sizes,
+    model: &Model,
+    probe: &RoundProbe,
+    weights: &str,
+    layouts: &[KvDType],
+) -> Res<()> {
     let deepest = sizes
         .depths
         .iter()
@@ -889,8 +970,16 @@ fn end_to_end(sizes: &Sizes, model: &Model, weights: &str, layouts: &[KvDType]) 
             fill(model, cache, *seq, &ids, depth)?;
         }
         let mut rounds = vec![Vec::with_capacity(sizes.rounds); caches.len()];
+        let mut probes = vec![Vec::with_capacity(sizes.rounds); caches.len()];
+        // Per round, tokens per CPU second over probe bytes per CPU second (see `process_cpu`).
+        let mut cpu_shares = vec![Vec::with_capacity(sizes.rounds); caches.len()];
         for _ in 0..sizes.rounds {
-            for ((_, cache, seq), secs) in caches.iter_mut().zip(&mut rounds) {
+            for ((((_, cache, seq), secs), bw), cpu_share) in caches
+                .iter_mut()
+                .zip(&mut rounds)
+                .zip(&mut probes)
+                .zip(&mut cpu_shares)
+            {
                 // Back to the depth; the step at position `depth` reads token ids[depth]
                 // (at depth 0 that first token goes in untimed, from an empty cache).
                 cache.truncate(*seq, depth)?;
@@ -899,24 +988,49 @@ fn end_to_end(sizes: &Sizes, model: &Model, weights: &str, layouts: &[KvDType]) 
                     let logits = model.forward(&ids[..1], cache, *seq, Logits::Last)?;
                     token = argmax(&logits)?;
                 }
-                let t = Instant::now();
+                let (round_bw, probe_cpu_per_byte) = probe.measure();
+                bw.push(round_bw);
+                let (t, cpu) = (Instant::now(), process_cpu());
                 for _ in 0..sizes.decode {
                     token = argmax(&model.forward(&[token], cache, *seq, Logits::Last)?)?;
                 }
-                secs.push(t.elapsed().as_secs_f64());
+                secs.push(t.elapsed().as_secs_f64().max(f64::MIN_POSITIVE));
+                if let (Some(a), Some(b), Some(p)) = (cpu, process_cpu(), probe_cpu_per_byte) {
+                    // Tokens per decode CPU second over GB per probe CPU second.
+                    let decode_cpu = (b - a).max(f64::MIN_POSITIVE);
+                    cpu_share.push(sizes.decode as f64 / decode_cpu * p * 1e9);
+                }
             }
         }
-        for ((dtype, _, _), secs) in caches.iter().zip(rounds) {
+        for ((((dtype, _, _), secs), bw), cpu_share) in
+            caches.iter().zip(rounds).zip(probes).zip(cpu_shares)
+        {
+            let cpu_field = if cpu_share.is_empty() {
+                String::new()
+            } else {
+                format!(" cpu_tokens_per_probe_gb={:.6}", median(cpu_share))
+            };
+            let per_gb = median(
+                secs.iter()
+                    .zip(&bw)
+                    .map(|(s, b)| sizes.decode as f64 / s / (b / 1e9))
+                    .collect(),
+            );
             let secs = median(secs);
+            let bw_max = bw.iter().copied().fold(0.0, f64::max);
+            let bw = median(bw);
             println!(
-                "BENCH section=decode layout={dtype} weights={weights} depth={depth} steps={} rounds={} secs={secs:.6} tokens_per_s={:.3}",
+                "BENCH section=decode layout={dtype} weights={weights} depth={depth} steps={} rounds={} secs={secs:.6} tokens_per_s={:.3} probe_bytes_per_s={bw:.0} probe_max_bytes_per_s={bw_max:.0} tokens_per_probe_gb={per_gb:.6}{cpu_field}",
                 sizes.decode,
                 sizes.rounds,
                 sizes.decode as f64 / secs
             );
             eprintln!(
-                "bench: {dtype} ({weights} weights): decode at depth {depth}: {:.1} tokens/s",
-                sizes.decode as f64 / secs
+                "bench: {dtype} ({weights} weights): decode at depth {depth}: {:.1} tokens/s \
+                 (probe in the same rounds: median {:.1} GB/s, max {:.1}; {per_gb:.2} tokens/s per GB/s{cpu_field})",
+                sizes.decode as f64 / secs,
+                bw / 1e9,
+                bw_max / 1e9
             );
         }
     }

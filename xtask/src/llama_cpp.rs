@@ -701,6 +701,41 @@ pub fn limit_share(
     tokens_per_s * (weights + SMOLLM2_LAYERS * depth * kv_per_token_layer) / probe
 }
 
+/// The share of the physical limit a kv decode line reaches against the probe read in its
+/// own rounds: the line's `key` (`tokens_per_probe_gb`: the median over rounds of tokens/s
+/// per GB/s of the probe read just before that round's steps; `cpu_tokens_per_probe_gb`:
+/// the same per CPU second of each, which leaves out time other processes took the cores)
+/// times the bytes a step reads. This VM's bandwidth moves by half from second to second,
+/// so this is the yardstick; `None` for lines of a bench that predates the per-round probe.
+pub(crate) fn round_share(
+    decode: &Rec,
+    key: &str,
+    weights: f64,
+    kv_per_token_layer: f64,
+    depth: f64,
+) -> Option<f64> {
+    let per_gb = decode.num(key)?;
+    Some(per_gb * (weights + SMOLLM2_LAYERS * depth * kv_per_token_layer) / 1e9)
+}
+
+/// The highest memory-probe reading of the run (the attention section's and every decode
+/// round's; not the store section's, which reads with other sizes): the strictest limit.
+fn max_probe(r: &Results) -> f64 {
+    let sections = r
+        .all(&[("section", "probe")])
+        .filter(|p| p.get("when") != Some("store"))
+        .filter_map(|p| p.num("bytes_per_s"));
+    let rounds = r
+        .all(&[("section", "decode")])
+        .filter_map(|d| d.num("probe_max_bytes_per_s"));
+    sections.chain(rounds).fold(0.0, f64::max)
+}
+
+/// A share as a whole percentage, or `-`.
+fn pct(share: Option<f64>) -> String {
+    share.map_or_else(|| "-".into(), |s| format!("{:.0}%", 100.0 * s))
+}
+
 /// llama.cpp's best rate over flash attention on/off for one test: (tokens/s, fa).
 fn best_llama(
     r: &Results,
@@ -725,11 +760,7 @@ fn best_llama(
 /// same threads), kv / llama.cpp, and both as a share of the physical limit.
 pub fn report(r: &Results, w: &mut String, quick: bool) {
     let _ = writeln!(w, "## llama.cpp, measured in this run\n");
-    let probe = r
-        .all(&[("section", "probe")])
-        .filter(|p| p.get("when") != Some("store"))
-        .filter_map(|p| p.num("bytes_per_s"))
-        .fold(0.0, f64::max);
+    let probe = max_probe(r);
     let weights = r
         .one(&[("section", "model")], "weight_bytes")
         .or_else(|| r.find(&[("section", "llama-bench")])?.num("model_bytes"));
@@ -788,8 +819,15 @@ pub fn report(r: &Results, w: &mut String, quick: bool) {
          it on. kv: the file's blocks as weights (`blocks`). kv's deepest depth ends at 4096 \
          where llama.cpp's starts there. Ratio: kv / llama.cpp. `% limit`: decode tokens/s \
          times the bytes a step must read (weights{} plus 30 layers' K/V at that depth) over \
-         the memory probe ({:.2} GB/s): the share of the physical limit reached. This machine \
-         is shared and loaded: single numbers move 10-20%; the ratios come from one run.\n",
+         memory-probe bandwidth: the share of the physical limit reached. kv's `rounds` \
+         column divides each decode round by the probe read just before it (same threads, \
+         same buffer far above the L3) and takes the median over rounds: this VM's bandwidth \
+         moves by half between seconds; `rounds, CPU` does the same per CPU second of each \
+         (the time they ran: on a loaded machine other processes take the cores for \
+         different shares of each; rayon's spinning counts against kv). The `max` columns divide by the run's highest probe \
+         reading ({:.2} GB/s) instead: the strictest figure, and the only one for llama.cpp, \
+         whose runs have no probe beside them. Single numbers move 10-20% on a shared \
+         machine; the ratios come from one run.\n",
         meta.get("commit").unwrap_or("?"),
         llama_depths
             .iter()
@@ -804,7 +842,7 @@ pub fn report(r: &Results, w: &mut String, quick: bool) {
     );
     let _ = writeln!(
         w,
-        "| llama.cpp cache | test | llama.cpp tokens/s (fa) | kv layout | kv tokens/s | kv / llama.cpp | % limit llama.cpp | % limit kv |\n|---|---|---:|---|---:|---:|---:|---:|"
+        "| llama.cpp cache | test | llama.cpp tokens/s (fa) | kv layout | kv tokens/s | kv / llama.cpp | % limit llama.cpp (max) | % limit kv (rounds) | % limit kv (rounds, CPU) | % limit kv (max) |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|"
     );
     let f16_kv = kv_bytes_per_token(r, "f16");
     for (cache, layout) in [("f16", "f16"), ("q8_0", "int8-g32"), ("q4_0", "int4-g32")] {
@@ -828,7 +866,7 @@ pub fn report(r: &Results, w: &mut String, quick: bool) {
                 if prefill_kv.is_some() || ld == 0 {
                     let _ = writeln!(
                         w,
-                        "| {cache} | pp{prompt} @ d{ld} | {l:.1} ({fa}) | {layout} | {} | {} | | |",
+                        "| {cache} | pp{prompt} @ d{ld} | {l:.1} ({fa}) | {layout} | {} | {} | | | | |",
                         fmt1(prefill_kv),
                         ratio(prefill_kv, Some(l)),
                     );
@@ -837,10 +875,13 @@ pub fn report(r: &Results, w: &mut String, quick: bool) {
             let Some((l, fa)) = best_llama(r, cache, "0", gen, &ds) else {
                 continue;
             };
-            let kv = r.one(
-                &[("section", "decode"), key[0], key[1], ("depth", &kds)],
-                "tokens_per_s",
-            );
+            let kv_line = r.find(&[("section", "decode"), key[0], key[1], ("depth", &kds)]);
+            let kv = kv_line.and_then(|d| d.num("tokens_per_s"));
+            let kv_per_token = kv_bytes_per_token(r, layout);
+            let kv_rounds = |key: &str| match (kv_line, weights, kv_per_token) {
+                (Some(d), Some(wb), Some(p)) => round_share(d, key, wb, p, kd as f64),
+                _ => None,
+            };
             let share = |tps: Option<f64>, per_token: Option<f64>, depth: usize| match (
                 tps, weights, per_token,
             ) {
@@ -852,11 +893,13 @@ pub fn report(r: &Results, w: &mut String, quick: bool) {
             let llama_per_token = f16_kv.zip(llama_cache_ratio(cache)).map(|(b, q)| b * q);
             let _ = writeln!(
                 w,
-                "| {cache} | tg{gen} @ d{ld} | {l:.1} ({fa}) | {layout} (d{kd}) | {} | {} | {} | {} |",
+                "| {cache} | tg{gen} @ d{ld} | {l:.1} ({fa}) | {layout} (d{kd}) | {} | {} | {} | {} | {} | {} |",
                 fmt1(kv),
                 ratio(kv, Some(l)),
                 share(Some(l), llama_per_token, ld),
-                share(kv, kv_bytes_per_token(r, layout), kd),
+                pct(kv_rounds("tokens_per_probe_gb")),
+                pct(kv_rounds("cpu_tokens_per_probe_gb")),
+                share(kv, kv_per_token, kd),
             );
         }
     }
@@ -878,7 +921,11 @@ fn limit_table(r: &Results, w: &mut String, weights: Option<f64>, probe: f64) {
         w,
         "kv's decode as a share of the physical limit: tokens/s times the bytes a step must \
          read (the GGUF's {:.1} MiB of tensors plus 30 layers' K/V at that depth) over the \
-         memory probe ({:.2} GB/s).\n\n| layout | depth | decode tokens/s | % limit |\n|---|---:|---:|---:|",
+         memory probe: `rounds`, each decode round over the probe read just before it (median \
+         over rounds; this VM's bandwidth moves by half between seconds); `rounds, CPU`, the \
+         same per CPU second of each (what other processes on a loaded machine take is left \
+         out); `max`, over the run's highest probe reading ({:.2} GB/s), the strictest \
+         figure.\n\n| layout | depth | decode tokens/s | % limit (rounds) | % limit (rounds, CPU) | % limit (max) |\n|---|---:|---:|---:|---:|---:|",
         wb / f64::from(1u32 << 20),
         probe / 1e9
     );
@@ -896,7 +943,9 @@ fn limit_table(r: &Results, w: &mut String, weights: Option<f64>, probe: f64) {
             };
             let _ = writeln!(
                 w,
-                "| {layout} | {depth} | {tps:.1} | {:.0}% |",
+                "| {layout} | {depth} | {tps:.1} | {} | {} | {:.0}% |",
+                pct(round_share(d, "tokens_per_probe_gb", wb, p, depth)),
+                pct(round_share(d, "cpu_tokens_per_probe_gb", wb, p, depth)),
                 100.0 * limit_share(tps, wb, p, depth, probe)
             );
         }
@@ -1282,7 +1331,7 @@ mod tests {
              BENCH section=attn shape=smollm2-135m layout=f16 tokens=1000 steps=1 rounds=1 secs=1 kv_bytes=768000 bytes_per_s=1\n\
              BENCH section=prefill layout=f16 weights=blocks tokens=512 secs=1 tokens_per_s=500.0\n\
              BENCH section=prefill-depth layout=f16 weights=blocks depth=4064 tokens=512 secs=1 tokens_per_s=250.0\n\
-             BENCH section=decode layout=f16 weights=blocks depth=0 steps=1 rounds=1 secs=1 tokens_per_s=80.0\n\
+             BENCH section=decode layout=f16 weights=blocks depth=0 steps=1 rounds=1 secs=1 tokens_per_s=80.0 probe_bytes_per_s=8000000000 probe_max_bytes_per_s=20000000000 tokens_per_probe_gb=10.0 cpu_tokens_per_probe_gb=5.0\n\
              BENCH section=decode layout=f16 weights=blocks depth=4064 steps=1 rounds=1 secs=1 tokens_per_s=45.0\n\
              BENCH section=llama-cpp commit=0c1e57098bba bin=/b\n\
              BENCH section=llama-bench cache=f16 fa=0 prompt=512 gen=0 depth=0 tokens_per_s=300.000 stddev=1 model_bytes=100000000\n\
@@ -1295,26 +1344,46 @@ mod tests {
         report(&r, &mut w, false);
         // Prefill: best of fa (300 with fa 0) against kv's 500.
         assert!(
-            w.contains("| f16 | pp512 @ d0 | 300.0 (0) | f16 | 500.0 | 1.67x | | |"),
+            w.contains("| f16 | pp512 @ d0 | 300.0 (0) | f16 | 500.0 | 1.67x | | | | |"),
             "{w}"
         );
-        // Decode at depth 0: 80 / 100; limit share of kv = 80 * 1e8 / 1e10 = 80%.
+        // The run's highest probe is a decode round's (2e10, above the attention section's
+        // 1e10). Decode at depth 0: 80 / 100; against that probe llama.cpp 100 * 1e8 / 2e10 =
+        // 50%, kv 80 * 1e8 / 2e10 = 40%; against its own rounds kv 10 tokens/s per GB/s
+        // times 1e8 bytes = 100%, per CPU second 5 * 1e8 / 1e9 = 50%.
         assert!(
-            w.contains("| f16 | tg64 @ d0 | 100.0 (0) | f16 (d0) | 80.0 | 0.80x | 100% | 80% |"),
+            w.contains(
+                "| f16 | tg64 @ d0 | 100.0 (0) | f16 (d0) | 80.0 | 0.80x | 50% | 100% | 50% | 40% |"
+            ),
             "{w}"
         );
-        // The deepest point: kv's 4064 against llama.cpp's 4096; 45 / 30 = 1.5x.
-        // kv: 45 * (1e8 + 30 * 4064 * 768) / 1e10 = 87.1%.
+        // The deepest point: kv's 4064 against llama.cpp's 4096; 45 / 30 = 1.5x. llama.cpp:
+        // 30 * (1e8 + 30 * 4096 * 768) / 2e10 = 29.2%; kv (no per-round probe on its line):
+        // 45 * (1e8 + 30 * 4064 * 768) / 2e10 = 43.6%.
         assert!(
-            w.contains("| f16 | tg64 @ d4096 | 30.0 (0) | f16 (d4064) | 45.0 | 1.50x |"),
+            w.contains(
+                "| f16 | tg64 @ d4096 | 30.0 (0) | f16 (d4064) | 45.0 | 1.50x | 29% | - | - | 44% |"
+            ),
             "{w}"
         );
-        assert!(w.contains("| 87% |"), "{w}");
         // llama.cpp measured no prefill at depth: no row.
         assert!(!w.contains("pp512 @ d4096"), "{w}");
         let mut none = String::new();
         report(&Results::of(""), &mut none, false);
         assert!(none.contains("Not measured in this run"));
+        // Without llama.cpp: kv's own table, the same two shares.
+        let kv_only = Results::of(
+            "BENCH section=probe when=before buffer_bytes=1 threads=2 bytes_per_s=10000000000\n\
+             BENCH section=model weight_bytes=100000000\n\
+             BENCH section=attn shape=smollm2-135m layout=f16 tokens=1000 steps=1 rounds=1 secs=1 kv_bytes=768000 bytes_per_s=1\n\
+             BENCH section=decode layout=f16 weights=blocks depth=0 steps=1 rounds=1 secs=1 tokens_per_s=80.0 probe_bytes_per_s=4000000000 probe_max_bytes_per_s=5000000000 tokens_per_probe_gb=20.0\n",
+        );
+        let mut w = String::new();
+        report(&kv_only, &mut w, false);
+        // Rounds: 20 * 1e8 / 1e9 = 200% (a probe reading below what decode reached is
+        // shown as it is); max: the section's 1e10 is the highest, 80 * 1e8 / 1e10 = 80%.
+        // No CPU-time field on this line: `-`.
+        assert!(w.contains("| f16 | 0 | 80.0 | 200% | - | 80% |"), "{w}");
     }
 
     #[test]
