@@ -589,6 +589,21 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn nibble_f32(self, v: Self::I32, at: u32) -> Self::F32 {
         self.field_f32(v, at, 15)
     }
+    /// Per lane `(v >> at) & 31` as f32: [`Simd::field_f32`] with mask 31, where 512 bits
+    /// look the 5-bit code up in two 16-lane tables (`0.0..32.0`, a two-source permute
+    /// reads an index's low 5 bits: no mask, no conversion), as [`Simd::nibble_f32`] does
+    /// for nibbles. Q5_K's codes once [`Simd::nibble_bit4_i32`] has put them in bytes.
+    #[inline(always)]
+    fn code5_f32(self, v: Self::I32, at: u32) -> Self::F32 {
+        self.field_f32(v, at, 31)
+    }
+    /// Per lane `((lo >> lo_at) & 0x0F0F_0F0F) | ((hi << hi_shl) & 0xF0F0_F0F0)` (`lo_at`,
+    /// `hi_shl < 32`): each byte's low nibble from `lo`, its high nibble from `hi`, so that
+    /// a nibble and a fifth bit become one 5-bit code per byte (bits above the fifth are
+    /// whatever `hi` holds there: [`Simd::code5_f32`] ignores them). One three-way bit
+    /// select at 512 bits: Q5_K's fifth bits joined to 4 vectors' nibbles at once instead
+    /// of a test and a masked add per vector.
+    fn nibble_bit4_i32(self, lo: Self::I32, lo_at: u32, hi: Self::I32, hi_shl: u32) -> Self::I32;
     /// Per lane `((lo >> lo_at) & 15) | (((hi >> hi_at) & 3) << 4)` as f32 (`lo_at`,
     /// `hi_at < 32`): a 6-bit code from a nibble and a 2-bit field (Q6_K).
     fn field6_f32(self, lo: Self::I32, lo_at: u32, hi: Self::I32, hi_at: u32) -> Self::F32;
@@ -1191,6 +1206,8 @@ mod tests {
     const FIELD_AT: [u32; 10] = [0, 4, 8, 12, 16, 20, 24, 28, 3, 17];
     const FIELD6_HI_AT: [u32; 7] = [0, 2, 4, 6, 8, 14, 30];
     const BITS: [u32; 5] = [0, 1, 5, 13, 31];
+    /// [`Simd::nibble_bit4_i32`]'s shifts (Q5_K's `(0, 4)` and `(4, 3)`, and odd ones).
+    const BIT4_AT: [(u32, u32); 5] = [(0, 4), (4, 3), (0, 0), (7, 1), (28, 31)];
 
     impl WordOps {
         /// The results for `lanes` lanes, in plain Rust.
@@ -1234,6 +1251,17 @@ mod tests {
                     .iter()
                     .map(|&i| self.w[i as usize % lanes].to_bits()),
             );
+            for at in FIELD_AT {
+                out.extend(v.iter().map(|&v| (((v >> at) & 31) as f32).to_bits()));
+            }
+            for (lo_at, hi_shl) in BIT4_AT {
+                for x in v.iter().zip(&h).map(|(&lo, &hi)| {
+                    ((lo >> lo_at) & 0x0F0F_0F0F) | ((hi << hi_shl) & 0xF0F0_F0F0)
+                }) {
+                    out.push(((x & 0xFF_FFFF) as f32).to_bits());
+                    out.push(((x >> 24) as f32).to_bits());
+                }
+            }
             out
         }
     }
@@ -1276,6 +1304,20 @@ mod tests {
                 push(s.add_where_bit_f32(w, v, bit, s.splat(self.a)));
             }
             push(s.permute_f32(w, &self.idx));
+            for at in FIELD_AT {
+                push(s.code5_f32(v, at));
+            }
+            for (lo_at, hi_shl) in BIT4_AT {
+                let x = s.nibble_bit4_i32(v, lo_at, h, hi_shl);
+                let (lo, hi) = (s.field_f32(x, 0, 0xFF_FFFF), s.field_f32(x, 24, 0xFF));
+                let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+                s.store(&mut S::lanes_mut(&mut a[..l]).0[0], lo);
+                s.store(&mut S::lanes_mut(&mut b[..l]).0[0], hi);
+                for (a, b) in a[..l].iter().zip(&b[..l]) {
+                    out.push(a.to_bits());
+                    out.push(b.to_bits());
+                }
+            }
             out
         }
     }

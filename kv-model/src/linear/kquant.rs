@@ -25,7 +25,8 @@
 //! The matrix-vector kernel does not take Q4_K, Q5_K or Q6_K chunk by chunk at all
 //! ([`Format::WORDS`]): their `dot_words` load the packed nibbles as 32-bit lanes, take one
 //! vector of codes per shift ([`Simd::nibble_f32`], [`Simd::field6_f32`]; Q5_K's fifth
-//! bits added as 16 under a mask, [`Simd::add_where_bit_f32`]) and multiply it with
+//! bits joined to the nibbles in bytes, 4 vectors at a time, [`Simd::nibble_bit4_i32`],
+//! then [`Simd::code5_f32`]) and multiply it with
 //! activations reordered once per call to match ([`Format::word_order`]); each vector's
 //! partial sum is then scaled once by its chunks' scales ([`Simd::permute_f32`]), and
 //! the minimums (Q6_K's `-32 d sc`) go against per-call activation sums. Measured
@@ -352,25 +353,29 @@ impl<const FIFTH: bool> Format for K4<FIFTH> {
         }
         let (words, _) = S::words(bytes::<128>(b, Self::QS));
         let qh = s.load_i32_bytes32(bytes::<32>(b, Self::QH));
-        let sixteen = s.splat(16.0);
         for (z, w) in words.iter().enumerate() {
             let v = s.load_i32_bytes(w);
-            let h = if FIFTH {
-                // The fifth bits' words shifted right by `2 pair` per lane (the scale lanes
-                // of nibble 0), so that bit `8 (j / 2) + j % 2` is the fifth bit of vector
-                // `j`'s lane (bit `c` of byte `l` is weight `l`'s of chunk `c`).
-                s.shr_i32_lanes(qh, &WordLanes::<S>::K4_SCALE[z % 4][0])
+            // Q5_K: the fifth bits' words shifted right by `2 pair` per lane (the scale
+            // lanes of nibble 0), so that bit `8 q + n` is the fifth bit of vector
+            // `j = 2 q + n`'s lane (bit `c` of byte `l` is weight `l`'s of chunk `c`);
+            // then moved to bit 4 of byte `q` under the nibbles of vector `j` (`n` = 0:
+            // the low nibbles, 1: the high nibbles shifted down), 4 vectors' 5-bit codes
+            // one byte each: a shift and a permute per vector, as Q4_K's nibbles.
+            let five = if FIFTH {
+                let h = s.shr_i32_lanes(qh, &WordLanes::<S>::K4_SCALE[z % 4][0]);
+                [s.nibble_bit4_i32(v, 0, h, 4), s.nibble_bit4_i32(v, 4, h, 3)]
             } else {
-                qh
+                [v, v]
             };
-            for n in 0..2 {
+            for (n, five) in five.into_iter().enumerate() {
                 let mut t = [s.zero(); N];
                 for q in 0..4 {
                     let j = 2 * q + n;
-                    let mut c = s.nibble_f32(v, 4 * j as u32);
-                    if FIFTH {
-                        c = s.add_where_bit_f32(c, h, (8 * q + n) as u32, sixteen);
-                    }
+                    let c = if FIFTH {
+                        s.code5_f32(five, 8 * q as u32)
+                    } else {
+                        s.nibble_f32(v, 4 * j as u32)
+                    };
                     for r in 0..N {
                         t[r] = s.fma(c, xvec(s, x[r], 8 * z + j), t[r]);
                     }

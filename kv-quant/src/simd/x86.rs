@@ -746,6 +746,15 @@ impl Simd for V256 {
         )))
     }
     #[inline(always)]
+    fn nibble_bit4_i32(self, lo: __m256i, lo_at: u32, hi: __m256i, hi_shl: u32) -> __m256i {
+        feat!({
+            let m = _mm256_set1_epi32(0x0F0F_0F0F);
+            let lo = _mm256_srl_epi32(lo, _mm_cvtsi32_si128(lo_at as i32));
+            let hi = _mm256_sll_epi32(hi, _mm_cvtsi32_si128(hi_shl as i32));
+            _mm256_or_si256(_mm256_and_si256(lo, m), _mm256_andnot_si256(m, hi))
+        })
+    }
+    #[inline(always)]
     fn field6_f32(self, lo: __m256i, lo_at: u32, hi: __m256i, hi_at: u32) -> __m256 {
         feat!({
             let lo = _mm256_and_si256(
@@ -1501,6 +1510,27 @@ impl Simd for V512 {
         feat!(_mm512_permutexvar_ps(
             _mm512_srl_epi32(v, _mm_cvtsi32_si128(at as i32)),
             iota_512()
+        ))
+    }
+    #[inline(always)]
+    fn code5_f32(self, v: __m512i, at: u32) -> __m512 {
+        // The two-source permute reads an index's low 5 bits: bit 4 picks the table
+        // `16.0..32.0`, so the tables `i as f32` are the mask and the conversion.
+        feat!(_mm512_permutex2var_ps(
+            iota_512(),
+            _mm512_srl_epi32(v, _mm_cvtsi32_si128(at as i32)),
+            _mm512_add_ps(iota_512(), _mm512_set1_ps(16.0))
+        ))
+    }
+    #[inline(always)]
+    fn nibble_bit4_i32(self, lo: __m512i, lo_at: u32, hi: __m512i, hi_shl: u32) -> __m512i {
+        // `m ? lo : hi` bit by bit, one `vpternlogd` (truth table of A = lo, B = hi,
+        // C = m: A where C, else B).
+        const SELECT: i32 = (0xF0 & 0xAA) | (0xCC & !0xAA & 0xFF);
+        feat!(_mm512_ternarylogic_epi32::<SELECT>(
+            _mm512_srl_epi32(lo, _mm_cvtsi32_si128(lo_at as i32)),
+            _mm512_sll_epi32(hi, _mm_cvtsi32_si128(hi_shl as i32)),
+            _mm512_set1_epi32(0x0F0F_0F0F)
         ))
     }
     #[inline(always)]
