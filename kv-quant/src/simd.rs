@@ -492,22 +492,6 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn lookup32_split_centered_dot(self, a: Self::F32, b: &[u8; 16], high: u32) -> Self::X32 {
         self.lookup32_split(self.lut32_centered(a), b, high)
     }
-    /// `w[j] + a` where bit `bit` (`< 8`) of byte `j` of `v` is set, else `w[j]`: a
-    /// K-quant's fifth bits (bit `c` of byte `j` for weight `j` of chunk `c`) added as
-    /// `16 d` to weights looked up from their low 4 bits, for dot products (`q d + 16 d` is
-    /// exact when both terms are: the caller's case). Here the bit becomes 0.0 or 1.0 and
-    /// `fma(bit, a, w)` (`w + a` rounded once, as an add; where the bit is clear a `-0.0`
-    /// weight may come out `+0.0`, which no sum can see); 512 bits add under a mask
-    /// register from one byte test (issue 15).
-    #[inline(always)]
-    fn add_where_bit32(self, w: Self::X32, v: Self::Bytes32, bit: u32, a: Self::F32) -> Self::X32 {
-        let m = self.i8_to_f32_32(self.and_bytes32(self.shr_bytes32(v, bit % 8), 1));
-        let mut w = w;
-        for (w, m) in w.as_mut().iter_mut().zip(m.as_ref()) {
-            *w = self.fma(*m, a, *w);
-        }
-        w
-    }
     // End of the GGUF weight codes.
     // -----------------------------------------------------------------------------------
 
@@ -607,9 +591,6 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// Per lane `((lo >> lo_at) & 15) | (((hi >> hi_at) & 3) << 4)` as f32 (`lo_at`,
     /// `hi_at < 32`): a 6-bit code from a nibble and a 2-bit field (Q6_K).
     fn field6_f32(self, lo: Self::I32, lo_at: u32, hi: Self::I32, hi_at: u32) -> Self::F32;
-    /// Per lane `w + a` where bit `bit` (`< 32`) of `v` is set, else `w` (at 256 bits
-    /// `w + 0.0` there, so a `-0.0` may come out `+0.0`, which no sum can see).
-    fn add_where_bit_f32(self, w: Self::F32, v: Self::I32, bit: u32, a: Self::F32) -> Self::F32;
     /// Lane `i` is lane `idx[i] % LANES` of `v` (the first `LANES` entries of `idx`).
     fn permute_f32(self, v: Self::F32, idx: &[u32; 16]) -> Self::F32;
     // End of the codes in words.
@@ -1198,14 +1179,12 @@ mod tests {
         hi: [u8; 32],
         n: [u32; 16],
         w: [f32; 16],
-        a: f32,
         idx: [u32; 16],
     }
 
     /// The word shifts and bits every case tries.
     const FIELD_AT: [u32; 10] = [0, 4, 8, 12, 16, 20, 24, 28, 3, 17];
     const FIELD6_HI_AT: [u32; 7] = [0, 2, 4, 6, 8, 14, 30];
-    const BITS: [u32; 5] = [0, 1, 5, 13, 31];
     /// [`Simd::nibble_bit4_i32`]'s shifts (Q5_K's `(0, 4)` and `(4, 3)`, and odd ones).
     const BIT4_AT: [(u32, u32); 5] = [(0, 4), (4, 3), (0, 0), (7, 1), (28, 31)];
 
@@ -1238,13 +1217,6 @@ mod tests {
                         ((((lo >> lo_at) & 15) | (((hi >> hi_at) & 3) << 4)) as f32).to_bits()
                     }));
                 }
-            }
-            for bit in BITS {
-                out.extend(
-                    v.iter()
-                        .zip(&self.w)
-                        .map(|(&v, &w)| (if v >> bit & 1 == 1 { w + self.a } else { w }).to_bits()),
-                );
             }
             out.extend(
                 self.idx[..lanes]
@@ -1300,9 +1272,6 @@ mod tests {
                     push(s.field6_f32(v, lo_at, h, hi_at));
                 }
             }
-            for bit in BITS {
-                push(s.add_where_bit_f32(w, v, bit, s.splat(self.a)));
-            }
             push(s.permute_f32(w, &self.idx));
             for at in FIELD_AT {
                 push(s.code5_f32(v, at));
@@ -1333,7 +1302,6 @@ mod tests {
                 hi: core::array::from_fn(|_| next() as u8),
                 n: core::array::from_fn(|_| (next() % 32) as u32),
                 w: core::array::from_fn(|_| (next() % 2001) as f32 / 64.0 - 15.0),
-                a: (next() % 257) as f32 / 8.0 - 16.0,
                 idx: core::array::from_fn(|_| (next() % 64) as u32),
             };
             for isa in Isa::available() {
@@ -1502,68 +1470,6 @@ mod tests {
                 let got = isa.run(ops());
                 for (j, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(g == w, "{isa} case {case} weight {j}: {g} vs {w}");
-                }
-            }
-        }
-    }
-
-    /// [`Simd::add_where_bit32`] on one input, each of the 8 bits.
-    struct AddWhereBit {
-        w: [f32; 32],
-        v: [u8; 32],
-        a: f32,
-    }
-
-    impl Kernel for AddWhereBit {
-        type Output = Vec<f32>;
-        fn scalar(self) -> Vec<f32> {
-            (0..8)
-                .flat_map(|bit| {
-                    (0..32).map(move |j| {
-                        if self.v[j] >> bit & 1 == 1 {
-                            self.w[j] + self.a
-                        } else {
-                            self.w[j]
-                        }
-                    })
-                })
-                .collect()
-        }
-        fn simd<S: Simd>(self, s: S) -> Vec<f32> {
-            let (w, v, a) = (s.load32(&self.w), s.load_bytes32(&self.v), s.splat(self.a));
-            let mut out = Vec::new();
-            for bit in 0..8 {
-                let mut x = [0f32; 32];
-                s.store32(&mut x, s.add_where_bit32(w, v, bit, a));
-                out.extend(x);
-            }
-            out
-        }
-    }
-
-    /// The fifth-bit add equals `w + a` where the bit is set, at every level, up to the
-    /// sign of a zero (any floats: the add rounds once either way; zeros of both signs
-    /// among the inputs).
-    #[test]
-    fn add_where_bit_equals_its_definition_at_every_level() {
-        let mut next = xorshift(0x0123_4567_89ab_cdefu64);
-        for case in 0..200 {
-            let w: [f32; 32] = core::array::from_fn(|j| match (case + j) % 5 {
-                0 => 0.0,
-                1 => -0.0,
-                _ => f32::from_bits(next() as u32 & 0x807f_ffff | 0x3e00_0000),
-            });
-            let v: [u8; 32] = core::array::from_fn(|_| next() as u8);
-            let a = if case % 7 == 0 {
-                -0.0
-            } else {
-                f32::from_bits(next() as u32 & 0x807f_ffff | 0x3c00_0000)
-            };
-            let want = AddWhereBit { w, v, a }.scalar();
-            for isa in Isa::available() {
-                let got = isa.run(AddWhereBit { w, v, a });
-                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(g == w, "{isa} case {case} lane {j}: {g} vs {w}");
                 }
             }
         }

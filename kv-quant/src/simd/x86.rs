@@ -765,15 +765,6 @@ impl Simd for V256 {
         })
     }
     #[inline(always)]
-    fn add_where_bit_f32(self, w: __m256, v: __m256i, bit: u32, a: __m256) -> __m256 {
-        // The bit's lanes as all-ones, `a` kept there, zero elsewhere, added.
-        feat!({
-            let b = _mm256_set1_epi32((1u32 << (bit % 32)) as i32);
-            let m = _mm256_cmpeq_epi32(_mm256_and_si256(v, b), b);
-            _mm256_add_ps(w, _mm256_and_ps(_mm256_castsi256_ps(m), a))
-        })
-    }
-    #[inline(always)]
     fn permute_f32(self, v: __m256, idx: &[u32; 16]) -> __m256 {
         feat!(_mm256_permutevar8x32_ps(v, load_256i_u32(idx)))
     }
@@ -1545,14 +1536,6 @@ impl Simd for V512 {
         })
     }
     #[inline(always)]
-    fn add_where_bit_f32(self, w: __m512, v: __m512i, bit: u32, a: __m512) -> __m512 {
-        // One test gives the lanes' mask, one masked add.
-        feat!({
-            let k = _mm512_test_epi32_mask(v, _mm512_set1_epi32((1u32 << (bit % 32)) as i32));
-            _mm512_mask_add_ps(w, k, w, a)
-        })
-    }
-    #[inline(always)]
     fn permute_f32(self, v: __m512, idx: &[u32; 16]) -> __m512 {
         feat!(_mm512_permutexvar_ps(load_512i_u32(idx), v))
     }
@@ -1680,17 +1663,6 @@ impl Simd for V512 {
             [
                 _mm512_mask_add_ps(lo, high as __mmask16, lo, a16),
                 _mm512_mask_add_ps(hi, (high >> 16) as __mmask16, hi, a16),
-            ]
-        })
-    }
-    #[inline(always)]
-    fn add_where_bit32(self, w: [__m512; 2], v: __m256i, bit: u32, a: __m512) -> [__m512; 2] {
-        // One byte test gives the 32 lanes' mask; each half adds under its 16 bits.
-        feat!({
-            let k = _mm256_test_epi8_mask(v, _mm256_set1_epi8((1u8 << (bit % 8)) as i8));
-            [
-                _mm512_mask_add_ps(w[0], k as __mmask16, w[0], a),
-                _mm512_mask_add_ps(w[1], (k >> 16) as __mmask16, w[1], a),
             ]
         })
     }
