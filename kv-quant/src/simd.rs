@@ -492,22 +492,6 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn lookup32_split_centered_dot(self, a: Self::F32, b: &[u8; 16], high: u32) -> Self::X32 {
         self.lookup32_split(self.lut32_centered(a), b, high)
     }
-    /// `w[j] + a` where bit `bit` (`< 8`) of byte `j` of `v` is set, else `w[j]`: a
-    /// K-quant's fifth bits (bit `c` of byte `j` for weight `j` of chunk `c`) added as
-    /// `16 d` to weights looked up from their low 4 bits, for dot products (`q d + 16 d` is
-    /// exact when both terms are: the caller's case). Here the bit becomes 0.0 or 1.0 and
-    /// `fma(bit, a, w)` (`w + a` rounded once, as an add; where the bit is clear a `-0.0`
-    /// weight may come out `+0.0`, which no sum can see); 512 bits add under a mask
-    /// register from one byte test (issue 15).
-    #[inline(always)]
-    fn add_where_bit32(self, w: Self::X32, v: Self::Bytes32, bit: u32, a: Self::F32) -> Self::X32 {
-        let m = self.i8_to_f32_32(self.and_bytes32(self.shr_bytes32(v, bit % 8), 1));
-        let mut w = w;
-        for (w, m) in w.as_mut().iter_mut().zip(m.as_ref()) {
-            *w = self.fma(*m, a, *w);
-        }
-        w
-    }
     // End of the GGUF weight codes.
     // -----------------------------------------------------------------------------------
 
@@ -589,12 +573,24 @@ pub trait Simd: Copy + Send + Sync + 'static {
     fn nibble_f32(self, v: Self::I32, at: u32) -> Self::F32 {
         self.field_f32(v, at, 15)
     }
+    /// Per lane `(v >> at) & 31` as f32: [`Simd::field_f32`] with mask 31, where 512 bits
+    /// look the 5-bit code up in two 16-lane tables (`0.0..32.0`, a two-source permute
+    /// reads an index's low 5 bits: no mask, no conversion), as [`Simd::nibble_f32`] does
+    /// for nibbles. Q5_K's codes once [`Simd::nibble_bit4_i32`] has put them in bytes.
+    #[inline(always)]
+    fn code5_f32(self, v: Self::I32, at: u32) -> Self::F32 {
+        self.field_f32(v, at, 31)
+    }
+    /// Per lane `((lo >> lo_at) & 0x0F0F_0F0F) | ((hi << hi_shl) & 0xF0F0_F0F0)` (`lo_at`,
+    /// `hi_shl < 32`): each byte's low nibble from `lo`, its high nibble from `hi`, so that
+    /// a nibble and a fifth bit become one 5-bit code per byte (bits above the fifth are
+    /// whatever `hi` holds there: [`Simd::code5_f32`] ignores them). One three-way bit
+    /// select at 512 bits: Q5_K's fifth bits joined to 4 vectors' nibbles at once instead
+    /// of a test and a masked add per vector.
+    fn nibble_bit4_i32(self, lo: Self::I32, lo_at: u32, hi: Self::I32, hi_shl: u32) -> Self::I32;
     /// Per lane `((lo >> lo_at) & 15) | (((hi >> hi_at) & 3) << 4)` as f32 (`lo_at`,
     /// `hi_at < 32`): a 6-bit code from a nibble and a 2-bit field (Q6_K).
     fn field6_f32(self, lo: Self::I32, lo_at: u32, hi: Self::I32, hi_at: u32) -> Self::F32;
-    /// Per lane `w + a` where bit `bit` (`< 32`) of `v` is set, else `w` (at 256 bits
-    /// `w + 0.0` there, so a `-0.0` may come out `+0.0`, which no sum can see).
-    fn add_where_bit_f32(self, w: Self::F32, v: Self::I32, bit: u32, a: Self::F32) -> Self::F32;
     /// Lane `i` is lane `idx[i] % LANES` of `v` (the first `LANES` entries of `idx`).
     fn permute_f32(self, v: Self::F32, idx: &[u32; 16]) -> Self::F32;
     // End of the codes in words.
@@ -1183,14 +1179,14 @@ mod tests {
         hi: [u8; 32],
         n: [u32; 16],
         w: [f32; 16],
-        a: f32,
         idx: [u32; 16],
     }
 
     /// The word shifts and bits every case tries.
     const FIELD_AT: [u32; 10] = [0, 4, 8, 12, 16, 20, 24, 28, 3, 17];
     const FIELD6_HI_AT: [u32; 7] = [0, 2, 4, 6, 8, 14, 30];
-    const BITS: [u32; 5] = [0, 1, 5, 13, 31];
+    /// [`Simd::nibble_bit4_i32`]'s shifts (Q5_K's `(0, 4)` and `(4, 3)`, and odd ones).
+    const BIT4_AT: [(u32, u32); 5] = [(0, 4), (4, 3), (0, 0), (7, 1), (28, 31)];
 
     impl WordOps {
         /// The results for `lanes` lanes, in plain Rust.
@@ -1222,18 +1218,22 @@ mod tests {
                     }));
                 }
             }
-            for bit in BITS {
-                out.extend(
-                    v.iter()
-                        .zip(&self.w)
-                        .map(|(&v, &w)| (if v >> bit & 1 == 1 { w + self.a } else { w }).to_bits()),
-                );
-            }
             out.extend(
                 self.idx[..lanes]
                     .iter()
                     .map(|&i| self.w[i as usize % lanes].to_bits()),
             );
+            for at in FIELD_AT {
+                out.extend(v.iter().map(|&v| (((v >> at) & 31) as f32).to_bits()));
+            }
+            for (lo_at, hi_shl) in BIT4_AT {
+                for x in v.iter().zip(&h).map(|(&lo, &hi)| {
+                    ((lo >> lo_at) & 0x0F0F_0F0F) | ((hi << hi_shl) & 0xF0F0_F0F0)
+                }) {
+                    out.push(((x & 0xFF_FFFF) as f32).to_bits());
+                    out.push(((x >> 24) as f32).to_bits());
+                }
+            }
             out
         }
     }
@@ -1272,10 +1272,21 @@ mod tests {
                     push(s.field6_f32(v, lo_at, h, hi_at));
                 }
             }
-            for bit in BITS {
-                push(s.add_where_bit_f32(w, v, bit, s.splat(self.a)));
-            }
             push(s.permute_f32(w, &self.idx));
+            for at in FIELD_AT {
+                push(s.code5_f32(v, at));
+            }
+            for (lo_at, hi_shl) in BIT4_AT {
+                let x = s.nibble_bit4_i32(v, lo_at, h, hi_shl);
+                let (lo, hi) = (s.field_f32(x, 0, 0xFF_FFFF), s.field_f32(x, 24, 0xFF));
+                let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+                s.store(&mut S::lanes_mut(&mut a[..l]).0[0], lo);
+                s.store(&mut S::lanes_mut(&mut b[..l]).0[0], hi);
+                for (a, b) in a[..l].iter().zip(&b[..l]) {
+                    out.push(a.to_bits());
+                    out.push(b.to_bits());
+                }
+            }
             out
         }
     }
@@ -1291,7 +1302,6 @@ mod tests {
                 hi: core::array::from_fn(|_| next() as u8),
                 n: core::array::from_fn(|_| (next() % 32) as u32),
                 w: core::array::from_fn(|_| (next() % 2001) as f32 / 64.0 - 15.0),
-                a: (next() % 257) as f32 / 8.0 - 16.0,
                 idx: core::array::from_fn(|_| (next() % 64) as u32),
             };
             for isa in Isa::available() {
@@ -1460,68 +1470,6 @@ mod tests {
                 let got = isa.run(ops());
                 for (j, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(g == w, "{isa} case {case} weight {j}: {g} vs {w}");
-                }
-            }
-        }
-    }
-
-    /// [`Simd::add_where_bit32`] on one input, each of the 8 bits.
-    struct AddWhereBit {
-        w: [f32; 32],
-        v: [u8; 32],
-        a: f32,
-    }
-
-    impl Kernel for AddWhereBit {
-        type Output = Vec<f32>;
-        fn scalar(self) -> Vec<f32> {
-            (0..8)
-                .flat_map(|bit| {
-                    (0..32).map(move |j| {
-                        if self.v[j] >> bit & 1 == 1 {
-                            self.w[j] + self.a
-                        } else {
-                            self.w[j]
-                        }
-                    })
-                })
-                .collect()
-        }
-        fn simd<S: Simd>(self, s: S) -> Vec<f32> {
-            let (w, v, a) = (s.load32(&self.w), s.load_bytes32(&self.v), s.splat(self.a));
-            let mut out = Vec::new();
-            for bit in 0..8 {
-                let mut x = [0f32; 32];
-                s.store32(&mut x, s.add_where_bit32(w, v, bit, a));
-                out.extend(x);
-            }
-            out
-        }
-    }
-
-    /// The fifth-bit add equals `w + a` where the bit is set, at every level, up to the
-    /// sign of a zero (any floats: the add rounds once either way; zeros of both signs
-    /// among the inputs).
-    #[test]
-    fn add_where_bit_equals_its_definition_at_every_level() {
-        let mut next = xorshift(0x0123_4567_89ab_cdefu64);
-        for case in 0..200 {
-            let w: [f32; 32] = core::array::from_fn(|j| match (case + j) % 5 {
-                0 => 0.0,
-                1 => -0.0,
-                _ => f32::from_bits(next() as u32 & 0x807f_ffff | 0x3e00_0000),
-            });
-            let v: [u8; 32] = core::array::from_fn(|_| next() as u8);
-            let a = if case % 7 == 0 {
-                -0.0
-            } else {
-                f32::from_bits(next() as u32 & 0x807f_ffff | 0x3c00_0000)
-            };
-            let want = AddWhereBit { w, v, a }.scalar();
-            for isa in Isa::available() {
-                let got = isa.run(AddWhereBit { w, v, a });
-                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(g == w, "{isa} case {case} lane {j}: {g} vs {w}");
                 }
             }
         }

@@ -14,18 +14,16 @@
 //! not). The symmetric types multiply only (no `+ 0.0`, which would turn candle's `-0.0`
 //! into `+0.0`).
 //!
-//! Dot products (the matrix-vector kernel's sinks, [`Sink::sums_products`]) take two
-//! shortcuts: Q4_K and Q5_K leave each chunk's minimum out and give the block's 8
-//! minimums to the sink once ([`Sink::mins`], with activation sums computed once per
-//! call: `Σ (a q + m) x = Σ a q x + m Σ x`, a different rounding of the same sum), and
-//! Q5_0 and Q5_K look a 5-bit code's low 4 bits up in a 16-entry table and add `16 d`
-//! (`16 d sc`) under the fifth-bit mask (exact, but `+0.0` where candle's product is
-//! `-0.0`, which no sum can see). Dequantization keeps candle's bits.
+//! Q5_0's dot products (the matrix-vector kernel's sinks, [`Sink::sums_products`]) take
+//! a shortcut: a 5-bit code's low 4 bits looked up in a 16-entry table and `16 d` added
+//! under the fifth-bit mask (exact, but `+0.0` where candle's product is `-0.0`, which no
+//! sum can see). Dequantization keeps candle's bits.
 //!
 //! The matrix-vector kernel does not take Q4_K, Q5_K or Q6_K chunk by chunk at all
 //! ([`Format::WORDS`]): their `dot_words` load the packed nibbles as 32-bit lanes, take one
 //! vector of codes per shift ([`Simd::nibble_f32`], [`Simd::field6_f32`]; Q5_K's fifth
-//! bits added as 16 under a mask, [`Simd::add_where_bit_f32`]) and multiply it with
+//! bits joined to the nibbles in bytes, 4 vectors at a time, [`Simd::nibble_bit4_i32`],
+//! then [`Simd::code5_f32`]) and multiply it with
 //! activations reordered once per call to match ([`Format::word_order`]); each vector's
 //! partial sum is then scaled once by its chunks' scales ([`Simd::permute_f32`]), and
 //! the minimums (Q6_K's `-32 d sc`) go against per-call activation sums. Measured
@@ -279,10 +277,9 @@ impl<const FIFTH: bool> K4<FIFTH> {
     /// Every chunk's `d * sc` (`t[c]`) and `dmin * -m` (`t[16 + c]`), computed once per
     /// super-block: the 8 scale/minimum pairs unpacked with word-wide bit operations, then
     /// converted and multiplied in vectors (exact products, the values the scalar twin
-    /// computes). The chunks then broadcast their pair from `t`. Returns the minimums'
-    /// vector (lane `c` chunk `c`'s `dmin * -m`, zeros after) for [`Sink::mins`].
+    /// computes). The chunks then broadcast their pair from `t`.
     #[inline(always)]
-    fn tables<S: Simd>(s: S, b: &[u8], t: &mut [f32; 32]) -> S::F32 {
+    fn tables<S: Simd>(s: S, b: &[u8], t: &mut [f32; 32]) {
         let (d, dmin) = s.splat_f16_pair(*bytes::<4>(b, 0));
         let ndmin = s.mul(dmin, s.splat(-1.0));
         let mut v = s.codes32_i8(&scales_mins_k4(bytes::<12>(b, 4)));
@@ -293,7 +290,6 @@ impl<const FIFTH: bool> K4<FIFTH> {
         // (Read back with lane shuffles, as the compiler chooses: measured faster here
         // than [`memory_operands`]' broadcasts from memory, unlike Q6_K's.)
         s.store32(t, v);
-        v.as_ref().get(16 / S::LANES).copied().unwrap_or(s.zero())
     }
 
     /// The block's `d * sc` (lane `c` chunk `c`'s) and `dmin * -m` vectors (lanes past 8
@@ -323,9 +319,6 @@ impl<const FIFTH: bool> K4<FIFTH> {
 impl<const FIFTH: bool> Format for K4<FIFTH> {
     const BYTES: usize = if FIFTH { 176 } else { 144 };
     const CHUNKS: usize = 8;
-    // Q5_K too: its dot chunks then look their low 4 bits up in 16-entry tables and add
-    // `16 d sc` under its fifth bits ([`Simd::add_where_bit32`]).
-    const MIN_SUMS: bool = true;
     const WORDS: bool = true;
     const WORD_ORDER: u8 = 1;
     fn word_order(lanes: usize, k: usize) -> usize {
@@ -352,25 +345,29 @@ impl<const FIFTH: bool> Format for K4<FIFTH> {
         }
         let (words, _) = S::words(bytes::<128>(b, Self::QS));
         let qh = s.load_i32_bytes32(bytes::<32>(b, Self::QH));
-        let sixteen = s.splat(16.0);
         for (z, w) in words.iter().enumerate() {
             let v = s.load_i32_bytes(w);
-            let h = if FIFTH {
-                // The fifth bits' words shifted right by `2 pair` per lane (the scale lanes
-                // of nibble 0), so that bit `8 (j / 2) + j % 2` is the fifth bit of vector
-                // `j`'s lane (bit `c` of byte `l` is weight `l`'s of chunk `c`).
-                s.shr_i32_lanes(qh, &WordLanes::<S>::K4_SCALE[z % 4][0])
+            // Q5_K: the fifth bits' words shifted right by `2 pair` per lane (the scale
+            // lanes of nibble 0), so that bit `8 q + n` is the fifth bit of vector
+            // `j = 2 q + n`'s lane (bit `c` of byte `l` is weight `l`'s of chunk `c`);
+            // then moved to bit 4 of byte `q` under the nibbles of vector `j` (`n` = 0:
+            // the low nibbles, 1: the high nibbles shifted down), 4 vectors' 5-bit codes
+            // one byte each: a shift and a permute per vector, as Q4_K's nibbles.
+            let five = if FIFTH {
+                let h = s.shr_i32_lanes(qh, &WordLanes::<S>::K4_SCALE[z % 4][0]);
+                [s.nibble_bit4_i32(v, 0, h, 4), s.nibble_bit4_i32(v, 4, h, 3)]
             } else {
-                qh
+                [v, v]
             };
-            for n in 0..2 {
+            for (n, five) in five.into_iter().enumerate() {
                 let mut t = [s.zero(); N];
                 for q in 0..4 {
                     let j = 2 * q + n;
-                    let mut c = s.nibble_f32(v, 4 * j as u32);
-                    if FIFTH {
-                        c = s.add_where_bit_f32(c, h, (8 * q + n) as u32, sixteen);
-                    }
+                    let c = if FIFTH {
+                        s.code5_f32(five, 8 * q as u32)
+                    } else {
+                        s.nibble_f32(v, 4 * j as u32)
+                    };
                     for r in 0..N {
                         t[r] = s.fma(c, xvec(s, x[r], 8 * z + j), t[r]);
                     }
@@ -402,37 +399,17 @@ impl<const FIFTH: bool> Format for K4<FIFTH> {
     }
     #[inline(always)]
     fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>) {
-        // `d * sc` and `dmin * -m` of every chunk, once per super-block. A dot product
-        // takes the minimums once per block (`Σ (a q + m) x = Σ a q x + m Σ x`, the sums
-        // precomputed per call), so its chunks look up `a q` alone: fewer live vectors.
+        // `d * sc` and `dmin * -m` of every chunk, once per super-block. (Dot products
+        // never come here: [`Format::dot_words`] takes them.)
         let mut t = [0f32; 32];
-        let mins = Self::tables(s, b, &mut t);
-        let fold = sink.takes_mins();
-        if fold {
-            sink.mins(mins);
-        }
+        Self::tables(s, b, &mut t);
         let qh = s.load_bytes32(bytes::<32>(b, Self::QH));
         for k in 0..4 {
             let (c0, c1) = (2 * k, 2 * k + 1);
-            // (No closure here: it would be compiled without the level's features.)
-            let (m0, m1) = if fold {
-                (s.zero(), s.zero())
-            } else {
-                (s.splat(t[16 + c0]), s.splat(t[16 + c1]))
-            };
+            let (m0, m1) = (s.splat(t[16 + c0]), s.splat(t[16 + c1]));
             let (a0, a1) = (s.splat(t[c0]), s.splat(t[c1]));
             let qs = bytes::<32>(b, Self::QS + 32 * k);
-            if FIFTH && fold {
-                // `q a = (q & 15) a + 16 a` where the fifth bit is set: both terms exact
-                // (`a` is an f16 times a 6-bit integer), so the sum is too.
-                let (lo, hi) =
-                    s.lookup16_nibbles(s.lut16_affine(a0, m0), s.lut16_affine(a1, m1), qs);
-                let sixteen = s.splat(16.0);
-                let lo = s.add_where_bit32(lo, qh, c0 as u32, s.mul(a0, sixteen));
-                let hi = s.add_where_bit32(hi, qh, c1 as u32, s.mul(a1, sixteen));
-                sink.chunk(c0, Chunk::weights(lo));
-                sink.chunk(c1, Chunk::weights(hi));
-            } else if FIFTH {
+            if FIFTH {
                 let q = s.load_bytes32(qs);
                 let lo = s.or_bytes32(s.and_bytes32(q, 0x0F), Self::fifth(s, qh, c0));
                 let hi = s.or_bytes32(s.shr_bytes32(q, 4), Self::fifth(s, qh, c1));

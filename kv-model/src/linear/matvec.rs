@@ -61,12 +61,6 @@ pub(super) trait Format {
     fn block_scalar(b: &[u8], out: &mut [f32]);
     /// The block's chunks, in order, to `sink`, at the width of `s`.
     fn block_simd<S: Simd>(s: S, b: &[u8], sink: &mut impl Sink<S>);
-    /// Whether the block's weights are `scale * code + min` with a min per chunk that
-    /// [`Format::block_simd`] gives a sink which [`Sink::takes_mins`] separately
-    /// ([`Sink::mins`]): the dot kernels then precompute each activation chunk's sum once
-    /// per call (shared by every weight row) and pay the minimums once per block, not
-    /// per weight (issue 15's K-quants).
-    const MIN_SUMS: bool = false;
     /// Whether dot products read the block's codes straight from 32-bit words
     /// ([`Format::dot_words`], with [`Simd::field_f32`]'s shift, mask and conversion per
     /// vector of codes) against activations reordered once per call into the order those
@@ -77,8 +71,8 @@ pub(super) trait Format {
     /// Which [`Format::word_order`] a [`Format::WORDS`] format has (0: none): formats with
     /// the same nonzero id share one reordering of the activations per call.
     const WORD_ORDER: u8 = 0;
-    /// Weights per activation sum ([`chunk_sums`]), when [`Format::MIN_SUMS`] or
-    /// [`Format::WORDS`]: a chunk's 32, or 16 where a block's scales change every 16.
+    /// Weights per activation sum ([`chunk_sums`]), when [`Format::WORDS`]: a chunk's 32,
+    /// or 16 where a block's scales change every 16.
     const SUM_WEIGHTS: usize = CHUNK;
     /// The weight of the block (`< 256`) whose activation [`Format::dot_words`] expects at
     /// place `k` of the block's reordered activations, at `lanes` f32 lanes per vector
@@ -145,8 +139,8 @@ pub(super) fn fma_sums<S: Simd>(s: S, mins: &[S::F32], sums: &[f32; SUMS], acc: 
     }
 }
 
-/// Floats of activation sums per block when [`Format::MIN_SUMS`]: one per chunk (at most
-/// 8), zeros after, as wide as one 512-bit vector so every width loads it whole.
+/// Floats of activation sums per block when [`Format::WORDS`]: one per sum (at most 16),
+/// zeros after, as wide as one 512-bit vector so every width loads it whole.
 pub(super) const SUMS: usize = 16;
 
 /// Where a block's decoded chunks go: a trait with an `#[inline(always)]` method rather
@@ -156,17 +150,6 @@ pub(super) const SUMS: usize = 16;
 pub(super) trait Sink<S: Simd> {
     /// Chunk `c` of the block.
     fn chunk(&mut self, c: usize, ch: Chunk<S>);
-    /// Whether the sink adds the block's minimums itself ([`Sink::mins`]): then the
-    /// chunks a [`Format::MIN_SUMS`] format gives leave their minimum out. A dot product
-    /// does (`Σ (a q + m) x = Σ a q x + m Σ x`); storing weights does not.
-    #[inline(always)]
-    fn takes_mins(&self) -> bool {
-        false
-    }
-    /// The block's minimums, lane `c` chunk `c`'s (lanes past the block's chunks zero);
-    /// given once per block, only when [`Sink::takes_mins`].
-    #[inline(always)]
-    fn mins(&mut self, _m: S::F32) {}
     /// Whether the sink only sums the weights' products with activations, so that a zero
     /// weight's sign cannot matter (a dot product; storing weights keeps candle's bits).
     #[inline(always)]
@@ -196,18 +179,14 @@ impl<S: Simd> Sink<S> for Store<'_, S> {
     }
 }
 
-/// Each chunk's FMAs with one activation row's chunks of the block (and, for a
-/// [`Format::MIN_SUMS`] format, its minimums with the chunks' sums `sums`), into one of
-/// two accumulator sets: chunk `c` into set `(first + c) % 2` ([`set_of`]).
+/// Each chunk's FMAs with one activation row's chunks of the block, into one of two
+/// accumulator sets: chunk `c` into set `(first + c) % 2` ([`set_of`]).
 struct Dot1<'a, S: Simd> {
     s: S,
     x: &'a [[f32; CHUNK]],
-    sums: &'a [f32; SUMS],
     sets: &'a mut [S::X32; 2],
     /// The set of the block's chunk 0 (a constant once inlined).
     first: usize,
-    /// [`Format::MIN_SUMS`] (a constant once inlined).
-    mins: bool,
 }
 
 /// The accumulator set of chunk `c` of a block whose chunk 0 goes to set `first`: the
@@ -231,43 +210,19 @@ impl<S: Simd> Sink<S> for Dot1<'_, S> {
         }
     }
     #[inline(always)]
-    fn takes_mins(&self) -> bool {
-        self.mins
-    }
-    #[inline(always)]
     fn sums_products(&self) -> bool {
         true
     }
-    #[inline(always)]
-    fn mins(&mut self, m: S::F32) {
-        fma_mins(
-            self.s,
-            m,
-            self.sums,
-            &mut self.sets[set_of::<S>(self.first, 0)],
-        );
-    }
 }
 
-/// `acc[0] += m * sums`, lane by lane: a block's minimum terms (see [`Sink::mins`]).
-#[inline(always)]
-fn fma_mins<S: Simd>(s: S, m: S::F32, sums: &[f32; SUMS], acc: &mut S::X32) {
-    if let (Some(v), Some(a)) = (S::lanes(sums).0.first(), acc.as_mut().first_mut()) {
-        *a = s.fma(m, s.load(v), *a);
-    }
-}
-
-/// Each chunk's FMAs with two activation rows' chunks of the block (sets and minimums as
-/// [`Dot1`]'s, per row).
+/// Each chunk's FMAs with two activation rows' chunks of the block (sets as [`Dot1`]'s,
+/// per row).
 struct Dot2<'a, S: Simd> {
     s: S,
     x: (&'a [[f32; CHUNK]], &'a [[f32; CHUNK]]),
-    sums: (&'a [f32; SUMS], &'a [f32; SUMS]),
     sets: (&'a mut [S::X32; 2], &'a mut [S::X32; 2]),
     /// The set of the block's chunk 0.
     first: usize,
-    /// [`Format::MIN_SUMS`].
-    mins: bool,
 }
 
 impl<S: Simd> Sink<S> for Dot2<'_, S> {
@@ -280,18 +235,8 @@ impl<S: Simd> Sink<S> for Dot2<'_, S> {
         }
     }
     #[inline(always)]
-    fn takes_mins(&self) -> bool {
-        self.mins
-    }
-    #[inline(always)]
     fn sums_products(&self) -> bool {
         true
-    }
-    #[inline(always)]
-    fn mins(&mut self, m: S::F32) {
-        let set = set_of::<S>(self.first, 0);
-        fma_mins(self.s, m, self.sums.0, &mut self.sets.0[set]);
-        fma_mins(self.s, m, self.sums.1, &mut self.sets.1[set]);
     }
 }
 
@@ -407,10 +352,10 @@ impl<F: Format, const BYTES: usize> Kernel for DotMatrix<'_, F, BYTES> {
         debug_assert!(self.x.len() >= self.n * self.cols, "x holds n rows");
         let (cols, n) = (self.cols, self.n);
         let xrow = |i: usize| self.x[i * cols..][..cols].as_chunks::<CHUNK>().0;
-        // Each activation row's chunk sums, `blocks` per row, when the format folds its
-        // minimums (computed once here for every weight row of the call).
+        // Each activation row's sums, `blocks` per row, for a words format's minimums or
+        // offsets (computed once here for every weight row of the call).
         let blocks = cols / (CHUNK * F::CHUNKS);
-        let sums = if F::MIN_SUMS || F::WORDS {
+        let sums = if F::WORDS {
             chunk_sums::<S, F>(s, self.x, cols, n)
         } else {
             Vec::new()
@@ -466,14 +411,13 @@ impl<F: Format, const BYTES: usize> Kernel for DotMatrix<'_, F, BYTES> {
             let mut pairs = out.chunks_exact_mut(2);
             let mut i = 0;
             for o in &mut pairs {
-                let (a, b) =
-                    dot2::<S, F, BYTES>(s, blocks, (xrow(i), xrow(i + 1)), (srow(i), srow(i + 1)));
+                let (a, b) = dot2::<S, F, BYTES>(s, blocks, (xrow(i), xrow(i + 1)));
                 o[0] = a;
                 o[1] = b;
                 i += 2;
             }
             if let [o] = pairs.into_remainder() {
-                *o = dot1::<S, F, BYTES>(s, blocks, xrow(i), srow(i));
+                *o = dot1::<S, F, BYTES>(s, blocks, xrow(i));
             }
         }
     }
@@ -488,7 +432,7 @@ const fn two_sets<S: Simd>() -> bool {
 }
 
 /// Each of the `n` activation rows' chunk sums, per block of `F` ([`SUMS`] floats: the
-/// block's chunks' sums, then zeros), for [`Format::MIN_SUMS`] formats.
+/// block's sums, then zeros), for [`Format::WORDS`] formats.
 #[inline(always)]
 fn chunk_sums<S: Simd, F: Format>(s: S, x: &[f32], cols: usize, n: usize) -> Vec<[f32; SUMS]> {
     let blocks = cols / (CHUNK * F::CHUNKS);
@@ -520,17 +464,6 @@ fn chunk_sums<S: Simd, F: Format>(s: S, x: &[f32], cols: usize, n: usize) -> Vec
     sums
 }
 
-/// The activation sums of block `bi` of a row (zeros when the format has none).
-#[inline(always)]
-fn block_sums<F: Format>(sums: &[[f32; SUMS]], bi: usize) -> &[f32; SUMS] {
-    const ZERO: [f32; SUMS] = [0.0; SUMS];
-    if F::MIN_SUMS {
-        sums.get(bi).unwrap_or(&ZERO)
-    } else {
-        &ZERO
-    }
-}
-
 /// One chunk's FMAs into `acc` (a scaled chunk: its sum times the scale, into the first
 /// vector).
 #[inline(always)]
@@ -556,28 +489,16 @@ fn fma_chunk<S: Simd>(s: S, ch: &Chunk<S>, x: &[f32; CHUNK], acc: &mut S::X32) {
 }
 
 /// The chunks of one block into the accumulator `sets` (chunk 0 into set `first`), with
-/// the block's activations `x` (and their chunk sums `sums`).
+/// the block's activations `x`.
 #[inline(always)]
 fn fma_block<S: Simd, F: Format>(
     s: S,
     b: &[u8],
     x: &[[f32; CHUNK]],
-    sums: &[f32; SUMS],
     sets: &mut [S::X32; 2],
     first: usize,
 ) {
-    F::block_simd(
-        s,
-        b,
-        &mut Dot1 {
-            s,
-            x,
-            sums,
-            sets,
-            first,
-            mins: F::MIN_SUMS,
-        },
-    );
+    F::block_simd(s, b, &mut Dot1 { s, x, sets, first });
 }
 
 /// The chunks of one block into two activation rows' accumulator sets, with their `x`.
@@ -586,22 +507,10 @@ fn fma_block2<S: Simd, F: Format>(
     s: S,
     b: &[u8],
     x: (&[[f32; CHUNK]], &[[f32; CHUNK]]),
-    sums: (&[f32; SUMS], &[f32; SUMS]),
     sets: (&mut [S::X32; 2], &mut [S::X32; 2]),
     first: usize,
 ) {
-    F::block_simd(
-        s,
-        b,
-        &mut Dot2 {
-            s,
-            x,
-            sums,
-            sets,
-            first,
-            mins: F::MIN_SUMS,
-        },
-    );
+    F::block_simd(s, b, &mut Dot2 { s, x, sets, first });
 }
 
 /// Each of the `n` activation rows (`cols` each) in [`Format::word_order`], block by
@@ -676,24 +585,18 @@ fn dot1<S: Simd, F: Format, const BYTES: usize>(
     s: S,
     blocks: &[[u8; BYTES]],
     x: &[[f32; CHUNK]],
-    sums: &[[f32; SUMS]],
 ) -> f32 {
     let mut sets = [s.zero32(), s.zero32()];
     let (pairs, rest) = blocks.as_chunks::<2>();
     let xs = x.chunks_exact(2 * F::CHUNKS);
     let last = xs.remainder();
-    for (p, (b, x)) in pairs.iter().zip(xs).enumerate() {
+    for (b, x) in pairs.iter().zip(xs) {
         let (x0, x1) = x.split_at(F::CHUNKS);
-        let (s0, s1) = (
-            block_sums::<F>(sums, 2 * p),
-            block_sums::<F>(sums, 2 * p + 1),
-        );
-        fma_block::<S, F>(s, &b[0], x0, s0, &mut sets, 0);
-        fma_block::<S, F>(s, &b[1], x1, s1, &mut sets, 1);
+        fma_block::<S, F>(s, &b[0], x0, &mut sets, 0);
+        fma_block::<S, F>(s, &b[1], x1, &mut sets, 1);
     }
     if let [b] = rest {
-        let s0 = block_sums::<F>(sums, 2 * pairs.len());
-        fma_block::<S, F>(s, b, last, s0, &mut sets, 0);
+        fma_block::<S, F>(s, b, last, &mut sets, 0);
     }
     reduce(s, sets)
 }
@@ -705,7 +608,6 @@ fn dot2<S: Simd, F: Format, const BYTES: usize>(
     s: S,
     blocks: &[[u8; BYTES]],
     (x0, x1): (&[[f32; CHUNK]], &[[f32; CHUNK]]),
-    (sums0, sums1): (&[[f32; SUMS]], &[[f32; SUMS]]),
 ) -> (f32, f32) {
     let mut sets0 = [s.zero32(), s.zero32()];
     let mut sets1 = [s.zero32(), s.zero32()];
@@ -715,18 +617,13 @@ fn dot2<S: Simd, F: Format, const BYTES: usize>(
         x1.chunks_exact(2 * F::CHUNKS),
     );
     let (last0, last1) = (xs0.remainder(), xs1.remainder());
-    for (p, ((b, x0), x1)) in pairs.iter().zip(xs0).zip(xs1).enumerate() {
+    for ((b, x0), x1) in pairs.iter().zip(xs0).zip(xs1) {
         let ((x00, x01), (x10, x11)) = (x0.split_at(F::CHUNKS), x1.split_at(F::CHUNKS));
-        let (e, o) = (2 * p, 2 * p + 1);
-        let se = (block_sums::<F>(sums0, e), block_sums::<F>(sums1, e));
-        let so = (block_sums::<F>(sums0, o), block_sums::<F>(sums1, o));
-        fma_block2::<S, F>(s, &b[0], (x00, x10), se, (&mut sets0, &mut sets1), 0);
-        fma_block2::<S, F>(s, &b[1], (x01, x11), so, (&mut sets0, &mut sets1), 1);
+        fma_block2::<S, F>(s, &b[0], (x00, x10), (&mut sets0, &mut sets1), 0);
+        fma_block2::<S, F>(s, &b[1], (x01, x11), (&mut sets0, &mut sets1), 1);
     }
     if let [b] = rest {
-        let l = 2 * pairs.len();
-        let sl = (block_sums::<F>(sums0, l), block_sums::<F>(sums1, l));
-        fma_block2::<S, F>(s, b, (last0, last1), sl, (&mut sets0, &mut sets1), 0);
+        fma_block2::<S, F>(s, b, (last0, last1), (&mut sets0, &mut sets1), 0);
     }
     (reduce(s, sets0), reduce(s, sets1))
 }

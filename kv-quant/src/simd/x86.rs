@@ -746,6 +746,15 @@ impl Simd for V256 {
         )))
     }
     #[inline(always)]
+    fn nibble_bit4_i32(self, lo: __m256i, lo_at: u32, hi: __m256i, hi_shl: u32) -> __m256i {
+        feat!({
+            let m = _mm256_set1_epi32(0x0F0F_0F0F);
+            let lo = _mm256_srl_epi32(lo, _mm_cvtsi32_si128(lo_at as i32));
+            let hi = _mm256_sll_epi32(hi, _mm_cvtsi32_si128(hi_shl as i32));
+            _mm256_or_si256(_mm256_and_si256(lo, m), _mm256_andnot_si256(m, hi))
+        })
+    }
+    #[inline(always)]
     fn field6_f32(self, lo: __m256i, lo_at: u32, hi: __m256i, hi_at: u32) -> __m256 {
         feat!({
             let lo = _mm256_and_si256(
@@ -753,15 +762,6 @@ impl Simd for V256 {
                 _mm256_set1_epi32(15),
             );
             _mm256_cvtepi32_ps(_mm256_or_si256(lo, field2_to_4_256(hi, hi_at)))
-        })
-    }
-    #[inline(always)]
-    fn add_where_bit_f32(self, w: __m256, v: __m256i, bit: u32, a: __m256) -> __m256 {
-        // The bit's lanes as all-ones, `a` kept there, zero elsewhere, added.
-        feat!({
-            let b = _mm256_set1_epi32((1u32 << (bit % 32)) as i32);
-            let m = _mm256_cmpeq_epi32(_mm256_and_si256(v, b), b);
-            _mm256_add_ps(w, _mm256_and_ps(_mm256_castsi256_ps(m), a))
         })
     }
     #[inline(always)]
@@ -1504,6 +1504,27 @@ impl Simd for V512 {
         ))
     }
     #[inline(always)]
+    fn code5_f32(self, v: __m512i, at: u32) -> __m512 {
+        // The two-source permute reads an index's low 5 bits: bit 4 picks the table
+        // `16.0..32.0`, so the tables `i as f32` are the mask and the conversion.
+        feat!(_mm512_permutex2var_ps(
+            iota_512(),
+            _mm512_srl_epi32(v, _mm_cvtsi32_si128(at as i32)),
+            _mm512_add_ps(iota_512(), _mm512_set1_ps(16.0))
+        ))
+    }
+    #[inline(always)]
+    fn nibble_bit4_i32(self, lo: __m512i, lo_at: u32, hi: __m512i, hi_shl: u32) -> __m512i {
+        // `m ? lo : hi` bit by bit, one `vpternlogd` (truth table of A = lo, B = hi,
+        // C = m: A where C, else B).
+        const SELECT: i32 = (0xF0 & 0xAA) | (0xCC & !0xAA & 0xFF);
+        feat!(_mm512_ternarylogic_epi32::<SELECT>(
+            _mm512_srl_epi32(lo, _mm_cvtsi32_si128(lo_at as i32)),
+            _mm512_sll_epi32(hi, _mm_cvtsi32_si128(hi_shl as i32)),
+            _mm512_set1_epi32(0x0F0F_0F0F)
+        ))
+    }
+    #[inline(always)]
     fn field6_f32(self, lo: __m512i, lo_at: u32, hi: __m512i, hi_at: u32) -> __m512 {
         // (The and / or pair becomes one `vpternlogd`.)
         feat!({
@@ -1512,14 +1533,6 @@ impl Simd for V512 {
                 _mm512_set1_epi32(15),
             );
             _mm512_cvtepi32_ps(_mm512_or_si512(lo, field2_to_4_512(hi, hi_at)))
-        })
-    }
-    #[inline(always)]
-    fn add_where_bit_f32(self, w: __m512, v: __m512i, bit: u32, a: __m512) -> __m512 {
-        // One test gives the lanes' mask, one masked add.
-        feat!({
-            let k = _mm512_test_epi32_mask(v, _mm512_set1_epi32((1u32 << (bit % 32)) as i32));
-            _mm512_mask_add_ps(w, k, w, a)
         })
     }
     #[inline(always)]
@@ -1650,17 +1663,6 @@ impl Simd for V512 {
             [
                 _mm512_mask_add_ps(lo, high as __mmask16, lo, a16),
                 _mm512_mask_add_ps(hi, (high >> 16) as __mmask16, hi, a16),
-            ]
-        })
-    }
-    #[inline(always)]
-    fn add_where_bit32(self, w: [__m512; 2], v: __m256i, bit: u32, a: __m512) -> [__m512; 2] {
-        // One byte test gives the 32 lanes' mask; each half adds under its 16 bits.
-        feat!({
-            let k = _mm256_test_epi8_mask(v, _mm256_set1_epi8((1u8 << (bit % 8)) as i8));
-            [
-                _mm512_mask_add_ps(w[0], k as __mmask16, w[0], a),
-                _mm512_mask_add_ps(w[1], (k >> 16) as __mmask16, w[1], a),
             ]
         })
     }
