@@ -550,6 +550,23 @@ pub trait Simd: Copy + Send + Sync + 'static {
     /// Per lane `acc + Σ w[4k + j] * x[j]`, both signed, `x` the same in every lane: `|w|`
     /// against `x` with `w`'s sign, exact if `-127 <= x` (any `w`).
     fn dot_bcast_i8<const VNNI: bool>(self, acc: Self::I32, w: Self::I32, x: [u8; 4]) -> Self::I32;
+    /// Per lane `acc + Σ_t Σ_j u[t][4k + j] · x[4t + j]` (`t, j < 4`): four
+    /// [`Simd::dot_bcast_u8`] in one call, `x[4t..4t + 4]` broadcast against `u[t]`. With
+    /// `VNNI` each step is one `vpdpbusd` whose memory operand is the broadcast (`{1to16}`),
+    /// so a broadcast costs no instruction of its own (issue 21: a q8 kernel step issued one
+    /// broadcast per `vpdpbusd`). Exact for any `u` with `VNNI` (no saturation), for
+    /// `u <= 128` without, as [`Simd::dot_bcast_u8`].
+    fn dot_bcast4_u8<const VNNI: bool>(
+        self,
+        acc: Self::I32,
+        u: [Self::I32; 4],
+        x: &[u8; 16],
+    ) -> Self::I32;
+    /// Per byte `v ^ 0x80`: a signed byte `w` as the unsigned `w + 128`, so that signed
+    /// codes go through [`Simd::dot_bcast4_u8`] (the caller subtracts `128 · Σ x`).
+    fn flip_i8_u8(self, v: Self::I32) -> Self::I32;
+    /// All lanes `v`.
+    fn splat_i32(self, v: i32) -> Self::I32;
     // End of the interleaved integer dot products.
     // -----------------------------------------------------------------------------------
 
@@ -686,6 +703,12 @@ pub fn dot_bcast_scalar<const SIGNED: bool>(acc: &mut [i32], w: &[u8], x: [u8; 4
             .sum();
         *a = a.wrapping_add(dot);
     }
+}
+
+/// `x` as its four little-endian words' bytes: the quads [`Simd::dot_bcast4_u8`] broadcasts.
+#[inline(always)]
+pub(crate) fn quads(x: &[u8; 16]) -> [[u8; 4]; 4] {
+    core::array::from_fn(|t| core::array::from_fn(|j| x[4 * t + j]))
 }
 
 /// Whether [`Simd::dot_bytes32`] may run with `VNNI` (one `vpdpbusd` per call): this CPU
@@ -1110,6 +1133,136 @@ mod tests {
             }
             push(s.add_i32(s.dot_bcast_u8::<false>(s.zero_i32(), w, [1, 0, 0, 0]), acc));
             out
+        }
+    }
+
+    /// [`Simd::dot_bcast4_u8`] (from a nonzero start), then [`Simd::flip_i8_u8`]'s bytes
+    /// through the same dot and [`Simd::splat_i32`] added, as i32 lanes (a level's first
+    /// `LANES`).
+    struct Bcast4Ops {
+        u: [[u8; 64]; 4],
+        x: [u8; 16],
+        acc: [i32; 16],
+        bias: i32,
+        vnni: bool,
+    }
+
+    impl Kernel for Bcast4Ops {
+        type Output = Vec<i32>;
+        fn scalar(self) -> Vec<i32> {
+            let mut a = self.acc.to_vec();
+            let mut f = vec![self.bias; 16];
+            for (u, q) in self.u.iter().zip(quads(&self.x)) {
+                dot_bcast_scalar::<false>(&mut a, u, q);
+                dot_bcast_scalar::<false>(&mut f, &u.map(|b| b ^ 0x80), q);
+            }
+            a.extend(f);
+            a
+        }
+        #[inline(always)]
+        fn simd<S: Simd>(self, s: S) -> Vec<i32> {
+            let l = S::LANES;
+            let u: [S::I32; 4] =
+                core::array::from_fn(|t| s.load_i32_bytes(&S::words(&self.u[t][..4 * l]).0[0]));
+            let mut acc_bytes = [0u8; 64];
+            for (b, a) in acc_bytes.chunks_exact_mut(4).zip(&self.acc) {
+                b.copy_from_slice(&a.to_le_bytes());
+            }
+            let acc = s.load_i32_bytes(&S::words(&acc_bytes[..4 * l]).0[0]);
+            let flipped = u.map(|u| s.flip_i8_u8(u));
+            let bias = s.splat_i32(self.bias);
+            let (a, f) = if self.vnni {
+                (
+                    s.dot_bcast4_u8::<true>(acc, u, &self.x),
+                    s.dot_bcast4_u8::<true>(bias, flipped, &self.x),
+                )
+            } else {
+                (
+                    s.dot_bcast4_u8::<false>(acc, u, &self.x),
+                    s.dot_bcast4_u8::<false>(bias, flipped, &self.x),
+                )
+            };
+            let mut out = Vec::new();
+            for v in [a, f] {
+                let mut lanes = [0f32; 16];
+                // Exact as f32: every lane stays below 2^24 in magnitude here.
+                s.store(&mut S::lanes_mut(&mut lanes[..l]).0[0], s.i32_to_f32(v));
+                out.extend(lanes[..l].iter().map(|&v| v as i32));
+            }
+            out
+        }
+    }
+
+    /// [`Simd::dot_bcast4_u8`], [`Simd::flip_i8_u8`] and [`Simd::splat_i32`] equal their
+    /// portable definition at every level, with and without VNNI: the four quads of `x`
+    /// in order, random codes and all-`0x80` / all-`0xff` codes (flipped: 0 and 127; the
+    /// `maddubs` path needs unflipped codes <= 128, so it is checked on such codes only).
+    #[test]
+    fn four_broadcast_dots_equal_their_definition_at_every_level() {
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
+        let vnni = if vnni_available() {
+            vec![false, true]
+        } else {
+            vec![false]
+        };
+        for t in 0..48 {
+            let mut u: [[u8; 64]; 4] =
+                core::array::from_fn(|_| core::array::from_fn(|_| next() as u8));
+            match t {
+                0 => u = [[0x80; 64]; 4],
+                1 => u = [[0xff; 64]; 4],
+                _ if t % 3 == 1 => u = u.map(|u| u.map(|b| b.min(128))),
+                _ if t % 3 == 2 => u = u.map(|u| u.map(|b| b | 0x80)),
+                _ => {}
+            }
+            let x: [u8; 16] = match t {
+                2 => [127; 16],
+                3 => [(-127i8) as u8; 16],
+                _ => core::array::from_fn(|_| (next() as u8).max(0x81)),
+            };
+            let acc: [i32; 16] = core::array::from_fn(|_| (next() % 20001) as i32 - 10000);
+            let bias = -128 * (next() % 8129) as i32;
+            let want = Bcast4Ops {
+                u,
+                x,
+                acc,
+                bias,
+                vnni: false,
+            }
+            .scalar();
+            for isa in Isa::available() {
+                if isa == Isa::Scalar {
+                    continue;
+                }
+                let lanes = if isa == Isa::Avx512 { 16 } else { 8 };
+                for &v in &vnni {
+                    let got = isa.run(Bcast4Ops {
+                        u,
+                        x,
+                        acc,
+                        bias,
+                        vnni: v,
+                    });
+                    // Without VNNI a dot is exact only for codes <= 128: the plain one
+                    // where every code is, the flipped one where every `b ^ 0x80` is.
+                    let plain_ok = v || u.iter().flatten().all(|&b| b <= 128);
+                    let flip_ok = v || u.iter().flatten().all(|&b| (b ^ 0x80) <= 128);
+                    if plain_ok {
+                        assert_eq!(
+                            got[..lanes],
+                            want[..lanes],
+                            "{isa} vnni {v}: u {u:?} x {x:?}"
+                        );
+                    }
+                    if flip_ok {
+                        assert_eq!(
+                            got[lanes..],
+                            want[16..][..lanes],
+                            "{isa} vnni {v} flipped: u {u:?} x {x:?}"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -46,6 +46,9 @@ pub(crate) struct Q8Rows {
     d: Vec<f32>,
     /// `[n, cols / BLOCK]`: `e · Σ a` of each block (the minimum's term).
     s: Vec<f32>,
+    /// `[n, cols / BLOCK]`: `Σ a` of each block, for Q8_0 codes offset by 128 (`-128 · Σ a`
+    /// makes their dot exact again).
+    sum: Vec<i32>,
 }
 
 impl Q8Rows {
@@ -63,13 +66,15 @@ impl Q8Rows {
         debug_assert!(cols.is_multiple_of(BLOCK) && x.len() >= n * cols);
         let blocks = n * (cols / BLOCK);
         let (mut q, mut d, mut s) = (vec![0u8; n * cols], vec![0f32; blocks], vec![0f32; blocks]);
+        let mut sum = vec![0i32; blocks];
         isa.run(Quantize {
             x: x[..n * cols].as_chunks::<BLOCK>().0,
             q: q.as_chunks_mut::<BLOCK>().0,
             d: &mut d,
             s: &mut s,
+            sum: &mut sum,
         });
-        Self { cols, q, d, s }
+        Self { cols, q, d, s, sum }
     }
 
     /// The rounded values as f32 (`a · e`), `[n, cols]`: what the kernels multiply.
@@ -82,7 +87,7 @@ impl Q8Rows {
             .collect()
     }
 
-    /// Row `i`: its byte blocks, scales and minimum terms, all `cols / BLOCK` long.
+    /// Row `i`: its byte blocks, scales, minimum terms and sums, all `cols / BLOCK` long.
     #[inline(always)]
     fn row(&self, i: usize) -> Row<'_> {
         let nb = self.cols / BLOCK;
@@ -90,17 +95,19 @@ impl Q8Rows {
             q: self.q[i * self.cols..][..self.cols].as_chunks::<BLOCK>().0,
             d: &self.d[i * nb..][..nb],
             s: &self.s[i * nb..][..nb],
+            sum: &self.sum[i * nb..][..nb],
         }
     }
 }
 
-/// The kernel of [`Q8Rows::quantize_at`]: each block of `x` into its bytes `q`, scale `d`
-/// and minimum term `s`.
+/// The kernel of [`Q8Rows::quantize_at`]: each block of `x` into its bytes `q`, scale `d`,
+/// minimum term `s` and byte sum `sum`.
 struct Quantize<'a> {
     x: &'a [[f32; BLOCK]],
     q: &'a mut [[u8; BLOCK]],
     d: &'a mut [f32],
     s: &'a mut [f32],
+    sum: &'a mut [i32],
 }
 
 /// A block's scale `e = max|x| / 127` (NaN skipped, as `f32::max` skips it) and the factor
@@ -115,16 +122,18 @@ impl Kernel for Quantize<'_> {
     type Output = ();
 
     fn scalar(self) {
-        for (((x, q), d), s) in self.x.iter().zip(self.q).zip(self.d).zip(self.s) {
+        let out = self.q.iter_mut().zip(self.d).zip(self.s).zip(self.sum);
+        for (x, (((q, d), s), t)) in self.x.iter().zip(out) {
             let (e, inv) = scale(x.iter().fold(0f32, |m, v| m.max(v.abs())));
             let (bytes, sum) = round32_i8_scalar(x, inv);
-            (*q, *d, *s) = (bytes, e, e * sum as f32);
+            (*q, *d, *s, *t) = (bytes, e, e * sum as f32, sum);
         }
     }
 
     #[inline(always)]
     fn simd<S: Simd>(self, s: S) {
-        for (((x, q), d), sm) in self.x.iter().zip(self.q).zip(self.d).zip(self.s) {
+        let out = self.q.iter_mut().zip(self.d).zip(self.s).zip(self.sum);
+        for (x, (((q, d), sm), t)) in self.x.iter().zip(out) {
             let v = s.load32(x);
             // `max(|x|, acc)` keeps `acc` where `x` is NaN, as `f32::max` does; max is exact
             // and +0-based, so any order gives the scalar fold's value.
@@ -134,7 +143,7 @@ impl Kernel for Quantize<'_> {
                 .fold(s.zero(), |acc, &v| s.max(s.abs(v), acc));
             let (e, inv) = scale(s.max_lane(acc));
             let (bytes, sum) = s.round32_i8(v, inv);
-            (*q, *d, *sm) = (bytes, e, e * sum as f32);
+            (*q, *d, *sm, *t) = (bytes, e, e * sum as f32, sum);
         }
     }
 }
@@ -145,6 +154,7 @@ struct Row<'a> {
     q: &'a [[u8; BLOCK]],
     d: &'a [f32],
     s: &'a [f32],
+    sum: &'a [i32],
 }
 
 /// Whether weights of `ty` have an integer kernel (others run with exact activations).
@@ -413,8 +423,27 @@ macro_rules! each_row {
     }};
 }
 
+/// A block's 32 activation bytes as the two halves [`Simd::dot_bcast4_u8`] reads: bytes
+/// `0..16` (quads 0-3) and `16..32` (quads 4-7).
+#[inline(always)]
+fn halves(a: &[u8; BLOCK]) -> (&[u8; 16], &[u8; 16]) {
+    let (h, _) = a.as_chunks::<16>();
+    (&h[0], &h[1])
+}
+
 /// One row group's dot products with `R` activation rows, lane `r` row `r`'s: each block's
-/// codes loaded and unpacked once for all `R`.
+/// codes loaded and unpacked once for all `R`, written out, not by `array::from_fn`
+/// (whose closure the compiler called out of line: a call per code register and block,
+/// every vector register spilled around it).
+///
+/// Per row and block the integer dot is two [`Simd::dot_bcast4_u8`] (with VNNI: 8
+/// `vpdpbusd`, each with its activation quad as a broadcast memory operand), then one
+/// convert, one multiply and one FMA (and the minimum's FMA). Q8_0's signed codes go
+/// through `vpdpbusd` as unsigned `w + 128` (one xor per code register and block, shared
+/// by the `R` rows), the sum started at `-128 · Σ a`: the same exact integer as the
+/// signed dot, so the same bits, without the sign emulation (two instructions per
+/// `vpdpbusd`) that [`Simd::dot_bcast_i8`] needs. Without VNNI Q8_0 keeps the signed dot
+/// (`maddubs` would saturate on codes up to 255).
 #[inline(always)]
 fn dots<S: Simd, const F: u8, const V: bool, const R: usize>(
     s: S,
@@ -424,6 +453,13 @@ fn dots<S: Simd, const F: u8, const V: bool, const R: usize>(
     x: [Row<'_>; R],
 ) -> [S::F32; R] {
     const { assert!(R <= 8, "each_row! unrolls at most 8 rows") };
+    let nb = d.len();
+    // Each row's slices cut to the `nb` blocks the loop visits, so its indexing by block
+    // needs no bounds check per row.
+    let xq: [&[[u8; BLOCK]]; R] = core::array::from_fn(|r| &x[r].q[..nb]);
+    let xd: [&[f32]; R] = core::array::from_fn(|r| &x[r].d[..nb]);
+    let xs: [&[f32]; R] = core::array::from_fn(|r| &x[r].s[..nb]);
+    let xt: [&[i32]; R] = core::array::from_fn(|r| &x[r].sum[..nb]);
     let mut acc = [s.zero(); R];
     let mut min = [s.zero(); R];
     let quad = |a: &[u8; BLOCK], k: usize| -> [u8; 4] { core::array::from_fn(|t| a[4 * k + t]) };
@@ -434,33 +470,43 @@ fn dots<S: Simd, const F: u8, const V: bool, const R: usize>(
             Q4_0 => s.mul(db, s.splat(-8.0)),
             _ => db,
         };
-        if F == Q8_0 {
-            let c: [S::I32; 8] = core::array::from_fn(|c| s.load_i32_bytes(&w[b * 8 + c]));
+        if F == Q8_0 && V {
+            let wb = &w[b * 8..][..8];
+            let u = |c: usize| s.flip_i8_u8(s.load_i32_bytes(&wb[c]));
+            let (lo, hi) = ([u(0), u(1), u(2), u(3)], [u(4), u(5), u(6), u(7)]);
             each_row!(R, r => {
-                let x = &x[r];
-                let a = &x.q[b];
+                let (a0, a1) = halves(&xq[r][b]);
+                let p0 = s.dot_bcast4_u8::<true>(s.splat_i32(-128 * xt[r][b]), lo, a0);
+                let p1 = s.dot_bcast4_u8::<true>(s.zero_i32(), hi, a1);
+                let sum = s.i32_to_f32(s.add_i32(p0, p1));
+                acc[r] = s.fma(sum, s.mul(db, s.splat(xd[r][b])), acc[r]);
+            });
+        } else if F == Q8_0 {
+            let wb = &w[b * 8..][..8];
+            let u = |c: usize| s.load_i32_bytes(&wb[c]);
+            let c = [u(0), u(1), u(2), u(3), u(4), u(5), u(6), u(7)];
+            each_row!(R, r => {
+                let a = &xq[r][b];
                 let (mut p0, mut p1) = (s.zero_i32(), s.zero_i32());
                 for t in 0..4 {
-                    p0 = s.dot_bcast_i8::<V>(p0, c[t], quad(a, t));
-                    p1 = s.dot_bcast_i8::<V>(p1, c[t + 4], quad(a, t + 4));
+                    p0 = s.dot_bcast_i8::<false>(p0, c[t], quad(a, t));
+                    p1 = s.dot_bcast_i8::<false>(p1, c[t + 4], quad(a, t + 4));
                 }
                 let sum = s.i32_to_f32(s.add_i32(p0, p1));
-                acc[r] = s.fma(sum, s.mul(db, s.splat(x.d[b])), acc[r]);
+                acc[r] = s.fma(sum, s.mul(db, s.splat(xd[r][b])), acc[r]);
             });
         } else {
-            let c: [(S::I32, S::I32); 4] =
-                core::array::from_fn(|c| s.nibbles_i32(s.load_i32_bytes(&w[b * 4 + c])));
+            let wb = &w[b * 4..][..4];
+            let u = |c: usize| s.nibbles_i32(s.load_i32_bytes(&wb[c]));
+            let ((l0, h0), (l1, h1), (l2, h2), (l3, h3)) = (u(0), u(1), u(2), u(3));
+            let (lo, hi) = ([l0, l1, l2, l3], [h0, h1, h2, h3]);
             each_row!(R, r => {
-                let x = &x[r];
-                let a = &x.q[b];
-                let (mut p0, mut p1) = (s.zero_i32(), s.zero_i32());
-                for (t, &(lo, hi)) in c.iter().enumerate() {
-                    p0 = s.dot_bcast_u8::<V>(p0, lo, quad(a, t));
-                    p1 = s.dot_bcast_u8::<V>(p1, hi, quad(a, t + 4));
-                }
+                let (a0, a1) = halves(&xq[r][b]);
+                let p0 = s.dot_bcast4_u8::<V>(s.zero_i32(), lo, a0);
+                let p1 = s.dot_bcast4_u8::<V>(s.zero_i32(), hi, a1);
                 let sum = s.i32_to_f32(s.add_i32(p0, p1));
-                acc[r] = s.fma(sum, s.mul(db, s.splat(x.d[b])), acc[r]);
-                min[r] = s.fma(mb, s.splat(x.s[b]), min[r]);
+                acc[r] = s.fma(sum, s.mul(db, s.splat(xd[r][b])), acc[r]);
+                min[r] = s.fma(mb, s.splat(xs[r][b]), min[r]);
             });
         }
     }
@@ -621,7 +667,11 @@ mod tests {
             *d = e;
             *s = e * sum as f32;
         }
-        Q8Rows { cols, q, d, s }
+        let sum = q
+            .chunks_exact(BLOCK)
+            .map(|b| b.iter().map(|&a| i32::from(a as i8)).sum())
+            .collect();
+        Q8Rows { cols, q, d, s, sum }
     }
 
     /// Every level quantizes to the same bytes, scales and sums as the code before the
@@ -659,6 +709,7 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got.d), bits(&want.d), "{isa}");
             assert_eq!(bits(&got.s), bits(&want.s), "{isa}");
+            assert_eq!(got.sum, want.sum, "{isa}");
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use core::arch::x86_64::*;
 
-use super::{Isa, Kernel, Simd};
+use super::{quads, Isa, Kernel, Simd};
 
 /// Proof that this CPU has [`Isa::Avx2`]'s features (AVX2, FMA, F16C): 8 f32 lanes.
 #[derive(Debug, Clone, Copy)]
@@ -299,6 +299,60 @@ fn dot4_512<const VNNI: bool>(acc: __m512i, u: __m512i, x: __m512i) -> __m512i {
         let p = _mm512_madd_epi16(_mm512_maddubs_epi16(u, x), _mm512_set1_epi16(1));
         _mm512_add_epi32(acc, p)
     }
+}
+
+/// `acc + Σ_t Σ_j u[t][4k + j] · x[4t + j]` per lane of 4 bytes with `vpdpbusd` on ymm
+/// registers, each word of `x` broadcast by the instruction's own memory operand
+/// (`{1to8}`): [`Simd::dot_bcast4_u8`] at 256 bits with VNNI.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot16_256_vnni(acc: __m256i, u: [__m256i; 4], x: &[u8; 16]) -> __m256i {
+    let mut p = acc;
+    // SAFETY: the caller passes `VNNI` only where `vnni_available` found AVX-512 VNNI and
+    // VL (the EVEX encoding of `vpdpbusd` on ymm registers, with broadcasts); `x` is 16
+    // readable bytes, of which the four words at 0, 4, 8 and 12 are read.
+    unsafe {
+        core::arch::asm!(
+            "vpdpbusd {p}, {u0}, dword ptr [{x}]{{1to8}}",
+            "vpdpbusd {p}, {u1}, dword ptr [{x} + 4]{{1to8}}",
+            "vpdpbusd {p}, {u2}, dword ptr [{x} + 8]{{1to8}}",
+            "vpdpbusd {p}, {u3}, dword ptr [{x} + 12]{{1to8}}",
+            p = inout(ymm_reg) p,
+            u0 = in(ymm_reg) u[0],
+            u1 = in(ymm_reg) u[1],
+            u2 = in(ymm_reg) u[2],
+            u3 = in(ymm_reg) u[3],
+            x = in(reg) x.as_ptr(),
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    p
+}
+
+/// [`dot16_256_vnni`] at 512 bits (`{1to16}` broadcasts).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+fn dot16_512_vnni(acc: __m512i, u: [__m512i; 4], x: &[u8; 16]) -> __m512i {
+    let mut p = acc;
+    // SAFETY: the caller passes `VNNI` only where `vnni_available` found AVX-512 VNNI
+    // (`vpdpbusd` on zmm registers); `x` is 16 readable bytes, of which the four words at
+    // 0, 4, 8 and 12 are read.
+    unsafe {
+        core::arch::asm!(
+            "vpdpbusd {p}, {u0}, dword ptr [{x}]{{1to16}}",
+            "vpdpbusd {p}, {u1}, dword ptr [{x} + 4]{{1to16}}",
+            "vpdpbusd {p}, {u2}, dword ptr [{x} + 8]{{1to16}}",
+            "vpdpbusd {p}, {u3}, dword ptr [{x} + 12]{{1to16}}",
+            p = inout(zmm_reg) p,
+            u0 = in(zmm_reg) u[0],
+            u1 = in(zmm_reg) u[1],
+            u2 = in(zmm_reg) u[2],
+            u3 = in(zmm_reg) u[3],
+            x = in(reg) x.as_ptr(),
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    p
 }
 
 /// `x` negated in the bytes where `w < 0` (AVX-512 has no `vpsignb`; where `w == 0` the
@@ -782,6 +836,30 @@ impl Simd for V256 {
             let x = _mm256_sign_epi8(_mm256_set1_epi32(i32::from_le_bytes(x)), w);
             dot4_256::<VNNI>(acc, _mm256_abs_epi8(w), x)
         })
+    }
+    #[inline(always)]
+    fn dot_bcast4_u8<const VNNI: bool>(
+        self,
+        acc: __m256i,
+        u: [__m256i; 4],
+        x: &[u8; 16],
+    ) -> __m256i {
+        if VNNI {
+            feat!(dot16_256_vnni(acc, u, x))
+        } else {
+            quads(x)
+                .iter()
+                .zip(u)
+                .fold(acc, |a, (&q, u)| self.dot_bcast_u8::<false>(a, u, q))
+        }
+    }
+    #[inline(always)]
+    fn flip_i8_u8(self, v: __m256i) -> __m256i {
+        feat!(_mm256_xor_si256(v, _mm256_set1_epi8(i8::MIN)))
+    }
+    #[inline(always)]
+    fn splat_i32(self, v: i32) -> __m256i {
+        feat!(_mm256_set1_epi32(v))
     }
     #[inline(always)]
     fn bits_to_bytes32(self, bits: u32, value: u8) -> __m256i {
@@ -1553,6 +1631,30 @@ impl Simd for V512 {
             let x = sign_512(_mm512_set1_epi32(i32::from_le_bytes(x)), w);
             dot4_512::<VNNI>(acc, _mm512_abs_epi8(w), x)
         })
+    }
+    #[inline(always)]
+    fn dot_bcast4_u8<const VNNI: bool>(
+        self,
+        acc: __m512i,
+        u: [__m512i; 4],
+        x: &[u8; 16],
+    ) -> __m512i {
+        if VNNI {
+            feat!(dot16_512_vnni(acc, u, x))
+        } else {
+            quads(x)
+                .iter()
+                .zip(u)
+                .fold(acc, |a, (&q, u)| self.dot_bcast_u8::<false>(a, u, q))
+        }
+    }
+    #[inline(always)]
+    fn flip_i8_u8(self, v: __m512i) -> __m512i {
+        feat!(_mm512_xor_si512(v, _mm512_set1_epi8(i8::MIN)))
+    }
+    #[inline(always)]
+    fn splat_i32(self, v: i32) -> __m512i {
+        feat!(_mm512_set1_epi32(v))
     }
     #[inline(always)]
     fn bits_to_bytes32(self, bits: u32, value: u8) -> __m256i {
