@@ -301,59 +301,56 @@ fn dot4_512<const VNNI: bool>(acc: __m512i, u: __m512i, x: __m512i) -> __m512i {
     }
 }
 
-/// `acc + Σ_t Σ_j u[t][4k + j] · x[4t + j]` per lane of 4 bytes with `vpdpbusd` on ymm
-/// registers, each word of `x` broadcast by the instruction's own memory operand
-/// (`{1to8}`): [`Simd::dot_bcast4_u8`] at 256 bits with VNNI.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn dot16_256_vnni(acc: __m256i, u: [__m256i; 4], x: &[u8; 16]) -> __m256i {
-    let mut p = acc;
-    // SAFETY: the caller passes `VNNI` only where `vnni_available` found AVX-512 VNNI and
-    // VL (the EVEX encoding of `vpdpbusd` on ymm registers, with broadcasts); `x` is 16
-    // readable bytes, of which the four words at 0, 4, 8 and 12 are read.
-    unsafe {
-        core::arch::asm!(
-            "vpdpbusd {p}, {u0}, dword ptr [{x}]{{1to8}}",
-            "vpdpbusd {p}, {u1}, dword ptr [{x} + 4]{{1to8}}",
-            "vpdpbusd {p}, {u2}, dword ptr [{x} + 8]{{1to8}}",
-            "vpdpbusd {p}, {u3}, dword ptr [{x} + 12]{{1to8}}",
-            p = inout(ymm_reg) p,
-            u0 = in(ymm_reg) u[0],
-            u1 = in(ymm_reg) u[1],
-            u2 = in(ymm_reg) u[2],
-            u3 = in(ymm_reg) u[3],
-            x = in(reg) x.as_ptr(),
-            options(pure, readonly, nostack, preserves_flags),
-        );
-    }
-    p
+/// Defines `$name`: `acc + Σ_t Σ_j u[t][4k + j] · x[4t + j]` per lane of 4 bytes with
+/// `vpdpbusd` on `$reg` registers, each word of `x` broadcast by the instruction's own memory
+/// operand (`$bcast`): [`Simd::dot_bcast4_u8`] with VNNI, once per register width.
+macro_rules! dot16_vnni {
+    ($(#[$doc:meta])* $name:ident, $vec:ty, $reg:ident, $bcast:literal, $features:literal) => {
+        $(#[$doc])*
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn $name(acc: $vec, u: [$vec; 4], x: &[u8; 16]) -> $vec {
+            let mut p = acc;
+            // SAFETY: the caller passes `VNNI` only where `vnni_available` found AVX-512
+            // VNNI and VL (`vpdpbusd` in its EVEX encoding, with broadcasts, on ymm and zmm
+            // registers); `x` is 16 readable bytes, of which the four words at 0, 4, 8 and
+            // 12 are read.
+            unsafe {
+                core::arch::asm!(
+                    concat!("vpdpbusd {p}, {u0}, dword ptr [{x}]", $bcast),
+                    concat!("vpdpbusd {p}, {u1}, dword ptr [{x} + 4]", $bcast),
+                    concat!("vpdpbusd {p}, {u2}, dword ptr [{x} + 8]", $bcast),
+                    concat!("vpdpbusd {p}, {u3}, dword ptr [{x} + 12]", $bcast),
+                    p = inout($reg) p,
+                    u0 = in($reg) u[0],
+                    u1 = in($reg) u[1],
+                    u2 = in($reg) u[2],
+                    u3 = in($reg) u[3],
+                    x = in(reg) x.as_ptr(),
+                    options(pure, readonly, nostack, preserves_flags),
+                );
+            }
+            p
+        }
+    };
 }
 
-/// [`dot16_256_vnni`] at 512 bits (`{1to16}` broadcasts).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-fn dot16_512_vnni(acc: __m512i, u: [__m512i; 4], x: &[u8; 16]) -> __m512i {
-    let mut p = acc;
-    // SAFETY: the caller passes `VNNI` only where `vnni_available` found AVX-512 VNNI
-    // (`vpdpbusd` on zmm registers); `x` is 16 readable bytes, of which the four words at
-    // 0, 4, 8 and 12 are read.
-    unsafe {
-        core::arch::asm!(
-            "vpdpbusd {p}, {u0}, dword ptr [{x}]{{1to16}}",
-            "vpdpbusd {p}, {u1}, dword ptr [{x} + 4]{{1to16}}",
-            "vpdpbusd {p}, {u2}, dword ptr [{x} + 8]{{1to16}}",
-            "vpdpbusd {p}, {u3}, dword ptr [{x} + 12]{{1to16}}",
-            p = inout(zmm_reg) p,
-            u0 = in(zmm_reg) u[0],
-            u1 = in(zmm_reg) u[1],
-            u2 = in(zmm_reg) u[2],
-            u3 = in(zmm_reg) u[3],
-            x = in(reg) x.as_ptr(),
-            options(pure, readonly, nostack, preserves_flags),
-        );
-    }
-    p
-}
+dot16_vnni!(
+    /// [`Simd::dot_bcast4_u8`] at 256 bits with VNNI (`{1to8}` broadcasts).
+    dot16_256_vnni,
+    __m256i,
+    ymm_reg,
+    "{{1to8}}",
+    "avx2,fma,f16c"
+);
+dot16_vnni!(
+    /// [`Simd::dot_bcast4_u8`] at 512 bits with VNNI (`{1to16}` broadcasts).
+    dot16_512_vnni,
+    __m512i,
+    zmm_reg,
+    "{{1to16}}",
+    "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
+);
 
 /// `x` negated in the bytes where `w < 0` (AVX-512 has no `vpsignb`; where `w == 0` the
 /// byte is kept, which the product with `|w| = 0` ignores).
