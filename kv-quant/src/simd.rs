@@ -1193,6 +1193,16 @@ mod tests {
         }
     }
 
+    /// The `VNNI` settings the integer dot tests can run here: without, and with where the
+    /// CPU has it.
+    fn vnni_choices() -> Vec<bool> {
+        if vnni_available() {
+            vec![false, true]
+        } else {
+            vec![false]
+        }
+    }
+
     /// [`Simd::dot_bcast4_u8`], [`Simd::flip_i8_u8`] and [`Simd::splat_i32`] equal their
     /// portable definition at every level, with and without VNNI: the four quads of `x`
     /// in order, random codes and all-`0x80` / all-`0xff` codes (flipped: 0 and 127; the
@@ -1200,11 +1210,7 @@ mod tests {
     #[test]
     fn four_broadcast_dots_equal_their_definition_at_every_level() {
         let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
-        let vnni = if vnni_available() {
-            vec![false, true]
-        } else {
-            vec![false]
-        };
+        let vnni = vnni_choices();
         for t in 0..48 {
             let mut u: [[u8; 64]; 4] =
                 core::array::from_fn(|_| core::array::from_fn(|_| next() as u8));
@@ -1273,11 +1279,7 @@ mod tests {
     #[test]
     fn interleaved_dot_ops_equal_their_definition_at_every_level() {
         let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
-        let vnni = if vnni_available() {
-            vec![false, true]
-        } else {
-            vec![false]
-        };
+        let vnni = vnni_choices();
         for t in 0..64 {
             let mut w: [u8; 64] = core::array::from_fn(|_| next() as u8);
             let x: [u8; 4] = match t {
